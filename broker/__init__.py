@@ -1,0 +1,1 @@
+"""optuna-rq broker."""
