@@ -13,19 +13,29 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import math
 import sys
-import traceback
+import threading
+import uuid
 from collections.abc import Awaitable, Callable
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeAlias
 
 import optuna
+import redis
 from optuna.trial import TrialState
 
 from broker.errors import ConfigError
+from broker.objectives import objective_path_of, parse_objective_path
 from broker.space import Category, Float, Integer, Number, Suggestion, process, suggest
+from broker.verdict import (
+    FAIL_ERROR_ATTR,
+    FAIL_REASON_ATTR,
+    Verdict,
+    describe_exception,
+    judge_result,
+    tell,
+)
 
 __all__ = [
     "FAIL_ERROR_ATTR",
@@ -48,12 +58,6 @@ P = ParamSpec("P")
 Result: TypeAlias = float | tuple[float, ...]
 
 CallbackType: TypeAlias = Callable[Concatenate[optuna.Trial, P], Awaitable[Result] | Result]
-
-# A failed trial carries why, and the error text, as user attributes: they show up in
-# optuna-dashboard and in `study.trials_dataframe()` without any tooling of ours.
-FAIL_REASON_ATTR = "fail_reason"
-FAIL_ERROR_ATTR = "fail_error"
-_MAX_ERROR_CHARS = 4000
 
 
 def _flytekit_classes() -> tuple[type, type, type] | None:
@@ -138,88 +142,24 @@ def _check_objective(objective: object, n_objectives: int) -> None:
         )
 
 
+def _remote_objective_path(objective: object, n_objectives: int) -> str:
+    """The `module:function` workers import: given as a string, or derived from the function."""
+    if isinstance(objective, str):
+        parse_objective_path(objective)
+        return objective
+    if _is_async_task(objective):
+        _check_task_returns(objective, n_objectives)
+    elif not callable(objective):
+        raise ConfigError(
+            "a remote objective must be a 'module:function' string, a top-level function or a "
+            f"flytekit task, got {type(objective).__name__}: {objective!r}"
+        )
+    return objective_path_of(objective)
+
+
 def _positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name} must be an integer greater than 0, got {value!r}")
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """How one trial ends: the values to tell, or the state and failure reason."""
-
-    state: TrialState
-    values: list[float] | None = None
-    fail_reason: str | None = None
-    error: str | None = None
-
-
-def judge_result(result: object, n_objectives: int) -> Verdict:
-    """Turn what an objective returned into a verdict; anything but finite floats is FAIL.
-
-    A float (or int) for one objective; a tuple or list of them, one per direction, for several.
-    NaN is left to Optuna to record as FAIL (told with `state=None`), but flagged `bad_return`.
-    """
-    items: list[object]
-    if isinstance(result, (tuple, list)):
-        items = list(result)
-    else:
-        items = [result]
-    if len(items) != n_objectives or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in items
-    ):
-        return Verdict(
-            state=TrialState.FAIL,
-            fail_reason="bad_return",
-            error=(
-                f"objective returned {result!r} ({type(result).__name__}); expected "
-                + ("a float" if n_objectives == 1 else f"a tuple of {n_objectives} floats")
-            ),
-        )
-    values = [float(v) for v in items]  # type: ignore[arg-type]
-    if any(math.isnan(v) for v in values):
-        return Verdict(
-            state=TrialState.FAIL,
-            values=values,
-            fail_reason="bad_return",
-            error=f"objective returned NaN: {result!r}",
-        )
-    return Verdict(state=TrialState.COMPLETE, values=values)
-
-
-def tell(study: optuna.Study, trial: optuna.Trial | int, verdict: Verdict) -> None:
-    """Tell `study` how `trial` ended, exactly once, recording the reason of a failure.
-
-    Idempotent: a trial already finished is left alone (results may arrive twice).
-    """
-    if verdict.fail_reason is not None:
-        _record_failure(study, trial, verdict.fail_reason, verdict.error)
-    if verdict.state is TrialState.COMPLETE or verdict.values is not None:
-        # state=None: Optuna records NaN as FAIL rather than raising and leaving it RUNNING.
-        study.tell(trial, verdict.values, skip_if_finished=True)
-    else:
-        study.tell(trial, state=verdict.state, skip_if_finished=True)
-
-
-def _record_failure(
-    study: optuna.Study, trial: optuna.Trial | int, reason: str, error: str | None
-) -> None:
-    trial_id = trial._trial_id if isinstance(trial, optuna.Trial) else _trial_id(study, trial)
-    storage = study._storage
-    if storage.get_trial(trial_id).state.is_finished():
-        return
-    storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, reason)
-    if error:
-        storage.set_trial_user_attr(trial_id, FAIL_ERROR_ATTR, error[-_MAX_ERROR_CHARS:])
-
-
-def _trial_id(study: optuna.Study, number: int) -> int:
-    return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-
-
-def describe_exception(exc: BaseException) -> str:
-    """The error text stored on a failed trial: the exception line, then the traceback."""
-    text = "".join(traceback.format_exception(exc))
-    return text[-_MAX_ERROR_CHARS:]
 
 
 @dataclass
@@ -250,6 +190,9 @@ class Optimizer:
     n_trials: int
     study: optuna.Study | None = None
     delay: int = 0
+    redis_url: str | None = field(default=None, kw_only=True)
+    connection: redis.Redis | None = field(default=None, kw_only=True, repr=False)
+    queue: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.study is None:
@@ -268,7 +211,19 @@ class Optimizer:
                 f"delay must be an integer greater than or equal to 0, got {self.delay!r}"
             )
 
-        _check_objective(self.objective, len(self.study.directions))
+        if self.is_remote:
+            if self.redis_url is not None and self.connection is not None:
+                raise ConfigError("give redis_url or connection, not both")
+            self._objective_path = _remote_objective_path(
+                self.objective, len(self.study.directions)
+            )
+        else:
+            _check_objective(self.objective, len(self.study.directions))
+
+    @property
+    def is_remote(self) -> bool:
+        """True when trials run on workers over Redis (`redis_url` or `connection` given)."""
+        return self.redis_url is not None or self.connection is not None
 
     @property
     def is_imperative(self) -> bool:
@@ -282,6 +237,9 @@ class Optimizer:
 
     async def __call__(self, **inputs: Any) -> None:
         """Run all trials; return when every one of them has been told to the study."""
+        if self.is_remote:
+            await self._run_remote(inputs)
+            return
         semaphore = asyncio.Semaphore(self.concurrency)
         trials = [self.spawn(semaphore, deepcopy(inputs)) for _ in range(self.n_trials)]
         await asyncio.gather(*trials)
@@ -297,6 +255,39 @@ class Optimizer:
             "Optimizer.run() cannot be called from a running event loop: "
             "use `await optimizer(**inputs)` there"
         )
+
+    async def _run_remote(self, inputs: dict[str, Any]) -> None:
+        """Dispatch the trials to workers from a thread; cancelling the await stops the run and
+        ends the outstanding trials FAIL (`cancelled`), so none is left RUNNING."""
+        from broker.connection import DEFAULT_PREFIX, connect, key
+        from broker.dispatch import Dispatcher, StudyRun
+
+        connection = self.connection or connect(self.redis_url or "")
+        queue = self.queue or DEFAULT_PREFIX
+        run = StudyRun(
+            study=self._study,
+            objective=self._objective_path,
+            inputs=inputs,
+            concurrency=self.concurrency,
+            n_trials=self.n_trials,
+        )
+        dispatcher = Dispatcher(
+            connection,
+            prefix=queue,
+            queue=queue,
+            reply_to=key(queue, "results", uuid.uuid4().hex),
+        )
+        dispatcher.add(run)
+        stop = threading.Event()
+        work = asyncio.get_running_loop().run_in_executor(None, dispatcher.run_until_done, stop)
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            stop.set()
+            await work  # the loop ends the outstanding trials, then returns
+            raise
+        finally:
+            dispatcher.close()
 
     async def spawn(self, semaphore: asyncio.Semaphore, inputs: dict[str, Any]) -> None:
         """Run one trial under `semaphore`: wait `delay`, ask, run the objective, tell."""

@@ -111,7 +111,9 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise ProtocolError(f"msgpack ext type {code} is not allowed")
 
 
-def decode_map(raw: bytes, *, what: str, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
+def decode_map(
+    raw: bytes, *, what: str, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> dict[str, Any]:
     """Unpack `raw` into a str-keyed map under every bound, or raise ProtocolError."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"{what} must be bytes, got {type(raw).__name__}")
@@ -127,7 +129,6 @@ def decode_map(raw: bytes, *, what: str, max_bytes: int = DEFAULT_MAX_MESSAGE_BY
             strict_map_key=True,
             use_list=True,
             ext_hook=_refuse_ext,
-            max_buffer_size=max_bytes,
             max_str_len=max_bytes,
             max_bin_len=max_bytes,
             max_array_len=MAX_CONTAINER_LEN,
@@ -153,7 +154,9 @@ def _check_decoded(value: object, path: str, depth: int) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):  # strict_map_key still lets bytes keys through
-                raise ProtocolError(f"{path} has a {type(key).__name__} key {key!r}: keys must be str")
+                raise ProtocolError(
+                    f"{path} has a {type(key).__name__} key {key!r}: keys must be str"
+                )
             _check_decoded(item, f"{path}.{key}", depth + 1)
     elif isinstance(value, list):
         for index, item in enumerate(value):
@@ -182,19 +185,19 @@ class _Fields:
             f"{self.what} field {name!r} must be {expected}, got {type(got).__name__} {got!r:.80}"
         )
 
-    def int(self, name: str, *, minimum: int) -> int:
+    def integer(self, name: str, *, minimum: int) -> int:
         value = self.data[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise self._wrong(name, f"an int >= {minimum}")
         return value
 
-    def float(self, name: str) -> float:
+    def number(self, name: str) -> float:
         value = self.data[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self._wrong(name, "a float")
         return float(value)
 
-    def str(self, name: str, *, optional: bool = False, nonempty: bool = True) -> Any:
+    def text(self, name: str, *, optional: bool = False, nonempty: bool = True) -> Any:
         value = self.data[name]
         if value is None and optional:
             return None
@@ -202,7 +205,7 @@ class _Fields:
             raise self._wrong(name, "a non-empty str" if nonempty else "a str")
         return value
 
-    def enum(self, name: str, kind: type[E], *, optional: bool = False) -> E | None:
+    def choice(self, name: str, kind: type[E], *, optional: bool = False) -> E | None:
         value = self.data[name]
         if value is None and optional:
             return None
@@ -212,7 +215,7 @@ class _Fields:
             allowed = ", ".join(str(member.value) for member in kind)
             raise self._wrong(name, f"one of {allowed}") from None
 
-    def floats(self, name: str) -> list[float] | None:
+    def numbers(self, name: str) -> list[float] | None:
         value = self.data[name]
         if value is None:
             return None
@@ -224,21 +227,19 @@ class _Fields:
             raise self._wrong(name, "a non-empty list of floats, or nil")
         return [float(v) for v in value]
 
-    def map(self, name: str) -> dict[str, Any]:
+    def mapping(self, name: str) -> dict[str, Any]:
         value = self.data[name]
         if not isinstance(value, dict):
             raise self._wrong(name, "a map")
         return value
 
 
-def _read(
-    raw: bytes, cls: type, max_bytes: int
-) -> _Fields:
+def _read(raw: bytes, cls: type, max_bytes: int) -> _Fields:
     what = cls.__name__
     data = decode_map(raw, what=what, max_bytes=max_bytes)
     names = tuple(f.name for f in fields(cls))
     read = _Fields(data, what, names)
-    version = read.int("v", minimum=0)
+    version = read.integer("v", minimum=0)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
             f"{what} has protocol version {version}; this side speaks {PROTOCOL_VERSION} "
@@ -283,13 +284,13 @@ class TrialRequest:
     def decode(cls, raw: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> TrialRequest:
         read = _read(raw, cls, max_bytes)
         return cls(
-            study=read.str("study"),
-            trial_number=read.int("trial_number", minimum=0),
-            attempt=read.int("attempt", minimum=1),
-            objective=read.str("objective"),
-            params=read.map("params"),
-            n_objectives=read.int("n_objectives", minimum=1),
-            reply_to=read.str("reply_to"),
+            study=read.text("study"),
+            trial_number=read.integer("trial_number", minimum=0),
+            attempt=read.integer("attempt", minimum=1),
+            objective=read.text("objective"),
+            params=read.mapping("params"),
+            n_objectives=read.integer("n_objectives", minimum=1),
+            reply_to=read.text("reply_to"),
         )
 
 
@@ -334,20 +335,20 @@ class TrialResult:
     @classmethod
     def decode(cls, raw: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> TrialResult:
         read = _read(raw, cls, max_bytes)
-        outcome = read.enum("outcome", Outcome)
+        outcome = read.choice("outcome", Outcome)
         assert outcome is not None
-        duration_s = read.float("duration_s")
+        duration_s = read.number("duration_s")
         if math.isnan(duration_s) or duration_s < 0:
             raise read._wrong("duration_s", "a float >= 0")
         return cls(
-            study=read.str("study"),
-            trial_number=read.int("trial_number", minimum=0),
-            attempt=read.int("attempt", minimum=1),
+            study=read.text("study"),
+            trial_number=read.integer("trial_number", minimum=0),
+            attempt=read.integer("attempt", minimum=1),
             outcome=outcome,
-            values=read.floats("values"),
-            fail_reason=read.enum("fail_reason", FailReason, optional=True),
-            error=read.str("error", optional=True, nonempty=False),
-            worker=read.str("worker", nonempty=False),
+            values=read.numbers("values"),
+            fail_reason=read.choice("fail_reason", FailReason, optional=True),
+            error=read.text("error", optional=True, nonempty=False),
+            worker=read.text("worker", nonempty=False),
             duration_s=duration_s,
         )
 

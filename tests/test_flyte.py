@@ -1,4 +1,4 @@
-"""flytekit async tasks as objectives, inside @flytekit.eager, as flytekitplugins.optuna runs them."""
+"""flytekit async tasks as objectives, inside @flytekit.eager, as flytekitplugins.optuna does."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from broker.optimizer import FAIL_REASON_ATTR  # noqa: E402
 
 @fl.task
 async def loss(x: float, y: int, z: int, power: int) -> float:
-    return math.log((((x - 5) ** 2) + (y + 4) ** 4 + (3 * z - 3) ** 2)) ** power
+    return math.log(((x - 5) ** 2) + (y + 4) ** 4 + (3 * z - 3) ** 2) ** power
 
 
 @fl.task

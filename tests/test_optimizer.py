@@ -1,4 +1,4 @@
-"""The Optimizer API in-process: validation as flytekitplugins.optuna, and trials that always end."""
+"""The Optimizer API in-process: validation as flytekitplugins.optuna; trials that always end."""
 
 from __future__ import annotations
 
@@ -157,7 +157,9 @@ def test_nan_and_bad_returns_become_fail_never_running() -> None:
         TrialState.COMPLETE,
         TrialState.FAIL,
     ]
-    assert all(t.user_attrs[FAIL_REASON_ATTR] == "bad_return" for t in trials if t.state.name == "FAIL")
+    assert all(
+        t.user_attrs[FAIL_REASON_ATTR] == "bad_return" for t in trials if t.state.name == "FAIL"
+    )
     assert "NaN" in trials[0].user_attrs[FAIL_ERROR_ATTR]
 
 

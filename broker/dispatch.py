@@ -1,0 +1,274 @@
+"""The dispatch loop: ask -> process -> enqueue; results -> tell -> acknowledge -> refill.
+
+The cap is exact: a study never has more than `concurrency` trials asked and not yet told. A
+result is told at most once (stale or repeated results are acknowledged, counted and dropped),
+and only then is its slot refilled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Mapping
+from copy import deepcopy
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import redis
+from optuna.trial import TrialState
+
+from broker.errors import ConfigError, ProtocolError
+from broker.objectives import parse_objective_path
+from broker.protocol import FailReason, Outcome, TrialRequest, TrialResult, check_params
+from broker.space import Suggestion, process
+from broker.verdict import Verdict, tell
+from workers.pool import trial_queue
+from workers.runner import RESULT_FIELD, RUN_TRIAL
+
+__all__ = ["Dispatcher", "StudyRun", "job_id"]
+
+log = logging.getLogger("optuna_rq.dispatch")
+
+GROUP = "broker"
+"""The consumer group the broker reads results with."""
+
+
+def job_id(prefix: str, study: str, trial_number: int, attempt: int) -> str:
+    """The RQ job id of one attempt: the same inputs give the same id, so re-enqueueing is a no-op.
+
+    RQ allows only letters, digits, '-' and '_' in ids, so the prefix and study name are hashed.
+    """
+    digest = hashlib.blake2b(f"{prefix}\0{study}".encode(), digest_size=8).hexdigest()
+    return f"orq-{digest}-{trial_number}-{attempt}"
+
+
+def _fixed_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """`inputs` with every suggestion replaced by None: what must survive msgpack as given."""
+    return {
+        key: (
+            None
+            if isinstance(value, Suggestion)
+            else _fixed_inputs(value)
+            if isinstance(value, dict)
+            else value
+        )
+        for key, value in inputs.items()
+    }
+
+
+@dataclass(kw_only=True)
+class StudyRun:
+    """One study being run on workers, and the trials it has out."""
+
+    study: optuna.Study
+    objective: str
+    inputs: dict[str, Any]
+    concurrency: int
+    n_trials: int
+    trial_timeout_s: float | None = None
+    outstanding: dict[int, int] = field(default_factory=dict)  # trial number -> attempt
+    asked: int = 0
+    told: int = 0
+    peak_outstanding: int = 0
+
+    def __post_init__(self) -> None:
+        parse_objective_path(self.objective)
+        try:
+            check_params(_fixed_inputs(self.inputs))
+        except ProtocolError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    @property
+    def name(self) -> str:
+        return self.study.study_name
+
+    @property
+    def done(self) -> bool:
+        return self.asked >= self.n_trials and not self.outstanding
+
+
+class Dispatcher:
+    """Runs studies on RQ workers through one queue and one result stream.
+
+    Not thread-safe: one thread drives it (`run_until_done`, or `refill` and `poll`).
+    """
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        *,
+        prefix: str,
+        queue: str,
+        reply_to: str,
+        consumer: str | None = None,
+    ) -> None:
+        self.connection = connection
+        self.prefix = prefix
+        self.reply_to = reply_to
+        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
+        self.queue = trial_queue(connection, queue)
+        self.runs: dict[str, StudyRun] = {}
+        self.dropped_results = 0
+        self._group_ready = False
+
+    def add(self, run: StudyRun) -> None:
+        if run.name in self.runs:
+            raise ConfigError(f"study {run.name!r} is already being dispatched")
+        self.runs[run.name] = run
+        self._ensure_group()
+
+    def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            self.connection.xgroup_create(self.reply_to, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    # -- ask -> process -> enqueue -------------------------------------------------------------
+
+    def refill(self) -> int:
+        """Launch trials until every study is at its cap or has asked its budget."""
+        launched = 0
+        for run in self.runs.values():
+            while len(run.outstanding) < run.concurrency and run.asked < run.n_trials:
+                self._launch(run)
+                launched += 1
+        return launched
+
+    def _launch(self, run: StudyRun) -> None:
+        trial = run.study.ask()
+        run.asked += 1
+        run.outstanding[trial.number] = 1
+        run.peak_outstanding = max(run.peak_outstanding, len(run.outstanding))
+        try:
+            params = dict(process(trial, deepcopy(run.inputs)))
+            request = TrialRequest(
+                study=run.name,
+                trial_number=trial.number,
+                attempt=1,
+                objective=run.objective,
+                params=params,
+                n_objectives=len(run.study.directions),
+                reply_to=self.reply_to,
+            )
+            payload = request.encode()
+        except Exception as exc:  # a space Optuna rejects: the trial fails, never RUNNING
+            log.error("study %r trial %d could not be sampled: %s", run.name, trial.number, exc)
+            self._finish(
+                run,
+                trial.number,
+                Verdict(state=TrialState.FAIL, fail_reason="exception", error=str(exc)),
+            )
+            return
+        self.queue.enqueue_call(
+            func=RUN_TRIAL,
+            args=(payload,),
+            job_id=job_id(self.prefix, run.name, trial.number, 1),
+            timeout=int(run.trial_timeout_s) if run.trial_timeout_s else -1,
+            result_ttl=0,
+            failure_ttl=24 * 3600,
+            description=f"{run.name} trial {trial.number}",
+        )
+
+    # -- results -> tell -> acknowledge --------------------------------------------------------
+
+    def poll(self, block_s: float = 1.0) -> int:
+        """Read the results that arrived (waiting up to `block_s`), tell them; return how many."""
+        response: Any = self.connection.xreadgroup(
+            GROUP,
+            self.consumer,
+            {self.reply_to: ">"},
+            count=256,
+            block=max(1, int(block_s * 1000)),
+        )
+        if not response:
+            return 0
+        handled = 0
+        entry_ids: list[bytes] = []
+        for _stream, entries in response:
+            for entry_id, fields in entries:
+                entry_ids.append(entry_id)
+                handled += self._handle(fields.get(RESULT_FIELD, b""))
+        # Acknowledge only after telling: a broker that dies in between reads them again, and
+        # telling is idempotent.
+        pipe = self.connection.pipeline(transaction=False)
+        pipe.xack(self.reply_to, GROUP, *entry_ids)
+        pipe.xdel(self.reply_to, *entry_ids)
+        pipe.execute()
+        return handled
+
+    def _handle(self, raw: bytes) -> int:
+        try:
+            result = TrialResult.decode(raw)
+        except ProtocolError as exc:
+            log.error("dropped a result that is not a valid message: %s", exc)
+            self.dropped_results += 1
+            return 0
+        run = self.runs.get(result.study)
+        if run is None or run.outstanding.get(result.trial_number) != result.attempt:
+            log.warning(
+                "dropped a stale result: study %r trial %d attempt %d",
+                result.study,
+                result.trial_number,
+                result.attempt,
+            )
+            self.dropped_results += 1
+            return 0
+        self._finish(run, result.trial_number, _verdict(result))
+        return 1
+
+    def _finish(self, run: StudyRun, number: int, verdict: Verdict) -> None:
+        tell(run.study, number, verdict)
+        del run.outstanding[number]
+        run.told += 1
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run_until_done(self, stop: threading.Event | None = None, poll_s: float = 0.5) -> None:
+        """Refill and poll until every study has told its budget, or `stop` is set."""
+        while not all(run.done for run in self.runs.values()):
+            if stop is not None and stop.is_set():
+                self.cancel_outstanding()
+                return
+            self.refill()
+            self.poll(poll_s)
+
+    def cancel_outstanding(self) -> None:
+        """Withdraw queued jobs and end every outstanding trial FAIL with reason `cancelled`."""
+        for run in self.runs.values():
+            for number, attempt in list(run.outstanding.items()):
+                job = self.queue.fetch_job(job_id(self.prefix, run.name, number, attempt))
+                if job is not None:
+                    job.cancel()
+                self._finish(
+                    run,
+                    number,
+                    Verdict(
+                        state=TrialState.FAIL,
+                        fail_reason="cancelled",
+                        error="the run was stopped before this trial ended",
+                    ),
+                )
+
+    def close(self) -> None:
+        """Remove this dispatcher's result stream (for a private, per-run stream)."""
+        self.connection.delete(self.reply_to)
+
+
+def _verdict(result: TrialResult) -> Verdict:
+    match result.outcome:
+        case Outcome.COMPLETE:
+            return Verdict(state=TrialState.COMPLETE, values=result.values)
+        case Outcome.PRUNED:
+            return Verdict(state=TrialState.PRUNED)
+        case Outcome.FAIL:
+            reason = result.fail_reason or FailReason.EXCEPTION
+            return Verdict(state=TrialState.FAIL, fail_reason=reason.value, error=result.error)
+    raise ProtocolError(f"unknown outcome {result.outcome!r}")

@@ -1,0 +1,1 @@
+"""Objectives and search spaces a newcomer can run."""

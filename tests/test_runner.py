@@ -1,0 +1,107 @@
+"""The worker's job function in-process: what may run, and how every outcome becomes a result."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.protocol import FailReason, Outcome, TrialRequest
+from workers.runner import ObjectiveRefusedError, execute, load_objective
+
+SERVED = frozenset({"tests.objectives"})
+
+
+def request(objective: str, n_objectives: int = 1, **params: object) -> TrialRequest:
+    return TrialRequest(
+        study="s",
+        trial_number=3,
+        attempt=1,
+        objective=objective,
+        params=params or {"x": 1.5},  # type: ignore[arg-type]
+        n_objectives=n_objectives,
+        reply_to="r",
+    )
+
+
+def test_a_complete_trial_carries_its_value_and_identity() -> None:
+    result = execute(
+        request("tests.objectives:quadratic", x=3.0, depth=1), worker="w", served=SERVED
+    )
+    assert result.outcome is Outcome.COMPLETE
+    assert result.values == [2.0]
+    assert (result.study, result.trial_number, result.attempt, result.worker) == ("s", 3, 1, "w")
+    assert result.fail_reason is None and result.duration_s >= 0
+
+
+@pytest.mark.parametrize(
+    ("objective", "n_objectives", "outcome", "reason", "text"),
+    [
+        ("tests.objectives:raises", 1, Outcome.FAIL, FailReason.EXCEPTION, "objective refuses x="),
+        (
+            "tests.objectives:returns_str",
+            1,
+            Outcome.FAIL,
+            FailReason.BAD_RETURN,
+            "expected a float",
+        ),
+        ("tests.objectives:returns_nan", 1, Outcome.FAIL, FailReason.BAD_RETURN, "NaN"),
+        ("tests.objectives:quadratic", 2, Outcome.FAIL, FailReason.BAD_RETURN, "tuple of 2 floats"),
+        ("tests.objectives:prunes", 1, Outcome.PRUNED, None, None),
+        ("tests.objectives:missing", 1, Outcome.FAIL, FailReason.IMPORT_ERROR, "no function"),
+        ("tests.objectives:_private", 1, Outcome.FAIL, FailReason.NOT_ALLOWED, "not a public"),
+        ("tests.objectives:imported_name", 1, Outcome.FAIL, FailReason.NOT_ALLOWED, "defined in"),
+        ("tests.objectives:os.system", 1, Outcome.FAIL, FailReason.NOT_ALLOWED, "public function"),
+        ("os:system", 1, Outcome.FAIL, FailReason.NOT_ALLOWED, "not served here"),
+        ("tests.objectives", 1, Outcome.FAIL, FailReason.NOT_ALLOWED, "has no ':'"),
+    ],
+)
+def test_each_outcome_and_failure_reason(
+    objective: str, n_objectives: int, outcome: Outcome, reason: FailReason | None, text: str | None
+) -> None:
+    result = execute(request(objective, n_objectives), worker="w", served=SERVED)
+    assert result.outcome is outcome
+    assert result.fail_reason is reason
+    if text is not None:
+        assert result.error is not None and text in result.error
+    assert result.values is None
+
+
+def test_async_and_multi_objective_functions() -> None:
+    assert execute(
+        request("tests.objectives:async_quadratic", x=3.0), worker="w", served=SERVED
+    ).values == [4.0]
+    assert execute(
+        request("tests.objectives:pair", 2, x=2.0, y=3.0), worker="w", served=SERVED
+    ).values == [4.0, 4.0]
+
+
+def test_refusal_happens_before_any_import(tmp_path: Path) -> None:
+    """Run in a fresh interpreter so that nothing has imported the module yet."""
+    mark = tmp_path / "mark"
+    code = (
+        "from workers.runner import load_objective, ObjectiveRefusedError\n"
+        "for spec in ['tests.mark_on_import:objective', 'tests.mark_on_import:os.system']:\n"
+        "    try:\n"
+        "        load_objective(spec, frozenset({'tests.objectives'}))\n"
+        "    except ObjectiveRefusedError:\n"
+        "        pass\n"
+        "    else:\n"
+        "        raise SystemExit('not refused: ' + spec)\n"
+        "import sys\n"
+        "assert 'tests.mark_on_import' not in sys.modules\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=Path(__file__).parent.parent,
+        env={"OPTUNA_RQ_TEST_IMPORT_MARK": str(mark), "PATH": "/usr/bin:/bin"},
+    )
+    assert not mark.exists()
+
+
+def test_load_objective_names_the_fix() -> None:
+    with pytest.raises(ObjectiveRefusedError, match=r"--import os"):
+        load_objective("os:system", SERVED)

@@ -1,0 +1,86 @@
+"""Real worker processes for tests, started through the CLI as a user would start them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from rq import Worker
+
+from broker.connection import connect
+from tests.helpers import wait_until
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+WorkersFactory = Callable[..., str]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment a CLI subprocess gets: ours, with the project on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def cli(*args: str) -> list[str]:
+    """argv for `optuna-rq ARGS...` run by this interpreter."""
+    return [sys.executable, "-m", "broker.cli", *args]
+
+
+def stop_process(process: subprocess.Popen[bytes], *, timeout_s: float = 30) -> int:
+    """SIGTERM, then wait; a process that ignores it is killed and the test fails."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise AssertionError(f"{process.args} ignored SIGTERM for {timeout_s}s") from None
+    return process.returncode
+
+
+@pytest.fixture
+def workers_factory(redis_url: str, prefix: str) -> Iterator[WorkersFactory]:
+    """Start `optuna-rq workers` on the test's own queue; returns the queue name.
+
+    Waits until every worker has registered with RQ, so a test starts with its workers ready;
+    at teardown they are stopped with SIGTERM and must exit cleanly.
+    """
+    started: list[subprocess.Popen[bytes]] = []
+    connection = connect(redis_url)
+
+    def start(count: int = 2, modules: tuple[str, ...] = ("tests.objectives",)) -> str:
+        queue = prefix
+        args = ["--redis-url", redis_url, "--prefix", prefix, "workers", "--count", str(count)]
+        for module in modules:
+            args += ["--import", module]
+        process = subprocess.Popen(cli(*args), env=cli_env())
+        started.append(process)
+        expected = count * len(started)
+
+        def ready() -> bool:
+            assert process.poll() is None, f"workers exited with {process.returncode}"
+            return (
+                len(Worker.all(connection=connection, queue=_queue(connection, queue))) >= expected
+            )
+
+        wait_until(ready, timeout_s=60, message=f"{count} workers did not register")
+        return queue
+
+    yield start
+
+    codes = [stop_process(p) for p in started]
+    assert codes == [0] * len(codes), f"workers exited with {codes}"
+
+
+def _queue(connection: object, name: str) -> object:
+    from workers.pool import trial_queue
+
+    return trial_queue(connection, name)

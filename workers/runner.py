@@ -1,0 +1,212 @@
+"""The one RQ job function a worker runs: decode a trial, run its objective, report the result.
+
+What may run is decided here, before anything is imported: the objective's exact
+`module:function` must name a module this worker was started to serve (`serve()`), and a public
+function defined in that module. Everything the objective does, raises or returns becomes one
+`TrialResult` appended to the broker's result stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import optuna
+import redis
+
+from broker.errors import ConfigError, OptunaRQError
+from broker.objectives import parse_objective_path
+from broker.protocol import FailReason, Outcome, TrialRequest, TrialResult
+from broker.verdict import describe_exception, judge_return
+
+__all__ = [
+    "RUN_TRIAL",
+    "ObjectiveLoadError",
+    "ObjectiveRefusedError",
+    "execute",
+    "load_objective",
+    "run_trial",
+    "serve",
+    "served_modules",
+]
+
+RUN_TRIAL = "workers.runner.run_trial"
+"""The dotted name RQ stores for our job function: the only one a worker runs."""
+
+RESULT_FIELD = b"m"
+"""The stream entry field that holds an encoded `TrialResult`."""
+
+log = logging.getLogger("optuna_rq.worker")
+
+_served: frozenset[str] = frozenset()
+
+
+class ObjectiveRefusedError(OptunaRQError):
+    """The objective is not one this worker serves; nothing was imported."""
+
+
+class ObjectiveLoadError(OptunaRQError):
+    """A served module could not be imported, or lacks the named function."""
+
+
+def serve(modules: Iterable[str]) -> None:
+    """Import `modules` now and allow objectives from them (and only them) from here on.
+
+    Raises ObjectiveLoadError naming the module, with the real ImportError chained, so a worker
+    that cannot serve what it was asked to stops at once rather than failing every trial.
+    """
+    global _served
+    names = list(modules)
+    for name in names:
+        try:
+            parse_objective_path(f"{name}:f")
+        except ConfigError as exc:
+            raise ObjectiveLoadError(f"--import {name!r} is not a dotted module name") from exc
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise ObjectiveLoadError(
+                f"cannot import {name!r}: {type(exc).__name__}: {exc} "
+                "(is it on PYTHONPATH, and does it import cleanly?)"
+            ) from exc
+    _served = frozenset(names)
+
+
+def served_modules() -> frozenset[str]:
+    return _served
+
+
+def load_objective(spec: str, served: frozenset[str]) -> Callable[..., Any]:
+    """The function `spec` names, if `served` allows it; the check runs before any import."""
+    try:
+        module_name, function_name = parse_objective_path(spec)
+    except ConfigError as exc:
+        raise ObjectiveRefusedError(str(exc)) from exc
+    if module_name not in served:
+        raise ObjectiveRefusedError(
+            f"objective {spec!r} is not served here: this worker serves "
+            f"{sorted(served) or 'no modules'} (start it with --import {module_name})"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ObjectiveLoadError(f"cannot import {module_name!r}: {exc}") from exc
+    fn = getattr(module, function_name, None)
+    if fn is None:
+        raise ObjectiveLoadError(f"module {module_name!r} has no function {function_name!r}")
+    defined_in = getattr(getattr(fn, "task_function", fn), "__module__", None)
+    if defined_in != module_name or not callable(fn):
+        raise ObjectiveRefusedError(
+            f"{spec!r} is not a function defined in {module_name!r} "
+            f"(it comes from {defined_in!r}): only objectives defined in a served module run"
+        )
+    return fn  # type: ignore[no-any-return]
+
+
+def _call(fn: Callable[..., Any], params: dict[str, Any]) -> Any:
+    """Call a sync or async function, or a flytekit task (run locally), with `params`."""
+    if "trial" in _parameters(fn):
+        raise TypeError(
+            "this objective takes a `trial` parameter; remote define-by-run trials are not "
+            "supported yet: take the sampled parameters as keyword arguments instead"
+        )
+    out = fn(**params)
+    if inspect.isawaitable(out):
+        return asyncio.run(_awaited(out))
+    return out
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _parameters(fn: Callable[..., Any]) -> Iterable[str]:
+    try:
+        return inspect.signature(getattr(fn, "task_function", fn)).parameters
+    except (TypeError, ValueError):
+        return ()
+
+
+def execute(request: TrialRequest, *, worker: str, served: frozenset[str]) -> TrialResult:
+    """Run one trial request to a result; never raises for anything the objective does."""
+    started = time.monotonic()
+
+    def result(
+        outcome: Outcome,
+        values: list[float] | None = None,
+        reason: FailReason | None = None,
+        error: str | None = None,
+    ) -> TrialResult:
+        return TrialResult(
+            study=request.study,
+            trial_number=request.trial_number,
+            attempt=request.attempt,
+            outcome=outcome,
+            values=values,
+            fail_reason=reason,
+            error=error,
+            worker=worker,
+            duration_s=time.monotonic() - started,
+        )
+
+    try:
+        fn = load_objective(request.objective, served)
+    except ObjectiveRefusedError as exc:
+        return result(Outcome.FAIL, reason=FailReason.NOT_ALLOWED, error=str(exc))
+    except ObjectiveLoadError as exc:
+        return result(Outcome.FAIL, reason=FailReason.IMPORT_ERROR, error=describe_exception(exc))
+
+    try:
+        returned = _call(fn, dict(request.params))
+    except optuna.TrialPruned:
+        return result(Outcome.PRUNED)
+    except Exception as exc:
+        return result(Outcome.FAIL, reason=FailReason.EXCEPTION, error=describe_exception(exc))
+
+    values, why = judge_return(returned, request.n_objectives)
+    if why is not None:
+        return result(Outcome.FAIL, reason=FailReason.BAD_RETURN, error=why)
+    return result(Outcome.COMPLETE, values=values)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _describe(result: TrialResult) -> str:
+    head = (
+        f"study {result.study!r} trial {result.trial_number} "
+        f"(attempt {result.attempt}): {result.outcome.value}"
+    )
+    if result.values is not None:
+        shown = ", ".join(f"{v:.6g}" for v in result.values)
+        head += f" value{'s' if len(result.values) > 1 else ''}={shown}"
+    if result.fail_reason is not None:
+        first_line = (result.error or "").strip().splitlines()[-1:] or [""]
+        head += f" [{result.fail_reason.value}] {first_line[0]}"
+    return f"{head} in {result.duration_s:.3f}s"
+
+
+def run_trial(payload: bytes) -> None:
+    """RQ job function: run the encoded `TrialRequest` and append its result to `reply_to`.
+
+    A payload that does not decode raises `ProtocolError`: RQ records the job as failed, and no
+    result is sent, since nothing in an invalid message can be trusted.
+    """
+    from rq import get_current_job
+
+    request = TrialRequest.decode(payload)
+    outcome = execute(request, worker=worker_id(), served=_served)
+    job = get_current_job()
+    connection: redis.Redis = job.connection if job is not None else None  # type: ignore[assignment]
+    if connection is None:
+        raise RuntimeError("run_trial must run inside an RQ worker")
+    connection.xadd(request.reply_to, {RESULT_FIELD: outcome.encode()})
+    log.info("%s", _describe(outcome))
