@@ -133,7 +133,6 @@ def decode_map(
             max_bin_len=max_bytes,
             max_array_len=MAX_CONTAINER_LEN,
             max_map_len=MAX_CONTAINER_LEN,
-            max_ext_len=0,
         )
     except ProtocolError:
         raise
