@@ -258,3 +258,38 @@ def test_a_cancelled_run_leaves_no_trial_running() -> None:
     asyncio.run(main())
     assert [t.state for t in opt.study.trials] == [TrialState.FAIL, TrialState.FAIL]
     assert {t.user_attrs[FAIL_REASON_ATTR] for t in opt.study.trials} == {"cancelled"}
+
+
+def test_public_signatures_match_flytekitplugins_optuna() -> None:
+    import dataclasses
+    import inspect
+
+    import broker
+    from broker import Category, Float, Integer, process
+
+    fields = [(f.name, f.default, f.kw_only) for f in dataclasses.fields(Optimizer)]
+    assert fields[:5] == [
+        ("objective", dataclasses.MISSING, False),
+        ("concurrency", dataclasses.MISSING, False),
+        ("n_trials", dataclasses.MISSING, False),
+        ("study", None, False),
+        ("delay", 0, False),
+    ]
+    assert all(kw_only for _, _, kw_only in fields[5:])  # our additions never shift positions
+    params = inspect.signature(optimize).parameters
+    assert [(p.name, p.default) for p in params.values()] == [
+        ("objective", None),
+        ("concurrency", 1),
+        ("n_trials", 1),
+        ("study", None),
+    ]
+    assert list(inspect.signature(process).parameters) == ["trial", "inputs", "root"]
+    assert [f.name for f in dataclasses.fields(Float)] == ["low", "high", "step", "log"]
+    assert [f.default for f in dataclasses.fields(Integer)][2:] == [1, False]
+    assert [f.name for f in dataclasses.fields(Category)] == ["choices"]
+    assert {"Optimizer", "optimize", "suggest", "Float", "Integer", "Category", "Number"} <= set(
+        broker.__all__
+    )
+    from broker.optimizer import P, suggest
+
+    assert P.__name__ == "P" and suggest.float is Float

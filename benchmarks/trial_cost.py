@@ -1,0 +1,86 @@
+"""What one remote trial costs: Redis commands per trial, and no-op trials per second.
+
+    uv run python -m benchmarks.trial_cost [--trials 1000] [--workers 2] [--concurrency 8]
+
+Starts a private embedded redis-server and `optuna-rq workers`, runs a no-op study with the
+RandomSampler through the remote Optimizer, and reads `INFO commandstats` before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+from rq import Worker
+
+from broker import Optimizer, suggest
+from broker.connection import connect, ensure_embedded, stop_embedded
+from workers.pool import trial_queue
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def command_calls(conn) -> dict[str, int]:
+    return {name: stats["calls"] for name, stats in conn.info("commandstats").items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+
+    state = Path(tempfile.mkdtemp(prefix="orq-bench-", dir="/tmp"))
+    url = ensure_embedded(state)
+    conn = connect(url)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    workers = subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", "--redis-url", url, "workers", "--queue", "bench"]
+        + ["--import", "benchmarks.objectives", "--count", str(args.workers)]
+        + ["--log-level", "WARNING"],
+        env=env,
+    )
+    try:
+        while len(Worker.all(connection=conn, queue=trial_queue(conn, "bench"))) < args.workers:
+            time.sleep(0.05)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        opt = Optimizer(
+            "benchmarks.objectives:noop",
+            concurrency=args.concurrency,
+            n_trials=args.trials,
+            study=study,
+            connection=conn,
+            queue="bench",
+        )
+        before = command_calls(conn)
+        started = time.perf_counter()
+        opt.run(x=suggest.float(0, 1))
+        elapsed = time.perf_counter() - started
+        after = command_calls(conn)
+    finally:
+        workers.terminate()
+        workers.wait(timeout=30)
+        stop_embedded(state)
+        shutil.rmtree(state, ignore_errors=True)
+
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    delta = {k: v for k, v in delta.items() if v > 0}
+    total = sum(delta.values())
+    print(f"{args.trials} no-op trials, {args.workers} workers, concurrency {args.concurrency}")
+    print(f"  {args.trials / elapsed:.0f} trials/s ({elapsed:.2f}s)")
+    print(f"  {total / args.trials:.1f} Redis commands per trial (INFO commandstats delta)")
+    for name, calls in sorted(delta.items(), key=lambda kv: -kv[1]):
+        print(f"    {name:<28} {calls / args.trials:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
