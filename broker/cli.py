@@ -6,12 +6,19 @@ Exit codes: 0 done, 1 a runtime error (Redis unreachable, a module that does not
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
+import redis
 import typer
+from rich.console import Console
 
 from broker.connection import DEFAULT_PREFIX, ENV_PREFIX, ENV_REDIS_URL
 from broker.errors import ConfigError, OptunaRQError
@@ -33,6 +40,8 @@ class GlobalOptions:
 
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_out = Console()
+_err = Console(stderr=True)
 
 
 @app.callback()
@@ -81,16 +90,12 @@ def workers(
 
     SIGTERM or Ctrl-C stops them gracefully: each finishes its running trial first.
     """
-    from broker.connection import connect, ping_or_raise, resolve_redis_url
     from workers.pool import WorkerPool, WorkerSettings
 
     options: GlobalOptions = ctx.obj
-    level = log_level.upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"--log-level {log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    level = _level(log_level)
     logging.basicConfig(level=level, format=_LOG_FORMAT, stream=sys.stderr)
-    url = resolve_redis_url(options.redis_url)
-    ping_or_raise(connect(url), url)
+    url, _connection = _connect(options)
     settings = WorkerSettings(
         redis_url=url,
         queue=queue or options.prefix,
@@ -99,6 +104,345 @@ def workers(
         log_level=level,
     )
     raise typer.Exit(WorkerPool(settings).run())
+
+
+def _connect(options: GlobalOptions) -> tuple[str, redis.Redis]:
+    """The Redis this command meets the others on; fails within seconds, naming the URL."""
+    from broker.connection import connect, ping_or_raise, resolve_redis_url
+
+    url = resolve_redis_url(options.redis_url)
+    connection = connect(url)
+    ping_or_raise(connection, url)
+    return url, connection
+
+
+@app.command()
+def broker(
+    ctx: typer.Context,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            help="Default Optuna storage for studies that name none: sqlite:///..., "
+            "postgresql://..., journal:///path, or memory. "
+            "Default: a journal file under the state directory.",
+            show_default=False,
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING.")] = "INFO",
+) -> None:
+    """Run the broker daemon in the foreground: it serves every study submitted on this prefix.
+
+    One broker per prefix. SIGTERM or Ctrl-C stops it gracefully; running trials go on, and a
+    restarted broker tells their results.
+    """
+    from broker.connection import state_dir
+    from broker.daemon import BrokerSettings, Daemon
+    from broker.studies import default_storage_url, open_storage
+
+    options: GlobalOptions = ctx.obj
+    logging.basicConfig(level=_level(log_level), format=_LOG_FORMAT, stream=sys.stderr)
+    storage_url = storage or default_storage_url(state_dir())
+    open_storage(storage_url)  # a URL Optuna rejects stops us here, before any study
+    _url, connection = _connect(options)
+    daemon = Daemon(connection, BrokerSettings(prefix=options.prefix, storage=storage_url))
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        logging.getLogger("optuna_rq.broker").info("stopping on %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.run(stop)
+
+
+def _default_study_name(objective: str) -> str:
+    function = objective.partition(":")[2] or "study"
+    return f"{function}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    objective: Annotated[str, typer.Argument(help="The objective, as package.module:function.")],
+    n_trials: Annotated[int, typer.Option("--n-trials", help="Trials to run in all.")],
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", help="At most this many trials at once.")
+    ],
+    space: Annotated[
+        Path | None, typer.Option("--space", help="A YAML or JSON search-space file.")
+    ] = None,
+    params: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            help="NAME=VALUE: a fixed input, or a suggestion like "
+            "'x={type: float, low: 0, high: 1}'. Dotted names nest. Repeatable.",
+        ),
+    ] = None,
+    study_name: Annotated[
+        str | None, typer.Option("--study-name", help="Default: FUNCTION-DATE-TIME.")
+    ] = None,
+    directions: Annotated[
+        list[str] | None,
+        typer.Option("--direction", help="minimize or maximize; repeat for multi-objective."),
+    ] = None,
+    sampler: Annotated[
+        str, typer.Option("--sampler", help="random, tpe, cmaes, nsgaii, gp or qmc.")
+    ] = "tpe",
+    seed: Annotated[int | None, typer.Option("--seed", help="Sampler seed.")] = None,
+    pruner: Annotated[
+        str, typer.Option("--pruner", help="none, median, hyperband or successive-halving.")
+    ] = "none",
+    storage: Annotated[
+        str | None, typer.Option("--storage", help="This study's Optuna storage URL.")
+    ] = None,
+    trial_timeout: Annotated[
+        float | None, typer.Option("--trial-timeout", help="Seconds before a trial is stopped.")
+    ] = None,
+    max_retries: Annotated[
+        int, typer.Option("--max-retries", help="Re-runs of a trial whose worker was lost.")
+    ] = 2,
+    priority: Annotated[
+        float, typer.Option("--priority", help="Weight in sharing workers with other studies.")
+    ] = 1.0,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the study until it ends.")] = False,
+) -> None:
+    """Submit a study to the broker and print its name.
+
+    Everything is checked before anything is sent: the objective path, the space file, every
+    suggestion, every number. Resubmitting an existing study name continues that study.
+    """
+    from broker.daemon import broker_holder, queued_status, read_status, send_command
+    from broker.spacefile import load_space_file, merge_param, parse_param, space_to_data
+    from broker.studies import StudySpec, default_storage_url
+
+    options: GlobalOptions = ctx.obj
+    data = space_to_data(load_space_file(space)) if space is not None else {}
+    for text in params or []:
+        path, value = parse_param(text)
+        merge_param(data, path, value)
+    spec = StudySpec(
+        name=study_name or _default_study_name(objective),
+        objective=objective,
+        space=data,
+        n_trials=n_trials,
+        concurrency=concurrency,
+        directions=directions or ["minimize"],
+        sampler=sampler,
+        seed=seed,
+        pruner=pruner,
+        storage=storage,
+        trial_timeout_s=trial_timeout,
+        max_retries=max_retries,
+        priority=priority,
+    )
+    _url, connection = _connect(options)
+    if not read_status(connection, options.prefix, spec.name):
+        from broker.connection import key, state_dir
+
+        shown = storage or default_storage_url(state_dir())
+        connection.hset(
+            key(options.prefix, "status"), spec.name, json.dumps(queued_status(spec, shown))
+        )
+    send_command(connection, options.prefix, "submit", spec.name, spec=spec.encode())
+    typer.echo(spec.name)
+    if broker_holder(connection, options.prefix) is None:
+        _err.print(
+            f"[yellow]no broker is running on prefix {options.prefix!r} yet:[/] the study waits "
+            "until you start one with `optuna-rq broker`"
+        )
+    if wait:
+        raise typer.Exit(_follow(connection, options.prefix, spec.name, timeout_s=None))
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="A study; default: all of them.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Show studies: state, trials by outcome, failures by reason, the best trial."""
+    from broker.daemon import read_status
+
+    options: GlobalOptions = ctx.obj
+    _url, connection = _connect(options)
+    snapshots = read_status(connection, options.prefix, name)
+    if name is not None and not snapshots:
+        raise ConfigError(f"unknown study {name!r} on prefix {options.prefix!r}")
+    if as_json:
+        typer.echo(json.dumps(snapshots[0] if name is not None else snapshots, indent=2))
+        return
+    if not snapshots:
+        _out.print(f"no studies on prefix {options.prefix!r}")
+    for snapshot in snapshots:
+        _out.print(_status_table(snapshot))
+
+
+def _status_table(snapshot: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"study {snapshot['name']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    done = snapshot["complete"] + snapshot["pruned"] + snapshot["failed"]
+    best = snapshot.get("best_value", snapshot.get("best_values"))
+    rows = [
+        ("state", snapshot["state"] + (f" ({snapshot['error']})" if snapshot.get("error") else "")),
+        ("objective", snapshot["objective"]),
+        ("trials", f"{done} / {snapshot['n_trials']} done, {snapshot['running']} running"),
+        (
+            "outcomes",
+            f"{snapshot['complete']} complete, {snapshot['pruned']} pruned, "
+            f"{snapshot['failed']} failed",
+        ),
+        (
+            "fail reasons",
+            ", ".join(f"{k}: {v}" for k, v in snapshot["fail_reasons"].items()) or "-",
+        ),
+        ("concurrency", str(snapshot["concurrency"])),
+        ("best", "-" if best is None else repr(best)),
+        ("best params", "-" if not snapshot["best_params"] else repr(snapshot["best_params"])),
+        ("storage", snapshot["storage"]),
+    ]
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
+
+
+def _follow(connection: redis.Redis, prefix: str, name: str, *, timeout_s: float | None) -> int:
+    """Show a progress bar until the study ends; the exit code says how it ended."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from broker.daemon import StudyState, read_status
+
+    if not read_status(connection, prefix, name):
+        raise ConfigError(f"unknown study {name!r} on prefix {prefix!r} (see `optuna-rq status`)")
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("best {task.fields[best]}  {task.fields[failures]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=_err, transient=False) as progress:
+        bar = progress.add_task(name, total=None, best="-", failures="")
+        while True:
+            snap = read_status(connection, prefix, name)[0]
+            done = snap["complete"] + snap["pruned"] + snap["failed"]
+            best = snap.get("best_value", snap.get("best_values"))
+            failures = ", ".join(f"{k} {v}" for k, v in snap["fail_reasons"].items())
+            progress.update(
+                bar,
+                total=snap["n_trials"],
+                completed=done,
+                best="-" if best is None else (f"{best:.6g}" if isinstance(best, float) else best),
+                failures=f"failed: {failures}" if failures else "",
+            )
+            if snap["state"] in StudyState.ENDED:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                _err.print(f"[red]timeout:[/] study {name!r} is still {snap['state']}")
+                return 1
+            time.sleep(0.2)
+    if snap["state"] == StudyState.FINISHED:
+        _err.print(f"study {name!r} finished: {done} trials, best {best!r}")
+        return 0
+    _err.print(
+        f"[red]study {name!r} {snap['state']}[/]"
+        + (f": {snap['error']}" if snap.get("error") else "")
+    )
+    return 1
+
+
+@app.command("wait")
+def wait_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The study to follow.")],
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Give up after this many seconds.")
+    ] = None,
+) -> None:
+    """Follow a study with a progress bar. Exit 0 when it finished; 1 when it was cancelled,
+    failed, or the timeout passed."""
+    options: GlobalOptions = ctx.obj
+    _url, connection = _connect(options)
+    raise typer.Exit(_follow(connection, options.prefix, name, timeout_s=timeout))
+
+
+def _known_study(connection: redis.Redis, prefix: str, name: str) -> None:
+    from broker.daemon import read_status
+
+    if not read_status(connection, prefix, name):
+        raise ConfigError(f"unknown study {name!r} on prefix {prefix!r} (see `optuna-rq status`)")
+
+
+@app.command()
+def cancel(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help="The study to cancel.")]
+) -> None:
+    """Cancel a study: no new trials; queued and running ones end FAIL (cancelled)."""
+    from broker.daemon import send_command
+
+    options: GlobalOptions = ctx.obj
+    _url, connection = _connect(options)
+    _known_study(connection, options.prefix, name)
+    send_command(connection, options.prefix, "cancel", name)
+    _err.print(f"cancelling study {name!r}")
+
+
+@app.command("set")
+def set_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The study to change.")],
+    concurrency: Annotated[int | None, typer.Option("--concurrency", min=1)] = None,
+    n_trials: Annotated[int | None, typer.Option("--n-trials", min=1)] = None,
+    priority: Annotated[float | None, typer.Option("--priority", min=0.001)] = None,
+) -> None:
+    """Change a running study's cap, budget or priority."""
+    from broker.daemon import send_command
+
+    changes = {
+        k: v
+        for k, v in {"concurrency": concurrency, "n_trials": n_trials, "priority": priority}.items()
+        if v is not None
+    }
+    if not changes:
+        raise ConfigError("nothing to change: give --concurrency, --n-trials or --priority")
+    options: GlobalOptions = ctx.obj
+    _url, connection = _connect(options)
+    _known_study(connection, options.prefix, name)
+    send_command(connection, options.prefix, "set", name, changes=changes)
+    _err.print(f"study {name!r}: {changes}")
+
+
+@app.command()
+def demo(
+    n_trials: Annotated[int, typer.Option("--n-trials", min=1)] = 60,
+    workers: Annotated[int, typer.Option("--workers", min=1)] = 2,
+) -> None:
+    """Run the bundled example study on a private embedded Redis, a broker and two workers.
+
+    Shows the progress, prints the best trial, and leaves nothing running.
+    """
+    from broker.demo import run_demo
+
+    run_demo(n_trials=n_trials, workers=workers)
+
+
+def _level(text: str) -> str:
+    level = text.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"--log-level {text!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    return level
 
 
 def main() -> None:

@@ -70,6 +70,7 @@ class StudyRun:
     concurrency: int
     n_trials: int
     trial_timeout_s: float | None = None
+    slots: int | None = None  # the fair share the daemon grants; None: the cap alone
     outstanding: dict[int, int] = field(default_factory=dict)  # trial number -> attempt
     asked: int = 0
     told: int = 0
@@ -89,6 +90,23 @@ class StudyRun:
     @property
     def done(self) -> bool:
         return self.asked >= self.n_trials and not self.outstanding
+
+    @property
+    def limit(self) -> int:
+        """How many trials may be outstanding now: the cap, or less under fair share."""
+        return self.concurrency if self.slots is None else min(self.concurrency, self.slots)
+
+    @property
+    def demand(self) -> int:
+        """Slots this study could use now: its cap, or fewer near the end of its budget."""
+        return min(self.concurrency, self.n_trials - self.asked + len(self.outstanding))
+
+    def reattach(self) -> None:
+        """Take over a study that already has trials: finished ones count against the budget,
+        RUNNING ones are outstanding (their results may still arrive, or already have)."""
+        trials = self.study.get_trials(deepcopy=False)
+        self.asked = len(trials)
+        self.outstanding = {t.number: 1 for t in trials if t.state is TrialState.RUNNING}
 
 
 class Dispatcher:
@@ -114,6 +132,7 @@ class Dispatcher:
         self.runs: dict[str, StudyRun] = {}
         self.dropped_results = 0
         self._group_ready = False
+        self._read_pending = True  # first read this consumer's unacknowledged results
 
     def add(self, run: StudyRun) -> None:
         if run.name in self.runs:
@@ -137,7 +156,7 @@ class Dispatcher:
         """Launch trials until every study is at its cap or has asked its budget."""
         launched = 0
         for run in self.runs.values():
-            while len(run.outstanding) < run.concurrency and run.asked < run.n_trials:
+            while len(run.outstanding) < run.limit and run.asked < run.n_trials:
                 self._launch(run)
                 launched += 1
         return launched
@@ -181,13 +200,23 @@ class Dispatcher:
 
     def poll(self, block_s: float = 1.0) -> int:
         """Read the results that arrived (waiting up to `block_s`), tell them; return how many."""
-        response: Any = self.connection.xreadgroup(
-            GROUP,
-            self.consumer,
-            {self.reply_to: ">"},
-            count=256,
-            block=max(1, int(block_s * 1000)),
-        )
+        self._ensure_group()
+        if self._read_pending:
+            # Results delivered to a broker that died before acknowledging them: tell them now.
+            response: Any = self.connection.xreadgroup(
+                GROUP, self.consumer, {self.reply_to: "0"}, count=256
+            )
+            if not response or not response[0][1]:
+                self._read_pending = False
+                return 0
+        else:
+            response = self.connection.xreadgroup(
+                GROUP,
+                self.consumer,
+                {self.reply_to: ">"},
+                count=256,
+                block=max(1, int(block_s * 1000)),
+            )
         if not response:
             return 0
         handled = 0
@@ -243,19 +272,25 @@ class Dispatcher:
     def cancel_outstanding(self) -> None:
         """Withdraw queued jobs and end every outstanding trial FAIL with reason `cancelled`."""
         for run in self.runs.values():
-            for number, attempt in list(run.outstanding.items()):
-                job = self.queue.fetch_job(job_id(self.prefix, run.name, number, attempt))
-                if job is not None:
-                    job.cancel()
-                self._finish(
-                    run,
-                    number,
-                    Verdict(
-                        state=TrialState.FAIL,
-                        fail_reason="cancelled",
-                        error="the run was stopped before this trial ended",
-                    ),
-                )
+            self.cancel(run)
+
+    def cancel(self, run: StudyRun) -> None:
+        """No new trials for `run`; its queued jobs are withdrawn and its outstanding trials end
+        FAIL (`cancelled`). A result that still arrives from a running one is dropped as stale."""
+        run.n_trials = run.asked
+        for number, attempt in list(run.outstanding.items()):
+            job = self.queue.fetch_job(job_id(self.prefix, run.name, number, attempt))
+            if job is not None and job.get_status(refresh=False) == "queued":
+                job.cancel()
+            self._finish(
+                run,
+                number,
+                Verdict(
+                    state=TrialState.FAIL,
+                    fail_reason="cancelled",
+                    error="the study was cancelled before this trial ended",
+                ),
+            )
 
     def close(self) -> None:
         """Remove this dispatcher's result stream (for a private, per-run stream)."""

@@ -1,0 +1,437 @@
+"""The broker daemon: serves many submitted studies at once from one Redis prefix.
+
+Everything it knows lives in Redis and in the study storages, so a restarted broker picks up
+where the last one stopped: submitted studies are in `<prefix>:studies`, commands wait in
+`<prefix>:commands`, results wait in the `<prefix>:results` stream until acknowledged.
+
+Keys under the prefix:
+    broker      the lock naming the running broker (one per prefix)
+    commands    a list of msgpack commands from the CLI: submit, cancel, set
+    studies     hash: study name -> its StudySpec (msgpack)
+    status      hash: study name -> JSON snapshot for `status` and `wait`
+    results     the stream workers append results to
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import msgpack
+import optuna
+import redis
+from optuna.trial import TrialState
+from rq import Worker
+
+from broker.connection import key
+from broker.dispatch import Dispatcher, StudyRun
+from broker.errors import ConfigError, OptunaRQError, ProtocolError
+from broker.protocol import decode_map
+from broker.studies import StudySpec, make_pruner, make_sampler, open_storage
+from broker.verdict import FAIL_REASON_ATTR
+
+__all__ = [
+    "BrokerAlreadyRunningError",
+    "BrokerSettings",
+    "Daemon",
+    "StudyState",
+    "fair_shares",
+    "read_status",
+    "send_command",
+]
+
+log = logging.getLogger("optuna_rq.broker")
+
+
+class StudyState:
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    ENDED = (FINISHED, CANCELLED, FAILED)
+
+
+class BrokerAlreadyRunningError(OptunaRQError):
+    """Another broker holds this prefix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerSettings:
+    prefix: str
+    storage: str  # the default storage URL for studies that name none
+    poll_s: float = 0.2
+    lock_ttl_s: float = 10.0
+    status_interval_s: float = 0.25
+    workers_refresh_s: float = 1.0
+
+
+class Keys:
+    def __init__(self, prefix: str) -> None:
+        self.queue = prefix
+        self.broker = key(prefix, "broker")
+        self.commands = key(prefix, "commands")
+        self.studies = key(prefix, "studies")
+        self.status = key(prefix, "status")
+        self.results = key(prefix, "results")
+
+
+# -- what the CLI uses -----------------------------------------------------------------------------
+
+
+def send_command(connection: redis.Redis, prefix: str, op: str, study: str, **fields: Any) -> None:
+    """Queue a command for the broker (it need not be running yet)."""
+    keys = Keys(prefix)
+    message = {"op": op, "study": study, **fields}
+    connection.rpush(keys.commands, msgpack.packb(message, use_bin_type=True))
+
+
+def read_status(
+    connection: redis.Redis, prefix: str, study: str | None = None
+) -> list[dict[str, Any]]:
+    """The status snapshots the broker publishes, for one study or all of them."""
+    keys = Keys(prefix)
+    if study is not None:
+        raw = connection.hget(keys.status, study)
+        return [] if raw is None else [json.loads(raw)]
+    return [json.loads(v) for _, v in sorted(connection.hgetall(keys.status).items())]
+
+
+def broker_holder(connection: redis.Redis, prefix: str) -> str | None:
+    raw: Any = connection.get(Keys(prefix).broker)
+    return None if raw is None else bytes(raw).decode()
+
+
+def queued_status(spec: StudySpec, storage: str) -> dict[str, Any]:
+    """The snapshot a study shows between its submission and the broker taking it."""
+    return {
+        "name": spec.name,
+        "state": StudyState.QUEUED,
+        "objective": spec.objective,
+        "n_trials": spec.n_trials,
+        "concurrency": spec.concurrency,
+        "priority": spec.priority,
+        "complete": 0,
+        "pruned": 0,
+        "failed": 0,
+        "running": 0,
+        "best_value": None,
+        "best_params": None,
+        "fail_reasons": {},
+        "storage": storage,
+        "error": None,
+        "updated_at": _now(),
+    }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# -- fair share ------------------------------------------------------------------------------------
+
+
+def fair_shares(demands: dict[str, tuple[int, float]], capacity: int) -> dict[str, int]:
+    """Split `capacity` worker slots among studies by weight, none above its demand.
+
+    `demands` maps a study to (slots it could use, priority weight). When everything fits, each
+    gets its demand. Otherwise every study gets at least one slot (a large study cannot starve a
+    small one) and the rest go, one at a time, to the study furthest below its weighted share.
+    """
+    active = {name: d for name, d in demands.items() if d[0] > 0}
+    if sum(cap for cap, _ in active.values()) <= capacity:
+        return {name: cap for name, (cap, _) in demands.items()}
+    shares = {name: (1 if name in active else 0) for name in demands}
+    spare = capacity - len(active)
+    while spare > 0:
+        hungry = [n for n, (cap, _) in active.items() if shares[n] < cap]
+        if not hungry:
+            break
+        neediest = min(hungry, key=lambda n: (shares[n] / active[n][1], n))
+        shares[neediest] += 1
+        spare -= 1
+    return shares
+
+
+# -- the daemon ------------------------------------------------------------------------------------
+
+
+class Daemon:
+    """One broker process. `run()` serves until `stop` is set (SIGTERM/SIGINT in the CLI)."""
+
+    def __init__(self, connection: redis.Redis, settings: BrokerSettings) -> None:
+        self.connection = connection
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self.identity = f"{socket.gethostname()}:{os.getpid()} since {_now()}"
+        self.dispatcher = Dispatcher(
+            connection,
+            prefix=settings.prefix,
+            queue=self.keys.queue,
+            reply_to=self.keys.results,
+            consumer="broker",  # fixed: a restarted broker reads its predecessor's pending results
+        )
+        self.specs: dict[str, StudySpec] = {}
+        self._storages: dict[str, optuna.storages.BaseStorage] = {}
+        self._dirty: set[str] = set()
+        self._last_status = 0.0
+        self._last_workers = -math.inf
+        self._live_workers = 0
+        self._lock = connection.lock(
+            self.keys.broker, timeout=settings.lock_ttl_s, blocking=False, thread_local=False
+        )
+        self._last_lock = 0.0
+
+    # lifecycle
+
+    def acquire(self) -> None:
+        """Become the prefix's broker, or raise naming the one that is."""
+        if not self._lock.acquire(token=self.identity.encode()):
+            holder = broker_holder(self.connection, self.settings.prefix) or "another broker"
+            raise BrokerAlreadyRunningError(
+                f"a broker is already running on prefix {self.settings.prefix!r}: {holder}; "
+                "stop it first, or use another --prefix"
+            )
+        self._last_lock = time.monotonic()
+
+    def release(self) -> None:
+        try:
+            self._lock.release()
+        except redis.exceptions.LockError:
+            pass
+
+    def run(self, stop: threading.Event) -> None:
+        self.acquire()
+        log.info("broker %s serving prefix %r", self.identity, self.settings.prefix)
+        try:
+            self._reattach()
+            while not stop.is_set():
+                self.step()
+        finally:
+            self.publish_status(force=True)
+            self.release()
+            log.info("broker stopped; running trials go on and are told by the next broker")
+
+    def step(self) -> None:
+        """One turn of the loop: keep the lock, apply commands, refill, tell results."""
+        now = time.monotonic()
+        if now - self._last_lock > self.settings.lock_ttl_s / 3:
+            if not self._lock.reacquire():
+                raise BrokerAlreadyRunningError("lost the broker lock: another broker took over")
+            self._last_lock = now
+        self._apply_commands()
+        self._share_workers(now)
+        self.dispatcher.refill()
+        told = self.dispatcher.poll(self.settings.poll_s)
+        if told:
+            self._dirty.update(self.dispatcher.runs)
+        self._finish_done_runs()
+        self.publish_status()
+
+    # studies
+
+    def _reattach(self) -> None:
+        stored: dict[bytes, bytes] = self.connection.hgetall(self.keys.studies)  # type: ignore[assignment]
+        for name, raw in stored.items():
+            try:
+                spec = StudySpec.decode(raw)
+            except ProtocolError as exc:
+                log.error("ignoring stored study %r: %s", name, exc)
+                continue
+            status = read_status(self.connection, self.settings.prefix, spec.name)
+            if status and status[0]["state"] in StudyState.ENDED:
+                continue
+            self._start(spec, resumed=True)
+
+    def _storage_url(self, spec: StudySpec) -> str:
+        return spec.storage or self.settings.storage
+
+    def _storage(self, url: str) -> optuna.storages.BaseStorage:
+        if url not in self._storages:
+            self._storages[url] = open_storage(url)
+        return self._storages[url]
+
+    def _start(self, spec: StudySpec, *, resumed: bool = False) -> None:
+        url = self._storage_url(spec)
+        try:
+            study = optuna.create_study(
+                storage=self._storage(url),
+                study_name=spec.name,
+                directions=spec.directions,  # type: ignore[arg-type]  # checked by StudySpec
+                sampler=make_sampler(spec.sampler, spec.seed),
+                pruner=make_pruner(spec.pruner),
+                load_if_exists=True,
+            )
+            if [d.name.lower() for d in study.directions] != spec.directions:
+                raise ConfigError(
+                    f"study {spec.name!r} exists with directions "
+                    f"{[d.name.lower() for d in study.directions]}, not {spec.directions}"
+                )
+            run = StudyRun(
+                study=study,
+                objective=spec.objective,
+                inputs=spec.inputs,
+                concurrency=spec.concurrency,
+                n_trials=spec.n_trials,
+                trial_timeout_s=spec.trial_timeout_s,
+            )
+            run.reattach()
+        except (OptunaRQError, ValueError, optuna.exceptions.OptunaError) as exc:
+            log.error("study %r cannot start: %s", spec.name, exc)
+            self.specs[spec.name] = spec
+            self._publish(spec, None, state=StudyState.FAILED, error=str(exc))
+            return
+        self.specs[spec.name] = spec
+        self.dispatcher.add(run)
+        log.info(
+            "%s study %r: %s, %d of %d trials done, cap %d",
+            "resumed" if resumed else "started",
+            spec.name,
+            spec.objective,
+            run.asked - len(run.outstanding),
+            spec.n_trials,
+            spec.concurrency,
+        )
+        self._dirty.add(spec.name)
+
+    def _apply_commands(self) -> None:
+        raw_commands: list[bytes] = self.connection.lrange(self.keys.commands, 0, 99)  # type: ignore[assignment]
+        if not raw_commands:
+            return
+        for raw in raw_commands:
+            try:
+                self._apply(decode_map(raw, what="command"))
+            except (ProtocolError, ConfigError, KeyError, TypeError) as exc:
+                log.error("refused a command: %s", exc)
+        # Commands are idempotent, so trimming after applying loses none if we die in between.
+        self.connection.ltrim(self.keys.commands, len(raw_commands), -1)
+
+    def _apply(self, command: dict[str, Any]) -> None:
+        op, name = command["op"], command["study"]
+        if op == "submit":
+            spec = StudySpec.decode(command["spec"])
+            if name in self.dispatcher.runs:
+                self._set(
+                    name,
+                    {
+                        "n_trials": spec.n_trials,
+                        "concurrency": spec.concurrency,
+                        "priority": spec.priority,
+                    },
+                )
+                return
+            self.connection.hset(self.keys.studies, name, spec.encode())
+            self._start(spec)
+        elif op == "cancel":
+            run = self.dispatcher.runs.pop(name, None)
+            if run is not None:
+                self.dispatcher.cancel(run)
+                self._publish(self.specs[name], run, state=StudyState.CANCELLED)
+                log.info("cancelled study %r", name)
+            elif name in self.specs or self.connection.hexists(self.keys.studies, name):
+                stored_spec: Any = self.connection.hget(self.keys.studies, name)
+                spec = self.specs.get(name) or StudySpec.decode(stored_spec or b"")
+                self._publish(spec, None, state=StudyState.CANCELLED)
+        elif op == "set":
+            self._set(name, command["changes"])
+        else:
+            raise ConfigError(f"unknown command {op!r}")
+
+    def _set(self, name: str, changes: dict[str, Any]) -> None:
+        spec = self.specs.get(name)
+        if spec is None:
+            raise ConfigError(f"no study {name!r} to change")
+        spec = spec.with_changes(**changes)
+        self.specs[name] = spec
+        self.connection.hset(self.keys.studies, name, spec.encode())
+        run = self.dispatcher.runs.get(name)
+        if run is not None:
+            run.concurrency = spec.concurrency
+            run.n_trials = max(spec.n_trials, run.asked)
+        log.info("study %r changed: %s", name, changes)
+        self._dirty.add(name)
+
+    def _share_workers(self, now: float) -> None:
+        if now - self._last_workers >= self.settings.workers_refresh_s:
+            self._live_workers = Worker.count(
+                connection=self.connection, queue=self.dispatcher.queue
+            )
+            self._last_workers = now
+        runs = self.dispatcher.runs
+        demands = {n: (r.demand, self.specs[n].priority) for n, r in runs.items()}
+        # Without any live worker, queue up to each cap: the first workers find work waiting.
+        shares = fair_shares(demands, self._live_workers) if self._live_workers else {}
+        for name, run in runs.items():
+            run.slots = shares.get(name)
+
+    def _finish_done_runs(self) -> None:
+        for name, run in list(self.dispatcher.runs.items()):
+            if run.done:
+                del self.dispatcher.runs[name]
+                self._publish(self.specs[name], run, state=StudyState.FINISHED)
+                log.info("study %r finished: %d trials", name, run.told)
+
+    # status
+
+    def publish_status(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_status < self.settings.status_interval_s:
+            return
+        self._last_status = now
+        for name in list(self._dirty):
+            run = self.dispatcher.runs.get(name)
+            if run is not None:
+                self._publish(self.specs[name], run, state=StudyState.RUNNING)
+        self._dirty.clear()
+
+    def _publish(
+        self, spec: StudySpec, run: StudyRun | None, *, state: str, error: str | None = None
+    ) -> None:
+        snapshot = queued_status(spec, self._storage_url(spec))
+        snapshot.update(state=state, error=error)
+        if run is not None:
+            snapshot.update(_study_summary(run.study))
+            snapshot["running"] = len(run.outstanding)
+            snapshot["concurrency"] = spec.concurrency
+            snapshot["n_trials"] = spec.n_trials
+        self.connection.hset(self.keys.status, spec.name, json.dumps(snapshot))
+
+
+def _study_summary(study: optuna.Study) -> dict[str, Any]:
+    trials = study.get_trials(deepcopy=False)
+    by_state = {state: 0 for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    reasons: dict[str, int] = {}
+    for trial in trials:
+        if trial.state in by_state:
+            by_state[trial.state] += 1
+        if trial.state is TrialState.FAIL:
+            reason = str(trial.user_attrs.get(FAIL_REASON_ATTR, "unknown"))
+            reasons[reason] = reasons.get(reason, 0) + 1
+    summary: dict[str, Any] = {
+        "complete": by_state[TrialState.COMPLETE],
+        "pruned": by_state[TrialState.PRUNED],
+        "failed": by_state[TrialState.FAIL],
+        "fail_reasons": reasons,
+        "best_value": None,
+        "best_params": None,
+    }
+    if by_state[TrialState.COMPLETE]:
+        if len(study.directions) == 1:
+            best = study.best_trial
+            summary.update(best_value=best.value, best_params=best.params)
+        else:
+            summary.pop("best_value")
+            summary["best_values"] = [t.values for t in study.best_trials]
+            summary["best_params"] = [t.params for t in study.best_trials]
+    elif len(study.directions) > 1:
+        summary.pop("best_value")
+        summary["best_values"] = None
+    return summary

@@ -1,0 +1,156 @@
+"""Search spaces as plain data: space files (YAML or JSON), `--param NAME=VALUE`, and the wire.
+
+A space is a mapping of input names to values. A mapping whose `type` is `float`, `integer` or
+`category` is a suggestion (`low`, `high`, `step`, `log`; `choices`); any other value is a fixed
+input passed as is; nested mappings nest, and parameters are named by dotted path:
+
+    x: {type: float, low: -10, high: 10}
+    model:
+      lr: {type: float, low: 1.0e-5, high: 0.1, log: true}
+    seed: 42
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from broker.errors import ConfigError
+from broker.space import Category, Float, Integer, Suggestion
+
+__all__ = ["load_space_file", "parse_param", "space_from_data", "space_to_data"]
+
+_KEYS: dict[str, tuple[type[Suggestion], set[str], set[str]]] = {
+    # type: (class, required keys, optional keys)
+    "float": (Float, {"low", "high"}, {"step", "log"}),
+    "integer": (Integer, {"low", "high"}, {"step", "log"}),
+    "category": (Category, {"choices"}, set()),
+}
+
+
+def _suggestion(path: str, entry: Mapping[str, Any]) -> Suggestion:
+    kind = entry["type"]
+    if kind not in _KEYS:
+        raise ConfigError(
+            f"{path}: unknown suggestion type {kind!r}; use float, integer or category"
+        )
+    cls, required, optional = _KEYS[kind]
+    given = set(entry) - {"type"}
+    missing = sorted(required - given)
+    if missing:
+        raise ConfigError(f"{path}: a {kind} suggestion needs {', '.join(missing)}")
+    unknown = sorted(given - required - optional)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown keys {unknown} for a {kind} suggestion "
+            f"(it takes {', '.join(sorted(required | optional))})"
+        )
+    arguments = {name: entry[name] for name in given}
+    if kind == "category":
+        if not isinstance(arguments["choices"], list):
+            raise ConfigError(f"{path}: choices must be a list, got {arguments['choices']!r}")
+    else:
+        number = int if kind == "integer" else (int, float)
+        for name in ("low", "high", "step"):
+            value = arguments.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, number)):
+                wanted = "an integer" if kind == "integer" else "a number"
+                raise ConfigError(f"{path}: {name} must be {wanted}, got {value!r}")
+        if "log" in arguments and not isinstance(arguments["log"], bool):
+            raise ConfigError(f"{path}: log must be true or false, got {arguments['log']!r}")
+    try:
+        return cls(**arguments)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def space_from_data(data: Mapping[str, Any], root: str = "") -> dict[str, Any]:
+    """Build the inputs (suggestions and fixed values) a space mapping describes; validates all."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a search space must be a mapping of names to values, got {data!r}")
+    inputs: dict[str, Any] = {}
+    for name, value in data.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"input names must be non-empty strings, got {name!r}")
+        path = f"{root}.{name}" if root else name
+        if isinstance(value, Mapping) and "type" in value and isinstance(value["type"], str):
+            inputs[name] = _suggestion(path, value)
+        elif isinstance(value, Mapping):
+            inputs[name] = space_from_data(value, path)
+        else:
+            inputs[name] = value
+    return inputs
+
+
+def space_to_data(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The plain-data form of `inputs`: what a space file holds and what a submission carries."""
+    data: dict[str, Any] = {}
+    for name, value in inputs.items():
+        if isinstance(value, Float):
+            data[name] = {"type": "float", "low": value.low, "high": value.high, "log": value.log}
+            if value.step is not None:
+                data[name]["step"] = value.step
+        elif isinstance(value, Integer):
+            data[name] = {"type": "integer", "low": value.low, "high": value.high}
+            data[name].update(step=value.step, log=value.log)
+        elif isinstance(value, Category):
+            data[name] = {"type": "category", "choices": list(value.choices)}
+        elif isinstance(value, Mapping):
+            data[name] = space_to_data(value)
+        else:
+            data[name] = value
+    return data
+
+
+def load_space_file(path: str | Path) -> dict[str, Any]:
+    """Read and validate a YAML or JSON space file; errors name the file and the fix."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read space file {str(file)!r}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"space file {str(file)!r} is not valid YAML/JSON: {exc}") from exc
+    if data is None:
+        raise ConfigError(f"space file {str(file)!r} is empty")
+    try:
+        return space_from_data(data)
+    except ConfigError as exc:
+        raise ConfigError(f"space file {str(file)!r}: {exc}") from exc
+
+
+def parse_param(text: str) -> tuple[list[str], Any]:
+    """`--param NAME=VALUE`: the dotted NAME as a path, and VALUE read as a YAML value.
+
+    `--param model.lr=0.1` sets `inputs["model"]["lr"] = 0.1`; a VALUE like
+    `{type: float, low: 0, high: 1}` is a suggestion, as in a space file.
+    """
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip():
+        raise ConfigError(f"--param {text!r}: write it as NAME=VALUE, e.g. --param seed=42")
+    path = name.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"--param {text!r}: {name!r} is not a dotted name")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--param {text!r}: the value is not valid YAML: {exc}") from exc
+    return path, value
+
+
+def merge_param(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set `value` at `path` in a space mapping, creating nested mappings as needed."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict) or "type" in child:
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
