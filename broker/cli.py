@@ -22,6 +22,7 @@ from rich.console import Console
 
 from broker.connection import DEFAULT_PREFIX, ENV_PREFIX, ENV_REDIS_URL
 from broker.errors import ConfigError, OptunaRQError
+from broker.progress import follow_study
 
 app = typer.Typer(
     name="optuna-rq",
@@ -254,7 +255,7 @@ def submit(
             "until you start one with `optuna-rq broker`"
         )
     if wait:
-        raise typer.Exit(_follow(connection, options.prefix, spec.name, timeout_s=None))
+        raise typer.Exit(follow_study(connection, options.prefix, spec.name, timeout_s=None))
 
 
 @app.command()
@@ -311,58 +312,6 @@ def _status_table(snapshot: dict[str, Any]) -> Any:
     return table
 
 
-def _follow(connection: redis.Redis, prefix: str, name: str, *, timeout_s: float | None) -> int:
-    """Show a progress bar until the study ends; the exit code says how it ended."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    from broker.daemon import StudyState, read_status
-
-    if not read_status(connection, prefix, name):
-        raise ConfigError(f"unknown study {name!r} on prefix {prefix!r} (see `optuna-rq status`)")
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("best {task.fields[best]}  {task.fields[failures]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=_err, transient=False) as progress:
-        bar = progress.add_task(name, total=None, best="-", failures="")
-        while True:
-            snap = read_status(connection, prefix, name)[0]
-            done = snap["complete"] + snap["pruned"] + snap["failed"]
-            best = snap.get("best_value", snap.get("best_values"))
-            failures = ", ".join(f"{k} {v}" for k, v in snap["fail_reasons"].items())
-            progress.update(
-                bar,
-                total=snap["n_trials"],
-                completed=done,
-                best="-" if best is None else (f"{best:.6g}" if isinstance(best, float) else best),
-                failures=f"failed: {failures}" if failures else "",
-            )
-            if snap["state"] in StudyState.ENDED:
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                _err.print(f"[red]timeout:[/] study {name!r} is still {snap['state']}")
-                return 1
-            time.sleep(0.2)
-    if snap["state"] == StudyState.FINISHED:
-        _err.print(f"study {name!r} finished: {done} trials, best {best!r}")
-        return 0
-    _err.print(
-        f"[red]study {name!r} {snap['state']}[/]"
-        + (f": {snap['error']}" if snap.get("error") else "")
-    )
-    return 1
-
-
 @app.command("wait")
 def wait_command(
     ctx: typer.Context,
@@ -371,11 +320,13 @@ def wait_command(
         float | None, typer.Option("--timeout", help="Give up after this many seconds.")
     ] = None,
 ) -> None:
-    """Follow a study with a progress bar. Exit 0 when it finished; 1 when it was cancelled,
-    failed, or the timeout passed."""
+    """Follow a study with a progress bar until it ends.
+
+    Exit 0 when it finished; 1 when it was cancelled, failed, or the timeout passed.
+    """
     options: GlobalOptions = ctx.obj
     _url, connection = _connect(options)
-    raise typer.Exit(_follow(connection, options.prefix, name, timeout_s=timeout))
+    raise typer.Exit(follow_study(connection, options.prefix, name, timeout_s=timeout))
 
 
 def _known_study(connection: redis.Redis, prefix: str, name: str) -> None:
@@ -449,7 +400,9 @@ def main() -> None:
     """Console entry point: run the app, turning our errors into one-line messages."""
     debug = "--debug" in sys.argv
     try:
-        app(standalone_mode=False)
+        # Not standalone: click then returns a typer.Exit's code instead of exiting itself.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except ConfigError as exc:
         _fail(exc, code=2, debug=debug)
     except OptunaRQError as exc:

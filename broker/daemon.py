@@ -112,6 +112,7 @@ def broker_holder(connection: redis.Redis, prefix: str) -> str | None:
 
 def queued_status(spec: StudySpec, storage: str) -> dict[str, Any]:
     """The snapshot a study shows between its submission and the broker taking it."""
+    best = "best_value" if len(spec.directions) == 1 else "best_values"
     return {
         "name": spec.name,
         "state": StudyState.QUEUED,
@@ -123,7 +124,7 @@ def queued_status(spec: StudySpec, storage: str) -> dict[str, Any]:
         "pruned": 0,
         "failed": 0,
         "running": 0,
-        "best_value": None,
+        best: None,
         "best_params": None,
         "fail_reasons": {},
         "storage": storage,
@@ -420,18 +421,13 @@ def _study_summary(study: optuna.Study) -> dict[str, Any]:
         "pruned": by_state[TrialState.PRUNED],
         "failed": by_state[TrialState.FAIL],
         "fail_reasons": reasons,
-        "best_value": None,
-        "best_params": None,
     }
-    if by_state[TrialState.COMPLETE]:
-        if len(study.directions) == 1:
-            best = study.best_trial
-            summary.update(best_value=best.value, best_params=best.params)
-        else:
-            summary.pop("best_value")
-            summary["best_values"] = [t.values for t in study.best_trials]
-            summary["best_params"] = [t.params for t in study.best_trials]
-    elif len(study.directions) > 1:
-        summary.pop("best_value")
-        summary["best_values"] = None
+    if not by_state[TrialState.COMPLETE]:
+        return summary
+    if len(study.directions) == 1:
+        best = study.best_trial
+        summary.update(best_value=best.value, best_params=best.params)
+    else:  # the Pareto front
+        summary["best_values"] = [t.values for t in study.best_trials]
+        summary["best_params"] = [t.params for t in study.best_trials]
     return summary

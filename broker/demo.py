@@ -6,7 +6,7 @@ go further, and leaves nothing running, whatever happens.
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
 import shutil
 import signal
@@ -14,18 +14,20 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
-import optuna
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from broker.connection import connect, ensure_embedded, stop_embedded
-from broker.optimizer import Optimizer
+from broker.connection import connect, ensure_embedded, key, stop_embedded
+from broker.daemon import queued_status, read_status, send_command
+from broker.errors import OptunaRQError
+from broker.progress import follow_study
 from broker.space import suggest
-from broker.verdict import FAIL_REASON_ATTR
+from broker.spacefile import space_to_data
+from broker.studies import StudySpec, default_storage_url
 
 DEMO_OBJECTIVE = "examples.rosenbrock:objective"
-DEMO_QUEUE = "optuna-rq-demo"
+DEMO_PREFIX = "optuna-rq-demo"
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -43,18 +45,14 @@ def demo_space() -> dict[str, object]:
     }
 
 
-def _start_workers(redis_url: str, count: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
+def _start(args: list[str], redis_url: str, state: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, OPTUNA_RQ_STATE_DIR=str(state))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
-    return subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", "--redis-url", redis_url, "workers"]
-        + ["--import", DEMO_OBJECTIVE.partition(":")[0], "--count", str(count)]
-        + ["--queue", DEMO_QUEUE, "--log-level", "WARNING"],
-        env=env,
-    )
+    argv = [sys.executable, "-m", "broker.cli", "--redis-url", redis_url, "--prefix", DEMO_PREFIX]
+    return subprocess.Popen([*argv, *args, "--log-level", "WARNING"], env=env)
 
 
-def _stop_workers(process: subprocess.Popen[bytes]) -> None:
+def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -64,72 +62,55 @@ def _stop_workers(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-async def _run_with_progress(optimizer: Optimizer, console: Console) -> None:
-    study = optimizer.study
-    assert study is not None
-    columns = (
-        TextColumn("[bold]trials"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("best {task.fields[best]}  failed {task.fields[failed]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
-        bar = progress.add_task("trials", total=optimizer.n_trials, best="-", failed=0)
-        run = asyncio.create_task(optimizer(**demo_space()))
-        while True:
-            done, _ = await asyncio.wait({run}, timeout=0.2)
-            finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
-            complete = [t for t in finished if t.state is optuna.trial.TrialState.COMPLETE]
-            best = (
-                f"{min(t.value for t in complete if t.value is not None):.4g}" if complete else "-"
-            )
-            failed = len([t for t in finished if t.state is optuna.trial.TrialState.FAIL])
-            progress.update(bar, completed=len(finished), best=best, failed=failed)
-            if done:
-                run.result()
-                return
-
-
-def run_demo(*, n_trials: int = 60, concurrency: int = 4, workers: int = 2) -> optuna.Study:
-    """Run the demo study end to end and return it; everything started is stopped on return."""
-    console = Console()
+def run_demo(*, n_trials: int = 60, concurrency: int = 4, workers: int = 2) -> dict[str, Any]:
+    """Run the demo study end to end and return its final status; everything started stops."""
+    console = Console(stderr=True)
     state = Path(tempfile.mkdtemp(prefix="orq-demo-", dir="/tmp"))
-    workers_process: subprocess.Popen[bytes] | None = None
+    started: list[subprocess.Popen[bytes]] = []
     try:
         console.print(f"[bold]optuna-rq demo[/]: embedded Redis under {state}")
         redis_url = ensure_embedded(state)
-        workers_process = _start_workers(redis_url, workers)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        optimizer = Optimizer(
-            DEMO_OBJECTIVE,
-            concurrency=concurrency,
-            n_trials=n_trials,
-            connection=connect(redis_url),
-            queue=DEMO_QUEUE,
+        connection = connect(redis_url)
+        started.append(_start(["broker"], redis_url, state))
+        module = DEMO_OBJECTIVE.partition(":")[0]
+        started.append(
+            _start(["workers", "--import", module, "--count", str(workers)], redis_url, state)
         )
+        spec = StudySpec(
+            name="demo",
+            objective=DEMO_OBJECTIVE,
+            space=space_to_data(demo_space()),
+            n_trials=n_trials,
+            concurrency=concurrency,
+            seed=0,
+        )
+        connection.hset(
+            key(DEMO_PREFIX, "status"),
+            spec.name,
+            json.dumps(queued_status(spec, default_storage_url(state))),
+        )
+        send_command(connection, DEMO_PREFIX, "submit", spec.name, spec=spec.encode())
         console.print(
-            f"{workers} workers, {n_trials} trials of {DEMO_OBJECTIVE}, "
+            f"a broker, {workers} workers, and {n_trials} trials of {DEMO_OBJECTIVE}, "
             f"at most {concurrency} at once"
         )
-        asyncio.run(_run_with_progress(optimizer, console))
-        study = optimizer.study
-        assert study is not None
-        best = study.best_trial
-        console.print(f"[bold green]best value[/] {best.value:.6g} (trial {best.number})")
-        for name, value in sorted(best.params.items()):
+        code = follow_study(connection, DEMO_PREFIX, spec.name, timeout_s=300, console=console)
+        status = read_status(connection, DEMO_PREFIX, spec.name)[0]
+        if code != 0:
+            raise OptunaRQError(f"the demo study ended {status['state']}: {status.get('error')}")
+        console.print(f"[bold green]best value[/] {status['best_value']:.6g}")
+        for name, value in sorted(status["best_params"].items()):
             console.print(f"  {name} = {value!r}")
-        reasons = [t.user_attrs.get(FAIL_REASON_ATTR) for t in study.trials]
-        if any(reasons):
-            console.print(f"failed trials: {sum(1 for r in reasons if r)}")
         console.print(
-            "\nNext: start workers for your own module and run a study on them:\n"
-            "  optuna-rq workers --import mypkg.train --count 4\n"
-            '  Optimizer("mypkg.train:objective", concurrency=4, n_trials=100, redis_url=...)'
+            "\nNext, on your own objective (see README.md):\n"
+            "  optuna-rq broker &\n"
+            "  optuna-rq workers --import mypkg.train --count 4 &\n"
+            "  optuna-rq submit mypkg.train:objective --space space.yaml "
+            "--n-trials 100 --concurrency 4 --wait"
         )
-        return study
+        return status
     finally:
-        if workers_process is not None:
-            _stop_workers(workers_process)
+        for process in reversed(started):
+            _stop(process)
         stop_embedded(state)
         shutil.rmtree(state, ignore_errors=True)

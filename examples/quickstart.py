@@ -1,4 +1,4 @@
-"""Run the demo: `uv run python examples/quickstart.py` (the same as `optuna-rq demo`)."""
+"""Run the demo from a clone: `uv run python examples/quickstart.py` (same as `optuna-rq demo`)."""
 
 from broker.demo import run_demo
 

@@ -150,4 +150,9 @@ def embedded_state() -> Iterator[Path]:
         shutil.rmtree(state, ignore_errors=True)
 
 
-from tests.worker_processes import workers_factory  # noqa: E402,F401  (a fixture)
+from tests.worker_processes import (  # noqa: E402,F401  (fixtures)
+    broker_process,
+    cli_state,
+    run_cli,
+    workers_factory,
+)

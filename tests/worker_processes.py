@@ -80,6 +80,50 @@ def workers_factory(redis_url: str, prefix: str) -> Iterator[WorkersFactory]:
     assert codes == [0] * len(codes), f"workers exited with {codes}"
 
 
+@pytest.fixture
+def cli_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state directory for the CLI processes of one test (the broker's journal lives here)."""
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture
+def run_cli(
+    redis_url: str, prefix: str, cli_state: Path
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run `optuna-rq --redis-url URL --prefix PREFIX ARGS...` to completion."""
+
+    def run(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            cli("--redis-url", redis_url, "--prefix", prefix, *args),
+            env=cli_env(OPTUNA_RQ_STATE_DIR=str(cli_state)),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+
+    return run
+
+
+@pytest.fixture
+def broker_process(
+    redis_url: str, prefix: str, cli_state: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`optuna-rq broker` for this test's prefix, running once it holds the broker lock."""
+    connection = connect(redis_url)
+    process = subprocess.Popen(
+        cli("--redis-url", redis_url, "--prefix", prefix, "broker"),
+        env=cli_env(OPTUNA_RQ_STATE_DIR=str(cli_state)),
+    )
+
+    def holds_lock() -> bool:
+        assert process.poll() is None, f"broker exited with {process.returncode}"
+        return bool(connection.exists(f"{prefix}:broker"))
+
+    wait_until(holds_lock, timeout_s=30, message="the broker did not start")
+    yield process
+    assert stop_process(process) == 0
+
+
 def _queue(connection: object, name: str) -> object:
     from workers.pool import trial_queue
 

@@ -1,0 +1,492 @@
+"""The CLI through real processes: a broker daemon, workers, and submit/status/wait/cancel/set."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import redis
+from optuna.trial import TrialState
+
+from broker.studies import default_storage_url, open_storage
+from tests.helpers import wait_until
+from tests.worker_processes import cli, cli_env
+
+pytestmark = pytest.mark.timeout(180)
+
+X = "x={type: float, low: -10, high: 10}"
+
+
+def status_of(run_cli, name: str) -> dict:
+    result = run_cli("status", name, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def samples(conn: redis.Redis, key: str) -> list[int]:
+    return [int(v) for v in conn.lrange(f"{key}:samples", 0, -1)]
+
+
+def test_two_studies_side_by_side_finish_with_exact_counts_and_no_mixing(
+    run_cli, broker_process, workers_factory, cli_state: Path
+) -> None:
+    workers_factory(count=3)
+    first = run_cli(
+        "submit",
+        "tests.objectives:quadratic",
+        "--param",
+        X,
+        "--param",
+        "depth={type: integer, low: 0, high: 3}",
+        "--n-trials",
+        "12",
+        "--concurrency",
+        "2",
+        "--study-name",
+        "first",
+        "--seed",
+        "1",
+    )
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "first"
+    second = run_cli(
+        "submit",
+        "tests.objectives:pair",
+        "--param",
+        X,
+        "--param",
+        "y={type: float, low: 0, high: 2}",
+        "--direction",
+        "minimize",
+        "--direction",
+        "minimize",
+        "--n-trials",
+        "8",
+        "--concurrency",
+        "2",
+        "--study-name",
+        "second",
+    )
+    assert second.returncode == 0, second.stderr
+    for name in ("first", "second"):
+        waited = run_cli("wait", name, "--timeout", "90")
+        assert waited.returncode == 0, waited.stderr
+
+    one, two = status_of(run_cli, "first"), status_of(run_cli, "second")
+    assert (one["state"], one["complete"], one["failed"], one["running"]) == ("finished", 12, 0, 0)
+    assert (two["state"], two["complete"]) == ("finished", 8)
+    assert one["objective"] == "tests.objectives:quadratic"
+    assert set(one["best_params"]) == {"x", "depth"}
+    assert "best_values" in two and "best_value" not in two
+
+    storage = open_storage(default_storage_url(cli_state))
+    first_trials = optuna.load_study(study_name="first", storage=storage).trials
+    second_trials = optuna.load_study(study_name="second", storage=storage).trials
+    assert len(first_trials) == 12 and len(second_trials) == 8
+    assert all(set(t.params) == {"x", "depth"} for t in first_trials)
+    assert all(set(t.params) == {"x", "y"} and len(t.values) == 2 for t in second_trials)
+
+
+def test_status_json_has_the_documented_fields(run_cli, broker_process, workers_factory) -> None:
+    workers_factory(count=1)
+    assert (
+        run_cli(
+            "submit",
+            "tests.objectives:raises",
+            "--param",
+            X,
+            "--n-trials",
+            "2",
+            "--concurrency",
+            "1",
+            "--study-name",
+            "s",
+            "--wait",
+        ).returncode
+        == 0
+    )  # finished, though every trial failed
+    snapshot = status_of(run_cli, "s")
+    for field in (
+        "name",
+        "state",
+        "objective",
+        "n_trials",
+        "concurrency",
+        "complete",
+        "pruned",
+        "failed",
+        "running",
+        "best_value",
+        "best_params",
+        "fail_reasons",
+        "storage",
+    ):
+        assert field in snapshot, field
+    assert snapshot["fail_reasons"] == {"exception": 2}
+    everything = json.loads(run_cli("status", "--json").stdout)
+    assert [s["name"] for s in everything] == ["s"]
+    table = run_cli("status")
+    assert "exception: 2" in table.stdout
+
+
+def test_the_cap_and_set_concurrency_hold_as_measured_by_the_objective(
+    run_cli, broker_process, workers_factory, conn: redis.Redis, prefix: str, redis_url: str
+) -> None:
+    workers_factory(count=5)
+    result = run_cli(
+        "submit",
+        "tests.objectives:capped",
+        "--param",
+        X,
+        "--param",
+        f"redis_url={redis_url}",
+        "--param",
+        f"key={prefix}",
+        "--param",
+        "hold_s=0.15",
+        "--n-trials",
+        "40",
+        "--concurrency",
+        "2",
+        "--study-name",
+        "capped",
+    )
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: len(samples(conn, prefix)) >= 8, timeout_s=60)
+    before = samples(conn, prefix)
+    assert run_cli("set", "capped", "--concurrency", "4").returncode == 0
+    assert run_cli("wait", "capped", "--timeout", "90").returncode == 0
+    after = samples(conn, prefix)
+    assert max(before) == 2, before
+    assert max(after) <= 4, after
+    assert max(after[len(before) + 4 :]) == 4, f"the raised cap was never used: {after}"
+    assert status_of(run_cli, "capped")["concurrency"] == 4
+
+
+def test_fair_share_follows_priorities(
+    run_cli, broker_process, workers_factory, conn: redis.Redis, prefix: str, redis_url: str
+) -> None:
+    workers_factory(count=4)
+    for name, priority in (("low", "1"), ("high", "3")):
+        result = run_cli(
+            "submit",
+            "tests.objectives:capped",
+            "--param",
+            X,
+            "--param",
+            f"redis_url={redis_url}",
+            "--param",
+            f"key={prefix}:{name}",
+            "--param",
+            "hold_s=0.1",
+            "--n-trials",
+            "400",
+            "--concurrency",
+            "4",
+            "--priority",
+            priority,
+            "--study-name",
+            name,
+        )
+        assert result.returncode == 0, result.stderr
+    wait_until(
+        lambda: len(samples(conn, f"{prefix}:low")) + len(samples(conn, f"{prefix}:high")) >= 60,
+        timeout_s=90,
+    )
+    for name in ("low", "high"):
+        assert run_cli("cancel", name).returncode == 0
+    for name in ("low", "high"):
+        assert run_cli("wait", name, "--timeout", "60").returncode == 1  # cancelled
+    low, high = len(samples(conn, f"{prefix}:low")), len(samples(conn, f"{prefix}:high"))
+    assert 0.15 < low / high < 0.6, f"slots low:high = {low}:{high}, expected about 1:3"
+
+
+def test_cancel_ends_running_trials_as_cancelled(
+    run_cli,
+    broker_process,
+    workers_factory,
+    conn: redis.Redis,
+    prefix: str,
+    redis_url: str,
+    cli_state: Path,
+) -> None:
+    workers_factory(count=2)
+    run_cli(
+        "submit",
+        "tests.objectives:capped",
+        "--param",
+        X,
+        "--param",
+        f"redis_url={redis_url}",
+        "--param",
+        f"key={prefix}",
+        "--param",
+        "hold_s=0.5",
+        "--n-trials",
+        "50",
+        "--concurrency",
+        "2",
+        "--study-name",
+        "long",
+    )
+    wait_until(lambda: status_of(run_cli, "long")["running"] > 0, timeout_s=60)
+    assert run_cli("cancel", "long").returncode == 0
+    waited = run_cli("wait", "long", "--timeout", "60")
+    assert waited.returncode == 1 and "cancelled" in waited.stderr
+    snapshot = status_of(run_cli, "long")
+    assert snapshot["state"] == "cancelled" and snapshot["fail_reasons"].get("cancelled", 0) >= 1
+    study = optuna.load_study(
+        study_name="long", storage=open_storage(default_storage_url(cli_state))
+    )
+    assert not [t for t in study.trials if t.state is TrialState.RUNNING]
+    assert len(study.trials) < 50
+
+
+def test_a_missing_function_fails_its_trials_and_everything_keeps_serving(
+    run_cli, broker_process, workers_factory
+) -> None:
+    workers_factory(count=1)
+    run_cli(
+        "submit",
+        "tests.objectives:nope",
+        "--param",
+        X,
+        "--n-trials",
+        "2",
+        "--concurrency",
+        "1",
+        "--study-name",
+        "missing",
+    )
+    assert run_cli("wait", "missing", "--timeout", "60").returncode == 0
+    assert status_of(run_cli, "missing")["fail_reasons"] == {"import_error": 2}
+    run_cli(
+        "submit",
+        "tests.objectives:quadratic",
+        "--param",
+        X,
+        "--n-trials",
+        "2",
+        "--concurrency",
+        "1",
+        "--study-name",
+        "after",
+    )
+    assert run_cli("wait", "after", "--timeout", "60").returncode == 0
+    assert status_of(run_cli, "after")["complete"] == 2
+
+
+def test_resubmitting_continues_the_study(run_cli, broker_process, workers_factory) -> None:
+    workers_factory(count=2)
+    args = (
+        "submit",
+        "tests.objectives:quadratic",
+        "--param",
+        X,
+        "--concurrency",
+        "2",
+        "--study-name",
+        "again",
+    )
+    assert run_cli(*args, "--n-trials", "4", "--wait").returncode == 0
+    assert run_cli(*args, "--n-trials", "10", "--wait").returncode == 0
+    snapshot = status_of(run_cli, "again")
+    assert (snapshot["complete"], snapshot["n_trials"]) == (10, 10)
+
+
+def test_a_second_broker_on_the_prefix_refuses_to_start(run_cli, broker_process) -> None:
+    second = run_cli("broker", timeout_s=30)
+    assert second.returncode == 1
+    assert "already running on prefix" in second.stderr and "since" in second.stderr
+    assert "Traceback" not in second.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("submit", "tests.objectives.quadratic", "--n-trials", "1", "--concurrency", "1"),
+            "has no ':'",
+        ),
+        (
+            ("submit", "a:b", "--n-trials", "0", "--concurrency", "1"),
+            "--n-trials must be an integer >= 1",
+        ),
+        (
+            ("submit", "a:b", "--n-trials", "1", "--concurrency", "0"),
+            "--concurrency must be an integer >= 1",
+        ),
+        (
+            ("submit", "a:b", "--n-trials", "1", "--concurrency", "1", "--space", "/no/such.yaml"),
+            "cannot read space file",
+        ),
+        (
+            (
+                "submit",
+                "a:b",
+                "--n-trials",
+                "1",
+                "--concurrency",
+                "1",
+                "--param",
+                "x={type: normal}",
+            ),
+            "unknown suggestion type 'normal'",
+        ),
+        (
+            (
+                "submit",
+                "a:b",
+                "--n-trials",
+                "1",
+                "--concurrency",
+                "1",
+                "--param",
+                "x={type: float, low: 2, high: 1}",
+            ),
+            "low must be less than high",
+        ),
+        (
+            ("submit", "a:b", "--n-trials", "1", "--concurrency", "1", "--param", "novalue"),
+            "NAME=VALUE",
+        ),
+        (
+            ("submit", "a:b", "--n-trials", "1", "--concurrency", "1", "--sampler", "magic"),
+            "choose one of random, tpe",
+        ),
+        (
+            ("submit", "a:b", "--n-trials", "1", "--concurrency", "1", "--direction", "up"),
+            "minimize or maximize",
+        ),
+        (("status", "nope"), "unknown study 'nope'"),
+        (("wait", "nope"), "unknown study 'nope'"),
+        (("cancel", "nope"), "unknown study 'nope'"),
+        (("set", "nope", "--concurrency", "2"), "unknown study 'nope'"),
+        (("broker", "--storage", "bogus://nowhere"), "rejected by Optuna"),
+    ],
+)
+def test_bad_input_is_a_usage_error_naming_it(run_cli, args: tuple[str, ...], message: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_malformed_space_file_names_the_file(run_cli, tmp_path: Path) -> None:
+    bad = tmp_path / "space.yaml"
+    bad.write_text("x: {type: float, low: 0\n")
+    result = run_cli("submit", "a:b", "--space", str(bad), "--n-trials", "1", "--concurrency", "1")
+    assert (
+        result.returncode == 2 and str(bad) in result.stderr and "not valid YAML" in result.stderr
+    )
+
+
+def test_an_unreachable_redis_fails_fast_naming_the_url() -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        cli("--redis-url", "redis://user:secret@127.0.0.1:1/0", "status"),
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "127.0.0.1:1" in result.stderr and "secret" not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_a_space_file_submission(run_cli, broker_process, workers_factory, tmp_path: Path) -> None:
+    workers_factory(count=2)
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "model:\n  name: mlp\n  lr: {type: float, low: 1.0e-4, high: 0.1, log: true}\n"
+        "  layers: {units: {type: integer, low: 8, high: 64, step: 8}}\nseed: 42\n"
+    )
+    result = run_cli(
+        "submit",
+        "tests.objectives:nested",
+        "--space",
+        str(space),
+        "--n-trials",
+        "4",
+        "--concurrency",
+        "2",
+        "--study-name",
+        "nested",
+        "--wait",
+    )
+    assert result.returncode == 0, result.stderr
+    snapshot = status_of(run_cli, "nested")
+    assert snapshot["complete"] == 4
+    assert set(snapshot["best_params"]) == {"model.lr", "model.layers.units"}
+
+
+def _postgres_url() -> str | None:
+    url = os.environ.get("OPTUNA_RQ_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 2})
+        with engine.connect():
+            return url
+    except Exception as exc:  # no server, no driver: say so loudly
+        print(f"\nPostgreSQL not available at {url}: {exc}")
+        return None
+
+
+def test_a_study_on_postgresql_storage(
+    run_cli, broker_process, workers_factory, prefix: str
+) -> None:
+    url = _postgres_url()
+    if url is None:
+        pytest.skip(
+            "PostgreSQL is not answering at 127.0.0.1:5432 (or psycopg2 is missing): "
+            "the PostgreSQL storage test did not run"
+        )
+    workers_factory(count=2)
+    name = f"pg-{prefix}"
+    result = run_cli(
+        "submit",
+        "tests.objectives:quadratic",
+        "--param",
+        X,
+        "--n-trials",
+        "6",
+        "--concurrency",
+        "2",
+        "--study-name",
+        name,
+        "--storage",
+        url,
+        "--wait",
+    )
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name=name, storage=url)
+    try:
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 6
+        assert status_of(run_cli, name)["storage"] == url
+    finally:
+        optuna.delete_study(study_name=name, storage=url)
+
+
+def test_the_demo_runs_end_to_end_and_leaves_nothing_running() -> None:
+    result = subprocess.run(
+        cli("demo", "--n-trials", "20"), env=cli_env(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "best value" in result.stderr and "model.lr" in result.stderr
+    leftovers = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"optuna-rq-demo" in cmdline or b"orq-demo-" in cmdline:
+            leftovers.append(cmdline.decode(errors="replace"))
+    assert leftovers == []
