@@ -194,15 +194,20 @@ def test_fair_share_follows_priorities(
             name,
         )
         assert result.returncode == 0, result.stderr
-    wait_until(
-        lambda: len(samples(conn, f"{prefix}:low")) + len(samples(conn, f"{prefix}:high")) >= 60,
-        timeout_s=90,
-    )
+
+    def counts() -> tuple[int, int]:
+        return len(samples(conn, f"{prefix}:low")), len(samples(conn, f"{prefix}:high"))
+
+    # Measure only while both run: the first study ran alone until the second was submitted.
+    wait_until(lambda: min(counts()) >= 4, timeout_s=60)
+    low0, high0 = counts()
+    wait_until(lambda: sum(counts()) - low0 - high0 >= 80, timeout_s=90)
+    low1, high1 = counts()
     for name in ("low", "high"):
         assert run_cli("cancel", name).returncode == 0
     for name in ("low", "high"):
         assert run_cli("wait", name, "--timeout", "60").returncode == 1  # cancelled
-    low, high = len(samples(conn, f"{prefix}:low")), len(samples(conn, f"{prefix}:high"))
+    low, high = low1 - low0, high1 - high0
     assert 0.15 < low / high < 0.6, f"slots low:high = {low}:{high}, expected about 1:3"
 
 
