@@ -495,3 +495,41 @@ def test_the_demo_runs_end_to_end_and_leaves_nothing_running() -> None:
         if b"optuna-rq-demo" in cmdline or b"orq-demo-" in cmdline:
             leftovers.append(cmdline.decode(errors="replace"))
     assert leftovers == []
+
+
+def test_a_storage_url_optuna_rejects_fails_that_study_only(
+    run_cli, broker_process, workers_factory
+) -> None:
+    workers_factory(count=1)
+    bad = run_cli(
+        "submit",
+        "tests.objectives:quadratic",
+        "--param",
+        X,
+        "--n-trials",
+        "1",
+        "--concurrency",
+        "1",
+        "--study-name",
+        "bad",
+        "--storage",
+        "bogus://nowhere",
+    )
+    assert bad.returncode == 0, bad.stderr
+    waited = run_cli("wait", "bad", "--timeout", "30")
+    assert waited.returncode == 1 and "rejected by Optuna" in waited.stderr
+    assert status_of(run_cli, "bad")["state"] == "failed"
+    good = run_cli(
+        "submit",
+        "tests.objectives:quadratic",
+        "--param",
+        X,
+        "--n-trials",
+        "2",
+        "--concurrency",
+        "1",
+        "--study-name",
+        "good",
+        "--wait",
+    )
+    assert good.returncode == 0, good.stderr
