@@ -23,6 +23,7 @@ from rich.console import Console
 from broker.connection import DEFAULT_PREFIX, ENV_PREFIX, ENV_REDIS_URL
 from broker.errors import ConfigError, OptunaRQError
 from broker.progress import follow_study
+from broker.signing import Signer
 
 app = typer.Typer(
     name="optuna-rq",
@@ -103,6 +104,7 @@ def workers(
         modules=tuple(modules),
         count=count,
         log_level=level,
+        secret=Signer.from_env().secret,
     )
     raise typer.Exit(WorkerPool(settings).run())
 
@@ -146,7 +148,8 @@ def broker(
     storage_url = storage or default_storage_url(state_dir())
     open_storage(storage_url)  # a URL Optuna rejects stops us here, before any study
     _url, connection = _connect(options)
-    daemon = Daemon(connection, BrokerSettings(prefix=options.prefix, storage=storage_url))
+    settings = BrokerSettings(prefix=options.prefix, storage=storage_url)
+    daemon = Daemon(connection, settings, Signer.from_env())
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -32,9 +32,10 @@ from optuna.trial import TrialState
 from rq import Worker
 
 from broker.connection import key
-from broker.dispatch import Dispatcher, StudyRun
+from broker.dispatch import Dispatcher, StudyRun, count_refusal
 from broker.errors import ConfigError, OptunaRQError, ProtocolError
 from broker.protocol import decode_map
+from broker.signing import Signer
 from broker.studies import StudySpec, make_pruner, make_sampler, open_storage
 from broker.verdict import FAIL_REASON_ATTR
 
@@ -87,11 +88,19 @@ class Keys:
 # -- what the CLI uses -----------------------------------------------------------------------------
 
 
-def send_command(connection: redis.Redis, prefix: str, op: str, study: str, **fields: Any) -> None:
-    """Queue a command for the broker (it need not be running yet)."""
+def send_command(
+    connection: redis.Redis,
+    prefix: str,
+    op: str,
+    study: str,
+    *,
+    signer: Signer | None = None,
+    **fields: Any,
+) -> None:
+    """Queue a command for the broker (it need not be running yet), signed if a secret is set."""
     keys = Keys(prefix)
-    message = {"op": op, "study": study, **fields}
-    connection.rpush(keys.commands, msgpack.packb(message, use_bin_type=True))
+    message: bytes = msgpack.packb({"op": op, "study": study, **fields}, use_bin_type=True)
+    connection.rpush(keys.commands, (signer or Signer.from_env()).seal(message))
 
 
 def read_status(
@@ -168,8 +177,11 @@ def fair_shares(demands: dict[str, tuple[int, float]], capacity: int) -> dict[st
 class Daemon:
     """One broker process. `run()` serves until `stop` is set (SIGTERM/SIGINT in the CLI)."""
 
-    def __init__(self, connection: redis.Redis, settings: BrokerSettings) -> None:
+    def __init__(
+        self, connection: redis.Redis, settings: BrokerSettings, signer: Signer | None = None
+    ) -> None:
         self.connection = connection
+        self.signer = signer or Signer()
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.identity = f"{socket.gethostname()}:{os.getpid()} since {_now()}"
@@ -179,6 +191,7 @@ class Daemon:
             queue=self.keys.queue,
             reply_to=self.keys.results,
             consumer="broker",  # fixed: a restarted broker reads its predecessor's pending results
+            signer=self.signer,
         )
         self.specs: dict[str, StudySpec] = {}
         self._storages: dict[str, optuna.storages.BaseStorage] = {}
@@ -309,8 +322,11 @@ class Daemon:
             return
         for raw in raw_commands:
             try:
-                self._apply(decode_map(raw, what="command"))
-            except (ProtocolError, ConfigError, KeyError, TypeError) as exc:
+                self._apply(decode_map(self.signer.open(raw, what="command"), what="command"))
+            except ProtocolError as exc:
+                log.error("refused a command: %s", exc)
+                count_refusal(self.connection, self.settings.prefix, "command")
+            except (ConfigError, KeyError, TypeError) as exc:
                 log.error("refused a command: %s", exc)
         # Commands are idempotent, so trimming after applying loses none if we die in between.
         self.connection.ltrim(self.keys.commands, len(raw_commands), -1)

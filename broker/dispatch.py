@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from broker.errors import ConfigError, ProtocolError
 from broker.objectives import parse_objective_path
 from broker.protocol import FailReason, Outcome, TrialRequest, TrialResult, check_params
+from broker.signing import Signer
 from broker.space import Suggestion, process
 from broker.verdict import Verdict, tell
 from workers.pool import trial_queue
@@ -123,14 +124,17 @@ class Dispatcher:
         queue: str,
         reply_to: str,
         consumer: str | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.connection = connection
+        self.signer = signer or Signer()
         self.prefix = prefix
         self.reply_to = reply_to
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
         self.queue = trial_queue(connection, queue)
         self.runs: dict[str, StudyRun] = {}
-        self.dropped_results = 0
+        self.dropped_results = 0  # stale or repeated: acknowledged, counted, never told
+        self.refused_results = 0  # not a valid (or validly signed) message
         self._group_ready = False
         self._read_pending = True  # first read this consumer's unacknowledged results
 
@@ -177,7 +181,7 @@ class Dispatcher:
                 n_objectives=len(run.study.directions),
                 reply_to=self.reply_to,
             )
-            payload = request.encode()
+            payload = self.signer.seal(request.encode())
         except Exception as exc:  # a space Optuna rejects: the trial fails, never RUNNING
             log.error("study %r trial %d could not be sampled: %s", run.name, trial.number, exc)
             self._finish(
@@ -201,15 +205,16 @@ class Dispatcher:
     def poll(self, block_s: float = 1.0) -> int:
         """Read the results that arrived (waiting up to `block_s`), tell them; return how many."""
         self._ensure_group()
+        response: Any = None
         if self._read_pending:
             # Results delivered to a broker that died before acknowledging them: tell them now.
-            response: Any = self.connection.xreadgroup(
+            response = self.connection.xreadgroup(
                 GROUP, self.consumer, {self.reply_to: "0"}, count=256
             )
             if not response or not response[0][1]:
                 self._read_pending = False
-                return 0
-        else:
+                response = None
+        if response is None:
             response = self.connection.xreadgroup(
                 GROUP,
                 self.consumer,
@@ -235,10 +240,11 @@ class Dispatcher:
 
     def _handle(self, raw: bytes) -> int:
         try:
-            result = TrialResult.decode(raw)
+            result = TrialResult.decode(self.signer.open(raw, what="TrialResult"))
         except ProtocolError as exc:
-            log.error("dropped a result that is not a valid message: %s", exc)
-            self.dropped_results += 1
+            log.error("refused a result: %s", exc)
+            self.refused_results += 1
+            count_refusal(self.connection, self.prefix, "result")
             return 0
         run = self.runs.get(result.study)
         if run is None or run.outstanding.get(result.trial_number) != result.attempt:
@@ -295,6 +301,11 @@ class Dispatcher:
     def close(self) -> None:
         """Remove this dispatcher's result stream (for a private, per-run stream)."""
         self.connection.delete(self.reply_to)
+
+
+def count_refusal(connection: redis.Redis, prefix: str, kind: str) -> None:
+    """Count a refused message in `<prefix>:refused`, by kind: it is an attack or a bug."""
+    connection.hincrby(f"{prefix}:refused", kind, 1)
 
 
 def _verdict(result: TrialResult) -> Verdict:

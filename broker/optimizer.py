@@ -261,6 +261,7 @@ class Optimizer:
         ends the outstanding trials FAIL (`cancelled`), so none is left RUNNING."""
         from broker.connection import DEFAULT_PREFIX, connect, key
         from broker.dispatch import Dispatcher, StudyRun
+        from broker.signing import Signer
 
         connection = self.connection or connect(self.redis_url or "")
         queue = self.queue or DEFAULT_PREFIX
@@ -276,6 +277,7 @@ class Optimizer:
             prefix=queue,
             queue=queue,
             reply_to=key(queue, "results", uuid.uuid4().hex),
+            signer=Signer.from_env(),
         )
         dispatcher.add(run)
         stop = threading.Event()

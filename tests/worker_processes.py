@@ -56,12 +56,16 @@ def workers_factory(redis_url: str, prefix: str) -> Iterator[WorkersFactory]:
     started: list[subprocess.Popen[bytes]] = []
     connection = connect(redis_url)
 
-    def start(count: int = 2, modules: tuple[str, ...] = ("tests.objectives",)) -> str:
+    def start(
+        count: int = 2,
+        modules: tuple[str, ...] = ("tests.objectives",),
+        env: dict[str, str] | None = None,
+    ) -> str:
         queue = prefix
         args = ["--redis-url", redis_url, "--prefix", prefix, "workers", "--count", str(count)]
         for module in modules:
             args += ["--import", module]
-        process = subprocess.Popen(cli(*args), env=cli_env())
+        process = subprocess.Popen(cli(*args), env=cli_env(**(env or {})))
         started.append(process)
         expected = count * len(started)
 

@@ -23,6 +23,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 
 from broker.connection import connect
+from broker.signing import Signer
 from workers import runner
 from workers.serializer import MsgpackSerializer
 
@@ -43,7 +44,7 @@ class WorkerSettings:
     count: int = 1
     log_level: str = "INFO"
     restart_backoff_s: float = 1.0
-    extra_env: dict[str, str] = field(default_factory=dict)
+    secret: bytes | None = field(default=None, repr=False)  # signs messages when set
 
 
 def trial_queue(connection: Any, name: str) -> Queue:
@@ -77,6 +78,7 @@ def _child_main(settings: WorkerSettings, index: int) -> None:
     logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("rq").setLevel(logging.WARNING)  # one line per trial is ours to write
     runner.serve(settings.modules)
+    runner.use_signer(Signer(settings.secret))
     connection = connect(settings.redis_url)
     worker = TrialWorker(
         [trial_queue(connection, settings.queue)],

@@ -21,9 +21,10 @@ from typing import Any
 import optuna
 import redis
 
-from broker.errors import ConfigError, OptunaRQError
+from broker.errors import ConfigError, OptunaRQError, ProtocolError
 from broker.objectives import parse_objective_path
 from broker.protocol import FailReason, Outcome, TrialRequest, TrialResult
+from broker.signing import Signer
 from broker.verdict import describe_exception, judge_return
 
 __all__ = [
@@ -46,6 +47,13 @@ RESULT_FIELD = b"m"
 log = logging.getLogger("optuna_rq.worker")
 
 _served: frozenset[str] = frozenset()
+_signer = Signer()
+
+
+def use_signer(signer: Signer) -> None:
+    """Sign results and require signed requests from now on (with a secret; else a no-op)."""
+    global _signer
+    _signer = signer
 
 
 class ObjectiveRefusedError(OptunaRQError):
@@ -202,11 +210,15 @@ def run_trial(payload: bytes) -> None:
     """
     from rq import get_current_job
 
-    request = TrialRequest.decode(payload)
-    outcome = execute(request, worker=worker_id(), served=_served)
     job = get_current_job()
-    connection: redis.Redis = job.connection if job is not None else None  # type: ignore[assignment]
-    if connection is None:
+    if job is None:
         raise RuntimeError("run_trial must run inside an RQ worker")
-    connection.xadd(request.reply_to, {RESULT_FIELD: outcome.encode()})
+    connection: redis.Redis = job.connection
+    try:
+        request = TrialRequest.decode(_signer.open(payload, what="TrialRequest"))
+    except ProtocolError:
+        connection.hincrby(f"{job.origin}:refused", "request", 1)
+        raise
+    outcome = execute(request, worker=worker_id(), served=_served)
+    connection.xadd(request.reply_to, {RESULT_FIELD: _signer.seal(outcome.encode())})
     log.info("%s", _describe(outcome))

@@ -1,0 +1,125 @@
+"""Signed messages: with a shared secret, Redis write access cannot forge a trial or a result."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import optuna
+import pytest
+import redis
+from optuna.trial import TrialState
+from rq.job import JobStatus
+
+from broker import ConfigError, Optimizer, suggest
+from broker.dispatch import Dispatcher, StudyRun
+from broker.protocol import Outcome, ProtocolError, TrialRequest, TrialResult
+from broker.signing import ENV_SECRET, Signer
+from tests.helpers import wait_until
+from workers.pool import trial_queue
+from workers.runner import RESULT_FIELD, RUN_TRIAL
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+signer = Signer(SECRET)
+
+
+def test_seal_and_open_round_trip_and_no_secret_passes_through() -> None:
+    assert signer.open(signer.seal(b"body"), what="m") == b"body"
+    assert Signer().seal(b"body") == b"body" and Signer().open(b"body", what="m") == b"body"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"body", "signed m"),
+        (msgpack.packb({"body": b"x"}), "is not signed"),
+        (Signer(b"another secret, 32 bytes long!!!").seal(b"body"), "bad signature"),
+        (msgpack.packb({"ts": time.time(), "body": b"x", "mac": b"\0" * 32}), "bad signature"),
+        (msgpack.packb({"ts": "now", "body": b"x", "mac": b"\0" * 32}), "malformed"),
+    ],
+)
+def test_unsigned_and_missigned_messages_are_refused(raw: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        signer.open(raw, what="m")
+
+
+def test_stale_and_future_messages_are_refused() -> None:
+    for ts in (time.time() - 2 * 24 * 3600, time.time() + 3600):
+        raw = msgpack.packb({"ts": ts, "body": b"x", "mac": signer._mac(ts, b"x")})
+        with pytest.raises(ProtocolError, match="stale"):
+            signer.open(raw, what="m")
+
+
+def test_a_short_secret_is_refused() -> None:
+    with pytest.raises(ConfigError, match="at least 16"):
+        Signer(b"short")
+
+
+def _request(reply_to: str) -> TrialRequest:
+    return TrialRequest(
+        study="s",
+        trial_number=0,
+        attempt=1,
+        objective="tests.objectives:quadratic",
+        params={"x": 1.0},
+        n_objectives=1,
+        reply_to=reply_to,
+    )
+
+
+@pytest.mark.timeout(120)
+def test_signed_workers_run_signed_trials_and_refuse_forged_ones(
+    workers_factory, conn: redis.Redis, redis_url: str, prefix: str, monkeypatch
+) -> None:
+    queue = workers_factory(count=1, env={ENV_SECRET: SECRET.decode()})
+    monkeypatch.setenv(ENV_SECRET, SECRET.decode())
+    opt = Optimizer("tests.objectives:quadratic", 2, 4, redis_url=redis_url, queue=queue)
+    opt.run(x=suggest.float(0, 1))
+    assert [t.state for t in opt.study.trials] == [TrialState.COMPLETE] * 4
+
+    reply_to = f"{prefix}:forged"
+    forgeries = [
+        _request(reply_to).encode(),  # unsigned
+        Signer(b"not the secret, but 32 bytes....").seal(_request(reply_to).encode()),
+    ]
+    for payload in forgeries:
+        job = trial_queue(conn, queue).enqueue_call(RUN_TRIAL, args=(payload,))
+        wait_until(lambda job=job: job.get_status(refresh=True) == JobStatus.FAILED, timeout_s=30)
+    assert conn.xlen(reply_to) == 0  # nothing ran, nothing was reported
+    assert int(conn.hget(f"{queue}:refused", "request")) == len(forgeries)
+
+
+def test_a_forged_result_is_refused_and_never_told(conn: redis.Redis, prefix: str) -> None:
+    study = optuna.create_study()
+    dispatcher = Dispatcher(
+        conn, prefix=prefix, queue=prefix, reply_to=f"{prefix}:results", signer=signer
+    )
+    run = StudyRun(
+        study=study,
+        objective="tests.objectives:quadratic",
+        inputs={"x": suggest.float(0, 1)},
+        concurrency=1,
+        n_trials=1,
+    )
+    dispatcher.add(run)
+    dispatcher.refill()  # no workers: trial 0 waits in the queue
+    result = TrialResult(
+        study=study.study_name,
+        trial_number=0,
+        attempt=1,
+        outcome=Outcome.COMPLETE,
+        values=[-1e9],
+        fail_reason=None,
+        error=None,
+        worker="forger",
+        duration_s=0.0,
+    )
+    conn.xadd(f"{prefix}:results", {RESULT_FIELD: result.encode()})  # unsigned
+    assert dispatcher.poll(0.1) == 0
+    assert study.trials[0].state is TrialState.RUNNING
+    assert dispatcher.refused_results == 1
+    assert int(conn.hget(f"{prefix}:refused", "result")) == 1
+
+    conn.xadd(f"{prefix}:results", {RESULT_FIELD: signer.seal(result.encode())})
+    assert dispatcher.poll(0.1) == 1
+    assert study.trials[0].state is TrialState.COMPLETE
