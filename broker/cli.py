@@ -95,6 +95,7 @@ def workers(
     from workers.pool import WorkerPool, WorkerSettings
 
     options: GlobalOptions = ctx.obj
+    signer = Signer.from_env()
     level = _level(log_level)
     logging.basicConfig(level=level, format=_LOG_FORMAT, stream=sys.stderr)
     url, _connection = _connect(options)
@@ -104,7 +105,8 @@ def workers(
         modules=tuple(modules),
         count=count,
         log_level=level,
-        secret=Signer.from_env().secret,
+        secret=signer.secret,
+        max_message_bytes=signer.max_message_bytes,
     )
     raise typer.Exit(WorkerPool(settings).run())
 

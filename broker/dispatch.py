@@ -240,7 +240,8 @@ class Dispatcher:
 
     def _handle(self, raw: bytes) -> int:
         try:
-            result = TrialResult.decode(self.signer.open(raw, what="TrialResult"))
+            body = self.signer.open(raw, what="TrialResult")
+            result = TrialResult.decode(body, max_bytes=self.signer.max_message_bytes)
         except ProtocolError as exc:
             log.error("refused a result: %s", exc)
             self.refused_results += 1

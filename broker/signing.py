@@ -22,6 +22,7 @@ from broker.protocol import DEFAULT_MAX_MESSAGE_BYTES, decode_map
 __all__ = ["ENV_SECRET", "Signer"]
 
 ENV_SECRET = "OPTUNA_RQ_SECRET"
+ENV_MAX_MESSAGE_BYTES = "OPTUNA_RQ_MAX_MESSAGE_BYTES"
 _DOMAIN = b"optuna-rq/1\0"  # so a MAC made for us means nothing elsewhere
 _ENVELOPE = {"ts", "body", "mac"}
 _MIN_SECRET_BYTES = 16
@@ -29,9 +30,11 @@ _MIN_SECRET_BYTES = 16
 
 @dataclass(frozen=True)
 class Signer:
-    """Seals outgoing messages and opens incoming ones; a no-op without a secret."""
+    """Seals outgoing messages and opens incoming ones: the signature (a no-op without a
+    secret) and the size cap every message is checked against before it is decoded."""
 
     secret: bytes | None = field(default=None, repr=False)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_age_s: float = 24 * 3600.0
     """Older messages are refused as replays: long enough for a trial to wait in a queue."""
     max_skew_s: float = 300.0
@@ -46,8 +49,16 @@ class Signer:
 
     @classmethod
     def from_env(cls) -> Signer:
+        """From OPTUNA_RQ_SECRET and OPTUNA_RQ_MAX_MESSAGE_BYTES (default 1 MiB)."""
         value = os.environ.get(ENV_SECRET)
-        return cls(value.encode() if value else None)
+        cap = os.environ.get(ENV_MAX_MESSAGE_BYTES, str(DEFAULT_MAX_MESSAGE_BYTES))
+        try:
+            max_bytes = int(cap)
+        except ValueError:
+            max_bytes = 0
+        if max_bytes < 1024:
+            raise ConfigError(f"{ENV_MAX_MESSAGE_BYTES}={cap!r}: use a whole number >= 1024")
+        return cls(value.encode() if value else None, max_message_bytes=max_bytes)
 
     @property
     def enabled(self) -> bool:
@@ -66,11 +77,11 @@ class Signer:
         packed: bytes = msgpack.packb(envelope, use_bin_type=True)
         return packed
 
-    def open(self, raw: bytes, *, what: str, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> bytes:
-        """The body of a sealed message, after checking its MAC and age."""
+    def open(self, raw: bytes, *, what: str) -> bytes:
+        """The body of a sealed message, after checking its size, MAC and age."""
         if self.secret is None:
             return raw
-        data = decode_map(raw, what=f"signed {what}", max_bytes=max_bytes + 64)
+        data = decode_map(raw, what=f"signed {what}", max_bytes=self.max_message_bytes + 64)
         if set(data) != _ENVELOPE:
             raise ProtocolError(f"{what} is not signed (a secret is set: every message must be)")
         ts, body, mac = data["ts"], data["body"], data["mac"]

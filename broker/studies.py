@@ -7,6 +7,7 @@ it and the daemon refuses a forged one the same way. On the wire it is a version
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -16,6 +17,7 @@ from typing import Any
 import msgpack
 import optuna
 
+from broker.connection import redact_url
 from broker.errors import ConfigError, ProtocolError
 from broker.objectives import parse_objective_path
 from broker.protocol import check_params, decode_map
@@ -29,6 +31,8 @@ __all__ = [
     "make_sampler",
     "open_storage",
 ]
+
+log = logging.getLogger("optuna_rq.broker")
 
 SPEC_VERSION = 1
 SAMPLERS = ("random", "tpe", "cmaes", "nsgaii", "gp", "qmc")
@@ -189,8 +193,8 @@ def default_storage_url(state: Path) -> str:
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for `url`: `memory`, `journal:///path`, or any RDB URL Optuna takes.
 
-    Redis-backed storages are refused: Optuna's JournalRedis unpickles a snapshot key on load,
-    so anyone who can write to Redis could run code in the broker.
+    `redis://` gives Optuna's JournalRedis, with a warning: it unpickles a snapshot key on load,
+    so anyone who can write to that Redis could run code in the broker.
     """
     if url == "memory":
         return _memory
@@ -200,11 +204,16 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         path = Path(url.removeprefix("journal://"))
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(
-            f"storage {url!r}: Redis storages unpickle data on load, so they are refused; "
-            "use the default journal file, sqlite:///..., postgresql://... or memory"
+    if url.startswith(("redis://", "rediss://")):
+        from optuna.storages.journal import JournalRedisBackend, JournalStorage
+
+        log.warning(
+            "storage %s: Optuna's JournalRedis unpickles a snapshot key on load, so anyone who "
+            "can write to that Redis can run code in the broker; prefer the journal file, "
+            "sqlite or postgresql",
+            redact_url(url),
         )
+        return JournalStorage(JournalRedisBackend(url))
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as exc:

@@ -123,3 +123,30 @@ def test_a_forged_result_is_refused_and_never_told(conn: redis.Redis, prefix: st
     conn.xadd(f"{prefix}:results", {RESULT_FIELD: signer.seal(result.encode())})
     assert dispatcher.poll(0.1) == 1
     assert study.trials[0].state is TrialState.COMPLETE
+
+
+def test_the_message_cap_is_configurable_and_checked(monkeypatch) -> None:
+    monkeypatch.setenv("OPTUNA_RQ_MAX_MESSAGE_BYTES", "2048")
+    capped = Signer.from_env()
+    assert capped.max_message_bytes == 2048
+    big = _request("r")
+    big = TrialRequest(
+        **{**{f: getattr(big, f) for f in big.__dataclass_fields__}, "params": {"blob": "x" * 4096}}
+    )
+    with pytest.raises(ProtocolError, match="over the 2048-byte cap"):
+        TrialRequest.decode(big.encode(), max_bytes=capped.max_message_bytes)
+    monkeypatch.setenv("OPTUNA_RQ_MAX_MESSAGE_BYTES", "lots")
+    with pytest.raises(ConfigError, match="OPTUNA_RQ_MAX_MESSAGE_BYTES='lots'"):
+        Signer.from_env()
+
+
+def test_choosing_journal_redis_storage_warns_about_pickle(caplog) -> None:
+    from broker.studies import open_storage
+
+    with caplog.at_level("WARNING", logger="optuna_rq.broker"):
+        try:
+            open_storage("redis://user:pw@127.0.0.1:1/0")
+        except Exception:
+            pass  # nothing listens there; the warning comes first
+    [record] = [r for r in caplog.records if "unpickles" in r.getMessage()]
+    assert "pw@" not in record.getMessage()

@@ -23,6 +23,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 
 from broker.connection import connect
+from broker.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from broker.signing import Signer
 from workers import runner
 from workers.serializer import MsgpackSerializer
@@ -45,6 +46,7 @@ class WorkerSettings:
     log_level: str = "INFO"
     restart_backoff_s: float = 1.0
     secret: bytes | None = field(default=None, repr=False)  # signs messages when set
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 def trial_queue(connection: Any, name: str) -> Queue:
@@ -78,7 +80,7 @@ def _child_main(settings: WorkerSettings, index: int) -> None:
     logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("rq").setLevel(logging.WARNING)  # one line per trial is ours to write
     runner.serve(settings.modules)
-    runner.use_signer(Signer(settings.secret))
+    runner.use_signer(Signer(settings.secret, max_message_bytes=settings.max_message_bytes))
     connection = connect(settings.redis_url)
     worker = TrialWorker(
         [trial_queue(connection, settings.queue)],

@@ -215,7 +215,8 @@ def run_trial(payload: bytes) -> None:
         raise RuntimeError("run_trial must run inside an RQ worker")
     connection: redis.Redis = job.connection
     try:
-        request = TrialRequest.decode(_signer.open(payload, what="TrialRequest"))
+        body = _signer.open(payload, what="TrialRequest")
+        request = TrialRequest.decode(body, max_bytes=_signer.max_message_bytes)
     except ProtocolError:
         connection.hincrby(f"{job.origin}:refused", "request", 1)
         raise
