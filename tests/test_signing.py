@@ -150,3 +150,23 @@ def test_choosing_journal_redis_storage_warns_about_pickle(caplog) -> None:
             pass  # nothing listens there; the warning comes first
     [record] = [r for r in caplog.records if "unpickles" in r.getMessage()]
     assert "pw@" not in record.getMessage()
+
+
+def test_an_unsigned_command_is_refused_by_a_signed_broker(
+    conn: redis.Redis, prefix: str, tmp_path
+) -> None:
+    from broker.daemon import BrokerSettings, Daemon, send_command
+    from broker.studies import StudySpec
+
+    spec = StudySpec(
+        name="forged", objective="tests.objectives:quadratic", space={}, n_trials=1, concurrency=1
+    )
+    daemon = Daemon(conn, BrokerSettings(prefix=prefix, storage="memory"), signer)
+    send_command(conn, prefix, "submit", "forged", signer=Signer(), spec=spec.encode())
+    daemon._apply_commands()
+    assert "forged" not in daemon.specs and conn.llen(f"{prefix}:commands") == 0
+    assert int(conn.hget(f"{prefix}:refused", "command")) == 1
+
+    send_command(conn, prefix, "submit", "forged", signer=signer, spec=spec.encode())
+    daemon._apply_commands()
+    assert "forged" in daemon.specs
