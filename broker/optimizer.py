@@ -292,7 +292,16 @@ class Optimizer:
             dispatcher.close()
 
     async def spawn(self, semaphore: asyncio.Semaphore, inputs: dict[str, Any]) -> None:
-        """Run one trial under `semaphore`: wait `delay`, ask, run the objective, tell."""
+        """Run one trial in-process under `semaphore`: wait `delay`, ask, run the objective, tell.
+
+        A remote Optimizer dispatches its trials as a whole (`await optimizer(**inputs)`), so
+        that the cap is kept by the dispatcher across processes; `spawn` is in-process only.
+        """
+        if self.is_remote:
+            raise ConfigError(
+                "spawn() runs one trial in-process; this Optimizer runs trials on workers: "
+                "use `await optimizer(**inputs)` or `optimizer.run(**inputs)`"
+            )
         async with semaphore:
             await asyncio.sleep(self.delay)
             study = self._study

@@ -175,3 +175,9 @@ def test_cancelling_a_remote_run_leaves_no_trial_running(
     from workers.serializer import MsgpackSerializer
 
     assert Queue(prefix, connection=conn, serializer=MsgpackSerializer).count == 0
+
+
+def test_spawn_is_in_process_only(redis_url: str) -> None:
+    opt = Optimizer("tests.objectives:quadratic", 1, 1, redis_url=redis_url)
+    with pytest.raises(ConfigError, match="use `await optimizer"):
+        asyncio.run(opt.spawn(asyncio.Semaphore(1), {}))
