@@ -12,3 +12,20 @@ def noop(x: float) -> float:
 def sleep_50ms(x: float) -> float:
     time.sleep(0.05)
     return x
+
+
+def round_trips(trial) -> float:  # type: ignore[no-untyped-def]
+    """Times `should_prune` and `suggest_float` round trips from the worker, in milliseconds."""
+    prune_ms = []
+    for _ in range(200):
+        started = time.perf_counter()
+        trial.should_prune()
+        prune_ms.append((time.perf_counter() - started) * 1000)
+    suggest_ms = []
+    for i in range(50):
+        started = time.perf_counter()
+        trial.suggest_float(f"p{i}", 0, 1)
+        suggest_ms.append((time.perf_counter() - started) * 1000)
+    trial.set_user_attr("should_prune_ms", sorted(prune_ms))
+    trial.set_user_attr("suggest_ms", sorted(suggest_ms))
+    return 0.0

@@ -23,11 +23,21 @@ from optuna.trial import TrialState
 
 from broker.errors import ConfigError, ProtocolError
 from broker.objectives import parse_objective_path
-from broker.protocol import FailReason, Outcome, TrialRequest, TrialResult, check_params
+from broker.protocol import (
+    FailReason,
+    Outcome,
+    TrialCall,
+    TrialCallReply,
+    TrialRequest,
+    TrialResult,
+    check_params,
+    reply_key,
+)
 from broker.signing import Signer
 from broker.space import Suggestion, process
 from broker.verdict import Verdict, tell
 from workers.pool import trial_queue
+from workers.remote_trial import CALL_FIELD
 from workers.runner import RESULT_FIELD, RUN_TRIAL
 
 __all__ = ["Dispatcher", "StudyRun", "job_id"]
@@ -73,6 +83,7 @@ class StudyRun:
     trial_timeout_s: float | None = None
     slots: int | None = None  # the fair share the daemon grants; None: the cap alone
     outstanding: dict[int, int] = field(default_factory=dict)  # trial number -> attempt
+    trials: dict[int, optuna.Trial] = field(default_factory=dict, repr=False)  # outstanding ones
     asked: int = 0
     told: int = 0
     peak_outstanding: int = 0
@@ -107,7 +118,9 @@ class StudyRun:
         RUNNING ones are outstanding (their results may still arrive, or already have)."""
         trials = self.study.get_trials(deepcopy=False)
         self.asked = len(trials)
-        self.outstanding = {t.number: 1 for t in trials if t.state is TrialState.RUNNING}
+        running = [t for t in trials if t.state is TrialState.RUNNING]
+        self.outstanding = {t.number: 1 for t in running}
+        self.trials = {t.number: optuna.Trial(self.study, t._trial_id) for t in running}
 
 
 class Dispatcher:
@@ -169,6 +182,7 @@ class Dispatcher:
         trial = run.study.ask()
         run.asked += 1
         run.outstanding[trial.number] = 1
+        run.trials[trial.number] = trial
         run.peak_outstanding = max(run.peak_outstanding, len(run.outstanding))
         try:
             params = dict(process(trial, deepcopy(run.inputs)))
@@ -229,7 +243,10 @@ class Dispatcher:
         for _stream, entries in response:
             for entry_id, fields in entries:
                 entry_ids.append(entry_id)
-                handled += self._handle(fields.get(RESULT_FIELD, b""))
+                if CALL_FIELD in fields:
+                    self._serve_call(fields[CALL_FIELD])
+                else:
+                    handled += self._handle(fields.get(RESULT_FIELD, b""))
         # Acknowledge only after telling: a broker that dies in between reads them again, and
         # telling is idempotent.
         pipe = self.connection.pipeline(transaction=False)
@@ -260,9 +277,42 @@ class Dispatcher:
         self._finish(run, result.trial_number, _verdict(result))
         return 1
 
+    def _serve_call(self, raw: bytes) -> None:
+        """Run a remote trial's call on the real trial; answer it if the worker waits."""
+        try:
+            body = self.signer.open(raw, what="TrialCall")
+            call = TrialCall.decode(body, max_bytes=self.signer.max_message_bytes)
+        except ProtocolError as exc:
+            log.error("refused a trial call: %s", exc)
+            count_refusal(self.connection, self.prefix, "call")
+            return
+        run = self.runs.get(call.study)
+        owned = run is not None and run.outstanding.get(call.trial_number) == call.attempt
+        try:
+            if run is None or not owned:
+                raise LookupError(
+                    f"trial {call.trial_number} (attempt {call.attempt}) of study {call.study!r} "
+                    "is not running on this broker: it ended, or another broker owns it"
+                )
+            value = _perform(run.study, run.trials[call.trial_number], call)
+            encoded = TrialCallReply(seq=call.seq, ok=True, value=value, error=None).encode()
+        except Exception as exc:  # the objective gets the error; the broker serves on
+            answer = TrialCallReply(seq=call.seq, ok=False, value=None, error=f"{exc}")
+            encoded = answer.encode()
+            if not call.reply:
+                log.warning("trial call %s failed: %s", call.method, exc)
+        if call.reply:
+            key = reply_key(self.reply_to, call.trial_number, call.attempt)
+            pipe = self.connection.pipeline(transaction=False)
+            pipe.rpush(key, self.signer.seal(encoded))
+            pipe.expire(key, 300)
+            pipe.execute()
+
     def _finish(self, run: StudyRun, number: int, verdict: Verdict) -> None:
         tell(run.study, number, verdict)
         del run.outstanding[number]
+        run.trials.pop(number, None)
+        self.connection.delete(reply_key(self.reply_to, number, 1))
         run.told += 1
 
     # -- the loop ------------------------------------------------------------------------------
@@ -302,6 +352,37 @@ class Dispatcher:
     def close(self) -> None:
         """Remove this dispatcher's result stream (for a private, per-run stream)."""
         self.connection.delete(self.reply_to)
+
+
+def _perform(study: optuna.Study, trial: optuna.Trial, call: TrialCall) -> Any:
+    """One remote trial call on the real trial: only these methods, nothing by name lookup."""
+    args: Any = call.args  # checked by Optuna's own signatures: a mismatch is a TypeError reply
+    kwargs: Any = call.kwargs
+    match call.method:
+        case "suggest_float":
+            return trial.suggest_float(*args, **kwargs)
+        case "suggest_int":
+            return trial.suggest_int(*args, **kwargs)
+        case "suggest_categorical":
+            return trial.suggest_categorical(*args, **kwargs)
+        case "report":
+            trial.report(*args, **kwargs)
+            return None
+        case "should_prune":
+            return bool(trial.should_prune())  # pruners may answer with a numpy bool
+        case "set_user_attr":
+            trial.set_user_attr(*args, **kwargs)
+            return None
+        case "set_system_attr":  # Optuna 5 dropped Trial.set_system_attr; storages keep it
+            key, value = args
+            if not isinstance(key, str):
+                raise TypeError(f"attribute key must be a str, got {key!r}")
+            study._storage.set_trial_system_attr(trial._trial_id, key, value)
+            return None
+        case "datetime_start":
+            start = trial.datetime_start
+            return None if start is None else start.isoformat()
+    raise ValueError(f"unknown trial method {call.method!r}")
 
 
 def count_refusal(connection: redis.Redis, prefix: str, kind: str) -> None:

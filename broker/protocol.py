@@ -28,10 +28,13 @@ __all__ = [
     "Outcome",
     "Param",
     "ProtocolError",
+    "TrialCall",
+    "TrialCallReply",
     "TrialRequest",
     "TrialResult",
     "check_params",
     "decode_map",
+    "reply_key",
 ]
 
 PROTOCOL_VERSION = 1
@@ -361,3 +364,92 @@ def _check_consistent(
         raise ProtocolError("TrialResult: PRUNED has neither values nor a fail_reason")
     if outcome is Outcome.FAIL and (reason is None or values is not None):
         raise ProtocolError("TrialResult: FAIL needs a fail_reason and no values")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrialCall:
+    """Worker -> broker: one call a remote trial makes on the broker's real `optuna.Trial`.
+
+    Calls travel on the result stream, so a `report` is told before the result that follows it;
+    when `reply` is true the broker answers with a `TrialCallReply` on `reply_key(...)`.
+    """
+
+    study: str
+    trial_number: int
+    attempt: int
+    seq: int
+    method: str
+    args: list[Param]
+    kwargs: dict[str, Param]
+    reply: bool
+    v: int = PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        check_params({"args": self.args, "kwargs": self.kwargs})
+        return _pack(
+            {
+                "v": self.v,
+                "study": self.study,
+                "trial_number": self.trial_number,
+                "attempt": self.attempt,
+                "seq": self.seq,
+                "method": self.method,
+                "args": self.args,
+                "kwargs": self.kwargs,
+                "reply": self.reply,
+            }
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> TrialCall:
+        read = _read(raw, cls, max_bytes)
+        args = read.data["args"]
+        if not isinstance(args, list):
+            raise read._wrong("args", "a list")
+        reply = read.data["reply"]
+        if not isinstance(reply, bool):
+            raise read._wrong("reply", "a bool")
+        return cls(
+            study=read.text("study"),
+            trial_number=read.integer("trial_number", minimum=0),
+            attempt=read.integer("attempt", minimum=1),
+            seq=read.integer("seq", minimum=1),
+            method=read.text("method"),
+            args=args,
+            kwargs=read.mapping("kwargs"),
+            reply=reply,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrialCallReply:
+    """Broker -> worker: the value a `TrialCall` returned, or why it failed."""
+
+    seq: int
+    ok: bool
+    value: Param
+    error: str | None
+    v: int = PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        return _pack(
+            {"v": self.v, "seq": self.seq, "ok": self.ok, "value": self.value, "error": self.error}
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> TrialCallReply:
+        read = _read(raw, cls, max_bytes)
+        ok = read.data["ok"]
+        if not isinstance(ok, bool):
+            raise read._wrong("ok", "a bool")
+        return cls(
+            seq=read.integer("seq", minimum=1),
+            ok=ok,
+            value=read.data["value"],
+            error=read.text("error", optional=True, nonempty=False),
+        )
+
+
+def reply_key(reply_to: str, trial_number: int, attempt: int) -> str:
+    """The list a remote trial waits on for the broker's replies."""
+    return f"{reply_to}:call:{trial_number}:{attempt}"

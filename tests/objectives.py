@@ -82,3 +82,45 @@ def whoami(x: float) -> float:
 
 _private = quadratic
 imported_name = math.sqrt
+
+
+def define_by_run(trial: optuna.Trial) -> float:
+    """The classic Optuna objective: sample, report, and let the pruner decide."""
+    x = trial.suggest_float("x", -10, 10)
+    trial.set_user_attr("pid", os.getpid())
+    value = 0.0
+    for step in range(5):
+        value = (x - 2) ** 2 + 10.0 / (step + 1)
+        trial.report(value, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+    return value
+
+
+def define_by_run_multi(trial: optuna.Trial) -> tuple[float, float]:
+    x = trial.suggest_float("x", 0, 1)
+    k = trial.suggest_int("k", 1, 3)
+    c = trial.suggest_categorical("c", ["a", "b"])
+    return x * k, (1 - x) + (1.0 if c == "b" else 0.0)
+
+
+def legacy_suggest(trial: optuna.Trial) -> float:
+    a = trial.suggest_uniform("a", 0, 1)  # type: ignore[attr-defined]
+    b = trial.suggest_loguniform("b", 1e-3, 1)  # type: ignore[attr-defined]
+    c = trial.suggest_discrete_uniform("c", 0, 1, 0.25)  # type: ignore[attr-defined]
+    assert set(trial.params) == {"a", "b", "c"}
+    assert trial.distributions["b"].log and trial.distributions["c"].step == 0.25
+    assert trial.number >= 0 and trial.datetime_start is not None
+    trial.set_system_attr("legacy", True)  # type: ignore[attr-defined]
+    return a + b + c
+
+
+def mixed(trial: optuna.Trial, depth: int, name: str) -> float:
+    """Both forms at once: a proxy for define-by-run, and the params process() sampled."""
+    lr = trial.suggest_float("lr", 1e-3, 1e-1, log=True)
+    trial.set_user_attr("seen", f"{name}:{depth}")
+    return lr * depth
+
+
+def bad_suggestion(trial: optuna.Trial) -> float:
+    return trial.suggest_float("x", 1.0, 0.0)  # low > high: Optuna on the broker refuses

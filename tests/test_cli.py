@@ -533,3 +533,30 @@ def test_a_storage_url_optuna_rejects_fails_that_study_only(
         "--wait",
     )
     assert good.returncode == 0, good.stderr
+
+
+def test_a_define_by_run_objective_with_a_pruner_from_the_daemon(
+    run_cli, broker_process, workers_factory
+) -> None:
+    workers_factory(count=2)
+    result = run_cli(
+        "submit",
+        "tests.objectives:define_by_run",
+        "--pruner",
+        "median",
+        "--sampler",
+        "random",
+        "--seed",
+        "0",
+        "--n-trials",
+        "20",
+        "--concurrency",
+        "2",
+        "--study-name",
+        "dbr",
+        "--wait",
+    )
+    assert result.returncode == 0, result.stderr
+    snapshot = status_of(run_cli, "dbr")
+    assert snapshot["complete"] + snapshot["pruned"] == 20 and snapshot["pruned"] > 0
+    assert set(snapshot["best_params"]) == {"x"}

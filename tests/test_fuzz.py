@@ -6,7 +6,7 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.protocol import ProtocolError, TrialRequest, TrialResult
+from broker.protocol import ProtocolError, TrialCall, TrialCallReply, TrialRequest, TrialResult
 from broker.signing import Signer
 from broker.studies import StudySpec
 from workers.serializer import MsgpackSerializer
@@ -51,6 +51,8 @@ def _decoders() -> list:
     return [
         TrialRequest.decode,
         TrialResult.decode,
+        TrialCall.decode,
+        TrialCallReply.decode,
         StudySpec.decode,
         lambda raw: Signer(b"k" * 32).open(raw, what="m"),
     ]

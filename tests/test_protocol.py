@@ -54,7 +54,7 @@ def a_result(**overrides: Any) -> TrialResult:
     return TrialResult(**fields)
 
 
-def wire(message: TrialRequest | TrialResult, **changes: Any) -> bytes:
+def wire(message: Any, **changes: Any) -> bytes:
     """The message's encoding with fields changed, added, or (value ...) removed."""
     data = msgpack.unpackb(message.encode(), raw=False)
     for name, value in changes.items():
@@ -232,3 +232,27 @@ def test_params_msgpack_cannot_carry_are_refused_by_name(
 def test_a_result_that_breaks_the_outcome_rules_cannot_be_built() -> None:
     with pytest.raises(ProtocolError, match="FAIL needs a fail_reason"):
         a_result(outcome=Outcome.FAIL, values=None)
+
+
+def test_trial_calls_and_replies_round_trip_and_are_checked() -> None:
+    from broker.protocol import TrialCall, TrialCallReply
+
+    call = TrialCall(
+        study="s",
+        trial_number=1,
+        attempt=1,
+        seq=3,
+        method="suggest_float",
+        args=["x", 0.0, 1.0],
+        kwargs={"log": False},
+        reply=True,
+    )
+    assert TrialCall.decode(call.encode()) == call
+    reply = TrialCallReply(seq=3, ok=True, value=0.5, error=None)
+    assert TrialCallReply.decode(reply.encode()) == reply
+    with pytest.raises(ProtocolError, match="'reply' must be a bool"):
+        TrialCall.decode(wire(call, reply=1))
+    with pytest.raises(ProtocolError, match="'args' must be a list"):
+        TrialCall.decode(wire(call, args={"x": 1}))
+    with pytest.raises(ProtocolError, match="'seq' must be an int >= 1"):
+        TrialCallReply.decode(wire(reply, seq=0))

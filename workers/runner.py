@@ -26,6 +26,7 @@ from broker.objectives import parse_objective_path
 from broker.protocol import FailReason, Outcome, TrialRequest, TrialResult
 from broker.signing import Signer
 from broker.verdict import describe_exception, judge_return
+from workers.remote_trial import RemoteTrial
 
 __all__ = [
     "RUN_TRIAL",
@@ -118,13 +119,13 @@ def load_objective(spec: str, served: frozenset[str]) -> Callable[..., Any]:
     return fn  # type: ignore[no-any-return]
 
 
-def _call(fn: Callable[..., Any], params: dict[str, Any]) -> Any:
-    """Call a sync or async function, or a flytekit task (run locally), with `params`."""
+def _call(fn: Callable[..., Any], params: dict[str, Any], trial: Any | None) -> Any:
+    """Call a sync or async function, or a flytekit task (run locally), with `params`, and a
+    remote trial proxy when the function takes `trial` (define-by-run, or mixed)."""
     if "trial" in _parameters(fn):
-        raise TypeError(
-            "this objective takes a `trial` parameter; remote define-by-run trials are not "
-            "supported yet: take the sampled parameters as keyword arguments instead"
-        )
+        if trial is None:
+            raise TypeError("this objective takes `trial`, but no remote trial is available here")
+        params = {**params, "trial": trial}
     out = fn(**params)
     if inspect.isawaitable(out):
         return asyncio.run(_awaited(out))
@@ -142,8 +143,17 @@ def _parameters(fn: Callable[..., Any]) -> Iterable[str]:
         return ()
 
 
-def execute(request: TrialRequest, *, worker: str, served: frozenset[str]) -> TrialResult:
-    """Run one trial request to a result; never raises for anything the objective does."""
+def execute(
+    request: TrialRequest,
+    *,
+    worker: str,
+    served: frozenset[str],
+    trial: Any | None = None,
+) -> TrialResult:
+    """Run one trial request to a result; never raises for anything the objective does.
+
+    `trial` is the proxy handed to objectives that take a `trial` parameter.
+    """
     started = time.monotonic()
 
     def result(
@@ -172,7 +182,7 @@ def execute(request: TrialRequest, *, worker: str, served: frozenset[str]) -> Tr
         return result(Outcome.FAIL, reason=FailReason.IMPORT_ERROR, error=describe_exception(exc))
 
     try:
-        returned = _call(fn, dict(request.params))
+        returned = _call(fn, dict(request.params), trial)
     except optuna.TrialPruned:
         return result(Outcome.PRUNED)
     except Exception as exc:
@@ -220,6 +230,7 @@ def run_trial(payload: bytes) -> None:
     except ProtocolError:
         connection.hincrby(f"{job.origin}:refused", "request", 1)
         raise
-    outcome = execute(request, worker=worker_id(), served=_served)
+    trial = RemoteTrial(connection, request, _signer)
+    outcome = execute(request, worker=worker_id(), served=_served, trial=trial)
     connection.xadd(request.reply_to, {RESULT_FIELD: _signer.seal(outcome.encode())})
     log.info("%s", _describe(outcome))

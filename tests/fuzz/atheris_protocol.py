@@ -14,7 +14,13 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from broker.protocol import ProtocolError, TrialRequest, TrialResult
+    from broker.protocol import (
+        ProtocolError,
+        TrialCall,
+        TrialCallReply,
+        TrialRequest,
+        TrialResult,
+    )
     from broker.signing import Signer
     from broker.studies import StudySpec
     from workers.serializer import MsgpackSerializer
@@ -26,6 +32,8 @@ def one_input(data: bytes) -> None:
     for decode in (
         TrialRequest.decode,
         TrialResult.decode,
+        TrialCall.decode,
+        TrialCallReply.decode,
         StudySpec.decode,
         lambda raw: _SIGNER.open(raw, what="m"),
     ):
