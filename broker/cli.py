@@ -87,6 +87,14 @@ def workers(
     log_level: Annotated[
         str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
     ] = "INFO",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=1,
+            help="Serve Prometheus metrics: worker i listens on PORT + i.",
+        ),
+    ] = None,
 ) -> None:
     """Start COUNT worker processes that run trials of objectives from the --import modules.
 
@@ -107,6 +115,7 @@ def workers(
         log_level=level,
         secret=signer.secret,
         max_message_bytes=signer.max_message_bytes,
+        metrics_port=metrics_port,
     )
     raise typer.Exit(WorkerPool(settings).run())
 
@@ -135,6 +144,10 @@ def broker(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING.")] = "INFO",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", help="Serve Prometheus metrics on this port.", min=1),
+    ] = None,
 ) -> None:
     """Run the broker daemon in the foreground: it serves every study submitted on this prefix.
 
@@ -151,7 +164,13 @@ def broker(
     open_storage(storage_url)  # a URL Optuna rejects stops us here, before any study
     _url, connection = _connect(options)
     settings = BrokerSettings(prefix=options.prefix, storage=storage_url)
-    daemon = Daemon(connection, settings, Signer.from_env())
+    metrics = None
+    if metrics_port is not None:
+        from broker.metrics import BrokerMetrics
+
+        metrics = BrokerMetrics()
+        metrics.serve(metrics_port)
+    daemon = Daemon(connection, settings, Signer.from_env(), metrics)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -34,6 +34,7 @@ from rq import Worker
 from broker.connection import key
 from broker.dispatch import Dispatcher, StudyRun, count_refusal
 from broker.errors import ConfigError, OptunaRQError, ProtocolError
+from broker.metrics import BrokerMetrics
 from broker.protocol import decode_map
 from broker.signing import Signer
 from broker.studies import StudySpec, make_pruner, make_sampler, open_storage
@@ -178,10 +179,16 @@ class Daemon:
     """One broker process. `run()` serves until `stop` is set (SIGTERM/SIGINT in the CLI)."""
 
     def __init__(
-        self, connection: redis.Redis, settings: BrokerSettings, signer: Signer | None = None
+        self,
+        connection: redis.Redis,
+        settings: BrokerSettings,
+        signer: Signer | None = None,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self.connection = connection
         self.signer = signer or Signer()
+        self.metrics = metrics
+        self._last_metrics = 0.0
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.identity = f"{socket.gethostname()}:{os.getpid()} since {_now()}"
@@ -192,6 +199,7 @@ class Daemon:
             reply_to=self.keys.results,
             consumer="broker",  # fixed: a restarted broker reads its predecessor's pending results
             signer=self.signer,
+            observer=metrics,
         )
         self.specs: dict[str, StudySpec] = {}
         self._storages: dict[str, optuna.storages.BaseStorage] = {}
@@ -244,11 +252,21 @@ class Daemon:
         self._apply_commands()
         self._share_workers(now)
         self.dispatcher.refill()
+        self._update_metrics(now)  # after refilling: the steady state, not a drained moment
         told = self.dispatcher.poll(self.settings.poll_s)
         if told:
             self._dirty.update(self.dispatcher.runs)
         self._finish_done_runs()
         self.publish_status()
+
+    def _update_metrics(self, now: float) -> None:
+        if self.metrics is not None and now - self._last_metrics >= 0.25:
+            self.metrics.update(
+                self.dispatcher.runs.values(),
+                queue_depth=self.dispatcher.queue.count,
+                live_workers=self._live_workers,
+            )
+            self._last_metrics = now
 
     # studies
 

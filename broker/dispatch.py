@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -46,6 +47,31 @@ log = logging.getLogger("optuna_rq.dispatch")
 
 GROUP = "broker"
 """The consumer group the broker reads results with."""
+
+
+class DispatchObserver:
+    """Hooks the dispatcher calls as trials move; the base does nothing (metrics override it)."""
+
+    def asked(self, study: str, ask_s: float) -> None:
+        pass
+
+    def told(
+        self,
+        study: str,
+        state: str,
+        reason: str | None,
+        *,
+        tell_s: float,
+        start_delay_s: float | None,
+        result_age_s: float | None,
+    ) -> None:
+        pass
+
+    def dropped(self) -> None:
+        pass
+
+    def refused(self, kind: str) -> None:
+        pass
 
 
 def job_id(prefix: str, study: str, trial_number: int, attempt: int) -> str:
@@ -84,6 +110,7 @@ class StudyRun:
     slots: int | None = None  # the fair share the daemon grants; None: the cap alone
     outstanding: dict[int, int] = field(default_factory=dict)  # trial number -> attempt
     trials: dict[int, optuna.Trial] = field(default_factory=dict, repr=False)  # outstanding ones
+    enqueued_at: dict[int, float] = field(default_factory=dict, repr=False)  # epoch seconds
     asked: int = 0
     told: int = 0
     peak_outstanding: int = 0
@@ -138,9 +165,11 @@ class Dispatcher:
         reply_to: str,
         consumer: str | None = None,
         signer: Signer | None = None,
+        observer: DispatchObserver | None = None,
     ) -> None:
         self.connection = connection
         self.signer = signer or Signer()
+        self.observer = observer or DispatchObserver()
         self.prefix = prefix
         self.reply_to = reply_to
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
@@ -179,7 +208,9 @@ class Dispatcher:
         return launched
 
     def _launch(self, run: StudyRun) -> None:
+        started = time.perf_counter()
         trial = run.study.ask()
+        self.observer.asked(run.name, time.perf_counter() - started)
         run.asked += 1
         run.outstanding[trial.number] = 1
         run.trials[trial.number] = trial
@@ -213,6 +244,7 @@ class Dispatcher:
             failure_ttl=24 * 3600,
             description=f"{run.name} trial {trial.number}",
         )
+        run.enqueued_at[trial.number] = time.time()
 
     # -- results -> tell -> acknowledge --------------------------------------------------------
 
@@ -246,7 +278,7 @@ class Dispatcher:
                 if CALL_FIELD in fields:
                     self._serve_call(fields[CALL_FIELD])
                 else:
-                    handled += self._handle(fields.get(RESULT_FIELD, b""))
+                    handled += self._handle(fields.get(RESULT_FIELD, b""), entry_id)
         # Acknowledge only after telling: a broker that dies in between reads them again, and
         # telling is idempotent.
         pipe = self.connection.pipeline(transaction=False)
@@ -255,13 +287,14 @@ class Dispatcher:
         pipe.execute()
         return handled
 
-    def _handle(self, raw: bytes) -> int:
+    def _handle(self, raw: bytes, entry_id: bytes = b"0-0") -> int:
         try:
             body = self.signer.open(raw, what="TrialResult")
             result = TrialResult.decode(body, max_bytes=self.signer.max_message_bytes)
         except ProtocolError as exc:
             log.error("refused a result: %s", exc)
             self.refused_results += 1
+            self.observer.refused("result")
             count_refusal(self.connection, self.prefix, "result")
             return 0
         run = self.runs.get(result.study)
@@ -273,8 +306,21 @@ class Dispatcher:
                 result.attempt,
             )
             self.dropped_results += 1
+            self.observer.dropped()
             return 0
-        self._finish(run, result.trial_number, _verdict(result))
+        arrived = int(entry_id.split(b"-")[0]) / 1000  # stream ids carry the XADD time in ms
+        enqueued = run.enqueued_at.get(result.trial_number)
+        verdict = _verdict(result)
+        started = time.perf_counter()
+        self._finish(run, result.trial_number, verdict)
+        self.observer.told(
+            run.name,
+            verdict.state.name,
+            verdict.fail_reason,
+            tell_s=time.perf_counter() - started,
+            start_delay_s=None if enqueued is None else arrived - result.duration_s - enqueued,
+            result_age_s=time.time() - arrived if arrived else None,
+        )
         return 1
 
     def _serve_call(self, raw: bytes) -> None:
@@ -284,6 +330,7 @@ class Dispatcher:
             call = TrialCall.decode(body, max_bytes=self.signer.max_message_bytes)
         except ProtocolError as exc:
             log.error("refused a trial call: %s", exc)
+            self.observer.refused("call")
             count_refusal(self.connection, self.prefix, "call")
             return
         run = self.runs.get(call.study)
@@ -312,6 +359,7 @@ class Dispatcher:
         tell(run.study, number, verdict)
         del run.outstanding[number]
         run.trials.pop(number, None)
+        run.enqueued_at.pop(number, None)
         self.connection.delete(reply_key(self.reply_to, number, 1))
         run.told += 1
 

@@ -47,6 +47,7 @@ class WorkerSettings:
     restart_backoff_s: float = 1.0
     secret: bytes | None = field(default=None, repr=False)  # signs messages when set
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    metrics_port: int | None = None  # worker i serves Prometheus metrics on metrics_port + i
 
 
 def trial_queue(connection: Any, name: str) -> Queue:
@@ -81,6 +82,8 @@ def _child_main(settings: WorkerSettings, index: int) -> None:
     logging.getLogger("rq").setLevel(logging.WARNING)  # one line per trial is ours to write
     runner.serve(settings.modules)
     runner.use_signer(Signer(settings.secret, max_message_bytes=settings.max_message_bytes))
+    if settings.metrics_port is not None:
+        runner.serve_metrics(settings.metrics_port + index)
     connection = connect(settings.redis_url)
     worker = TrialWorker(
         [trial_queue(connection, settings.queue)],

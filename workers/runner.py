@@ -51,6 +51,40 @@ _served: frozenset[str] = frozenset()
 _signer = Signer()
 
 
+class _WorkerMetrics:
+    def __init__(self, port: int) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+        registry = CollectorRegistry()
+        self.trials = Counter(
+            "optuna_rq_worker_trials",
+            "Trials this worker ran, by outcome and failure reason.",
+            ["outcome", "reason"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "optuna_rq_worker_trial_seconds",
+            "How long objectives ran.",
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 1800, 3600),
+            registry=registry,
+        )
+        start_http_server(port, registry=registry)
+
+    def observe(self, result: TrialResult) -> None:
+        reason = result.fail_reason.value if result.fail_reason else ""
+        self.trials.labels(outcome=result.outcome.value, reason=reason).inc()
+        self.seconds.observe(result.duration_s)
+
+
+_metrics: _WorkerMetrics | None = None
+
+
+def serve_metrics(port: int) -> None:
+    """Count trials and their durations, served for Prometheus on `port`."""
+    global _metrics
+    _metrics = _WorkerMetrics(port)
+
+
 def use_signer(signer: Signer) -> None:
     """Sign results and require signed requests from now on (with a secret; else a no-op)."""
     global _signer
@@ -233,4 +267,6 @@ def run_trial(payload: bytes) -> None:
     trial = RemoteTrial(connection, request, _signer)
     outcome = execute(request, worker=worker_id(), served=_served, trial=trial)
     connection.xadd(request.reply_to, {RESULT_FIELD: _signer.seal(outcome.encode())})
+    if _metrics is not None:
+        _metrics.observe(outcome)
     log.info("%s", _describe(outcome))

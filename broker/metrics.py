@@ -1,0 +1,127 @@
+"""Prometheus metrics for the broker (`optuna-rq broker --metrics-port P`).
+
+`optuna_rq_desired_workers` is the autoscaling signal: the workers that would keep every active
+study at its cap (the sum over studies of min(cap, trials left)). A capped broker keeps its queue
+near empty, so queue length alone says little about how many workers would help.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from broker.dispatch import DispatchObserver, StudyRun
+
+__all__ = ["BrokerMetrics"]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class BrokerMetrics(DispatchObserver):
+    """The broker's metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self._reported: set[str] = set()
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.trials = Counter(
+            "optuna_rq_trials",
+            "Trials told, by study, final state and failure reason.",
+            ["study", "state", "reason"],
+            registry=r,
+        )
+        self.outstanding = Gauge(
+            "optuna_rq_outstanding_trials", "Trials asked and not yet told.", ["study"], registry=r
+        )
+        self.cap = Gauge(
+            "optuna_rq_concurrency_cap", "Each study's concurrency cap.", ["study"], registry=r
+        )
+        self.queue_depth = Gauge("optuna_rq_queue_depth", "Jobs waiting in the queue.", registry=r)
+        self.live_workers = Gauge(
+            "optuna_rq_live_workers", "Workers registered on the queue.", registry=r
+        )
+        self.desired_workers = Gauge(
+            "optuna_rq_desired_workers",
+            "Workers that would keep every active study at its cap: sum of min(cap, trials left).",
+            registry=r,
+        )
+        self.ask_seconds = Histogram(
+            "optuna_rq_ask_seconds", "study.ask() latency.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.tell_seconds = Histogram(
+            "optuna_rq_tell_seconds", "study.tell() latency.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.start_delay_seconds = Histogram(
+            "optuna_rq_dispatch_to_start_seconds",
+            "From enqueue to the objective starting on a worker.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.result_to_tell_seconds = Histogram(
+            "optuna_rq_result_to_tell_seconds",
+            "From a worker appending a result to the broker telling it.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.dropped_results = Counter(
+            "optuna_rq_dropped_results",
+            "Stale or repeated results, acknowledged and ignored.",
+            registry=r,
+        )
+        self.refused_messages = Counter(
+            "optuna_rq_refused_messages",
+            "Messages refused as invalid, unsigned or mis-signed, by kind.",
+            ["kind"],
+            registry=r,
+        )
+
+    def serve(self, port: int) -> None:
+        """Serve /metrics on `port` from a background thread."""
+        start_http_server(port, registry=self.registry)
+
+    # DispatchObserver
+
+    def asked(self, study: str, ask_s: float) -> None:
+        self.ask_seconds.observe(ask_s)
+
+    def told(
+        self,
+        study: str,
+        state: str,
+        reason: str | None,
+        *,
+        tell_s: float,
+        start_delay_s: float | None,
+        result_age_s: float | None,
+    ) -> None:
+        self.trials.labels(study=study, state=state, reason=reason or "").inc()
+        self.tell_seconds.observe(tell_s)
+        if start_delay_s is not None and start_delay_s >= 0:
+            self.start_delay_seconds.observe(start_delay_s)
+        if result_age_s is not None and result_age_s >= 0:
+            self.result_to_tell_seconds.observe(result_age_s)
+
+    def dropped(self) -> None:
+        self.dropped_results.inc()
+
+    def refused(self, kind: str) -> None:
+        self.refused_messages.labels(kind=kind).inc()
+
+    # gauges, set by the daemon each turn
+
+    def update(self, runs: Iterable[StudyRun], *, queue_depth: int, live_workers: int) -> None:
+        desired = 0
+        seen = set()
+        for run in runs:
+            seen.add(run.name)
+            self.outstanding.labels(study=run.name).set(len(run.outstanding))
+            self.cap.labels(study=run.name).set(run.concurrency)
+            desired += max(0, run.demand)
+        for name in self._reported - seen:  # a study that ended stops being reported
+            self.outstanding.remove(name)
+            self.cap.remove(name)
+        self._reported = seen
+        self.desired_workers.set(desired)
+        self.queue_depth.set(queue_depth)
+        self.live_workers.set(live_workers)

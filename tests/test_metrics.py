@@ -1,0 +1,142 @@
+"""Prometheus metrics of a real broker and real workers, read during and after a real study."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import wait_until
+from tests.worker_processes import cli, cli_env, stop_process
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def free_port(count: int = 1) -> int:
+    """A port with `count` free ports from it (workers take PORT, PORT + 1, ...)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        try:
+            for offset in range(count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + offset))
+            return port
+        except OSError:
+            continue
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples served on `port`, or none while nothing listens there yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except urllib.error.URLError:
+        return {}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(metrics: dict, name: str, **labels: str) -> float | None:
+    return metrics.get((name, tuple(sorted(labels.items()))))
+
+
+def test_broker_and_worker_metrics_during_a_real_study(
+    redis_url: str, prefix: str, cli_state: Path, run_cli
+) -> None:
+    broker_port, worker_port = free_port(), free_port(2)
+    env = cli_env(OPTUNA_RQ_STATE_DIR=str(cli_state))
+    base = ("--redis-url", redis_url, "--prefix", prefix)
+    broker = subprocess.Popen(cli(*base, "broker", "--metrics-port", str(broker_port)), env=env)
+    workers = subprocess.Popen(
+        cli(
+            *base,
+            "workers",
+            "--import",
+            "tests.objectives",
+            "--count",
+            "2",
+            "--metrics-port",
+            str(worker_port),
+        ),
+        env=env,
+    )
+    try:
+        wait_until(
+            lambda: value(scrape(broker_port), "optuna_rq_live_workers") == 2,
+            timeout_s=60,
+            message="the broker did not see 2 live workers",
+        )
+        submitted = run_cli(
+            "submit",
+            "tests.objectives:capped",
+            "--param",
+            "x={type: float, low: 0, high: 1}",
+            "--param",
+            f"redis_url={redis_url}",
+            "--param",
+            f"key={prefix}",
+            "--param",
+            "hold_s=0.3",
+            "--n-trials",
+            "8",
+            "--concurrency",
+            "2",
+            "--study-name",
+            "m",
+        )
+        assert submitted.returncode == 0, submitted.stderr
+
+        def running() -> bool:
+            m = scrape(broker_port)
+            return value(m, "optuna_rq_outstanding_trials", study="m") == 2
+
+        wait_until(running, timeout_s=30, message="never saw 2 outstanding trials")
+        during = scrape(broker_port)
+        assert value(during, "optuna_rq_concurrency_cap", study="m") == 2
+        assert value(during, "optuna_rq_desired_workers") == 2  # min(cap 2, trials left)
+        assert value(during, "optuna_rq_queue_depth") is not None
+
+        assert run_cli("wait", "m", "--timeout", "60").returncode == 0
+        wait_until(
+            lambda: (
+                value(
+                    scrape(broker_port),
+                    "optuna_rq_trials_total",
+                    study="m",
+                    state="COMPLETE",
+                    reason="",
+                )
+                == 8
+            ),
+            timeout_s=10,
+        )
+        after = scrape(broker_port)
+        assert value(after, "optuna_rq_ask_seconds_count") == 8
+        assert value(after, "optuna_rq_tell_seconds_count") == 8
+        assert value(after, "optuna_rq_result_to_tell_seconds_count") == 8
+        assert value(after, "optuna_rq_desired_workers") == 0
+        assert value(after, "optuna_rq_outstanding_trials", study="m") is None  # ended
+        ran = sum(
+            value(
+                scrape(worker_port + i),
+                "optuna_rq_worker_trials_total",
+                outcome="COMPLETE",
+                reason="",
+            )
+            or 0
+            for i in range(2)
+        )
+        assert ran == 8
+    finally:
+        assert stop_process(workers) == 0
+        assert stop_process(broker) == 0
