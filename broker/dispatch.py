@@ -357,10 +357,9 @@ class Dispatcher:
 
     def _finish(self, run: StudyRun, number: int, verdict: Verdict) -> None:
         tell(run.study, number, verdict)
-        del run.outstanding[number]
+        del run.outstanding[number]  # its reply list, if any, expires by itself (no extra command)
         run.trials.pop(number, None)
         run.enqueued_at.pop(number, None)
-        self.connection.delete(reply_key(self.reply_to, number, 1))
         run.told += 1
 
     # -- the loop ------------------------------------------------------------------------------
