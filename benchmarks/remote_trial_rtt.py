@@ -34,8 +34,20 @@ def main() -> None:
     url = ensure_embedded(state)
     conn = connect(url)
     workers = subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", "--redis-url", url, "workers", "--queue", "rtt",
-         "--import", "benchmarks.objectives", "--log-level", "WARNING"],
+        [
+            sys.executable,
+            "-m",
+            "broker.cli",
+            "--redis-url",
+            url,
+            "workers",
+            "--queue",
+            "rtt",
+            "--import",
+            "benchmarks.objectives",
+            "--log-level",
+            "WARNING",
+        ],
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
     try:

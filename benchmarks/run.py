@@ -1,0 +1,331 @@
+"""Benchmarks, side by side with the anchor in one run, on one machine and one Redis.
+
+    uv run --extra bench python -m benchmarks.run [--quick] [--reps N]
+
+Anchor: Optuna's own distributed mode as users run it today, N processes each calling
+`study.optimize` on a shared JournalRedis storage (the same redis-server). Writes
+benchmarks/report.md, benchmarks/report.json and benchmarks/scaling.png. Every figure is the
+median of `--reps` repetitions, and each workload reports its ratio to the anchor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import redis
+from rq import Worker
+
+from broker import Optimizer, suggest
+from broker.connection import connect, ensure_embedded, stop_embedded
+from workers.pool import trial_queue
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SLEEP_S = 0.05
+
+
+# -- the two systems under test ------------------------------------------------------------------
+
+
+class OurWorkers:
+    """`optuna-rq workers --count N` on a queue of its own, ready when every worker registered."""
+
+    def __init__(self, url: str, count: int) -> None:
+        self.url, self.count, self.queue = url, count, f"bench{count}-{time.monotonic_ns()}"
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "broker.cli",
+                "--redis-url",
+                url,
+                "workers",
+                "--queue",
+                self.queue,
+                "--import",
+                "benchmarks.objectives",
+                "--count",
+                str(count),
+                "--log-level",
+                "WARNING",
+            ],
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        conn = connect(url)
+        while Worker.count(connection=conn, queue=trial_queue(conn, self.queue)) < count:
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def ours(
+    url: str, workers: OurWorkers, objective: str, n_trials: int, sampler: str
+) -> dict[str, float]:
+    conn = connect(url)
+    study = optuna.create_study(sampler=_sampler(sampler))
+    opt = Optimizer(
+        f"benchmarks.objectives:{objective}",
+        concurrency=workers.count * 2,
+        n_trials=n_trials,
+        study=study,
+        connection=conn,
+        queue=workers.queue,
+    )
+    before = _command_calls(conn)
+    cpu, wall = time.process_time(), time.perf_counter()
+    opt.run(x=suggest.float(0, 1))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    commands = sum(_command_calls(conn).values()) - sum(before.values())
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == n_trials
+    return {
+        "trials_per_s": n_trials / wall,
+        "commands_per_trial": commands / n_trials,
+        "broker_cpu_ms_per_trial": cpu * 1000 / n_trials,
+    }
+
+
+def _native_process(
+    url: str, name: str, objective: str, n_trials: int, sampler: str, barrier: Any
+) -> None:
+    from optuna.storages.journal import JournalRedisBackend, JournalStorage
+
+    from benchmarks import objectives
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = JournalStorage(JournalRedisBackend(url))
+    study = optuna.load_study(study_name=name, storage=storage, sampler=_sampler(sampler))
+    fn = getattr(objectives, objective)
+    barrier.wait()
+    study.optimize(lambda trial: fn(trial.suggest_float("x", 0, 1)), n_trials=n_trials)
+
+
+def native(
+    url: str, processes: int, objective: str, n_trials: int, sampler: str
+) -> dict[str, float]:
+    """The anchor: `processes` processes calling study.optimize on one JournalRedis study."""
+    from optuna.storages.journal import JournalRedisBackend, JournalStorage
+
+    name = f"native-{time.monotonic_ns()}"
+    optuna.create_study(study_name=name, storage=JournalStorage(JournalRedisBackend(url)))
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(processes + 1)
+    share = [n_trials // processes + (i < n_trials % processes) for i in range(processes)]
+    children = [
+        context.Process(
+            target=_native_process, args=(url, name, objective, share[i], sampler, barrier)
+        )
+        for i in range(processes)
+    ]
+    for child in children:
+        child.start()
+    barrier.wait()  # time the optimisation, not the interpreters starting
+    started = time.perf_counter()
+    for child in children:
+        child.join()
+    return {"trials_per_s": n_trials / (time.perf_counter() - started)}
+
+
+def _sampler(name: str) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.RandomSampler() if name == "random" else optuna.samplers.TPESampler()
+
+
+def _command_calls(conn: redis.Redis) -> dict[str, int]:
+    return {k: v["calls"] for k, v in conn.info("commandstats").items()}  # type: ignore[union-attr]
+
+
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def _repeat(reps: int, once: Callable[[], dict[str, float]]) -> dict[str, float]:
+    return _median([once() for _ in range(reps)])
+
+
+# -- workloads -----------------------------------------------------------------------------------
+
+
+def overhead(url: str, reps: int, n_trials: int) -> dict[str, Any]:
+    workers = OurWorkers(url, 2)
+    try:
+        ours_ = _repeat(reps, lambda: ours(url, workers, "noop", n_trials, "random"))
+    finally:
+        workers.stop()
+    anchor = _repeat(reps, lambda: native(url, 2, "noop", n_trials, "random"))
+    # What the sampler alone costs per trial, in-process: the broker's CPU beyond it is ours.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler())
+    cpu = time.process_time()
+    for _ in range(n_trials):
+        trial = study.ask()
+        study.tell(trial, trial.suggest_float("x", 0, 1))
+    sampler_ms = (time.process_time() - cpu) * 1000 / n_trials
+    return {
+        "ours": ours_,
+        "native_2_processes": anchor,
+        "sampler_cpu_ms_per_trial": sampler_ms,
+        "ratio": ours_["trials_per_s"] / anchor["trials_per_s"],
+    }
+
+
+def scaling(url: str, reps: int, n_trials: int, counts: list[int]) -> dict[str, Any]:
+    rows = []
+    for count in counts:
+        workers = OurWorkers(url, count)
+        try:
+            ours_ = _repeat(reps, lambda c=count: ours(url, workers, "sleep_50ms", n_trials, "tpe"))
+        finally:
+            workers.stop()
+        anchor = _repeat(reps, lambda c=count: native(url, c, "sleep_50ms", n_trials, "tpe"))
+        ideal = count / SLEEP_S
+        rows.append(
+            {
+                "workers": count,
+                "ours_trials_per_s": ours_["trials_per_s"],
+                "ours_efficiency": ours_["trials_per_s"] / ideal,
+                "native_trials_per_s": anchor["trials_per_s"],
+                "native_efficiency": anchor["trials_per_s"] / ideal,
+                "ratio": ours_["trials_per_s"] / anchor["trials_per_s"],
+            }
+        )
+    return {"rows": rows}
+
+
+def latency(url: str, n_trials: int) -> dict[str, float]:
+    """From ask (Optuna's datetime_start) to the objective starting, with an idle worker."""
+    workers = OurWorkers(url, 1)
+    try:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler())
+        Optimizer(
+            "benchmarks.objectives:started_at",
+            1,
+            n_trials,
+            study=study,
+            connection=connect(url),
+            queue=workers.queue,
+        ).run(x=suggest.float(0, 1))
+    finally:
+        workers.stop()
+    delays = sorted(
+        (t.value - t.datetime_start.timestamp()) * 1000
+        for t in study.trials
+        if t.value is not None and t.datetime_start is not None
+    )
+    return {"p50_ms": delays[len(delays) // 2], "p99_ms": delays[int(len(delays) * 0.99)]}
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def write_report(results: dict[str, Any]) -> None:
+    (HERE / "report.json").write_text(json.dumps(results, indent=2) + "\n")
+    o, lat = results["overhead"], results["latency"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"{results['machine']}; `{results['command']}`; medians of {results['reps']} runs.",
+        "Anchor: Optuna native, N processes calling `study.optimize` on one JournalRedis study on",
+        "the same redis-server. Ratios are ours / anchor (higher is better).",
+        "",
+        "## Overhead: no-op objective, RandomSampler, 2 workers",
+        "",
+        "| | trials/s | ratio |",
+        "|---|---|---|",
+        f"| optuna-rq | {o['ours']['trials_per_s']:.0f} | {o['ratio']:.2f}x |",
+        f"| Optuna native, 2 processes | {o['native_2_processes']['trials_per_s']:.0f} | 1.00x |",
+        "",
+        f"Cost per trial: {o['ours']['commands_per_trial']:.1f} Redis commands; broker CPU "
+        f"{o['ours']['broker_cpu_ms_per_trial']:.2f} ms per trial, of which the sampler alone "
+        f"(ask + tell in memory) is {o['sampler_cpu_ms_per_trial']:.2f} ms.",
+        "",
+        "## Scaling: 50 ms objective, TPE",
+        "",
+        "| workers | optuna-rq trials/s | efficiency | native trials/s | efficiency | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results["scaling"]["rows"]:
+        lines.append(
+            f"| {row['workers']} | {row['ours_trials_per_s']:.1f} | {row['ours_efficiency']:.2f} "
+            f"| {row['native_trials_per_s']:.1f} | {row['native_efficiency']:.2f} "
+            f"| {row['ratio']:.2f}x |"
+        )
+    lines += [
+        "",
+        "Efficiency = trials/s / (workers / 0.05 s).",
+        "",
+        "![scaling](scaling.png)",
+        "",
+        "## Dispatch latency: ask to objective start, one idle worker",
+        "",
+        f"p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms.",
+        "",
+    ]
+    (HERE / "report.md").write_text("\n".join(lines))
+    _plot(results["scaling"]["rows"])
+
+
+def _plot(rows: list[dict[str, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = [r["workers"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("ours", "optuna-rq"), ("native", "Optuna native (JournalRedis)")):
+        left.plot(counts, [r[f"{key}_trials_per_s"] for r in rows], marker="o", label=label)
+        right.plot(counts, [r[f"{key}_efficiency"] for r in rows], marker="o", label=label)
+    left.plot(counts, [c / SLEEP_S for c in counts], linestyle=":", color="grey", label="ideal")
+    left.set(xlabel="workers", ylabel="trials/s", title="Throughput, 50 ms objective")
+    right.set(xlabel="workers", ylabel="efficiency", title="Efficiency", ylim=(0, 1.05))
+    for axis in (left, right):
+        axis.set_xticks(counts)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(HERE / "scaling.png", dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    reps = 1 if args.quick else args.reps
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    state = Path(tempfile.mkdtemp(prefix="orq-bench-", dir="/tmp"))
+    url = ensure_embedded(state)
+    try:
+        results: dict[str, Any] = {
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
+            f"{platform.python_version()}, optuna {optuna.__version__}",
+            "command": "python -m benchmarks.run" + (" --quick" if args.quick else ""),
+            "reps": reps,
+            "overhead": overhead(url, reps, 200 if args.quick else 1000),
+            "scaling": scaling(
+                url, reps, 40 if args.quick else 400, [1, 2] if args.quick else [1, 2, 4, 8]
+            ),
+            "latency": latency(url, 20 if args.quick else 200),
+        }
+    finally:
+        stop_embedded(state)
+        shutil.rmtree(state, ignore_errors=True)
+    write_report(results)
+    print((HERE / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
