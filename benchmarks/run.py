@@ -187,7 +187,7 @@ def scaling(url: str, reps: int, n_trials: int, counts: list[int]) -> dict[str, 
     for count in counts:
         workers = OurWorkers(url, count)
         try:
-            ours_ = _repeat(reps, lambda c=count: ours(url, workers, "sleep_50ms", n_trials, "tpe"))
+            ours_ = _repeat(reps, lambda w=workers: ours(url, w, "sleep_50ms", n_trials, "tpe"))
         finally:
             workers.stop()
         anchor = _repeat(reps, lambda c=count: native(url, c, "sleep_50ms", n_trials, "tpe"))
