@@ -7,22 +7,15 @@ One worker, an otherwise idle broker (the remote Optimizer), an embedded Redis o
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import optuna
-from rq import Worker
 
+from benchmarks.run import OurWorkers
 from broker import Optimizer
 from broker.connection import connect, ensure_embedded, stop_embedded
-from workers.pool import trial_queue
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -32,33 +25,15 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="orq-rtt-", dir="/tmp"))
     url = ensure_embedded(state)
-    conn = connect(url)
-    workers = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "broker.cli",
-            "--redis-url",
-            url,
-            "workers",
-            "--queue",
-            "rtt",
-            "--import",
-            "benchmarks.objectives",
-            "--log-level",
-            "WARNING",
-        ],
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
+    workers = OurWorkers(url, 1)
     try:
-        while Worker.count(connection=conn, queue=trial_queue(conn, "rtt")) < 1:
-            time.sleep(0.05)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        opt = Optimizer("benchmarks.objectives:round_trips", 1, 3, connection=conn, queue="rtt")
+        opt = Optimizer(
+            "benchmarks.objectives:round_trips", 1, 3, connection=connect(url), queue=workers.queue
+        )
         opt.run()
     finally:
-        workers.terminate()
-        workers.wait(timeout=30)
+        workers.stop()
         stop_embedded(state)
         shutil.rmtree(state, ignore_errors=True)
     for attr in ("should_prune_ms", "suggest_ms"):

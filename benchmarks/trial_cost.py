@@ -9,22 +9,16 @@ RandomSampler through the remote Optimizer, and reads `INFO commandstats` before
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import optuna
-from rq import Worker
 
+from benchmarks.run import OurWorkers
 from broker import Optimizer, suggest
 from broker.connection import connect, ensure_embedded, stop_embedded
-from workers.pool import trial_queue
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def command_calls(conn) -> dict[str, int]:
@@ -41,16 +35,8 @@ def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="orq-bench-", dir="/tmp"))
     url = ensure_embedded(state)
     conn = connect(url)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    workers = subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", "--redis-url", url, "workers", "--queue", "bench"]
-        + ["--import", "benchmarks.objectives", "--count", str(args.workers)]
-        + ["--log-level", "WARNING"],
-        env=env,
-    )
+    workers = OurWorkers(url, args.workers)
     try:
-        while len(Worker.all(connection=conn, queue=trial_queue(conn, "bench"))) < args.workers:
-            time.sleep(0.05)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
         opt = Optimizer(
@@ -59,7 +45,7 @@ def main() -> None:
             n_trials=args.trials,
             study=study,
             connection=conn,
-            queue="bench",
+            queue=workers.queue,
         )
         before = command_calls(conn)
         started = time.perf_counter()
@@ -67,8 +53,7 @@ def main() -> None:
         elapsed = time.perf_counter() - started
         after = command_calls(conn)
     finally:
-        workers.terminate()
-        workers.wait(timeout=30)
+        workers.stop()
         stop_embedded(state)
         shutil.rmtree(state, ignore_errors=True)
 
