@@ -256,11 +256,12 @@ class Daemon:
         told = self.dispatcher.poll(self.settings.poll_s)
         if told:
             self._dirty.update(self.dispatcher.runs)
-        self._finish_done_runs()
+        if self._finish_done_runs():
+            self._update_metrics(now, force=True)  # an ended study leaves the gauges at once
         self.publish_status()
 
-    def _update_metrics(self, now: float) -> None:
-        if self.metrics is not None and now - self._last_metrics >= 0.25:
+    def _update_metrics(self, now: float, *, force: bool = False) -> None:
+        if self.metrics is not None and (force or now - self._last_metrics >= 0.25):
             self.metrics.update(
                 self.dispatcher.runs.values(),
                 queue_depth=self.dispatcher.queue.count,
@@ -407,12 +408,14 @@ class Daemon:
         for name, run in runs.items():
             run.slots = shares.get(name)
 
-    def _finish_done_runs(self) -> None:
-        for name, run in list(self.dispatcher.runs.items()):
-            if run.done:
-                del self.dispatcher.runs[name]
-                self._publish(self.specs[name], run, state=StudyState.FINISHED)
-                log.info("study %r finished: %d trials", name, run.told)
+    def _finish_done_runs(self) -> bool:
+        """End the studies that told their whole budget; True if any did."""
+        finished = [name for name, run in self.dispatcher.runs.items() if run.done]
+        for name in finished:
+            run = self.dispatcher.runs.pop(name)
+            self._publish(self.specs[name], run, state=StudyState.FINISHED)
+            log.info("study %r finished: %d trials", name, run.told)
+        return bool(finished)
 
     # status
 

@@ -107,19 +107,13 @@ def test_broker_and_worker_metrics_during_a_real_study(
         assert value(during, "optuna_rq_queue_depth") is not None
 
         assert run_cli("wait", "m", "--timeout", "60").returncode == 0
-        wait_until(
-            lambda: (
-                value(
-                    scrape(broker_port),
-                    "optuna_rq_trials_total",
-                    study="m",
-                    state="COMPLETE",
-                    reason="",
-                )
-                == 8
-            ),
-            timeout_s=10,
-        )
+
+        def settled() -> bool:  # the gauges are refreshed by the broker's loop
+            m = scrape(broker_port)
+            told = value(m, "optuna_rq_trials_total", study="m", state="COMPLETE", reason="")
+            return told == 8 and value(m, "optuna_rq_desired_workers") == 0
+
+        wait_until(settled, timeout_s=10)
         after = scrape(broker_port)
         assert value(after, "optuna_rq_ask_seconds_count") == 8
         assert value(after, "optuna_rq_tell_seconds_count") == 8
