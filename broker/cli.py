@@ -24,6 +24,7 @@ from broker.connection import DEFAULT_PREFIX, ENV_PREFIX, ENV_REDIS_URL
 from broker.errors import ConfigError, OptunaRQError
 from broker.progress import follow_study
 from broker.signing import Signer
+from workers.supervision import DEFAULT_LEASE_TTL_S
 
 app = typer.Typer(
     name="optuna-rq",
@@ -95,10 +96,21 @@ def workers(
             help="Serve Prometheus metrics: worker i listens on PORT + i.",
         ),
     ] = None,
+    lease_ttl: Annotated[
+        float,
+        typer.Option(
+            "--lease-ttl",
+            envvar="OPTUNA_RQ_LEASE_TTL",
+            min=0.5,
+            help="Seconds a running trial's lease outlives the worker that stops renewing it: "
+            "how soon the broker notices a killed or frozen worker and retries its trial.",
+        ),
+    ] = DEFAULT_LEASE_TTL_S,
 ) -> None:
     """Start COUNT worker processes that run trials of objectives from the --import modules.
 
-    SIGTERM or Ctrl-C stops them gracefully: each finishes its running trial first.
+    SIGTERM or Ctrl-C stops them gracefully: each finishes its running trial first. A second
+    one stops them at once; the broker retries their trials elsewhere.
     """
     from workers.pool import WorkerPool, WorkerSettings
 
@@ -116,6 +128,7 @@ def workers(
         secret=signer.secret,
         max_message_bytes=signer.max_message_bytes,
         metrics_port=metrics_port,
+        lease_ttl_s=lease_ttl,
     )
     raise typer.Exit(WorkerPool(settings).run())
 

@@ -6,6 +6,8 @@ where the last one stopped: submitted studies are in `<prefix>:studies`, command
 
 Keys under the prefix:
     broker      the lock naming the running broker (one per prefix)
+    epoch       a random token set once: if it vanishes, Redis lost its data, and the broker
+                stops rather than write into an empty Redis as if nothing happened
     commands    a list of msgpack commands from the CLI: submit, cancel, set
     studies     hash: study name -> its StudySpec (msgpack)
     status      hash: study name -> JSON snapshot for `status` and `wait`
@@ -18,6 +20,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import socket
 import threading
 import time
@@ -43,6 +46,7 @@ from broker.verdict import FAIL_REASON_ATTR
 __all__ = [
     "BrokerAlreadyRunningError",
     "BrokerSettings",
+    "RedisDataLostError",
     "Daemon",
     "StudyState",
     "fair_shares",
@@ -66,6 +70,10 @@ class BrokerAlreadyRunningError(OptunaRQError):
     """Another broker holds this prefix."""
 
 
+class RedisDataLostError(OptunaRQError):
+    """Redis came back without the data the broker wrote (the epoch key is gone)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class BrokerSettings:
     prefix: str
@@ -74,12 +82,14 @@ class BrokerSettings:
     lock_ttl_s: float = 10.0
     status_interval_s: float = 0.25
     workers_refresh_s: float = 1.0
+    max_outage_backoff_s: float = 5.0
 
 
 class Keys:
     def __init__(self, prefix: str) -> None:
         self.queue = prefix
         self.broker = key(prefix, "broker")
+        self.epoch = key(prefix, "epoch")
         self.commands = key(prefix, "commands")
         self.studies = key(prefix, "studies")
         self.status = key(prefix, "status")
@@ -141,6 +151,25 @@ def queued_status(spec: StudySpec, storage: str) -> dict[str, Any]:
         "error": None,
         "updated_at": _now(),
     }
+
+
+def _died_here(holder: str) -> bool:
+    """True if the lock's `holder` ("host:pid since ...") ran on this host and is gone: its pid
+    is not running, or is our own (a restarted container reuses pid 1)."""
+    where = holder.split(" ", 1)[0]
+    host, _, pid_text = where.rpartition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _now() -> str:
@@ -211,18 +240,38 @@ class Daemon:
             self.keys.broker, timeout=settings.lock_ttl_s, blocking=False, thread_local=False
         )
         self._last_lock = 0.0
+        self.epoch: bytes | None = None
 
     # lifecycle
 
     def acquire(self) -> None:
-        """Become the prefix's broker, or raise naming the one that is."""
+        """Become the prefix's broker, or raise naming the one that is. A lock left by a broker
+        that died on this machine (its pid is gone, or is ours: a restarted container) is taken
+        over at once rather than after its TTL."""
         if not self._lock.acquire(token=self.identity.encode()):
             holder = broker_holder(self.connection, self.settings.prefix) or "another broker"
-            raise BrokerAlreadyRunningError(
-                f"a broker is already running on prefix {self.settings.prefix!r}: {holder}; "
-                "stop it first, or use another --prefix"
-            )
+            if not (_died_here(holder) and self._take_over(holder)):
+                raise BrokerAlreadyRunningError(
+                    f"a broker is already running on prefix {self.settings.prefix!r}: {holder}; "
+                    "stop it first, or use another --prefix"
+                )
         self._last_lock = time.monotonic()
+        self.connection.set(self.keys.epoch, secrets.token_hex(8), nx=True)
+        self.epoch = self.connection.get(self.keys.epoch)  # type: ignore[assignment]
+
+    def _take_over(self, holder: str) -> bool:
+        """Delete the dead broker's lock (only if it still names that broker) and take it."""
+        deleted = self.connection.eval(
+            "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end "
+            "return 0",
+            1,
+            self.keys.broker,
+            holder,
+        )
+        if deleted and self._lock.acquire(token=self.identity.encode()):
+            log.warning("took over the lock of a broker that died here: %s", holder)
+            return True
+        return False
 
     def release(self) -> None:
         try:
@@ -236,20 +285,73 @@ class Daemon:
         try:
             self._reattach()
             while not stop.is_set():
-                self.step()
+                try:
+                    self.step()
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    self._ride_out_outage(exc, stop)
         finally:
             self.publish_status(force=True)
             self.release()
             log.info("broker stopped; running trials go on and are told by the next broker")
 
-    def step(self) -> None:
-        """One turn of the loop: keep the lock, apply commands, refill, tell results."""
+    def _ride_out_outage(self, error: Exception, stop: threading.Event) -> None:
+        """Wait for Redis with backoff, then carry on: running trials go on meanwhile, their
+        results wait in the stream. Raises RedisDataLostError if Redis came back empty."""
+        started = time.monotonic()
+        log.error("Redis is unreachable (%s); waiting for it, trials keep running", error)
+        delay_s = 0.25
+        while not stop.wait(delay_s):
+            try:
+                self.connection.ping()
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning(
+                    "Redis still unreachable after %.0fs: %s", time.monotonic() - started, exc
+                )
+                delay_s = min(delay_s * 2, self.settings.max_outage_backoff_s)
+        if stop.is_set():
+            return
+        self._check_epoch(self.connection.get(self.keys.epoch))  # type: ignore[arg-type]
+        self._keep_lock(force=True)
+        self.dispatcher.after_outage()
+        log.info("Redis is back after %.1fs; carrying on", time.monotonic() - started)
+
+    def _check_epoch(self, current: bytes | None) -> None:
+        if current != self.epoch:
+            raise RedisDataLostError(
+                f"Redis lost its data: the key {self.keys.epoch!r} the broker set at start is "
+                f"{'gone' if current is None else 'different'}. The server restarted without "
+                "persistence, was flushed, or failed over to an empty replica. The broker stops "
+                "rather than write on: submitted studies, queued trials and unread results are "
+                "gone from Redis (trials told so far are safe in their storages). Turn on "
+                "persistence (appendonly yes), then start the broker again and resubmit."
+            )
+
+    def _keep_lock(self, *, force: bool = False) -> None:
+        """Renew the broker lock; take it again if it lapsed (an outage longer than its TTL)."""
         now = time.monotonic()
-        if now - self._last_lock > self.settings.lock_ttl_s / 3:
-            if not self._lock.reacquire():
-                raise BrokerAlreadyRunningError("lost the broker lock: another broker took over")
-            self._last_lock = now
-        self._apply_commands()
+        if not force and now - self._last_lock <= self.settings.lock_ttl_s / 3:
+            return
+        try:
+            renewed = self._lock.reacquire()
+        except redis.exceptions.LockNotOwnedError:
+            renewed = bool(self._lock.acquire(token=self.identity.encode()))
+        if not renewed:
+            holder = broker_holder(self.connection, self.settings.prefix) or "another broker"
+            raise BrokerAlreadyRunningError(f"lost the broker lock: {holder} took over")
+        self._last_lock = now
+
+    def step(self) -> None:
+        """One turn of the loop: check Redis kept its data, keep the lock, apply commands,
+        refill, tell results."""
+        pipe = self.connection.pipeline(transaction=False)
+        pipe.get(self.keys.epoch)
+        pipe.lrange(self.keys.commands, 0, 99)
+        epoch, raw_commands = pipe.execute()
+        self._check_epoch(epoch)
+        now = time.monotonic()
+        self._keep_lock()
+        self._apply_commands(raw_commands)
         self._share_workers(now)
         self.dispatcher.refill()
         self._update_metrics(now)  # after refilling: the steady state, not a drained moment
@@ -315,6 +417,7 @@ class Daemon:
                 concurrency=spec.concurrency,
                 n_trials=spec.n_trials,
                 trial_timeout_s=spec.trial_timeout_s,
+                max_retries=spec.max_retries,
             )
             run.reattach()
         except (OptunaRQError, ValueError, optuna.exceptions.OptunaError) as exc:
@@ -335,8 +438,7 @@ class Daemon:
         )
         self._dirty.add(spec.name)
 
-    def _apply_commands(self) -> None:
-        raw_commands: list[bytes] = self.connection.lrange(self.keys.commands, 0, 99)  # type: ignore[assignment]
+    def _apply_commands(self, raw_commands: list[bytes]) -> None:
         if not raw_commands:
             return
         for raw in raw_commands:

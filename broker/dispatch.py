@@ -3,12 +3,18 @@
 The cap is exact: a study never has more than `concurrency` trials asked and not yet told. A
 result is told at most once (stale or repeated results are acknowledged, counted and dropped),
 and only then is its slot refilled.
+
+An attempt whose worker is lost (its lease lapsed, or its worker reported it `worker_lost`) is
+told FAIL and, under the study's retry policy, its params run again as a new trial that records
+which one it retries (`retry_of`). Retries do not eat the budget until they run out: `n_trials`
+counts trials that are not retries, so the budget is exact across broker restarts too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -22,9 +28,12 @@ import optuna
 import redis
 from optuna.trial import TrialState
 
+from broker import failpoints
 from broker.errors import ConfigError, ProtocolError
+from broker.leases import LeaseWatch, Watched
 from broker.objectives import parse_objective_path
 from broker.protocol import (
+    RESULT_FIELD,
     FailReason,
     Outcome,
     TrialCall,
@@ -32,6 +41,7 @@ from broker.protocol import (
     TrialRequest,
     TrialResult,
     check_params,
+    lease_key,
     reply_key,
 )
 from broker.signing import Signer
@@ -39,14 +49,20 @@ from broker.space import Suggestion, process
 from broker.verdict import Verdict, tell
 from workers.pool import trial_queue
 from workers.remote_trial import CALL_FIELD
-from workers.runner import RESULT_FIELD, RUN_TRIAL
+from workers.runner import RUN_TRIAL
+from workers.supervision import DEFAULT_LEASE_TTL_S
 
-__all__ = ["Dispatcher", "StudyRun", "job_id"]
+__all__ = ["ATTEMPT_ATTR", "RETRY_OF_ATTR", "Dispatcher", "StudyRun", "job_id"]
 
 log = logging.getLogger("optuna_rq.dispatch")
 
 GROUP = "broker"
 """The consumer group the broker reads results with."""
+
+RETRY_OF_ATTR = "retry_of"
+"""User attribute of a retry: the number of the trial whose lost attempt it runs again."""
+ATTEMPT_ATTR = "attempt"
+"""User attribute of a retry: which attempt at those params it is (the first is 1, unmarked)."""
 
 
 class DispatchObserver:
@@ -107,11 +123,13 @@ class StudyRun:
     concurrency: int
     n_trials: int
     trial_timeout_s: float | None = None
+    max_retries: int = 2  # re-runs of a trial whose worker was lost
     slots: int | None = None  # the fair share the daemon grants; None: the cap alone
     outstanding: dict[int, int] = field(default_factory=dict)  # trial number -> attempt
     trials: dict[int, optuna.Trial] = field(default_factory=dict, repr=False)  # outstanding ones
     enqueued_at: dict[int, float] = field(default_factory=dict, repr=False)  # epoch seconds
-    asked: int = 0
+    unsent: set[int] = field(default_factory=set)  # outstanding, not known to be enqueued
+    asked: int = 0  # budget spent: trials asked that are not retries
     told: int = 0
     peak_outstanding: int = 0
 
@@ -141,13 +159,28 @@ class StudyRun:
         return min(self.concurrency, self.n_trials - self.asked + len(self.outstanding))
 
     def reattach(self) -> None:
-        """Take over a study that already has trials: finished ones count against the budget,
-        RUNNING ones are outstanding (their results may still arrive, or already have)."""
+        """Take over a study that already has trials: the ones that are not retries count
+        against the budget; RUNNING ones are outstanding (their results may still arrive, or
+        already have; the dispatcher enqueues the ones a stopped broker never enqueued).
+
+        A RUNNING trial that a retry already runs again (the last broker stopped between
+        starting the retry and failing it) is failed now, as that broker would have.
+        """
         trials = self.study.get_trials(deepcopy=False)
-        self.asked = len(trials)
-        running = [t for t in trials if t.state is TrialState.RUNNING]
-        self.outstanding = {t.number: 1 for t in running}
-        self.trials = {t.number: optuna.Trial(self.study, t._trial_id) for t in running}
+        retried = {t.user_attrs[RETRY_OF_ATTR] for t in trials if RETRY_OF_ATTR in t.user_attrs}
+        asked = [t for t in trials if t.state is not TrialState.WAITING]
+        self.asked = sum(1 for t in asked if RETRY_OF_ATTR not in t.user_attrs)
+        self.outstanding, self.trials = {}, {}
+        for frozen in trials:
+            if frozen.state is not TrialState.RUNNING:
+                continue
+            if frozen.number in retried:
+                error = "its worker was lost; the trial that retries it had already started"
+                tell(self.study, frozen.number, _lost_verdict(error))
+                continue
+            self.outstanding[frozen.number] = int(frozen.user_attrs.get(ATTEMPT_ATTR, 1))
+            self.trials[frozen.number] = optuna.Trial(self.study, frozen._trial_id)
+        self.unsent = set(self.outstanding)
 
 
 class Dispatcher:
@@ -166,6 +199,8 @@ class Dispatcher:
         consumer: str | None = None,
         signer: Signer | None = None,
         observer: DispatchObserver | None = None,
+        lease_grace_s: float = DEFAULT_LEASE_TTL_S,
+        lease_check_s: float = 0.25,
     ) -> None:
         self.connection = connection
         self.signer = signer or Signer()
@@ -177,6 +212,10 @@ class Dispatcher:
         self.runs: dict[str, StudyRun] = {}
         self.dropped_results = 0  # stale or repeated: acknowledged, counted, never told
         self.refused_results = 0  # not a valid (or validly signed) message
+        self.lost_attempts = 0  # attempts whose worker was lost
+        self.leases = LeaseWatch(connection, grace_s=lease_grace_s)
+        self.lease_check_s = lease_check_s
+        self._next_lease_check = 0.0
         self._group_ready = False
         self._read_pending = True  # first read this consumer's unacknowledged results
 
@@ -196,10 +235,20 @@ class Dispatcher:
                 raise
         self._group_ready = True
 
+    def after_outage(self) -> None:
+        """Redis was unreachable: read unacknowledged results again, and give every lease time
+        to be renewed before counting it lost."""
+        self.leases.reset()
+        self._read_pending = True
+        self._group_ready = False
+
     # -- ask -> process -> enqueue -------------------------------------------------------------
 
     def refill(self) -> int:
-        """Launch trials until every study is at its cap or has asked its budget."""
+        """Launch trials until every study is at its cap or has asked its budget (first sending
+        the trials asked but not known to be enqueued: after a restart or an outage)."""
+        if any(run.unsent for run in self.runs.values()):
+            self._send_unsent()
         launched = 0
         for run in self.runs.values():
             while len(run.outstanding) < run.limit and run.asked < run.n_trials:
@@ -212,15 +261,27 @@ class Dispatcher:
         trial = run.study.ask()
         self.observer.asked(run.name, time.perf_counter() - started)
         run.asked += 1
-        run.outstanding[trial.number] = 1
+        failpoints.hit("after_ask")
+        self._start(run, trial, attempt=1)
+
+    def _start(self, run: StudyRun, trial: optuna.Trial, *, attempt: int) -> None:
+        run.outstanding[trial.number] = attempt
         run.trials[trial.number] = trial
         run.peak_outstanding = max(run.peak_outstanding, len(run.outstanding))
+        run.unsent.add(trial.number)
+        self._send(run, trial.number)
+
+    def _send(self, run: StudyRun, number: int) -> None:
+        """Enqueue the outstanding trial `number`: its params come from the trial itself (a
+        trial that already has them, after a restart, gets the same ones)."""
+        trial = run.trials[number]
+        attempt = run.outstanding[number]
         try:
             params = dict(process(trial, deepcopy(run.inputs)))
             request = TrialRequest(
                 study=run.name,
-                trial_number=trial.number,
-                attempt=1,
+                trial_number=number,
+                attempt=attempt,
                 objective=run.objective,
                 params=params,
                 n_objectives=len(run.study.directions),
@@ -228,28 +289,65 @@ class Dispatcher:
             )
             payload = self.signer.seal(request.encode())
         except Exception as exc:  # a space Optuna rejects: the trial fails, never RUNNING
-            log.error("study %r trial %d could not be sampled: %s", run.name, trial.number, exc)
+            log.error("study %r trial %d could not be sampled: %s", run.name, number, exc)
+            run.unsent.discard(number)
             self._finish(
                 run,
-                trial.number,
+                number,
                 Verdict(state=TrialState.FAIL, fail_reason="exception", error=str(exc)),
             )
             return
         self.queue.enqueue_call(
             func=RUN_TRIAL,
             args=(payload,),
-            job_id=job_id(self.prefix, run.name, trial.number, 1),
-            timeout=int(run.trial_timeout_s) if run.trial_timeout_s else -1,
+            job_id=job_id(self.prefix, run.name, number, attempt),
+            timeout=math.ceil(run.trial_timeout_s) if run.trial_timeout_s else -1,
             result_ttl=0,
             failure_ttl=24 * 3600,
-            description=f"{run.name} trial {trial.number}",
+            description=f"{run.name} trial {number}",
         )
-        run.enqueued_at[trial.number] = time.time()
+        run.unsent.discard(number)
+        run.enqueued_at[number] = time.time()
+
+    def _send_unsent(self) -> None:
+        """Enqueue the unsent trials whose job does not exist. Results are read first: a job
+        that finished while nobody watched is gone, and its result waits in the stream."""
+        self._drain()
+        for run in self.runs.values():
+            numbers = sorted(n for n in run.unsent if n in run.outstanding)
+            pipe = self.connection.pipeline(transaction=False)
+            for number in numbers:
+                pipe.exists(self.queue.job_class.key_for(self._job_id(run, number)))
+            for number, exists in zip(numbers, pipe.execute(), strict=True):
+                if exists:  # enqueued before the restart or the outage: it runs, or ran
+                    run.unsent.discard(number)
+                else:
+                    log.info("study %r: enqueueing trial %d again", run.name, number)
+                    self._send(run, number)
+            run.unsent &= set(run.outstanding)
+
+    def _job_id(self, run: StudyRun, number: int) -> str:
+        return job_id(self.prefix, run.name, number, run.outstanding[number])
 
     # -- results -> tell -> acknowledge --------------------------------------------------------
 
-    def poll(self, block_s: float = 1.0) -> int:
-        """Read the results that arrived (waiting up to `block_s`), tell them; return how many."""
+    def poll(self, block_s: float | None = 1.0) -> int:
+        """Read the results that arrived (waiting up to `block_s`; None: not at all), tell
+        them, and fail the attempts whose workers are lost; return how many trials were told."""
+        handled, _entries = self._read(block_s)
+        now = time.monotonic()
+        if now >= self._next_lease_check:
+            self._next_lease_check = now + self.lease_check_s
+            handled += self._check_leases()
+        return handled
+
+    def _drain(self) -> None:
+        """Read and tell every result already in the stream."""
+        while self._read(None)[1]:
+            pass
+
+    def _read(self, block_s: float | None) -> tuple[int, int]:
+        """One read of the result stream: (trials told, entries read)."""
         self._ensure_group()
         response: Any = None
         if self._read_pending:
@@ -266,10 +364,10 @@ class Dispatcher:
                 self.consumer,
                 {self.reply_to: ">"},
                 count=256,
-                block=max(1, int(block_s * 1000)),
+                block=None if block_s is None else max(1, int(block_s * 1000)),
             )
         if not response:
-            return 0
+            return 0, 0
         handled = 0
         entry_ids: list[bytes] = []
         for _stream, entries in response:
@@ -285,7 +383,70 @@ class Dispatcher:
         pipe.xack(self.reply_to, GROUP, *entry_ids)
         pipe.xdel(self.reply_to, *entry_ids)
         pipe.execute()
-        return handled
+        return handled, len(entry_ids)
+
+    # -- lost workers -> retries ---------------------------------------------------------------
+
+    def _check_leases(self) -> int:
+        """Fail (and retry) the attempts whose leases say their worker is lost; how many."""
+        watched: dict[str, tuple[StudyRun, int, int]] = {}
+        for run in self.runs.values():
+            for number, attempt in run.outstanding.items():
+                if number not in run.unsent:
+                    watched[job_id(self.prefix, run.name, number, attempt)] = (run, number, attempt)
+        lost = self.leases.check(Watched(j, lease_key(self.reply_to, j)) for j in watched)
+        if not lost:
+            return 0
+        self._drain()  # a result that came in just before its lease went is told, not lost
+        count = 0
+        for item, why in lost:
+            run, number, attempt = watched[item.job_id]
+            if self.runs.get(run.name) is run and run.outstanding.get(number) == attempt:
+                self._lost(run, number, why)
+                count += 1
+        return count
+
+    def _lost(self, run: StudyRun, number: int, why: str) -> None:
+        """The attempt at trial `number` will never report: fail it `worker_lost`, and run its
+        params again as a new trial while retries last (the budget unit passes to the retry)."""
+        attempt = run.outstanding[number]
+        self.lost_attempts += 1
+        self.leases.forget(self._job_id(run, number))
+        started = time.perf_counter()
+        if attempt > run.max_retries:
+            error = f"{why}; not retried: {attempt} attempts, max retries {run.max_retries}"
+            log.warning("study %r trial %d failed: %s", run.name, number, error)
+            self._finish(run, number, _lost_verdict(error))
+            retry = None
+        else:
+            # The retry exists before the lost trial is told: a broker that stops in between
+            # finds both, and `reattach` completes the step.
+            retry = self._create_retry(run, number, attempt + 1)
+            error = f"{why}; retried as trial {retry.number}"
+            log.warning("study %r trial %d: %s", run.name, number, error)
+            self._finish(run, number, _lost_verdict(error))
+        self.observer.told(
+            run.name,
+            TrialState.FAIL.name,
+            FailReason.WORKER_LOST.value,
+            tell_s=time.perf_counter() - started,
+            start_delay_s=None,
+            result_age_s=None,
+        )
+        if retry is not None:
+            self._start(run, retry, attempt=attempt + 1)
+
+    def _create_retry(self, run: StudyRun, number: int, attempt: int) -> optuna.Trial:
+        storage = run.study._storage
+        lost = storage.get_trial(run.trials[number]._trial_id)
+        template = optuna.trial.create_trial(
+            state=TrialState.RUNNING,
+            params=lost.params,
+            distributions=lost.distributions,
+            user_attrs={RETRY_OF_ATTR: number, ATTEMPT_ATTR: attempt},
+        )
+        trial_id = storage.create_new_trial(run.study._study_id, template_trial=template)
+        return optuna.Trial(run.study, trial_id)
 
     def _handle(self, raw: bytes, entry_id: bytes = b"0-0") -> int:
         try:
@@ -307,7 +468,13 @@ class Dispatcher:
             )
             self.dropped_results += 1
             self.observer.dropped()
+            # Rare, and worth seeing from outside (`<prefix>:dropped`): a worker that came back.
+            self.connection.hincrby(f"{self.prefix}:dropped", "result", 1)
             return 0
+        if result.fail_reason is FailReason.WORKER_LOST:  # its supervisor saw the worker die
+            self._lost(run, result.trial_number, result.error or "the worker was lost")
+            return 1
+        failpoints.hit("before_tell")
         arrived = int(entry_id.split(b"-")[0]) / 1000  # stream ids carry the XADD time in ms
         enqueued = run.enqueued_at.get(result.trial_number)
         verdict = _verdict(result)
@@ -357,9 +524,11 @@ class Dispatcher:
 
     def _finish(self, run: StudyRun, number: int, verdict: Verdict) -> None:
         tell(run.study, number, verdict)
+        self.leases.forget(self._job_id(run, number))
         del run.outstanding[number]  # its reply list, if any, expires by itself (no extra command)
         run.trials.pop(number, None)
         run.enqueued_at.pop(number, None)
+        run.unsent.discard(number)
         run.told += 1
 
     # -- the loop ------------------------------------------------------------------------------
@@ -435,6 +604,10 @@ def _perform(study: optuna.Study, trial: optuna.Trial, call: TrialCall) -> Any:
 def count_refusal(connection: redis.Redis, prefix: str, kind: str) -> None:
     """Count a refused message in `<prefix>:refused`, by kind: it is an attack or a bug."""
     connection.hincrby(f"{prefix}:refused", kind, 1)
+
+
+def _lost_verdict(error: str) -> Verdict:
+    return Verdict(state=TrialState.FAIL, fail_reason=FailReason.WORKER_LOST.value, error=error)
 
 
 def _verdict(result: TrialResult) -> Verdict:

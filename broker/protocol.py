@@ -24,6 +24,7 @@ __all__ = [
     "MAX_CONTAINER_LEN",
     "MAX_DEPTH",
     "PROTOCOL_VERSION",
+    "RESULT_FIELD",
     "FailReason",
     "Outcome",
     "Param",
@@ -34,6 +35,7 @@ __all__ = [
     "TrialResult",
     "check_params",
     "decode_map",
+    "lease_key",
     "reply_key",
 ]
 
@@ -43,6 +45,8 @@ MAX_DEPTH = 32
 """Nesting depth of maps and arrays in a message (the message itself is depth 1)."""
 MAX_CONTAINER_LEN = 10_000
 """Entries in any one map or array."""
+RESULT_FIELD = b"m"
+"""The result-stream entry field that holds an encoded `TrialResult`."""
 
 Param: TypeAlias = "None | bool | int | float | str | bytes | list[Param] | dict[str, Param]"
 
@@ -453,3 +457,9 @@ class TrialCallReply:
 def reply_key(reply_to: str, trial_number: int, attempt: int) -> str:
     """The list a remote trial waits on for the broker's replies."""
     return f"{reply_to}:call:{trial_number}:{attempt}"
+
+
+def lease_key(reply_to: str, job_id: str) -> str:
+    """The key a worker holds while it runs one attempt (the RQ job `job_id`) for `reply_to`'s
+    broker: it expires unless renewed, and a broker that finds it gone fails the attempt."""
+    return f"{reply_to}:lease:{job_id}"

@@ -2,8 +2,14 @@
 
 Each process runs a `TrialWorker`: an RQ `SimpleWorker` (no fork per job: a trial costs no
 process start) that refuses any job but ours. The parent imports the served modules first, so a
-typo stops the command at once, then keeps N children alive until SIGTERM/SIGINT, which it
-passes on once: each child finishes its running trial, then exits.
+typo stops the command at once, then keeps N children alive, and supervises their trials
+(`workers.supervision`): it renews their leases, kills a trial past its timeout, and reports the
+trial of a child that died. A child that dies is restarted, with a growing backoff if it keeps
+dying (Redis down, say), so nothing spins.
+
+The first SIGTERM/SIGINT is passed on once: each child finishes its running trial (its lease
+still renewed), then exits. A second one kills the children at once; their trials are reported
+lost, and the broker retries them.
 """
 
 from __future__ import annotations
@@ -13,13 +19,15 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from rq import Queue, SimpleWorker
+import redis
+from rq import Queue, SimpleWorker, Worker
 from rq.job import Job
 
 from broker.connection import connect
@@ -27,6 +35,7 @@ from broker.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from broker.signing import Signer
 from workers import runner
 from workers.serializer import MsgpackSerializer
+from workers.supervision import DEFAULT_LEASE_TTL_S, ChildChannel, Supervisor
 
 __all__ = ["TrialWorker", "WorkerPool", "WorkerSettings", "trial_queue"]
 
@@ -48,6 +57,8 @@ class WorkerSettings:
     secret: bytes | None = field(default=None, repr=False)  # signs messages when set
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     metrics_port: int | None = None  # worker i serves Prometheus metrics on metrics_port + i
+    lease_ttl_s: float = DEFAULT_LEASE_TTL_S
+    max_restart_backoff_s: float = 10.0
 
 
 def trial_queue(connection: Any, name: str) -> Queue:
@@ -74,33 +85,75 @@ class TrialWorker(SimpleWorker):
         self.handle_job_failure(job, queue, exc_string=why)
 
 
-def _child_main(settings: WorkerSettings, index: int) -> None:
+def _child_main(
+    settings: WorkerSettings,
+    index: int,
+    name: str,
+    channel: multiprocessing.connection.Connection,
+) -> None:
     """One worker process: its own process group, so a terminal's Ctrl-C reaches only the parent,
-    which then stops each child exactly once (a second signal would be RQ's cold shutdown)."""
+    which then stops each child exactly once (a second signal would be RQ's cold shutdown), and
+    so a timeout kills whatever the objective started too."""
     os.setpgid(0, 0)
     logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("rq").setLevel(logging.WARNING)  # one line per trial is ours to write
     runner.serve(settings.modules)
     runner.use_signer(Signer(settings.secret, max_message_bytes=settings.max_message_bytes))
+    runner.use_supervisor(ChildChannel(channel), settings.lease_ttl_s)
     if settings.metrics_port is not None:
         runner.serve_metrics(settings.metrics_port + index)
     connection = connect(settings.redis_url)
+    _wait_for_redis(connection)
     worker = TrialWorker(
         [trial_queue(connection, settings.queue)],
         connection=connection,
         serializer=MsgpackSerializer,
+        name=name,
     )
     worker.work(logging_level="WARNING")
 
 
+def _wait_for_redis(connection: redis.Redis) -> None:
+    """Block until Redis answers, backing off: a worker started during an outage waits for it
+    instead of dying and being restarted in a loop."""
+    delay_s = 0.5
+    while True:
+        try:
+            connection.ping()
+            return
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("Redis does not answer (retrying in %.1fs): %s", delay_s, exc)
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 10.0)
+
+
+@dataclass
+class _Child:
+    process: multiprocessing.process.BaseProcess
+    channel: multiprocessing.connection.Connection  # the parent's reading end
+    name: str
+    started: float
+
+
 class WorkerPool:
-    """N supervised worker processes. `run()` blocks until stopped by a signal or `stop()`."""
+    """N supervised worker processes. `run()` blocks until stopped by signals or `stop()`."""
+
+    # A child that lived this long before dying is restarted at once; one that dies sooner is
+    # restarted after a backoff that doubles each time (to max_restart_backoff_s).
+    HEALTHY_AFTER_S = 30.0
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self._context = multiprocessing.get_context("spawn")
-        self._children: dict[int, multiprocessing.process.BaseProcess] = {}
+        self._children: dict[int, _Child] = {}
+        self._restart_at: dict[int, float] = {}
+        self._backoff: dict[int, float] = {}
+        self._generation = 0
         self._stopping = False
+        self._cold = False
+        self._signer = Signer(settings.secret, max_message_bytes=settings.max_message_bytes)
+        self._connection = connect(settings.redis_url)
+        self.supervisor = Supervisor(self._connection, self._signer, settings.lease_ttl_s)
 
     def start(self) -> None:
         runner.serve(self.settings.modules)  # fail here, in the command, not in N children
@@ -108,25 +161,38 @@ class WorkerPool:
             self._start_child(index)
 
     def _start_child(self, index: int) -> None:
+        self._generation += 1
+        name = f"{socket.gethostname()}.{os.getpid()}.{index}.{self._generation}"
+        reader, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(
-            target=_child_main, args=(self.settings, index), name=f"optuna-rq-worker-{index}"
+            target=_child_main,
+            args=(self.settings, index, name, writer),
+            name=f"optuna-rq-worker-{index}",
         )
         process.start()
-        self._children[index] = process
+        writer.close()  # the child holds the only writing end: EOF when it dies
+        self._children[index] = _Child(process, reader, name, time.monotonic())
         log.info("worker %d started (pid %s)", index, process.pid)
 
     def stop(self, *_: object) -> None:
-        """Ask every child to finish its running trial and exit (idempotent)."""
+        """First call: each child finishes its running trial, then exits. Second call: kill the
+        children now; their trials are reported lost."""
         if self._stopping:
+            if not self._cold:
+                self._cold = True
+                log.warning("stopping now: killing %d workers", len(self._children))
+                for child in self._children.values():
+                    _signal_group(child.process, signal.SIGKILL)
             return
         self._stopping = True
+        self._restart_at.clear()
         log.info("stopping %d workers after their running trials", len(self._children))
-        for process in self._children.values():
-            if process.pid is not None and process.is_alive():
-                os.kill(process.pid, signal.SIGTERM)
+        for child in self._children.values():
+            _signal_group(child.process, signal.SIGTERM, group=False)
 
     def run(self) -> int:
-        """Start the children and supervise them until stopped; returns an exit code."""
+        """Start the children and supervise them until stopped; returns an exit code (0 after a
+        warm stop, 1 after a cold one)."""
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             self.stop()
@@ -134,23 +200,93 @@ class WorkerPool:
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
-            while not self._stopping:
-                sentinels = [p.sentinel for p in self._children.values()]
-                multiprocessing.connection.wait(sentinels, timeout=1.0)
-                for index, process in list(self._children.items()):
-                    if not self._stopping and not process.is_alive():
-                        log.warning(
-                            "worker %d (pid %s) exited with code %s; restarting it",
-                            index,
-                            process.pid,
-                            process.exitcode,
-                        )
-                        time.sleep(self.settings.restart_backoff_s)
-                        self._start_child(index)
-            for process in self._children.values():
-                process.join()
+            while self._children or self._restart_at:
+                self._supervise_once()
             log.info("all workers stopped")
-            return 0
+            return 1 if self._cold else 0
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            self._connection.close()
+
+    def _supervise_once(self) -> None:
+        now = time.monotonic()
+        timeout = min(self.supervisor.next_wakeup(now), 1.0)
+        if self._restart_at:
+            timeout = min(timeout, max(0.0, min(self._restart_at.values()) - now))
+        waitables: list[Any] = [c.process.sentinel for c in self._children.values()]
+        waitables += [c.channel for c in self._children.values()]
+        ready = set(multiprocessing.connection.wait(waitables, timeout=timeout))
+        for index, child in list(self._children.items()):
+            if child.channel in ready or child.process.sentinel in ready:
+                self._read_messages(index, child)
+            if not child.process.is_alive():
+                self._child_died(index, child)
+        now = time.monotonic()
+        for index, due in list(self._restart_at.items()):
+            if now >= due and not self._stopping:
+                del self._restart_at[index]
+                self._start_child(index)
+        self.supervisor.tick(now, {i: c.process.pid or 0 for i, c in self._children.items()})
+
+    def _read_messages(self, index: int, child: _Child) -> None:
+        try:
+            while child.channel.poll():
+                self.supervisor.receive(index, child.channel.recv())
+        except (EOFError, OSError):
+            pass  # the child is gone; its sentinel says so
+
+    def _child_died(self, index: int, child: _Child) -> None:
+        child.process.join()
+        self._read_messages(index, child)  # what it said before dying
+        child.channel.close()
+        del self._children[index]
+        code = child.process.exitcode
+        self.supervisor.child_exited(index, code, cold=self._cold)
+        _forget_rq_worker(self._connection, child.name)
+        if self._stopping:
+            log.info("worker %d (pid %s) stopped", index, child.process.pid)
+            return
+        lived = time.monotonic() - child.started
+        backoff = 0.0 if lived >= self.HEALTHY_AFTER_S else self._backoff.get(index, 0.0)
+        self._backoff[index] = min(
+            max(backoff * 2, self.settings.restart_backoff_s), self.settings.max_restart_backoff_s
+        )
+        log.warning(
+            "worker %d (pid %s) exited with code %s; restarting it%s",
+            index,
+            child.process.pid,
+            code,
+            f" in {backoff:g}s" if backoff else "",
+        )
+        self._restart_at[index] = time.monotonic() + backoff
+
+
+def _signal_group(
+    process: multiprocessing.process.BaseProcess, signum: int, *, group: bool = True
+) -> None:
+    """Signal a child (and, with `group`, everything in its process group)."""
+    if process.pid is None or not process.is_alive():
+        return
+    try:
+        if group:
+            os.killpg(process.pid, signum)
+        else:
+            os.kill(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _forget_rq_worker(connection: redis.Redis, name: str) -> None:
+    """Remove a dead child's RQ registration, so worker counts (and fair shares) see it gone
+    now rather than when its heartbeat key expires."""
+    try:
+        worker = Worker.find_by_key(
+            Worker.redis_worker_namespace_prefix + name,
+            connection=connection,
+            serializer=MsgpackSerializer,
+        )
+        if worker is not None:
+            worker.register_death()  # type: ignore[no-untyped-call]
+    except redis.RedisError as exc:
+        log.debug("could not unregister RQ worker %s: %s", name, exc)

@@ -15,20 +15,31 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import optuna
 import redis
+from rq.timeouts import JobTimeoutException
 
 from broker.errors import ConfigError, OptunaRQError, ProtocolError
 from broker.objectives import parse_objective_path
-from broker.protocol import FailReason, Outcome, TrialRequest, TrialResult
+from broker.protocol import (
+    RESULT_FIELD,
+    FailReason,
+    Outcome,
+    TrialRequest,
+    TrialResult,
+    lease_key,
+)
 from broker.signing import Signer
 from broker.verdict import describe_exception, judge_return
 from workers.remote_trial import RemoteTrial
+from workers.supervision import DEFAULT_LEASE_TTL_S, Attempt, ChildChannel, LeaseThread, deliver
 
 __all__ = [
+    "RESULT_FIELD",
     "RUN_TRIAL",
     "ObjectiveLoadError",
     "ObjectiveRefusedError",
@@ -42,13 +53,12 @@ __all__ = [
 RUN_TRIAL = "workers.runner.run_trial"
 """The dotted name RQ stores for our job function: the only one a worker runs."""
 
-RESULT_FIELD = b"m"
-"""The stream entry field that holds an encoded `TrialResult`."""
-
 log = logging.getLogger("optuna_rq.worker")
 
 _served: frozenset[str] = frozenset()
 _signer = Signer()
+_channel: ChildChannel | None = None
+_lease_ttl_s = DEFAULT_LEASE_TTL_S
 
 
 class _WorkerMetrics:
@@ -89,6 +99,14 @@ def use_signer(signer: Signer) -> None:
     """Sign results and require signed requests from now on (with a secret; else a no-op)."""
     global _signer
     _signer = signer
+
+
+def use_supervisor(channel: ChildChannel | None, lease_ttl_s: float) -> None:
+    """Leases last `lease_ttl_s`; with a `channel`, the supervising parent renews them (else a
+    thread in this process does)."""
+    global _channel, _lease_ttl_s
+    _channel = channel
+    _lease_ttl_s = lease_ttl_s
 
 
 class ObjectiveRefusedError(OptunaRQError):
@@ -219,6 +237,8 @@ def execute(
         returned = _call(fn, dict(request.params), trial)
     except optuna.TrialPruned:
         return result(Outcome.PRUNED)
+    except JobTimeoutException as exc:  # RQ's alarm stopped Python code at the trial timeout
+        return result(Outcome.FAIL, reason=FailReason.TIMEOUT, error=f"{exc}")
     except Exception as exc:
         return result(Outcome.FAIL, reason=FailReason.EXCEPTION, error=describe_exception(exc))
 
@@ -249,8 +269,10 @@ def _describe(result: TrialResult) -> str:
 def run_trial(payload: bytes) -> None:
     """RQ job function: run the encoded `TrialRequest` and append its result to `reply_to`.
 
-    A payload that does not decode raises `ProtocolError`: RQ records the job as failed, and no
-    result is sent, since nothing in an invalid message can be trusted.
+    The attempt's lease is taken before the objective starts and dropped once the result is in
+    the stream. A payload that does not decode raises `ProtocolError`: RQ records the job as
+    failed and no result is sent, since nothing in an invalid message can be trusted; the broker
+    finds the job failed without a lease and fails the attempt.
     """
     from rq import get_current_job
 
@@ -264,9 +286,35 @@ def run_trial(payload: bytes) -> None:
     except ProtocolError:
         connection.hincrby(f"{job.origin}:refused", "request", 1)
         raise
-    trial = RemoteTrial(connection, request, _signer)
-    outcome = execute(request, worker=worker_id(), served=_served, trial=trial)
-    connection.xadd(request.reply_to, {RESULT_FIELD: _signer.seal(outcome.encode())})
+    holder = worker_id()
+    timeout_s = float(job.timeout) if job.timeout is not None and job.timeout > 0 else None
+    attempt = Attempt.of(
+        request,
+        job_id=job.id,
+        lease=lease_key(request.reply_to, job.id),
+        holder=holder,
+        timeout_s=timeout_s,
+    )
+    with _leased(connection, attempt):
+        trial = RemoteTrial(connection, request, _signer)
+        outcome = execute(request, worker=holder, served=_served, trial=trial)
+        deliver(connection, request.reply_to, _signer.seal(outcome.encode()), attempt.lease)
     if _metrics is not None:
         _metrics.observe(outcome)
     log.info("%s", _describe(outcome))
+
+
+@contextmanager
+def _leased(connection: redis.Redis, attempt: Attempt) -> Iterator[None]:
+    """Hold the attempt's lease while the body runs: renewed by the supervising parent, or by a
+    thread here when this process has none."""
+    connection.set(attempt.lease, attempt.holder, px=int(_lease_ttl_s * 1000))
+    if _channel is None:
+        with LeaseThread(connection, attempt, _lease_ttl_s):
+            yield
+        return
+    _channel.started(attempt)
+    try:
+        yield
+    finally:
+        _channel.ended(attempt)

@@ -1,0 +1,89 @@
+"""Objectives for the fault tests (`--import tests.fault_objectives`).
+
+Each records in Redis, under `key`, what the tests check afterwards:
+
+    KEY:calls      hash: the objective's params (repr of x) -> times it was called with them
+    KEY:samples    list: trials running at the moment each one started, counted by the running
+                   objectives themselves (the cap, measured where it matters)
+    KEY:started    list: "pid ppid" of each call, for tests that kill or freeze that worker
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+
+from broker.connection import connect
+
+_connections: dict[str, redis.Redis] = {}
+
+
+def _conn(url: str) -> redis.Redis:
+    if url not in _connections:
+        _connections[url] = connect(url, retries=40)  # rides out the Redis outage tests
+    return _connections[url]
+
+
+def running_pid(pid: int) -> bool:
+    """True if `pid` exists and runs: not a zombie, not stopped (a frozen worker runs nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X", b"T", b"t")
+
+
+@contextmanager
+def _running(url: str, key: str, x: float) -> Iterator[redis.Redis]:
+    conn = _conn(url)
+    pid = os.getpid()
+    pipe = conn.pipeline(transaction=False)
+    pipe.hincrby(f"{key}:calls", repr(x), 1)
+    pipe.rpush(f"{key}:started", f"{pid} {os.getppid()}")
+    pipe.sadd(f"{key}:pids", pid)
+    pipe.smembers(f"{key}:pids")
+    members = pipe.execute()[-1]
+    # Killed or frozen objectives stay in the set: count only the processes that still run.
+    conn.rpush(f"{key}:samples", sum(1 for m in members if running_pid(int(m))))
+    try:
+        yield conn
+    finally:
+        conn.srem(f"{key}:pids", pid)
+
+
+def steady(x: float, redis_url: str, key: str, hold_s: float = 0.2) -> float:
+    """A well-behaved objective that takes `hold_s`."""
+    with _running(redis_url, key, x):
+        time.sleep(hold_s)
+    return x * x
+
+
+def churn(x: float, redis_url: str, key: str, hold_s: float = 0.1) -> float:
+    """Every fifth call, across all workers, is SIGKILLed mid-trial (by itself)."""
+    with _running(redis_url, key, x) as conn:
+        if int(conn.incr(f"{key}:starts")) % 5 == 0:
+            time.sleep(hold_s / 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(hold_s)
+    return x * x
+
+
+def exits(x: float, redis_url: str, key: str) -> float:
+    """Leaves the process without a word, as a crashing extension would."""
+    with _running(redis_url, key, x):
+        os._exit(3)
+
+
+def stuck_in_c(x: float, redis_url: str, key: str) -> float:
+    """Minutes inside one C call that holds the GIL and never checks for signals (builtin sum
+    over big ints): no Python signal handler runs, no other thread in this process gets a turn;
+    only a kill from outside stops it."""
+    with _running(redis_url, key, x):
+        sum(range(2**62, 2**62 + 10**10))
+    return x

