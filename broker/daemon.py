@@ -282,6 +282,7 @@ class Daemon:
     def run(self, stop: threading.Event) -> None:
         self.acquire()
         log.info("broker %s serving prefix %r", self.identity, self.settings.prefix)
+        data_lost = False
         try:
             self._reattach()
             while not stop.is_set():
@@ -289,10 +290,22 @@ class Daemon:
                     self.step()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     self._ride_out_outage(exc, stop)
+                except redis.ResponseError:  # NOGROUP, say: first ask if Redis lost its data
+                    self._check_epoch(self.connection.get(self.keys.epoch))  # type: ignore[arg-type]
+                    raise
+        except RedisDataLostError:
+            # Nothing more goes to this Redis; the storages learn that the trials it held are
+            # lost, so none stays RUNNING with no broker left that knows of it.
+            data_lost = True
+            self.dispatcher.fail_outstanding(
+                "Redis lost its data while this trial ran (see the broker log); not retried"
+            )
+            raise
         finally:
-            self.publish_status(force=True)
-            self.release()
-            log.info("broker stopped; running trials go on and are told by the next broker")
+            if not data_lost:
+                self.publish_status(force=True)
+                self.release()
+                log.info("broker stopped; running trials go on and are told by the next broker")
 
     def _ride_out_outage(self, error: Exception, stop: threading.Event) -> None:
         """Wait for Redis with backoff, then carry on: running trials go on meanwhile, their

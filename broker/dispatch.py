@@ -213,7 +213,9 @@ class Dispatcher:
         self.dropped_results = 0  # stale or repeated: acknowledged, counted, never told
         self.refused_results = 0  # not a valid (or validly signed) message
         self.lost_attempts = 0  # attempts whose worker was lost
-        self.leases = LeaseWatch(connection, grace_s=lease_grace_s)
+        self.leases = LeaseWatch(
+            connection, intermediate_key=self.queue.intermediate_queue_key, grace_s=lease_grace_s
+        )
         self.lease_check_s = lease_check_s
         self._next_lease_check = 0.0
         self._group_ready = False
@@ -564,6 +566,13 @@ class Dispatcher:
                     error="the study was cancelled before this trial ended",
                 ),
             )
+
+    def fail_outstanding(self, error: str) -> None:
+        """End every outstanding trial FAIL (`worker_lost`) without a word to Redis: for a broker
+        that cannot go on, so that no trial is left RUNNING."""
+        for run in self.runs.values():
+            for number in list(run.outstanding):
+                self._finish(run, number, _lost_verdict(error))
 
     def close(self) -> None:
         """Remove this dispatcher's result stream (for a private, per-run stream)."""

@@ -6,12 +6,14 @@ its result is in the stream. An attempt is lost when:
 - its lease was seen and is now gone: the worker stopped renewing it (killed, frozen, cut off);
 - its RQ job ended (failed, stopped, or gone) and no lease is held: it ended without a result
   (a request that did not decode, a job RQ itself gave up on);
-- its RQ job is marked started but no lease appeared within `grace_s`: the worker died between
-  taking the job and taking the lease.
+- its RQ job is marked started, or sits in the queue's intermediate list (where RQ moves a job
+  it dequeues, until the worker marks it started), but no lease appeared within `grace_s`: the
+  worker died between taking the job and taking the lease. RQ itself notices such a job only
+  after a minute, and only when some worker's maintenance pass comes round.
 
-A queued job has no lease yet and is not lost, however long it waits. The caller reads the
-result stream after `check` and before failing anything it returned: a result that arrived just
-before its lease went is then told, not lost.
+A job still in the queue has no lease yet and is not lost, however long it waits. The caller
+reads the result stream after `check` and before failing anything it returned: a result that
+arrived just before its lease went is then told, not lost.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ class _Seen:
 class LeaseWatch:
     """Tracks what it has seen of each attempt's lease across calls to `check`."""
 
-    def __init__(self, connection: redis.Redis, *, grace_s: float) -> None:
+    def __init__(self, connection: redis.Redis, *, intermediate_key: str, grace_s: float) -> None:
         self.connection = connection
+        self.intermediate_key = intermediate_key  # the queue's list of dequeued, unstarted jobs
         self.grace_s = grace_s
         self._seen: dict[str, _Seen] = {}
 
@@ -76,13 +79,17 @@ class LeaseWatch:
         if not missing:
             return []
         pipe = self.connection.pipeline(transaction=False)
+        pipe.lrange(self.intermediate_key, 0, -1)
         for attempt in missing:
             pipe.hget(Job.key_for(attempt.job_id), "status")
-        statuses = pipe.execute()
+        taken, *statuses = pipe.execute()
+        dequeued = {bytes(job_id).decode() for job_id in taken}
         now = time.monotonic()
         lost: list[tuple[Watched, str]] = []
         for attempt, status in zip(missing, statuses, strict=True):
             seen = self._seen[attempt.job_id]
+            if status in _WAITING and attempt.job_id in dequeued:
+                status = _STARTED  # taken from the queue by a worker: it should lease it now
             if status in _WAITING:
                 seen.missing_since = None
             elif seen.lease_seen:

@@ -162,11 +162,13 @@ def test_an_unsigned_command_is_refused_by_a_signed_broker(
         name="forged", objective="tests.objectives:quadratic", space={}, n_trials=1, concurrency=1
     )
     daemon = Daemon(conn, BrokerSettings(prefix=prefix, storage="memory"), signer)
+    daemon.acquire()
     send_command(conn, prefix, "submit", "forged", signer=Signer(), spec=spec.encode())
-    daemon._apply_commands()
+    daemon.step()
     assert "forged" not in daemon.specs and conn.llen(f"{prefix}:commands") == 0
     assert int(conn.hget(f"{prefix}:refused", "command")) == 1
 
     send_command(conn, prefix, "submit", "forged", signer=signer, spec=spec.encode())
-    daemon._apply_commands()
+    daemon.step()
     assert "forged" in daemon.specs
+    daemon.release()

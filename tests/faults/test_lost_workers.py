@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
 from optuna.trial import TrialState
 
 from broker.dispatch import ATTEMPT_ATTR, RETRY_OF_ATTR
@@ -12,6 +13,8 @@ from broker.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from tests.fault_objectives import running_pid
 from tests.faults.conftest import LEASE_TTL_S, Cluster, kill_tree, wait_calls
 from tests.helpers import wait_until
+
+pytestmark = pytest.mark.timeout(180)
 
 
 def _lost_and_retries(trials: list) -> tuple[list, dict[int, object]]:

@@ -1,0 +1,54 @@
+"""SIGTERM to a busy worker pool: once lets its trial finish; twice stops it now."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from optuna.trial import TrialState
+from rq import Worker
+
+from broker.dispatch import RETRY_OF_ATTR
+from broker.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
+from tests.faults.conftest import Cluster, wait_calls
+from tests.helpers import wait_until
+from workers.pool import trial_queue
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _shutdown_requested(cluster: Cluster) -> bool:
+    queue = trial_queue(cluster.conn, cluster.prefix)
+    workers = Worker.all(connection=cluster.conn, queue=queue)
+    return any(w.shutdown_requested_date is not None for w in workers)
+
+
+def test_one_sigterm_lets_the_running_trial_finish_and_be_told(cluster: Cluster) -> None:
+    cluster.start_broker()
+    pool = cluster.start_workers(1)
+    name = cluster.submit("steady", n_trials=1, concurrency=1, hold_s=2.0)
+    wait_calls(cluster, 1)
+    pool.send_signal(signal.SIGTERM)
+    assert pool.wait(timeout=30) == 0
+
+    (trial,) = cluster.check(name, complete=1, cap=1, failed=0)
+    assert trial.duration is not None and trial.duration.total_seconds() >= 2.0
+
+
+def test_a_second_sigterm_stops_at_once_and_the_trial_is_retried(cluster: Cluster) -> None:
+    cluster.start_broker()
+    pool = cluster.start_workers(1)
+    name = cluster.submit("steady", n_trials=1, concurrency=1, hold_s=4.0)
+    wait_calls(cluster, 1)
+    pool.send_signal(signal.SIGTERM)
+    wait_until(lambda: _shutdown_requested(cluster), timeout_s=10)  # the first one landed
+    pool.send_signal(signal.SIGTERM)
+    assert pool.wait(timeout=30) == 1
+    cluster.start_workers(1)
+
+    trials = cluster.check(name, complete=1, cap=1, failed=1)
+    lost = next(t for t in trials if t.state is TrialState.FAIL)  # killed: it never finished
+    assert lost.user_attrs[FAIL_REASON_ATTR] == "worker_lost"
+    assert "second SIGTERM" in lost.user_attrs[FAIL_ERROR_ATTR]
+    retry = next(t for t in trials if t.user_attrs.get(RETRY_OF_ATTR) == lost.number)
+    assert retry.params == lost.params and retry.state is TrialState.COMPLETE
