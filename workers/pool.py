@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from types import FrameType
@@ -95,6 +96,7 @@ def _child_main(
     which then stops each child exactly once (a second signal would be RQ's cold shutdown), and
     so a timeout kills whatever the objective started too."""
     os.setpgid(0, 0)
+    _die_with_parent()
     logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("rq").setLevel(logging.WARNING)  # one line per trial is ours to write
     runner.serve(settings.modules)
@@ -111,6 +113,29 @@ def _child_main(
         name=name,
     )
     worker.work(logging_level="WARNING")
+
+
+def _die_with_parent() -> None:
+    """Without its supervising parent nobody renews this worker's leases: every trial it ran
+    would be retried elsewhere. So it dies with the parent: the kernel kills it on Linux (even
+    inside C code); elsewhere a thread watches the parent and exits."""
+    parent = multiprocessing.parent_process()
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0:
+            if parent is not None and not parent.is_alive():  # it died before we asked
+                os._exit(1)
+            return
+    if parent is not None:
+
+        def watch() -> None:
+            multiprocessing.connection.wait([parent.sentinel])
+            os._exit(1)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _wait_for_redis(connection: redis.Redis) -> None:

@@ -311,6 +311,16 @@ class Cluster:
         samples = self.samples()
         assert samples, "no objective ever ran"
         assert max(samples) <= cap, samples
+        reasons = collections.Counter(
+            str(t.user_attrs.get("fail_reason")) for t in trials if t.state is TrialState.FAIL
+        )
+        print(  # the figures behind each case, for `pytest tests/faults -v -s`
+            f"\n  {len(trials)} trials: {states[TrialState.COMPLETE]} COMPLETE, "
+            f"{states[TrialState.FAIL]} FAIL {dict(reasons)}, "
+            f"{sum(1 for t in trials if 'retry_of' in t.user_attrs)} retries, "
+            f"{self.dropped()} stale results dropped, {sum(self.calls().values())} objective "
+            f"calls, running at once <= {max(samples)} (cap {cap}, {len(samples)} samples)"
+        )
         return trials
 
 

@@ -46,7 +46,7 @@ def test_a_worker_killed_with_its_whole_process_tree_is_lost_within_the_lease_tt
     assert retry.user_attrs[ATTEMPT_ATTR] == 2
     assert cluster.calls()[repr(lost.params["x"])] == 2  # the killed call, and the retry
     detected_s = lost.datetime_complete.timestamp() - killed_at
-    print(f"\ncase 1: lost {detected_s:.2f}s after SIGKILL (lease TTL {LEASE_TTL_S:g}s)")
+    print(f"\n  lost {detected_s:.2f}s after SIGKILL (lease TTL {LEASE_TTL_S:g}s)")
     assert detected_s > 0
 
 
@@ -56,6 +56,7 @@ def test_killing_only_the_process_running_the_objective(cluster: Cluster) -> Non
     name = cluster.submit("steady", n_trials=6, concurrency=2, hold_s=1.0)
     wait_calls(cluster, 1)
     pid, _parent = cluster.started()[0]
+    killed_at = time.time()
     kill_tree([pid])
 
     trials = cluster.check(name, complete=6, cap=2, failed=1)
@@ -67,6 +68,8 @@ def test_killing_only_the_process_running_the_objective(cluster: Cluster) -> Non
     )
     assert retries[lost.number].params == lost.params
     assert pool.poll() is None, "the pool itself lives on, with a new worker process"
+    detected_s = lost.datetime_complete.timestamp() - killed_at
+    print(f"\n  lost {detected_s:.3f}s after SIGKILL: reported by the pool, not the lease")
 
 
 def test_a_frozen_worker_past_its_lease_is_retried_and_its_late_result_dropped(
@@ -151,3 +154,19 @@ def test_python_code_past_its_timeout_is_stopped_without_killing_the_worker(
     assert {t.user_attrs[FAIL_REASON_ATTR] for t in trials} == {"timeout"}
     (first, _), (second, _) = cluster.started()
     assert first == second and running_pid(first), "RQ's alarm stopped it: same process"
+
+
+def test_workers_die_with_their_pool_so_no_worker_runs_unsupervised(cluster: Cluster) -> None:
+    cluster.start_broker()
+    pool = cluster.start_workers(1)
+    name = cluster.submit("steady", n_trials=2, concurrency=1, hold_s=1.0)
+    wait_calls(cluster, 1)
+    pid, parent = cluster.started()[0]
+    kill_tree([parent])  # the parent alone: nothing would renew its child's lease
+    assert pool.wait(timeout=10) == -signal.SIGKILL
+    wait_until(lambda: not running_pid(pid), timeout_s=10, message="the orphan worker lives")
+    cluster.start_workers(1)
+
+    trials = cluster.check(name, complete=2, cap=1, failed=1)
+    (lost,), retries = _lost_and_retries(trials)
+    assert retries[lost.number].params == lost.params
