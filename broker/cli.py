@@ -106,6 +106,14 @@ def workers(
             "how soon the broker notices a killed or frozen worker and retries its trial.",
         ),
     ] = DEFAULT_LEASE_TTL_S,
+    isolation: Annotated[
+        str,
+        typer.Option(
+            "--isolation",
+            help="process: each worker process runs trials one after another (fastest). "
+            "fork: a fresh fork per trial, as plain RQ does (nothing leaks between trials).",
+        ),
+    ] = "process",
 ) -> None:
     """Start COUNT worker processes that run trials of objectives from the --import modules.
 
@@ -129,6 +137,7 @@ def workers(
         max_message_bytes=signer.max_message_bytes,
         metrics_port=metrics_port,
         lease_ttl_s=lease_ttl,
+        isolation=isolation,
     )
     raise typer.Exit(WorkerPool(settings).run())
 

@@ -1,11 +1,17 @@
 """Start, supervise and stop N worker processes that serve trials from one RQ queue.
 
-Each process runs a `TrialWorker`: an RQ `SimpleWorker` (no fork per job: a trial costs no
-process start) that refuses any job but ours. The parent imports the served modules first, so a
-typo stops the command at once, then keeps N children alive, and supervises their trials
-(`workers.supervision`): it renews their leases, kills a trial past its timeout, and reports the
-trial of a child that died. A child that dies is restarted, with a growing backoff if it keeps
-dying (Redis down, say), so nothing spins.
+Each process runs a `TrialWorker` that refuses any job but ours. Two isolation modes:
+
+- `process` (default): an RQ `SimpleWorker` runs trials one after another in the worker
+  process itself: no fork per trial, the fastest; an objective that kills its process costs a
+  restart of that worker process.
+- `fork`: an RQ `Worker` forks a fresh work horse per trial, as plain RQ does: no state leaks
+  from one trial to the next (memory, globals, GPU contexts), at the cost of a fork per trial.
+
+The parent imports the served modules first, so a typo stops the command at once, then keeps N
+children alive, and supervises their trials (`workers.supervision`): it renews their leases,
+kills a trial past its timeout, and reports the trial of a process that died. A child that dies
+is restarted, with a growing backoff if it keeps dying (Redis down, say), so nothing spins.
 
 The first SIGTERM/SIGINT is passed on once: each child finishes its running trial (its lease
 still renewed), then exits. A second one kills the children at once; their trials are reported
@@ -32,13 +38,21 @@ from rq import Queue, SimpleWorker, Worker
 from rq.job import Job
 
 from broker.connection import connect
+from broker.errors import ConfigError
 from broker.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from broker.signing import Signer
 from workers import runner
 from workers.serializer import MsgpackSerializer
 from workers.supervision import DEFAULT_LEASE_TTL_S, ChildChannel, Supervisor
 
-__all__ = ["TrialWorker", "WorkerPool", "WorkerSettings", "trial_queue"]
+__all__ = [
+    "ISOLATION",
+    "ForkingTrialWorker",
+    "TrialWorker",
+    "WorkerPool",
+    "WorkerSettings",
+    "trial_queue",
+]
 
 log = logging.getLogger("optuna_rq.pool")
 
@@ -60,6 +74,11 @@ class WorkerSettings:
     metrics_port: int | None = None  # worker i serves Prometheus metrics on metrics_port + i
     lease_ttl_s: float = DEFAULT_LEASE_TTL_S
     max_restart_backoff_s: float = 10.0
+    isolation: str = "process"  # or "fork": see ISOLATION
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ISOLATION:
+            raise ConfigError(f"--isolation {self.isolation!r}: choose {' or '.join(ISOLATION)}")
 
 
 def trial_queue(connection: Any, name: str) -> Queue:
@@ -67,23 +86,62 @@ def trial_queue(connection: Any, name: str) -> Queue:
     return Queue(name, connection=connection, serializer=MsgpackSerializer)
 
 
+def _refused(worker: SimpleWorker | Worker, job: Job, queue: Queue) -> bool:
+    """Fail `job` unless it is one of our trials; True if it was refused."""
+    try:
+        func_name = job.func_name
+    except Exception as exc:  # data that is not msgpack: never unpickled, never run
+        why = f"job data does not decode: {type(exc).__name__}: {exc}"
+    else:
+        if func_name == runner.RUN_TRIAL:
+            return False
+        why = f"refused job function {func_name!r}: only trials run here"
+    log.error("job %s %s", job.id, why)
+    worker.handle_job_failure(job, queue, exc_string=why)
+    return True
+
+
 class TrialWorker(SimpleWorker):
-    """An RQ worker that runs our trial job function and nothing else."""
+    """An RQ worker that runs our trial job function, and nothing else, in its own process."""
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        try:
-            func_name = job.func_name
-        except Exception as exc:  # data that is not msgpack: never unpickled, never run
-            self._refuse(job, queue, f"job data does not decode: {type(exc).__name__}: {exc}")
-            return
-        if func_name != runner.RUN_TRIAL:
-            self._refuse(job, queue, f"refused job function {func_name!r}: only trials run here")
-            return
-        super().execute_job(job, queue)
+        if not _refused(self, job, queue):
+            super().execute_job(job, queue)
 
-    def _refuse(self, job: Job, queue: Queue, why: str) -> None:
-        log.error("job %s %s", job.id, why)
-        self.handle_job_failure(job, queue, exc_string=why)
+
+class ForkingTrialWorker(Worker):
+    """An RQ worker that runs our trial job function, and nothing else, in a fresh fork."""
+
+    _horse: int = 0  # the last work horse's pid, and how it ended (a wait status)
+    _horse_status: int | None = None
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        if _refused(self, job, queue):
+            return
+        self._horse_status = None
+        try:
+            super().execute_job(job, queue)
+        finally:
+            if self._horse_status:  # it died mid-trial: its supervisor reports the attempt
+                runner.horse_exited(self._horse, os.waitstatus_to_exitcode(self._horse_status))
+
+    def fork_work_horse(self, job: Job, queue: Queue) -> None:
+        super().fork_work_horse(job, queue)
+        self._horse = self.horse_pid
+
+    def wait_for_horse(self) -> tuple[int | None, int | None, Any]:
+        pid, status, rusage = super().wait_for_horse()
+        if pid:
+            self._horse_status = status
+        return pid, status, rusage
+
+    def setup_work_horse_signals(self) -> None:
+        super().setup_work_horse_signals()  # type: ignore[no-untyped-call]
+        _die_with_parent(check_parent=False)  # the fork does not inherit the death signal
+
+
+ISOLATION = {"process": TrialWorker, "fork": ForkingTrialWorker}
+"""--isolation: how a worker process runs its trials."""
 
 
 def _child_main(
@@ -106,7 +164,7 @@ def _child_main(
         runner.serve_metrics(settings.metrics_port + index)
     connection = connect(settings.redis_url)
     _wait_for_redis(connection)
-    worker = TrialWorker(
+    worker = ISOLATION[settings.isolation](
         [trial_queue(connection, settings.queue)],
         connection=connection,
         serializer=MsgpackSerializer,
@@ -115,11 +173,11 @@ def _child_main(
     worker.work(logging_level="WARNING")
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(*, check_parent: bool = True) -> None:
     """Without its supervising parent nobody renews this worker's leases: every trial it ran
     would be retried elsewhere. So it dies with the parent: the kernel kills it on Linux (even
     inside C code); elsewhere a thread watches the parent and exits."""
-    parent = multiprocessing.parent_process()
+    parent = multiprocessing.parent_process() if check_parent else None
     if sys.platform == "linux":
         import ctypes
 

@@ -109,6 +109,12 @@ def use_supervisor(channel: ChildChannel | None, lease_ttl_s: float) -> None:
     _lease_ttl_s = lease_ttl_s
 
 
+def horse_exited(pid: int, exitcode: int) -> None:
+    """Tell the supervising parent how a forked work horse ended, if it ended abnormally."""
+    if _channel is not None:
+        _channel.exited(pid, exitcode)
+
+
 class ObjectiveRefusedError(OptunaRQError):
     """The objective is not one this worker serves; nothing was imported."""
 

@@ -113,6 +113,10 @@ class ChildChannel:
     def ended(self, attempt: Attempt) -> None:
         self._writer.send(("end", attempt.job_id))
 
+    def exited(self, pid: int, exitcode: int) -> None:
+        """A forked work horse `pid` exited abnormally (its worker reaped it)."""
+        self._writer.send(("exit", (pid, exitcode)))
+
 
 class LeaseThread:
     """Renews one lease from a thread: for a worker run without a supervising parent (tests, or
@@ -153,6 +157,7 @@ class Supervisor:
         self.renew_every_s = lease_ttl_s / 4
         self.running: dict[int, Attempt] = {}  # child index -> its attempt
         self.timed_out: set[int] = set()  # children killed for their deadline
+        self._gone_since: dict[int, float] = {}  # attempts whose process exited, unexplained
         self._next_renewal = 0.0
         self._renew_failing = False
 
@@ -164,6 +169,11 @@ class Supervisor:
             current = self.running.get(index)
             if current is not None and current.job_id == body:
                 del self.running[index]
+        elif kind == "exit" and isinstance(body, tuple):
+            pid, exitcode = body
+            current = self.running.get(index)
+            if current is not None and current.pid == pid:
+                self._report(index, exitcode)
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until something is due: a renewal or a deadline."""
@@ -171,19 +181,28 @@ class Supervisor:
         due += [a.deadline for a in self.running.values() if a.deadline is not None]
         return max(0.0, min(due) - now) if due else 1.0
 
-    def tick(self, now: float, kill: dict[int, int]) -> None:
-        """Renew due leases; kill (by process group, from `kill`: index -> pgid) past deadlines."""
+    def tick(self, now: float, children: dict[int, int]) -> None:
+        """Renew due leases, kill the attempts past their deadline, and report the ones whose
+        process died while its worker lives on (a forked work horse). `children` maps each child
+        index to its pid: a child's own death is reported by `child_exited`, with its exit code.
+        """
         for index, attempt in list(self.running.items()):
+            if attempt.pid != children.get(index) and _gone(attempt.pid):
+                # Its worker reaps it and says how it ended ("exit"); if it does not say so
+                # within a second, report it without the exit code.
+                if now - self._gone_since.setdefault(index, now) >= 1.0:
+                    self._report(index, None)
+                continue
             deadline = attempt.deadline
             if deadline is not None and now >= deadline and index not in self.timed_out:
                 log.warning(
-                    "%s ran past its %gs timeout: killing worker process %d",
+                    "%s ran past its %gs timeout: killing its process %d",
                     attempt.describe(),
                     attempt.timeout_s,
                     attempt.pid,
                 )
                 self.timed_out.add(index)
-                _kill_group(kill.get(index, attempt.pid))
+                _kill_group(attempt.pid)  # it leads its own process group
         if self.running and now >= self._next_renewal:
             self._renew()
             self._next_renewal = now + self.renew_every_s
@@ -207,11 +226,16 @@ class Supervisor:
         self._renew_failing = False
 
     def child_exited(self, index: int, exitcode: int | None, *, cold: bool = False) -> None:
-        """Report the attempt a dead child was running: FAIL `timeout` if we killed it for its
-        deadline, else `worker_lost` (the broker retries it)."""
+        """Report the attempt a dead child was running, if any."""
+        self._report(index, exitcode, cold=cold)
+
+    def _report(self, index: int, exitcode: int | None, *, cold: bool = False) -> None:
+        """FAIL `timeout` if we killed it for its deadline, else `worker_lost` (the broker
+        retries it). Once per attempt: it leaves `running` here."""
         attempt = self.running.pop(index, None)
         timed_out = index in self.timed_out
         self.timed_out.discard(index)
+        self._gone_since.pop(index, None)
         if attempt is None:
             return
         if timed_out:
@@ -257,7 +281,7 @@ def deliver(
 
 def describe_exit(exitcode: int | None) -> str:
     if exitcode is None:
-        return "vanished"
+        return "died"
     if exitcode < 0:
         try:
             return f"was killed by {signal.Signals(-exitcode).name}"
@@ -277,6 +301,23 @@ def _kill_group(pgid: int) -> None:
             os.kill(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _gone(pid: int) -> bool:
+    """True if `pid` has exited (a zombie counts: it runs nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[-1].split()[0] in (b"Z", b"X")
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):  # no /proc here: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
 
 def _is_stopped(pid: int) -> bool:

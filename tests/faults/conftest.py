@@ -39,6 +39,9 @@ from tests.worker_processes import cli, cli_env
 LEASE_TTL_S = 2.0
 """The workers' lease TTL in these tests: a lost worker is noticed within about this long."""
 
+BOTH_ISOLATIONS = pytest.mark.parametrize("isolation", ["process", "fork"])
+"""For the cases that differ between a worker running trials itself and forking per trial."""
+
 _FINISHING_STATES = {TrialState.COMPLETE.value, TrialState.PRUNED.value, TrialState.FAIL.value}
 
 
@@ -154,11 +157,11 @@ class Cluster:
         assert process.poll() is None, f"the broker exited with {process.returncode}"
         return process
 
-    def start_workers(self, count: int) -> subprocess.Popen[bytes]:
+    def start_workers(self, count: int, isolation: str = "process") -> subprocess.Popen[bytes]:
         before = self._registered()
         process = self._popen(
             ["workers", "--count", str(count), "--import", "tests.fault_objectives"]
-            + ["--lease-ttl", str(LEASE_TTL_S)]
+            + ["--lease-ttl", str(LEASE_TTL_S), "--isolation", isolation]
         )
         self.pools.append(process)
         wait_until(

@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from broker.dispatch import ATTEMPT_ATTR, RETRY_OF_ATTR
 from broker.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from tests.fault_objectives import running_pid
-from tests.faults.conftest import LEASE_TTL_S, Cluster, kill_tree, wait_calls
+from tests.faults.conftest import BOTH_ISOLATIONS, LEASE_TTL_S, Cluster, kill_tree, wait_calls
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -50,9 +50,10 @@ def test_a_worker_killed_with_its_whole_process_tree_is_lost_within_the_lease_tt
     assert detected_s > 0
 
 
-def test_killing_only_the_process_running_the_objective(cluster: Cluster) -> None:
+@BOTH_ISOLATIONS
+def test_killing_only_the_process_running_the_objective(cluster: Cluster, isolation: str) -> None:
     cluster.start_broker()
-    pool = cluster.start_workers(2)
+    pool = cluster.start_workers(2, isolation)
     name = cluster.submit("steady", n_trials=6, concurrency=2, hold_s=1.0)
     wait_calls(cluster, 1)
     pid, _parent = cluster.started()[0]
@@ -95,9 +96,12 @@ def test_a_frozen_worker_past_its_lease_is_retried_and_its_late_result_dropped(
     assert cluster.calls()[repr(lost.params["x"])] == 2  # the frozen call did finish, unheard
 
 
-def test_an_objective_that_exits_the_process_is_retried_then_fails(cluster: Cluster) -> None:
+@BOTH_ISOLATIONS
+def test_an_objective_that_exits_the_process_is_retried_then_fails(
+    cluster: Cluster, isolation: str
+) -> None:
     cluster.start_broker()
-    cluster.start_workers(2)
+    cluster.start_workers(2, isolation)
     name = cluster.submit("exits", n_trials=2, concurrency=2)
 
     trials = cluster.check(name, complete=0, cap=2, failed=6)  # 2 trials x 3 attempts
@@ -129,9 +133,12 @@ def test_the_cap_holds_while_a_fifth_of_the_attempts_are_killed(cluster: Cluster
     assert max(cluster.samples()) <= 4
 
 
-def test_a_process_stuck_in_c_code_is_killed_at_its_timeout(cluster: Cluster) -> None:
+@BOTH_ISOLATIONS
+def test_a_process_stuck_in_c_code_is_killed_at_its_timeout(
+    cluster: Cluster, isolation: str
+) -> None:
     cluster.start_broker()
-    cluster.start_workers(1)
+    cluster.start_workers(1, isolation)
     name = cluster.submit("stuck_in_c", n_trials=2, concurrency=1, extra=("--trial-timeout", "1"))
 
     trials = cluster.check(name, complete=0, cap=1, failed=2)

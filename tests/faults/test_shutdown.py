@@ -10,7 +10,7 @@ from rq import Worker
 
 from broker.dispatch import RETRY_OF_ATTR
 from broker.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
-from tests.faults.conftest import Cluster, wait_calls
+from tests.faults.conftest import BOTH_ISOLATIONS, Cluster, wait_calls
 from tests.helpers import wait_until
 from workers.pool import trial_queue
 
@@ -23,9 +23,12 @@ def _shutdown_requested(cluster: Cluster) -> bool:
     return any(w.shutdown_requested_date is not None for w in workers)
 
 
-def test_one_sigterm_lets_the_running_trial_finish_and_be_told(cluster: Cluster) -> None:
+@BOTH_ISOLATIONS
+def test_one_sigterm_lets_the_running_trial_finish_and_be_told(
+    cluster: Cluster, isolation: str
+) -> None:
     cluster.start_broker()
-    pool = cluster.start_workers(1)
+    pool = cluster.start_workers(1, isolation)
     name = cluster.submit("steady", n_trials=1, concurrency=1, hold_s=2.0)
     wait_calls(cluster, 1)
     pool.send_signal(signal.SIGTERM)
