@@ -34,3 +34,16 @@ def round_trips(trial) -> float:  # type: ignore[no-untyped-def]
 def started_at(x: float) -> float:
     """Returns when it started (epoch seconds): the benchmark measures dispatch latency with it."""
     return time.time()
+
+
+def raw_rq_job(done_key: str) -> None:
+    """A plain RQ job doing nothing but count itself done: the raw-RQ anchor's unit of work."""
+    from rq import get_current_job
+
+    get_current_job().connection.incr(done_key)  # type: ignore[union-attr]
+
+
+def raw_rq_sleep_50ms(done_key: str) -> None:
+    """A plain RQ job that sleeps 50 ms: raw RQ's scaling, the ceiling for one job per trial."""
+    time.sleep(0.05)
+    raw_rq_job(done_key)

@@ -2,8 +2,9 @@
 
     uv run --extra bench python -m benchmarks.run [--quick] [--reps N]
 
-Anchor: Optuna's own distributed mode as users run it today, N processes each calling
-`study.optimize` on a shared JournalRedis storage (the same redis-server). Writes
+Anchors: Optuna's own distributed mode as users run it today, N processes each calling
+`study.optimize` on a shared JournalRedis storage (the same redis-server); and, for the cost of
+the queue itself, raw RQ running no-op jobs with its SimpleWorker and its forking Worker. Writes
 benchmarks/report.md, benchmarks/report.json and benchmarks/scaling.png. Every figure is the
 median of `--reps` repetitions, and each workload reports its ratio to the anchor.
 """
@@ -44,7 +45,7 @@ SLEEP_S = 0.05
 class OurWorkers:
     """`optuna-rq workers --count N` on a queue of its own, ready when every worker registered."""
 
-    def __init__(self, url: str, count: int) -> None:
+    def __init__(self, url: str, count: int, isolation: str = "process") -> None:
         self.url, self.count, self.queue = url, count, f"bench{count}-{time.monotonic_ns()}"
         self.process = subprocess.Popen(
             [
@@ -60,6 +61,8 @@ class OurWorkers:
                 "benchmarks.objectives",
                 "--count",
                 str(count),
+                "--isolation",
+                isolation,
                 "--log-level",
                 "WARNING",
             ],
@@ -141,6 +144,52 @@ def native(
     return {"trials_per_s": n_trials / (time.perf_counter() - started)}
 
 
+_RAW_WORKER = """
+import sys
+from rq import SimpleWorker, Worker, Queue
+from redis import Redis
+conn = Redis.from_url(sys.argv[1])
+cls = SimpleWorker if sys.argv[3] == "simple" else Worker
+worker = cls([Queue(sys.argv[2], connection=conn)], connection=conn)
+worker.work(logging_level="WARNING")
+"""
+
+
+def raw_rq(
+    url: str, workers: int, worker_class: str, n_jobs: int, job: str = "raw_rq_job"
+) -> dict[str, float]:
+    """The queue's own cost: `workers` plain RQ workers of `worker_class` ("simple" or "fork"),
+    started and registered first, then `n_jobs` jobs (pickle, RQ's defaults) enqueued at once;
+    timed until the last one counted itself done."""
+    from rq import Queue
+
+    conn = redis.Redis.from_url(url)
+    queue = Queue(f"raw-{time.monotonic_ns()}", connection=conn)
+    done_key = f"{queue.name}:done"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    args = [sys.executable, "-c", _RAW_WORKER, url, queue.name, worker_class]
+    processes = [subprocess.Popen(args, env=env) for _ in range(workers)]
+    try:
+        while Worker.count(connection=conn, queue=queue) < workers:
+            time.sleep(0.05)
+        started = time.perf_counter()
+        with conn.pipeline() as pipe:
+            for _ in range(n_jobs):
+                queue.enqueue_call(
+                    f"benchmarks.objectives.{job}", args=(done_key,), result_ttl=0, pipeline=pipe
+                )
+            pipe.execute()
+        while int(conn.get(done_key) or 0) < n_jobs:
+            time.sleep(0.002)
+        wall = time.perf_counter() - started
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=60)
+    return {"jobs_per_s": n_jobs / wall}
+
+
 def _sampler(name: str) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler() if name == "random" else optuna.samplers.TPESampler()
 
@@ -166,7 +215,14 @@ def overhead(url: str, reps: int, n_trials: int) -> dict[str, Any]:
         ours_ = _repeat(reps, lambda: ours(url, workers, "noop", n_trials, "random"))
     finally:
         workers.stop()
+    forking = OurWorkers(url, 2, isolation="fork")
+    try:
+        ours_fork = _repeat(reps, lambda: ours(url, forking, "noop", n_trials // 4, "random"))
+    finally:
+        forking.stop()
     anchor = _repeat(reps, lambda: native(url, 2, "noop", n_trials, "random"))
+    raw_simple = _repeat(reps, lambda: raw_rq(url, 2, "simple", n_trials))
+    raw_fork = _repeat(reps, lambda: raw_rq(url, 2, "fork", n_trials // 4))
     # What the sampler alone costs per trial, in-process: the broker's CPU beyond it is ours.
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler())
     cpu = time.process_time()
@@ -176,9 +232,14 @@ def overhead(url: str, reps: int, n_trials: int) -> dict[str, Any]:
     sampler_ms = (time.process_time() - cpu) * 1000 / n_trials
     return {
         "ours": ours_,
+        "ours_fork": ours_fork,
         "native_2_processes": anchor,
+        "raw_rq_simple": raw_simple,
+        "raw_rq_fork": raw_fork,
         "sampler_cpu_ms_per_trial": sampler_ms,
         "ratio": ours_["trials_per_s"] / anchor["trials_per_s"],
+        "fork_ratio_to_raw_rq_fork": ours_fork["trials_per_s"] / raw_fork["jobs_per_s"],
+        "ratio_to_raw_rq_simple": ours_["trials_per_s"] / raw_simple["jobs_per_s"],
     }
 
 
@@ -191,6 +252,9 @@ def scaling(url: str, reps: int, n_trials: int, counts: list[int]) -> dict[str, 
         finally:
             workers.stop()
         anchor = _repeat(reps, lambda c=count: native(url, c, "sleep_50ms", n_trials, "tpe"))
+        raw = _repeat(
+            reps, lambda c=count: raw_rq(url, c, "simple", n_trials, job="raw_rq_sleep_50ms")
+        )
         ideal = count / SLEEP_S
         rows.append(
             {
@@ -199,6 +263,7 @@ def scaling(url: str, reps: int, n_trials: int, counts: list[int]) -> dict[str, 
                 "ours_efficiency": ours_["trials_per_s"] / ideal,
                 "native_trials_per_s": anchor["trials_per_s"],
                 "native_efficiency": anchor["trials_per_s"] / ideal,
+                "raw_rq_efficiency": raw["jobs_per_s"] / ideal,
                 "ratio": ours_["trials_per_s"] / anchor["trials_per_s"],
             }
         )
@@ -245,8 +310,20 @@ def write_report(results: dict[str, Any]) -> None:
         "",
         "| | trials/s | ratio |",
         "|---|---|---|",
-        f"| optuna-rq | {o['ours']['trials_per_s']:.0f} | {o['ratio']:.2f}x |",
+        f"| optuna-rq (`--isolation process`) | {o['ours']['trials_per_s']:.0f} "
+        f"| {o['ratio']:.2f}x |",
         f"| Optuna native, 2 processes | {o['native_2_processes']['trials_per_s']:.0f} | 1.00x |",
+        "",
+        "The queue's own cost: 2 plain RQ workers running no-op jobs (pickle, RQ's defaults).",
+        "",
+        "| | trials or jobs/s | ratio |",
+        "|---|---|---|",
+        f"| optuna-rq, `--isolation process` | {o['ours']['trials_per_s']:.0f} "
+        f"| {o['ratio_to_raw_rq_simple']:.2f}x |",
+        f"| raw RQ, SimpleWorker | {o['raw_rq_simple']['jobs_per_s']:.0f} | 1.00x |",
+        f"| optuna-rq, `--isolation fork` | {o['ours_fork']['trials_per_s']:.0f} "
+        f"| {o['fork_ratio_to_raw_rq_fork']:.2f}x |",
+        f"| raw RQ, forking Worker | {o['raw_rq_fork']['jobs_per_s']:.0f} | 1.00x |",
         "",
         f"Cost per trial: {o['ours']['commands_per_trial']:.1f} Redis commands; broker CPU "
         f"{o['ours']['broker_cpu_ms_per_trial']:.2f} ms per trial, of which the sampler alone "
@@ -254,18 +331,21 @@ def write_report(results: dict[str, Any]) -> None:
         "",
         "## Scaling: 50 ms objective, TPE",
         "",
-        "| workers | optuna-rq trials/s | efficiency | native trials/s | efficiency | ratio |",
-        "|---|---|---|---|---|---|",
+        "| workers | optuna-rq trials/s | efficiency | native trials/s | efficiency | ratio "
+        "| raw RQ efficiency |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in results["scaling"]["rows"]:
         lines.append(
             f"| {row['workers']} | {row['ours_trials_per_s']:.1f} | {row['ours_efficiency']:.2f} "
             f"| {row['native_trials_per_s']:.1f} | {row['native_efficiency']:.2f} "
-            f"| {row['ratio']:.2f}x |"
+            f"| {row['ratio']:.2f}x | {row['raw_rq_efficiency']:.2f} |"
         )
     lines += [
         "",
-        "Efficiency = trials/s / (workers / 0.05 s).",
+        "Efficiency = trials/s / (workers / 0.05 s). Raw RQ efficiency: plain RQ SimpleWorkers",
+        "running jobs that sleep 50 ms, no Optuna and no broker: the ceiling for one RQ job per",
+        "trial.",
         "",
         "![scaling](scaling.png)",
         "",
@@ -289,6 +369,14 @@ def _plot(rows: list[dict[str, float]]) -> None:
     for key, label in (("ours", "optuna-rq"), ("native", "Optuna native (JournalRedis)")):
         left.plot(counts, [r[f"{key}_trials_per_s"] for r in rows], marker="o", label=label)
         right.plot(counts, [r[f"{key}_efficiency"] for r in rows], marker="o", label=label)
+    right.plot(
+        counts,
+        [r["raw_rq_efficiency"] for r in rows],
+        marker="x",
+        linestyle="--",
+        color="grey",
+        label="raw RQ jobs (ceiling)",
+    )
     left.plot(counts, [c / SLEEP_S for c in counts], linestyle=":", color="grey", label="ideal")
     left.set(xlabel="workers", ylabel="trials/s", title="Throughput, 50 ms objective")
     right.set(xlabel="workers", ylabel="efficiency", title="Efficiency", ylim=(0, 1.05))
