@@ -52,6 +52,7 @@ __all__ = [
     "resolve_redis_url",
     "state_dir",
     "stop_embedded",
+    "wait_for_redis",
 ]
 
 ENV_REDIS_URL = "OPTUNA_RQ_REDIS_URL"
@@ -173,6 +174,41 @@ def connect(
         )
     except ValueError as exc:
         raise ConfigError(f"bad Redis URL {redact_url(url)!r}: {exc}") from exc
+
+
+def wait_for_redis(
+    conn: redis.Redis,
+    error: Exception,
+    *,
+    stop: Any | None = None,
+    max_backoff_s: float = 5.0,
+    give_up_s: float | None = None,
+) -> float | None:
+    """Ride out an outage that surfaced as `error`: PING with a doubling backoff until Redis
+    answers; returns how long it took (seconds), or None if `stop` (a threading.Event) was set.
+    Raises RedisUnavailableError after `give_up_s`, if given. Logs once at the start, then at
+    each retry, so a person watching sees what is going on without a flood."""
+    started = time.monotonic()
+    _logger.error("Redis is unreachable (%s); waiting for it, trials keep running", error)
+    delay_s = 0.25
+    while True:
+        if stop is not None and stop.wait(delay_s):
+            return None
+        if stop is None:
+            time.sleep(delay_s)
+        try:
+            conn.ping()
+            waited = time.monotonic() - started
+            _logger.info("Redis is back after %.1fs; carrying on", waited)
+            return waited
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            waited = time.monotonic() - started
+            if give_up_s is not None and waited >= give_up_s:
+                raise RedisUnavailableError(
+                    f"Redis has been unreachable for {waited:.0f}s, giving up: {exc}"
+                ) from exc
+            _logger.warning("Redis still unreachable after %.0fs: %s", waited, exc)
+            delay_s = min(delay_s * 2, max_backoff_s)
 
 
 def ping_or_raise(conn: redis.Redis, url: str, *, timeout_s: float = 2.0) -> None:

@@ -34,7 +34,7 @@ import redis
 from optuna.trial import TrialState
 from rq import Worker
 
-from broker.connection import key
+from broker.connection import key, wait_for_redis
 from broker.dispatch import Dispatcher, StudyRun, count_refusal
 from broker.errors import ConfigError, OptunaRQError, ProtocolError
 from broker.metrics import BrokerMetrics
@@ -310,24 +310,14 @@ class Daemon:
     def _ride_out_outage(self, error: Exception, stop: threading.Event) -> None:
         """Wait for Redis with backoff, then carry on: running trials go on meanwhile, their
         results wait in the stream. Raises RedisDataLostError if Redis came back empty."""
-        started = time.monotonic()
-        log.error("Redis is unreachable (%s); waiting for it, trials keep running", error)
-        delay_s = 0.25
-        while not stop.wait(delay_s):
-            try:
-                self.connection.ping()
-                break
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning(
-                    "Redis still unreachable after %.0fs: %s", time.monotonic() - started, exc
-                )
-                delay_s = min(delay_s * 2, self.settings.max_outage_backoff_s)
-        if stop.is_set():
+        waited = wait_for_redis(
+            self.connection, error, stop=stop, max_backoff_s=self.settings.max_outage_backoff_s
+        )
+        if waited is None:
             return
         self._check_epoch(self.connection.get(self.keys.epoch))  # type: ignore[arg-type]
         self._keep_lock(force=True)
         self.dispatcher.after_outage()
-        log.info("Redis is back after %.1fs; carrying on", time.monotonic() - started)
 
     def _check_epoch(self, current: bytes | None) -> None:
         if current != self.epoch:

@@ -29,6 +29,7 @@ import redis
 from optuna.trial import TrialState
 
 from broker import failpoints
+from broker.connection import wait_for_redis
 from broker.errors import ConfigError, ProtocolError
 from broker.leases import LeaseWatch, Watched
 from broker.objectives import parse_objective_path
@@ -535,14 +536,26 @@ class Dispatcher:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def run_until_done(self, stop: threading.Event | None = None, poll_s: float = 0.5) -> None:
-        """Refill and poll until every study has told its budget, or `stop` is set."""
+    def run_until_done(
+        self,
+        stop: threading.Event | None = None,
+        poll_s: float = 0.5,
+        give_up_after_s: float = 600.0,
+    ) -> None:
+        """Refill and poll until every study has told its budget, or `stop` is set. A Redis
+        outage is ridden out (trials keep running on the workers, their results wait); one
+        longer than `give_up_after_s` raises RedisUnavailableError."""
+        stop = stop or threading.Event()
         while not all(run.done for run in self.runs.values()):
-            if stop is not None and stop.is_set():
+            if stop.is_set():
                 self.cancel_outstanding()
                 return
-            self.refill()
-            self.poll(poll_s)
+            try:
+                self.refill()
+                self.poll(poll_s)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if wait_for_redis(self.connection, exc, stop=stop, give_up_s=give_up_after_s):
+                    self.after_outage()
 
     def cancel_outstanding(self) -> None:
         """Withdraw queued jobs and end every outstanding trial FAIL with reason `cancelled`."""

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
+from broker import Optimizer, suggest
 from broker.dispatch import RETRY_OF_ATTR
 from broker.verdict import FAIL_REASON_ATTR
-from tests.faults.conftest import Cluster, RedisServer
+from tests.faults.conftest import Cluster, RedisServer, wait_calls
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -56,3 +60,42 @@ def test_a_redis_back_empty_stops_the_broker_naming_the_cause(
     tells = cluster.tells()
     assert all(tells[t._trial_id] == 1 for t in trials)
     assert not cluster.conn.exists(f"{cluster.prefix}:status"), "the broker wrote on"
+
+
+def test_the_python_api_rides_out_a_redis_outage(
+    cluster: Cluster, aof_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="broker.connection")
+    cluster.start_workers(2)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler())
+    optimizer = Optimizer(
+        "tests.fault_objectives:steady",
+        concurrency=2,
+        n_trials=10,
+        study=study,
+        redis_url=aof_redis.url,
+        queue=cluster.prefix,
+    )
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            optimizer.run(
+                x=suggest.float(0, 1), redis_url=aof_redis.url, key=cluster.key, hold_s=0.3
+            )
+        except BaseException as exc:  # the test thread reports it
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_calls(cluster, 3)
+    aof_redis.kill()
+    time.sleep(5.0)  # the outage itself
+    aof_redis.start()
+    thread.join(timeout=120)
+
+    assert not thread.is_alive() and not errors, errors
+    assert any("Redis is back" in r.getMessage() for r in caplog.records), "no outage seen"
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 10, states
+    assert TrialState.RUNNING not in states
