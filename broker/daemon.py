@@ -38,6 +38,7 @@ from broker.connection import key, wait_for_redis
 from broker.dispatch import Dispatcher, StudyRun, count_refusal
 from broker.errors import ConfigError, OptunaRQError, ProtocolError
 from broker.metrics import BrokerMetrics
+from broker.processes import exited
 from broker.protocol import decode_map
 from broker.signing import Signer
 from broker.studies import StudySpec, make_pruner, make_sampler, open_storage
@@ -161,15 +162,7 @@ def _died_here(holder: str) -> bool:
     if host != socket.gethostname() or not pid_text.isdigit():
         return False
     pid = int(pid_text)
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return pid == os.getpid() or exited(pid)
 
 
 def _now() -> str:

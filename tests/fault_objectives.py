@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import redis
 
 from broker.connection import connect
+from broker.processes import exited, stopped
 
 _connections: dict[str, redis.Redis] = {}
 
@@ -30,13 +31,8 @@ def _conn(url: str) -> redis.Redis:
 
 
 def running_pid(pid: int) -> bool:
-    """True if `pid` exists and runs: not a zombie, not stopped (a frozen worker runs nothing)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            state = stat.read().rsplit(b")", 1)[-1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in (b"Z", b"X", b"T", b"t")
+    """True if `pid` runs: not gone, not a zombie, not stopped (a frozen worker runs nothing)."""
+    return not exited(pid) and not stopped(pid)
 
 
 @contextmanager

@@ -37,7 +37,7 @@ import redis
 from rq import Queue, SimpleWorker, Worker
 from rq.job import Job
 
-from broker.connection import connect
+from broker.connection import connect, wait_for_redis
 from broker.errors import ConfigError
 from broker.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from broker.signing import Signer
@@ -199,15 +199,10 @@ def _die_with_parent(*, check_parent: bool = True) -> None:
 def _wait_for_redis(connection: redis.Redis) -> None:
     """Block until Redis answers, backing off: a worker started during an outage waits for it
     instead of dying and being restarted in a loop."""
-    delay_s = 0.5
-    while True:
-        try:
-            connection.ping()
-            return
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("Redis does not answer (retrying in %.1fs): %s", delay_s, exc)
-            time.sleep(delay_s)
-            delay_s = min(delay_s * 2, 10.0)
+    try:
+        connection.ping()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        wait_for_redis(connection, exc, max_backoff_s=10.0)
 
 
 @dataclass

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import redis
 
+from broker.connection import wait_for_redis
+from broker.processes import exited, stopped
 from broker.protocol import RESULT_FIELD, FailReason, Outcome, TrialRequest, TrialResult
 from broker.signing import Signer
 
@@ -187,7 +189,7 @@ class Supervisor:
         index to its pid: a child's own death is reported by `child_exited`, with its exit code.
         """
         for index, attempt in list(self.running.items()):
-            if attempt.pid != children.get(index) and _gone(attempt.pid):
+            if attempt.pid != children.get(index) and exited(attempt.pid):
                 # Its worker reaps it and says how it ended ("exit"); if it does not say so
                 # within a second, report it without the exit code.
                 if now - self._gone_since.setdefault(index, now) >= 1.0:
@@ -210,7 +212,7 @@ class Supervisor:
     def _renew(self) -> None:
         pipe = self.connection.pipeline(transaction=False)
         for attempt in self.running.values():
-            if _is_stopped(attempt.pid):  # a frozen worker must not hold on to its trial
+            if stopped(attempt.pid):  # a frozen worker must not hold on to its trial
                 continue
             # SET, not PEXPIRE: a lease that lapsed during a Redis outage comes back.
             pipe.set(attempt.lease, attempt.holder, px=self.ttl_ms)
@@ -264,7 +266,6 @@ def deliver(
     A retry after a reply lost in transit may append the result twice; the broker tells the first
     and drops the second as stale.
     """
-    delay_s = 0.5
     while True:
         try:
             pipe = connection.pipeline(transaction=False)
@@ -274,9 +275,7 @@ def deliver(
             pipe.execute()
             return
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("cannot deliver a result (retrying in %.1fs): %s", delay_s, exc)
-            time.sleep(delay_s)
-            delay_s = min(delay_s * 2, 10.0)
+            wait_for_redis(connection, exc, max_backoff_s=10.0)
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -301,30 +300,3 @@ def _kill_group(pgid: int) -> None:
             os.kill(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def _gone(pid: int) -> bool:
-    """True if `pid` has exited (a zombie counts: it runs nothing)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[-1].split()[0] in (b"Z", b"X")
-    except FileNotFoundError:
-        return True
-    except (OSError, IndexError):  # no /proc here: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-
-
-def _is_stopped(pid: int) -> bool:
-    """True if `pid` is stopped (SIGSTOP) or traced; False where /proc cannot tell."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[-1].split()
-    except OSError:
-        return False
-    return bool(fields) and fields[0] in (b"T", b"t")
