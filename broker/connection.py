@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -188,14 +189,13 @@ def wait_for_redis(
     answers; returns how long it took (seconds), or None if `stop` (a threading.Event) was set.
     Raises RedisUnavailableError after `give_up_s`, if given. Logs once at the start, then at
     each retry, so a person watching sees what is going on without a flood."""
+    stop = stop or threading.Event()
     started = time.monotonic()
     _logger.error("Redis is unreachable (%s); waiting for it, trials keep running", error)
     delay_s = 0.25
     while True:
-        if stop is not None and stop.wait(delay_s):
+        if stop.wait(delay_s):
             return None
-        if stop is None:
-            time.sleep(delay_s)
         try:
             conn.ping()
             waited = time.monotonic() - started

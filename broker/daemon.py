@@ -284,7 +284,7 @@ class Daemon:
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     self._ride_out_outage(exc, stop)
                 except redis.ResponseError:  # NOGROUP, say: first ask if Redis lost its data
-                    self._check_epoch(self.connection.get(self.keys.epoch))  # type: ignore[arg-type]
+                    self._check_epoch()
                     raise
         except RedisDataLostError:
             # Nothing more goes to this Redis; the storages learn that the trials it held are
@@ -308,11 +308,15 @@ class Daemon:
         )
         if waited is None:
             return
-        self._check_epoch(self.connection.get(self.keys.epoch))  # type: ignore[arg-type]
+        self._check_epoch()
         self._keep_lock(force=True)
         self.dispatcher.after_outage()
 
-    def _check_epoch(self, current: bytes | None) -> None:
+    def _check_epoch(self, current: Any = None, *, fetched: bool = False) -> None:
+        """Raise RedisDataLostError unless Redis still holds our epoch (`current`, when the
+        caller already `fetched` it in a pipeline)."""
+        if not fetched:
+            current = self.connection.get(self.keys.epoch)
         if current != self.epoch:
             raise RedisDataLostError(
                 f"Redis lost its data: the key {self.keys.epoch!r} the broker set at start is "
@@ -344,7 +348,7 @@ class Daemon:
         pipe.get(self.keys.epoch)
         pipe.lrange(self.keys.commands, 0, 99)
         epoch, raw_commands = pipe.execute()
-        self._check_epoch(epoch)
+        self._check_epoch(epoch, fetched=True)
         now = time.monotonic()
         self._keep_lock()
         self._apply_commands(raw_commands)

@@ -414,7 +414,6 @@ class Dispatcher:
         params again as a new trial while retries last (the budget unit passes to the retry)."""
         attempt = run.outstanding[number]
         self.lost_attempts += 1
-        self.leases.forget(self._job_id(run, number))
         started = time.perf_counter()
         if attempt > run.max_retries:
             error = f"{why}; not retried: {attempt} attempts, max retries {run.max_retries}"

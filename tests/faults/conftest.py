@@ -127,10 +127,11 @@ class Cluster:
         self.brokers: list[subprocess.Popen[bytes]] = []
         self.pools: list[subprocess.Popen[bytes]] = []
 
-    def _popen(self, args: list[str], **env: str) -> subprocess.Popen[bytes]:
+    def _popen(self, args: list[str], stderr: Any = None, **env: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             cli("--redis-url", self.server.url, "--prefix", self.prefix, *args),
             env=cli_env(OPTUNA_RQ_STATE_DIR=str(self.state), **env),
+            stderr=stderr,
         )
 
     # processes
@@ -143,11 +144,7 @@ class Cluster:
             process = self._popen(["broker"], **env)
         else:
             with open(log, "wb") as out:
-                process = subprocess.Popen(
-                    cli("--redis-url", self.server.url, "--prefix", self.prefix, "broker"),
-                    env=cli_env(OPTUNA_RQ_STATE_DIR=str(self.state), **env),
-                    stderr=out,
-                )
+                process = self._popen(["broker"], stderr=out, **env)
         self.brokers.append(process)
         wait_until(
             lambda: process.poll() is not None or self.conn.exists(f"{self.prefix}:broker"),
