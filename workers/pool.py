@@ -42,6 +42,7 @@ from broker.errors import ConfigError
 from broker.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from broker.signing import Signer
 from workers import runner
+from workers.bookkeeping import LeanBookkeeping
 from workers.serializer import MsgpackSerializer
 from workers.supervision import DEFAULT_LEASE_TTL_S, ChildChannel, Supervisor
 
@@ -101,7 +102,7 @@ def _refused(worker: SimpleWorker | Worker, job: Job, queue: Queue) -> bool:
     return True
 
 
-class TrialWorker(SimpleWorker):
+class TrialWorker(LeanBookkeeping, SimpleWorker):
     """An RQ worker that runs our trial job function, and nothing else, in its own process."""
 
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -109,7 +110,7 @@ class TrialWorker(SimpleWorker):
             super().execute_job(job, queue)
 
 
-class ForkingTrialWorker(Worker):
+class ForkingTrialWorker(LeanBookkeeping, Worker):
     """An RQ worker that runs our trial job function, and nothing else, in a fresh fork."""
 
     _horse: int = 0  # the last work horse's pid, and how it ended (a wait status)
@@ -140,7 +141,10 @@ class ForkingTrialWorker(Worker):
         _die_with_parent(check_parent=False)  # the fork does not inherit the death signal
 
 
-ISOLATION = {"process": TrialWorker, "fork": ForkingTrialWorker}
+ISOLATION: dict[str, type[SimpleWorker | Worker]] = {
+    "process": TrialWorker,
+    "fork": ForkingTrialWorker,
+}
 """--isolation: how a worker process runs its trials."""
 
 
