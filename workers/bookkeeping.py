@@ -10,7 +10,8 @@ time on a no-op trial). Most are bookkeeping that repeats itself between two job
   key alive at least as long: so never when a shorter TTL (a job's) was set since, and a worker
   about to block on an empty queue always leaves a full TTL behind it.
 - `set_state()` writes the worker's state even when it is already that state (IDLE is written
-  after each job and again before dequeueing): a repeat is skipped.
+  after each job and again before dequeueing): a repeat is skipped, and `job_done()` sends the
+  IDLE after a job together with the heartbeat.
 - `handle_execution_ended()` writes the job's `last_heartbeat` right before the job is deleted
   (`result_ttl=0`): it only guards RQ callbacks, which trial jobs do not have.
 
@@ -26,6 +27,7 @@ from typing import Any
 from rq.job import Job
 from rq.queue import Queue
 from rq.utils import now
+from rq.worker import WorkerStatus
 
 __all__ = ["HEARTBEAT_EVERY_S", "LeanBookkeeping"]
 
@@ -55,6 +57,13 @@ class LeanBookkeeping:
         if pipeline is None and state == self.get_state():  # type: ignore[attr-defined]
             return
         super().set_state(state, pipeline=pipeline)  # type: ignore[misc]
+
+    def job_done(self) -> None:
+        """After a job: IDLE, and a heartbeat, in one round trip."""
+        with self.connection.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
+            self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+            self.heartbeat(pipeline=pipe)
+            pipe.execute()
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         job.ended_at = now()

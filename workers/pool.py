@@ -106,8 +106,12 @@ class TrialWorker(LeanBookkeeping, SimpleWorker):
     """An RQ worker that runs our trial job function, and nothing else, in its own process."""
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        if not _refused(self, job, queue):
-            super().execute_job(job, queue)
+        if _refused(self, job, queue):
+            return
+        # SimpleWorker.execute_job, with the IDLE that follows a job sent with its heartbeat.
+        execution = self.prepare_execution(job)
+        self.perform_job(job, queue, execution)
+        self.job_done()
 
 
 class ForkingTrialWorker(LeanBookkeeping, Worker):
