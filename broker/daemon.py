@@ -296,6 +296,7 @@ class Daemon:
             raise
         finally:
             if not data_lost:
+                self.dispatcher.flush()
                 self.publish_status(force=True)
                 self.release()
                 log.info("broker stopped; running trials go on and are told by the next broker")

@@ -1,8 +1,10 @@
 """The dispatch loop: ask -> process -> enqueue; results -> tell -> acknowledge -> refill.
 
-The cap is exact: a study never has more than `concurrency` trials asked and not yet told. A
-result is told at most once (stale or repeated results are acknowledged, counted and dropped),
-and only then is its slot refilled.
+The cap is exact: a study never has more than `concurrency` trials sent to workers and not yet
+told. A result is told at most once (stale or repeated results are acknowledged, counted and
+dropped), and only then is its slot refilled. To keep the sampler off that path, each study at
+its cap asks one trial ahead (`ASK_AHEAD`): sampled while the workers run, RUNNING in the storage
+but not sent, it goes out the moment a slot frees, in the same round trip as the acknowledgement.
 
 An attempt whose worker is lost (its lease lapsed, or its worker reported it `worker_lost`) is
 told FAIL and, under the study's retry policy, its params run again as a new trial that records
@@ -59,6 +61,12 @@ log = logging.getLogger("optuna_rq.dispatch")
 
 GROUP = "broker"
 """The consumer group the broker reads results with."""
+
+ASK_AHEAD = 1
+"""Trials a study at its cap keeps asked and sampled, ready to send when a slot frees."""
+
+FINISHED_JOB_TTL_S = 10
+"""How long RQ keeps a trial's job once it finished (the result itself is in the stream)."""
 
 RETRY_OF_ATTR = "retry_of"
 """User attribute of a retry: the number of the trial whose lost attempt it runs again."""
@@ -127,7 +135,9 @@ class StudyRun:
     max_retries: int = 2  # re-runs of a trial whose worker was lost
     slots: int | None = None  # the fair share the daemon grants; None: the cap alone
     outstanding: dict[int, int] = field(default_factory=dict)  # trial number -> attempt
-    trials: dict[int, optuna.Trial] = field(default_factory=dict, repr=False)  # outstanding ones
+    # Asked ahead, not sent: attempt, and its request (None: built when sent).
+    ready: dict[int, tuple[int, bytes | None]] = field(default_factory=dict)
+    trials: dict[int, optuna.Trial] = field(default_factory=dict, repr=False)  # both of those
     enqueued_at: dict[int, float] = field(default_factory=dict, repr=False)  # epoch seconds
     unsent: set[int] = field(default_factory=set)  # outstanding, not known to be enqueued
     asked: int = 0  # budget spent: trials asked that are not retries
@@ -147,7 +157,7 @@ class StudyRun:
 
     @property
     def done(self) -> bool:
-        return self.asked >= self.n_trials and not self.outstanding
+        return self.asked >= self.n_trials and not self.outstanding and not self.ready
 
     @property
     def limit(self) -> int:
@@ -157,7 +167,8 @@ class StudyRun:
     @property
     def demand(self) -> int:
         """Slots this study could use now: its cap, or fewer near the end of its budget."""
-        return min(self.concurrency, self.n_trials - self.asked + len(self.outstanding))
+        left = self.n_trials - self.asked + len(self.outstanding) + len(self.ready)
+        return min(self.concurrency, left)
 
     def reattach(self) -> None:
         """Take over a study that already has trials: the ones that are not retries count
@@ -171,7 +182,7 @@ class StudyRun:
         retried = {t.user_attrs[RETRY_OF_ATTR] for t in trials if RETRY_OF_ATTR in t.user_attrs}
         asked = [t for t in trials if t.state is not TrialState.WAITING]
         self.asked = sum(1 for t in asked if RETRY_OF_ATTR not in t.user_attrs)
-        self.outstanding, self.trials = {}, {}
+        self.outstanding, self.ready, self.trials = {}, {}, {}
         for frozen in trials:
             if frozen.state is not TrialState.RUNNING:
                 continue
@@ -181,7 +192,7 @@ class StudyRun:
                 continue
             self.outstanding[frozen.number] = int(frozen.user_attrs.get(ATTEMPT_ATTR, 1))
             self.trials[frozen.number] = optuna.Trial(self.study, frozen._trial_id)
-        self.unsent = set(self.outstanding)
+        self.unsent = set(self.outstanding)  # the dispatcher sends them, or keeps them ready
 
 
 class Dispatcher:
@@ -221,6 +232,7 @@ class Dispatcher:
         self._next_lease_check = 0.0
         self._group_ready = False
         self._read_pending = True  # first read this consumer's unacknowledged results
+        self._acks: list[bytes] = []  # results told, acknowledged with the next sends
 
     def add(self, run: StudyRun) -> None:
         if run.name in self.runs:
@@ -248,26 +260,64 @@ class Dispatcher:
     # -- ask -> process -> enqueue -------------------------------------------------------------
 
     def refill(self) -> int:
-        """Launch trials until every study is at its cap or has asked its budget (first sending
-        the trials asked but not known to be enqueued: after a restart or an outage)."""
+        """Send trials until every study is at its cap or has asked its budget (first the trials
+        asked but not known to be enqueued: after a restart or an outage), then ask ahead. The
+        sends and the pending acknowledgements go to Redis in one round trip."""
         if any(run.unsent for run in self.runs.values()):
             self._send_unsent()
-        launched = 0
+        pipe = self.connection.pipeline(transaction=False)
+        sending: list[tuple[StudyRun, int]] = []
         for run in self.runs.values():
-            while len(run.outstanding) < run.limit and run.asked < run.n_trials:
-                self._launch(run)
-                launched += 1
-        return launched
+            while len(run.outstanding) < run.limit:
+                if run.ready:
+                    number = next(iter(run.ready))  # the oldest: asked first, sent first
+                    attempt, payload = run.ready.pop(number)
+                elif run.asked < run.n_trials:
+                    number, attempt, payload = self._ask(run), 1, None
+                else:
+                    break
+                run.outstanding[number] = attempt
+                run.unsent.add(number)
+                run.peak_outstanding = max(run.peak_outstanding, len(run.outstanding))
+                payload = payload or self._request(run, number)
+                if payload is not None:
+                    self._enqueue(run, number, payload, pipe)
+                    sending.append((run, number))
+        self._ack(pipe)
+        if len(pipe):
+            pipe.execute()  # on an outage, the sends stay unsent and the acks pending: redone
+        self._acks = []
+        now = time.time()
+        for run, number in sending:
+            run.unsent.discard(number)
+            run.enqueued_at[number] = now
+        self._ask_ahead()
+        return len(sending)
 
-    def _launch(self, run: StudyRun) -> None:
+    def _ask_ahead(self) -> None:
+        """Sample the next trials of the studies at their cap while their workers run."""
+        for run in self.runs.values():
+            while (
+                len(run.outstanding) >= run.limit
+                and len(run.ready) < ASK_AHEAD
+                and run.asked < run.n_trials
+            ):
+                number = self._ask(run)
+                payload = self._request(run, number)
+                if payload is not None:
+                    run.ready[number] = (1, payload)
+
+    def _ask(self, run: StudyRun) -> int:
         started = time.perf_counter()
         trial = run.study.ask()
         self.observer.asked(run.name, time.perf_counter() - started)
         run.asked += 1
+        run.trials[trial.number] = trial
         failpoints.hit("after_ask")
-        self._start(run, trial, attempt=1)
+        return trial.number
 
     def _start(self, run: StudyRun, trial: optuna.Trial, *, attempt: int) -> None:
+        """Send `trial` now (a retry: it takes the slot of the attempt it replaces)."""
         run.outstanding[trial.number] = attempt
         run.trials[trial.number] = trial
         run.peak_outstanding = max(run.peak_outstanding, len(run.outstanding))
@@ -275,10 +325,20 @@ class Dispatcher:
         self._send(run, trial.number)
 
     def _send(self, run: StudyRun, number: int) -> None:
-        """Enqueue the outstanding trial `number`: its params come from the trial itself (a
-        trial that already has them, after a restart, gets the same ones)."""
+        """Enqueue the outstanding trial `number` on its own."""
+        payload = self._request(run, number)
+        if payload is None:
+            return
+        self._enqueue(run, number, payload, None)
+        run.unsent.discard(number)
+        run.enqueued_at[number] = time.time()
+
+    def _request(self, run: StudyRun, number: int) -> bytes | None:
+        """The sealed request for trial `number`, its params sampled by `process` (a trial that
+        already has them, after a restart, gets the same ones). None if Optuna rejects the space:
+        the trial is then told FAIL, never left RUNNING."""
         trial = run.trials[number]
-        attempt = run.outstanding[number]
+        attempt = run.outstanding.get(number, 1)
         try:
             params = dict(process(trial, deepcopy(run.inputs)))
             request = TrialRequest(
@@ -290,40 +350,50 @@ class Dispatcher:
                 n_objectives=len(run.study.directions),
                 reply_to=self.reply_to,
             )
-            payload = self.signer.seal(request.encode())
-        except Exception as exc:  # a space Optuna rejects: the trial fails, never RUNNING
+            return self.signer.seal(request.encode())
+        except Exception as exc:
             log.error("study %r trial %d could not be sampled: %s", run.name, number, exc)
-            run.unsent.discard(number)
             self._finish(
                 run,
                 number,
                 Verdict(state=TrialState.FAIL, fail_reason="exception", error=str(exc)),
             )
-            return
+            return None
+
+    def _enqueue(self, run: StudyRun, number: int, payload: bytes, pipeline: Any) -> None:
         self.queue.enqueue_call(
             func=RUN_TRIAL,
             args=(payload,),
-            job_id=job_id(self.prefix, run.name, number, attempt),
+            job_id=self._job_id(run, number),
             timeout=math.ceil(run.trial_timeout_s) if run.trial_timeout_s else -1,
-            result_ttl=0,
+            # Kept briefly once finished (`rq info` shows them): deleting a job at once costs
+            # its worker seven more round trips (workers/bookkeeping.py).
+            result_ttl=FINISHED_JOB_TTL_S,
             failure_ttl=24 * 3600,
             description=f"{run.name} trial {number}",
+            pipeline=pipeline,
         )
-        run.unsent.discard(number)
-        run.enqueued_at[number] = time.time()
 
     def _send_unsent(self) -> None:
         """Enqueue the unsent trials whose job does not exist. Results are read first: a job
-        that finished while nobody watched is gone, and its result waits in the stream."""
+        that finished while nobody watched is gone, and its result waits in the stream. Beyond
+        the cap (a trial asked ahead before a restart) they wait, ready, for a slot."""
         self._drain()
         for run in self.runs.values():
             numbers = sorted(n for n in run.unsent if n in run.outstanding)
             pipe = self.connection.pipeline(transaction=False)
             for number in numbers:
                 pipe.exists(self.queue.job_class.key_for(self._job_id(run, number)))
+            missing = []
             for number, exists in zip(numbers, pipe.execute(), strict=True):
                 if exists:  # enqueued before the restart or the outage: it runs, or ran
                     run.unsent.discard(number)
+                else:
+                    missing.append(number)
+            for number in missing:
+                if len(run.outstanding) > run.limit:
+                    run.unsent.discard(number)
+                    run.ready[number] = (run.outstanding.pop(number), None)
                 else:
                     log.info("study %r: enqueueing trial %d again", run.name, number)
                     self._send(run, number)
@@ -354,6 +424,7 @@ class Dispatcher:
         self._ensure_group()
         response: Any = None
         if self._read_pending:
+            self.flush()  # told before an outage: not to be read (and dropped as stale) again
             # Results delivered to a broker that died before acknowledging them: tell them now.
             response = self.connection.xreadgroup(
                 GROUP, self.consumer, {self.reply_to: "0"}, count=256
@@ -380,13 +451,32 @@ class Dispatcher:
                     self._serve_call(fields[CALL_FIELD])
                 else:
                     handled += self._handle(fields.get(RESULT_FIELD, b""), entry_id)
-        # Acknowledge only after telling: a broker that dies in between reads them again, and
-        # telling is idempotent.
-        pipe = self.connection.pipeline(transaction=False)
-        pipe.xack(self.reply_to, GROUP, *entry_ids)
-        pipe.xdel(self.reply_to, *entry_ids)
-        pipe.execute()
+        # Acknowledged only after telling: a broker that dies in between reads them again, and
+        # telling is idempotent. Where the told trials' slots are refilled, with those sends.
+        self._acks += entry_ids
+        if not self._will_send():
+            self.flush()
         return handled, len(entry_ids)
+
+    def _will_send(self) -> bool:
+        """Whether the next `refill` sends a trial (and so acknowledges the results read)."""
+        return any(
+            len(run.outstanding) < run.limit and (run.ready or run.asked < run.n_trials)
+            for run in self.runs.values()
+        )
+
+    def _ack(self, pipe: Any) -> None:
+        if self._acks:
+            pipe.xack(self.reply_to, GROUP, *self._acks)
+            pipe.xdel(self.reply_to, *self._acks)
+
+    def flush(self) -> None:
+        """Acknowledge the results told and not yet acknowledged."""
+        if self._acks:
+            pipe = self.connection.pipeline(transaction=False)
+            self._ack(pipe)
+            pipe.execute()
+            self._acks = []
 
     # -- lost workers -> retries ---------------------------------------------------------------
 
@@ -526,8 +616,11 @@ class Dispatcher:
 
     def _finish(self, run: StudyRun, number: int, verdict: Verdict) -> None:
         tell(run.study, number, verdict)
-        self.leases.forget(self._job_id(run, number))
-        del run.outstanding[number]  # its reply list, if any, expires by itself (no extra command)
+        if number in run.outstanding:
+            self.leases.forget(self._job_id(run, number))
+        # Its reply list, if any, expires by itself (no extra command).
+        run.outstanding.pop(number, None)
+        run.ready.pop(number, None)
         run.trials.pop(number, None)
         run.enqueued_at.pop(number, None)
         run.unsent.discard(number)
@@ -555,6 +648,7 @@ class Dispatcher:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if wait_for_redis(self.connection, exc, stop=stop, give_up_s=give_up_after_s):
                     self.after_outage()
+        self.flush()
 
     def cancel_outstanding(self) -> None:
         """Withdraw queued jobs and end every outstanding trial FAIL with reason `cancelled`."""
@@ -569,6 +663,7 @@ class Dispatcher:
             job = self.queue.fetch_job(job_id(self.prefix, run.name, number, attempt))
             if job is not None and job.get_status(refresh=False) == "queued":
                 job.cancel()
+        for number in [*run.outstanding, *run.ready]:
             self._finish(
                 run,
                 number,
@@ -583,7 +678,7 @@ class Dispatcher:
         """End every outstanding trial FAIL (`worker_lost`) without a word to Redis: for a broker
         that cannot go on, so that no trial is left RUNNING."""
         for run in self.runs.values():
-            for number in list(run.outstanding):
+            for number in [*run.outstanding, *run.ready]:
                 self._finish(run, number, _lost_verdict(error))
 
     def close(self) -> None:

@@ -32,7 +32,10 @@ class BrokerMetrics(DispatchObserver):
             registry=r,
         )
         self.outstanding = Gauge(
-            "optuna_rq_outstanding_trials", "Trials asked and not yet told.", ["study"], registry=r
+            "optuna_rq_outstanding_trials",
+            "Trials sent to workers and not yet told.",
+            ["study"],
+            registry=r,
         )
         self.cap = Gauge(
             "optuna_rq_concurrency_cap", "Each study's concurrency cap.", ["study"], registry=r

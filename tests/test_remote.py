@@ -10,6 +10,7 @@ import redis
 from optuna.trial import TrialState
 
 from broker import ConfigError, Optimizer, suggest
+from broker.dispatch import ASK_AHEAD
 from broker.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from tests import objectives
 
@@ -160,7 +161,7 @@ def test_cancelling_a_remote_run_leaves_no_trial_running(
 
     async def main() -> None:
         task = asyncio.create_task(opt(x=suggest.float(0, 1)))
-        while len(opt.study.trials) < 2:
+        while len(opt.study.trials) < 2 + ASK_AHEAD:  # two sent, one asked ahead
             await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -168,7 +169,7 @@ def test_cancelling_a_remote_run_leaves_no_trial_running(
 
     asyncio.run(main())
     trials = opt.study.trials
-    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+    assert [t.state for t in trials] == [TrialState.FAIL] * (2 + ASK_AHEAD)
     assert {t.user_attrs[FAIL_REASON_ATTR] for t in trials} == {"cancelled"}
     from rq import Queue
 

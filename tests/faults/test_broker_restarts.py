@@ -42,6 +42,21 @@ def test_a_broker_killed_and_restarted_re_attaches(cluster: Cluster, failpoint: 
     _each_called_once(cluster, 10)
 
 
+def test_a_trial_asked_ahead_waits_for_a_slot_after_a_restart(cluster: Cluster) -> None:
+    # More workers than the cap, so that sending one trial too many would show as four
+    # objectives running at once. The broker dies right after asking the fourth trial ahead:
+    # the restarted one finds four RUNNING, three of them enqueued, and holds the fourth back.
+    cluster.start_workers(4)
+    first = cluster.start_broker(failpoints="after_ask=4")
+    name = cluster.submit("steady", n_trials=6, concurrency=3, hold_s=2.0)
+    assert first.wait(timeout=60) == -signal.SIGKILL
+    assert len(cluster.trials(name)) == 4
+    cluster.start_broker()
+
+    cluster.check(name, complete=6, cap=3, failed=0)
+    _each_called_once(cluster, 6)
+
+
 def test_results_that_arrive_while_the_broker_is_down_are_told(cluster: Cluster) -> None:
     cluster.start_workers(3)
     broker = cluster.start_broker()
@@ -50,7 +65,7 @@ def test_results_that_arrive_while_the_broker_is_down_are_told(cluster: Cluster)
     broker.send_signal(signal.SIGKILL)
     assert broker.wait(timeout=10) == -signal.SIGKILL
     # The broker stays down until the three running trials have ended, their leases are gone,
-    # and RQ has forgotten their jobs (result_ttl=0): only the stream still has the results.
+    # and RQ has forgotten their jobs (FINISHED_JOB_TTL_S): only the stream has the results.
     results = f"{cluster.prefix}:results"
     wait_until(lambda: cluster.conn.xlen(results) >= 3, timeout_s=30)
     wait_until(lambda: not list(cluster.conn.scan_iter(match=f"{results}:lease:*")), timeout_s=30)
