@@ -3,15 +3,18 @@
     uv run --extra bench python -m benchmarks.run [--quick] [--reps N]
 
 Anchors: Optuna's own distributed mode as users run it today, N processes each calling
-`study.optimize` on a shared JournalRedis storage (the same redis-server); and, for the cost of
-the queue itself, raw RQ running no-op jobs with its SimpleWorker and its forking Worker. Writes
-benchmarks/report.md, benchmarks/report.json and benchmarks/scaling.png. Every figure is the
-median of `--reps` repetitions, and each workload reports its ratio to the anchor.
+`study.optimize` on a shared JournalRedis storage (the same redis-server); flytekitplugins-optuna
+1.16 in-process, the API we are a drop-in for (in an environment of its own, made by uv:
+benchmarks/flyte_anchor.py); and, for the cost of the queue itself, raw RQ running no-op jobs with
+its SimpleWorker and its forking Worker. Writes benchmarks/report.md, benchmarks/report.json and
+benchmarks/scaling.png. Every figure is the median of `--reps` repetitions, and each workload
+reports its ratio to the anchor.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -78,13 +81,18 @@ class OurWorkers:
 
 
 def ours(
-    url: str, workers: OurWorkers, objective: str, n_trials: int, sampler: str
+    url: str,
+    workers: OurWorkers,
+    objective: str,
+    n_trials: int,
+    sampler: str,
+    concurrency: int | None = None,
 ) -> dict[str, float]:
     conn = connect(url)
     study = optuna.create_study(sampler=_sampler(sampler))
     opt = Optimizer(
         f"benchmarks.objectives:{objective}",
-        concurrency=workers.count * 2,
+        concurrency=concurrency or workers.count,
         n_trials=n_trials,
         study=study,
         connection=conn,
@@ -190,6 +198,43 @@ def raw_rq(
     return {"jobs_per_s": n_jobs / wall}
 
 
+FLYTE_PLUGIN = "flytekitplugins-optuna==1.16.31"
+
+
+def flyte_plugin(reps: int, noop_trials: int, counts: list[int]) -> dict[str, Any]:
+    """flytekitplugins-optuna in-process, run by benchmarks/flyte_anchor.py in an environment of
+    its own (it pins another Optuna); {"skipped": why} where uv or the package is not to be had."""
+    uv = shutil.which("uv")
+    if uv is None:
+        return {"skipped": "uv is not on PATH"}
+    command = [uv, "run", "--no-project", "--quiet", "--with", FLYTE_PLUGIN, "python"]
+    command += [str(HERE / "flyte_anchor.py"), "--reps", str(reps)]
+    command += ["--noop-trials", str(noop_trials), "--workers", ",".join(map(str, counts))]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        return {"skipped": f"{FLYTE_PLUGIN} did not run: {done.stderr.strip()[-300:]}"}
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def in_process(reps: int, n_trials: int) -> dict[str, float]:
+    """optuna-rq's Optimizer in-process (no Redis), as flytekitplugins-optuna runs."""
+
+    def once() -> dict[str, float]:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler())
+        opt = Optimizer(
+            lambda trial: trial.suggest_float("x", 0, 1),
+            concurrency=2,
+            n_trials=n_trials,
+            study=study,
+        )
+        started = time.perf_counter()
+        opt.run()
+        return {"trials_per_s": n_trials / (time.perf_counter() - started)}
+
+    return _repeat(reps, once)
+
+
 def _sampler(name: str) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler() if name == "random" else optuna.samplers.TPESampler()
 
@@ -249,6 +294,13 @@ def scaling(url: str, reps: int, n_trials: int, counts: list[int]) -> dict[str, 
         workers = OurWorkers(url, count)
         try:
             ours_ = _repeat(reps, lambda w=workers: ours(url, w, "sleep_50ms", n_trials, "tpe"))
+            # A cap of twice the workers keeps a trial queued behind each running one.
+            queued = _repeat(
+                reps,
+                lambda w=workers, c=count: ours(
+                    url, w, "sleep_50ms", n_trials, "tpe", concurrency=2 * c
+                ),
+            )
         finally:
             workers.stop()
         anchor = _repeat(reps, lambda c=count: native(url, c, "sleep_50ms", n_trials, "tpe"))
@@ -261,6 +313,7 @@ def scaling(url: str, reps: int, n_trials: int, counts: list[int]) -> dict[str, 
                 "workers": count,
                 "ours_trials_per_s": ours_["trials_per_s"],
                 "ours_efficiency": ours_["trials_per_s"] / ideal,
+                "ours_cap_2x_efficiency": queued["trials_per_s"] / ideal,
                 "native_trials_per_s": anchor["trials_per_s"],
                 "native_efficiency": anchor["trials_per_s"] / ideal,
                 "raw_rq_efficiency": raw["jobs_per_s"] / ideal,
@@ -271,26 +324,49 @@ def scaling(url: str, reps: int, n_trials: int, counts: list[int]) -> dict[str, 
 
 
 def latency(url: str, n_trials: int) -> dict[str, float]:
-    """From ask (Optuna's datetime_start) to the objective starting, with an idle worker."""
+    """One worker, a no-op objective that returns when it started (epoch seconds):
+
+    - ask -> objective start, the worker idle: one-trial runs, so that nothing is asked ahead;
+    - one objective start -> the next, with a cap of 1: the cycle a worker waits through between
+      two trials (its result delivered, read, told, the next trial sent, dequeued, started).
+    """
     workers = OurWorkers(url, 1)
-    try:
+    connection = connect(url)
+
+    def run(n: int) -> list[optuna.trial.FrozenTrial]:
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler())
         Optimizer(
             "benchmarks.objectives:started_at",
             1,
-            n_trials,
+            n,
             study=study,
-            connection=connect(url),
+            connection=connection,
             queue=workers.queue,
         ).run(x=suggest.float(0, 1))
+        return sorted(study.trials, key=lambda t: t.number)
+
+    try:
+        singles = [trial for _ in range(n_trials // 2) for trial in run(1)]
+        steady = run(n_trials)
     finally:
         workers.stop()
-    delays = sorted(
+    ask_to_start = sorted(
         (t.value - t.datetime_start.timestamp()) * 1000
-        for t in study.trials
+        for t in singles
         if t.value is not None and t.datetime_start is not None
     )
-    return {"p50_ms": delays[len(delays) // 2], "p99_ms": delays[int(len(delays) * 0.99)]}
+    starts = [t.value for t in steady if t.value is not None]
+    cycle = sorted((b - a) * 1000 for a, b in itertools.pairwise(starts))
+    return {
+        "p50_ms": _percentile(ask_to_start, 0.5),
+        "p99_ms": _percentile(ask_to_start, 0.99),
+        "cycle_p50_ms": _percentile(cycle, 0.5),
+        "cycle_p99_ms": _percentile(cycle, 0.99),
+    }
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -298,13 +374,41 @@ def latency(url: str, n_trials: int) -> dict[str, float]:
 
 def write_report(results: dict[str, Any]) -> None:
     (HERE / "report.json").write_text(json.dumps(results, indent=2) + "\n")
-    o, lat = results["overhead"], results["latency"]
+    o, lat, flyte = results["overhead"], results["latency"], results["flyte_plugin"]
+    flyte_scaling = flyte.get("scaling", {})
     lines = [
         "# Benchmarks",
         "",
         f"{results['machine']}; `{results['command']}`; medians of {results['reps']} runs.",
         "Anchor: Optuna native, N processes calling `study.optimize` on one JournalRedis study on",
         "the same redis-server. Ratios are ours / anchor (higher is better).",
+        "",
+        "## Scaling: 50 ms objective, TPE",
+        "",
+        "| workers | optuna-rq trials/s | efficiency | efficiency, cap 2x workers "
+        "| native trials/s | efficiency | ratio | raw RQ efficiency "
+        "| flytekitplugins-optuna efficiency |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["scaling"]["rows"]:
+        plugin = flyte_scaling.get(str(row["workers"]))
+        lines.append(
+            f"| {row['workers']} | {row['ours_trials_per_s']:.1f} | {row['ours_efficiency']:.2f} "
+            f"| {row['ours_cap_2x_efficiency']:.2f} "
+            f"| {row['native_trials_per_s']:.1f} | {row['native_efficiency']:.2f} "
+            f"| {row['ratio']:.2f}x | {row['raw_rq_efficiency']:.2f} "
+            f"| {'n/a' if plugin is None else format(plugin['efficiency'], '.2f')} |"
+        )
+    lines += [
+        "",
+        "Efficiency = trials/s / (workers / 0.05 s). optuna-rq runs with the cap (`concurrency`)",
+        "equal to the workers, as native runs N processes; with twice that, a trial waits queued",
+        "behind each running one. Raw RQ efficiency: plain RQ SimpleWorkers running jobs that",
+        "sleep 50 ms, no Optuna and no broker. flytekitplugins-optuna: its Optimizer in-process,",
+        "`concurrency` = workers, an objective that holds its thread for 50 ms (as CPU-bound work",
+        "does).",
+        "",
+        "![scaling](scaling.png)",
         "",
         "## Overhead: no-op objective, RandomSampler, 2 workers",
         "",
@@ -329,36 +433,41 @@ def write_report(results: dict[str, Any]) -> None:
         f"{o['ours']['broker_cpu_ms_per_trial']:.2f} ms per trial, of which the sampler alone "
         f"(ask + tell in memory) is {o['sampler_cpu_ms_per_trial']:.2f} ms.",
         "",
-        "## Scaling: 50 ms objective, TPE",
+        "## The drop-in API, in-process: no-op objective, RandomSampler, concurrency 2",
         "",
-        "| workers | optuna-rq trials/s | efficiency | native trials/s | efficiency | ratio "
-        "| raw RQ efficiency |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for row in results["scaling"]["rows"]:
-        lines.append(
-            f"| {row['workers']} | {row['ours_trials_per_s']:.1f} | {row['ours_efficiency']:.2f} "
-            f"| {row['native_trials_per_s']:.1f} | {row['native_efficiency']:.2f} "
-            f"| {row['ratio']:.2f}x | {row['raw_rq_efficiency']:.2f} |"
-        )
+    ours_in = results["in_process"]["trials_per_s"]
+    if "skipped" in flyte:
+        lines += [f"flytekitplugins-optuna not measured: {flyte['skipped']}", ""]
+        lines += [f"optuna-rq in-process: {ours_in:.0f} trials/s.", ""]
+    else:
+        lines += [
+            "| | trials/s | ratio |",
+            "|---|---|---|",
+            f"| flytekitplugins-optuna {flyte['version']} (Optuna {flyte['optuna']}) "
+            f"| {flyte['noop_trials_per_s']:.0f} | 1.00x |",
+            f"| optuna-rq | {ours_in:.0f} | {ours_in / flyte['noop_trials_per_s']:.2f}x |",
+            "",
+            "In-process, a trial is an ask and a tell on an in-memory study in one thread: no",
+            "Redis, no other process. Neither runs objectives in parallel there (see the",
+            "scaling table); optuna-rq runs the same code on workers when given a Redis.",
+            "",
+        ]
     lines += [
+        "## Dispatch latency: one worker, a no-op objective",
         "",
-        "Efficiency = trials/s / (workers / 0.05 s). Raw RQ efficiency: plain RQ SimpleWorkers",
-        "running jobs that sleep 50 ms, no Optuna and no broker: the ceiling for one RQ job per",
-        "trial.",
-        "",
-        "![scaling](scaling.png)",
-        "",
-        "## Dispatch latency: ask to objective start, one idle worker",
-        "",
-        f"p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms.",
+        f"- Ask to objective start, the worker idle: p50 {lat['p50_ms']:.2f} ms, "
+        f"p99 {lat['p99_ms']:.2f} ms.",
+        f"- One objective start to the next, cap 1 (result delivered, read, told; next trial "
+        f"sent, dequeued, started): p50 {lat['cycle_p50_ms']:.2f} ms, "
+        f"p99 {lat['cycle_p99_ms']:.2f} ms.",
         "",
     ]
     (HERE / "report.md").write_text("\n".join(lines))
-    _plot(results["scaling"]["rows"])
+    _plot(results["scaling"]["rows"], flyte_scaling)
 
 
-def _plot(rows: list[dict[str, float]]) -> None:
+def _plot(rows: list[dict[str, float]], flyte_scaling: dict[str, dict[str, float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -377,6 +486,13 @@ def _plot(rows: list[dict[str, float]]) -> None:
         color="grey",
         label="raw RQ jobs (ceiling)",
     )
+    if flyte_scaling:
+        right.plot(
+            counts,
+            [flyte_scaling[str(c)]["efficiency"] for c in counts],
+            marker="s",
+            label="flytekitplugins-optuna in-process",
+        )
     left.plot(counts, [c / SLEEP_S for c in counts], linestyle=":", color="grey", label="ideal")
     left.set(xlabel="workers", ylabel="trials/s", title="Throughput, 50 ms objective")
     right.set(xlabel="workers", ylabel="efficiency", title="Efficiency", ylim=(0, 1.05))
@@ -407,10 +523,13 @@ def main() -> None:
                 url, reps, 40 if args.quick else 400, [1, 2] if args.quick else [1, 2, 4, 8]
             ),
             "latency": latency(url, 20 if args.quick else 200),
+            "in_process": in_process(reps, 200 if args.quick else 1000),
         }
     finally:
         stop_embedded(state)
         shutil.rmtree(state, ignore_errors=True)
+    counts = [row["workers"] for row in results["scaling"]["rows"]]
+    results["flyte_plugin"] = flyte_plugin(reps, 200 if args.quick else 1000, counts)
     write_report(results)
     print((HERE / "report.md").read_text())
 
