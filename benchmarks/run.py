@@ -255,19 +255,28 @@ def _repeat(reps: int, once: Callable[[], dict[str, float]]) -> dict[str, float]
 
 
 def overhead(url: str, reps: int, n_trials: int) -> dict[str, Any]:
+    """Each repetition runs every system once, in turn (see `scaling`)."""
+    runs: dict[str, list[dict[str, float]]] = {
+        "ours": [],
+        "fork": [],
+        "native": [],
+        "raw_simple": [],
+        "raw_fork": [],
+    }
     workers = OurWorkers(url, 2)
-    try:
-        ours_ = _repeat(reps, lambda: ours(url, workers, "noop", n_trials, "random"))
-    finally:
-        workers.stop()
     forking = OurWorkers(url, 2, isolation="fork")
     try:
-        ours_fork = _repeat(reps, lambda: ours(url, forking, "noop", n_trials // 4, "random"))
+        for _ in range(reps):
+            runs["ours"].append(ours(url, workers, "noop", n_trials, "random"))
+            runs["fork"].append(ours(url, forking, "noop", n_trials // 4, "random"))
+            runs["native"].append(native(url, 2, "noop", n_trials, "random"))
+            runs["raw_simple"].append(raw_rq(url, 2, "simple", n_trials))
+            runs["raw_fork"].append(raw_rq(url, 2, "fork", n_trials // 4))
     finally:
+        workers.stop()
         forking.stop()
-    anchor = _repeat(reps, lambda: native(url, 2, "noop", n_trials, "random"))
-    raw_simple = _repeat(reps, lambda: raw_rq(url, 2, "simple", n_trials))
-    raw_fork = _repeat(reps, lambda: raw_rq(url, 2, "fork", n_trials // 4))
+    ours_, ours_fork, anchor = _median(runs["ours"]), _median(runs["fork"]), _median(runs["native"])
+    raw_simple, raw_fork = _median(runs["raw_simple"]), _median(runs["raw_fork"])
     # What the sampler alone costs per trial, in-process: the broker's CPU beyond it is ours.
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler())
     cpu = time.process_time()
@@ -289,24 +298,30 @@ def overhead(url: str, reps: int, n_trials: int) -> dict[str, Any]:
 
 
 def scaling(url: str, reps: int, n_trials: int, counts: list[int]) -> dict[str, Any]:
+    """Each repetition runs every system once, in turn, so that a slow spell of the machine
+    does not fall on one of them alone."""
     rows = []
     for count in counts:
         workers = OurWorkers(url, count)
+        runs: dict[str, list[dict[str, float]]] = {
+            "ours": [],
+            "queued": [],
+            "native": [],
+            "raw": [],
+        }
         try:
-            ours_ = _repeat(reps, lambda w=workers: ours(url, w, "sleep_50ms", n_trials, "tpe"))
-            # A cap of twice the workers keeps a trial queued behind each running one.
-            queued = _repeat(
-                reps,
-                lambda w=workers, c=count: ours(
-                    url, w, "sleep_50ms", n_trials, "tpe", concurrency=2 * c
-                ),
-            )
+            for _ in range(reps):
+                runs["ours"].append(ours(url, workers, "sleep_50ms", n_trials, "tpe"))
+                # A cap of twice the workers keeps a trial queued behind each running one.
+                runs["queued"].append(
+                    ours(url, workers, "sleep_50ms", n_trials, "tpe", concurrency=2 * count)
+                )
+                runs["native"].append(native(url, count, "sleep_50ms", n_trials, "tpe"))
+                runs["raw"].append(raw_rq(url, count, "simple", n_trials, job="raw_rq_sleep_50ms"))
         finally:
             workers.stop()
-        anchor = _repeat(reps, lambda c=count: native(url, c, "sleep_50ms", n_trials, "tpe"))
-        raw = _repeat(
-            reps, lambda c=count: raw_rq(url, c, "simple", n_trials, job="raw_rq_sleep_50ms")
-        )
+        ours_, queued = _median(runs["ours"]), _median(runs["queued"])
+        anchor, raw = _median(runs["native"]), _median(runs["raw"])
         ideal = count / SLEEP_S
         rows.append(
             {

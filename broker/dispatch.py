@@ -14,6 +14,7 @@ counts trials that are not retries, so the budget is exact across broker restart
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -104,8 +105,12 @@ def job_id(prefix: str, study: str, trial_number: int, attempt: int) -> str:
 
     RQ allows only letters, digits, '-' and '_' in ids, so the prefix and study name are hashed.
     """
-    digest = hashlib.blake2b(f"{prefix}\0{study}".encode(), digest_size=8).hexdigest()
-    return f"orq-{digest}-{trial_number}-{attempt}"
+    return f"orq-{_study_digest(prefix, study)}-{trial_number}-{attempt}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _study_digest(prefix: str, study: str) -> str:
+    return hashlib.blake2b(f"{prefix}\0{study}".encode(), digest_size=8).hexdigest()
 
 
 def _fixed_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -615,7 +620,7 @@ class Dispatcher:
             pipe.execute()
 
     def _finish(self, run: StudyRun, number: int, verdict: Verdict) -> None:
-        tell(run.study, number, verdict)
+        tell(run.study, run.trials.get(number, number), verdict)
         if number in run.outstanding:
             self.leases.forget(self._job_id(run, number))
         # Its reply list, if any, expires by itself (no extra command).
