@@ -380,6 +380,35 @@ def latency(url: str, n_trials: int) -> dict[str, float]:
     }
 
 
+def remote_trial(url: str, trials: int) -> dict[str, float]:
+    """`should_prune` and `suggest_float` round trips from an objective on a worker (one worker,
+    an otherwise idle broker), against the same calls on a trial in-process; milliseconds."""
+    from benchmarks.objectives import round_trips
+
+    workers = OurWorkers(url, 1)
+    try:
+        remote = Optimizer(
+            "benchmarks.objectives:round_trips",
+            1,
+            trials,
+            connection=connect(url),
+            queue=workers.queue,
+        )
+        remote.run()
+    finally:
+        workers.stop()
+    local = optuna.create_study()
+    local.optimize(round_trips, n_trials=trials)
+    figures = {}
+    for where, study in (("remote", remote.study), ("in_process", local)):
+        for attr in ("should_prune_ms", "suggest_ms"):
+            samples = sorted(v for t in study.trials for v in t.user_attrs[attr])
+            name = f"{where}_{attr[:-3]}"
+            figures[f"{name}_p50_ms"] = _percentile(samples, 0.5)
+            figures[f"{name}_p99_ms"] = _percentile(samples, 0.99)
+    return figures
+
+
 def _percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
@@ -478,6 +507,26 @@ def write_report(results: dict[str, Any]) -> None:
         f"p99 {lat['cycle_p99_ms']:.2f} ms.",
         "",
     ]
+    rt = results["remote_trial"]
+    lines += [
+        "## Remote trial: an objective on a worker calling its trial",
+        "",
+        "| call | on a worker, p50 | p99 | in-process, p50 | p99 |",
+        "|---|---|---|---|---|",
+    ]
+    for call in ("should_prune", "suggest"):
+        lines.append(
+            f"| `{call}{'_float' if call == 'suggest' else ''}` "
+            f"| {rt[f'remote_{call}_p50_ms']:.3f} ms | {rt[f'remote_{call}_p99_ms']:.3f} ms "
+            f"| {rt[f'in_process_{call}_p50_ms']:.3f} ms "
+            f"| {rt[f'in_process_{call}_p99_ms']:.3f} ms |"
+        )
+    lines += [
+        "",
+        "On a worker, each call is a round trip through Redis to the broker, which runs it on the",
+        "study's real trial (one worker, an otherwise idle broker).",
+        "",
+    ]
     (HERE / "report.md").write_text("\n".join(lines))
     _plot(results["scaling"]["rows"], flyte_scaling)
 
@@ -539,6 +588,7 @@ def main() -> None:
             ),
             "latency": latency(url, 20 if args.quick else 200),
             "in_process": in_process(reps, 200 if args.quick else 1000),
+            "remote_trial": remote_trial(url, 1 if args.quick else 3),
         }
     finally:
         stop_embedded(state)
