@@ -548,7 +548,7 @@ def _plot(rows: list[dict[str, float]], flyte_scaling: dict[str, dict[str, float
         marker="x",
         linestyle="--",
         color="grey",
-        label="raw RQ jobs (ceiling)",
+        label="raw RQ, 50 ms jobs",
     )
     if flyte_scaling:
         right.plot(
