@@ -303,7 +303,7 @@ class Dispatcher:
         """Sample the next trials of the studies at their cap while their workers run."""
         for run in self.runs.values():
             while (
-                len(run.outstanding) >= run.limit
+                0 < run.limit <= len(run.outstanding)
                 and len(run.ready) < ASK_AHEAD
                 and run.asked < run.n_trials
             ):

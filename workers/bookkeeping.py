@@ -12,8 +12,11 @@ time on a no-op trial). Most are bookkeeping that repeats itself between two job
 - `set_state()` writes the worker's state even when it is already that state (IDLE is written
   after each job and again before dequeueing): a repeat is skipped, and `job_done()` sends the
   IDLE after a job together with the heartbeat.
-- `handle_execution_ended()` writes the job's `last_heartbeat` right before the job is deleted
-  (`result_ttl=0`): it only guards RQ callbacks, which trial jobs do not have.
+- `handle_execution_ended()` writes the job's `last_heartbeat` right before the job is marked
+  finished: it only guards RQ's success and failure callbacks, which trial jobs do not have.
+
+(The broker keeps a finished trial's job for a few seconds rather than having it deleted at
+once: RQ's delete reads the job's status and executions first, seven more round trips.)
 
 What RQ and its tools see is unchanged: job statuses, registries, the intermediate list, worker
 registration, `rq info`.

@@ -1,0 +1,53 @@
+"""LeanBookkeeping skips a worker heartbeat only while the worker key already lives as long."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from workers.pool import TrialWorker, trial_queue
+from workers.serializer import MsgpackSerializer
+
+
+@pytest.fixture
+def worker(conn: redis.Redis, prefix: str) -> Iterator[TrialWorker]:
+    worker = TrialWorker(
+        [trial_queue(conn, prefix)], connection=conn, serializer=MsgpackSerializer, name=prefix
+    )
+    worker.register_birth()
+    yield worker
+    worker.register_death()  # type: ignore[no-untyped-call]
+
+
+def test_a_heartbeat_right_after_a_full_one_sends_nothing(
+    worker: TrialWorker, conn: redis.Redis
+) -> None:
+    worker.heartbeat()
+    conn.expire(worker.key, 100)  # what the key would keep if nothing else were sent
+    worker.heartbeat()
+    assert 0 < conn.ttl(worker.key) <= 100
+
+
+def test_a_heartbeat_after_a_shorter_ttl_is_always_sent(
+    worker: TrialWorker, conn: redis.Redis
+) -> None:
+    full_ttl = worker.worker_ttl + 60
+    worker.heartbeat()
+    # RQ heartbeats with a job's TTL when it starts one (prepare_job_execution), in its pipeline.
+    with conn.pipeline() as pipe:
+        worker.heartbeat(65, pipeline=pipe)
+        pipe.execute()
+    assert conn.ttl(worker.key) <= 65
+    worker.heartbeat()  # before blocking on an empty queue: the key must outlive the wait
+    assert conn.ttl(worker.key) > full_ttl - 5
+
+
+def test_the_idle_after_a_job_is_written_once(worker: TrialWorker, conn: redis.Redis) -> None:
+    worker.set_state("busy")
+    worker.job_done()
+    assert conn.hget(worker.key, "state") == b"idle"
+    conn.hset(worker.key, "state", "tampered")
+    worker.set_state("idle")  # already idle, as far as the worker knows: not written again
+    assert conn.hget(worker.key, "state") == b"tampered"
