@@ -270,7 +270,9 @@ class Dispatcher:
         sends and the pending acknowledgements go to Redis in one round trip."""
         if any(run.unsent for run in self.runs.values()):
             self._send_unsent()
-        pipe = self.connection.pipeline(transaction=False)
+        # One MULTI/EXEC, as RQ's own enqueue is: a connection lost midway enqueues all or none,
+        # never a job saved but not pushed onto the queue (it would look queued forever).
+        pipe = self.connection.pipeline(transaction=True)
         sending: list[tuple[StudyRun, int]] = []
         for run in self.runs.values():
             while len(run.outstanding) < run.limit:
