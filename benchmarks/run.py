@@ -264,17 +264,19 @@ def overhead(url: str, reps: int, n_trials: int) -> dict[str, Any]:
         "raw_fork": [],
     }
     workers = OurWorkers(url, 2)
-    forking = OurWorkers(url, 2, isolation="fork")
     try:
-        for _ in range(reps):
-            runs["ours"].append(ours(url, workers, "noop", n_trials, "random"))
-            runs["fork"].append(ours(url, forking, "noop", n_trials // 4, "random"))
-            runs["native"].append(native(url, 2, "noop", n_trials, "random"))
-            runs["raw_simple"].append(raw_rq(url, 2, "simple", n_trials))
-            runs["raw_fork"].append(raw_rq(url, 2, "fork", n_trials // 4))
+        forking = OurWorkers(url, 2, isolation="fork")
+        try:
+            for _ in range(reps):
+                runs["ours"].append(ours(url, workers, "noop", n_trials, "random"))
+                runs["fork"].append(ours(url, forking, "noop", n_trials // 4, "random"))
+                runs["native"].append(native(url, 2, "noop", n_trials, "random"))
+                runs["raw_simple"].append(raw_rq(url, 2, "simple", n_trials))
+                runs["raw_fork"].append(raw_rq(url, 2, "fork", n_trials // 4))
+        finally:
+            forking.stop()
     finally:
         workers.stop()
-        forking.stop()
     ours_, ours_fork, anchor = _median(runs["ours"]), _median(runs["fork"]), _median(runs["native"])
     raw_simple, raw_fork = _median(runs["raw_simple"]), _median(runs["raw_fork"])
     # What the sampler alone costs per trial, in-process: the broker's CPU beyond it is ours.
