@@ -145,6 +145,11 @@ class ForkingTrialWorker(LeanBookkeeping, Worker):
         _die_with_parent(check_parent=False)  # the fork does not inherit the death signal
 
 
+MAINTENANCE_INTERVAL_S = 60
+"""How often RQ sweeps the queue's registries (one worker of all, under RQ's lock). A finished
+trial's job stays in RQ's finished registry until a sweep; RQ's default, 10 minutes, would let a
+fast study pile up hundreds of thousands of entries."""
+
 ISOLATION: dict[str, type[SimpleWorker | Worker]] = {
     "process": TrialWorker,
     "fork": ForkingTrialWorker,
@@ -177,6 +182,7 @@ def _child_main(
         connection=connection,
         serializer=MsgpackSerializer,
         name=name,
+        maintenance_interval=MAINTENANCE_INTERVAL_S,
     )
     worker.work(logging_level="WARNING")
 
