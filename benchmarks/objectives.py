@@ -44,6 +44,6 @@ def raw_rq_job(done_key: str) -> None:
 
 
 def raw_rq_sleep_50ms(done_key: str) -> None:
-    """A plain RQ job that sleeps 50 ms: raw RQ's scaling, the ceiling for one job per trial."""
+    """A plain RQ job that sleeps 50 ms: raw RQ's own scaling, with no Optuna and no broker."""
     time.sleep(0.05)
     raw_rq_job(done_key)

@@ -165,6 +165,24 @@ class StudyRun:
         return self.asked >= self.n_trials and not self.outstanding and not self.ready
 
     @property
+    def wants_trial(self) -> bool:
+        """Whether a slot is free and a trial can fill it (one asked ahead, or budget left)."""
+        return len(self.outstanding) < self.limit and (
+            bool(self.ready) or self.asked < self.n_trials
+        )
+
+    def occupy(self, number: int, attempt: int) -> None:
+        """Trial `number` takes a slot; it is unsent until its enqueue is known to be done."""
+        self.outstanding[number] = attempt
+        self.unsent.add(number)
+        self.peak_outstanding = max(self.peak_outstanding, len(self.outstanding))
+
+    def sent(self, number: int, at: float) -> None:
+        """Trial `number`'s job is enqueued (at `at`, epoch seconds)."""
+        self.unsent.discard(number)
+        self.enqueued_at[number] = at
+
+    @property
     def limit(self) -> int:
         """How many trials may be outstanding now: the cap, or less under fair share."""
         return self.concurrency if self.slots is None else min(self.concurrency, self.slots)
@@ -275,17 +293,13 @@ class Dispatcher:
         pipe = self.connection.pipeline(transaction=True)
         sending: list[tuple[StudyRun, int]] = []
         for run in self.runs.values():
-            while len(run.outstanding) < run.limit:
+            while run.wants_trial:
                 if run.ready:
                     number = next(iter(run.ready))  # the oldest: asked first, sent first
                     attempt, payload = run.ready.pop(number)
-                elif run.asked < run.n_trials:
-                    number, attempt, payload = self._ask(run), 1, None
                 else:
-                    break
-                run.outstanding[number] = attempt
-                run.unsent.add(number)
-                run.peak_outstanding = max(run.peak_outstanding, len(run.outstanding))
+                    number, attempt, payload = self._ask(run), 1, None
+                run.occupy(number, attempt)
                 payload = payload or self._request(run, number)
                 if payload is not None:
                     self._enqueue(run, number, payload, pipe)
@@ -296,8 +310,7 @@ class Dispatcher:
         self._acks = []
         now = time.time()
         for run, number in sending:
-            run.unsent.discard(number)
-            run.enqueued_at[number] = now
+            run.sent(number, now)
         self._ask_ahead()
         return len(sending)
 
@@ -325,10 +338,8 @@ class Dispatcher:
 
     def _start(self, run: StudyRun, trial: optuna.Trial, *, attempt: int) -> None:
         """Send `trial` now (a retry: it takes the slot of the attempt it replaces)."""
-        run.outstanding[trial.number] = attempt
         run.trials[trial.number] = trial
-        run.peak_outstanding = max(run.peak_outstanding, len(run.outstanding))
-        run.unsent.add(trial.number)
+        run.occupy(trial.number, attempt)
         self._send(run, trial.number)
 
     def _send(self, run: StudyRun, number: int) -> None:
@@ -337,8 +348,7 @@ class Dispatcher:
         if payload is None:
             return
         self._enqueue(run, number, payload, None)
-        run.unsent.discard(number)
-        run.enqueued_at[number] = time.time()
+        run.sent(number, time.time())
 
     def _request(self, run: StudyRun, number: int) -> bytes | None:
         """The sealed request for trial `number`, its params sampled by `process` (a trial that
@@ -467,10 +477,7 @@ class Dispatcher:
 
     def _will_send(self) -> bool:
         """Whether the next `refill` sends a trial (and so acknowledges the results read)."""
-        return any(
-            len(run.outstanding) < run.limit and (run.ready or run.asked < run.n_trials)
-            for run in self.runs.values()
-        )
+        return any(run.wants_trial for run in self.runs.values())
 
     def _ack(self, pipe: Any) -> None:
         if self._acks:
