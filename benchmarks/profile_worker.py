@@ -24,13 +24,13 @@ from pathlib import Path
 
 import optuna
 
-from broker.connection import connect, ensure_embedded, stop_embedded
-from broker.dispatch import Dispatcher, StudyRun
-from broker.space import suggest
-from workers import runner
-from workers.pool import TrialWorker, trial_queue
-from workers.serializer import MsgpackSerializer
-from workers.supervision import DEFAULT_LEASE_TTL_S, ChildChannel
+from optuna_rq.connection import connect, ensure_embedded, stop_embedded
+from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.space import suggest
+from optuna_rq.workers import runner
+from optuna_rq.workers.pool import TrialWorker, trial_queue
+from optuna_rq.workers.serializer import MsgpackSerializer
+from optuna_rq.workers.supervision import DEFAULT_LEASE_TTL_S, ChildChannel
 
 
 def _package(filename: str) -> str:

@@ -33,9 +33,9 @@ import optuna
 import redis
 from rq import Worker
 
-from broker import Optimizer, suggest
-from broker.connection import connect, ensure_embedded, stop_embedded
-from workers.pool import trial_queue
+from optuna_rq import Optimizer, suggest
+from optuna_rq.connection import connect, ensure_embedded, stop_embedded
+from optuna_rq.workers.pool import trial_queue
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -54,7 +54,7 @@ class OurWorkers:
             [
                 sys.executable,
                 "-m",
-                "broker.cli",
+                "optuna_rq.cli",
                 "--redis-url",
                 url,
                 "workers",

@@ -17,8 +17,8 @@ from pathlib import Path
 import optuna
 
 from benchmarks.run import OurWorkers
-from broker import Optimizer, suggest
-from broker.connection import connect, ensure_embedded, stop_embedded
+from optuna_rq import Optimizer, suggest
+from optuna_rq.connection import connect, ensure_embedded, stop_embedded
 
 
 def command_calls(conn) -> dict[str, int]:

@@ -4,9 +4,9 @@ The public API is flytekitplugins.optuna's, unchanged: `Optimizer`, `optimize`, 
 the suggestion classes and `process`.
 """
 
-from broker.errors import ConfigError, OptunaRQError
-from broker.optimizer import Optimizer, optimize
-from broker.space import Category, Float, Integer, Number, Suggestion, process, suggest
+from optuna_rq.errors import ConfigError, OptunaRQError
+from optuna_rq.optimizer import Optimizer, optimize
+from optuna_rq.space import Category, Float, Integer, Number, Suggestion, process, suggest
 
 __all__ = [
     "Category",

@@ -20,11 +20,11 @@ import redis
 import typer
 from rich.console import Console
 
-from broker.connection import DEFAULT_PREFIX, ENV_PREFIX, ENV_REDIS_URL
-from broker.errors import ConfigError, OptunaRQError
-from broker.progress import follow_study
-from broker.signing import Signer
-from workers.supervision import DEFAULT_LEASE_TTL_S
+from optuna_rq.connection import DEFAULT_PREFIX, ENV_PREFIX, ENV_REDIS_URL
+from optuna_rq.errors import ConfigError, OptunaRQError
+from optuna_rq.progress import follow_study
+from optuna_rq.signing import Signer
+from optuna_rq.workers.supervision import DEFAULT_LEASE_TTL_S
 
 app = typer.Typer(
     name="optuna-rq",
@@ -120,7 +120,7 @@ def workers(
     SIGTERM or Ctrl-C stops them gracefully: each finishes its running trial first. A second
     one stops them at once; the broker retries their trials elsewhere.
     """
-    from workers.pool import WorkerPool, WorkerSettings
+    from optuna_rq.workers.pool import WorkerPool, WorkerSettings
 
     options: GlobalOptions = ctx.obj
     signer = Signer.from_env()
@@ -144,7 +144,7 @@ def workers(
 
 def _connect(options: GlobalOptions) -> tuple[str, redis.Redis]:
     """The Redis this command meets the others on; fails within seconds, naming the URL."""
-    from broker.connection import connect, ping_or_raise, resolve_redis_url
+    from optuna_rq.connection import connect, ping_or_raise, resolve_redis_url
 
     url = resolve_redis_url(options.redis_url)
     connection = connect(url)
@@ -176,9 +176,9 @@ def broker(
     One broker per prefix. SIGTERM or Ctrl-C stops it gracefully; running trials go on, and a
     restarted broker tells their results.
     """
-    from broker.connection import state_dir
-    from broker.daemon import BrokerSettings, Daemon
-    from broker.studies import default_storage_url, open_storage
+    from optuna_rq.connection import state_dir
+    from optuna_rq.daemon import BrokerSettings, Daemon
+    from optuna_rq.studies import default_storage_url, open_storage
 
     options: GlobalOptions = ctx.obj
     logging.basicConfig(level=_level(log_level), format=_LOG_FORMAT, stream=sys.stderr)
@@ -188,7 +188,7 @@ def broker(
     settings = BrokerSettings(prefix=options.prefix, storage=storage_url)
     metrics = None
     if metrics_port is not None:
-        from broker.metrics import BrokerMetrics
+        from optuna_rq.metrics import BrokerMetrics
 
         metrics = BrokerMetrics()
         metrics.serve(metrics_port)
@@ -261,9 +261,9 @@ def submit(
     Everything is checked before anything is sent: the objective path, the space file, every
     suggestion, every number. Resubmitting an existing study name continues that study.
     """
-    from broker.daemon import broker_holder, queued_status, read_status, send_command
-    from broker.spacefile import load_space_file, merge_param, parse_param, space_to_data
-    from broker.studies import StudySpec, default_storage_url
+    from optuna_rq.daemon import broker_holder, queued_status, read_status, send_command
+    from optuna_rq.spacefile import load_space_file, merge_param, parse_param, space_to_data
+    from optuna_rq.studies import StudySpec, default_storage_url
 
     options: GlobalOptions = ctx.obj
     data = space_to_data(load_space_file(space)) if space is not None else {}
@@ -287,7 +287,7 @@ def submit(
     )
     _url, connection = _connect(options)
     if not read_status(connection, options.prefix, spec.name):
-        from broker.connection import key, state_dir
+        from optuna_rq.connection import key, state_dir
 
         shown = storage or default_storage_url(state_dir())
         connection.hset(
@@ -311,7 +311,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Show studies: state, trials by outcome, failures by reason, the best trial."""
-    from broker.daemon import read_status
+    from optuna_rq.daemon import read_status
 
     options: GlobalOptions = ctx.obj
     _url, connection = _connect(options)
@@ -376,7 +376,7 @@ def wait_command(
 
 
 def _known_study(connection: redis.Redis, prefix: str, name: str) -> None:
-    from broker.daemon import read_status
+    from optuna_rq.daemon import read_status
 
     if not read_status(connection, prefix, name):
         raise ConfigError(f"unknown study {name!r} on prefix {prefix!r} (see `optuna-rq status`)")
@@ -387,7 +387,7 @@ def cancel(
     ctx: typer.Context, name: Annotated[str, typer.Argument(help="The study to cancel.")]
 ) -> None:
     """Cancel a study: no new trials; queued and running ones end FAIL (cancelled)."""
-    from broker.daemon import send_command
+    from optuna_rq.daemon import send_command
 
     options: GlobalOptions = ctx.obj
     _url, connection = _connect(options)
@@ -405,7 +405,7 @@ def set_command(
     priority: Annotated[float | None, typer.Option("--priority", min=0.001)] = None,
 ) -> None:
     """Change a running study's cap, budget or priority."""
-    from broker.daemon import send_command
+    from optuna_rq.daemon import send_command
 
     changes = {
         k: v
@@ -430,7 +430,7 @@ def demo(
 
     Shows the progress, prints the best trial, and leaves nothing running.
     """
-    from broker.demo import run_demo
+    from optuna_rq.demo import run_demo
 
     run_demo(n_trials=n_trials, workers=workers)
 

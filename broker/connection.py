@@ -37,7 +37,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from broker.errors import ConfigError, RedisUnavailableError
+from optuna_rq.errors import ConfigError, RedisUnavailableError
 
 __all__ = [
     "DEFAULT_PREFIX",

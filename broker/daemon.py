@@ -34,15 +34,15 @@ import redis
 from optuna.trial import TrialState
 from rq import Worker
 
-from broker.connection import key, wait_for_redis
-from broker.dispatch import Dispatcher, StudyRun, count_refusal
-from broker.errors import ConfigError, OptunaRQError, ProtocolError
-from broker.metrics import BrokerMetrics
-from broker.processes import exited
-from broker.protocol import decode_map
-from broker.signing import Signer
-from broker.studies import StudySpec, make_pruner, make_sampler, open_storage
-from broker.verdict import FAIL_REASON_ATTR
+from optuna_rq.connection import key, wait_for_redis
+from optuna_rq.dispatch import Dispatcher, StudyRun, count_refusal
+from optuna_rq.errors import ConfigError, OptunaRQError, ProtocolError
+from optuna_rq.metrics import BrokerMetrics
+from optuna_rq.processes import exited
+from optuna_rq.protocol import decode_map
+from optuna_rq.signing import Signer
+from optuna_rq.studies import StudySpec, make_pruner, make_sampler, open_storage
+from optuna_rq.verdict import FAIL_REASON_ATTR
 
 __all__ = [
     "BrokerAlreadyRunningError",

@@ -18,15 +18,15 @@ from typing import Any
 
 from rich.console import Console
 
-from broker.connection import connect, ensure_embedded, key, stop_embedded
-from broker.daemon import queued_status, read_status, send_command
-from broker.errors import OptunaRQError
-from broker.progress import follow_study
-from broker.space import suggest
-from broker.spacefile import space_to_data
-from broker.studies import StudySpec, default_storage_url
+from optuna_rq.connection import connect, ensure_embedded, key, stop_embedded
+from optuna_rq.daemon import queued_status, read_status, send_command
+from optuna_rq.errors import OptunaRQError
+from optuna_rq.progress import follow_study
+from optuna_rq.space import suggest
+from optuna_rq.spacefile import space_to_data
+from optuna_rq.studies import StudySpec, default_storage_url
 
-DEMO_OBJECTIVE = "examples.rosenbrock:objective"
+DEMO_OBJECTIVE = "optuna_rq.examples.rosenbrock:objective"
 DEMO_PREFIX = "optuna-rq-demo"
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,15 @@ def demo_space() -> dict[str, object]:
 def _start(args: list[str], redis_url: str, state: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, OPTUNA_RQ_STATE_DIR=str(state))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
-    argv = [sys.executable, "-m", "broker.cli", "--redis-url", redis_url, "--prefix", DEMO_PREFIX]
+    argv = [
+        sys.executable,
+        "-m",
+        "optuna_rq.cli",
+        "--redis-url",
+        redis_url,
+        "--prefix",
+        DEMO_PREFIX,
+    ]
     return subprocess.Popen([*argv, *args, "--log-level", "WARNING"], env=env)
 
 

@@ -31,12 +31,12 @@ import optuna
 import redis
 from optuna.trial import TrialState
 
-from broker import failpoints
-from broker.connection import wait_for_redis
-from broker.errors import ConfigError, ProtocolError
-from broker.leases import LeaseWatch, Watched
-from broker.objectives import parse_objective_path
-from broker.protocol import (
+from optuna_rq import failpoints
+from optuna_rq.connection import wait_for_redis
+from optuna_rq.errors import ConfigError, ProtocolError
+from optuna_rq.leases import LeaseWatch, Watched
+from optuna_rq.objectives import parse_objective_path
+from optuna_rq.protocol import (
     RESULT_FIELD,
     FailReason,
     Outcome,
@@ -48,13 +48,13 @@ from broker.protocol import (
     lease_key,
     reply_key,
 )
-from broker.signing import Signer
-from broker.space import Suggestion, process
-from broker.verdict import Verdict, tell
-from workers.pool import trial_queue
-from workers.remote_trial import CALL_FIELD
-from workers.runner import RUN_TRIAL
-from workers.supervision import DEFAULT_LEASE_TTL_S
+from optuna_rq.signing import Signer
+from optuna_rq.space import Suggestion, process
+from optuna_rq.verdict import Verdict, tell
+from optuna_rq.workers.pool import trial_queue
+from optuna_rq.workers.remote_trial import CALL_FIELD
+from optuna_rq.workers.runner import RUN_TRIAL
+from optuna_rq.workers.supervision import DEFAULT_LEASE_TTL_S
 
 __all__ = ["ATTEMPT_ATTR", "RETRY_OF_ATTR", "Dispatcher", "StudyRun", "job_id"]
 

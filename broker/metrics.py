@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from broker.dispatch import DispatchObserver, StudyRun
+from optuna_rq.dispatch import DispatchObserver, StudyRun
 
 __all__ = ["BrokerMetrics"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from broker.errors import ConfigError
+from optuna_rq.errors import ConfigError
 
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _FUNCTION = re.compile(r"[A-Za-z][A-Za-z0-9_]*")

@@ -25,10 +25,10 @@ import optuna
 import redis
 from optuna.trial import TrialState
 
-from broker.errors import ConfigError
-from broker.objectives import objective_path_of, parse_objective_path
-from broker.space import Category, Float, Integer, Number, Suggestion, process, suggest
-from broker.verdict import (
+from optuna_rq.errors import ConfigError
+from optuna_rq.objectives import objective_path_of, parse_objective_path
+from optuna_rq.space import Category, Float, Integer, Number, Suggestion, process, suggest
+from optuna_rq.verdict import (
     FAIL_ERROR_ATTR,
     FAIL_REASON_ATTR,
     Verdict,
@@ -259,9 +259,9 @@ class Optimizer:
     async def _run_remote(self, inputs: dict[str, Any]) -> None:
         """Dispatch the trials to workers from a thread; cancelling the await stops the run and
         ends the outstanding trials FAIL (`cancelled`), so none is left RUNNING."""
-        from broker.connection import DEFAULT_PREFIX, connect, key
-        from broker.dispatch import Dispatcher, StudyRun
-        from broker.signing import Signer
+        from optuna_rq.connection import DEFAULT_PREFIX, connect, key
+        from optuna_rq.dispatch import Dispatcher, StudyRun
+        from optuna_rq.signing import Signer
 
         connection = self.connection or connect(self.redis_url or "")
         queue = self.queue or DEFAULT_PREFIX

@@ -9,8 +9,8 @@ import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from broker.daemon import StudyState, read_status
-from broker.errors import ConfigError
+from optuna_rq.daemon import StudyState, read_status
+from optuna_rq.errors import ConfigError
 
 __all__ = ["follow_study"]
 

@@ -17,7 +17,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import msgpack
 
-from broker.errors import ProtocolError
+from optuna_rq.errors import ProtocolError
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -39,7 +39,8 @@ __all__ = [
     "reply_key",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: the package is `optuna_rq` (the job function moved to `optuna_rq.workers.runner`)."""
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_DEPTH = 32
 """Nesting depth of maps and arrays in a message (the message itself is depth 1)."""

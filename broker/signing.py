@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from broker.errors import ConfigError, ProtocolError
-from broker.protocol import DEFAULT_MAX_MESSAGE_BYTES, decode_map
+from optuna_rq.errors import ConfigError, ProtocolError
+from optuna_rq.protocol import DEFAULT_MAX_MESSAGE_BYTES, decode_map
 
 __all__ = ["ENV_SECRET", "Signer"]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import optuna
 
-from broker.errors import ConfigError
+from optuna_rq.errors import ConfigError
 
 __all__ = ["Category", "Float", "Integer", "Number", "Suggestion", "process", "suggest"]
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from broker.errors import ConfigError
-from broker.space import Category, Float, Integer, Suggestion
+from optuna_rq.errors import ConfigError
+from optuna_rq.space import Category, Float, Integer, Suggestion
 
 __all__ = ["load_space_file", "parse_param", "space_from_data", "space_to_data"]
 

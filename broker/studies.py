@@ -17,11 +17,11 @@ from typing import Any
 import msgpack
 import optuna
 
-from broker.connection import redact_url
-from broker.errors import ConfigError, ProtocolError
-from broker.objectives import parse_objective_path
-from broker.protocol import check_params, decode_map
-from broker.spacefile import space_from_data
+from optuna_rq.connection import redact_url
+from optuna_rq.errors import ConfigError, ProtocolError
+from optuna_rq.objectives import parse_objective_path
+from optuna_rq.protocol import check_params, decode_map
+from optuna_rq.spacefile import space_from_data
 
 __all__ = [
     "PRUNERS",

@@ -21,7 +21,7 @@ from typing import NoReturn
 import pytest
 import redis
 
-from broker.connection import EmbeddedRedis, connect, redact_url
+from optuna_rq.connection import EmbeddedRedis, connect, redact_url
 
 ENV_TEST_REDIS_URL = "OPTUNA_RQ_TEST_REDIS_URL"
 _START_TIMEOUT_S = 10.0
@@ -133,7 +133,7 @@ def prefix(redis_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def conn(redis_url: str) -> Iterator[redis.Redis]:
-    """A client for the session's Redis (broker.connection.connect), closed afterwards."""
+    """A client for the session's Redis (optuna_rq.connection.connect), closed afterwards."""
     client = connect(redis_url)
     yield client
     client.close()

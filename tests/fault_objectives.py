@@ -18,8 +18,8 @@ from contextlib import contextmanager
 
 import redis
 
-from broker.connection import connect
-from broker.processes import exited, stopped
+from optuna_rq.connection import connect
+from optuna_rq.processes import exited, stopped
 
 _connections: dict[str, redis.Redis] = {}
 

@@ -10,7 +10,7 @@ import time
 import optuna
 import redis
 
-from broker.connection import connect
+from optuna_rq.connection import connect
 
 _connections: dict[str, redis.Redis] = {}
 

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from workers.pool import TrialWorker, trial_queue
-from workers.serializer import MsgpackSerializer
+from optuna_rq.workers.pool import TrialWorker, trial_queue
+from optuna_rq.workers.serializer import MsgpackSerializer
 
 
 @pytest.fixture

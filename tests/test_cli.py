@@ -13,7 +13,7 @@ import pytest
 import redis
 from optuna.trial import TrialState
 
-from broker.studies import default_storage_url, open_storage
+from optuna_rq.studies import default_storage_url, open_storage
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env
 

@@ -1,4 +1,4 @@
-"""broker.connection against real redis-server processes."""
+"""optuna_rq.connection against real redis-server processes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
-from broker.connection import (
+from optuna_rq.connection import (
     ENV_REDIS_URL,
     ENV_STATE_DIR,
     HEALTH_CHECK_INTERVAL_S,
@@ -28,7 +28,7 @@ from broker.connection import (
     state_dir,
     stop_embedded,
 )
-from broker.errors import ConfigError, OptunaRQError, RedisUnavailableError
+from optuna_rq.errors import ConfigError, OptunaRQError, RedisUnavailableError
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_concurrent_starts_from_separate_processes_share_one_server(embedded_sta
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from broker.connection import connect, ensure_embedded\n"
+        "from optuna_rq.connection import connect, ensure_embedded\n"
         "url = ensure_embedded(Path(sys.argv[1]))\n"
         "print(url, connect(url).info('server')['process_id'])\n"
     )

@@ -12,8 +12,8 @@ from optuna.trial import TrialState
 
 fl = pytest.importorskip("flytekit", reason="the `flyte` extra is not installed")
 
-from broker import Optimizer, optimize, suggest  # noqa: E402
-from broker.optimizer import FAIL_REASON_ATTR  # noqa: E402
+from optuna_rq import Optimizer, optimize, suggest  # noqa: E402
+from optuna_rq.optimizer import FAIL_REASON_ATTR  # noqa: E402
 
 
 @fl.task

@@ -6,10 +6,10 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.protocol import ProtocolError, TrialCall, TrialCallReply, TrialRequest, TrialResult
-from broker.signing import Signer
-from broker.studies import StudySpec
-from workers.serializer import MsgpackSerializer
+from optuna_rq.protocol import ProtocolError, TrialCall, TrialCallReply, TrialRequest, TrialResult
+from optuna_rq.signing import Signer
+from optuna_rq.studies import StudySpec
+from optuna_rq.workers.serializer import MsgpackSerializer
 
 # 1500 examples each keep the whole suite near ten minutes on 2 cores (the fault tests need the
 # time); long fuzzing runs are tests/fuzz/atheris_protocol.py's job.

@@ -9,8 +9,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from broker import ConfigError, Optimizer, optimize, suggest
-from broker.optimizer import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
+from optuna_rq import ConfigError, Optimizer, optimize, suggest
+from optuna_rq.optimizer import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 
 
 def callback(trial: optuna.Trial, offset: float = 0.0) -> float:
@@ -57,7 +57,7 @@ def test_non_callable_objective_is_refused() -> None:
 
 
 def test_validation_errors_are_both_value_errors_and_ours() -> None:
-    from broker import OptunaRQError
+    from optuna_rq import OptunaRQError
 
     with pytest.raises(OptunaRQError):
         Optimizer(callback, concurrency=0, n_trials=1)
@@ -264,8 +264,8 @@ def test_public_signatures_match_flytekitplugins_optuna() -> None:
     import dataclasses
     import inspect
 
-    import broker
-    from broker import Category, Float, Integer, process
+    import optuna_rq
+    from optuna_rq import Category, Float, Integer, process
 
     fields = [(f.name, f.default, f.kw_only) for f in dataclasses.fields(Optimizer)]
     assert fields[:5] == [
@@ -288,8 +288,8 @@ def test_public_signatures_match_flytekitplugins_optuna() -> None:
     assert [f.default for f in dataclasses.fields(Integer)][2:] == [1, False]
     assert [f.name for f in dataclasses.fields(Category)] == ["choices"]
     assert {"Optimizer", "optimize", "suggest", "Float", "Integer", "Category", "Number"} <= set(
-        broker.__all__
+        optuna_rq.__all__
     )
-    from broker.optimizer import P, suggest
+    from optuna_rq.optimizer import P, suggest
 
     assert P.__name__ == "P" and suggest.float is Float

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.protocol import (
+from optuna_rq.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_DEPTH,
     PROTOCOL_VERSION,
@@ -235,7 +235,7 @@ def test_a_result_that_breaks_the_outcome_rules_cannot_be_built() -> None:
 
 
 def test_trial_calls_and_replies_round_trip_and_are_checked() -> None:
-    from broker.protocol import TrialCall, TrialCallReply
+    from optuna_rq.protocol import TrialCall, TrialCallReply
 
     call = TrialCall(
         study="s",

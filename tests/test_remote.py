@@ -9,9 +9,9 @@ import pytest
 import redis
 from optuna.trial import TrialState
 
-from broker import ConfigError, Optimizer, suggest
-from broker.dispatch import ASK_AHEAD
-from broker.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
+from optuna_rq import ConfigError, Optimizer, suggest
+from optuna_rq.dispatch import ASK_AHEAD
+from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from tests import objectives
 
 pytestmark = pytest.mark.timeout(120)
@@ -173,7 +173,7 @@ def test_cancelling_a_remote_run_leaves_no_trial_running(
     assert {t.user_attrs[FAIL_REASON_ATTR] for t in trials} == {"cancelled"}
     from rq import Queue
 
-    from workers.serializer import MsgpackSerializer
+    from optuna_rq.workers.serializer import MsgpackSerializer
 
     assert Queue(prefix, connection=conn, serializer=MsgpackSerializer).count == 0
 

@@ -9,12 +9,12 @@ import pytest
 import redis
 from optuna.trial import TrialState
 
-from broker import Optimizer, suggest
-from broker.dispatch import Dispatcher, StudyRun
-from broker.protocol import TrialRequest
-from broker.signing import Signer
-from broker.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
-from workers.remote_trial import RemoteTrial, RemoteTrialError
+from optuna_rq import Optimizer, suggest
+from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.protocol import TrialRequest
+from optuna_rq.signing import Signer
+from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
+from optuna_rq.workers.remote_trial import RemoteTrial, RemoteTrialError
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -18,11 +18,11 @@ import redis
 from rq import Queue, Worker
 from rq.job import JobStatus
 
-from broker import Optimizer, suggest
-from broker.protocol import TrialRequest, TrialResult
+from optuna_rq import Optimizer, suggest
+from optuna_rq.protocol import TrialRequest, TrialResult
+from optuna_rq.workers.pool import trial_queue
+from optuna_rq.workers.runner import RESULT_FIELD, RUN_TRIAL
 from tests.helpers import wait_until
-from workers.pool import trial_queue
-from workers.runner import RESULT_FIELD, RUN_TRIAL
 
 pytestmark = pytest.mark.timeout(120)
 

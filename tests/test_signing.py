@@ -11,13 +11,13 @@ import redis
 from optuna.trial import TrialState
 from rq.job import JobStatus
 
-from broker import ConfigError, Optimizer, suggest
-from broker.dispatch import Dispatcher, StudyRun
-from broker.protocol import Outcome, ProtocolError, TrialRequest, TrialResult
-from broker.signing import ENV_SECRET, Signer
+from optuna_rq import ConfigError, Optimizer, suggest
+from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.protocol import Outcome, ProtocolError, TrialRequest, TrialResult
+from optuna_rq.signing import ENV_SECRET, Signer
+from optuna_rq.workers.pool import trial_queue
+from optuna_rq.workers.runner import RESULT_FIELD, RUN_TRIAL
 from tests.helpers import wait_until
-from workers.pool import trial_queue
-from workers.runner import RESULT_FIELD, RUN_TRIAL
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 signer = Signer(SECRET)
@@ -141,7 +141,7 @@ def test_the_message_cap_is_configurable_and_checked(monkeypatch) -> None:
 
 
 def test_choosing_journal_redis_storage_warns_about_pickle(caplog) -> None:
-    from broker.studies import open_storage
+    from optuna_rq.studies import open_storage
 
     with caplog.at_level("WARNING", logger="optuna_rq.broker"):
         try:
@@ -155,8 +155,8 @@ def test_choosing_journal_redis_storage_warns_about_pickle(caplog) -> None:
 def test_an_unsigned_command_is_refused_by_a_signed_broker(
     conn: redis.Redis, prefix: str, tmp_path
 ) -> None:
-    from broker.daemon import BrokerSettings, Daemon, send_command
-    from broker.studies import StudySpec
+    from optuna_rq.daemon import BrokerSettings, Daemon, send_command
+    from optuna_rq.studies import StudySpec
 
     spec = StudySpec(
         name="forged", objective="tests.objectives:quadratic", space={}, n_trials=1, concurrency=1

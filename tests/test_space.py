@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from broker import Category, ConfigError, Float, Integer, Number, Suggestion, process, suggest
+from optuna_rq import Category, ConfigError, Float, Integer, Number, Suggestion, process, suggest
 
 
 def test_suggest_namespace_builds_the_suggestion_classes() -> None:

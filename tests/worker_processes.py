@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from rq import Worker
 
-from broker.connection import connect
+from optuna_rq.connection import connect
 from tests.helpers import wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def cli(*args: str) -> list[str]:
     """argv for `optuna-rq ARGS...` run by this interpreter."""
-    return [sys.executable, "-m", "broker.cli", *args]
+    return [sys.executable, "-m", "optuna_rq.cli", *args]
 
 
 def stop_process(process: subprocess.Popen[bytes], *, timeout_s: float = 30) -> int:
@@ -129,6 +129,6 @@ def broker_process(
 
 
 def _queue(connection: object, name: str) -> object:
-    from workers.pool import trial_queue
+    from optuna_rq.workers.pool import trial_queue
 
     return trial_queue(connection, name)

@@ -3,10 +3,10 @@
 `optuna-rq workers --import MODULE` is how they are started; these are the pieces it uses.
 """
 
-from workers.pool import TrialWorker, WorkerPool, WorkerSettings, trial_queue
-from workers.remote_trial import RemoteTrial, RemoteTrialError
-from workers.runner import run_trial
-from workers.serializer import MsgpackSerializer
+from optuna_rq.workers.pool import TrialWorker, WorkerPool, WorkerSettings, trial_queue
+from optuna_rq.workers.remote_trial import RemoteTrial, RemoteTrialError
+from optuna_rq.workers.runner import run_trial
+from optuna_rq.workers.serializer import MsgpackSerializer
 
 __all__ = [
     "MsgpackSerializer",

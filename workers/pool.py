@@ -37,14 +37,14 @@ import redis
 from rq import Queue, SimpleWorker, Worker
 from rq.job import Job
 
-from broker.connection import connect, wait_for_redis
-from broker.errors import ConfigError
-from broker.protocol import DEFAULT_MAX_MESSAGE_BYTES
-from broker.signing import Signer
-from workers import runner
-from workers.bookkeeping import LeanBookkeeping
-from workers.serializer import MsgpackSerializer
-from workers.supervision import DEFAULT_LEASE_TTL_S, ChildChannel, Supervisor
+from optuna_rq.connection import connect, wait_for_redis
+from optuna_rq.errors import ConfigError
+from optuna_rq.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from optuna_rq.signing import Signer
+from optuna_rq.workers import runner
+from optuna_rq.workers.bookkeeping import LeanBookkeeping
+from optuna_rq.workers.serializer import MsgpackSerializer
+from optuna_rq.workers.supervision import DEFAULT_LEASE_TTL_S, ChildChannel, Supervisor
 
 __all__ = [
     "ISOLATION",

@@ -21,9 +21,9 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from broker.errors import OptunaRQError
-from broker.protocol import TrialCall, TrialCallReply, TrialRequest, reply_key
-from broker.signing import Signer
+from optuna_rq.errors import OptunaRQError
+from optuna_rq.protocol import TrialCall, TrialCallReply, TrialRequest, reply_key
+from optuna_rq.signing import Signer
 
 __all__ = ["CALL_FIELD", "RemoteTrial", "RemoteTrialError"]
 

@@ -23,9 +23,9 @@ import optuna
 import redis
 from rq.timeouts import JobTimeoutException
 
-from broker.errors import ConfigError, OptunaRQError, ProtocolError
-from broker.objectives import parse_objective_path
-from broker.protocol import (
+from optuna_rq.errors import ConfigError, OptunaRQError, ProtocolError
+from optuna_rq.objectives import parse_objective_path
+from optuna_rq.protocol import (
     RESULT_FIELD,
     FailReason,
     Outcome,
@@ -33,10 +33,16 @@ from broker.protocol import (
     TrialResult,
     lease_key,
 )
-from broker.signing import Signer
-from broker.verdict import describe_exception, judge_return
-from workers.remote_trial import RemoteTrial
-from workers.supervision import DEFAULT_LEASE_TTL_S, Attempt, ChildChannel, LeaseThread, deliver
+from optuna_rq.signing import Signer
+from optuna_rq.verdict import describe_exception, judge_return
+from optuna_rq.workers.remote_trial import RemoteTrial
+from optuna_rq.workers.supervision import (
+    DEFAULT_LEASE_TTL_S,
+    Attempt,
+    ChildChannel,
+    LeaseThread,
+    deliver,
+)
 
 __all__ = [
     "RESULT_FIELD",
@@ -50,7 +56,7 @@ __all__ = [
     "served_modules",
 ]
 
-RUN_TRIAL = "workers.runner.run_trial"
+RUN_TRIAL = "optuna_rq.workers.runner.run_trial"
 """The dotted name RQ stores for our job function: the only one a worker runs."""
 
 log = logging.getLogger("optuna_rq.worker")

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import redis
 
-from broker.connection import wait_for_redis
-from broker.processes import exited, stopped
-from broker.protocol import RESULT_FIELD, FailReason, Outcome, TrialRequest, TrialResult
-from broker.signing import Signer
+from optuna_rq.connection import wait_for_redis
+from optuna_rq.processes import exited, stopped
+from optuna_rq.protocol import RESULT_FIELD, FailReason, Outcome, TrialRequest, TrialResult
+from optuna_rq.signing import Signer
 
 __all__ = [
     "DEFAULT_LEASE_TTL_S",

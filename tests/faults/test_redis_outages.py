@@ -11,9 +11,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from broker import Optimizer, suggest
-from broker.dispatch import RETRY_OF_ATTR
-from broker.verdict import FAIL_REASON_ATTR
+from optuna_rq import Optimizer, suggest
+from optuna_rq.dispatch import RETRY_OF_ATTR
+from optuna_rq.verdict import FAIL_REASON_ATTR
 from tests.faults.conftest import Cluster, RedisServer, wait_calls
 from tests.helpers import wait_until
 
@@ -65,7 +65,7 @@ def test_a_redis_back_empty_stops_the_broker_naming_the_cause(
 def test_the_python_api_rides_out_a_redis_outage(
     cluster: Cluster, aof_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="broker.connection")
+    caplog.set_level(logging.INFO, logger="optuna_rq.connection")
     cluster.start_workers(2)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler())
     optimizer = Optimizer(

@@ -14,16 +14,16 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from broker.protocol import (
+    from optuna_rq.protocol import (
         ProtocolError,
         TrialCall,
         TrialCallReply,
         TrialRequest,
         TrialResult,
     )
-    from broker.signing import Signer
-    from broker.studies import StudySpec
-    from workers.serializer import MsgpackSerializer
+    from optuna_rq.signing import Signer
+    from optuna_rq.studies import StudySpec
+    from optuna_rq.workers.serializer import MsgpackSerializer
 
 _SIGNER = Signer(b"k" * 32)
 

@@ -1,6 +1,7 @@
 """A cheap objective with a nested search space: what `examples/quickstart.py` optimises.
 
-Workers serve it with `optuna-rq workers --import examples.rosenbrock`.
+Workers serve it with `optuna-rq workers --import optuna_rq.examples.rosenbrock`; it ships in
+the package, so the demo runs from an installed wheel as from a clone.
 """
 
 from __future__ import annotations
