@@ -26,11 +26,12 @@ import optuna
 
 from optuna_rq.connection import connect, ensure_embedded, stop_embedded
 from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, trial_queue
+from optuna_rq.protocol.queue import MsgpackSerializer
 from optuna_rq.space import suggest
 from optuna_rq.workers import runner
-from optuna_rq.workers.pool import TrialWorker, trial_queue
-from optuna_rq.workers.serializer import MsgpackSerializer
-from optuna_rq.workers.supervision import DEFAULT_LEASE_TTL_S, ChildChannel
+from optuna_rq.workers.pool import TrialWorker
+from optuna_rq.workers.supervision import ChildChannel
 
 
 def _package(filename: str) -> str:

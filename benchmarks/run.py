@@ -35,7 +35,7 @@ from rq import Worker
 
 from optuna_rq import Optimizer, suggest
 from optuna_rq.connection import connect, ensure_embedded, stop_embedded
-from optuna_rq.workers.pool import trial_queue
+from optuna_rq.protocol import trial_queue
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import redis
 import typer
@@ -23,8 +23,10 @@ from rich.console import Console
 from optuna_rq.connection import DEFAULT_PREFIX, ENV_PREFIX, ENV_REDIS_URL
 from optuna_rq.errors import ConfigError, OptunaRQError
 from optuna_rq.progress import follow_study
-from optuna_rq.signing import Signer
-from optuna_rq.workers.supervision import DEFAULT_LEASE_TTL_S
+from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, Signer, StudyStatus
+
+if TYPE_CHECKING:
+    from optuna_rq.client import BrokerClient
 
 app = typer.Typer(
     name="optuna-rq",
@@ -261,9 +263,10 @@ def submit(
     Everything is checked before anything is sent: the objective path, the space file, every
     suggestion, every number. Resubmitting an existing study name continues that study.
     """
-    from optuna_rq.daemon import broker_holder, queued_status, read_status, send_command
+    from optuna_rq.connection import state_dir
+    from optuna_rq.protocol import StudySpec
     from optuna_rq.spacefile import load_space_file, merge_param, parse_param, space_to_data
-    from optuna_rq.studies import StudySpec, default_storage_url
+    from optuna_rq.studies import default_storage_url
 
     options: GlobalOptions = ctx.obj
     data = space_to_data(load_space_file(space)) if space is not None else {}
@@ -285,23 +288,16 @@ def submit(
         max_retries=max_retries,
         priority=priority,
     )
-    _url, connection = _connect(options)
-    if not read_status(connection, options.prefix, spec.name):
-        from optuna_rq.connection import key, state_dir
-
-        shown = storage or default_storage_url(state_dir())
-        connection.hset(
-            key(options.prefix, "status"), spec.name, json.dumps(queued_status(spec, shown))
-        )
-    send_command(connection, options.prefix, "submit", spec.name, spec=spec.encode())
+    client = _client(options)
+    client.submit(spec, storage=storage or default_storage_url(state_dir()))
     typer.echo(spec.name)
-    if broker_holder(connection, options.prefix) is None:
+    if client.broker_holder() is None:
         _err.print(
             f"[yellow]no broker is running on prefix {options.prefix!r} yet:[/] the study waits "
             "until you start one with `optuna-rq broker`"
         )
     if wait:
-        raise typer.Exit(follow_study(connection, options.prefix, spec.name, timeout_s=None))
+        raise typer.Exit(follow_study(client, spec.name, timeout_s=None))
 
 
 @app.command()
@@ -311,15 +307,12 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Show studies: state, trials by outcome, failures by reason, the best trial."""
-    from optuna_rq.daemon import read_status
-
     options: GlobalOptions = ctx.obj
-    _url, connection = _connect(options)
-    snapshots = read_status(connection, options.prefix, name)
-    if name is not None and not snapshots:
-        raise ConfigError(f"unknown study {name!r} on prefix {options.prefix!r}")
+    client = _client(options)
+    snapshots = [_known_study(client, name)] if name is not None else client.statuses()
     if as_json:
-        typer.echo(json.dumps(snapshots[0] if name is not None else snapshots, indent=2))
+        shown = [s.to_dict() for s in snapshots]
+        typer.echo(json.dumps(shown[0] if name is not None else shown, indent=2))
         return
     if not snapshots:
         _out.print(f"no studies on prefix {options.prefix!r}")
@@ -327,31 +320,29 @@ def status(
         _out.print(_status_table(snapshot))
 
 
-def _status_table(snapshot: dict[str, Any]) -> Any:
+def _status_table(snapshot: StudyStatus) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"study {snapshot['name']}", show_header=False, title_justify="left")
+    table = Table(title=f"study {snapshot.name}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    done = snapshot["complete"] + snapshot["pruned"] + snapshot["failed"]
-    best = snapshot.get("best_value", snapshot.get("best_values"))
+    best = snapshot.best
     rows = [
-        ("state", snapshot["state"] + (f" ({snapshot['error']})" if snapshot.get("error") else "")),
-        ("objective", snapshot["objective"]),
-        ("trials", f"{done} / {snapshot['n_trials']} done, {snapshot['running']} running"),
+        ("state", snapshot.state.value + (f" ({snapshot.error})" if snapshot.error else "")),
+        ("objective", snapshot.objective),
+        ("trials", f"{snapshot.done} / {snapshot.n_trials} done, {snapshot.running} running"),
         (
             "outcomes",
-            f"{snapshot['complete']} complete, {snapshot['pruned']} pruned, "
-            f"{snapshot['failed']} failed",
+            f"{snapshot.complete} complete, {snapshot.pruned} pruned, {snapshot.failed} failed",
         ),
         (
             "fail reasons",
-            ", ".join(f"{k}: {v}" for k, v in snapshot["fail_reasons"].items()) or "-",
+            ", ".join(f"{k}: {v}" for k, v in snapshot.fail_reasons.items()) or "-",
         ),
-        ("concurrency", str(snapshot["concurrency"])),
+        ("concurrency", str(snapshot.concurrency)),
         ("best", "-" if best is None else repr(best)),
-        ("best params", "-" if not snapshot["best_params"] else repr(snapshot["best_params"])),
-        ("storage", snapshot["storage"]),
+        ("best params", "-" if not snapshot.best_params else repr(snapshot.best_params)),
+        ("storage", snapshot.storage),
     ]
     for label, value in rows:
         table.add_row(label, value)
@@ -371,15 +362,23 @@ def wait_command(
     Exit 0 when it finished; 1 when it was cancelled, failed, or the timeout passed.
     """
     options: GlobalOptions = ctx.obj
+    raise typer.Exit(follow_study(_client(options), name, timeout_s=timeout))
+
+
+def _client(options: GlobalOptions) -> BrokerClient:
+    from optuna_rq.client import BrokerClient
+
     _url, connection = _connect(options)
-    raise typer.Exit(follow_study(connection, options.prefix, name, timeout_s=timeout))
+    return BrokerClient(connection, options.prefix)
 
 
-def _known_study(connection: redis.Redis, prefix: str, name: str) -> None:
-    from optuna_rq.daemon import read_status
-
-    if not read_status(connection, prefix, name):
-        raise ConfigError(f"unknown study {name!r} on prefix {prefix!r} (see `optuna-rq status`)")
+def _known_study(client: BrokerClient, name: str) -> StudyStatus:
+    status = client.status(name)
+    if status is None:
+        raise ConfigError(
+            f"unknown study {name!r} on prefix {client.prefix!r} (see `optuna-rq status`)"
+        )
+    return status
 
 
 @app.command()
@@ -387,12 +386,9 @@ def cancel(
     ctx: typer.Context, name: Annotated[str, typer.Argument(help="The study to cancel.")]
 ) -> None:
     """Cancel a study: no new trials; queued and running ones end FAIL (cancelled)."""
-    from optuna_rq.daemon import send_command
-
-    options: GlobalOptions = ctx.obj
-    _url, connection = _connect(options)
-    _known_study(connection, options.prefix, name)
-    send_command(connection, options.prefix, "cancel", name)
+    client = _client(ctx.obj)
+    _known_study(client, name)
+    client.cancel(name)
     _err.print(f"cancelling study {name!r}")
 
 
@@ -405,8 +401,6 @@ def set_command(
     priority: Annotated[float | None, typer.Option("--priority", min=0.001)] = None,
 ) -> None:
     """Change a running study's cap, budget or priority."""
-    from optuna_rq.daemon import send_command
-
     changes = {
         k: v
         for k, v in {"concurrency": concurrency, "n_trials": n_trials, "priority": priority}.items()
@@ -414,10 +408,9 @@ def set_command(
     }
     if not changes:
         raise ConfigError("nothing to change: give --concurrency, --n-trials or --priority")
-    options: GlobalOptions = ctx.obj
-    _url, connection = _connect(options)
-    _known_study(connection, options.prefix, name)
-    send_command(connection, options.prefix, "set", name, changes=changes)
+    client = _client(ctx.obj)
+    _known_study(client, name)
+    client.change(name, **changes)
     _err.print(f"study {name!r}: {changes}")
 
 
@@ -449,10 +442,8 @@ def main() -> None:
         # Not standalone: click then returns a typer.Exit's code instead of exiting itself.
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
-    except ConfigError as exc:
-        _fail(exc, code=2, debug=debug)
     except OptunaRQError as exc:
-        _fail(exc, code=1, debug=debug)
+        _fail(exc, code=exc.exit_code, debug=debug)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

@@ -4,19 +4,11 @@ Everything it knows lives in Redis and in the study storages, so a restarted bro
 where the last one stopped: submitted studies are in `<prefix>:studies`, commands wait in
 `<prefix>:commands`, results wait in the `<prefix>:results` stream until acknowledged.
 
-Keys under the prefix:
-    broker      the lock naming the running broker (one per prefix)
-    epoch       a random token set once: if it vanishes, Redis lost its data, and the broker
-                stops rather than write into an empty Redis as if nothing happened
-    commands    a list of msgpack commands from the CLI: submit, cancel, set
-    studies     hash: study name -> its StudySpec (msgpack)
-    status      hash: study name -> JSON snapshot for `status` and `wait`
-    results     the stream workers append results to
+The keys it uses are `optuna_rq.protocol.keys.Keys`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,51 +20,44 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-import msgpack
 import optuna
 import redis
 from optuna.trial import TrialState
 from rq import Worker
 
-from optuna_rq.connection import key, wait_for_redis
+from optuna_rq.client import BrokerClient
+from optuna_rq.connection import wait_for_redis
 from optuna_rq.dispatch import Dispatcher, StudyRun, count_refusal
-from optuna_rq.errors import ConfigError, OptunaRQError, ProtocolError
+from optuna_rq.errors import (
+    BrokerAlreadyRunningError,
+    ConfigError,
+    OptunaRQError,
+    ProtocolError,
+    RedisDataLostError,
+)
 from optuna_rq.metrics import BrokerMetrics
 from optuna_rq.processes import exited
-from optuna_rq.protocol import decode_map
-from optuna_rq.signing import Signer
-from optuna_rq.studies import StudySpec, make_pruner, make_sampler, open_storage
+from optuna_rq.protocol import (
+    Cancel,
+    Change,
+    Keys,
+    Signer,
+    StudySpec,
+    StudyState,
+    StudyStatus,
+    Submit,
+    decode_command,
+)
+from optuna_rq.studies import make_pruner, make_sampler, open_storage
 from optuna_rq.verdict import FAIL_REASON_ATTR
 
 __all__ = [
-    "BrokerAlreadyRunningError",
     "BrokerSettings",
-    "RedisDataLostError",
     "Daemon",
-    "StudyState",
     "fair_shares",
-    "read_status",
-    "send_command",
 ]
 
 log = logging.getLogger("optuna_rq.broker")
-
-
-class StudyState:
-    QUEUED = "queued"
-    RUNNING = "running"
-    FINISHED = "finished"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-    ENDED = (FINISHED, CANCELLED, FAILED)
-
-
-class BrokerAlreadyRunningError(OptunaRQError):
-    """Another broker holds this prefix."""
-
-
-class RedisDataLostError(OptunaRQError):
-    """Redis came back without the data the broker wrote (the epoch key is gone)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,74 +69,6 @@ class BrokerSettings:
     status_interval_s: float = 0.25
     workers_refresh_s: float = 1.0
     max_outage_backoff_s: float = 5.0
-
-
-class Keys:
-    def __init__(self, prefix: str) -> None:
-        self.queue = prefix
-        self.broker = key(prefix, "broker")
-        self.epoch = key(prefix, "epoch")
-        self.commands = key(prefix, "commands")
-        self.studies = key(prefix, "studies")
-        self.status = key(prefix, "status")
-        self.results = key(prefix, "results")
-
-
-# -- what the CLI uses -----------------------------------------------------------------------------
-
-
-def send_command(
-    connection: redis.Redis,
-    prefix: str,
-    op: str,
-    study: str,
-    *,
-    signer: Signer | None = None,
-    **fields: Any,
-) -> None:
-    """Queue a command for the broker (it need not be running yet), signed if a secret is set."""
-    keys = Keys(prefix)
-    message: bytes = msgpack.packb({"op": op, "study": study, **fields}, use_bin_type=True)
-    connection.rpush(keys.commands, (signer or Signer.from_env()).seal(message))
-
-
-def read_status(
-    connection: redis.Redis, prefix: str, study: str | None = None
-) -> list[dict[str, Any]]:
-    """The status snapshots the broker publishes, for one study or all of them."""
-    keys = Keys(prefix)
-    if study is not None:
-        raw = connection.hget(keys.status, study)
-        return [] if raw is None else [json.loads(raw)]
-    return [json.loads(v) for _, v in sorted(connection.hgetall(keys.status).items())]
-
-
-def broker_holder(connection: redis.Redis, prefix: str) -> str | None:
-    raw: Any = connection.get(Keys(prefix).broker)
-    return None if raw is None else bytes(raw).decode()
-
-
-def queued_status(spec: StudySpec, storage: str) -> dict[str, Any]:
-    """The snapshot a study shows between its submission and the broker taking it."""
-    best = "best_value" if len(spec.directions) == 1 else "best_values"
-    return {
-        "name": spec.name,
-        "state": StudyState.QUEUED,
-        "objective": spec.objective,
-        "n_trials": spec.n_trials,
-        "concurrency": spec.concurrency,
-        "priority": spec.priority,
-        "complete": 0,
-        "pruned": 0,
-        "failed": 0,
-        "running": 0,
-        best: None,
-        "best_params": None,
-        "fail_reasons": {},
-        "storage": storage,
-        "error": None,
-        "updated_at": _now(),
-    }
 
 
 def _died_here(holder: str) -> bool:
@@ -213,6 +130,7 @@ class Daemon:
         self._last_metrics = 0.0
         self.settings = settings
         self.keys = Keys(settings.prefix)
+        self.client = BrokerClient(connection, settings.prefix, signer=self.signer)
         self.identity = f"{socket.gethostname()}:{os.getpid()} since {_now()}"
         self.dispatcher = Dispatcher(
             connection,
@@ -242,7 +160,7 @@ class Daemon:
         that died on this machine (its pid is gone, or is ours: a restarted container) is taken
         over at once rather than after its TTL."""
         if not self._lock.acquire(token=self.identity.encode()):
-            holder = broker_holder(self.connection, self.settings.prefix) or "another broker"
+            holder = self.client.broker_holder() or "another broker"
             if not (_died_here(holder) and self._take_over(holder)):
                 raise BrokerAlreadyRunningError(
                     f"a broker is already running on prefix {self.settings.prefix!r}: {holder}; "
@@ -338,7 +256,7 @@ class Daemon:
         except redis.exceptions.LockNotOwnedError:
             renewed = bool(self._lock.acquire(token=self.identity.encode()))
         if not renewed:
-            holder = broker_holder(self.connection, self.settings.prefix) or "another broker"
+            holder = self.client.broker_holder() or "another broker"
             raise BrokerAlreadyRunningError(f"lost the broker lock: {holder} took over")
         self._last_lock = now
 
@@ -382,8 +300,8 @@ class Daemon:
             except ProtocolError as exc:
                 log.error("ignoring stored study %r: %s", name, exc)
                 continue
-            status = read_status(self.connection, self.settings.prefix, spec.name)
-            if status and status[0]["state"] in StudyState.ENDED:
+            status = self.client.status(spec.name)
+            if status is not None and status.state.ended:
                 continue
             self._start(spec, resumed=True)
 
@@ -444,7 +362,8 @@ class Daemon:
             return
         for raw in raw_commands:
             try:
-                self._apply(decode_map(self.signer.open(raw, what="command"), what="command"))
+                body = self.signer.open(raw, what="command")
+                self._apply(decode_command(body, max_bytes=self.signer.max_message_bytes))
             except ProtocolError as exc:
                 log.error("refused a command: %s", exc)
                 count_refusal(self.connection, self.settings.prefix, "command")
@@ -453,36 +372,27 @@ class Daemon:
         # Commands are idempotent, so trimming after applying loses none if we die in between.
         self.connection.ltrim(self.keys.commands, len(raw_commands), -1)
 
-    def _apply(self, command: dict[str, Any]) -> None:
-        op, name = command["op"], command["study"]
-        if op == "submit":
-            spec = StudySpec.decode(command["spec"])
-            if name in self.dispatcher.runs:
-                self._set(
-                    name,
-                    {
-                        "n_trials": spec.n_trials,
-                        "concurrency": spec.concurrency,
-                        "priority": spec.priority,
-                    },
-                )
-                return
-            self.connection.hset(self.keys.studies, name, spec.encode())
-            self._start(spec)
-        elif op == "cancel":
-            run = self.dispatcher.runs.pop(name, None)
-            if run is not None:
-                self.dispatcher.cancel(run)
-                self._publish(self.specs[name], run, state=StudyState.CANCELLED)
-                log.info("cancelled study %r", name)
-            elif name in self.specs or self.connection.hexists(self.keys.studies, name):
-                stored_spec: Any = self.connection.hget(self.keys.studies, name)
-                spec = self.specs.get(name) or StudySpec.decode(stored_spec or b"")
-                self._publish(spec, None, state=StudyState.CANCELLED)
-        elif op == "set":
-            self._set(name, command["changes"])
-        else:
-            raise ConfigError(f"unknown command {op!r}")
+    def _apply(self, command: Submit | Cancel | Change) -> None:
+        match command:
+            case Submit(spec=spec):
+                if spec.name in self.dispatcher.runs:
+                    changes = {"n_trials": spec.n_trials, "concurrency": spec.concurrency}
+                    self._set(spec.name, {**changes, "priority": spec.priority})
+                    return
+                self.connection.hset(self.keys.studies, spec.name, spec.encode())
+                self._start(spec)
+            case Cancel(study=name):
+                run = self.dispatcher.runs.pop(name, None)
+                if run is not None:
+                    self.dispatcher.cancel(run)
+                    self._publish(self.specs[name], run, state=StudyState.CANCELLED)
+                    log.info("cancelled study %r", name)
+                elif name in self.specs or self.connection.hexists(self.keys.studies, name):
+                    stored_spec: Any = self.connection.hget(self.keys.studies, name)
+                    spec = self.specs.get(name) or StudySpec.decode(stored_spec or b"")
+                    self._publish(spec, None, state=StudyState.CANCELLED)
+            case Change(study=name):
+                self._set(name, command.changes())
 
     def _set(self, name: str, changes: dict[str, Any]) -> None:
         spec = self.specs.get(name)
@@ -534,16 +444,29 @@ class Daemon:
         self._dirty.clear()
 
     def _publish(
-        self, spec: StudySpec, run: StudyRun | None, *, state: str, error: str | None = None
+        self,
+        spec: StudySpec,
+        run: StudyRun | None,
+        *,
+        state: StudyState,
+        error: str | None = None,
     ) -> None:
-        snapshot = queued_status(spec, self._storage_url(spec))
-        snapshot.update(state=state, error=error)
-        if run is not None:
-            snapshot.update(_study_summary(run.study))
-            snapshot["running"] = len(run.outstanding)
-            snapshot["concurrency"] = spec.concurrency
-            snapshot["n_trials"] = spec.n_trials
-        self.connection.hset(self.keys.status, spec.name, json.dumps(snapshot))
+        summary = (
+            {} if run is None else {**_study_summary(run.study), "running": len(run.outstanding)}
+        )
+        status = StudyStatus(
+            name=spec.name,
+            state=state,
+            objective=spec.objective,
+            directions=list(spec.directions),
+            n_trials=spec.n_trials,
+            concurrency=spec.concurrency,
+            priority=spec.priority,
+            storage=self._storage_url(spec),
+            error=error,
+            **summary,
+        )
+        self.connection.hset(self.keys.status, spec.name, status.to_json())
 
 
 def _study_summary(study: optuna.Study) -> dict[str, Any]:

@@ -6,7 +6,6 @@ go further, and leaves nothing running, whatever happens.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -18,13 +17,14 @@ from typing import Any
 
 from rich.console import Console
 
-from optuna_rq.connection import connect, ensure_embedded, key, stop_embedded
-from optuna_rq.daemon import queued_status, read_status, send_command
+from optuna_rq.client import BrokerClient
+from optuna_rq.connection import connect, ensure_embedded, stop_embedded
 from optuna_rq.errors import OptunaRQError
 from optuna_rq.progress import follow_study
+from optuna_rq.protocol import StudySpec
 from optuna_rq.space import suggest
 from optuna_rq.spacefile import space_to_data
-from optuna_rq.studies import StudySpec, default_storage_url
+from optuna_rq.studies import default_storage_url
 
 DEMO_OBJECTIVE = "optuna_rq.examples.rosenbrock:objective"
 DEMO_PREFIX = "optuna-rq-demo"
@@ -92,22 +92,20 @@ def run_demo(*, n_trials: int = 60, concurrency: int = 4, workers: int = 2) -> d
             concurrency=concurrency,
             seed=0,
         )
-        connection.hset(
-            key(DEMO_PREFIX, "status"),
-            spec.name,
-            json.dumps(queued_status(spec, default_storage_url(state))),
-        )
-        send_command(connection, DEMO_PREFIX, "submit", spec.name, spec=spec.encode())
+        client = BrokerClient(connection, DEMO_PREFIX)
+        client.submit(spec, storage=default_storage_url(state))
         console.print(
             f"a broker, {workers} workers, and {n_trials} trials of {DEMO_OBJECTIVE}, "
             f"at most {concurrency} at once"
         )
-        code = follow_study(connection, DEMO_PREFIX, spec.name, timeout_s=300, console=console)
-        status = read_status(connection, DEMO_PREFIX, spec.name)[0]
-        if code != 0:
-            raise OptunaRQError(f"the demo study ended {status['state']}: {status.get('error')}")
-        console.print(f"[bold green]best value[/] {status['best_value']:.6g}")
-        for name, value in sorted(status["best_params"].items()):
+        code = follow_study(client, spec.name, timeout_s=300, console=console)
+        status = client.status(spec.name)
+        if code != 0 or status is None or status.best_value is None:
+            ended = f"{status.state.value}: {status.error}" if status else "gone"
+            raise OptunaRQError(f"the demo study ended {ended}")
+        console.print(f"[bold green]best value[/] {status.best_value:.6g}")
+        best_params: Any = status.best_params
+        for name, value in sorted(best_params.items()):
             console.print(f"  {name} = {value!r}")
         console.print(
             "\nNext, on your own objective (see README.md):\n"
@@ -116,7 +114,7 @@ def run_demo(*, n_trials: int = 60, concurrency: int = 4, workers: int = 2) -> d
             "  optuna-rq submit mypkg.train:objective --space space.yaml "
             "--n-trials 100 --concurrency 4 --wait"
         )
-        return status
+        return status.to_dict()
     finally:
         for process in reversed(started):
             _stop(process)

@@ -14,8 +14,6 @@ counts trials that are not retries, so the budget is exact across broker restart
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import math
 import os
@@ -35,33 +33,31 @@ from optuna_rq import failpoints
 from optuna_rq.connection import wait_for_redis
 from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.leases import LeaseWatch, Watched
-from optuna_rq.objectives import parse_objective_path
 from optuna_rq.protocol import (
+    CALL_FIELD,
+    DEFAULT_LEASE_TTL_S,
+    GROUP,
+    REPLY_TTL_S,
     RESULT_FIELD,
+    RUN_TRIAL,
     FailReason,
+    Keys,
     Outcome,
+    Signer,
     TrialCall,
     TrialCallReply,
     TrialRequest,
     TrialResult,
     check_params,
-    lease_key,
-    reply_key,
+    parse_objective_path,
+    trial_queue,
 )
-from optuna_rq.signing import Signer
 from optuna_rq.space import Suggestion, process
 from optuna_rq.verdict import Verdict, tell
-from optuna_rq.workers.pool import trial_queue
-from optuna_rq.workers.remote_trial import CALL_FIELD
-from optuna_rq.workers.runner import RUN_TRIAL
-from optuna_rq.workers.supervision import DEFAULT_LEASE_TTL_S
 
-__all__ = ["ATTEMPT_ATTR", "RETRY_OF_ATTR", "Dispatcher", "StudyRun", "job_id"]
+__all__ = ["ATTEMPT_ATTR", "RETRY_OF_ATTR", "Dispatcher", "StudyRun"]
 
 log = logging.getLogger("optuna_rq.dispatch")
-
-GROUP = "broker"
-"""The consumer group the broker reads results with."""
 
 ASK_AHEAD = 1
 """Trials a study at its cap keeps asked and sampled, ready to send when a slot frees."""
@@ -85,7 +81,7 @@ class DispatchObserver:
         self,
         study: str,
         state: str,
-        reason: str | None,
+        reason: FailReason | None,
         *,
         tell_s: float,
         start_delay_s: float | None,
@@ -98,19 +94,6 @@ class DispatchObserver:
 
     def refused(self, kind: str) -> None:
         pass
-
-
-def job_id(prefix: str, study: str, trial_number: int, attempt: int) -> str:
-    """The RQ job id of one attempt: the same inputs give the same id, so re-enqueueing is a no-op.
-
-    RQ allows only letters, digits, '-' and '_' in ids, so the prefix and study name are hashed.
-    """
-    return f"orq-{_study_digest(prefix, study)}-{trial_number}-{attempt}"
-
-
-@functools.lru_cache(maxsize=1024)
-def _study_digest(prefix: str, study: str) -> str:
-    return hashlib.blake2b(f"{prefix}\0{study}".encode(), digest_size=8).hexdigest()
 
 
 def _fixed_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -241,6 +224,7 @@ class Dispatcher:
         self.signer = signer or Signer()
         self.observer = observer or DispatchObserver()
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.reply_to = reply_to
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
         self.queue = trial_queue(connection, queue)
@@ -373,7 +357,7 @@ class Dispatcher:
             self._finish(
                 run,
                 number,
-                Verdict(state=TrialState.FAIL, fail_reason="exception", error=str(exc)),
+                Verdict(state=TrialState.FAIL, fail_reason=FailReason.EXCEPTION, error=str(exc)),
             )
             return None
 
@@ -417,7 +401,7 @@ class Dispatcher:
             run.unsent &= set(run.outstanding)
 
     def _job_id(self, run: StudyRun, number: int) -> str:
-        return job_id(self.prefix, run.name, number, run.outstanding[number])
+        return self.keys.job_id(run.name, number, run.outstanding[number])
 
     # -- results -> tell -> acknowledge --------------------------------------------------------
 
@@ -500,8 +484,8 @@ class Dispatcher:
         for run in self.runs.values():
             for number, attempt in run.outstanding.items():
                 if number not in run.unsent:
-                    watched[job_id(self.prefix, run.name, number, attempt)] = (run, number, attempt)
-        lost = self.leases.check(Watched(j, lease_key(self.reply_to, j)) for j in watched)
+                    watched[self.keys.job_id(run.name, number, attempt)] = (run, number, attempt)
+        lost = self.leases.check(Watched(j, Keys.lease(self.reply_to, j)) for j in watched)
         if not lost:
             return 0
         self._drain()  # a result that came in just before its lease went is told, not lost
@@ -534,7 +518,7 @@ class Dispatcher:
         self.observer.told(
             run.name,
             TrialState.FAIL.name,
-            FailReason.WORKER_LOST.value,
+            FailReason.WORKER_LOST,
             tell_s=time.perf_counter() - started,
             start_delay_s=None,
             result_age_s=None,
@@ -575,7 +559,7 @@ class Dispatcher:
             self.dropped_results += 1
             self.observer.dropped()
             # Rare, and worth seeing from outside (`<prefix>:dropped`): a worker that came back.
-            self.connection.hincrby(f"{self.prefix}:dropped", "result", 1)
+            self.connection.hincrby(self.keys.dropped, "result", 1)
             return 0
         if result.fail_reason is FailReason.WORKER_LOST:  # its supervisor saw the worker die
             self._lost(run, result.trial_number, result.error or "the worker was lost")
@@ -622,10 +606,10 @@ class Dispatcher:
             if not call.reply:
                 log.warning("trial call %s failed: %s", call.method, exc)
         if call.reply:
-            key = reply_key(self.reply_to, call.trial_number, call.attempt)
+            key = Keys.reply_list(self.reply_to, call.trial_number, call.attempt)
             pipe = self.connection.pipeline(transaction=False)
             pipe.rpush(key, self.signer.seal(encoded))
-            pipe.expire(key, 300)
+            pipe.expire(key, REPLY_TTL_S)
             pipe.execute()
 
     def _finish(self, run: StudyRun, number: int, verdict: Verdict) -> None:
@@ -674,7 +658,7 @@ class Dispatcher:
         FAIL (`cancelled`). A result that still arrives from a running one is dropped as stale."""
         run.n_trials = run.asked
         for number, attempt in list(run.outstanding.items()):
-            job = self.queue.fetch_job(job_id(self.prefix, run.name, number, attempt))
+            job = self.queue.fetch_job(self.keys.job_id(run.name, number, attempt))
             if job is not None and job.get_status(refresh=False) == "queued":
                 job.cancel()
         for number in [*run.outstanding, *run.ready]:
@@ -683,7 +667,7 @@ class Dispatcher:
                 number,
                 Verdict(
                     state=TrialState.FAIL,
-                    fail_reason="cancelled",
+                    fail_reason=FailReason.CANCELLED,
                     error="the study was cancelled before this trial ended",
                 ),
             )
@@ -733,11 +717,11 @@ def _perform(study: optuna.Study, trial: optuna.Trial, call: TrialCall) -> Any:
 
 def count_refusal(connection: redis.Redis, prefix: str, kind: str) -> None:
     """Count a refused message in `<prefix>:refused`, by kind: it is an attack or a bug."""
-    connection.hincrby(f"{prefix}:refused", kind, 1)
+    connection.hincrby(Keys(prefix).refused, kind, 1)
 
 
 def _lost_verdict(error: str) -> Verdict:
-    return Verdict(state=TrialState.FAIL, fail_reason=FailReason.WORKER_LOST.value, error=error)
+    return Verdict(state=TrialState.FAIL, fail_reason=FailReason.WORKER_LOST, error=error)
 
 
 def _verdict(result: TrialResult) -> Verdict:
@@ -748,5 +732,5 @@ def _verdict(result: TrialResult) -> Verdict:
             return Verdict(state=TrialState.PRUNED)
         case Outcome.FAIL:
             reason = result.fail_reason or FailReason.EXCEPTION
-            return Verdict(state=TrialState.FAIL, fail_reason=reason.value, error=result.error)
+            return Verdict(state=TrialState.FAIL, fail_reason=reason, error=result.error)
     raise ProtocolError(f"unknown outcome {result.outcome!r}")

@@ -1,10 +1,28 @@
-"""The error tree: every error optuna-rq raises on purpose derives from `OptunaRQError`."""
+"""The error tree: every error optuna-rq raises on purpose derives from `OptunaRQError`.
+
+Each class says what the command line exits with when it reaches it (`exit_code`): 2 for a
+usage error (a bad input, fixable by changing the command), 1 for a runtime error.
+"""
 
 from __future__ import annotations
+
+__all__ = [
+    "BrokerAlreadyRunningError",
+    "ConfigError",
+    "ObjectiveLoadError",
+    "ObjectiveRefusedError",
+    "OptunaRQError",
+    "ProtocolError",
+    "RedisDataLostError",
+    "RedisUnavailableError",
+    "RemoteTrialError",
+]
 
 
 class OptunaRQError(Exception):
     """Base for every error optuna-rq raises on purpose."""
+
+    exit_code: int = 1
 
 
 class ConfigError(OptunaRQError, ValueError):
@@ -14,6 +32,8 @@ class ConfigError(OptunaRQError, ValueError):
     mistakes, and code written against it catches that.
     """
 
+    exit_code = 2
+
 
 class ProtocolError(OptunaRQError):
     """A message that is not a valid optuna-rq message."""
@@ -21,3 +41,23 @@ class ProtocolError(OptunaRQError):
 
 class RedisUnavailableError(OptunaRQError):
     """Redis cannot be reached or started."""
+
+
+class RedisDataLostError(OptunaRQError):
+    """Redis came back without the data the broker wrote (the epoch key is gone)."""
+
+
+class BrokerAlreadyRunningError(OptunaRQError):
+    """Another broker holds this prefix."""
+
+
+class ObjectiveRefusedError(OptunaRQError):
+    """The objective is not one this worker serves; nothing was imported."""
+
+
+class ObjectiveLoadError(OptunaRQError):
+    """A served module could not be imported, or lacks the named function."""
+
+
+class RemoteTrialError(OptunaRQError):
+    """The broker refused a trial call, or did not answer it."""

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from optuna_rq.dispatch import DispatchObserver, StudyRun
+from optuna_rq.protocol import FailReason
 
 __all__ = ["BrokerMetrics"]
 
@@ -92,13 +93,15 @@ class BrokerMetrics(DispatchObserver):
         self,
         study: str,
         state: str,
-        reason: str | None,
+        reason: FailReason | None,
         *,
         tell_s: float,
         start_delay_s: float | None,
         result_age_s: float | None,
     ) -> None:
-        self.trials.labels(study=study, state=state, reason=reason or "").inc()
+        self.trials.labels(
+            study=study, state=state, reason="" if reason is None else reason.value
+        ).inc()
         self.tell_seconds.observe(tell_s)
         if start_delay_s is not None and start_delay_s >= 0:
             self.start_delay_seconds.observe(start_delay_s)

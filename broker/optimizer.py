@@ -26,13 +26,17 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq.errors import ConfigError
-from optuna_rq.objectives import objective_path_of, parse_objective_path
+from optuna_rq.protocol import (
+    FailReason,
+    describe_exception,
+    objective_path_of,
+    parse_objective_path,
+)
 from optuna_rq.space import Category, Float, Integer, Number, Suggestion, process, suggest
 from optuna_rq.verdict import (
     FAIL_ERROR_ATTR,
     FAIL_REASON_ATTR,
     Verdict,
-    describe_exception,
     judge_result,
     tell,
 )
@@ -259,9 +263,9 @@ class Optimizer:
     async def _run_remote(self, inputs: dict[str, Any]) -> None:
         """Dispatch the trials to workers from a thread; cancelling the await stops the run and
         ends the outstanding trials FAIL (`cancelled`), so none is left RUNNING."""
-        from optuna_rq.connection import DEFAULT_PREFIX, connect, key
+        from optuna_rq.connection import DEFAULT_PREFIX, connect
         from optuna_rq.dispatch import Dispatcher, StudyRun
-        from optuna_rq.signing import Signer
+        from optuna_rq.protocol import Keys, Signer
 
         connection = self.connection or connect(self.redis_url or "")
         queue = self.queue or DEFAULT_PREFIX
@@ -276,7 +280,7 @@ class Optimizer:
             connection,
             prefix=queue,
             queue=queue,
-            reply_to=key(queue, "results", uuid.uuid4().hex),
+            reply_to=Keys(queue).private_results(uuid.uuid4().hex),
             signer=Signer.from_env(),
         )
         dispatcher.add(run)
@@ -321,7 +325,7 @@ class Optimizer:
                     trial,
                     Verdict(
                         state=TrialState.FAIL,
-                        fail_reason="exception",
+                        fail_reason=FailReason.EXCEPTION,
                         error=describe_exception(exc),
                     ),
                 )
@@ -331,7 +335,7 @@ class Optimizer:
                     trial,
                     Verdict(
                         state=TrialState.FAIL,
-                        fail_reason="cancelled",
+                        fail_reason=FailReason.CANCELLED,
                         error=f"{type(exc).__name__}: the run was stopped",
                     ),
                 )

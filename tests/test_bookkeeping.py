@@ -7,8 +7,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from optuna_rq.workers.pool import TrialWorker, trial_queue
-from optuna_rq.workers.serializer import MsgpackSerializer
+from optuna_rq.protocol import trial_queue
+from optuna_rq.protocol.queue import MsgpackSerializer
+from optuna_rq.workers.pool import TrialWorker
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from optuna_rq.protocol import ProtocolError, TrialCall, TrialCallReply, TrialRequest, TrialResult
-from optuna_rq.signing import Signer
-from optuna_rq.studies import StudySpec
-from optuna_rq.workers.serializer import MsgpackSerializer
+from optuna_rq.protocol.queue import MsgpackSerializer
+from optuna_rq.protocol.signing import Signer
+from optuna_rq.protocol.spec import StudySpec
 
 # 1500 examples each keep the whole suite near ten minutes on 2 cores (the fault tests need the
 # time); long fuzzing runs are tests/fuzz/atheris_protocol.py's job.

@@ -159,7 +159,7 @@ def test_nesting_deeper_than_the_bound_is_refused() -> None:
     [
         ({"extra": 1}, r"unknown fields \['extra'\]"),
         ({"study": ...}, r"missing fields \['study'\]"),
-        ({"v": 2}, "protocol version 2"),
+        ({"v": 1}, "protocol version 1"),
         ({"v": True}, "field 'v' must be an int"),
         ({"trial_number": True}, "'trial_number' must be an int >= 0, got bool"),
         ({"trial_number": -1}, "'trial_number' must be an int >= 0"),

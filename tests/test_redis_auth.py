@@ -115,7 +115,7 @@ def test_broker_and_workers_run_a_study_as_least_privilege_users(acl_socket: Pat
         from rq import Worker
 
         admin = connect(broker_url)
-        from optuna_rq.workers.pool import trial_queue
+        from optuna_rq.protocol import trial_queue
 
         wait_until(
             lambda: Worker.count(connection=admin, queue=trial_queue(admin, ACL_PREFIX)) == 2,
@@ -255,7 +255,7 @@ def test_a_study_over_tls(tls_url: str) -> None:
     try:
         from rq import Worker
 
-        from optuna_rq.workers.pool import trial_queue
+        from optuna_rq.protocol import trial_queue
 
         conn = connect(tls_url)
         wait_until(

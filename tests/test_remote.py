@@ -173,7 +173,7 @@ def test_cancelling_a_remote_run_leaves_no_trial_running(
     assert {t.user_attrs[FAIL_REASON_ATTR] for t in trials} == {"cancelled"}
     from rq import Queue
 
-    from optuna_rq.workers.serializer import MsgpackSerializer
+    from optuna_rq.protocol.queue import MsgpackSerializer
 
     assert Queue(prefix, connection=conn, serializer=MsgpackSerializer).count == 0
 

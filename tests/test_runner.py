@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from optuna_rq.errors import ObjectiveRefusedError
 from optuna_rq.protocol import FailReason, Outcome, TrialRequest
-from optuna_rq.workers.runner import ObjectiveRefusedError, execute, load_objective
+from optuna_rq.workers.runner import execute, load_objective
 
 SERVED = frozenset({"tests.objectives"})
 
@@ -82,7 +83,8 @@ def test_refusal_happens_before_any_import(tmp_path: Path) -> None:
     """Run in a fresh interpreter so that nothing has imported the module yet."""
     mark = tmp_path / "mark"
     code = (
-        "from optuna_rq.workers.runner import load_objective, ObjectiveRefusedError\n"
+        "from optuna_rq.errors import ObjectiveRefusedError\n"
+        "from optuna_rq.workers.runner import load_objective\n"
         "for spec in ['tests.mark_on_import:objective', 'tests.mark_on_import:os.system']:\n"
         "    try:\n"
         "        load_objective(spec, frozenset({'tests.objectives'}))\n"

@@ -19,9 +19,7 @@ from rq import Queue, Worker
 from rq.job import JobStatus
 
 from optuna_rq import Optimizer, suggest
-from optuna_rq.protocol import TrialRequest, TrialResult
-from optuna_rq.workers.pool import trial_queue
-from optuna_rq.workers.runner import RESULT_FIELD, RUN_TRIAL
+from optuna_rq.protocol import RESULT_FIELD, RUN_TRIAL, TrialRequest, TrialResult, trial_queue
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(120)

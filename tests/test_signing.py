@@ -13,10 +13,16 @@ from rq.job import JobStatus
 
 from optuna_rq import ConfigError, Optimizer, suggest
 from optuna_rq.dispatch import Dispatcher, StudyRun
-from optuna_rq.protocol import Outcome, ProtocolError, TrialRequest, TrialResult
-from optuna_rq.signing import ENV_SECRET, Signer
-from optuna_rq.workers.pool import trial_queue
-from optuna_rq.workers.runner import RESULT_FIELD, RUN_TRIAL
+from optuna_rq.protocol import (
+    RESULT_FIELD,
+    RUN_TRIAL,
+    Outcome,
+    ProtocolError,
+    TrialRequest,
+    TrialResult,
+    trial_queue,
+)
+from optuna_rq.protocol.signing import ENV_SECRET, Signer
 from tests.helpers import wait_until
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -155,20 +161,21 @@ def test_choosing_journal_redis_storage_warns_about_pickle(caplog) -> None:
 def test_an_unsigned_command_is_refused_by_a_signed_broker(
     conn: redis.Redis, prefix: str, tmp_path
 ) -> None:
-    from optuna_rq.daemon import BrokerSettings, Daemon, send_command
-    from optuna_rq.studies import StudySpec
+    from optuna_rq.client import BrokerClient
+    from optuna_rq.daemon import BrokerSettings, Daemon
+    from optuna_rq.protocol.spec import StudySpec
 
     spec = StudySpec(
         name="forged", objective="tests.objectives:quadratic", space={}, n_trials=1, concurrency=1
     )
     daemon = Daemon(conn, BrokerSettings(prefix=prefix, storage="memory"), signer)
     daemon.acquire()
-    send_command(conn, prefix, "submit", "forged", signer=Signer(), spec=spec.encode())
+    BrokerClient(conn, prefix, signer=Signer()).submit(spec, storage="memory")
     daemon.step()
     assert "forged" not in daemon.specs and conn.llen(f"{prefix}:commands") == 0
     assert int(conn.hget(f"{prefix}:refused", "command")) == 1
 
-    send_command(conn, prefix, "submit", "forged", signer=signer, spec=spec.encode())
+    BrokerClient(conn, prefix, signer=signer).submit(spec, storage="memory")
     daemon.step()
     assert "forged" in daemon.specs
     daemon.release()

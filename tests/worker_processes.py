@@ -129,6 +129,6 @@ def broker_process(
 
 
 def _queue(connection: object, name: str) -> object:
-    from optuna_rq.workers.pool import trial_queue
+    from optuna_rq.protocol import trial_queue
 
     return trial_queue(connection, name)

@@ -3,18 +3,16 @@
 `optuna-rq workers --import MODULE` is how they are started; these are the pieces it uses.
 """
 
-from optuna_rq.workers.pool import TrialWorker, WorkerPool, WorkerSettings, trial_queue
-from optuna_rq.workers.remote_trial import RemoteTrial, RemoteTrialError
+from optuna_rq.errors import RemoteTrialError
+from optuna_rq.workers.pool import TrialWorker, WorkerPool, WorkerSettings
+from optuna_rq.workers.remote_trial import RemoteTrial
 from optuna_rq.workers.runner import run_trial
-from optuna_rq.workers.serializer import MsgpackSerializer
 
 __all__ = [
-    "MsgpackSerializer",
     "RemoteTrial",
     "RemoteTrialError",
     "TrialWorker",
     "WorkerPool",
     "WorkerSettings",
     "run_trial",
-    "trial_queue",
 ]

@@ -39,12 +39,17 @@ from rq.job import Job
 
 from optuna_rq.connection import connect, wait_for_redis
 from optuna_rq.errors import ConfigError
-from optuna_rq.protocol import DEFAULT_MAX_MESSAGE_BYTES
-from optuna_rq.signing import Signer
+from optuna_rq.protocol import (
+    DEFAULT_LEASE_TTL_S,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    RUN_TRIAL,
+    MsgpackSerializer,
+    Signer,
+    trial_queue,
+)
 from optuna_rq.workers import runner
 from optuna_rq.workers.bookkeeping import LeanBookkeeping
-from optuna_rq.workers.serializer import MsgpackSerializer
-from optuna_rq.workers.supervision import DEFAULT_LEASE_TTL_S, ChildChannel, Supervisor
+from optuna_rq.workers.supervision import ChildChannel, Supervisor
 
 __all__ = [
     "ISOLATION",
@@ -52,7 +57,6 @@ __all__ = [
     "TrialWorker",
     "WorkerPool",
     "WorkerSettings",
-    "trial_queue",
 ]
 
 log = logging.getLogger("optuna_rq.pool")
@@ -82,11 +86,6 @@ class WorkerSettings:
             raise ConfigError(f"--isolation {self.isolation!r}: choose {' or '.join(ISOLATION)}")
 
 
-def trial_queue(connection: Any, name: str) -> Queue:
-    """The RQ queue trials travel on, with our serializer: the one way both sides make it."""
-    return Queue(name, connection=connection, serializer=MsgpackSerializer)
-
-
 def _refused(worker: SimpleWorker | Worker, job: Job, queue: Queue) -> bool:
     """Fail `job` unless it is one of our trials; True if it was refused."""
     try:
@@ -94,7 +93,7 @@ def _refused(worker: SimpleWorker | Worker, job: Job, queue: Queue) -> bool:
     except Exception as exc:  # data that is not msgpack: never unpickled, never run
         why = f"job data does not decode: {type(exc).__name__}: {exc}"
     else:
-        if func_name == runner.RUN_TRIAL:
+        if func_name == RUN_TRIAL:
             return False
         why = f"refused job function {func_name!r}: only trials run here"
     log.error("job %s %s", job.id, why)

@@ -21,20 +21,12 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from optuna_rq.errors import OptunaRQError
-from optuna_rq.protocol import TrialCall, TrialCallReply, TrialRequest, reply_key
-from optuna_rq.signing import Signer
+from optuna_rq.errors import RemoteTrialError
+from optuna_rq.protocol import CALL_FIELD, Keys, Signer, TrialCall, TrialCallReply, TrialRequest
 
-__all__ = ["CALL_FIELD", "RemoteTrial", "RemoteTrialError"]
-
-CALL_FIELD = b"c"
-"""The stream entry field that holds an encoded `TrialCall` (results use b"m")."""
+__all__ = ["RemoteTrial", "RemoteTrialError"]
 
 CALL_TIMEOUT_S = 60
-
-
-class RemoteTrialError(OptunaRQError):
-    """The broker refused a trial call, or did not answer it."""
 
 
 class RemoteTrial:
@@ -44,7 +36,7 @@ class RemoteTrial:
         self._connection = connection
         self._request = request
         self._signer = signer
-        self._reply_key = reply_key(request.reply_to, request.trial_number, request.attempt)
+        self._reply_key = Keys.reply_list(request.reply_to, request.trial_number, request.attempt)
         self._seq = 0
         self._params: dict[str, Any] = {}
         self._distributions: dict[str, BaseDistribution] = {}

@@ -23,21 +23,26 @@ import optuna
 import redis
 from rq.timeouts import JobTimeoutException
 
-from optuna_rq.errors import ConfigError, OptunaRQError, ProtocolError
-from optuna_rq.objectives import parse_objective_path
+from optuna_rq.errors import (
+    ConfigError,
+    ObjectiveLoadError,
+    ObjectiveRefusedError,
+    ProtocolError,
+)
 from optuna_rq.protocol import (
-    RESULT_FIELD,
+    DEFAULT_LEASE_TTL_S,
     FailReason,
+    Keys,
     Outcome,
+    Signer,
     TrialRequest,
     TrialResult,
-    lease_key,
+    describe_exception,
+    judge_return,
+    parse_objective_path,
 )
-from optuna_rq.signing import Signer
-from optuna_rq.verdict import describe_exception, judge_return
 from optuna_rq.workers.remote_trial import RemoteTrial
 from optuna_rq.workers.supervision import (
-    DEFAULT_LEASE_TTL_S,
     Attempt,
     ChildChannel,
     LeaseThread,
@@ -45,10 +50,6 @@ from optuna_rq.workers.supervision import (
 )
 
 __all__ = [
-    "RESULT_FIELD",
-    "RUN_TRIAL",
-    "ObjectiveLoadError",
-    "ObjectiveRefusedError",
     "execute",
     "load_objective",
     "run_trial",
@@ -56,8 +57,6 @@ __all__ = [
     "served_modules",
 ]
 
-RUN_TRIAL = "optuna_rq.workers.runner.run_trial"
-"""The dotted name RQ stores for our job function: the only one a worker runs."""
 
 log = logging.getLogger("optuna_rq.worker")
 
@@ -119,14 +118,6 @@ def horse_exited(pid: int, exitcode: int) -> None:
     """Tell the supervising parent how a forked work horse ended, if it ended abnormally."""
     if _channel is not None:
         _channel.exited(pid, exitcode)
-
-
-class ObjectiveRefusedError(OptunaRQError):
-    """The objective is not one this worker serves; nothing was imported."""
-
-
-class ObjectiveLoadError(OptunaRQError):
-    """A served module could not be imported, or lacks the named function."""
 
 
 def serve(modules: Iterable[str]) -> None:
@@ -296,14 +287,15 @@ def run_trial(payload: bytes) -> None:
         body = _signer.open(payload, what="TrialRequest")
         request = TrialRequest.decode(body, max_bytes=_signer.max_message_bytes)
     except ProtocolError:
-        connection.hincrby(f"{job.origin}:refused", "request", 1)
+        # A queue is named for its prefix.
+        connection.hincrby(Keys(job.origin).refused, "request", 1)
         raise
     holder = worker_id()
     timeout_s = float(job.timeout) if job.timeout is not None and job.timeout > 0 else None
     attempt = Attempt.of(
         request,
         job_id=job.id,
-        lease=lease_key(request.reply_to, job.id),
+        lease=Keys.lease(request.reply_to, job.id),
         holder=holder,
         timeout_s=timeout_s,
     )

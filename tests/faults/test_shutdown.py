@@ -9,8 +9,8 @@ from optuna.trial import TrialState
 from rq import Worker
 
 from optuna_rq.dispatch import RETRY_OF_ATTR
+from optuna_rq.protocol import trial_queue
 from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
-from optuna_rq.workers.pool import trial_queue
 from tests.faults.conftest import BOTH_ISOLATIONS, Cluster, wait_calls
 from tests.helpers import wait_until
 

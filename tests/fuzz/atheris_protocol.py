@@ -21,9 +21,9 @@ with atheris.instrument_imports():
         TrialRequest,
         TrialResult,
     )
-    from optuna_rq.signing import Signer
-    from optuna_rq.studies import StudySpec
-    from optuna_rq.workers.serializer import MsgpackSerializer
+    from optuna_rq.protocol.queue import MsgpackSerializer
+    from optuna_rq.protocol.signing import Signer
+    from optuna_rq.protocol.spec import StudySpec
 
 _SIGNER = Signer(b"k" * 32)
 

@@ -1,4 +1,5 @@
-"""RQ serializer on msgpack, so no pickle ever crosses Redis.
+"""The RQ queue trials travel on: its msgpack serializer, so no pickle ever crosses Redis, and
+the one job function it carries.
 
 RQ passes job data, meta and results through one serializer. Ours carries only what msgpack
 carries (None, bool, int, float, str, bytes, lists, str-keyed maps), refuses ext types, and
@@ -11,6 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+from rq import Queue
+
+__all__ = ["MAX_JOB_BYTES", "RUN_TRIAL", "MsgpackSerializer", "trial_queue"]
+
+RUN_TRIAL = "optuna_rq.workers.runner.run_trial"
+"""The only RQ job function a worker runs (checked by name before anything is imported). Its
+path is part of the wire: moving it is a protocol version change."""
 
 MAX_JOB_BYTES = 4 * 1024 * 1024
 """RQ job data holds one trial request (itself capped) plus RQ's own framing."""
@@ -38,3 +46,8 @@ class MsgpackSerializer:
             strict_map_key=True,
             ext_hook=_refuse_ext,
         )
+
+
+def trial_queue(connection: Any, name: str) -> Queue:
+    """The RQ queue trials travel on, with our serializer: the one way both sides make it."""
+    return Queue(name, connection=connection, serializer=MsgpackSerializer)

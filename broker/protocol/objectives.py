@@ -1,13 +1,19 @@
-"""Objective paths: the exact `package.module:function` strings that name what workers run.
+"""The objective contract: how an objective is named, what it must return, how its error travels.
 
-The split is never guessed (unlike rq's `import_attribute`): the module is everything before the
-one `:`, the function a plain public identifier after it, so no attribute path can reach through
-a served module (`served:os.system` is refused).
+Paths are the exact `package.module:function` strings that name what workers run. The split is
+never guessed (unlike rq's `import_attribute`): the module is everything before the one `:`, the
+function a plain public identifier after it, so no attribute path can reach through a served
+module (`served:os.system` is refused).
+
+`judge_return` is shared by the in-process Optimizer and the workers, so a return value is judged
+the same way wherever the objective ran.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import traceback
 from typing import Any
 
 from optuna_rq.errors import ConfigError
@@ -59,3 +65,31 @@ def objective_path_of(obj: Any) -> str:
     spec = f"{module}:{qualname}"
     parse_objective_path(spec)
     return spec
+
+
+MAX_ERROR_CHARS = 4000
+"""The error text a failed trial carries: its end, where the exception line is."""
+
+
+def judge_return(result: object, n_objectives: int) -> tuple[list[float] | None, str | None]:
+    """Check an objective's return: (values, None) when valid, (values or None, why) when not.
+
+    Valid is a float (or int) for one objective, a tuple or list of them, one per direction, for
+    several. NaN values come back with a reason, so the caller can record why the trial failed.
+    """
+    items = list(result) if isinstance(result, (tuple, list)) else [result]
+    if len(items) != n_objectives or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in items
+    ):
+        expected = "a float" if n_objectives == 1 else f"a tuple of {n_objectives} floats"
+        return None, f"objective returned {result!r} ({type(result).__name__}); expected {expected}"
+    values = [float(v) for v in items]  # type: ignore[arg-type]
+    if any(math.isnan(v) for v in values):
+        return values, f"objective returned NaN: {result!r}"
+    return values, None
+
+
+def describe_exception(exc: BaseException) -> str:
+    """The error text stored on a failed trial: the exception line, then the traceback."""
+    text = "".join(traceback.format_exception(exc))
+    return text[-MAX_ERROR_CHARS:]

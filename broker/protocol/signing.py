@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import msgpack
 
 from optuna_rq.errors import ConfigError, ProtocolError
-from optuna_rq.protocol import DEFAULT_MAX_MESSAGE_BYTES, decode_map
+from optuna_rq.protocol.codec import DEFAULT_MAX_MESSAGE_BYTES, decode_map
 
 __all__ = ["ENV_SECRET", "Signer"]
 

@@ -1,0 +1,98 @@
+"""BrokerClient: what the front doors (CLI, demo, scripts) say to a broker, and read back from it.
+
+It is the only writer of commands and the only reader of status. The broker need not be running:
+commands wait in Redis until one starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+
+from optuna_rq.errors import ProtocolError
+from optuna_rq.protocol import (
+    Cancel,
+    Change,
+    Command,
+    Keys,
+    Signer,
+    StudySpec,
+    StudyState,
+    StudyStatus,
+    Submit,
+)
+
+__all__ = ["BrokerClient"]
+
+log = logging.getLogger("optuna_rq.client")
+
+
+class BrokerClient:
+    """Submit, change and cancel studies on one prefix, and read their status.
+
+    `signer` seals every command (default: from `OPTUNA_RQ_SECRET`, as the broker reads it).
+    """
+
+    def __init__(
+        self, connection: redis.Redis, prefix: str, *, signer: Signer | None = None
+    ) -> None:
+        self.connection = connection
+        self.keys = Keys(prefix)
+        self.signer = signer or Signer.from_env()
+
+    @property
+    def prefix(self) -> str:
+        return self.keys.prefix
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def send(self, command: Command) -> None:
+        """Queue `command` for the broker, sealed."""
+        self.connection.rpush(self.keys.commands, self.signer.seal(command.encode()))
+
+    def submit(self, spec: StudySpec, *, storage: str) -> None:
+        """Submit `spec`. A study with no status yet shows as queued (with `storage`, the URL its
+        trials will be stored at) until the broker takes it."""
+        queued = StudyStatus(
+            name=spec.name,
+            state=StudyState.QUEUED,
+            objective=spec.objective,
+            directions=list(spec.directions),
+            n_trials=spec.n_trials,
+            concurrency=spec.concurrency,
+            priority=spec.priority,
+            storage=storage,
+        )
+        self.connection.hsetnx(self.keys.status, spec.name, queued.to_json())
+        self.send(Submit(spec=spec))
+
+    def cancel(self, study: str) -> None:
+        self.send(Cancel(study=study))
+
+    def change(self, study: str, **changes: Any) -> None:
+        """`n_trials`, `concurrency` and/or `priority` for `study`."""
+        self.send(Change(study=study, **changes))
+
+    # -- what the broker publishes -----------------------------------------------------------
+
+    def status(self, study: str) -> StudyStatus | None:
+        raw: Any = self.connection.hget(self.keys.status, study)
+        return None if raw is None else StudyStatus.from_json(raw)
+
+    def statuses(self) -> list[StudyStatus]:
+        """Every study's status, by name; one that cannot be read is skipped, with a warning."""
+        found: list[StudyStatus] = []
+        stored: dict[bytes, bytes] = self.connection.hgetall(self.keys.status)  # type: ignore[assignment]
+        for _name, raw in sorted(stored.items()):
+            try:
+                found.append(StudyStatus.from_json(raw))
+            except ProtocolError as exc:
+                log.warning("skipping the unreadable status of study %r: %s", _name, exc)
+        return found
+
+    def broker_holder(self) -> str | None:
+        """Who holds the prefix's broker lock ("host:pid since ..."), None if no broker runs."""
+        raw: Any = self.connection.get(self.keys.broker)
+        return None if raw is None else bytes(raw).decode()

@@ -1,0 +1,87 @@
+"""The protocol between the broker and the workers, and between the front doors and the broker.
+
+Both sides import it; it imports neither (`.ci/run` checks the contract with import-linter). It
+owns every message and its schema (`messages`, `commands`, `status`, `spec`), every Redis name
+(`keys`), the RQ queue and its serializer (`queue`), signing (`signing`) and the objective
+contract (`objectives`).
+"""
+
+from optuna_rq.errors import ProtocolError
+from optuna_rq.protocol.codec import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_CONTAINER_LEN,
+    MAX_DEPTH,
+    PROTOCOL_VERSION,
+    Message,
+    Param,
+    check_params,
+    decode_map,
+)
+from optuna_rq.protocol.commands import Cancel, Change, Command, Submit, decode_command
+from optuna_rq.protocol.keys import (
+    CALL_FIELD,
+    DEFAULT_LEASE_TTL_S,
+    GROUP,
+    REPLY_TTL_S,
+    RESULT_FIELD,
+    Keys,
+)
+from optuna_rq.protocol.messages import (
+    FailReason,
+    Outcome,
+    TrialCall,
+    TrialCallReply,
+    TrialRequest,
+    TrialResult,
+)
+from optuna_rq.protocol.objectives import (
+    describe_exception,
+    judge_return,
+    objective_path_of,
+    parse_objective_path,
+)
+from optuna_rq.protocol.queue import RUN_TRIAL, MsgpackSerializer, trial_queue
+from optuna_rq.protocol.signing import ENV_SECRET, Signer
+from optuna_rq.protocol.spec import StudySpec
+from optuna_rq.protocol.status import StudyState, StudyStatus
+
+__all__ = [
+    "CALL_FIELD",
+    "DEFAULT_LEASE_TTL_S",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "ENV_SECRET",
+    "GROUP",
+    "MAX_CONTAINER_LEN",
+    "MAX_DEPTH",
+    "PROTOCOL_VERSION",
+    "REPLY_TTL_S",
+    "RESULT_FIELD",
+    "RUN_TRIAL",
+    "Cancel",
+    "Change",
+    "Command",
+    "FailReason",
+    "Keys",
+    "Message",
+    "MsgpackSerializer",
+    "Outcome",
+    "Param",
+    "ProtocolError",
+    "Signer",
+    "StudySpec",
+    "StudyState",
+    "StudyStatus",
+    "Submit",
+    "TrialCall",
+    "TrialCallReply",
+    "TrialRequest",
+    "TrialResult",
+    "check_params",
+    "decode_command",
+    "decode_map",
+    "describe_exception",
+    "judge_return",
+    "objective_path_of",
+    "parse_objective_path",
+    "trial_queue",
+]

@@ -1,0 +1,85 @@
+"""Every Redis name optuna-rq uses: keys under a prefix, stream fields, job ids, the lease TTL.
+
+One broker serves one prefix; several brokers can share a Redis with different prefixes. Under
+`<prefix>`:
+
+    <prefix>            the RQ queue trials travel on
+    broker              the lock naming the running broker (one per prefix)
+    epoch               a random token set once: if it vanishes, Redis lost its data, and the
+                        broker stops rather than write into an empty Redis as if nothing happened
+    commands            a list of signed commands from the front doors: submit, cancel, set
+    studies             hash: study name -> its StudySpec
+    status              hash: study name -> its StudyStatus (JSON, for `status` and `wait`)
+    results             the stream workers append results and trial calls to (group `broker`)
+    results:<token>     a private result stream (one remote `Optimizer` run)
+    dropped, refused    hashes counting stale results and refused messages, by kind
+
+and, per attempt, keyed by the result stream it reports to (`reply_to`):
+
+    <reply_to>:lease:<job id>         held by the worker running the attempt (`--lease-ttl`)
+    <reply_to>:call:<trial>:<attempt> the list a remote trial waits on for the broker's replies
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+
+from optuna_rq.errors import ConfigError
+
+__all__ = ["CALL_FIELD", "DEFAULT_LEASE_TTL_S", "GROUP", "REPLY_TTL_S", "RESULT_FIELD", "Keys"]
+
+RESULT_FIELD = b"m"
+"""The result-stream entry field that holds an encoded `TrialResult`."""
+CALL_FIELD = b"c"
+"""The result-stream entry field that holds an encoded `TrialCall`."""
+GROUP = "broker"
+"""The consumer group the broker reads a result stream with."""
+DEFAULT_LEASE_TTL_S = 10.0
+"""How long a lease outlives its last renewal (`--lease-ttl`); renewed every quarter of it."""
+REPLY_TTL_S = 300
+"""How long a reply list outlives its last reply (a trial that never reads it)."""
+
+
+class Keys:
+    """The keys of one prefix. The prefix is checked once, here."""
+
+    def __init__(self, prefix: str) -> None:
+        if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
+            raise ConfigError(f"key prefix {prefix!r} must be non-empty and contain no whitespace")
+        self.prefix = prefix
+        self.queue = prefix
+        self.broker = f"{prefix}:broker"
+        self.epoch = f"{prefix}:epoch"
+        self.commands = f"{prefix}:commands"
+        self.studies = f"{prefix}:studies"
+        self.status = f"{prefix}:status"
+        self.results = f"{prefix}:results"
+        self.dropped = f"{prefix}:dropped"
+        self.refused = f"{prefix}:refused"
+
+    def private_results(self, token: str) -> str:
+        """A result stream of one's own under the prefix (a remote `Optimizer` run)."""
+        return f"{self.results}:{token}"
+
+    def job_id(self, study: str, trial_number: int, attempt: int) -> str:
+        """The RQ job id of one attempt: the same inputs give the same id, so re-enqueueing is
+        a no-op. RQ allows only letters, digits, '-' and '_', so prefix and study are hashed."""
+        return f"orq-{_study_digest(self.prefix, study)}-{trial_number}-{attempt}"
+
+    @staticmethod
+    def lease(reply_to: str, job_id: str) -> str:
+        """The key a worker holds while it runs one attempt (the RQ job `job_id`) for
+        `reply_to`'s broker: it expires unless renewed, and a broker that finds it gone fails
+        the attempt."""
+        return f"{reply_to}:lease:{job_id}"
+
+    @staticmethod
+    def reply_list(reply_to: str, trial_number: int, attempt: int) -> str:
+        """The list a remote trial waits on for the broker's replies."""
+        return f"{reply_to}:call:{trial_number}:{attempt}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _study_digest(prefix: str, study: str) -> str:
+    return hashlib.blake2b(f"{prefix}\0{study}".encode(), digest_size=8).hexdigest()

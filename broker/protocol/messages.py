@@ -1,0 +1,137 @@
+"""The messages between the broker and the workers: trial requests, results, and trial calls.
+
+Each is a frozen `Message` whose fields are declared once with their wire kind; `encode` and a
+strict `decode` come from that declaration (see `codec`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from optuna_rq.errors import ProtocolError
+from optuna_rq.protocol.codec import (
+    Bool,
+    Choice,
+    Float,
+    Floats,
+    Int,
+    Kind,
+    List,
+    Map,
+    Message,
+    Param,
+    Text,
+    check_params,
+    version_field,
+    wire,
+)
+
+__all__ = [
+    "FailReason",
+    "Outcome",
+    "TrialCall",
+    "TrialCallReply",
+    "TrialRequest",
+    "TrialResult",
+]
+
+
+class Outcome(str, enum.Enum):
+    COMPLETE = "COMPLETE"
+    PRUNED = "PRUNED"
+    FAIL = "FAIL"
+
+
+class FailReason(str, enum.Enum):
+    """Why a trial failed: on the wire, in the trial's `fail_reason` attribute, in metrics."""
+
+    EXCEPTION = "exception"
+    TIMEOUT = "timeout"
+    WORKER_LOST = "worker_lost"
+    IMPORT_ERROR = "import_error"
+    BAD_RETURN = "bad_return"
+    CANCELLED = "cancelled"
+    NOT_ALLOWED = "not_allowed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrialRequest(Message):
+    """Broker -> worker: run `objective` with `params` as attempt `attempt` of one trial."""
+
+    study: str = wire(Text())
+    trial_number: int = wire(Int(minimum=0))
+    attempt: int = wire(Int(minimum=1))
+    objective: str = wire(Text())  # "package.module:function"
+    params: dict[str, Param] = wire(Map())
+    n_objectives: int = wire(Int(minimum=1))  # the study's directions: the length of a return
+    reply_to: str = wire(Text())  # the Redis stream the result goes to
+    v: int = version_field()
+
+    def encode(self) -> bytes:
+        """msgpack bytes; ProtocolError, naming the input, for params msgpack cannot carry."""
+        check_params(self.params)
+        return Message.encode(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrialResult(Message):
+    """Worker -> broker: how one attempt of a trial ended.
+
+    COMPLETE carries `values` (one per objective; NaN is allowed on the wire, the broker
+    decides); FAIL carries a `fail_reason`; `values` is nil unless COMPLETE.
+    """
+
+    study: str = wire(Text())
+    trial_number: int = wire(Int(minimum=0))
+    attempt: int = wire(Int(minimum=1))
+    outcome: Outcome = wire(Choice(Outcome))
+    values: list[float] | None = wire(Floats())
+    fail_reason: FailReason | None = wire(Choice(FailReason, optional=True))
+    error: str | None = wire(Text(optional=True, nonempty=False))
+    worker: str = wire(Text(nonempty=False))
+    duration_s: float = wire(Float(minimum=0))
+    v: int = version_field()
+
+    def __post_init__(self) -> None:
+        outcome, values, reason = self.outcome, self.values, self.fail_reason
+        if outcome is Outcome.COMPLETE and (values is None or reason is not None):
+            raise ProtocolError("TrialResult: COMPLETE needs values and no fail_reason")
+        if outcome is Outcome.PRUNED and (values is not None or reason is not None):
+            raise ProtocolError("TrialResult: PRUNED has neither values nor a fail_reason")
+        if outcome is Outcome.FAIL and (reason is None or values is not None):
+            raise ProtocolError("TrialResult: FAIL needs a fail_reason and no values")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrialCall(Message):
+    """Worker -> broker: one call a remote trial makes on the broker's real `optuna.Trial`.
+
+    Calls travel on the result stream, so a `report` is told before the result that follows it;
+    when `reply` is true the broker answers with a `TrialCallReply` on `Keys.reply_list(...)`.
+    """
+
+    study: str = wire(Text())
+    trial_number: int = wire(Int(minimum=0))
+    attempt: int = wire(Int(minimum=1))
+    seq: int = wire(Int(minimum=1))
+    method: str = wire(Text())
+    args: list[Param] = wire(List())
+    kwargs: dict[str, Param] = wire(Map())
+    reply: bool = wire(Bool())
+    v: int = version_field()
+
+    def encode(self) -> bytes:
+        check_params({"args": self.args, "kwargs": self.kwargs})
+        return Message.encode(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrialCallReply(Message):
+    """Broker -> worker: the value a `TrialCall` returned, or why it failed."""
+
+    seq: int = wire(Int(minimum=1))
+    ok: bool = wire(Bool())
+    value: Param = wire(Kind())
+    error: str | None = wire(Text(optional=True, nonempty=False))
+    v: int = version_field()

@@ -1,0 +1,112 @@
+"""A study's status: the snapshot the broker publishes for `status`, `wait` and scripts.
+
+Stored as JSON in `<prefix>:status` (readable with `redis-cli` too), and printed as the same JSON
+by `optuna-rq status --json`. Only the broker moves a study from state to state; the front doors
+write a `queued` snapshot at submit when the study has none yet.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from optuna_rq.errors import ProtocolError
+from optuna_rq.protocol.codec import (
+    Choice,
+    Float,
+    Int,
+    Kind,
+    Map,
+    Message,
+    Text,
+    Texts,
+    version_field,
+    wire,
+)
+
+__all__ = ["StudyState", "StudyStatus"]
+
+
+class StudyState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+    @property
+    def ended(self) -> bool:
+        return self in (StudyState.FINISHED, StudyState.CANCELLED, StudyState.FAILED)
+
+
+_COUNT = Int(minimum=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyStatus(Message):
+    """One study as last published. `best_value` is a single-objective study's best;
+    `best_values` a multi-objective study's Pareto front (and `best_params` a list of them)."""
+
+    name: str = wire(Text())
+    state: StudyState = wire(Choice(StudyState))
+    objective: str = wire(Text())
+    directions: list[str] = wire(Texts())
+    n_trials: int = wire(_COUNT)
+    concurrency: int = wire(_COUNT)
+    priority: float = wire(Float(minimum=0))
+    complete: int = wire(_COUNT, default=0)
+    pruned: int = wire(_COUNT, default=0)
+    failed: int = wire(_COUNT, default=0)
+    running: int = wire(_COUNT, default=0)
+    best_value: float | None = wire(Float(optional=True), default=None)
+    best_values: list[list[float]] | None = wire(Kind(), default=None)
+    best_params: dict[str, Any] | list[dict[str, Any]] | None = wire(Kind(), default=None)
+    fail_reasons: dict[str, int] = wire(Map(), default_factory=dict)
+    storage: str = wire(Text(nonempty=False))
+    error: str | None = wire(Text(optional=True, nonempty=False), default=None)
+    updated_at: str = wire(Text(), default_factory=lambda: _now())
+    v: int = version_field()
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.directions) > 1
+
+    @property
+    def done(self) -> int:
+        """Trials that ended, by any state."""
+        return self.complete + self.pruned + self.failed
+
+    @property
+    def best(self) -> float | list[list[float]] | None:
+        return self.best_values if self.multi_objective else self.best_value
+
+    def with_changes(self, **changes: Any) -> StudyStatus:
+        return replace(self, updated_at=_now(), **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: one best key, `best_value` or `best_values`, as the study has."""
+        data = self.to_wire()
+        del data["best_value" if self.multi_objective else "best_values"]
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> StudyStatus:
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"StudyStatus is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ProtocolError(f"StudyStatus must be a JSON object, got {type(data).__name__}")
+        data.setdefault("best_value", None)
+        data.setdefault("best_values", None)
+        return cls.from_wire(data)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
