@@ -12,7 +12,6 @@ from optuna_rq.protocol.codec import (
     MAX_CONTAINER_LEN,
     MAX_DEPTH,
     PROTOCOL_VERSION,
-    Message,
     Param,
     check_params,
     decode_map,
@@ -41,6 +40,7 @@ from optuna_rq.protocol.objectives import (
     parse_objective_path,
 )
 from optuna_rq.protocol.queue import RUN_TRIAL, MsgpackSerializer, trial_queue
+from optuna_rq.protocol.schema import Message
 from optuna_rq.protocol.signing import ENV_SECRET, Signer
 from optuna_rq.protocol.spec import StudySpec
 from optuna_rq.protocol.status import StudyState, StudyStatus

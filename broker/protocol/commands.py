@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from optuna_rq.errors import ProtocolError
-from optuna_rq.protocol.codec import (
-    DEFAULT_MAX_MESSAGE_BYTES,
+from optuna_rq.protocol.codec import DEFAULT_MAX_MESSAGE_BYTES, decode_map
+from optuna_rq.protocol.schema import (
     Float,
     Int,
     Kind,
@@ -19,7 +19,6 @@ from optuna_rq.protocol.codec import (
     Nested,
     Text,
     WrongValue,
-    decode_map,
     version_field,
     wire,
 )

@@ -10,7 +10,8 @@ import enum
 from dataclasses import dataclass
 
 from optuna_rq.errors import ProtocolError
-from optuna_rq.protocol.codec import (
+from optuna_rq.protocol.codec import Param, check_params
+from optuna_rq.protocol.schema import (
     Bool,
     Choice,
     Float,
@@ -20,9 +21,7 @@ from optuna_rq.protocol.codec import (
     List,
     Map,
     Message,
-    Param,
     Text,
-    check_params,
     version_field,
     wire,
 )

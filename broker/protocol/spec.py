@@ -15,18 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from optuna_rq.errors import ConfigError, ProtocolError
-from optuna_rq.protocol.codec import (
-    Float,
-    Int,
-    Map,
-    Message,
-    Text,
-    Texts,
-    check_params,
-    version_field,
-    wire,
-)
+from optuna_rq.protocol.codec import check_params
 from optuna_rq.protocol.objectives import parse_objective_path
+from optuna_rq.protocol.schema import Float, Int, Map, Message, Text, Texts, version_field, wire
 from optuna_rq.spacefile import space_from_data
 
 __all__ = ["DIRECTIONS", "PRUNERS", "SAMPLERS", "StudySpec"]

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from optuna_rq.errors import ProtocolError
-from optuna_rq.protocol.codec import (
+from optuna_rq.protocol.schema import (
     Choice,
     Float,
     Int,
