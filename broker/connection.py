@@ -9,7 +9,6 @@ directory that every optuna-rq process on the machine finds. Only `resolve_redis
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -38,6 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from optuna_rq.errors import ConfigError, RedisUnavailableError
+from optuna_rq.processes import is_running_program
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -525,26 +525,8 @@ def _redis_server_executable() -> str:
 
 
 def _is_live_redis(pid: int) -> bool:
-    """True if `pid` runs and (where /proc shows it) is a redis-server, not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    proc = Path("/proc") / str(pid)
-    if not Path("/proc/self").exists():
-        return True
-    try:
-        # Field 3 of stat, after the parenthesised command name, is the state.
-        stat = (proc / "stat").read_bytes()
-        if stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] in (b"Z", b"X"):
-            return False  # exited; only waiting to be reaped by a parent that is not us
-        return b"redis-server" in (proc / "cmdline").read_bytes()
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ESRCH):
-            return False
-        raise
+    """True if `pid` runs a redis-server (or one this user may not look at), not a zombie."""
+    return is_running_program(pid, "redis-server")
 
 
 def _end_process(pid: int, *, signalled: bool, timeout_s: float) -> None:
