@@ -17,16 +17,14 @@ from optuna_rq.connection import (
     ENV_REDIS_URL,
     ENV_STATE_DIR,
     HEALTH_CHECK_INTERVAL_S,
-    EmbeddedRedis,
     connect,
-    ensure_embedded,
     key,
     ping_or_raise,
     redact_url,
     resolve_redis_url,
     state_dir,
-    stop_embedded,
 )
+from optuna_rq.embedded import EmbeddedRedis, ensure_embedded, stop_embedded
 from optuna_rq.errors import ConfigError, OptunaRQError, RedisUnavailableError
 from optuna_rq.processes import exited
 from tests.helpers import wait_until
@@ -76,7 +74,8 @@ def test_concurrent_starts_from_separate_processes_share_one_server(embedded_sta
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from optuna_rq.connection import connect, ensure_embedded\n"
+        "from optuna_rq.connection import connect\n"
+        "from optuna_rq.embedded import ensure_embedded\n"
         "url = ensure_embedded(Path(sys.argv[1]))\n"
         "print(url, connect(url).info('server')['process_id'])\n"
     )
