@@ -24,8 +24,9 @@ from pathlib import Path
 
 import optuna
 
-from optuna_rq.connection import connect, ensure_embedded, stop_embedded
+from optuna_rq.connection import connect
 from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.embedded import ensure_embedded, stop_embedded
 from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, trial_queue
 from optuna_rq.protocol.queue import MsgpackSerializer
 from optuna_rq.space import suggest

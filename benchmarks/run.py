@@ -34,7 +34,8 @@ import redis
 from rq import Worker
 
 from optuna_rq import Optimizer, suggest
-from optuna_rq.connection import connect, ensure_embedded, stop_embedded
+from optuna_rq.connection import connect
+from optuna_rq.embedded import ensure_embedded, stop_embedded
 from optuna_rq.protocol import trial_queue
 
 HERE = Path(__file__).resolve().parent

@@ -18,7 +18,8 @@ from typing import Any
 from rich.console import Console
 
 from optuna_rq.client import BrokerClient
-from optuna_rq.connection import connect, ensure_embedded, stop_embedded
+from optuna_rq.connection import connect
+from optuna_rq.embedded import ensure_embedded, stop_embedded
 from optuna_rq.errors import OptunaRQError
 from optuna_rq.progress import follow_study
 from optuna_rq.protocol import StudySpec

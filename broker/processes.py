@@ -1,42 +1,63 @@
-"""What the operating system says about a process, by pid: one place reads /proc.
+"""What the operating system says about a process, by pid: the one module that asks (through
+psutil, which answers alike on Linux and macOS).
 
-The supervisor, the broker's lock take-over and the fault tests all need to know whether a pid
-still runs, and whether it is stopped (SIGSTOP): a zombie runs nothing, and neither does a
-frozen process.
+The supervisor, the broker's lock take-over, the embedded Redis's start and stop and the fault
+tests all need to know whether a pid still runs, whether it is stopped (SIGSTOP), and which
+program it runs: a zombie runs nothing, and neither does a frozen process.
 """
 
 from __future__ import annotations
 
-import os
+import psutil
 
-__all__ = ["exited", "process_state", "stopped"]
+__all__ = ["UNKNOWN", "exited", "is_running_program", "status", "stopped"]
+
+# What `status` answers for a process that exists but that this user may not look at.
+UNKNOWN = "?"
+
+_GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+_STOPPED = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
 
 
-def process_state(pid: int) -> str | None:
-    """The state letter of `pid` (R, S, D, T, t, Z, X, ...), None if there is no such process,
-    "?" if it exists but this system has no /proc to say more."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[-1].split()
-        return fields[0].decode() if fields else "?"
-    except FileNotFoundError:
+def status(pid: int) -> str | None:
+    """psutil's status of `pid` (psutil.STATUS_RUNNING, STATUS_SLEEPING, STATUS_STOPPED,
+    STATUS_ZOMBIE, ...), None if there is no such process, UNKNOWN ("?") if there is one but the
+    system will not say more."""
+    if pid <= 0:  # 0 and negatives name process groups, never one process
         return None
-    except OSError:
-        pass
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status()
+    except psutil.ZombieProcess:  # macOS refuses to describe a zombie
+        return psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return None
-    except PermissionError:
-        return "?"
-    return "?"
+    except psutil.AccessDenied:
+        return UNKNOWN
 
 
 def exited(pid: int) -> bool:
     """True if `pid` is gone or a zombie: it runs nothing any more."""
-    return process_state(pid) in (None, "Z", "X")
+    state = status(pid)
+    return state is None or state in _GONE
 
 
 def stopped(pid: int) -> bool:
     """True if `pid` is stopped (SIGSTOP) or traced."""
-    return process_state(pid) in ("T", "t")
+    return status(pid) in _STOPPED
+
+
+def is_running_program(pid: int, name: str) -> bool:
+    """True if `pid` runs (is not a zombie) and `name` is in its command line.
+
+    Also True for a live process whose command line this user may not read: it exists, and
+    taking it for something else could start a second server beside it.
+    """
+    if exited(pid):
+        return False
+    try:
+        command = " ".join(psutil.Process(pid).cmdline())
+    except psutil.NoSuchProcess:  # exited meanwhile (ZombieProcess is one too)
+        return False
+    except psutil.AccessDenied:
+        return True
+    return name in command

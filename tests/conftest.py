@@ -21,7 +21,8 @@ from typing import NoReturn
 import pytest
 import redis
 
-from optuna_rq.connection import EmbeddedRedis, connect, redact_url
+from optuna_rq.connection import connect, redact_url
+from optuna_rq.embedded import EmbeddedRedis
 
 ENV_TEST_REDIS_URL = "OPTUNA_RQ_TEST_REDIS_URL"
 _START_TIMEOUT_S = 10.0

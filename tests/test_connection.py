@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 import sys
@@ -18,17 +17,16 @@ from optuna_rq.connection import (
     ENV_REDIS_URL,
     ENV_STATE_DIR,
     HEALTH_CHECK_INTERVAL_S,
-    EmbeddedRedis,
     connect,
-    ensure_embedded,
     key,
     ping_or_raise,
     redact_url,
     resolve_redis_url,
     state_dir,
-    stop_embedded,
 )
+from optuna_rq.embedded import EmbeddedRedis, ensure_embedded, stop_embedded
 from optuna_rq.errors import ConfigError, OptunaRQError, RedisUnavailableError
+from optuna_rq.processes import exited
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,19 +38,6 @@ def server_pid(url: str) -> int:
         return int(client.info("server")["process_id"])
     finally:
         client.close()
-
-
-def gone(pid: int) -> bool:
-    """The process has exited (a zombie awaiting a reaper that is not us counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return status.rpartition(")")[2].split()[0] in ("Z", "X")
 
 
 # -- the embedded server ------------------------------------------------------------------
@@ -89,7 +74,8 @@ def test_concurrent_starts_from_separate_processes_share_one_server(embedded_sta
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from optuna_rq.connection import connect, ensure_embedded\n"
+        "from optuna_rq.connection import connect\n"
+        "from optuna_rq.embedded import ensure_embedded\n"
         "url = ensure_embedded(Path(sys.argv[1]))\n"
         "print(url, connect(url).info('server')['process_id'])\n"
     )
@@ -120,7 +106,7 @@ def test_stop_leaves_nothing_running(embedded_state: Path) -> None:
 
     assert stop_embedded(embedded_state) is True
 
-    assert gone(pid)
+    assert exited(pid)  # a zombie awaiting a reaper that is not us counts
     assert not (embedded_state / "redis.sock").exists()
     assert not (embedded_state / "redis.pid").exists()
     assert stop_embedded(embedded_state) is False
@@ -131,7 +117,7 @@ def test_stop_kills_a_server_that_does_not_answer(embedded_state: Path) -> None:
     (embedded_state / "redis.sock").unlink()  # unreachable, but still running
 
     assert stop_embedded(embedded_state) is True
-    assert gone(pid)
+    assert exited(pid)
 
 
 def test_data_survives_a_restart(embedded_state: Path) -> None:
