@@ -30,8 +30,8 @@ from optuna_rq.embedded import ensure_embedded, stop_embedded
 from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, trial_queue
 from optuna_rq.protocol.queue import MsgpackSerializer
 from optuna_rq.space import suggest
-from optuna_rq.workers import runner
-from optuna_rq.workers.pool import TrialWorker
+from optuna_rq.workers import context, loader
+from optuna_rq.workers.rq_worker import TrialWorker
 from optuna_rq.workers.supervision import ChildChannel
 
 
@@ -74,11 +74,16 @@ def main() -> None:
         dispatcher.add(run)
         dispatcher.refill()  # every trial enqueued before the worker starts
 
-        runner.serve(["benchmarks.objectives"])
         # As in a pool: the attempt notices go to a supervisor (here a thread that reads them).
         reader, writer = multiprocessing.Pipe(duplex=False)
         threading.Thread(target=_drain, args=(reader,), daemon=True).start()
-        runner.use_supervisor(ChildChannel(writer), DEFAULT_LEASE_TTL_S)
+        context.install(
+            context.WorkerContext(
+                served=loader.serve(["benchmarks.objectives"]),
+                channel=ChildChannel(writer),
+                lease_ttl_s=DEFAULT_LEASE_TTL_S,
+            )
+        )
         worker = TrialWorker(
             [trial_queue(conn, queue)], connection=conn, serializer=MsgpackSerializer
         )

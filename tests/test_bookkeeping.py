@@ -9,7 +9,7 @@ import redis
 
 from optuna_rq.protocol import trial_queue
 from optuna_rq.protocol.queue import MsgpackSerializer
-from optuna_rq.workers.pool import TrialWorker
+from optuna_rq.workers.rq_worker import TrialWorker
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import pytest
 
 from optuna_rq.errors import ObjectiveRefusedError
 from optuna_rq.protocol import FailReason, Outcome, TrialRequest
-from optuna_rq.workers.runner import execute, load_objective
+from optuna_rq.workers.execute import execute
+from optuna_rq.workers.loader import load_objective
 
 SERVED = frozenset({"tests.objectives"})
 
@@ -84,7 +85,7 @@ def test_refusal_happens_before_any_import(tmp_path: Path) -> None:
     mark = tmp_path / "mark"
     code = (
         "from optuna_rq.errors import ObjectiveRefusedError\n"
-        "from optuna_rq.workers.runner import load_objective\n"
+        "from optuna_rq.workers.loader import load_objective\n"
         "for spec in ['tests.mark_on_import:objective', 'tests.mark_on_import:os.system']:\n"
         "    try:\n"
         "        load_objective(spec, frozenset({'tests.objectives'}))\n"

@@ -4,8 +4,9 @@
 """
 
 from optuna_rq.errors import RemoteTrialError
-from optuna_rq.workers.pool import TrialWorker, WorkerPool, WorkerSettings
+from optuna_rq.workers.pool import WorkerPool, WorkerSettings
 from optuna_rq.workers.remote_trial import RemoteTrial
+from optuna_rq.workers.rq_worker import TrialWorker
 from optuna_rq.workers.runner import run_trial
 
 __all__ = [

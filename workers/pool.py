@@ -1,12 +1,7 @@
 """Start, supervise and stop N worker processes that serve trials from one RQ queue.
 
-Each process runs a `TrialWorker` that refuses any job but ours. Two isolation modes:
-
-- `process` (default): an RQ `SimpleWorker` runs trials one after another in the worker
-  process itself: no fork per trial, the fastest; an objective that kills its process costs a
-  restart of that worker process.
-- `fork`: an RQ `Worker` forks a fresh work horse per trial, as plain RQ does: no state leaks
-  from one trial to the next (memory, globals, GPU contexts), at the cost of a fork per trial.
+Each process runs an RQ worker that refuses any job but ours (`workers.rq_worker`), in the
+isolation mode the settings choose: trials in the worker process itself, or a fork per trial.
 
 The parent imports the served modules first, so a typo stops the command at once, then keeps N
 children alive, and supervises their trials (`workers.supervision`): it renews their leases,
@@ -27,37 +22,28 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
 import redis
-from rq import Queue, SimpleWorker, Worker
-from rq.job import Job
+from rq import Worker
 
 from optuna_rq.connection import connect, wait_for_redis
 from optuna_rq.errors import ConfigError
 from optuna_rq.protocol import (
     DEFAULT_LEASE_TTL_S,
     DEFAULT_MAX_MESSAGE_BYTES,
-    RUN_TRIAL,
     MsgpackSerializer,
     Signer,
-    trial_queue,
 )
-from optuna_rq.workers import runner
-from optuna_rq.workers.bookkeeping import LeanBookkeeping
-from optuna_rq.workers.supervision import ChildChannel, Supervisor
+from optuna_rq.workers import context, loader
+from optuna_rq.workers.metrics import WorkerMetrics
+from optuna_rq.workers.rq_worker import ISOLATION, new_worker
+from optuna_rq.workers.supervision import ChildChannel, ChildMessage, Supervisor, die_with_parent
 
-__all__ = [
-    "ISOLATION",
-    "ForkingTrialWorker",
-    "TrialWorker",
-    "WorkerPool",
-    "WorkerSettings",
-]
+__all__ = ["WorkerPool", "WorkerSettings"]
 
 log = logging.getLogger("optuna_rq.pool")
 
@@ -86,76 +72,6 @@ class WorkerSettings:
             raise ConfigError(f"--isolation {self.isolation!r}: choose {' or '.join(ISOLATION)}")
 
 
-def _refused(worker: SimpleWorker | Worker, job: Job, queue: Queue) -> bool:
-    """Fail `job` unless it is one of our trials; True if it was refused."""
-    try:
-        func_name = job.func_name
-    except Exception as exc:  # data that is not msgpack: never unpickled, never run
-        why = f"job data does not decode: {type(exc).__name__}: {exc}"
-    else:
-        if func_name == RUN_TRIAL:
-            return False
-        why = f"refused job function {func_name!r}: only trials run here"
-    log.error("job %s %s", job.id, why)
-    worker.handle_job_failure(job, queue, exc_string=why)
-    return True
-
-
-class TrialWorker(LeanBookkeeping, SimpleWorker):
-    """An RQ worker that runs our trial job function, and nothing else, in its own process."""
-
-    def execute_job(self, job: Job, queue: Queue) -> None:
-        if _refused(self, job, queue):
-            return
-        # SimpleWorker.execute_job, with the IDLE that follows a job sent with its heartbeat.
-        execution = self.prepare_execution(job)
-        self.perform_job(job, queue, execution)
-        self.job_done()
-
-
-class ForkingTrialWorker(LeanBookkeeping, Worker):
-    """An RQ worker that runs our trial job function, and nothing else, in a fresh fork."""
-
-    _horse: int = 0  # the last work horse's pid, and how it ended (a wait status)
-    _horse_status: int | None = None
-
-    def execute_job(self, job: Job, queue: Queue) -> None:
-        if _refused(self, job, queue):
-            return
-        self._horse_status = None
-        try:
-            super().execute_job(job, queue)
-        finally:
-            if self._horse_status:  # it died mid-trial: its supervisor reports the attempt
-                runner.horse_exited(self._horse, os.waitstatus_to_exitcode(self._horse_status))
-
-    def fork_work_horse(self, job: Job, queue: Queue) -> None:
-        super().fork_work_horse(job, queue)
-        self._horse = self.horse_pid
-
-    def wait_for_horse(self) -> tuple[int | None, int | None, Any]:
-        pid, status, rusage = super().wait_for_horse()
-        if pid:
-            self._horse_status = status
-        return pid, status, rusage
-
-    def setup_work_horse_signals(self) -> None:
-        super().setup_work_horse_signals()  # type: ignore[no-untyped-call]
-        _die_with_parent(check_parent=False)  # the fork does not inherit the death signal
-
-
-MAINTENANCE_INTERVAL_S = 60
-"""How often RQ sweeps the queue's registries (one worker of all, under RQ's lock). A finished
-trial's job stays in RQ's finished registry until a sweep; RQ's default, 10 minutes, would let a
-fast study pile up hundreds of thousands of entries."""
-
-ISOLATION: dict[str, type[SimpleWorker | Worker]] = {
-    "process": TrialWorker,
-    "fork": ForkingTrialWorker,
-}
-"""--isolation: how a worker process runs its trials."""
-
-
 def _child_main(
     settings: WorkerSettings,
     index: int,
@@ -166,47 +82,26 @@ def _child_main(
     which then stops each child exactly once (a second signal would be RQ's cold shutdown), and
     so a timeout kills whatever the objective started too."""
     os.setpgid(0, 0)
-    _die_with_parent()
+    die_with_parent()
     logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("rq").setLevel(logging.WARNING)  # one line per trial is ours to write
-    runner.serve(settings.modules)
-    runner.use_signer(Signer(settings.secret, max_message_bytes=settings.max_message_bytes))
-    runner.use_supervisor(ChildChannel(channel), settings.lease_ttl_s)
-    if settings.metrics_port is not None:
-        runner.serve_metrics(settings.metrics_port + index)
+    served = loader.serve(settings.modules)
+    metrics = (
+        None if settings.metrics_port is None else WorkerMetrics(settings.metrics_port + index)
+    )
+    context.install(
+        context.WorkerContext(
+            served=served,
+            signer=Signer(settings.secret, max_message_bytes=settings.max_message_bytes),
+            channel=ChildChannel(channel),
+            lease_ttl_s=settings.lease_ttl_s,
+            metrics=metrics,
+        )
+    )
     connection = connect(settings.redis_url)
     _wait_for_redis(connection)
-    worker = ISOLATION[settings.isolation](
-        [trial_queue(connection, settings.queue)],
-        connection=connection,
-        serializer=MsgpackSerializer,
-        name=name,
-        maintenance_interval=MAINTENANCE_INTERVAL_S,
-    )
+    worker = new_worker(settings.isolation, connection, settings.queue, name=name)
     worker.work(logging_level="WARNING")
-
-
-def _die_with_parent(*, check_parent: bool = True) -> None:
-    """Without its supervising parent nobody renews this worker's leases: every trial it ran
-    would be retried elsewhere. So it dies with the parent: the kernel kills it on Linux (even
-    inside C code); elsewhere a thread watches the parent and exits."""
-    parent = multiprocessing.parent_process() if check_parent else None
-    if sys.platform == "linux":
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0:
-            if parent is not None and not parent.is_alive():  # it died before we asked
-                os._exit(1)
-            return
-    if parent is not None:
-
-        def watch() -> None:
-            multiprocessing.connection.wait([parent.sentinel])
-            os._exit(1)
-
-        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _wait_for_redis(connection: redis.Redis) -> None:
@@ -247,7 +142,7 @@ class WorkerPool:
         self.supervisor = Supervisor(self._connection, self._signer, settings.lease_ttl_s)
 
     def start(self) -> None:
-        runner.serve(self.settings.modules)  # fail here, in the command, not in N children
+        loader.serve(self.settings.modules)  # fail here, in the command, not in N children
         for index in range(self.settings.count):
             self._start_child(index)
 
@@ -323,7 +218,8 @@ class WorkerPool:
     def _read_messages(self, index: int, child: _Child) -> None:
         try:
             while child.channel.poll():
-                self.supervisor.receive(index, child.channel.recv())
+                message: ChildMessage = child.channel.recv()
+                self.supervisor.receive(index, message)
         except (EOFError, OSError):
             pass  # the child is gone; its sentinel says so
 

@@ -15,9 +15,11 @@ died mid-trial (`worker_lost`) at once, without waiting for the lease to lapse.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -30,19 +32,25 @@ from optuna_rq.protocol import (
     RESULT_FIELD,
     FailReason,
     Outcome,
+    Signer,
     TrialRequest,
     TrialResult,
 )
-from optuna_rq.protocol.signing import Signer
+from optuna_rq.workers.execute import trial_result
 
 __all__ = [
     "TIMEOUT_GRACE_S",
     "Attempt",
     "ChildChannel",
+    "ChildMessage",
+    "Ended",
+    "HorseExited",
     "LeaseThread",
+    "Started",
     "Supervisor",
     "deliver",
     "describe_exit",
+    "die_with_parent",
 ]
 
 log = logging.getLogger("optuna_rq.pool")
@@ -89,37 +97,61 @@ class Attempt:
         return None if self.timeout_s is None else self.started + self.timeout_s + TIMEOUT_GRACE_S
 
     def failed(self, reason: FailReason, error: str) -> TrialResult:
-        return TrialResult(
-            study=self.study,
-            trial_number=self.trial_number,
-            attempt=self.attempt,
-            outcome=Outcome.FAIL,
-            values=None,
-            fail_reason=reason,
-            error=error,
-            worker=self.holder,
-            duration_s=max(0.0, time.monotonic() - self.started),
+        """The result of this attempt, lost or killed: its process cannot report it."""
+        return trial_result(
+            self, Outcome.FAIL, worker=self.holder, started=self.started, reason=reason, error=error
         )
 
     def describe(self) -> str:
         return f"study {self.study!r} trial {self.trial_number} (attempt {self.attempt})"
 
 
+# What a child tells its supervising parent, over a multiprocessing Pipe (so: picklable values,
+# defined at module level).
+
+
+@dataclass(frozen=True)
+class Started:
+    """`attempt` started in the child, or in its work horse: renew its lease, watch its
+    deadline."""
+
+    attempt: Attempt
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The attempt of RQ job `job_id` ended, its result delivered: stop renewing its lease."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class HorseExited:
+    """The child's forked work horse `pid` exited abnormally (`exitcode`, as multiprocessing
+    gives it: negative for a signal); its worker reaped it and lives on."""
+
+    pid: int
+    exitcode: int
+
+
+ChildMessage = Started | Ended | HorseExited
+
+
 class ChildChannel:
-    """The child's end: tells the supervising parent when an attempt starts and ends."""
+    """The child's end of the pipe to its supervising parent."""
 
     def __init__(self, writer: multiprocessing.connection.Connection) -> None:
         self._writer = writer
 
     def started(self, attempt: Attempt) -> None:
-        self._writer.send(("start", attempt))
+        self._writer.send(Started(attempt))
 
     def ended(self, attempt: Attempt) -> None:
-        self._writer.send(("end", attempt.job_id))
+        self._writer.send(Ended(attempt.job_id))
 
     def exited(self, pid: int, exitcode: int) -> None:
         """A forked work horse `pid` exited abnormally (its worker reaped it)."""
-        self._writer.send(("exit", (pid, exitcode)))
+        self._writer.send(HorseExited(pid, exitcode))
 
 
 class LeaseThread:
@@ -165,19 +197,19 @@ class Supervisor:
         self._next_renewal = 0.0
         self._renew_failing = False
 
-    def receive(self, index: int, message: tuple[str, object]) -> None:
-        kind, body = message
-        if kind == "start" and isinstance(body, Attempt):
-            self.running[index] = body
-        elif kind == "end":
-            current = self.running.get(index)
-            if current is not None and current.job_id == body:
-                del self.running[index]
-        elif kind == "exit" and isinstance(body, tuple):
-            pid, exitcode = body
-            current = self.running.get(index)
-            if current is not None and current.pid == pid:
-                self._report(index, exitcode)
+    def receive(self, index: int, message: ChildMessage) -> None:
+        """Take in what child `index` said. Stale news (the end of an attempt no longer running,
+        the exit of a process that is not running it) changes nothing."""
+        current = self.running.get(index)
+        match message:
+            case Started(attempt):
+                self.running[index] = attempt
+            case Ended(job_id):
+                if current is not None and current.job_id == job_id:
+                    del self.running[index]
+            case HorseExited(pid, exitcode):
+                if current is not None and current.pid == pid:
+                    self._report(index, exitcode)
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until something is due: a renewal or a deadline."""
@@ -192,7 +224,7 @@ class Supervisor:
         """
         for index, attempt in list(self.running.items()):
             if attempt.pid != children.get(index) and exited(attempt.pid):
-                # Its worker reaps it and says how it ended ("exit"); if it does not say so
+                # Its worker reaps it and says how it ended (HorseExited); if it does not say so
                 # within a second, report it without the exit code.
                 if now - self._gone_since.setdefault(index, now) >= 1.0:
                     self._report(index, None)
@@ -302,3 +334,27 @@ def _kill_group(pgid: int) -> None:
             os.kill(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def die_with_parent(*, check_parent: bool = True) -> None:
+    """Without its supervising parent nobody renews this worker's leases: every trial it ran
+    would be retried elsewhere. So it dies with the parent: the kernel kills it on Linux (even
+    inside C code); elsewhere a thread watches the parent and exits. A forked work horse passes
+    `check_parent=False`: its parent is an RQ worker, not a multiprocessing parent."""
+    parent = multiprocessing.parent_process() if check_parent else None
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0:
+            if parent is not None and not parent.is_alive():  # it died before we asked
+                os._exit(1)
+            return
+    if parent is not None:
+
+        def watch() -> None:
+            multiprocessing.connection.wait([parent.sentinel])
+            os._exit(1)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()

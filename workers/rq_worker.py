@@ -1,0 +1,124 @@
+"""The RQ worker classes a pool's children run: RQ's own, refusing every job but our trials.
+
+Two isolation modes (`--isolation`, `ISOLATION`):
+
+- `process` (default): `TrialWorker`, an RQ `SimpleWorker`, runs trials one after another in
+  the worker process itself: no fork per trial, the fastest; an objective that kills its process
+  costs a restart of that worker process.
+- `fork`: `ForkingTrialWorker`, an RQ `Worker`, forks a fresh work horse per trial, as plain RQ
+  does: no state leaks from one trial to the next (memory, globals, GPU contexts), at the cost of
+  a fork per trial.
+
+A job whose function is not `optuna_rq.protocol.RUN_TRIAL`, or whose data does not decode, is
+failed without being run, and without its data being unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import redis
+from rq import Queue, SimpleWorker, Worker
+from rq.job import Job
+
+from optuna_rq.protocol import RUN_TRIAL, MsgpackSerializer, trial_queue
+from optuna_rq.workers import context
+from optuna_rq.workers.bookkeeping import LeanBookkeeping
+from optuna_rq.workers.supervision import die_with_parent
+
+__all__ = [
+    "ISOLATION",
+    "MAINTENANCE_INTERVAL_S",
+    "ForkingTrialWorker",
+    "TrialWorker",
+    "new_worker",
+]
+
+log = logging.getLogger("optuna_rq.pool")
+
+
+def _refused(worker: SimpleWorker | Worker, job: Job, queue: Queue) -> bool:
+    """Fail `job` unless it is one of our trials; True if it was refused."""
+    try:
+        func_name = job.func_name
+    except Exception as exc:  # data that is not msgpack: never unpickled, never run
+        why = f"job data does not decode: {type(exc).__name__}: {exc}"
+    else:
+        if func_name == RUN_TRIAL:
+            return False
+        why = f"refused job function {func_name!r}: only trials run here"
+    log.error("job %s %s", job.id, why)
+    worker.handle_job_failure(job, queue, exc_string=why)
+    return True
+
+
+class TrialWorker(LeanBookkeeping, SimpleWorker):
+    """An RQ worker that runs our trial job function, and nothing else, in its own process."""
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        if _refused(self, job, queue):
+            return
+        # SimpleWorker.execute_job, with the IDLE that follows a job sent with its heartbeat.
+        execution = self.prepare_execution(job)
+        self.perform_job(job, queue, execution)
+        self.job_done()
+
+
+class ForkingTrialWorker(LeanBookkeeping, Worker):
+    """An RQ worker that runs our trial job function, and nothing else, in a fresh fork."""
+
+    _horse: int = 0  # the last work horse's pid, and how it ended (a wait status)
+    _horse_status: int | None = None
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        if _refused(self, job, queue):
+            return
+        self._horse_status = None
+        try:
+            super().execute_job(job, queue)
+        finally:
+            channel = context.current().channel
+            # It died mid-trial: its supervisor reports the attempt, once told how it ended.
+            if self._horse_status and channel is not None:
+                channel.exited(self._horse, os.waitstatus_to_exitcode(self._horse_status))
+
+    def fork_work_horse(self, job: Job, queue: Queue) -> None:
+        super().fork_work_horse(job, queue)
+        self._horse = self.horse_pid
+
+    def wait_for_horse(self) -> tuple[int | None, int | None, Any]:
+        pid, status, rusage = super().wait_for_horse()
+        if pid:
+            self._horse_status = status
+        return pid, status, rusage
+
+    def setup_work_horse_signals(self) -> None:
+        super().setup_work_horse_signals()  # type: ignore[no-untyped-call]
+        die_with_parent(check_parent=False)  # the fork does not inherit the death signal
+
+
+MAINTENANCE_INTERVAL_S = 60
+"""How often RQ sweeps the queue's registries (one worker of all, under RQ's lock). A finished
+trial's job stays in RQ's finished registry until a sweep; RQ's default, 10 minutes, would let a
+fast study pile up hundreds of thousands of entries."""
+
+ISOLATION: dict[str, type[SimpleWorker | Worker]] = {
+    "process": TrialWorker,
+    "fork": ForkingTrialWorker,
+}
+"""--isolation: how a worker process runs its trials."""
+
+
+def new_worker(
+    isolation: str, connection: redis.Redis, queue: str, *, name: str
+) -> SimpleWorker | Worker:
+    """A worker of `ISOLATION[isolation]` on trial queue `queue`, speaking msgpack only."""
+    return ISOLATION[isolation](
+        [trial_queue(connection, queue)],
+        connection=connection,
+        serializer=MsgpackSerializer,
+        name=name,
+        maintenance_interval=MAINTENANCE_INTERVAL_S,
+    )
