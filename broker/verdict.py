@@ -21,6 +21,7 @@ __all__ = [
     "Verdict",
     "judge_result",
     "tell",
+    "worker_lost",
 ]
 
 # A failed trial carries why, and the error text, as user attributes: they show up in
@@ -37,6 +38,11 @@ class Verdict:
     values: list[float] | None = None
     fail_reason: FailReason | None = None
     error: str | None = None
+
+
+def worker_lost(error: str) -> Verdict:
+    """The verdict on an attempt whose worker was lost (killed, frozen, cut off): FAIL."""
+    return Verdict(state=TrialState.FAIL, fail_reason=FailReason.WORKER_LOST, error=error)
 
 
 def judge_result(result: object, n_objectives: int) -> Verdict:

@@ -15,8 +15,7 @@
 
 from optuna_rq.dispatch.dispatcher import ASK_AHEAD, Dispatcher
 from optuna_rq.dispatch.observer import DispatchObserver, count_refusal
-from optuna_rq.dispatch.retries import ATTEMPT_ATTR, RETRY_OF_ATTR
-from optuna_rq.dispatch.runs import StudyRun
+from optuna_rq.dispatch.runs import ATTEMPT_ATTR, RETRY_OF_ATTR, StudyRun
 from optuna_rq.dispatch.sending import FINISHED_JOB_TTL_S
 
 __all__ = [

@@ -23,12 +23,12 @@ from optuna.trial import TrialState
 from optuna_rq import failpoints
 from optuna_rq.connection import wait_for_redis
 from optuna_rq.dispatch.calls import CallServer
-from optuna_rq.dispatch.observer import DispatchObserver, count_dropped, count_refusal
-from optuna_rq.dispatch.results import ResultStream, arrival_s, open_result, verdict_of
-from optuna_rq.dispatch.retries import LeaseCheck, lost_verdict, plan_retry
+from optuna_rq.dispatch.observer import DispatchObserver
+from optuna_rq.dispatch.results import ResultStream, arrival_s, verdict_of
+from optuna_rq.dispatch.retries import Retries
 from optuna_rq.dispatch.runs import InFlight, Phase, StudyRun
 from optuna_rq.dispatch.sending import TrialSender
-from optuna_rq.errors import ConfigError, ProtocolError
+from optuna_rq.errors import ConfigError
 from optuna_rq.protocol import (
     CALL_FIELD,
     DEFAULT_LEASE_TTL_S,
@@ -37,7 +37,7 @@ from optuna_rq.protocol import (
     Keys,
     Signer,
 )
-from optuna_rq.verdict import Verdict, tell
+from optuna_rq.verdict import Verdict, tell, worker_lost
 
 __all__ = ["ASK_AHEAD", "Dispatcher"]
 
@@ -78,29 +78,47 @@ class Dispatcher:
         self.prefix = prefix
         self.keys = Keys(prefix)
         self.runs: dict[str, StudyRun] = {}
-        self.dropped_results = 0  # stale or repeated: acknowledged, counted, never told
-        self.refused_results = 0  # not a valid (or validly signed) message
-        self.lost_attempts = 0  # attempts whose worker was lost
         self.sender = TrialSender(
             connection, queue=queue, keys=self.keys, reply_to=reply_to, signer=self.signer
         )
         self.queue = self.sender.queue
         self.results = ResultStream(
             connection,
+            prefix=prefix,
             reply_to=reply_to,
             consumer=consumer or f"{socket.gethostname()}:{os.getpid()}",
+            signer=self.signer,
+            observer=self.observer,
         )
         self.calls = CallServer(
             connection, prefix=prefix, reply_to=reply_to, signer=self.signer, observer=self.observer
         )
-        self.leases = LeaseCheck(
+        self.retries = Retries(
             connection,
             keys=self.keys,
             reply_to=reply_to,
             intermediate_key=self.queue.intermediate_queue_key,
             grace_s=lease_grace_s,
             check_s=lease_check_s,
+            observer=self.observer,
+            finish=self._finish,
+            send=self._send,
         )
+
+    @property
+    def refused_results(self) -> int:
+        """Results refused: not valid, or not validly signed."""
+        return self.results.refused
+
+    @property
+    def dropped_results(self) -> int:
+        """Results stale or repeated: acknowledged, counted, never told."""
+        return self.results.dropped
+
+    @property
+    def lost_attempts(self) -> int:
+        """Attempts whose worker was lost."""
+        return self.retries.lost_attempts
 
     def add(self, run: StudyRun) -> None:
         if run.name in self.runs:
@@ -111,7 +129,7 @@ class Dispatcher:
     def after_outage(self) -> None:
         """Redis was unreachable: read unacknowledged results again, and give every lease time
         to be renewed before counting it lost."""
-        self.leases.reset()
+        self.retries.reset()
         self.results.after_outage()
 
     # -- ask -> process -> enqueue -------------------------------------------------------------
@@ -209,9 +227,7 @@ class Dispatcher:
         """Read the results that arrived (waiting up to `block_s`; None: not at all), tell
         them, and fail the attempts whose workers are lost; return how many trials were told."""
         handled, _entries = self._read(block_s)
-        if self.leases.due():
-            handled += self._check_leases()
-        return handled
+        return handled + self.retries.check(self.runs, self._drain)
 
     def _drain(self) -> None:
         """Read and tell every result already in the stream."""
@@ -237,27 +253,17 @@ class Dispatcher:
         return handled, len(entries)
 
     def _handle(self, raw: bytes, entry_id: bytes) -> int:
-        try:
-            result = open_result(raw, self.signer)
-        except ProtocolError as exc:
-            log.error("refused a result: %s", exc)
-            self.refused_results += 1
-            self.observer.refused("result")
-            count_refusal(self.connection, self.prefix, "result")
+        """Tell the result in `raw` (1), or refuse or drop it (0)."""
+        result = self.results.open(raw)
+        if result is None:
             return 0
         run = self.runs.get(result.study)
         record = None if run is None else run.owned(result.trial_number, result.attempt)
         if run is None or record is None:
-            log.warning(
-                "dropped a stale result: study %r trial %d attempt %d",
-                *(result.study, result.trial_number, result.attempt),
-            )
-            self.dropped_results += 1
-            self.observer.dropped()
-            count_dropped(self.connection, self.prefix, "result")
+            self.results.drop(result)
             return 0
         if result.fail_reason is FailReason.WORKER_LOST:  # its supervisor saw the worker die
-            self._lost(run, record, result.error or "the worker was lost")
+            self.retries.lost(run, record, result.error or "the worker was lost")
             return 1
         failpoints.hit("before_tell")
         arrived = arrival_s(entry_id)
@@ -278,42 +284,8 @@ class Dispatcher:
     def _finish(self, run: StudyRun, record: InFlight, verdict: Verdict) -> None:
         tell(run.study, record.trial, verdict)
         if record.holds_slot:
-            self.leases.forget(run, record)
+            self.retries.forget(run, record)
         run.finish(record.number)
-
-    # -- lost workers -> retries ---------------------------------------------------------------
-
-    def _check_leases(self) -> int:
-        """Fail (and retry) the attempts whose leases say their worker is lost; how many."""
-        sent = [(run, r) for run in self.runs.values() for r in run.in_phase(Phase.SENT)]
-        lost = self.leases.lost(sent)
-        if not lost:
-            return 0
-        self._drain()  # a result that came in just before its lease went is told, not lost
-        count = 0
-        for run, record, why in lost:
-            if self.runs.get(run.name) is run and run.owned(record.number, record.attempt):
-                self._lost(run, record, why)
-                count += 1
-        return count
-
-    def _lost(self, run: StudyRun, record: InFlight, why: str) -> None:
-        """The attempt `record` will never report: fail it `worker_lost`, and start its retry
-        while retries last (the budget unit passes to the retry; it takes the same slot)."""
-        self.lost_attempts += 1
-        started = time.perf_counter()
-        verdict, retry = plan_retry(run, record, why)
-        self._finish(run, record, verdict)
-        self.observer.told(
-            run.name,
-            TrialState.FAIL.name,
-            FailReason.WORKER_LOST,
-            tell_s=time.perf_counter() - started,
-            start_delay_s=None,
-            result_age_s=None,
-        )
-        if retry is not None:
-            self._send(run, run.track(retry, attempt=record.attempt + 1, phase=Phase.UNSENT))
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -353,23 +325,15 @@ class Dispatcher:
         FAIL (`cancelled`). A result that still arrives from a running one is dropped as stale."""
         run.n_trials = run.asked
         self.sender.withdraw_queued(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
-        for record in self._in_flight(run):
+        for record in run.in_flight():
             self._finish(run, record, _CANCELLED)
 
     def fail_outstanding(self, error: str) -> None:
         """End every trial in flight FAIL (`worker_lost`) without a word to Redis: for a broker
         that cannot go on, so that no trial is left RUNNING."""
         for run in self.runs.values():
-            for record in self._in_flight(run):
-                self._finish(run, record, lost_verdict(error))
-
-    @staticmethod
-    def _in_flight(run: StudyRun) -> list[InFlight]:
-        """Every trial in flight: those holding a slot first, then those asked ahead."""
-        return [
-            *run.in_phase(Phase.UNSENT, Phase.SENT),
-            *run.in_phase(Phase.ASKED_AHEAD),
-        ]
+            for record in run.in_flight():
+                self._finish(run, record, worker_lost(error))
 
     def close(self) -> None:
         """Remove this dispatcher's result stream (for a private, per-run stream)."""

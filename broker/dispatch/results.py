@@ -9,16 +9,20 @@ pending (delivered, unacknowledged) entries, then new ones.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis
 from optuna.trial import TrialState
 
+from optuna_rq.dispatch.observer import DispatchObserver, count_dropped, count_refusal
 from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol import GROUP, FailReason, Outcome, Signer, TrialResult
 from optuna_rq.verdict import Verdict
 
-__all__ = ["ResultStream", "arrival_s", "open_result", "verdict_of"]
+__all__ = ["ResultStream", "arrival_s", "verdict_of"]
+
+log = logging.getLogger("optuna_rq.dispatch")
 
 _READ_COUNT = 256
 
@@ -29,10 +33,24 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 class ResultStream:
     """The dispatcher's end of the stream `reply_to`, as consumer `consumer` of its group."""
 
-    def __init__(self, connection: redis.Redis, *, reply_to: str, consumer: str) -> None:
+    def __init__(
+        self,
+        connection: redis.Redis,
+        *,
+        prefix: str,
+        reply_to: str,
+        consumer: str,
+        signer: Signer,
+        observer: DispatchObserver,
+    ) -> None:
         self.connection = connection
+        self.prefix = prefix
         self.reply_to = reply_to
         self.consumer = consumer
+        self.signer = signer
+        self.observer = observer
+        self.refused = 0  # results not valid (or not validly signed)
+        self.dropped = 0  # results stale or repeated: acknowledged, counted, never told
         self._group_ready = False
         self._read_pending = True  # first read this consumer's unacknowledged results
         self._acks: list[bytes] = []  # entries handled, acknowledged with the next sends
@@ -97,15 +115,33 @@ class ResultStream:
             pipe.execute()
             self._acks = []
 
+    def open(self, raw: bytes) -> TrialResult | None:
+        """The result in an entry's field; None if it is refused (not valid, or not validly
+        signed: an attack or a bug, counted)."""
+        try:
+            body = self.signer.open(raw, what="TrialResult")
+            return TrialResult.decode(body, max_bytes=self.signer.max_message_bytes)
+        except ProtocolError as exc:
+            log.error("refused a result: %s", exc)
+            self.refused += 1
+            self.observer.refused("result")
+            count_refusal(self.connection, self.prefix, "result")
+            return None
+
+    def drop(self, result: TrialResult) -> None:
+        """`result` is stale (its attempt ended, or another broker owns it) or repeated: it is
+        acknowledged with the rest, counted, and never told."""
+        log.warning(
+            "dropped a stale result: study %r trial %d attempt %d",
+            *(result.study, result.trial_number, result.attempt),
+        )
+        self.dropped += 1
+        self.observer.dropped()
+        count_dropped(self.connection, self.prefix, "result")
+
     def close(self) -> None:
         """Remove the stream (for a private, per-run stream)."""
         self.connection.delete(self.reply_to)
-
-
-def open_result(raw: bytes, signer: Signer) -> TrialResult:
-    """The result in a stream entry's field; raises ProtocolError unless validly signed."""
-    body = signer.open(raw, what="TrialResult")
-    return TrialResult.decode(body, max_bytes=signer.max_message_bytes)
 
 
 def arrival_s(entry_id: bytes) -> float:

@@ -16,14 +16,18 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from optuna_rq.dispatch.retries import ATTEMPT_ATTR, RETRY_OF_ATTR, lost_verdict
 from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.protocol import check_params, parse_objective_path
 from optuna_rq.space import Suggestion
 from optuna_rq.trials import live_trial
-from optuna_rq.verdict import tell
+from optuna_rq.verdict import tell, worker_lost
 
-__all__ = ["InFlight", "Phase", "StudyRun"]
+__all__ = ["ATTEMPT_ATTR", "RETRY_OF_ATTR", "InFlight", "Phase", "StudyRun"]
+
+RETRY_OF_ATTR = "retry_of"
+"""User attribute of a retry: the number of the trial whose lost attempt it runs again."""
+ATTEMPT_ATTR = "attempt"
+"""User attribute of a retry: which attempt at those params it is (the first is 1, unmarked)."""
 
 
 class Phase(enum.Enum):
@@ -147,6 +151,13 @@ class StudyRun:
         """The records in these phases, oldest first (a list may be taken while changing them)."""
         return (r for r in list(self._in_flight.values()) if r.phase in phases)
 
+    def in_flight(self) -> list[InFlight]:
+        """Every trial in flight: those holding a slot first, then those asked ahead."""
+        return [
+            *self.in_phase(Phase.UNSENT, Phase.SENT),
+            *self.in_phase(Phase.ASKED_AHEAD),
+        ]
+
     def next_asked_ahead(self) -> InFlight | None:
         """The trial asked ahead first: the one to send next."""
         return next(self.in_phase(Phase.ASKED_AHEAD), None)
@@ -220,7 +231,7 @@ class StudyRun:
                 continue
             if frozen.number in retried:
                 error = "its worker was lost; the trial that retries it had already started"
-                tell(self.study, frozen.number, lost_verdict(error))
+                tell(self.study, frozen.number, worker_lost(error))
                 continue
             attempt = int(frozen.user_attrs.get(ATTEMPT_ATTR, 1))
             record = InFlight(
