@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from optuna_rq.protocol.messages import FailReason
 from optuna_rq.protocol.objectives import MAX_ERROR_CHARS, judge_return
+from optuna_rq.trials import frozen_trial, live_trial, set_trial_user_attr
 
 __all__ = [
     "FAIL_ERROR_ATTR",
@@ -20,6 +21,7 @@ __all__ = [
     "Verdict",
     "judge_result",
     "tell",
+    "worker_lost",
 ]
 
 # A failed trial carries why, and the error text, as user attributes: they show up in
@@ -36,6 +38,11 @@ class Verdict:
     values: list[float] | None = None
     fail_reason: FailReason | None = None
     error: str | None = None
+
+
+def worker_lost(error: str) -> Verdict:
+    """The verdict on an attempt whose worker was lost (killed, frozen, cut off): FAIL."""
+    return Verdict(state=TrialState.FAIL, fail_reason=FailReason.WORKER_LOST, error=error)
 
 
 def judge_result(result: object, n_objectives: int) -> Verdict:
@@ -68,14 +75,10 @@ def tell(study: optuna.Study, trial: optuna.Trial | int, verdict: Verdict) -> No
 def _record_failure(
     study: optuna.Study, trial: optuna.Trial | int, reason: FailReason, error: str | None
 ) -> None:
-    trial_id = trial._trial_id if isinstance(trial, optuna.Trial) else _trial_id(study, trial)
-    storage = study._storage
-    if storage.get_trial(trial_id).state.is_finished():
+    frozen = frozen_trial(study, trial)
+    if frozen.state.is_finished():
         return
-    storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, reason.value)
+    live = trial if isinstance(trial, optuna.Trial) else live_trial(study, frozen)  # one lookup
+    set_trial_user_attr(study, live, FAIL_REASON_ATTR, reason.value)
     if error:
-        storage.set_trial_user_attr(trial_id, FAIL_ERROR_ATTR, error[-MAX_ERROR_CHARS:])
-
-
-def _trial_id(study: optuna.Study, number: int) -> int:
-    return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+        set_trial_user_attr(study, live, FAIL_ERROR_ATTR, error[-MAX_ERROR_CHARS:])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 from rq.job import Job
 
-from optuna_rq.leases import LeaseWatch, Watched
+from optuna_rq.dispatch.leases import LeaseWatch, Watched
 from tests.helpers import wait_until
 
 

@@ -1,0 +1,30 @@
+"""The dispatch loop and its collaborators: run studies on RQ workers with an exact cap.
+
+`Dispatcher` is the loop (ask -> process -> enqueue; results -> tell -> acknowledge -> refill);
+`StudyRun` is one study it runs. The modules behind them, one concept each:
+
+    dispatcher  the loop
+    runs        StudyRun, and one record per trial in flight (asked ahead, unsent, sent)
+    sending     the trial queue: sealed requests and their RQ jobs
+    results     the result stream: reading it, acknowledging what was told
+    calls       remote-trial calls, served on the real trial
+    retries     lost attempts, and the trials that run them again
+    leases      which attempts have lost their worker, judged by their leases
+    observer    the hooks the metrics override, and the counters kept in Redis
+"""
+
+from optuna_rq.dispatch.dispatcher import ASK_AHEAD, Dispatcher
+from optuna_rq.dispatch.observer import DispatchObserver, count_refusal
+from optuna_rq.dispatch.runs import ATTEMPT_ATTR, RETRY_OF_ATTR, StudyRun
+from optuna_rq.dispatch.sending import FINISHED_JOB_TTL_S
+
+__all__ = [
+    "ASK_AHEAD",
+    "ATTEMPT_ATTR",
+    "FINISHED_JOB_TTL_S",
+    "RETRY_OF_ATTR",
+    "DispatchObserver",
+    "Dispatcher",
+    "StudyRun",
+    "count_refusal",
+]

@@ -1,0 +1,340 @@
+"""The dispatch loop: ask -> process -> enqueue; results -> tell -> acknowledge -> refill.
+
+The cap is exact: a study never has more than `concurrency` trials sent to workers and not yet
+told. A result is told at most once (stale or repeated results are acknowledged, counted and
+dropped), and only then is its slot refilled. To keep the sampler off that path, each study at
+its cap asks one trial ahead (`ASK_AHEAD`): sampled while the workers run, RUNNING in the storage
+but not sent, it goes out the moment a slot frees, in the same round trip as the acknowledgement.
+Lost attempts are failed and retried (`retries`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import optuna
+import redis
+from optuna.trial import TrialState
+
+from optuna_rq import failpoints
+from optuna_rq.connection import wait_for_redis
+from optuna_rq.dispatch.calls import CallServer
+from optuna_rq.dispatch.observer import DispatchObserver
+from optuna_rq.dispatch.results import ResultStream, arrival_s, verdict_of
+from optuna_rq.dispatch.retries import Retries
+from optuna_rq.dispatch.runs import InFlight, Phase, StudyRun
+from optuna_rq.dispatch.sending import TrialSender
+from optuna_rq.errors import ConfigError
+from optuna_rq.protocol import (
+    CALL_FIELD,
+    DEFAULT_LEASE_TTL_S,
+    RESULT_FIELD,
+    FailReason,
+    Keys,
+    Signer,
+)
+from optuna_rq.verdict import Verdict, tell, worker_lost
+
+__all__ = ["ASK_AHEAD", "Dispatcher"]
+
+log = logging.getLogger("optuna_rq.dispatch")
+
+ASK_AHEAD = 1
+"""Trials a study at its cap keeps asked and sampled, ready to send when a slot frees."""
+
+_CANCELLED = Verdict(
+    state=TrialState.FAIL,
+    fail_reason=FailReason.CANCELLED,
+    error="the study was cancelled before this trial ended",
+)
+
+
+class Dispatcher:
+    """Runs studies on RQ workers through one queue and one result stream.
+
+    Not thread-safe: one thread drives it (`run_until_done`, or `refill` and `poll`).
+    """
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        *,
+        prefix: str,
+        queue: str,
+        reply_to: str,
+        consumer: str | None = None,
+        signer: Signer | None = None,
+        observer: DispatchObserver | None = None,
+        lease_grace_s: float = DEFAULT_LEASE_TTL_S,
+        lease_check_s: float = 0.25,
+    ) -> None:
+        self.connection = connection
+        self.signer = signer or Signer()
+        self.observer = observer or DispatchObserver()
+        self.prefix = prefix
+        self.keys = Keys(prefix)
+        self.runs: dict[str, StudyRun] = {}
+        self.sender = TrialSender(
+            connection, queue=queue, keys=self.keys, reply_to=reply_to, signer=self.signer
+        )
+        self.queue = self.sender.queue
+        self.results = ResultStream(
+            connection,
+            prefix=prefix,
+            reply_to=reply_to,
+            consumer=consumer or f"{socket.gethostname()}:{os.getpid()}",
+            signer=self.signer,
+            observer=self.observer,
+        )
+        self.calls = CallServer(
+            connection, prefix=prefix, reply_to=reply_to, signer=self.signer, observer=self.observer
+        )
+        self.retries = Retries(
+            connection,
+            keys=self.keys,
+            reply_to=reply_to,
+            intermediate_key=self.queue.intermediate_queue_key,
+            grace_s=lease_grace_s,
+            check_s=lease_check_s,
+            observer=self.observer,
+            finish=self._finish,
+            send=self._send,
+        )
+
+    @property
+    def refused_results(self) -> int:
+        """Results refused: not valid, or not validly signed."""
+        return self.results.refused
+
+    @property
+    def dropped_results(self) -> int:
+        """Results stale or repeated: acknowledged, counted, never told."""
+        return self.results.dropped
+
+    @property
+    def lost_attempts(self) -> int:
+        """Attempts whose worker was lost."""
+        return self.retries.lost_attempts
+
+    def add(self, run: StudyRun) -> None:
+        if run.name in self.runs:
+            raise ConfigError(f"study {run.name!r} is already being dispatched")
+        self.runs[run.name] = run
+        self.results.ensure_group()
+
+    def after_outage(self) -> None:
+        """Redis was unreachable: read unacknowledged results again, and give every lease time
+        to be renewed before counting it lost."""
+        self.retries.reset()
+        self.results.after_outage()
+
+    # -- ask -> process -> enqueue -------------------------------------------------------------
+
+    def refill(self) -> int:
+        """Send trials until every study is at its cap or has asked its budget (first the trials
+        asked but not known to be enqueued: after a restart or an outage), then ask ahead. The
+        sends and the pending acknowledgements go to Redis in one round trip."""
+        if any(run.count(Phase.UNSENT) for run in self.runs.values()):
+            self._send_unsent()
+        # One MULTI/EXEC, as RQ's own enqueue is: a connection lost midway enqueues all or none,
+        # never a job saved but not pushed onto the queue (it would look queued forever).
+        pipe = self.connection.pipeline(transaction=True)
+        sending: list[tuple[StudyRun, InFlight]] = []
+        for run in self.runs.values():
+            while run.wants_trial:
+                record = run.next_asked_ahead()  # the oldest: asked first, sent first
+                if record is None:
+                    record = run.track(self._ask(run), attempt=1, phase=Phase.UNSENT)
+                    payload = None
+                else:
+                    payload = run.occupy(record)
+                payload = payload or self._seal(run, record)
+                if payload is not None:
+                    self.sender.enqueue(run, record, payload, pipe)
+                    sending.append((run, record))
+        self.results.ack_into(pipe)
+        if len(pipe):
+            pipe.execute()  # on an outage, the sends stay unsent and the acks pending: redone
+        self.results.acked()
+        now = time.time()
+        for run, record in sending:
+            run.mark_sent(record, now)
+        self._ask_ahead()
+        return len(sending)
+
+    def _ask_ahead(self) -> None:
+        """Sample the next trials of the studies at their cap while their workers run."""
+        for run in self.runs.values():
+            while (
+                0 < run.limit <= run.n_outstanding
+                and run.count(Phase.ASKED_AHEAD) < ASK_AHEAD
+                and run.asked < run.n_trials
+            ):
+                record = run.track(self._ask(run), attempt=1, phase=Phase.ASKED_AHEAD)
+                record.payload = self._seal(run, record)
+
+    def _ask(self, run: StudyRun) -> optuna.Trial:
+        started = time.perf_counter()
+        trial = run.study.ask()
+        self.observer.asked(run.name, time.perf_counter() - started)
+        run.asked += 1
+        failpoints.hit("after_ask")
+        return trial
+
+    def _send(self, run: StudyRun, record: InFlight) -> None:
+        """Enqueue the unsent trial `record` on its own."""
+        payload = self._seal(run, record)
+        if payload is not None:
+            self.sender.enqueue(run, record, payload, None)
+            run.mark_sent(record, time.time())
+
+    def _seal(self, run: StudyRun, record: InFlight) -> bytes | None:
+        """The trial's sealed request; None if Optuna rejects the space: the trial is then told
+        FAIL, never left RUNNING."""
+        try:
+            return self.sender.seal(run, record)
+        except Exception as exc:
+            log.error("study %r trial %d could not be sampled: %s", run.name, record.number, exc)
+            error = str(exc)
+            verdict = Verdict(state=TrialState.FAIL, fail_reason=FailReason.EXCEPTION, error=error)
+            self._finish(run, record, verdict)
+            return None
+
+    def _send_unsent(self) -> None:
+        """Enqueue the unsent trials whose job does not exist. Results are read first: a job
+        that finished while nobody watched is gone, and its result waits in the stream. Beyond
+        the cap (a trial asked ahead before a restart) they wait, asked ahead, for a slot."""
+        self._drain()
+        for run in self.runs.values():
+            unsent = sorted(run.in_phase(Phase.UNSENT), key=lambda r: r.number)
+            exist = self.sender.jobs_exist(run, unsent)
+            for record in [r for r, e in zip(unsent, exist, strict=True) if e]:
+                run.mark_sent(record, None)  # enqueued before the restart or the outage
+            for record in [r for r, e in zip(unsent, exist, strict=True) if not e]:
+                if run.n_outstanding > run.limit:
+                    run.set_aside(record)
+                else:
+                    log.info("study %r: enqueueing trial %d again", run.name, record.number)
+                    self._send(run, record)
+
+    # -- results -> tell -> acknowledge --------------------------------------------------------
+
+    def poll(self, block_s: float | None = 1.0) -> int:
+        """Read the results that arrived (waiting up to `block_s`; None: not at all), tell
+        them, and fail the attempts whose workers are lost; return how many trials were told."""
+        handled, _entries = self._read(block_s)
+        return handled + self.retries.check(self.runs, self._drain)
+
+    def _drain(self) -> None:
+        """Read and tell every result already in the stream."""
+        while self._read(None)[1]:
+            pass
+
+    def _read(self, block_s: float | None) -> tuple[int, int]:
+        """One read of the result stream: (trials told, entries read)."""
+        entries = self.results.read(block_s)
+        handled = 0
+        for entry_id, fields in entries:
+            if CALL_FIELD in fields:
+                self.calls.serve(fields[CALL_FIELD], self.runs)
+            else:
+                handled += self._handle(fields.get(RESULT_FIELD, b""), entry_id)
+        if entries:
+            # Acknowledged only after telling: a broker that dies in between reads them again,
+            # and telling is idempotent. Where the told trials' slots are refilled, with those
+            # sends.
+            self.results.handled([entry_id for entry_id, _fields in entries])
+            if not any(run.wants_trial for run in self.runs.values()):
+                self.results.flush()
+        return handled, len(entries)
+
+    def _handle(self, raw: bytes, entry_id: bytes) -> int:
+        """Tell the result in `raw` (1), or refuse or drop it (0)."""
+        result = self.results.open(raw)
+        if result is None:
+            return 0
+        run = self.runs.get(result.study)
+        record = None if run is None else run.owned(result.trial_number, result.attempt)
+        if run is None or record is None:
+            self.results.drop(result)
+            return 0
+        if result.fail_reason is FailReason.WORKER_LOST:  # its supervisor saw the worker die
+            self.retries.lost(run, record, result.error or "the worker was lost")
+            return 1
+        failpoints.hit("before_tell")
+        arrived = arrival_s(entry_id)
+        verdict = verdict_of(result)
+        started = time.perf_counter()
+        self._finish(run, record, verdict)
+        enqueued = record.enqueued_at
+        self.observer.told(
+            run.name,
+            verdict.state.name,
+            verdict.fail_reason,
+            tell_s=time.perf_counter() - started,
+            start_delay_s=None if enqueued is None else arrived - result.duration_s - enqueued,
+            result_age_s=time.time() - arrived if arrived else None,
+        )
+        return 1
+
+    def _finish(self, run: StudyRun, record: InFlight, verdict: Verdict) -> None:
+        tell(run.study, record.trial, verdict)
+        if record.holds_slot:
+            self.retries.forget(run, record)
+        run.finish(record.number)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run_until_done(
+        self,
+        stop: threading.Event | None = None,
+        poll_s: float = 0.5,
+        give_up_after_s: float = 600.0,
+    ) -> None:
+        """Refill and poll until every study has told its budget, or `stop` is set. A Redis
+        outage is ridden out (trials keep running on the workers, their results wait); one
+        longer than `give_up_after_s` raises RedisUnavailableError."""
+        stop = stop or threading.Event()
+        while not all(run.done for run in self.runs.values()):
+            if stop.is_set():
+                self.cancel_outstanding()
+                return
+            try:
+                self.refill()
+                self.poll(poll_s)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if wait_for_redis(self.connection, exc, stop=stop, give_up_s=give_up_after_s):
+                    self.after_outage()
+        self.flush()
+
+    def flush(self) -> None:
+        """Acknowledge the results told and not yet acknowledged."""
+        self.results.flush()
+
+    def cancel_outstanding(self) -> None:
+        """Withdraw queued jobs and end every outstanding trial FAIL with reason `cancelled`."""
+        for run in self.runs.values():
+            self.cancel(run)
+
+    def cancel(self, run: StudyRun) -> None:
+        """No new trials for `run`; its queued jobs are withdrawn and its trials in flight end
+        FAIL (`cancelled`). A result that still arrives from a running one is dropped as stale."""
+        run.n_trials = run.asked
+        self.sender.withdraw_queued(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
+        for record in run.in_flight():
+            self._finish(run, record, _CANCELLED)
+
+    def fail_outstanding(self, error: str) -> None:
+        """End every trial in flight FAIL (`worker_lost`) without a word to Redis: for a broker
+        that cannot go on, so that no trial is left RUNNING."""
+        for run in self.runs.values():
+            for record in run.in_flight():
+                self._finish(run, record, worker_lost(error))
+
+    def close(self) -> None:
+        """Remove this dispatcher's result stream (for a private, per-run stream)."""
+        self.results.close()

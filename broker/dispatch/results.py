@@ -1,0 +1,162 @@
+"""The result stream: what workers append (results, and remote trials' calls), read through one
+consumer group, and acknowledged only once told.
+
+A result is acknowledged (XACK and XDEL) after it is told, in the same round trip as the sends
+that refill its slot (`ack_into`), or on its own (`flush`) when nothing will be sent. A broker
+that dies in between reads it again, and telling is idempotent. A consumer first reads its own
+pending (delivered, unacknowledged) entries, then new ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from optuna.trial import TrialState
+
+from optuna_rq.dispatch.observer import DispatchObserver, count_dropped, count_refusal
+from optuna_rq.errors import ProtocolError
+from optuna_rq.protocol import GROUP, FailReason, Outcome, Signer, TrialResult
+from optuna_rq.verdict import Verdict
+
+__all__ = ["ResultStream", "arrival_s", "verdict_of"]
+
+log = logging.getLogger("optuna_rq.dispatch")
+
+_READ_COUNT = 256
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+"""One stream entry: its id and fields."""
+
+
+class ResultStream:
+    """The dispatcher's end of the stream `reply_to`, as consumer `consumer` of its group."""
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        *,
+        prefix: str,
+        reply_to: str,
+        consumer: str,
+        signer: Signer,
+        observer: DispatchObserver,
+    ) -> None:
+        self.connection = connection
+        self.prefix = prefix
+        self.reply_to = reply_to
+        self.consumer = consumer
+        self.signer = signer
+        self.observer = observer
+        self.refused = 0  # results not valid (or not validly signed)
+        self.dropped = 0  # results stale or repeated: acknowledged, counted, never told
+        self._group_ready = False
+        self._read_pending = True  # first read this consumer's unacknowledged results
+        self._acks: list[bytes] = []  # entries handled, acknowledged with the next sends
+
+    def ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            self.connection.xgroup_create(self.reply_to, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    def after_outage(self) -> None:
+        """Redis was unreachable: create the group again if need be, and read pending entries."""
+        self._read_pending = True
+        self._group_ready = False
+
+    def read(self, block_s: float | None) -> list[Entry]:
+        """The next entries, pending ones first (waiting up to `block_s` for new ones; None:
+        not at all). The caller hands their ids to `handled` once it has dealt with them."""
+        self.ensure_group()
+        response: Any = None
+        if self._read_pending:
+            self.flush()  # told before an outage: not to be read (and dropped as stale) again
+            # Results delivered to a broker that died before acknowledging them: tell them now.
+            response = self.connection.xreadgroup(
+                GROUP, self.consumer, {self.reply_to: "0"}, count=_READ_COUNT
+            )
+            if not response or not response[0][1]:
+                self._read_pending = False
+                response = None
+        if response is None:
+            response = self.connection.xreadgroup(
+                GROUP,
+                self.consumer,
+                {self.reply_to: ">"},
+                count=_READ_COUNT,
+                block=None if block_s is None else max(1, int(block_s * 1000)),
+            )
+        return [entry for _stream, entries in response or () for entry in entries]
+
+    def handled(self, entry_ids: list[bytes]) -> None:
+        """These entries were told (or dropped): acknowledge them with the next sends."""
+        self._acks += entry_ids
+
+    def ack_into(self, pipe: Any) -> None:
+        """Queue the pending acknowledgements on `pipe`; `acked` once it has run."""
+        if self._acks:
+            pipe.xack(self.reply_to, GROUP, *self._acks)
+            pipe.xdel(self.reply_to, *self._acks)
+
+    def acked(self) -> None:
+        self._acks = []
+
+    def flush(self) -> None:
+        """Acknowledge the entries handled and not yet acknowledged, now."""
+        if self._acks:
+            pipe = self.connection.pipeline(transaction=False)
+            self.ack_into(pipe)
+            pipe.execute()
+            self._acks = []
+
+    def open(self, raw: bytes) -> TrialResult | None:
+        """The result in an entry's field; None if it is refused (not valid, or not validly
+        signed: an attack or a bug, counted)."""
+        try:
+            body = self.signer.open(raw, what="TrialResult")
+            return TrialResult.decode(body, max_bytes=self.signer.max_message_bytes)
+        except ProtocolError as exc:
+            log.error("refused a result: %s", exc)
+            self.refused += 1
+            self.observer.refused("result")
+            count_refusal(self.connection, self.prefix, "result")
+            return None
+
+    def drop(self, result: TrialResult) -> None:
+        """`result` is stale (its attempt ended, or another broker owns it) or repeated: it is
+        acknowledged with the rest, counted, and never told."""
+        log.warning(
+            "dropped a stale result: study %r trial %d attempt %d",
+            *(result.study, result.trial_number, result.attempt),
+        )
+        self.dropped += 1
+        self.observer.dropped()
+        count_dropped(self.connection, self.prefix, "result")
+
+    def close(self) -> None:
+        """Remove the stream (for a private, per-run stream)."""
+        self.connection.delete(self.reply_to)
+
+
+def arrival_s(entry_id: bytes) -> float:
+    """When the entry was appended, epoch seconds: stream ids carry the XADD time in ms."""
+    return int(entry_id.split(b"-")[0]) / 1000
+
+
+def verdict_of(result: TrialResult) -> Verdict:
+    """How the trial of `result` ends."""
+    match result.outcome:
+        case Outcome.COMPLETE:
+            return Verdict(state=TrialState.COMPLETE, values=result.values)
+        case Outcome.PRUNED:
+            return Verdict(state=TrialState.PRUNED)
+        case Outcome.FAIL:
+            reason = result.fail_reason or FailReason.EXCEPTION
+            return Verdict(state=TrialState.FAIL, fail_reason=reason, error=result.error)
+    raise ProtocolError(f"unknown outcome {result.outcome!r}")

@@ -1,0 +1,137 @@
+"""Lost attempts and their retries.
+
+An attempt whose worker is lost (its lease lapsed: see `leases`, or its worker's supervisor
+reported it `worker_lost`) is told FAIL and, under the study's retry policy, its params run again
+as a new trial that records which one it retries (`retry_of`) and which attempt it is. Retries do
+not eat the budget until they run out: `n_trials` counts trials that are not retries, so the
+budget is exact across broker restarts too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+import optuna
+import redis
+from optuna.trial import TrialState
+
+from optuna_rq.dispatch.leases import LeaseWatch, Watched
+from optuna_rq.dispatch.observer import DispatchObserver
+from optuna_rq.dispatch.runs import ATTEMPT_ATTR, RETRY_OF_ATTR, InFlight, Phase, StudyRun
+from optuna_rq.protocol import FailReason, Keys
+from optuna_rq.trials import create_running_trial, frozen_trial
+from optuna_rq.verdict import Verdict, worker_lost
+
+__all__ = ["Retries", "plan_retry"]
+
+log = logging.getLogger("optuna_rq.dispatch")
+
+
+def plan_retry(run: StudyRun, record: InFlight, why: str) -> tuple[Verdict, optuna.Trial | None]:
+    """How the lost attempt `record` ends, and the retry that runs its params again (None: the
+    retries ran out). The retry exists before the lost trial is told: a broker that stops in
+    between finds both, and `StudyRun.reattach` completes the step."""
+    number, attempt = record.number, record.attempt
+    if attempt > run.max_retries:
+        error = f"{why}; not retried: {attempt} attempts, max retries {run.max_retries}"
+        log.warning("study %r trial %d failed: %s", run.name, number, error)
+        return worker_lost(error), None
+    retry = _create_retry(run, record, attempt + 1)
+    error = f"{why}; retried as trial {retry.number}"
+    log.warning("study %r trial %d: %s", run.name, number, error)
+    return worker_lost(error), retry
+
+
+def _create_retry(run: StudyRun, record: InFlight, attempt: int) -> optuna.Trial:
+    lost = frozen_trial(run.study, record.trial)
+    return create_running_trial(
+        run.study,
+        params=lost.params,
+        distributions=lost.distributions,
+        user_attrs={RETRY_OF_ATTR: record.number, ATTEMPT_ATTR: attempt},
+    )
+
+
+class Retries:
+    """Finds the sent attempts that lost their worker (by their leases, every `check_s` at
+    most, or by a `worker_lost` report), fails them, and starts their retries.
+
+    `finish` tells a trial its verdict and takes it out of its run; `send` enqueues an unsent
+    trial on its own; both belong to the dispatcher, whose loop this runs in.
+    """
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        *,
+        keys: Keys,
+        reply_to: str,
+        intermediate_key: str,
+        grace_s: float,
+        check_s: float,
+        observer: DispatchObserver,
+        finish: Callable[[StudyRun, InFlight, Verdict], None],
+        send: Callable[[StudyRun, InFlight], None],
+    ) -> None:
+        self.keys = keys
+        self.reply_to = reply_to
+        self.watch = LeaseWatch(connection, intermediate_key=intermediate_key, grace_s=grace_s)
+        self.check_s = check_s
+        self.observer = observer
+        self._finish = finish
+        self._send = send
+        self._next_check = 0.0
+        self.lost_attempts = 0  # attempts whose worker was lost
+
+    def check(self, runs: Mapping[str, StudyRun], drain: Callable[[], object]) -> int:
+        """If a check is due: fail (and retry) the attempts whose leases say their worker is
+        lost; how many. `drain` reads the result stream first: an attempt whose result came in
+        just before its lease went is told, not lost."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return 0
+        self._next_check = now + self.check_s
+        watched = {
+            self.keys.job_id(run.name, r.number, r.attempt): (run, r)
+            for run in runs.values()
+            for r in run.in_phase(Phase.SENT)
+        }
+        lost = self.watch.check(Watched(j, Keys.lease(self.reply_to, j)) for j in watched)
+        if not lost:
+            return 0
+        drain()
+        count = 0
+        for item, why in lost:
+            run, record = watched[item.job_id]
+            if runs.get(run.name) is run and run.owned(record.number, record.attempt):
+                self.lost(run, record, why)
+                count += 1
+        return count
+
+    def lost(self, run: StudyRun, record: InFlight, why: str) -> None:
+        """The attempt `record` will never report: fail it `worker_lost`, and start its retry
+        while retries last (the budget unit passes to the retry; it takes the same slot)."""
+        self.lost_attempts += 1
+        started = time.perf_counter()
+        verdict, retry = plan_retry(run, record, why)
+        self._finish(run, record, verdict)
+        self.observer.told(
+            run.name,
+            TrialState.FAIL.name,
+            FailReason.WORKER_LOST,
+            tell_s=time.perf_counter() - started,
+            start_delay_s=None,
+            result_age_s=None,
+        )
+        if retry is not None:
+            self._send(run, run.track(retry, attempt=record.attempt + 1, phase=Phase.UNSENT))
+
+    def forget(self, run: StudyRun, record: InFlight) -> None:
+        """`record` was told: its lease is no longer watched."""
+        self.watch.forget(self.keys.job_id(run.name, record.number, record.attempt))
+
+    def reset(self) -> None:
+        """After a Redis outage: every lease gets its grace again before it counts as lost."""
+        self.watch.reset()

@@ -1,0 +1,244 @@
+"""One study being run on workers (`StudyRun`), and one record per trial it has in flight.
+
+A trial in flight is in one phase: asked ahead (sampled and RUNNING in the storage, holding no
+slot), unsent (holding a slot, its job not known to be enqueued: just asked, or found after a
+restart or an outage), or sent (its job enqueued). It leaves the run when it is told.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from optuna_rq.errors import ConfigError, ProtocolError
+from optuna_rq.protocol import check_params, parse_objective_path
+from optuna_rq.space import Suggestion
+from optuna_rq.trials import live_trial
+from optuna_rq.verdict import tell, worker_lost
+
+__all__ = ["ATTEMPT_ATTR", "RETRY_OF_ATTR", "InFlight", "Phase", "StudyRun"]
+
+RETRY_OF_ATTR = "retry_of"
+"""User attribute of a retry: the number of the trial whose lost attempt it runs again."""
+ATTEMPT_ATTR = "attempt"
+"""User attribute of a retry: which attempt at those params it is (the first is 1, unmarked)."""
+
+
+class Phase(enum.Enum):
+    ASKED_AHEAD = "asked ahead"  # sampled while the workers run; holds no slot
+    UNSENT = "unsent"  # holds a slot; its job is not known to be enqueued
+    SENT = "sent"  # holds a slot; its job is enqueued
+
+
+@dataclass(slots=True, kw_only=True)
+class InFlight:
+    """One trial of a run, asked and not yet told."""
+
+    number: int
+    attempt: int  # 1, or which retry of lost attempts at the same params
+    trial: optuna.Trial = field(repr=False)
+    phase: Phase
+    enqueued_at: float | None = field(default=None, repr=False)  # epoch seconds, once sent
+    payload: bytes | None = field(default=None, repr=False)  # asked ahead: its sealed request
+
+    @property
+    def holds_slot(self) -> bool:
+        return self.phase is not Phase.ASKED_AHEAD
+
+
+def _fixed_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """`inputs` with every suggestion replaced by None: what must survive msgpack as given."""
+    return {
+        key: (
+            None
+            if isinstance(value, Suggestion)
+            else _fixed_inputs(value)
+            if isinstance(value, dict)
+            else value
+        )
+        for key, value in inputs.items()
+    }
+
+
+@dataclass(kw_only=True)
+class StudyRun:
+    """One study being run on workers, and the trials it has in flight.
+
+    Every phase change goes through `track`, `occupy`, `set_aside`, `mark_sent` and `finish`,
+    which keep the per-phase counts. Trials asked ahead leave in the order they were set aside.
+    """
+
+    study: optuna.Study
+    objective: str
+    inputs: dict[str, Any]
+    concurrency: int
+    n_trials: int
+    trial_timeout_s: float | None = None
+    max_retries: int = 2  # re-runs of a trial whose worker was lost
+    slots: int | None = None  # the fair share the daemon grants; None: the cap alone
+    asked: int = 0  # budget spent: trials asked that are not retries
+    told: int = 0
+    peak_outstanding: int = 0
+    _in_flight: dict[int, InFlight] = field(default_factory=dict, init=False, repr=False)
+    _counts: Counter[Phase] = field(default_factory=Counter, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        parse_objective_path(self.objective)
+        try:
+            check_params(_fixed_inputs(self.inputs))
+        except ProtocolError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    @property
+    def name(self) -> str:
+        return self.study.study_name
+
+    # -- what the loop, the daemon and the metrics read ---------------------------------------
+
+    @property
+    def n_outstanding(self) -> int:
+        """Trials holding a slot: sent to workers (or about to be) and not yet told."""
+        return self._counts[Phase.UNSENT] + self._counts[Phase.SENT]
+
+    def count(self, phase: Phase) -> int:
+        return self._counts[phase]
+
+    @property
+    def outstanding(self) -> dict[int, int]:
+        """A copy: trial number -> attempt, for the trials holding a slot."""
+        return {r.number: r.attempt for r in self._in_flight.values() if r.holds_slot}
+
+    @property
+    def done(self) -> bool:
+        return self.asked >= self.n_trials and not self._in_flight
+
+    @property
+    def wants_trial(self) -> bool:
+        """Whether a slot is free and a trial can fill it (one asked ahead, or budget left)."""
+        return self.n_outstanding < self.limit and (
+            self._counts[Phase.ASKED_AHEAD] > 0 or self.asked < self.n_trials
+        )
+
+    @property
+    def limit(self) -> int:
+        """How many trials may be outstanding now: the cap, or less under fair share."""
+        return self.concurrency if self.slots is None else min(self.concurrency, self.slots)
+
+    @property
+    def demand(self) -> int:
+        """Slots this study could use now: its cap, or fewer near the end of its budget."""
+        left = self.n_trials - self.asked + len(self._in_flight)
+        return min(self.concurrency, left)
+
+    def get(self, number: int) -> InFlight | None:
+        return self._in_flight.get(number)
+
+    def owned(self, number: int, attempt: int) -> InFlight | None:
+        """The record of trial `number` if this attempt at it holds a slot here (else a result
+        or call for it is stale: the trial ended, was retried, or another broker owns it)."""
+        record = self._in_flight.get(number)
+        if record is None or not record.holds_slot or record.attempt != attempt:
+            return None
+        return record
+
+    def in_phase(self, *phases: Phase) -> Iterator[InFlight]:
+        """The records in these phases, oldest first (a list may be taken while changing them)."""
+        return (r for r in list(self._in_flight.values()) if r.phase in phases)
+
+    def in_flight(self) -> list[InFlight]:
+        """Every trial in flight: those holding a slot first, then those asked ahead."""
+        return [
+            *self.in_phase(Phase.UNSENT, Phase.SENT),
+            *self.in_phase(Phase.ASKED_AHEAD),
+        ]
+
+    def next_asked_ahead(self) -> InFlight | None:
+        """The trial asked ahead first: the one to send next."""
+        return next(self.in_phase(Phase.ASKED_AHEAD), None)
+
+    # -- phase changes -------------------------------------------------------------------------
+
+    def track(self, trial: optuna.Trial, *, attempt: int, phase: Phase) -> InFlight:
+        record = InFlight(number=trial.number, attempt=attempt, trial=trial, phase=phase)
+        self._in_flight[trial.number] = record
+        self._counts[phase] += 1
+        if record.holds_slot:
+            self.peak_outstanding = max(self.peak_outstanding, self.n_outstanding)
+        return record
+
+    def occupy(self, record: InFlight) -> bytes | None:
+        """An asked-ahead trial takes a slot, unsent until its enqueue is known to be done;
+        returns its sealed request, if it was built when asked."""
+        payload, record.payload = record.payload, None
+        self._move(record, Phase.UNSENT)
+        self.peak_outstanding = max(self.peak_outstanding, self.n_outstanding)
+        return payload
+
+    def set_aside(self, record: InFlight) -> None:
+        """An unsent trial beyond the cap gives its slot back and waits, asked ahead."""
+        self._move(record, Phase.ASKED_AHEAD)
+
+    def mark_sent(self, record: InFlight, at: float | None) -> None:
+        """The trial's job is enqueued (at `at`, epoch seconds; None: before a restart)."""
+        self._counts[record.phase] -= 1
+        record.phase = Phase.SENT
+        self._counts[Phase.SENT] += 1
+        if at is not None:
+            record.enqueued_at = at
+
+    def finish(self, number: int) -> InFlight | None:
+        """Trial `number` was told: it leaves the run."""
+        record = self._in_flight.pop(number, None)
+        if record is not None:
+            self._counts[record.phase] -= 1
+        self.told += 1
+        return record
+
+    def _move(self, record: InFlight, phase: Phase) -> None:
+        # Crossing between holding a slot and not re-inserts the record: each side keeps the
+        # order trials joined it (asked ahead: sent oldest first).
+        self._counts[record.phase] -= 1
+        del self._in_flight[record.number]
+        record.phase = phase
+        self._in_flight[record.number] = record
+        self._counts[phase] += 1
+
+    # -- taking over a study -------------------------------------------------------------------
+
+    def reattach(self) -> None:
+        """Take over a study that already has trials: the ones that are not retries count
+        against the budget; RUNNING ones are outstanding, unsent (their results may still
+        arrive, or already have; the dispatcher enqueues the ones a stopped broker never
+        enqueued).
+
+        A RUNNING trial that a retry already runs again (the last broker stopped between
+        starting the retry and failing it) is failed now, as that broker would have.
+        """
+        trials = self.study.get_trials(deepcopy=False)
+        retried = {t.user_attrs[RETRY_OF_ATTR] for t in trials if RETRY_OF_ATTR in t.user_attrs}
+        asked = [t for t in trials if t.state is not TrialState.WAITING]
+        self.asked = sum(1 for t in asked if RETRY_OF_ATTR not in t.user_attrs)
+        self._in_flight.clear()
+        self._counts.clear()
+        for frozen in trials:
+            if frozen.state is not TrialState.RUNNING:
+                continue
+            if frozen.number in retried:
+                error = "its worker was lost; the trial that retries it had already started"
+                tell(self.study, frozen.number, worker_lost(error))
+                continue
+            attempt = int(frozen.user_attrs.get(ATTEMPT_ATTR, 1))
+            record = InFlight(
+                number=frozen.number,
+                attempt=attempt,
+                trial=live_trial(self.study, frozen),
+                phase=Phase.UNSENT,
+            )
+            self._in_flight[frozen.number] = record
+            self._counts[Phase.UNSENT] += 1

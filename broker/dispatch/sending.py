@@ -1,0 +1,88 @@
+"""The trial queue: sealed requests built from sampled params, and their RQ jobs.
+
+A request is the study's inputs with every suggestion sampled by `process` on the trial (a trial
+that already has its params, after a restart, gets the same ones), signed. Its job's id names the
+study, trial and attempt (`Keys.job_id`), so a job is found again after a restart and a retry
+never collides with the attempt it replaces.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from copy import deepcopy
+from typing import Any
+
+import redis
+
+from optuna_rq.dispatch.runs import InFlight, StudyRun
+from optuna_rq.protocol import RUN_TRIAL, Keys, Signer, TrialRequest, trial_queue
+from optuna_rq.space import process
+
+__all__ = ["FINISHED_JOB_TTL_S", "FAILED_JOB_TTL_S", "TrialSender"]
+
+FINISHED_JOB_TTL_S = 10
+"""How long RQ keeps a trial's job once it finished (the result itself is in the stream)."""
+FAILED_JOB_TTL_S = 24 * 3600
+"""How long RQ keeps a trial's job that failed (for `rq info` and the worker logs)."""
+
+
+class TrialSender:
+    """Builds the requests of one dispatcher's trials and enqueues their jobs on `queue`."""
+
+    def __init__(
+        self, connection: redis.Redis, *, queue: str, keys: Keys, reply_to: str, signer: Signer
+    ) -> None:
+        self.connection = connection
+        self.queue = trial_queue(connection, queue)
+        self.keys = keys
+        self.reply_to = reply_to
+        self.signer = signer
+
+    def job_id(self, run: StudyRun, record: InFlight) -> str:
+        return self.keys.job_id(run.name, record.number, record.attempt)
+
+    def seal(self, run: StudyRun, record: InFlight) -> bytes:
+        """The signed request for `record`, its params sampled now. Raises whatever Optuna
+        raises when it rejects the space, or ProtocolError for a request too big to send."""
+        params = dict(process(record.trial, deepcopy(run.inputs)))
+        request = TrialRequest(
+            study=run.name,
+            trial_number=record.number,
+            attempt=record.attempt,
+            objective=run.objective,
+            params=params,
+            n_objectives=len(run.study.directions),
+            reply_to=self.reply_to,
+        )
+        return self.signer.seal(request.encode())
+
+    def enqueue(self, run: StudyRun, record: InFlight, payload: bytes, pipeline: Any) -> None:
+        """Enqueue `record`'s job, in `pipeline` (None: on its own, now)."""
+        self.queue.enqueue_call(
+            func=RUN_TRIAL,
+            args=(payload,),
+            job_id=self.job_id(run, record),
+            timeout=math.ceil(run.trial_timeout_s) if run.trial_timeout_s else -1,
+            # Kept briefly once finished (`rq info` shows them): deleting a job at once costs
+            # its worker seven more round trips (workers/bookkeeping.py).
+            result_ttl=FINISHED_JOB_TTL_S,
+            failure_ttl=FAILED_JOB_TTL_S,
+            description=f"{run.name} trial {record.number}",
+            pipeline=pipeline,
+        )
+
+    def jobs_exist(self, run: StudyRun, records: Sequence[InFlight]) -> list[bool]:
+        """Whether each record's job exists (queued, running, or kept after it ended); one
+        round trip."""
+        pipe = self.connection.pipeline(transaction=False)
+        for record in records:
+            pipe.exists(self.queue.job_class.key_for(self.job_id(run, record)))
+        return [bool(exists) for exists in pipe.execute()]
+
+    def withdraw_queued(self, run: StudyRun, records: Sequence[InFlight]) -> None:
+        """Cancel the jobs of `records` that no worker has taken yet."""
+        for record in records:
+            job = self.queue.fetch_job(self.job_id(run, record))
+            if job is not None and job.get_status(refresh=False) == "queued":
+                job.cancel()

@@ -1,0 +1,69 @@
+"""Trials in an Optuna storage, reached the one way Optuna's public API does not offer.
+
+The only module that touches Optuna's private API (`study._storage`, `study._study_id`,
+`trial._trial_id`, `optuna.Trial(study, trial_id)`): a new Optuna release breaks this file and no
+other. Each function takes a study and either a live `optuna.Trial` or a trial number.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+__all__ = [
+    "create_running_trial",
+    "frozen_trial",
+    "live_trial",
+    "set_trial_system_attr",
+    "set_trial_user_attr",
+]
+
+
+def _trial_id(study: optuna.Study, trial: optuna.Trial | int) -> int:
+    if isinstance(trial, optuna.Trial):
+        return trial._trial_id
+    return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial)
+
+
+def frozen_trial(study: optuna.Study, trial: optuna.Trial | int) -> FrozenTrial:
+    """The trial as the storage holds it now (read afresh, not from a cache of the study)."""
+    return study._storage.get_trial(_trial_id(study, trial))
+
+
+def live_trial(study: optuna.Study, frozen: FrozenTrial) -> optuna.Trial:
+    """A `Trial` to suggest on and tell, for a trial already in the storage (RUNNING)."""
+    return optuna.Trial(study, frozen._trial_id)
+
+
+def create_running_trial(
+    study: optuna.Study,
+    *,
+    params: dict[str, Any],
+    distributions: dict[str, BaseDistribution],
+    user_attrs: dict[str, Any],
+) -> optuna.Trial:
+    """A new RUNNING trial of `study` with these params already set (the sampler is not asked)."""
+    template = optuna.trial.create_trial(
+        state=TrialState.RUNNING,
+        params=params,
+        distributions=distributions,
+        user_attrs=user_attrs,
+    )
+    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+    return optuna.Trial(study, trial_id)
+
+
+def set_trial_user_attr(
+    study: optuna.Study, trial: optuna.Trial | int, key: str, value: Any
+) -> None:
+    study._storage.set_trial_user_attr(_trial_id(study, trial), key, value)
+
+
+def set_trial_system_attr(
+    study: optuna.Study, trial: optuna.Trial | int, key: str, value: Any
+) -> None:
+    """Optuna 5 dropped `Trial.set_system_attr`; the storages keep it."""
+    study._storage.set_trial_system_attr(_trial_id(study, trial), key, value)
