@@ -12,21 +12,21 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
-import redis
 import typer
 from rich.console import Console
 
-from optuna_rq.connection import DEFAULT_PREFIX, ENV_PREFIX, ENV_REDIS_URL
+from optuna_rq.cli_options import (
+    GlobalOptions,
+    configure_logging,
+    connect_redis,
+    global_options,
+    make_client,
+)
 from optuna_rq.errors import ConfigError, OptunaRQError
-from optuna_rq.progress import follow_study
-from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, Signer, StudyStatus
-
-if TYPE_CHECKING:
-    from optuna_rq.client import BrokerClient
+from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, Signer
 
 app = typer.Typer(
     name="optuna-rq",
@@ -37,38 +37,10 @@ app = typer.Typer(
 )
 
 
-@dataclass(frozen=True, kw_only=True)
-class GlobalOptions:
-    redis_url: str | None
-    prefix: str
-    debug: bool
+app.callback()(global_options)
 
-
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _out = Console()
 _err = Console(stderr=True)
-
-
-@app.callback()
-def _global(
-    ctx: typer.Context,
-    redis_url: Annotated[
-        str | None,
-        typer.Option(
-            "--redis-url",
-            envvar=ENV_REDIS_URL,
-            help="Redis to meet on (redis://, rediss://, unix://). "
-            "Default: an embedded redis-server under the state directory.",
-            show_default=False,
-        ),
-    ] = None,
-    prefix: Annotated[
-        str,
-        typer.Option("--prefix", envvar=ENV_PREFIX, help="Key prefix and default queue name."),
-    ] = DEFAULT_PREFIX,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
-) -> None:
-    ctx.obj = GlobalOptions(redis_url=redis_url, prefix=prefix, debug=debug)
 
 
 @app.command()
@@ -126,9 +98,8 @@ def workers(
 
     options: GlobalOptions = ctx.obj
     signer = Signer.from_env()
-    level = _level(log_level)
-    logging.basicConfig(level=level, format=_LOG_FORMAT, stream=sys.stderr)
-    url, _connection = _connect(options)
+    level = configure_logging(log_level)
+    url, _connection = connect_redis(options)
     settings = WorkerSettings(
         redis_url=url,
         queue=queue or options.prefix,
@@ -142,16 +113,6 @@ def workers(
         isolation=isolation,
     )
     raise typer.Exit(WorkerPool(settings).run())
-
-
-def _connect(options: GlobalOptions) -> tuple[str, redis.Redis]:
-    """The Redis this command meets the others on; fails within seconds, naming the URL."""
-    from optuna_rq.connection import connect, ping_or_raise, resolve_redis_url
-
-    url = resolve_redis_url(options.redis_url)
-    connection = connect(url)
-    ping_or_raise(connection, url)
-    return url, connection
 
 
 @app.command()
@@ -183,10 +144,10 @@ def broker(
     from optuna_rq.studies import default_storage_url, open_storage
 
     options: GlobalOptions = ctx.obj
-    logging.basicConfig(level=_level(log_level), format=_LOG_FORMAT, stream=sys.stderr)
+    configure_logging(log_level)
     storage_url = storage or default_storage_url(state_dir())
     open_storage(storage_url)  # a URL Optuna rejects stops us here, before any study
-    _url, connection = _connect(options)
+    _url, connection = connect_redis(options)
     settings = BrokerSettings(prefix=options.prefix, storage=storage_url)
     metrics = None
     if metrics_port is not None:
@@ -288,7 +249,7 @@ def submit(
         max_retries=max_retries,
         priority=priority,
     )
-    client = _client(options)
+    client = make_client(options)
     client.submit(spec, storage=storage or default_storage_url(state_dir()))
     typer.echo(spec.name)
     if client.broker_holder() is None:
@@ -297,7 +258,7 @@ def submit(
             "until you start one with `optuna-rq broker`"
         )
     if wait:
-        raise typer.Exit(follow_study(client, spec.name, timeout_s=None))
+        raise typer.Exit(client.follow(spec.name, timeout_s=None))
 
 
 @app.command()
@@ -307,9 +268,11 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Show studies: state, trials by outcome, failures by reason, the best trial."""
+    from optuna_rq.progress import status_table
+
     options: GlobalOptions = ctx.obj
-    client = _client(options)
-    snapshots = [_known_study(client, name)] if name is not None else client.statuses()
+    client = make_client(options)
+    snapshots = [client.require_status(name)] if name is not None else client.statuses()
     if as_json:
         shown = [s.to_dict() for s in snapshots]
         typer.echo(json.dumps(shown[0] if name is not None else shown, indent=2))
@@ -317,36 +280,7 @@ def status(
     if not snapshots:
         _out.print(f"no studies on prefix {options.prefix!r}")
     for snapshot in snapshots:
-        _out.print(_status_table(snapshot))
-
-
-def _status_table(snapshot: StudyStatus) -> Any:
-    from rich.table import Table
-
-    table = Table(title=f"study {snapshot.name}", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    best = snapshot.best
-    rows = [
-        ("state", snapshot.state.value + (f" ({snapshot.error})" if snapshot.error else "")),
-        ("objective", snapshot.objective),
-        ("trials", f"{snapshot.done} / {snapshot.n_trials} done, {snapshot.running} running"),
-        (
-            "outcomes",
-            f"{snapshot.complete} complete, {snapshot.pruned} pruned, {snapshot.failed} failed",
-        ),
-        (
-            "fail reasons",
-            ", ".join(f"{k}: {v}" for k, v in snapshot.fail_reasons.items()) or "-",
-        ),
-        ("concurrency", str(snapshot.concurrency)),
-        ("best", "-" if best is None else repr(best)),
-        ("best params", "-" if not snapshot.best_params else repr(snapshot.best_params)),
-        ("storage", snapshot.storage),
-    ]
-    for label, value in rows:
-        table.add_row(label, value)
-    return table
+        _out.print(status_table(snapshot))
 
 
 @app.command("wait")
@@ -362,23 +296,7 @@ def wait_command(
     Exit 0 when it finished; 1 when it was cancelled, failed, or the timeout passed.
     """
     options: GlobalOptions = ctx.obj
-    raise typer.Exit(follow_study(_client(options), name, timeout_s=timeout))
-
-
-def _client(options: GlobalOptions) -> BrokerClient:
-    from optuna_rq.client import BrokerClient
-
-    _url, connection = _connect(options)
-    return BrokerClient(connection, options.prefix)
-
-
-def _known_study(client: BrokerClient, name: str) -> StudyStatus:
-    status = client.status(name)
-    if status is None:
-        raise ConfigError(
-            f"unknown study {name!r} on prefix {client.prefix!r} (see `optuna-rq status`)"
-        )
-    return status
+    raise typer.Exit(make_client(options).follow(name, timeout_s=timeout))
 
 
 @app.command()
@@ -386,8 +304,8 @@ def cancel(
     ctx: typer.Context, name: Annotated[str, typer.Argument(help="The study to cancel.")]
 ) -> None:
     """Cancel a study: no new trials; queued and running ones end FAIL (cancelled)."""
-    client = _client(ctx.obj)
-    _known_study(client, name)
+    client = make_client(ctx.obj)
+    client.require_status(name)
     client.cancel(name)
     _err.print(f"cancelling study {name!r}")
 
@@ -408,8 +326,8 @@ def set_command(
     }
     if not changes:
         raise ConfigError("nothing to change: give --concurrency, --n-trials or --priority")
-    client = _client(ctx.obj)
-    _known_study(client, name)
+    client = make_client(ctx.obj)
+    client.require_status(name)
     client.change(name, **changes)
     _err.print(f"study {name!r}: {changes}")
 
@@ -426,13 +344,6 @@ def demo(
     from optuna_rq.demo import run_demo
 
     run_demo(n_trials=n_trials, workers=workers)
-
-
-def _level(text: str) -> str:
-    level = text.upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"--log-level {text!r} is not one of DEBUG, INFO, WARNING, ERROR")
-    return level
 
 
 def main() -> None:

@@ -7,11 +7,11 @@ commands wait in Redis until one starts.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-from optuna_rq.errors import ProtocolError
+from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.protocol import (
     Cancel,
     Change,
@@ -23,6 +23,9 @@ from optuna_rq.protocol import (
     StudyStatus,
     Submit,
 )
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["BrokerClient"]
 
@@ -80,6 +83,24 @@ class BrokerClient:
     def status(self, study: str) -> StudyStatus | None:
         raw: Any = self.connection.hget(self.keys.status, study)
         return None if raw is None else StudyStatus.from_json(raw)
+
+    def require_status(self, study: str) -> StudyStatus:
+        """The study's status; ConfigError naming the prefix if it has none (an unknown study)."""
+        status = self.status(study)
+        if status is None:
+            raise ConfigError(
+                f"unknown study {study!r} on prefix {self.prefix!r} (see `optuna-rq status`)"
+            )
+        return status
+
+    def follow(
+        self, study: str, *, timeout_s: float | None = None, console: Console | None = None
+    ) -> int:
+        """Show the study's progress on `console` (default: stderr) until it ends, or until
+        `timeout_s` passes. Returns 0 if it finished, 1 if not (cancelled, failed, timed out)."""
+        from optuna_rq.progress import follow_study  # rich is for terminals only: imported late
+
+        return follow_study(self, study, timeout_s=timeout_s, console=console)
 
     def statuses(self) -> list[StudyStatus]:
         """Every study's status, by name; one that cannot be read is skipped, with a warning."""

@@ -21,7 +21,6 @@ from optuna_rq.client import BrokerClient
 from optuna_rq.connection import connect
 from optuna_rq.embedded import ensure_embedded, stop_embedded
 from optuna_rq.errors import OptunaRQError
-from optuna_rq.progress import follow_study
 from optuna_rq.protocol import StudySpec
 from optuna_rq.space import suggest
 from optuna_rq.spacefile import space_to_data
@@ -99,7 +98,7 @@ def run_demo(*, n_trials: int = 60, concurrency: int = 4, workers: int = 2) -> d
             f"a broker, {workers} workers, and {n_trials} trials of {DEMO_OBJECTIVE}, "
             f"at most {concurrency} at once"
         )
-        code = follow_study(client, spec.name, timeout_s=300, console=console)
+        code = client.follow(spec.name, timeout_s=300, console=console)
         status = client.status(spec.name)
         if code != 0 or status is None or status.best_value is None:
             ended = f"{status.state.value}: {status.error}" if status else "gone"

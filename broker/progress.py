@@ -1,5 +1,5 @@
-"""Following a study from its published status: the progress bar of `wait`, `submit --wait`
-and `demo`."""
+"""A study's published status on a terminal: the table of `status`, and the progress bar of
+`wait`, `submit --wait` and `demo`."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from optuna_rq.client import BrokerClient
 from optuna_rq.errors import ConfigError
 from optuna_rq.protocol import StudyState, StudyStatus
 
-__all__ = ["follow_study"]
+__all__ = ["follow_study", "status_table"]
 
 
 def follow_study(
@@ -24,10 +25,7 @@ def follow_study(
 ) -> int:
     """Show a progress bar until the study ends; the exit code says how it ended."""
     console = console or Console(stderr=True)
-    if client.status(name) is None:
-        raise ConfigError(
-            f"unknown study {name!r} on prefix {client.prefix!r} (see `optuna-rq status`)"
-        )
+    client.require_status(name)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -70,3 +68,31 @@ def _current(client: BrokerClient, name: str) -> StudyStatus:
     if status is None:
         raise ConfigError(f"study {name!r} vanished from prefix {client.prefix!r}")
     return status
+
+
+def status_table(snapshot: StudyStatus) -> Table:
+    """One study's state, trials by outcome, failures by reason and best trial, as a table."""
+    table = Table(title=f"study {snapshot.name}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    best = snapshot.best
+    rows = [
+        ("state", snapshot.state.value + (f" ({snapshot.error})" if snapshot.error else "")),
+        ("objective", snapshot.objective),
+        ("trials", f"{snapshot.done} / {snapshot.n_trials} done, {snapshot.running} running"),
+        (
+            "outcomes",
+            f"{snapshot.complete} complete, {snapshot.pruned} pruned, {snapshot.failed} failed",
+        ),
+        (
+            "fail reasons",
+            ", ".join(f"{k}: {v}" for k, v in snapshot.fail_reasons.items()) or "-",
+        ),
+        ("concurrency", str(snapshot.concurrency)),
+        ("best", "-" if best is None else repr(best)),
+        ("best params", "-" if not snapshot.best_params else repr(snapshot.best_params)),
+        ("storage", snapshot.storage),
+    ]
+    for label, value in rows:
+        table.add_row(label, value)
+    return table

@@ -1,0 +1,16 @@
+"""The broker daemon: serves many submitted studies at once from one Redis prefix.
+
+Everything it knows lives in Redis and in the study storages, so a restarted broker picks up
+where the last one stopped: submitted studies are in `<prefix>:studies`, commands wait in
+`<prefix>:commands`, results wait in the `<prefix>:results` stream until acknowledged.
+
+The keys it uses are `optuna_rq.protocol.keys.Keys`. Its parts: `lock` (one broker per prefix,
+and the epoch guard), `inbox` (commands), `fair_share` (workers among studies), `status` (what
+the broker publishes), composed by `daemon.Daemon`.
+"""
+
+from optuna_rq.daemon.daemon import Daemon
+from optuna_rq.daemon.fair_share import fair_shares
+from optuna_rq.daemon.settings import BrokerSettings
+
+__all__ = ["BrokerSettings", "Daemon", "fair_shares"]

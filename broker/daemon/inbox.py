@@ -1,0 +1,82 @@
+"""The command inbox: the signed commands BrokerClient queues at `Keys.commands`.
+
+Each step the broker reads up to `BATCH` of them (in the pipeline that checks the epoch), opens
+each one's seal, decodes it, and hands it to its `CommandHandler`. A command that fails its seal
+or does not decode is refused and counted; one the handler rejects (an unknown study, a bad
+change) is refused and logged. Then the batch is trimmed off the list.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import redis
+
+from optuna_rq.dispatch import count_refusal
+from optuna_rq.errors import ConfigError, ProtocolError
+from optuna_rq.protocol import (
+    Cancel,
+    Change,
+    Command,
+    Keys,
+    Signer,
+    StudySpec,
+    Submit,
+    decode_command,
+)
+
+__all__ = ["BATCH", "CommandHandler", "CommandInbox"]
+
+log = logging.getLogger("optuna_rq.broker")
+
+BATCH = 100  # commands read per step
+
+
+class CommandHandler(Protocol):
+    """What the commands do; it may raise ConfigError, KeyError or TypeError to refuse one."""
+
+    def on_submit(self, spec: StudySpec) -> None: ...
+
+    def on_cancel(self, name: str) -> None: ...
+
+    def on_change(self, name: str, changes: dict[str, Any]) -> None: ...
+
+
+class CommandInbox:
+    def __init__(
+        self, connection: redis.Redis, keys: Keys, *, signer: Signer, handler: CommandHandler
+    ) -> None:
+        self.connection = connection
+        self.keys = keys
+        self.signer = signer
+        self.handler = handler
+
+    def fetch(self, pipe: redis.client.Pipeline) -> None:
+        """Queue the read of the next batch on `pipe`; hand its reply to `apply`."""
+        pipe.lrange(self.keys.commands, 0, BATCH - 1)
+
+    def apply(self, raw_commands: list[bytes]) -> None:
+        """Apply the batch as read by `fetch`, in order, then trim it off the inbox."""
+        if not raw_commands:
+            return
+        for raw in raw_commands:
+            try:
+                body = self.signer.open(raw, what="command")
+                self._dispatch(decode_command(body, max_bytes=self.signer.max_message_bytes))
+            except ProtocolError as exc:
+                log.error("refused a command: %s", exc)
+                count_refusal(self.connection, self.keys.prefix, "command")
+            except (ConfigError, KeyError, TypeError) as exc:
+                log.error("refused a command: %s", exc)
+        # Commands are idempotent, so trimming after applying loses none if we die in between.
+        self.connection.ltrim(self.keys.commands, len(raw_commands), -1)
+
+    def _dispatch(self, command: Command) -> None:
+        match command:
+            case Submit(spec=spec):
+                self.handler.on_submit(spec)
+            case Cancel(study=name):
+                self.handler.on_cancel(name)
+            case Change(study=name):
+                self.handler.on_change(name, command.changes())

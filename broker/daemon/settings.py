@@ -1,0 +1,18 @@
+"""BrokerSettings: what one broker process is told at start (the CLI builds it from options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["BrokerSettings"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerSettings:
+    prefix: str
+    storage: str  # the default storage URL for studies that name none
+    poll_s: float = 0.2
+    lock_ttl_s: float = 10.0
+    status_interval_s: float = 0.25
+    workers_refresh_s: float = 1.0
+    max_outage_backoff_s: float = 5.0

@@ -1,0 +1,119 @@
+"""The status publisher: what `optuna-rq status`, `wait` and BrokerClient read of each study.
+
+A study's StudyStatus (its spec, its state, its trials by outcome and failures by reason, its best
+trial or Pareto front) is written to `Keys.status` when the study starts, ends or changes, and
+while it runs, at most every `interval_s` seconds and only once something was told about it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optuna
+import redis
+from optuna.trial import TrialState
+
+from optuna_rq.dispatch import StudyRun
+from optuna_rq.protocol import Keys, StudySpec, StudyState, StudyStatus
+from optuna_rq.verdict import FAIL_REASON_ATTR
+
+__all__ = ["StatusPublisher"]
+
+
+class StatusPublisher:
+    """Writes StudyStatus for the broker. `storage_url` names the storage a spec's trials are in
+    (its own, or the broker's default)."""
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        keys: Keys,
+        *,
+        interval_s: float,
+        storage_url: Callable[[StudySpec], str],
+    ) -> None:
+        self.connection = connection
+        self.keys = keys
+        self.interval_s = interval_s
+        self.storage_url = storage_url
+        self._dirty: set[str] = set()
+        self._last_publish = 0.0
+
+    def mark(self, *names: str) -> None:
+        """Note that these running studies changed: the next due `publish_running` writes them."""
+        self._dirty.update(names)
+
+    def publish_running(
+        self,
+        runs: Mapping[str, StudyRun],
+        specs: Mapping[str, StudySpec],
+        *,
+        force: bool = False,
+    ) -> None:
+        """Publish the marked studies still in `runs` as RUNNING, if `interval_s` has passed
+        since the last time (or `force`); then none is marked."""
+        now = time.monotonic()
+        if not force and now - self._last_publish < self.interval_s:
+            return
+        self._last_publish = now
+        for name in list(self._dirty):
+            run = runs.get(name)
+            if run is not None:
+                self.publish(specs[name], run, state=StudyState.RUNNING)
+        self._dirty.clear()
+
+    def publish(
+        self,
+        spec: StudySpec,
+        run: StudyRun | None,
+        *,
+        state: StudyState,
+        error: str | None = None,
+    ) -> None:
+        """Write the study's status now: from its spec, and from its `run` if it has one."""
+        summary = (
+            {} if run is None else {**_study_summary(run.study), "running": len(run.outstanding)}
+        )
+        status = StudyStatus(
+            name=spec.name,
+            state=state,
+            objective=spec.objective,
+            directions=list(spec.directions),
+            n_trials=spec.n_trials,
+            concurrency=spec.concurrency,
+            priority=spec.priority,
+            storage=self.storage_url(spec),
+            error=error,
+            **summary,
+        )
+        self.connection.hset(self.keys.status, spec.name, status.to_json())
+
+
+def _study_summary(study: optuna.Study) -> dict[str, Any]:
+    """The StudyStatus fields read from the study's trials."""
+    trials = study.get_trials(deepcopy=False)
+    by_state = {state: 0 for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    reasons: dict[str, int] = {}
+    for trial in trials:
+        if trial.state in by_state:
+            by_state[trial.state] += 1
+        if trial.state is TrialState.FAIL:
+            reason = str(trial.user_attrs.get(FAIL_REASON_ATTR, "unknown"))
+            reasons[reason] = reasons.get(reason, 0) + 1
+    summary: dict[str, Any] = {
+        "complete": by_state[TrialState.COMPLETE],
+        "pruned": by_state[TrialState.PRUNED],
+        "failed": by_state[TrialState.FAIL],
+        "fail_reasons": reasons,
+    }
+    if not by_state[TrialState.COMPLETE]:
+        return summary
+    if len(study.directions) == 1:
+        best = study.best_trial
+        summary.update(best_value=best.value, best_params=best.params)
+    else:  # the Pareto front
+        summary["best_values"] = [t.values for t in study.best_trials]
+        summary["best_params"] = [t.params for t in study.best_trials]
+    return summary
