@@ -217,6 +217,18 @@ def submit(
     priority: Annotated[
         float, typer.Option("--priority", help="Weight in sharing workers with other studies.")
     ] = 1.0,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", help="Stop condition: seconds of wall clock from submission."),
+    ] = None,
+    target: Annotated[
+        float | None,
+        typer.Option("--target", help="Stop condition: once the best value reaches VALUE."),
+    ] = None,
+    patience: Annotated[
+        int | None,
+        typer.Option("--patience", help="Stop condition: N completed trials without improvement."),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the study until it ends.")] = False,
 ) -> None:
     """Submit a study to the broker and print its name.
@@ -248,6 +260,9 @@ def submit(
         trial_timeout_s=trial_timeout,
         max_retries=max_retries,
         priority=priority,
+        timeout_s=timeout,
+        target=target,
+        patience=patience,
     )
     client = make_client(options)
     client.submit(spec, storage=storage or default_storage_url(state_dir()))

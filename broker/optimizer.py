@@ -16,14 +16,14 @@ import inspect
 import sys
 import threading
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeAlias
 
 import optuna
 import redis
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from optuna_rq.errors import ConfigError
 from optuna_rq.protocol import (
@@ -33,6 +33,7 @@ from optuna_rq.protocol import (
     parse_objective_path,
 )
 from optuna_rq.space import Category, Float, Integer, Number, Suggestion, process, suggest
+from optuna_rq.trials import frozen_trial, optimize_loop, stop_requested
 from optuna_rq.verdict import (
     FAIL_ERROR_ATTR,
     FAIL_REASON_ATTR,
@@ -62,6 +63,9 @@ P = ParamSpec("P")
 Result: TypeAlias = float | tuple[float, ...]
 
 CallbackType: TypeAlias = Callable[Concatenate[optuna.Trial, P], Awaitable[Result] | Result]
+
+StudyCallback: TypeAlias = Callable[[optuna.Study, FrozenTrial], None]
+"""What `study.optimize(callbacks=...)` takes: called with the study and each trial it told."""
 
 
 def _flytekit_classes() -> tuple[type, type, type] | None:
@@ -180,6 +184,13 @@ class Optimizer:
         study: the Optuna study to optimise; `optuna.create_study()` if None. It holds the
             results afterwards (`optimizer.study.best_params`).
         delay: seconds to wait before starting each trial (an int >= 0).
+        callbacks: (keyword-only) each is called as `callback(study, frozen_trial)` after every
+            trial is told, as `study.optimize(callbacks=...)` calls them (so
+            `optuna.study.MaxTrialsCallback` works). `study.stop()` from one ends the run: no
+            new trial starts, trials already running finish and are told (on workers, a trial
+            sampled ahead but not yet sent ends FAIL `cancelled`). A callback that raises ends
+            the run the same way, with the trials in flight FAIL `cancelled`, and the error
+            is raised by the run.
 
     Raises:
         ValueError (`broker.errors.ConfigError`): for any invalid argument, naming it.
@@ -197,6 +208,7 @@ class Optimizer:
     redis_url: str | None = field(default=None, kw_only=True)
     connection: redis.Redis | None = field(default=None, kw_only=True, repr=False)
     queue: str | None = field(default=None, kw_only=True)
+    callbacks: Sequence[StudyCallback] | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.study is None:
@@ -214,6 +226,14 @@ class Optimizer:
             raise ConfigError(
                 f"delay must be an integer greater than or equal to 0, got {self.delay!r}"
             )
+        if self.callbacks is not None:
+            self.callbacks = list(self.callbacks)
+            for callback in self.callbacks:
+                if not callable(callback):
+                    raise ConfigError(
+                        "callbacks must be callables taking (study, frozen_trial), got "
+                        f"{type(callback).__name__}: {callback!r}"
+                    )
 
         if self.is_remote:
             if self.redis_url is not None and self.connection is not None:
@@ -245,8 +265,16 @@ class Optimizer:
             await self._run_remote(inputs)
             return
         semaphore = asyncio.Semaphore(self.concurrency)
-        trials = [self.spawn(semaphore, deepcopy(inputs)) for _ in range(self.n_trials)]
-        await asyncio.gather(*trials)
+        with optimize_loop(self._study):  # study.stop() from a callback ends the run
+            trials = [self.spawn(semaphore, deepcopy(inputs)) for _ in range(self.n_trials)]
+            await asyncio.gather(*trials)
+
+    def _after_tell(self, study: optuna.Study, number: int) -> None:
+        """Call the callbacks with the trial just told."""
+        if self.callbacks:
+            frozen = frozen_trial(study, number)
+            for callback in self.callbacks:
+                callback(study, frozen)
 
     def run(self, **inputs: Any) -> optuna.Study:
         """Synchronous `await optimizer(**inputs)` for scripts; returns the study."""
@@ -285,7 +313,26 @@ class Optimizer:
         )
         dispatcher.add(run)
         stop = threading.Event()
-        work = asyncio.get_running_loop().run_in_executor(None, dispatcher.run_until_done, stop)
+        failures: list[BaseException] = []
+
+        def after_tell(run: StudyRun, number: int) -> None:
+            if failures:
+                return
+            try:
+                self._after_tell(run.study, number)
+            except Exception as exc:  # end the run cleanly, then raise it from the run
+                failures.append(exc)
+                stop.set()
+                return
+            if stop_requested(run.study):
+                dispatcher.wind_down(run, "study.stop() was called before this trial was sent")
+
+        def work_until_done() -> None:
+            with optimize_loop(self._study):  # in the dispatcher's thread: callbacks run there
+                dispatcher.run_until_done(stop)
+
+        dispatcher.on_told = after_tell
+        work = asyncio.get_running_loop().run_in_executor(None, work_until_done)
         try:
             await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -294,6 +341,8 @@ class Optimizer:
             raise
         finally:
             dispatcher.close()
+        if failures:
+            raise failures[0]
 
     async def spawn(self, semaphore: asyncio.Semaphore, inputs: dict[str, Any]) -> None:
         """Run one trial in-process under `semaphore`: wait `delay`, ask, run the objective, tell.
@@ -309,6 +358,8 @@ class Optimizer:
         async with semaphore:
             await asyncio.sleep(self.delay)
             study = self._study
+            if stop_requested(study):  # a callback called study.stop(): no new trial
+                return
             trial = study.ask()
             objective: Any = self.objective  # a callback or a flytekit task: checked on init
             try:
@@ -342,6 +393,7 @@ class Optimizer:
                 raise
             else:
                 tell(study, trial, judge_result(result, len(study.directions)))
+            self._after_tell(study, trial.number)
 
 
 def optimize(

@@ -7,6 +7,8 @@ other. Each function takes a study and either a live `optuna.Trial` or a trial n
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import optuna
@@ -17,8 +19,11 @@ __all__ = [
     "create_running_trial",
     "frozen_trial",
     "live_trial",
+    "optimize_loop",
     "set_trial_system_attr",
     "set_trial_user_attr",
+    "stop_requested",
+    "study_system_attrs",
 ]
 
 
@@ -67,3 +72,28 @@ def set_trial_system_attr(
 ) -> None:
     """Optuna 5 dropped `Trial.set_system_attr`; the storages keep it."""
     study._storage.set_trial_system_attr(_trial_id(study, trial), key, value)
+
+
+def study_system_attrs(study: optuna.Study) -> dict[str, Any]:
+    """Optuna 5 dropped `Study.system_attrs`; the storages keep them."""
+    return dict(study._storage.get_study_system_attrs(study._study_id))
+
+
+@contextmanager
+def optimize_loop(study: optuna.Study) -> Iterator[None]:
+    """In this thread, `study.stop()` works as inside `study.optimize` (elsewhere it raises):
+    the caller polls `stop_requested`."""
+    local = study._thread_local
+    was = local.in_optimize_loop
+    local.in_optimize_loop = True
+    study._stop_flag = False
+    try:
+        yield
+    finally:
+        local.in_optimize_loop = was
+        study._stop_flag = False
+
+
+def stop_requested(study: optuna.Study) -> bool:
+    """Whether `study.stop()` was called."""
+    return bool(study._stop_flag)

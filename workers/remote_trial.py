@@ -1,17 +1,27 @@
 """A trial proxy for define-by-run objectives on workers.
 
-An objective that takes a `trial` gets a `RemoteTrial`: its `suggest_*`, `report`,
-`should_prune` and `set_*_attr` calls travel to the broker, which runs them on the study's real
-`optuna.Trial`, so samplers and pruners work exactly as in-process, with any storage. `report`
-and the attribute setters do not wait; `suggest_*` and `should_prune` take one round trip.
+An objective that takes a `trial` gets a `RemoteTrial`: its calls travel to the broker, which
+runs them on the study's real `optuna.Trial`, so samplers and pruners work exactly as in-process,
+with any storage. It is an `optuna.Trial` (so `isinstance` checks and `optuna.artifacts` accept
+it) with `MultiObjectiveTrial`'s surface besides: `report(values, step)` in a multi-objective
+study, `suggest_int(name, low, high, step=1, log=False)`, `set_system_attr`.
+
+Every call takes one round trip and raises what in-process Optuna raises (`ValueError`,
+`TypeError`, `NotImplementedError`), checked here before the trip where the arguments alone
+decide, else by Optuna on the broker; Optuna's warnings there are warned here again. What the
+storage holds (`params`, `distributions`, `user_attrs`, `system_attrs`, ...) is read from the
+broker, once after each change; `RemoteTrialError` means the broker refused or did not answer.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
+import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
+import optuna
 import redis
 from optuna.distributions import (
     BaseDistribution,
@@ -19,32 +29,58 @@ from optuna.distributions import (
     CategoricalDistribution,
     FloatDistribution,
     IntDistribution,
+    json_to_distribution,
 )
 
-from optuna_rq.errors import RemoteTrialError
-from optuna_rq.protocol import CALL_FIELD, Keys, Signer, TrialCall, TrialCallReply, TrialRequest
+from optuna_rq.errors import ProtocolError, RemoteTrialError
+from optuna_rq.protocol import (
+    CALL_FIELD,
+    CallError,
+    Keys,
+    Signer,
+    TrialCall,
+    TrialCallReply,
+    TrialRequest,
+)
+from optuna_rq.workers.remote_study import RemoteStudy
 
 __all__ = ["RemoteTrial", "RemoteTrialError"]
 
 CALL_TIMEOUT_S = 60
 
+_RAISES: dict[CallError, type[Exception]] = {
+    CallError.VALUE: ValueError,
+    CallError.TYPE: TypeError,
+    CallError.NOT_IMPLEMENTED: NotImplementedError,
+    CallError.RUNTIME: RuntimeError,
+}
+_WARNS: dict[str, type[Warning]] = {
+    "RuntimeWarning": RuntimeWarning,
+    "FutureWarning": FutureWarning,
+    "DeprecationWarning": DeprecationWarning,
+    "ExperimentalWarning": optuna.exceptions.ExperimentalWarning,
+}
+_READS = frozenset({"trial", "study", "study_trials", "relative_params"})
 
-class RemoteTrial:
-    """What an objective sees as `trial` on a worker (the subset of `optuna.Trial` it needs)."""
+
+class RemoteTrial(optuna.Trial):
+    """What an objective sees as `trial` on a worker."""
 
     def __init__(self, connection: redis.Redis, request: TrialRequest, signer: Signer) -> None:
+        # Not optuna.Trial.__init__: the study and its storage are the broker's.
         self._connection = connection
         self._request = request
         self._signer = signer
         self._reply_key = Keys.reply_list(request.reply_to, request.trial_number, request.attempt)
         self._seq = 0
-        self._params: dict[str, Any] = {}
-        self._distributions: dict[str, BaseDistribution] = {}
-        self._user_attrs: dict[str, Any] = {}
-        self._system_attrs: dict[str, Any] = {}
-        self._datetime_start: datetime.datetime | None = None
+        self._view: dict[str, Any] | None = None  # the trial as last read; None after a change
+        self._relative: dict[str, Any] | None = None
+        self._study_view = RemoteStudy(self._call)
+        self._trial_id = request.trial_number  # what optuna.artifacts hands back to `storage`
+        self.storage = _TrialStorage(self)  # type: ignore[assignment]
 
-    def _call(self, method: str, *args: Any, reply: bool = True, **kwargs: Any) -> Any:
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run `method` on the broker's trial; raise what it raised there."""
         self._seq += 1
         call = TrialCall(
             study=self._request.study,
@@ -54,13 +90,15 @@ class RemoteTrial:
             method=method,
             args=list(args),
             kwargs=kwargs,
-            reply=reply,
+            reply=True,
         )
-        self._connection.xadd(
-            self._request.reply_to, {CALL_FIELD: self._signer.seal(call.encode())}
-        )
-        if not reply:
-            return None
+        try:
+            payload = call.encode()
+        except ProtocolError as exc:  # as a JSON storage refuses what it cannot store
+            raise TypeError(f"trial.{method}: {exc}") from None
+        if method not in _READS:
+            self._view = None
+        self._connection.xadd(self._request.reply_to, {CALL_FIELD: self._signer.seal(payload)})
         while True:
             popped: Any = self._connection.blpop([self._reply_key], timeout=CALL_TIMEOUT_S)
             if popped is None:
@@ -71,88 +109,206 @@ class RemoteTrial:
             answer = TrialCallReply.decode(self._signer.open(popped[1], what="TrialCallReply"))
             if answer.seq == self._seq:  # an older seq is a reply to a call that timed out
                 break
+        for said in answer.warnings:
+            category, message = said if isinstance(said, list) else ("UserWarning", said)
+            warnings.warn(str(message), _WARNS.get(str(category), UserWarning), stacklevel=3)
         if not answer.ok:
-            raise RemoteTrialError(answer.error or f"{method} failed on the broker")
+            _raise(answer, method)
         return answer.value
+
+    def _trial_view(self) -> dict[str, Any]:
+        if self._view is None:
+            self._view = self._call("trial")
+        return self._view
+
+    @property
+    def _multi(self) -> bool:
+        return self._request.n_objectives > 1
 
     # -- sampling ----------------------------------------------------------------------------------
 
     def suggest_float(
         self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
     ) -> float:
-        value = float(self._call("suggest_float", name, low, high, step=step, log=log))
-        self._record(name, value, FloatDistribution(low, high, log=log, step=step))
-        return value
+        FloatDistribution(low, high, log=log, step=step)  # Optuna's ValueErrors, before the trip
+        return float(self._call("suggest_float", name, low, high, step=step, log=log))
 
-    def suggest_int(
-        self, name: str, low: int, high: int, *, step: int = 1, log: bool = False
+    def suggest_int(  # step may be positional, as in MultiObjectiveTrial
+        self, name: str, low: int, high: int, step: int = 1, log: bool = False
     ) -> int:
-        value = int(self._call("suggest_int", name, low, high, step=step, log=log))
-        self._record(name, value, IntDistribution(low, high, log=log, step=step))
-        return value
+        IntDistribution(low, high, log=log, step=step)
+        return int(self._call("suggest_int", name, low, high, step=step, log=log))
 
-    def suggest_categorical(
+    def suggest_categorical(  # type: ignore[override]  # one signature for Optuna's overloads
         self, name: str, choices: Sequence[CategoricalChoiceType]
     ) -> CategoricalChoiceType:
-        value = self._call("suggest_categorical", name, list(choices))
-        self._record(name, value, CategoricalDistribution(list(choices)))
-        return value  # type: ignore[no-any-return]
+        CategoricalDistribution(list(choices))
+        return self._call("suggest_categorical", name, list(choices))  # type: ignore[no-any-return]
 
     def suggest_uniform(self, name: str, low: float, high: float) -> float:
+        _deprecated("suggest_uniform", "suggest_float(..., low, high)")
         return self.suggest_float(name, low, high)
 
     def suggest_loguniform(self, name: str, low: float, high: float) -> float:
+        _deprecated("suggest_loguniform", "suggest_float(..., low, high, log=True)")
         return self.suggest_float(name, low, high, log=True)
 
     def suggest_discrete_uniform(self, name: str, low: float, high: float, q: float) -> float:
+        _deprecated("suggest_discrete_uniform", "suggest_float(..., low, high, step=q)")
         return self.suggest_float(name, low, high, step=q)
 
-    def _record(self, name: str, value: Any, distribution: BaseDistribution) -> None:
-        self._params[name] = value
-        self._distributions[name] = distribution
+    @property
+    def relative_params(self) -> dict[str, Any]:
+        if self._relative is None:
+            self._relative = dict(self._call("relative_params"))
+        return dict(self._relative)
 
-    # -- pruning and attributes ----------------------------------------------------------------
+    # -- pruning, constraints and attributes -------------------------------------------------------
 
-    def report(self, value: float, step: int) -> None:
-        self._call("report", float(value), int(step), reply=False)
+    def report(self, value: float | Sequence[float], step: int) -> None:
+        """`Trial.report(value, step)`; in a multi-objective study `report(values, step)`, one
+        value per objective (kept in the trial's `intermediate_values` user attribute)."""
+        many = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+        if self._multi and not many:
+            raise NotImplementedError(
+                "Trial.report is not supported for multi-objective optimization with one value: "
+                f"report one value per objective, trial.report([...{self._request.n_objectives} "
+                "values], step)"
+            )
+        step = _step(step)
+        if many and self._multi:
+            values = [_float(v) for v in value]  # type: ignore[union-attr]
+            if len(values) != self._request.n_objectives:
+                raise ValueError(
+                    "report(values, step) takes one value per objective: the study has "
+                    f"{self._request.n_objectives} directions, got {len(values)} values"
+                )
+            self._call("report_values", values, step)
+        else:
+            self._call("report", _float(value), step)
 
     def should_prune(self) -> bool:
+        if self._multi:
+            raise NotImplementedError(
+                "Trial.should_prune is not supported for multi-objective optimization."
+            )
         return bool(self._call("should_prune"))
 
+    def set_constraint(self, key: str, value: float) -> None:
+        number = _float(value)
+        if math.isnan(number):
+            raise ValueError(f"Attempted to set a constraint for {key!r}, but NaN is not allowed.")
+        self._call("set_constraint", key, number)
+
     def set_user_attr(self, key: str, value: Any) -> None:
-        self._call("set_user_attr", key, value, reply=False)
-        self._user_attrs[key] = value
+        self._call("set_user_attr", key, value)
 
     def set_system_attr(self, key: str, value: Any) -> None:
-        self._call("set_system_attr", key, value, reply=False)
-        self._system_attrs[key] = value
+        """`MultiObjectiveTrial.set_system_attr` (Optuna 5's `Trial` no longer has one)."""
+        self._call("set_system_attr", key, value)
+
+    # -- what the storage holds --------------------------------------------------------------------
 
     @property
     def number(self) -> int:
         return self._request.trial_number
 
     @property
+    def study(self) -> RemoteStudy:  # type: ignore[override]  # a read-only view, not a Study
+        """A read-only view of the study (`optuna_rq.workers.remote_study`)."""
+        return self._study_view
+
+    @property
     def params(self) -> dict[str, Any]:
-        return dict(self._params)
+        return dict(self._trial_view()["params"])
 
     @property
     def distributions(self) -> dict[str, BaseDistribution]:
-        return dict(self._distributions)
+        return {k: json_to_distribution(d) for k, d in self._trial_view()["distributions"].items()}
 
     @property
     def user_attrs(self) -> dict[str, Any]:
-        return dict(self._user_attrs)
+        return dict(self._trial_view()["user_attrs"])
 
     @property
     def system_attrs(self) -> dict[str, Any]:
-        return dict(self._system_attrs)
+        return dict(self._trial_view()["system_attrs"])
+
+    @property
+    def constraints(self) -> dict[str, float]:
+        return dict(self._trial_view()["constraints"])
+
+    @property
+    def intermediate_values(self) -> dict[int, Any]:
+        """What was reported, by step: a float each, or in a multi-objective study a list."""
+        return {int(k): v for k, v in self._trial_view()["intermediate_values"].items()}
 
     @property
     def datetime_start(self) -> datetime.datetime | None:
-        if self._datetime_start is None:
-            text = self._call("datetime_start")
-            self._datetime_start = None if text is None else datetime.datetime.fromisoformat(text)
-        return self._datetime_start
+        text = self._trial_view()["datetime_start"]
+        return None if text is None else datetime.datetime.fromisoformat(text)
 
     def __repr__(self) -> str:
         return f"RemoteTrial(study={self._request.study!r}, number={self.number})"
+
+
+class _TrialStorage:
+    """`trial.storage` for `optuna.artifacts`: this trial's system attributes, through the
+    broker. The artifact itself goes from the worker straight to the artifact store."""
+
+    def __init__(self, trial: RemoteTrial) -> None:
+        self._trial = trial
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._own(trial_id)
+        self._trial.set_system_attr(key, value)
+
+    def get_trial_system_attrs(self, trial_id: int) -> dict[str, Any]:
+        self._own(trial_id)
+        return self._trial.system_attrs
+
+    def _own(self, trial_id: int) -> None:
+        if trial_id != self._trial.number:
+            raise RemoteTrialError(f"a worker reaches only its own trial, not trial {trial_id}")
+
+    def __getattr__(self, name: str) -> NoReturn:
+        raise NotImplementedError(
+            f"trial.storage.{name}: a worker has no storage of its own; the broker owns it "
+            "(a remote trial serves its own system attributes, for optuna.artifacts)"
+        )
+
+
+def _raise(answer: TrialCallReply, method: str) -> NoReturn:
+    message = answer.error or f"{method} failed on the broker"
+    kind = answer.error_kind or CallError.REFUSED
+    raise _RAISES.get(kind, RemoteTrialError)(message)
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # Optuna's own message
+        raise TypeError(
+            f"The `value` argument is of type '{type(value)}' but supposed to be a float."
+        ) from None
+
+
+def _step(step: Any) -> int:
+    try:
+        number = int(step)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"The `step` argument is of type '{type(step)}' but supposed to be an int."
+        ) from None
+    if number < 0:
+        raise ValueError(f"`step={number}` must be non-negative.")
+    return number
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"{old} has been deprecated in v3.0.0. This feature will be removed in v6.0.0. "
+        f"Use {new} instead.",
+        FutureWarning,
+        stacklevel=3,
+    )

@@ -22,6 +22,7 @@ from optuna_rq.daemon.inbox import CommandInbox
 from optuna_rq.daemon.lock import BrokerLock, EpochGuard
 from optuna_rq.daemon.settings import BrokerSettings
 from optuna_rq.daemon.status import StatusPublisher
+from optuna_rq.daemon.stopping import StopConditions
 from optuna_rq.dispatch import Dispatcher, StudyRun
 from optuna_rq.errors import ConfigError, OptunaRQError, ProtocolError, RedisDataLostError
 from optuna_rq.metrics import BrokerMetrics
@@ -72,6 +73,7 @@ class Daemon:
             storage_url=self._storage_url,
         )
         self.specs: dict[str, StudySpec] = {}
+        self.stopping = StopConditions()  # --timeout, --target, --patience
         self._storages: dict[str, optuna.storages.BaseStorage] = {}
 
     @property
@@ -151,6 +153,8 @@ class Daemon:
         told = self.dispatcher.poll(self.settings.poll_s)
         if told:
             self.status.mark(*self.dispatcher.runs)
+        wind_down = self.dispatcher.wind_down
+        self.stopping.check(self.dispatcher.runs, self.specs, told=told > 0, wind_down=wind_down)
         if self._finish_done_runs():
             self._update_metrics(now, force=True)  # an ended study leaves the gauges at once
         self.publish_status()
@@ -224,6 +228,7 @@ class Daemon:
             return
         self.specs[spec.name] = spec
         self.dispatcher.add(run)
+        self.stopping.watch(spec.name)
         log.info(
             "%s study %r: %s, %d of %d trials done, cap %d",
             "resumed" if resumed else "started",
@@ -240,7 +245,8 @@ class Daemon:
         finished = [name for name, run in self.dispatcher.runs.items() if run.done]
         for name in finished:
             run = self.dispatcher.runs.pop(name)
-            self.status.publish(self.specs[name], run, state=StudyState.FINISHED)
+            stopped = self.stopping.reason(name)  # a stop condition held: named in the status
+            self.status.publish(self.specs[name], run, state=StudyState.FINISHED, error=stopped)
             log.info("study %r finished: %d trials", name, run.told)
         return bool(finished)
 

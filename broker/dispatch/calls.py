@@ -1,13 +1,16 @@
 """Remote-trial calls: a define-by-run objective's `trial.suggest_*`, `report`, ... made on a
 worker's proxy (`optuna_rq.workers.remote_trial`), run here on the real trial, and answered.
 
-Only the trial's current attempt is served: a call for a trial that ended, or whose attempt was
-retried, or that another broker owns, gets an error reply (the objective raises it).
+Every call is answered: the value, or the error with the kind of exception the objective raises
+for it (`CallError`), and the warnings Optuna gave. Only the trial's current attempt is served: a
+call for a trial that ended, or whose attempt was retried, or that another broker owns, gets a
+REFUSED reply (the objective raises `RemoteTrialError`).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,8 +19,9 @@ import redis
 
 from optuna_rq.dispatch.observer import DispatchObserver, count_refusal
 from optuna_rq.dispatch.runs import StudyRun
+from optuna_rq.dispatch.views import report_values, study_trials_view, study_view, trial_view
 from optuna_rq.errors import ProtocolError
-from optuna_rq.protocol import REPLY_TTL_S, Keys, Signer, TrialCall, TrialCallReply
+from optuna_rq.protocol import REPLY_TTL_S, CallError, Keys, Signer, TrialCall, TrialCallReply
 from optuna_rq.trials import set_trial_system_attr
 
 __all__ = ["CallServer"]
@@ -44,7 +48,7 @@ class CallServer:
         self.observer = observer
 
     def serve(self, raw: bytes, runs: Mapping[str, StudyRun]) -> None:
-        """Run a remote trial's call on the real trial; answer it if the worker waits."""
+        """Run a remote trial's call on the real trial, and answer it."""
         try:
             body = self.signer.open(raw, what="TrialCall")
             call = TrialCall.decode(body, max_bytes=self.signer.max_message_bytes)
@@ -55,19 +59,26 @@ class CallServer:
             return
         run = runs.get(call.study)
         record = None if run is None else run.owned(call.trial_number, call.attempt)
+        if run is None or record is None:
+            error = (
+                f"trial {call.trial_number} (attempt {call.attempt}) of study {call.study!r} "
+                "is not running on this broker: it ended, or another broker owns it"
+            )
+            answer = _failed(call, CallError.REFUSED, error, [])
+        else:
+            answer = _answer(run.study, record.trial, call)
         try:
-            if run is None or record is None:
-                raise LookupError(
-                    f"trial {call.trial_number} (attempt {call.attempt}) of study {call.study!r} "
-                    "is not running on this broker: it ended, or another broker owns it"
-                )
-            value = _perform(run.study, record.trial, call)
-            encoded = TrialCallReply(seq=call.seq, ok=True, value=value, error=None).encode()
-        except Exception as exc:  # the objective gets the error; the broker serves on
-            answer = TrialCallReply(seq=call.seq, ok=False, value=None, error=f"{exc}")
             encoded = answer.encode()
-            if not call.reply:
-                log.warning("trial call %s failed: %s", call.method, exc)
+        except (TypeError, ValueError) as exc:  # an attribute set in-process msgpack cannot carry
+            error = f"the answer to {call.method} cannot travel to the worker: {exc}"
+            encoded = _failed(call, CallError.REFUSED, error, []).encode()
+        if len(encoded) > self.signer.max_message_bytes:
+            error = (
+                f"the answer to {call.method} is {len(encoded)} bytes, over the "
+                f"{self.signer.max_message_bytes}-byte message limit (raise the limit on both "
+                "sides, or read less: trial.study.trials carries every finished trial)"
+            )
+            encoded = _failed(call, CallError.REFUSED, error, []).encode()
         if call.reply:
             # The reply list expires by itself: nothing to clean up when the trial ends.
             key = Keys.reply_list(self.reply_to, call.trial_number, call.attempt)
@@ -75,6 +86,47 @@ class CallServer:
             pipe.rpush(key, self.signer.seal(encoded))
             pipe.expire(key, REPLY_TTL_S)
             pipe.execute()
+        elif not answer.ok:  # a proxy of an older kind that did not wait: at least say so
+            log.warning("trial call %s failed: %s", call.method, answer.error)
+
+
+def _answer(study: optuna.Study, trial: optuna.Trial, call: TrialCall) -> TrialCallReply:
+    # The broker is single-threaded where it touches trials, so catching warnings here sees only
+    # this call's; under `-W error` they would otherwise turn into failures.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            value = _perform(study, trial, call)
+            error: tuple[CallError, str] | None = None
+        except Exception as exc:  # the objective gets the error; the broker serves on
+            error = (_kind_of(exc), f"{exc}")
+    said: list[Any] = [[w.category.__name__, str(w.message)] for w in caught]
+    if error is not None:
+        return _failed(call, *error, said)
+    return TrialCallReply(
+        seq=call.seq, ok=True, value=value, error=None, error_kind=None, warnings=said
+    )
+
+
+def _failed(call: TrialCall, kind: CallError, error: str, said: list[Any]) -> TrialCallReply:
+    return TrialCallReply(
+        seq=call.seq, ok=False, value=None, error=error, error_kind=kind, warnings=said
+    )
+
+
+def _kind_of(exc: Exception) -> CallError:
+    """Which exception the objective raises: Optuna's argument errors as themselves."""
+    if isinstance(exc, NotImplementedError):  # a RuntimeError too: test it first
+        return CallError.NOT_IMPLEMENTED
+    if isinstance(exc, TypeError):
+        return CallError.TYPE
+    if isinstance(exc, (optuna.exceptions.OptunaError, LookupError)):
+        return CallError.REFUSED  # storage trouble: not an argument the objective got wrong
+    if isinstance(exc, ValueError):
+        return CallError.VALUE
+    if isinstance(exc, RuntimeError):
+        return CallError.RUNTIME
+    return CallError.REFUSED
 
 
 def _perform(study: optuna.Study, trial: optuna.Trial, call: TrialCall) -> Any:
@@ -91,6 +143,11 @@ def _perform(study: optuna.Study, trial: optuna.Trial, call: TrialCall) -> Any:
         case "report":
             trial.report(*args, **kwargs)
             return None
+        case "report_values":  # MultiObjectiveTrial.report(values, step)
+            warning = report_values(study, trial, *args, **kwargs)
+            if warning:
+                warnings.warn(warning, UserWarning, stacklevel=1)
+            return None
         case "should_prune":
             return bool(trial.should_prune())  # pruners may answer with a numpy bool
         case "set_user_attr":
@@ -102,7 +159,15 @@ def _perform(study: optuna.Study, trial: optuna.Trial, call: TrialCall) -> Any:
                 raise TypeError(f"attribute key must be a str, got {key!r}")
             set_trial_system_attr(study, trial, key, value)
             return None
-        case "datetime_start":
-            start = trial.datetime_start
-            return None if start is None else start.isoformat()
-    raise ValueError(f"unknown trial method {call.method!r}")
+        case "set_constraint":
+            trial.set_constraint(*args, **kwargs)
+            return None
+        case "relative_params":
+            return dict(trial.relative_params)
+        case "trial":
+            return trial_view(study, trial)
+        case "study":
+            return study_view(study)
+        case "study_trials":
+            return study_trials_view(study)
+    raise LookupError(f"unknown trial method {call.method!r}")

@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import optuna
 import redis
@@ -93,6 +94,8 @@ class Dispatcher:
         self.calls = CallServer(
             connection, prefix=prefix, reply_to=reply_to, signer=self.signer, observer=self.observer
         )
+        self.on_told: Callable[[StudyRun, int], None] | None = None
+        """Called with the run and the trial number after every tell (Optimizer callbacks)."""
         self.retries = Retries(
             connection,
             keys=self.keys,
@@ -286,6 +289,17 @@ class Dispatcher:
         if record.holds_slot:
             self.retries.forget(run, record)
         run.finish(record.number)
+        if self.on_told is not None:
+            self.on_told(run, record.number)
+
+    def wind_down(self, run: StudyRun, why: str) -> None:
+        """No new trials for `run`: the trials running on workers finish and are told, as
+        `study.optimize` lets them after `study.stop()`; those asked ahead, never sent, end
+        FAIL (`cancelled`, with `why`)."""
+        run.n_trials = run.asked
+        for record in list(run.in_phase(Phase.ASKED_AHEAD)):
+            verdict = Verdict(state=TrialState.FAIL, fail_reason=FailReason.CANCELLED, error=why)
+            self._finish(run, record, verdict)
 
     # -- the loop ------------------------------------------------------------------------------
 

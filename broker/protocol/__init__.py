@@ -26,6 +26,7 @@ from optuna_rq.protocol.keys import (
     Keys,
 )
 from optuna_rq.protocol.messages import (
+    CallError,
     FailReason,
     Outcome,
     TrialCall,
@@ -57,6 +58,7 @@ __all__ = [
     "REPLY_TTL_S",
     "RESULT_FIELD",
     "RUN_TRIAL",
+    "CallError",
     "Cancel",
     "Change",
     "Command",

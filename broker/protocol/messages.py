@@ -27,6 +27,7 @@ from optuna_rq.protocol.schema import (
 )
 
 __all__ = [
+    "CallError",
     "FailReason",
     "Outcome",
     "TrialCall",
@@ -52,6 +53,21 @@ class FailReason(str, enum.Enum):
     BAD_RETURN = "bad_return"
     CANCELLED = "cancelled"
     NOT_ALLOWED = "not_allowed"
+
+
+class CallError(str, enum.Enum):
+    """Why a `TrialCall` failed, so the objective raises what an in-process trial would.
+
+    VALUE, TYPE, NOT_IMPLEMENTED and RUNTIME are Optuna's own exceptions (raised on the worker as
+    `ValueError`, `TypeError`, `NotImplementedError`, `RuntimeError`); REFUSED is the broker's
+    (the trial is not running here, an unknown method, a storage error): `RemoteTrialError`.
+    """
+
+    VALUE = "value"
+    TYPE = "type"
+    NOT_IMPLEMENTED = "not_implemented"
+    RUNTIME = "runtime"
+    REFUSED = "refused"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,10 +143,14 @@ class TrialCall(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrialCallReply(Message):
-    """Broker -> worker: the value a `TrialCall` returned, or why it failed."""
+    """Broker -> worker: the value a `TrialCall` returned, or why it failed (`error`, and which
+    exception the objective raises for it: `error_kind`, nil when `ok`), and the warnings Optuna
+    gave on the broker (the worker warns them again, where in-process code would see them)."""
 
     seq: int = wire(Int(minimum=1))
     ok: bool = wire(Bool())
     value: Param = wire(Kind())
     error: str | None = wire(Text(optional=True, nonempty=False))
+    error_kind: CallError | None = wire(Choice(CallError, optional=True), default=None)
+    warnings: list[Param] = wire(List(), default_factory=list)  # [category, message] pairs
     v: int = version_field()

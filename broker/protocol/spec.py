@@ -26,6 +26,9 @@ SAMPLERS = ("random", "tpe", "cmaes", "nsgaii", "gp", "qmc")
 PRUNERS = ("none", "median", "hyperband", "successive-halving")
 DIRECTIONS = ("minimize", "maximize")
 
+MAX_TIMEOUT_S = 366 * 24 * 3600.0
+"""The longest --timeout: a bound, so a typo in the unit is refused rather than run for ages."""
+
 # Samplers whose extra packages Optuna does not install for you.
 _SAMPLER_NEEDS = {"cmaes": ("cmaes",), "qmc": ("scipy",), "gp": ("scipy", "torch")}
 
@@ -52,6 +55,10 @@ class StudySpec(Message):
     max_retries: int = wire(Int(minimum=0), default=2)
     priority: float = wire(Float(minimum=0), default=1.0)
     submitted_at: float = wire(Float(), default_factory=time.time)
+    # Stop conditions: the study ends FINISHED, naming the one that held, before its budget.
+    timeout_s: float | None = wire(Float(minimum=0, optional=True), default=None)  # wall clock
+    target: float | None = wire(Float(optional=True), default=None)  # best value reaches it
+    patience: int | None = wire(Int(minimum=1, optional=True), default=None)  # no improvement
     v: int = version_field()
 
     def __post_init__(self) -> None:
@@ -91,8 +98,44 @@ class StudySpec(Message):
             raise ConfigError(f"--max-retries must be an integer >= 0, got {self.max_retries!r}")
         if not _positive_number(self.priority):
             raise ConfigError(f"--priority must be a number > 0, got {self.priority!r}")
+        self._check_stop_conditions()
         if self.storage is not None and not isinstance(self.storage, str):
             raise ConfigError(f"--storage must be a URL, got {self.storage!r}")
+
+    def _check_stop_conditions(self) -> None:
+        if self.timeout_s is not None and not (
+            _positive_number(self.timeout_s) and self.timeout_s <= MAX_TIMEOUT_S
+        ):
+            raise ConfigError(
+                f"--timeout must be > 0 and at most {MAX_TIMEOUT_S:g} seconds (a year), "
+                f"got {self.timeout_s!r}"
+            )
+        single = len(self.directions) == 1
+        if self.target is not None:
+            if isinstance(self.target, bool) or not isinstance(self.target, (int, float)):
+                raise ConfigError(f"--target must be a number, got {self.target!r}")
+            if not math.isfinite(self.target):
+                raise ConfigError(f"--target must be a finite number, got {self.target!r}")
+            if not single:
+                raise ConfigError(
+                    "--target needs a single-objective study: a multi-objective study has no "
+                    "single best value to compare (use --timeout or --n-trials)"
+                )
+        if self.patience is not None:
+            if (
+                isinstance(self.patience, bool)
+                or not isinstance(self.patience, int)
+                or not 1 <= self.patience <= self.n_trials
+            ):
+                raise ConfigError(
+                    f"--patience must be an integer from 1 to --n-trials ({self.n_trials}), "
+                    f"got {self.patience!r}"
+                )
+            if not single:
+                raise ConfigError(
+                    "--patience needs a single-objective study: improvement of a Pareto front "
+                    "is not one number (use --timeout or --n-trials)"
+                )
 
     @property
     def inputs(self) -> dict[str, Any]:

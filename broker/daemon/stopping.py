@@ -1,0 +1,96 @@
+"""Stop conditions: a study submitted with `--timeout`, `--target` or `--patience` ends FINISHED
+before its budget when one holds, and its status names it (`StudyStatus.error`).
+
+When one holds, no new trial starts; trials already running on workers finish and are told, as
+`study.optimize(timeout=...)` lets its running trial finish; a trial sampled ahead and not yet
+sent ends FAIL (`cancelled`). The wall clock counts from the submission (`StudySpec.submitted_at`),
+so a broker restart does not reset it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+import optuna
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
+
+from optuna_rq.dispatch.runs import Phase, StudyRun
+from optuna_rq.protocol import StudySpec
+
+__all__ = ["StopConditions", "stop_reason"]
+
+log = logging.getLogger("optuna_rq.broker")
+
+
+def stop_reason(spec: StudySpec, study: optuna.Study, *, now_s: float | None = None) -> str | None:
+    """Which stop condition of `spec` holds for `study` now, said for the study's status; None
+    if none does (or it has none)."""
+    if spec.timeout_s is not None:
+        elapsed = (time.time() if now_s is None else now_s) - spec.submitted_at
+        if elapsed >= spec.timeout_s:
+            return f"stopped by --timeout {spec.timeout_s:g}: {elapsed:.0f}s since it was submitted"
+    if spec.target is None and spec.patience is None:
+        return None
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    maximize = study.direction is StudyDirection.MAXIMIZE
+    best = (max if maximize else min)(complete, key=lambda t: t.value)  # type: ignore[arg-type,return-value]
+    assert best.value is not None
+    if spec.target is not None and (
+        best.value >= spec.target if maximize else best.value <= spec.target
+    ):
+        return f"stopped by --target {spec.target:g}: trial {best.number} reached {best.value:g}"
+    if spec.patience is not None:
+        since = sum(1 for t in complete if t.number > best.number)
+        if since >= spec.patience:
+            return (
+                f"stopped by --patience {spec.patience}: no improvement in {since} completed "
+                f"trials since trial {best.number} ({best.value:g})"
+            )
+    return None
+
+
+class StopConditions:
+    """The daemon's watch over its studies' stop conditions."""
+
+    def __init__(self) -> None:
+        self._reasons: dict[str, str] = {}
+        self._due: set[str] = set()
+
+    def watch(self, name: str) -> None:
+        """A study (re)started: check it at the next turn, before any result is told."""
+        self._due.add(name)
+
+    def check(
+        self,
+        runs: Mapping[str, StudyRun],
+        specs: Mapping[str, StudySpec],
+        *,
+        told: bool,
+        wind_down: Callable[[StudyRun, str], None],
+    ) -> None:
+        """Wind down each run whose condition holds. Best value and patience change only when
+        a trial is told; the clock is read every turn."""
+        for name, run in runs.items():
+            spec = specs.get(name)
+            if spec is None or (spec.timeout_s, spec.target, spec.patience) == (None,) * 3:
+                continue
+            reason = self._reasons.get(name)
+            if reason is None and (told or name in self._due or spec.timeout_s is not None):
+                reason = stop_reason(spec, run.study)
+            self._due.discard(name)
+            if reason is None:
+                continue
+            if name not in self._reasons:
+                log.info("study %r %s", name, reason)
+                self._reasons[name] = reason
+            if run.n_trials > run.asked or run.count(Phase.ASKED_AHEAD):  # a later --n-trials too
+                wind_down(run, reason)
+
+    def reason(self, name: str) -> str | None:
+        """Why the study stopped before its budget (forgotten once read: it has ended)."""
+        return self._reasons.pop(name, None)
