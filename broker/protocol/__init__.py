@@ -16,7 +16,15 @@ from optuna_rq.protocol.codec import (
     check_params,
     decode_map,
 )
-from optuna_rq.protocol.commands import Cancel, Change, Command, Submit, decode_command
+from optuna_rq.protocol.commands import (
+    Cancel,
+    Change,
+    Command,
+    Delete,
+    Enqueue,
+    Submit,
+    decode_command,
+)
 from optuna_rq.protocol.keys import (
     CALL_FIELD,
     DEFAULT_LEASE_TTL_S,
@@ -59,6 +67,8 @@ __all__ = [
     "RUN_TRIAL",
     "Cancel",
     "Change",
+    "Delete",
+    "Enqueue",
     "Command",
     "FailReason",
     "Keys",
