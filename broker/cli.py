@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from optuna_rq.cli_options import (
     GlobalOptions,
@@ -24,23 +23,31 @@ from optuna_rq.cli_options import (
     connect_redis,
     global_options,
     make_client,
+    read_client,
 )
+from optuna_rq.cli_redis import redis_app
+from optuna_rq.cli_studies import best, delete, enqueue, load_enqueue_file, trials
 from optuna_rq.errors import ConfigError, OptunaRQError
-from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, Signer
+from optuna_rq.progress import make_console
+from optuna_rq.protocol import DEFAULT_LEASE_TTL_S
 
 app = typer.Typer(
     name="optuna-rq",
     help="Run Optuna studies on RQ workers: a broker asks, workers run trials, results are told.",
-    no_args_is_help=True,
+    # Bare `optuna-rq` shows the help from the callback (exit 2), not click's NoArgsIsHelpError.
+    invoke_without_command=True,
+    no_args_is_help=False,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    # Plain click help: flags shown as flags (not `--wait <bool>`), docstring paragraphs
+    # reflowed as paragraphs, every option's environment variable listed.
+    rich_markup_mode=None,
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-
 
 app.callback()(global_options)
 
-_out = Console()
-_err = Console(stderr=True)
+_err = make_console(stderr=True)
 
 
 @app.command()
@@ -67,6 +74,7 @@ def workers(
         typer.Option(
             "--metrics-port",
             min=1,
+            max=65535,
             help="Serve Prometheus metrics: worker i listens on PORT + i.",
         ),
     ] = None,
@@ -97,7 +105,7 @@ def workers(
     from optuna_rq.workers.pool import WorkerPool, WorkerSettings
 
     options: GlobalOptions = ctx.obj
-    signer = Signer.from_env()
+    signer = options.signer()
     level = configure_logging(log_level)
     url, _connection = connect_redis(options)
     settings = WorkerSettings(
@@ -131,7 +139,9 @@ def broker(
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING.")] = "INFO",
     metrics_port: Annotated[
         int | None,
-        typer.Option("--metrics-port", help="Serve Prometheus metrics on this port.", min=1),
+        typer.Option(
+            "--metrics-port", min=1, max=65535, help="Serve Prometheus metrics on this port."
+        ),
     ] = None,
 ) -> None:
     """Run the broker daemon in the foreground: it serves every study submitted on this prefix.
@@ -139,13 +149,12 @@ def broker(
     One broker per prefix. SIGTERM or Ctrl-C stops it gracefully; running trials go on, and a
     restarted broker tells their results.
     """
-    from optuna_rq.connection import state_dir
     from optuna_rq.daemon import BrokerSettings, Daemon
     from optuna_rq.studies import default_storage_url, open_storage
 
     options: GlobalOptions = ctx.obj
     configure_logging(log_level)
-    storage_url = storage or default_storage_url(state_dir())
+    storage_url = storage or default_storage_url(options.state())
     open_storage(storage_url)  # a URL Optuna rejects stops us here, before any study
     _url, connection = connect_redis(options)
     settings = BrokerSettings(prefix=options.prefix, storage=storage_url)
@@ -155,7 +164,7 @@ def broker(
 
         metrics = BrokerMetrics()
         metrics.serve(metrics_port)
-    daemon = Daemon(connection, settings, Signer.from_env(), metrics)
+    daemon = Daemon(connection, settings, options.signer(), metrics)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -176,9 +185,11 @@ def _default_study_name(objective: str) -> str:
 def submit(
     ctx: typer.Context,
     objective: Annotated[str, typer.Argument(help="The objective, as package.module:function.")],
-    n_trials: Annotated[int, typer.Option("--n-trials", help="Trials to run in all.")],
+    n_trials: Annotated[
+        int, typer.Option("--n-trials", min=1, help="Trials to run in all (the budget).")
+    ],
     concurrency: Annotated[
-        int, typer.Option("--concurrency", help="At most this many trials at once.")
+        int, typer.Option("--concurrency", min=1, help="At most this many trials at once.")
     ],
     space: Annotated[
         Path | None, typer.Option("--space", help="A YAML or JSON search-space file.")
@@ -189,6 +200,14 @@ def submit(
             "--param",
             help="NAME=VALUE: a fixed input, or a suggestion like "
             "'x={type: float, low: 0, high: 1}'. Dotted names nest. Repeatable.",
+        ),
+    ] = None,
+    enqueue: Annotated[
+        Path | None,
+        typer.Option(
+            "--enqueue",
+            help="A YAML or JSON file of parameter sets (a list of NAME: VALUE mappings) to run "
+            "first, each exactly once: see `optuna-rq enqueue`.",
         ),
     ] = None,
     study_name: Annotated[
@@ -206,16 +225,26 @@ def submit(
         str, typer.Option("--pruner", help="none, median, hyperband or successive-halving.")
     ] = "none",
     storage: Annotated[
-        str | None, typer.Option("--storage", help="This study's Optuna storage URL.")
+        str | None,
+        typer.Option(
+            "--storage",
+            help="This study's Optuna storage URL (checked here before anything is sent). "
+            "Default: the broker's.",
+        ),
     ] = None,
     trial_timeout: Annotated[
-        float | None, typer.Option("--trial-timeout", help="Seconds before a trial is stopped.")
+        float | None,
+        typer.Option(
+            "--trial-timeout", help="Whole seconds before a trial is stopped (FAIL timeout)."
+        ),
     ] = None,
     max_retries: Annotated[
-        int, typer.Option("--max-retries", help="Re-runs of a trial whose worker was lost.")
+        int,
+        typer.Option("--max-retries", min=0, help="Re-runs of a trial whose worker was lost."),
     ] = 2,
     priority: Annotated[
-        float, typer.Option("--priority", help="Weight in sharing workers with other studies.")
+        float,
+        typer.Option("--priority", min=0.001, help="Weight in sharing workers with other studies."),
     ] = 1.0,
     timeout: Annotated[
         float | None,
@@ -236,12 +265,16 @@ def submit(
     Everything is checked before anything is sent: the objective path, the space file, every
     suggestion, every number. Resubmitting an existing study name continues that study.
     """
-    from optuna_rq.connection import state_dir
+    from optuna_rq.cli_checks import check_storage_url, check_trial_timeout
     from optuna_rq.protocol import StudySpec
     from optuna_rq.spacefile import load_space_file, merge_param, parse_param, space_to_data
     from optuna_rq.studies import default_storage_url
 
     options: GlobalOptions = ctx.obj
+    timeout_s = check_trial_timeout(trial_timeout)
+    if storage is not None:
+        check_storage_url(storage)
+    to_enqueue = load_enqueue_file(enqueue) if enqueue is not None else []
     data = space_to_data(load_space_file(space)) if space is not None else {}
     for text in params or []:
         path, value = parse_param(text)
@@ -257,7 +290,7 @@ def submit(
         seed=seed,
         pruner=pruner,
         storage=storage,
-        trial_timeout_s=trial_timeout,
+        trial_timeout_s=timeout_s,
         max_retries=max_retries,
         priority=priority,
         timeout_s=timeout,
@@ -265,7 +298,11 @@ def submit(
         patience=patience,
     )
     client = make_client(options)
-    client.submit(spec, storage=storage or default_storage_url(state_dir()))
+    client.submit(spec, storage=storage or default_storage_url(options.state()))
+    if to_enqueue:  # after the Submit in the inbox: stored before the study's first ask
+        from optuna_rq.protocol import Enqueue
+
+        client.send(Enqueue(study=spec.name, params=to_enqueue))
     typer.echo(spec.name)
     if client.broker_holder() is None:
         _err.print(
@@ -279,23 +316,60 @@ def submit(
 @app.command()
 def status(
     ctx: typer.Context,
-    name: Annotated[str | None, typer.Argument(help="A study; default: all of them.")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(help="A study (its detail), or a pattern like 'sweep-*'; default: all."),
+    ] = None,
+    state: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--state",
+            help="Only studies in this state (queued, running, finished, cancelled, "
+            "failed); repeatable.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Show studies: state, trials by outcome, failures by reason, the best trial."""
-    from optuna_rq.progress import status_table
+    """Show studies, one line each: state, done/budget, running, failed, best, last update.
+
+    With a study's exact name, its detail: objective, outcomes, failures by reason, best
+    parameters, storage. Reads only: never starts a redis-server.
+    """
+    import fnmatch
+
+    from optuna_rq.progress import status_detail, status_lines
+    from optuna_rq.protocol import StudyState
 
     options: GlobalOptions = ctx.obj
-    client = make_client(options)
-    snapshots = [client.require_status(name)] if name is not None else client.statuses()
+    states = {s.lower() for s in state or []}
+    unknown = states - {s.value for s in StudyState}
+    if unknown:
+        raise ConfigError(
+            f"--state {', '.join(sorted(unknown))}: choose from "
+            f"{', '.join(s.value for s in StudyState)}"
+        )
+    client = read_client(options)
+    pattern = name is not None and any(c in name for c in "*?[")
+    if name is not None and not pattern:
+        one = client.require_status(name)
+        if as_json:
+            typer.echo(json.dumps(one.to_dict(), indent=2))
+        else:
+            typer.echo("\n".join(status_detail(one)))
+        return
+    snapshots = [
+        s
+        for s in client.statuses()
+        if (not states or s.state.value in states)
+        and (name is None or fnmatch.fnmatchcase(s.name, name))
+    ]
     if as_json:
-        shown = [s.to_dict() for s in snapshots]
-        typer.echo(json.dumps(shown[0] if name is not None else shown, indent=2))
+        typer.echo(json.dumps([s.to_dict() for s in snapshots], indent=2))
         return
     if not snapshots:
-        _out.print(f"no studies on prefix {options.prefix!r}")
-    for snapshot in snapshots:
-        _out.print(status_table(snapshot))
+        typer.echo(f"no studies on prefix {options.prefix!r}", err=True)
+        return
+    typer.echo("\n".join(status_lines(snapshots)))
 
 
 @app.command("wait")
@@ -303,7 +377,8 @@ def wait_command(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="The study to follow.")],
     timeout: Annotated[
-        float | None, typer.Option("--timeout", help="Give up after this many seconds.")
+        float | None,
+        typer.Option("--timeout", min=0, help="Give up after this many seconds (exit 1)."),
     ] = None,
 ) -> None:
     """Follow a study with a progress bar until it ends.
@@ -311,7 +386,7 @@ def wait_command(
     Exit 0 when it finished; 1 when it was cancelled, failed, or the timeout passed.
     """
     options: GlobalOptions = ctx.obj
-    raise typer.Exit(make_client(options).follow(name, timeout_s=timeout))
+    raise typer.Exit(read_client(options).follow(name, timeout_s=timeout))
 
 
 @app.command()
@@ -329,9 +404,16 @@ def cancel(
 def set_command(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="The study to change.")],
-    concurrency: Annotated[int | None, typer.Option("--concurrency", min=1)] = None,
-    n_trials: Annotated[int | None, typer.Option("--n-trials", min=1)] = None,
-    priority: Annotated[float | None, typer.Option("--priority", min=0.001)] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", min=1, help="New cap on trials at once.")
+    ] = None,
+    n_trials: Annotated[
+        int | None, typer.Option("--n-trials", min=1, help="New budget: trials in all.")
+    ] = None,
+    priority: Annotated[
+        float | None,
+        typer.Option("--priority", min=0.001, help="New weight in sharing workers."),
+    ] = None,
 ) -> None:
     """Change a running study's cap, budget or priority."""
     changes = {
@@ -349,8 +431,10 @@ def set_command(
 
 @app.command()
 def demo(
-    n_trials: Annotated[int, typer.Option("--n-trials", min=1)] = 60,
-    workers: Annotated[int, typer.Option("--workers", min=1)] = 2,
+    n_trials: Annotated[int, typer.Option("--n-trials", min=1, help="Trials to run.")] = 60,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, max=64, help="Worker processes to start.")
+    ] = 2,
 ) -> None:
     """Run the bundled example study on a private embedded Redis, a broker and two workers.
 
@@ -361,34 +445,51 @@ def demo(
     run_demo(n_trials=n_trials, workers=workers)
 
 
-def main() -> None:
-    """Console entry point: run the app, turning our errors into one-line messages."""
-    debug = "--debug" in sys.argv
+# Defined in their own modules; listed after the commands above in --help.
+app.command()(trials)
+app.command()(best)
+app.command()(delete)
+app.command()(enqueue)
+app.add_typer(redis_app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app; every error becomes one line on stderr and an exit code
+    (2 for a usage error, 1 for a runtime error), with the traceback only under --debug."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
     try:
-        # Not standalone: click then returns a typer.Exit's code instead of exiting itself.
-        code = app(standalone_mode=False)
-        sys.exit(code if isinstance(code, int) else 0)
+        # Not standalone: errors come back to us, to be printed as one line. Typer >= 0.29
+        # raises its own (vendored) click's errors, all `typer.TyperException`s, never
+        # `click.ClickException`s: pyproject pins the typer that does so.
+        code = app(args=args, prog_name="optuna-rq", standalone_mode=False)
     except OptunaRQError as exc:
-        _fail(exc, code=exc.exit_code, debug=debug)
+        _fail(exc, str(exc), code=exc.exit_code, debug=debug)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("Aborted.", err=True)
         sys.exit(130)
-    except Exception as exc:  # click's own usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except typer.TyperException as exc:  # click's usage errors: a bad option, a missing one...
+        _fail(exc, _usage_message(exc), code=exc.exit_code, debug=debug)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
-def _fail(exc: BaseException, *, code: int, debug: bool) -> None:
+def _usage_message(exc: typer.TyperException) -> str:
+    """The error on one line, with where to look: `... (see 'optuna-rq submit --help')`."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None and ctx.command.get_help_option(ctx) is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
+
+
+def _fail(exc: BaseException, message: str, *, code: int, debug: bool) -> None:
     if debug:
         import traceback
 
         traceback.print_exception(exc)
-    typer.echo(f"Error: {exc}", err=True)
+    typer.echo(f"Error: {message}", err=True)
     sys.exit(code)
 
 

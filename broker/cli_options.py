@@ -1,23 +1,40 @@
 """The options every `optuna-rq` command shares, and what commands make of them: the Redis
-connection, a BrokerClient, the log setup."""
+connection, a BrokerClient, the command signer, the log setup.
+
+Every environment variable the command line reads is declared on its option here (or on the
+command's own option, as `--lease-ttl`), so `--help` lists it; nothing below the CLI reads the
+environment on its behalf.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import redis
 import typer
 
-from optuna_rq.connection import DEFAULT_PREFIX, ENV_PREFIX, ENV_REDIS_URL
+from optuna_rq.connection import DEFAULT_PREFIX, ENV_PREFIX, ENV_REDIS_URL, ENV_STATE_DIR
 from optuna_rq.errors import ConfigError
+from optuna_rq.protocol import DEFAULT_MAX_MESSAGE_BYTES, ENV_SECRET, Signer
+from optuna_rq.protocol.signing import ENV_MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
     from optuna_rq.client import BrokerClient
 
-__all__ = ["GlobalOptions", "configure_logging", "connect_redis", "global_options", "make_client"]
+__all__ = [
+    "GlobalOptions",
+    "configure_logging",
+    "connect_existing_redis",
+    "connect_redis",
+    "global_options",
+    "make_client",
+    "read_client",
+]
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -27,6 +44,33 @@ class GlobalOptions:
     redis_url: str | None
     prefix: str
     debug: bool
+    state_dir: Path | None = None
+    secret: str | None = field(default=None, repr=False)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    def signer(self) -> Signer:
+        """The signer of every message this command sends or reads (a no-op without a secret)."""
+        secret = self.secret.encode() if self.secret else None
+        return Signer(secret, max_message_bytes=self.max_message_bytes)
+
+    def state(self) -> Path:
+        """The state directory (created if missing): `--state-dir`, else the default."""
+        from optuna_rq.connection import state_dir
+
+        return state_dir(self.state_dir)
+
+
+def package_version() -> str:
+    try:
+        return version("optuna-rq")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"optuna-rq {package_version()}")
+        raise typer.Exit()
 
 
 def global_options(
@@ -45,35 +89,126 @@ def global_options(
         str,
         typer.Option("--prefix", envvar=ENV_PREFIX, help="Key prefix and default queue name."),
     ] = DEFAULT_PREFIX,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            envvar=ENV_STATE_DIR,
+            help="Where the embedded Redis and the default study journal live. "
+            "Default: $XDG_STATE_HOME/optuna-rq or ~/.local/state/optuna-rq.",
+            show_default=False,
+        ),
+    ] = None,
+    secret: Annotated[
+        str | None,
+        typer.Option(
+            "--secret",
+            envvar=ENV_SECRET,
+            help="Shared secret (16+ bytes) signing every message; set the same on the broker, "
+            "the workers and here. Prefer the environment variable: a command line shows in ps.",
+            show_default=False,
+        ),
+    ] = None,
+    max_message_bytes: Annotated[
+        int,
+        typer.Option(
+            "--max-message-bytes",
+            envvar=ENV_MAX_MESSAGE_BYTES,
+            min=1024,
+            help="Largest message accepted, checked before decoding.",
+        ),
+    ] = DEFAULT_MAX_MESSAGE_BYTES,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_show_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
 ) -> None:
     """The app's callback: every command finds these options as `ctx.obj`."""
-    ctx.obj = GlobalOptions(redis_url=redis_url, prefix=prefix, debug=debug)
+    ctx.obj = GlobalOptions(
+        redis_url=redis_url,
+        prefix=prefix,
+        debug=debug,
+        state_dir=state_dir,
+        secret=secret,
+        max_message_bytes=max_message_bytes,
+    )
+    if ctx.invoked_subcommand is None:  # bare `optuna-rq`: what there is to run
+        typer.echo(ctx.get_help(), err=True)
+        raise typer.Exit(2)
 
 
 def connect_redis(options: GlobalOptions) -> tuple[str, redis.Redis]:
-    """The Redis this command meets the others on; fails within seconds, naming the URL."""
+    """The Redis this command meets the others on (the embedded one is started if there is
+    no URL and it is not running); fails within seconds, naming the URL."""
     from optuna_rq.connection import connect, ping_or_raise, resolve_redis_url
 
-    url = resolve_redis_url(options.redis_url)
+    url = resolve_redis_url(options.redis_url, state=options.state())
+    connection = connect(url)
+    ping_or_raise(connection, url)
+    return url, connection
+
+
+def connect_existing_redis(options: GlobalOptions) -> tuple[str, redis.Redis]:
+    """As `connect_redis`, but never starts a redis-server: for commands that only read. With
+    no URL and no embedded server running, RedisUnavailableError saying there is nothing to
+    read yet."""
+    from optuna_rq.connection import connect, ping_or_raise
+    from optuna_rq.embedded import EmbeddedRedis
+    from optuna_rq.errors import RedisUnavailableError
+
+    url = options.redis_url
+    if not url:  # typer read $OPTUNA_RQ_REDIS_URL into the option already
+        embedded = EmbeddedRedis(options.state())
+        if embedded.pid() is None and not embedded.socket.exists():
+            raise RedisUnavailableError(
+                f"no Redis to read from: no --redis-url ({ENV_REDIS_URL}) and no embedded "
+                f"redis-server running under {embedded.state} (`optuna-rq broker` or "
+                "`optuna-rq submit` starts one)"
+            )
+        url = embedded.url
     connection = connect(url)
     ping_or_raise(connection, url)
     return url, connection
 
 
 def make_client(options: GlobalOptions) -> BrokerClient:
-    """A BrokerClient on the options' Redis and prefix."""
+    """A BrokerClient on the options' Redis and prefix (starting the embedded Redis if need be)."""
     from optuna_rq.client import BrokerClient
 
     _url, connection = connect_redis(options)
-    return BrokerClient(connection, options.prefix)
+    return BrokerClient(connection, options.prefix, signer=options.signer())
+
+
+def read_client(options: GlobalOptions) -> BrokerClient:
+    """A BrokerClient for a command that only reads: it never starts a redis-server."""
+    from optuna_rq.client import BrokerClient
+
+    _url, connection = connect_existing_redis(options)
+    return BrokerClient(connection, options.prefix, signer=options.signer())
 
 
 def configure_logging(log_level: str) -> str:
     """Log to stderr at `log_level` (DEBUG, INFO, WARNING or ERROR, any case); the level's name.
-    ConfigError for any other level."""
+    ConfigError for any other level. Optuna's own logger follows the same level and handler, so
+    its INFO lines are governed by --log-level too and never print around a progress bar."""
     level = log_level.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"--log-level {log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
     logging.basicConfig(level=level, format=_LOG_FORMAT, stream=sys.stderr)
+    _route_optuna_logs(level)
     return level
+
+
+def _route_optuna_logs(level: str) -> None:
+    import optuna
+
+    # Optuna installs its own stderr handler at INFO; ours (the root's) formats like the rest.
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(logging.getLevelName(level))

@@ -15,12 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from optuna_rq.client import BrokerClient
 from optuna_rq.connection import connect
 from optuna_rq.embedded import ensure_embedded, stop_embedded
 from optuna_rq.errors import OptunaRQError
+from optuna_rq.progress import make_console
 from optuna_rq.protocol import StudySpec
 from optuna_rq.space import suggest
 from optuna_rq.spacefile import space_to_data
@@ -72,7 +71,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 def run_demo(*, n_trials: int = 60, concurrency: int = 4, workers: int = 2) -> dict[str, Any]:
     """Run the demo study end to end and return its final status; everything started stops."""
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     state = Path(tempfile.mkdtemp(prefix="orq-demo-", dir="/tmp"))
     started: list[subprocess.Popen[bytes]] = []
     try:

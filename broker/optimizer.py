@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import sys
 import threading
 import uuid
@@ -332,6 +333,13 @@ class Optimizer:
                 dispatcher.run_until_done(stop)
 
         dispatcher.on_told = after_tell
+        watch = threading.Thread(
+            target=_warn_while_unserved,
+            args=(dispatcher, run, stop),
+            name="optuna-rq-worker-watch",
+            daemon=True,
+        )
+        watch.start()
         work = asyncio.get_running_loop().run_in_executor(None, work_until_done)
         try:
             await asyncio.shield(work)
@@ -340,6 +348,7 @@ class Optimizer:
             await work  # the loop ends the outstanding trials, then returns
             raise
         finally:
+            stop.set()
             dispatcher.close()
         if failures:
             raise failures[0]
@@ -394,6 +403,40 @@ class Optimizer:
             else:
                 tell(study, trial, judge_result(result, len(study.directions)))
             self._after_tell(study, trial.number)
+
+
+_log = logging.getLogger("optuna_rq.optimizer")
+
+UNSERVED_WARNING_S = 3.0
+"""How soon a remote Optimizer whose queue has no live worker says so (and then how often)."""
+
+
+def _warn_while_unserved(dispatcher: Any, run: Any, stop: threading.Event) -> None:
+    """Log, every `UNSERVED_WARNING_S` while the run goes on, that no live worker serves its
+    queue and what it waits for: otherwise a run without workers waits silently forever."""
+    from rq import Worker
+
+    queue = dispatcher.queue
+    module = run.objective.partition(":")[0]
+    while not stop.wait(UNSERVED_WARNING_S):
+        if run.done:
+            return
+        try:
+            live = Worker.count(connection=dispatcher.connection, queue=queue)
+        except Exception:  # Redis away: the dispatcher rides it out and says so itself
+            continue
+        if live == 0:
+            _log.warning(
+                "study %r: waiting for a worker on queue %r (%d trials outstanding, %d of %d "
+                "asked); start one with `optuna-rq workers --import %s --queue %s`",
+                run.name,
+                queue.name,
+                run.n_outstanding,
+                run.asked,
+                run.n_trials,
+                module,
+                queue.name,
+            )
 
 
 def optimize(

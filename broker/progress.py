@@ -1,19 +1,36 @@
-"""A study's published status on a terminal: the table of `status`, and the progress bar of
-`wait`, `submit --wait` and `demo`."""
+"""A study's published status on a terminal: the lines of `status`, its detail for one study,
+and the progress bar of `wait`, `submit --wait` and `demo`.
+
+Output that is not a terminal is never wrapped (a command printed for copying stays one line),
+and log records emitted while a bar is live are printed above it instead of through it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from optuna_rq.client import BrokerClient
 from optuna_rq.errors import ConfigError
 from optuna_rq.protocol import StudyState, StudyStatus
 
-__all__ = ["follow_study", "status_table"]
+__all__ = ["best_summary", "follow_study", "make_console", "status_detail", "status_lines"]
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console that wraps lines to a terminal's width, and never wraps anything else."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console.soft_wrap = True
+    return console
 
 
 def follow_study(
@@ -24,28 +41,26 @@ def follow_study(
     console: Console | None = None,
 ) -> int:
     """Show a progress bar until the study ends; the exit code says how it ended."""
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     client.require_status(name)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("best {task.fields[best]}  {task.fields[failures]}"),
+        TextColumn("{task.fields[best]}  {task.fields[failures]}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task(name, total=None, best="-", failures="")
+    with _logs_above(console), Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task(name, total=None, best="", failures="")
         while True:
             snap = _current(client, name)
-            done = snap.done
-            best = snap.best
             failures = ", ".join(f"{k} {v}" for k, v in snap.fail_reasons.items())
             progress.update(
                 bar,
                 total=snap.n_trials,
-                completed=done,
-                best="-" if best is None else (f"{best:.6g}" if isinstance(best, float) else best),
+                completed=min(snap.done, snap.n_trials),
+                best=escape(best_summary(snap)),
                 failures=f"failed: {failures}" if failures else "",
             )
             if snap.state.ended:
@@ -55,10 +70,11 @@ def follow_study(
                 return 1
             time.sleep(0.2)
     if snap.state is StudyState.FINISHED:
-        console.print(f"study {name!r} finished: {done} trials, best {best!r}")
+        console.print(f"study {name!r} finished: {snap.done} trials, {best_summary(snap)}")
         return 0
     console.print(
-        f"[red]study {name!r} {snap.state.value}[/]" + (f": {snap.error}" if snap.error else "")
+        f"[red]study {name!r} {snap.state.value}[/]"
+        + (f": {escape(snap.error)}" if snap.error else "")
     )
     return 1
 
@@ -70,29 +86,119 @@ def _current(client: BrokerClient, name: str) -> StudyStatus:
     return status
 
 
-def status_table(snapshot: StudyStatus) -> Table:
-    """One study's state, trials by outcome, failures by reason and best trial, as a table."""
-    table = Table(title=f"study {snapshot.name}", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    best = snapshot.best
-    rows = [
-        ("state", snapshot.state.value + (f" ({snapshot.error})" if snapshot.error else "")),
-        ("objective", snapshot.objective),
-        ("trials", f"{snapshot.done} / {snapshot.n_trials} done, {snapshot.running} running"),
-        (
-            "outcomes",
-            f"{snapshot.complete} complete, {snapshot.pruned} pruned, {snapshot.failed} failed",
-        ),
-        (
-            "fail reasons",
-            ", ".join(f"{k}: {v}" for k, v in snapshot.fail_reasons.items()) or "-",
-        ),
-        ("concurrency", str(snapshot.concurrency)),
-        ("best", "-" if best is None else repr(best)),
-        ("best params", "-" if not snapshot.best_params else repr(snapshot.best_params)),
-        ("storage", snapshot.storage),
+class _ConsoleHandler(logging.Handler):
+    def __init__(self, console: Console, formatter: logging.Formatter | None) -> None:
+        super().__init__()
+        self.console = console
+        self.setFormatter(formatter or logging.Formatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.print(self.format(record), markup=False, highlight=False)
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _logs_above(console: Console) -> Iterator[None]:
+    """While a bar is live, the root logger's stream handlers print through `console` (above
+    the bar), at their own level and format; restored afterwards."""
+    root = logging.getLogger()
+    swapped = [
+        h
+        for h in root.handlers
+        if type(h) is logging.StreamHandler
+        and getattr(h.stream, "name", None) in ("<stderr>", "<stdout>")
     ]
-    for label, value in rows:
-        table.add_row(label, value)
-    return table
+    replacements = []
+    for handler in swapped:
+        replacement = _ConsoleHandler(console, handler.formatter)
+        replacement.setLevel(handler.level)
+        root.removeHandler(handler)
+        root.addHandler(replacement)
+        replacements.append(replacement)
+    try:
+        yield
+    finally:
+        for replacement in replacements:
+            root.removeHandler(replacement)
+        for handler in swapped:
+            root.addHandler(handler)
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "nan" if math.isnan(value) else f"{value:.6g}"
+
+
+def best_summary(snap: StudyStatus) -> str:
+    """`best 0.123`; a multi-objective study: `pareto 3, best 0.1 / 4.2` (each objective's
+    best over the front, by its direction)."""
+    if not snap.multi_objective:
+        return f"best {_number(snap.best_value)}"
+    front = snap.best_values or []
+    if not front:
+        return "pareto 0"
+    bests = []
+    for i, direction in enumerate(snap.directions):
+        column = [point[i] for point in front if i < len(point)]
+        pick = max if direction == "maximize" else min
+        bests.append(_number(pick(column)) if column else "-")
+    return f"pareto {len(front)}, best {' / '.join(bests)}"
+
+
+def _age(updated_at: str, now: datetime | None = None) -> str:
+    try:
+        then = datetime.fromisoformat(updated_at)
+    except ValueError:
+        return "?"
+    seconds = max(0, int(((now or datetime.now(timezone.utc)) - then).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+_HEADER = ("STUDY", "STATE", "DONE", "RUNNING", "FAILED", "BEST", "UPDATED")
+
+
+def status_lines(snapshots: list[StudyStatus]) -> list[str]:
+    """A header and one aligned line per study: name, state, done/budget, running, failed, best
+    (a multi-objective study's Pareto size and per-objective bests), time since its update."""
+    rows = [_HEADER] + [
+        (
+            s.name,
+            s.state.value,
+            f"{s.done}/{s.n_trials}",
+            str(s.running),
+            str(s.failed),
+            best_summary(s).removeprefix("best "),
+            _age(s.updated_at) + " ago",
+        )
+        for s in snapshots
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
+def status_detail(s: StudyStatus) -> list[str]:
+    """One study in full: `label: value` lines."""
+    reasons = ", ".join(f"{k}: {v}" for k, v in s.fail_reasons.items()) or "-"
+    lines = [
+        f"study        {s.name}",
+        f"state        {s.state.value}" + (f" ({s.error})" if s.error else ""),
+        f"objective    {s.objective}",
+        f"directions   {', '.join(s.directions)}",
+        f"trials       {s.done}/{s.n_trials} done, {s.running} running",
+        f"outcomes     {s.complete} complete, {s.pruned} pruned, {s.failed} failed",
+        f"fail reasons {reasons}",
+        f"concurrency  {s.concurrency}, priority {s.priority:g}",
+        f"best         {best_summary(s).removeprefix('best ')}",
+    ]
+    if not s.multi_objective:
+        lines.append(f"best params  {s.best_params!r}" if s.best_params else "best params  -")
+    lines += [f"storage      {s.storage}", f"updated      {s.updated_at}"]
+    return lines

@@ -141,7 +141,34 @@ def parse_param(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--param {text!r}: the value is not valid YAML: {exc}") from exc
+    glued = _glued_colon_key(value)
+    if glued is not None:
+        raise ConfigError(
+            f"--param {text!r}: YAML reads {glued!r} as one key with no value; in flow style a "
+            f"colon needs a space after it: {glued.replace(':', ': ', 1)!r}"
+        )
     return path, value
+
+
+def _glued_colon_key(value: Any) -> str | None:
+    """The first mapping key like `type:float` with no value, at any depth, or None.
+
+    YAML reads `{type:float,low:0}` as the keys "type:float" and "low:0", each null: what was
+    written as a suggestion would silently become a fixed (and useless) input.
+    """
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if item is None and isinstance(key, str) and ":" in key:
+                return key
+            found = _glued_colon_key(item)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for item in value:
+            found = _glued_colon_key(item)
+            if found is not None:
+                return found
+    return None
 
 
 def merge_param(data: dict[str, Any], path: list[str], value: Any) -> None:

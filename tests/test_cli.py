@@ -131,7 +131,8 @@ def test_status_json_has_the_documented_fields(run_cli, broker_process, workers_
     everything = json.loads(run_cli("status", "--json").stdout)
     assert [s["name"] for s in everything] == ["s"]
     table = run_cli("status")
-    assert "exception: 2" in table.stdout
+    assert table.stdout.splitlines()[1].split()[:5] == ["s", "finished", "2/2", "0", "2"]
+    assert "exception: 2" in run_cli("status", "s").stdout
 
 
 def test_the_cap_and_set_concurrency_hold_as_measured_by_the_objective(
@@ -320,11 +321,11 @@ def test_a_second_broker_on_the_prefix_refuses_to_start(run_cli, broker_process)
         ),
         (
             ("submit", "a:b", "--n-trials", "0", "--concurrency", "1"),
-            "--n-trials must be an integer >= 1",
+            "Invalid value for '--n-trials'",
         ),
         (
             ("submit", "a:b", "--n-trials", "1", "--concurrency", "0"),
-            "--concurrency must be an integer >= 1",
+            "Invalid value for '--concurrency'",
         ),
         (
             ("submit", "a:b", "--n-trials", "1", "--concurrency", "1", "--space", "/no/such.yaml"),

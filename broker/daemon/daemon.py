@@ -17,6 +17,7 @@ import redis
 
 from optuna_rq.client import BrokerClient
 from optuna_rq.connection import wait_for_redis
+from optuna_rq.daemon.admin import delete_study, enqueue_params
 from optuna_rq.daemon.fair_share import FairShare
 from optuna_rq.daemon.inbox import CommandInbox
 from optuna_rq.daemon.lock import BrokerLock, EpochGuard
@@ -287,3 +288,11 @@ class Daemon:
             run.n_trials = max(spec.n_trials, run.asked)
         log.info("study %r changed: %s", name, changes)
         self.status.mark(name)
+
+    def on_enqueue(self, name: str, param_sets: list[dict[str, Any]]) -> None:
+        """Run these parameter sets next, each once (`daemon.admin.enqueue_params`)."""
+        enqueue_params(self, name, param_sets)
+
+    def on_delete(self, name: str, *, force: bool, purge: bool) -> None:
+        """Forget the study (`daemon.admin.delete_study`)."""
+        delete_study(self, name, force=force, purge=purge)

@@ -19,6 +19,8 @@ from optuna_rq.protocol import (
     Cancel,
     Change,
     Command,
+    Delete,
+    Enqueue,
     Keys,
     Signer,
     StudySpec,
@@ -34,13 +36,18 @@ BATCH = 100  # commands read per step
 
 
 class CommandHandler(Protocol):
-    """What the commands do; it may raise ConfigError, KeyError or TypeError to refuse one."""
+    """What the commands do; it may raise ConfigError, KeyError, TypeError or ValueError to
+    refuse one."""
 
     def on_submit(self, spec: StudySpec) -> None: ...
 
     def on_cancel(self, name: str) -> None: ...
 
     def on_change(self, name: str, changes: dict[str, Any]) -> None: ...
+
+    def on_enqueue(self, name: str, param_sets: list[dict[str, Any]]) -> None: ...
+
+    def on_delete(self, name: str, *, force: bool, purge: bool) -> None: ...
 
 
 class CommandInbox:
@@ -67,7 +74,7 @@ class CommandInbox:
             except ProtocolError as exc:
                 log.error("refused a command: %s", exc)
                 count_refusal(self.connection, self.keys.prefix, "command")
-            except (ConfigError, KeyError, TypeError) as exc:
+            except (ConfigError, KeyError, TypeError, ValueError) as exc:
                 log.error("refused a command: %s", exc)
         # Commands are idempotent, so trimming after applying loses none if we die in between.
         self.connection.ltrim(self.keys.commands, len(raw_commands), -1)
@@ -80,3 +87,7 @@ class CommandInbox:
                 self.handler.on_cancel(name)
             case Change(study=name):
                 self.handler.on_change(name, command.changes())
+            case Enqueue(study=name, params=param_sets):
+                self.handler.on_enqueue(name, param_sets)
+            case Delete(study=name, force=force, purge=purge):
+                self.handler.on_delete(name, force=force, purge=purge)

@@ -16,7 +16,15 @@ from optuna_rq.protocol.codec import (
     check_params,
     decode_map,
 )
-from optuna_rq.protocol.commands import Cancel, Change, Command, Submit, decode_command
+from optuna_rq.protocol.commands import (
+    Cancel,
+    Change,
+    Command,
+    Delete,
+    Enqueue,
+    Submit,
+    decode_command,
+)
 from optuna_rq.protocol.keys import (
     CALL_FIELD,
     DEFAULT_LEASE_TTL_S,
@@ -61,6 +69,8 @@ __all__ = [
     "CallError",
     "Cancel",
     "Change",
+    "Delete",
+    "Enqueue",
     "Command",
     "FailReason",
     "Keys",

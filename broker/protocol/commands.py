@@ -1,4 +1,5 @@
-"""Commands from the front doors to the broker: submit, cancel, set. Typed, signed, strict.
+"""Commands from the front doors to the broker: submit, cancel, set, enqueue, delete. Typed,
+signed, strict.
 
 They wait in `<prefix>:commands` until the broker applies them (it need not be running yet), and
 are idempotent, so one applied twice (a broker that died before trimming the list) does no harm.
@@ -12,9 +13,11 @@ from typing import Any, TypeAlias
 from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol.codec import DEFAULT_MAX_MESSAGE_BYTES, decode_map
 from optuna_rq.protocol.schema import (
+    Bool,
     Float,
     Int,
     Kind,
+    List,
     Message,
     Nested,
     Text,
@@ -24,7 +27,7 @@ from optuna_rq.protocol.schema import (
 )
 from optuna_rq.protocol.spec import StudySpec
 
-__all__ = ["Cancel", "Change", "Command", "Submit", "decode_command"]
+__all__ = ["Cancel", "Change", "Command", "Delete", "Enqueue", "Submit", "decode_command"]
 
 
 class _Op(Kind):
@@ -79,11 +82,51 @@ class Change(Message):
         return {name: value for name, value in named.items() if value is not None}
 
 
-Command: TypeAlias = "Submit | Cancel | Change"
-_BY_OP: dict[str, type[Submit] | type[Cancel] | type[Change]] = {
+class _ParamSets(List):
+    """A list of parameter sets: str-keyed maps of values msgpack carries."""
+
+    def check(self, value: Any) -> list[dict[str, Any]]:
+        items = super().check(value)
+        if not all(
+            isinstance(item, dict) and all(isinstance(k, str) for k in item) for item in items
+        ):
+            raise WrongValue("a list of maps with str keys")
+        return items
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Enqueue(Message):
+    """`optuna-rq enqueue`: run these parameter sets (dotted names -> values) before any sampled
+    trial, each once. Stored in the study's storage as WAITING trials (Optuna's
+    `enqueue_trial(skip_if_exists=True)`), so they survive a broker restart and a set applied
+    twice, or already run, is not run again."""
+
+    op: str = wire(_Op("enqueue"), default="enqueue")
+    study: str = wire(Text())
+    params: list[dict[str, Any]] = wire(_ParamSets())
+    v: int = version_field()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Delete(Message):
+    """`optuna-rq delete`: the broker forgets `study` (its spec and status); the study's trials
+    stay in its storage unless `purge`. Refused while it runs unless `force`, which cancels it
+    first."""
+
+    op: str = wire(_Op("delete"), default="delete")
+    study: str = wire(Text())
+    force: bool = wire(Bool(), default=False)
+    purge: bool = wire(Bool(), default=False)  # also delete the Optuna study in its storage
+    v: int = version_field()
+
+
+Command: TypeAlias = "Submit | Cancel | Change | Enqueue | Delete"
+_BY_OP: dict[str, type[Submit] | type[Cancel] | type[Change] | type[Enqueue] | type[Delete]] = {
     "submit": Submit,
     "cancel": Cancel,
     "set": Change,
+    "enqueue": Enqueue,
+    "delete": Delete,
 }
 
 

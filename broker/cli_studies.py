@@ -1,0 +1,269 @@
+"""`optuna-rq trials`, `best`, `delete` and `enqueue`: what users look for once a study runs.
+
+`trials` reads the study's own storage (the URL its status names); `best` reads its status;
+`delete` and `enqueue` are commands the broker applies, as every change to a study is.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from optuna_rq.cli_options import GlobalOptions, make_client, read_client
+from optuna_rq.errors import ConfigError
+
+__all__ = ["best", "delete", "enqueue", "load_enqueue_file", "trials"]
+
+_NAME = Annotated[str, typer.Argument(help="The study.")]
+_FORMATS = ("table", "json", "csv")
+
+
+def trials(
+    ctx: typer.Context,
+    name: _NAME,
+    output: Annotated[
+        str, typer.Option("--format", "-f", help="table, json (a list of objects) or csv.")
+    ] = "table",
+    state: Annotated[
+        str | None,
+        typer.Option("--state", help="Only trials in this state: complete, pruned, fail, running."),
+    ] = None,
+) -> None:
+    """List a study's trials: number, state, value(s), parameters, duration, fail reason.
+
+    Read from the study's storage, as optuna-dashboard reads it; never starts a redis-server.
+    """
+    import optuna
+
+    from optuna_rq.studies import open_storage
+
+    if output not in _FORMATS:
+        raise ConfigError(f"--format {output!r}: choose one of {', '.join(_FORMATS)}")
+    options: GlobalOptions = ctx.obj
+    status = read_client(options).require_status(name)
+    if status.storage == "memory":
+        raise ConfigError(
+            f"study {name!r} is in the broker's in-memory storage: only the broker can read "
+            "its trials (`optuna-rq best` shows its best from the status)"
+        )
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage(status.storage))
+    except KeyError as exc:
+        raise ConfigError(f"study {name!r} has no trials in {status.storage} yet") from exc
+    rows = [_row(t) for t in study.get_trials(deepcopy=False)]
+    if state is not None:
+        rows = [r for r in rows if r["state"] == state.lower()]
+    typer.echo(_render(rows, output), nl=False)
+
+
+def _row(trial: Any) -> dict[str, Any]:
+    from optuna_rq.verdict import FAIL_REASON_ATTR
+
+    duration = trial.duration.total_seconds() if trial.duration is not None else None
+    row: dict[str, Any] = {
+        "number": trial.number,
+        "state": trial.state.name.lower(),
+        "values": trial.values,
+        "params": dict(trial.params),
+        "duration_s": duration,
+        "fail_reason": trial.user_attrs.get(FAIL_REASON_ATTR),
+    }
+    return row
+
+
+def _render(rows: list[dict[str, Any]], output: str) -> str:
+    if output == "json":
+        return json.dumps(rows, indent=2, default=str) + "\n"
+    params = sorted({p for row in rows for p in row["params"]})
+    width = max((len(r["values"] or []) for r in rows), default=1) or 1
+    value_cols = ["value"] if width == 1 else [f"value_{i}" for i in range(width)]
+    header = ["number", "state", *value_cols, *params, "duration_s", "fail_reason"]
+    table = []
+    for row in rows:
+        values = list(row["values"] or []) + [None] * (width - len(row["values"] or []))
+        table.append(
+            [
+                row["number"],
+                row["state"],
+                *values,
+                *(row["params"].get(p) for p in params),
+                row["duration_s"],
+                row["fail_reason"],
+            ]
+        )
+    if output == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in line] for line in table])
+        return out.getvalue()
+    cells = [header, *([_cell(v) for v in line] for line in table)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+    return "".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() + "\n"
+        for line in cells
+    )
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def best(
+    ctx: typer.Context,
+    name: _NAME,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Print a study's best value and parameters (a multi-objective study: its Pareto front).
+
+    Exit 1 if no trial completed yet.
+    """
+    options: GlobalOptions = ctx.obj
+    status = read_client(options).require_status(name)
+    if status.best_params is None:
+        typer.echo(f"study {name!r} has no complete trial yet ({status.state.value})", err=True)
+        raise typer.Exit(1)
+    if status.multi_objective:
+        front: list[dict[str, Any]] = [
+            {"values": values, "params": params}
+            for values, params in zip(status.best_values or [], status.best_params, strict=False)
+        ]
+        if as_json:
+            typer.echo(json.dumps({"directions": status.directions, "pareto_front": front}))
+            return
+        typer.echo(f"Pareto front of {len(front)} trials ({', '.join(status.directions)}):")
+        for point in front:
+            values = ", ".join(_cell(v) for v in point["values"])
+            typer.echo(f"  [{values}]  {_params(point['params'])}")
+        return
+    if as_json:
+        typer.echo(json.dumps({"value": status.best_value, "params": status.best_params}))
+        return
+    typer.echo(f"best value {_cell(status.best_value)}")
+    assert isinstance(status.best_params, dict)
+    for param, value in status.best_params.items():
+        typer.echo(f"  {param} = {value!r}")
+
+
+def _params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in params.items())
+
+
+def delete(
+    ctx: typer.Context,
+    name: _NAME,
+    force: Annotated[
+        bool, typer.Option("--force", help="Delete a running study too (it is cancelled first).")
+    ] = False,
+    purge: Annotated[
+        bool,
+        typer.Option(
+            "--purge", help="Also delete its trials from its Optuna storage (default: kept)."
+        ),
+    ] = False,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", min=0, help="Seconds to wait for the broker to confirm."),
+    ] = 30.0,
+) -> None:
+    """Make the broker forget a study: its spec and its status.
+
+    Its trials stay in its Optuna storage (optuna-dashboard still shows them; resubmitting the
+    name continues them) unless --purge. A running study is refused unless --force.
+    """
+    import time
+
+    from optuna_rq.protocol import Delete
+
+    options: GlobalOptions = ctx.obj
+    client = make_client(options)
+    status = client.require_status(name)
+    if not status.state.ended and not force:
+        raise ConfigError(
+            f"study {name!r} is {status.state.value}: `optuna-rq cancel {name}` first, "
+            "or delete --force"
+        )
+    client.send(Delete(study=name, force=force, purge=purge))
+    if client.broker_holder() is None:
+        typer.echo(f"study {name!r} will be deleted when a broker starts on {client.prefix!r}")
+        return
+    deadline = time.monotonic() + timeout
+    while client.status(name) is not None:
+        if time.monotonic() >= deadline:
+            typer.echo(f"the broker has not deleted study {name!r} yet (see its log)", err=True)
+            raise typer.Exit(1)
+        time.sleep(0.1)
+    kept = "" if purge else f"; its trials are kept in {status.storage}"
+    typer.echo(f"deleted study {name!r}{kept}")
+
+
+def enqueue(
+    ctx: typer.Context,
+    name: _NAME,
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="YAML or JSON: a list of parameter sets, each a mapping of dotted parameter "
+            "names to values, e.g. [{x: 1.5, model.lr: 0.01}]."
+        ),
+    ],
+) -> None:
+    """Run known parameter sets next, before any sampled trial, each exactly once.
+
+    The broker stores them in the study's storage as WAITING trials (Optuna's enqueue_trial),
+    so they survive a broker restart; a set already enqueued or run is skipped. They count
+    against --n-trials like any trial.
+    """
+    from optuna_rq.protocol import Enqueue
+
+    param_sets = load_enqueue_file(file)
+    client = make_client(ctx.obj)
+    status = client.require_status(name)
+    if status.state.ended:
+        raise ConfigError(f"study {name!r} is {status.state.value}: nothing would run them")
+    client.send(Enqueue(study=name, params=param_sets))
+    typer.echo(f"enqueued {len(param_sets)} parameter sets for study {name!r}", err=True)
+
+
+def load_enqueue_file(path: Path) -> list[dict[str, Any]]:
+    """The parameter sets in `path`: a YAML/JSON list of mappings (one mapping alone is taken as
+    a list of one); ConfigError naming the file otherwise."""
+    import yaml
+
+    from optuna_rq.protocol.codec import check_params
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read parameter-set file {str(path)!r}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"parameter-set file {str(path)!r} is not valid YAML: {exc}") from exc
+    if isinstance(data, dict):
+        data = [data]
+    if (
+        not isinstance(data, list)
+        or not data
+        or not all(isinstance(item, dict) and item for item in data)
+    ):
+        raise ConfigError(
+            f"parameter-set file {str(path)!r}: expected a non-empty list of mappings like "
+            "[{x: 1.5, depth: 4}]"
+        )
+    for i, item in enumerate(data):
+        if not all(isinstance(k, str) for k in item):
+            raise ConfigError(f"parameter-set file {str(path)!r}: set {i} has a non-text name")
+        try:
+            check_params(item)
+        except Exception as exc:
+            raise ConfigError(f"parameter-set file {str(path)!r}: set {i}: {exc}") from exc
+    return data

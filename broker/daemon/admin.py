@@ -1,0 +1,61 @@
+"""The broker's side of `optuna-rq enqueue` and `optuna-rq delete`: commands that change what a
+study holds or whether the broker knows it, rather than how it runs."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import optuna
+
+from optuna_rq.errors import ConfigError
+
+if TYPE_CHECKING:
+    from optuna_rq.daemon.daemon import Daemon
+
+__all__ = ["delete_study", "enqueue_params"]
+
+log = logging.getLogger("optuna_rq.broker")
+
+
+def enqueue_params(daemon: Daemon, name: str, param_sets: list[dict[str, Any]]) -> int:
+    """Store `param_sets` as WAITING trials of the running study `name`; the number stored.
+
+    The dispatcher's `study.ask()` takes WAITING trials before sampling, so they run next, and
+    count against the budget as any trial does. `skip_if_exists` makes the command idempotent:
+    a set already enqueued or run (the command applied twice by a broker that died before
+    trimming its inbox) is not stored again. ConfigError if the study is not running."""
+    run = daemon.dispatcher.runs.get(name)
+    if run is None:
+        raise ConfigError(f"cannot enqueue trials for study {name!r}: it is not running")
+    before = len(run.study.get_trials(deepcopy=False))
+    for params in param_sets:
+        run.study.enqueue_trial(params, skip_if_exists=True)
+    stored = len(run.study.get_trials(deepcopy=False)) - before
+    log.info("study %r: enqueued %d of %d parameter sets", name, stored, len(param_sets))
+    return stored
+
+
+def delete_study(daemon: Daemon, name: str, *, force: bool, purge: bool) -> None:
+    """Forget study `name`: its spec and its status. A running study is refused (ConfigError)
+    unless `force`, which cancels it first. Its trials stay in its storage unless `purge`,
+    which deletes the Optuna study there too."""
+    known = name in daemon.specs or bool(daemon.connection.hexists(daemon.keys.studies, name))
+    if not known and not daemon.connection.hexists(daemon.keys.status, name):
+        raise ConfigError(f"no study {name!r} to delete")
+    if name in daemon.dispatcher.runs:
+        if not force:
+            raise ConfigError(f"study {name!r} is running: cancel it first, or delete --force")
+        daemon.on_cancel(name)
+    spec = daemon.specs.pop(name, None)
+    if purge and spec is not None:
+        storage_url = spec.storage or daemon.settings.storage
+        try:
+            optuna.delete_study(study_name=name, storage=daemon._storage(storage_url))
+        except KeyError:
+            pass  # it never reached its storage (it failed to start)
+    pipe = daemon.connection.pipeline(transaction=True)
+    pipe.hdel(daemon.keys.studies, name)
+    pipe.hdel(daemon.keys.status, name)
+    pipe.execute()
+    log.info("deleted study %r%s", name, " and its trials" if purge else "")
