@@ -16,6 +16,7 @@ __all__ = [
     "RedisDataLostError",
     "RedisUnavailableError",
     "RemoteTrialError",
+    "StudyStorageError",
 ]
 
 
@@ -61,3 +62,13 @@ class ObjectiveLoadError(OptunaRQError):
 
 class RemoteTrialError(OptunaRQError):
     """The broker refused a trial call, or did not answer it."""
+
+
+class StudyStorageError(OptunaRQError):
+    """A study storage could not be opened, read or written (a path that cannot be created, a
+    server that is down or does not answer, a journal that does not parse). The broker fails
+    the studies on that storage and serves the others; `url` names it (credentials redacted)."""
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(message)
+        self.url = url

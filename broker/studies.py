@@ -6,6 +6,7 @@ The submission itself (`StudySpec`) is a protocol message: `optuna_rq.protocol.s
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from pathlib import Path
 
 import optuna
@@ -13,7 +14,13 @@ import optuna
 from optuna_rq.connection import redact_url
 from optuna_rq.errors import ConfigError
 
-__all__ = ["default_storage_url", "make_pruner", "make_sampler", "open_storage"]
+__all__ = [
+    "STORAGE_SOCKET_TIMEOUT_S",
+    "default_storage_url",
+    "make_pruner",
+    "make_sampler",
+    "open_storage",
+]
 
 log = logging.getLogger("optuna_rq.broker")
 
@@ -50,6 +57,10 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 
 _memory = optuna.storages.InMemoryStorage()
 
+STORAGE_SOCKET_TIMEOUT_S = 10
+"""How long a `redis://` study storage may take to connect or answer before the call fails (and
+with it the studies on that storage): without it, a server that hangs freezes the broker."""
+
 
 def default_storage_url(state: Path) -> str:
     return f"journal:///{state / 'studies.journal'}"
@@ -59,7 +70,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for `url`: `memory`, `journal:///path`, or any RDB URL Optuna takes.
 
     `redis://` gives Optuna's JournalRedis, with a warning: it unpickles a snapshot key on load,
-    so anyone who can write to that Redis could run code in the broker.
+    so anyone who can write to that Redis could run code in the broker. Its socket timeouts
+    default to `STORAGE_SOCKET_TIMEOUT_S` (set `?socket_timeout=S` in the URL to change them).
     """
     if url == "memory":
         return _memory
@@ -78,8 +90,22 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             "sqlite or postgresql",
             redact_url(url),
         )
-        return JournalStorage(JournalRedisBackend(url))
+        return JournalStorage(JournalRedisBackend(_with_timeouts(url)))
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as exc:
         raise ConfigError(f"storage URL {url!r} was rejected by Optuna: {exc}") from exc
+
+
+def _with_timeouts(url: str) -> str:
+    """`url` with redis-py's socket timeouts (`STORAGE_SOCKET_TIMEOUT_S`) unless it sets them."""
+    query = urllib.parse.urlsplit(url).query
+    given = {key for key, _value in urllib.parse.parse_qsl(query)}
+    extra = [
+        f"{key}={STORAGE_SOCKET_TIMEOUT_S}"
+        for key in ("socket_timeout", "socket_connect_timeout")
+        if key not in given
+    ]
+    if not extra:
+        return url
+    return f"{url}{'&' if query else '?'}{'&'.join(extra)}"

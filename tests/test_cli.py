@@ -369,6 +369,18 @@ def test_a_second_broker_on_the_prefix_refuses_to_start(run_cli, broker_process)
             ("submit", "a:b", "--n-trials", "1", "--concurrency", "1", "--direction", "up"),
             "minimize or maximize",
         ),
+        *(
+            (("submit", "a:b", "--n-trials", "1", "--concurrency", "1", option, value), message)
+            for option, value, message in [
+                ("--trial-timeout", "3.2e9", "at most 2592000 seconds (30 days), got 3200000000.0"),
+                ("--trial-timeout", "1e300", "at most 2592000 seconds"),
+                ("--max-retries", "1000", "--max-retries must be an integer from 0 to 100"),
+                ("--priority", "1e300", "--priority must be a number > 0 and at most 1e+06"),
+                ("--seed", "-1", "--seed must be an integer from 0 to 4294967295"),
+                ("--n-trials", "10000000000", "--n-trials must be an integer from 1 to 1000000000"),
+                ("--concurrency", "1000000", "--concurrency must be an integer from 1 to 100000"),
+            ]
+        ),
         (("status", "nope"), "unknown study 'nope'"),
         (("wait", "nope"), "unknown study 'nope'"),
         (("cancel", "nope"), "unknown study 'nope'"),

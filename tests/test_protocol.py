@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 from typing import Any
 
 import msgpack
@@ -256,3 +257,29 @@ def test_trial_calls_and_replies_round_trip_and_are_checked() -> None:
         TrialCall.decode(wire(call, args={"x": 1}))
     with pytest.raises(ProtocolError, match="'seq' must be an int >= 1"):
         TrialCallReply.decode(wire(reply, seq=0))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "limit"),
+    [
+        ("trial_timeout_s", 1e300, "at most 2592000 seconds"),
+        ("trial_timeout_s", 3.2e9, "at most 2592000 seconds"),
+        ("n_trials", 2**62, "from 1 to 1000000000"),
+        ("concurrency", 10**7, "from 1 to 100000"),
+        ("max_retries", 10**6, "from 0 to 100"),
+        ("priority", 1e300, "at most 1e+06"),
+        ("seed", -5, "0"),
+    ],
+)
+def test_a_spec_on_the_wire_with_a_number_out_of_range_is_refused(
+    field: str, value: object, limit: str
+) -> None:
+    from optuna_rq.protocol import StudySpec
+
+    spec = StudySpec(
+        name="s", objective="tests.objectives:quadratic", space={}, n_trials=1, concurrency=1
+    )
+    fields = msgpack.unpackb(spec.encode())
+    fields[field] = value
+    with pytest.raises(ProtocolError, match=re.escape(limit)):
+        StudySpec.decode(msgpack.packb(fields))

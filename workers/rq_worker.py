@@ -24,8 +24,10 @@ from rq import Queue, SimpleWorker, Worker
 from rq.job import Job
 
 from optuna_rq.protocol import RUN_TRIAL, MsgpackSerializer, trial_queue
+from optuna_rq.protocol.spec import MAX_TRIAL_TIMEOUT_S
 from optuna_rq.workers import context
 from optuna_rq.workers.bookkeeping import LeanBookkeeping
+from optuna_rq.workers.runner import refuse_trial
 from optuna_rq.workers.supervision import die_with_parent
 
 __all__ = [
@@ -46,9 +48,18 @@ def _refused(worker: SimpleWorker | Worker, job: Job, queue: Queue) -> bool:
     except Exception as exc:  # data that is not msgpack: never unpickled, never run
         why = f"job data does not decode: {type(exc).__name__}: {exc}"
     else:
-        if func_name == RUN_TRIAL:
+        if func_name != RUN_TRIAL:
+            why = f"refused job function {func_name!r}: only trials run here"
+        elif (timeout := job.timeout) is not None and not -1 <= timeout <= MAX_TRIAL_TIMEOUT_S:
+            # RQ would arm signal.alarm and EXPIRE keys with it: beyond a C int or Redis's range
+            # that crashes the worker process, every time the job is taken.
+            why = (
+                f"its timeout {timeout!r} s is out of range (at most {MAX_TRIAL_TIMEOUT_S} s, "
+                "--trial-timeout's limit)"
+            )
+            refuse_trial(job, why)
+        else:
             return False
-        why = f"refused job function {func_name!r}: only trials run here"
     log.error("job %s %s", job.id, why)
     worker.handle_job_failure(job, queue, exc_string=why)
     return True

@@ -12,19 +12,21 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import redis
 
 from optuna_rq.errors import ProtocolError
-from optuna_rq.protocol import Keys, TrialRequest, TrialResult
+from optuna_rq.protocol import FailReason, Keys, Outcome, TrialRequest, TrialResult
 from optuna_rq.workers.context import WorkerContext, current
-from optuna_rq.workers.execute import execute
+from optuna_rq.workers.execute import execute, trial_result
 from optuna_rq.workers.remote_trial import RemoteTrial
 from optuna_rq.workers.supervision import Attempt, LeaseThread, deliver
 
-__all__ = ["run_trial", "worker_id"]
+__all__ = ["refuse_trial", "run_trial", "worker_id"]
 
 
 log = logging.getLogger("optuna_rq.worker")
@@ -73,6 +75,31 @@ def run_trial(payload: bytes) -> None:
     if ctx.metrics is not None:
         ctx.metrics.observe(outcome)
     log.info("%s", _describe(outcome))
+
+
+def refuse_trial(job: Any, why: str) -> None:
+    """Fail, without running it, the trial of an RQ job this worker cannot run as given (its
+    timeout beyond what RQ and the OS take, say): its study learns `why` as a FAIL result, not
+    as a lost worker. A payload that does not open is only counted, as `run_trial` does."""
+    ctx = current()
+    connection: redis.Redis = job.connection
+    try:
+        (payload,) = job.args
+        body = ctx.signer.open(payload, what="TrialRequest")
+        request = TrialRequest.decode(body, max_bytes=ctx.signer.max_message_bytes)
+    except (ProtocolError, TypeError, ValueError):
+        connection.hincrby(Keys(job.origin).refused, "request", 1)
+        return
+    result = trial_result(
+        request,
+        Outcome.FAIL,
+        worker=worker_id(),
+        started=time.monotonic(),
+        reason=FailReason.EXCEPTION,
+        error=f"not run: {why}",
+    )
+    deliver(connection, request.reply_to, ctx.signer.seal(result.encode()), None)
+    log.error("%s", _describe(result))
 
 
 @contextmanager

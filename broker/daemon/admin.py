@@ -51,7 +51,7 @@ def delete_study(daemon: Daemon, name: str, *, force: bool, purge: bool) -> None
     if purge and spec is not None:
         storage_url = spec.storage or daemon.settings.storage
         try:
-            optuna.delete_study(study_name=name, storage=daemon._storage(storage_url))
+            optuna.delete_study(study_name=name, storage=daemon.storages.open(storage_url))
         except KeyError:
             pass  # it never reached its storage (it failed to start)
     pipe = daemon.connection.pipeline(transaction=True)

@@ -24,11 +24,12 @@ from optuna_rq.daemon.lock import BrokerLock, EpochGuard
 from optuna_rq.daemon.settings import BrokerSettings
 from optuna_rq.daemon.status import StatusPublisher
 from optuna_rq.daemon.stopping import StopConditions
+from optuna_rq.daemon.storages import Storages
 from optuna_rq.dispatch import Dispatcher, StudyRun
-from optuna_rq.errors import ConfigError, OptunaRQError, ProtocolError, RedisDataLostError
+from optuna_rq.errors import ConfigError, ProtocolError, RedisDataLostError, StudyStorageError
 from optuna_rq.metrics import BrokerMetrics
 from optuna_rq.protocol import Keys, Signer, StudySpec, StudyState
-from optuna_rq.studies import make_pruner, make_sampler, open_storage
+from optuna_rq.studies import make_pruner, make_sampler
 
 __all__ = ["Daemon"]
 
@@ -75,7 +76,7 @@ class Daemon:
         )
         self.specs: dict[str, StudySpec] = {}
         self.stopping = StopConditions()  # --timeout, --target, --patience
-        self._storages: dict[str, optuna.storages.BaseStorage] = {}
+        self.storages = Storages()
 
     @property
     def identity(self) -> str:
@@ -105,6 +106,8 @@ class Daemon:
             while not stop.is_set():
                 try:
                     self.step()
+                except StudyStorageError as exc:  # a study storage's, not our Redis's
+                    self._storage_failed(exc)
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     self._ride_out_outage(exc, stop)
                 except redis.ResponseError:  # NOGROUP, say: first ask if Redis lost its data
@@ -121,7 +124,10 @@ class Daemon:
         finally:
             if not data_lost:
                 self.dispatcher.flush()
-                self.publish_status(force=True)
+                try:
+                    self.publish_status(force=True)
+                except StudyStorageError as exc:
+                    log.error("%s", exc)
                 self.release()
                 log.info("broker stopped; running trials go on and are told by the next broker")
 
@@ -191,16 +197,11 @@ class Daemon:
     def _storage_url(self, spec: StudySpec) -> str:
         return spec.storage or self.settings.storage
 
-    def _storage(self, url: str) -> optuna.storages.BaseStorage:
-        if url not in self._storages:
-            self._storages[url] = open_storage(url)
-        return self._storages[url]
-
     def _start(self, spec: StudySpec, *, resumed: bool = False) -> None:
         url = self._storage_url(spec)
         try:
             study = optuna.create_study(
-                storage=self._storage(url),
+                storage=self.storages.open(url),
                 study_name=spec.name,
                 directions=spec.directions,  # type: ignore[arg-type]  # checked by StudySpec
                 sampler=make_sampler(spec.sampler, spec.seed),
@@ -222,7 +223,11 @@ class Daemon:
                 max_retries=spec.max_retries,
             )
             run.reattach()
-        except (OptunaRQError, ValueError, optuna.exceptions.OptunaError) as exc:
+        except StudyStorageError as exc:
+            self.specs[spec.name] = spec
+            self._storage_failed(exc, starting=spec)
+            return
+        except Exception as exc:  # whatever a submission breaks, it breaks for itself alone
             log.error("study %r cannot start: %s", spec.name, exc)
             self.specs[spec.name] = spec
             self.status.publish(spec, None, state=StudyState.FAILED, error=str(exc))
@@ -240,6 +245,23 @@ class Daemon:
             spec.concurrency,
         )
         self.status.mark(spec.name)
+
+    def _storage_failed(self, error: StudyStorageError, starting: StudySpec | None = None) -> None:
+        """A study storage failed: every study on it (and `starting`, the one that found out)
+        ends FAILED with the cause in its status; the others go on. Its trials still running
+        cannot be told: they stay RUNNING in that storage, and their results are dropped."""
+        self.storages.forget(error.url)
+        failed = [starting] if starting is not None else []
+        for name, run in list(self.dispatcher.runs.items()):
+            spec = self.specs[name]
+            if self._storage_url(spec) == error.url:
+                self.dispatcher.abandon(run)
+                failed.append(spec)
+        for spec in failed:
+            log.error("study %r failed: %s", spec.name, error)
+            self.status.publish(spec, None, state=StudyState.FAILED, error=str(error))
+        if not failed:  # a storage no running study uses any more
+            log.error("%s", error)
 
     def _finish_done_runs(self) -> bool:
         """End the studies that told their whole budget; True if any did."""

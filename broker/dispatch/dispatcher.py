@@ -29,7 +29,7 @@ from optuna_rq.dispatch.results import ResultStream, arrival_s, verdict_of
 from optuna_rq.dispatch.retries import Retries
 from optuna_rq.dispatch.runs import InFlight, Phase, StudyRun
 from optuna_rq.dispatch.sending import TrialSender
-from optuna_rq.errors import ConfigError
+from optuna_rq.errors import ConfigError, StudyStorageError
 from optuna_rq.protocol import (
     CALL_FIELD,
     DEFAULT_LEASE_TTL_S,
@@ -200,6 +200,8 @@ class Dispatcher:
         FAIL, never left RUNNING."""
         try:
             return self.sender.seal(run, record)
+        except StudyStorageError:
+            raise  # the storage failed, not the space: nothing to tell it
         except Exception as exc:
             log.error("study %r trial %d could not be sampled: %s", run.name, record.number, exc)
             error = str(exc)
@@ -341,6 +343,18 @@ class Dispatcher:
         self.sender.withdraw_queued(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
         for record in run.in_flight():
             self._finish(run, record, _CANCELLED)
+
+    def abandon(self, run: StudyRun) -> None:
+        """Stop dispatching `run` without a word to its storage (which failed): its queued jobs
+        are withdrawn, and results that still arrive from its running trials are dropped as
+        stale. Results read and not yet acknowledged are read again, so that the other
+        studies' are told even if the failure cut a batch short."""
+        self.runs.pop(run.name, None)
+        self.sender.withdraw_queued(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
+        for record in run.in_flight():
+            if record.holds_slot:
+                self.retries.forget(run, record)
+        self.results.after_outage()
 
     def fail_outstanding(self, error: str) -> None:
         """End every trial in flight FAIL (`worker_lost`) without a word to Redis: for a broker

@@ -20,7 +20,18 @@ from optuna_rq.protocol.objectives import parse_objective_path
 from optuna_rq.protocol.schema import Float, Int, Map, Message, Text, Texts, version_field, wire
 from optuna_rq.spacefile import space_from_data
 
-__all__ = ["DIRECTIONS", "PRUNERS", "SAMPLERS", "StudySpec"]
+__all__ = [
+    "DIRECTIONS",
+    "MAX_CONCURRENCY",
+    "MAX_N_TRIALS",
+    "MAX_PRIORITY",
+    "MAX_RETRIES",
+    "MAX_SEED",
+    "MAX_TRIAL_TIMEOUT_S",
+    "PRUNERS",
+    "SAMPLERS",
+    "StudySpec",
+]
 
 SAMPLERS = ("random", "tpe", "cmaes", "nsgaii", "gp", "qmc")
 PRUNERS = ("none", "median", "hyperband", "successive-halving")
@@ -28,6 +39,19 @@ DIRECTIONS = ("minimize", "maximize")
 
 MAX_TIMEOUT_S = 366 * 24 * 3600.0
 """The longest --timeout: a bound, so a typo in the unit is refused rather than run for ages."""
+
+# The bounds of every number a submission carries: what RQ, Redis, the OS and Optuna accept,
+# with room to spare, so that a value refused downstream is refused here, naming the limit.
+MAX_TRIAL_TIMEOUT_S = 30 * 24 * 3600
+"""--trial-timeout at most 30 days: RQ's job timeout is whole seconds, armed with signal.alarm
+(a C int: about 68 years) and stored with EXPIRE; a month is more than any trial should run."""
+MAX_N_TRIALS = 10**9
+MAX_CONCURRENCY = 100_000
+MAX_RETRIES = 100
+MAX_PRIORITY = 1e6
+"""--priority at most 1e6: a weight among studies, summed with the others' in fair share."""
+MAX_SEED = 2**32 - 1
+"""--seed in [0, 2**32 - 1]: what numpy's RandomState, behind every Optuna sampler, takes."""
 
 # Samplers whose extra packages Optuna does not install for you.
 _SAMPLER_NEEDS = {"cmaes": ("cmaes",), "qmc": ("scipy",), "gp": ("scipy", "torch")}
@@ -48,7 +72,7 @@ class StudySpec(Message):
     concurrency: int = wire(Int(minimum=1))
     directions: list[str] = wire(Texts(), default_factory=lambda: ["minimize"])
     sampler: str = wire(Text(), default="tpe")
-    seed: int | None = wire(Int(minimum=-(2**63), optional=True), default=None)
+    seed: int | None = wire(Int(minimum=0, optional=True), default=None)
     pruner: str = wire(Text(), default="none")
     storage: str | None = wire(Text(optional=True), default=None)
     trial_timeout_s: float | None = wire(Float(minimum=0, optional=True), default=None)
@@ -70,8 +94,8 @@ class StudySpec(Message):
             check_params(self.space)
         except ProtocolError as exc:
             raise ConfigError(str(exc)) from exc
-        _positive_int("--n-trials", self.n_trials)
-        _positive_int("--concurrency", self.concurrency)
+        _positive_int("--n-trials", self.n_trials, MAX_N_TRIALS)
+        _positive_int("--concurrency", self.concurrency, MAX_CONCURRENCY)
         if not self.directions or any(d not in DIRECTIONS for d in self.directions):
             raise ConfigError(f"--direction must be minimize or maximize, got {self.directions}")
         if self.sampler not in SAMPLERS:
@@ -84,28 +108,34 @@ class StudySpec(Message):
             )
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner {self.pruner!r}: choose one of {', '.join(PRUNERS)}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        if self.seed is not None and not _int_in(self.seed, 0, MAX_SEED):
+            raise ConfigError(
+                f"--seed must be an integer from 0 to {MAX_SEED} (what Optuna's samplers take), "
+                f"got {self.seed!r}"
+            )
+        if self.trial_timeout_s is not None and not _positive_number(
+            self.trial_timeout_s, MAX_TRIAL_TIMEOUT_S
         ):
-            raise ConfigError(f"--seed must be an integer, got {self.seed!r}")
-        if self.trial_timeout_s is not None and not _positive_number(self.trial_timeout_s):
-            raise ConfigError(f"--trial-timeout must be > 0 seconds, got {self.trial_timeout_s!r}")
-        if (
-            isinstance(self.max_retries, bool)
-            or not isinstance(self.max_retries, int)
-            or (self.max_retries < 0)
-        ):
-            raise ConfigError(f"--max-retries must be an integer >= 0, got {self.max_retries!r}")
-        if not _positive_number(self.priority):
-            raise ConfigError(f"--priority must be a number > 0, got {self.priority!r}")
+            raise ConfigError(
+                f"--trial-timeout must be > 0 and at most {MAX_TRIAL_TIMEOUT_S} seconds "
+                f"(30 days), got {self.trial_timeout_s!r}"
+            )
+        if not _int_in(self.max_retries, 0, MAX_RETRIES):
+            raise ConfigError(
+                f"--max-retries must be an integer from 0 to {MAX_RETRIES}, "
+                f"got {self.max_retries!r}"
+            )
+        if not _positive_number(self.priority, MAX_PRIORITY):
+            raise ConfigError(
+                f"--priority must be a number > 0 and at most {MAX_PRIORITY:g}, "
+                f"got {self.priority!r}"
+            )
         self._check_stop_conditions()
         if self.storage is not None and not isinstance(self.storage, str):
             raise ConfigError(f"--storage must be a URL, got {self.storage!r}")
 
     def _check_stop_conditions(self) -> None:
-        if self.timeout_s is not None and not (
-            _positive_number(self.timeout_s) and self.timeout_s <= MAX_TIMEOUT_S
-        ):
+        if self.timeout_s is not None and not _positive_number(self.timeout_s, MAX_TIMEOUT_S):
             raise ConfigError(
                 f"--timeout must be > 0 and at most {MAX_TIMEOUT_S:g} seconds (a year), "
                 f"got {self.timeout_s!r}"
@@ -150,15 +180,19 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _positive_int(option: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{option} must be an integer >= 1, got {value!r}")
+def _int_in(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def _positive_number(value: object) -> bool:
+def _positive_int(option: str, value: object, high: int) -> None:
+    if not _int_in(value, 1, high):
+        raise ConfigError(f"{option} must be an integer from 1 to {high}, got {value!r}")
+
+
+def _positive_number(value: object, high: float) -> bool:
     return (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
         and math.isfinite(value)
-        and value > 0
+        and 0 < value <= high
     )

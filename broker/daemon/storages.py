@@ -1,0 +1,119 @@
+"""The daemon's study storages: one per URL, opened on first use, and guarded, so that a storage
+that fails is told apart from the daemon's own Redis and fails only the studies on it.
+
+Every call Optuna makes on a study's storage goes through `GuardedStorage`, which turns a
+failure of the storage itself (an OSError, a Redis or database error, a journal that does not
+parse) into `StudyStorageError` naming the URL. The daemon catches that one class: it fails the
+studies on that storage, with the cause in their status, and serves the others. A Redis
+`ConnectionError` that reaches the daemon unwrapped is therefore its own Redis's outage.
+
+Optuna's own verdicts on a call (a study not found, a duplicated study, a value the distribution
+refuses, a trial already finished) pass through unchanged: Optuna and the dispatcher act on them.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage
+
+from optuna_rq.connection import redact_url
+from optuna_rq.errors import StudyStorageError
+from optuna_rq.studies import open_storage
+
+__all__ = ["GuardedStorage", "Storages", "storage_failure"]
+
+
+def storage_failure(url: str, exc: BaseException) -> StudyStorageError:
+    """The `StudyStorageError` for `exc`, raised by the storage at `url`."""
+    if isinstance(exc, StudyStorageError):
+        return exc
+    return StudyStorageError(url, f"storage {redact_url(url)}: {type(exc).__name__}: {exc}")
+
+
+def _is_optunas_verdict(exc: Exception) -> bool:
+    """Whether `exc` is Optuna answering a call, not the storage failing under it."""
+    if isinstance(exc, optuna.exceptions.StorageInternalError):  # a database error, wrapped
+        return False
+    if isinstance(exc, (json.JSONDecodeError, UnicodeError, pickle.UnpicklingError)):
+        return False  # a journal or snapshot that does not parse
+    return isinstance(exc, (optuna.exceptions.OptunaError, KeyError, ValueError, TypeError))
+
+
+def _guarded(name: str) -> Callable[..., Any]:
+    def call(self: GuardedStorage, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.inner, name)(*args, **kwargs)
+        except Exception as exc:
+            if _is_optunas_verdict(exc):
+                raise
+            raise storage_failure(self.url, exc) from exc
+
+    call.__name__ = name
+    return call
+
+
+class GuardedStorage(BaseStorage):
+    """`inner`, with every failure of the storage itself raised as `StudyStorageError`."""
+
+    def __init__(self, inner: BaseStorage, url: str) -> None:
+        self.inner = inner
+        self.url = url
+
+    create_new_study = _guarded("create_new_study")
+    delete_study = _guarded("delete_study")
+    set_study_user_attr = _guarded("set_study_user_attr")
+    set_study_system_attr = _guarded("set_study_system_attr")
+    get_study_id_from_name = _guarded("get_study_id_from_name")
+    get_study_name_from_id = _guarded("get_study_name_from_id")
+    get_study_directions = _guarded("get_study_directions")
+    get_study_user_attrs = _guarded("get_study_user_attrs")
+    get_study_system_attrs = _guarded("get_study_system_attrs")
+    get_all_studies = _guarded("get_all_studies")
+    create_new_trial = _guarded("create_new_trial")
+    set_trial_param = _guarded("set_trial_param")
+    get_trial_id_from_study_id_trial_number = _guarded("get_trial_id_from_study_id_trial_number")
+    get_trial_number_from_id = _guarded("get_trial_number_from_id")
+    get_trial_param = _guarded("get_trial_param")
+    set_trial_state_values = _guarded("set_trial_state_values")
+    set_trial_intermediate_value = _guarded("set_trial_intermediate_value")
+    set_trial_user_attr = _guarded("set_trial_user_attr")
+    set_trial_system_attr = _guarded("set_trial_system_attr")
+    get_trial = _guarded("get_trial")
+    get_all_trials = _guarded("get_all_trials")
+    get_n_trials = _guarded("get_n_trials")
+    get_best_trial = _guarded("get_best_trial")
+    get_trial_params = _guarded("get_trial_params")
+    get_trial_user_attrs = _guarded("get_trial_user_attrs")
+    get_trial_system_attrs = _guarded("get_trial_system_attrs")
+    remove_session = _guarded("remove_session")
+    check_trial_is_updatable = _guarded("check_trial_is_updatable")
+
+
+class Storages:
+    """The storages of the studies a daemon serves: one per URL, opened on first use. A storage
+    that failed is forgotten, so the next study on its URL opens it afresh."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, GuardedStorage] = {}
+
+    def open(self, url: str) -> GuardedStorage:
+        """The storage at `url`; raises StudyStorageError if it cannot be opened, whatever the
+        reason (a path that cannot be created, a server that is down)."""
+        storage = self._open.get(url)
+        if storage is None:
+            try:
+                # get_storage puts Optuna's trial cache in front of an RDBStorage, as
+                # create_study would have done with the bare storage.
+                inner = optuna.storages.get_storage(open_storage(url))
+            except Exception as exc:
+                raise storage_failure(url, exc) from exc
+            storage = self._open[url] = GuardedStorage(inner, url)
+        return storage
+
+    def forget(self, url: str) -> None:
+        self._open.pop(url, None)
