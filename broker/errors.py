@@ -16,6 +16,7 @@ __all__ = [
     "RedisDataLostError",
     "RedisUnavailableError",
     "RemoteTrialError",
+    "StudyConflictError",
 ]
 
 
@@ -61,3 +62,8 @@ class ObjectiveLoadError(OptunaRQError):
 
 class RemoteTrialError(OptunaRQError):
     """The broker refused a trial call, or did not answer it."""
+
+
+class StudyConflictError(OptunaRQError):
+    """A command that conflicts with the study as it is: another definition under its name, or a
+    cancel or change of a study that has ended. Nothing was changed."""

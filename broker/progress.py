@@ -11,7 +11,7 @@ from rich.table import Table
 
 from optuna_rq.client import BrokerClient
 from optuna_rq.errors import ConfigError
-from optuna_rq.protocol import StudyState, StudyStatus
+from optuna_rq.protocol import StudyStatus
 
 __all__ = ["follow_study", "status_table"]
 
@@ -22,8 +22,11 @@ def follow_study(
     *,
     timeout_s: float | None,
     console: Console | None = None,
+    since: float | None = None,
 ) -> int:
-    """Show a progress bar until the study ends; the exit code says how it ended."""
+    """Show a progress bar until the study ends (with `since`, a submission's `submitted_at`:
+    ends after the broker took that submission). Exit code 0 if it finished with a COMPLETE
+    trial; else 1, and a line saying why."""
     console = console or Console(stderr=True)
     client.require_status(name)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -40,27 +43,38 @@ def follow_study(
             snap = _current(client, name)
             done = snap.done
             best = snap.best
-            failures = ", ".join(f"{k} {v}" for k, v in snap.fail_reasons.items())
             progress.update(
                 bar,
                 total=snap.n_trials,
                 completed=done,
                 best="-" if best is None else (f"{best:.6g}" if isinstance(best, float) else best),
-                failures=f"failed: {failures}" if failures else "",
+                failures=_beside(snap),
             )
-            if snap.state.ended:
+            taken = since is None or (snap.submitted_at is not None and snap.submitted_at >= since)
+            if snap.state.ended and taken:
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 console.print(f"[red]timeout:[/] study {name!r} is still {snap.state.value}")
                 return 1
             time.sleep(0.2)
-    if snap.state is StudyState.FINISHED:
+    why = snap.outcome()
+    if why is None:
         console.print(f"study {name!r} finished: {done} trials, best {best!r}")
+        if snap.error:  # a resubmission the broker could not run
+            console.print(f"[red]{snap.error}[/]")
+            return 1
         return 0
-    console.print(
-        f"[red]study {name!r} {snap.state.value}[/]" + (f": {snap.error}" if snap.error else "")
-    )
+    console.print(f"[red]study {name!r} {why}[/]")
     return 1
+
+
+def _beside(snap: StudyStatus) -> str:
+    """What the bar shows beside the budget: retries, and failures by reason."""
+    parts = [f"retries {snap.retries}"] if snap.retries else []
+    failures = ", ".join(f"{k} {v}" for k, v in sorted(snap.fail_reasons.items()))
+    if failures:
+        parts.append(f"failed: {failures}")
+    return "  ".join(parts)
 
 
 def _current(client: BrokerClient, name: str) -> StudyStatus:
@@ -79,7 +93,11 @@ def status_table(snapshot: StudyStatus) -> Table:
     rows = [
         ("state", snapshot.state.value + (f" ({snapshot.error})" if snapshot.error else "")),
         ("objective", snapshot.objective),
-        ("trials", f"{snapshot.done} / {snapshot.n_trials} done, {snapshot.running} running"),
+        (
+            "trials",
+            f"{snapshot.done} / {snapshot.n_trials} done, {snapshot.running} running"
+            + (f", {snapshot.retries} retries" if snapshot.retries else ""),
+        ),
         (
             "outcomes",
             f"{snapshot.complete} complete, {snapshot.pruned} pruned, {snapshot.failed} failed",

@@ -19,6 +19,7 @@ from optuna_rq.protocol.codec import (
 from optuna_rq.protocol.commands import Cancel, Change, Command, Submit, decode_command
 from optuna_rq.protocol.keys import (
     CALL_FIELD,
+    CANCEL_TTL_S,
     DEFAULT_LEASE_TTL_S,
     GROUP,
     REPLY_TTL_S,
@@ -47,6 +48,7 @@ from optuna_rq.protocol.status import StudyState, StudyStatus
 
 __all__ = [
     "CALL_FIELD",
+    "CANCEL_TTL_S",
     "DEFAULT_LEASE_TTL_S",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "ENV_SECRET",
