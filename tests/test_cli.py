@@ -148,7 +148,7 @@ def test_the_cap_and_set_concurrency_hold_as_measured_by_the_objective(
         "--param",
         f"key={prefix}",
         "--param",
-        "hold_s=0.15",
+        "hold_s=0.5",  # the study still runs when `set` comes, on a loaded machine
         "--n-trials",
         "40",
         "--concurrency",
@@ -231,7 +231,7 @@ def test_cancel_ends_running_trials_as_cancelled(
         "--param",
         f"key={prefix}",
         "--param",
-        "hold_s=0.5",
+        "hold_s=2",  # long enough that the study runs when `cancel` comes, on a loaded machine
         "--n-trials",
         "50",
         "--concurrency",
@@ -271,7 +271,7 @@ def test_a_missing_function_fails_its_trials_and_everything_keeps_serving(
     waited = run_cli("wait", "missing", "--timeout", "60")
     assert waited.returncode == 1 and "import_error" in waited.stderr
     snapshot = status_of(run_cli, "missing")  # stopped after a few, not the whole budget
-    assert snapshot["state"] == "failed" and snapshot["fail_reasons"] == {"import_error": 3}
+    assert snapshot["state"] == "failed" and snapshot["fail_reasons"]["import_error"] == 3
     run_cli(
         "submit",
         "tests.objectives:quadratic",
