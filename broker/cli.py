@@ -263,7 +263,8 @@ def submit(
     """Submit a study to the broker and print its name.
 
     Everything is checked before anything is sent: the objective path, the space file, every
-    suggestion, every number. Resubmitting an existing study name continues that study.
+    suggestion, every number. Resubmitting a study's definition runs it on to the new
+    --n-trials (an ended one too); another definition under its name is refused.
     """
     from optuna_rq.cli_checks import check_storage_url, check_trial_timeout
     from optuna_rq.protocol import StudySpec
@@ -310,7 +311,7 @@ def submit(
             "until you start one with `optuna-rq broker`"
         )
     if wait:
-        raise typer.Exit(client.follow(spec.name, timeout_s=None))
+        raise typer.Exit(client.follow(spec.name, timeout_s=None, submitted=spec))
 
 
 @app.command()
@@ -383,7 +384,8 @@ def wait_command(
 ) -> None:
     """Follow a study with a progress bar until it ends.
 
-    Exit 0 when it finished; 1 when it was cancelled, failed, or the timeout passed.
+    Exit 0 when it finished with a complete trial; 1 when it was cancelled, failed, finished
+    without one complete trial, or the timeout passed.
     """
     options: GlobalOptions = ctx.obj
     raise typer.Exit(read_client(options).follow(name, timeout_s=timeout))

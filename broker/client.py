@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from optuna_rq.errors import ConfigError, ProtocolError
+from optuna_rq.errors import ConfigError, ProtocolError, StudyConflictError
 from optuna_rq.protocol import (
     Cancel,
     Change,
@@ -57,7 +57,16 @@ class BrokerClient:
 
     def submit(self, spec: StudySpec, *, storage: str) -> None:
         """Submit `spec`. A study with no status yet shows as queued (with `storage`, the URL its
-        trials will be stored at) until the broker takes it."""
+        trials will be stored at) until the broker takes it. Resubmitting a study's definition
+        runs it on to the new budget; StudyConflictError, sending nothing, if a study of that
+        name exists with another definition (the broker refuses it too)."""
+        known = self.stored_spec(spec.name)
+        differences = [] if known is None else known.differences(spec)
+        if differences:
+            raise StudyConflictError(
+                f"study {spec.name!r} exists with another definition: {'; '.join(differences)}. "
+                "Nothing was changed; submit it under another --study-name"
+            )
         queued = StudyStatus(
             name=spec.name,
             state=StudyState.QUEUED,
@@ -72,11 +81,34 @@ class BrokerClient:
         self.send(Submit(spec=spec))
 
     def cancel(self, study: str) -> None:
+        """Cancel a queued or running study; StudyConflictError if it has ended (nothing is
+        sent: an ended study is never rewritten)."""
+        self._refuse_if_ended(study, "nothing to cancel")
         self.send(Cancel(study=study))
 
     def change(self, study: str, **changes: Any) -> None:
-        """`n_trials`, `concurrency` and/or `priority` for `study`."""
+        """`n_trials`, `concurrency` and/or `priority` for a queued or running `study`;
+        StudyConflictError if it has ended (resubmit it to run it on)."""
+        self._refuse_if_ended(
+            study, "not changed (resubmit it with a bigger --n-trials to run it on)"
+        )
         self.send(Change(study=study, **changes))
+
+    def _refuse_if_ended(self, study: str, outcome: str) -> None:
+        status = self.status(study)
+        if status is not None and status.state.ended:
+            raise StudyConflictError(f"study {study!r} is {status.state.value} already: {outcome}")
+
+    def stored_spec(self, study: str) -> StudySpec | None:
+        """The definition the broker holds for `study` (None: it has none yet)."""
+        raw: Any = self.connection.hget(self.keys.studies, study)
+        if raw is None:
+            return None
+        try:
+            return StudySpec.decode(raw)
+        except ProtocolError as exc:
+            log.warning("the stored spec of study %r is unreadable: %s", study, exc)
+            return None
 
     # -- what the broker publishes -----------------------------------------------------------
 
@@ -94,13 +126,21 @@ class BrokerClient:
         return status
 
     def follow(
-        self, study: str, *, timeout_s: float | None = None, console: Console | None = None
+        self,
+        study: str,
+        *,
+        timeout_s: float | None = None,
+        console: Console | None = None,
+        submitted: StudySpec | None = None,
     ) -> int:
         """Show the study's progress on `console` (default: stderr) until it ends, or until
-        `timeout_s` passes. Returns 0 if it finished, 1 if not (cancelled, failed, timed out)."""
+        `timeout_s` passes; with `submitted`, until the broker took that submission and the
+        study ended after it. Returns 0 if it finished with a COMPLETE trial, 1 if not
+        (cancelled, failed, no trial completed, timed out)."""
         from optuna_rq.progress import follow_study  # rich is for terminals only: imported late
 
-        return follow_study(self, study, timeout_s=timeout_s, console=console)
+        since = None if submitted is None else submitted.submitted_at
+        return follow_study(self, study, timeout_s=timeout_s, console=console, since=since)
 
     def statuses(self) -> list[StudyStatus]:
         """Every study's status, by name; one that cannot be read is skipped, with a warning."""

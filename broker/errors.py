@@ -16,6 +16,7 @@ __all__ = [
     "RedisDataLostError",
     "RedisUnavailableError",
     "RemoteTrialError",
+    "StudyConflictError",
     "StudyStorageError",
 ]
 
@@ -72,3 +73,8 @@ class StudyStorageError(OptunaRQError):
     def __init__(self, url: str, message: str) -> None:
         super().__init__(message)
         self.url = url
+
+
+class StudyConflictError(OptunaRQError):
+    """A command that conflicts with the study as it is: another definition under its name, or a
+    cancel or change of a study that has ended. Nothing was changed."""

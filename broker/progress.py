@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from optuna_rq.client import BrokerClient
 from optuna_rq.errors import ConfigError
-from optuna_rq.protocol import StudyState, StudyStatus
+from optuna_rq.protocol import StudyStatus
 
 __all__ = ["best_summary", "follow_study", "make_console", "status_detail", "status_lines"]
 
@@ -39,8 +39,11 @@ def follow_study(
     *,
     timeout_s: float | None,
     console: Console | None = None,
+    since: float | None = None,
 ) -> int:
-    """Show a progress bar until the study ends; the exit code says how it ended."""
+    """Show a progress bar until the study ends (with `since`, a submission's `submitted_at`:
+    ends after the broker took that submission). Exit code 0 if it finished with a COMPLETE
+    trial; else 1, and a line saying why."""
     console = console or make_console(stderr=True)
     client.require_status(name)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -55,28 +58,38 @@ def follow_study(
         bar = progress.add_task(name, total=None, best="", failures="")
         while True:
             snap = _current(client, name)
-            failures = ", ".join(f"{k} {v}" for k, v in snap.fail_reasons.items())
             progress.update(
                 bar,
                 total=snap.n_trials,
                 completed=min(snap.done, snap.n_trials),
                 best=escape(best_summary(snap)),
-                failures=f"failed: {failures}" if failures else "",
+                failures=escape(_beside(snap)),
             )
-            if snap.state.ended:
+            taken = since is None or (snap.submitted_at is not None and snap.submitted_at >= since)
+            if snap.state.ended and taken:
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 console.print(f"[red]timeout:[/] study {name!r} is still {snap.state.value}")
                 return 1
             time.sleep(0.2)
-    if snap.state is StudyState.FINISHED:
+    why = snap.outcome()
+    if why is None:
         console.print(f"study {name!r} finished: {snap.done} trials, {best_summary(snap)}")
+        if snap.error:  # a resubmission the broker could not run
+            console.print(f"[red]{escape(snap.error)}[/]")
+            return 1
         return 0
-    console.print(
-        f"[red]study {name!r} {snap.state.value}[/]"
-        + (f": {escape(snap.error)}" if snap.error else "")
-    )
+    console.print(f"[red]study {name!r} {escape(why)}[/]")
     return 1
+
+
+def _beside(snap: StudyStatus) -> str:
+    """What the bar shows beside the budget: retries, and failures by reason."""
+    parts = [f"retries {snap.retries}"] if snap.retries else []
+    failures = ", ".join(f"{k} {v}" for k, v in sorted(snap.fail_reasons.items()))
+    if failures:
+        parts.append(f"failed: {failures}")
+    return "  ".join(parts)
 
 
 def _current(client: BrokerClient, name: str) -> StudyStatus:
@@ -192,7 +205,8 @@ def status_detail(s: StudyStatus) -> list[str]:
         f"state        {s.state.value}" + (f" ({s.error})" if s.error else ""),
         f"objective    {s.objective}",
         f"directions   {', '.join(s.directions)}",
-        f"trials       {s.done}/{s.n_trials} done, {s.running} running",
+        f"trials       {s.done}/{s.n_trials} done, {s.running} running"
+        + (f", {s.retries} retries" if s.retries else ""),
         f"outcomes     {s.complete} complete, {s.pruned} pruned, {s.failed} failed",
         f"fail reasons {reasons}",
         f"concurrency  {s.concurrency}, priority {s.priority:g}",

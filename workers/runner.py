@@ -68,9 +68,12 @@ def run_trial(payload: bytes) -> None:
         holder=holder,
         timeout_s=timeout_s,
     )
-    with _leased(connection, attempt, ctx):
-        trial = RemoteTrial(connection, request, ctx.signer)
-        outcome = execute(request, worker=holder, served=ctx.served, trial=trial)
+    with _leased(connection, attempt, ctx) as cancelled:
+        if cancelled:  # the broker cancelled it while it was queued: it does not start
+            outcome = attempt.failed(FailReason.CANCELLED, "the study was cancelled")
+        else:
+            trial = RemoteTrial(connection, request, ctx.signer)
+            outcome = execute(request, worker=holder, served=ctx.served, trial=trial)
         deliver(connection, request.reply_to, ctx.signer.seal(outcome.encode()), attempt.lease)
     if ctx.metrics is not None:
         ctx.metrics.observe(outcome)
@@ -103,17 +106,21 @@ def refuse_trial(job: Any, why: str) -> None:
 
 
 @contextmanager
-def _leased(connection: redis.Redis, attempt: Attempt, ctx: WorkerContext) -> Iterator[None]:
-    """Hold the attempt's lease while the body runs: renewed by the supervising parent, or by a
-    thread here when this process has none."""
-    connection.set(attempt.lease, attempt.holder, px=int(ctx.lease_ttl_s * 1000))
+def _leased(connection: redis.Redis, attempt: Attempt, ctx: WorkerContext) -> Iterator[bool]:
+    """Hold the attempt's lease while the body runs: renewed by the supervising parent (which
+    also stops it if the broker cancels it), or by a thread here when this process has none.
+    Yields whether the attempt was cancelled before it started."""
+    pipe = connection.pipeline(transaction=False)
+    pipe.set(attempt.lease, attempt.holder, px=int(ctx.lease_ttl_s * 1000))
+    pipe.exists(attempt.cancel_mark)
+    cancelled = bool(pipe.execute()[1])
     if ctx.channel is None:
         with LeaseThread(connection, attempt, ctx.lease_ttl_s):
-            yield
+            yield cancelled
         return
     ctx.channel.started(attempt)
     try:
-        yield
+        yield cancelled
     finally:
         ctx.channel.ended(attempt)
 

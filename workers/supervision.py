@@ -8,8 +8,10 @@ The lease is renewed by the pool's parent process, not by the process running th
 an objective stuck in C code holds the GIL, and a renewing thread beside it would stall too.
 The child tells the parent, over a pipe, when an attempt starts and ends; the parent renews the
 leases of its running children, stops renewing for a child that is stopped (SIGSTOP), kills a
-child whose attempt runs past its deadline (`timeout`), and reports the attempt of a child that
-died mid-trial (`worker_lost`) at once, without waiting for the lease to lapse.
+child whose attempt runs past its deadline (`timeout`) or that the broker cancelled (its
+`Keys.cancel` mark, read with each renewal: `cancelled`), and reports the attempt of a child that
+died mid-trial (`worker_lost`) at once, without waiting for the lease to lapse. A killed child is
+restarted by its pool, and serves on.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from optuna_rq.processes import exited, stopped
 from optuna_rq.protocol import (
     RESULT_FIELD,
     FailReason,
+    Keys,
     Outcome,
     Signer,
     TrialRequest,
@@ -91,6 +94,11 @@ class Attempt:
             attempt=request.attempt,
             reply_to=request.reply_to,
         )
+
+    @property
+    def cancel_mark(self) -> str:
+        """The key the broker sets to cancel this attempt."""
+        return Keys.cancel(self.reply_to, self.job_id)
 
     @property
     def deadline(self) -> float | None:
@@ -193,6 +201,7 @@ class Supervisor:
         self.renew_every_s = lease_ttl_s / 4
         self.running: dict[int, Attempt] = {}  # child index -> its attempt
         self.timed_out: set[int] = set()  # children killed for their deadline
+        self.cancelled: set[int] = set()  # children killed because the broker cancelled
         self._gone_since: dict[int, float] = {}  # attempts whose process exited, unexplained
         self._next_renewal = 0.0
         self._renew_failing = False
@@ -204,6 +213,8 @@ class Supervisor:
         match message:
             case Started(attempt):
                 self.running[index] = attempt
+                self.timed_out.discard(index)  # flags of an earlier attempt that ended anyway
+                self.cancelled.discard(index)
             case Ended(job_id):
                 if current is not None and current.job_id == job_id:
                     del self.running[index]
@@ -244,14 +255,18 @@ class Supervisor:
             self._next_renewal = now + self.renew_every_s
 
     def _renew(self) -> None:
+        """Renew the leases of the running attempts, and stop the ones the broker cancelled."""
         pipe = self.connection.pipeline(transaction=False)
-        for attempt in self.running.values():
+        renewed = []
+        for index, attempt in self.running.items():
             if stopped(attempt.pid):  # a frozen worker must not hold on to its trial
                 continue
             # SET, not PEXPIRE: a lease that lapsed during a Redis outage comes back.
             pipe.set(attempt.lease, attempt.holder, px=self.ttl_ms)
+            pipe.exists(attempt.cancel_mark)
+            renewed.append(index)
         try:
-            pipe.execute()
+            replies = pipe.execute()
         except redis.RedisError as exc:
             if not self._renew_failing:
                 log.warning("cannot renew trial leases (will keep trying): %s", exc)
@@ -260,21 +275,37 @@ class Supervisor:
         if self._renew_failing:
             log.info("renewing trial leases again")
         self._renew_failing = False
+        for index, marked in zip(renewed, replies[1::2], strict=True):
+            if marked and index not in self.cancelled and index not in self.timed_out:
+                attempt = self.running[index]
+                log.warning(
+                    "%s was cancelled: killing its process %d", attempt.describe(), attempt.pid
+                )
+                self.cancelled.add(index)
+                _kill_group(attempt.pid)
 
     def child_exited(self, index: int, exitcode: int | None, *, cold: bool = False) -> None:
         """Report the attempt a dead child was running, if any."""
         self._report(index, exitcode, cold=cold)
 
     def _report(self, index: int, exitcode: int | None, *, cold: bool = False) -> None:
-        """FAIL `timeout` if we killed it for its deadline, else `worker_lost` (the broker
-        retries it). Once per attempt: it leaves `running` here."""
+        """FAIL `timeout` if we killed it for its deadline, `cancelled` if for the broker, else
+        `worker_lost` (the broker retries it). Once per attempt: it leaves `running` here."""
         attempt = self.running.pop(index, None)
         timed_out = index in self.timed_out
+        cancelled = index in self.cancelled
         self.timed_out.discard(index)
+        self.cancelled.discard(index)
         self._gone_since.pop(index, None)
         if attempt is None:
             return
-        if timed_out:
+        if cancelled:
+            result = attempt.failed(
+                FailReason.CANCELLED,
+                f"the study was cancelled; the worker process {attempt.pid} running the trial "
+                "was killed",
+            )
+        elif timed_out:
             result = attempt.failed(
                 FailReason.TIMEOUT,
                 f"the trial ran past its {attempt.timeout_s:g}s timeout; "

@@ -1,8 +1,9 @@
 """The Daemon: one broker process, serving every study submitted on its prefix.
 
 It composes the broker lock and epoch guard (`lock`), the command inbox (`inbox`), fair share
-(`fair_share`) and the status publisher (`status`) around one Dispatcher, and owns the studies
-it serves: their specs, their storages, their start and end.
+(`fair_share`) and the status publisher (`status`, which moves studies only as `lifecycle`
+allows) around one Dispatcher, and owns the studies it serves: their specs, their storages, their
+start and end.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ from optuna_rq.daemon.status import StatusPublisher
 from optuna_rq.daemon.stopping import StopConditions
 from optuna_rq.daemon.storages import Storages
 from optuna_rq.dispatch import Dispatcher, StudyRun
-from optuna_rq.errors import ConfigError, ProtocolError, RedisDataLostError, StudyStorageError
+from optuna_rq.errors import (
+    ConfigError,
+    ProtocolError,
+    RedisDataLostError,
+    StudyConflictError,
+    StudyStorageError,
+)
 from optuna_rq.metrics import BrokerMetrics
 from optuna_rq.protocol import Keys, Signer, StudySpec, StudyState
 from optuna_rq.studies import make_pruner, make_sampler
@@ -155,7 +162,8 @@ class Daemon:
         self.lock.keep()
         self.inbox.apply(raw_commands)
         self.fair_share.share(self.dispatcher.runs, self.specs, now)
-        self.dispatcher.refill()
+        if self.dispatcher.refill():
+            self.status.mark(*self.dispatcher.runs)  # `running` changed, before any result
         self._update_metrics(now)  # after refilling: the steady state, not a drained moment
         told = self.dispatcher.poll(self.settings.poll_s)
         if told:
@@ -190,6 +198,7 @@ class Daemon:
                 log.error("ignoring stored study %r: %s", name, exc)
                 continue
             status = self.client.status(spec.name)
+            self.status.lifecycle.learn(spec.name, None if status is None else status.state)
             if status is not None and status.state.ended:
                 continue
             self._start(spec, resumed=True)
@@ -229,8 +238,11 @@ class Daemon:
             return
         except Exception as exc:  # whatever a submission breaks, it breaks for itself alone
             log.error("study %r cannot start: %s", spec.name, exc)
-            self.specs[spec.name] = spec
-            self.status.publish(spec, None, state=StudyState.FAILED, error=str(exc))
+            if self.status.lifecycle.state(spec.name) in (None, StudyState.QUEUED):
+                self.specs[spec.name] = spec
+                self.status.publish(spec, None, state=StudyState.FAILED, error=str(exc))
+            else:  # an ended study keeps its result: only its status says the resubmission failed
+                self.status.annotate(spec, f"resubmission failed: {exc}")
             return
         self.specs[spec.name] = spec
         self.dispatcher.add(run)
@@ -244,7 +256,7 @@ class Daemon:
             spec.n_trials,
             spec.concurrency,
         )
-        self.status.mark(spec.name)
+        self.status.publish(spec, run, state=StudyState.RUNNING)  # now: `wait` sees it taken
 
     def _storage_failed(self, error: StudyStorageError, starting: StudySpec | None = None) -> None:
         """A study storage failed: every study on it (and `starting`, the one that found out)
@@ -264,50 +276,101 @@ class Daemon:
             log.error("%s", error)
 
     def _finish_done_runs(self) -> bool:
-        """End the studies that told their whole budget; True if any did."""
-        finished = [name for name, run in self.dispatcher.runs.items() if run.done]
-        for name in finished:
+        """End the studies that told their whole budget (finished), and those whose trials
+        cannot run (failed); True if any ended."""
+        ended = [n for n, run in self.dispatcher.runs.items() if run.done or run.cannot_run]
+        for name in ended:
             run = self.dispatcher.runs.pop(name)
+            if run.cannot_run and not run.done:
+                self.dispatcher.cancel(run, why=f"the study failed: {run.cannot_run}")
+                self.status.publish(
+                    self.specs[name], run, state=StudyState.FAILED, error=run.cannot_run
+                )
+                log.error("study %r failed: %s", name, run.cannot_run)
+                continue
             stopped = self.stopping.reason(name)  # a stop condition held: named in the status
             self.status.publish(self.specs[name], run, state=StudyState.FINISHED, error=stopped)
             log.info("study %r finished: %d trials", name, run.told)
-        return bool(finished)
+        return bool(ended)
 
     # commands (the inbox's CommandHandler)
 
+    def _known_spec(self, name: str) -> StudySpec | None:
+        """The spec the study was last submitted with: held, or stored by an earlier broker."""
+        if name in self.specs:
+            return self.specs[name]
+        raw: Any = self.connection.hget(self.keys.studies, name)
+        if raw is None:
+            return None
+        try:
+            return StudySpec.decode(raw)
+        except ProtocolError as exc:
+            log.error("replacing the unreadable stored spec of study %r: %s", name, exc)
+            return None
+
+    def _learn_state(self, name: str) -> StudyState | None:
+        """The study's state, read from its published status if this broker does not know it."""
+        if name not in self.dispatcher.runs:
+            status = self.client.status(name)
+            self.status.lifecycle.learn(name, None if status is None else status.state)
+        return self.status.lifecycle.state(name)
+
     def on_submit(self, spec: StudySpec) -> None:
-        """Start the study, or, if it runs already, take the new budget, cap and priority."""
+        """Start the study; or, if it exists with the same definition, take the new budget, cap,
+        priority, timeout and retries, and run it on (an ended one too) to its new budget. A
+        different definition under its name is refused (StudyConflictError), changing nothing."""
+        known = self._known_spec(spec.name)
+        differences = [] if known is None else known.differences(spec)
+        if differences:
+            raise StudyConflictError(
+                f"study {spec.name!r} exists with another definition: "
+                f"{'; '.join(differences)} (submit it under another --study-name)"
+            )
         if spec.name in self.dispatcher.runs:
-            changes = {"n_trials": spec.n_trials, "concurrency": spec.concurrency}
-            self.on_change(spec.name, {**changes, "priority": spec.priority})
+            self.on_change(spec.name, _resubmitted(spec))
             return
+        self._learn_state(spec.name)
         self.connection.hset(self.keys.studies, spec.name, spec.encode())
         self._start(spec)
 
     def on_cancel(self, name: str) -> None:
-        """End the study CANCELLED: its queued and running trials fail (cancelled)."""
+        """End the study CANCELLED: its queued trials are withdrawn and its running ones stopped
+        on their workers; all end FAIL (cancelled). An ended study is left as it is
+        (StudyConflictError)."""
         run = self.dispatcher.runs.pop(name, None)
         if run is not None:
             self.dispatcher.cancel(run)
             self.status.publish(self.specs[name], run, state=StudyState.CANCELLED)
             log.info("cancelled study %r", name)
-        elif name in self.specs or self.connection.hexists(self.keys.studies, name):
-            stored_spec: Any = self.connection.hget(self.keys.studies, name)
-            spec = self.specs.get(name) or StudySpec.decode(stored_spec or b"")
-            self.status.publish(spec, None, state=StudyState.CANCELLED)
+            return
+        spec = self._known_spec(name)
+        if spec is None:
+            raise ConfigError(f"no study {name!r} to cancel")
+        state = self._learn_state(name)
+        if state is not None and state.ended:
+            raise StudyConflictError(f"study {name!r} is {state.value} already: not cancelled")
+        self.status.publish(spec, None, state=StudyState.CANCELLED)
 
     def on_change(self, name: str, changes: dict[str, Any]) -> None:
-        """Apply `changes` to the study's spec (stored too) and to its run, if it runs."""
+        """Apply `changes` to a running study's spec (stored too) and to its run. An ended study
+        is left as it is (StudyConflictError): resubmitting it runs it on."""
         spec = self.specs.get(name)
         if spec is None:
             raise ConfigError(f"no study {name!r} to change")
+        run = self.dispatcher.runs.get(name)
+        if run is None:
+            state = self._learn_state(name)
+            raise StudyConflictError(
+                f"study {name!r} is {state.value if state else 'not running'}: not changed "
+                "(resubmit it to run it on)"
+            )
         spec = spec.with_changes(**changes)
         self.specs[name] = spec
         self.connection.hset(self.keys.studies, name, spec.encode())
-        run = self.dispatcher.runs.get(name)
-        if run is not None:
-            run.concurrency = spec.concurrency
-            run.n_trials = max(spec.n_trials, run.asked)
+        run.concurrency = spec.concurrency
+        run.n_trials = max(spec.n_trials, run.asked)
+        run.trial_timeout_s = spec.trial_timeout_s
+        run.max_retries = spec.max_retries
         log.info("study %r changed: %s", name, changes)
         self.status.mark(name)
 
@@ -318,3 +381,9 @@ class Daemon:
     def on_delete(self, name: str, *, force: bool, purge: bool) -> None:
         """Forget the study (`daemon.admin.delete_study`)."""
         delete_study(self, name, force=force, purge=purge)
+
+
+def _resubmitted(spec: StudySpec) -> dict[str, Any]:
+    """What a resubmission of a running study changes: everything but its definition."""
+    fields = ("n_trials", "concurrency", "priority", "trial_timeout_s", "max_retries")
+    return {**{name: getattr(spec, name) for name in fields}, "submitted_at": spec.submitted_at}

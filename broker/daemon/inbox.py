@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import redis
 
 from optuna_rq.dispatch import count_refusal
-from optuna_rq.errors import ConfigError, ProtocolError
+from optuna_rq.errors import ConfigError, ProtocolError, StudyConflictError
 from optuna_rq.protocol import (
     Cancel,
     Change,
@@ -36,8 +36,8 @@ BATCH = 100  # commands read per step
 
 
 class CommandHandler(Protocol):
-    """What the commands do; it may raise ConfigError, KeyError, TypeError or ValueError to
-    refuse one."""
+    """What the commands do; it may raise ConfigError, StudyConflictError, KeyError, TypeError or
+    ValueError to refuse one."""
 
     def on_submit(self, spec: StudySpec) -> None: ...
 
@@ -74,7 +74,7 @@ class CommandInbox:
             except ProtocolError as exc:
                 log.error("refused a command: %s", exc)
                 count_refusal(self.connection, self.keys.prefix, "command")
-            except (ConfigError, KeyError, TypeError, ValueError) as exc:
+            except (ConfigError, StudyConflictError, KeyError, TypeError, ValueError) as exc:
                 log.error("refused a command: %s", exc)
         # Commands are idempotent, so trimming after applying loses none if we die in between.
         self.connection.ltrim(self.keys.commands, len(raw_commands), -1)

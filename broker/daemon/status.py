@@ -3,6 +3,9 @@
 A study's StudyStatus (its spec, its state, its trials by outcome and failures by reason, its best
 trial or Pareto front) is written to `Keys.status` when the study starts, ends or changes, and
 while it runs, at most every `interval_s` seconds and only once something was told about it.
+
+Every state it writes is a move its `Lifecycle` allows; it refuses the others, so an ended study
+is never rewritten. Counts are of the budget: a lost trial and its retries are one unit.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import optuna
 import redis
 from optuna.trial import TrialState
 
-from optuna_rq.dispatch import StudyRun
+from optuna_rq.daemon.lifecycle import Lifecycle
+from optuna_rq.dispatch import RETRY_OF_ATTR, StudyRun
 from optuna_rq.protocol import Keys, StudySpec, StudyState, StudyStatus
 from optuna_rq.verdict import FAIL_REASON_ATTR
 
@@ -38,6 +42,7 @@ class StatusPublisher:
         self.keys = keys
         self.interval_s = interval_s
         self.storage_url = storage_url
+        self.lifecycle = Lifecycle()
         self._dirty: set[str] = set()
         self._last_publish = 0.0
 
@@ -72,7 +77,9 @@ class StatusPublisher:
         state: StudyState,
         error: str | None = None,
     ) -> None:
-        """Write the study's status now: from its spec, and from its `run` if it has one."""
+        """Write the study's status now: from its spec, and from its `run` if it has one.
+        StudyConflictError, writing nothing, if the study may not move to `state`."""
+        self.lifecycle.move(spec.name, state)
         summary = (
             {} if run is None else {**_study_summary(run.study), "running": len(run.outstanding)}
         )
@@ -86,7 +93,19 @@ class StatusPublisher:
             priority=spec.priority,
             storage=self.storage_url(spec),
             error=error,
+            submitted_at=spec.submitted_at,
             **summary,
+        )
+        self.connection.hset(self.keys.status, spec.name, status.to_json())
+
+    def annotate(self, spec: StudySpec, error: str) -> None:
+        """Say on an ended study's status that its resubmission `spec` was refused, changing
+        nothing else: a `submit --wait` following it learns why, instead of waiting on."""
+        raw: Any = self.connection.hget(self.keys.status, spec.name)
+        if raw is None:
+            return
+        status = StudyStatus.from_json(raw).with_changes(
+            error=error, submitted_at=spec.submitted_at
         )
         self.connection.hset(self.keys.status, spec.name, status.to_json())
 
@@ -95,10 +114,13 @@ def _study_summary(study: optuna.Study) -> dict[str, Any]:
     """The StudyStatus fields read from the study's trials."""
     trials = study.get_trials(deepcopy=False)
     by_state = {state: 0 for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    retried = {t.user_attrs[RETRY_OF_ATTR] for t in trials if RETRY_OF_ATTR in t.user_attrs}
     reasons: dict[str, int] = {}
+    ended = 0
     for trial in trials:
         if trial.state in by_state:
             by_state[trial.state] += 1
+            ended += trial.number not in retried  # its last attempt: one unit of the budget
         if trial.state is TrialState.FAIL:
             reason = str(trial.user_attrs.get(FAIL_REASON_ATTR, "unknown"))
             reasons[reason] = reasons.get(reason, 0) + 1
@@ -107,6 +129,8 @@ def _study_summary(study: optuna.Study) -> dict[str, Any]:
         "pruned": by_state[TrialState.PRUNED],
         "failed": by_state[TrialState.FAIL],
         "fail_reasons": reasons,
+        "ended": ended,
+        "retries": sum(1 for t in trials if RETRY_OF_ATTR in t.user_attrs),
     }
     if not by_state[TrialState.COMPLETE]:
         return summary

@@ -288,6 +288,7 @@ class Dispatcher:
 
     def _finish(self, run: StudyRun, record: InFlight, verdict: Verdict) -> None:
         tell(run.study, record.trial, verdict)
+        run.note(verdict)
         if record.holds_slot:
             self.retries.forget(run, record)
         run.finish(record.number)
@@ -336,13 +337,20 @@ class Dispatcher:
         for run in self.runs.values():
             self.cancel(run)
 
-    def cancel(self, run: StudyRun) -> None:
-        """No new trials for `run`; its queued jobs are withdrawn and its trials in flight end
-        FAIL (`cancelled`). A result that still arrives from a running one is dropped as stale."""
+    def cancel(self, run: StudyRun, why: str | None = None) -> None:
+        """No new trials for `run`; its queued jobs are withdrawn, its running objectives are
+        stopped on their workers (`Keys.cancel`), and its trials in flight end FAIL
+        (`cancelled`, with `why`). A result that still arrives from a running one is dropped as
+        stale."""
         run.n_trials = run.asked
-        self.sender.withdraw_queued(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
+        self.sender.withdraw(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
+        verdict = (
+            _CANCELLED
+            if why is None
+            else Verdict(state=TrialState.FAIL, fail_reason=FailReason.CANCELLED, error=why)
+        )
         for record in run.in_flight():
-            self._finish(run, record, _CANCELLED)
+            self._finish(run, record, verdict)
 
     def abandon(self, run: StudyRun) -> None:
         """Stop dispatching `run` without a word to its storage (which failed): its queued jobs
@@ -350,7 +358,7 @@ class Dispatcher:
         stale. Results read and not yet acknowledged are read again, so that the other
         studies' are told even if the failure cut a batch short."""
         self.runs.pop(run.name, None)
-        self.sender.withdraw_queued(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
+        self.sender.withdraw(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
         for record in run.in_flight():
             if record.holds_slot:
                 self.retries.forget(run, record)

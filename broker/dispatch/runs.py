@@ -17,17 +17,31 @@ import optuna
 from optuna.trial import TrialState
 
 from optuna_rq.errors import ConfigError, ProtocolError
-from optuna_rq.protocol import check_params, parse_objective_path
+from optuna_rq.protocol import FailReason, check_params, parse_objective_path
 from optuna_rq.space import Suggestion
 from optuna_rq.trials import live_trial
-from optuna_rq.verdict import tell, worker_lost
+from optuna_rq.verdict import Verdict, tell, worker_lost
 
-__all__ = ["ATTEMPT_ATTR", "RETRY_OF_ATTR", "InFlight", "Phase", "StudyRun"]
+__all__ = [
+    "ATTEMPT_ATTR",
+    "CANNOT_RUN",
+    "CANNOT_RUN_AFTER",
+    "RETRY_OF_ATTR",
+    "InFlight",
+    "Phase",
+    "StudyRun",
+]
 
 RETRY_OF_ATTR = "retry_of"
 """User attribute of a retry: the number of the trial whose lost attempt it runs again."""
 ATTEMPT_ATTR = "attempt"
 """User attribute of a retry: which attempt at those params it is (the first is 1, unmarked)."""
+CANNOT_RUN = frozenset({FailReason.IMPORT_ERROR, FailReason.NOT_ALLOWED})
+"""Fail reasons that say the objective never ran: no trial of the study can, until a worker is
+fixed."""
+CANNOT_RUN_AFTER = 3
+"""Trials in a row failing for a `CANNOT_RUN` reason after which a study stops (failed), rather
+than spend its budget on them."""
 
 
 class Phase(enum.Enum):
@@ -85,6 +99,8 @@ class StudyRun:
     asked: int = 0  # budget spent: trials asked that are not retries
     told: int = 0
     peak_outstanding: int = 0
+    cannot_run: str | None = None  # why no trial can run (see `note`): the study must stop
+    _cannot_run_streak: int = field(default=0, init=False, repr=False)
     _in_flight: dict[int, InFlight] = field(default_factory=dict, init=False, repr=False)
     _counts: Counter[Phase] = field(default_factory=Counter, init=False, repr=False)
 
@@ -199,6 +215,21 @@ class StudyRun:
             self._counts[record.phase] -= 1
         self.told += 1
         return record
+
+    def note(self, verdict: Verdict) -> None:
+        """Count a told verdict: `CANNOT_RUN_AFTER` in a row that say the objective cannot run
+        (it does not import, no worker may serve it) set `cannot_run`; any other resets it."""
+        if verdict.fail_reason not in CANNOT_RUN:
+            self._cannot_run_streak = 0
+            return
+        self._cannot_run_streak += 1
+        if self._cannot_run_streak >= CANNOT_RUN_AFTER and self.cannot_run is None:
+            reason = verdict.fail_reason.value if verdict.fail_reason else "unknown"
+            last = (verdict.error or "").strip().splitlines()[-1:] or [""]
+            self.cannot_run = (
+                f"{reason}: {self._cannot_run_streak} trials in a row could not run "
+                f"{self.objective}: {last[0]}"
+            )
 
     def _move(self, record: InFlight, phase: Phase) -> None:
         # Crossing between holding a slot and not re-inserts the record: each side keeps the

@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from optuna_rq.dispatch.runs import InFlight, StudyRun
-from optuna_rq.protocol import RUN_TRIAL, Keys, Signer, TrialRequest, trial_queue
+from optuna_rq.protocol import CANCEL_TTL_S, RUN_TRIAL, Keys, Signer, TrialRequest, trial_queue
 from optuna_rq.space import process
 
 __all__ = ["FINISHED_JOB_TTL_S", "FAILED_JOB_TTL_S", "TrialSender"]
@@ -80,8 +80,16 @@ class TrialSender:
             pipe.exists(self.queue.job_class.key_for(self.job_id(run, record)))
         return [bool(exists) for exists in pipe.execute()]
 
-    def withdraw_queued(self, run: StudyRun, records: Sequence[InFlight]) -> None:
-        """Cancel the jobs of `records` that no worker has taken yet."""
+    def withdraw(self, run: StudyRun, records: Sequence[InFlight]) -> None:
+        """Cancel the jobs of `records` that no worker has taken yet, and mark every one
+        cancelled (`Keys.cancel`): the worker running it, or taking it in the meantime, stops
+        it."""
+        if not records:
+            return
+        pipe = self.connection.pipeline(transaction=False)
+        for record in records:
+            pipe.set(Keys.cancel(self.reply_to, self.job_id(run, record)), 1, ex=CANCEL_TTL_S)
+        pipe.execute()
         for record in records:
             job = self.queue.fetch_job(self.job_id(run, record))
             if job is not None and job.get_status(refresh=False) == "queued":

@@ -27,6 +27,7 @@ from optuna_rq.protocol.commands import (
 )
 from optuna_rq.protocol.keys import (
     CALL_FIELD,
+    CANCEL_TTL_S,
     DEFAULT_LEASE_TTL_S,
     GROUP,
     REPLY_TTL_S,
@@ -56,6 +57,7 @@ from optuna_rq.protocol.status import StudyState, StudyStatus
 
 __all__ = [
     "CALL_FIELD",
+    "CANCEL_TTL_S",
     "DEFAULT_LEASE_TTL_S",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "ENV_SECRET",

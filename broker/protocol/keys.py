@@ -17,6 +17,8 @@ One broker serves one prefix; several brokers can share a Redis with different p
 and, per attempt, keyed by the result stream it reports to (`reply_to`):
 
     <reply_to>:lease:<job id>         held by the worker running the attempt (`--lease-ttl`)
+    <reply_to>:cancel:<job id>        set by the broker when it cancels a running attempt: the
+                                      worker's supervisor sees it and stops the objective
     <reply_to>:call:<trial>:<attempt> the list a remote trial waits on for the broker's replies
 """
 
@@ -27,7 +29,15 @@ import hashlib
 
 from optuna_rq.errors import ConfigError
 
-__all__ = ["CALL_FIELD", "DEFAULT_LEASE_TTL_S", "GROUP", "REPLY_TTL_S", "RESULT_FIELD", "Keys"]
+__all__ = [
+    "CALL_FIELD",
+    "CANCEL_TTL_S",
+    "DEFAULT_LEASE_TTL_S",
+    "GROUP",
+    "REPLY_TTL_S",
+    "RESULT_FIELD",
+    "Keys",
+]
 
 RESULT_FIELD = b"m"
 """The result-stream entry field that holds an encoded `TrialResult`."""
@@ -39,6 +49,9 @@ DEFAULT_LEASE_TTL_S = 10.0
 """How long a lease outlives its last renewal (`--lease-ttl`); renewed every quarter of it."""
 REPLY_TTL_S = 300
 """How long a reply list outlives its last reply (a trial that never reads it)."""
+CANCEL_TTL_S = 3600
+"""How long a cancel mark waits for the worker running its attempt (one frozen, or cut off from
+Redis, sees it when it comes back; after that its lease has long lapsed anyway)."""
 
 
 class Keys:
@@ -73,6 +86,12 @@ class Keys:
         `reply_to`'s broker: it expires unless renewed, and a broker that finds it gone fails
         the attempt."""
         return f"{reply_to}:lease:{job_id}"
+
+    @staticmethod
+    def cancel(reply_to: str, job_id: str) -> str:
+        """The mark the broker sets when it cancels the running attempt `job_id`: the worker
+        holding its lease stops the objective and reports it FAIL `cancelled`."""
+        return f"{reply_to}:cancel:{job_id}"
 
     @staticmethod
     def reply_list(reply_to: str, trial_number: int, attempt: int) -> str:

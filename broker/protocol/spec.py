@@ -21,6 +21,7 @@ from optuna_rq.protocol.schema import Float, Int, Map, Message, Text, Texts, ver
 from optuna_rq.spacefile import space_from_data
 
 __all__ = [
+    "DEFINITION",
     "DIRECTIONS",
     "MAX_CONCURRENCY",
     "MAX_N_TRIALS",
@@ -174,6 +175,30 @@ class StudySpec(Message):
 
     def with_changes(self, **changes: Any) -> StudySpec:
         return dataclasses.replace(self, **changes)
+
+    def differences(self, other: StudySpec) -> list[str]:
+        """What makes `other` another study than this one, one phrase per field (empty: the
+        same definition). Only `DEFINITION` counts: budget, cap, priority, timeout and retries
+        may change from one submission to the next."""
+        found = []
+        for name in DEFINITION:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine == theirs:
+                continue
+            if name == "space":
+                keys = sorted(
+                    k for k in {*mine, *theirs} if mine.get(k, _MISSING) != theirs.get(k, _MISSING)
+                )
+                found.append(f"space ({', '.join(keys)} differ)")
+            else:
+                found.append(f"{name} {mine!r}, not {theirs!r}")
+        return found
+
+
+DEFINITION = ("objective", "space", "directions", "sampler", "seed", "pruner", "storage")
+"""The StudySpec fields that define a study: a submission that differs in one is another study,
+and is refused under the same name."""
+_MISSING = object()
 
 
 def _installed(module: str) -> bool:

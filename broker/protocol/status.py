@@ -65,6 +65,13 @@ class StudyStatus(Message):
     best_values: list[list[float]] | None = wire(Kind(), default=None)
     best_params: dict[str, Any] | list[dict[str, Any]] | None = wire(Kind(), default=None)
     fail_reasons: dict[str, int] = wire(Map(), default_factory=dict)
+    # The budget's count: trials whose last attempt ended (a lost trial and the retries of it
+    # are one unit). None in a snapshot from before it was published: `done` falls back.
+    ended: int | None = wire(Int(minimum=0, optional=True), default=None)
+    retries: int = wire(_COUNT, default=0)
+    # The submission this snapshot reflects (its StudySpec's `submitted_at`): `submit --wait`
+    # waits past the snapshots of an earlier one.
+    submitted_at: float | None = wire(Float(optional=True), default=None)
     storage: str = wire(Text(nonempty=False))
     error: str | None = wire(Text(optional=True, nonempty=False), default=None)
     updated_at: str = wire(Text(), default_factory=lambda: _now())
@@ -76,8 +83,25 @@ class StudyStatus(Message):
 
     @property
     def done(self) -> int:
-        """Trials that ended, by any state."""
+        """How much of the budget (`n_trials`) is done: trials that ended, by any state, not
+        counting the attempts that were retried."""
+        if self.ended is not None:
+            return self.ended
         return self.complete + self.pruned + self.failed
+
+    def outcome(self) -> str | None:
+        """Why an ended study is not a success (None if it finished with a COMPLETE trial, or
+        has not ended): the line `wait` prints before exiting non-zero."""
+        if not self.state.ended:
+            return None
+        if self.state is not StudyState.FINISHED:
+            return str(self.state.value) + (f": {self.error}" if self.error else "")
+        if self.complete:
+            return None
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.fail_reasons.items()))
+        return f"finished without a complete trial: {self.pruned} pruned, {self.failed} failed" + (
+            f" ({reasons})" if reasons else ""
+        )
 
     @property
     def best(self) -> float | list[list[float]] | None:
