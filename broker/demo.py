@@ -6,19 +6,21 @@ go further, and leaves nothing running, whatever happens.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 from optuna_rq.client import BrokerClient
 from optuna_rq.connection import connect
 from optuna_rq.embedded import ensure_embedded, stop_embedded
-from optuna_rq.errors import OptunaRQError
+from optuna_rq.errors import ConfigError, OptunaRQError
 from optuna_rq.progress import make_console
 from optuna_rq.protocol import StudySpec
 from optuna_rq.space import suggest
@@ -27,7 +29,7 @@ from optuna_rq.studies import default_storage_url
 
 DEMO_OBJECTIVE = "optuna_rq.examples.rosenbrock:objective"
 DEMO_PREFIX = "optuna-rq-demo"
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_WATCH_S = 0.2
 
 
 def demo_space() -> dict[str, object]:
@@ -46,7 +48,6 @@ def demo_space() -> dict[str, object]:
 
 def _start(args: list[str], redis_url: str, state: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, OPTUNA_RQ_STATE_DIR=str(state))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
     argv = [
         sys.executable,
         "-m",
@@ -69,20 +70,66 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+def _check_objective_imports(module: str) -> None:
+    """Import the demo's objective here, as its workers will, and say so at once if it fails."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(
+            f"the demo's objective module {module!r} cannot be imported ({exc}); "
+            "reinstall optuna-rq, whose wheel ships it"
+        ) from exc
+
+
+def _watch_workers(
+    workers: subprocess.Popen[bytes], client: BrokerClient, study: str, stopped: threading.Event
+) -> threading.Thread:
+    """Cancel `study` as soon as `workers` exits on its own: nothing else would run its trials."""
+
+    def watch() -> None:
+        while not stopped.wait(_WATCH_S):
+            if workers.poll() is not None:
+                client.cancel(study)
+                return
+
+    thread = threading.Thread(target=watch, name="demo-workers-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def next_commands() -> str:
+    """The commands to go further, as this user types them: through `uv run` if that is how
+    the demo started, else the `optuna-rq` on PATH, else this interpreter's module."""
+    if os.environ.get("UV"):  # uv sets it in what `uv run` starts
+        command = "uv run optuna-rq"
+    elif shutil.which("optuna-rq"):
+        command = "optuna-rq"
+    else:
+        command = f"{sys.executable} -m optuna_rq.cli"
+    return (
+        "\nNext, on your own objective (see README.md):\n"
+        f"  {command} broker &\n"
+        f"  {command} workers --import mypkg.train --count 4 &\n"
+        f"  {command} submit mypkg.train:objective --space space.yaml "
+        "--n-trials 100 --concurrency 4 --wait"
+    )
+
+
 def run_demo(*, n_trials: int = 60, concurrency: int = 4, workers: int = 2) -> dict[str, Any]:
     """Run the demo study end to end and return its final status; everything started stops."""
     console = make_console(stderr=True)
     state = Path(tempfile.mkdtemp(prefix="orq-demo-", dir="/tmp"))
     started: list[subprocess.Popen[bytes]] = []
+    stopped = threading.Event()
+    module = DEMO_OBJECTIVE.partition(":")[0]
+    _check_objective_imports(module)
     try:
         console.print(f"[bold]optuna-rq demo[/]: embedded Redis under {state}")
         redis_url = ensure_embedded(state)
         connection = connect(redis_url)
         started.append(_start(["broker"], redis_url, state))
-        module = DEMO_OBJECTIVE.partition(":")[0]
-        started.append(
-            _start(["workers", "--import", module, "--count", str(workers)], redis_url, state)
-        )
+        pool = _start(["workers", "--import", module, "--count", str(workers)], redis_url, state)
+        started.append(pool)
         spec = StudySpec(
             name="demo",
             objective=DEMO_OBJECTIVE,
@@ -93,11 +140,16 @@ def run_demo(*, n_trials: int = 60, concurrency: int = 4, workers: int = 2) -> d
         )
         client = BrokerClient(connection, DEMO_PREFIX)
         client.submit(spec, storage=default_storage_url(state))
+        _watch_workers(pool, client, spec.name, stopped)
         console.print(
             f"a broker, {workers} workers, and {n_trials} trials of {DEMO_OBJECTIVE}, "
             f"at most {concurrency} at once"
         )
         code = client.follow(spec.name, timeout_s=300, console=console)
+        if pool.poll() is not None:
+            raise OptunaRQError(
+                f"the demo's workers exited with code {pool.returncode} (their error is above)"
+            )
         status = client.status(spec.name)
         if code != 0 or status is None or status.best_value is None:
             ended = f"{status.state.value}: {status.error}" if status else "gone"
@@ -106,15 +158,10 @@ def run_demo(*, n_trials: int = 60, concurrency: int = 4, workers: int = 2) -> d
         best_params: Any = status.best_params
         for name, value in sorted(best_params.items()):
             console.print(f"  {name} = {value!r}")
-        console.print(
-            "\nNext, on your own objective (see README.md):\n"
-            "  optuna-rq broker &\n"
-            "  optuna-rq workers --import mypkg.train --count 4 &\n"
-            "  optuna-rq submit mypkg.train:objective --space space.yaml "
-            "--n-trials 100 --concurrency 4 --wait"
-        )
+        console.print(next_commands())
         return status.to_dict()
     finally:
+        stopped.set()
         for process in reversed(started):
             _stop(process)
         stop_embedded(state)

