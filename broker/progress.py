@@ -46,7 +46,7 @@ def follow_study(
                 total=snap.n_trials,
                 completed=done,
                 best="-" if best is None else (f"{best:.6g}" if isinstance(best, float) else best),
-                failures=f"failed: {failures}" if failures else "",
+                failures=(f"failed: {failures}" if failures else "") + _waiting_note(snap),
             )
             if snap.state.ended:
                 break
@@ -63,6 +63,15 @@ def follow_study(
     return 1
 
 
+def _waiting_note(snap: StudyStatus) -> str:
+    """What a study with no live worker on its queue waits for, and how to start one."""
+    if not snap.waiting_for_workers or snap.state.ended:
+        return ""
+    module = snap.objective.partition(":")[0]
+    queue = "" if snap.queue == "default" else f" --queue {snap.queue}"
+    return f"  waiting for a worker: optuna-rq workers --import {module}{queue}"
+
+
 def _current(client: BrokerClient, name: str) -> StudyStatus:
     status = client.status(name)
     if status is None:
@@ -77,8 +86,14 @@ def status_table(snapshot: StudyStatus) -> Table:
     table.add_column()
     best = snapshot.best
     rows = [
-        ("state", snapshot.state.value + (f" ({snapshot.error})" if snapshot.error else "")),
+        (
+            "state",
+            snapshot.state.value
+            + (f" ({snapshot.error})" if snapshot.error else "")
+            + _waiting_note(snapshot),
+        ),
         ("objective", snapshot.objective),
+        ("queue", snapshot.queue),
         ("trials", f"{snapshot.done} / {snapshot.n_trials} done, {snapshot.running} running"),
         (
             "outcomes",

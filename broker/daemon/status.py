@@ -86,6 +86,8 @@ class StatusPublisher:
             priority=spec.priority,
             storage=self.storage_url(spec),
             error=error,
+            queue=spec.queue,
+            waiting_for_workers=run is not None and run.waiting_for_workers,
             **summary,
         )
         self.connection.hset(self.keys.status, spec.name, status.to_json())

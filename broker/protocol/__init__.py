@@ -2,8 +2,8 @@
 
 Both sides import it; it imports neither (`.ci/run` checks the contract with import-linter). It
 owns every message and its schema (`messages`, `commands`, `status`, `spec`), every Redis name
-(`keys`), the RQ queue and its serializer (`queue`), signing (`signing`) and the objective
-contract (`objectives`).
+and queue name (`keys`), who is alive (`heartbeat`), the RQ queue and its serializer (`queue`),
+signing (`signing`) and the objective contract (`objectives`).
 """
 
 from optuna_rq.errors import ProtocolError
@@ -17,13 +17,16 @@ from optuna_rq.protocol.codec import (
     decode_map,
 )
 from optuna_rq.protocol.commands import Cancel, Change, Command, Submit, decode_command
+from optuna_rq.protocol.heartbeat import PoolHeartbeat, live_pools, workers_on
 from optuna_rq.protocol.keys import (
     CALL_FIELD,
     DEFAULT_LEASE_TTL_S,
+    DEFAULT_QUEUE,
     GROUP,
     REPLY_TTL_S,
     RESULT_FIELD,
     Keys,
+    check_queue_name,
 )
 from optuna_rq.protocol.messages import (
     FailReason,
@@ -49,6 +52,7 @@ __all__ = [
     "CALL_FIELD",
     "DEFAULT_LEASE_TTL_S",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_QUEUE",
     "ENV_SECRET",
     "GROUP",
     "MAX_CONTAINER_LEN",
@@ -66,6 +70,7 @@ __all__ = [
     "MsgpackSerializer",
     "Outcome",
     "Param",
+    "PoolHeartbeat",
     "ProtocolError",
     "Signer",
     "StudySpec",
@@ -77,11 +82,14 @@ __all__ = [
     "TrialRequest",
     "TrialResult",
     "check_params",
+    "check_queue_name",
     "decode_command",
     "decode_map",
     "describe_exception",
     "judge_return",
+    "live_pools",
     "objective_path_of",
     "parse_objective_path",
     "trial_queue",
+    "workers_on",
 ]

@@ -16,6 +16,7 @@ from typing import Any
 
 from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.protocol.codec import check_params
+from optuna_rq.protocol.keys import DEFAULT_QUEUE, check_queue_name
 from optuna_rq.protocol.objectives import parse_objective_path
 from optuna_rq.protocol.schema import Float, Int, Map, Message, Text, Texts, version_field, wire
 from optuna_rq.spacefile import space_from_data
@@ -51,6 +52,8 @@ class StudySpec(Message):
     trial_timeout_s: float | None = wire(Float(minimum=0, optional=True), default=None)
     max_retries: int = wire(Int(minimum=0), default=2)
     priority: float = wire(Float(minimum=0), default=1.0)
+    # The resource class its trials go to (`--queue gpu`): workers started with that --queue.
+    queue: str = wire(Text(), default=DEFAULT_QUEUE)
     submitted_at: float = wire(Float(), default_factory=time.time)
     v: int = version_field()
 
@@ -91,6 +94,7 @@ class StudySpec(Message):
             raise ConfigError(f"--max-retries must be an integer >= 0, got {self.max_retries!r}")
         if not _positive_number(self.priority):
             raise ConfigError(f"--priority must be a number > 0, got {self.priority!r}")
+        check_queue_name(self.queue)
         if self.storage is not None and not isinstance(self.storage, str):
             raise ConfigError(f"--storage must be a URL, got {self.storage!r}")
 
