@@ -67,9 +67,14 @@ def _waiting_note(snap: StudyStatus) -> str:
     """What a study with no live worker on its queue waits for, and how to start one."""
     if not snap.waiting_for_workers or snap.state.ended:
         return ""
+    return f"  waiting for a worker: {_worker_command(snap)}"
+
+
+def _worker_command(snap: StudyStatus) -> str:
+    """The command that starts a worker for the study's trials."""
     module = snap.objective.partition(":")[0]
     queue = "" if snap.queue == "default" else f" --queue {snap.queue}"
-    return f"  waiting for a worker: optuna-rq workers --import {module}{queue}"
+    return f"optuna-rq workers --import {module}{queue}"
 
 
 def _current(client: BrokerClient, name: str) -> StudyStatus:
@@ -86,12 +91,7 @@ def status_table(snapshot: StudyStatus) -> Table:
     table.add_column()
     best = snapshot.best
     rows = [
-        (
-            "state",
-            snapshot.state.value
-            + (f" ({snapshot.error})" if snapshot.error else "")
-            + _waiting_note(snapshot),
-        ),
+        ("state", snapshot.state.value + (f" ({snapshot.error})" if snapshot.error else "")),
         ("objective", snapshot.objective),
         ("queue", snapshot.queue),
         ("trials", f"{snapshot.done} / {snapshot.n_trials} done, {snapshot.running} running"),
@@ -108,6 +108,8 @@ def status_table(snapshot: StudyStatus) -> Table:
         ("best params", "-" if not snapshot.best_params else repr(snapshot.best_params)),
         ("storage", snapshot.storage),
     ]
+    if _waiting_note(snapshot):
+        rows.insert(1, ("waiting for a worker", f"start one: {_worker_command(snapshot)}"))
     for label, value in rows:
         table.add_row(label, value)
     return table
