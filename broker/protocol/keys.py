@@ -95,6 +95,13 @@ class Keys:
         """The RQ queue of objectives defined in `module`, in resource class `queue`."""
         return f"{self.prefix}:{queue}:{module}"
 
+    @staticmethod
+    def prefix_of(rq_queue: str) -> str:
+        """The prefix of a trial queue (`<prefix>:<queue>:<module>`; a prefix may hold ':',
+        a queue and a module cannot)."""
+        parts = rq_queue.rsplit(":", 2)
+        return parts[0] if len(parts) == 3 else rq_queue
+
     def queue_class(self, rq_queue: str) -> str | None:
         """The resource class of one of this prefix's trial queues (None: not one of them)."""
         head = f"{self.prefix}:"
