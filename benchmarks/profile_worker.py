@@ -27,7 +27,7 @@ import optuna
 from optuna_rq.connection import connect
 from optuna_rq.dispatch import Dispatcher, StudyRun
 from optuna_rq.embedded import ensure_embedded, stop_embedded
-from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, trial_queue
+from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, Keys, trial_queue
 from optuna_rq.protocol.queue import MsgpackSerializer
 from optuna_rq.space import suggest
 from optuna_rq.workers import context, loader
@@ -63,7 +63,7 @@ def main() -> None:
         conn = connect(url)
         queue = f"prof-{time.monotonic_ns()}"
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler())
-        dispatcher = Dispatcher(conn, prefix=queue, queue=queue, reply_to=f"{queue}:results")
+        dispatcher = Dispatcher(conn, prefix=queue, reply_to=f"{queue}:results")
         run = StudyRun(
             study=study,
             objective="benchmarks.objectives:noop",
@@ -85,7 +85,9 @@ def main() -> None:
             )
         )
         worker = TrialWorker(
-            [trial_queue(conn, queue)], connection=conn, serializer=MsgpackSerializer
+            [trial_queue(conn, Keys(queue).trial_queue("benchmarks.objectives"))],
+            connection=conn,
+            serializer=MsgpackSerializer,
         )
         profile = cProfile.Profile()
         started = time.perf_counter()

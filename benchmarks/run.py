@@ -36,7 +36,7 @@ from rq import Worker
 from optuna_rq import Optimizer, suggest
 from optuna_rq.connection import connect
 from optuna_rq.embedded import ensure_embedded, stop_embedded
-from optuna_rq.protocol import trial_queue
+from optuna_rq.protocol import Keys, trial_queue
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -47,7 +47,8 @@ SLEEP_S = 0.05
 
 
 class OurWorkers:
-    """`optuna-rq workers --count N` on a queue of its own, ready when every worker registered."""
+    """`optuna-rq workers --count N` on a prefix of its own, ready when every worker
+    registered."""
 
     def __init__(self, url: str, count: int, isolation: str = "process") -> None:
         self.url, self.count, self.queue = url, count, f"bench{count}-{time.monotonic_ns()}"
@@ -58,9 +59,9 @@ class OurWorkers:
                 "optuna_rq.cli",
                 "--redis-url",
                 url,
-                "workers",
-                "--queue",
+                "--prefix",
                 self.queue,
+                "workers",
                 "--import",
                 "benchmarks.objectives",
                 "--count",
@@ -73,7 +74,8 @@ class OurWorkers:
             env=dict(os.environ, PYTHONPATH=str(ROOT)),
         )
         conn = connect(url)
-        while Worker.count(connection=conn, queue=trial_queue(conn, self.queue)) < count:
+        queue = trial_queue(conn, Keys(self.queue).trial_queue("benchmarks.objectives"))
+        while Worker.count(connection=conn, queue=queue) < count:
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -97,7 +99,7 @@ def ours(
         n_trials=n_trials,
         study=study,
         connection=conn,
-        queue=workers.queue,
+        prefix=workers.queue,
     )
     before = _command_calls(conn)
     cpu, wall = time.process_time(), time.perf_counter()
@@ -359,7 +361,7 @@ def latency(url: str, n_trials: int) -> dict[str, float]:
             n,
             study=study,
             connection=connection,
-            queue=workers.queue,
+            prefix=workers.queue,
         ).run(x=suggest.float(0, 1))
         return sorted(study.trials, key=lambda t: t.number)
 
@@ -395,7 +397,7 @@ def remote_trial(url: str, trials: int) -> dict[str, float]:
             1,
             trials,
             connection=connect(url),
-            queue=workers.queue,
+            prefix=workers.queue,
         )
         remote.run()
     finally:

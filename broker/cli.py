@@ -29,7 +29,7 @@ from optuna_rq.cli_redis import redis_app
 from optuna_rq.cli_studies import best, delete, enqueue, load_enqueue_file, trials
 from optuna_rq.errors import ConfigError, OptunaRQError
 from optuna_rq.progress import make_console
-from optuna_rq.protocol import DEFAULT_LEASE_TTL_S
+from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, DEFAULT_QUEUE
 
 app = typer.Typer(
     name="optuna-rq",
@@ -62,10 +62,58 @@ def workers(
             "Only objectives defined in these modules are ever imported.",
         ),
     ],
-    count: Annotated[int, typer.Option("--count", "-n", min=1, help="Worker processes.")] = 1,
-    queue: Annotated[
-        str | None, typer.Option("--queue", "-q", help="Queue to serve. Default: the prefix.")
+    count: Annotated[
+        int | None,
+        typer.Option(
+            "--count", "-n", min=1, help="Worker processes. Default: 1, or one per --gpus set."
+        ),
     ] = None,
+    queues: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--queue",
+            "-q",
+            help="A resource class to take trials of (studies submitted with --queue NAME); "
+            "repeat for several, first served first. Default: default.",
+        ),
+    ] = None,
+    paths: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--path",
+            "-P",
+            help="A directory to import the --import modules from (repeatable). "
+            "The current directory always is one.",
+        ),
+    ] = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            "--gpus",
+            help="GPUs to pin worker processes to: a count (4) or device ids (0,1,2,3). "
+            "Each worker process gets its own CUDA_VISIBLE_DEVICES, kept across restarts.",
+        ),
+    ] = None,
+    gpus_per_trial: Annotated[
+        int, typer.Option("--gpus-per-trial", min=1, help="GPUs each worker process gets.")
+    ] = 1,
+    autoscale: Annotated[
+        str | None,
+        typer.Option(
+            "--autoscale",
+            metavar="MIN,MAX",
+            help="Grow to MAX worker processes while studies on these queues want them, "
+            "shrink to MIN when idle (only idle workers are stopped).",
+        ),
+    ] = None,
+    scale_down_after: Annotated[
+        float,
+        typer.Option(
+            "--scale-down-after",
+            min=0,
+            help="With --autoscale: seconds a worker process stays idle before it is retired.",
+        ),
+    ] = 30.0,
     log_level: Annotated[
         str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
     ] = "INFO",
@@ -99,20 +147,38 @@ def workers(
 ) -> None:
     """Start COUNT worker processes that run trials of objectives from the --import modules.
 
+    They take only trials of those modules, from the --queue resource classes, first served
+    first: `--queue gpu --queue default` takes GPU trials before default ones.
+
     SIGTERM or Ctrl-C stops them gracefully: each finishes its running trial first. A second
     one stops them at once; the broker retries their trials elsewhere.
     """
+    from optuna_rq.workers.autoscale import parse_autoscale
+    from optuna_rq.workers.gpus import device_sets
     from optuna_rq.workers.pool import WorkerPool, WorkerSettings
 
     options: GlobalOptions = ctx.obj
     signer = options.signer()
     level = configure_logging(log_level)
+    devices = None if gpus is None else device_sets(gpus, gpus_per_trial)
+    if gpus is None and gpus_per_trial != 1:
+        raise ConfigError("--gpus-per-trial needs --gpus (the devices to share out)")
+    if autoscale is not None and count is not None:
+        raise ConfigError("give --count or --autoscale MIN,MAX, not both")
+    for path in paths or []:
+        if not path.is_dir():
+            raise ConfigError(f"--path {str(path)!r} is not a directory")
     url, _connection = connect_redis(options)
     settings = WorkerSettings(
         redis_url=url,
-        queue=queue or options.prefix,
+        prefix=options.prefix,
+        queues=tuple(queues or [DEFAULT_QUEUE]),
+        paths=(*(str(p.resolve()) for p in paths or []), str(Path.cwd())),
+        gpus=devices,
+        autoscale=None if autoscale is None else parse_autoscale(autoscale),
+        scale_down_after_s=scale_down_after,
         modules=tuple(modules),
-        count=count,
+        count=count or (len(devices) if devices else 1),
         log_level=level,
         secret=signer.secret,
         max_message_bytes=signer.max_message_bytes,
@@ -258,6 +324,15 @@ def submit(
         int | None,
         typer.Option("--patience", help="Stop condition: N completed trials without improvement."),
     ] = None,
+    queue: Annotated[
+        str,
+        typer.Option(
+            "--queue",
+            "-q",
+            help="The resource class its trials run in: only workers started with "
+            "--queue NAME (and --import of its module) take them.",
+        ),
+    ] = DEFAULT_QUEUE,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the study until it ends.")] = False,
 ) -> None:
     """Submit a study to the broker and print its name.
@@ -297,6 +372,7 @@ def submit(
         timeout_s=timeout,
         target=target,
         patience=patience,
+        queue=queue,
     )
     client = make_client(options)
     client.submit(spec, storage=storage or default_storage_url(options.state()))

@@ -1,18 +1,20 @@
 """Prometheus metrics for the broker (`optuna-rq broker --metrics-port P`).
 
-`optuna_rq_desired_workers` is the autoscaling signal: the workers that would keep every active
-study at its cap (the sum over studies of min(cap, trials left)). A capped broker keeps its queue
-near empty, so queue length alone says little about how many workers would help.
+`optuna_rq_desired_workers{queue}` is the autoscaling signal, one per resource class (`--queue`):
+the workers that would keep every active study of that class at its cap (the sum over its studies
+of min(cap, trials left)). A capped broker keeps its queues near empty, so queue length alone
+says little about how many workers would help. `optuna_rq_live_workers{queue}` counts the workers
+whose pool's heartbeat is current.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from optuna_rq.dispatch import DispatchObserver, StudyRun
-from optuna_rq.protocol import FailReason
+from optuna_rq.protocol import DEFAULT_QUEUE, FailReason
 
 __all__ = ["BrokerMetrics"]
 
@@ -24,6 +26,7 @@ class BrokerMetrics(DispatchObserver):
 
     def __init__(self) -> None:
         self._reported: set[str] = set()
+        self._classes: set[str] = {DEFAULT_QUEUE}
         self.registry = CollectorRegistry()
         r = self.registry
         self.trials = Counter(
@@ -43,11 +46,22 @@ class BrokerMetrics(DispatchObserver):
         )
         self.queue_depth = Gauge("optuna_rq_queue_depth", "Jobs waiting in the queue.", registry=r)
         self.live_workers = Gauge(
-            "optuna_rq_live_workers", "Workers registered on the queue.", registry=r
+            "optuna_rq_live_workers",
+            "Workers of live pools (heartbeat current), by resource class.",
+            ["queue"],
+            registry=r,
         )
         self.desired_workers = Gauge(
             "optuna_rq_desired_workers",
-            "Workers that would keep every active study at its cap: sum of min(cap, trials left).",
+            "Workers that would keep every active study of a resource class at its cap: "
+            "sum of min(cap, trials left).",
+            ["queue"],
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "optuna_rq_studies_waiting_for_workers",
+            "Active studies no live worker listens to, by resource class.",
+            ["queue"],
             registry=r,
         )
         self.ask_seconds = Histogram(
@@ -116,18 +130,28 @@ class BrokerMetrics(DispatchObserver):
 
     # gauges, set by the daemon each turn
 
-    def update(self, runs: Iterable[StudyRun], *, queue_depth: int, live_workers: int) -> None:
-        desired = 0
+    def update(
+        self, runs: Iterable[StudyRun], *, queue_depth: int, live_workers: Mapping[str, int]
+    ) -> None:
+        """Set the gauges. `live_workers` maps a resource class to its live workers; a class
+        with studies or workers is reported, at 0 once it has neither."""
+        desired: dict[str, int] = {}
+        waiting: dict[str, int] = {}
         seen = set()
         for run in runs:
             seen.add(run.name)
             self.outstanding.labels(study=run.name).set(len(run.outstanding))
             self.cap.labels(study=run.name).set(run.concurrency)
-            desired += max(0, run.demand)
+            desired[run.queue] = desired.get(run.queue, 0) + max(0, run.demand)
+            waiting[run.queue] = waiting.get(run.queue, 0) + run.waiting_for_workers
         for name in self._reported - seen:  # a study that ended stops being reported
             self.outstanding.remove(name)
             self.cap.remove(name)
         self._reported = seen
-        self.desired_workers.set(desired)
+        # Every class seen once stays reported (at 0): a scaler reads 0, not "no data".
+        self._classes.update(desired, live_workers)
+        for cls in self._classes:
+            self.desired_workers.labels(queue=cls).set(desired.get(cls, 0))
+            self.waiting.labels(queue=cls).set(waiting.get(cls, 0))
+            self.live_workers.labels(queue=cls).set(live_workers.get(cls, 0))
         self.queue_depth.set(queue_depth)
-        self.live_workers.set(live_workers)

@@ -26,9 +26,13 @@ import optuna
 import redis
 from optuna.trial import FrozenTrial, TrialState
 
+from optuna_rq.connection import DEFAULT_PREFIX
 from optuna_rq.errors import ConfigError
 from optuna_rq.protocol import (
+    DEFAULT_QUEUE,
     FailReason,
+    Keys,
+    check_queue_name,
     describe_exception,
     objective_path_of,
     parse_objective_path,
@@ -193,6 +197,12 @@ class Optimizer:
             the run the same way, with the trials in flight FAIL `cancelled`, and the error
             is raised by the run.
 
+    Keyword-only, to run trials on workers (optuna-rq's own; flytekitplugins.optuna has none):
+        redis_url or connection: the Redis the workers listen on.
+        queue: the resource class trials run in, as `submit --queue`: workers started with
+            `--queue NAME` take them. Default: `default`.
+        prefix: the key prefix the workers were started with (`--prefix`). Default: optuna-rq.
+
     Raises:
         ValueError (`broker.errors.ConfigError`): for any invalid argument, naming it.
 
@@ -210,6 +220,7 @@ class Optimizer:
     connection: redis.Redis | None = field(default=None, kw_only=True, repr=False)
     queue: str | None = field(default=None, kw_only=True)
     callbacks: Sequence[StudyCallback] | None = field(default=None, kw_only=True)
+    prefix: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.study is None:
@@ -239,6 +250,8 @@ class Optimizer:
         if self.is_remote:
             if self.redis_url is not None and self.connection is not None:
                 raise ConfigError("give redis_url or connection, not both")
+            check_queue_name(self.queue or DEFAULT_QUEUE, option="queue")
+            Keys(self.prefix or DEFAULT_PREFIX)  # checks it
             self._objective_path = _remote_objective_path(
                 self.objective, len(self.study.directions)
             )
@@ -292,24 +305,24 @@ class Optimizer:
     async def _run_remote(self, inputs: dict[str, Any]) -> None:
         """Dispatch the trials to workers from a thread; cancelling the await stops the run and
         ends the outstanding trials FAIL (`cancelled`), so none is left RUNNING."""
-        from optuna_rq.connection import DEFAULT_PREFIX, connect
+        from optuna_rq.connection import connect
         from optuna_rq.dispatch import Dispatcher, StudyRun
-        from optuna_rq.protocol import Keys, Signer
+        from optuna_rq.protocol import Signer
 
         connection = self.connection or connect(self.redis_url or "")
-        queue = self.queue or DEFAULT_PREFIX
+        prefix = self.prefix or DEFAULT_PREFIX
         run = StudyRun(
             study=self._study,
             objective=self._objective_path,
             inputs=inputs,
             concurrency=self.concurrency,
             n_trials=self.n_trials,
+            queue=self.queue or DEFAULT_QUEUE,
         )
         dispatcher = Dispatcher(
             connection,
-            prefix=queue,
-            queue=queue,
-            reply_to=Keys(queue).private_results(uuid.uuid4().hex),
+            prefix=prefix,
+            reply_to=Keys(prefix).private_results(uuid.uuid4().hex),
             signer=Signer.from_env(),
         )
         dispatcher.add(run)

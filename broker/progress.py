@@ -63,7 +63,7 @@ def follow_study(
                 total=snap.n_trials,
                 completed=min(snap.done, snap.n_trials),
                 best=escape(best_summary(snap)),
-                failures=escape(_beside(snap)),
+                failures=escape(_beside(snap) + _waiting_note(snap)),
             )
             taken = since is None or (snap.submitted_at is not None and snap.submitted_at >= since)
             if snap.state.ended and taken:
@@ -90,6 +90,20 @@ def _beside(snap: StudyStatus) -> str:
     if failures:
         parts.append(f"failed: {failures}")
     return "  ".join(parts)
+
+
+def _waiting_note(snap: StudyStatus) -> str:
+    """What a study with no live worker on its queue waits for, and how to start one."""
+    if not snap.waiting_for_workers or snap.state.ended:
+        return ""
+    return f"  waiting for a worker: {_worker_command(snap)}"
+
+
+def _worker_command(snap: StudyStatus) -> str:
+    """The command that starts a worker for the study's trials."""
+    module = snap.objective.partition(":")[0]
+    queue = "" if snap.queue == "default" else f" --queue {snap.queue}"
+    return f"optuna-rq workers --import {module}{queue}"
 
 
 def _current(client: BrokerClient, name: str) -> StudyStatus:
@@ -204,6 +218,7 @@ def status_detail(s: StudyStatus) -> list[str]:
         f"study        {s.name}",
         f"state        {s.state.value}" + (f" ({s.error})" if s.error else ""),
         f"objective    {s.objective}",
+        f"queue        {s.queue}",
         f"directions   {', '.join(s.directions)}",
         f"trials       {s.done}/{s.n_trials} done, {s.running} running"
         + (f", {s.retries} retries" if s.retries else ""),
@@ -212,6 +227,8 @@ def status_detail(s: StudyStatus) -> list[str]:
         f"concurrency  {s.concurrency}, priority {s.priority:g}",
         f"best         {best_summary(s).removeprefix('best ')}",
     ]
+    if _waiting_note(s):
+        lines.insert(2, f"waiting for  a worker: start one with {_worker_command(s)}")
     if not s.multi_objective:
         lines.append(f"best params  {s.best_params!r}" if s.best_params else "best params  -")
     lines += [f"storage      {s.storage}", f"updated      {s.updated_at}"]

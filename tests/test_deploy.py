@@ -47,7 +47,7 @@ def test_kustomization_lists_existing_files_and_every_default_manifest() -> None
     listed = kustomization["resources"]
     assert all((KUBERNETES / name).is_file() for name in listed)
     # documented, not applied by default
-    alternatives = {"keda-scaledobject-queue-length.yaml", "servicemonitor.yaml"}
+    alternatives = {"servicemonitor.yaml"}
     present = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"} - alternatives
     assert set(listed) == present
     [image] = kustomization["images"]
@@ -126,28 +126,34 @@ def test_the_service_monitor_selects_the_broker_metrics_service() -> None:
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
 
 
-def test_keda_scales_the_workers_on_desired_workers() -> None:
-    scaled = [d for _, d in manifests() if d["kind"] == "ScaledObject"]
-    assert len(scaled) == 1
-    spec = scaled[0]["spec"]
-    assert scaled[0]["apiVersion"] == "keda.sh/v1alpha1"
-    assert spec["scaleTargetRef"]["name"] == "workers"
-    deployments = {d["metadata"]["name"] for _, d in manifests() if d["kind"] == "Deployment"}
-    assert "workers" in deployments
-    [trigger] = spec["triggers"]
-    assert trigger["type"] == "prometheus"
-    assert "optuna_rq_desired_workers" in trigger["metadata"]["query"]
-    assert float(trigger["metadata"]["threshold"]) > 0
+def test_keda_scales_each_worker_class_on_its_own_desired_workers() -> None:
+    scaled = {
+        d["spec"]["scaleTargetRef"]["name"]: d
+        for _, d in manifests()
+        if d["kind"] == "ScaledObject"
+    }
+    deployments = {d["metadata"]["name"]: d for _, d in manifests() if d["kind"] == "Deployment"}
+    assert set(scaled) == {"workers", "workers-gpu"} <= set(deployments)
+    for target, queue in (("workers", "default"), ("workers-gpu", "gpu")):
+        assert scaled[target]["apiVersion"] == "keda.sh/v1alpha1"
+        [trigger] = scaled[target]["spec"]["triggers"]
+        assert trigger["type"] == "prometheus"
+        assert f'optuna_rq_desired_workers{{queue="{queue}"}}' in trigger["metadata"]["query"]
+        assert float(trigger["metadata"]["threshold"]) > 0
+    # The queue-length trigger is gone: a capped broker keeps queues near empty.
+    assert not (KUBERNETES / "keda-scaledobject-queue-length.yaml").exists()
 
-    alternative = list(
-        yaml.safe_load_all((KUBERNETES / "keda-scaledobject-queue-length.yaml").read_text())
+
+def test_gpu_workers_take_the_gpu_queue_one_gpu_each() -> None:
+    gpu = next(
+        d
+        for _, d in manifests()
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "workers-gpu"
     )
-    [queue_trigger] = alternative[0]["spec"]["triggers"]
-    assert (
-        queue_trigger["type"] == "redis"
-        and queue_trigger["metadata"]["listName"] == "rq:queue:optuna-rq"
-    )
-    assert alternative[1]["kind"] == "TriggerAuthentication"
+    [container] = gpu["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--queue") + 1] == "gpu" and args[args.index("--gpus") + 1] == "1"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
 def test_the_broker_is_a_single_replica_ready_on_its_metrics() -> None:

@@ -72,7 +72,7 @@ def test_broker_and_worker_metrics_during_a_real_study(
     )
     try:
         wait_until(
-            lambda: value(scrape(broker_port), "optuna_rq_live_workers") == 2,
+            lambda: value(scrape(broker_port), "optuna_rq_live_workers", queue="default") == 2,
             timeout_s=60,
             message="the broker did not see 2 live workers",
         )
@@ -103,7 +103,9 @@ def test_broker_and_worker_metrics_during_a_real_study(
         wait_until(running, timeout_s=30, message="never saw 2 outstanding trials")
         during = scrape(broker_port)
         assert value(during, "optuna_rq_concurrency_cap", study="m") == 2
-        assert value(during, "optuna_rq_desired_workers") == 2  # min(cap 2, trials left)
+        assert (
+            value(during, "optuna_rq_desired_workers", queue="default") == 2
+        )  # min(cap 2, trials left)
         assert value(during, "optuna_rq_queue_depth") is not None
 
         assert run_cli("wait", "m", "--timeout", "60").returncode == 0
@@ -111,14 +113,14 @@ def test_broker_and_worker_metrics_during_a_real_study(
         def settled() -> bool:  # the gauges are refreshed by the broker's loop
             m = scrape(broker_port)
             told = value(m, "optuna_rq_trials_total", study="m", state="COMPLETE", reason="")
-            return told == 8 and value(m, "optuna_rq_desired_workers") == 0
+            return told == 8 and value(m, "optuna_rq_desired_workers", queue="default") == 0
 
         wait_until(settled, timeout_s=10)
         after = scrape(broker_port)
         assert value(after, "optuna_rq_ask_seconds_count") == 8
         assert value(after, "optuna_rq_tell_seconds_count") == 8
         assert value(after, "optuna_rq_result_to_tell_seconds_count") == 8
-        assert value(after, "optuna_rq_desired_workers") == 0
+        assert value(after, "optuna_rq_desired_workers", queue="default") == 0
         assert value(after, "optuna_rq_outstanding_trials", study="m") is None  # ended
         ran = sum(
             value(

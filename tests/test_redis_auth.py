@@ -110,13 +110,19 @@ def test_broker_and_workers_run_a_study_as_least_privilege_users(acl_socket: Pat
         from rq import Worker
 
         admin = connect(broker_url)
-        from optuna_rq.protocol import trial_queue
+        from optuna_rq.protocol import Keys, trial_queue
 
         wait_until(
-            lambda: Worker.count(connection=admin, queue=trial_queue(admin, ACL_PREFIX)) == 2,
+            lambda: (
+                Worker.count(
+                    connection=admin,
+                    queue=trial_queue(admin, Keys(ACL_PREFIX).trial_queue("tests.objectives")),
+                )
+                == 2
+            ),
             timeout_s=60,
         )
-        opt = Optimizer("tests.objectives:quadratic", 2, 6, redis_url=broker_url, queue=ACL_PREFIX)
+        opt = Optimizer("tests.objectives:quadratic", 2, 6, redis_url=broker_url, prefix=ACL_PREFIX)
         opt.run(x=suggest.float(0, 1))
         assert [t.state for t in opt.study.trials] == [TrialState.COMPLETE] * 6
     finally:
@@ -250,14 +256,20 @@ def test_a_study_over_tls(tls_url: str) -> None:
     try:
         from rq import Worker
 
-        from optuna_rq.protocol import trial_queue
+        from optuna_rq.protocol import Keys, trial_queue
 
         conn = connect(tls_url)
         wait_until(
-            lambda: Worker.count(connection=conn, queue=trial_queue(conn, "tlsq")) == 1,
+            lambda: (
+                Worker.count(
+                    connection=conn,
+                    queue=trial_queue(conn, Keys("tlsq").trial_queue("tests.objectives")),
+                )
+                == 1
+            ),
             timeout_s=60,
         )
-        opt = Optimizer("tests.objectives:quadratic", 1, 3, redis_url=tls_url, queue="tlsq")
+        opt = Optimizer("tests.objectives:quadratic", 1, 3, redis_url=tls_url, prefix="tlsq")
         opt.run(x=suggest.float(0, 1))
         assert [t.state for t in opt.study.trials] == [TrialState.COMPLETE] * 3
     finally:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def remote(objective: object, queue: str, redis_url: str, **kwargs: object) -> Optimizer:
-    return Optimizer(objective, redis_url=redis_url, queue=queue, **kwargs)  # type: ignore[arg-type]
+    return Optimizer(objective, redis_url=redis_url, prefix=queue, **kwargs)  # type: ignore[arg-type]
 
 
 def test_a_remote_study_finishes_with_exactly_n_trials_complete(
@@ -67,7 +67,6 @@ def test_multi_objective_on_workers(redis_url: str, workers_factory) -> None:
         ("tests.objectives:returns_str", "bad_return", "expected a float"),
         ("tests.objectives:returns_nan", "bad_return", "NaN"),
         ("tests.objectives:not_there", "import_error", "has no function 'not_there'"),
-        ("tests.mark_on_import:objective", "not_allowed", "not served here"),
     ],
 )
 def test_failures_are_told_fail_with_their_reason(
@@ -171,11 +170,9 @@ def test_cancelling_a_remote_run_leaves_no_trial_running(
     trials = opt.study.trials
     assert [t.state for t in trials] == [TrialState.FAIL] * (2 + ASK_AHEAD)
     assert {t.user_attrs[FAIL_REASON_ATTR] for t in trials} == {"cancelled"}
-    from rq import Queue
+    from optuna_rq.protocol import Keys, trial_queue
 
-    from optuna_rq.protocol.queue import MsgpackSerializer
-
-    assert Queue(prefix, connection=conn, serializer=MsgpackSerializer).count == 0
+    assert trial_queue(conn, Keys(prefix).trial_queue("tests.objectives")).count == 0
 
 
 def test_spawn_is_in_process_only(redis_url: str) -> None:

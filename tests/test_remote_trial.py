@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def remote(objective: str, queue: str, redis_url: str, **kwargs: object) -> Optimizer:
-    return Optimizer(objective, redis_url=redis_url, queue=queue, **kwargs)  # type: ignore[arg-type]
+    return Optimizer(objective, redis_url=redis_url, prefix=queue, **kwargs)  # type: ignore[arg-type]
 
 
 def test_define_by_run_with_a_median_pruner(redis_url: str, workers_factory) -> None:
@@ -104,7 +104,7 @@ def test_a_call_for_a_trial_the_broker_does_not_own_gets_a_clear_error(
     conn: redis.Redis, prefix: str
 ) -> None:
     study = optuna.create_study()
-    dispatcher = Dispatcher(conn, prefix=prefix, queue=prefix, reply_to=f"{prefix}:results")
+    dispatcher = Dispatcher(conn, prefix=prefix, reply_to=f"{prefix}:results")
     dispatcher.add(
         StudyRun(
             study=study,

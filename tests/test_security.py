@@ -19,7 +19,14 @@ from rq import Queue, Worker
 from rq.job import JobStatus
 
 from optuna_rq import Optimizer, suggest
-from optuna_rq.protocol import RESULT_FIELD, RUN_TRIAL, TrialRequest, TrialResult, trial_queue
+from optuna_rq.protocol import (
+    RESULT_FIELD,
+    RUN_TRIAL,
+    Keys,
+    TrialRequest,
+    TrialResult,
+    trial_queue,
+)
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -35,19 +42,24 @@ class PlantsAMarker:
         return os.system, (f"touch {self.marker}",)
 
 
+def served_queue(conn: redis.Redis, prefix: str) -> Queue:
+    """The RQ queue the test's workers take trials of tests.objectives from."""
+    return trial_queue(conn, Keys(prefix).trial_queue("tests.objectives"))
+
+
 def worker_names(conn: redis.Redis, queue: str) -> set[str]:
-    return {w.name for w in Worker.all(connection=conn, queue=trial_queue(conn, queue))}
+    return {w.name for w in Worker.all(connection=conn, queue=served_queue(conn, queue))}
 
 
 def assert_still_serving(conn: redis.Redis, queue: str, names: set[str], redis_url: str) -> None:
     assert worker_names(conn, queue) == names, "a worker died or was replaced"
-    opt = Optimizer("tests.objectives:quadratic", 1, 3, redis_url=redis_url, queue=queue)
+    opt = Optimizer("tests.objectives:quadratic", 1, 3, redis_url=redis_url, prefix=queue)
     opt.run(x=suggest.float(0, 1))
     assert [t.state.name for t in opt.study.trials] == ["COMPLETE"] * 3
 
 
 def wait_for_status(conn: redis.Redis, queue: str, job_id: str, status: JobStatus) -> None:
-    job_queue = trial_queue(conn, queue)
+    job_queue = served_queue(conn, queue)
     wait_until(
         lambda: (
             (job := job_queue.fetch_job(job_id)) is None or job.get_status(refresh=True) == status
@@ -71,10 +83,10 @@ def test_a_job_naming_another_function_is_refused_before_any_import(
 ) -> None:
     queue, names = served
     marker = tmp_path / "marker"
-    job = trial_queue(conn, queue).enqueue_call(func, args=(f"touch {marker}",))
+    job = served_queue(conn, queue).enqueue_call(func, args=(f"touch {marker}",))
     wait_for_status(conn, queue, job.id, JobStatus.FAILED)
     assert not marker.exists()
-    assert "only trials run here" in (trial_queue(conn, queue).fetch_job(job.id).exc_info or "")
+    assert "only trials run here" in (served_queue(conn, queue).fetch_job(job.id).exc_info or "")
     assert_still_serving(conn, queue, names, redis_url)
 
 
@@ -84,7 +96,9 @@ def test_a_pickled_job_is_never_unpickled(
     """RQ's default serializer would run the payload on load; ours only reads msgpack."""
     queue, names = served
     marker = tmp_path / "marker"
-    job = Queue(queue, connection=conn).enqueue_call("builtins.print", args=("hi",))  # pickle
+    job = Queue(served_queue(conn, queue).name, connection=conn).enqueue_call(
+        "builtins.print", args=("hi",)
+    )  # pickle
     conn.hset(f"rq:job:{job.id}", "data", zlib.compress(pickle.dumps(PlantsAMarker(marker))))
     wait_for_status(conn, queue, job.id, JobStatus.FAILED)
     assert not marker.exists()
@@ -96,7 +110,9 @@ def test_a_job_with_pickled_meta_is_never_unpickled(
 ) -> None:
     queue, names = served
     marker = tmp_path / "marker"
-    job = Queue(queue, connection=conn).enqueue_call("builtins.print", args=("hi",))
+    job = Queue(served_queue(conn, queue).name, connection=conn).enqueue_call(
+        "builtins.print", args=("hi",)
+    )
     conn.hset(f"rq:job:{job.id}", "meta", pickle.dumps(PlantsAMarker(marker)))
     # the worker may fail the job or drop it; either way nothing runs and the worker serves on
     deadline = time.monotonic() + 5
@@ -116,7 +132,7 @@ def _plant_trial(conn: redis.Redis, queue: str, objective: str, reply_to: str) -
         n_objectives=1,
         reply_to=reply_to,
     )
-    return trial_queue(conn, queue).enqueue_call(RUN_TRIAL, args=(request.encode(),)).id
+    return served_queue(conn, queue).enqueue_call(RUN_TRIAL, args=(request.encode(),)).id
 
 
 @pytest.mark.parametrize(
@@ -175,7 +191,7 @@ def test_a_payload_that_is_not_a_message_fails_the_job_without_a_result(
     served, conn: redis.Redis, redis_url: str, payload: bytes
 ) -> None:
     queue, names = served
-    job = trial_queue(conn, queue).enqueue_call(RUN_TRIAL, args=(payload,))
+    job = served_queue(conn, queue).enqueue_call(RUN_TRIAL, args=(payload,))
     wait_for_status(conn, queue, job.id, JobStatus.FAILED)
-    assert "ProtocolError" in (trial_queue(conn, queue).fetch_job(job.id).exc_info or "")
+    assert "ProtocolError" in (served_queue(conn, queue).fetch_job(job.id).exc_info or "")
     assert_still_serving(conn, queue, names, redis_url)

@@ -16,6 +16,7 @@ from optuna_rq.dispatch import Dispatcher, StudyRun
 from optuna_rq.protocol import (
     RESULT_FIELD,
     RUN_TRIAL,
+    Keys,
     Outcome,
     ProtocolError,
     TrialRequest,
@@ -79,7 +80,7 @@ def test_signed_workers_run_signed_trials_and_refuse_forged_ones(
 ) -> None:
     queue = workers_factory(count=1, env={ENV_SECRET: SECRET.decode()})
     monkeypatch.setenv(ENV_SECRET, SECRET.decode())
-    opt = Optimizer("tests.objectives:quadratic", 2, 4, redis_url=redis_url, queue=queue)
+    opt = Optimizer("tests.objectives:quadratic", 2, 4, redis_url=redis_url, prefix=queue)
     opt.run(x=suggest.float(0, 1))
     assert [t.state for t in opt.study.trials] == [TrialState.COMPLETE] * 4
 
@@ -89,7 +90,9 @@ def test_signed_workers_run_signed_trials_and_refuse_forged_ones(
         Signer(b"not the secret, but 32 bytes....").seal(_request(reply_to).encode()),
     ]
     for payload in forgeries:
-        job = trial_queue(conn, queue).enqueue_call(RUN_TRIAL, args=(payload,))
+        job = trial_queue(conn, Keys(queue).trial_queue("tests.objectives")).enqueue_call(
+            RUN_TRIAL, args=(payload,)
+        )
         wait_until(lambda job=job: job.get_status(refresh=True) == JobStatus.FAILED, timeout_s=30)
     assert conn.xlen(reply_to) == 0  # nothing ran, nothing was reported
     assert int(conn.hget(f"{queue}:refused", "request")) == len(forgeries)
@@ -97,9 +100,7 @@ def test_signed_workers_run_signed_trials_and_refuse_forged_ones(
 
 def test_a_forged_result_is_refused_and_never_told(conn: redis.Redis, prefix: str) -> None:
     study = optuna.create_study()
-    dispatcher = Dispatcher(
-        conn, prefix=prefix, queue=prefix, reply_to=f"{prefix}:results", signer=signer
-    )
+    dispatcher = Dispatcher(conn, prefix=prefix, reply_to=f"{prefix}:results", signer=signer)
     run = StudyRun(
         study=study,
         objective="tests.objectives:quadratic",

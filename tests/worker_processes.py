@@ -10,9 +10,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from rq import Worker
 
 from optuna_rq.connection import connect
+from optuna_rq.protocol import ENV_SECRET, Keys, Signer, live_pools
 from tests.helpers import wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -46,12 +48,18 @@ def stop_process(process: subprocess.Popen[bytes], *, timeout_s: float = 30) -> 
     return process.returncode
 
 
+def live_workers(connection: redis.Redis, prefix: str, signer: Signer | None = None) -> int:
+    """Workers of the pools on `prefix` whose heartbeat is current."""
+    return sum(p.workers for p in live_pools(connection, Keys(prefix), signer or Signer()))
+
+
 @pytest.fixture
 def workers_factory(redis_url: str, prefix: str) -> Iterator[WorkersFactory]:
-    """Start `optuna-rq workers` on the test's own queue; returns the queue name.
+    """Start `optuna-rq workers` on the test's own prefix; returns the prefix.
 
-    Waits until every worker has registered with RQ, so a test starts with its workers ready;
-    at teardown they are stopped with SIGTERM and must exit cleanly.
+    Waits until the pool's heartbeat counts its workers and every worker has registered with
+    RQ, so a test starts with its workers ready; at teardown they are stopped with SIGTERM and
+    must exit cleanly.
     """
     started: list[subprocess.Popen[bytes]] = []
     connection = connect(redis_url)
@@ -60,23 +68,29 @@ def workers_factory(redis_url: str, prefix: str) -> Iterator[WorkersFactory]:
         count: int = 2,
         modules: tuple[str, ...] = ("tests.objectives",),
         env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ) -> str:
-        queue = prefix
-        args = ["--redis-url", redis_url, "--prefix", prefix, "workers", "--count", str(count)]
+        argv = ["--redis-url", redis_url, "--prefix", prefix, "workers", "--count", str(count)]
         for module in modules:
-            args += ["--import", module]
-        process = subprocess.Popen(cli(*args), env=cli_env(**(env or {})))
+            argv += ["--import", module]
+        process = subprocess.Popen(cli(*argv, *args), env=cli_env(**(env or {})))
         started.append(process)
         expected = count * len(started)
+        secret = (env or {}).get(ENV_SECRET)
+        signer = Signer(secret.encode()) if secret else Signer()
+        # A worker listens to all its queues: the first module's queue in any of its classes.
+        queues = [q for i, q in enumerate(args) if i and args[i - 1] in ("--queue", "-q")]
+        first = Keys(prefix).trial_queue(modules[0], (queues or ["default"])[0])
 
         def ready() -> bool:
             assert process.poll() is None, f"workers exited with {process.returncode}"
-            return (
-                len(Worker.all(connection=connection, queue=_queue(connection, queue))) >= expected
+            registered = Worker.all(connection=connection, queue=_queue(connection, first))
+            return live_workers(connection, prefix, signer) >= expected and (
+                len(registered) >= count
             )
 
         wait_until(ready, timeout_s=60, message=f"{count} workers did not register")
-        return queue
+        return prefix
 
     yield start
 

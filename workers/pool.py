@@ -1,7 +1,12 @@
-"""Start, supervise and stop N worker processes that serve trials from one RQ queue.
+"""Start, supervise and stop N worker processes that serve trials from their RQ queues.
 
 Each process runs an RQ worker that refuses any job but ours (`workers.rq_worker`), in the
-isolation mode the settings choose: trials in the worker process itself, or a fork per trial.
+isolation mode the settings choose: trials in the worker process itself, or a fork per trial. It
+listens to one queue per resource class (`--queue`, in priority order) and served module
+(`Keys.trial_queue`), so it only ever takes trials it serves. With `--gpus`, child i gets device
+set i in CUDA_VISIBLE_DEVICES (`workers.gpus`), across restarts. The parent keeps the pool's
+heartbeat (`workers.heartbeat`), and with `--autoscale` grows and shrinks the pool
+(`workers.autoscale`).
 
 The parent imports the served modules first, so a typo stops the command at once, then keeps N
 children alive, and supervises their trials (`workers.supervision`): it renews their leases,
@@ -30,15 +35,21 @@ from typing import Any
 import redis
 from rq import Worker
 
-from optuna_rq.connection import connect, wait_for_redis
+from optuna_rq.connection import DEFAULT_PREFIX, connect, wait_for_redis
 from optuna_rq.errors import ConfigError
 from optuna_rq.protocol import (
     DEFAULT_LEASE_TTL_S,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_QUEUE,
+    Keys,
     MsgpackSerializer,
     Signer,
+    check_queue_name,
 )
 from optuna_rq.workers import context, loader
+from optuna_rq.workers.autoscale import Autoscaler
+from optuna_rq.workers.gpus import VISIBLE_DEVICES
+from optuna_rq.workers.heartbeat import Heartbeat
 from optuna_rq.workers.metrics import WorkerMetrics
 from optuna_rq.workers.rq_worker import ISOLATION, new_worker
 from optuna_rq.workers.supervision import ChildChannel, ChildMessage, Supervisor, die_with_parent
@@ -55,9 +66,14 @@ class WorkerSettings:
     """What a pool of workers serves and where it listens."""
 
     redis_url: str
-    queue: str
     modules: tuple[str, ...]
-    count: int = 1
+    prefix: str = DEFAULT_PREFIX
+    queues: tuple[str, ...] = (DEFAULT_QUEUE,)  # resource classes, in priority order
+    count: int = 1  # with `autoscale`, the pool starts at its MIN instead
+    paths: tuple[str, ...] = ()  # put first on sys.path (parent and children) before imports
+    gpus: tuple[str, ...] | None = None  # child i's CUDA_VISIBLE_DEVICES: gpus[i]
+    autoscale: tuple[int, int] | None = None  # (MIN, MAX) worker processes
+    scale_down_after_s: float = 30.0  # an autoscaled pool retires workers idle this long
     log_level: str = "INFO"
     restart_backoff_s: float = 1.0
     secret: bytes | None = field(default=None, repr=False)  # signs messages when set
@@ -70,6 +86,35 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.isolation not in ISOLATION:
             raise ConfigError(f"--isolation {self.isolation!r}: choose {' or '.join(ISOLATION)}")
+        if not self.queues:
+            raise ConfigError("give at least one --queue")
+        for queue in self.queues:
+            check_queue_name(queue)
+        if len(set(self.queues)) != len(self.queues):
+            raise ConfigError(f"--queue names a queue twice: {list(self.queues)}")
+        if self.gpus is not None and self.max_workers > len(self.gpus):
+            raise ConfigError(
+                f"{self.max_workers} worker processes but {len(self.gpus)} GPU device sets "
+                f"({' '.join(self.gpus)}): each worker process gets its own; "
+                "give fewer --count (or a lower --autoscale MAX), or more --gpus"
+            )
+
+    @property
+    def max_workers(self) -> int:
+        return self.count if self.autoscale is None else self.autoscale[1]
+
+    @property
+    def rq_queues(self) -> list[str]:
+        """The RQ queues the workers listen to, first served first: every served module in the
+        first resource class, then in the next."""
+        keys = Keys(self.prefix)
+        return [keys.trial_queue(m, q) for q in self.queues for m in self.modules]
+
+
+def _put_on_path(paths: tuple[str, ...]) -> None:
+    for path in reversed(paths):
+        if path not in sys.path:
+            sys.path.insert(0, path)
 
 
 def _child_main(
@@ -83,6 +128,9 @@ def _child_main(
     so a timeout kills whatever the objective started too."""
     os.setpgid(0, 0)
     die_with_parent()
+    if settings.gpus is not None:  # before anything imports CUDA
+        os.environ[VISIBLE_DEVICES] = settings.gpus[index]
+    _put_on_path(settings.paths)
     logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("rq").setLevel(logging.WARNING)  # one line per trial is ours to write
     served = loader.serve(settings.modules)
@@ -100,7 +148,7 @@ def _child_main(
     )
     connection = connect(settings.redis_url)
     _wait_for_redis(connection)
-    worker = new_worker(settings.isolation, connection, settings.queue, name=name)
+    worker = new_worker(settings.isolation, connection, settings.rq_queues, name=name)
     worker.work(logging_level="WARNING")
 
 
@@ -134,17 +182,54 @@ class WorkerPool:
         self._children: dict[int, _Child] = {}
         self._restart_at: dict[int, float] = {}
         self._backoff: dict[int, float] = {}
+        self._retiring: set[int] = set()  # told to stop by the autoscaler: not restarted
+        self._idle_since: dict[int, float] = {}  # children not running a trial, since when
         self._generation = 0
         self._stopping = False
         self._cold = False
         self._signer = Signer(settings.secret, max_message_bytes=settings.max_message_bytes)
         self._connection = connect(settings.redis_url)
         self.supervisor = Supervisor(self._connection, self._signer, settings.lease_ttl_s)
+        keys = Keys(settings.prefix)
+        self.heartbeat = Heartbeat(
+            self._connection,
+            keys,
+            self._signer,
+            queues=settings.rq_queues,
+            ttl_s=settings.lease_ttl_s,
+        )
+        self.autoscaler = (
+            None
+            if settings.autoscale is None
+            else Autoscaler(
+                self._connection,
+                keys,
+                self._signer,
+                pool_id=self.heartbeat.pool_id,
+                queues=settings.rq_queues,
+                minimum=settings.autoscale[0],
+                maximum=settings.autoscale[1],
+                scale_down_after_s=settings.scale_down_after_s,
+            )
+        )
+
+    @property
+    def _scaling(self) -> bool:
+        """An autoscaled pool runs on with no children (MIN 0) until it is stopped."""
+        return self.autoscaler is not None and not self._stopping
+
+    @property
+    def size(self) -> int:
+        """Worker processes running or due to restart, not counting those retiring."""
+        return len((set(self._children) | set(self._restart_at)) - self._retiring)
 
     def start(self) -> None:
+        _put_on_path(self.settings.paths)
         loader.serve(self.settings.modules)  # fail here, in the command, not in N children
-        for index in range(self.settings.count):
+        first = self.settings.count if self.autoscaler is None else self.autoscaler.minimum
+        for index in range(first):
             self._start_child(index)
+        log.info("listening to %s", ", ".join(self.settings.rq_queues))
 
     def _start_child(self, index: int) -> None:
         self._generation += 1
@@ -158,7 +243,9 @@ class WorkerPool:
         process.start()
         writer.close()  # the child holds the only writing end: EOF when it dies
         self._children[index] = _Child(process, reader, name, time.monotonic())
-        log.info("worker %d started (pid %s)", index, process.pid)
+        self._idle_since[index] = time.monotonic()
+        gpus = "" if self.settings.gpus is None else f", GPUs {self.settings.gpus[index]}"
+        log.info("worker %d started (pid %s%s)", index, process.pid, gpus)
 
     def stop(self, *_: object) -> None:
         """First call: each child finishes its running trial, then exits. Second call: kill the
@@ -186,18 +273,19 @@ class WorkerPool:
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
-            while self._children or self._restart_at:
+            while self._children or self._restart_at or self._scaling:
                 self._supervise_once()
             log.info("all workers stopped")
             return 1 if self._cold else 0
         finally:
+            self.heartbeat.stop()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self._connection.close()
 
     def _supervise_once(self) -> None:
         now = time.monotonic()
-        timeout = min(self.supervisor.next_wakeup(now), 1.0)
+        timeout = min(self.supervisor.next_wakeup(now), self.heartbeat.next_wakeup(now), 1.0)
         if self._restart_at:
             timeout = min(timeout, max(0.0, min(self._restart_at.values()) - now))
         waitables: list[Any] = [c.process.sentinel for c in self._children.values()]
@@ -214,6 +302,44 @@ class WorkerPool:
                 del self._restart_at[index]
                 self._start_child(index)
         self.supervisor.tick(now, {i: c.process.pid or 0 for i, c in self._children.items()})
+        for index in self._children:
+            if index in self.supervisor.running:
+                self._idle_since.pop(index, None)
+            else:
+                self._idle_since.setdefault(index, now)
+        if self.heartbeat.next_wakeup(now) == 0 and not self._stopping:
+            self._scale(now)
+            self.heartbeat.beat(now, workers=self.size, busy=len(self.supervisor.running))
+
+    def _scale(self, now: float) -> None:
+        """Grow to the autoscaler's target at once; shrink by retiring idle children."""
+        if self.autoscaler is None:
+            return
+        try:
+            target = self.autoscaler.target()
+        except redis.RedisError as exc:
+            log.debug("autoscale: cannot read the demand: %s", exc)
+            return
+        size = self.size
+        if target > size:
+            taken = set(self._children) | set(self._restart_at)
+            free = [i for i in range(self.autoscaler.maximum) if i not in taken]
+            for index in free[: target - size]:
+                self._retiring.discard(index)
+                self._start_child(index)
+            log.info("autoscale: %d -> %d workers", size, self.size)
+        elif target < size:
+            idle = {
+                i: since
+                for i, since in self._idle_since.items()
+                if i in self._children and i not in self._retiring
+            }
+            retire = self.autoscaler.to_retire(target, idle, size, now)
+            for index in retire:
+                self._retiring.add(index)
+                _signal_group(self._children[index].process, signal.SIGTERM, group=False)
+            if retire:
+                log.info("autoscale: %d -> %d workers (retiring idle ones)", size, self.size)
 
     def _read_messages(self, index: int, child: _Child) -> None:
         try:
@@ -231,7 +357,9 @@ class WorkerPool:
         code = child.process.exitcode
         self.supervisor.child_exited(index, code, cold=self._cold)
         _forget_rq_worker(self._connection, child.name)
-        if self._stopping:
+        self._idle_since.pop(index, None)
+        if self._stopping or index in self._retiring:
+            self._retiring.discard(index)
             log.info("worker %d (pid %s) stopped", index, child.process.pid)
             return
         lived = time.monotonic() - child.started

@@ -123,11 +123,12 @@ ISOLATION: dict[str, type[SimpleWorker | Worker]] = {
 
 
 def new_worker(
-    isolation: str, connection: redis.Redis, queue: str, *, name: str
+    isolation: str, connection: redis.Redis, queues: list[str], *, name: str
 ) -> SimpleWorker | Worker:
-    """A worker of `ISOLATION[isolation]` on trial queue `queue`, speaking msgpack only."""
+    """A worker of `ISOLATION[isolation]` on trial queues `queues` (the first served first, as
+    `rq worker high low`), speaking msgpack only."""
     return ISOLATION[isolation](
-        [trial_queue(connection, queue)],
+        [trial_queue(connection, queue) for queue in queues],
         connection=connection,
         serializer=MsgpackSerializer,
         name=name,

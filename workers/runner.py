@@ -56,8 +56,8 @@ def run_trial(payload: bytes) -> None:
         body = ctx.signer.open(payload, what="TrialRequest")
         request = TrialRequest.decode(body, max_bytes=ctx.signer.max_message_bytes)
     except ProtocolError:
-        # A queue is named for its prefix.
-        connection.hincrby(Keys(job.origin).refused, "request", 1)
+        # A trial queue's name starts with its prefix.
+        connection.hincrby(Keys(Keys.prefix_of(job.origin)).refused, "request", 1)
         raise
     holder = worker_id()
     timeout_s = float(job.timeout) if job.timeout is not None and job.timeout > 0 else None

@@ -65,7 +65,6 @@ class Daemon:
         self.dispatcher = Dispatcher(
             connection,
             prefix=settings.prefix,
-            queue=self.keys.queue,
             reply_to=self.keys.results,
             consumer="broker",  # fixed: a restarted broker reads its predecessor's pending results
             signer=self.signer,
@@ -73,7 +72,11 @@ class Daemon:
         )
         self.inbox = CommandInbox(connection, self.keys, signer=self.signer, handler=self)
         self.fair_share = FairShare(
-            connection, self.dispatcher.queue, refresh_s=settings.workers_refresh_s
+            connection,
+            self.keys,
+            self.signer,
+            self.dispatcher.sender.queue_name,
+            refresh_s=settings.workers_refresh_s,
         )
         self.status = StatusPublisher(
             connection,
@@ -161,7 +164,9 @@ class Daemon:
         now = time.monotonic()
         self.lock.keep()
         self.inbox.apply(raw_commands)
-        self.fair_share.share(self.dispatcher.runs, self.specs, now)
+        waiting = self.fair_share.share(self.dispatcher.runs, self.specs, now)
+        if waiting:
+            self.status.mark(*waiting)  # a study started or stopped waiting for workers
         if self.dispatcher.refill():
             self.status.mark(*self.dispatcher.runs)  # `running` changed, before any result
         self._update_metrics(now)  # after refilling: the steady state, not a drained moment
@@ -180,9 +185,10 @@ class Daemon:
 
     def _update_metrics(self, now: float, *, force: bool = False) -> None:
         if self.metrics is not None and (force or now - self._last_metrics >= 0.25):
+            runs = self.dispatcher.runs.values()
             self.metrics.update(
-                self.dispatcher.runs.values(),
-                queue_depth=self.dispatcher.queue.count,
+                runs,
+                queue_depth=self.dispatcher.sender.depth(runs),
                 live_workers=self.fair_share.live_workers,
             )
             self._last_metrics = now
@@ -230,6 +236,7 @@ class Daemon:
                 n_trials=spec.n_trials,
                 trial_timeout_s=spec.trial_timeout_s,
                 max_retries=spec.max_retries,
+                queue=spec.queue,
             )
             run.reattach()
         except StudyStorageError as exc:

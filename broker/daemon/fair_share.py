@@ -1,15 +1,15 @@
-"""Fair share: how many of the live workers each study may keep busy."""
+"""Fair share: how many of the live workers on its queue each study may keep busy."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import redis
-from rq import Queue, Worker
 
 from optuna_rq.dispatch import StudyRun
-from optuna_rq.protocol import StudySpec
+from optuna_rq.protocol import Keys, PoolHeartbeat, Signer, StudySpec, live_pools, workers_on
 
 __all__ = ["FairShare", "fair_shares"]
 
@@ -37,27 +37,92 @@ def fair_shares(demands: dict[str, tuple[int, float]], capacity: int) -> dict[st
 
 
 class FairShare:
-    """Sets each run's `slots` to its fair share of the workers live on `queue`.
+    """Sets each run's `slots` to its fair share of the live workers that listen to its queue,
+    and marks the runs no live worker listens to as waiting for one.
 
-    The live-worker count is RQ's, read at most every `refresh_s` seconds.
+    Live means a pool's heartbeat has not expired (`protocol.heartbeat`), read at most every
+    `refresh_s` seconds; then the demand of each queue (the workers its studies could keep
+    busy) is written to `Keys.demand`, for `workers --autoscale`.
+
+    Studies whose queues share live workers (a pool listening to both) share those workers
+    fairly; each study gets at most the workers listening to its own queue.
     """
 
-    def __init__(self, connection: redis.Redis, queue: Queue, *, refresh_s: float) -> None:
+    def __init__(
+        self,
+        connection: redis.Redis,
+        keys: Keys,
+        signer: Signer,
+        queue_of: Callable[[StudyRun], str],
+        *,
+        refresh_s: float,
+    ) -> None:
         self.connection = connection
-        self.queue = queue
+        self.keys = keys
+        self.signer = signer
+        self.queue_of = queue_of  # a run's RQ queue
         self.refresh_s = refresh_s
-        self.live_workers = 0
+        self.pools: list[PoolHeartbeat] = []
         self._last_refresh = -math.inf
+
+    @property
+    def live_workers(self) -> dict[str, int]:
+        """Live workers by resource class (a worker on several classes counts in each)."""
+        counts: dict[str, int] = {}
+        for pool in self.pools:
+            for cls in {self.keys.queue_class(q) for q in pool.queues} - {None}:
+                counts[str(cls)] = counts.get(str(cls), 0) + pool.workers
+        return counts
 
     def share(
         self, runs: Mapping[str, StudyRun], specs: Mapping[str, StudySpec], now: float
-    ) -> None:
-        """Give every run in `runs` its slots, weighted by its spec's priority."""
+    ) -> set[str]:
+        """Give every run in `runs` its slots, weighted by its spec's priority; the names of the
+        runs that started or stopped waiting for a worker."""
         if now - self._last_refresh >= self.refresh_s:
-            self.live_workers = Worker.count(connection=self.connection, queue=self.queue)
+            self.pools = live_pools(self.connection, self.keys, self.signer)
+            self._publish_demand(runs)
             self._last_refresh = now
-        demands = {n: (r.demand, specs[n].priority) for n, r in runs.items()}
-        # Without any live worker, queue up to each cap: the first workers find work waiting.
-        shares = fair_shares(demands, self.live_workers) if self.live_workers else {}
+        queues = {name: self.queue_of(run) for name, run in runs.items()}
+        capacity = {q: workers_on(self.pools, q) for q in set(queues.values())}
+        changed = set()
         for name, run in runs.items():
-            run.slots = shares.get(name)
+            waiting = capacity[queues[name]] == 0
+            if waiting != run.waiting_for_workers:
+                run.waiting_for_workers = waiting
+                changed.add(name)
+            # Without a live worker, queue up to the cap: the first workers find work waiting.
+            run.slots = None
+        for group in _sharing_groups(self.pools, set(q for q, n in capacity.items() if n)):
+            members = {n: r for n, r in runs.items() if queues[n] in group}
+            demands = {
+                n: (min(r.demand, capacity[queues[n]]), specs[n].priority)
+                for n, r in members.items()
+            }
+            workers = sum(p.workers for p in self.pools if group.intersection(p.queues))
+            for name, slots in fair_shares(demands, workers).items():
+                members[name].slots = slots
+        return changed
+
+    def _publish_demand(self, runs: Mapping[str, StudyRun]) -> None:
+        demand: dict[Any, int] = {}  # redis-py types its mapping keys narrowly
+        for run in runs.values():
+            queue = self.queue_of(run)
+            demand[queue] = demand.get(queue, 0) + max(0, run.demand)
+        pipe = self.connection.pipeline(transaction=True)
+        pipe.delete(self.keys.demand)
+        if demand:
+            pipe.hset(self.keys.demand, mapping=demand)
+        pipe.execute()
+
+
+def _sharing_groups(pools: list[PoolHeartbeat], queues: set[str]) -> list[set[str]]:
+    """`queues` split into groups that share workers: two queues are in one group when some
+    pool listens to both (transitively)."""
+    groups: list[set[str]] = [{q} for q in sorted(queues)]
+    for pool in pools:
+        joined = [g for g in groups if g.intersection(pool.queues)]
+        if len(joined) > 1:
+            merged = set().union(*joined)
+            groups = [g for g in groups if g not in joined] + [merged]
+    return groups

@@ -94,6 +94,8 @@ class StatusPublisher:
             storage=self.storage_url(spec),
             error=error,
             submitted_at=spec.submitted_at,
+            queue=spec.queue,
+            waiting_for_workers=run is not None and run.waiting_for_workers,
             **summary,
         )
         self.connection.hset(self.keys.status, spec.name, status.to_json())

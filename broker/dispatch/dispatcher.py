@@ -55,7 +55,8 @@ _CANCELLED = Verdict(
 
 
 class Dispatcher:
-    """Runs studies on RQ workers through one queue and one result stream.
+    """Runs studies on RQ workers through their queues (one per objective module and resource
+    class, `TrialSender`) and one result stream.
 
     Not thread-safe: one thread drives it (`run_until_done`, or `refill` and `poll`).
     """
@@ -65,7 +66,6 @@ class Dispatcher:
         connection: redis.Redis,
         *,
         prefix: str,
-        queue: str,
         reply_to: str,
         consumer: str | None = None,
         signer: Signer | None = None,
@@ -79,10 +79,7 @@ class Dispatcher:
         self.prefix = prefix
         self.keys = Keys(prefix)
         self.runs: dict[str, StudyRun] = {}
-        self.sender = TrialSender(
-            connection, queue=queue, keys=self.keys, reply_to=reply_to, signer=self.signer
-        )
-        self.queue = self.sender.queue
+        self.sender = TrialSender(connection, keys=self.keys, reply_to=reply_to, signer=self.signer)
         self.results = ResultStream(
             connection,
             prefix=prefix,
@@ -100,7 +97,7 @@ class Dispatcher:
             connection,
             keys=self.keys,
             reply_to=reply_to,
-            intermediate_key=self.queue.intermediate_queue_key,
+            intermediate_key=self.sender.intermediate_key,
             grace_s=lease_grace_s,
             check_s=lease_check_s,
             observer=self.observer,

@@ -34,10 +34,12 @@ _LAPSED = "its worker stopped renewing the lease (killed, frozen, or cut off fro
 
 @dataclass(frozen=True)
 class Watched:
-    """One outstanding attempt: its RQ job id and lease key."""
+    """One outstanding attempt: its RQ job id, its lease key, and its queue's intermediate list
+    (None: the watch's own)."""
 
     job_id: str
     lease: str
+    intermediate: str | None = None
 
 
 @dataclass
@@ -78,12 +80,15 @@ class LeaseWatch:
                 missing.append(attempt)
         if not missing:
             return []
+        lists = sorted({a.intermediate or self.intermediate_key for a in missing})
         pipe = self.connection.pipeline(transaction=False)
-        pipe.lrange(self.intermediate_key, 0, -1)
+        for key in lists:
+            pipe.lrange(key, 0, -1)
         for attempt in missing:
             pipe.hget(Job.key_for(attempt.job_id), "status")
-        taken, *statuses = pipe.execute()
-        dequeued = {bytes(job_id).decode() for job_id in taken}
+        replies = pipe.execute()
+        taken, statuses = replies[: len(lists)], replies[len(lists) :]
+        dequeued = {bytes(job_id).decode() for ids in taken for job_id in ids}
         now = time.monotonic()
         lost: list[tuple[Watched, str]] = []
         for attempt, status in zip(missing, statuses, strict=True):

@@ -68,7 +68,7 @@ class Retries:
         *,
         keys: Keys,
         reply_to: str,
-        intermediate_key: str,
+        intermediate_key: Callable[[StudyRun], str],
         grace_s: float,
         check_s: float,
         observer: DispatchObserver,
@@ -77,7 +77,8 @@ class Retries:
     ) -> None:
         self.keys = keys
         self.reply_to = reply_to
-        self.watch = LeaseWatch(connection, intermediate_key=intermediate_key, grace_s=grace_s)
+        self.watch = LeaseWatch(connection, intermediate_key="", grace_s=grace_s)
+        self._intermediate_key = intermediate_key  # a run's queue's list of dequeued jobs
         self.check_s = check_s
         self.observer = observer
         self._finish = finish
@@ -98,7 +99,10 @@ class Retries:
             for run in runs.values()
             for r in run.in_phase(Phase.SENT)
         }
-        lost = self.watch.check(Watched(j, Keys.lease(self.reply_to, j)) for j in watched)
+        lost = self.watch.check(
+            Watched(j, Keys.lease(self.reply_to, j), self._intermediate_key(run))
+            for j, (run, _record) in watched.items()
+        )
         if not lost:
             return 0
         drain()

@@ -17,7 +17,13 @@ import optuna
 from optuna.trial import TrialState
 
 from optuna_rq.errors import ConfigError, ProtocolError
-from optuna_rq.protocol import FailReason, check_params, parse_objective_path
+from optuna_rq.protocol import (
+    DEFAULT_QUEUE,
+    FailReason,
+    check_params,
+    check_queue_name,
+    parse_objective_path,
+)
 from optuna_rq.space import Suggestion
 from optuna_rq.trials import live_trial
 from optuna_rq.verdict import Verdict, tell, worker_lost
@@ -95,7 +101,9 @@ class StudyRun:
     n_trials: int
     trial_timeout_s: float | None = None
     max_retries: int = 2  # re-runs of a trial whose worker was lost
+    queue: str = DEFAULT_QUEUE  # the resource class its trials go to
     slots: int | None = None  # the fair share the daemon grants; None: the cap alone
+    waiting_for_workers: bool = False  # no live worker listens to its queue (the daemon's view)
     asked: int = 0  # budget spent: trials asked that are not retries
     told: int = 0
     peak_outstanding: int = 0
@@ -106,6 +114,7 @@ class StudyRun:
 
     def __post_init__(self) -> None:
         parse_objective_path(self.objective)
+        check_queue_name(self.queue, option="queue")
         try:
             check_params(_fixed_inputs(self.inputs))
         except ProtocolError as exc:
@@ -114,6 +123,11 @@ class StudyRun:
     @property
     def name(self) -> str:
         return self.study.study_name
+
+    @property
+    def module(self) -> str:
+        """The module its objective is defined in: with `queue`, it names the RQ queue."""
+        return parse_objective_path(self.objective)[0]
 
     # -- what the loop, the daemon and the metrics read ---------------------------------------
 

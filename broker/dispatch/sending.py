@@ -9,11 +9,13 @@ never collides with the attempt it replaces.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from copy import deepcopy
 from typing import Any
 
 import redis
+from rq import Queue
+from rq.job import Job
 
 from optuna_rq.dispatch.runs import InFlight, StudyRun
 from optuna_rq.protocol import CANCEL_TTL_S, RUN_TRIAL, Keys, Signer, TrialRequest, trial_queue
@@ -28,16 +30,42 @@ FAILED_JOB_TTL_S = 24 * 3600
 
 
 class TrialSender:
-    """Builds the requests of one dispatcher's trials and enqueues their jobs on `queue`."""
+    """Builds the requests of one dispatcher's trials and enqueues each run's jobs on its queue:
+    `Keys.trial_queue(run.module, run.queue)`, the one only workers serving the module (in the
+    run's resource class) listen to."""
 
     def __init__(
-        self, connection: redis.Redis, *, queue: str, keys: Keys, reply_to: str, signer: Signer
+        self, connection: redis.Redis, *, keys: Keys, reply_to: str, signer: Signer
     ) -> None:
         self.connection = connection
-        self.queue = trial_queue(connection, queue)
         self.keys = keys
         self.reply_to = reply_to
         self.signer = signer
+        self._queues: dict[str, Queue] = {}
+
+    def queue_name(self, run: StudyRun) -> str:
+        return self.keys.trial_queue(run.module, run.queue)
+
+    def queue(self, run: StudyRun) -> Queue:
+        """The RQ queue `run`'s trials go to."""
+        name = self.queue_name(run)
+        if name not in self._queues:
+            self._queues[name] = trial_queue(self.connection, name)
+        return self._queues[name]
+
+    def intermediate_key(self, run: StudyRun) -> str:
+        """Where RQ keeps `run`'s jobs a worker dequeued and has not yet marked started."""
+        return str(self.queue(run).intermediate_queue_key)
+
+    def depth(self, runs: Iterable[StudyRun]) -> int:
+        """Jobs waiting on the queues of `runs` (one round trip)."""
+        queue_keys = sorted({self.queue(run).key for run in runs})
+        if not queue_keys:
+            return 0
+        pipe = self.connection.pipeline(transaction=False)
+        for key in queue_keys:
+            pipe.llen(key)
+        return sum(int(n) for n in pipe.execute())
 
     def job_id(self, run: StudyRun, record: InFlight) -> str:
         return self.keys.job_id(run.name, record.number, record.attempt)
@@ -59,7 +87,7 @@ class TrialSender:
 
     def enqueue(self, run: StudyRun, record: InFlight, payload: bytes, pipeline: Any) -> None:
         """Enqueue `record`'s job, in `pipeline` (None: on its own, now)."""
-        self.queue.enqueue_call(
+        self.queue(run).enqueue_call(
             func=RUN_TRIAL,
             args=(payload,),
             job_id=self.job_id(run, record),
@@ -77,7 +105,7 @@ class TrialSender:
         round trip."""
         pipe = self.connection.pipeline(transaction=False)
         for record in records:
-            pipe.exists(self.queue.job_class.key_for(self.job_id(run, record)))
+            pipe.exists(Job.key_for(self.job_id(run, record)))
         return [bool(exists) for exists in pipe.execute()]
 
     def withdraw(self, run: StudyRun, records: Sequence[InFlight]) -> None:
@@ -91,6 +119,6 @@ class TrialSender:
             pipe.set(Keys.cancel(self.reply_to, self.job_id(run, record)), 1, ex=CANCEL_TTL_S)
         pipe.execute()
         for record in records:
-            job = self.queue.fetch_job(self.job_id(run, record))
+            job = self.queue(run).fetch_job(self.job_id(run, record))
             if job is not None and job.get_status(refresh=False) == "queued":
                 job.cancel()

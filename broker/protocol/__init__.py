@@ -2,8 +2,8 @@
 
 Both sides import it; it imports neither (`.ci/run` checks the contract with import-linter). It
 owns every message and its schema (`messages`, `commands`, `status`, `spec`), every Redis name
-(`keys`), the RQ queue and its serializer (`queue`), signing (`signing`) and the objective
-contract (`objectives`).
+and queue name (`keys`), who is alive (`heartbeat`), the RQ queue and its serializer (`queue`),
+signing (`signing`) and the objective contract (`objectives`).
 """
 
 from optuna_rq.errors import ProtocolError
@@ -25,14 +25,17 @@ from optuna_rq.protocol.commands import (
     Submit,
     decode_command,
 )
+from optuna_rq.protocol.heartbeat import PoolHeartbeat, live_pools, workers_on
 from optuna_rq.protocol.keys import (
     CALL_FIELD,
     CANCEL_TTL_S,
     DEFAULT_LEASE_TTL_S,
+    DEFAULT_QUEUE,
     GROUP,
     REPLY_TTL_S,
     RESULT_FIELD,
     Keys,
+    check_queue_name,
 )
 from optuna_rq.protocol.messages import (
     CallError,
@@ -60,6 +63,7 @@ __all__ = [
     "CANCEL_TTL_S",
     "DEFAULT_LEASE_TTL_S",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_QUEUE",
     "ENV_SECRET",
     "GROUP",
     "MAX_CONTAINER_LEN",
@@ -80,6 +84,7 @@ __all__ = [
     "MsgpackSerializer",
     "Outcome",
     "Param",
+    "PoolHeartbeat",
     "ProtocolError",
     "Signer",
     "StudySpec",
@@ -91,11 +96,14 @@ __all__ = [
     "TrialRequest",
     "TrialResult",
     "check_params",
+    "check_queue_name",
     "decode_command",
     "decode_map",
     "describe_exception",
     "judge_return",
+    "live_pools",
     "objective_path_of",
     "parse_objective_path",
     "trial_queue",
+    "workers_on",
 ]

@@ -3,7 +3,10 @@
 One broker serves one prefix; several brokers can share a Redis with different prefixes. Under
 `<prefix>`:
 
-    <prefix>            the RQ queue trials travel on
+    <prefix>:<queue>:<module>
+                        the RQ queue trials of `module`'s objectives travel on, in resource
+                        class `queue` (`default`, or `--queue gpu`): only workers serving the
+                        module listen to it, so no worker ever takes a trial it cannot run
     broker              the lock naming the running broker (one per prefix)
     epoch               a random token set once: if it vanishes, Redis lost its data, and the
                         broker stops rather than write into an empty Redis as if nothing happened
@@ -13,6 +16,10 @@ One broker serves one prefix; several brokers can share a Redis with different p
     results             the stream workers append results and trial calls to (group `broker`)
     results:<token>     a private result stream (one remote `Optimizer` run)
     dropped, refused    hashes counting stale results and refused messages, by kind
+    pools               the set of worker pools that sent a heartbeat
+    pool:<id>           one pool's signed heartbeat (`PoolHeartbeat`), expiring unless renewed:
+                        who is alive, on which queues, with how many workers
+    demand              hash: RQ queue -> workers its studies could keep busy (the broker's)
 
 and, per attempt, keyed by the result stream it reports to (`reply_to`):
 
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 
 from optuna_rq.errors import ConfigError
 
@@ -33,10 +41,12 @@ __all__ = [
     "CALL_FIELD",
     "CANCEL_TTL_S",
     "DEFAULT_LEASE_TTL_S",
+    "DEFAULT_QUEUE",
     "GROUP",
     "REPLY_TTL_S",
     "RESULT_FIELD",
     "Keys",
+    "check_queue_name",
 ]
 
 RESULT_FIELD = b"m"
@@ -53,6 +63,22 @@ CANCEL_TTL_S = 3600
 """How long a cancel mark waits for the worker running its attempt (one frozen, or cut off from
 Redis, sees it when it comes back; after that its lease has long lapsed anyway)."""
 
+DEFAULT_QUEUE = "default"
+"""The resource class of a study that names none, and of workers started without `--queue`."""
+
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+def check_queue_name(name: object, *, option: str = "--queue") -> str:
+    """`name` if it is a resource class name (letters, digits, `_`, `.`, `-`; at most 64), else
+    ConfigError naming `option`."""
+    if not isinstance(name, str) or not _QUEUE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{option} {name!r}: a queue is a name of letters, digits, '_', '.' and '-' "
+            "(at most 64), such as gpu or default"
+        )
+    return name
+
 
 class Keys:
     """The keys of one prefix. The prefix is checked once, here."""
@@ -61,7 +87,6 @@ class Keys:
         if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
             raise ConfigError(f"key prefix {prefix!r} must be non-empty and contain no whitespace")
         self.prefix = prefix
-        self.queue = prefix
         self.broker = f"{prefix}:broker"
         self.epoch = f"{prefix}:epoch"
         self.commands = f"{prefix}:commands"
@@ -70,6 +95,31 @@ class Keys:
         self.results = f"{prefix}:results"
         self.dropped = f"{prefix}:dropped"
         self.refused = f"{prefix}:refused"
+        self.pools = f"{prefix}:pools"
+        self.demand = f"{prefix}:demand"
+
+    def trial_queue(self, module: str, queue: str = DEFAULT_QUEUE) -> str:
+        """The RQ queue of objectives defined in `module`, in resource class `queue`."""
+        return f"{self.prefix}:{queue}:{module}"
+
+    @staticmethod
+    def prefix_of(rq_queue: str) -> str:
+        """The prefix of a trial queue (`<prefix>:<queue>:<module>`; a prefix may hold ':',
+        a queue and a module cannot)."""
+        parts = rq_queue.rsplit(":", 2)
+        return parts[0] if len(parts) == 3 else rq_queue
+
+    def queue_class(self, rq_queue: str) -> str | None:
+        """The resource class of one of this prefix's trial queues (None: not one of them)."""
+        head = f"{self.prefix}:"
+        if not rq_queue.startswith(head):
+            return None
+        cls, sep, module = rq_queue[len(head) :].partition(":")
+        return cls if sep and module else None
+
+    def pool(self, pool_id: str) -> str:
+        """The heartbeat key of worker pool `pool_id`."""
+        return f"{self.prefix}:pool:{pool_id}"
 
     def private_results(self, token: str) -> str:
         """A result stream of one's own under the prefix (a remote `Optimizer` run)."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.protocol.codec import check_params
+from optuna_rq.protocol.keys import DEFAULT_QUEUE, check_queue_name
 from optuna_rq.protocol.objectives import parse_objective_path
 from optuna_rq.protocol.schema import Float, Int, Map, Message, Text, Texts, version_field, wire
 from optuna_rq.spacefile import space_from_data
@@ -79,6 +80,8 @@ class StudySpec(Message):
     trial_timeout_s: float | None = wire(Float(minimum=0, optional=True), default=None)
     max_retries: int = wire(Int(minimum=0), default=2)
     priority: float = wire(Float(minimum=0), default=1.0)
+    # The resource class its trials go to (`--queue gpu`): workers started with that --queue.
+    queue: str = wire(Text(), default=DEFAULT_QUEUE)
     submitted_at: float = wire(Float(), default_factory=time.time)
     # Stop conditions: the study ends FINISHED, naming the one that held, before its budget.
     timeout_s: float | None = wire(Float(minimum=0, optional=True), default=None)  # wall clock
@@ -132,6 +135,7 @@ class StudySpec(Message):
                 f"got {self.priority!r}"
             )
         self._check_stop_conditions()
+        check_queue_name(self.queue)
         if self.storage is not None and not isinstance(self.storage, str):
             raise ConfigError(f"--storage must be a URL, got {self.storage!r}")
 

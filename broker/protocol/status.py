@@ -15,6 +15,7 @@ from typing import Any
 
 from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol.schema import (
+    Bool,
     Choice,
     Float,
     Int,
@@ -74,6 +75,9 @@ class StudyStatus(Message):
     submitted_at: float | None = wire(Float(optional=True), default=None)
     storage: str = wire(Text(nonempty=False))
     error: str | None = wire(Text(optional=True, nonempty=False), default=None)
+    queue: str = wire(Text(), default="default")  # its resource class
+    # No live worker listens to the study's queue: its trials wait for one (nothing fails).
+    waiting_for_workers: bool = wire(Bool(), default=False)
     updated_at: str = wire(Text(), default_factory=lambda: _now())
     v: int = version_field()
 
@@ -129,6 +133,8 @@ class StudyStatus(Message):
             raise ProtocolError(f"StudyStatus must be a JSON object, got {type(data).__name__}")
         data.setdefault("best_value", None)
         data.setdefault("best_values", None)
+        data.setdefault("queue", "default")  # written before studies had queues
+        data.setdefault("waiting_for_workers", False)
         return cls.from_wire(data)
 
 

@@ -169,9 +169,10 @@ class Cluster:
         return process
 
     def _registered(self) -> int:
-        from optuna_rq.protocol import trial_queue
+        from optuna_rq.protocol import Keys, trial_queue
 
-        return len(Worker.all(connection=self.conn, queue=trial_queue(self.conn, self.prefix)))
+        queue = trial_queue(self.conn, Keys(self.prefix).trial_queue("tests.fault_objectives"))
+        return len(Worker.all(connection=self.conn, queue=queue))
 
     def stop_all(self) -> None:
         for process in self.brokers + self.pools:

@@ -74,7 +74,7 @@ def test_the_python_api_rides_out_a_redis_outage(
         n_trials=10,
         study=study,
         redis_url=aof_redis.url,
-        queue=cluster.prefix,
+        prefix=cluster.prefix,
     )
     errors: list[BaseException] = []
 

@@ -9,7 +9,7 @@ from optuna.trial import TrialState
 from rq import Worker
 
 from optuna_rq.dispatch import RETRY_OF_ATTR
-from optuna_rq.protocol import trial_queue
+from optuna_rq.protocol import Keys, trial_queue
 from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from tests.faults.conftest import BOTH_ISOLATIONS, Cluster, wait_calls
 from tests.helpers import wait_until
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def _shutdown_requested(cluster: Cluster) -> bool:
-    queue = trial_queue(cluster.conn, cluster.prefix)
+    queue = trial_queue(cluster.conn, Keys(cluster.prefix).trial_queue("tests.fault_objectives"))
     workers = Worker.all(connection=cluster.conn, queue=queue)
     return any(w.shutdown_requested_date is not None for w in workers)
 
