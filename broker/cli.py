@@ -7,10 +7,7 @@ Exit codes: 0 done, 1 a runtime error (Redis unreachable, a module that does not
 from __future__ import annotations
 
 import json
-import logging
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -19,17 +16,16 @@ import typer
 
 from optuna_rq.cli_options import (
     GlobalOptions,
-    configure_logging,
-    connect_redis,
     global_options,
     make_client,
     read_client,
 )
 from optuna_rq.cli_redis import redis_app
+from optuna_rq.cli_serve import broker, workers
 from optuna_rq.cli_studies import best, delete, enqueue, load_enqueue_file, trials
 from optuna_rq.errors import ConfigError, OptunaRQError
 from optuna_rq.progress import make_console
-from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, DEFAULT_QUEUE
+from optuna_rq.protocol import DEFAULT_QUEUE
 
 app = typer.Typer(
     name="optuna-rq",
@@ -48,198 +44,6 @@ app = typer.Typer(
 app.callback()(global_options)
 
 _err = make_console(stderr=True)
-
-
-@app.command()
-def workers(
-    ctx: typer.Context,
-    modules: Annotated[
-        list[str],
-        typer.Option(
-            "--import",
-            "-i",
-            help="A module whose objectives these workers run (repeat for several). "
-            "Only objectives defined in these modules are ever imported.",
-        ),
-    ],
-    count: Annotated[
-        int | None,
-        typer.Option(
-            "--count", "-n", min=1, help="Worker processes. Default: 1, or one per --gpus set."
-        ),
-    ] = None,
-    queues: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--queue",
-            "-q",
-            help="A resource class to take trials of (studies submitted with --queue NAME); "
-            "repeat for several, first served first. Default: default.",
-        ),
-    ] = None,
-    paths: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--path",
-            "-P",
-            help="A directory to import the --import modules from (repeatable). "
-            "The current directory always is one.",
-        ),
-    ] = None,
-    gpus: Annotated[
-        str | None,
-        typer.Option(
-            "--gpus",
-            help="GPUs to pin worker processes to: a count (4) or device ids (0,1,2,3). "
-            "Each worker process gets its own CUDA_VISIBLE_DEVICES, kept across restarts.",
-        ),
-    ] = None,
-    gpus_per_trial: Annotated[
-        int, typer.Option("--gpus-per-trial", min=1, help="GPUs each worker process gets.")
-    ] = 1,
-    autoscale: Annotated[
-        str | None,
-        typer.Option(
-            "--autoscale",
-            metavar="MIN,MAX",
-            help="Grow to MAX worker processes while studies on these queues want them, "
-            "shrink to MIN when idle (only idle workers are stopped).",
-        ),
-    ] = None,
-    scale_down_after: Annotated[
-        float,
-        typer.Option(
-            "--scale-down-after",
-            min=0,
-            help="With --autoscale: seconds a worker process stays idle before it is retired.",
-        ),
-    ] = 30.0,
-    log_level: Annotated[
-        str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
-    ] = "INFO",
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            "--metrics-port",
-            min=1,
-            max=65535,
-            help="Serve Prometheus metrics: worker i listens on PORT + i.",
-        ),
-    ] = None,
-    lease_ttl: Annotated[
-        float,
-        typer.Option(
-            "--lease-ttl",
-            envvar="OPTUNA_RQ_LEASE_TTL",
-            min=0.5,
-            help="Seconds a running trial's lease outlives the worker that stops renewing it: "
-            "how soon the broker notices a killed or frozen worker and retries its trial.",
-        ),
-    ] = DEFAULT_LEASE_TTL_S,
-    isolation: Annotated[
-        str,
-        typer.Option(
-            "--isolation",
-            help="process: each worker process runs trials one after another (fastest). "
-            "fork: a fresh fork per trial, as plain RQ does (nothing leaks between trials).",
-        ),
-    ] = "process",
-) -> None:
-    """Start COUNT worker processes that run trials of objectives from the --import modules.
-
-    They take only trials of those modules, from the --queue resource classes, first served
-    first: `--queue gpu --queue default` takes GPU trials before default ones.
-
-    SIGTERM or Ctrl-C stops them gracefully: each finishes its running trial first. A second
-    one stops them at once; the broker retries their trials elsewhere.
-    """
-    from optuna_rq.workers.autoscale import parse_autoscale
-    from optuna_rq.workers.gpus import device_sets
-    from optuna_rq.workers.pool import WorkerPool, WorkerSettings
-
-    options: GlobalOptions = ctx.obj
-    signer = options.signer()
-    level = configure_logging(log_level)
-    devices = None if gpus is None else device_sets(gpus, gpus_per_trial)
-    if gpus is None and gpus_per_trial != 1:
-        raise ConfigError("--gpus-per-trial needs --gpus (the devices to share out)")
-    if autoscale is not None and count is not None:
-        raise ConfigError("give --count or --autoscale MIN,MAX, not both")
-    for path in paths or []:
-        if not path.is_dir():
-            raise ConfigError(f"--path {str(path)!r} is not a directory")
-    url, _connection = connect_redis(options)
-    settings = WorkerSettings(
-        redis_url=url,
-        prefix=options.prefix,
-        queues=tuple(queues or [DEFAULT_QUEUE]),
-        paths=(*(str(p.resolve()) for p in paths or []), str(Path.cwd())),
-        gpus=devices,
-        autoscale=None if autoscale is None else parse_autoscale(autoscale),
-        scale_down_after_s=scale_down_after,
-        modules=tuple(modules),
-        count=count or (len(devices) if devices else 1),
-        log_level=level,
-        secret=signer.secret,
-        max_message_bytes=signer.max_message_bytes,
-        metrics_port=metrics_port,
-        lease_ttl_s=lease_ttl,
-        isolation=isolation,
-    )
-    raise typer.Exit(WorkerPool(settings).run())
-
-
-@app.command()
-def broker(
-    ctx: typer.Context,
-    storage: Annotated[
-        str | None,
-        typer.Option(
-            "--storage",
-            help="Default Optuna storage for studies that name none: sqlite:///..., "
-            "postgresql://..., journal:///path, or memory. "
-            "Default: a journal file under the state directory.",
-            show_default=False,
-        ),
-    ] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING.")] = "INFO",
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            "--metrics-port", min=1, max=65535, help="Serve Prometheus metrics on this port."
-        ),
-    ] = None,
-) -> None:
-    """Run the broker daemon in the foreground: it serves every study submitted on this prefix.
-
-    One broker per prefix. SIGTERM or Ctrl-C stops it gracefully; running trials go on, and a
-    restarted broker tells their results.
-    """
-    from optuna_rq.daemon import BrokerSettings, Daemon
-    from optuna_rq.studies import default_storage_url, open_storage
-
-    options: GlobalOptions = ctx.obj
-    configure_logging(log_level)
-    storage_url = storage or default_storage_url(options.state())
-    open_storage(storage_url)  # a URL Optuna rejects stops us here, before any study
-    _url, connection = connect_redis(options)
-    settings = BrokerSettings(prefix=options.prefix, storage=storage_url)
-    metrics = None
-    if metrics_port is not None:
-        from optuna_rq.metrics import BrokerMetrics
-
-        metrics = BrokerMetrics()
-        metrics.serve(metrics_port)
-    daemon = Daemon(connection, settings, options.signer(), metrics)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        logging.getLogger("optuna_rq.broker").info("stopping on %s", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    daemon.run(stop)
 
 
 def _default_study_name(objective: str) -> str:
@@ -524,6 +328,8 @@ def demo(
 
 
 # Defined in their own modules; listed after the commands above in --help.
+app.command()(workers)
+app.command()(broker)
 app.command()(trials)
 app.command()(best)
 app.command()(delete)
