@@ -6,7 +6,7 @@ and the run goes on (the original leaves it RUNNING and aborts); a NaN or malfor
 FAIL instead of raising inside `tell`; an `optuna.TrialPruned` ends the trial PRUNED.
 
 flytekit is optional: it is only looked at when the caller already imported it, so
-`import broker` stays light.
+`import optuna_rq` stays light.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import sys
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,14 +27,17 @@ from optuna.trial import FrozenTrial, TrialState
 
 from optuna_rq.connection import DEFAULT_PREFIX
 from optuna_rq.errors import ConfigError
+from optuna_rq.objective_checks import (
+    check_objective,
+    is_async_task,
+    remote_objective_path,
+)
 from optuna_rq.protocol import (
     DEFAULT_QUEUE,
     FailReason,
     Keys,
     check_queue_name,
     describe_exception,
-    objective_path_of,
-    parse_objective_path,
 )
 from optuna_rq.space import Category, Float, Integer, Number, Suggestion, process, suggest
 from optuna_rq.trials import frozen_trial, optimize_loop, stop_requested
@@ -71,103 +73,6 @@ CallbackType: TypeAlias = Callable[Concatenate[optuna.Trial, P], Awaitable[Resul
 
 StudyCallback: TypeAlias = Callable[[optuna.Study, FrozenTrial], None]
 """What `study.optimize(callbacks=...)` takes: called with the study and each trial it told."""
-
-
-def _flytekit_classes() -> tuple[type, type, type] | None:
-    """(AsyncPythonFunctionTask, PythonFunctionTask, WorkflowBase), if flytekit is in use.
-
-    A flytekit task can only exist if flytekit was imported, so we never import it ourselves.
-    """
-    if "flytekit" not in sys.modules:
-        return None
-    from flytekit.core.python_function_task import AsyncPythonFunctionTask, PythonFunctionTask
-    from flytekit.core.workflow import WorkflowBase
-
-    return AsyncPythonFunctionTask, PythonFunctionTask, WorkflowBase
-
-
-def _is_async_task(obj: object) -> bool:
-    classes = _flytekit_classes()
-    return classes is not None and isinstance(obj, classes[0])
-
-
-def _check_task_returns(task: Any, n_objectives: int) -> None:
-    """The flytekit task's return annotation must match the study's number of directions."""
-    try:  # resolve `from __future__ import annotations` strings, as flytekit itself does
-        returns = inspect.signature(task.task_function, eval_str=True).return_annotation
-    except (NameError, TypeError):
-        returns = inspect.signature(task.task_function).return_annotation
-    name = getattr(task, "name", repr(task))
-    if returns is float:
-        if n_objectives != 1:
-            raise ConfigError(
-                "the study must have a single objective if objective returns a single float: "
-                f"{name} returns float but the study has {n_objectives} directions"
-            )
-        return
-    args = getattr(returns, "__args__", None)
-    if args is None:
-        raise ConfigError(
-            "objective function must return a float or tuple of floats: "
-            f"{name} is annotated to return {returns!r}"
-        )
-    if len(args) != n_objectives:
-        raise ConfigError(
-            "objective must return the same number of directions in the study: "
-            f"{name} returns {len(args)} values but the study has {n_objectives} directions"
-        )
-    if not all(arg is float for arg in args):
-        raise ConfigError(
-            "objective function must return a float or tuple of floats: "
-            f"{name} is annotated to return {returns!r}"
-        )
-
-
-def _check_objective(objective: object, n_objectives: int) -> None:
-    classes = _flytekit_classes()
-    if classes is not None:
-        async_task, function_task, workflow = classes
-        if isinstance(objective, async_task):
-            _check_task_returns(objective, n_objectives)
-            return
-        if isinstance(objective, workflow):
-            raise ConfigError(
-                "objective must be a callable or a AsyncPythonFunctionTask, not a flytekit "
-                f"workflow ({getattr(objective, 'name', objective)!r}): optimize an async task "
-                "(`@task async def ...`) or a callback taking `trial`"
-            )
-        if isinstance(objective, function_task):
-            raise ConfigError(
-                "objective must be a callable or a AsyncPythonFunctionTask: "
-                f"{getattr(objective, 'name', objective)!r} is a synchronous flytekit task; "
-                "declare it `async def` so trials can run concurrently"
-            )
-    if not callable(objective):
-        raise ConfigError(
-            "objective must be a callable or a AsyncPythonFunctionTask, "
-            f"got {type(objective).__name__}: {objective!r}"
-        )
-    if "trial" not in inspect.signature(objective).parameters:
-        raise ConfigError(
-            "objective function must have a parameter called 'trial' if not a "
-            f"AsyncPythonFunctionTask: {getattr(objective, '__qualname__', objective)!r} has "
-            f"parameters {list(inspect.signature(objective).parameters)}"
-        )
-
-
-def _remote_objective_path(objective: object, n_objectives: int) -> str:
-    """The `module:function` workers import: given as a string, or derived from the function."""
-    if isinstance(objective, str):
-        parse_objective_path(objective)
-        return objective
-    if _is_async_task(objective):
-        _check_task_returns(objective, n_objectives)
-    elif not callable(objective):
-        raise ConfigError(
-            "a remote objective must be a 'module:function' string, a top-level function or a "
-            f"flytekit task, got {type(objective).__name__}: {objective!r}"
-        )
-    return objective_path_of(objective)
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -252,11 +157,9 @@ class Optimizer:
                 raise ConfigError("give redis_url or connection, not both")
             check_queue_name(self.queue or DEFAULT_QUEUE, option="queue")
             Keys(self.prefix or DEFAULT_PREFIX)  # checks it
-            self._objective_path = _remote_objective_path(
-                self.objective, len(self.study.directions)
-            )
+            self._objective_path = remote_objective_path(self.objective, len(self.study.directions))
         else:
-            _check_objective(self.objective, len(self.study.directions))
+            check_objective(self.objective, len(self.study.directions))
 
     @property
     def is_remote(self) -> bool:
@@ -266,7 +169,7 @@ class Optimizer:
     @property
     def is_imperative(self) -> bool:
         """True when the objective is a flytekit async task fed with processed inputs."""
-        return _is_async_task(self.objective)
+        return is_async_task(self.objective)
 
     @property
     def _study(self) -> optuna.Study:
@@ -460,7 +363,7 @@ def optimize(
 ) -> Any:
     """Decorate an objective into an `Optimizer`: `@optimize` or `@optimize(n_trials=..., ...)`."""
     if objective is not None:
-        if callable(objective) or _is_async_task(objective):
+        if callable(objective) or is_async_task(objective):
             return Optimizer(
                 objective=objective, concurrency=concurrency, n_trials=n_trials, study=study
             )
