@@ -11,6 +11,7 @@ from optuna_rq.protocol import (
     RESULT_FIELD,
     RUN_TRIAL,
     FailReason,
+    Keys,
     Outcome,
     Signer,
     TrialRequest,
@@ -30,7 +31,7 @@ def test_a_job_with_an_out_of_range_timeout_fails_its_trial_saying_why(
 ) -> None:
     # Given a worker pool
     cluster.start_workers(1, isolation)
-    queue = trial_queue(cluster.conn, cluster.prefix)
+    queue = trial_queue(cluster.conn, Keys(cluster.prefix).trial_queue("tests.fault_objectives"))
     workers = {w.name: w.pid for w in Worker.all(connection=cluster.conn, queue=queue)}
     reply_to = f"{cluster.prefix}:results"
     request = TrialRequest(

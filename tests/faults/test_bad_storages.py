@@ -9,15 +9,19 @@ import signal
 import socket
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
+from optuna_rq.client import BrokerClient
 from optuna_rq.embedded import server_executable
+from optuna_rq.protocol import Signer, StudySpec
 from tests.faults.conftest import Cluster
 from tests.helpers import wait_until
+from tests.worker_processes import cli
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -48,8 +52,9 @@ def test_a_storage_that_cannot_be_opened_fails_its_study_alone(
     broker = cluster.start_broker(log=log)
     good = cluster.submit("steady", n_trials=8, concurrency=2, hold_s=0.3)
 
-    # When a study whose storage cannot be opened is submitted
-    bad = cluster.submit("steady", n_trials=4, concurrency=2, extra=("--storage", storage))
+    # When a study whose storage cannot be opened is submitted, past the CLI's own check of the
+    # URL (a script on BrokerClient, an older CLI, a forged command: the broker decides alone)
+    bad = _submit_on_the_wire(cluster, storage)
 
     # Then it alone fails, with the cause, and the same broker finishes the other
     status = _failed(cluster, bad)
@@ -70,6 +75,37 @@ def test_a_storage_that_cannot_be_opened_fails_its_study_alone(
     after = cluster.submit("steady", n_trials=3, concurrency=2, hold_s=0.1)
     cluster.wait_finished(after)
     assert restarted.poll() is None
+
+
+def _submit_on_the_wire(cluster: Cluster, storage: str) -> str:
+    name = f"bad-{uuid.uuid4().hex[:6]}"
+    spec = StudySpec(
+        name=name,
+        objective="tests.fault_objectives:steady",
+        space={
+            "x": {"type": "float", "low": 0, "high": 1},
+            "redis_url": cluster.server.url,
+            "key": cluster.key,
+        },
+        n_trials=4,
+        concurrency=2,
+        storage=storage,
+    )
+    BrokerClient(cluster.conn, cluster.prefix, signer=Signer()).submit(spec, storage=storage)
+    return name
+
+
+def test_the_cli_refuses_a_storage_path_that_cannot_be_created(cluster: Cluster) -> None:
+    done = subprocess.run(
+        cli("--redis-url", cluster.server.url, "--prefix", cluster.prefix, "submit")
+        + ["tests.fault_objectives:steady", "--n-trials", "1", "--concurrency", "1"]
+        + ["--storage", "journal:///dev/null/studies.journal"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "cannot create '/dev/null'" in done.stderr, done.stderr
+    assert cluster.conn.llen(f"{cluster.prefix}:commands") == 0
 
 
 class TcpRedis:
