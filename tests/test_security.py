@@ -186,6 +186,9 @@ def test_the_unserved_module_is_never_imported(
 @pytest.mark.parametrize(
     "payload",
     [b"", b"\xc1", pickle.dumps({"study": "s"}), b"\x81\xa1v\xd6\x01abcd", b"x" * 2_000_000],
+    # Short ids: pytest puts the id in PYTEST_CURRENT_TEST, and a 2 MB one overflows the
+    # environment of every process the test starts (older pytest does not shorten it).
+    ids=["empty", "bad-byte", "pickle", "wrong-version", "2-MB"],
 )
 def test_a_payload_that_is_not_a_message_fails_the_job_without_a_result(
     served, conn: redis.Redis, redis_url: str, payload: bytes
