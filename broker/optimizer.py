@@ -329,16 +329,19 @@ UNSERVED_WARNING_S = 3.0
 
 def _warn_while_unserved(dispatcher: Any, run: Any, stop: threading.Event) -> None:
     """Log, every `UNSERVED_WARNING_S` while the run goes on, that no live worker serves its
-    queue and what it waits for: otherwise a run without workers waits silently forever."""
-    from rq import Worker
+    queue and what it waits for: otherwise a run without workers waits silently forever.
+    Live workers are the pools' own heartbeats, as the broker counts them."""
+    from optuna_rq.protocol import live_pools, workers_on
 
-    queue = dispatcher.queue
     module = run.objective.partition(":")[0]
+    rq_queue = dispatcher.keys.trial_queue(module, run.queue)
     while not stop.wait(UNSERVED_WARNING_S):
         if run.done:
             return
         try:
-            live = Worker.count(connection=dispatcher.connection, queue=queue)
+            live = workers_on(
+                live_pools(dispatcher.connection, dispatcher.keys, dispatcher.signer), rq_queue
+            )
         except Exception:  # Redis away: the dispatcher rides it out and says so itself
             continue
         if live == 0:
@@ -346,12 +349,12 @@ def _warn_while_unserved(dispatcher: Any, run: Any, stop: threading.Event) -> No
                 "study %r: waiting for a worker on queue %r (%d trials outstanding, %d of %d "
                 "asked); start one with `optuna-rq workers --import %s --queue %s`",
                 run.name,
-                queue.name,
+                rq_queue,
                 run.n_outstanding,
                 run.asked,
                 run.n_trials,
                 module,
-                queue.name,
+                run.queue,
             )
 
 

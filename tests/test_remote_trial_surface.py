@@ -25,9 +25,9 @@ pytestmark = pytest.mark.timeout(180)
 MODULE = ("tests.trial_objectives",)
 
 
-def remote(objective: str, queue: str, redis_url: str, **kwargs: object) -> Optimizer:
+def remote(objective: str, prefix: str, redis_url: str, **kwargs: object) -> Optimizer:
     return Optimizer(
-        f"tests.trial_objectives:{objective}", redis_url=redis_url, queue=queue, **kwargs
+        f"tests.trial_objectives:{objective}", redis_url=redis_url, prefix=prefix, **kwargs
     )  # type: ignore[arg-type]
 
 
