@@ -228,7 +228,7 @@ def status_detail(s: StudyStatus) -> list[str]:
         f"best         {best_summary(s).removeprefix('best ')}",
     ]
     if _waiting_note(s):
-        lines.insert(2, f"waiting for  a worker: start one with {_worker_command(s)}")
+        lines.insert(2, f"waiting for a worker, start one: {_worker_command(s)}")
     if not s.multi_objective:
         lines.append(f"best params  {s.best_params!r}" if s.best_params else "best params  -")
     lines += [f"storage      {s.storage}", f"updated      {s.updated_at}"]
