@@ -64,8 +64,8 @@ def test_single_objective_surface_reads_what_the_storage_holds(
         assert seen["distributions"] == sorted(trial.distributions)
         assert seen["x_high"] == 1  # the storage's distribution after the clash, not -5..5
         assert set(seen["user_attrs"]) == {"note"}
-        assert seen["constraints"] == {"c0": pytest.approx(trial.params["x"] - 0.5)}
-        assert trial.system_attrs["constraints:c0"] == pytest.approx(trial.params["x"] - 0.5)
+        assert seen["constraints"] == {"c0": pytest.approx(trial.params["x"] - 1.5)}
+        assert trial.system_attrs["constraints:c0"] == pytest.approx(trial.params["x"] - 1.5)
         assert trial.system_attrs["sys"] == "yes"
         assert trial.user_attrs["note"] == {"k": [1, 2]}
         assert seen["started"] and seen["relative"] == []

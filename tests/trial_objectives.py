@@ -40,7 +40,7 @@ def surface_single(trial: optuna.Trial) -> float:
     trial.set_user_attr("note", {"k": [1, 2]})
     if hasattr(trial, "set_system_attr"):
         trial.set_system_attr("sys", "yes")
-    trial.set_constraint("c0", x - 0.5)
+    trial.set_constraint("c0", x - 1.5)  # always feasible: best_value must not depend on x
     study = trial.study
     trial.set_user_attr(
         "seen",

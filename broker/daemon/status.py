@@ -95,7 +95,9 @@ class StatusPublisher:
             error=error,
             submitted_at=spec.submitted_at,
             queue=spec.queue,
-            waiting_for_workers=run is not None and run.waiting_for_workers,
+            # An ended study waits for nothing, even if its last trials ran before the fair
+            # share's next look at the pools noticed the worker that ran them.
+            waiting_for_workers=run is not None and run.waiting_for_workers and not state.ended,
             **summary,
         )
         self.connection.hset(self.keys.status, spec.name, status.to_json())
