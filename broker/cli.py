@@ -91,6 +91,25 @@ def submit(
         str, typer.Option("--sampler", help="random, tpe, cmaes, nsgaii, gp or qmc.")
     ] = "tpe",
     seed: Annotated[int | None, typer.Option("--seed", help="Sampler seed.")] = None,
+    constant_liar: Annotated[
+        bool | None,
+        typer.Option(
+            "--constant-liar/--no-constant-liar",
+            help="TPE only: count running trials as bad ones, so parallel trials spread out. "
+            "Default: on when --concurrency is above 1.",
+            show_default=False,
+        ),
+    ] = None,
+    ask_ahead: Annotated[
+        int,
+        typer.Option(
+            "--ask-ahead",
+            min=0,
+            help="Trials to sample before a slot frees, sent the moment one does: less idle "
+            "time between trials, but the sampler sees that many more running (and at "
+            "--concurrency 1 a seed no longer gives study.optimize's params).",
+        ),
+    ] = 0,
     pruner: Annotated[
         str, typer.Option("--pruner", help="none, median, hyperband or successive-halving.")
     ] = "none",
@@ -168,6 +187,8 @@ def submit(
         directions=directions or ["minimize"],
         sampler=sampler,
         seed=seed,
+        constant_liar=constant_liar,
+        ask_ahead=ask_ahead,
         pruner=pruner,
         storage=storage,
         trial_timeout_s=timeout_s,

@@ -97,10 +97,9 @@ class Optimizer:
         callbacks: (keyword-only) each is called as `callback(study, frozen_trial)` after every
             trial is told, as `study.optimize(callbacks=...)` calls them (so
             `optuna.study.MaxTrialsCallback` works). `study.stop()` from one ends the run: no
-            new trial starts, trials already running finish and are told (on workers, a trial
-            sampled ahead but not yet sent ends FAIL `cancelled`). A callback that raises ends
-            the run the same way, with the trials in flight FAIL `cancelled`, and the error
-            is raised by the run.
+            new trial starts, trials already running finish and are told. A callback that
+            raises ends the run the same way, with the trials in flight FAIL `cancelled`, and
+            the error is raised by the run.
 
     Keyword-only, to run trials on workers (optuna-rq's own; flytekitplugins.optuna has none):
         redis_url or connection: the Redis the workers listen on.

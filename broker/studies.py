@@ -25,12 +25,15 @@ __all__ = [
 log = logging.getLogger("optuna_rq.broker")
 
 
-def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    name: str, seed: int | None, *, constant_liar: bool = False
+) -> optuna.samplers.BaseSampler:
+    """The sampler `--sampler name` names; `constant_liar` is TPE's (`StudySpec`)."""
     match name:
         case "random":
             return optuna.samplers.RandomSampler(seed=seed)
         case "tpe":
-            return optuna.samplers.TPESampler(seed=seed)
+            return optuna.samplers.TPESampler(seed=seed, constant_liar=constant_liar)
         case "cmaes":
             return optuna.samplers.CmaEsSampler(seed=seed)
         case "nsgaii":

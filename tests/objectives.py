@@ -124,3 +124,8 @@ def mixed(trial: optuna.Trial, depth: int, name: str) -> float:
 
 def bad_suggestion(trial: optuna.Trial) -> float:
     return trial.suggest_float("x", 1.0, 0.0)  # low > high: Optuna on the broker refuses
+
+
+def sleeps(x: float, hold_s: float = 0.3) -> float:
+    time.sleep(hold_s)
+    return x

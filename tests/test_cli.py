@@ -381,6 +381,8 @@ def test_a_second_broker_on_the_prefix_refuses_to_start(run_cli, broker_process)
                 ("--seed", "-1", "--seed must be an integer from 0 to 4294967295"),
                 ("--n-trials", "10000000000", "--n-trials must be an integer from 1 to 1000000000"),
                 ("--concurrency", "1000000", "--concurrency must be an integer from 1 to 100000"),
+                ("--ask-ahead", "1001", "--ask-ahead must be an integer from 0 to 1000"),
+                ("--constant-liar", "--sampler=random", "--constant-liar is a TPE option"),
             ]
         ),
         (("status", "nope"), "unknown study 'nope'"),

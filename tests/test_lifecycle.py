@@ -178,7 +178,7 @@ def test_cancel_stops_the_running_objective_and_its_worker_serves_on(
     study = optuna.load_study(
         study_name="slow", storage=open_storage(default_storage_url(cli_state))
     )
-    # The running trial, and the one asked ahead of it, end FAIL cancelled.
+    # The running trial, and any queued behind it, end FAIL cancelled.
     assert study.trials[0].user_attrs.get("fail_reason") == "cancelled"
     assert {(t.state, t.user_attrs.get("fail_reason")) for t in study.trials} == {
         (TrialState.FAIL, "cancelled")

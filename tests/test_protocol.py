@@ -283,3 +283,22 @@ def test_a_spec_on_the_wire_with_a_number_out_of_range_is_refused(
     fields[field] = value
     with pytest.raises(ProtocolError, match=re.escape(limit)):
         StudySpec.decode(msgpack.packb(fields))
+
+
+def test_tpe_lies_constantly_above_cap_1_unless_told() -> None:
+    from optuna_rq.protocol import StudySpec
+
+    def spec(**fields: Any) -> StudySpec:
+        return StudySpec(
+            name="s", objective="tests.objectives:quadratic", space={}, n_trials=1, **fields
+        )
+
+    assert not spec(concurrency=1).uses_constant_liar  # nothing runs while it asks
+    assert spec(concurrency=2).uses_constant_liar
+    assert not spec(concurrency=2, constant_liar=False).uses_constant_liar
+    assert spec(concurrency=1, constant_liar=True).uses_constant_liar
+    assert spec(concurrency=2).ask_ahead == 0  # the sampler sees what study.optimize would
+    # Lying or not is part of the study's definition: a resubmission may not flip it.
+    assert spec(concurrency=2).differences(spec(concurrency=2, constant_liar=False)) == [
+        "constant_liar None, not False"
+    ]

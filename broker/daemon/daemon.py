@@ -219,7 +219,9 @@ class Daemon:
                 storage=self.storages.open(url),
                 study_name=spec.name,
                 directions=spec.directions,  # type: ignore[arg-type]  # checked by StudySpec
-                sampler=make_sampler(spec.sampler, spec.seed),
+                sampler=make_sampler(
+                    spec.sampler, spec.seed, constant_liar=spec.uses_constant_liar
+                ),
                 pruner=make_pruner(spec.pruner),
                 load_if_exists=True,
             )
@@ -237,6 +239,7 @@ class Daemon:
                 trial_timeout_s=spec.trial_timeout_s,
                 max_retries=spec.max_retries,
                 queue=spec.queue,
+                ask_ahead=spec.ask_ahead,
             )
             run.reattach()
         except StudyStorageError as exc:
@@ -378,6 +381,7 @@ class Daemon:
         run.n_trials = max(spec.n_trials, run.asked)
         run.trial_timeout_s = spec.trial_timeout_s
         run.max_retries = spec.max_retries
+        run.ask_ahead = spec.ask_ahead
         log.info("study %r changed: %s", name, changes)
         self.status.mark(name)
 
@@ -392,5 +396,5 @@ class Daemon:
 
 def _resubmitted(spec: StudySpec) -> dict[str, Any]:
     """What a resubmission of a running study changes: everything but its definition."""
-    fields = ("n_trials", "concurrency", "priority", "trial_timeout_s", "max_retries")
+    fields = ("n_trials", "concurrency", "priority", "trial_timeout_s", "max_retries", "ask_ahead")
     return {**{name: getattr(spec, name) for name in fields}, "submitted_at": spec.submitted_at}

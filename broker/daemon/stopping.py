@@ -3,8 +3,8 @@ before its budget when one holds, and its status names it (`StudyStatus.error`).
 
 When one holds, no new trial starts; trials already running on workers finish and are told, as
 `study.optimize(timeout=...)` lets its running trial finish; a trial sampled ahead and not yet
-sent ends FAIL (`cancelled`). The wall clock counts from the submission (`StudySpec.submitted_at`),
-so a broker restart does not reset it.
+sent (`--ask-ahead`) ends FAIL (`cancelled`). The wall clock counts from the submission
+(`StudySpec.submitted_at`), so a broker restart does not reset it.
 """
 
 from __future__ import annotations

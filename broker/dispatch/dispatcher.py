@@ -2,10 +2,12 @@
 
 The cap is exact: a study never has more than `concurrency` trials sent to workers and not yet
 told. A result is told at most once (stale or repeated results are acknowledged, counted and
-dropped), and only then is its slot refilled. To keep the sampler off that path, each study at
-its cap asks one trial ahead (`ASK_AHEAD`): sampled while the workers run, RUNNING in the storage
-but not sent, it goes out the moment a slot frees, in the same round trip as the acknowledgement.
-Lost attempts are failed and retried (`retries`).
+dropped), and only then is its slot refilled. A trial is asked when a slot frees, so the sampler
+sees what `study.optimize` with as many threads would: at cap 1, the same params for a seed.
+A study may ask ahead instead (`StudyRun.ask_ahead`, `submit --ask-ahead N`): at its cap it keeps
+N trials sampled while the workers run, RUNNING in the storage but not sent, that go out the
+moment a slot frees, in the same round trip as the acknowledgement; the sampler then sees N
+trials more than the cap running. Lost attempts are failed and retried (`retries`).
 """
 
 from __future__ import annotations
@@ -40,12 +42,9 @@ from optuna_rq.protocol import (
 )
 from optuna_rq.verdict import Verdict, tell, worker_lost
 
-__all__ = ["ASK_AHEAD", "Dispatcher"]
+__all__ = ["Dispatcher"]
 
 log = logging.getLogger("optuna_rq.dispatch")
-
-ASK_AHEAD = 1
-"""Trials a study at its cap keeps asked and sampled, ready to send when a slot frees."""
 
 _CANCELLED = Verdict(
     state=TrialState.FAIL,
@@ -167,11 +166,12 @@ class Dispatcher:
         return len(sending)
 
     def _ask_ahead(self) -> None:
-        """Sample the next trials of the studies at their cap while their workers run."""
+        """Sample the next trials of the studies at their cap that ask ahead, while their
+        workers run."""
         for run in self.runs.values():
             while (
                 0 < run.limit <= run.n_outstanding
-                and run.count(Phase.ASKED_AHEAD) < ASK_AHEAD
+                and run.count(Phase.ASKED_AHEAD) < run.ask_ahead
                 and run.asked < run.n_trials
             ):
                 record = run.track(self._ask(run), attempt=1, phase=Phase.ASKED_AHEAD)

@@ -102,6 +102,7 @@ class StudyRun:
     trial_timeout_s: float | None = None
     max_retries: int = 2  # re-runs of a trial whose worker was lost
     queue: str = DEFAULT_QUEUE  # the resource class its trials go to
+    ask_ahead: int = 0  # trials it keeps asked at its cap, ready to send (`StudySpec.ask_ahead`)
     slots: int | None = None  # the fair share the daemon grants; None: the cap alone
     waiting_for_workers: bool = False  # no live worker listens to its queue (the daemon's view)
     asked: int = 0  # budget spent: trials asked that are not retries

@@ -27,8 +27,9 @@ __all__ = [
     "pack",
 ]
 
-PROTOCOL_VERSION = 2
-"""2: the package is `optuna_rq` (the job function moved to `optuna_rq.workers.runner`)."""
+PROTOCOL_VERSION = 3
+"""2: the package is `optuna_rq` (the job function moved to `optuna_rq.workers.runner`).
+3: a `StudySpec` carries `ask_ahead` and `constant_liar`."""
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_DEPTH = 32
 """Nesting depth of maps and arrays in a message (the message itself is depth 1)."""

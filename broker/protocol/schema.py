@@ -107,6 +107,9 @@ class Text(Kind):
 
 
 class Bool(Kind):
+    def __init__(self, *, optional: bool = False) -> None:
+        self.optional = optional
+
     def check(self, value: Any) -> bool:
         if not isinstance(value, bool):
             raise WrongValue("a bool")

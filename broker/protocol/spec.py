@@ -18,7 +18,17 @@ from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.protocol.codec import check_params
 from optuna_rq.protocol.keys import DEFAULT_QUEUE, check_queue_name
 from optuna_rq.protocol.objectives import parse_objective_path
-from optuna_rq.protocol.schema import Float, Int, Map, Message, Text, Texts, version_field, wire
+from optuna_rq.protocol.schema import (
+    Bool,
+    Float,
+    Int,
+    Map,
+    Message,
+    Text,
+    Texts,
+    version_field,
+    wire,
+)
 from optuna_rq.spacefile import space_from_data
 
 __all__ = [
@@ -27,6 +37,7 @@ __all__ = [
     "MAX_CONCURRENCY",
     "MAX_N_TRIALS",
     "MAX_PRIORITY",
+    "MAX_ASK_AHEAD",
     "MAX_RETRIES",
     "MAX_SEED",
     "MAX_TRIAL_TIMEOUT_S",
@@ -50,6 +61,7 @@ MAX_TRIAL_TIMEOUT_S = 30 * 24 * 3600
 MAX_N_TRIALS = 10**9
 MAX_CONCURRENCY = 100_000
 MAX_RETRIES = 100
+MAX_ASK_AHEAD = 1_000
 MAX_PRIORITY = 1e6
 """--priority at most 1e6: a weight among studies, summed with the others' in fair share."""
 MAX_SEED = 2**32 - 1
@@ -76,6 +88,12 @@ class StudySpec(Message):
     sampler: str = wire(Text(), default="tpe")
     seed: int | None = wire(Int(minimum=0, optional=True), default=None)
     pruner: str = wire(Text(), default="none")
+    # TPE's constant liar (running trials count as bad ones, so parallel asks spread out);
+    # None: on when the cap is above 1. At cap 1 nothing runs while it asks: it changes nothing.
+    constant_liar: bool | None = wire(Bool(optional=True), default=None)
+    # Trials asked (sampled, RUNNING in the storage) before a slot frees, to send at once when
+    # one does. 0 by default: the sampler then sees exactly what `study.optimize` would.
+    ask_ahead: int = wire(Int(minimum=0), default=0)
     storage: str | None = wire(Text(optional=True), default=None)
     trial_timeout_s: float | None = wire(Float(minimum=0, optional=True), default=None)
     max_retries: int = wire(Int(minimum=0), default=2)
@@ -123,6 +141,15 @@ class StudySpec(Message):
             raise ConfigError(
                 f"--trial-timeout must be > 0 and at most {MAX_TRIAL_TIMEOUT_S} seconds "
                 f"(30 days), got {self.trial_timeout_s!r}"
+            )
+        if not _int_in(self.ask_ahead, 0, MAX_ASK_AHEAD):
+            raise ConfigError(
+                f"--ask-ahead must be an integer from 0 to {MAX_ASK_AHEAD}, got {self.ask_ahead!r}"
+            )
+        if self.constant_liar is not None and self.sampler != "tpe":
+            raise ConfigError(
+                f"--constant-liar is a TPE option, not one of --sampler {self.sampler}: "
+                "drop it or use --sampler tpe"
             )
         if not _int_in(self.max_retries, 0, MAX_RETRIES):
             raise ConfigError(
@@ -173,6 +200,11 @@ class StudySpec(Message):
                 )
 
     @property
+    def uses_constant_liar(self) -> bool:
+        """Whether its TPE sampler runs with the constant liar: as told, else above cap 1."""
+        return self.concurrency > 1 if self.constant_liar is None else self.constant_liar
+
+    @property
     def inputs(self) -> dict[str, Any]:
         """The space as `Optimizer` inputs: suggestions and fixed values."""
         return space_from_data(self.space)
@@ -199,7 +231,16 @@ class StudySpec(Message):
         return found
 
 
-DEFINITION = ("objective", "space", "directions", "sampler", "seed", "pruner", "storage")
+DEFINITION = (
+    "objective",
+    "space",
+    "directions",
+    "sampler",
+    "seed",
+    "constant_liar",
+    "pruner",
+    "storage",
+)
 """The StudySpec fields that define a study: a submission that differs in one is another study,
 and is refused under the same name."""
 _MISSING = object()

@@ -48,7 +48,9 @@ def test_a_trial_asked_ahead_waits_for_a_slot_after_a_restart(cluster: Cluster) 
     # the restarted one finds four RUNNING, three of them enqueued, and holds the fourth back.
     cluster.start_workers(4)
     first = cluster.start_broker(failpoints="after_ask=4")
-    name = cluster.submit("steady", n_trials=6, concurrency=3, hold_s=2.0)
+    name = cluster.submit(
+        "steady", n_trials=6, concurrency=3, hold_s=2.0, extra=("--ask-ahead", "1")
+    )
     assert first.wait(timeout=60) == -signal.SIGKILL
     assert len(cluster.trials(name)) == 4
     cluster.start_broker()
