@@ -107,9 +107,10 @@ def next_commands() -> str:
     else:
         command = f"{sys.executable} -m optuna_rq.cli"
     return (
-        "\nNext, on your own objective (see README.md):\n"
-        f"  {command} broker &\n"
-        f"  {command} workers --import mypkg.train --count 4 &\n"
+        "\nNext, on your own objective (see README.md; the logs go to files so that they do not "
+        "run through the progress bar):\n"
+        f"  {command} broker > broker.log 2>&1 &\n"
+        f"  {command} workers --import mypkg.train --count 4 > workers.log 2>&1 &\n"
         f"  {command} submit mypkg.train:objective --space space.yaml "
         "--n-trials 100 --concurrency 4 --wait"
     )
