@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -169,17 +170,19 @@ def wait_for_redis(
     stop: Any | None = None,
     max_backoff_s: float = 5.0,
     give_up_s: float | None = None,
+    beat: Callable[[], None] | None = None,
 ) -> float | None:
     """Ride out an outage that surfaced as `error`: PING with a doubling backoff until Redis
     answers; returns how long it took (seconds), or None if `stop` (a threading.Event) was set.
     Raises RedisUnavailableError after `give_up_s`, if given. Logs once at the start, then at
-    each retry, so a person watching sees what is going on without a flood."""
+    each retry, so a person watching sees what is going on without a flood. `beat` is called at
+    least every second while it waits: waiting is being alive (the broker's liveness probe)."""
     stop = stop or threading.Event()
     started = time.monotonic()
     _logger.error("Redis is unreachable (%s); waiting for it, trials keep running", error)
     delay_s = 0.25
     while True:
-        if stop.wait(delay_s):
+        if _pause(stop, delay_s, beat):
             return None
         try:
             conn.ping()
@@ -194,6 +197,18 @@ def wait_for_redis(
                 ) from exc
             _logger.warning("Redis still unreachable after %.0fs: %s", waited, exc)
             delay_s = min(delay_s * 2, max_backoff_s)
+
+
+def _pause(stop: Any, seconds: float, beat: Callable[[], None] | None) -> bool:
+    """Wait `seconds`, calling `beat` at least every second; True if `stop` was set."""
+    if beat is None:
+        return bool(stop.wait(seconds))
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if stop.wait(min(left, 1.0)):
+            return True
+        beat()
+    return bool(stop.is_set())
 
 
 def ping_or_raise(conn: redis.Redis, url: str, *, timeout_s: float = 2.0) -> None:
