@@ -139,6 +139,7 @@ def workers(
     url, _connection = connect_redis(options)
     settings = WorkerSettings(
         redis_url=url,
+        redis_password=options.password(),  # to the children through spawn, not argv or env
         prefix=options.prefix,
         queues=tuple(queues or [DEFAULT_QUEUE]),
         paths=(*(str(p.resolve()) for p in paths or []), str(Path.cwd())),
