@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Annotated
 import redis
 import typer
 
-from optuna_rq.connection import DEFAULT_PREFIX, ENV_PREFIX, ENV_REDIS_URL, ENV_STATE_DIR
+from optuna_rq.connection import (
+    DEFAULT_PREFIX,
+    ENV_PREFIX,
+    ENV_REDIS_PASSWORD,
+    ENV_REDIS_PASSWORD_FILE,
+    ENV_REDIS_URL,
+    ENV_STATE_DIR,
+)
 from optuna_rq.errors import ConfigError
 from optuna_rq.protocol import DEFAULT_MAX_MESSAGE_BYTES, ENV_SECRET, Signer
 from optuna_rq.protocol.signing import ENV_MAX_MESSAGE_BYTES
@@ -47,6 +54,14 @@ class GlobalOptions:
     state_dir: Path | None = None
     secret: str | None = field(default=None, repr=False)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    redis_password: str | None = field(default=None, repr=False)
+    redis_password_file: Path | None = None
+
+    def password(self) -> str | None:
+        """The Redis password given apart from the URL, read from its file if need be."""
+        from optuna_rq.connection import resolve_redis_password
+
+        return resolve_redis_password(self.redis_password, self.redis_password_file)
 
     def signer(self) -> Signer:
         """The signer of every message this command sends or reads (a no-op without a secret)."""
@@ -82,6 +97,27 @@ def global_options(
             envvar=ENV_REDIS_URL,
             help="Redis to meet on (redis://, rediss://, unix://). "
             "Default: an embedded redis-server under the state directory.",
+            show_default=False,
+        ),
+    ] = None,
+    redis_password: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-password",
+            envvar=ENV_REDIS_PASSWORD,
+            help="Redis password, apart from the URL: any character goes, nothing to escape; "
+            "it wins over a password in the URL. Prefer the environment variable or "
+            "--redis-password-file: a command line shows in ps.",
+            show_default=False,
+        ),
+    ] = None,
+    redis_password_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--redis-password-file",
+            envvar=ENV_REDIS_PASSWORD_FILE,
+            help="A file holding the Redis password (a mounted secret); one trailing newline "
+            "is ignored.",
             show_default=False,
         ),
     ] = None,
@@ -137,10 +173,24 @@ def global_options(
         state_dir=state_dir,
         secret=secret,
         max_message_bytes=max_message_bytes,
+        redis_password=redis_password,
+        redis_password_file=redis_password_file,
     )
     if ctx.invoked_subcommand is None:  # bare `optuna-rq`: what there is to run
         typer.echo(ctx.get_help(), err=True)
         raise typer.Exit(2)
+
+
+def _password_for(options: GlobalOptions) -> str | None:
+    """The password to send; ConfigError if one is given with no URL to send it to."""
+    password = options.password()
+    if password is not None and not options.redis_url:
+        raise ConfigError(
+            f"a Redis password is set ({ENV_REDIS_PASSWORD} or {ENV_REDIS_PASSWORD_FILE}) but no "
+            f"--redis-url ({ENV_REDIS_URL}): the embedded redis-server takes none; give the URL "
+            "of the Redis it is for, or unset the password"
+        )
+    return password
 
 
 def connect_redis(options: GlobalOptions) -> tuple[str, redis.Redis]:
@@ -148,8 +198,9 @@ def connect_redis(options: GlobalOptions) -> tuple[str, redis.Redis]:
     no URL and it is not running); fails within seconds, naming the URL."""
     from optuna_rq.connection import connect, ping_or_raise, resolve_redis_url
 
+    password = _password_for(options)
     url = resolve_redis_url(options.redis_url, state=options.state())
-    connection = connect(url)
+    connection = connect(url, password=password)
     ping_or_raise(connection, url)
     return url, connection
 
@@ -162,6 +213,7 @@ def connect_existing_redis(options: GlobalOptions) -> tuple[str, redis.Redis]:
     from optuna_rq.embedded import EmbeddedRedis
     from optuna_rq.errors import RedisUnavailableError
 
+    password = _password_for(options)
     url = options.redis_url
     if not url:  # typer read $OPTUNA_RQ_REDIS_URL into the option already
         embedded = EmbeddedRedis(options.state())
@@ -172,7 +224,7 @@ def connect_existing_redis(options: GlobalOptions) -> tuple[str, redis.Redis]:
                 "`optuna-rq submit` starts one)"
             )
         url = embedded.url
-    connection = connect(url)
+    connection = connect(url, password=password)
     ping_or_raise(connection, url)
     return url, connection
 

@@ -13,6 +13,7 @@ import typer
 
 from optuna_rq.cli_options import GlobalOptions, configure_logging, connect_redis
 from optuna_rq.errors import ConfigError
+from optuna_rq.health import DEFAULT_STALL_LIMIT_S, BrokerHealth, serve_http
 from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, DEFAULT_QUEUE
 
 __all__ = ["broker", "workers"]
@@ -138,6 +139,7 @@ def workers(
     url, _connection = connect_redis(options)
     settings = WorkerSettings(
         redis_url=url,
+        redis_password=options.password(),  # to the children through spawn, not argv or env
         prefix=options.prefix,
         queues=tuple(queues or [DEFAULT_QUEUE]),
         paths=(*(str(p.resolve()) for p in paths or []), str(Path.cwd())),
@@ -172,9 +174,22 @@ def broker(
     metrics_port: Annotated[
         int | None,
         typer.Option(
-            "--metrics-port", min=1, max=65535, help="Serve Prometheus metrics on this port."
+            "--metrics-port",
+            min=1,
+            max=65535,
+            help="Serve Prometheus metrics (/metrics) and health probes on this port: /healthz "
+            "(the dispatch loop turns) and /readyz (it holds the lock and its Redis answers).",
         ),
     ] = None,
+    stall_limit: Annotated[
+        float,
+        typer.Option(
+            "--stall-limit",
+            min=0.1,
+            help="Seconds one turn of the dispatch loop may take before /healthz reports the "
+            "broker stuck (503) and an orchestrator restarts it.",
+        ),
+    ] = DEFAULT_STALL_LIMIT_S,
 ) -> None:
     """Run the broker daemon in the foreground: it serves every study submitted on this prefix.
 
@@ -190,13 +205,20 @@ def broker(
     open_storage(storage_url)  # a URL Optuna rejects stops us here, before any study
     _url, connection = connect_redis(options)
     settings = BrokerSettings(prefix=options.prefix, storage=storage_url)
+    health = BrokerHealth(stall_limit)
     metrics = None
     if metrics_port is not None:
         from optuna_rq.metrics import BrokerMetrics
 
         metrics = BrokerMetrics()
-        metrics.serve(metrics_port)
-    daemon = Daemon(connection, settings, options.signer(), metrics)
+        try:
+            serve_http(metrics_port, metrics.registry, health)
+        except OSError as exc:
+            raise ConfigError(
+                f"--metrics-port {metrics_port}: cannot listen on it ({exc.strerror or exc}); "
+                "choose a free port"
+            ) from exc
+    daemon = Daemon(connection, settings, options.signer(), metrics, health)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -2,8 +2,10 @@
 
 One URL (`--redis-url` or `$OPTUNA_RQ_REDIS_URL`) names the Redis; without one, an embedded
 redis-server (`optuna_rq.embedded`) runs on a unix socket in a state directory that every
-optuna-rq process on the machine finds. Only `resolve_redis_url` and `state_dir` read the
-environment.
+optuna-rq process on the machine finds. Its password may come apart from the URL
+(`$OPTUNA_RQ_REDIS_PASSWORD`, or a file named by `$OPTUNA_RQ_REDIS_PASSWORD_FILE`), so that any
+character goes and nothing needs URL-escaping; given both ways, the one apart from the URL wins.
+Only `resolve_redis_url`, `resolve_redis_password` and `state_dir` read the environment.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +35,23 @@ from optuna_rq.errors import ConfigError, RedisUnavailableError
 __all__ = [
     "DEFAULT_PREFIX",
     "ENV_PREFIX",
+    "ENV_REDIS_PASSWORD",
+    "ENV_REDIS_PASSWORD_FILE",
     "ENV_REDIS_URL",
     "ENV_STATE_DIR",
     "connect",
     "key",
     "ping_or_raise",
     "redact_url",
+    "resolve_redis_password",
     "resolve_redis_url",
     "state_dir",
     "wait_for_redis",
 ]
 
 ENV_REDIS_URL = "OPTUNA_RQ_REDIS_URL"
+ENV_REDIS_PASSWORD = "OPTUNA_RQ_REDIS_PASSWORD"
+ENV_REDIS_PASSWORD_FILE = "OPTUNA_RQ_REDIS_PASSWORD_FILE"
 ENV_PREFIX = "OPTUNA_RQ_PREFIX"
 ENV_STATE_DIR = "OPTUNA_RQ_STATE_DIR"
 DEFAULT_PREFIX = "optuna-rq"
@@ -96,6 +104,39 @@ def resolve_redis_url(url: str | None, *, state: Path | None = None) -> str:
     return ensure_embedded(state_dir(state))
 
 
+def resolve_redis_password(
+    password: str | None = None, password_file: str | Path | None = None
+) -> str | None:
+    """The Redis password given apart from the URL: `password`, else the contents of
+    `password_file` (one trailing newline dropped, as `echo` and editors leave one), else
+    `$OPTUNA_RQ_REDIS_PASSWORD`, else the file `$OPTUNA_RQ_REDIS_PASSWORD_FILE` names; None if
+    none is given. ConfigError if both ways are given, or the file is unreadable or empty."""
+    if password is None and password_file is None:
+        password = os.environ.get(ENV_REDIS_PASSWORD) or None
+        password_file = os.environ.get(ENV_REDIS_PASSWORD_FILE) or None
+    if password is not None and password_file is not None:
+        raise ConfigError(
+            f"the Redis password is given twice ({ENV_REDIS_PASSWORD} and "
+            f"{ENV_REDIS_PASSWORD_FILE}): give one of them"
+        )
+    if password_file is None:
+        return password
+    try:
+        text = Path(password_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(
+            f"{ENV_REDIS_PASSWORD_FILE} {str(password_file)!r} cannot be read ({reason}); "
+            "give the path of a readable file holding the password"
+        ) from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise ConfigError(
+            f"{ENV_REDIS_PASSWORD_FILE} {str(password_file)!r} is empty; put the password in it"
+        )
+    return text
+
+
 def key(prefix: str, *parts: str) -> str:
     """`prefix:part:part...`. Every key optuna-rq writes lives under one prefix."""
     if not prefix or any(c.isspace() for c in prefix):
@@ -132,16 +173,19 @@ def redact_url(url: str) -> str:
 def connect(
     url: str,
     *,
+    password: str | None = None,
     retries: int = 5,
     socket_timeout_s: float | None = None,
     connect_timeout_s: float = 5.0,
 ) -> redis.Redis:
     """A redis-py client for `url` (redis://, rediss://, unix://), retrying with backoff.
 
-    Commands that fail with a connection error or timeout are retried `retries` times with
-    exponential backoff. Responses are bytes (`decode_responses=False`), as RQ needs. Lazy:
-    nothing is sent until the first command; call `ping_or_raise` to fail fast.
-    `socket_timeout_s=None` blocks reads indefinitely, which RQ's blocking dequeue needs.
+    `password` (from `resolve_redis_password`) is sent as is, never parsed out of a URL, and
+    overrides a password in `url`. Commands that fail with a connection error or timeout are
+    retried `retries` times with exponential backoff. Responses are bytes
+    (`decode_responses=False`), as RQ needs. Lazy: nothing is sent until the first command;
+    call `ping_or_raise` to fail fast. `socket_timeout_s=None` blocks reads indefinitely, which
+    RQ's blocking dequeue needs.
     """
     if retries < 0:
         raise ConfigError(f"retries={retries}: must be >= 0")
@@ -149,7 +193,7 @@ def connect(
     # unlike Redis(host=...), whose default is 10 retries with jitter.
     retry = Retry(ExponentialBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S), retries)
     try:
-        return redis.Redis.from_url(
+        client = redis.Redis.from_url(
             url,
             retry=retry,
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
@@ -160,6 +204,18 @@ def connect(
         )
     except ValueError as exc:
         raise ConfigError(f"bad Redis URL {redact_url(url)!r}: {exc}") from exc
+    if password is not None:
+        # Set on the pool, not passed to from_url(), where the URL's own password would win.
+        # No connection exists yet: every one the pool opens authenticates with it.
+        kwargs = client.connection_pool.connection_kwargs
+        if kwargs.get("password"):
+            _logger.warning(
+                "the Redis URL %s has a password, and %s gives another: using the latter",
+                redact_url(url),
+                ENV_REDIS_PASSWORD,
+            )
+        kwargs["password"] = password
+    return client
 
 
 def wait_for_redis(
@@ -169,17 +225,19 @@ def wait_for_redis(
     stop: Any | None = None,
     max_backoff_s: float = 5.0,
     give_up_s: float | None = None,
+    beat: Callable[[], None] | None = None,
 ) -> float | None:
     """Ride out an outage that surfaced as `error`: PING with a doubling backoff until Redis
     answers; returns how long it took (seconds), or None if `stop` (a threading.Event) was set.
     Raises RedisUnavailableError after `give_up_s`, if given. Logs once at the start, then at
-    each retry, so a person watching sees what is going on without a flood."""
+    each retry, so a person watching sees what is going on without a flood. `beat` is called at
+    least every second while it waits: waiting is being alive (the broker's liveness probe)."""
     stop = stop or threading.Event()
     started = time.monotonic()
     _logger.error("Redis is unreachable (%s); waiting for it, trials keep running", error)
     delay_s = 0.25
     while True:
-        if stop.wait(delay_s):
+        if _pause(stop, delay_s, beat):
             return None
         try:
             conn.ping()
@@ -194,6 +252,18 @@ def wait_for_redis(
                 ) from exc
             _logger.warning("Redis still unreachable after %.0fs: %s", waited, exc)
             delay_s = min(delay_s * 2, max_backoff_s)
+
+
+def _pause(stop: Any, seconds: float, beat: Callable[[], None] | None) -> bool:
+    """Wait `seconds`, calling `beat` at least every second; True if `stop` was set."""
+    if beat is None:
+        return bool(stop.wait(seconds))
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if stop.wait(min(left, 1.0)):
+            return True
+        beat()
+    return bool(stop.is_set())
 
 
 def ping_or_raise(conn: redis.Redis, url: str, *, timeout_s: float = 2.0) -> None:
@@ -215,7 +285,7 @@ def ping_or_raise(conn: redis.Redis, url: str, *, timeout_s: float = 2.0) -> Non
         except (AuthenticationError, AuthenticationWrongNumberOfArgsError) as exc:
             raise RedisUnavailableError(
                 f"Redis at {redact_url(url)} refused the credentials: {exc}; "
-                "check the user and password in the URL"
+                f"check the user and password (in the URL, or {ENV_REDIS_PASSWORD})"
             ) from exc
         except BusyLoadingError as exc:  # up, but still loading its data: worth waiting for
             last = exc

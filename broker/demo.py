@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from optuna_rq.client import BrokerClient
-from optuna_rq.connection import connect
+from optuna_rq.connection import ENV_REDIS_PASSWORD, ENV_REDIS_PASSWORD_FILE, connect
 from optuna_rq.embedded import ensure_embedded, stop_embedded
 from optuna_rq.errors import ConfigError, OptunaRQError
 from optuna_rq.progress import make_console
@@ -48,6 +48,8 @@ def demo_space() -> dict[str, object]:
 
 def _start(args: list[str], redis_url: str, state: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, OPTUNA_RQ_STATE_DIR=str(state))
+    for name in (ENV_REDIS_PASSWORD, ENV_REDIS_PASSWORD_FILE):  # the demo's Redis takes none
+        env.pop(name, None)
     argv = [
         sys.executable,
         "-m",

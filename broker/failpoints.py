@@ -1,7 +1,9 @@
-"""Failpoints: let the fault tests kill the broker at an exact point with a real SIGKILL.
+"""Failpoints: let the fault tests break the broker at an exact point, for real.
 
 `OPTUNA_RQ_FAILPOINTS="after_ask=3"` makes the broker SIGKILL itself the 3rd time it passes
-`hit("after_ask")`. Unset (always, outside the fault tests), `hit` is one dict lookup. Points:
+`hit("after_ask")`; `"before_tell=1:stall"` makes the thread that passes it the first time hang
+there (as a storage call that never returns would), while the process and its other threads
+live on. Unset (always, outside the fault tests), `hit` is one dict lookup. Points:
 
     after_ask     a trial was asked (RUNNING in the storage) and not yet enqueued
     before_tell   a result was read from the stream and not yet told
@@ -11,17 +13,25 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 __all__ = ["ENV_FAILPOINTS", "hit"]
 
 ENV_FAILPOINTS = "OPTUNA_RQ_FAILPOINTS"
 
+_ACTIONS = ("kill", "stall")
+_STALL_S = 3600.0  # long enough for any test to see it; bounded, should its process be missed
 
-def _parse(text: str) -> dict[str, int]:
-    points: dict[str, int] = {}
+
+def _parse(text: str) -> dict[str, tuple[int, str]]:
+    points: dict[str, tuple[int, str]] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, count = item.partition("=")
-        points[name] = int(count or "1")
+        name, _, rest = item.partition("=")
+        count, _, action = rest.partition(":")
+        action = action or "kill"
+        if action not in _ACTIONS:
+            raise ValueError(f"{ENV_FAILPOINTS}: {item!r}: the action is one of {_ACTIONS}")
+        points[name] = (int(count or "1"), action)
     return points
 
 
@@ -29,9 +39,15 @@ _armed = _parse(os.environ.get(ENV_FAILPOINTS, ""))
 
 
 def hit(name: str) -> None:
-    """Count a pass through failpoint `name`; on the armed pass, die as SIGKILL would."""
+    """Count a pass through failpoint `name`; on the armed pass, die as SIGKILL would, or hang."""
     if name not in _armed:
         return
-    _armed[name] -= 1
-    if _armed[name] <= 0:
+    count, action = _armed[name]
+    _armed[name] = (count - 1, action)
+    if count - 1 > 0:
+        return
+    if action == "stall":
+        del _armed[name]  # hang once: a test that lets it go finds it passable again
+        time.sleep(_STALL_S)
+    else:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""Prometheus metrics for the broker (`optuna-rq broker --metrics-port P`).
+"""Prometheus metrics for the broker (`optuna-rq broker --metrics-port P`, served by `health`).
 
 `optuna_rq_desired_workers{queue}` is the autoscaling signal, one per resource class (`--queue`):
 the workers that would keep every active study of that class at its cap (the sum over its studies
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from optuna_rq.dispatch import DispatchObserver, StudyRun
 from optuna_rq.protocol import DEFAULT_QUEUE, FailReason
@@ -93,10 +93,6 @@ class BrokerMetrics(DispatchObserver):
             ["kind"],
             registry=r,
         )
-
-    def serve(self, port: int) -> None:
-        """Serve /metrics on `port` from a background thread."""
-        start_http_server(port, registry=self.registry)
 
     # DispatchObserver
 

@@ -102,7 +102,9 @@ class Optimizer:
             the error is raised by the run.
 
     Keyword-only, to run trials on workers (optuna-rq's own; flytekitplugins.optuna has none):
-        redis_url or connection: the Redis the workers listen on.
+        redis_url or connection: the Redis the workers listen on. With `redis_url`, a
+            password apart from the URL is read from $OPTUNA_RQ_REDIS_PASSWORD (or the file
+            $OPTUNA_RQ_REDIS_PASSWORD_FILE names), as the command line does.
         queue: the resource class trials run in, as `submit --queue`: workers started with
             `--queue NAME` take them. Default: `default`.
         prefix: the key prefix the workers were started with (`--prefix`). Default: optuna-rq.
@@ -207,11 +209,13 @@ class Optimizer:
     async def _run_remote(self, inputs: dict[str, Any]) -> None:
         """Dispatch the trials to workers from a thread; cancelling the await stops the run and
         ends the outstanding trials FAIL (`cancelled`), so none is left RUNNING."""
-        from optuna_rq.connection import connect
+        from optuna_rq.connection import connect, resolve_redis_password
         from optuna_rq.dispatch import Dispatcher, StudyRun
         from optuna_rq.protocol import Signer
 
-        connection = self.connection or connect(self.redis_url or "")
+        connection = self.connection or connect(
+            self.redis_url or "", password=resolve_redis_password()
+        )
         prefix = self.prefix or DEFAULT_PREFIX
         run = StudyRun(
             study=self._study,

@@ -128,6 +128,8 @@ def test_help_lists_every_environment_variable_and_flags_as_flags(tmp_path: Path
         "OPTUNA_RQ_STATE_DIR",
         "OPTUNA_RQ_SECRET",
         "OPTUNA_RQ_MAX_MESSAGE_BYTES",
+        "OPTUNA_RQ_REDIS_PASSWORD",
+        "OPTUNA_RQ_REDIS_PASSWORD_FILE",
     ):
         assert var in top, var
     assert "--install-completion" in top

@@ -110,7 +110,8 @@ def test_redis_runs_as_non_root_with_its_password_off_the_command_line() -> None
         (compose_redis["image"], compose_redis["command"][-1]),
     ):
         assert re.fullmatch(r"redis:\d+\.\d+\.\d+", image), image  # pinned
-        assert "--requirepass" not in command and "requirepass %s" in command
+        assert "--requirepass" not in command and 'requirepass "%s"' in command
+        assert "sed 's/[\\\\\"]/\\\\&/g'" in command  # its \\ and " escaped: any character goes
     assert compose_redis["user"] != "0"
 
 
@@ -156,16 +157,40 @@ def test_gpu_workers_take_the_gpu_queue_one_gpu_each() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
-def test_the_broker_is_a_single_replica_ready_on_its_metrics() -> None:
+def test_the_broker_is_a_single_replica_probed_on_its_health_endpoints() -> None:
     broker = next(
         d for _, d in manifests() if d["kind"] == "Deployment" and d["metadata"]["name"] == "broker"
     )
     assert broker["spec"]["replicas"] == 1 and broker["spec"]["strategy"]["type"] == "Recreate"
     [container] = broker["spec"]["template"]["spec"]["containers"]
     assert container["args"][:1] == ["broker"] and "--metrics-port" in container["args"]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/metrics"
+    port = container["args"][container["args"].index("--metrics-port") + 1]
+    named = {p["name"]: str(p["containerPort"]) for p in container["ports"]}
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path and named[get["port"]] == port, (probe, get)
     secrets = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]}
-    assert secrets == {"redis-url", "message-secret"}
+    assert secrets == {"redis-url", "redis-password", "message-secret"}
+
+
+def test_every_process_gets_the_redis_password_apart_from_the_url() -> None:
+    for _, doc in manifests():
+        if doc["kind"] != "Deployment":
+            continue
+        [container] = doc["spec"]["template"]["spec"]["containers"]
+        env = {
+            e["name"]: e["valueFrom"]["secretKeyRef"]["key"]
+            for e in container["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
+        assert env["OPTUNA_RQ_REDIS_PASSWORD"] == "redis-password", doc["metadata"]["name"]
+        assert env["OPTUNA_RQ_REDIS_URL"] == "redis-url"
+    example = (KUBERNETES / "secret.env.example").read_text()
+    [generated_url] = re.findall(r"redis-url=(\S+?)\\n", example)
+    assert "@" not in generated_url, generated_url  # the password is not repeated in the URL
+    environment = _compose()["x-optuna-rq"]["environment"]
+    assert "@" not in environment["OPTUNA_RQ_REDIS_URL"]
+    assert environment["OPTUNA_RQ_REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
 
 
 def _compose() -> dict:
@@ -191,6 +216,7 @@ def test_compose_runs_the_three_roles_as_documented() -> None:
     assert workers["command"][0] == "workers"
     assert "container_name" not in workers  # so that `--scale workers=N` works
     assert all("healthcheck" in services[s] for s in ("redis", "broker"))
+    assert "http://127.0.0.1:9100/readyz" in " ".join(services["broker"]["healthcheck"]["test"])
     assert "/var/lib/optuna-rq/studies.journal" in services["dashboard"]["command"]
     assert (DEPLOY / ".env.example").is_file()
     assert "REDIS_PASSWORD" in (DEPLOY / ".env.example").read_text()

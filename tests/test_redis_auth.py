@@ -14,6 +14,7 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq import Optimizer, suggest
+from optuna_rq.client import BrokerClient
 from optuna_rq.connection import connect, ping_or_raise
 from optuna_rq.embedded import server_executable
 from optuna_rq.errors import RedisUnavailableError
@@ -142,6 +143,71 @@ def test_wrong_password_is_a_clear_error_without_the_password(acl_socket: Path) 
     with pytest.raises(RedisUnavailableError, match="user and password") as info:
         ping_or_raise(connect(url), url)
     assert "not-the-password" not in str(info.value)
+
+
+HOSTILE_PASSWORD = "p@ss/w:rd#1"
+"""Every character here would break, or be cut at, if it went into a URL unescaped."""
+
+
+@pytest.fixture
+def password_socket() -> Iterator[Path]:
+    """A redis-server whose (only) password is `HOSTILE_PASSWORD`."""
+    directory = Path(tempfile.mkdtemp(prefix="orqpw", dir="/tmp"))
+    sock = directory / "redis.sock"
+    process = _start(
+        [server_executable(), "--port", "0", "--unixsocket", str(sock), "--save", ""]
+        + ["--appendonly", "no", "--requirepass", HOSTILE_PASSWORD, "--dir", str(directory)],
+        redis.Redis(unix_socket_path=str(sock), socket_timeout=1),
+        directory / "redis.log",
+    )
+    yield sock
+    _stop(process)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_password_apart_from_the_url_reaches_every_process(
+    password_socket: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"unix://{password_socket}"  # no password in it: it comes from the environment
+    (tmp_path / "redis-password").write_text(HOSTILE_PASSWORD + "\n")  # a mounted secret
+    state = {"OPTUNA_RQ_STATE_DIR": str(tmp_path / "state")}
+    by_variable = cli_env(OPTUNA_RQ_REDIS_PASSWORD=HOSTILE_PASSWORD, **state)
+    by_file = cli_env(OPTUNA_RQ_REDIS_PASSWORD_FILE=str(tmp_path / "redis-password"), **state)
+    base = cli("--redis-url", url, "--prefix", "pwq")
+    log = tmp_path / "broker.log"
+    with open(log, "wb") as out:
+        broker = subprocess.Popen([*base, "broker"], env=by_variable, stderr=out)
+    workers = subprocess.Popen(
+        [*base, "workers", "--import", "tests.objectives", "--count", "2"], env=by_file
+    )
+    try:
+        submitted = subprocess.run(
+            [*base, "submit", "tests.objectives:quadratic", "--study-name", "pw"]
+            + ["--param", "x={type: float, low: 0, high: 4}"]
+            + ["--n-trials", "6", "--concurrency", "2", "--wait"],
+            env=by_variable,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        status = BrokerClient(connect(url, password=HOSTILE_PASSWORD), "pwq").status("pw")
+        assert status is not None and status.to_dict()["complete"] == 6, status
+        # The Python API reads the same variable.
+        monkeypatch.setenv("OPTUNA_RQ_REDIS_PASSWORD", HOSTILE_PASSWORD)
+        opt = Optimizer("tests.objectives:quadratic", 2, 4, redis_url=url, prefix="pwq")
+        opt.run(x=suggest.float(0, 4))
+        assert [t.state for t in opt.study.trials] == [TrialState.COMPLETE] * 4
+    finally:
+        assert stop_process(workers) == 0
+        assert stop_process(broker) == 0
+    assert HOSTILE_PASSWORD not in log.read_text()
+
+    # The variable wins over a password in the URL; without either, Redis refuses.
+    assert connect(f"unix://:not-it@{password_socket}", password=HOSTILE_PASSWORD).ping()
+    with pytest.raises(RedisUnavailableError, match="user and password") as refused:
+        ping_or_raise(connect(url), url)
+    assert HOSTILE_PASSWORD not in str(refused.value)
 
 
 def _tls_capable_server() -> str | None:

@@ -67,6 +67,7 @@ class WorkerSettings:
 
     redis_url: str
     modules: tuple[str, ...]
+    redis_password: str | None = field(default=None, repr=False)  # apart from the URL
     prefix: str = DEFAULT_PREFIX
     queues: tuple[str, ...] = (DEFAULT_QUEUE,)  # resource classes, in priority order
     count: int = 1  # with `autoscale`, the pool starts at its MIN instead
@@ -146,7 +147,7 @@ def _child_main(
             metrics=metrics,
         )
     )
-    connection = connect(settings.redis_url)
+    connection = connect(settings.redis_url, password=settings.redis_password)
     _wait_for_redis(connection)
     worker = new_worker(settings.isolation, connection, settings.rq_queues, name=name)
     worker.work(logging_level="WARNING")
@@ -188,7 +189,7 @@ class WorkerPool:
         self._stopping = False
         self._cold = False
         self._signer = Signer(settings.secret, max_message_bytes=settings.max_message_bytes)
-        self._connection = connect(settings.redis_url)
+        self._connection = connect(settings.redis_url, password=settings.redis_password)
         self.supervisor = Supervisor(self._connection, self._signer, settings.lease_ttl_s)
         keys = Keys(settings.prefix)
         self.heartbeat = Heartbeat(

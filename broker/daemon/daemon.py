@@ -28,12 +28,14 @@ from optuna_rq.daemon.stopping import StopConditions
 from optuna_rq.daemon.storages import Storages
 from optuna_rq.dispatch import Dispatcher, StudyRun
 from optuna_rq.errors import (
+    BrokerAlreadyRunningError,
     ConfigError,
     ProtocolError,
     RedisDataLostError,
     StudyConflictError,
     StudyStorageError,
 )
+from optuna_rq.health import BrokerHealth
 from optuna_rq.metrics import BrokerMetrics
 from optuna_rq.protocol import Keys, Signer, StudySpec, StudyState
 from optuna_rq.studies import make_pruner, make_sampler
@@ -52,10 +54,12 @@ class Daemon:
         settings: BrokerSettings,
         signer: Signer | None = None,
         metrics: BrokerMetrics | None = None,
+        health: BrokerHealth | None = None,
     ) -> None:
         self.connection = connection
         self.signer = signer or Signer()
         self.metrics = metrics
+        self.health = health or BrokerHealth()  # what /healthz and /readyz report
         self._last_metrics = 0.0
         self.settings = settings
         self.keys = Keys(settings.prefix)
@@ -108,14 +112,20 @@ class Daemon:
         self.lock.release()
 
     def run(self, stop: threading.Event) -> None:
-        self.acquire()
+        try:
+            self.acquire()
+        except BrokerAlreadyRunningError as exc:
+            self.health.stopped(str(exc))
+            raise
         log.info("broker %s serving prefix %r", self.identity, self.settings.prefix)
         data_lost = False
         try:
             self._reattach()
+            self.health.serving()
             while not stop.is_set():
                 try:
                     self.step()
+                    self.health.beat()  # a float write: the loop turned
                 except StudyStorageError as exc:  # a study storage's, not our Redis's
                     self._storage_failed(exc)
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -123,6 +133,9 @@ class Daemon:
                 except redis.ResponseError:  # NOGROUP, say: first ask if Redis lost its data
                     self.epoch_guard.check_now()
                     raise
+        except BrokerAlreadyRunningError as exc:  # another broker took the lock meanwhile
+            self.health.stopped(str(exc))
+            raise
         except RedisDataLostError:
             # Nothing more goes to this Redis; the storages learn that the trials it held are
             # lost, so none stays RUNNING with no broker left that knows of it.
@@ -132,6 +145,8 @@ class Daemon:
             )
             raise
         finally:
+            if self.health.is_serving:  # else its reason is said already
+                self.health.stopped("the broker stopped serving")
             if not data_lost:
                 self.dispatcher.flush()
                 try:
@@ -144,14 +159,20 @@ class Daemon:
     def _ride_out_outage(self, error: Exception, stop: threading.Event) -> None:
         """Wait for Redis with backoff, then carry on: running trials go on meanwhile, their
         results wait in the stream. Raises RedisDataLostError if Redis came back empty."""
+        self.health.outage(error)
         waited = wait_for_redis(
-            self.connection, error, stop=stop, max_backoff_s=self.settings.max_outage_backoff_s
+            self.connection,
+            error,
+            stop=stop,
+            max_backoff_s=self.settings.max_outage_backoff_s,
+            beat=self.health.beat,  # waiting for Redis is alive: a restart would not help
         )
         if waited is None:
             return
         self.epoch_guard.check_now()
         self.lock.keep(force=True)
         self.dispatcher.after_outage()
+        self.health.recovered()
 
     def step(self) -> None:
         """One turn of the loop: check Redis kept its data, keep the lock, apply commands,

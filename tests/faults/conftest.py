@@ -137,14 +137,14 @@ class Cluster:
     # processes
 
     def start_broker(
-        self, *, failpoints: str = "", log: Path | None = None
+        self, *, failpoints: str = "", log: Path | None = None, args: tuple[str, ...] = ()
     ) -> subprocess.Popen[bytes]:
         env = {ENV_FAILPOINTS: failpoints} if failpoints else {}
         if log is None:
-            process = self._popen(["broker"], **env)
+            process = self._popen(["broker", *args], **env)
         else:
             with open(log, "wb") as out:
-                process = self._popen(["broker"], stderr=out, **env)
+                process = self._popen(["broker", *args], stderr=out, **env)
         self.brokers.append(process)
         wait_until(
             lambda: process.poll() is not None or self.conn.exists(f"{self.prefix}:broker"),
