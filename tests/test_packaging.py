@@ -126,7 +126,8 @@ def test_the_demo_runs_from_the_wheel_outside_the_clone(venv: Path, tmp_path: Pa
 
     assert result.returncode == 0, result.stderr
     assert "best value" in result.stderr and "model.lr" in result.stderr
-    assert "\n  optuna-rq broker > broker.log 2>&1 &" in result.stderr  # the Next commands, as this user types them
+    # The Next commands, as this user types them.
+    assert "\n  optuna-rq broker > broker.log 2>&1 &" in result.stderr
     assert _demo_processes(venv) == []
 
 
