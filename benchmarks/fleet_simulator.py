@@ -3,8 +3,9 @@
 Each process is one worker pool of `workers` simulated workers on one trial queue. It does, per
 trial, what a real worker and its pool do to Redis, through the same functions where they exist:
 
-- dequeue the real RQ job with RQ's own `Queue.dequeue_any` (LMOVE into the queue's intermediate
-  list, then the job's hash), refuse any job function but `RUN_TRIAL`, open the signed payload
+- dequeue the real RQ job as RQ's `Queue.dequeue_any` does (LMOVE onto the queue's intermediate
+  list, then the job's hash: `Job.fetch_many`), blocking in `dequeue_any` itself when the queue
+  is empty; refuse any job function but `RUN_TRIAL`, open the signed payload
   (`Signer.open`) and decode the msgpack `TrialRequest`;
 - take the attempt's lease and look for its cancel mark in one pipeline, as `runner._leased`
   does, with RQ's own start bookkeeping for a worker on one queue (`Job.prepare_for_execution`,
@@ -17,10 +18,13 @@ trial, what a real worker and its pool do to Redis, through the same functions w
   counts the simulated workers live;
 - "run" the trial by waiting its simulated duration (a timer: many trials in flight per process),
   then build the `TrialResult` (`execute.trial_result`) and append it, sealed, to the result
-  stream under `RESULT_FIELD`, dropping the lease (`supervision.deliver`); then RQ's end
-  bookkeeping: status finished, the job's hash expiring after its `result_ttl`.
+  stream under `RESULT_FIELD`, dropping the lease (what `supervision.deliver` writes); then RQ's
+  end bookkeeping: status finished, the job's hash expiring after its `result_ttl`.
 
-What differs from a real worker: no process per worker and no fork (one loop serves them all),
+What differs from a real worker: no process per worker and no fork (one loop serves them all);
+the jobs taken, the leases taken and the results delivered in one turn go in one round trip of
+each kind, where real workers would each send their own (the same writes, in the same order per
+trial: fewer round trips leave more of this machine's two cores to the broker under test);
 the objective is never called (its value is the wall-clock second the simulated run started, so
 the benchmark reads dispatch latency off the study), no RQ worker registration, heartbeat or
 statistics (the broker counts pools, not RQ workers), and no StartedJobRegistry or
@@ -44,10 +48,11 @@ from rq.exceptions import DequeueTimeout
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
-from optuna_rq.connection import connect
+from optuna_rq.connection import connect, wait_for_redis
 from optuna_rq.errors import ObjectiveLoadError, ObjectiveRefusedError, ProtocolError
 from optuna_rq.protocol import (
     DEFAULT_LEASE_TTL_S,
+    RESULT_FIELD,
     RUN_TRIAL,
     FailReason,
     Keys,
@@ -61,7 +66,7 @@ from optuna_rq.protocol import (
 from optuna_rq.workers.execute import trial_result
 from optuna_rq.workers.heartbeat import Heartbeat
 from optuna_rq.workers.loader import load_objective, serve
-from optuna_rq.workers.supervision import Attempt, deliver
+from optuna_rq.workers.supervision import Attempt
 
 __all__ = ["FleetSettings", "SimulatedFleet", "SimulatedPool"]
 
@@ -69,6 +74,8 @@ log = logging.getLogger("benchmarks.fleet")
 
 MAX_WAIT_S = 0.05
 """The longest the loop blocks on the queue: it must also end trials and renew leases on time."""
+TAKE_BATCH = 64
+"""Jobs dequeued in one round trip at most."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,7 +135,7 @@ class SimulatedPool:
         self.timers: list[_Running] = []
         self._seq = itertools.count()
         self._next_renewal = 0.0
-        self._finished: list[Job] = []  # jobs whose result is in, not yet marked finished
+        self._ending: list[tuple[_Running, bytes]] = []  # sealed results to deliver this turn
 
     def announce(self) -> None:
         """Write the pool's heartbeat now: its workers count as live from here."""
@@ -146,13 +153,14 @@ class SimulatedPool:
         """One turn: end the trials that are due, take jobs for idle workers, renew leases and
         the heartbeat."""
         self._end_due(time.monotonic())
+        self._deliver()  # before taking jobs, which may block
         self._take_jobs()
         now = time.monotonic()
         if self.running and now >= self._next_renewal:
             self._renew()
             self._next_renewal = now + self.settings.lease_ttl_s / 4
         self.heartbeat.beat(now, workers=self.workers, busy=len(self.running))
-        self._mark_finished()
+        self._deliver()
         if not self.free:  # every worker busy: sleep until the next trial ends
             time.sleep(max(0.0, min(self._next_due(), MAX_WAIT_S)))
 
@@ -162,25 +170,31 @@ class SimulatedPool:
         return self.timers[0].due - time.monotonic() if self.timers else MAX_WAIT_S
 
     def _take_jobs(self) -> None:
-        """Dequeue a job per idle worker; block (briefly) only if none is waiting."""
-        taken: list[tuple[Job, TrialRequest]] = []
-        while self.free and len(taken) < len(self.free):
-            block = None if taken else max(0.001, min(self._next_due(), MAX_WAIT_S))
+        """Dequeue a job per idle worker, as RQ does (LMOVE onto the queue's intermediate list,
+        then the job's hash): many in one round trip each, blocking (briefly, with RQ's own
+        `Queue.dequeue_any`) only when none is waiting."""
+        wanted = min(len(self.free), TAKE_BATCH)
+        if not wanted:
+            return
+        pipe = self.connection.pipeline(transaction=False)
+        for _ in range(wanted):
+            pipe.lmove(self.queue.key, self.queue.intermediate_queue_key)
+        ids = [bytes(i).decode() for i in pipe.execute() if i is not None]
+        if ids:
+            fetched = Job.fetch_many(ids, self.connection, serializer=MsgpackSerializer)
+            jobs = [job for job in fetched if job is not None]
+        else:
             try:
                 found = Queue.dequeue_any(
                     [self.queue],
-                    block,  # type: ignore[arg-type]  # BLMOVE takes fractions of a second
+                    max(0.001, min(self._next_due(), MAX_WAIT_S)),  # type: ignore[arg-type]
                     connection=self.connection,
                     serializer=MsgpackSerializer,
                 )
             except DequeueTimeout:
                 found = None
-            if found is None:
-                break
-            job, _queue = found
-            request = self._open(job)
-            if request is not None:
-                taken.append((job, request))
+            jobs = [] if found is None else [found[0]]
+        taken = [(job, request) for job in jobs if (request := self._open(job)) is not None]
         if taken:
             self._start(taken)
 
@@ -258,30 +272,35 @@ class SimulatedPool:
             self._end(record, result)
 
     def _end(self, record: _Running, result: TrialResult) -> None:
-        """Deliver `result` as the worker does, and free the simulated worker."""
+        """`result` is the attempt's: free its simulated worker; the result goes out with the
+        others of this turn (`_deliver`)."""
         record.ended = True
-        deliver(
-            self.connection,
-            record.request.reply_to,
-            self.signer.seal(result.encode()),
-            record.attempt.lease,
-        )
         del self.running[record.job.id]
         self.free.append(record.slot)
-        self._finished.append(record.job)
+        self._ending.append((record, self.signer.seal(result.encode())))
 
-    def _mark_finished(self) -> None:
-        """RQ's end of a job whose function returned (run_trial returns once its result is
-        delivered, whatever the outcome): status finished, the job kept `result_ttl`; all of
-        this turn's in one round trip."""
-        if not self._finished:
+    def _deliver(self) -> None:
+        """This turn's results in one round trip: for each, what `supervision.deliver` writes
+        (the sealed result onto the broker's stream under `RESULT_FIELD`, then the lease
+        dropped), then RQ's end of a job whose function returned (`run_trial` returns once its
+        result is delivered, whatever the outcome): status finished, the job kept its
+        `result_ttl`. A real worker sends each on its own; the writes, and their order per
+        trial, are the same."""
+        if not self._ending:
             return
-        pipe = self.connection.pipeline(transaction=False)
-        for job in self._finished:
-            job.set_status(JobStatus.FINISHED, pipeline=pipe)
-            job.cleanup(ttl=job.result_ttl, pipeline=pipe)
-        pipe.execute()
-        self._finished.clear()
+        while True:
+            try:
+                pipe = self.connection.pipeline(transaction=False)
+                for record, sealed in self._ending:
+                    pipe.xadd(record.request.reply_to, {RESULT_FIELD: sealed})
+                    pipe.delete(record.attempt.lease)
+                    record.job.set_status(JobStatus.FINISHED, pipeline=pipe)
+                    record.job.cleanup(ttl=record.job.result_ttl, pipeline=pipe)
+                pipe.execute()
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                wait_for_redis(self.connection, exc, max_backoff_s=10.0)
+        self._ending.clear()
 
     def _renew(self) -> None:
         """Renew every running lease and read the cancel marks, in one round trip."""
