@@ -1,6 +1,6 @@
 """Benchmarks, side by side with the anchor in one run, on one machine and one Redis.
 
-    uv run --extra bench python -m benchmarks.run [--quick] [--reps N]
+    uv run --extra bench python -m benchmarks.run [--quick] [--reps N] [--only fleet]
 
 Anchors: Optuna's own distributed mode as users run it today, N processes each calling
 `study.optimize` on a shared JournalRedis storage (the same redis-server); flytekitplugins-optuna
@@ -33,6 +33,7 @@ import optuna
 import redis
 from rq import Worker
 
+from benchmarks import fleet
 from optuna_rq import Optimizer, suggest
 from optuna_rq.connection import connect
 from optuna_rq.embedded import ensure_embedded, stop_embedded
@@ -532,6 +533,8 @@ def write_report(results: dict[str, Any]) -> None:
         "study's real trial (one worker, an otherwise idle broker).",
         "",
     ]
+    if "fleet" in results:
+        lines += fleet.report_lines(results["fleet"])
     (HERE / "report.md").write_text("\n".join(lines))
     _plot(results["scaling"]["rows"], flyte_scaling)
 
@@ -576,7 +579,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--only",
+        choices=SECTIONS,
+        help="run this section alone; the others' figures are kept from report.json",
+    )
     args = parser.parse_args()
+    if args.only is not None:
+        _run_section(args.only, args.quick)
+        return
     reps = 1 if args.quick else args.reps
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     state = Path(tempfile.mkdtemp(prefix="orq-bench-", dir="/tmp"))
@@ -594,12 +605,35 @@ def main() -> None:
             "latency": latency(url, 20 if args.quick else 200),
             "in_process": in_process(reps, 200 if args.quick else 1000),
             "remote_trial": remote_trial(url, 1 if args.quick else 3),
+            "fleet": fleet.section(url, quick=args.quick),
         }
     finally:
         stop_embedded(state)
         shutil.rmtree(state, ignore_errors=True)
     counts = [row["workers"] for row in results["scaling"]["rows"]]
     results["flyte_plugin"] = flyte_plugin(reps, 200 if args.quick else 1000, counts)
+    write_report(results)
+    print((HERE / "report.md").read_text())
+
+
+SECTIONS = {"fleet": fleet.section}
+"""The sections `--only` runs alone: each takes the Redis URL and `quick`."""
+
+
+def _run_section(name: str, quick: bool) -> None:
+    """Run section `name` alone and put its figures into the last full run's report."""
+    previous = HERE / "report.json"
+    results: dict[str, Any] = json.loads(previous.read_text()) if previous.exists() else {}
+    if "overhead" not in results:
+        sys.exit(f"{previous} holds no full run: run `python -m benchmarks.run` once first")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    state = Path(tempfile.mkdtemp(prefix="orq-bench-", dir="/tmp"))
+    url = ensure_embedded(state)
+    try:
+        results[name] = SECTIONS[name](url, quick=quick)
+    finally:
+        stop_embedded(state)
+        shutil.rmtree(state, ignore_errors=True)
     write_report(results)
     print((HERE / "report.md").read_text())
 
