@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from optuna.trial import TrialState
 
 from optuna_rq.studies import default_storage_url, open_storage
 from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env
+from tests.worker_processes import cli, cli_env, start_broker, stop_process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -312,6 +313,34 @@ def test_a_second_broker_on_the_prefix_refuses_to_start(run_cli, broker_process)
     assert second.returncode == 1
     assert "already running on prefix" in second.stderr and "since" in second.stderr
     assert "Traceback" not in second.stderr
+
+
+def test_the_broker_and_optunas_own_lines_follow_log_level(
+    run_cli, workers_factory, redis_url: str, prefix: str, cli_state: Path, conn: redis.Redis
+) -> None:
+    workers_factory(count=1)
+    logs = {}
+    for level, name in (("warning", "quiet"), ("info", "loud")):
+        path = cli_state / f"broker-{level}.log"
+        with open(path, "wb") as log:
+            broker = start_broker(redis_url, prefix, cli_state, "--log-level", level, stderr=log)
+            try:
+                done = run_cli(
+                    "submit", "tests.objectives:quadratic", "--param", X, "--n-trials", "2",
+                    "--concurrency", "1", "--study-name", name, "--wait",
+                )  # fmt: skip
+                assert done.returncode == 0, done.stderr
+            finally:
+                assert stop_process(broker) == 0
+        wait_until(lambda: not conn.exists(f"{prefix}:broker"), timeout_s=30)
+        logs[level] = path.read_text()
+    assert " INFO " not in logs["warning"], logs["warning"]
+    assert "A new study created" not in logs["warning"], logs["warning"]
+    # Optuna's INFO line, through the broker's handler and format (not Optuna's own `[I ...]`).
+    assert re.search(r" INFO optuna[\w.]*: A new study created .*name: loud", logs["info"]), logs[
+        "info"
+    ]
+    assert "[I " not in logs["info"] and "stopping on SIGTERM" in logs["info"]
 
 
 @pytest.mark.parametrize(
