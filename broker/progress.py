@@ -1,8 +1,8 @@
 """A study's published status on a terminal: the lines of `status`, its detail for one study,
 and the progress bar of `wait`, `submit --wait` and `demo`.
 
-Output that is not a terminal is never wrapped (a command printed for copying stays one line),
-and log records emitted while a bar is live are printed above it instead of through it.
+Output that is not a terminal is never wrapped nor cut (a command printed for copying stays one
+line), and log records emitted while a bar is live are printed above it instead of through it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -25,11 +26,19 @@ from optuna_rq.protocol import StudyStatus
 __all__ = ["best_summary", "follow_study", "make_console", "status_detail", "status_lines"]
 
 
+_UNBOUNDED_WIDTH = 1 << 16
+"""The width of output that is not a terminal: rich would fit it (and the bar's last line,
+cut with an ellipsis) to 80 columns, and a command printed for copying must stay whole."""
+
+
 def make_console(*, stderr: bool = False) -> Console:
-    """A console that wraps lines to a terminal's width, and never wraps anything else."""
+    """A console that wraps lines to a terminal's width, and never wraps or cuts anything else
+    (unless COLUMNS asks for a width)."""
     console = Console(stderr=stderr)
     if not console.is_terminal:
         console.soft_wrap = True
+        if not os.environ.get("COLUMNS"):
+            console.width = _UNBOUNDED_WIDTH
     return console
 
 

@@ -74,11 +74,22 @@ def test_two_studies_side_by_side_finish_with_exact_counts_and_no_mixing(
         "second",
     )
     assert second.returncode == 0, second.stderr
-    for name in ("first", "second"):
-        waited = run_cli("wait", name, "--timeout", "90")
-        assert waited.returncode == 0, waited.stderr
+    waited = {name: run_cli("wait", name, "--timeout", "90") for name in ("first", "second")}
+    assert [w.returncode for w in waited.values()] == [0, 0], [w.stderr for w in waited.values()]
 
     one, two = status_of(run_cli, "first"), status_of(run_cli, "second")
+    # A multi-objective study shows its Pareto front's size and each objective's best over it
+    # (both minimized here), in the bar, its last line and `status`; never the front itself.
+    front = two["best_values"]
+    summary = f"pareto {len(front)}, best {min(p[0] for p in front):.6g} / " + (
+        f"{min(p[1] for p in front):.6g}"
+    )
+    bar, last = waited["second"].stderr.strip().splitlines()[-2:]
+    assert summary in bar and "8/8" in bar, waited["second"].stderr
+    assert last == f"study 'second' finished: 8 trials, {summary}"
+    lines = run_cli("status").stdout.splitlines()
+    assert lines[2].split()[:3] == ["second", "finished", "8/8"]
+    assert summary in lines[2] and "[" not in "".join(lines)
     assert (one["state"], one["complete"], one["failed"], one["running"]) == ("finished", 12, 0, 0)
     assert (two["state"], two["complete"]) == ("finished", 8)
     assert one["objective"] == "tests.objectives:quadratic"
@@ -525,11 +536,17 @@ def test_a_study_on_postgresql_storage(
 
 
 def test_the_demo_runs_end_to_end_and_leaves_nothing_running() -> None:
+    env = cli_env()
+    env.pop("COLUMNS", None)  # a pipe, and no width to wrap to
     result = subprocess.run(
-        cli("demo", "--n-trials", "20"), env=cli_env(), capture_output=True, text=True, timeout=120
+        cli("demo", "--n-trials", "20"), env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     assert "best value" in result.stderr and "model.lr" in result.stderr
+    # Output that is not a terminal is not wrapped: the command to copy is one line.
+    suggested = [line for line in result.stderr.splitlines() if " submit mypkg" in line]
+    assert len(suggested) == 1 and suggested[0].endswith(" --wait"), result.stderr
+    assert len(suggested[0]) > 80
     leftovers = []
     for proc in Path("/proc").iterdir():
         try:
