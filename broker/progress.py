@@ -184,24 +184,30 @@ def best_summary(snap: StudyStatus) -> str:
     return f"pareto {len(front)}, best {' / '.join(bests)}"
 
 
-def _age(updated_at: str, now: datetime | None = None) -> str:
-    try:
-        then = datetime.fromisoformat(updated_at)
-    except ValueError:
-        return "?"
-    seconds = max(0, int(((now or datetime.now(timezone.utc)) - then).total_seconds()))
+def _age(s: StudyStatus, now_s: float | None = None) -> str:
+    """How long ago the study was submitted (its last submission: a resubmission starts it
+    again), `3m`; a snapshot without `submitted_at` (written before it was published) falls
+    back to its last update."""
+    then = s.submitted_at
+    if then is None:
+        try:
+            then = datetime.fromisoformat(s.updated_at).timestamp()
+        except ValueError:
+            return "?"
+    seconds = max(0, int((time.time() if now_s is None else now_s) - then))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
 
 
-_HEADER = ("STUDY", "STATE", "DONE", "RUNNING", "FAILED", "BEST", "UPDATED")
+_HEADER = ("STUDY", "STATE", "DONE", "RUNNING", "FAILED", "BEST", "AGE")
 
 
-def status_lines(snapshots: list[StudyStatus]) -> list[str]:
+def status_lines(snapshots: list[StudyStatus], *, now_s: float | None = None) -> list[str]:
     """A header and one aligned line per study: name, state, done/budget, running, failed, best
-    (a multi-objective study's Pareto size and per-objective bests), time since its update."""
+    (a multi-objective study's Pareto size and per-objective bests), and its age: the time
+    since it was submitted (`submitted_at`), not since its status last changed."""
     rows = [_HEADER] + [
         (
             s.name,
@@ -210,7 +216,7 @@ def status_lines(snapshots: list[StudyStatus]) -> list[str]:
             str(s.running),
             str(s.failed),
             best_summary(s).removeprefix("best "),
-            _age(s.updated_at) + " ago",
+            _age(s, now_s),
         )
         for s in snapshots
     ]
@@ -240,5 +246,9 @@ def status_detail(s: StudyStatus) -> list[str]:
         lines.insert(2, f"waiting for a worker, start one: {_worker_command(s)}")
     if not s.multi_objective:
         lines.append(f"best params  {s.best_params!r}" if s.best_params else "best params  -")
-    lines += [f"storage      {s.storage}", f"updated      {s.updated_at}"]
+    lines.append(f"storage      {s.storage}")
+    if s.submitted_at is not None:
+        submitted = datetime.fromtimestamp(s.submitted_at, timezone.utc).isoformat()
+        lines.append(f"submitted    {submitted} ({_age(s)} ago)")
+    lines.append(f"updated      {s.updated_at}")
     return lines
