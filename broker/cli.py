@@ -232,7 +232,7 @@ def status(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Show studies, one line each: state, done/budget, running, failed, best, last update.
+    """Show studies, one line each: state, done/budget, running, failed, best, age.
 
     With a study's exact name, its detail: objective, outcomes, failures by reason, best
     parameters, storage. Reads only: never starts a redis-server.

@@ -170,7 +170,9 @@ def broker(
             show_default=False,
         ),
     ] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING.")] = "INFO",
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+    ] = "INFO",
     metrics_port: Annotated[
         int | None,
         typer.Option(

@@ -1,8 +1,8 @@
 """A study's published status on a terminal: the lines of `status`, its detail for one study,
 and the progress bar of `wait`, `submit --wait` and `demo`.
 
-Output that is not a terminal is never wrapped (a command printed for copying stays one line),
-and log records emitted while a bar is live are printed above it instead of through it.
+Output that is not a terminal is never wrapped nor cut (a command printed for copying stays one
+line), and log records emitted while a bar is live are printed above it instead of through it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -25,11 +26,19 @@ from optuna_rq.protocol import StudyStatus
 __all__ = ["best_summary", "follow_study", "make_console", "status_detail", "status_lines"]
 
 
+_UNBOUNDED_WIDTH = 1 << 16
+"""The width of output that is not a terminal: rich would fit it (and the bar's last line,
+cut with an ellipsis) to 80 columns, and a command printed for copying must stay whole."""
+
+
 def make_console(*, stderr: bool = False) -> Console:
-    """A console that wraps lines to a terminal's width, and never wraps anything else."""
+    """A console that wraps lines to a terminal's width, and never wraps or cuts anything else
+    (unless COLUMNS asks for a width)."""
     console = Console(stderr=stderr)
     if not console.is_terminal:
         console.soft_wrap = True
+        if not os.environ.get("COLUMNS"):
+            console.width = _UNBOUNDED_WIDTH
     return console
 
 
@@ -175,24 +184,30 @@ def best_summary(snap: StudyStatus) -> str:
     return f"pareto {len(front)}, best {' / '.join(bests)}"
 
 
-def _age(updated_at: str, now: datetime | None = None) -> str:
-    try:
-        then = datetime.fromisoformat(updated_at)
-    except ValueError:
-        return "?"
-    seconds = max(0, int(((now or datetime.now(timezone.utc)) - then).total_seconds()))
+def _age(s: StudyStatus, now_s: float | None = None) -> str:
+    """How long ago the study was submitted (its last submission: a resubmission starts it
+    again), `3m`; a snapshot without `submitted_at` (written before it was published) falls
+    back to its last update."""
+    then = s.submitted_at
+    if then is None:
+        try:
+            then = datetime.fromisoformat(s.updated_at).timestamp()
+        except ValueError:
+            return "?"
+    seconds = max(0, int((time.time() if now_s is None else now_s) - then))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
 
 
-_HEADER = ("STUDY", "STATE", "DONE", "RUNNING", "FAILED", "BEST", "UPDATED")
+_HEADER = ("STUDY", "STATE", "DONE", "RUNNING", "FAILED", "BEST", "AGE")
 
 
-def status_lines(snapshots: list[StudyStatus]) -> list[str]:
+def status_lines(snapshots: list[StudyStatus], *, now_s: float | None = None) -> list[str]:
     """A header and one aligned line per study: name, state, done/budget, running, failed, best
-    (a multi-objective study's Pareto size and per-objective bests), time since its update."""
+    (a multi-objective study's Pareto size and per-objective bests), and its age: the time
+    since it was submitted (`submitted_at`), not since its status last changed."""
     rows = [_HEADER] + [
         (
             s.name,
@@ -201,7 +216,7 @@ def status_lines(snapshots: list[StudyStatus]) -> list[str]:
             str(s.running),
             str(s.failed),
             best_summary(s).removeprefix("best "),
-            _age(s.updated_at) + " ago",
+            _age(s, now_s),
         )
         for s in snapshots
     ]
@@ -231,5 +246,9 @@ def status_detail(s: StudyStatus) -> list[str]:
         lines.insert(2, f"waiting for a worker, start one: {_worker_command(s)}")
     if not s.multi_objective:
         lines.append(f"best params  {s.best_params!r}" if s.best_params else "best params  -")
-    lines += [f"storage      {s.storage}", f"updated      {s.updated_at}"]
+    lines.append(f"storage      {s.storage}")
+    if s.submitted_at is not None:
+        submitted = datetime.fromtimestamp(s.submitted_at, timezone.utc).isoformat()
+        lines.append(f"submitted    {submitted} ({_age(s)} ago)")
+    lines.append(f"updated      {s.updated_at}")
     return lines

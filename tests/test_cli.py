@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from optuna.trial import TrialState
 
 from optuna_rq.studies import default_storage_url, open_storage
 from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env
+from tests.worker_processes import cli, cli_env, start_broker, stop_process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -73,11 +74,22 @@ def test_two_studies_side_by_side_finish_with_exact_counts_and_no_mixing(
         "second",
     )
     assert second.returncode == 0, second.stderr
-    for name in ("first", "second"):
-        waited = run_cli("wait", name, "--timeout", "90")
-        assert waited.returncode == 0, waited.stderr
+    waited = {name: run_cli("wait", name, "--timeout", "90") for name in ("first", "second")}
+    assert [w.returncode for w in waited.values()] == [0, 0], [w.stderr for w in waited.values()]
 
     one, two = status_of(run_cli, "first"), status_of(run_cli, "second")
+    # A multi-objective study shows its Pareto front's size and each objective's best over it
+    # (both minimized here), in the bar, its last line and `status`; never the front itself.
+    front = two["best_values"]
+    summary = f"pareto {len(front)}, best {min(p[0] for p in front):.6g} / " + (
+        f"{min(p[1] for p in front):.6g}"
+    )
+    bar, last = waited["second"].stderr.strip().splitlines()[-2:]
+    assert summary in bar and "8/8" in bar, waited["second"].stderr
+    assert last == f"study 'second' finished: 8 trials, {summary}"
+    lines = run_cli("status").stdout.splitlines()
+    assert lines[2].split()[:3] == ["second", "finished", "8/8"]
+    assert summary in lines[2] and "[" not in "".join(lines)
     assert (one["state"], one["complete"], one["failed"], one["running"]) == ("finished", 12, 0, 0)
     assert (two["state"], two["complete"]) == ("finished", 8)
     assert one["objective"] == "tests.objectives:quadratic"
@@ -314,6 +326,34 @@ def test_a_second_broker_on_the_prefix_refuses_to_start(run_cli, broker_process)
     assert "Traceback" not in second.stderr
 
 
+def test_the_broker_and_optunas_own_lines_follow_log_level(
+    run_cli, workers_factory, redis_url: str, prefix: str, cli_state: Path, conn: redis.Redis
+) -> None:
+    workers_factory(count=1)
+    logs = {}
+    for level, name in (("warning", "quiet"), ("info", "loud")):
+        path = cli_state / f"broker-{level}.log"
+        with open(path, "wb") as log:
+            broker = start_broker(redis_url, prefix, cli_state, "--log-level", level, stderr=log)
+            try:
+                done = run_cli(
+                    "submit", "tests.objectives:quadratic", "--param", X, "--n-trials", "2",
+                    "--concurrency", "1", "--study-name", name, "--wait",
+                )  # fmt: skip
+                assert done.returncode == 0, done.stderr
+            finally:
+                assert stop_process(broker) == 0
+        wait_until(lambda: not conn.exists(f"{prefix}:broker"), timeout_s=30)
+        logs[level] = path.read_text()
+    assert " INFO " not in logs["warning"], logs["warning"]
+    assert "A new study created" not in logs["warning"], logs["warning"]
+    # Optuna's INFO line, through the broker's handler and format (not Optuna's own `[I ...]`).
+    assert re.search(r" INFO optuna[\w.]*: A new study created .*name: loud", logs["info"]), logs[
+        "info"
+    ]
+    assert "[I " not in logs["info"] and "stopping on SIGTERM" in logs["info"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -498,11 +538,17 @@ def test_a_study_on_postgresql_storage(
 
 
 def test_the_demo_runs_end_to_end_and_leaves_nothing_running() -> None:
+    env = cli_env()
+    env.pop("COLUMNS", None)  # a pipe, and no width to wrap to
     result = subprocess.run(
-        cli("demo", "--n-trials", "20"), env=cli_env(), capture_output=True, text=True, timeout=120
+        cli("demo", "--n-trials", "20"), env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     assert "best value" in result.stderr and "model.lr" in result.stderr
+    # Output that is not a terminal is not wrapped: the command to copy is one line.
+    suggested = [line for line in result.stderr.splitlines() if " submit mypkg" in line]
+    assert len(suggested) == 1 and suggested[0].endswith(" --wait"), result.stderr
+    assert len(suggested[0]) > 80
     leftovers = []
     for proc in Path("/proc").iterdir():
         try:

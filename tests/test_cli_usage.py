@@ -1,5 +1,6 @@
 """Every subcommand, given bad input, says so on one line and exits 2: through the real entry
-point (`python -m optuna_rq.cli`), with no Redis, so nothing is started and nothing is sent."""
+point (`python -m optuna_rq.cli`), with no Redis, so nothing is started and nothing is sent.
+And the embedded redis-server: read-only commands never start it, `redis stop` ends it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from optuna_rq.embedded import EmbeddedRedis
+from optuna_rq.processes import exited
+from tests.conftest import redis_server
 from tests.worker_processes import cli, cli_env
 
 pytestmark = pytest.mark.timeout(60)
@@ -146,3 +150,29 @@ def test_read_only_commands_never_start_a_redis_server(tmp_path: Path) -> None:
         assert result.returncode == 1, (args, result.stderr)
         assert "no embedded redis-server running" in result.stderr, result.stderr
         assert not (tmp_path / "redis.sock").exists() and not (tmp_path / "redis.pid").exists()
+
+
+def test_redis_stop_ends_the_embedded_server_a_command_started(embedded_state: Path) -> None:
+    if redis_server() is None:
+        pytest.skip("no redis-server binary for an embedded server")
+    env = cli_env(OPTUNA_RQ_STATE_DIR=str(embedded_state))
+    env.pop("OPTUNA_RQ_REDIS_URL", None)
+
+    def command(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(cli(*args), env=env, capture_output=True, text=True, timeout=60)
+
+    # submit writes, so it starts the embedded server (no broker yet: the study waits for one)
+    submitted = command(*SUBMIT, "--study-name", "s")
+    assert submitted.returncode == 0, submitted.stderr
+    pid = EmbeddedRedis(embedded_state).pid()
+    assert pid is not None and not exited(pid)
+
+    stopped = command("redis", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stderr.strip() == f"stopped the embedded redis-server under {embedded_state}"
+    assert exited(pid)
+    assert not (embedded_state / "redis.sock").exists()
+
+    again = command("redis", "stop")  # nothing to stop is not an error
+    assert again.returncode == 0, again.stderr
+    assert "no embedded redis-server was running" in again.stderr

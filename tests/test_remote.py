@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 
 import optuna
 import pytest
@@ -12,6 +14,7 @@ from optuna.trial import TrialState
 from optuna_rq import ConfigError, Optimizer, suggest
 from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from tests import objectives
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -172,6 +175,28 @@ def test_cancelling_a_remote_run_leaves_no_trial_running(
     from optuna_rq.protocol import Keys, trial_queue
 
     assert trial_queue(conn, Keys(prefix).trial_queue("tests.objectives")).count == 0
+
+
+def test_a_remote_run_without_a_worker_says_what_it_waits_for_then_runs_on_one(
+    redis_url: str, prefix: str, workers_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="optuna_rq.optimizer")
+    opt = remote("tests.objectives:quadratic", prefix, redis_url, concurrency=2, n_trials=4)
+    run = threading.Thread(target=opt.run, kwargs={"x": suggest.float(0, 1)}, daemon=True)
+    run.start()
+    queue = f"{prefix}:default:tests.objectives"
+
+    def said_so() -> list[str]:
+        return [m for m in (r.getMessage() for r in caplog.records) if "waiting for a worker" in m]
+
+    wait_until(said_so, timeout_s=30, message="no 'waiting for a worker' line")
+    line = said_so()[0]
+    assert f"on queue {queue!r}" in line and "of 4 asked" in line, line
+    assert "`optuna-rq workers --import tests.objectives --queue default`" in line, line
+    workers_factory(count=1)
+    run.join(timeout=60)
+    assert not run.is_alive(), "the run did not finish once a worker served its queue"
+    assert [t.state for t in opt.study.trials] == [TrialState.COMPLETE] * 4
 
 
 def test_spawn_is_in_process_only(redis_url: str) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 import redis
@@ -122,22 +123,38 @@ def run_cli(
     return run
 
 
-@pytest.fixture
-def broker_process(
-    redis_url: str, prefix: str, cli_state: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    """`optuna-rq broker` for this test's prefix, running once it holds the broker lock."""
+def start_broker(
+    redis_url: str, prefix: str, state: Path, *args: str, stderr: IO[bytes] | None = None
+) -> subprocess.Popen[bytes]:
+    """`optuna-rq broker ARGS...` on `prefix`, returned once it holds the broker lock."""
     connection = connect(redis_url)
     process = subprocess.Popen(
-        cli("--redis-url", redis_url, "--prefix", prefix, "broker"),
-        env=cli_env(OPTUNA_RQ_STATE_DIR=str(cli_state)),
+        cli("--redis-url", redis_url, "--prefix", prefix, "broker", *args),
+        env=cli_env(OPTUNA_RQ_STATE_DIR=str(state)),
+        stderr=stderr,
     )
 
     def holds_lock() -> bool:
         assert process.poll() is None, f"broker exited with {process.returncode}"
         return bool(connection.exists(f"{prefix}:broker"))
 
-    wait_until(holds_lock, timeout_s=30, message="the broker did not start")
+    try:
+        wait_until(holds_lock, timeout_s=30, message="the broker did not start")
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    finally:
+        connection.close()
+    return process
+
+
+@pytest.fixture
+def broker_process(
+    redis_url: str, prefix: str, cli_state: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`optuna-rq broker` for this test's prefix, running once it holds the broker lock."""
+    process = start_broker(redis_url, prefix, cli_state)
     yield process
     assert stop_process(process) == 0
 
