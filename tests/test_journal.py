@@ -45,8 +45,7 @@ def _read(path: Path, name: str = "s") -> list[optuna.trial.FrozenTrial]:
 
 def _view(trials: list[optuna.trial.FrozenTrial]) -> list[tuple[object, ...]]:
     return [
-        (t.number, t.state, t.values, t.params, t.user_attrs, t.intermediate_values)
-        for t in trials
+        (t.number, t.state, t.values, t.params, t.user_attrs, t.intermediate_values) for t in trials
     ]
 
 
@@ -146,7 +145,9 @@ def test_a_plain_optuna_writer_beside_it_fails_the_flush_and_adds_nothing(tmp_pa
     journal = SoleWriterJournal(path)
     study = _study(journal)
     journal.flush()
-    other = optuna.create_study(study_name="other", storage=JournalStorage(JournalFileBackend(str(path))))
+    other = optuna.create_study(
+        study_name="other", storage=JournalStorage(JournalFileBackend(str(path)))
+    )
     other.enqueue_trial({"x": 0.5})
     written = path.read_bytes()
     _run(study, 1)

@@ -90,7 +90,6 @@ class CallServer:
         elif not answer.ok:  # a proxy of an older kind that did not wait: at least say so
             log.warning("trial call %s failed: %s", call.method, answer.error)
 
-
     def send_replies(self) -> None:
         """Send the replies waiting, once what their calls changed is durable."""
         replies, self.replies = self.replies, []  # lost with Redis: the calls are read again
