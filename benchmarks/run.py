@@ -483,6 +483,12 @@ def write_report(results: dict[str, Any]) -> None:
         f"{o['ours']['broker_cpu_ms_per_trial']:.2f} ms per trial, of which the sampler alone "
         f"(ask + tell in memory) is {o['sampler_cpu_ms_per_trial']:.2f} ms.",
         "",
+    ]
+    if "daemon_overhead" in results:  # benchmarks.daemon_storage: the daemon on its storages
+        from benchmarks.daemon_storage import daemon_overhead_lines
+
+        lines += [*daemon_overhead_lines(results["daemon_overhead"]), ""]
+    lines += [
         "## The drop-in API, in-process: no-op objective, RandomSampler, concurrency 2",
         "",
     ]
@@ -575,6 +581,14 @@ def _plot(rows: list[dict[str, float]], flyte_scaling: dict[str, dict[str, float
     fig.savefig(HERE / "scaling.png", dpi=100)
 
 
+def _daemon_overhead(url: str, reps: int, n_trials: int) -> dict[str, Any]:
+    """The daemon's no-op overhead on its default journal file and in memory (imported here:
+    benchmarks.daemon_storage imports this module)."""
+    from benchmarks.daemon_storage import daemon_overhead
+
+    return daemon_overhead(url, reps, n_trials)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
@@ -607,6 +621,7 @@ def main() -> None:
             "remote_trial": remote_trial(url, 1 if args.quick else 3),
             "fleet": fleet.section(url, quick=args.quick),
         }
+        results["daemon_overhead"] = _daemon_overhead(url, reps, 100 if args.quick else 400)
     finally:
         stop_embedded(state)
         shutil.rmtree(state, ignore_errors=True)

@@ -1,9 +1,12 @@
 """What one remote trial costs: Redis commands per trial, and no-op trials per second.
 
     uv run python -m benchmarks.trial_cost [--trials 1000] [--workers 2] [--concurrency 8]
+        [--daemon journal|memory]
 
 Starts a private embedded redis-server and `optuna-rq workers`, runs a no-op study with the
-RandomSampler through the remote Optimizer, and reads `INFO commandstats` before and after.
+RandomSampler through the remote Optimizer (or, with --daemon, through `optuna-rq broker` on its
+default journal file or in memory, cap 2: `benchmarks.daemon_storage`), and reads
+`INFO commandstats` before and after.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--daemon", choices=["journal", "memory"], default=None)
     args = parser.parse_args()
+    if args.daemon is not None:
+        args.concurrency = 2  # what benchmarks.daemon_storage runs
 
     state = Path(tempfile.mkdtemp(prefix="orq-bench-", dir="/tmp"))
     url = ensure_embedded(state)
@@ -39,6 +45,9 @@ def main() -> None:
     workers = OurWorkers(url, args.workers)
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        if args.daemon is not None:
+            before, elapsed, after = _through_the_daemon(url, workers, args.daemon, args.trials)
+            return _print(args, before, elapsed, after)
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
         opt = Optimizer(
             "benchmarks.objectives:noop",
@@ -58,10 +67,35 @@ def main() -> None:
         stop_embedded(state)
         shutil.rmtree(state, ignore_errors=True)
 
+    _print(args, before, elapsed, after)
+
+
+def _through_the_daemon(
+    url: str, workers: OurWorkers, storage: str, n_trials: int
+) -> tuple[dict[str, int], float, dict[str, int]]:
+    from benchmarks.daemon_storage import STORAGES, _Broker, _daemon_study
+
+    broker = _Broker(url, workers.queue, STORAGES[storage])
+    try:
+        conn = broker.client.connection
+        before = command_calls(conn)
+        elapsed = n_trials / _daemon_study(broker, n_trials, STORAGES[storage])["trials_per_s"]
+        return before, elapsed, command_calls(conn)
+    finally:
+        broker.stop()
+
+
+def _print(
+    args: argparse.Namespace, before: dict[str, int], elapsed: float, after: dict[str, int]
+) -> None:
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     delta = {k: v for k, v in delta.items() if v > 0}
     total = sum(delta.values())
-    print(f"{args.trials} no-op trials, {args.workers} workers, concurrency {args.concurrency}")
+    through = "" if args.daemon is None else f", the daemon on {args.daemon}"
+    print(
+        f"{args.trials} no-op trials, {args.workers} workers, concurrency {args.concurrency}"
+        f"{through}"
+    )
     print(f"  {args.trials / elapsed:.0f} trials/s ({elapsed:.2f}s)")
     print(f"  {total / args.trials:.1f} Redis commands per trial (INFO commandstats delta)")
     for name, calls in sorted(delta.items(), key=lambda kv: -kv[1]):

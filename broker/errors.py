@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "BrokerAlreadyRunningError",
     "ConfigError",
+    "JournalConflictError",
     "ObjectiveLoadError",
     "ObjectiveRefusedError",
     "OptunaRQError",
@@ -73,6 +74,12 @@ class StudyStorageError(OptunaRQError):
     def __init__(self, url: str, message: str) -> None:
         super().__init__(message)
         self.url = url
+
+
+class JournalConflictError(OptunaRQError, OSError):
+    """The journal file a broker writes alone is written by another process too: another broker
+    holds it, or a plain Optuna writer appended to it. Studies on it fail rather than mix two
+    writers' trial ids (`optuna_rq.journal`)."""
 
 
 class StudyConflictError(OptunaRQError):

@@ -7,6 +7,9 @@ live on. Unset (always, outside the fault tests), `hit` is one dict lookup. Poin
 
     after_ask     a trial was asked (RUNNING in the storage) and not yet enqueued
     before_tell   a result was read from the stream and not yet told
+    after_tell    a trial was told (in memory) and its journal not yet flushed
+    after_flush   a journal was flushed and what it acknowledges not yet sent (the sends, the
+                  acks, the replies or the status that follow)
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from optuna_rq.errors import ConfigError
 __all__ = [
     "STORAGE_SOCKET_TIMEOUT_S",
     "default_storage_url",
+    "journal_path",
     "make_pruner",
     "make_sampler",
     "open_storage",
@@ -69,8 +70,19 @@ def default_storage_url(state: Path) -> str:
     return f"journal:///{state / 'studies.journal'}"
 
 
+def journal_path(url: str) -> Path | None:
+    """The file of a `journal:///path` URL; None for any other URL."""
+    if not url.startswith("journal://"):
+        return None
+    return Path(url.removeprefix("journal://"))
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for `url`: `memory`, `journal:///path`, or any RDB URL Optuna takes.
+
+    A journal file opens as Optuna opens it (`JournalFileBackend`: locked and re-read on every
+    operation), as a reader beside the broker must (`optuna-rq trials`, the tests); the broker
+    itself writes its journals through `optuna_rq.journal` (see `daemon.storages`).
 
     `redis://` gives Optuna's JournalRedis, with a warning: it unpickles a snapshot key on load,
     so anyone who can write to that Redis could run code in the broker. Its socket timeouts
@@ -78,10 +90,10 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     """
     if url == "memory":
         return _memory
-    if url.startswith("journal://"):
+    path = journal_path(url)
+    if path is not None:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        path = Path(url.removeprefix("journal://"))
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     if url.startswith(("redis://", "rediss://")):

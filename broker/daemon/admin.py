@@ -54,6 +54,7 @@ def delete_study(daemon: Daemon, name: str, *, force: bool, purge: bool) -> None
             optuna.delete_study(study_name=name, storage=daemon.storages.open(storage_url))
         except KeyError:
             pass  # it never reached its storage (it failed to start)
+    daemon.storages.flush()  # the purge is durable before the study is gone from the status
     pipe = daemon.connection.pipeline(transaction=True)
     pipe.hdel(daemon.keys.studies, name)
     pipe.hdel(daemon.keys.status, name)

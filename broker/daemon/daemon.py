@@ -66,6 +66,9 @@ class Daemon:
         self.client = BrokerClient(connection, settings.prefix, signer=self.signer)
         self.lock = BrokerLock(connection, self.keys, ttl_s=settings.lock_ttl_s, client=self.client)
         self.epoch_guard = EpochGuard(connection, self.keys)
+        # Journal files are written by this daemon alone: their changes are buffered, and
+        # flushed before anything that acknowledges one leaves (`storages.flush`).
+        self.storages = Storages()
         self.dispatcher = Dispatcher(
             connection,
             prefix=settings.prefix,
@@ -73,8 +76,11 @@ class Daemon:
             consumer="broker",  # fixed: a restarted broker reads its predecessor's pending results
             signer=self.signer,
             observer=metrics,
+            persist=self.storages.flush,
         )
-        self.inbox = CommandInbox(connection, self.keys, signer=self.signer, handler=self)
+        self.inbox = CommandInbox(
+            connection, self.keys, signer=self.signer, handler=self, persist=self.storages.flush
+        )
         self.fair_share = FairShare(
             connection,
             self.keys,
@@ -87,10 +93,10 @@ class Daemon:
             self.keys,
             interval_s=settings.status_interval_s,
             storage_url=self._storage_url,
+            persist=self.storages.flush,
         )
         self.specs: dict[str, StudySpec] = {}
         self.stopping = StopConditions()  # --timeout, --target, --patience
-        self.storages = Storages()
 
     @property
     def identity(self) -> str:
@@ -148,11 +154,13 @@ class Daemon:
             if self.health.is_serving:  # else its reason is said already
                 self.health.stopped("the broker stopped serving")
             if not data_lost:
-                self.dispatcher.flush()
                 try:
+                    self.dispatcher.flush()
                     self.publish_status(force=True)
                 except StudyStorageError as exc:
                     log.error("%s", exc)
+            self.storages.close()  # what is told (the trials failed above too) is on disk
+            if not data_lost:
                 self.release()
                 log.info("broker stopped; running trials go on and are told by the next broker")
 
@@ -302,7 +310,8 @@ class Daemon:
                 failed.append(spec)
         for spec in failed:
             log.error("study %r failed: %s", spec.name, error)
-            self.status.publish(spec, None, state=StudyState.FAILED, error=str(error))
+            # Not flushed first: it says what failed, and acknowledges nothing on the others.
+            self.status.publish(spec, None, state=StudyState.FAILED, error=str(error), flush=False)
         if not failed:  # a storage no running study uses any more
             log.error("%s", error)
 

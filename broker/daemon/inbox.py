@@ -9,6 +9,7 @@ change) is refused and logged. Then the batch is trimmed off the list.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import redis
@@ -52,9 +53,16 @@ class CommandHandler(Protocol):
 
 class CommandInbox:
     def __init__(
-        self, connection: redis.Redis, keys: Keys, *, signer: Signer, handler: CommandHandler
+        self,
+        connection: redis.Redis,
+        keys: Keys,
+        *,
+        signer: Signer,
+        handler: CommandHandler,
+        persist: Callable[[], None] | None = None,
     ) -> None:
         self.connection = connection
+        self.persist = persist  # what the commands changed is durable before they are trimmed
         self.keys = keys
         self.signer = signer
         self.handler = handler
@@ -76,7 +84,10 @@ class CommandInbox:
                 count_refusal(self.connection, self.keys.prefix, "command")
             except (ConfigError, StudyConflictError, KeyError, TypeError, ValueError) as exc:
                 log.error("refused a command: %s", exc)
-        # Commands are idempotent, so trimming after applying loses none if we die in between.
+        # Commands are idempotent, so trimming after applying loses none if we die in between;
+        # what they stored (an enqueued trial, a purge) is durable before they are trimmed.
+        if self.persist is not None:
+            self.persist()
         self.connection.ltrim(self.keys.commands, len(raw_commands), -1)
 
     def _dispatch(self, command: Command) -> None:

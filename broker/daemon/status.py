@@ -5,7 +5,8 @@ trial or Pareto front) is written to `Keys.status` when the study starts, ends o
 while it runs, at most every `interval_s` seconds and only once something was told about it.
 
 Every state it writes is a move its `Lifecycle` allows; it refuses the others, so an ended study
-is never rewritten. Counts are of the budget: a lost trial and its retries are one unit.
+is never rewritten. Counts are of the budget: a lost trial and its retries are one unit. What a
+status says is durable first (`persist`): a restarted broker never shows less than its status did.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ class StatusPublisher:
         *,
         interval_s: float,
         storage_url: Callable[[StudySpec], str],
+        persist: Callable[[], None] | None = None,
     ) -> None:
         self.connection = connection
+        self.persist = persist
         self.keys = keys
         self.interval_s = interval_s
         self.storage_url = storage_url
@@ -76,10 +79,15 @@ class StatusPublisher:
         *,
         state: StudyState,
         error: str | None = None,
+        flush: bool = True,
     ) -> None:
-        """Write the study's status now: from its spec, and from its `run` if it has one.
-        StudyConflictError, writing nothing, if the study may not move to `state`."""
+        """Write the study's status now: from its spec, and from its `run` if it has one, once
+        the storages' changes are durable (unless not `flush`: a status that acknowledges
+        nothing, as a failed storage's). StudyConflictError, writing nothing, if the study may
+        not move to `state`."""
         self.lifecycle.move(spec.name, state)
+        if flush and self.persist is not None:
+            self.persist()
         summary = (
             {} if run is None else {**_study_summary(run.study), "running": len(run.outstanding)}
         )

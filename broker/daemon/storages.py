@@ -9,11 +9,18 @@ studies on that storage, with the cause in their status, and serves the others. 
 
 Optuna's own verdicts on a call (a study not found, a duplicated study, a value the distribution
 refuses, a trial already finished) pass through unchanged: Optuna and the dispatcher act on them.
+
+A journal file (the daemon's default storage, or a study's own `journal:///path`) is written
+through `SoleWriterJournal`: the daemon is its only writer, so it is replayed from memory and
+its changes are buffered until `Storages.flush`, which the daemon calls before anything that
+acknowledges a change leaves it (a trial sent, a result acknowledged, a call answered, a status
+or a command's trim written). Other storages write through at once; their flush is a no-op.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from collections.abc import Callable
 from typing import Any
@@ -21,11 +28,15 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage
 
+from optuna_rq import failpoints
 from optuna_rq.connection import redact_url
 from optuna_rq.errors import StudyStorageError
-from optuna_rq.studies import open_storage
+from optuna_rq.journal import SoleWriterJournal
+from optuna_rq.studies import journal_path, open_storage
 
 __all__ = ["GuardedStorage", "Storages", "storage_failure"]
+
+log = logging.getLogger("optuna_rq.broker")
 
 
 def storage_failure(url: str, exc: BaseException) -> StudyStorageError:
@@ -58,11 +69,30 @@ def _guarded(name: str) -> Callable[..., Any]:
 
 
 class GuardedStorage(BaseStorage):
-    """`inner`, with every failure of the storage itself raised as `StudyStorageError`."""
+    """`inner`, with every failure of the storage itself raised as `StudyStorageError`;
+    `journal`, if `inner` writes through one, holds its changes until `flush`."""
 
-    def __init__(self, inner: BaseStorage, url: str) -> None:
+    def __init__(
+        self, inner: BaseStorage, url: str, journal: SoleWriterJournal | None = None
+    ) -> None:
         self.inner = inner
         self.url = url
+        self.journal = journal
+
+    def flush(self) -> int:
+        """Make every change made so far durable; how many logs that wrote (0: nothing was
+        buffered, and nothing was touched)."""
+        if self.journal is None or not self.journal.pending:
+            return 0
+        try:
+            return self.journal.flush()
+        except Exception as exc:
+            raise storage_failure(self.url, exc) from exc
+
+    def close(self) -> None:
+        """Release the storage's file, dropping what was not flushed (a storage that failed)."""
+        if self.journal is not None:
+            self.journal.close()
 
     create_new_study = _guarded("create_new_study")
     delete_study = _guarded("delete_study")
@@ -96,7 +126,8 @@ class GuardedStorage(BaseStorage):
 
 class Storages:
     """The storages of the studies a daemon serves: one per URL, opened on first use. A storage
-    that failed is forgotten, so the next study on its URL opens it afresh."""
+    that failed is forgotten (and its file released), so the next study on its URL opens it
+    afresh."""
 
     def __init__(self) -> None:
         self._open: dict[str, GuardedStorage] = {}
@@ -106,14 +137,45 @@ class Storages:
         reason (a path that cannot be created, a server that is down)."""
         storage = self._open.get(url)
         if storage is None:
-            try:
-                # get_storage puts Optuna's trial cache in front of an RDBStorage, as
-                # create_study would have done with the bare storage.
-                inner = optuna.storages.get_storage(open_storage(url))
-            except Exception as exc:
-                raise storage_failure(url, exc) from exc
-            storage = self._open[url] = GuardedStorage(inner, url)
+            storage = self._open[url] = _open_guarded(url)
         return storage
 
+    def flush(self) -> None:
+        """Make every change told to any open storage durable: called before anything that
+        acknowledges one leaves the daemon. Costs nothing when nothing changed. A storage that
+        fails raises StudyStorageError (the daemon fails its studies and forgets it)."""
+        for storage in list(self._open.values()):
+            if storage.flush():
+                failpoints.hit("after_flush")
+
     def forget(self, url: str) -> None:
-        self._open.pop(url, None)
+        storage = self._open.pop(url, None)
+        if storage is not None:
+            storage.close()
+
+    def close(self) -> None:
+        """Flush and release every storage (a daemon stopping); a failure is logged."""
+        for url in list(self._open):
+            try:
+                self._open[url].flush()
+            except StudyStorageError as exc:
+                log.error("%s", exc)
+            self.forget(url)
+
+
+def _open_guarded(url: str) -> GuardedStorage:
+    path = journal_path(url)
+    journal = None
+    try:
+        if path is None:
+            # get_storage puts Optuna's trial cache in front of an RDBStorage, as create_study
+            # would have done with the bare storage.
+            return GuardedStorage(optuna.storages.get_storage(open_storage(url)), url)
+        from optuna.storages.journal import JournalStorage
+
+        journal = SoleWriterJournal(path)
+        return GuardedStorage(JournalStorage(journal), url, journal)
+    except Exception as exc:
+        if journal is not None:
+            journal.close()
+        raise storage_failure(url, exc) from exc

@@ -5,6 +5,10 @@ Every call is answered: the value, or the error with the kind of exception the o
 for it (`CallError`), and the warnings Optuna gave. Only the trial's current attempt is served: a
 call for a trial that ended, or whose attempt was retried, or that another broker owns, gets a
 REFUSED reply (the objective raises `RemoteTrialError`).
+
+Replies wait in `replies` until the dispatcher has made what the calls changed durable (a
+suggested parameter, a reported value: the objective goes on from the answer), then go out
+together (`send_replies`), one round trip for a batch of calls.
 """
 
 from __future__ import annotations
@@ -46,9 +50,10 @@ class CallServer:
         self.reply_to = reply_to
         self.signer = signer
         self.observer = observer
+        self.replies: list[tuple[str, bytes]] = []  # (reply list, sealed reply), not yet sent
 
     def serve(self, raw: bytes, runs: Mapping[str, StudyRun]) -> None:
-        """Run a remote trial's call on the real trial, and answer it."""
+        """Run a remote trial's call on the real trial; its answer waits in `replies`."""
         try:
             body = self.signer.open(raw, what="TrialCall")
             call = TrialCall.decode(body, max_bytes=self.signer.max_message_bytes)
@@ -80,14 +85,25 @@ class CallServer:
             )
             encoded = _failed(call, CallError.REFUSED, error, []).encode()
         if call.reply:
-            # The reply list expires by itself: nothing to clean up when the trial ends.
             key = Keys.reply_list(self.reply_to, call.trial_number, call.attempt)
-            pipe = self.connection.pipeline(transaction=False)
-            pipe.rpush(key, self.signer.seal(encoded))
-            pipe.expire(key, REPLY_TTL_S)
-            pipe.execute()
+            self.replies.append((key, self.signer.seal(encoded)))
         elif not answer.ok:  # a proxy of an older kind that did not wait: at least say so
             log.warning("trial call %s failed: %s", call.method, answer.error)
+
+    def send_replies(self) -> None:
+        """Send the replies waiting, once what their calls changed is durable."""
+        replies, self.replies = self.replies, []  # lost with Redis: the calls are read again
+        pipe = self.connection.pipeline(transaction=False)
+        for key, sealed in replies:
+            pipe.rpush(key, sealed)
+            # The reply list expires by itself: nothing to clean up when the trial ends.
+            pipe.expire(key, REPLY_TTL_S)
+        if replies:
+            pipe.execute()
+
+    def drop_replies(self) -> None:
+        """Forget the replies waiting: their calls are read again, and answered anew."""
+        self.replies = []
 
 
 def _answer(study: optuna.Study, trial: optuna.Trial, call: TrialCall) -> TrialCallReply:

@@ -8,6 +8,10 @@ A study may ask ahead instead (`StudyRun.ask_ahead`, `submit --ask-ahead N`): at
 N trials sampled while the workers run, RUNNING in the storage but not sent, that go out the
 moment a slot frees, in the same round trip as the acknowledgement; the sampler then sees N
 trials more than the cap running. Lost attempts are failed and retried (`retries`).
+
+Nothing told to a study storage is acknowledged before it is durable: `persist` (the daemon's
+`Storages.flush`; nothing for storages that write through) runs before the trials are sent and
+the results acknowledged, and before remote-trial calls are answered.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ _CANCELLED = Verdict(
 )
 
 
+def _nothing_to_persist() -> None:
+    """Storages that write through (or a caller's own study) need no flush."""
+
+
 class Dispatcher:
     """Runs studies on RQ workers through their queues (one per objective module and resource
     class, `TrialSender`) and one result stream.
@@ -71,8 +79,12 @@ class Dispatcher:
         observer: DispatchObserver | None = None,
         lease_grace_s: float = DEFAULT_LEASE_TTL_S,
         lease_check_s: float = 0.25,
+        persist: Callable[[], None] | None = None,
     ) -> None:
         self.connection = connection
+        self.persist = persist or _nothing_to_persist
+        """Makes every change told to the storages durable; run before anything that
+        acknowledges one goes to Redis."""
         self.signer = signer or Signer()
         self.observer = observer or DispatchObserver()
         self.prefix = prefix
@@ -86,6 +98,7 @@ class Dispatcher:
             consumer=consumer or f"{socket.gethostname()}:{os.getpid()}",
             signer=self.signer,
             observer=self.observer,
+            before_ack=self.persist,
         )
         self.calls = CallServer(
             connection, prefix=prefix, reply_to=reply_to, signer=self.signer, observer=self.observer
@@ -157,6 +170,7 @@ class Dispatcher:
                     sending.append((run, record))
         self.results.ack_into(pipe)
         if len(pipe):
+            self.persist()  # what the sends and the acknowledgements stand on
             pipe.execute()  # on an outage, the sends stay unsent and the acks pending: redone
         self.results.acked()
         now = time.time()
@@ -189,6 +203,7 @@ class Dispatcher:
         """Enqueue the unsent trial `record` on its own."""
         payload = self._seal(run, record)
         if payload is not None:
+            self.persist()
             self.sender.enqueue(run, record, payload, None)
             run.mark_sent(record, time.time())
 
@@ -245,6 +260,13 @@ class Dispatcher:
                 self.calls.serve(fields[CALL_FIELD], self.runs)
             else:
                 handled += self._handle(fields.get(RESULT_FIELD, b""), entry_id)
+        if self.calls.replies:
+            try:
+                self.persist()  # what the calls changed (a suggested param, a report) is durable
+            except BaseException:
+                self.calls.drop_replies()  # unacknowledged, these calls are read again
+                raise
+            self.calls.send_replies()
         if entries:
             # Acknowledged only after telling: a broker that dies in between reads them again,
             # and telling is idempotent. Where the told trials' slots are refilled, with those
@@ -285,6 +307,7 @@ class Dispatcher:
 
     def _finish(self, run: StudyRun, record: InFlight, verdict: Verdict) -> None:
         tell(run.study, record.trial, verdict)
+        failpoints.hit("after_tell")
         run.note(verdict)
         if record.holds_slot:
             self.retries.forget(run, record)

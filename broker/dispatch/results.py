@@ -1,15 +1,17 @@
 """The result stream: what workers append (results, and remote trials' calls), read through one
 consumer group, and acknowledged only once told.
 
-A result is acknowledged (XACK and XDEL) after it is told, in the same round trip as the sends
-that refill its slot (`ack_into`), or on its own (`flush`) when nothing will be sent. A broker
-that dies in between reads it again, and telling is idempotent. A consumer first reads its own
+A result is acknowledged (XACK and XDEL) after it is told and the tell is durable (`before_ack`),
+in the same round trip as the sends that refill its slot (`ack_into`), or on its own (`flush`)
+when nothing will be sent. A broker that dies in between reads it again, and telling is
+idempotent. A consumer first reads its own
 pending (delivered, unacknowledged) entries, then new ones.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -42,8 +44,10 @@ class ResultStream:
         consumer: str,
         signer: Signer,
         observer: DispatchObserver,
+        before_ack: Callable[[], None],
     ) -> None:
         self.connection = connection
+        self.before_ack = before_ack  # makes the tells durable that the acks stand on
         self.prefix = prefix
         self.reply_to = reply_to
         self.consumer = consumer
@@ -99,7 +103,8 @@ class ResultStream:
         self._acks += entry_ids
 
     def ack_into(self, pipe: Any) -> None:
-        """Queue the pending acknowledgements on `pipe`; `acked` once it has run."""
+        """Queue the pending acknowledgements on `pipe`; `acked` once it has run. The caller
+        runs `before_ack` before the pipe."""
         if self._acks:
             pipe.xack(self.reply_to, GROUP, *self._acks)
             pipe.xdel(self.reply_to, *self._acks)
@@ -110,6 +115,7 @@ class ResultStream:
     def flush(self) -> None:
         """Acknowledge the entries handled and not yet acknowledged, now."""
         if self._acks:
+            self.before_ack()
             pipe = self.connection.pipeline(transaction=False)
             self.ack_into(pipe)
             pipe.execute()

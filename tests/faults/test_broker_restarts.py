@@ -44,15 +44,22 @@ def test_a_broker_killed_and_restarted_re_attaches(cluster: Cluster, failpoint: 
 
 def test_a_trial_asked_ahead_waits_for_a_slot_after_a_restart(cluster: Cluster) -> None:
     # More workers than the cap, so that sending one trial too many would show as four
-    # objectives running at once. The broker dies right after asking the fourth trial ahead:
-    # the restarted one finds four RUNNING, three of them enqueued, and holds the fourth back.
+    # objectives running at once. The broker dies once the fourth trial, asked ahead, is in its
+    # journal (durable at the first flush after the ask: the status it publishes next): the
+    # restarted one finds four RUNNING, three of them enqueued, and holds the fourth back.
     cluster.start_workers(4)
-    first = cluster.start_broker(failpoints="after_ask=4")
+    first = cluster.start_broker()
     name = cluster.submit(
-        "steady", n_trials=6, concurrency=3, hold_s=2.0, extra=("--ask-ahead", "1")
+        "steady", n_trials=6, concurrency=3, hold_s=5.0, extra=("--ask-ahead", "1")
     )
-    assert first.wait(timeout=60) == -signal.SIGKILL
-    assert len(cluster.trials(name)) == 4
+    wait_until(
+        lambda: len(cluster.started()) == 3 and len(cluster.trials(name)) == 4,
+        timeout_s=30,
+        message="the fourth trial was not asked ahead",
+    )
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(timeout=10) == -signal.SIGKILL
+    assert len(cluster.trials(name)) == 4 and len(cluster.started()) == 3
     cluster.start_broker()
 
     cluster.check(name, complete=6, cap=3, failed=0)

@@ -1,0 +1,151 @@
+"""The broker daemon's own storage cost: a no-op study through `optuna-rq broker`, on its default
+durable storage (the journal file under its state directory) and on `--storage memory`, next to
+Optuna native (2 processes on JournalRedis), in one run, as ratios to the anchor.
+
+    uv run python -m benchmarks.daemon_storage [--trials 400] [--reps 1]
+
+`benchmarks.run` calls `daemon_overhead` and renders `daemon_overhead_lines` into its report.
+Each repetition runs every system once, in turn; figures are medians. The timed span is the
+study's: from the submission until its status says finished (polled every 5 ms), with the broker
+and its 2 workers already running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from benchmarks.run import ROOT, OurWorkers, _median, native
+from optuna_rq import suggest
+from optuna_rq.client import BrokerClient
+from optuna_rq.connection import connect
+from optuna_rq.embedded import ensure_embedded, stop_embedded
+from optuna_rq.protocol import StudySpec, StudyState
+from optuna_rq.spacefile import space_to_data
+from optuna_rq.studies import default_storage_url
+
+__all__ = ["daemon_overhead", "daemon_overhead_lines"]
+
+STORAGES = {"journal": None, "memory": "memory"}
+"""The daemon's storages measured: its default (no --storage: the journal file), and memory."""
+
+
+class _Broker:
+    """`optuna-rq broker` on the workers' prefix, with a state directory of its own."""
+
+    def __init__(self, url: str, prefix: str, storage: str | None) -> None:
+        self.state = Path(tempfile.mkdtemp(prefix="orq-bench-daemon-", dir="/tmp"))
+        command = [sys.executable, "-m", "optuna_rq.cli", "--redis-url", url, "--prefix", prefix]
+        command += ["broker", "--log-level", "WARNING"]
+        command += [] if storage is None else ["--storage", storage]
+        self.process = subprocess.Popen(
+            command,
+            env=dict(os.environ, PYTHONPATH=str(ROOT), OPTUNA_RQ_STATE_DIR=str(self.state)),
+        )
+        self.client = BrokerClient(connect(url), prefix)
+        while self.client.broker_holder() is None:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the broker exited with {self.process.returncode}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+def _daemon_study(broker: _Broker, n_trials: int, storage: str | None) -> dict[str, float]:
+    """Trials per second of one no-op study of `n_trials` on 2 workers, cap 2."""
+    spec = StudySpec(
+        name=f"daemon-{time.monotonic_ns()}",
+        objective="benchmarks.objectives:noop",
+        space=space_to_data({"x": suggest.float(0, 1)}),
+        n_trials=n_trials,
+        concurrency=2,
+        sampler="random",
+    )
+    started = time.perf_counter()
+    broker.client.submit(spec, storage=storage or default_storage_url(broker.state))
+    while True:
+        status = broker.client.status(spec.name)
+        if status is not None and status.state.ended:
+            break
+        time.sleep(0.005)
+    elapsed = time.perf_counter() - started
+    if status.state is not StudyState.FINISHED or status.complete != n_trials:
+        raise RuntimeError(f"the daemon's study did not finish: {status}")
+    return {"trials_per_s": n_trials / elapsed}
+
+
+def daemon_overhead(url: str, reps: int, n_trials: int) -> dict[str, Any]:
+    """The daemon on each of `STORAGES` and Optuna native with 2 processes on JournalRedis."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in [*STORAGES, "native"]}
+    for _ in range(reps):
+        for name, storage in STORAGES.items():
+            workers = OurWorkers(url, 2)
+            try:
+                broker = _Broker(url, workers.queue, storage)
+                try:
+                    runs[name].append(_daemon_study(broker, n_trials, storage))
+                finally:
+                    broker.stop()
+            finally:
+                workers.stop()
+        runs["native"].append(native(url, 2, "noop", n_trials, "random"))
+    medians = {name: _median(rows) for name, rows in runs.items()}
+    anchor = medians["native"]["trials_per_s"]
+    return {
+        "n_trials": n_trials,
+        **{f"daemon_{name}": medians[name] for name in STORAGES},
+        "native_2_processes": medians["native"],
+        **{f"daemon_{name}_ratio": medians[name]["trials_per_s"] / anchor for name in STORAGES},
+    }
+
+
+def daemon_overhead_lines(d: dict[str, Any]) -> list[str]:
+    """The report's section for `daemon_overhead`'s results."""
+    return [
+        f"## Overhead, the broker daemon: no-op objective, RandomSampler, 2 workers, "
+        f"{d['n_trials']} trials",
+        "",
+        "| | trials/s | ratio |",
+        "|---|---|---|",
+        f"| `optuna-rq broker`, default storage (journal file) "
+        f"| {d['daemon_journal']['trials_per_s']:.0f} | {d['daemon_journal_ratio']:.2f}x |",
+        f"| `optuna-rq broker --storage memory` "
+        f"| {d['daemon_memory']['trials_per_s']:.0f} | {d['daemon_memory_ratio']:.2f}x |",
+        f"| Optuna native, 2 processes (JournalRedis) "
+        f"| {d['native_2_processes']['trials_per_s']:.0f} | 1.00x |",
+        "",
+        "Timed from the submission until the study's status says finished (polled every 5 ms),",
+        "with the broker and its workers already running.",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=400)
+    parser.add_argument("--reps", type=int, default=1)
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    state = Path(tempfile.mkdtemp(prefix="orq-bench-", dir="/tmp"))
+    url = ensure_embedded(state)
+    try:
+        results = daemon_overhead(url, args.reps, args.trials)
+    finally:
+        stop_embedded(state)
+        shutil.rmtree(state, ignore_errors=True)
+    print("\n".join(daemon_overhead_lines(results)))
+
+
+if __name__ == "__main__":
+    main()
