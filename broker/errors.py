@@ -77,9 +77,9 @@ class StudyStorageError(OptunaRQError):
 
 
 class JournalConflictError(OptunaRQError, OSError):
-    """The journal file a broker writes alone is written by another process too: another broker
-    holds it, or a plain Optuna writer appended to it. Studies on it fail rather than mix two
-    writers' trial ids (`optuna_rq.journal`)."""
+    """The broker's journal file changed under Optuna's lock while the broker held it (a writer
+    that ignores the lock, or a truncation). Studies on it fail rather than mix two writers'
+    trial ids (`optuna_rq.journal`)."""
 
 
 class StudyConflictError(OptunaRQError):

@@ -1,22 +1,22 @@
 """The broker's journal file: Optuna's journal format, replayed from memory, appended without
 re-reading, made durable once per batch of changes.
 
-Optuna's `JournalFileBackend` serves any number of writers, so every operation takes the file
-lock, re-reads what others appended and fsyncs its own line: about 2 ms per trial here, against
-0.1 ms in memory. A broker is the only writer of its studies (it holds its prefix's lock, and
-workers reach the studies only through it), so `SoleWriterJournal` loads the file once, serves
+Optuna's `JournalFileBackend` takes the file lock, re-reads what others appended and fsyncs its
+own line on every operation: about 2 ms per trial here, against 0.1 ms in memory. The broker
+writes its studies far more than anyone else, so `BatchedJournal` loads the file once, serves
 Optuna's replay from memory, and keeps what Optuna appends in a buffer until `flush()` writes it
 in one append and one fdatasync. The daemon flushes before anything that acknowledges a change
 leaves the broker (`daemon.storages.Storages.flush`): a crash loses only changes nobody was told.
 
-The file stays Optuna's: JSON lines exactly as `JournalFileBackend` writes them, appended under
-Optuna's own lock file (`JournalFileSymlinkLock`: a reader or writer that follows Optuna's
-protocol stays safe), so optuna-dashboard, the `optuna` CLI and `JournalFileBackend` read it as
-it grows. Two writers that do not re-read would give trials the same ids, so a second
-`SoleWriterJournal` on the file (another broker: another prefix with the same state directory,
-say) is refused by an exclusive flock held while the journal is open, and an append by a plain
-Optuna writer is noticed at the next flush (the file is not the size it was left at); both
-raise `JournalConflictError` rather than write on.
+The file stays Optuna's, and so does its protocol for many writers: JSON lines exactly as
+`JournalFileBackend` writes them, under Optuna's own lock file (`JournalFileSymlinkLock`). So
+optuna-dashboard, the `optuna` CLI and `JournalFileBackend` read it as it grows, and a notebook
+or a second broker may write to it too. Replay order must be file order (Optuna numbers trials
+by it), so the lock is taken with the first buffered change and held until the flush (one loop
+turn at most: another writer waits that long), and what others appended is read in first, when
+the lock is taken and whenever nothing is buffered. A file that changes under the lock (a writer
+that ignores Optuna's lock, or a truncation) raises `JournalConflictError` rather than mixing
+two writers' trial ids.
 
 Written against Optuna's public `BaseJournalBackend` (`read_logs`, `append_logs`) and
 `JournalFileSymlinkLock` only.
@@ -24,13 +24,11 @@ Written against Optuna's public `BaseJournalBackend` (`read_logs`, `append_logs`
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,49 +36,48 @@ from optuna.storages.journal import BaseJournalBackend, JournalFileSymlinkLock
 
 from optuna_rq.errors import JournalConflictError
 
-__all__ = ["SoleWriterJournal"]
+__all__ = ["BatchedJournal"]
 
 log = logging.getLogger("optuna_rq.broker")
 
 _sync = getattr(os, "fdatasync", os.fsync)  # an append's new size is data fdatasync keeps
 
 
-class SoleWriterJournal(BaseJournalBackend):
-    """The journal file at `path`, for the one process that writes it.
+class BatchedJournal(BaseJournalBackend):
+    """The journal file at `path`, replayed from memory, written in batches.
 
-    `append_logs` buffers; `flush` makes the buffer durable; `close` releases the file (what is
-    not flushed is dropped: call `flush` first). JournalConflictError if another
-    SoleWriterJournal holds the file.
+    `append_logs` buffers (holding Optuna's lock from the first buffered change); `flush` makes
+    the buffer durable and releases the lock; `close` releases the file (what is not flushed is
+    dropped: call `flush` first).
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = JournalFileSymlinkLock(str(self.path))  # what Optuna's writers take
+        self._locked = False  # whether this journal holds Optuna's lock (while it buffers)
         self._mutex = threading.Lock()  # appends (Optuna's thread) against a flush
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
+        self._fd: int | None = os.open(
+            self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666
+        )
+        self._lines: list[bytes] = []  # every log line, in file order: ours and others'
+        self._size = 0  # the bytes of the file `_lines` stand for
+        self._pending: list[bytes] = []
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise JournalConflictError(
-                f"journal {self.path} is open in another broker, which writes it without "
-                "re-reading: give each broker its own --storage (or --state-dir)"
-            ) from None
-        self._fd: int | None = fd
-        try:
-            self._lines, self._size = self._load(fd)
+            self._load()
         except BaseException:
             self.close()
             raise
-        self._pending: list[bytes] = []
 
     # -- Optuna's BaseJournalBackend -----------------------------------------------------------
 
     def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
         """The logs from `log_number_from` on, as JournalFileBackend reads them back: parsed from
-        their JSON lines (a tuple written comes back a list, as it would from the file)."""
+        their JSON lines (a tuple written comes back a list, as it would from the file). What
+        other writers appended comes first, when nothing is buffered."""
         with self._mutex:
+            if not self._pending:
+                self._read_others(self._check_open())
             lines = self._lines[log_number_from:]
         return (json.loads(line) for line in lines)
 
@@ -89,7 +86,15 @@ class SoleWriterJournal(BaseJournalBackend):
         JournalFileBackend does, so a value JSON cannot carry fails this call, not the flush."""
         lines = [json.dumps(entry, separators=(",", ":")).encode("utf-8") for entry in logs]
         with self._mutex:
-            self._check_open()
+            fd = self._check_open()
+            if not self._locked:
+                self._lock.acquire()
+                self._locked = True
+                try:
+                    self._read_others(fd)  # before ours, as they stand in the file
+                except BaseException:
+                    self._unlock()
+                    raise
             self._lines += lines
             self._pending += lines
 
@@ -103,22 +108,25 @@ class SoleWriterJournal(BaseJournalBackend):
     def flush(self) -> int:
         """Write the buffered logs in one append and fdatasync them; how many. Nothing buffered:
         returns 0 at once, touching nothing. On an error nothing of the append stays in the file
-        (it is cut back) and the buffer is kept."""
-        if not self._pending:
-            return 0
+        (it is cut back), the buffer and Optuna's lock are kept: close the journal."""
         with self._mutex:
+            if not self._pending:
+                return 0
             fd = self._check_open()
             pending = self._pending
             data = b"\n".join(pending) + b"\n"
-            with self._locked():
-                size = os.fstat(fd).st_size
-                if size != self._size:
-                    raise JournalConflictError(
-                        f"journal {self.path} is {size} bytes, not the {self._size} this broker "
-                        "left it at: another process wrote to it. A broker is the only writer of "
-                        "its journal; give other writers a storage of their own"
-                    )
-                _write_all(fd, data, size)
+            # Held since the first buffered change; kept on an error, so that nobody appends
+            # between what this journal replayed and what it will write (closing releases it).
+            assert self._locked
+            size = os.fstat(fd).st_size
+            if size != self._size:
+                raise JournalConflictError(
+                    f"journal {self.path} is {size} bytes, not the {self._size} this broker "
+                    "read while it held Optuna's lock on it: another process wrote to it "
+                    "without taking that lock (use Optuna's JournalFileBackend to write it)"
+                )
+            _write_all(fd, data, size)
+            self._unlock()
             # Outside Optuna's lock: others may append meanwhile; ours is durable once this
             # returns, and nothing is acknowledged before.
             _sync(fd)
@@ -127,8 +135,9 @@ class SoleWriterJournal(BaseJournalBackend):
             return len(pending)
 
     def close(self) -> None:
-        """Release the file (and its flock). Idempotent."""
+        """Release the file and Optuna's lock. Idempotent."""
         with self._mutex:
+            self._unlock()
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -140,21 +149,36 @@ class SoleWriterJournal(BaseJournalBackend):
             raise ValueError(f"journal {self.path} is closed")
         return self._fd
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self._lock.acquire()
-        try:
-            yield
-        finally:
+    def _unlock(self) -> None:
+        if self._locked:
+            self._locked = False
             self._lock.release()
 
-    def _load(self, fd: int) -> tuple[list[bytes], int]:
-        """The file's lines and the size they end at. A last line without its newline is an
-        append a crash cut short (never flushed, so never acknowledged): Optuna's readers skip
-        it, and it is cut off here, so that the next append starts on a line of its own."""
-        with self._locked():
-            with open(self.path, "rb") as file:
-                data = file.read()
+    def _read_others(self, fd: int) -> None:
+        """Take in the whole lines other writers appended since `_size` (one fstat when there
+        are none). A line still being written (no newline yet) waits for the next read."""
+        size = os.fstat(fd).st_size
+        if size == self._size:
+            return
+        if size < self._size:
+            raise JournalConflictError(
+                f"journal {self.path} shrank from {self._size} to {size} bytes under this broker"
+            )
+        data = os.pread(fd, size - self._size, self._size)
+        end = data.rfind(b"\n") + 1
+        self._lines += data[:end].split(b"\n")[:-1]
+        self._size += end
+
+    def _load(self) -> None:
+        """The file's lines and the size they end at. A last line without its newline, found
+        under Optuna's lock, is an append a crash cut short (never flushed, so never
+        acknowledged): Optuna's readers skip it, and it is cut off here, so that the next
+        append starts on a line of its own."""
+        fd = self._check_open()
+        self._lock.acquire()
+        try:
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, size, 0)
             end = data.rfind(b"\n") + 1
             if end < len(data):
                 log.warning(
@@ -164,7 +188,10 @@ class SoleWriterJournal(BaseJournalBackend):
                     len(data) - end,
                 )
                 os.ftruncate(fd, end)
-        return data[:end].split(b"\n")[:-1], end
+            self._lines = data[:end].split(b"\n")[:-1]
+            self._size = end
+        finally:
+            self._lock.release()
 
 
 def _write_all(fd: int, data: bytes, size: int) -> None:

@@ -1,9 +1,11 @@
 """The broker's journal file (`optuna_rq.journal`): Optuna's format, read back by Optuna's own
-`JournalFileBackend`, durable at `flush` and only then, one writer at a time."""
+`JournalFileBackend`, durable at `flush` and only then, safe beside other writers that follow
+Optuna's lock."""
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import optuna
@@ -13,13 +15,12 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from optuna_rq.daemon.storages import Storages
-from optuna_rq.errors import JournalConflictError, StudyStorageError
-from optuna_rq.journal import SoleWriterJournal
+from optuna_rq.journal import BatchedJournal
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _study(journal: SoleWriterJournal, name: str = "s") -> optuna.Study:
+def _study(journal: BatchedJournal, name: str = "s") -> optuna.Study:
     return optuna.create_study(
         study_name=name,
         storage=JournalStorage(journal),
@@ -51,7 +52,7 @@ def _view(trials: list[optuna.trial.FrozenTrial]) -> list[tuple[object, ...]]:
 
 def test_optunas_own_reader_reads_back_what_the_journal_flushed(tmp_path: Path) -> None:
     path = tmp_path / "studies.journal"
-    journal = SoleWriterJournal(path)
+    journal = BatchedJournal(path)
     study = _study(journal)
     _run(study, 5)
     assert journal.flush() > 0
@@ -67,7 +68,7 @@ def test_optunas_own_reader_reads_back_what_the_journal_flushed(tmp_path: Path) 
 
 def test_nothing_reaches_the_file_before_a_flush(tmp_path: Path) -> None:
     path = tmp_path / "studies.journal"
-    journal = SoleWriterJournal(path)
+    journal = BatchedJournal(path)
     study = _study(journal)
     journal.flush()
     size = path.stat().st_size
@@ -81,7 +82,7 @@ def test_nothing_reaches_the_file_before_a_flush(tmp_path: Path) -> None:
 
 def test_a_flush_with_nothing_buffered_touches_nothing(tmp_path: Path) -> None:
     path = tmp_path / "studies.journal"
-    journal = SoleWriterJournal(path)
+    journal = BatchedJournal(path)
     _run(_study(journal), 1)
     journal.flush()
     # Optuna's lock held by another process: a flush that had to write would wait for it.
@@ -96,13 +97,13 @@ def test_a_flush_with_nothing_buffered_touches_nothing(tmp_path: Path) -> None:
 
 def test_a_reopened_journal_goes_on_where_the_file_ends(tmp_path: Path) -> None:
     path = tmp_path / "studies.journal"
-    first = SoleWriterJournal(path)
+    first = BatchedJournal(path)
     _run(_study(first), 3)
     first.flush()
     _run(_study(first), 2)  # told, never flushed: a crash loses these, and nobody was told
     first.close()
 
-    second = SoleWriterJournal(path)
+    second = BatchedJournal(path)
     study = _study(second)
     assert len(study.trials) == 3
     _run(study, 4)
@@ -115,14 +116,14 @@ def test_a_reopened_journal_goes_on_where_the_file_ends(tmp_path: Path) -> None:
 
 def test_a_torn_last_line_is_cut_off_and_the_file_stays_readable(tmp_path: Path) -> None:
     path = tmp_path / "studies.journal"
-    first = SoleWriterJournal(path)
+    first = BatchedJournal(path)
     _run(_study(first), 2)
     first.flush()
     first.close()
     with open(path, "ab") as file:
         file.write(b'{"op_code":4,"worker_id":"x","study_id":0,"dat')  # a write cut short
 
-    journal = SoleWriterJournal(path)
+    journal = BatchedJournal(path)
     study = _study(journal)
     assert len(study.trials) == 2
     _run(study, 1)
@@ -131,29 +132,55 @@ def test_a_torn_last_line_is_cut_off_and_the_file_stays_readable(tmp_path: Path)
     journal.close()
 
 
-def test_a_second_sole_writer_is_refused_until_the_first_closes(tmp_path: Path) -> None:
+def test_two_batched_journals_on_one_file_interleave_as_optunas_writers_do(tmp_path: Path) -> None:
     path = tmp_path / "studies.journal"
-    first = SoleWriterJournal(path)
-    with pytest.raises(JournalConflictError, match="open in another broker"):
-        SoleWriterJournal(path)
+    first, second = BatchedJournal(path), BatchedJournal(path)
+    one = _study(first, "one")
+    first.flush()  # the lock is held until then: a second writer waits for it
+    two = _study(second, "two")
+    second.flush()
+    for _ in range(3):  # turn by turn, as two brokers' loops would
+        _run(one, 2)
+        first.flush()
+        _run(two, 1)
+        second.flush()
+    # Each sees the other's study, and a fresh reader sees both exactly as their writers do.
+    assert _view(_read(path, "one")) == _view(one.get_trials(deepcopy=False))
+    assert _view(_read(path, "two")) == _view(two.get_trials(deepcopy=False))
+    assert len(optuna.load_study(study_name="two", storage=JournalStorage(first)).trials) == 3
     first.close()
-    SoleWriterJournal(path).close()
+    second.close()
 
 
-def test_a_plain_optuna_writer_beside_it_fails_the_flush_and_adds_nothing(tmp_path: Path) -> None:
+def test_a_plain_optuna_writer_beside_it_waits_for_the_flush_and_both_are_kept(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "studies.journal"
-    journal = SoleWriterJournal(path)
+    journal = BatchedJournal(path)
     study = _study(journal)
+    _run(study, 1)  # buffered: the journal holds Optuna's lock until it flushes
+    done = threading.Event()
+
+    def notebook() -> None:  # a user's process, writing the same file as Optuna does
+        other = optuna.create_study(
+            study_name="s",
+            storage=JournalStorage(JournalFileBackend(str(path))),
+            load_if_exists=True,
+        )
+        other.enqueue_trial({"x": 0.5})
+        done.set()
+
+    writer = threading.Thread(target=notebook)
+    writer.start()
+    assert not done.wait(0.3), "wrote while the journal held Optuna's lock"
     journal.flush()
-    other = optuna.create_study(
-        study_name="other", storage=JournalStorage(JournalFileBackend(str(path)))
-    )
-    other.enqueue_trial({"x": 0.5})
-    written = path.read_bytes()
-    _run(study, 1)
-    with pytest.raises(JournalConflictError, match="another process wrote to it"):
-        journal.flush()
-    assert path.read_bytes() == written
+    writer.join(timeout=30)
+    assert done.is_set()
+    _run(study, 1)  # the enqueued trial is read in, and runs first, as in Optuna
+    journal.flush()
+    read = _read(path)
+    assert _view(read) == _view(study.get_trials(deepcopy=False))
+    assert [t.params["x"] for t in read][1] == 0.5
     journal.close()
 
 
@@ -168,8 +195,8 @@ def test_the_daemons_storages_flush_journals_and_release_them_when_forgotten(
     storages.flush()
     assert len(_read(tmp_path / "studies.journal")) == 2
 
-    with pytest.raises(StudyStorageError, match="open in another broker"):
-        Storages().open(url)
+    # Another spelling of the same file is the same storage (not a second journal on it).
+    assert storages.open(f"journal:///{tmp_path}/./studies.journal") is storages.open(url)
     storages.forget(url)  # a failed storage: its file is released, and opens afresh
     again = Storages()
     assert len(optuna.load_study(study_name="s", storage=again.open(url)).trials) == 2

@@ -131,6 +131,10 @@ class Daemon:
             while not stop.is_set():
                 try:
                     self.step()
+                    # Whatever the turn changed and did not acknowledge yet (a trial asked
+                    # ahead): a journal holds Optuna's lock while it buffers, so other writers
+                    # of the file wait one turn at most.
+                    self.storages.flush()
                     self.health.beat()  # a float write: the loop turned
                 except StudyStorageError as exc:  # a study storage's, not our Redis's
                     self._storage_failed(exc)

@@ -11,8 +11,8 @@ Optuna's own verdicts on a call (a study not found, a duplicated study, a value 
 refuses, a trial already finished) pass through unchanged: Optuna and the dispatcher act on them.
 
 A journal file (the daemon's default storage, or a study's own `journal:///path`) is written
-through `SoleWriterJournal`: the daemon is its only writer, so it is replayed from memory and
-its changes are buffered until `Storages.flush`, which the daemon calls before anything that
+through `BatchedJournal`: replayed from memory (what other writers append is read in), its
+changes buffered until `Storages.flush`, which the daemon calls before anything that
 acknowledges a change leaves it (a trial sent, a result acknowledged, a call answered, a status
 or a command's trim written). Other storages write through at once; their flush is a no-op.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +32,7 @@ from optuna.storages import BaseStorage
 from optuna_rq import failpoints
 from optuna_rq.connection import redact_url
 from optuna_rq.errors import StudyStorageError
-from optuna_rq.journal import SoleWriterJournal
+from optuna_rq.journal import BatchedJournal
 from optuna_rq.studies import journal_path, open_storage
 
 __all__ = ["GuardedStorage", "Storages", "storage_failure"]
@@ -72,9 +73,7 @@ class GuardedStorage(BaseStorage):
     """`inner`, with every failure of the storage itself raised as `StudyStorageError`;
     `journal`, if `inner` writes through one, holds its changes until `flush`."""
 
-    def __init__(
-        self, inner: BaseStorage, url: str, journal: SoleWriterJournal | None = None
-    ) -> None:
+    def __init__(self, inner: BaseStorage, url: str, journal: BatchedJournal | None = None) -> None:
         self.inner = inner
         self.url = url
         self.journal = journal
@@ -135,9 +134,10 @@ class Storages:
     def open(self, url: str) -> GuardedStorage:
         """The storage at `url`; raises StudyStorageError if it cannot be opened, whatever the
         reason (a path that cannot be created, a server that is down)."""
-        storage = self._open.get(url)
+        key = _identity(url)
+        storage = self._open.get(key)
         if storage is None:
-            storage = self._open[url] = _open_guarded(url)
+            storage = self._open[key] = _open_guarded(url)
         return storage
 
     def flush(self) -> None:
@@ -149,7 +149,7 @@ class Storages:
                 failpoints.hit("after_flush")
 
     def forget(self, url: str) -> None:
-        storage = self._open.pop(url, None)
+        storage = self._open.pop(_identity(url), None)
         if storage is not None:
             storage.close()
 
@@ -163,6 +163,13 @@ class Storages:
             self.forget(url)
 
 
+def _identity(url: str) -> str:
+    """What `url` opens: two spellings of one journal file are one storage (two journals on one
+    file in one process would each wait for the Optuna lock the other holds)."""
+    path = journal_path(url)
+    return url if path is None else f"journal://{os.path.realpath(path)}"
+
+
 def _open_guarded(url: str) -> GuardedStorage:
     path = journal_path(url)
     journal = None
@@ -173,7 +180,7 @@ def _open_guarded(url: str) -> GuardedStorage:
             return GuardedStorage(optuna.storages.get_storage(open_storage(url)), url)
         from optuna.storages.journal import JournalStorage
 
-        journal = SoleWriterJournal(path)
+        journal = BatchedJournal(path)
         return GuardedStorage(JournalStorage(journal), url, journal)
     except Exception as exc:
         if journal is not None:

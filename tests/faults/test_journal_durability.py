@@ -148,3 +148,50 @@ def test_optunas_own_reader_reads_the_journal_while_the_broker_writes_it(cluster
     assert sorted((r["number"], r["value"], r["state"]) for r in rows) == [
         (t.number, t.value, "COMPLETE") for t in running
     ]
+
+
+_NOTEBOOK = """
+import sys
+import time
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
+study = optuna.create_study(
+    study_name="notebook", storage=JournalStorage(JournalFileBackend(sys.argv[1]))
+)
+def objective(trial):
+    time.sleep(0.05)
+    return trial.suggest_float("x", 0, 1) ** 2
+
+
+study.optimize(objective, n_trials=int(sys.argv[2]))
+"""
+
+
+def test_a_users_own_optuna_process_writes_the_brokers_journal_beside_it(
+    cluster: Cluster,
+) -> None:
+    # Two front doors on one file: the broker runs its study while a user's process (a
+    # notebook, say) runs another with Optuna's own JournalFileBackend on the broker's journal.
+    cluster.start_workers(2)
+    cluster.start_broker()
+    name = cluster.submit("steady", n_trials=30, concurrency=2, hold_s=0.3)
+    wait_until(lambda: cluster.status(name).get("complete", 0) >= 1, timeout_s=60)
+    notebook = subprocess.run(
+        [sys.executable, "-c", _NOTEBOOK, str(cluster.journal()), "30"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert notebook.returncode == 0, notebook.stderr
+
+    cluster.check(name, complete=30, cap=2, failed=0)
+    # A fresh reader of the file sees both studies whole, the broker's as its status says.
+    mine = cluster.trials("notebook")
+    assert [t.state for t in mine] == [TrialState.COMPLETE] * 30
+    assert all(t.value == t.params["x"] ** 2 for t in mine)
+    theirs = cluster.trials(name)
+    _values_are_the_objectives(theirs)
+    # They wrote at the same time: the notebook's trials ran while the broker's study did.
+    assert max(t.datetime_complete for t in mine) < max(t.datetime_complete for t in theirs)  # type: ignore[type-var]
