@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import psutil
 
-__all__ = ["UNKNOWN", "exited", "is_running_program", "status", "stopped"]
+__all__ = [
+    "UNKNOWN",
+    "exited",
+    "is_process",
+    "is_running_program",
+    "started_at",
+    "status",
+    "stopped",
+]
 
 # What `status` answers for a process that exists but that this user may not look at.
 UNKNOWN = "?"
@@ -61,3 +69,27 @@ def is_running_program(pid: int, name: str) -> bool:
     except psutil.AccessDenied:
         return True
     return name in command
+
+
+def started_at(pid: int) -> float | None:
+    """When `pid` started (epoch seconds, as psutil reads it); None if there is no such process
+    or this user may not look at it. With the pid it names one process, even after pid reuse."""
+    if pid <= 0:
+        return None
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def is_process(pid: int, started: float) -> bool:
+    """True if `pid` is the process that started at `started` (`started_at`) and runs on; also
+    True for a process this user may not look at (taking it for gone could break its lock)."""
+    if exited(pid):
+        return False
+    try:
+        return psutil.Process(pid).create_time() == started
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True

@@ -5,6 +5,9 @@ Optuna's lock."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -201,3 +204,37 @@ def test_the_daemons_storages_flush_journals_and_release_them_when_forgotten(
     again = Storages()
     assert len(optuna.load_study(study_name="s", storage=again.open(url)).trials) == 2
     again.close()
+
+
+def test_the_lock_of_a_broker_that_died_holding_it_is_released_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "studies.journal"
+    # A broker SIGKILLed in a turn, with changes buffered: it dies holding Optuna's lock.
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, optuna\n"
+            "from optuna.storages import JournalStorage\n"
+            "from optuna_rq.journal import BatchedJournal\n"
+            "journal = BatchedJournal(sys.argv[1])\n"
+            "optuna.create_study(study_name='s', storage=JournalStorage(journal))\n"
+            "journal.flush()\n"
+            "optuna.load_study(study_name='s', storage=JournalStorage(journal)).ask()\n"
+            "os.kill(os.getpid(), 9)\n",
+            str(path),
+        ],
+        timeout=60,
+    )
+    assert child.returncode == -signal.SIGKILL
+    assert os.path.islink(f"{path}.lock")  # left behind
+    # Optuna's own writers would wait out their grace period (or, before Optuna 4.1, for
+    # ever); the next broker releases it at once, and its study is as the dead one flushed it.
+    journal = BatchedJournal(path)
+    study = _study(journal)
+    assert study.trials == []  # the ask was never flushed, so never acknowledged
+    _run(study, 1)
+    journal.flush()
+    assert len(_read(path)) == 1
+    journal.close()
+    assert not os.path.lexists(f"{path}.lock")
+    assert [p.name for p in tmp_path.iterdir()] == ["studies.journal"]  # no holder files left
