@@ -1,6 +1,6 @@
 """Benchmarks, side by side with the anchor in one run, on one machine and one Redis.
 
-    uv run --extra bench python -m benchmarks.run [--quick] [--reps N] [--only fleet]
+    uv run --extra bench python -m benchmarks.run [--quick] [--reps N] [--only SECTION]
 
 Anchors: Optuna's own distributed mode as users run it today, N processes each calling
 `study.optimize` on a shared JournalRedis storage (the same redis-server); flytekitplugins-optuna
@@ -631,7 +631,11 @@ def main() -> None:
     print((HERE / "report.md").read_text())
 
 
-SECTIONS = {"fleet": fleet.section}
+def _daemon_overhead_section(url: str, *, quick: bool) -> dict[str, Any]:
+    return _daemon_overhead(url, 1 if quick else 3, 100 if quick else 400)
+
+
+SECTIONS = {"fleet": fleet.section, "daemon_overhead": _daemon_overhead_section}
 """The sections `--only` runs alone: each takes the Redis URL and `quick`."""
 
 
