@@ -203,7 +203,9 @@ class Daemon:
         if self.dispatcher.refill():
             self.status.mark(*self.dispatcher.runs)  # `running` changed, before any result
         self._update_metrics(now)  # after refilling: the steady state, not a drained moment
-        told = self.dispatcher.poll(self.settings.poll_s)
+        # Slots the refill left unfilled (its sampling budget spent): read what arrived, then
+        # refill again at once.
+        told = self.dispatcher.poll(None if self.dispatcher.behind else self.settings.poll_s)
         if told:
             self.status.mark(*self.dispatcher.runs)
         wind_down = self.dispatcher.wind_down

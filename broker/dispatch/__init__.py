@@ -13,12 +13,13 @@
     observer    the hooks the metrics override, and the counters kept in Redis
 """
 
-from optuna_rq.dispatch.dispatcher import Dispatcher
+from optuna_rq.dispatch.dispatcher import ASK_BUDGET_S, Dispatcher
 from optuna_rq.dispatch.observer import DispatchObserver, count_refusal
 from optuna_rq.dispatch.runs import ATTEMPT_ATTR, RETRY_OF_ATTR, StudyRun
 from optuna_rq.dispatch.sending import FINISHED_JOB_TTL_S
 
 __all__ = [
+    "ASK_BUDGET_S",
     "ATTEMPT_ATTR",
     "FINISHED_JOB_TTL_S",
     "RETRY_OF_ATTR",

@@ -46,9 +46,14 @@ from optuna_rq.protocol import (
 )
 from optuna_rq.verdict import Verdict, tell, worker_lost
 
-__all__ = ["Dispatcher"]
+__all__ = ["ASK_BUDGET_S", "Dispatcher"]
 
 log = logging.getLogger("optuna_rq.dispatch")
+
+ASK_BUDGET_S = 0.02
+"""How long one refill may sample (ask and `process()`) before what it has is sent and the
+result stream is read again: results, acknowledgements and remote-trial calls wait no longer
+than this (and one ask) behind a batch of asks; the slots left are filled on the next turn."""
 
 _CANCELLED = Verdict(
     state=TrialState.FAIL,
@@ -147,8 +152,9 @@ class Dispatcher:
     # -- ask -> process -> enqueue -------------------------------------------------------------
 
     def refill(self) -> int:
-        """Send trials until every study is at its cap or has asked its budget (first the trials
-        asked but not known to be enqueued: after a restart or an outage), then ask ahead. The
+        """Send trials until every study is at its cap or has asked its budget, one study at a
+        time round the studies (first the trials asked but not known to be enqueued: after a
+        restart or an outage), or until sampling has taken `ASK_BUDGET_S`; then ask ahead. The
         sends and the pending acknowledgements go to Redis in one round trip."""
         if any(run.count(Phase.UNSENT) for run in self.runs.values()):
             self._send_unsent()
@@ -156,10 +162,15 @@ class Dispatcher:
         # never a job saved but not pushed onto the queue (it would look queued forever).
         pipe = self.connection.pipeline(transaction=True)
         sending: list[tuple[StudyRun, InFlight]] = []
-        for run in self.runs.values():
-            while run.wants_trial:
+        started = time.perf_counter()
+        wanting = [run for run in self.runs.values() if run.wants_trial]
+        while wanting:  # one trial per study per pass: a slow sampler holds up no other study
+            for run in wanting:
                 record = run.next_asked_ahead()  # the oldest: asked first, sent first
                 if record is None:
+                    if sending and time.perf_counter() - started > ASK_BUDGET_S:
+                        wanting = []  # the rest after the stream is read: `behind`
+                        break
                     record = run.track(self._ask(run), attempt=1, phase=Phase.UNSENT)
                     payload = None
                 else:
@@ -168,6 +179,7 @@ class Dispatcher:
                 if payload is not None:
                     self.sender.enqueue(run, record, payload, pipe)
                     sending.append((run, record))
+            wanting = [run for run in wanting if run.wants_trial]
         self.results.ack_into(pipe)
         if len(pipe):
             self.persist()  # what the sends and the acknowledgements stand on
@@ -240,6 +252,12 @@ class Dispatcher:
 
     # -- results -> tell -> acknowledge --------------------------------------------------------
 
+    @property
+    def behind(self) -> bool:
+        """Whether a study has a free slot it could fill: the loop must not wait on the
+        stream (`poll(None)`) but refill again."""
+        return any(run.wants_trial for run in self.runs.values())
+
     def poll(self, block_s: float | None = 1.0) -> int:
         """Read the results that arrived (waiting up to `block_s`; None: not at all), tell
         them, and fail the attempts whose workers are lost; return how many trials were told."""
@@ -272,7 +290,7 @@ class Dispatcher:
             # and telling is idempotent. Where the told trials' slots are refilled, with those
             # sends.
             self.results.handled([entry_id for entry_id, _fields in entries])
-            if not any(run.wants_trial for run in self.runs.values()):
+            if not self.behind:  # else they go with the sends that fill the told trials' slots
                 self.results.flush()
         return handled, len(entries)
 
@@ -342,7 +360,7 @@ class Dispatcher:
                 return
             try:
                 self.refill()
-                self.poll(poll_s)
+                self.poll(None if self.behind else poll_s)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if wait_for_redis(self.connection, exc, stop=stop, give_up_s=give_up_after_s):
                     self.after_outage()
