@@ -18,6 +18,9 @@ from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, DEFAULT_QUEUE
 
 __all__ = ["broker", "workers"]
 
+LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
+"""The --log-level of the two long-running roles (Optuna's own lines follow it too)."""
+
 
 def workers(
     ctx: typer.Context,
@@ -82,9 +85,7 @@ def workers(
             help="With --autoscale: seconds a worker process stays idle before it is retired.",
         ),
     ] = 30.0,
-    log_level: Annotated[
-        str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
-    ] = "INFO",
+    log_level: LogLevel = "INFO",
     metrics_port: Annotated[
         int | None,
         typer.Option(
@@ -170,9 +171,7 @@ def broker(
             show_default=False,
         ),
     ] = None,
-    log_level: Annotated[
-        str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
-    ] = "INFO",
+    log_level: LogLevel = "INFO",
     metrics_port: Annotated[
         int | None,
         typer.Option(
