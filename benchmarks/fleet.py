@@ -14,10 +14,15 @@ Figures, per run:
   second the simulated worker took its lease, which it reports as the trial's value);
 - broker CPU per trial (psutil, user + system, submit to end) and its resident memory (peak,
   sampled while it runs), beside the sampler alone: ask + suggest + tell on an in-memory study,
-  the same sampler, the same number of trials, in this process.
+  the same sampler, the same number of trials, in this process;
+- with `probe`, remote-trial calls under that load: one real worker (`optuna-rq workers --queue
+  probe`) runs `benchmarks.objectives:short_round_trips` (20 `should_prune`, 5 `suggest_float`,
+  each timed on the worker) in a study of its own on the same broker, from half-way through the
+  fleet's study to its end, then again on the broker left idle: p50 and p99 of each, loaded and
+  idle, in one run.
 
     uv run --frozen python -m benchmarks.fleet --sampler random --workers 1000 --n-trials 10000 \
-        [--profile broker.prof]
+        [--profile broker.prof] [--probe]
 
 runs one configuration (with `--profile`, the broker under cProfile); `python -m benchmarks.run`
 runs the section (`--only fleet` for it alone).
@@ -46,7 +51,7 @@ import psutil
 from benchmarks.fleet_simulator import FleetSettings, SimulatedFleet
 from optuna_rq.client import BrokerClient
 from optuna_rq.connection import connect
-from optuna_rq.protocol import ENV_SECRET, Keys, Signer, StudySpec, live_pools
+from optuna_rq.protocol import ENV_SECRET, Keys, Signer, StudySpec, live_pools, workers_on
 from optuna_rq.studies import default_storage_url, make_sampler
 
 __all__ = ["FleetRun", "report_lines", "run_fleet", "section"]
@@ -56,6 +61,9 @@ MODULE = "benchmarks.objectives"
 OBJECTIVE = f"{MODULE}:noop"  # checked against the allow-list, never called
 SPACE = {"x": {"type": "float", "low": 0.0, "high": 1.0}}
 WORKERS_PER_PROCESS = 250
+PROBE_QUEUE = "probe"  # its own resource class: no simulated worker takes the probe's trials
+PROBE_OBJECTIVE = f"{MODULE}:short_round_trips"
+PROBE_IDLE_TRIALS = 20
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class FleetRun:
     workers: int
     n_trials: int
     trial_s: float
+    probe: bool = False  # remote-trial calls timed under this load, and idle
 
     @property
     def ideal_trials_per_s(self) -> float:
@@ -80,11 +89,14 @@ FULL = [
     # and the sampler measured alone beside it, within about three minutes.
     FleetRun("tpe", 100, 2000, 1.0),
     FleetRun("tpe", 1000, 3000, 1.0),
+    # The same TPE study again, with remote-trial calls timed through its second half (a row of
+    # its own: the probe's calls cost the broker CPU the rows above do not spend).
+    FleetRun("tpe", 100, 2000, 1.0, probe=True),
 ]
 QUICK = [
     FleetRun("random", 100, 400, 0.5),
     FleetRun("random", 1000, 2000, 1.0),
-    FleetRun("tpe", 100, 300, 0.5),
+    FleetRun("tpe", 100, 300, 0.5, probe=True),
 ]
 
 
@@ -155,6 +167,8 @@ def run_fleet(
     connection = connect(url)
     keys = Keys(prefix)
     broker = Broker(url, prefix, secret, profile=profile, state_root=state_root)
+    probe = ProbeWorker(url, prefix, secret) if run.probe else None
+    probing = False
     try:
         settings = FleetSettings(
             redis_url=url,
@@ -187,6 +201,9 @@ def run_fleet(
                     break
                 if status is not None and status.running and not status.waiting_for_workers:
                     seen_live = True
+                if probe and not probing and status and status.complete >= run.n_trials // 2:
+                    client.submit(probe.spec(PROBE_LOADED, 10**6), storage=broker.storage_url)
+                    probing = True
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"study {spec.name} did not end in {timeout_s:g}s")
                 rss_peak = max(rss_peak, broker.rss_mb())
@@ -196,15 +213,20 @@ def run_fleet(
             load = os.getloadavg()[0]  # others' processes share these cores: say how busy
             fleet_cpu = _cpu_s(fleet.pids) - fleet_cpu
             rss_peak = max(rss_peak, broker.rss_mb())
+            if probe is not None:
+                probe.idle(client, broker.storage_url)
         broker.stop()  # its journal is flushed and closed before it is read
-        study = optuna.load_study(study_name=spec.name, storage=_read_only(broker.storage_url))
-        trials = study.get_trials(deepcopy=False)
+        storage = _read_only(broker.storage_url)
+        trials = optuna.load_study(study_name=spec.name, storage=storage).get_trials()
+        probed = probe.figures(storage, until=max(_tells(trials))) if probe else None
     finally:
+        if probe is not None:
+            probe.stop()
         broker.stop()
         shutil.rmtree(broker.state, ignore_errors=True)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     asks = [t.datetime_start.timestamp() for t in trials if t.datetime_start]
-    tells = [t.datetime_complete.timestamp() for t in trials if t.datetime_complete]
+    tells = _tells(trials)
     dispatch = sorted(
         (t.value - t.datetime_start.timestamp()) * 1000
         for t in complete
@@ -231,7 +253,89 @@ def run_fleet(
         "broker_rss_start_mb": rss_start,
         "broker_rss_peak_mb": rss_peak,
         "load_1m": load,
+        **({"probe": probed} if probed else {}),
     }
+
+
+def _tells(trials: list[optuna.trial.FrozenTrial]) -> list[float]:
+    return [t.datetime_complete.timestamp() for t in trials if t.datetime_complete]
+
+
+PROBE_LOADED, PROBE_IDLE = "probe-loaded", "probe-idle"
+
+
+class ProbeWorker:
+    """One real worker on the fleet's prefix, serving only the probe's resource class, and the
+    probe studies it runs: `short_round_trips`, which times its remote-trial calls on the
+    worker."""
+
+    def __init__(self, url: str, prefix: str, secret: str) -> None:
+        argv = [sys.executable, "-m", "optuna_rq.cli", "--redis-url", url, "--prefix", prefix]
+        argv += ["workers", "--count", "1", "--queue", PROBE_QUEUE, "--import", MODULE]
+        argv += ["--log-level", "WARNING"]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env[ENV_SECRET] = secret
+        self.process = subprocess.Popen(argv, env=env)
+        connection, keys, signer = connect(url), Keys(prefix), Signer(secret.encode())
+        queue = keys.trial_queue(MODULE, PROBE_QUEUE)
+        deadline = time.monotonic() + 60
+        while not workers_on(live_pools(connection, keys, signer), queue):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the probe worker did not start ({self.process.returncode})")
+            time.sleep(0.05)
+
+    @staticmethod
+    def spec(name: str, n_trials: int) -> StudySpec:
+        return StudySpec(
+            name=name,
+            objective=PROBE_OBJECTIVE,
+            space={},
+            n_trials=n_trials,
+            concurrency=1,
+            sampler="random",
+            queue=PROBE_QUEUE,
+        )
+
+    def idle(self, client: BrokerClient, storage: str) -> None:
+        """Stop the loaded probe (the fleet's study has ended), then probe the idle broker."""
+        client.cancel(PROBE_LOADED)
+        client.submit(self.spec(PROBE_IDLE, PROBE_IDLE_TRIALS), storage=storage)
+        deadline = time.monotonic() + 120
+        while not ((status := client.status(PROBE_IDLE)) and status.state.ended):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the idle probe did not end in 120 s")
+            time.sleep(0.05)
+
+    @staticmethod
+    def figures(storage: optuna.storages.BaseStorage, *, until: float) -> dict[str, Any]:
+        """p50/p99 of each call, loaded (trials that ended before the fleet's last tell) and
+        idle; milliseconds."""
+        out: dict[str, Any] = {}
+        for where, name in (("loaded", PROBE_LOADED), ("idle", PROBE_IDLE)):
+            done = [
+                t
+                for t in optuna.load_study(study_name=name, storage=storage).get_trials()
+                if t.state == optuna.trial.TrialState.COMPLETE
+                and t.datetime_complete is not None
+                and (where == "idle" or t.datetime_complete.timestamp() <= until)
+            ]
+            out[f"{where}_trials"] = len(done)
+            for attr in ("should_prune_ms", "suggest_ms"):
+                samples = sorted(v for t in done for v in t.user_attrs[attr])
+                call = attr.removesuffix("_ms")
+                out[f"{where}_{call}_p50_ms"] = _percentile(samples, 0.5)
+                out[f"{where}_{call}_p99_ms"] = _percentile(samples, 0.99)
+        return out
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 def sampler_cpu_ms(sampler: str, n_trials: int) -> float:
@@ -303,7 +407,33 @@ def report_lines(fleet: dict[str, Any]) -> list[str]:
         "the machine's 1-minute load average as the run ended (other processes share it).",
         "",
     ]
+    for r in fleet["rows"]:
+        if "probe" in r:
+            lines += _probe_lines(r)
     return lines
+
+
+def _probe_lines(row: dict[str, Any]) -> list[str]:
+    probe = row["probe"]
+    lines = [
+        f"Remote-trial calls while the broker runs a {row['sampler'].upper()} study of "
+        f"{row['n_trials']:,} trials over {row['workers']} simulated workers (the last row "
+        "above): one real worker, a resource class of its own, runs an objective that times "
+        "20 `should_prune` and 5 `suggest_float` calls per trial, from half-way through the "
+        f"study to its end ({probe['loaded_trials']} trials), then on the same broker left "
+        f"idle ({probe['idle_trials']} trials). Goal: p99 under load within a few "
+        "milliseconds of idle.",
+        "",
+        "| call | loaded p50 | loaded p99 | idle p50 | idle p99 |",
+        "|---|---|---|---|---|",
+    ]
+    for call, shown in (("should_prune", "`should_prune`"), ("suggest", "`suggest_float`")):
+        lines.append(
+            f"| {shown} | {probe[f'loaded_{call}_p50_ms']:.2f} ms "
+            f"| {probe[f'loaded_{call}_p99_ms']:.2f} ms | {probe[f'idle_{call}_p50_ms']:.2f} ms "
+            f"| {probe[f'idle_{call}_p99_ms']:.2f} ms |"
+        )
+    return [*lines, ""]
 
 
 def _load(row: dict[str, Any]) -> str:
@@ -339,12 +469,13 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=None)
     parser.add_argument("--profile", type=Path, default=None, help="cProfile the broker here")
     parser.add_argument("--state-root", type=Path, default=None, help="the broker's state here")
+    parser.add_argument("--probe", action="store_true", help="time remote-trial calls too")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     state = Path(tempfile.mkdtemp(prefix="orq-fleet-redis-", dir="/tmp"))
     url = ensure_embedded(state)
     try:
-        run = FleetRun(args.sampler, args.workers, args.n_trials, args.trial_s)
+        run = FleetRun(args.sampler, args.workers, args.n_trials, args.trial_s, args.probe)
         row = run_fleet(
             url, run, processes=args.processes, profile=args.profile, state_root=args.state_root
         )

@@ -31,6 +31,24 @@ def round_trips(trial) -> float:  # type: ignore[no-untyped-def]
     return 0.0
 
 
+def short_round_trips(trial) -> float:  # type: ignore[no-untyped-def]
+    """`round_trips` in short trials (20 `should_prune`, 5 `suggest_float`), so many of them
+    end within a window of load (benchmarks/fleet.py's probe)."""
+    prune_ms = []
+    for _ in range(20):
+        started = time.perf_counter()
+        trial.should_prune()
+        prune_ms.append((time.perf_counter() - started) * 1000)
+    suggest_ms = []
+    for i in range(5):
+        started = time.perf_counter()
+        trial.suggest_float(f"p{i}", 0, 1)
+        suggest_ms.append((time.perf_counter() - started) * 1000)
+    trial.set_user_attr("should_prune_ms", prune_ms)
+    trial.set_user_attr("suggest_ms", suggest_ms)
+    return 0.0
+
+
 def started_at(x: float) -> float:
     """Returns when it started (epoch seconds): the benchmark measures dispatch latency with it."""
     return time.time()
