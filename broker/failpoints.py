@@ -1,4 +1,4 @@
-"""Failpoints: let the fault tests break the broker at an exact point, for real.
+"""Failpoints: let the fault tests break the broker, or a worker, at an exact point, for real.
 
 `OPTUNA_RQ_FAILPOINTS="after_ask=3"` makes the broker SIGKILL itself the 3rd time it passes
 `hit("after_ask")`; `"before_tell=1:stall"` makes the thread that passes it the first time hang
@@ -10,6 +10,8 @@ live on. Unset (always, outside the fault tests), `hit` is one dict lookup. Poin
     after_tell    a trial was told (in memory) and its journal not yet flushed
     after_flush   a journal was flushed and what it acknowledges not yet sent (the sends, the
                   acks, the replies or the status that follow)
+    worker_stopped  a pool's worker process left RQ's work loop (told to stop) and has not
+                  yet exited
 """
 
 from __future__ import annotations

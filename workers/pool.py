@@ -15,11 +15,14 @@ is restarted, with a growing backoff if it keeps dying (Redis down, say), so not
 
 The first SIGTERM/SIGINT is passed on once: each child finishes its running trial (its lease
 still renewed), then exits. A second one kills the children at once; their trials are reported
-lost, and the broker retries them.
+lost, and the broker retries them. A child told to stop that runs no trial and is still there
+`STUCK_AFTER_S` later is stuck (an idle RQ worker leaves at once): its threads' stacks go to the
+log (`faulthandler`, on SIGUSR1), then it is killed, so a warm stop always ends.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -35,6 +38,7 @@ from typing import Any
 import redis
 from rq import Worker
 
+from optuna_rq import failpoints
 from optuna_rq.connection import DEFAULT_PREFIX, connect, wait_for_redis
 from optuna_rq.errors import ConfigError
 from optuna_rq.protocol import (
@@ -57,6 +61,13 @@ from optuna_rq.workers.supervision import ChildChannel, ChildMessage, Supervisor
 __all__ = ["WorkerPool", "WorkerSettings"]
 
 log = logging.getLogger("optuna_rq.pool")
+
+STUCK_AFTER_S = 10.0
+"""How long a child told to stop may go on running no trial before it counts as stuck."""
+_DUMP_TIME_S = 0.5  # for a stuck child to write its stacks before it is killed
+DUMP_SIGNAL = signal.SIGUSR1
+"""Makes a child write every thread's stack to stderr (`faulthandler`): what a stuck one was
+doing."""
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
 
@@ -83,6 +94,7 @@ class WorkerSettings:
     lease_ttl_s: float = DEFAULT_LEASE_TTL_S
     max_restart_backoff_s: float = 10.0
     isolation: str = "process"  # or "fork": see ISOLATION
+    stuck_after_s: float = STUCK_AFTER_S  # a child told to stop, running no trial: then killed
 
     def __post_init__(self) -> None:
         if self.isolation not in ISOLATION:
@@ -129,6 +141,7 @@ def _child_main(
     so a timeout kills whatever the objective started too."""
     os.setpgid(0, 0)
     die_with_parent()
+    faulthandler.register(DUMP_SIGNAL, all_threads=True)
     if settings.gpus is not None:  # before anything imports CUDA
         os.environ[VISIBLE_DEVICES] = settings.gpus[index]
     _put_on_path(settings.paths)
@@ -151,6 +164,7 @@ def _child_main(
     _wait_for_redis(connection)
     worker = new_worker(settings.isolation, connection, settings.rq_queues, name=name)
     worker.work(logging_level="WARNING")
+    failpoints.hit("worker_stopped")  # the fault tests' stuck child: out of RQ, not yet gone
 
 
 def _wait_for_redis(connection: redis.Redis) -> None:
@@ -168,6 +182,8 @@ class _Child:
     channel: multiprocessing.connection.Connection  # the parent's reading end
     name: str
     started: float
+    told_to_stop: float | None = None  # time.monotonic() of the SIGTERM that stops it
+    dumped_at: float | None = None  # stuck: when it was asked for its stacks
 
 
 class WorkerPool:
@@ -262,7 +278,32 @@ class WorkerPool:
         self._restart_at.clear()
         log.info("stopping %d workers after their running trials", len(self._children))
         for child in self._children.values():
-            _signal_group(child.process, signal.SIGTERM, group=False)
+            self._tell_to_stop(child)
+
+    def _tell_to_stop(self, child: _Child) -> None:
+        """SIGTERM: the child finishes its running trial, then exits (RQ's warm shutdown)."""
+        child.told_to_stop = time.monotonic()
+        _signal_group(child.process, signal.SIGTERM, group=False)
+
+    def _kill_stuck(self, now: float) -> None:
+        """Kill the children told to stop that run no trial and are still there after
+        `stuck_after_s`, their stacks logged first."""
+        for index, child in self._children.items():
+            if child.told_to_stop is None or index in self.supervisor.running:
+                continue
+            if child.dumped_at is not None:
+                if now - child.dumped_at >= _DUMP_TIME_S:
+                    _signal_group(child.process, signal.SIGKILL)
+            elif now - child.told_to_stop >= self.settings.stuck_after_s:
+                log.warning(
+                    "worker %d (pid %s) runs no trial and is still up %gs after it was told to "
+                    "stop: stuck; its threads' stacks follow, then it is killed",
+                    index,
+                    child.process.pid,
+                    self.settings.stuck_after_s,
+                )
+                child.dumped_at = now
+                _signal_group(child.process, DUMP_SIGNAL, group=False)
 
     def run(self) -> int:
         """Start the children and supervise them until stopped; returns an exit code (0 after a
@@ -308,6 +349,8 @@ class WorkerPool:
                 self._idle_since.pop(index, None)
             else:
                 self._idle_since.setdefault(index, now)
+        if not self._cold:
+            self._kill_stuck(now)
         if self.heartbeat.next_wakeup(now) == 0 and not self._stopping:
             self._scale(now)
             self.heartbeat.beat(now, workers=self.size, busy=len(self.supervisor.running))
@@ -338,7 +381,7 @@ class WorkerPool:
             retire = self.autoscaler.to_retire(target, idle, size, now)
             for index in retire:
                 self._retiring.add(index)
-                _signal_group(self._children[index].process, signal.SIGTERM, group=False)
+                self._tell_to_stop(self._children[index])
             if retire:
                 log.info("autoscale: %d -> %d workers (retiring idle ones)", size, self.size)
 

@@ -1,20 +1,33 @@
-"""SIGTERM to a busy worker pool: once lets its trial finish; twice stops it now."""
+"""SIGTERM to a busy worker pool: once lets its trial finish; twice stops it now; a worker
+process stuck on its way out is shown and killed."""
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
 from rq import Worker
 
 from optuna_rq.dispatch import RETRY_OF_ATTR
+from optuna_rq.failpoints import ENV_FAILPOINTS
 from optuna_rq.protocol import Keys, trial_queue
 from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from tests.faults.conftest import BOTH_ISOLATIONS, Cluster, wait_calls
 from tests.helpers import wait_until
+from tests.worker_processes import cli_env
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def _idle(cluster: Cluster) -> int:
+    queue = trial_queue(cluster.conn, Keys(cluster.prefix).trial_queue("tests.fault_objectives"))
+    return sum(w.get_state() == "idle" for w in Worker.all(connection=cluster.conn, queue=queue))
 
 
 def _shutdown_requested(cluster: Cluster) -> bool:
@@ -55,3 +68,46 @@ def test_a_second_sigterm_stops_at_once_and_the_trial_is_retried(cluster: Cluste
     assert "second SIGTERM" in lost.user_attrs[FAIL_ERROR_ATTR]
     retry = next(t for t in trials if t.user_attrs.get(RETRY_OF_ATTR) == lost.number)
     assert retry.params == lost.params and retry.state is TrialState.COMPLETE
+
+
+def test_a_worker_stuck_after_a_warm_stop_has_its_stacks_logged_and_is_killed(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The pool's own stop always ends: a child that left RQ's loop and hangs (here at a
+    failpoint) is, after `stuck_after_s`, made to dump its threads' stacks, then killed."""
+    script = textwrap.dedent(
+        f"""
+        import logging, sys
+        from optuna_rq.workers.pool import WorkerPool, WorkerSettings
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        settings = WorkerSettings(
+            redis_url={cluster.server.url!r},
+            prefix={cluster.prefix!r},
+            modules=("tests.fault_objectives",),
+            stuck_after_s=1.0,
+        )
+        sys.exit(WorkerPool(settings).run())
+        """
+    )
+    log = tmp_path / "pool.log"
+    with open(log, "wb") as out:
+        pool = subprocess.Popen(
+            [sys.executable, "-c", script],
+            env=cli_env(**{ENV_FAILPOINTS: "worker_stopped=1:stall"}),
+            stderr=out,
+        )
+    try:
+        # Idle: in RQ's loop, its stop signal handled (registered, it may not be there yet).
+        wait_until(lambda: _idle(cluster) >= 1, timeout_s=60, message="no worker in its loop")
+        stopped = time.monotonic()
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(timeout=30) == 0  # a warm stop, as far as the user is concerned
+    finally:
+        if pool.poll() is None:
+            pool.kill()
+            pool.wait()
+    assert time.monotonic() - stopped >= 1.0
+    text = log.read_text()
+    assert "runs no trial and is still up 1s after it was told to stop: stuck" in text, text
+    assert "failpoints.py" in text and "in hit" in text, text  # where it hung, from its stacks
+    assert "all workers stopped" in text, text
