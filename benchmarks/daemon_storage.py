@@ -2,7 +2,11 @@
 durable storage (the journal file under its state directory) and on `--storage memory`, next to
 Optuna native (2 processes on JournalRedis), in one run, as ratios to the anchor.
 
-    uv run python -m benchmarks.daemon_storage [--trials 400] [--reps 1]
+    uv run python -m benchmarks.daemon_storage [--trials 400] [--reps 1] [--breakdown]
+
+With `--breakdown`, one study on the default storage is also taken apart: CPU per trial of the
+broker, the workers and redis-server (psutil), and Redis commands per trial by command (INFO
+commandstats): where a no-op trial's cost goes.
 
 `benchmarks.run` calls `daemon_overhead` and renders `daemon_overhead_lines` into its report.
 Each repetition runs every system once, in turn; figures are medians. The timed span is the
@@ -13,6 +17,7 @@ and its 2 workers already running.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -23,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import psutil
 
-from benchmarks.run import ROOT, OurWorkers, _median, native
+from benchmarks.run import ROOT, OurWorkers, _command_calls, _median, native
 from optuna_rq import suggest
 from optuna_rq.client import BrokerClient
 from optuna_rq.connection import connect
@@ -127,24 +133,73 @@ def daemon_overhead_lines(d: dict[str, Any]) -> list[str]:
         f"| {d['native_2_processes']['trials_per_s']:.0f} | 1.00x |",
         "",
         "Timed from the submission until the study's status says finished (polled every 5 ms),",
-        "with the broker and its workers already running.",
+        "with the broker and its workers already running. Goal: >= 1.5x native, on each storage.",
     ]
+
+
+def breakdown(url: str, n_trials: int) -> dict[str, Any]:
+    """One study on the daemon's default storage, 2 workers: CPU ms per trial of each process
+    kind, and Redis commands per trial (all, and the most called)."""
+    conn = connect(url)
+    redis_server = psutil.Process(int(conn.info("server")["process_id"]))  # type: ignore[index]
+    workers = OurWorkers(url, 2)
+    try:
+        broker = _Broker(url, workers.queue, None)
+        try:
+            pool = psutil.Process(workers.process.pid)
+            processes = {
+                "broker": [psutil.Process(broker.process.pid)],
+                "workers": [pool, *pool.children(recursive=True)],
+                "redis-server": [redis_server],
+            }
+            cpu = {kind: _cpu_s(ps) for kind, ps in processes.items()}
+            calls = _command_calls(conn)
+            figures = _daemon_study(broker, n_trials, None)
+            cpu = {k: (_cpu_s(ps) - cpu[k]) * 1000 / n_trials for k, ps in processes.items()}
+            after = _command_calls(conn)
+        finally:
+            broker.stop()
+    finally:
+        workers.stop()
+    per_trial = {
+        name.removeprefix("cmdstat_"): (after[name] - calls.get(name, 0)) / n_trials
+        for name in after
+        if after[name] != calls.get(name, 0)
+    }
+    return {
+        **figures,
+        "cpu_ms_per_trial": cpu,
+        "redis_commands_per_trial": sum(per_trial.values()),
+        "top_commands_per_trial": dict(sorted(per_trial.items(), key=lambda kv: -kv[1])[:12]),
+    }
+
+
+def _cpu_s(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=400)
     parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--breakdown", action="store_true", help="where a trial's cost goes")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     state = Path(tempfile.mkdtemp(prefix="orq-bench-", dir="/tmp"))
     url = ensure_embedded(state)
     try:
         results = daemon_overhead(url, args.reps, args.trials)
+        parts = breakdown(url, args.trials) if args.breakdown else None
     finally:
         stop_embedded(state)
         shutil.rmtree(state, ignore_errors=True)
     print("\n".join(daemon_overhead_lines(results)))
+    if parts is not None:
+        print(json.dumps(parts, indent=2))
 
 
 if __name__ == "__main__":

@@ -253,7 +253,7 @@ def run_fleet(
         "broker_rss_start_mb": rss_start,
         "broker_rss_peak_mb": rss_peak,
         "load_1m": load,
-        **({"probe": probed} if probed else {}),
+        **({"remote_trial_calls": probed} if probed else {}),
     }
 
 
@@ -408,13 +408,13 @@ def report_lines(fleet: dict[str, Any]) -> list[str]:
         "",
     ]
     for r in fleet["rows"]:
-        if "probe" in r:
+        if "remote_trial_calls" in r:
             lines += _probe_lines(r)
     return lines
 
 
 def _probe_lines(row: dict[str, Any]) -> list[str]:
-    probe = row["probe"]
+    probe = row["remote_trial_calls"]
     lines = [
         f"Remote-trial calls while the broker runs a {row['sampler'].upper()} study of "
         f"{row['n_trials']:,} trials over {row['workers']} simulated workers (the last row "
