@@ -238,3 +238,50 @@ def test_the_lock_of_a_broker_that_died_holding_it_is_released_at_once(tmp_path:
     journal.close()
     assert not os.path.lexists(f"{path}.lock")
     assert [p.name for p in tmp_path.iterdir()] == ["studies.journal"]  # no holder files left
+
+
+def test_waiting_trials_are_found_as_a_walk_of_the_history_finds_them(tmp_path: Path) -> None:
+    """`study.ask()` takes enqueued trials first. The daemon's journal storage finds them without
+    a walk over every trial, and finds the same ones a walk does (Optuna's JournalStorage, asked
+    the same), oldest first, through asks, enqueues, trials taken by another writer of the file,
+    and a trial set WAITING again."""
+    path = tmp_path / "studies.journal"
+    url = f"journal:///{path}"
+    storages = Storages()
+    storage = storages.open(url)
+    study = optuna.create_study(study_name="s", storage=storage)
+    sid = study._study_id
+
+    def waiting() -> list[int]:
+        found = [t.number for t in storage.get_all_trials(sid, False, (TrialState.WAITING,))]
+        walked = storage.inner.get_all_trials(sid, deepcopy=False, states=(TrialState.WAITING,))
+        assert found == [t.number for t in walked]
+        assert [t.number for t in study.get_trials(states=(TrialState.WAITING,))] == found
+        return found
+
+    _run(study, 3)
+    assert waiting() == []
+    study.enqueue_trial({"x": 0.1})
+    study.enqueue_trial({"x": 0.2})
+    assert waiting() == [3, 4]
+    _run(study, 1)  # takes trial 3, the oldest waiting
+    assert study.trials[3].state is TrialState.COMPLETE and waiting() == [4]
+    study.enqueue_trial({"x": 0.3})
+    assert waiting() == [4, 5]
+    storages.flush()  # another process's writes to the file are read in
+    other = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(path))))
+    other.enqueue_trial({"x": 0.4})
+    taken = other.ask()  # the other writer takes trial 4
+    assert taken.number == 4
+    assert waiting() == [5, 6]
+    other.tell(taken, 1.0)
+    running = study.ask()
+    assert waiting() == [6]
+    # Set WAITING again through the storage (Optuna itself never does): it is found again.
+    storage.set_trial_state_values(running._trial_id, TrialState.WAITING)
+    assert running.number in waiting()
+    copied = storage.get_all_trials(sid, True, (TrialState.WAITING,))  # copies, when asked
+    assert [(t.number, t.system_attrs) for t in copied] == [
+        (t.number, t.system_attrs) for t in study.get_trials(states=(TrialState.WAITING,))
+    ]
+    storages.close()

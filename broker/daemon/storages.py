@@ -19,15 +19,17 @@ or a command's trim written). Other storages write through at once; their flush 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
 
 from optuna_rq import failpoints
 from optuna_rq.connection import redact_url
@@ -69,14 +71,96 @@ def _guarded(name: str) -> Callable[..., Any]:
     return call
 
 
+class _WaitingTrials:
+    """The WAITING trials of each study of a storage, found without walking its history.
+
+    `study.ask()` takes a WAITING trial (one enqueued) before it samples, and looks for them
+    with `get_all_trials(states=(WAITING,))`: on Optuna's JournalStorage, a walk over every
+    trial of the study in Python, 2.3 ms an ask at 10,000 trials (a third of the broker's time
+    with 1,000 workers). A trial is WAITING from its creation until it is taken, never again
+    (Optuna's InMemoryStorage finds them on the same premise; one set so through this storage
+    is listed anyway), so per study this keeps how many trials it has looked at and which of
+    those were waiting: a query looks only at the trials created since (by anyone: the storage
+    reads others' appends) and at those listed.
+    """
+
+    def __init__(self, storage: BaseStorage) -> None:
+        self._storage = storage
+        self._seen: dict[int, int] = {}  # study id -> trials looked at (numbers 0..n-1)
+        self._listed: dict[int, list[int]] = {}  # study id -> trial ids waiting when looked at
+
+    def of(self, study_id: int) -> list[FrozenTrial]:
+        """The study's WAITING trials, oldest first, as `get_all_trials` gives them."""
+        storage, listed = self._storage, self._listed.setdefault(study_id, [])
+        number = self._seen.get(study_id, 0)
+        while True:
+            try:
+                trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+            except KeyError:
+                break
+            if storage.get_trial(trial_id).state is TrialState.WAITING:
+                listed.append(trial_id)
+            number += 1
+        self._seen[study_id] = number
+        trials = {trial_id: storage.get_trial(trial_id) for trial_id in listed}
+        still = [i for i, t in trials.items() if t.state is TrialState.WAITING]
+        self._listed[study_id] = still
+        return [trials[i] for i in still]
+
+    def set_waiting(self, trial_id: int) -> None:
+        """Trial `trial_id` was set WAITING after it was created: list it."""
+        trial = self._storage.get_trial(trial_id)
+        for study_id, listed in self._listed.items():
+            if trial_id in listed or self._seen.get(study_id, 0) <= trial.number:
+                continue  # listed already, or not looked at yet (it is, when it is)
+            if self._storage.get_trial_id_from_study_id_trial_number(study_id, trial.number) == (
+                trial_id
+            ):
+                listed.append(trial_id)
+                listed.sort(key=lambda i: self._storage.get_trial(i).number)
+
+    def forget(self, study_id: int) -> None:
+        self._seen.pop(study_id, None)
+        self._listed.pop(study_id, None)
+
+
 class GuardedStorage(BaseStorage):
     """`inner`, with every failure of the storage itself raised as `StudyStorageError`;
-    `journal`, if `inner` writes through one, holds its changes until `flush`."""
+    `journal`, if `inner` writes through one, holds its changes until `flush`; a study's
+    WAITING trials on it are then found without walking its history (`_WaitingTrials`)."""
 
     def __init__(self, inner: BaseStorage, url: str, journal: BatchedJournal | None = None) -> None:
         self.inner = inner
         self.url = url
         self.journal = journal
+        self._waiting = _WaitingTrials(inner) if journal is not None else None
+
+    def get_all_trials(
+        self,
+        study_id: int,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+    ) -> list[FrozenTrial]:
+        try:
+            if self._waiting is not None and _only_waiting(states):
+                trials = self._waiting.of(study_id)
+                return copy.deepcopy(trials) if deepcopy else trials
+            return self.inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+        except Exception as exc:
+            if _is_optunas_verdict(exc):
+                raise
+            raise storage_failure(self.url, exc) from exc
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        done = _set_trial_state_values(self, trial_id, state, values)
+        if done and state is TrialState.WAITING and self._waiting is not None:
+            self._waiting.set_waiting(trial_id)
+        return bool(done)
+
+    def delete_study(self, study_id: int) -> None:
+        _delete_study(self, study_id)
+        if self._waiting is not None:
+            self._waiting.forget(study_id)
 
     def flush(self) -> int:
         """Make every change made so far durable; how many logs that wrote (0: nothing was
@@ -94,7 +178,6 @@ class GuardedStorage(BaseStorage):
             self.journal.close()
 
     create_new_study = _guarded("create_new_study")
-    delete_study = _guarded("delete_study")
     set_study_user_attr = _guarded("set_study_user_attr")
     set_study_system_attr = _guarded("set_study_system_attr")
     get_study_id_from_name = _guarded("get_study_id_from_name")
@@ -108,12 +191,10 @@ class GuardedStorage(BaseStorage):
     get_trial_id_from_study_id_trial_number = _guarded("get_trial_id_from_study_id_trial_number")
     get_trial_number_from_id = _guarded("get_trial_number_from_id")
     get_trial_param = _guarded("get_trial_param")
-    set_trial_state_values = _guarded("set_trial_state_values")
     set_trial_intermediate_value = _guarded("set_trial_intermediate_value")
     set_trial_user_attr = _guarded("set_trial_user_attr")
     set_trial_system_attr = _guarded("set_trial_system_attr")
     get_trial = _guarded("get_trial")
-    get_all_trials = _guarded("get_all_trials")
     get_n_trials = _guarded("get_n_trials")
     get_best_trial = _guarded("get_best_trial")
     get_trial_params = _guarded("get_trial_params")
@@ -121,6 +202,19 @@ class GuardedStorage(BaseStorage):
     get_trial_system_attrs = _guarded("get_trial_system_attrs")
     remove_session = _guarded("remove_session")
     check_trial_is_updatable = _guarded("check_trial_is_updatable")
+
+
+_set_trial_state_values = _guarded("set_trial_state_values")
+_delete_study = _guarded("delete_study")
+
+
+def _only_waiting(states: Container[TrialState] | None) -> bool:
+    """Whether `states` asks for WAITING trials alone (as `study.ask()` does)."""
+    if states is None:
+        return False
+    return TrialState.WAITING in states and not any(
+        s in states for s in TrialState if s is not TrialState.WAITING
+    )
 
 
 class Storages:
