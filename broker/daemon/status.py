@@ -4,6 +4,10 @@ A study's StudyStatus (its spec, its state, its trials by outcome and failures b
 trial or Pareto front) is written to `Keys.status` when the study starts, ends or changes, and
 while it runs, at most every `interval_s` seconds and only once something was told about it.
 
+Reading a study's trials for its status walks its whole history (36 ms at 10,000 trials): while
+it runs, the interval grows so that publishing takes at most `MAX_SHARE` of the broker's time
+(a study's start and end are written at once, whatever the interval).
+
 Every state it writes is a move its `Lifecycle` allows; it refuses the others, so an ended study
 is never rewritten. Counts are of the budget: a lost trial and its retries are one unit. What a
 status says is durable first (`persist`): a restarted broker never shows less than its status did.
@@ -24,7 +28,10 @@ from optuna_rq.dispatch import RETRY_OF_ATTR, StudyRun
 from optuna_rq.protocol import Keys, StudySpec, StudyState, StudyStatus
 from optuna_rq.verdict import FAIL_REASON_ATTR
 
-__all__ = ["StatusPublisher"]
+__all__ = ["MAX_SHARE", "StatusPublisher"]
+
+MAX_SHARE = 0.05
+"""At most this share of the broker's time goes to publishing running studies' statuses."""
 
 
 class StatusPublisher:
@@ -48,6 +55,7 @@ class StatusPublisher:
         self.lifecycle = Lifecycle()
         self._dirty: set[str] = set()
         self._last_publish = 0.0
+        self._interval_s = interval_s  # grown by what the last publishing took
 
     def mark(self, *names: str) -> None:
         """Note that these running studies changed: the next due `publish_running` writes them."""
@@ -60,10 +68,11 @@ class StatusPublisher:
         *,
         force: bool = False,
     ) -> None:
-        """Publish the marked studies still in `runs` as RUNNING, if `interval_s` has passed
-        since the last time (or `force`); then none is marked."""
+        """Publish the marked studies still in `runs` as RUNNING, if `interval_s` (or longer,
+        after a publishing that took long: `MAX_SHARE`) has passed since the last time (or
+        `force`); then none is marked."""
         now = time.monotonic()
-        if not force and now - self._last_publish < self.interval_s:
+        if not force and now - self._last_publish < self._interval_s:
             return
         self._last_publish = now
         for name in list(self._dirty):
@@ -71,6 +80,8 @@ class StatusPublisher:
             if run is not None:
                 self.publish(specs[name], run, state=StudyState.RUNNING)
         self._dirty.clear()
+        took = time.monotonic() - now
+        self._interval_s = max(self.interval_s, took / MAX_SHARE)
 
     def publish(
         self,
