@@ -257,7 +257,7 @@ def status(
         if as_json:
             typer.echo(json.dumps(one.to_dict(), indent=2))
         else:
-            typer.echo("\n".join(status_detail(one)))
+            typer.echo("\n".join(status_detail(one, client)))
         return
     snapshots = [
         s

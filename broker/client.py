@@ -13,6 +13,7 @@ import redis
 
 from optuna_rq.errors import ConfigError, ProtocolError, StudyConflictError
 from optuna_rq.protocol import (
+    WAKE_FIELD,
     Cancel,
     Change,
     Command,
@@ -22,6 +23,7 @@ from optuna_rq.protocol import (
     StudyState,
     StudyStatus,
     Submit,
+    live_pools,
 )
 
 if TYPE_CHECKING:
@@ -52,8 +54,12 @@ class BrokerClient:
     # -- commands ----------------------------------------------------------------------------
 
     def send(self, command: Command) -> None:
-        """Queue `command` for the broker, sealed."""
-        self.connection.rpush(self.keys.commands, self.signer.seal(command.encode()))
+        """Queue `command` for the broker, sealed, and wake the broker's loop to take it now
+        (else it would be taken when the loop next turns: up to its poll interval)."""
+        pipe = self.connection.pipeline(transaction=False)
+        pipe.rpush(self.keys.commands, self.signer.seal(command.encode()))
+        pipe.xadd(self.keys.results, {WAKE_FIELD: b""})
+        pipe.execute()
 
     def submit(self, spec: StudySpec, *, storage: str) -> None:
         """Submit `spec`. A study with no status yet shows as queued (with `storage`, the URL its
@@ -152,6 +158,17 @@ class BrokerClient:
             except ProtocolError as exc:
                 log.warning("skipping the unreadable status of study %r: %s", _name, exc)
         return found
+
+    def served_modules(self, queue: str) -> list[str]:
+        """The objective modules the live workers of resource class `queue` serve here (from
+        their pools' heartbeats): what a study waiting for a worker could have meant."""
+        served = set()
+        for pool in live_pools(self.connection, self.keys, self.signer):
+            for rq_queue in pool.queues:
+                parts = self.keys.parse_trial_queue(rq_queue)
+                if parts is not None and parts[0] == queue:
+                    served.add(parts[1])
+        return sorted(served)
 
     def broker_holder(self) -> str | None:
         """Who holds the prefix's broker lock ("host:pid since ..."), None if no broker runs."""

@@ -67,12 +67,13 @@ def follow_study(
         bar = progress.add_task(name, total=None, best="", failures="")
         while True:
             snap = _current(client, name)
+            waiting_note = _waiting_note(snap, client)
             progress.update(
                 bar,
                 total=snap.n_trials,
                 completed=min(snap.done, snap.n_trials),
                 best=escape(best_summary(snap)),
-                failures=escape(_beside(snap) + _waiting_note(snap)),
+                failures=escape("  ".join(filter(None, (_beside(snap), waiting_note)))),
             )
             taken = since is None or (snap.submitted_at is not None and snap.submitted_at >= since)
             if snap.state.ended and taken:
@@ -101,11 +102,14 @@ def _beside(snap: StudyStatus) -> str:
     return "  ".join(parts)
 
 
-def _waiting_note(snap: StudyStatus) -> str:
-    """What a study with no live worker on its queue waits for, and how to start one."""
+def _waiting_note(snap: StudyStatus, client: BrokerClient | None) -> str:
+    """What a study with no live worker on its queue waits for, how to start one, and what the
+    live workers of its resource class serve instead (a misspelt module shows here)."""
     if not snap.waiting_for_workers or snap.state.ended:
         return ""
-    return f"  waiting for a worker: {_worker_command(snap)}"
+    served = [] if client is None else client.served_modules(snap.queue)
+    elsewhere = f" (live workers on queue {snap.queue!r} serve {', '.join(served)})"
+    return f"waiting for a worker: {_worker_command(snap)}" + (elsewhere if served else "")
 
 
 def _worker_command(snap: StudyStatus) -> str:
@@ -226,8 +230,9 @@ def status_lines(snapshots: list[StudyStatus], *, now_s: float | None = None) ->
     ]
 
 
-def status_detail(s: StudyStatus) -> list[str]:
-    """One study in full: `label: value` lines."""
+def status_detail(s: StudyStatus, client: BrokerClient | None = None) -> list[str]:
+    """One study in full: `label: value` lines (with `client`, a study waiting for a worker
+    also says what the live workers serve)."""
     reasons = ", ".join(f"{k}: {v}" for k, v in s.fail_reasons.items()) or "-"
     lines = [
         f"study        {s.name}",
@@ -242,8 +247,9 @@ def status_detail(s: StudyStatus) -> list[str]:
         f"concurrency  {s.concurrency}, priority {s.priority:g}",
         f"best         {best_summary(s).removeprefix('best ')}",
     ]
-    if _waiting_note(s):
-        lines.insert(2, f"waiting for a worker, start one: {_worker_command(s)}")
+    waiting = _waiting_note(s, client)
+    if waiting:
+        lines.insert(2, waiting.replace("worker: ", "worker, start one: ", 1))
     if not s.multi_objective:
         lines.append(f"best params  {s.best_params!r}" if s.best_params else "best params  -")
     lines.append(f"storage      {s.storage}")

@@ -51,9 +51,9 @@ def sleeper(name: str, redis_url: str, key: str, *extra: str) -> tuple[str, ...]
 
 
 def test_resubmitting_a_finished_study_waits_for_the_new_total(
-    run_cli, broker_process, workers_factory
+    run_cli, broker_process, workers_factory, conn: redis.Redis
 ) -> None:
-    workers_factory(count=2)
+    prefix = workers_factory(count=2)
     first = run_cli(*quadratic("again", "--n-trials", "4", "--concurrency", "2", "--wait"))
     assert first.returncode == 0, first.stderr
     assert status_of(run_cli, "again")["state"] == "finished"
@@ -62,6 +62,10 @@ def test_resubmitting_a_finished_study_waits_for_the_new_total(
     assert "finished: 9 trials" in more.stderr
     snapshot = status_of(run_cli, "again")  # the moment `--wait` returns, not eventually
     assert (snapshot["state"], snapshot["complete"], snapshot["n_trials"]) == ("finished", 9, 9)
+    # Each submission also woke the broker with an empty entry on its result stream: read,
+    # acknowledged and deleted like the results, never taken for one.
+    wait_until(lambda: conn.xlen(f"{prefix}:results") == 0, timeout_s=30)
+    assert conn.hget(f"{prefix}:refused", "result") is None
 
 
 def test_another_definition_is_refused_naming_it_and_the_study_is_left_as_it_was(

@@ -84,7 +84,9 @@ def test_a_study_no_worker_listens_to_waits_for_one_and_then_runs(
     wait_until(lambda: status_of(run_cli, "waits")["waiting_for_workers"], timeout_s=30)
     shown = run_cli("status", "waits").stdout
     assert "waiting for a worker" in shown, shown
-    assert "start one: optuna-rq workers --import" in shown, shown
+    assert "start one: optuna-rq workers --import tests.routing_objectives" in shown, shown
+    # What the live workers serve instead, where a misspelt module would show.
+    assert "(live workers on queue 'default' serve tests.objectives)" in shown, shown
     assert status_of(run_cli, "waits")["failed"] == 0  # waiting, never failed for it
 
     workers_factory(count=1, modules=("tests.routing_objectives",))

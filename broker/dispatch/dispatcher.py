@@ -40,6 +40,7 @@ from optuna_rq.protocol import (
     CALL_FIELD,
     DEFAULT_LEASE_TTL_S,
     RESULT_FIELD,
+    WAKE_FIELD,
     FailReason,
     Keys,
     Signer,
@@ -276,6 +277,8 @@ class Dispatcher:
         for entry_id, fields in entries:
             if CALL_FIELD in fields:
                 self.calls.serve(fields[CALL_FIELD], self.runs)
+            elif WAKE_FIELD in fields:
+                pass  # it only woke the loop (a command arrived): acknowledged with the rest
             else:
                 handled += self._handle(fields.get(RESULT_FIELD, b""), entry_id)
         if self.calls.replies:

@@ -34,6 +34,7 @@ from optuna_rq.protocol.keys import (
     GROUP,
     REPLY_TTL_S,
     RESULT_FIELD,
+    WAKE_FIELD,
     Keys,
     check_queue_name,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "REPLY_TTL_S",
     "RESULT_FIELD",
+    "WAKE_FIELD",
     "RUN_TRIAL",
     "CallError",
     "Cancel",

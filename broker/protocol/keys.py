@@ -45,6 +45,7 @@ __all__ = [
     "GROUP",
     "REPLY_TTL_S",
     "RESULT_FIELD",
+    "WAKE_FIELD",
     "Keys",
     "check_queue_name",
 ]
@@ -53,6 +54,9 @@ RESULT_FIELD = b"m"
 """The result-stream entry field that holds an encoded `TrialResult`."""
 CALL_FIELD = b"c"
 """The result-stream entry field that holds an encoded `TrialCall`."""
+WAKE_FIELD = b"w"
+"""A result-stream entry with only this field (empty) carries nothing: sent with a command, it
+wakes the broker's loop, which waits reading the stream, so the command is taken at once."""
 GROUP = "broker"
 """The consumer group the broker reads a result stream with."""
 DEFAULT_LEASE_TTL_S = 10.0
@@ -111,11 +115,16 @@ class Keys:
 
     def queue_class(self, rq_queue: str) -> str | None:
         """The resource class of one of this prefix's trial queues (None: not one of them)."""
+        parts = self.parse_trial_queue(rq_queue)
+        return None if parts is None else parts[0]
+
+    def parse_trial_queue(self, rq_queue: str) -> tuple[str, str] | None:
+        """(resource class, module) of one of this prefix's trial queues (None: not one)."""
         head = f"{self.prefix}:"
         if not rq_queue.startswith(head):
             return None
         cls, sep, module = rq_queue[len(head) :].partition(":")
-        return cls if sep and module else None
+        return (cls, module) if sep and module else None
 
     def pool(self, pool_id: str) -> str:
         """The heartbeat key of worker pool `pool_id`."""
