@@ -191,6 +191,8 @@ class StudyRun:
 
     def next_asked_ahead(self) -> InFlight | None:
         """The trial asked ahead first: the one to send next."""
+        if not self._counts[Phase.ASKED_AHEAD]:  # the refill asks this for every trial it sends
+            return None
         return next(self.in_phase(Phase.ASKED_AHEAD), None)
 
     # -- phase changes -------------------------------------------------------------------------
