@@ -28,8 +28,11 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 3
-"""2: the package is `optuna_rq` (the job function moved to `optuna_rq.workers.runner`).
-3: a `StudySpec` carries `ask_ahead` and `constant_liar`."""
+"""2: the package is `optuna_rq` (the job function moved to `optuna_rq.workers.runner`); with
+it, unreleased in between: trial queues per module and resource class (`Keys.trial_queue`), the
+pools' `PoolHeartbeat`, the `Enqueue` and `Delete` commands.
+3: a `StudySpec` carries `ask_ahead` and `constant_liar`; a command comes with an empty
+`WAKE_FIELD` entry on the broker's result stream (a broker of version 2 refuses it, counted)."""
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_DEPTH = 32
 """Nesting depth of maps and arrays in a message (the message itself is depth 1)."""
