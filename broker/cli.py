@@ -200,11 +200,7 @@ def submit(
         queue=queue,
     )
     client = make_client(options)
-    client.submit(spec, storage=storage or default_storage_url(options.state()))
-    if to_enqueue:  # after the Submit in the inbox: stored before the study's first ask
-        from optuna_rq.protocol import Enqueue
-
-        client.send(Enqueue(study=spec.name, params=to_enqueue))
+    client.submit(spec, storage=storage or default_storage_url(options.state()), enqueue=to_enqueue)
     typer.echo(spec.name)
     if client.broker_holder() is None:
         _err.print(

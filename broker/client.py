@@ -17,6 +17,7 @@ from optuna_rq.protocol import (
     Cancel,
     Change,
     Command,
+    Enqueue,
     Keys,
     Signer,
     StudySpec,
@@ -53,19 +54,24 @@ class BrokerClient:
 
     # -- commands ----------------------------------------------------------------------------
 
-    def send(self, command: Command) -> None:
-        """Queue `command` for the broker, sealed, and wake the broker's loop to take it now
-        (else it would be taken when the loop next turns: up to its poll interval)."""
+    def send(self, *commands: Command) -> None:
+        """Queue `commands` for the broker, sealed, in one push (the broker takes them in one
+        batch, in order), and wake the broker's loop to take them now (else they would be taken
+        when the loop next turns: up to its poll interval)."""
         pipe = self.connection.pipeline(transaction=False)
-        pipe.rpush(self.keys.commands, self.signer.seal(command.encode()))
+        pipe.rpush(self.keys.commands, *(self.signer.seal(c.encode()) for c in commands))
         pipe.xadd(self.keys.results, {WAKE_FIELD: b""})
         pipe.execute()
 
-    def submit(self, spec: StudySpec, *, storage: str) -> None:
+    def submit(
+        self, spec: StudySpec, *, storage: str, enqueue: list[dict[str, Any]] | None = None
+    ) -> None:
         """Submit `spec`. A study with no status yet shows as queued (with `storage`, the URL its
         trials will be stored at) until the broker takes it. Resubmitting a study's definition
         runs it on to the new budget; StudyConflictError, sending nothing, if a study of that
-        name exists with another definition (the broker refuses it too)."""
+        name exists with another definition (the broker refuses it too). `enqueue`: parameter
+        sets to run first (`Enqueue`), sent with the submission, so they are stored before the
+        study's first ask."""
         known = self.stored_spec(spec.name)
         differences = [] if known is None else known.differences(spec)
         if differences:
@@ -84,7 +90,8 @@ class BrokerClient:
             storage=storage,
         )
         self.connection.hsetnx(self.keys.status, spec.name, queued.to_json())
-        self.send(Submit(spec=spec))
+        first = [Enqueue(study=spec.name, params=enqueue)] if enqueue else []
+        self.send(Submit(spec=spec), *first)
 
     def cancel(self, study: str) -> None:
         """Cancel a queued or running study; StudyConflictError if it has ended (nothing is
