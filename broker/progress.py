@@ -244,6 +244,7 @@ def status_detail(s: StudyStatus, client: BrokerClient | None = None) -> list[st
         + (f", {s.retries} retries" if s.retries else ""),
         f"outcomes     {s.complete} complete, {s.pruned} pruned, {s.failed} failed",
         f"fail reasons {reasons}",
+        *([f"last error   {s.last_error}"] if s.last_error else []),
         f"concurrency  {s.concurrency}, priority {s.priority:g}",
         f"best         {best_summary(s).removeprefix('best ')}",
     ]

@@ -106,23 +106,24 @@ def test_two_studies_side_by_side_finish_with_exact_counts_and_no_mixing(
 
 def test_status_json_has_the_documented_fields(run_cli, broker_process, workers_factory) -> None:
     workers_factory(count=1)
-    assert (
-        run_cli(
-            "submit",
-            "tests.objectives:raises",
-            "--param",
-            X,
-            "--n-trials",
-            "2",
-            "--concurrency",
-            "1",
-            "--study-name",
-            "s",
-            "--wait",
-        ).returncode
-        == 1
-    )  # finished, but without one complete trial: `--wait` says so
+    waited = run_cli(
+        "submit",
+        "tests.objectives:raises",
+        "--param",
+        X,
+        "--n-trials",
+        "2",
+        "--concurrency",
+        "1",
+        "--study-name",
+        "s",
+        "--wait",
+    )
+    assert waited.returncode == 1  # finished, but without one complete trial: `--wait` says so
+    # ... and with what the objective raised, without a look at its trials.
+    assert "last error: ValueError: objective refuses x=" in waited.stderr, waited.stderr
     snapshot = status_of(run_cli, "s")
+    assert snapshot["last_error"].startswith("ValueError: objective refuses x="), snapshot
     for field in (
         "name",
         "state",
@@ -144,7 +145,8 @@ def test_status_json_has_the_documented_fields(run_cli, broker_process, workers_
     assert [s["name"] for s in everything] == ["s"]
     table = run_cli("status")
     assert table.stdout.splitlines()[1].split()[:5] == ["s", "finished", "2/2", "0", "2"]
-    assert "exception: 2" in run_cli("status", "s").stdout
+    detail = run_cli("status", "s").stdout
+    assert "exception: 2" in detail and "last error   ValueError: objective refuses" in detail
 
 
 def test_the_cap_and_set_concurrency_hold_as_measured_by_the_objective(

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from optuna_rq.daemon.lifecycle import Lifecycle
 from optuna_rq.dispatch import RETRY_OF_ATTR, StudyRun
 from optuna_rq.protocol import Keys, StudySpec, StudyState, StudyStatus
-from optuna_rq.verdict import FAIL_REASON_ATTR
+from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 
 __all__ = ["MAX_SHARE", "StatusPublisher"]
 
@@ -140,6 +140,7 @@ def _study_summary(study: optuna.Study) -> dict[str, Any]:
     retried = {t.user_attrs[RETRY_OF_ATTR] for t in trials if RETRY_OF_ATTR in t.user_attrs}
     reasons: dict[str, int] = {}
     ended = 0
+    last_failed: optuna.trial.FrozenTrial | None = None
     for trial in trials:
         if trial.state in by_state:
             by_state[trial.state] += 1
@@ -147,6 +148,8 @@ def _study_summary(study: optuna.Study) -> dict[str, Any]:
         if trial.state is TrialState.FAIL:
             reason = str(trial.user_attrs.get(FAIL_REASON_ATTR, "unknown"))
             reasons[reason] = reasons.get(reason, 0) + 1
+            if last_failed is None or _ended_at(trial) >= _ended_at(last_failed):
+                last_failed = trial
     summary: dict[str, Any] = {
         "complete": by_state[TrialState.COMPLETE],
         "pruned": by_state[TrialState.PRUNED],
@@ -154,6 +157,7 @@ def _study_summary(study: optuna.Study) -> dict[str, Any]:
         "fail_reasons": reasons,
         "ended": ended,
         "retries": sum(1 for t in trials if RETRY_OF_ATTR in t.user_attrs),
+        "last_error": None if last_failed is None else _last_line(last_failed),
     }
     if not by_state[TrialState.COMPLETE]:
         return summary
@@ -164,3 +168,21 @@ def _study_summary(study: optuna.Study) -> dict[str, Any]:
         summary["best_values"] = [t.values for t in study.best_trials]
         summary["best_params"] = [t.params for t in study.best_trials]
     return summary
+
+
+def _ended_at(trial: optuna.trial.FrozenTrial) -> tuple[float, int]:
+    ended = trial.datetime_complete
+    return (0.0 if ended is None else ended.timestamp(), trial.number)
+
+
+LAST_ERROR_CHARS = 300
+"""A status carries at most this much of a trial's error: its last line, the exception."""
+
+
+def _last_line(trial: optuna.trial.FrozenTrial) -> str | None:
+    """The last non-empty line of a failed trial's error (a traceback ends with the exception)."""
+    lines = [line.strip() for line in str(trial.user_attrs.get(FAIL_ERROR_ATTR, "")).splitlines()]
+    last = next((line for line in reversed(lines) if line), None)
+    if last is None:
+        return None
+    return last if len(last) <= LAST_ERROR_CHARS else last[: LAST_ERROR_CHARS - 3] + "..."

@@ -75,6 +75,9 @@ class StudyStatus(Message):
     submitted_at: float | None = wire(Float(optional=True), default=None)
     storage: str = wire(Text(nonempty=False))
     error: str | None = wire(Text(optional=True, nonempty=False), default=None)
+    # The last line of the latest failed trial's error ("ValueError: ..."): what a study whose
+    # trials fail says first, without a look at its trials.
+    last_error: str | None = wire(Text(optional=True, nonempty=False), default=None)
     queue: str = wire(Text(), default="default")  # its resource class
     # No live worker listens to the study's queue: its trials wait for one (nothing fails).
     waiting_for_workers: bool = wire(Bool(), default=False)
@@ -103,8 +106,10 @@ class StudyStatus(Message):
         if self.complete:
             return None
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.fail_reasons.items()))
-        return f"finished without a complete trial: {self.pruned} pruned, {self.failed} failed" + (
-            f" ({reasons})" if reasons else ""
+        return (
+            f"finished without a complete trial: {self.pruned} pruned, {self.failed} failed"
+            + (f" ({reasons})" if reasons else "")
+            + (f"; last error: {self.last_error}" if self.last_error else "")
         )
 
     @property
