@@ -51,7 +51,9 @@ def _quiet(cluster: Cluster) -> None:
 def _values_are_the_objectives(trials: list[FrozenTrial]) -> None:
     for trial in trials:
         if trial.state is TrialState.COMPLETE:
-            assert trial.value == trial.params["x"] ** 2, trial
+            x = trial.params["x"]
+            # `steady` returns x * x, which is not always x ** 2 to the last bit.
+            assert trial.value == x * x, trial
 
 
 @pytest.mark.parametrize(
