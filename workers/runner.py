@@ -20,7 +20,14 @@ from typing import Any
 import redis
 
 from optuna_rq.errors import ProtocolError
-from optuna_rq.protocol import FailReason, Keys, Outcome, TrialRequest, TrialResult
+from optuna_rq.protocol import (
+    FailReason,
+    Keys,
+    Outcome,
+    TrialRequest,
+    TrialResult,
+    error_headline,
+)
 from optuna_rq.workers.context import WorkerContext, current
 from optuna_rq.workers.execute import execute, trial_result
 from optuna_rq.workers.remote_trial import RemoteTrial
@@ -135,6 +142,5 @@ def _describe(result: TrialResult) -> str:
         shown = ", ".join(f"{v:.6g}" for v in result.values)
         head += f" value{'s' if len(result.values) > 1 else ''}={shown}"
     if result.fail_reason is not None:
-        first_line = (result.error or "").strip().splitlines()[-1:] or [""]
-        head += f" [{result.fail_reason.value}] {first_line[0]}"
+        head += f" [{result.fail_reason.value}] {error_headline(result.error)}"
     return f"{head} in {result.duration_s:.3f}s"

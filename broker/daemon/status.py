@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from optuna_rq.daemon.lifecycle import Lifecycle
 from optuna_rq.dispatch import RETRY_OF_ATTR, StudyRun
-from optuna_rq.protocol import Keys, StudySpec, StudyState, StudyStatus
+from optuna_rq.protocol import Keys, StudySpec, StudyState, StudyStatus, error_headline
 from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 
 __all__ = ["MAX_SHARE", "StatusPublisher"]
@@ -180,9 +180,8 @@ LAST_ERROR_CHARS = 300
 
 
 def _last_line(trial: optuna.trial.FrozenTrial) -> str | None:
-    """The last non-empty line of a failed trial's error (a traceback ends with the exception)."""
-    lines = [line.strip() for line in str(trial.user_attrs.get(FAIL_ERROR_ATTR, "")).splitlines()]
-    last = next((line for line in reversed(lines) if line), None)
-    if last is None:
+    """The headline of a failed trial's error (`error_headline`), cut to `LAST_ERROR_CHARS`."""
+    last = error_headline(str(trial.user_attrs.get(FAIL_ERROR_ATTR, "")))
+    if not last:
         return None
     return last if len(last) <= LAST_ERROR_CHARS else last[: LAST_ERROR_CHARS - 3] + "..."

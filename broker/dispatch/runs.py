@@ -22,6 +22,7 @@ from optuna_rq.protocol import (
     FailReason,
     check_params,
     check_queue_name,
+    error_headline,
     parse_objective_path,
 )
 from optuna_rq.space import Suggestion
@@ -242,10 +243,9 @@ class StudyRun:
         self._cannot_run_streak += 1
         if self._cannot_run_streak >= CANNOT_RUN_AFTER and self.cannot_run is None:
             reason = verdict.fail_reason.value if verdict.fail_reason else "unknown"
-            last = (verdict.error or "").strip().splitlines()[-1:] or [""]
             self.cannot_run = (
                 f"{reason}: {self._cannot_run_streak} trials in a row could not run "
-                f"{self.objective}: {last[0]}"
+                f"{self.objective}: {error_headline(verdict.error)}"
             )
 
     def _move(self, record: InFlight, phase: Phase) -> None:

@@ -49,6 +49,7 @@ from optuna_rq.protocol.messages import (
 )
 from optuna_rq.protocol.objectives import (
     describe_exception,
+    error_headline,
     judge_return,
     objective_path_of,
     parse_objective_path,
@@ -102,6 +103,7 @@ __all__ = [
     "decode_command",
     "decode_map",
     "describe_exception",
+    "error_headline",
     "judge_return",
     "live_pools",
     "objective_path_of",

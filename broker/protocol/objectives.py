@@ -93,3 +93,10 @@ def describe_exception(exc: BaseException) -> str:
     """The error text stored on a failed trial: the exception line, then the traceback."""
     text = "".join(traceback.format_exception(exc))
     return text[-MAX_ERROR_CHARS:]
+
+
+def error_headline(error: str | None) -> str:
+    """The line of a trial's error text to show first: its last non-empty one (a traceback ends
+    with the exception, "ValueError: ..."); "" for none."""
+    lines = (error or "").strip().splitlines()
+    return lines[-1].strip() if lines else ""
