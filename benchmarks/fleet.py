@@ -139,13 +139,7 @@ class Broker:
         return float(self.ps.memory_info().rss) / 2**20
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        _terminate(self.process, timeout_s=120)
 
 
 def run_fleet(
@@ -329,13 +323,7 @@ class ProbeWorker:
         return out
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        _terminate(self.process, timeout_s=60)
 
 
 def sampler_cpu_ms(sampler: str, n_trials: int) -> float:
@@ -444,6 +432,17 @@ def _read_only(url: str) -> optuna.storages.BaseStorage:
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     return JournalStorage(JournalFileBackend(url.removeprefix("journal://")))
+
+
+def _terminate(process: subprocess.Popen[bytes], *, timeout_s: float) -> None:
+    """SIGTERM, then wait; killed if it is still there after `timeout_s`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _cpu_s(pids: list[int]) -> float:

@@ -14,15 +14,17 @@ def sleep_50ms(x: float) -> float:
     return x
 
 
-def round_trips(trial) -> float:  # type: ignore[no-untyped-def]
+def round_trips(  # type: ignore[no-untyped-def]
+    trial, prunes: int = 200, suggests: int = 50
+) -> float:
     """Times `should_prune` and `suggest_float` round trips from the worker, in milliseconds."""
     prune_ms = []
-    for _ in range(200):
+    for _ in range(prunes):
         started = time.perf_counter()
         trial.should_prune()
         prune_ms.append((time.perf_counter() - started) * 1000)
     suggest_ms = []
-    for i in range(50):
+    for i in range(suggests):
         started = time.perf_counter()
         trial.suggest_float(f"p{i}", 0, 1)
         suggest_ms.append((time.perf_counter() - started) * 1000)
@@ -34,19 +36,7 @@ def round_trips(trial) -> float:  # type: ignore[no-untyped-def]
 def short_round_trips(trial) -> float:  # type: ignore[no-untyped-def]
     """`round_trips` in short trials (20 `should_prune`, 5 `suggest_float`), so many of them
     end within a window of load (benchmarks/fleet.py's probe)."""
-    prune_ms = []
-    for _ in range(20):
-        started = time.perf_counter()
-        trial.should_prune()
-        prune_ms.append((time.perf_counter() - started) * 1000)
-    suggest_ms = []
-    for i in range(5):
-        started = time.perf_counter()
-        trial.suggest_float(f"p{i}", 0, 1)
-        suggest_ms.append((time.perf_counter() - started) * 1000)
-    trial.set_user_attr("should_prune_ms", prune_ms)
-    trial.set_user_attr("suggest_ms", suggest_ms)
-    return 0.0
+    return round_trips(trial, prunes=20, suggests=5)
 
 
 def started_at(x: float) -> float:
