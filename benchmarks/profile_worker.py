@@ -72,7 +72,10 @@ def main() -> None:
             n_trials=args.trials,
         )
         dispatcher.add(run)
-        dispatcher.refill()  # every trial enqueued before the worker starts
+        sent = 0
+        while sent < args.trials:  # every trial enqueued before the worker starts, as sampled
+            sent += dispatcher.refill()
+        dispatcher.stop_sampling()
 
         # As in a pool: the attempt notices go to a supervisor (here a thread that reads them).
         reader, writer = multiprocessing.Pipe(duplex=False)
