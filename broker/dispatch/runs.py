@@ -110,6 +110,7 @@ class StudyRun:
     waiting_for_workers: bool = False  # no live worker listens to its queue (the daemon's view)
     asked: int = 0  # budget spent: trials asked (or being asked) that are not retries
     asking: int = 0  # asks requested of the sampling thread and not yet taken from it
+    sample_s: float = 0.0  # what an ask and its params take, a moving average (0: not known)
     told: int = 0
     peak_outstanding: int = 0
     cannot_run: str | None = None  # why no trial can run (see `note`): the study must stop

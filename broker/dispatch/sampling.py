@@ -29,9 +29,16 @@ import optuna
 from optuna_rq import failpoints
 from optuna_rq.dispatch.runs import StudyRun
 
-__all__ = ["STOP_WAIT_S", "Sampled", "SamplingThread"]
+__all__ = ["STOP_WAIT_S", "SWITCH_INTERVAL_S", "Sampled", "SamplingThread", "sample"]
 
 log = logging.getLogger("optuna_rq.dispatch")
+
+SWITCH_INTERVAL_S = 0.0005
+"""The interpreter's switch interval in the broker process (`sys.setswitchinterval`): how long
+the sampling thread may keep the GIL once the loop wants it. At Python's default, 5 ms, every
+socket call and write of the loop (several a turn) waits that long behind a sampler that
+computes: a remote-trial call took 14 ms at p50 under TPE, against 3 ms at 0.5 ms
+(benchmarks/fleet.py --probe)."""
 
 STOP_WAIT_S = 30.0
 """How long stopping waits for the ask in progress (a storage call that hangs is left behind:
@@ -47,6 +54,26 @@ class Sampled:
     payload: bytes | None = field(default=None, repr=False)  # None: `error`
     error: BaseException | None = None  # raised by the ask, or by sealing `trial`
     ask_s: float = 0.0  # how long `study.ask()` took
+    sample_s: float = 0.0  # how long the ask and the params (sealing) took
+
+
+def sample(run: StudyRun, seal: Callable[[StudyRun, optuna.Trial], bytes]) -> Sampled:
+    """Ask one trial of `run` and seal its request: on the sampling thread, or on the loop for
+    a sampler fast enough (`Dispatcher`)."""
+    started = time.perf_counter()
+    try:
+        trial = run.study.ask()
+    except BaseException as exc:  # the loop raises it, as it would have asking itself
+        took = time.perf_counter() - started
+        return Sampled(run, None, error=exc, ask_s=took, sample_s=took)
+    ask_s = time.perf_counter() - started
+    failpoints.hit("after_ask")
+    try:
+        payload, error = seal(run, trial), None
+    except BaseException as exc:
+        payload, error = None, exc
+    took = time.perf_counter() - started
+    return Sampled(run, trial, payload, error=error, ask_s=ask_s, sample_s=took)
 
 
 class SamplingThread:
@@ -131,6 +158,16 @@ class SamplingThread:
             thread.join(STOP_WAIT_S)
         return dropped
 
+    def settle(self, timeout_s: float) -> None:
+        """Wait until every ask requested is done, `timeout_s` at most."""
+        with self._cond:
+            deadline = time.monotonic() + timeout_s
+            while self._wanted or self._busy is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
     @contextmanager
     def blocking(self) -> Iterator[bool]:
         """Around a blocking read of the result stream: a trial sampled meanwhile wakes it.
@@ -167,7 +204,7 @@ class SamplingThread:
                 if wanted > 1:  # to the back: one ask per study per pass
                     self._wanted[key] = (run, wanted - 1)
                 self._busy = run
-            sampled = self._sample(run)
+            sampled = sample(run, self._seal)
             with self._cond:
                 self._busy = None
                 if id(run) in self._discard:
@@ -181,16 +218,3 @@ class SamplingThread:
                     self._wake()
                 except Exception as exc:  # Redis away: the loop finds out, and reads again
                     log.debug("could not wake the loop: %s", exc)
-
-    def _sample(self, run: StudyRun) -> Sampled:
-        started = time.perf_counter()
-        try:
-            trial = run.study.ask()
-        except BaseException as exc:  # the loop raises it, as it would have asking itself
-            return Sampled(run, None, error=exc, ask_s=time.perf_counter() - started)
-        ask_s = time.perf_counter() - started
-        failpoints.hit("after_ask")
-        try:
-            return Sampled(run, trial, self._seal(run, trial), ask_s=ask_s)
-        except BaseException as exc:
-            return Sampled(run, trial, error=exc, ask_s=ask_s)
