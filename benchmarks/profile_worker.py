@@ -72,10 +72,7 @@ def main() -> None:
             n_trials=args.trials,
         )
         dispatcher.add(run)
-        sent = 0
-        while sent < args.trials:  # every trial enqueued before the worker starts, as sampled
-            sent += dispatcher.refill()
-        dispatcher.stop_sampling()
+        dispatcher.refill()  # every trial enqueued before the worker starts
 
         # As in a pool: the attempt notices go to a supervisor (here a thread that reads them).
         reader, writer = multiprocessing.Pipe(duplex=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -199,7 +198,6 @@ def broker(
     restarted broker tells their results.
     """
     from optuna_rq.daemon import BrokerSettings, Daemon
-    from optuna_rq.dispatch.sampling import SWITCH_INTERVAL_S
     from optuna_rq.studies import default_storage_url, open_storage
 
     options: GlobalOptions = ctx.obj
@@ -222,7 +220,6 @@ def broker(
                 "choose a free port"
             ) from exc
     daemon = Daemon(connection, settings, options.signer(), metrics, health)
-    sys.setswitchinterval(SWITCH_INTERVAL_S)  # the loop's turns, against the sampling thread
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -159,7 +159,6 @@ class Daemon:
                 self.health.stopped("the broker stopped serving")
             if not data_lost:
                 try:
-                    self.dispatcher.stop_sampling()  # its trials: sent by the next broker
                     self.dispatcher.flush()
                     self.publish_status(force=True)
                 except StudyStorageError as exc:
@@ -204,7 +203,8 @@ class Daemon:
         if self.dispatcher.refill():
             self.status.mark(*self.dispatcher.runs)  # `running` changed, before any result
         self._update_metrics(now)  # after refilling: the steady state, not a drained moment
-        # Waits on the stream only when nothing is ready to send: a trial sampled wakes it.
+        # Slots the refill left unfilled (its sampling budget spent): read what arrived, then
+        # refill again at once.
         told = self.dispatcher.poll(None if self.dispatcher.behind else self.settings.poll_s)
         if told:
             self.status.mark(*self.dispatcher.runs)

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import pickle
-import threading
 from collections.abc import Callable, Container
 from typing import Any
 
@@ -82,22 +81,16 @@ class _WaitingTrials:
     (Optuna's InMemoryStorage finds them on the same premise; one set so through this storage
     is listed anyway), so per study this keeps how many trials it has looked at and which of
     those were waiting: a query looks only at the trials created since (by anyone: the storage
-    reads others' appends) and at those listed. Thread-safe: the sampling thread asks while the
-    loop enqueues trials (`optuna-rq enqueue`).
+    reads others' appends) and at those listed.
     """
 
     def __init__(self, storage: BaseStorage) -> None:
         self._storage = storage
-        self._lock = threading.Lock()
         self._seen: dict[int, int] = {}  # study id -> trials looked at (numbers 0..n-1)
         self._listed: dict[int, list[int]] = {}  # study id -> trial ids waiting when looked at
 
     def of(self, study_id: int) -> list[FrozenTrial]:
         """The study's WAITING trials, oldest first, as `get_all_trials` gives them."""
-        with self._lock:
-            return self._of(study_id)
-
-    def _of(self, study_id: int) -> list[FrozenTrial]:
         storage, listed = self._storage, self._listed.setdefault(study_id, [])
         number = self._seen.get(study_id, 0)
         while True:
@@ -117,21 +110,18 @@ class _WaitingTrials:
     def set_waiting(self, trial_id: int) -> None:
         """Trial `trial_id` was set WAITING after it was created: list it."""
         trial = self._storage.get_trial(trial_id)
-        with self._lock:
-            for study_id, listed in self._listed.items():
-                if trial_id in listed or self._seen.get(study_id, 0) <= trial.number:
-                    continue  # listed already, or not looked at yet (it is, when it is)
-                number = trial.number
-                if self._storage.get_trial_id_from_study_id_trial_number(study_id, number) == (
-                    trial_id
-                ):
-                    listed.append(trial_id)
-                    listed.sort(key=lambda i: self._storage.get_trial(i).number)
+        for study_id, listed in self._listed.items():
+            if trial_id in listed or self._seen.get(study_id, 0) <= trial.number:
+                continue  # listed already, or not looked at yet (it is, when it is)
+            if self._storage.get_trial_id_from_study_id_trial_number(study_id, trial.number) == (
+                trial_id
+            ):
+                listed.append(trial_id)
+                listed.sort(key=lambda i: self._storage.get_trial(i).number)
 
     def forget(self, study_id: int) -> None:
-        with self._lock:
-            self._seen.pop(study_id, None)
-            self._listed.pop(study_id, None)
+        self._seen.pop(study_id, None)
+        self._listed.pop(study_id, None)
 
 
 class GuardedStorage(BaseStorage):

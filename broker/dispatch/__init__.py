@@ -5,7 +5,6 @@
 
     dispatcher  the loop
     runs        StudyRun, and one record per trial in flight (asked ahead, unsent, sent)
-    sampling    the thread that asks trials and samples their params, off the loop
     sending     the trial queue: sealed requests and their RQ jobs
     results     the result stream: reading it, acknowledging what was told
     calls       remote-trial calls, served on the real trial
@@ -14,12 +13,13 @@
     observer    the hooks the metrics override, and the counters kept in Redis
 """
 
-from optuna_rq.dispatch.dispatcher import Dispatcher
+from optuna_rq.dispatch.dispatcher import ASK_BUDGET_S, Dispatcher
 from optuna_rq.dispatch.observer import DispatchObserver, count_refusal
 from optuna_rq.dispatch.runs import ATTEMPT_ATTR, RETRY_OF_ATTR, StudyRun
 from optuna_rq.dispatch.sending import FINISHED_JOB_TTL_S
 
 __all__ = [
+    "ASK_BUDGET_S",
     "ATTEMPT_ATTR",
     "FINISHED_JOB_TTL_S",
     "RETRY_OF_ATTR",

@@ -14,11 +14,9 @@ together (`send_replies`), one round trip for a batch of calls.
 from __future__ import annotations
 
 import logging
-import threading
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from typing import Any, TextIO
+from collections.abc import Mapping
+from typing import Any
 
 import optuna
 import redis
@@ -108,42 +106,11 @@ class CallServer:
         self.replies = []
 
 
-@contextmanager
-def _this_threads_warnings() -> Iterator[list[warnings.WarningMessage]]:
-    """The warnings this thread gives meanwhile, each one (an "always" filter: under `-W error`
-    they would turn into failures), as `catch_warnings(record=True)` would catch them; but the
-    warnings module is one for the process, and the sampling thread's warnings go where they
-    would have gone (the broker's log), not into a call's answer.
-
-    Should a `catch_warnings` on another thread (a sampler's) restore this one's hook after it
-    ended, the hook only passes warnings on."""
-    me, active = threading.get_ident(), True
-    caught: list[warnings.WarningMessage] = []
-
-    def show(
-        message: Warning | str,
-        category: type[Warning],
-        filename: str,
-        lineno: int,
-        file: TextIO | None = None,
-        line: str | None = None,
-    ) -> None:
-        if active and threading.get_ident() == me:
-            caught.append(warnings.WarningMessage(message, category, filename, lineno))
-        else:
-            passed_on(message, category, filename, lineno, file, line)
-
-    with warnings.catch_warnings():  # restores the filters and `showwarning`
-        warnings.simplefilter("always")
-        passed_on, warnings.showwarning = warnings.showwarning, show
-        try:
-            yield caught
-        finally:
-            active = False
-
-
 def _answer(study: optuna.Study, trial: optuna.Trial, call: TrialCall) -> TrialCallReply:
-    with _this_threads_warnings() as caught:
+    # The broker is single-threaded where it touches trials, so catching warnings here sees only
+    # this call's; under `-W error` they would otherwise turn into failures.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             value = _perform(study, trial, call)
             error: tuple[CallError, str] | None = None

@@ -4,8 +4,6 @@ The cap is exact: a study never has more than `concurrency` trials sent to worke
 told. A result is told at most once (stale or repeated results are acknowledged, counted and
 dropped), and only then is its slot refilled. A trial is asked when a slot frees, so the sampler
 sees what `study.optimize` with as many threads would: at cap 1, the same params for a seed.
-Asks run on a thread of their own (`sampling`): the loop requests one per free slot, goes on
-telling results and answering calls while they are sampled, and sends each trial once taken.
 A study may ask ahead instead (`StudyRun.ask_ahead`, `submit --ask-ahead N`): at its cap it keeps
 N trials sampled while the workers run, RUNNING in the storage but not sent, that go out the
 moment a slot frees, in the same round trip as the acknowledgement; the sampler then sees N
@@ -36,7 +34,6 @@ from optuna_rq.dispatch.observer import DispatchObserver
 from optuna_rq.dispatch.results import ResultStream, arrival_s, verdict_of
 from optuna_rq.dispatch.retries import Retries
 from optuna_rq.dispatch.runs import InFlight, Phase, StudyRun
-from optuna_rq.dispatch.sampling import Sampled, SamplingThread
 from optuna_rq.dispatch.sending import TrialSender
 from optuna_rq.errors import ConfigError, StudyStorageError
 from optuna_rq.protocol import (
@@ -50,21 +47,14 @@ from optuna_rq.protocol import (
 )
 from optuna_rq.verdict import Verdict, tell, worker_lost
 
-__all__ = ["FAST_SAMPLE_S", "SETTLE_S", "Dispatcher"]
+__all__ = ["ASK_BUDGET_S", "Dispatcher"]
 
 log = logging.getLogger("optuna_rq.dispatch")
 
-FAST_SAMPLE_S = 0.001
-"""A study whose asks (with their params) take less than this, on average, has a fast sampler:
-a refill that asks for its trials waits for them (`SETTLE_S` at most) and sends them in the
-same turn, rather than going on and being woken by each (a round trip, and a turn, per trial:
-a no-op study at 2 workers ran 15-20% slower so). Slower samplers (TPE past its startup
-trials) are not waited for."""
-SETTLE_S = 0.002
-"""How long a refill waits for the asks of fast samplers: as long as results, calls and lease
-checks may wait behind them; an ask slower than that (a sampler that just became slow) is
-sent once done, when it wakes the loop."""
-_SAMPLE_S_WEIGHT = 0.2  # of the latest ask in `StudyRun.sample_s`
+ASK_BUDGET_S = 0.02
+"""How long one refill may sample (ask and `process()`) before what it has is sent and the
+result stream is read again: results, acknowledgements and remote-trial calls wait no longer
+than this (and one ask) behind a batch of asks; the slots left are filled on the next turn."""
 
 _CANCELLED = Verdict(
     state=TrialState.FAIL,
@@ -81,8 +71,7 @@ class Dispatcher:
     """Runs studies on RQ workers through their queues (one per objective module and resource
     class, `TrialSender`) and one result stream.
 
-    Not thread-safe: one thread drives it (`run_until_done`, or `refill` and `poll`); it
-    samples on a thread of its own (`SamplingThread`), stopped by `stop_sampling` or `close`.
+    Not thread-safe: one thread drives it (`run_until_done`, or `refill` and `poll`).
     """
 
     def __init__(
@@ -120,7 +109,6 @@ class Dispatcher:
         self.calls = CallServer(
             connection, prefix=prefix, reply_to=reply_to, signer=self.signer, observer=self.observer
         )
-        self.sampling = SamplingThread(seal=self._seal_asked, wake=self._wake)
         self.on_told: Callable[[StudyRun, int], None] | None = None
         """Called with the run and the trial number after every tell (Optimizer callbacks)."""
         self.retries = Retries(
@@ -165,31 +153,34 @@ class Dispatcher:
     # -- ask -> process -> enqueue -------------------------------------------------------------
 
     def refill(self) -> int:
-        """Send what fills the free slots, oldest first: the trials asked but not known to be
-        enqueued (after a restart or an outage), then those sampled. Asks for the slots still
-        free and the trials to keep asked ahead go to the sampling thread; those of fast
-        samplers are waited for (`SETTLE_S`) and sent now, the others when they are done. The
-        sends and the pending acknowledgements go to Redis in one round trip; the number of
-        trials sent."""
+        """Send trials until every study is at its cap or has asked its budget, one study at a
+        time round the studies (first the trials asked but not known to be enqueued: after a
+        restart or an outage), or until sampling has taken `ASK_BUDGET_S`; then ask ahead. The
+        sends and the pending acknowledgements go to Redis in one round trip."""
         if any(run.count(Phase.UNSENT) for run in self.runs.values()):
             self._send_unsent()
-        if self._request_asks():
-            self.sampling.settle(SETTLE_S)  # fast asks, sent in this turn (GIL released)
-        while (sampled := self.sampling.take()) is not None:
-            self._receive(sampled)
         # One MULTI/EXEC, as RQ's own enqueue is: a connection lost midway enqueues all or none,
         # never a job saved but not pushed onto the queue (it would look queued forever).
         pipe = self.connection.pipeline(transaction=True)
         sending: list[tuple[StudyRun, InFlight]] = []
-        for run in self.runs.values():
-            while run.n_outstanding < run.limit:
+        started = time.perf_counter()
+        wanting = [run for run in self.runs.values() if run.wants_trial]
+        while wanting:  # one trial per study per pass: a slow sampler holds up no other study
+            for run in wanting:
                 record = run.next_asked_ahead()  # the oldest: asked first, sent first
                 if record is None:
-                    break
-                payload = run.occupy(record) or self._seal(run, record)
+                    if sending and time.perf_counter() - started > ASK_BUDGET_S:
+                        wanting = []  # the rest after the stream is read: `behind`
+                        break
+                    record = run.track(self._ask(run), attempt=1, phase=Phase.UNSENT)
+                    payload = None
+                else:
+                    payload = run.occupy(record)
+                payload = payload or self._seal(run, record)
                 if payload is not None:
                     self.sender.enqueue(run, record, payload, pipe)
                     sending.append((run, record))
+            wanting = [run for run in wanting if run.wants_trial]
         self.results.ack_into(pipe)
         if len(pipe):
             self.persist()  # what the sends and the acknowledgements stand on
@@ -198,69 +189,28 @@ class Dispatcher:
         now = time.time()
         for run, record in sending:
             run.mark_sent(record, now)
+        self._ask_ahead()
         return len(sending)
 
-    def _seal_asked(self, run: StudyRun, trial: optuna.Trial) -> bytes:
-        return self.sender.seal(run, trial, attempt=1)
-
-    def _request_asks(self) -> bool:
-        """Request the asks the studies want now (`StudyRun.to_ask`); whether any of them is of
-        a fast sampler (`FAST_SAMPLE_S`), worth waiting for."""
-        fast = False
+    def _ask_ahead(self) -> None:
+        """Sample the next trials of the studies at their cap that ask ahead, while their
+        workers run."""
         for run in self.runs.values():
-            n = run.to_ask
-            if n:
-                run.asked += n  # the budget they spend, from now: `n_trials` caps it
-                run.asking += n
-                self.sampling.request(run, n)
-                fast = fast or run.sample_s < FAST_SAMPLE_S
-        return fast
+            while (
+                0 < run.limit <= run.n_outstanding
+                and run.count(Phase.ASKED_AHEAD) < run.ask_ahead
+                and run.asked < run.n_trials
+            ):
+                record = run.track(self._ask(run), attempt=1, phase=Phase.ASKED_AHEAD)
+                record.payload = self._seal(run, record)
 
-    def _receive(self, sampled: Sampled) -> None:
-        """Take one ask's outcome into its run: the trial asked ahead, to be sent when a slot
-        is free; a space Optuna rejects ends it FAIL; an ask that failed raises here, as it
-        would have in the loop (a storage's failure: the daemon fails its studies)."""
-        run = sampled.run
-        run.asking -= 1
-        self.observer.asked(run.name, sampled.ask_s)
-        known = run.sample_s or sampled.sample_s
-        run.sample_s = known + _SAMPLE_S_WEIGHT * (sampled.sample_s - known)
-        if sampled.trial is None:
-            run.asked -= 1  # no trial exists
-            assert sampled.error is not None
-            raise sampled.error
-        record = run.track(sampled.trial, attempt=1, phase=Phase.ASKED_AHEAD)
-        if sampled.error is None:
-            record.payload = sampled.payload
-        elif isinstance(sampled.error, StudyStorageError):
-            raise sampled.error  # the storage failed, not the space: nothing to tell it
-        else:
-            self._sampling_failed(run, record, sampled.error)
-
-    def _collect(self, run: StudyRun) -> None:
-        """Ask no more trials of `run` for now: the asks requested and never started are
-        dropped (their budget unspent), the one in progress is waited for, and every trial
-        sampled is taken in (asked ahead)."""
-        dropped = self.sampling.withdraw(run)
-        run.asked -= dropped
-        run.asking -= dropped
-        while (sampled := self.sampling.take(run)) is not None:
-            self._receive(sampled)
-
-    def stop_sampling(self) -> None:
-        """Stop the sampling thread (once the ask in progress is done), and take in what it
-        sampled: RUNNING in the storage, it is sent by this loop later, or by the next broker
-        (`StudyRun.reattach`)."""
-        for run, dropped in self.sampling.stop():
-            run.asked -= dropped
-            run.asking -= dropped
-        while (sampled := self.sampling.take()) is not None:
-            self._receive(sampled)
-
-    def _wake(self) -> None:
-        """Wake the loop from its blocking read of the result stream (from the sampling
-        thread): an entry it skips, acknowledged with the rest."""
-        self.connection.xadd(self.results.reply_to, {WAKE_FIELD: b""})
+    def _ask(self, run: StudyRun) -> optuna.Trial:
+        started = time.perf_counter()
+        trial = run.study.ask()
+        self.observer.asked(run.name, time.perf_counter() - started)
+        run.asked += 1
+        failpoints.hit("after_ask")
+        return trial
 
     def _send(self, run: StudyRun, record: InFlight) -> None:
         """Enqueue the unsent trial `record` on its own."""
@@ -274,18 +224,15 @@ class Dispatcher:
         """The trial's sealed request; None if Optuna rejects the space: the trial is then told
         FAIL, never left RUNNING."""
         try:
-            return self.sender.seal(run, record.trial, attempt=record.attempt)
+            return self.sender.seal(run, record)
         except StudyStorageError:
             raise  # the storage failed, not the space: nothing to tell it
         except Exception as exc:
-            self._sampling_failed(run, record, exc)
+            log.error("study %r trial %d could not be sampled: %s", run.name, record.number, exc)
+            error = str(exc)
+            verdict = Verdict(state=TrialState.FAIL, fail_reason=FailReason.EXCEPTION, error=error)
+            self._finish(run, record, verdict)
             return None
-
-    def _sampling_failed(self, run: StudyRun, record: InFlight, exc: BaseException) -> None:
-        log.error("study %r trial %d could not be sampled: %s", run.name, record.number, exc)
-        error = str(exc)
-        verdict = Verdict(state=TrialState.FAIL, fail_reason=FailReason.EXCEPTION, error=error)
-        self._finish(run, record, verdict)
 
     def _send_unsent(self) -> None:
         """Enqueue the unsent trials whose job does not exist. Results are read first: a job
@@ -308,9 +255,9 @@ class Dispatcher:
 
     @property
     def behind(self) -> bool:
-        """Whether a trial could go out, or be asked, now: the loop must not wait on the
+        """Whether a study has a free slot it could fill: the loop must not wait on the
         stream (`poll(None)`) but refill again."""
-        return self.sampling.has_ready or any(run.wants_trial for run in self.runs.values())
+        return any(run.wants_trial for run in self.runs.values())
 
     def poll(self, block_s: float | None = 1.0) -> int:
         """Read the results that arrived (waiting up to `block_s`; None: not at all), tell
@@ -325,11 +272,7 @@ class Dispatcher:
 
     def _read(self, block_s: float | None) -> tuple[int, int]:
         """One read of the result stream: (trials told, entries read)."""
-        if block_s is None:
-            entries = self.results.read(None)
-        else:
-            with self.sampling.blocking() as may_block:  # a trial sampled wakes it
-                entries = self.results.read(block_s if may_block else None)
+        entries = self.results.read(block_s)
         handled = 0
         for entry_id, fields in entries:
             if CALL_FIELD in fields:
@@ -395,9 +338,8 @@ class Dispatcher:
 
     def wind_down(self, run: StudyRun, why: str) -> None:
         """No new trials for `run`: the trials running on workers finish and are told, as
-        `study.optimize` lets them after `study.stop()`; those asked ahead (or being asked),
-        never sent, end FAIL (`cancelled`, with `why`)."""
-        self._collect(run)
+        `study.optimize` lets them after `study.stop()`; those asked ahead, never sent, end
+        FAIL (`cancelled`, with `why`)."""
         run.n_trials = run.asked
         for record in list(run.in_phase(Phase.ASKED_AHEAD)):
             verdict = Verdict(state=TrialState.FAIL, fail_reason=FailReason.CANCELLED, error=why)
@@ -417,7 +359,6 @@ class Dispatcher:
         stop = stop or threading.Event()
         while not all(run.done for run in self.runs.values()):
             if stop.is_set():
-                self.stop_sampling()
                 self.cancel_outstanding()
                 return
             try:
@@ -427,7 +368,6 @@ class Dispatcher:
                 if wait_for_redis(self.connection, exc, stop=stop, give_up_s=give_up_after_s):
                     self.after_outage()
         self.flush()
-        self.stop_sampling()
 
     def flush(self) -> None:
         """Acknowledge the results told and not yet acknowledged."""
@@ -443,7 +383,6 @@ class Dispatcher:
         stopped on their workers (`Keys.cancel`), and its trials in flight end FAIL
         (`cancelled`, with `why`). A result that still arrives from a running one is dropped as
         stale."""
-        self._collect(run)
         run.n_trials = run.asked
         self.sender.withdraw(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
         verdict = (
@@ -460,7 +399,6 @@ class Dispatcher:
         stale. Results read and not yet acknowledged are read again, so that the other
         studies' are told even if the failure cut a batch short."""
         self.runs.pop(run.name, None)
-        self.sampling.withdraw(run, discard=True)  # what it asks, it asks of that storage
         self.sender.withdraw(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
         for record in run.in_flight():
             if record.holds_slot:
@@ -470,13 +408,10 @@ class Dispatcher:
     def fail_outstanding(self, error: str) -> None:
         """End every trial in flight FAIL (`worker_lost`) without a word to Redis: for a broker
         that cannot go on, so that no trial is left RUNNING."""
-        self.stop_sampling()
         for run in self.runs.values():
             for record in run.in_flight():
                 self._finish(run, record, worker_lost(error))
 
     def close(self) -> None:
-        """Stop sampling, and remove this dispatcher's result stream (for a private, per-run
-        stream)."""
-        self.sampling.stop()
+        """Remove this dispatcher's result stream (for a private, per-run stream)."""
         self.results.close()

@@ -2,9 +2,7 @@
 
 A trial in flight is in one phase: asked ahead (sampled and RUNNING in the storage, holding no
 slot), unsent (holding a slot, its job not known to be enqueued: just asked, or found after a
-restart or an outage), or sent (its job enqueued). It leaves the run when it is told. Before it
-is in flight, a trial is being asked (`StudyRun.asking`, on the sampling thread): that holds a
-slot too, or the place of a trial to keep asked ahead.
+restart or an outage), or sent (its job enqueued). It leaves the run when it is told.
 """
 
 from __future__ import annotations
@@ -108,9 +106,7 @@ class StudyRun:
     ask_ahead: int = 0  # trials it keeps asked at its cap, ready to send (`StudySpec.ask_ahead`)
     slots: int | None = None  # the fair share the daemon grants; None: the cap alone
     waiting_for_workers: bool = False  # no live worker listens to its queue (the daemon's view)
-    asked: int = 0  # budget spent: trials asked (or being asked) that are not retries
-    asking: int = 0  # asks requested of the sampling thread and not yet taken from it
-    sample_s: float = 0.0  # what an ask and its params take, a moving average (0: not known)
+    asked: int = 0  # budget spent: trials asked that are not retries
     told: int = 0
     peak_outstanding: int = 0
     cannot_run: str | None = None  # why no trial can run (see `note`): the study must stop
@@ -152,24 +148,14 @@ class StudyRun:
 
     @property
     def done(self) -> bool:
-        return self.asked >= self.n_trials and not self._in_flight and not self.asking
-
-    @property
-    def to_ask(self) -> int:
-        """How many more trials to ask now: one per free slot not already covered by a trial
-        asked ahead or being asked, and as many as it keeps asked ahead, within the budget."""
-        if self.limit <= 0:
-            return 0
-        free = max(0, self.limit - self.n_outstanding)
-        wanted = free + self.ask_ahead - self._counts[Phase.ASKED_AHEAD] - self.asking
-        return max(0, min(wanted, self.n_trials - self.asked))
+        return self.asked >= self.n_trials and not self._in_flight
 
     @property
     def wants_trial(self) -> bool:
-        """Whether a trial could go out or be asked now: a slot free and a trial asked ahead
-        to fill it, or a trial to ask (`to_ask`)."""
-        free = self.n_outstanding < self.limit
-        return (free and self._counts[Phase.ASKED_AHEAD] > 0) or self.to_ask > 0
+        """Whether a slot is free and a trial can fill it (one asked ahead, or budget left)."""
+        return self.n_outstanding < self.limit and (
+            self._counts[Phase.ASKED_AHEAD] > 0 or self.asked < self.n_trials
+        )
 
     @property
     def limit(self) -> int:
@@ -179,7 +165,7 @@ class StudyRun:
     @property
     def demand(self) -> int:
         """Slots this study could use now: its cap, or fewer near the end of its budget."""
-        left = self.n_trials - self.asked + len(self._in_flight) + self.asking
+        left = self.n_trials - self.asked + len(self._in_flight)
         return min(self.concurrency, left)
 
     def get(self, number: int) -> InFlight | None:

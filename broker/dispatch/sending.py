@@ -13,7 +13,6 @@ from collections.abc import Iterable, Sequence
 from copy import deepcopy
 from typing import Any
 
-import optuna
 import redis
 from rq import Queue
 from rq.job import Job
@@ -71,15 +70,14 @@ class TrialSender:
     def job_id(self, run: StudyRun, record: InFlight) -> str:
         return self.keys.job_id(run.name, record.number, record.attempt)
 
-    def seal(self, run: StudyRun, trial: optuna.Trial, *, attempt: int) -> bytes:
-        """The signed request for this attempt at `trial`, its params sampled now (on the
-        sampling thread, for a trial just asked). Raises whatever Optuna raises when it
-        rejects the space, or ProtocolError for a request too big to send."""
-        params = dict(process(trial, deepcopy(run.inputs)))
+    def seal(self, run: StudyRun, record: InFlight) -> bytes:
+        """The signed request for `record`, its params sampled now. Raises whatever Optuna
+        raises when it rejects the space, or ProtocolError for a request too big to send."""
+        params = dict(process(record.trial, deepcopy(run.inputs)))
         request = TrialRequest(
             study=run.name,
-            trial_number=trial.number,
-            attempt=attempt,
+            trial_number=record.number,
+            attempt=record.attempt,
             objective=run.objective,
             params=params,
             n_objectives=len(run.study.directions),
