@@ -75,6 +75,7 @@ class FleetRun:
     n_trials: int
     trial_s: float
     probe: bool = False  # remote-trial calls timed under this load, and idle
+    on_loop: bool = False  # the broker started with --sample-on-loop: no sampler process
 
     @property
     def ideal_trials_per_s(self) -> float:
@@ -92,6 +93,9 @@ FULL = [
     # The same TPE study again, with remote-trial calls timed through its second half (a row of
     # its own: the probe's calls cost the broker CPU the rows above do not spend).
     FleetRun("tpe", 100, 2000, 1.0, probe=True),
+    # ... and with every study sampled on the broker's loop (`--sample-on-loop`): the anchor of
+    # the sampler process, side by side.
+    FleetRun("tpe", 100, 2000, 1.0, probe=True, on_loop=True),
 ]
 QUICK = [
     FleetRun("random", 100, 400, 0.5),
@@ -112,12 +116,14 @@ class Broker:
         *,
         profile: Path | None = None,
         state_root: Path | None = None,
+        on_loop: bool = False,
     ) -> None:
         self.state = Path(tempfile.mkdtemp(prefix="orq-fleet-", dir=state_root or "/tmp"))
         self.storage_url = default_storage_url(self.state)
         runner = ["-m", "cProfile", "-o", str(profile)] if profile else []
         argv = [sys.executable, *runner, "-m", "optuna_rq.cli", "--redis-url", url]
         argv += ["--prefix", prefix, "broker", "--log-level", "WARNING"]
+        argv += ["--sample-on-loop"] if on_loop else []
         env = dict(os.environ, OPTUNA_RQ_STATE_DIR=str(self.state), PYTHONPATH=str(ROOT))
         env[ENV_SECRET] = secret
         self.process = subprocess.Popen(argv, env=env)
@@ -131,12 +137,19 @@ class Broker:
                 raise RuntimeError(f"the broker did not start (exit {self.process.returncode})")
             time.sleep(0.05)
 
+    def _processes(self) -> list[psutil.Process]:
+        """The broker and its sampler process, once it has one."""
+        return [self.ps, *self.ps.children(recursive=True)]
+
     def cpu_s(self) -> float:
-        times = self.ps.cpu_times()
-        return float(times.user + times.system)
+        total = 0.0
+        for process in self._processes():
+            times = process.cpu_times()
+            total += times.user + times.system
+        return total
 
     def rss_mb(self) -> float:
-        return float(self.ps.memory_info().rss) / 2**20
+        return sum(float(p.memory_info().rss) for p in self._processes()) / 2**20
 
     def stop(self) -> None:
         _terminate(self.process, timeout_s=120)
@@ -160,7 +173,9 @@ def run_fleet(
     processes = processes or max(1, min(4, run.workers // WORKERS_PER_PROCESS))
     connection = connect(url)
     keys = Keys(prefix)
-    broker = Broker(url, prefix, secret, profile=profile, state_root=state_root)
+    broker = Broker(
+        url, prefix, secret, profile=profile, state_root=state_root, on_loop=run.on_loop
+    )
     probe = ProbeWorker(url, prefix, secret) if run.probe else None
     probing = False
     try:
@@ -469,12 +484,22 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None, help="cProfile the broker here")
     parser.add_argument("--state-root", type=Path, default=None, help="the broker's state here")
     parser.add_argument("--probe", action="store_true", help="time remote-trial calls too")
+    parser.add_argument(
+        "--sample-on-loop", action="store_true", help="the broker has no sampler process"
+    )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     state = Path(tempfile.mkdtemp(prefix="orq-fleet-redis-", dir="/tmp"))
     url = ensure_embedded(state)
     try:
-        run = FleetRun(args.sampler, args.workers, args.n_trials, args.trial_s, args.probe)
+        run = FleetRun(
+            args.sampler,
+            args.workers,
+            args.n_trials,
+            args.trial_s,
+            args.probe,
+            args.sample_on_loop,
+        )
         row = run_fleet(
             url, run, processes=args.processes, profile=args.profile, state_root=args.state_root
         )

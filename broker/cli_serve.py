@@ -15,6 +15,7 @@ from optuna_rq.cli_options import GlobalOptions, configure_logging, connect_redi
 from optuna_rq.errors import ConfigError
 from optuna_rq.health import DEFAULT_STALL_LIMIT_S, BrokerHealth, serve_http
 from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, DEFAULT_QUEUE
+from optuna_rq.sampling import OFF_LOOP_AT_S
 
 __all__ = ["broker", "workers"]
 
@@ -191,6 +192,26 @@ def broker(
             "broker stuck (503) and an orchestrator restarts it.",
         ),
     ] = DEFAULT_STALL_LIMIT_S,
+    sample_off_loop: Annotated[
+        bool,
+        typer.Option(
+            "--sample-off-loop/--sample-on-loop",
+            help="Let studies whose sampler is slow sample in a process of the broker's own, so "
+            "that results, leases and trials' calls are served meanwhile (studies on a journal "
+            "file, the default storage, whose space is sampled at the ask: --param or --space). "
+            "--sample-on-loop samples every study in the dispatch loop.",
+        ),
+    ] = True,
+    off_loop_above: Annotated[
+        float,
+        typer.Option(
+            "--off-loop-above",
+            min=0.0,
+            metavar="MS",
+            help="How slow is slow: milliseconds per trial of sampling on the loop, on "
+            "average (TPE passes 2 after a few hundred trials; GP and CMA-ES sooner).",
+        ),
+    ] = OFF_LOOP_AT_S * 1000,
 ) -> None:
     """Run the broker daemon in the foreground: it serves every study submitted on this prefix.
 
@@ -198,14 +219,24 @@ def broker(
     restarted broker tells their results.
     """
     from optuna_rq.daemon import BrokerSettings, Daemon
+    from optuna_rq.dispatch import OffLoopSampling
+    from optuna_rq.protocol import Keys
+    from optuna_rq.sampling.process import SamplerProcess
     from optuna_rq.studies import default_storage_url, open_storage
 
     options: GlobalOptions = ctx.obj
     configure_logging(log_level)
     storage_url = storage or default_storage_url(options.state())
     open_storage(storage_url)  # a URL Optuna rejects stops us here, before any study
-    _url, connection = connect_redis(options)
+    url, connection = connect_redis(options)
     settings = BrokerSettings(prefix=options.prefix, storage=storage_url)
+    # Slow samplers sample there (`optuna_rq.dispatch.offloop`); it wakes the loop on Redis.
+    sampler_process = (
+        SamplerProcess(url, options.password(), Keys(options.prefix).results)
+        if sample_off_loop
+        else None
+    )
+    off_loop = OffLoopSampling(sampler_process, above_s=off_loop_above / 1000)
     health = BrokerHealth(stall_limit)
     metrics = None
     if metrics_port is not None:
@@ -219,7 +250,7 @@ def broker(
                 f"--metrics-port {metrics_port}: cannot listen on it ({exc.strerror or exc}); "
                 "choose a free port"
             ) from exc
-    daemon = Daemon(connection, settings, options.signer(), metrics, health)
+    daemon = Daemon(connection, settings, options.signer(), metrics, health, off_loop)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

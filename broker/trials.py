@@ -7,7 +7,7 @@ other. Each function takes a study and either a live `optuna.Trial` or a trial n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,6 +19,7 @@ __all__ = [
     "create_running_trial",
     "frozen_trial",
     "live_trial",
+    "only_waiting",
     "optimize_loop",
     "set_trial_system_attr",
     "set_trial_user_attr",
@@ -49,6 +50,7 @@ def create_running_trial(
     params: dict[str, Any],
     distributions: dict[str, BaseDistribution],
     user_attrs: dict[str, Any],
+    system_attrs: dict[str, Any] | None = None,
 ) -> optuna.Trial:
     """A new RUNNING trial of `study` with these params already set (the sampler is not asked)."""
     template = optuna.trial.create_trial(
@@ -56,9 +58,20 @@ def create_running_trial(
         params=params,
         distributions=distributions,
         user_attrs=user_attrs,
+        system_attrs=system_attrs,
     )
     trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
     return optuna.Trial(study, trial_id)
+
+
+def only_waiting(states: Container[TrialState] | None) -> bool:
+    """Whether a query for trials in `states` asks for WAITING trials alone (as `study.ask()`
+    does, looking for one enqueued)."""
+    if states is None:
+        return False
+    return TrialState.WAITING in states and not any(
+        s in states for s in TrialState if s is not TrialState.WAITING
+    )
 
 
 def set_trial_user_attr(

@@ -26,7 +26,7 @@ from optuna_rq.daemon.settings import BrokerSettings
 from optuna_rq.daemon.status import StatusPublisher
 from optuna_rq.daemon.stopping import StopConditions
 from optuna_rq.daemon.storages import Storages
-from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.dispatch import Dispatcher, OffLoopSampling, StudyRun
 from optuna_rq.errors import (
     BrokerAlreadyRunningError,
     ConfigError,
@@ -38,7 +38,7 @@ from optuna_rq.errors import (
 from optuna_rq.health import BrokerHealth
 from optuna_rq.metrics import BrokerMetrics
 from optuna_rq.protocol import Keys, Signer, StudySpec, StudyState
-from optuna_rq.studies import make_pruner, make_sampler
+from optuna_rq.studies import journal_path, make_pruner, make_sampler
 
 __all__ = ["Daemon"]
 
@@ -55,6 +55,7 @@ class Daemon:
         signer: Signer | None = None,
         metrics: BrokerMetrics | None = None,
         health: BrokerHealth | None = None,
+        off_loop: OffLoopSampling | None = None,
     ) -> None:
         self.connection = connection
         self.signer = signer or Signer()
@@ -77,6 +78,7 @@ class Daemon:
             signer=self.signer,
             observer=metrics,
             persist=self.storages.flush,
+            off_loop=off_loop,
         )
         self.inbox = CommandInbox(
             connection, self.keys, signer=self.signer, handler=self, persist=self.storages.flush
@@ -163,6 +165,7 @@ class Daemon:
                     self.publish_status(force=True)
                 except StudyStorageError as exc:
                     log.error("%s", exc)
+            self.dispatcher.stop_sampling()
             self.storages.close()  # what is told (the trials failed above too) is on disk
             if not data_lost:
                 self.release()
@@ -276,6 +279,8 @@ class Daemon:
                 queue=spec.queue,
                 ask_ahead=spec.ask_ahead,
             )
+            journal = journal_path(url)
+            run.journal = None if journal is None else str(journal)
             run.reattach()
         except StudyStorageError as exc:
             self.specs[spec.name] = spec

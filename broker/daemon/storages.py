@@ -36,6 +36,7 @@ from optuna_rq.connection import redact_url
 from optuna_rq.errors import StudyStorageError
 from optuna_rq.journal import BatchedJournal
 from optuna_rq.studies import journal_path, open_storage
+from optuna_rq.trials import only_waiting
 
 __all__ = ["GuardedStorage", "Storages", "storage_failure"]
 
@@ -142,7 +143,7 @@ class GuardedStorage(BaseStorage):
         states: Container[TrialState] | None = None,
     ) -> list[FrozenTrial]:
         try:
-            if self._waiting is not None and _only_waiting(states):
+            if self._waiting is not None and only_waiting(states):
                 trials = self._waiting.of(study_id)
                 return copy.deepcopy(trials) if deepcopy else trials
             return self.inner.get_all_trials(study_id, deepcopy=deepcopy, states=states)
@@ -206,15 +207,6 @@ class GuardedStorage(BaseStorage):
 
 _set_trial_state_values = _guarded("set_trial_state_values")
 _delete_study = _guarded("delete_study")
-
-
-def _only_waiting(states: Container[TrialState] | None) -> bool:
-    """Whether `states` asks for WAITING trials alone (as `study.ask()` does)."""
-    if states is None:
-        return False
-    return TrialState.WAITING in states and not any(
-        s in states for s in TrialState if s is not TrialState.WAITING
-    )
 
 
 class Storages:

@@ -11,10 +11,13 @@
     retries     lost attempts, and the trials that run them again
     leases      which attempts have lost their worker, judged by their leases
     observer    the hooks the metrics override, and the counters kept in Redis
+    offloop     which studies sample in the sampler process (`optuna_rq.sampling`), and what
+                the loop has asked of it
 """
 
 from optuna_rq.dispatch.dispatcher import ASK_BUDGET_S, Dispatcher
 from optuna_rq.dispatch.observer import DispatchObserver, count_refusal
+from optuna_rq.dispatch.offloop import OffLoopSampling
 from optuna_rq.dispatch.runs import ATTEMPT_ATTR, RETRY_OF_ATTR, StudyRun
 from optuna_rq.dispatch.sending import FINISHED_JOB_TTL_S
 
@@ -25,6 +28,7 @@ __all__ = [
     "RETRY_OF_ATTR",
     "DispatchObserver",
     "Dispatcher",
+    "OffLoopSampling",
     "StudyRun",
     "count_refusal",
 ]

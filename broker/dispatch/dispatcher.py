@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import optuna
 import redis
@@ -31,6 +32,7 @@ from optuna_rq import failpoints
 from optuna_rq.connection import wait_for_redis
 from optuna_rq.dispatch.calls import CallServer
 from optuna_rq.dispatch.observer import DispatchObserver
+from optuna_rq.dispatch.offloop import OffLoopSampling
 from optuna_rq.dispatch.results import ResultStream, arrival_s, verdict_of
 from optuna_rq.dispatch.retries import Retries
 from optuna_rq.dispatch.runs import InFlight, Phase, StudyRun
@@ -45,6 +47,8 @@ from optuna_rq.protocol import (
     Keys,
     Signer,
 )
+from optuna_rq.sampling.messages import Sampled, SampleFailed
+from optuna_rq.trials import create_running_trial
 from optuna_rq.verdict import Verdict, tell, worker_lost
 
 __all__ = ["ASK_BUDGET_S", "Dispatcher"]
@@ -86,6 +90,7 @@ class Dispatcher:
         lease_grace_s: float = DEFAULT_LEASE_TTL_S,
         lease_check_s: float = 0.25,
         persist: Callable[[], None] | None = None,
+        off_loop: OffLoopSampling | None = None,
     ) -> None:
         self.connection = connection
         self.persist = persist or _nothing_to_persist
@@ -109,6 +114,8 @@ class Dispatcher:
         self.calls = CallServer(
             connection, prefix=prefix, reply_to=reply_to, signer=self.signer, observer=self.observer
         )
+        self.off_loop = off_loop or OffLoopSampling(None)
+        """Studies whose sampling is slow sample in its process, if it has one (`offloop`)."""
         self.on_told: Callable[[StudyRun, int], None] | None = None
         """Called with the run and the trial number after every tell (Optimizer callbacks)."""
         self.retries = Retries(
@@ -163,34 +170,68 @@ class Dispatcher:
         # never a job saved but not pushed onto the queue (it would look queued forever).
         pipe = self.connection.pipeline(transaction=True)
         sending: list[tuple[StudyRun, InFlight]] = []
+        self._take_sampled(pipe, sending)
         started = time.perf_counter()
-        wanting = [run for run in self.runs.values() if run.wants_trial]
+        wanting = [run for run in self.runs.values() if self._can_refill(run)]
         while wanting:  # one trial per study per pass: a slow sampler holds up no other study
             for run in wanting:
+                if self.off_loop.takes(run):
+                    self.off_loop.request(run, run.free_slots)  # sent after the flush below
+                    continue
                 record = run.next_asked_ahead()  # the oldest: asked first, sent first
                 if record is None:
                     if sending and time.perf_counter() - started > ASK_BUDGET_S:
                         wanting = []  # the rest after the stream is read: `behind`
                         break
+                    sampling_started = time.perf_counter()
                     record = run.track(self._ask(run), attempt=1, phase=Phase.UNSENT)
-                    payload = None
+                    payload = self._seal(run, record)
+                    self.off_loop.note(run, time.perf_counter() - sampling_started)
                 else:
-                    payload = run.occupy(record)
-                payload = payload or self._seal(run, record)
+                    payload = run.occupy(record) or self._seal(run, record)
                 if payload is not None:
                     self.sender.enqueue(run, record, payload, pipe)
                     sending.append((run, record))
-            wanting = [run for run in wanting if run.wants_trial]
+            wanting = [run for run in wanting if self._can_refill(run)]
         self.results.ack_into(pipe)
+        if len(pipe) or self.off_loop.has_outbox:
+            self.persist()  # what the sends, the acknowledgements and the requests stand on
         if len(pipe):
-            self.persist()  # what the sends and the acknowledgements stand on
             pipe.execute()  # on an outage, the sends stay unsent and the acks pending: redone
+        self.off_loop.send()
         self.results.acked()
         now = time.time()
         for run, record in sending:
             run.mark_sent(record, now)
         self._ask_ahead()
         return len(sending)
+
+    def _can_refill(self, run: StudyRun) -> bool:
+        return run.wants_trial and not self.off_loop.busy(run)
+
+    def _take_sampled(self, pipe: Any, sending: list[tuple[StudyRun, InFlight]]) -> None:
+        """Create the trials the sampler process sampled, and enqueue them in `pipe`; ask on
+        the loop those it could not sample."""
+        for run, answer in self.off_loop.take():
+            if run.name not in self.runs or self.runs[run.name] is not run:
+                continue
+            if isinstance(answer, SampleFailed):
+                trial = self._ask(run)
+            else:
+                assert isinstance(answer, Sampled)
+                trial = create_running_trial(
+                    run.study,
+                    params=answer.params,
+                    distributions=answer.distributions,
+                    user_attrs=answer.user_attrs,
+                    system_attrs=answer.system_attrs,
+                )
+                self.observer.asked(run.name, answer.sample_s)
+            record = run.track(trial, attempt=1, phase=Phase.UNSENT)
+            payload = self._seal(run, record)  # the params are set: `process()` reads them
+            if payload is not None:
+                self.sender.enqueue(run, record, payload, pipe)
+                sending.append((run, record))
 
     def _ask_ahead(self) -> None:
         """Sample the next trials of the studies at their cap that ask ahead, while their
@@ -257,7 +298,7 @@ class Dispatcher:
     def behind(self) -> bool:
         """Whether a study has a free slot it could fill: the loop must not wait on the
         stream (`poll(None)`) but refill again."""
-        return any(run.wants_trial for run in self.runs.values())
+        return any(self._can_refill(run) for run in self.runs.values())
 
     def poll(self, block_s: float | None = 1.0) -> int:
         """Read the results that arrived (waiting up to `block_s`; None: not at all), tell
@@ -340,6 +381,7 @@ class Dispatcher:
         """No new trials for `run`: the trials running on workers finish and are told, as
         `study.optimize` lets them after `study.stop()`; those asked ahead, never sent, end
         FAIL (`cancelled`, with `why`)."""
+        self.off_loop.forget(run)
         run.n_trials = run.asked
         for record in list(run.in_phase(Phase.ASKED_AHEAD)):
             verdict = Verdict(state=TrialState.FAIL, fail_reason=FailReason.CANCELLED, error=why)
@@ -383,6 +425,7 @@ class Dispatcher:
         stopped on their workers (`Keys.cancel`), and its trials in flight end FAIL
         (`cancelled`, with `why`). A result that still arrives from a running one is dropped as
         stale."""
+        self.off_loop.forget(run)
         run.n_trials = run.asked
         self.sender.withdraw(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
         verdict = (
@@ -399,6 +442,7 @@ class Dispatcher:
         stale. Results read and not yet acknowledged are read again, so that the other
         studies' are told even if the failure cut a batch short."""
         self.runs.pop(run.name, None)
+        self.off_loop.forget(run)
         self.sender.withdraw(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
         for record in run.in_flight():
             if record.holds_slot:
@@ -415,3 +459,7 @@ class Dispatcher:
     def close(self) -> None:
         """Remove this dispatcher's result stream (for a private, per-run stream)."""
         self.results.close()
+
+    def stop_sampling(self) -> None:
+        """End the sampler process, if one was started (the broker stops)."""
+        self.off_loop.close()

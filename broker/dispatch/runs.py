@@ -106,6 +106,10 @@ class StudyRun:
     ask_ahead: int = 0  # trials it keeps asked at its cap, ready to send (`StudySpec.ask_ahead`)
     slots: int | None = None  # the fair share the daemon grants; None: the cap alone
     waiting_for_workers: bool = False  # no live worker listens to its queue (the daemon's view)
+    journal: str | None = None  # the journal file its storage writes, if one (`offloop`)
+    off_loop: bool = False  # it samples in the sampler process (`offloop`)
+    sampler_moved: bool = False  # its sampler went to that process (and is stale here)
+    sampling: int = 0  # trials asked of that process and not back yet: each holds a slot
     asked: int = 0  # budget spent: trials asked that are not retries
     told: int = 0
     peak_outstanding: int = 0
@@ -148,12 +152,18 @@ class StudyRun:
 
     @property
     def done(self) -> bool:
-        return self.asked >= self.n_trials and not self._in_flight
+        return self.asked >= self.n_trials and not self._in_flight and not self.sampling
+
+    @property
+    def free_slots(self) -> int:
+        """Slots a new trial could take now (the budget allowing)."""
+        held = self.n_outstanding + self.sampling
+        return max(0, min(self.limit - held, self.n_trials - self.asked))
 
     @property
     def wants_trial(self) -> bool:
         """Whether a slot is free and a trial can fill it (one asked ahead, or budget left)."""
-        return self.n_outstanding < self.limit and (
+        return self.n_outstanding + self.sampling < self.limit and (
             self._counts[Phase.ASKED_AHEAD] > 0 or self.asked < self.n_trials
         )
 
@@ -165,7 +175,7 @@ class StudyRun:
     @property
     def demand(self) -> int:
         """Slots this study could use now: its cap, or fewer near the end of its budget."""
-        left = self.n_trials - self.asked + len(self._in_flight)
+        left = self.n_trials - self.asked + len(self._in_flight) + self.sampling
         return min(self.concurrency, left)
 
     def get(self, number: int) -> InFlight | None:

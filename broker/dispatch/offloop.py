@@ -1,0 +1,181 @@
+"""Which studies sample off the loop, and the requests the loop has out with the sampler process.
+
+A study moves off the loop when sampling one trial there (ask and `process()`) takes more than
+`above_s` on average (`OFF_LOOP_AT_S` by default, `optuna-rq broker --off-loop-above`: TPE past a
+few hundred trials, GP, CMA-ES), its space is sampled at the ask (suggestions in its inputs: a
+define-by-run objective samples in its own calls), it keeps nothing asked ahead, and its storage
+is a journal file the sampler process can read.
+The process is started once a study samples half that slowly, so that it is ready when needed;
+until it is, the loop samples. A study that moved stays moved (its sampler, random state and
+all, went with it), unless the process dies or cannot sample it: then the loop samples it again.
+
+A study has one request out at a time: the next is sent after the loop created and flushed the
+trials of the last, so that the sampler sees them (and only then drops its scratch copies). Each
+trial requested holds a slot and counts against the budget until it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+from optuna.trial import TrialState
+
+from optuna_rq.dispatch.runs import StudyRun
+from optuna_rq.sampling import OFF_LOOP_AT_S
+from optuna_rq.sampling.messages import Sampled, SampleFailed, SampleRequest
+from optuna_rq.sampling.process import SamplerProcess
+from optuna_rq.space import Suggestion
+
+__all__ = ["OffLoopSampling"]
+
+log = logging.getLogger("optuna_rq.dispatch")
+
+_WEIGHT = 0.2  # of the newest sample in the average: a few trials move it
+
+
+@dataclass(slots=True)
+class _Request:
+    run: StudyRun
+    left: int  # trials still to come back
+
+
+def _samples_at_ask(inputs: dict[str, Any]) -> bool:
+    return any(
+        isinstance(v, Suggestion) or (isinstance(v, dict) and _samples_at_ask(v))
+        for v in inputs.values()
+    )
+
+
+class OffLoopSampling:
+    """The loop's side of the sampler process (`process`; None: every study samples on the
+    loop). Not thread-safe: the dispatch loop drives it."""
+
+    def __init__(self, process: SamplerProcess | None, above_s: float = OFF_LOOP_AT_S) -> None:
+        self.process = process
+        self.above_s = above_s
+        """Loop time per trial sampled (an average) above which a study moves; the process is
+        started at half that, to be ready by then."""
+        self._requests: dict[int, _Request] = {}
+        self._outbox: list[SampleRequest] = []
+        self._next_id = 0
+        self._loop_s: dict[int, float] = {}  # id(run) -> average loop time per trial sampled
+
+    def note(self, run: StudyRun, seconds: float) -> None:
+        """The loop sampled one trial of `run` in `seconds`."""
+        if run.journal is None or run.ask_ahead or self.process is None:
+            return
+        average = self._loop_s.get(id(run))
+        average = seconds if average is None else average + _WEIGHT * (seconds - average)
+        self._loop_s[id(run)] = average
+        if average >= self.above_s / 2 and not self.process.started:
+            self.process.start()
+
+    def takes(self, run: StudyRun) -> bool:
+        """Whether `run` samples off the loop now (moving it there if it is time). Not while it
+        has enqueued trials: the loop takes those, in order, as `study.ask()` does."""
+        if self.process is None or not self.process.ready:
+            return False
+        if run.sampler_moved and not run.off_loop:
+            return False  # moved back: its sampler in the process has moved on
+        if not run.off_loop and (
+            run.journal is None
+            or run.ask_ahead
+            or self._loop_s.get(id(run), -1.0) < self.above_s
+            or not _samples_at_ask(run.inputs)
+        ):
+            return False
+        if run.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return False
+        if not run.off_loop:
+            run.off_loop = True
+            log.info("study %r samples in the sampler process from now on", run.name)
+        return True
+
+    def busy(self, run: StudyRun) -> bool:
+        """Whether `run` has a request out: it asks for no more until that one is back."""
+        return run.off_loop and run.sampling > 0
+
+    def request(self, run: StudyRun, n: int) -> None:
+        """Ask the process for `n` trials of `run` (sent by `send`, after the loop's flush)."""
+        assert run.journal is not None and n > 0 and not run.sampling
+        first = not run.sampler_moved
+        self._next_id += 1
+        self._outbox.append(
+            SampleRequest(
+                request_id=self._next_id,
+                study=run.name,
+                journal=run.journal,
+                inputs=run.inputs,
+                n=n,
+                sampler=pickle.dumps(run.study.sampler) if first else None,
+            )
+        )
+        run.sampler_moved = True
+        self._requests[self._next_id] = _Request(run, n)
+        run.sampling += n
+        run.asked += n
+
+    @property
+    def has_outbox(self) -> bool:
+        return bool(self._outbox)
+
+    def send(self) -> None:
+        """Hand the requests over: after what they stand on (the trials told) is durable."""
+        outbox, self._outbox = self._outbox, []
+        for request in outbox:
+            if self.process is None or not self.process.send(request):
+                self._back_to_loop()
+                return
+
+    def take(self) -> list[tuple[StudyRun, Sampled | SampleFailed]]:
+        """The trials sampled since the last call, with their runs (requests forgotten, their
+        answers are dropped: those trials were never created)."""
+        if self.process is None or not self.process.started:
+            return []
+        answers = []
+        for answer in self.process.replies():
+            request = self._requests.get(answer.request_id)
+            if request is None:
+                continue
+            request.left -= 1
+            request.run.sampling -= 1
+            if not request.left:
+                del self._requests[answer.request_id]
+            if isinstance(answer, SampleFailed):
+                request.run.asked -= 1  # the loop asks it
+                self._keep_on_loop(request.run, answer.error)
+            answers.append((request.run, answer))
+        if self.process.failed:
+            self._back_to_loop()
+        return answers
+
+    def forget(self, run: StudyRun) -> None:
+        """`run` wants nothing more from the process: what it has out is dropped, unspent."""
+        for request_id, request in list(self._requests.items()):
+            if request.run is run:
+                run.asked -= request.left
+                run.sampling -= request.left
+                del self._requests[request_id]
+        self._loop_s.pop(id(run), None)
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def _keep_on_loop(self, run: StudyRun, why: str) -> None:
+        if run.off_loop:
+            log.warning("study %r samples on the loop again: %s", run.name, why)
+        run.off_loop = False
+
+    def _back_to_loop(self) -> None:
+        """The process is gone: every study samples on the loop, what was out is unspent."""
+        for request in self._requests.values():
+            request.run.asked -= request.left
+            request.run.sampling -= request.left
+            request.run.off_loop = False
+        self._requests.clear()
+        self._outbox.clear()
+        self.process = None

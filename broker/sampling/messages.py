@@ -1,0 +1,49 @@
+"""What the broker and its sampler process say to each other, over a pipe between the two (both
+are this package at one version: they are pickled, never seen by anyone else)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from optuna.distributions import BaseDistribution
+
+__all__ = ["READY", "SampleFailed", "SampleRequest", "Sampled"]
+
+READY = "ready"
+"""The sampler process's first word: it imported what it needs and reached Redis."""
+
+
+@dataclass(frozen=True, slots=True)
+class SampleRequest:
+    """Sample `n` trials of `study` (in the journal file `journal`), each through `process()` on
+    `inputs`. The first request of a study carries its sampler as the broker's loop left it (its
+    random state too): it samples on from there, there alone."""
+
+    request_id: int
+    study: str
+    journal: str
+    inputs: dict[str, Any]
+    n: int
+    sampler: bytes | None = None  # the study's sampler, pickled: in its first request only
+
+
+@dataclass(frozen=True, slots=True)
+class Sampled:
+    """One trial of request `request_id`, sampled: the broker creates it with these."""
+
+    request_id: int
+    params: dict[str, Any]
+    distributions: dict[str, BaseDistribution]
+    user_attrs: dict[str, Any]
+    system_attrs: dict[str, Any]
+    sample_s: float  # the ask and `process()`, in the sampler process
+
+
+@dataclass(frozen=True, slots=True)
+class SampleFailed:
+    """One trial of request `request_id` could not be sampled there: the broker asks it itself
+    (and meets the same error, if it is the space's, which it tells as the trial's)."""
+
+    request_id: int
+    error: str
