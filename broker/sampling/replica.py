@@ -36,12 +36,6 @@ _SCRATCH_IDS_FROM = 1 << 62
 """Trial ids of scratch trials: far above any a storage hands out, so none is ever mistaken."""
 
 
-def _only_waiting(states: Container[TrialState]) -> bool:
-    return TrialState.WAITING in states and not any(
-        s in states for s in TrialState if s.name != "WAITING"
-    )
-
-
 class ScratchWriteError(RuntimeError):
     """A sampler tried to change what the broker owns (a study, or a trial it did not ask)."""
 
