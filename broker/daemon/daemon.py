@@ -341,7 +341,8 @@ class Daemon:
                 continue
             stopped = self.stopping.reason(name)  # a stop condition held: named in the status
             self.status.publish(self.specs[name], run, state=StudyState.FINISHED, error=stopped)
-            log.info("study %r finished: %d trials", name, run.told)
+            # run.asked: every trial of its budget, a resumed study's earlier ones included
+            log.info("study %r finished: %d trials", name, run.asked)
         return bool(ended)
 
     # commands (the inbox's CommandHandler)
