@@ -15,7 +15,7 @@ from optuna_rq.cli_options import GlobalOptions, configure_logging, connect_redi
 from optuna_rq.errors import ConfigError
 from optuna_rq.health import DEFAULT_STALL_LIMIT_S, BrokerHealth, serve_http
 from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, DEFAULT_QUEUE
-from optuna_rq.sampling import OFF_LOOP_AT_S
+from optuna_rq.sampling import OFF_LOOP_AT_S, SAMPLES_TO_DECIDE
 
 __all__ = ["broker", "workers"]
 
@@ -208,8 +208,9 @@ def broker(
             "--off-loop-above",
             min=0.0,
             metavar="MS",
-            help="How slow is slow: milliseconds per trial of sampling on the loop, on "
-            "average (TPE passes 2 after a few hundred trials; GP and CMA-ES sooner).",
+            help="How slow is slow: CPU milliseconds per trial of sampling on the loop, "
+            f"the median of a study's last {SAMPLES_TO_DECIDE} (TPE passes 2 once past its "
+            "startup trials, GP and CMA-ES too; RandomSampler costs about 1).",
         ),
     ] = OFF_LOOP_AT_S * 1000,
 ) -> None:

@@ -15,6 +15,7 @@ import pytest
 from optuna.storages import JournalStorage
 from optuna.trial import TrialState
 
+from optuna_rq.sampling import SAMPLES_TO_DECIDE
 from optuna_rq.sampling.replica import JournalReader, ScratchStorage, ScratchWriteError
 from optuna_rq.studies import default_storage_url, open_storage
 from tests import objectives
@@ -24,12 +25,12 @@ from tests.worker_processes import start_broker, stop_process
 pytestmark = pytest.mark.timeout(180)
 
 SEED = 42
-N_TRIALS = 14  # past TPE's 10 startup trials: the model-based asks are compared too
+N_TRIALS = SAMPLES_TO_DECIDE + 11  # some startup trials sampled there, then TPE's own asks
 
 
 def _broker(redis_url: str, prefix: str, state: Path, log: Path) -> subprocess.Popen[bytes]:
-    """A broker that moves every study it can off the loop (`--off-loop-above 0`), its
-    sampler process started and ready: a warm-up study's first ask starts it."""
+    """A broker that moves every study it can off the loop (`--off-loop-above 0`) once the
+    loop has timed its first trials; a warm-up study starts the sampler process."""
     process = start_broker(redis_url, prefix, state, "--off-loop-above", "0", stderr=log.open("wb"))
     return process
 
@@ -52,7 +53,8 @@ def _submit(run_cli, name: str, *args: str) -> None:
 
 
 def _warm_up(run_cli, log: Path) -> None:
-    _submit(run_cli, "warm-up", "--n-trials", "1", "--concurrency", "1", "--wait")
+    n = str(SAMPLES_TO_DECIDE)  # the loop decides on that many trials sampled
+    _submit(run_cli, "warm-up", "--n-trials", n, "--concurrency", "3", "--wait")
     wait_until(
         lambda: "sampler process" in log.read_text() and "ready" in log.read_text(),
         timeout_s=60,
@@ -91,7 +93,7 @@ def test_a_seeded_study_sampled_off_the_loop_samples_what_study_optimize_samples
     finally:
         assert stop_process(broker) == 0
     text = log.read_text()
-    # Its first trial is sampled on the loop (and timed there); from the second on, there.
+    # Its first SAMPLES_TO_DECIDE trials are sampled on the loop (and timed there), then there.
     assert "study 'seeded' samples in the sampler process" in text, text
     study = optuna.load_study(
         study_name="seeded", storage=open_storage(default_storage_url(cli_state))
@@ -134,6 +136,40 @@ def test_a_sampler_process_killed_mid_study_costs_no_trial(
         assert stop_process(broker) == 0
     study = optuna.load_study(study_name="survives", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 60
+
+
+def test_a_fast_sampler_never_starts_the_sampler_process(
+    redis_url, prefix, cli_state, run_cli, workers_factory, tmp_path
+) -> None:
+    """RandomSampler on the default threshold: its first ask is slow (set-up), every later one
+    fast; the loop samples it, and no process is started for it."""
+    log = tmp_path / "broker.log"
+    broker = start_broker(redis_url, prefix, cli_state, stderr=log.open("wb"))
+    try:
+        workers_factory(count=2)
+        result = run_cli(
+            "submit",
+            "tests.objectives:quadratic",
+            "--study-name",
+            "fast",
+            "--param",
+            "x={type: float, low: -10, high: 10}",
+            "--param",
+            "depth={type: integer, low: 0, high: 3}",
+            "--sampler",
+            "random",
+            "--n-trials",
+            "40",
+            "--concurrency",
+            "2",
+            "--wait",
+        )
+        assert result.returncode == 0, result.stderr
+        children = [" ".join(p.cmdline()) for p in psutil.Process(broker.pid).children()]
+    finally:
+        assert stop_process(broker) == 0
+    assert not [c for c in children if "spawn_main" in c], children
+    assert "sampler process" not in log.read_text()
 
 
 def test_the_scratch_storage_writes_nothing_and_hides_enqueued_trials(tmp_path) -> None:

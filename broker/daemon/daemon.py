@@ -329,9 +329,10 @@ class Daemon:
     def _finish_done_runs(self) -> bool:
         """End the studies that told their whole budget (finished), and those whose trials
         cannot run (failed); True if any ended."""
-        ended = [n for n, run in self.dispatcher.runs.items() if run.done or run.cannot_run]
-        for name in ended:
-            run = self.dispatcher.runs.pop(name)
+        ended = [run for run in self.dispatcher.runs.values() if run.done or run.cannot_run]
+        for run in ended:
+            name = run.name
+            self.dispatcher.remove(name)
             if run.cannot_run and not run.done:
                 self.dispatcher.cancel(run, why=f"the study failed: {run.cannot_run}")
                 self.status.publish(
@@ -389,7 +390,7 @@ class Daemon:
         """End the study CANCELLED: its queued trials are withdrawn and its running ones stopped
         on their workers; all end FAIL (cancelled). An ended study is left as it is
         (StudyConflictError)."""
-        run = self.dispatcher.runs.pop(name, None)
+        run = self.dispatcher.remove(name)
         if run is not None:
             self.dispatcher.cancel(run)
             self.status.publish(self.specs[name], run, state=StudyState.CANCELLED)

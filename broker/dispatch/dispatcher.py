@@ -151,6 +151,13 @@ class Dispatcher:
         self.runs[run.name] = run
         self.results.ensure_group()
 
+    def remove(self, name: str) -> StudyRun | None:
+        """Take study `name` out of dispatch (it ended, or is ending): nothing of it stays."""
+        run = self.runs.pop(name, None)
+        if run is not None:
+            self.off_loop.forget(run)
+        return run
+
     def after_outage(self) -> None:
         """Redis was unreachable: read unacknowledged results again, and give every lease time
         to be renewed before counting it lost."""
@@ -183,10 +190,11 @@ class Dispatcher:
                     if sending and time.perf_counter() - started > ASK_BUDGET_S:
                         wanting = []  # the rest after the stream is read: `behind`
                         break
-                    sampling_started = time.perf_counter()
+                    # CPU time, not wall: on a busy machine a preempted ask is not a slow one
+                    sampling_started = time.thread_time()
                     record = run.track(self._ask(run), attempt=1, phase=Phase.UNSENT)
                     payload = self._seal(run, record)
-                    self.off_loop.note(run, time.perf_counter() - sampling_started)
+                    self.off_loop.note(run, time.thread_time() - sampling_started)
                 else:
                     payload = run.occupy(record) or self._seal(run, record)
                 if payload is not None:

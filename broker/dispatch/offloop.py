@@ -1,13 +1,14 @@
 """Which studies sample off the loop, and the requests the loop has out with the sampler process.
 
 A study moves off the loop when sampling one trial there (ask and `process()`) takes more than
-`above_s` on average (`OFF_LOOP_AT_S` by default, `optuna-rq broker --off-loop-above`: TPE past a
-few hundred trials, GP, CMA-ES), its space is sampled at the ask (suggestions in its inputs: a
-define-by-run objective samples in its own calls), it keeps nothing asked ahead, and its storage
-is a journal file the sampler process can read.
-The process is started once a study samples half that slowly, so that it is ready when needed;
-until it is, the loop samples. A study that moved stays moved (its sampler, random state and
-all, went with it), unless the process dies or cannot sample it: then the loop samples it again.
+`above_s` of the loop's CPU time, the median of its last `SAMPLES_TO_DECIDE` trials
+(`OFF_LOOP_AT_S` by default, `optuna-rq broker --off-loop-above`: TPE past its startup trials,
+GP, CMA-ES), its space is sampled at the ask (suggestions in its inputs: a define-by-run
+objective samples in its own calls), it keeps nothing asked ahead, and its storage is a journal
+file the sampler process can read. The process is started once a study samples `START_AT` of
+that slowly, so that it is ready when needed (it takes about a second); until it is, the loop
+samples. A study that moved stays moved (its sampler, random state and all, went with it),
+unless the process dies or cannot sample it: then the loop samples it again.
 
 A study has one request out at a time: the next is sent after the loop created and flushed the
 trials of the last, so that the sampler sees them (and only then drops its scratch copies). Each
@@ -18,13 +19,14 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from optuna.trial import TrialState
 
 from optuna_rq.dispatch.runs import StudyRun
-from optuna_rq.sampling import OFF_LOOP_AT_S
+from optuna_rq.sampling import OFF_LOOP_AT_S, SAMPLES_TO_DECIDE
 from optuna_rq.sampling.messages import Sampled, SampleFailed, SampleRequest
 from optuna_rq.sampling.process import SamplerProcess
 from optuna_rq.space import Suggestion
@@ -33,7 +35,10 @@ __all__ = ["OffLoopSampling"]
 
 log = logging.getLogger("optuna_rq.dispatch")
 
-_WEIGHT = 0.2  # of the newest sample in the average: a few trials move it
+START_AT = 0.75
+"""Of `above_s`, where the process starts. Not much lower: RandomSampler costs the loop about
+0.8 ms a trial (Optuna's suggest path on the journal), and a process started for a study that
+never moves costs a second of CPU and doubles the broker's memory."""
 
 
 @dataclass(slots=True)
@@ -56,21 +61,20 @@ class OffLoopSampling:
     def __init__(self, process: SamplerProcess | None, above_s: float = OFF_LOOP_AT_S) -> None:
         self.process = process
         self.above_s = above_s
-        """Loop time per trial sampled (an average) above which a study moves; the process is
-        started at half that, to be ready by then."""
+        """Loop CPU per trial sampled (the median, `SAMPLES_TO_DECIDE`) above which a study
+        moves; the process is started at `START_AT` of that, to be ready by then."""
         self._requests: dict[int, _Request] = {}
         self._outbox: list[SampleRequest] = []
         self._next_id = 0
-        self._loop_s: dict[int, float] = {}  # id(run) -> average loop time per trial sampled
+        self._recent: dict[int, deque[float]] = {}  # id(run) -> its last trials' loop CPU
 
     def note(self, run: StudyRun, seconds: float) -> None:
-        """The loop sampled one trial of `run` in `seconds`."""
+        """The loop sampled one trial of `run` in `seconds` of its CPU time."""
         if run.journal is None or run.ask_ahead or self.process is None:
             return
-        average = self._loop_s.get(id(run))
-        average = seconds if average is None else average + _WEIGHT * (seconds - average)
-        self._loop_s[id(run)] = average
-        if average >= self.above_s / 2 and not self.process.started:
+        recent = self._recent.setdefault(id(run), deque(maxlen=SAMPLES_TO_DECIDE))
+        recent.append(seconds)
+        if self._median(run) >= self.above_s * START_AT and not self.process.started:
             self.process.start()
 
     def takes(self, run: StudyRun) -> bool:
@@ -83,7 +87,7 @@ class OffLoopSampling:
         if not run.off_loop and (
             run.journal is None
             or run.ask_ahead
-            or self._loop_s.get(id(run), -1.0) < self.above_s
+            or self._median(run) < self.above_s
             or not _samples_at_ask(run.inputs)
         ):
             return False
@@ -159,11 +163,18 @@ class OffLoopSampling:
                 run.asked -= request.left
                 run.sampling -= request.left
                 del self._requests[request_id]
-        self._loop_s.pop(id(run), None)
+        self._recent.pop(id(run), None)
 
     def close(self) -> None:
         if self.process is not None:
             self.process.stop()
+
+    def _median(self, run: StudyRun) -> float:
+        """The median loop CPU of `run`'s last trials sampled; -1 until there are enough."""
+        recent = self._recent.get(id(run))
+        if recent is None or len(recent) < SAMPLES_TO_DECIDE:
+            return -1.0
+        return sorted(recent)[SAMPLES_TO_DECIDE // 2]
 
     def _keep_on_loop(self, run: StudyRun, why: str) -> None:
         if run.off_loop:

@@ -1,18 +1,26 @@
 """Sampling off the broker's loop: a process of its own samples the studies whose sampler is
 slow (TPE at thousands of trials), on the broker's journal file, and hands the params back; the
-loop creates the trials and goes on serving results, calls and leases meanwhile (a thread of the
-broker's own was the slower choice, the GIL shared with the loop: benchmarks/report.md).
+loop creates the trials and goes on serving results, calls and leases meanwhile. A thread of the
+broker's own was measured and reverted (4d226fe): sharing the GIL with the loop, TPE ran about
+1.8x slower a trial there and the loop's calls waited on it anyway.
 
     process   the broker's handle on the process: start, requests, answers, its end
     child     the process itself
     replica   what it samples on: the journal read as it grows, the sampled trials kept aside
     messages  what the two say to each other
 
-Light on purpose (the CLI reads `OFF_LOOP_AT_S` for its defaults): import the modules.
+Light on purpose (the CLI reads these for its defaults and help): import the modules.
 """
 
-__all__ = ["OFF_LOOP_AT_S"]
+__all__ = ["OFF_LOOP_AT_S", "SAMPLES_TO_DECIDE"]
 
 OFF_LOOP_AT_S = 0.002
-"""Loop time per trial sampled (ask and `process()`, an average) above which a study samples in
-the sampler process, by default (`optuna-rq broker --off-loop-above`)."""
+"""Loop CPU time per trial sampled (ask and `process()`, the median of the last
+`SAMPLES_TO_DECIDE`) above which a study samples in the sampler process, by default
+(`optuna-rq broker --off-loop-above`)."""
+
+SAMPLES_TO_DECIDE = 9
+"""The loop's last trials sampled of a study whose median CPU time decides: a median, since the
+first ask pays for what is done once (a sampler's set-up, first reads: tens of milliseconds
+even for RandomSampler) and a garbage collection can land in any ask; neither makes a sampler
+slow, and a mean would move a fast one off the loop for them."""
