@@ -1,8 +1,8 @@
 """Sampling off the broker's loop: a process of its own samples the studies whose sampler is
-slow (TPE at thousands of trials), on the broker's journal file, and hands the params back; the
-loop creates the trials and goes on serving results, calls and leases meanwhile. A thread of the
-broker's own was measured and reverted (4d226fe): sharing the GIL with the loop, TPE ran about
-1.8x slower a trial there and the loop's calls waited on it anyway.
+slow (TPE past its startup trials, GP, CMA-ES), on the broker's journal file, and hands the
+params back; the loop creates the trials and goes on serving results, calls and leases
+meanwhile. A thread of the broker's own was measured and reverted (4d226fe): sharing the GIL
+with the loop, TPE ran about 1.8x slower a trial there and the loop's calls waited on it anyway.
 
     process   the broker's handle on the process: start, requests, answers, its end
     child     the process itself
