@@ -35,7 +35,7 @@ def _broker(redis_url: str, prefix: str, state: Path, log: Path) -> subprocess.P
     return process
 
 
-def _submit(run_cli, name: str, *args: str) -> None:
+def _submit(run_cli, name: str, *args: str, sampler: str = "tpe") -> None:
     result = run_cli(
         "submit",
         "tests.objectives:quadratic",
@@ -46,7 +46,7 @@ def _submit(run_cli, name: str, *args: str) -> None:
         "--param",
         "depth={type: integer, low: 0, high: 3}",
         "--sampler",
-        "tpe",
+        sampler,
         *args,
     )
     assert result.returncode == 0, result.stderr
@@ -147,24 +147,8 @@ def test_a_fast_sampler_never_starts_the_sampler_process(
     broker = start_broker(redis_url, prefix, cli_state, stderr=log.open("wb"))
     try:
         workers_factory(count=2)
-        result = run_cli(
-            "submit",
-            "tests.objectives:quadratic",
-            "--study-name",
-            "fast",
-            "--param",
-            "x={type: float, low: -10, high: 10}",
-            "--param",
-            "depth={type: integer, low: 0, high: 3}",
-            "--sampler",
-            "random",
-            "--n-trials",
-            "40",
-            "--concurrency",
-            "2",
-            "--wait",
-        )
-        assert result.returncode == 0, result.stderr
+        fast = ("--n-trials", "40", "--concurrency", "2", "--wait")
+        _submit(run_cli, "fast", *fast, sampler="random")
         children = [" ".join(p.cmdline()) for p in psutil.Process(broker.pid).children()]
     finally:
         assert stop_process(broker) == 0

@@ -74,7 +74,7 @@ class OffLoopSampling:
             return
         recent = self._recent.setdefault(id(run), deque(maxlen=SAMPLES_TO_DECIDE))
         recent.append(seconds)
-        if self._median(run) >= self.above_s * START_AT and not self.process.started:
+        if not self.process.started and self._median(run) >= self.above_s * START_AT:
             self.process.start()
 
     def takes(self, run: StudyRun) -> bool:
