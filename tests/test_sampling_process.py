@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -154,6 +155,22 @@ def test_a_fast_sampler_never_starts_the_sampler_process(
         assert stop_process(broker) == 0
     assert not [c for c in children if "spawn_main" in c], children
     assert "sampler process" not in log.read_text()
+
+
+def test_a_sampler_process_the_broker_stops_while_it_starts_ends_quietly(redis_url) -> None:
+    """The broker stops (a demo's study done) while its sampler process still imports: the
+    process finds the pipe closed when it says it is ready, and ends without a traceback."""
+    script = (
+        "import sys\n"
+        "from optuna_rq.sampling.process import SamplerProcess\n"
+        "process = SamplerProcess(sys.argv[1], None, 'wake')\n"
+        "process.start()\n"
+        "process.stop()\n"  # at once: the child has not imported Optuna yet
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, redis_url], capture_output=True, text=True, timeout=60
+    )
+    assert (result.returncode, result.stderr) == (0, "")
 
 
 def test_the_scratch_storage_writes_nothing_and_hides_enqueued_trials(tmp_path) -> None:

@@ -36,15 +36,18 @@ def serve(pipe: Connection, redis_url: str, password: str | None, wake_stream: s
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    wake = connect(redis_url, password=password)
+    try:
+        _answer(pipe, connect(redis_url, password=password), wake_stream)
+    except (EOFError, OSError):  # the pipe: the broker is gone, maybe before this process was up
+        return
+
+
+def _answer(pipe: Connection, wake: redis.Redis, wake_stream: str) -> None:
     studies: dict[tuple[str, str], tuple[optuna.Study, ScratchStorage]] = {}
     readers: dict[str, JournalStorage] = {}
     pipe.send(READY)
     while True:
-        try:
-            request = pipe.recv()
-        except (EOFError, OSError):
-            return
+        request = pipe.recv()
         if request is None:
             return
         try:
