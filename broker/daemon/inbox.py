@@ -3,7 +3,8 @@
 Each step the broker reads up to `BATCH` of them (in the pipeline that checks the epoch), opens
 each one's seal, decodes it, and hands it to its `CommandHandler`. A command that fails its seal
 or does not decode is refused and counted; one the handler rejects (an unknown study, a bad
-change) is refused and logged. Then the batch is trimmed off the list.
+change) is refused and logged; one that raises anything else fails its study alone (it runs under
+the study's fault guard, `Site.COMMAND`). Then the batch is trimmed off the list.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 import redis
 
 from optuna_rq.dispatch import count_refusal
+from optuna_rq.dispatch.boundary import FaultBoundary, Site
 from optuna_rq.errors import ConfigError, ProtocolError, StudyConflictError
 from optuna_rq.protocol import (
     Cancel,
@@ -59,8 +61,10 @@ class CommandInbox:
         *,
         signer: Signer,
         handler: CommandHandler,
+        boundary: FaultBoundary,
         persist: Callable[[], None] | None = None,
     ) -> None:
+        self.boundary = boundary
         self.connection = connection
         self.persist = persist  # what the commands changed is durable before they are trimmed
         self.keys = keys
@@ -78,12 +82,16 @@ class CommandInbox:
         for raw in raw_commands:
             try:
                 body = self.signer.open(raw, what="command")
-                self._dispatch(decode_command(body, max_bytes=self.signer.max_message_bytes))
+                command = decode_command(body, max_bytes=self.signer.max_message_bytes)
             except ProtocolError as exc:
                 log.error("refused a command: %s", exc)
                 count_refusal(self.connection, self.keys.prefix, "command")
-            except (ConfigError, StudyConflictError, KeyError, TypeError, ValueError) as exc:
-                log.error("refused a command: %s", exc)
+                continue
+            with self.boundary.guard(_study_of(command), Site.COMMAND):
+                try:
+                    self._dispatch(command)
+                except (ConfigError, StudyConflictError, KeyError, TypeError, ValueError) as exc:
+                    log.error("refused a command: %s", exc)
         # Commands are idempotent, so trimming after applying loses none if we die in between;
         # what they stored (an enqueued trial, a purge) is durable before they are trimmed.
         if self.persist is not None:
@@ -102,3 +110,8 @@ class CommandInbox:
                 self.handler.on_enqueue(name, param_sets)
             case Delete(study=name, force=force, purge=purge):
                 self.handler.on_delete(name, force=force, purge=purge)
+
+
+def _study_of(command: Command) -> str:
+    """The study a command acts on."""
+    return command.spec.name if isinstance(command, Submit) else command.study
