@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import redis
 
@@ -56,6 +57,23 @@ def _running(url: str, key: str, x: float) -> Iterator[redis.Redis]:
 def steady(x: float, redis_url: str, key: str, hold_s: float = 0.2) -> float:
     """A well-behaved objective that takes `hold_s`."""
     with _running(redis_url, key, x):
+        time.sleep(hold_s)
+    return x * x
+
+
+def with_trial(trial: Any, x: float, redis_url: str, key: str, hold_s: float = 0.05) -> float:
+    """A define-by-run objective: one remote-trial call (`set_user_attr`), then `hold_s`."""
+    with _running(redis_url, key, x):
+        trial.set_user_attr("x", x)
+        time.sleep(hold_s)
+    return x * x
+
+
+def infeasible(trial: Any, x: float, redis_url: str, key: str, hold_s: float = 0.05) -> float:
+    """A constrained objective whose every trial is infeasible (constraint > 0), as constrained
+    studies often start: the study has completed trials and no best one."""
+    with _running(redis_url, key, x):
+        trial.set_constraint("c", 1.0)
         time.sleep(hold_s)
     return x * x
 

@@ -1,9 +1,10 @@
 """What each command does to the studies: one handler per command (the inbox's
 `CommandHandler`), acting on the registry.
 
-A handler refuses a command by raising ConfigError or StudyConflictError (the inbox logs it and
-moves on). The inbox applies each under its study's fault guard (`Site.COMMAND`): whatever else a
-handler raises fails that study alone.
+A handler refuses a command by raising ConfigError or StudyConflictError (or KeyError, TypeError
+or ValueError: a change that does not apply); it is logged and the broker moves on. Each command
+runs under its study's fault guard (`Site.COMMAND`): whatever else a handler raises fails that
+study alone.
 """
 
 from __future__ import annotations
@@ -14,8 +15,18 @@ from typing import Any
 import optuna
 
 from optuna_rq.daemon.registry import Registry
+from optuna_rq.dispatch.boundary import Site
 from optuna_rq.errors import ConfigError, StudyConflictError
-from optuna_rq.protocol import StudySpec, StudyState
+from optuna_rq.protocol import (
+    Cancel,
+    Change,
+    Command,
+    Delete,
+    Enqueue,
+    StudySpec,
+    StudyState,
+    Submit,
+)
 
 __all__ = ["Commands"]
 
@@ -30,6 +41,32 @@ class Commands:
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+
+    def apply(self, command: Command) -> None:
+        """Apply `command`, under its study's fault guard; log it if it is refused."""
+        name = command.spec.name if isinstance(command, Submit) else command.study
+        boundary = self.registry.boundary
+        with boundary.guard(name, Site.COMMAND):
+            try:
+                self._dispatch(command)
+            except (ConfigError, StudyConflictError, KeyError, TypeError, ValueError) as exc:
+                log.error("refused a command: %s", exc)
+        if boundary.faulted(name) and isinstance(command, Submit):
+            # A submission that faulted before its study was known: its spec says what failed.
+            self.registry.specs.setdefault(name, command.spec)
+
+    def _dispatch(self, command: Command) -> None:
+        match command:
+            case Submit(spec=spec):
+                self.on_submit(spec)
+            case Cancel(study=name):
+                self.on_cancel(name)
+            case Change(study=name):
+                self.on_change(name, command.changes())
+            case Enqueue(study=name, params=param_sets):
+                self.on_enqueue(name, param_sets)
+            case Delete(study=name, force=force, purge=purge):
+                self.on_delete(name, force=force, purge=purge)
 
     def on_submit(self, spec: StudySpec) -> None:
         """Start the study; or, if it exists with the same definition, take the new budget, cap,
@@ -58,8 +95,10 @@ class Commands:
         registry = self.registry
         run = registry.runs.get(name)
         if run is not None:
-            registry.dispatcher.remove(name)
             registry.dispatcher.cancel(run)
+            if registry.boundary.faulted(name):
+                return  # it ends FAILED with its fault, at the end of the turn
+            registry.dispatcher.remove(name)
             registry.status.publish(registry.specs[name], run, state=StudyState.CANCELLED)
             log.info("cancelled study %r", name)
             return
@@ -125,6 +164,8 @@ class Commands:
             if not force:
                 raise ConfigError(f"study {name!r} is running: cancel it first, or delete --force")
             self.on_cancel(name)
+            if registry.boundary.faulted(name):
+                return  # not deleted: it ends FAILED with its fault, and can be deleted then
         spec = registry.specs.pop(name, None) or registry.stored_spec(name)
         if purge and spec is not None:
             try:

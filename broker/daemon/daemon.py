@@ -110,7 +110,6 @@ class Daemon:
             self.keys,
             signer=self.signer,
             handler=Commands(self.registry),
-            boundary=self.boundary,
             persist=self.storages.flush,
         )
 

@@ -128,7 +128,7 @@ class Registry:
         except StudyStorageError as exc:
             self.storage_failed(exc, starting=spec)
             return
-        if run is None:  # faulted: `end_ended` says so at the end of the turn
+        if run is None or self.boundary.faulted(spec.name):  # `end_ended` says so
             return
         self.dispatcher.add(run)
         self.stopping.watch(spec.name)
@@ -141,7 +141,8 @@ class Registry:
             spec.n_trials,
             spec.concurrency,
         )
-        self.status.publish(spec, run, state=StudyState.RUNNING)  # now: `wait` sees it taken
+        with self.boundary.guard(spec.name, Site.STATUS):
+            self.status.publish(spec, run, state=StudyState.RUNNING)  # now: `wait` sees it
 
     def _open(self, spec: StudySpec) -> StudyRun:
         url = self.storage_url(spec)
@@ -185,27 +186,28 @@ class Registry:
             ended = True
         for run in [run for run in self.runs.values() if run.done or run.cannot_run]:
             ended = True
-            with self.boundary.guard(run.name, Site.END):
-                self._end(run)
-            if self.boundary.faulted(run.name):
-                self._end_faulted(run.name)
+            name = run.name
+            with self.boundary.guard(name, Site.END):
+                state, error = self._end(run)
+            if not self.boundary.faulted(name):
+                with self.boundary.guard(name, Site.STATUS):
+                    self.status.publish(self.specs[name], run, state=state, error=error)
+            if self.boundary.faulted(name):
+                self._end_faulted(name)
+                continue
+            self.dispatcher.remove(name)
+            if state is StudyState.FAILED:
+                log.error("study %r failed: %s", name, error)
+            else:  # run.asked: every trial of its budget, a resumed study's earlier ones too
+                log.info("study %r finished: %d trials", name, run.asked)
         return ended
 
-    def _end(self, run: StudyRun) -> None:
-        name = run.name
+    def _end(self, run: StudyRun) -> tuple[StudyState, str | None]:
+        """How `run`, done or unable to run, ends: its state, and why (for its status)."""
         if run.cannot_run and not run.done:
-            self.dispatcher.remove(name)
             self.dispatcher.cancel(run, why=f"the study failed: {run.cannot_run}")
-            self.status.publish(
-                self.specs[name], run, state=StudyState.FAILED, error=run.cannot_run
-            )
-            log.error("study %r failed: %s", name, run.cannot_run)
-            return
-        stopped = self.stopping.reason(name)  # a stop condition held: named in the status
-        self.status.publish(self.specs[name], run, state=StudyState.FINISHED, error=stopped)
-        self.dispatcher.remove(name)
-        # run.asked: every trial of its budget, a resumed study's earlier ones included
-        log.info("study %r finished: %d trials", name, run.asked)
+            return StudyState.FAILED, run.cannot_run
+        return StudyState.FINISHED, self.stopping.reason(run.name)  # a stop condition held
 
     def _end_faulted(self, name: str) -> None:
         """End the study `name` FAILED with its fault: its trials in flight end FAIL (if its

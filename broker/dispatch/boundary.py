@@ -99,9 +99,9 @@ class FaultBoundary:
         recorded as its fault and goes no further (the code after the block runs on, so a loop
         over studies carries on with the next)."""
         try:
-            if failpoints.armed():
-                failpoints.hit(f"{site.value}@{study}")
             yield
+            if failpoints.armed():  # as if the block's last statement raised: its work is done
+                failpoints.hit(f"{site.value}@{study}")
         except Exception as exc:
             if passes_through(exc):
                 raise

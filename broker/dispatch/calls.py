@@ -72,7 +72,7 @@ class CallServer:
         if run is not None and record is not None:
             with self.boundary.guard(run.name, Site.CALL):
                 answer = _answer(run.study, record.trial, call)
-        if answer is None:
+        if answer is None or self.boundary.faulted(call.study):
             error = (
                 f"trial {call.trial_number} (attempt {call.attempt}) of study {call.study!r} "
                 "is not running on this broker: it ended, failed, or another broker owns it"

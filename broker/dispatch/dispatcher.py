@@ -244,6 +244,8 @@ class Dispatcher:
         sending: list[tuple[StudyRun, InFlight]],
     ) -> None:
         """Put `record`'s job in the turn's batch `pipe`."""
+        if self.boundary.faulted(run.name):
+            return  # its trial ends with it (`cancel`)
         with self.boundary.guard(run.name, Site.SEND):
             self.sender.enqueue(run, record, payload, pipe)
             sending.append((run, record))
