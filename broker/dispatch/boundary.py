@@ -75,10 +75,11 @@ def passes_through(error: BaseException) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class StudyFault:
-    """What failed a study: the site, and the error as its status shows it."""
+    """What failed a study: the site, the error as its status shows it, and the exception."""
 
     site: Site
     error: str
+    cause: Exception
 
     def __str__(self) -> str:
         return f"{self.error} (while the broker did '{self.site.value}' for it)"
@@ -111,7 +112,7 @@ class FaultBoundary:
         """Make `error` the study's fault (if it has none yet), logged once with its traceback."""
         if study in self.faults:
             return
-        fault = StudyFault(site, f"{type(error).__name__}: {error}")
+        fault = StudyFault(site, f"{type(error).__name__}: {error}", error)
         self.faults[study] = fault
         log.error("study %r failed at %s: %s", study, site.value, fault.error, exc_info=error)
 

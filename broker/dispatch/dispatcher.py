@@ -472,7 +472,28 @@ class Dispatcher:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if wait_for_redis(self.connection, exc, stop=stop, give_up_s=give_up_after_s):
                     self.after_outage()
+            if self.boundary.faults:
+                self._raise_fault()
         self.flush()
+
+    def _raise_fault(self) -> None:
+        """End the runs that faulted (their trials in flight FAIL `cancelled`), and raise the
+        first fault's exception: the caller of `run_until_done` runs one study of its own, and
+        learns what broke it as `study.optimize` would tell it."""
+        faults = dict(self.boundary.faults)
+        self.boundary.faults.clear()
+        for name, fault in faults.items():
+            run = self.remove(name)
+            if run is None:
+                continue
+            try:
+                self.cancel(run, why=f"the study failed: {fault}")
+            except Exception:
+                self.abandon(run)
+            self.boundary.faults.clear()  # what the cancel met is the same study's
+        self.flush()
+        first = next(iter(faults.values()))
+        raise first.cause
 
     def flush(self) -> None:
         """Acknowledge the results told and not yet acknowledged."""

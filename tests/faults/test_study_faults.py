@@ -127,3 +127,29 @@ def test_an_infeasible_constrained_study_runs_to_its_end_across_a_restart(
     status = cluster.status(name)
     assert status["state"] == "finished" and status.get("best_value") is None, status
     assert restarted.poll() is None, (tmp_path / "restarted.log").read_text()
+
+
+def test_a_misspelt_function_fails_its_study_and_nothing_else(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """`module:nofunc` fails every trial at once, so the broker cancels the study while workers
+    are still taking and finishing its jobs: a withdrawal that races a worker (the job dequeued
+    or finished between looking and cancelling) must change nothing. Many at once, many times."""
+    log = tmp_path / "broker.log"
+    cluster.start_workers(3)
+    broker = cluster.start_broker(log=log)
+    names = [
+        cluster.submit("nofunc", n_trials=40, concurrency=4, name=f"typo-{i}") for i in range(8)
+    ]
+    normal = cluster.submit("steady", n_trials=10, concurrency=2, hold_s=0.02)
+    _wait(
+        lambda: all(cluster.status(name).get("state") == "failed" for name in names),
+        log,
+        "every misspelt study failed",
+    )
+    cluster.check(normal, complete=10, cap=2)
+    assert broker.poll() is None, log.read_text()
+    for name in names:
+        status = cluster.status(name)
+        assert "nofunc" in status["error"], status
+        assert _ended_once(cluster, name)[TrialState.COMPLETE] == 0
