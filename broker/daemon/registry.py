@@ -217,7 +217,7 @@ class Registry:
         if run is not None:
             self.dispatcher.remove(name)
             try:
-                self.dispatcher.cancel(run, why=f"the study failed: {fault}")
+                self.dispatcher.cancel(run, why=f"the study failed: {fault}", orphans=True)
             except Exception as exc:
                 if passes_through(exc) and not isinstance(exc, StudyStorageError):
                     raise

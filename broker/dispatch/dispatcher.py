@@ -54,7 +54,7 @@ from optuna_rq.protocol import (
 )
 from optuna_rq.sampling.messages import Sampled, SampleFailed
 from optuna_rq.trials import create_running_trial
-from optuna_rq.verdict import Verdict, tell, worker_lost
+from optuna_rq.verdict import Verdict, fail_orphans, tell, worker_lost
 
 __all__ = ["ASK_BUDGET_S", "Dispatcher"]
 
@@ -487,7 +487,7 @@ class Dispatcher:
             if run is None:
                 continue
             try:
-                self.cancel(run, why=f"the study failed: {fault}")
+                self.cancel(run, why=f"the study failed: {fault}", orphans=True)
             except Exception:
                 self.abandon(run)
             self.boundary.faults.clear()  # what the cancel met is the same study's
@@ -504,11 +504,12 @@ class Dispatcher:
         for run in self.runs.values():
             self.cancel(run)
 
-    def cancel(self, run: StudyRun, why: str | None = None) -> None:
+    def cancel(self, run: StudyRun, why: str | None = None, *, orphans: bool = False) -> None:
         """No new trials for `run`; its queued jobs are withdrawn, its running objectives are
         stopped on their workers (`Keys.cancel`), and its trials in flight end FAIL
         (`cancelled`, with `why`). A result that still arrives from a running one is dropped as
-        stale."""
+        stale. With `orphans` (a study that faulted), every trial still RUNNING in its storage
+        ends the same way: an ask that raised after creating its trial left one nobody holds."""
         self.off_loop.forget(run)
         run.n_trials = run.asked
         with self.boundary.guard(run.name, Site.WITHDRAW):
@@ -520,6 +521,8 @@ class Dispatcher:
         )
         for record in run.in_flight():
             self._finish(run, record, verdict)
+        if orphans:
+            fail_orphans(run.study, verdict)
 
     def abandon(self, run: StudyRun) -> None:
         """Stop dispatching `run` without a word to its storage (which failed): its queued jobs
