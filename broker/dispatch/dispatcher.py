@@ -195,8 +195,12 @@ class Dispatcher:
         wanting = [run for run in self.runs.values() if self._can_refill(run)]
         while wanting:  # one trial per study per pass: a slow sampler holds up no other study
             for run in wanting:
-                if self.off_loop.takes(run):
-                    self.off_loop.request(run, run.free_slots)  # sent after the flush below
+                off_loop = False
+                with self.boundary.guard(run.name, Site.ASK):
+                    off_loop = self.off_loop.takes(run)
+                    if off_loop:
+                        self.off_loop.request(run, run.free_slots)  # sent after the flush below
+                if off_loop or self.boundary.faulted(run.name):
                     continue
                 if sending and time.perf_counter() - started > ASK_BUDGET_S:
                     if run.next_asked_ahead() is None:
