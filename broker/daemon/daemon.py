@@ -38,6 +38,7 @@ from optuna_rq.errors import (
 from optuna_rq.health import BrokerHealth
 from optuna_rq.metrics import BrokerMetrics
 from optuna_rq.protocol import Keys, Signer, StudySpec, StudyState
+from optuna_rq.protocol.liveness import TurnBeacon
 from optuna_rq.studies import journal_path, make_pruner, make_sampler
 
 __all__ = ["Daemon"]
@@ -67,6 +68,7 @@ class Daemon:
         self.client = BrokerClient(connection, settings.prefix, signer=self.signer)
         self.lock = BrokerLock(connection, self.keys, ttl_s=settings.lock_ttl_s, client=self.client)
         self.epoch_guard = EpochGuard(connection, self.keys)
+        self.turns = TurnBeacon(connection, self.keys, identity=self.identity)  # for `wait`
         # Journal files are written by this daemon alone: their changes are buffered, and
         # flushed before anything that acknowledges one leaves (`storages.flush`).
         self.storages = Storages()
@@ -199,6 +201,7 @@ class Daemon:
         self.epoch_guard.check(epoch)
         now = time.monotonic()
         self.lock.keep()
+        self.turns.beat()  # the front doors see a broker that stops turning (liveness.py)
         self.inbox.apply(raw_commands)
         waiting = self.fair_share.share(self.dispatcher.runs, self.specs, now)
         if waiting:
