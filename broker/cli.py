@@ -25,7 +25,7 @@ from optuna_rq.cli_redis import redis_app
 from optuna_rq.cli_serve import broker, workers
 from optuna_rq.cli_studies import best, delete, enqueue, load_enqueue_file, trials
 from optuna_rq.errors import ConfigError, OptunaRQError
-from optuna_rq.progress import make_console
+from optuna_rq.progress import BROKER_START_GRACE_S, make_console
 from optuna_rq.protocol import DEFAULT_QUEUE
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerState
 
@@ -49,8 +49,9 @@ _err = make_console(stderr=True)
 
 _WAIT_FOR_BROKER = typer.Option(
     "--wait-for-broker",
-    help="While no broker serves the prefix, say so and wait for one (default: exit 3 once none "
-    f"has for {BROKER_GRACE_S:g} s: the broker died or stopped, or none ever ran).",
+    help="While no broker serves the prefix, say so and wait for one. Default: exit 3 once the "
+    f"broker has not turned its loop for {BROKER_GRACE_S:g} s (it died, stopped or froze), or "
+    f"none has started within {BROKER_START_GRACE_S:g} s.",
 )
 
 
@@ -317,8 +318,8 @@ def wait_command(
     """Follow a study with a progress bar until it ends.
 
     Exit 0 when it finished with a complete trial; 1 when it was cancelled, failed, finished
-    without one complete trial, or the timeout passed; 3 when no broker has served the prefix
-    for a few seconds (it died or stopped, or none ever ran), unless --wait-for-broker.
+    without one complete trial, or the timeout passed; 3 when no broker serves the prefix (it
+    died or stopped, or none started: see --wait-for-broker).
     """
     options: GlobalOptions = ctx.obj
     client = read_client(options)

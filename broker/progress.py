@@ -25,6 +25,7 @@ from optuna_rq.protocol import StudyStatus
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerLiveness, BrokerState, ago
 
 __all__ = [
+    "BROKER_START_GRACE_S",
     "EXIT_NO_BROKER",
     "BrokerWatch",
     "best_summary",
@@ -35,8 +36,12 @@ __all__ = [
 ]
 
 EXIT_NO_BROKER = 3
-"""What `wait` and `submit --wait` exit with when no broker has served the prefix for
-`BROKER_GRACE_S` (the broker died or stopped, or none ever ran), unless `--wait-for-broker`."""
+"""What `wait` and `submit --wait` exit with when no broker serves the prefix (`BrokerWatch`:
+the broker died or stopped, or none started), unless `--wait-for-broker`."""
+
+BROKER_START_GRACE_S = 30.0
+"""How long a follower that has not seen a broker serve the prefix yet waits for one to start
+before it gives up (a broker launched with the submission takes its lock within it)."""
 
 
 _UNBOUNDED_WIDTH = 1 << 16
@@ -66,7 +71,7 @@ def follow_study(
 ) -> int:
     """Show a progress bar until the study ends (with `since`, a submission's `submitted_at`:
     ends after the broker took that submission). Exit code 0 if it finished with a COMPLETE
-    trial; `EXIT_NO_BROKER` once no broker has served the prefix for `BROKER_GRACE_S` (with
+    trial; `EXIT_NO_BROKER` once no broker serves the prefix (`BrokerWatch`; with
     `wait_for_broker`: it says so, and waits on for one); else 1. A line says why."""
     console = console or make_console(stderr=True)
     client.require_status(name)
@@ -119,28 +124,42 @@ def follow_study(
 
 class BrokerWatch:
     """Whether a follower should give up on the prefix's broker. `gone()` reads the broker's
-    liveness: None while a broker serves the prefix or may yet (within `grace_s` of its last
-    turn: a brief freeze, a slow turn, a quick restart); else what was read.
+    liveness, and returns what was read once the follower should give up, else None.
 
-    No broker ever ran on the prefix: gone once that has held `grace_s` by the follower's own
-    clock (a broker started with the submission takes its lock within it)."""
+    Once it has seen a broker serve the prefix, it gives up when none has turned for `grace_s`
+    (by the Redis server's clock): a brief freeze, a slow turn or a quick restart rides it out.
+    Until then, no broker may have started yet (it was launched with the submission, or just
+    before it, while the previous broker's last turn is long past): it gives up after
+    `start_grace_s` by its own clock since `since` (default: its first look)."""
 
-    def __init__(self, client: BrokerClient, *, grace_s: float = BROKER_GRACE_S) -> None:
+    def __init__(
+        self,
+        client: BrokerClient,
+        *,
+        grace_s: float = BROKER_GRACE_S,
+        start_grace_s: float | None = None,
+        since: float | None = None,
+    ) -> None:
         self.client = client
         self.grace_s = grace_s
-        self._none_since: float | None = None
+        self.start_grace_s = BROKER_START_GRACE_S if start_grace_s is None else start_grace_s
+        self.since = since
+        self.seen_serving = False
         self.last: BrokerLiveness | None = None
 
     def gone(self) -> BrokerLiveness | None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
         live = self.last = self.client.liveness(grace_s=self.grace_s)
-        if live.state is BrokerState.NONE:
-            now = time.monotonic()
-            if self._none_since is None:
-                self._none_since = now
-            return live if now - self._none_since >= self.grace_s else None
-        self._none_since = None
-        stale = live.last_turn_age_s is not None and live.last_turn_age_s >= self.grace_s
-        return live if live.state is BrokerState.STOPPED and stale else None
+        if live.serves:
+            self.seen_serving = True
+            return None
+        if live.state is not BrokerState.NONE and (live.last_turn_age_s or 0.0) < self.grace_s:
+            return None  # it stopped within the grace: a restart may take its place
+        if self.seen_serving or now - self.since >= self.start_grace_s:
+            return live
+        return None
 
 
 def _no_broker(gone: BrokerLiveness, snap: StudyStatus) -> str:

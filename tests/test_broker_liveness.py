@@ -13,12 +13,14 @@ import json
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 
+from optuna_rq import progress
 from optuna_rq.cli import main
 from optuna_rq.client import BrokerClient
 from optuna_rq.progress import EXIT_NO_BROKER, BrokerWatch
@@ -78,12 +80,12 @@ def test_the_lock_and_the_turn_record_judge_the_broker(
     live = client.liveness()
     assert live.state is state, live
     assert live.holder == holder
-    # A follower gives up once the broker is gone past the grace; one that saw no broker ever
-    # run gives it the grace by its own clock (0 here: at once; an hour: not yet).
-    grace_s = 0.0 if state is BrokerState.NONE else BROKER_GRACE_S
-    assert (BrokerWatch(client, grace_s=grace_s).gone() is not None) == gives_up
+    # A follower that has waited for a broker to start for an hour gives up if none serves past
+    # the grace; one that just started gives a broker time to start (one starting now, while its
+    # predecessor's last turn is long past).
+    assert (BrokerWatch(client, since=time.monotonic() - 3600).gone() is not None) == gives_up
+    assert BrokerWatch(client).gone() is None
     if state is BrokerState.NONE:
-        assert BrokerWatch(client, grace_s=3600).gone() is None
         assert live.note() == (
             f"no broker is running on prefix {prefix!r}: start one with `optuna-rq broker`"
         )
@@ -91,6 +93,21 @@ def test_the_lock_and_the_turn_record_judge_the_broker(
         assert live.note() == f"no broker: the broker on oldhost:4242 stopped {int(turn[1])}s ago"  # type: ignore[index]
     else:
         assert live.note() is None and live.serves
+
+
+def test_a_follower_that_saw_the_broker_serve_gives_up_once_it_stops_past_the_grace(
+    conn: redis.Redis, prefix: str
+) -> None:
+    watch = BrokerWatch(BrokerClient(conn, prefix))  # started now: no start grace spent
+    plant(conn, prefix, holder=OLD, turn=(OLD, 0.0))
+    assert watch.gone() is None and watch.seen_serving
+    for holder, age_s in ((OLD, 3.0), (None, 1.0), (NEW, 40.0)):  # frozen, restarting: on
+        plant(conn, prefix, holder=holder, turn=(OLD, age_s))
+        assert watch.gone() is None, (holder, age_s)
+    for holder, age_s in ((OLD, 6.0), (None, 6.0), (None, 3600.0)):  # killed, stopped: gone
+        plant(conn, prefix, holder=holder, turn=(OLD, age_s))
+        gone = watch.gone()
+        assert gone is not None and gone.state is BrokerState.STOPPED, (holder, age_s)
 
 
 def test_only_the_lock_holder_writes_the_turn_record(conn: redis.Redis, prefix: str) -> None:
@@ -173,8 +190,13 @@ def test_status_says_when_no_broker_serves_a_study(
 
 
 def test_submit_wait_on_a_prefix_no_broker_ever_ran_on_exits_3(
-    conn: redis.Redis, prefix: str, redis_url: str, capsys: pytest.CaptureFixture[str]
+    conn: redis.Redis,
+    prefix: str,
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(progress, "BROKER_START_GRACE_S", 0.5)  # the message, not the wait
     code, out, err = run_main(
         capsys,
         "--redis-url", redis_url, "--prefix", prefix,
