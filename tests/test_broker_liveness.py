@@ -364,3 +364,20 @@ def test_wait_for_broker_waits_through_a_dead_broker_and_finishes_after_a_restar
             first.wait()
         if second is not None:
             assert stop_process(second) == 0
+
+
+def test_delete_with_no_broker_serving_says_when_it_applies_without_waiting(
+    conn: redis.Redis, prefix: str, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = Keys(prefix)
+    plant(conn, prefix, holder=OLD, turn=(OLD, 40.0))  # killed: its lock outlives it
+    conn.hset(keys.status, "done", running_status("done", StudyState.FINISHED).to_json())
+    code, out, err = run_main(
+        capsys, "--redis-url", redis_url, "--prefix", prefix, "delete", "done", "--timeout", "600"
+    )
+    assert code == 0, err
+    assert out.strip() == (
+        f"study 'done' will be deleted when a broker runs on {prefix!r} (no broker: the broker "
+        "on oldhost:4242 stopped 40s ago)"
+    )
+    assert conn.llen(keys.commands) == 1  # sent, for the next broker
