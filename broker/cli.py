@@ -17,6 +17,7 @@ import typer
 
 from optuna_rq.cli_options import (
     GlobalOptions,
+    WaitForBroker,
     global_options,
     make_client,
     read_client,
@@ -25,9 +26,8 @@ from optuna_rq.cli_redis import redis_app
 from optuna_rq.cli_serve import broker, workers
 from optuna_rq.cli_studies import best, delete, enqueue, load_enqueue_file, trials
 from optuna_rq.errors import ConfigError, OptunaRQError
-from optuna_rq.progress import BROKER_START_GRACE_S, make_console
+from optuna_rq.progress import make_console
 from optuna_rq.protocol import DEFAULT_QUEUE
-from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerState
 
 app = typer.Typer(
     name="optuna-rq",
@@ -46,13 +46,6 @@ app = typer.Typer(
 app.callback()(global_options)
 
 _err = make_console(stderr=True)
-
-_WAIT_FOR_BROKER = typer.Option(
-    "--wait-for-broker",
-    help="While no broker serves the prefix, say so and wait for one. Default: exit 3 once the "
-    f"broker has not turned its loop for {BROKER_GRACE_S:g} s (it died, stopped or froze), or "
-    f"none has started within {BROKER_START_GRACE_S:g} s.",
-)
 
 
 def _default_study_name(objective: str) -> str:
@@ -166,7 +159,7 @@ def submit(
         ),
     ] = DEFAULT_QUEUE,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the study until it ends.")] = False,
-    wait_for_broker: Annotated[bool, _WAIT_FOR_BROKER] = False,
+    wait_for_broker: WaitForBroker = False,
 ) -> None:
     """Submit a study to the broker and print its name.
 
@@ -218,17 +211,8 @@ def submit(
     client.submit(spec, storage=storage or default_storage_url(options.state()), enqueue=to_enqueue)
     typer.echo(spec.name)
     broker = client.liveness()
-    if broker.state is BrokerState.NONE:
-        _err.print(
-            f"[yellow]no broker is running on prefix {options.prefix!r} yet:[/] the study waits "
-            "until you start one with `optuna-rq broker`"
-        )
-    elif not broker.serves:
-        _err.print(
-            f"[yellow]no broker: {escape(broker.describe())}:[/] the study waits until one "
-            "runs (`optuna-rq broker`)",
-            highlight=False,
-        )
+    if not broker.serves:
+        _err.print(f"[yellow]{escape(broker.note() or '')}:[/] the study waits until one runs")
     if wait:
         raise typer.Exit(
             client.follow(
@@ -313,7 +297,7 @@ def wait_command(
         float | None,
         typer.Option("--timeout", min=0, help="Give up after this many seconds (exit 1)."),
     ] = None,
-    wait_for_broker: Annotated[bool, _WAIT_FOR_BROKER] = False,
+    wait_for_broker: WaitForBroker = False,
 ) -> None:
     """Follow a study with a progress bar until it ends.
 

@@ -21,11 +21,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from optuna_rq.client import BrokerClient
 from optuna_rq.errors import ConfigError
-from optuna_rq.protocol import StudyStatus
+from optuna_rq.protocol import StudyStatus, liveness
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerLiveness, BrokerState, ago
 
 __all__ = [
-    "BROKER_START_GRACE_S",
     "EXIT_NO_BROKER",
     "BrokerWatch",
     "best_summary",
@@ -38,10 +37,6 @@ __all__ = [
 EXIT_NO_BROKER = 3
 """What `wait` and `submit --wait` exit with when no broker serves the prefix (`BrokerWatch`:
 the broker died or stopped, or none started), unless `--wait-for-broker`."""
-
-BROKER_START_GRACE_S = 30.0
-"""How long a follower that has not seen a broker serve the prefix yet waits for one to start
-before it gives up (a broker launched with the submission takes its lock within it)."""
 
 
 _UNBOUNDED_WIDTH = 1 << 16
@@ -142,7 +137,9 @@ class BrokerWatch:
     ) -> None:
         self.client = client
         self.grace_s = grace_s
-        self.start_grace_s = BROKER_START_GRACE_S if start_grace_s is None else start_grace_s
+        self.start_grace_s = (
+            liveness.BROKER_START_GRACE_S if start_grace_s is None else start_grace_s
+        )
         self.since = since
         self.seen_serving = False
         self.last: BrokerLiveness | None = None

@@ -25,6 +25,7 @@ from optuna_rq.protocol.keys import Keys
 
 __all__ = [
     "BROKER_GRACE_S",
+    "BROKER_START_GRACE_S",
     "TURN_BEAT_S",
     "BrokerLiveness",
     "BrokerState",
@@ -41,6 +42,11 @@ BROKER_GRACE_S = 5.0
 """How long a broker may go without a turn before the front doors count it stopped (a turn
 normally takes well under a second; this rides out a brief freeze, a slow turn, and a restart
 whose new broker takes the lock within it). `wait` and `submit --wait` give up after it."""
+
+BROKER_START_GRACE_S = 30.0
+"""How long `wait` and `submit --wait`, before they have seen a broker serve the prefix, wait for
+one to start before they give up (a broker launched with the submission takes its lock within
+it; a cold start took over 5 s on a loaded 2-core machine)."""
 
 _BEAT_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
