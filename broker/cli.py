@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -28,6 +28,10 @@ from optuna_rq.cli_studies import best, delete, enqueue, load_enqueue_file, tria
 from optuna_rq.errors import ConfigError, OptunaRQError
 from optuna_rq.progress import make_console
 from optuna_rq.protocol import DEFAULT_QUEUE
+
+if TYPE_CHECKING:
+    from optuna_rq.protocol import StudyStatus
+    from optuna_rq.protocol.liveness import BrokerLiveness
 
 app = typer.Typer(
     name="optuna-rq",
@@ -242,8 +246,8 @@ def status(
 
     With a study's exact name, its detail: objective, outcomes, failures by reason, best
     parameters, storage. A queued or running study that no broker serves says so: `running (no
-    broker: the broker on host:pid stopped 40s ago)`; with --json, every study carries `broker`,
-    the prefix's broker as read (`state`: serving, starting, stopped or none). Reads only: never
+    broker: the broker on host:pid stopped 40s ago)`; with --json, it carries `broker`, the
+    prefix's broker as read (`state`: serving, starting, stopped or none). Reads only: never
     starts a redis-server.
     """
     import fnmatch
@@ -265,7 +269,7 @@ def status(
     if name is not None and not pattern:
         one = client.require_status(name)
         if as_json:
-            typer.echo(json.dumps({**one.to_dict(), "broker": broker.to_dict()}, indent=2))
+            typer.echo(json.dumps(_as_json(one, broker), indent=2))
         else:
             typer.echo("\n".join(status_detail(one, client, broker)))
         return
@@ -276,9 +280,7 @@ def status(
         and (name is None or fnmatch.fnmatchcase(s.name, name))
     ]
     if as_json:
-        typer.echo(
-            json.dumps([{**s.to_dict(), "broker": broker.to_dict()} for s in snapshots], indent=2)
-        )
+        typer.echo(json.dumps([_as_json(s, broker) for s in snapshots], indent=2))
         return
     if not snapshots:
         typer.echo(f"no studies on prefix {options.prefix!r}", err=True)
@@ -287,6 +289,12 @@ def status(
     note = broker.note()
     if note is not None and any(not s.state.ended for s in snapshots):
         typer.echo(note, err=True)  # the `(no broker)` of the lines above, in full
+
+
+def _as_json(s: StudyStatus, broker: BrokerLiveness) -> dict[str, Any]:
+    """A study's status for `status --json`; a queued or running one with `broker` (what moves
+    it: an ended study's snapshot stays the same whatever the broker does)."""
+    return s.to_dict() if s.state.ended else {**s.to_dict(), "broker": broker.to_dict()}
 
 
 @app.command("wait")
