@@ -38,6 +38,7 @@ from optuna_rq.errors import BrokerAlreadyRunningError, RedisDataLostError, Stud
 from optuna_rq.health import BrokerHealth
 from optuna_rq.metrics import BrokerMetrics
 from optuna_rq.protocol import Keys, Signer, StudySpec
+from optuna_rq.protocol.liveness import TurnBeacon
 
 __all__ = ["Daemon"]
 
@@ -66,6 +67,7 @@ class Daemon:
         client = BrokerClient(connection, settings.prefix, signer=self.signer)
         self.lock = BrokerLock(connection, self.keys, ttl_s=settings.lock_ttl_s, client=client)
         self.epoch_guard = EpochGuard(connection, self.keys)
+        self.turns = TurnBeacon(connection, self.keys, identity=self.identity)  # for `wait`
         # Journal files are written by this daemon alone: their changes are buffered, and
         # flushed before anything that acknowledges one leaves (`storages.flush`).
         self.storages = Storages()
@@ -230,6 +232,7 @@ class Daemon:
         self.epoch_guard.check(epoch)
         now = time.monotonic()
         self.lock.keep()
+        self.turns.beat()  # the front doors see a broker that stops turning (liveness.py)
         self.inbox.apply(raw_commands)
         self.registry.end_ended()  # a command that faulted its study
         runs = self.dispatcher.runs
