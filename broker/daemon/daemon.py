@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 import redis
+from redis.exceptions import OutOfMemoryError
 
 from optuna_rq.client import BrokerClient
 from optuna_rq.connection import wait_for_redis
@@ -140,8 +141,8 @@ class Daemon:
                     self.health.beat()  # a float write: the loop turned
                 except StudyStorageError as exc:  # a study storage's, not our Redis's
                     self._storage_failed(exc)
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    self._ride_out_outage(exc, stop)
+                except (redis.ConnectionError, redis.TimeoutError, OutOfMemoryError) as exc:
+                    self._ride_out_outage(exc, stop)  # a full Redis: `wait_for_memory`
                 except redis.ResponseError:  # NOGROUP, say: first ask if Redis lost its data
                     self.epoch_guard.check_now()
                     raise
