@@ -107,37 +107,21 @@ class LeanBookkeeping:
 
     # The writes a trial's job needs: sent again once Redis has room.
 
-    def dequeue_job_and_maintain_ttl(
-        self, timeout: int | None, max_idle_time: int | None = None
-    ) -> Any:
-        return self._when_room(
-            "take the next trial",
-            lambda: super(LeanBookkeeping, self).dequeue_job_and_maintain_ttl(  # type: ignore[misc]
-                timeout, max_idle_time
-            ),
-        )
+    def dequeue_job_and_maintain_ttl(self, *args: Any, **kwargs: Any) -> Any:
+        method = super().dequeue_job_and_maintain_ttl  # type: ignore[misc]
+        return self._when_room("take the next trial", lambda: method(*args, **kwargs))
 
-    def prepare_execution(self, job: Job) -> Any:
-        return self._when_room(
-            f"start job {job.id}",
-            lambda: super(LeanBookkeeping, self).prepare_execution(job),  # type: ignore[misc]
-        )
+    def prepare_execution(self, job: Job, *args: Any, **kwargs: Any) -> Any:
+        method = super().prepare_execution  # type: ignore[misc]
+        return self._when_room(f"start job {job.id}", lambda: method(job, *args, **kwargs))
 
-    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
-        self._when_room(
-            f"start job {job.id}",
-            lambda: super(LeanBookkeeping, self).prepare_job_execution(  # type: ignore[misc]
-                job, remove_from_intermediate_queue
-            ),
-        )
+    def prepare_job_execution(self, job: Job, *args: Any, **kwargs: Any) -> None:
+        method = super().prepare_job_execution  # type: ignore[misc]
+        self._when_room(f"start job {job.id}", lambda: method(job, *args, **kwargs))
 
-    def handle_job_success(self, job: Job, queue: Queue, *args: Any, **kwargs: Any) -> None:
-        self._when_room(
-            f"record job {job.id} finished",
-            lambda: super(LeanBookkeeping, self).handle_job_success(  # type: ignore[misc]
-                job, queue, *args, **kwargs
-            ),
-        )
+    def handle_job_success(self, job: Job, *args: Any, **kwargs: Any) -> None:
+        method = super().handle_job_success  # type: ignore[misc]
+        self._when_room(f"record job {job.id} finished", lambda: method(job, *args, **kwargs))
 
     def _when_room(self, what: str, write: Callable[[], T]) -> T:
         """`write()`, sent again each time a full Redis refused it, once Redis has room; Redis
