@@ -26,7 +26,7 @@ from optuna_rq.daemon.lock import BrokerLock, EpochGuard
 from optuna_rq.daemon.settings import BrokerSettings
 from optuna_rq.daemon.status import StatusPublisher
 from optuna_rq.daemon.stopping import StopConditions
-from optuna_rq.daemon.storages import Storages
+from optuna_rq.daemon.storages import Storages, read_back
 from optuna_rq.dispatch import Dispatcher, OffLoopSampling, StudyRun
 from optuna_rq.errors import (
     BrokerAlreadyRunningError,
@@ -323,7 +323,10 @@ class Daemon:
         for spec in failed:
             log.error("study %r failed: %s", spec.name, error)
             # Not flushed first: it says what failed, and acknowledges nothing on the others.
-            self.status.publish(spec, None, state=StudyState.FAILED, error=str(error), flush=False)
+            held = read_back(error.url, spec.name)  # its figures: what its storage kept
+            self.status.publish(
+                spec, None, state=StudyState.FAILED, error=str(error), flush=False, held=held
+            )
         if not failed:  # a storage no running study uses any more
             log.error("%s", error)
 

@@ -91,17 +91,20 @@ class StatusPublisher:
         state: StudyState,
         error: str | None = None,
         flush: bool = True,
+        held: optuna.Study | None = None,
     ) -> None:
-        """Write the study's status now: from its spec, and from its `run` if it has one, once
-        the storages' changes are durable (unless not `flush`: a status that acknowledges
-        nothing, as a failed storage's). StudyConflictError, writing nothing, if the study may
-        not move to `state`."""
+        """Write the study's status now: from its spec, and from its `run` if it has one (else
+        from `held`, the study as its storage holds it), once the storages' changes are durable
+        (unless not `flush`: a status that acknowledges nothing, as a failed storage's).
+        StudyConflictError, writing nothing, if the study may not move to `state`."""
         self.lifecycle.move(spec.name, state)
         if flush and self.persist is not None:
             self.persist()
         summary = (
             {} if run is None else {**_study_summary(run.study), "running": len(run.outstanding)}
         )
+        if run is None and held is not None:
+            summary = _study_summary(held)
         status = StudyStatus(
             name=spec.name,
             state=state,
