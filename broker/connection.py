@@ -41,6 +41,7 @@ __all__ = [
     "ENV_REDIS_PASSWORD_FILE",
     "ENV_REDIS_URL",
     "ENV_STATE_DIR",
+    "check_memory_policy",
     "connect",
     "describe_full",
     "is_full",
@@ -292,6 +293,29 @@ def describe_full(conn: redis.Redis) -> str:
     """`Redis is out of memory (maxmemory N)`, N in bytes as INFO gives it, if allowed."""
     memory = _memory(conn)
     return f"Redis is out of memory (maxmemory {'?' if memory is None else memory[1]})"
+
+
+def check_memory_policy(conn: redis.Redis) -> str | None:
+    """Warn, and return the policy, if Redis would evict keys when full (its `maxmemory-policy`
+    is not `noeviction`): an evicted lease, job or result is lost without a word, and the broker
+    can only notice after the fact, if the epoch key goes too. None if it would not, or INFO
+    cannot say (an ACL user without it)."""
+    try:
+        info: dict[str, Any] = conn.info("memory")
+    except RedisError:
+        return None
+    policy = info.get("maxmemory_policy")
+    if isinstance(policy, bytes):
+        policy = policy.decode()
+    if policy is None or policy == "noeviction":
+        return None
+    _logger.warning(
+        "Redis's maxmemory-policy is %s: full, it evicts keys (a trial's lease, job or result, "
+        "lost without a word). optuna-rq needs noeviction (it waits out a full Redis): "
+        "CONFIG SET maxmemory-policy noeviction, and in redis.conf",
+        policy,
+    )
+    return str(policy)
 
 
 def _has_room(conn: redis.Redis) -> bool | None:

@@ -18,7 +18,7 @@ import redis
 from redis.exceptions import OutOfMemoryError
 
 from optuna_rq.client import BrokerClient
-from optuna_rq.connection import wait_for_redis
+from optuna_rq.connection import check_memory_policy, wait_for_redis
 from optuna_rq.daemon.admin import delete_study, enqueue_params
 from optuna_rq.daemon.fair_share import FairShare
 from optuna_rq.daemon.inbox import CommandInbox
@@ -116,6 +116,7 @@ class Daemon:
         """Become the prefix's broker (or raise naming the one that is), and learn the epoch."""
         self.lock.acquire()
         self.epoch_guard.establish()
+        check_memory_policy(self.connection)  # warns if a full Redis would evict
 
     def release(self) -> None:
         self.lock.release()

@@ -83,9 +83,22 @@ def test_a_full_redis_pauses_the_broker_and_workers_hold_their_results(
     assert broker.poll() is None and broker.pid == pid
     text = broker_log.read_text()
     assert "Redis has room again" in text, text[-3000:]
+    assert "maxmemory-policy is" not in text  # noeviction: nothing to warn of
     assert "Traceback" not in text, text[-3000:]
     worker_text = workers_log.read_text()
     assert "delivered the result of study" in worker_text, worker_text[-3000:]
     assert "Traceback" not in worker_text, worker_text[-3000:]
     # Said once per held result, not once per try.
     assert worker_text.count("holding the result of study") <= 3, worker_text[-3000:]
+
+
+def test_a_broker_on_a_redis_that_evicts_warns_at_start(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.conn.config_set("maxmemory-policy", "allkeys-lru")
+    log = tmp_path / "broker.log"
+    cluster.start_broker(log=log)
+    wait_until(
+        lambda: "maxmemory-policy is allkeys-lru" in log.read_text(),
+        timeout_s=30,
+        message="the broker did not warn of an evicting Redis",
+    )
+    assert "needs noeviction" in log.read_text()
