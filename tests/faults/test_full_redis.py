@@ -18,6 +18,7 @@ from rq.job import Job
 from optuna_rq.connection import connect
 from optuna_rq.protocol import RUN_TRIAL, Keys, trial_queue
 from optuna_rq.protocol.queue import MsgpackSerializer
+from optuna_rq.verdict import FAIL_REASON_ATTR
 from optuna_rq.workers.rq_worker import TrialWorker
 from tests.faults.conftest import BOTH_ISOLATIONS, LEASE_TTL_S, Cluster, RedisServer, wait_calls
 from tests.helpers import wait_until
@@ -178,3 +179,42 @@ def test_a_worker_waits_out_a_full_redis_for_the_writes_a_trial_needs(
     assert not thread.is_alive() and not errors, errors
     assert caplog.text.count("Redis is out of memory") == 1, caplog.text
     conn.close()
+
+
+def test_a_pools_parent_holds_the_result_it_reports_and_keeps_the_other_leases(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # Given two trials of one study running, and a third stuck in C code past its timeout
+    workers_log = tmp_path / "workers.log"
+    cluster.start_workers(3, log=workers_log)
+    broker = cluster.start_broker()
+    steady = cluster.submit("steady", n_trials=4, concurrency=2, hold_s=4 * LEASE_TTL_S)
+    wait_calls(cluster, 2)
+    stuck = cluster.submit("stuck_in_c", n_trials=1, concurrency=1, extra=("--trial-timeout", "1"))
+    wait_calls(cluster, 3)
+
+    # When Redis is full as the pool's parent kills the stuck one and reports it (its `timeout`
+    # result held in the parent, which must renew its other children's leases meanwhile)
+    fill(cluster.conn)
+    wait_until(
+        lambda: f"holding the result of study {stuck!r}" in workers_log.read_text(),
+        timeout_s=30,
+        message="the pool's parent did not hold the result it reports",
+    )
+    held_until = time.monotonic() + 1.5 * LEASE_TTL_S
+    while time.monotonic() < held_until:  # the full spell itself, past a lease TTL
+        assert broker.poll() is None
+        time.sleep(0.1)
+    # the two running objectives' leases (renewed by the parent while it waits) and the held one
+    assert "COMPLETE" not in workers_log.read_text(), "the spell came too late to tell"
+    leases = list(cluster.conn.scan_iter(match=f"{cluster.prefix}:*lease*"))
+    assert len(leases) == 3, leases
+    free(cluster.conn)
+
+    # Then every result is told once: the stuck one `timeout`, the others COMPLETE, none lost
+    trials = cluster.check(stuck, complete=0, cap=3, failed=1)
+    assert trials[0].user_attrs[FAIL_REASON_ATTR] == "timeout", trials[0].user_attrs
+    cluster.check(steady, complete=4, cap=3, failed=0)
+    text = workers_log.read_text()
+    assert f"delivered the result of study {stuck!r}" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
