@@ -22,10 +22,12 @@ What RQ and its tools see is unchanged: job statuses, registries, the intermedia
 registration, `rq info`.
 
 A full Redis (at `maxmemory`, with `noeviction`) refuses RQ's writes with OutOfMemoryError, which
-RQ's work loop takes for a reason to quit. Here the writes a trial's job needs to start and to end
-(its execution record, its start, its success, the next dequeue) wait until Redis has room and are
-sent again: each is one MULTI/EXEC or one command, refused whole, so sending it again is safe. The
-heartbeat, the state and the registry sweep are skipped instead: the next ones make up for them.
+RQ's work loop takes for a reason to quit. Here the writes a worker needs to take a trial's job,
+start it and end it (its registration, the dequeue, its execution record, its start, its success)
+wait until Redis has room and are sent again: each is one MULTI/EXEC or one command, refused
+whole, so sending it again is safe. The heartbeat, the state, the registry sweep and the
+unregistration of a worker leaving are skipped instead: the next ones (or a TTL) make up for
+them.
 """
 
 from __future__ import annotations
@@ -105,7 +107,18 @@ class LeanBookkeeping:
             if not is_full(exc):
                 raise  # a sweep skipped when Redis is full: the next one does it
 
+    def register_death(self) -> None:
+        try:
+            super().register_death()  # type: ignore[misc]
+        except redis.ResponseError as exc:
+            if not is_full(exc):
+                raise  # a worker leaving while Redis is full: its key expires on its own
+
     # The writes a trial's job needs: sent again once Redis has room.
+
+    def register_birth(self, *args: Any, **kwargs: Any) -> None:
+        method = super().register_birth  # type: ignore[misc]
+        self._when_room("register", lambda: method(*args, **kwargs))
 
     def dequeue_job_and_maintain_ttl(self, *args: Any, **kwargs: Any) -> Any:
         method = super().dequeue_job_and_maintain_ttl  # type: ignore[misc]

@@ -122,9 +122,17 @@ def test_a_broker_on_a_redis_that_evicts_warns_at_start(cluster: Cluster, tmp_pa
     assert "needs noeviction" in log.read_text()
 
 
+def _worker(conn: redis.Redis, name: str) -> TrialWorker:
+    queue = trial_queue(conn, "full-redis-test:queue")
+    return TrialWorker([queue], connection=conn, serializer=MsgpackSerializer, name=name)
+
+
 # The RQ writes a trial's job needs, each waited out (sent again once Redis has room), called on a
 # worker that has dequeued `job` and prepared its execution.
 NEEDED: dict[str, Callable[[TrialWorker, Job, Any], object]] = {
+    "register_birth": lambda worker, job, execution: _worker(
+        worker.connection, "late"
+    ).register_birth(),
     "dequeue": lambda worker, job, execution: worker.dequeue_job_and_maintain_ttl(1),
     "prepare_execution": lambda worker, job, execution: worker.prepare_execution(job),
     "prepare_job_execution": lambda worker, job, execution: worker.prepare_job_execution(job),
@@ -140,9 +148,10 @@ def test_a_worker_waits_out_a_full_redis_for_the_writes_a_trial_needs(
 ) -> None:
     caplog.set_level(logging.INFO, logger="optuna_rq.connection")
     conn = connect(aof_redis.url)
-    queue = trial_queue(conn, "full-redis-test:queue")
-    worker = TrialWorker([queue], connection=conn, serializer=MsgpackSerializer, name="w")
+    worker, leaving = _worker(conn, "w"), _worker(conn, "leaving")
     worker.register_birth()
+    leaving.register_birth()
+    queue = worker.queues[0]
     queue.enqueue(RUN_TRIAL, b"payload")
     job, _ = worker.dequeue_job_and_maintain_ttl(1)
     execution = worker.prepare_execution(job)
@@ -156,6 +165,7 @@ def test_a_worker_waits_out_a_full_redis_for_the_writes_a_trial_needs(
     worker.set_state("busy")
     worker.job_done()
     worker.run_maintenance_tasks()
+    leaving.register_death()  # type: ignore[no-untyped-call]
 
     # The one a trial needs waits, says so once, and goes in when Redis has room
     errors: list[BaseException] = []
