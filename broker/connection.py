@@ -240,7 +240,9 @@ def wait_for_redis(
     least every second while it waits: waiting is being alive (the broker's liveness probe).
     A full Redis (`error` an OutOfMemoryError) is waited out the same way (`wait_for_memory`)."""
     if isinstance(error, OutOfMemoryError):
-        return wait_for_memory(conn, error, stop=stop, max_backoff_s=max_backoff_s, beat=beat)
+        return wait_for_memory(
+            conn, error, stop=stop, max_backoff_s=max_backoff_s, beat=beat, give_up_s=give_up_s
+        )
     stop = stop or threading.Event()
     started = time.monotonic()
     _logger.error("Redis is unreachable (%s); waiting for it, trials keep running", error)
@@ -337,6 +339,7 @@ def wait_for_memory(
     beat: Callable[[], None] | None = None,
     what: str = "waiting",
     quiet: bool = False,
+    give_up_s: float | None = None,
 ) -> float | None:
     """Wait out a Redis too full to take a write (`error`, an OutOfMemoryError): poll its memory
     with a doubling, jittered backoff (writers that met the limit together do not come back
@@ -345,7 +348,8 @@ def wait_for_memory(
     allowed, it waits one backoff step and returns: the caller's own write is the probe.
 
     Logs `Redis is out of memory (maxmemory N): <what>` once (nothing if `quiet`: a caller that
-    said so already), and once when it has room. `beat` is called at least every second."""
+    said so already), and once when it has room. `beat` is called at least every second.
+    Raises RedisUnavailableError after `give_up_s`, if given."""
     stop = stop or threading.Event()
     started = time.monotonic()
     if not quiet:
@@ -357,9 +361,13 @@ def wait_for_memory(
         # INFO is cheap: polled at least every MEMORY_POLL_CAP_S, to go on soon after room frees
         delay_s = min(delay_s * 2, max_backoff_s, MEMORY_POLL_CAP_S)
         room = _has_room(conn)  # None if unreachable too: the caller's write says what to wait for
-        if room is False:
-            continue
         waited = time.monotonic() - started
+        if room is False:
+            if give_up_s is not None and waited >= give_up_s:
+                raise RedisUnavailableError(
+                    f"{describe_full(conn)} for {waited:.0f}s, giving up: {error}"
+                ) from error
+            continue
         if room and not quiet:
             _logger.info("Redis has room again after %.1fs; carrying on", waited)
         return waited

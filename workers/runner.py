@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 
+from optuna_rq.connection import is_full, wait_for_memory
 from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol import (
     FailReason,
@@ -127,10 +128,21 @@ def _leased(connection: redis.Redis, attempt: Attempt, ctx: WorkerContext) -> It
     """Hold the attempt's lease while the body runs: renewed by the supervising parent (which
     also stops it if the broker cancels it), or by a thread here when this process has none.
     Yields whether the attempt was cancelled before it started."""
-    pipe = connection.pipeline(transaction=False)
-    pipe.set(attempt.lease, attempt.holder, px=int(ctx.lease_ttl_s * 1000))
-    pipe.exists(attempt.cancel_mark)
-    cancelled = bool(pipe.execute()[1])
+    told = False
+    while True:  # a full Redis refuses the lease: the trial waits to start, it does not fail
+        pipe = connection.pipeline(transaction=True)
+        pipe.set(attempt.lease, attempt.holder, px=int(ctx.lease_ttl_s * 1000))
+        pipe.exists(attempt.cancel_mark)
+        try:
+            cancelled = bool(pipe.execute()[1])
+            break
+        except redis.ResponseError as exc:
+            if not is_full(exc):
+                raise
+            wait_for_memory(
+                connection, exc, what=f"{attempt.describe()} waits to start", quiet=told
+            )
+            told = True
     if ctx.channel is None:
         with LeaseThread(connection, attempt, ctx.lease_ttl_s):
             yield cancelled
