@@ -20,9 +20,10 @@ import time
 from collections.abc import Callable
 
 import redis
+from redis.exceptions import OutOfMemoryError
 
 from optuna_rq.client import BrokerClient
-from optuna_rq.connection import wait_for_redis
+from optuna_rq.connection import check_memory_policy, wait_for_redis
 from optuna_rq.daemon.commands import Commands
 from optuna_rq.daemon.fair_share import FairShare
 from optuna_rq.daemon.inbox import CommandInbox
@@ -135,6 +136,7 @@ class Daemon:
         """Become the prefix's broker (or raise naming the one that is), and learn the epoch."""
         self.lock.acquire()
         self.epoch_guard.establish()
+        check_memory_policy(self.connection)  # warns if a full Redis would evict
 
     def release(self) -> None:
         self.lock.release()
@@ -198,8 +200,8 @@ class Daemon:
             work()
         except StudyStorageError as exc:  # a study storage's, not our Redis's
             self.registry.storage_failed(exc)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            self._ride_out_outage(exc, stop)
+        except (redis.ConnectionError, redis.TimeoutError, OutOfMemoryError) as exc:
+            self._ride_out_outage(exc, stop)  # a full Redis: `wait_for_memory`
         except redis.ResponseError:  # NOGROUP, say: first ask if Redis lost its data
             self.epoch_guard.check_now()
             raise

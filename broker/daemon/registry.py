@@ -19,7 +19,7 @@ from optuna_rq.client import BrokerClient
 from optuna_rq.daemon.settings import BrokerSettings
 from optuna_rq.daemon.status import StatusPublisher
 from optuna_rq.daemon.stopping import StopConditions
-from optuna_rq.daemon.storages import Storages
+from optuna_rq.daemon.storages import Storages, read_back
 from optuna_rq.dispatch import Dispatcher, StudyRun
 from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
 from optuna_rq.errors import ConfigError, ProtocolError, StudyStorageError
@@ -248,6 +248,7 @@ class Registry:
         for spec, run in failed:
             log.error("study %r failed: %s", spec.name, error)
             # Not flushed first: it says what failed, and acknowledges nothing on the others.
-            self.status.publish_failed(spec, run, error=str(error), flush=False)
+            held = read_back(error.url, spec.name)  # its figures: what its storage kept
+            self.status.publish_failed(spec, run, error=str(error), flush=False, held=held)
         if not failed:  # a storage no running study uses any more
             log.error("%s", error)

@@ -106,27 +106,43 @@ class StatusPublisher:
         nothing, as a failed storage's). StudyConflictError, writing nothing, if the study may
         not move to `state`."""
         self.lifecycle.check(spec.name, state)
-        summary = self._summary(spec.name, run, state=state)
+        summary = self._summary(spec.name, None if run is None else run.study, run, state=state)
         self._write(spec, run, state=state, error=error, flush=flush, summary=summary)
 
     def publish_failed(
-        self, spec: StudySpec, run: StudyRun | None, *, error: str, flush: bool = True
+        self,
+        spec: StudySpec,
+        run: StudyRun | None,
+        *,
+        error: str,
+        flush: bool = True,
+        held: optuna.Study | None = None,
     ) -> None:
-        """Write the study's status FAILED, with `error`. Its figures are read from its `run`
-        if they can be, else they are the last ones read: the failure may be in reading them."""
+        """Write the study's status FAILED, with `error`. Its figures are read from `held` (the
+        study as its storage holds it, read back after the storage failed) or its `run`, if they
+        can be; else they are the last ones read: the failure may be in reading them."""
         self.lifecycle.check(spec.name, StudyState.FAILED)
+        study = held if held is not None else None if run is None else run.study
         try:
-            summary = self._summary(spec.name, run, state=StudyState.FAILED)
+            summary = self._summary(spec.name, study, run, state=StudyState.FAILED)
         except Exception as exc:
             if passes_through(exc) and not isinstance(exc, StudyStorageError):
                 raise
             summary = {**self._summaries.pop(spec.name, {}), "running": 0}
         self._write(spec, run, state=StudyState.FAILED, error=error, flush=flush, summary=summary)
 
-    def _summary(self, name: str, run: StudyRun | None, *, state: StudyState) -> dict[str, Any]:
-        if run is None:
-            return {}
-        summary = {**_study_summary(run.study), "running": len(run.outstanding)}
+    def _summary(
+        self,
+        name: str,
+        study: optuna.Study | None,
+        run: StudyRun | None,
+        *,
+        state: StudyState,
+    ) -> dict[str, Any]:
+        if study is None:
+            return self._summaries.pop(name, {}) if state.ended else {}
+        running = 0 if run is None else len(run.outstanding)
+        summary = {**_study_summary(study), "running": running}
         if state.ended:
             self._summaries.pop(name, None)
         else:

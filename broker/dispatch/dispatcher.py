@@ -31,6 +31,7 @@ from typing import Any
 import optuna
 import redis
 from optuna.trial import TrialState
+from redis.exceptions import OutOfMemoryError
 
 from optuna_rq import failpoints
 from optuna_rq.connection import wait_for_redis
@@ -473,7 +474,7 @@ class Dispatcher:
             try:
                 self.refill()
                 self.poll(None if self.behind else poll_s)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError, OutOfMemoryError) as exc:
                 if wait_for_redis(self.connection, exc, stop=stop, give_up_s=give_up_after_s):
                     self.after_outage()
             if self.boundary.faults:
