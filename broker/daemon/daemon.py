@@ -37,7 +37,7 @@ from optuna_rq.errors import (
 )
 from optuna_rq.health import BrokerHealth
 from optuna_rq.metrics import BrokerMetrics
-from optuna_rq.protocol import Keys, Signer, StudySpec, StudyState
+from optuna_rq.protocol import Keys, Signer, StudySpec, StudyState, new_incarnation
 from optuna_rq.studies import journal_path, make_pruner, make_sampler
 
 __all__ = ["Daemon"]
@@ -278,6 +278,7 @@ class Daemon:
                 max_retries=spec.max_retries,
                 queue=spec.queue,
                 ask_ahead=spec.ask_ahead,
+                incarnation=spec.incarnation or new_incarnation(),  # stored: on_submit gave one
             )
             journal = journal_path(url)
             run.journal = None if journal is None else str(journal)
@@ -379,6 +380,7 @@ class Daemon:
                 f"study {spec.name!r} exists with another definition: "
                 f"{'; '.join(differences)} (submit it under another --study-name)"
             )
+        spec = spec.incarnated(known)  # known's, or a new one: no spec stored under its name
         if spec.name in self.dispatcher.runs:
             self.on_change(spec.name, _resubmitted(spec))
             return

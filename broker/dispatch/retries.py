@@ -94,14 +94,15 @@ class Retries:
         if now < self._next_check:
             return 0
         self._next_check = now + self.check_s
-        watched = {
-            self.keys.job_id(run.name, r.number, r.attempt): (run, r)
+        sent = [
+            (run, r, run.attempt_id(r, self.reply_to))
             for run in runs.values()
             for r in run.in_phase(Phase.SENT)
-        }
+        ]
+        watched = {Keys.job_id(of): (run, r) for run, r, of in sent}
         lost = self.watch.check(
-            Watched(j, Keys.lease(self.reply_to, j), self._intermediate_key(run))
-            for j, (run, _record) in watched.items()
+            Watched(Keys.job_id(of), Keys.lease(of), self._intermediate_key(run))
+            for run, _record, of in sent
         )
         if not lost:
             return 0
@@ -134,7 +135,7 @@ class Retries:
 
     def forget(self, run: StudyRun, record: InFlight) -> None:
         """`record` was told: its lease is no longer watched."""
-        self.watch.forget(self.keys.job_id(run.name, record.number, record.attempt))
+        self.watch.forget(Keys.job_id(run.attempt_id(record, self.reply_to)))
 
     def reset(self) -> None:
         """After a Redis outage: every lease gets its grace again before it counts as lost."""

@@ -1,0 +1,109 @@
+"""Names of one incarnation: nothing a worker or the broker left behind for one study (a reply
+on its way to a killed worker, a cancel mark) is taken by another study, or by a study of the
+same name submitted again after a delete."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+from optuna.trial import TrialState
+
+from optuna_rq.protocol import CALL_FIELD, Keys
+from optuna_rq.verdict import FAIL_REASON_ATTR
+from tests.faults.conftest import Cluster, kill_tree, wait_calls
+from tests.helpers import wait_until
+from tests.worker_processes import cli, cli_env
+
+pytestmark = pytest.mark.timeout(300)
+
+REPEATS = 3
+
+
+def _cli(cluster: Cluster, *args: str) -> None:
+    done = subprocess.run(
+        cli("--redis-url", cluster.server.url, "--prefix", cluster.prefix, *args),
+        env=cli_env(OPTUNA_RQ_STATE_DIR=str(cluster.state)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def _call_in_stream(cluster: Cluster) -> bool:
+    """Whether a remote trial's call waits in the broker's result stream."""
+    entries = cluster.conn.xrange(Keys(cluster.prefix).results)
+    return any(CALL_FIELD in fields for _id, fields in entries)
+
+
+def _waiting_for_replies(cluster: Cluster) -> set[str]:
+    """The Redis clients blocked in BLPOP (the only one here: a remote trial's)."""
+    return {c["id"] for c in cluster.conn.client_list() if c["cmd"] == "blpop"}
+
+
+def _stale_replies(cluster: Cluster) -> list[bytes]:
+    return list(cluster.conn.scan_iter(match=f"{Keys(cluster.prefix).results}:call:*"))
+
+
+def test_a_reply_left_by_a_killed_worker_is_never_taken_by_another_study(
+    cluster: Cluster,
+) -> None:
+    broker = cluster.start_broker()
+    cluster.start_workers(1)
+    for round_ in range(REPEATS):
+        # Study A's trial 0 makes its call while the broker is frozen, and its process is
+        # killed before the broker, woken, answers: the reply waits for nobody.
+        started = len(cluster.started())
+        first = cluster.submit(
+            "asks",
+            n_trials=1,
+            concurrency=1,
+            extra=("--param", "gate=true", "--max-retries", "0"),
+        )
+        wait_calls(cluster, started + 1)
+        pid, _parent = cluster.started()[-1]
+        broker.send_signal(signal.SIGSTOP)
+        try:
+            cluster.conn.rpush(f"{cluster.key}:go", 1)
+            wait_until(lambda: _call_in_stream(cluster), timeout_s=30, message="no call came")
+            wait_until(lambda: _waiting_for_replies(cluster), timeout_s=30)
+            waiting = _waiting_for_replies(cluster)
+            kill_tree([pid])
+            # Until Redis has dropped its connection, a killed process's BLPOP still takes
+            # (and loses) what is pushed.
+            wait_until(lambda w=waiting: not w & _waiting_for_replies(cluster), timeout_s=30)
+        finally:
+            broker.send_signal(signal.SIGCONT)
+        cluster.wait_finished(first)
+        assert _stale_replies(cluster), "the broker's answer to the killed call is not there"
+        (lost,) = cluster.trials(first)
+        assert lost.state is TrialState.FAIL and lost.user_attrs[FAIL_REASON_ATTR] == "worker_lost"
+
+        # Study B's trial 0 makes the same call: its objective gets its own answer.
+        second = cluster.submit("asks", n_trials=2, concurrency=1)
+        trials = cluster.check(second, complete=2, cap=1, failed=0)
+        for trial in trials:
+            assert trial.value == trial.params["y"], (round_, trial.number, trial.params)
+
+
+def test_a_study_deleted_and_submitted_again_runs_all_its_new_trials(cluster: Cluster) -> None:
+    cluster.start_broker()
+    cluster.start_workers(2)
+    name = "again"
+    for round_ in range(REPEATS):
+        if round_:
+            _cli(cluster, "delete", name, "--purge")
+            wait_until(lambda: not cluster.status(name), timeout_s=30, message="not deleted")
+        started = len(cluster.started())
+        cluster.submit("steady", n_trials=4, concurrency=2, hold_s=60, name=name)
+        wait_calls(cluster, started + 2)  # both slots' trials run: each has a cancel mark
+        _cli(cluster, "cancel", name)
+        wait_until(lambda: cluster.status(name).get("state") == "cancelled", timeout_s=30)
+        _cli(cluster, "delete", name, "--purge")
+        wait_until(lambda: not cluster.status(name), timeout_s=30, message="not deleted")
+
+        cluster.submit("steady", n_trials=4, concurrency=2, hold_s=0.1, name=name)
+        trials = cluster.check(name, complete=4, cap=2, failed=0)
+        assert not [t.number for t in trials if t.state is not TrialState.COMPLETE], round_
