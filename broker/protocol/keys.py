@@ -11,7 +11,7 @@ One broker serves one prefix; several brokers can share a Redis with different p
     epoch               a random token set once: if it vanishes, Redis lost its data, and the
                         broker stops rather than write into an empty Redis as if nothing happened
     commands            a list of signed commands from the front doors: submit, cancel, set
-    studies             hash: study name -> its StudySpec
+    studies             hash: study name -> its StudySpec (with its incarnation, below)
     status              hash: study name -> its StudyStatus (JSON, for `status` and `wait`)
     results             the stream workers append results and trial calls to (group `broker`)
     results:<token>     a private result stream (one remote `Optimizer` run)
