@@ -5,31 +5,25 @@ same name submitted again after a delete."""
 from __future__ import annotations
 
 import signal
-import subprocess
 
 import pytest
 from optuna.trial import TrialState
 
-from optuna_rq.protocol import CALL_FIELD, Keys
+from optuna_rq.client import BrokerClient
+from optuna_rq.protocol import CALL_FIELD, AttemptId, Delete, Keys, StudySpec
 from optuna_rq.verdict import FAIL_REASON_ATTR
 from tests.faults.conftest import Cluster, kill_tree, wait_calls
 from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env
 
 pytestmark = pytest.mark.timeout(300)
 
 REPEATS = 3
 
 
-def _cli(cluster: Cluster, *args: str) -> None:
-    done = subprocess.run(
-        cli("--redis-url", cluster.server.url, "--prefix", cluster.prefix, *args),
-        env=cli_env(OPTUNA_RQ_STATE_DIR=str(cluster.state)),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+def _delete(cluster: Cluster, name: str) -> None:
+    """`optuna-rq delete NAME --purge`, applied."""
+    BrokerClient(cluster.conn, cluster.prefix).send(Delete(study=name, force=False, purge=True))
+    wait_until(lambda: not cluster.status(name), timeout_s=30, message=f"{name} not deleted")
 
 
 def _call_in_stream(cluster: Cluster) -> bool:
@@ -86,6 +80,22 @@ def test_a_reply_left_by_a_killed_worker_is_never_taken_by_another_study(
         trials = cluster.check(second, complete=2, cap=1, failed=0)
         for trial in trials:
             assert trial.value == trial.params["y"], (round_, trial.number, trial.params)
+        assert cluster.conn.llen(_reply_list(cluster, first)) == 1  # A's answer, taken by none
+
+
+def _reply_list(cluster: Cluster, study: str) -> str:
+    """The reply list of `study`'s trial 0, attempt 1."""
+    keys = Keys(cluster.prefix)
+    spec = StudySpec.decode(cluster.conn.hget(keys.studies, study))  # type: ignore[arg-type]
+    assert spec.incarnation is not None
+    of = AttemptId(
+        reply_to=keys.results,
+        study=study,
+        incarnation=spec.incarnation,
+        trial_number=0,
+        attempt=1,
+    )
+    return Keys.reply_list(of)
 
 
 def test_a_study_deleted_and_submitted_again_runs_all_its_new_trials(cluster: Cluster) -> None:
@@ -94,15 +104,13 @@ def test_a_study_deleted_and_submitted_again_runs_all_its_new_trials(cluster: Cl
     name = "again"
     for round_ in range(REPEATS):
         if round_:
-            _cli(cluster, "delete", name, "--purge")
-            wait_until(lambda: not cluster.status(name), timeout_s=30, message="not deleted")
+            _delete(cluster, name)  # the last round's, finished
         started = len(cluster.started())
         cluster.submit("steady", n_trials=4, concurrency=2, hold_s=60, name=name)
         wait_calls(cluster, started + 2)  # both slots' trials run: each has a cancel mark
-        _cli(cluster, "cancel", name)
+        BrokerClient(cluster.conn, cluster.prefix).cancel(name)
         wait_until(lambda: cluster.status(name).get("state") == "cancelled", timeout_s=30)
-        _cli(cluster, "delete", name, "--purge")
-        wait_until(lambda: not cluster.status(name), timeout_s=30, message="not deleted")
+        _delete(cluster, name)
 
         cluster.submit("steady", n_trials=4, concurrency=2, hold_s=0.1, name=name)
         trials = cluster.check(name, complete=4, cap=2, failed=0)
