@@ -167,7 +167,7 @@ def test_a_remote_trial_takes_only_the_answer_to_its_call(
     assert conn.llen(own) == 0
 
 
-def test_the_broker_keeps_a_studys_incarnation_until_it_is_deleted(
+def test_the_broker_keeps_a_studys_incarnation_until_it_ends_or_is_deleted(
     conn: redis.Redis, prefix: str
 ) -> None:
     from optuna_rq.client import BrokerClient
@@ -194,13 +194,21 @@ def test_the_broker_keeps_a_studys_incarnation_until_it_is_deleted(
         daemon.step()
         assert stored() == first and daemon.dispatcher.runs["s"].incarnation == first
 
+        client.cancel("s")  # it ends: submitted again, it runs on as a new incarnation
+        daemon.step()
+        assert stored() == first and "s" not in daemon.dispatcher.runs
+        client.submit(spec.with_changes(n_trials=4), storage="memory")
+        daemon.step()
+        again = stored()
+        assert again not in (None, first) and daemon.dispatcher.runs["s"].incarnation == again
+
         client.send(Delete(study="s", force=True, purge=True))
         daemon.step()
         assert stored() is None
         client.submit(spec, storage="memory")  # the same name, a new study
         daemon.step()
         second = stored()
-        assert second not in (None, first)
+        assert second not in (None, first, again)
         assert daemon.dispatcher.runs["s"].incarnation == second
     finally:
         daemon.dispatcher.stop_sampling()

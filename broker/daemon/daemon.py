@@ -380,11 +380,11 @@ class Daemon:
                 f"study {spec.name!r} exists with another definition: "
                 f"{'; '.join(differences)} (submit it under another --study-name)"
             )
-        spec = spec.incarnated(known)  # known's, or a new one: no spec stored under its name
         if spec.name in self.dispatcher.runs:
             self.on_change(spec.name, _resubmitted(spec))
             return
-        self._learn_state(spec.name)
+        state = self._learn_state(spec.name)  # ended: it runs on as a new incarnation
+        spec = spec.incarnated(None if state is not None and state.ended else known)
         self.connection.hset(self.keys.studies, spec.name, spec.encode())
         self._start(spec)
 

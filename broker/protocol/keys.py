@@ -28,12 +28,13 @@ and, per attempt, under the result stream it reports to (`reply_to`), each named
                                 supervisor sees it and stops the objective
     <reply_to>:call:<job id>    the list a remote trial waits on for the broker's replies
 
-A job id (`orq-<hash(reply_to, study)>-<incarnation>-<trial>-<attempt>`) names one attempt of one
-trial of one incarnation of one study (`AttemptId`): the incarnation is a random id the broker
-gives a study when it first stores its spec, kept while the study is known and replaced when it
-is submitted again after a delete. So nothing left of another study, or of an earlier study of
-the same name (a reply on its way to a killed worker, an hour-long cancel mark), is ever taken
-for this one. Every per-attempt name is made here, from an `AttemptId` alone.
+A job id (`orq-<hash(reply_to, study)>-<incarnation>-<trial>-<attempt>`) names one attempt of
+one trial of one incarnation of one study (`AttemptId`). The incarnation is a random id the
+broker gives a study when it stores its spec, kept while the study runs (resubmissions,
+restarts), and replaced when it is submitted again after it ended or after a delete. So nothing
+left of another study, or of an earlier study of the same name (a reply on its way to a killed
+worker, an hour-long cancel mark), is ever taken for this one. Every per-attempt name is made
+here, from an `AttemptId` alone.
 """
 
 from __future__ import annotations

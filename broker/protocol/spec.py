@@ -112,8 +112,8 @@ class StudySpec(Message):
     target: float | None = wire(Float(optional=True), default=None)  # best value reaches it
     patience: int | None = wire(Int(minimum=1, optional=True), default=None)  # no improvement
     # Which incarnation of the study this is: set by the broker when it stores the spec
-    # (`incarnated`), never by a front door; not part of the definition. Every per-attempt name
-    # carries it (`Keys`).
+    # (`incarnated`: new unless the study is known and has not ended), never by a front door;
+    # not part of the definition. Every per-attempt name carries it (`Keys`).
     incarnation: str | None = wire(
         Matching(INCARNATION_PATTERN, "an incarnation id (12 lowercase hex digits)", optional=True),
         default=None,
@@ -227,8 +227,11 @@ class StudySpec(Message):
 
     def incarnated(self, known: StudySpec | None) -> StudySpec:
         """This submission as the broker stores it: with the incarnation of `known`, the spec
-        stored under its name (the same study submitted again), or a new one when none is
-        stored (a study submitted for the first time, or again after a delete)."""
+        stored under its name of a study that has not ended (the same study submitted again),
+        or else a new one: a study submitted for the first time, or again after a delete, or
+        after it ended. An ended study has no attempt left running, and may number its trials
+        again (a storage that failed can come back without its last ones): nothing left of
+        its earlier attempts (their cancel marks) may be taken for the new ones."""
         incarnation = new_incarnation() if known is None else known.incarnation
         return self.with_changes(incarnation=incarnation or new_incarnation())
 

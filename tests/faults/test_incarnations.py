@@ -1,16 +1,26 @@
 """Names of one incarnation: nothing a worker or the broker left behind for one study (a reply
 on its way to a killed worker, a cancel mark) is taken by another study, or by a study of the
-same name submitted again after a delete."""
+same name submitted again after a delete, or after it ended (a storage that failed and came
+back without its last trials numbers them again)."""
 
 from __future__ import annotations
 
+import shutil
 import signal
+import socket
+import subprocess
+import tempfile
+import warnings
 
+import optuna
 import pytest
+import redis
 from optuna.trial import TrialState
 
 from optuna_rq.client import BrokerClient
+from optuna_rq.embedded import server_executable
 from optuna_rq.protocol import CALL_FIELD, AttemptId, Delete, Keys, StudySpec
+from optuna_rq.studies import open_storage
 from optuna_rq.verdict import FAIL_REASON_ATTR
 from tests.faults.conftest import Cluster, kill_tree, wait_calls
 from tests.helpers import wait_until
@@ -18,6 +28,51 @@ from tests.helpers import wait_until
 pytestmark = pytest.mark.timeout(300)
 
 REPEATS = 3
+
+
+class TcpRedis:
+    """A redis-server on a TCP port without persistence: a study's storage, that a test stops
+    and starts again empty (on the same port: the same storage URL)."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.directory = tempfile.mkdtemp(prefix="orqs", dir="/tmp")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = server_executable()  # the embedded server's binary, or one on PATH
+        self.process = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+            + ["--appendonly", "no", "--dir", self.directory],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_timeout=1)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(answers, timeout_s=15, message="the storage's redis-server did not start")
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _delete(cluster: Cluster, name: str) -> None:
@@ -115,3 +170,36 @@ def test_a_study_deleted_and_submitted_again_runs_all_its_new_trials(cluster: Cl
         cluster.submit("steady", n_trials=4, concurrency=2, hold_s=0.1, name=name)
         trials = cluster.check(name, complete=4, cap=2, failed=0)
         assert not [t.number for t in trials if t.state is not TrialState.COMPLETE], round_
+
+
+def test_a_study_whose_storage_lost_its_trials_runs_them_all_when_submitted_again(
+    cluster: Cluster,
+) -> None:
+    cluster.start_broker()
+    cluster.start_workers(2)
+    for round_ in range(REPEATS):
+        # A study's storage dies while its first trials run: the study fails, and the broker
+        # cancels its attempts (their marks live an hour). The storage comes back empty, as a
+        # journal whose disk filled comes back without its last trials.
+        storage = TcpRedis()
+        try:
+            name = f"lost-{round_}"
+            started = len(cluster.started())
+            extra = ("--storage", storage.url)
+            cluster.submit("steady", n_trials=50, concurrency=2, hold_s=1, name=name, extra=extra)
+            wait_calls(cluster, started + 2)
+            storage.stop()
+            wait_until(lambda n=name: cluster.status(n).get("state") == "failed", timeout_s=60)
+            storage.start()
+
+            # Submitted again, it numbers its trials from 0 again: none is taken as cancelled.
+            cluster.submit("steady", n_trials=4, concurrency=2, hold_s=1, name=name, extra=extra)
+            wait_until(lambda n=name: cluster.status(n).get("state") != "failed", timeout_s=30)
+            cluster.wait_finished(name)
+            with warnings.catch_warnings():  # JournalRedis: experimental, and it says so
+                warnings.simplefilter("ignore")
+                study = optuna.load_study(study_name=name, storage=open_storage(storage.url))
+            reasons = [t.user_attrs.get(FAIL_REASON_ATTR) for t in study.trials]
+            assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4, (round_, reasons)
+        finally:
+            storage.remove()
