@@ -223,7 +223,7 @@ class SimulatedPool:
         for job, request in taken:
             slot = self.free.pop()
             timeout_s = float(job.timeout) if job.timeout is not None and job.timeout > 0 else None
-            lease = Keys.lease(request.reply_to, job.id)
+            lease = Keys.lease(request.attempt_id)
             attempt = Attempt.of(
                 request, job_id=job.id, lease=lease, holder=slot, timeout_s=timeout_s
             )

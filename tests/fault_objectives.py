@@ -119,3 +119,15 @@ def stuck_in_c(x: float, redis_url: str, key: str) -> float:
     with _running(redis_url, key, x):
         sum(range(2**62, 2**62 + 10**10))
     return x
+
+
+def asks(trial: Any, x: float, redis_url: str, key: str, gate: bool = False) -> float:
+    """A define-by-run objective whose `y` comes from a remote-trial call, returned as its value
+    (so a told value is what the call answered here, and the storage's `y` what it answered
+    there). With `gate`, it waits for the test's go (`KEY:go`) before the call: a test freezes
+    the broker first, and kills the process while the reply is on its way."""
+    with _running(redis_url, key, x) as conn:
+        if gate:
+            conn.blpop([f"{key}:go"], timeout=60)
+        y: float = trial.suggest_float("y", 0, 1)
+    return y

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 import re
@@ -24,10 +25,13 @@ from optuna_rq.protocol import (
     check_params,
 )
 
+INCARNATION = "0123456789ab"
+
 
 def a_request(**overrides: Any) -> TrialRequest:
     fields: dict[str, Any] = {
         "study": "s",
+        "incarnation": INCARNATION,
         "trial_number": 7,
         "attempt": 1,
         "objective": "pkg.mod:objective",
@@ -42,6 +46,7 @@ def a_request(**overrides: Any) -> TrialRequest:
 def a_result(**overrides: Any) -> TrialResult:
     fields: dict[str, Any] = {
         "study": "s",
+        "incarnation": INCARNATION,
         "trial_number": 7,
         "attempt": 1,
         "outcome": Outcome.COMPLETE,
@@ -172,6 +177,12 @@ def test_nesting_deeper_than_the_bound_is_refused() -> None:
         ({"params": [1]}, "'params' must be a map, got list"),
         ({"n_objectives": 0}, "'n_objectives' must be an int >= 1"),
         ({"reply_to": b"bytes"}, "'reply_to' must be a non-empty str, got bytes"),
+        ({"incarnation": ...}, r"missing fields \['incarnation'\]"),
+        ({"incarnation": ""}, "'incarnation' must be an incarnation id"),
+        ({"incarnation": "0123456789AB"}, "'incarnation' must be an incarnation id"),
+        ({"incarnation": "0123456789ab:x"}, "'incarnation' must be an incarnation id"),
+        ({"incarnation": 12}, "'incarnation' must be an incarnation id"),
+        ({"v": 3}, "protocol version 3"),  # a request of before incarnations
     ],
 )
 def test_request_fields_are_checked(changes: dict[str, Any], message: str) -> None:
@@ -194,6 +205,8 @@ def test_request_fields_are_checked(changes: dict[str, Any], message: str) -> No
         ({"duration_s": -1.0}, "'duration_s' must be a float >= 0"),
         ({"error": 3}, "'error' must be a str"),
         ({"worker": None}, "'worker' must be a str"),
+        ({"incarnation": ...}, r"missing fields \['incarnation'\]"),
+        ({"incarnation": "x"}, "'incarnation' must be an incarnation id"),
     ],
 )
 def test_result_fields_are_checked(changes: dict[str, Any], message: str) -> None:
@@ -240,6 +253,7 @@ def test_trial_calls_and_replies_round_trip_and_are_checked() -> None:
 
     call = TrialCall(
         study="s",
+        incarnation=INCARNATION,
         trial_number=1,
         attempt=1,
         seq=3,
@@ -249,14 +263,70 @@ def test_trial_calls_and_replies_round_trip_and_are_checked() -> None:
         reply=True,
     )
     assert TrialCall.decode(call.encode()) == call
-    reply = TrialCallReply(seq=3, ok=True, value=0.5, error=None)
-    assert TrialCallReply.decode(reply.encode()) == reply
+    reply = TrialCallReply.to(call, ok=True, value=0.5, error=None)
+    assert TrialCallReply.decode(reply.encode()) == reply and reply.answers(call)
     with pytest.raises(ProtocolError, match="'reply' must be a bool"):
         TrialCall.decode(wire(call, reply=1))
     with pytest.raises(ProtocolError, match="'args' must be a list"):
         TrialCall.decode(wire(call, args={"x": 1}))
     with pytest.raises(ProtocolError, match="'seq' must be an int >= 1"):
         TrialCallReply.decode(wire(reply, seq=0))
+    with pytest.raises(ProtocolError, match="'incarnation' must be an incarnation id"):
+        TrialCall.decode(wire(call, incarnation="0123456789a"))
+    for name in ("study", "incarnation", "trial_number", "attempt", "seq"):
+        with pytest.raises(ProtocolError, match=rf"missing fields \['{name}'\]"):
+            TrialCallReply.decode(wire(reply, **{name: ...}))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"study": "t"},
+        {"incarnation": "ba9876543210"},
+        {"trial_number": 2},
+        {"attempt": 2},
+        {"seq": 4},
+    ],
+)
+def test_a_reply_answers_only_the_call_it_names(changes: dict[str, Any]) -> None:
+    from optuna_rq.protocol import TrialCall, TrialCallReply
+
+    call = TrialCall(
+        study="s",
+        incarnation=INCARNATION,
+        trial_number=1,
+        attempt=1,
+        seq=3,
+        method="should_prune",
+        args=[],
+        kwargs={},
+        reply=True,
+    )
+    other = dataclasses.replace(call, **changes)
+    assert TrialCallReply.to(call, ok=True, value=None, error=None).answers(call)
+    assert not TrialCallReply.to(other, ok=True, value=None, error=None).answers(call)
+
+
+def test_the_broker_gives_a_spec_its_incarnation_and_keeps_it_until_a_delete() -> None:
+    from optuna_rq.protocol import StudySpec
+
+    submitted = StudySpec(
+        name="s", objective="tests.objectives:quadratic", space={}, n_trials=1, concurrency=1
+    )
+    assert submitted.incarnation is None  # a front door sends none
+    stored = submitted.incarnated(None)  # first submitted (or again after a delete)
+    assert stored.incarnation is not None and re.fullmatch("[0-9a-f]{12}", stored.incarnation)
+    assert StudySpec.decode(stored.encode()) == stored
+    again = submitted.with_changes(n_trials=5).incarnated(stored)
+    assert again.incarnation == stored.incarnation  # the same study, submitted again
+    assert submitted.incarnated(None).incarnation != stored.incarnation  # after a delete
+    # Not part of the definition: two incarnations of one definition are the same study.
+    assert stored.differences(submitted.incarnated(None)) == []
+    assert stored.differences(submitted) == []
+    fields = msgpack.unpackb(stored.encode())
+    fields["incarnation"] = "s:0:1"
+    with pytest.raises(ProtocolError, match="'incarnation' must be an incarnation id"):
+        StudySpec.decode(msgpack.packb(fields))
 
 
 @pytest.mark.parametrize(

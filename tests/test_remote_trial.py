@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from optuna_rq import Optimizer, suggest
 from optuna_rq.dispatch import Dispatcher, StudyRun
 from optuna_rq.errors import RemoteTrialError
-from optuna_rq.protocol import TrialRequest
+from optuna_rq.protocol import Keys, TrialRequest
 from optuna_rq.protocol.signing import Signer
 from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from optuna_rq.workers.remote_trial import RemoteTrial
@@ -105,15 +105,14 @@ def test_a_call_for_a_trial_the_broker_does_not_own_gets_a_clear_error(
 ) -> None:
     study = optuna.create_study()
     dispatcher = Dispatcher(conn, prefix=prefix, reply_to=f"{prefix}:results")
-    dispatcher.add(
-        StudyRun(
-            study=study,
-            objective="tests.objectives:quadratic",
-            inputs={},
-            concurrency=1,
-            n_trials=1,
-        )
+    run = StudyRun(
+        study=study,
+        objective="tests.objectives:quadratic",
+        inputs={},
+        concurrency=1,
+        n_trials=1,
     )
+    dispatcher.add(run)
     stop = threading.Event()
 
     def serve() -> None:
@@ -126,6 +125,7 @@ def test_a_call_for_a_trial_the_broker_does_not_own_gets_a_clear_error(
         for number in (0, 99):  # 0 was never asked; 99 does not exist
             request = TrialRequest(
                 study=study.study_name,
+                incarnation=run.incarnation,
                 trial_number=number,
                 attempt=1,
                 objective="tests.objectives:quadratic",
@@ -134,7 +134,7 @@ def test_a_call_for_a_trial_the_broker_does_not_own_gets_a_clear_error(
                 reply_to=f"{prefix}:results",
             )
             with pytest.raises(RemoteTrialError, match="not running on this broker"):
-                RemoteTrial(conn, request, Signer()).suggest_float("x", 0, 1)
+                RemoteTrial(conn, request, Signer(), keys=Keys(prefix)).suggest_float("x", 0, 1)
     finally:
         stop.set()
         server.join()

@@ -19,6 +19,7 @@ SERVED = frozenset({"tests.objectives"})
 def request(objective: str, n_objectives: int = 1, **params: object) -> TrialRequest:
     return TrialRequest(
         study="s",
+        incarnation="0123456789ab",
         trial_number=3,
         attempt=1,
         objective=objective,

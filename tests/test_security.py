@@ -125,6 +125,7 @@ def test_a_job_with_pickled_meta_is_never_unpickled(
 def _plant_trial(conn: redis.Redis, queue: str, objective: str, reply_to: str) -> str:
     request = TrialRequest(
         study="forged",
+        incarnation="0123456789ab",
         trial_number=0,
         attempt=1,
         objective=objective,

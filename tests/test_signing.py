@@ -65,6 +65,7 @@ def test_a_short_secret_is_refused() -> None:
 def _request(reply_to: str) -> TrialRequest:
     return TrialRequest(
         study="s",
+        incarnation="0123456789ab",
         trial_number=0,
         attempt=1,
         objective="tests.objectives:quadratic",
@@ -112,6 +113,7 @@ def test_a_forged_result_is_refused_and_never_told(conn: redis.Redis, prefix: st
     dispatcher.refill()  # no workers: trial 0 waits in the queue
     result = TrialResult(
         study=study.study_name,
+        incarnation=run.incarnation,
         trial_number=0,
         attempt=1,
         outcome=Outcome.COMPLETE,

@@ -38,6 +38,8 @@ class TrialIdentity(Protocol):
     @property
     def study(self) -> str: ...
     @property
+    def incarnation(self) -> str: ...
+    @property
     def trial_number(self) -> int: ...
     @property
     def attempt(self) -> int: ...
@@ -57,6 +59,7 @@ def trial_result(
     every process on the machine) and ran on `worker`."""
     return TrialResult(
         study=of.study,
+        incarnation=of.incarnation,
         trial_number=of.trial_number,
         attempt=of.attempt,
         outcome=outcome,

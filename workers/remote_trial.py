@@ -11,12 +11,20 @@ Every call takes one round trip and raises what in-process Optuna raises (`Value
 decide, else by Optuna on the broker; Optuna's warnings there are warned here again. What the
 storage holds (`params`, `distributions`, `user_attrs`, `system_attrs`, ...) is read from the
 broker, once after each change; `RemoteTrialError` means the broker refused or did not answer.
+
+Replies come on the attempt's own list (`Keys.reply_list`, named by study, incarnation, trial and
+attempt), and each names the call it answers: a trial takes only the answer to the call it waits
+for. Anything else on its list (an answer to a call that timed out, a reply that does not open)
+is dropped, counted in `<prefix>:dropped` (or `:refused`) as `reply`, logged once, and the trial
+waits on.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import math
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -46,7 +54,10 @@ from optuna_rq.workers.remote_study import RemoteStudy
 
 __all__ = ["RemoteTrial", "RemoteTrialError"]
 
+log = logging.getLogger("optuna_rq.worker")
+
 CALL_TIMEOUT_S = 60
+"""How long a call waits for its answer, in all."""
 
 _RAISES: dict[CallError, type[Exception]] = {
     CallError.VALUE: ValueError,
@@ -66,13 +77,17 @@ _READS = frozenset({"trial", "study", "study_trials", "relative_params"})
 class RemoteTrial(optuna.Trial):
     """What an objective sees as `trial` on a worker."""
 
-    def __init__(self, connection: redis.Redis, request: TrialRequest, signer: Signer) -> None:
+    def __init__(
+        self, connection: redis.Redis, request: TrialRequest, signer: Signer, *, keys: Keys
+    ) -> None:
         # Not optuna.Trial.__init__: the study and its storage are the broker's.
         self._connection = connection
         self._request = request
         self._signer = signer
-        self._reply_key = Keys.reply_list(request.reply_to, request.trial_number, request.attempt)
+        self._keys = keys  # its prefix's: where a dropped reply is counted
+        self._reply_key = Keys.reply_list(request.attempt_id)
         self._seq = 0
+        self.dropped_replies = 0  # taken off its list, and not the answer to the call made
         self._view: dict[str, Any] | None = None  # the trial as last read; None after a change
         self._relative: dict[str, Any] | None = None
         self._study_view = RemoteStudy(self._call)
@@ -84,6 +99,7 @@ class RemoteTrial(optuna.Trial):
         self._seq += 1
         call = TrialCall(
             study=self._request.study,
+            incarnation=self._request.incarnation,
             trial_number=self._request.trial_number,
             attempt=self._request.attempt,
             seq=self._seq,
@@ -99,15 +115,19 @@ class RemoteTrial(optuna.Trial):
         if method not in _READS:
             self._view = None
         self._connection.xadd(self._request.reply_to, {CALL_FIELD: self._signer.seal(payload)})
+        deadline = time.monotonic() + CALL_TIMEOUT_S
         while True:
-            popped: Any = self._connection.blpop([self._reply_key], timeout=CALL_TIMEOUT_S)
+            left_s = deadline - time.monotonic()
+            popped: Any = None
+            if left_s > 0:
+                popped = self._connection.blpop([self._reply_key], timeout=left_s)
             if popped is None:
                 raise RemoteTrialError(
                     f"trial {self._request.trial_number}: no answer to {method} from the broker "
                     f"within {CALL_TIMEOUT_S}s (is it running?)"
                 )
-            answer = TrialCallReply.decode(self._signer.open(popped[1], what="TrialCallReply"))
-            if answer.seq == self._seq:  # an older seq is a reply to a call that timed out
+            answer = self._answer_to(call, popped[1])
+            if answer is not None:
                 break
         for said in answer.warnings:
             category, message = said if isinstance(said, list) else ("UserWarning", said)
@@ -115,6 +135,34 @@ class RemoteTrial(optuna.Trial):
         if not answer.ok:
             _raise(answer, method)
         return answer.value
+
+    def _answer_to(self, call: TrialCall, raw: bytes) -> TrialCallReply | None:
+        """The reply in `raw` if it answers `call`; else None, and it is dropped and counted."""
+        try:
+            body = self._signer.open(raw, what="TrialCallReply")
+            reply = TrialCallReply.decode(body, max_bytes=self._signer.max_message_bytes)
+        except ProtocolError as exc:
+            self._drop(self._keys.refused, f"refused a reply: {exc}")
+            return None
+        if reply.answers(call):
+            return reply
+        self._drop(
+            self._keys.dropped,
+            f"dropped a reply to study {reply.study!r} ({reply.incarnation}) trial "
+            f"{reply.trial_number} attempt {reply.attempt} call {reply.seq}: not the answer to "
+            f"call {call.seq}",
+        )
+        return None
+
+    def _drop(self, counter: str, why: str) -> None:
+        self.dropped_replies += 1
+        self._connection.hincrby(counter, "reply", 1)
+        if self.dropped_replies == 1:  # once per trial: its list may hold many
+            log.warning("%s waiting for its answers: %s", self._describe(), why)
+
+    def _describe(self) -> str:
+        r = self._request
+        return f"study {r.study!r} ({r.incarnation}) trial {r.trial_number} (attempt {r.attempt})"
 
     def _trial_view(self) -> dict[str, Any]:
         if self._view is None:

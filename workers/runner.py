@@ -62,19 +62,19 @@ def run_trial(payload: bytes) -> None:
         raise RuntimeError("run_trial must run inside an RQ worker")
     ctx = current()
     connection: redis.Redis = job.connection
+    keys = Keys(Keys.prefix_of(job.origin))  # a trial queue's name starts with its prefix
     try:
         body = ctx.signer.open(payload, what="TrialRequest")
         request = TrialRequest.decode(body, max_bytes=ctx.signer.max_message_bytes)
     except ProtocolError:
-        # A trial queue's name starts with its prefix.
-        connection.hincrby(Keys(Keys.prefix_of(job.origin)).refused, "request", 1)
+        connection.hincrby(keys.refused, "request", 1)
         raise
     holder = worker_id()
     timeout_s = float(job.timeout) if job.timeout is not None and job.timeout > 0 else None
     attempt = Attempt.of(
         request,
         job_id=job.id,
-        lease=Keys.lease(request.reply_to, job.id),
+        lease=Keys.lease(request.attempt_id),  # named from the signed request, not the job
         holder=holder,
         timeout_s=timeout_s,
     )
@@ -82,7 +82,7 @@ def run_trial(payload: bytes) -> None:
         if cancelled:  # the broker cancelled it while it was queued: it does not start
             outcome = attempt.failed(FailReason.CANCELLED, "the study was cancelled")
         else:
-            trial = RemoteTrial(connection, request, ctx.signer)
+            trial = RemoteTrial(connection, request, ctx.signer, keys=keys)
             outcome = execute(request, worker=holder, served=ctx.served, trial=trial)
         deliver(
             connection,
@@ -108,7 +108,7 @@ def refuse_trial(job: Any, why: str) -> None:
         body = ctx.signer.open(payload, what="TrialRequest")
         request = TrialRequest.decode(body, max_bytes=ctx.signer.max_message_bytes)
     except (ProtocolError, TypeError, ValueError):
-        connection.hincrby(Keys(job.origin).refused, "request", 1)
+        connection.hincrby(Keys(Keys.prefix_of(job.origin)).refused, "request", 1)
         return
     result = trial_result(
         request,

@@ -30,6 +30,7 @@ import redis
 
 from optuna_rq.processes import exited, stopped
 from optuna_rq.protocol import (
+    AttemptId,
     FailReason,
     Keys,
     Outcome,
@@ -72,6 +73,7 @@ class Attempt:
     started: float  # time.monotonic(): one clock for every process on the machine
     timeout_s: float | None
     study: str
+    incarnation: str
     trial_number: int
     attempt: int
     reply_to: str
@@ -88,6 +90,7 @@ class Attempt:
             started=time.monotonic(),
             timeout_s=timeout_s,
             study=request.study,
+            incarnation=request.incarnation,
             trial_number=request.trial_number,
             attempt=request.attempt,
             reply_to=request.reply_to,
@@ -96,7 +99,15 @@ class Attempt:
     @property
     def cancel_mark(self) -> str:
         """The key the broker sets to cancel this attempt."""
-        return Keys.cancel(self.reply_to, self.job_id)
+        return Keys.cancel(
+            AttemptId(
+                reply_to=self.reply_to,
+                study=self.study,
+                incarnation=self.incarnation,
+                trial_number=self.trial_number,
+                attempt=self.attempt,
+            )
+        )
 
     @property
     def deadline(self) -> float | None:

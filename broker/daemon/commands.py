@@ -84,7 +84,8 @@ class Commands:
             changes = {name: getattr(spec, name) for name in RESUBMITTED}
             self.on_change(spec.name, {**changes, "submitted_at": spec.submitted_at})
             return
-        registry.state(spec.name)
+        state = registry.state(spec.name)  # ended: it runs on as a new incarnation
+        spec = spec.incarnated(None if state is not None and state.ended else known)
         registry.store(spec)
         registry.start(spec)
 

@@ -23,7 +23,7 @@ from optuna_rq.daemon.storages import Storages, read_back
 from optuna_rq.dispatch import Dispatcher, StudyRun
 from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
 from optuna_rq.errors import ConfigError, ProtocolError, StudyStorageError
-from optuna_rq.protocol import Keys, StudySpec, StudyState
+from optuna_rq.protocol import Keys, StudySpec, StudyState, new_incarnation
 from optuna_rq.studies import journal_path, make_pruner, make_sampler
 
 __all__ = ["Registry"]
@@ -169,6 +169,7 @@ class Registry:
             max_retries=spec.max_retries,
             queue=spec.queue,
             ask_ahead=spec.ask_ahead,
+            incarnation=spec.incarnation or new_incarnation(),  # stored: on_submit gave one
         )
         journal = journal_path(url)
         run.journal = None if journal is None else str(journal)

@@ -1,10 +1,12 @@
 """Remote-trial calls: a define-by-run objective's `trial.suggest_*`, `report`, ... made on a
 worker's proxy (`optuna_rq.workers.remote_trial`), run here on the real trial, and answered.
 
-Every call is answered: the value, or the error with the kind of exception the objective raises
-for it (`CallError`), and the warnings Optuna gave. Only the trial's current attempt is served: a
-call for a trial that ended, or whose attempt was retried, or that another broker owns, gets a
-REFUSED reply (the objective raises `RemoteTrialError`).
+Every call is answered, on its attempt's own reply list (`Keys.reply_list`: named by study,
+incarnation, trial and attempt), with a reply that names the call: the value, or the error with
+the kind of exception the objective raises for it (`CallError`), and the warnings Optuna gave.
+Only the trial's current attempt of the study's current incarnation is served: a call for a
+trial that ended, or whose attempt was retried, or that another broker owns, or of an earlier
+study of the same name, gets a REFUSED reply (the objective raises `RemoteTrialError`).
 
 Replies wait in `replies` until the dispatcher has made what the calls changed durable (a
 suggested parameter, a reported value: the objective goes on from the answer), then go out
@@ -26,7 +28,15 @@ from optuna_rq.dispatch.observer import DispatchObserver, count_refusal
 from optuna_rq.dispatch.runs import StudyRun
 from optuna_rq.dispatch.views import report_values, study_trials_view, study_view, trial_view
 from optuna_rq.errors import ProtocolError
-from optuna_rq.protocol import REPLY_TTL_S, CallError, Keys, Signer, TrialCall, TrialCallReply
+from optuna_rq.protocol import (
+    REPLY_TTL_S,
+    AttemptId,
+    CallError,
+    Keys,
+    Signer,
+    TrialCall,
+    TrialCallReply,
+)
 from optuna_rq.trials import set_trial_system_attr
 
 __all__ = ["CallServer"]
@@ -67,7 +77,7 @@ class CallServer:
             count_refusal(self.connection, self.prefix, "call")
             return
         run = live(call.study)
-        record = None if run is None else run.owned(call.trial_number, call.attempt)
+        record = None if run is None else run.answers(call)
         answer = None
         if run is not None and record is not None:
             with self.boundary.guard(run.name, Site.CALL):
@@ -75,7 +85,8 @@ class CallServer:
         if answer is None or self.boundary.faulted(call.study):
             error = (
                 f"trial {call.trial_number} (attempt {call.attempt}) of study {call.study!r} "
-                "is not running on this broker: it ended, failed, or another broker owns it"
+                "is not running on this broker: it ended, failed, or another broker owns it, or "
+                "it belongs to an earlier study of that name"
             )
             answer = _failed(call, CallError.REFUSED, error, [])
         try:
@@ -91,7 +102,15 @@ class CallServer:
             )
             encoded = _failed(call, CallError.REFUSED, error, []).encode()
         if call.reply:
-            key = Keys.reply_list(self.reply_to, call.trial_number, call.attempt)
+            key = Keys.reply_list(
+                AttemptId(
+                    reply_to=self.reply_to,
+                    study=call.study,
+                    incarnation=call.incarnation,
+                    trial_number=call.trial_number,
+                    attempt=call.attempt,
+                )
+            )
             self.replies.append((key, self.signer.seal(encoded)))
         elif not answer.ok:  # a proxy of an older kind that did not wait: at least say so
             log.warning("trial call %s failed: %s", call.method, answer.error)
@@ -125,14 +144,12 @@ def _answer(study: optuna.Study, trial: optuna.Trial, call: TrialCall) -> TrialC
     said: list[Any] = [[w.category.__name__, str(w.message)] for w in caught]
     if error is not None:
         return _failed(call, *error, said)
-    return TrialCallReply(
-        seq=call.seq, ok=True, value=value, error=None, error_kind=None, warnings=said
-    )
+    return TrialCallReply.to(call, ok=True, value=value, error=None, error_kind=None, warnings=said)
 
 
 def _failed(call: TrialCall, kind: CallError, error: str, said: list[Any]) -> TrialCallReply:
-    return TrialCallReply(
-        seq=call.seq, ok=False, value=None, error=error, error_kind=kind, warnings=said
+    return TrialCallReply.to(
+        call, ok=False, value=None, error=error, error_kind=kind, warnings=said
     )
 
 

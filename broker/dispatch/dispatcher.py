@@ -402,7 +402,7 @@ class Dispatcher:
         if result is None:
             return 0
         run = self.live(result.study)
-        record = None if run is None else run.owned(result.trial_number, result.attempt)
+        record = None if run is None else run.answers(result)
         if run is None or record is None:
             self.results.drop(result)
             return 0

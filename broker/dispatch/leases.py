@@ -1,6 +1,6 @@
 """Which outstanding attempts have lost their worker, judged by their leases.
 
-A worker holds a lease (`broker.protocol.lease_key`) from the moment it starts an attempt until
+A worker holds a lease (`Keys.lease`) from the moment it starts an attempt until
 its result is in the stream. An attempt is lost when:
 
 - its lease was seen and is now gone: the worker stopped renewing it (killed, frozen, cut off);

@@ -97,28 +97,23 @@ class Retries:
         if now < self._next_check:
             return 0
         self._next_check = now + self.check_s
-        watched: dict[str, tuple[StudyRun, InFlight, str]] = {}
+        watched: dict[str, tuple[StudyRun, InFlight, Watched]] = {}
         for run in runs.values():
             if self.boundary.faulted(run.name):
                 continue
             with self.boundary.guard(run.name, Site.LEASES):
                 intermediate = self._intermediate_key(run)
                 for r in run.in_phase(Phase.SENT):
-                    watched[self.keys.job_id(run.name, r.number, r.attempt)] = (
-                        run,
-                        r,
-                        intermediate,
-                    )
-        lost = self.watch.check(
-            Watched(j, Keys.lease(self.reply_to, j), intermediate)
-            for j, (_run, _record, intermediate) in watched.items()
-        )
+                    of = run.attempt_id(r, self.reply_to)
+                    job_id = Keys.job_id(of)
+                    watched[job_id] = (run, r, Watched(job_id, Keys.lease(of), intermediate))
+        lost = self.watch.check(attempt for _run, _record, attempt in watched.values())
         if not lost:
             return 0
         drain()
         count = 0
         for item, why in lost:
-            run, record, _intermediate = watched[item.job_id]
+            run, record, _attempt = watched[item.job_id]
             if runs.get(run.name) is not run or self.boundary.faulted(run.name):
                 continue
             if run.owned(record.number, record.attempt):
@@ -147,7 +142,7 @@ class Retries:
 
     def forget(self, run: StudyRun, record: InFlight) -> None:
         """`record` was told: its lease is no longer watched."""
-        self.watch.forget(self.keys.job_id(run.name, record.number, record.attempt))
+        self.watch.forget(Keys.job_id(run.attempt_id(record, self.reply_to)))
 
     def reset(self) -> None:
         """After a Redis outage: every lease gets its grace again before it counts as lost."""

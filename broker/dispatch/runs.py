@@ -11,7 +11,7 @@ import enum
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 from optuna.trial import TrialState
@@ -19,10 +19,13 @@ from optuna.trial import TrialState
 from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.protocol import (
     DEFAULT_QUEUE,
+    AttemptId,
     FailReason,
+    check_incarnation,
     check_params,
     check_queue_name,
     error_headline,
+    new_incarnation,
     parse_objective_path,
 )
 from optuna_rq.space import Suggestion
@@ -34,6 +37,7 @@ __all__ = [
     "CANNOT_RUN",
     "CANNOT_RUN_AFTER",
     "RETRY_OF_ATTR",
+    "FromWorker",
     "InFlight",
     "Phase",
     "StudyRun",
@@ -73,6 +77,17 @@ class InFlight:
         return self.phase is not Phase.ASKED_AHEAD
 
 
+class FromWorker(Protocol):
+    """What a worker's message (a `TrialResult`, a `TrialCall`) says it is for."""
+
+    @property
+    def incarnation(self) -> str: ...
+    @property
+    def trial_number(self) -> int: ...
+    @property
+    def attempt(self) -> int: ...
+
+
 def _fixed_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
     """`inputs` with every suggestion replaced by None: what must survive msgpack as given."""
     return {
@@ -103,6 +118,9 @@ class StudyRun:
     trial_timeout_s: float | None = None
     max_retries: int = 2  # re-runs of a trial whose worker was lost
     queue: str = DEFAULT_QUEUE  # the resource class its trials go to
+    # Which incarnation of the study this is (`StudySpec.incarnation`); a run of its own (the
+    # remote `Optimizer`) is a new one. Every per-attempt name carries it (`Keys`).
+    incarnation: str = field(default_factory=new_incarnation)
     ask_ahead: int = 0  # trials it keeps asked at its cap, ready to send (`StudySpec.ask_ahead`)
     slots: int | None = None  # the fair share the daemon grants; None: the cap alone
     waiting_for_workers: bool = False  # no live worker listens to its queue (the daemon's view)
@@ -121,6 +139,7 @@ class StudyRun:
     def __post_init__(self) -> None:
         parse_objective_path(self.objective)
         check_queue_name(self.queue, option="queue")
+        check_incarnation(self.incarnation)
         try:
             check_params(_fixed_inputs(self.inputs))
         except ProtocolError as exc:
@@ -188,6 +207,23 @@ class StudyRun:
         if record is None or not record.holds_slot or record.attempt != attempt:
             return None
         return record
+
+    def answers(self, message: FromWorker) -> InFlight | None:
+        """The record `message` is for, if it names this incarnation and an attempt that holds
+        a slot here (else it is stale, or another study's of the same name)."""
+        if message.incarnation != self.incarnation:
+            return None
+        return self.owned(message.trial_number, message.attempt)
+
+    def attempt_id(self, record: InFlight, reply_to: str) -> AttemptId:
+        """The attempt `record` runs, reporting to `reply_to`, as `Keys` names it."""
+        return AttemptId(
+            reply_to=reply_to,
+            study=self.name,
+            incarnation=self.incarnation,
+            trial_number=record.number,
+            attempt=record.attempt,
+        )
 
     def in_phase(self, *phases: Phase) -> Iterator[InFlight]:
         """The records in these phases, oldest first (a list may be taken while changing them)."""

@@ -2,8 +2,9 @@
 
 A request is the study's inputs with every suggestion sampled by `process` on the trial (a trial
 that already has its params, after a restart, gets the same ones), signed. Its job's id names the
-study, trial and attempt (`Keys.job_id`), so a job is found again after a restart and a retry
-never collides with the attempt it replaces.
+study, its incarnation, the trial and the attempt (`Keys.job_id`), so a job is found again after
+a restart, a retry never collides with the attempt it replaces, and nothing of an earlier study
+of the same name (a cancel mark) is taken for it.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class TrialSender:
         return sum(int(n) for n in pipe.execute())
 
     def job_id(self, run: StudyRun, record: InFlight) -> str:
-        return self.keys.job_id(run.name, record.number, record.attempt)
+        return Keys.job_id(run.attempt_id(record, self.reply_to))
 
     def seal(self, run: StudyRun, record: InFlight) -> bytes:
         """The signed request for `record`, its params sampled now. Raises whatever Optuna
@@ -76,6 +77,7 @@ class TrialSender:
         params = dict(process(record.trial, deepcopy(run.inputs)))
         request = TrialRequest(
             study=run.name,
+            incarnation=run.incarnation,
             trial_number=record.number,
             attempt=record.attempt,
             objective=run.objective,
@@ -117,8 +119,8 @@ class TrialSender:
         queue_key = self.queue(run).key
         job_ids = [self.job_id(run, record) for record in records]
         pipe = self.connection.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.set(Keys.cancel(self.reply_to, job_id), 1, ex=CANCEL_TTL_S)
+        for record, job_id in zip(records, job_ids, strict=True):
+            pipe.set(Keys.cancel(run.attempt_id(record, self.reply_to)), 1, ex=CANCEL_TTL_S)
             # Taken off the queue atomically: a worker dequeues a job or we take it back, never
             # both, so no status read can go stale between looking and cancelling.
             pipe.lrem(queue_key, 1, job_id)

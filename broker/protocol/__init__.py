@@ -35,8 +35,11 @@ from optuna_rq.protocol.keys import (
     REPLY_TTL_S,
     RESULT_FIELD,
     WAKE_FIELD,
+    AttemptId,
     Keys,
+    check_incarnation,
     check_queue_name,
+    new_incarnation,
 )
 from optuna_rq.protocol.messages import (
     CallError,
@@ -61,6 +64,7 @@ from optuna_rq.protocol.spec import StudySpec
 from optuna_rq.protocol.status import StudyState, StudyStatus
 
 __all__ = [
+    "AttemptId",
     "CALL_FIELD",
     "CANCEL_TTL_S",
     "DEFAULT_LEASE_TTL_S",
@@ -98,6 +102,7 @@ __all__ = [
     "TrialCallReply",
     "TrialRequest",
     "TrialResult",
+    "check_incarnation",
     "check_params",
     "check_queue_name",
     "decode_command",
@@ -106,6 +111,7 @@ __all__ = [
     "error_headline",
     "judge_return",
     "live_pools",
+    "new_incarnation",
     "objective_path_of",
     "parse_objective_path",
     "trial_queue",

@@ -27,12 +27,18 @@ __all__ = [
     "pack",
 ]
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """2: the package is `optuna_rq` (the job function moved to `optuna_rq.workers.runner`); with
 it, unreleased in between: trial queues per module and resource class (`Keys.trial_queue`), the
 pools' `PoolHeartbeat`, the `Enqueue` and `Delete` commands.
 3: a `StudySpec` carries `ask_ahead` and `constant_liar`; a command comes with an empty
-`WAKE_FIELD` entry on the broker's result stream (a broker of version 2 refuses it, counted)."""
+`WAKE_FIELD` entry on the broker's result stream (a broker of version 2 refuses it, counted).
+4: names of one incarnation. A stored `StudySpec` carries its `incarnation` (a random id the
+broker gives it when it stores it, kept while the study runs); `TrialRequest`, `TrialResult`
+and `TrialCall` carry it too, and a `TrialCallReply` names the call it answers (study,
+incarnation, trial number, attempt, seq). Job ids, leases, cancel marks and reply lists are
+named from the attempt's `AttemptId` (`Keys`): reply lists are `<reply_to>:call:<job id>`, no
+longer `<reply_to>:call:<trial>:<attempt>`."""
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_DEPTH = 32
 """Nesting depth of maps and arrays in a message (the message itself is depth 1)."""

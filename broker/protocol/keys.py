@@ -12,7 +12,7 @@ One broker serves one prefix; several brokers can share a Redis with different p
     epoch               a random token set once: if it vanishes, Redis lost its data, and the
                         broker stops rather than write into an empty Redis as if nothing happened
     commands            a list of signed commands from the front doors: submit, cancel, set
-    studies             hash: study name -> its StudySpec
+    studies             hash: study name -> its StudySpec (with its incarnation, below)
     status              hash: study name -> its StudyStatus (JSON, for `status` and `wait`)
     results             the stream workers append results and trial calls to (group `broker`)
     results:<token>     a private result stream (one remote `Optimizer` run)
@@ -22,12 +22,20 @@ One broker serves one prefix; several brokers can share a Redis with different p
                         who is alive, on which queues, with how many workers
     demand              hash: RQ queue -> workers its studies could keep busy (the broker's)
 
-and, per attempt, keyed by the result stream it reports to (`reply_to`):
+and, per attempt, under the result stream it reports to (`reply_to`), each named by its job id:
 
-    <reply_to>:lease:<job id>         held by the worker running the attempt (`--lease-ttl`)
-    <reply_to>:cancel:<job id>        set by the broker when it cancels a running attempt: the
-                                      worker's supervisor sees it and stops the objective
-    <reply_to>:call:<trial>:<attempt> the list a remote trial waits on for the broker's replies
+    <reply_to>:lease:<job id>   held by the worker running the attempt (`--lease-ttl`)
+    <reply_to>:cancel:<job id>  set by the broker when it cancels a running attempt: the worker's
+                                supervisor sees it and stops the objective
+    <reply_to>:call:<job id>    the list a remote trial waits on for the broker's replies
+
+A job id (`orq-<hash(reply_to, study)>-<incarnation>-<trial>-<attempt>`) names one attempt of
+one trial of one incarnation of one study (`AttemptId`). The incarnation is a random id the
+broker gives a study when it stores its spec, kept while the study runs (resubmissions,
+restarts), and replaced when it is submitted again after it ended or after a delete. So nothing
+left of another study, or of an earlier study of the same name (a reply on its way to a killed
+worker, an hour-long cancel mark), is ever taken for this one. Every per-attempt name is made
+here, from an `AttemptId` alone.
 """
 
 from __future__ import annotations
@@ -35,10 +43,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import secrets
+from dataclasses import dataclass
 
 from optuna_rq.errors import ConfigError
 
 __all__ = [
+    "INCARNATION_PATTERN",
+    "AttemptId",
     "CALL_FIELD",
     "CANCEL_TTL_S",
     "DEFAULT_LEASE_TTL_S",
@@ -48,7 +60,9 @@ __all__ = [
     "RESULT_FIELD",
     "WAKE_FIELD",
     "Keys",
+    "check_incarnation",
     "check_queue_name",
+    "new_incarnation",
 ]
 
 RESULT_FIELD = b"m"
@@ -71,6 +85,9 @@ Redis, sees it when it comes back; after that its lease has long lapsed anyway).
 DEFAULT_QUEUE = "default"
 """The resource class of a study that names none, and of workers started without `--queue`."""
 
+INCARNATION_PATTERN = re.compile(r"[0-9a-f]{12}")
+"""An incarnation id: 12 lowercase hex digits (48 random bits)."""
+
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
@@ -83,6 +100,34 @@ def check_queue_name(name: object, *, option: str = "--queue") -> str:
             "(at most 64), such as gpu or default"
         )
     return name
+
+
+def new_incarnation() -> str:
+    """A fresh incarnation id: what the broker gives a study it stores for the first time."""
+    return secrets.token_hex(6)
+
+
+def check_incarnation(value: object) -> str:
+    """`value` if it is an incarnation id, else ConfigError: it becomes part of Redis names."""
+    if not isinstance(value, str) or not INCARNATION_PATTERN.fullmatch(value):
+        raise ConfigError(f"incarnation {value!r} must be 12 lowercase hex digits")
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptId:
+    """One attempt of one trial of one incarnation of one study, reporting to the result stream
+    `reply_to`: what every per-attempt name (`Keys.job_id`, `lease`, `cancel`, `reply_list`) is
+    made of, on either side (a `TrialRequest` carries all of it)."""
+
+    reply_to: str
+    study: str
+    incarnation: str
+    trial_number: int
+    attempt: int
+
+    def __post_init__(self) -> None:
+        check_incarnation(self.incarnation)
 
 
 class Keys:
@@ -136,30 +181,35 @@ class Keys:
         """A result stream of one's own under the prefix (a remote `Optimizer` run)."""
         return f"{self.results}:{token}"
 
-    def job_id(self, study: str, trial_number: int, attempt: int) -> str:
-        """The RQ job id of one attempt: the same inputs give the same id, so re-enqueueing is
-        a no-op. RQ allows only letters, digits, '-' and '_', so prefix and study are hashed."""
-        return f"orq-{_study_digest(self.prefix, study)}-{trial_number}-{attempt}"
+    # -- per attempt: every name below is made from one AttemptId, so it carries the study and
+    # its incarnation (tests/test_keys.py enumerates these methods and checks it)
 
     @staticmethod
-    def lease(reply_to: str, job_id: str) -> str:
-        """The key a worker holds while it runs one attempt (the RQ job `job_id`) for
-        `reply_to`'s broker: it expires unless renewed, and a broker that finds it gone fails
-        the attempt."""
-        return f"{reply_to}:lease:{job_id}"
+    def job_id(of: AttemptId) -> str:
+        """The RQ job id of one attempt: the same attempt gives the same id, so re-enqueueing is
+        a no-op. RQ allows only letters, digits, '-' and '_', so stream and study are hashed
+        (the stream names the prefix: RQ's job keys are shared by every prefix)."""
+        digest = _study_digest(of.reply_to, of.study)
+        return f"orq-{digest}-{of.incarnation}-{of.trial_number}-{of.attempt}"
 
     @staticmethod
-    def cancel(reply_to: str, job_id: str) -> str:
-        """The mark the broker sets when it cancels the running attempt `job_id`: the worker
-        holding its lease stops the objective and reports it FAIL `cancelled`."""
-        return f"{reply_to}:cancel:{job_id}"
+    def lease(of: AttemptId) -> str:
+        """The key a worker holds while it runs the attempt: it expires unless renewed, and a
+        broker that finds it gone fails the attempt."""
+        return f"{of.reply_to}:lease:{Keys.job_id(of)}"
 
     @staticmethod
-    def reply_list(reply_to: str, trial_number: int, attempt: int) -> str:
-        """The list a remote trial waits on for the broker's replies."""
-        return f"{reply_to}:call:{trial_number}:{attempt}"
+    def cancel(of: AttemptId) -> str:
+        """The mark the broker sets when it cancels the attempt: the worker holding its lease
+        stops the objective and reports it FAIL `cancelled`."""
+        return f"{of.reply_to}:cancel:{Keys.job_id(of)}"
+
+    @staticmethod
+    def reply_list(of: AttemptId) -> str:
+        """The list the attempt's remote trial waits on for the broker's replies."""
+        return f"{of.reply_to}:call:{Keys.job_id(of)}"
 
 
 @functools.lru_cache(maxsize=1024)
-def _study_digest(prefix: str, study: str) -> str:
-    return hashlib.blake2b(f"{prefix}\0{study}".encode(), digest_size=8).hexdigest()
+def _study_digest(reply_to: str, study: str) -> str:
+    return hashlib.blake2b(f"{reply_to}\0{study}".encode(), digest_size=8).hexdigest()

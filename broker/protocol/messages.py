@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol.codec import Param, check_params
+from optuna_rq.protocol.keys import INCARNATION_PATTERN, AttemptId
 from optuna_rq.protocol.schema import (
     Bool,
     Choice,
@@ -20,6 +22,7 @@ from optuna_rq.protocol.schema import (
     Kind,
     List,
     Map,
+    Matching,
     Message,
     Text,
     version_field,
@@ -35,6 +38,11 @@ __all__ = [
     "TrialRequest",
     "TrialResult",
 ]
+
+
+def _incarnation() -> Any:
+    """The field naming the incarnation of the study a message is for (`Keys`)."""
+    return wire(Matching(INCARNATION_PATTERN, "an incarnation id (12 lowercase hex digits)"))
 
 
 class Outcome(str, enum.Enum):
@@ -72,9 +80,12 @@ class CallError(str, enum.Enum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrialRequest(Message):
-    """Broker -> worker: run `objective` with `params` as attempt `attempt` of one trial."""
+    """Broker -> worker: run `objective` with `params` as attempt `attempt` of one trial of one
+    incarnation of a study; what the worker names for the attempt (its lease, its cancel mark,
+    its reply list) it names from this request alone (`attempt_id`)."""
 
     study: str = wire(Text())
+    incarnation: str = _incarnation()
     trial_number: int = wire(Int(minimum=0))
     attempt: int = wire(Int(minimum=1))
     objective: str = wire(Text())  # "package.module:function"
@@ -88,16 +99,29 @@ class TrialRequest(Message):
         check_params(self.params)
         return Message.encode(self)
 
+    @property
+    def attempt_id(self) -> AttemptId:
+        """The attempt this request runs, as `Keys` names it."""
+        return AttemptId(
+            reply_to=self.reply_to,
+            study=self.study,
+            incarnation=self.incarnation,
+            trial_number=self.trial_number,
+            attempt=self.attempt,
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrialResult(Message):
     """Worker -> broker: how one attempt of a trial ended.
 
     COMPLETE carries `values` (one per objective; NaN is allowed on the wire, the broker
-    decides); FAIL carries a `fail_reason`; `values` is nil unless COMPLETE.
+    decides); FAIL carries a `fail_reason`; `values` is nil unless COMPLETE. The broker tells
+    it only to the attempt it names, of the incarnation it names.
     """
 
     study: str = wire(Text())
+    incarnation: str = _incarnation()
     trial_number: int = wire(Int(minimum=0))
     attempt: int = wire(Int(minimum=1))
     outcome: Outcome = wire(Choice(Outcome))
@@ -123,10 +147,12 @@ class TrialCall(Message):
     """Worker -> broker: one call a remote trial makes on the broker's real `optuna.Trial`.
 
     Calls travel on the result stream, so a `report` is told before the result that follows it;
-    when `reply` is true the broker answers with a `TrialCallReply` on `Keys.reply_list(...)`.
+    when `reply` is true the broker answers with a `TrialCallReply` on the attempt's
+    `Keys.reply_list`. `seq` numbers the attempt's calls from 1.
     """
 
     study: str = wire(Text())
+    incarnation: str = _incarnation()
     trial_number: int = wire(Int(minimum=0))
     attempt: int = wire(Int(minimum=1))
     seq: int = wire(Int(minimum=1))
@@ -145,8 +171,15 @@ class TrialCall(Message):
 class TrialCallReply(Message):
     """Broker -> worker: the value a `TrialCall` returned, or why it failed (`error`, and which
     exception the objective raises for it: `error_kind`, nil when `ok`), and the warnings Optuna
-    gave on the broker (the worker warns them again, where in-process code would see them)."""
+    gave on the broker (the worker warns them again, where in-process code would see them).
 
+    It names the call it answers (study, incarnation, trial, attempt and `seq`): a worker takes
+    only the answer to the call it waits for (`answers`)."""
+
+    study: str = wire(Text())
+    incarnation: str = _incarnation()
+    trial_number: int = wire(Int(minimum=0))
+    attempt: int = wire(Int(minimum=1))
     seq: int = wire(Int(minimum=1))
     ok: bool = wire(Bool())
     value: Param = wire(Kind())
@@ -154,3 +187,26 @@ class TrialCallReply(Message):
     error_kind: CallError | None = wire(Choice(CallError, optional=True), default=None)
     warnings: list[Param] = wire(List(), default_factory=list)  # [category, message] pairs
     v: int = version_field()
+
+    @classmethod
+    def to(cls, call: TrialCall, **answer: Any) -> TrialCallReply:
+        """The reply to `call`, naming it, with `answer`'s fields (ok, value, error, ...)."""
+        return cls(
+            study=call.study,
+            incarnation=call.incarnation,
+            trial_number=call.trial_number,
+            attempt=call.attempt,
+            seq=call.seq,
+            **answer,
+        )
+
+    def answers(self, call: TrialCall) -> bool:
+        """Whether this is the answer to `call`: the same study, incarnation, trial, attempt
+        and call."""
+        return (self.study, self.incarnation, self.trial_number, self.attempt, self.seq) == (
+            call.study,
+            call.incarnation,
+            call.trial_number,
+            call.attempt,
+            call.seq,
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import re
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -26,6 +27,7 @@ __all__ = [
     "Kind",
     "List",
     "Map",
+    "Matching",
     "Message",
     "Nested",
     "Text",
@@ -103,6 +105,18 @@ class Text(Kind):
     def check(self, value: Any) -> str:
         if not isinstance(value, str) or (self.nonempty and not value):
             raise WrongValue("a non-empty str" if self.nonempty else "a str")
+        return value
+
+
+class Matching(Kind):
+    """A str that `pattern` matches whole (`expected` says what that is, for the error)."""
+
+    def __init__(self, pattern: re.Pattern[str], expected: str, *, optional: bool = False):
+        self.pattern, self.expected, self.optional = pattern, expected, optional
+
+    def check(self, value: Any) -> str:
+        if not isinstance(value, str) or not self.pattern.fullmatch(value):
+            raise WrongValue(self.expected)
         return value
 
 

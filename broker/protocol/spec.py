@@ -16,13 +16,19 @@ from typing import Any
 
 from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.protocol.codec import check_params
-from optuna_rq.protocol.keys import DEFAULT_QUEUE, check_queue_name
+from optuna_rq.protocol.keys import (
+    DEFAULT_QUEUE,
+    INCARNATION_PATTERN,
+    check_queue_name,
+    new_incarnation,
+)
 from optuna_rq.protocol.objectives import parse_objective_path
 from optuna_rq.protocol.schema import (
     Bool,
     Float,
     Int,
     Map,
+    Matching,
     Message,
     Text,
     Texts,
@@ -105,6 +111,13 @@ class StudySpec(Message):
     timeout_s: float | None = wire(Float(minimum=0, optional=True), default=None)  # wall clock
     target: float | None = wire(Float(optional=True), default=None)  # best value reaches it
     patience: int | None = wire(Int(minimum=1, optional=True), default=None)  # no improvement
+    # Which incarnation of the study this is: set by the broker when it stores the spec
+    # (`incarnated`: new unless the study is known and has not ended), never by a front door;
+    # not part of the definition. Every per-attempt name carries it (`Keys`).
+    incarnation: str | None = wire(
+        Matching(INCARNATION_PATTERN, "an incarnation id (12 lowercase hex digits)", optional=True),
+        default=None,
+    )
     v: int = version_field()
 
     def __post_init__(self) -> None:
@@ -211,6 +224,16 @@ class StudySpec(Message):
 
     def with_changes(self, **changes: Any) -> StudySpec:
         return dataclasses.replace(self, **changes)
+
+    def incarnated(self, known: StudySpec | None) -> StudySpec:
+        """This submission as the broker stores it: with the incarnation of `known`, the spec
+        stored under its name of a study that has not ended (the same study submitted again),
+        or else a new one: a study submitted for the first time, or again after a delete, or
+        after it ended. An ended study has no attempt left running, and may number its trials
+        again (a storage that failed can come back without its last ones): nothing left of
+        its earlier attempts (their cancel marks) may be taken for the new ones."""
+        incarnation = new_incarnation() if known is None else known.incarnation
+        return self.with_changes(incarnation=incarnation or new_incarnation())
 
     def differences(self, other: StudySpec) -> list[str]:
         """What makes `other` another study than this one, one phrase per field (empty: the

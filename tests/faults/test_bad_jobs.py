@@ -36,6 +36,7 @@ def test_a_job_with_an_out_of_range_timeout_fails_its_trial_saying_why(
     reply_to = f"{cluster.prefix}:results"
     request = TrialRequest(
         study="s",
+        incarnation="0123456789ab",
         trial_number=0,
         attempt=1,
         objective="tests.fault_objectives:steady",
