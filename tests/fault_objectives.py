@@ -79,6 +79,23 @@ def steady(x: float, redis_url: str, key: str, hold_s: float = 0.2) -> float:
     return x * x
 
 
+def with_trial(trial: Any, x: float, redis_url: str, key: str, hold_s: float = 0.05) -> float:
+    """A define-by-run objective: one remote-trial call (`set_user_attr`), then `hold_s`."""
+    with _running(redis_url, key, x):
+        trial.set_user_attr("x", x)
+        time.sleep(hold_s)
+    return x * x
+
+
+def infeasible(trial: Any, x: float, redis_url: str, key: str, hold_s: float = 0.05) -> float:
+    """A constrained objective whose every trial is infeasible (constraint > 0), as constrained
+    studies often start: the study has completed trials and no best one."""
+    with _running(redis_url, key, x):
+        trial.set_constraint("c", 1.0)
+        time.sleep(hold_s)
+    return x * x
+
+
 def churn(x: float, redis_url: str, key: str, hold_s: float = 0.1) -> float:
     """Every fifth call, across all workers, is SIGKILLed mid-trial (by itself)."""
     with _running(redis_url, key, x) as conn:

@@ -2,30 +2,24 @@
 
 Each step the broker reads up to `BATCH` of them (in the pipeline that checks the epoch), opens
 each one's seal, decodes it, and hands it to its `CommandHandler`. A command that fails its seal
-or does not decode is refused and counted; one the handler rejects (an unknown study, a bad
-change) is refused and logged. Then the batch is trimmed off the list.
+or does not decode is refused and counted; the others go to the handler, which applies each or
+refuses it. Then the batch is trimmed off the list.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis
 
 from optuna_rq.dispatch import count_refusal
-from optuna_rq.errors import ConfigError, ProtocolError, StudyConflictError
+from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol import (
-    Cancel,
-    Change,
     Command,
-    Delete,
-    Enqueue,
     Keys,
     Signer,
-    StudySpec,
-    Submit,
     decode_command,
 )
 
@@ -37,18 +31,10 @@ BATCH = 100  # commands read per step
 
 
 class CommandHandler(Protocol):
-    """What the commands do; it may raise ConfigError, StudyConflictError, KeyError, TypeError or
-    ValueError to refuse one."""
+    """What the commands do (`daemon.commands.Commands`): it applies one, or refuses it and says
+    why, and keeps whatever else goes wrong to the command's study."""
 
-    def on_submit(self, spec: StudySpec) -> None: ...
-
-    def on_cancel(self, name: str) -> None: ...
-
-    def on_change(self, name: str, changes: dict[str, Any]) -> None: ...
-
-    def on_enqueue(self, name: str, param_sets: list[dict[str, Any]]) -> None: ...
-
-    def on_delete(self, name: str, *, force: bool, purge: bool) -> None: ...
+    def apply(self, command: Command) -> None: ...
 
 
 class CommandInbox:
@@ -78,27 +64,14 @@ class CommandInbox:
         for raw in raw_commands:
             try:
                 body = self.signer.open(raw, what="command")
-                self._dispatch(decode_command(body, max_bytes=self.signer.max_message_bytes))
+                command = decode_command(body, max_bytes=self.signer.max_message_bytes)
             except ProtocolError as exc:
                 log.error("refused a command: %s", exc)
                 count_refusal(self.connection, self.keys.prefix, "command")
-            except (ConfigError, StudyConflictError, KeyError, TypeError, ValueError) as exc:
-                log.error("refused a command: %s", exc)
+                continue
+            self.handler.apply(command)
         # Commands are idempotent, so trimming after applying loses none if we die in between;
         # what they stored (an enqueued trial, a purge) is durable before they are trimmed.
         if self.persist is not None:
             self.persist()
         self.connection.ltrim(self.keys.commands, len(raw_commands), -1)
-
-    def _dispatch(self, command: Command) -> None:
-        match command:
-            case Submit(spec=spec):
-                self.handler.on_submit(spec)
-            case Cancel(study=name):
-                self.handler.on_cancel(name)
-            case Change(study=name):
-                self.handler.on_change(name, command.changes())
-            case Enqueue(study=name, params=param_sets):
-                self.handler.on_enqueue(name, param_sets)
-            case Delete(study=name, force=force, purge=purge):
-                self.handler.on_delete(name, force=force, purge=purge)

@@ -201,8 +201,9 @@ class Cluster:
         concurrency: int,
         hold_s: float | None = None,
         extra: tuple[str, ...] = (),
+        name: str | None = None,
     ) -> str:
-        name = f"{objective}-{uuid.uuid4().hex[:6]}"
+        name = name or f"{objective}-{uuid.uuid4().hex[:6]}"
         params = [
             "--param",
             "x={type: float, low: 0, high: 1}",
