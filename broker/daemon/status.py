@@ -118,9 +118,10 @@ class StatusPublisher:
         flush: bool = True,
         held: optuna.Study | None = None,
     ) -> None:
-        """Write the study's status FAILED, with `error`. Its figures are read from `held` (the
-        study as its storage holds it, read back after the storage failed) or its `run`, if they
-        can be; else they are the last ones read: the failure may be in reading them."""
+        """Write the study's status FAILED, with `error`. Its figures are those of `held` (the
+        study as its storage holds it, read back after the storage failed: not what was told
+        and never written) if given, else read from its `run` if they can be, else they are the
+        last ones read: the failure may be in reading them."""
         self.lifecycle.check(spec.name, StudyState.FAILED)
         study = held if held is not None else None if run is None else run.study
         try:
@@ -141,7 +142,7 @@ class StatusPublisher:
     ) -> dict[str, Any]:
         if study is None:
             return self._summaries.pop(name, {}) if state.ended else {}
-        running = 0 if run is None else len(run.outstanding)
+        running = 0 if run is None or state.ended else len(run.outstanding)
         summary = {**_study_summary(study), "running": running}
         if state.ended:
             self._summaries.pop(name, None)
