@@ -72,7 +72,8 @@ def test_a_fault_at_any_site_fails_that_study_alone(cluster: Cluster, tmp_path: 
     normal = cluster.submit("steady", n_trials=24, concurrency=2, hold_s=0.05)
     for site, name in FAULTED.items():
         # WITHDRAW is reached by cancelling: its trials must still be running then.
-        hold_s = 5.0 if site is Site.WITHDRAW else 0.05
+        # Long enough for the periodic sites (leases, metrics, status) to come round.
+        hold_s = 5.0 if site is Site.WITHDRAW else 0.4
         cluster.submit("with_trial", name=name, n_trials=3, concurrency=1, hold_s=hold_s)
     withdrawing = FAULTED[Site.WITHDRAW]
     _wait(lambda: cluster.status(withdrawing).get("running"), log, f"{withdrawing} runs")
