@@ -18,22 +18,11 @@ __all__ = ["delete_study", "enqueue_params"]
 log = logging.getLogger("optuna_rq.broker")
 
 
-def enqueue_params(daemon: Daemon, name: str, param_sets: list[dict[str, Any]]) -> int:
-    """Store `param_sets` as WAITING trials of the running study `name`; the number stored.
-
-    The dispatcher's `study.ask()` takes WAITING trials before sampling, so they run next, and
-    count against the budget as any trial does. `skip_if_exists` makes the command idempotent:
-    a set already enqueued or run (the command applied twice by a broker that died before
-    trimming its inbox) is not stored again. ConfigError if the study is not running."""
-    run = daemon.dispatcher.runs.get(name)
-    if run is None:
-        raise ConfigError(f"cannot enqueue trials for study {name!r}: it is not running")
-    before = len(run.study.get_trials(deepcopy=False))
-    for params in param_sets:
-        run.study.enqueue_trial(params, skip_if_exists=True)
-    stored = len(run.study.get_trials(deepcopy=False)) - before
-    log.info("study %r: enqueued %d of %d parameter sets", name, stored, len(param_sets))
-    return stored
+def enqueue_params(daemon: Daemon, name: str, param_sets: list[dict[str, Any]]) -> None:
+    """Accept `param_sets` for the running study `name`, or refuse them (ConfigError if it is
+    not running). The inbox then moves the command onto the study's backlog, in the step that
+    trims it, and the loop stores the sets a slice a turn (`daemon.enqueue.EnqueueSets`)."""
+    daemon.enqueue_sets.accept(name)
 
 
 def delete_study(daemon: Daemon, name: str, *, force: bool, purge: bool) -> None:

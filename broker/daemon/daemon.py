@@ -19,6 +19,8 @@ import redis
 from optuna_rq.client import BrokerClient
 from optuna_rq.connection import wait_for_redis
 from optuna_rq.daemon.admin import delete_study, enqueue_params
+from optuna_rq.daemon.backlog import Backlog
+from optuna_rq.daemon.enqueue import EnqueueSets
 from optuna_rq.daemon.fair_share import FairShare
 from optuna_rq.daemon.inbox import CommandInbox
 from optuna_rq.daemon.lock import BrokerLock, EpochGuard
@@ -37,7 +39,7 @@ from optuna_rq.errors import (
 )
 from optuna_rq.health import BrokerHealth
 from optuna_rq.metrics import BrokerMetrics
-from optuna_rq.protocol import Keys, Signer, StudySpec, StudyState
+from optuna_rq.protocol import Enqueue, Keys, Signer, StudySpec, StudyState
 from optuna_rq.studies import journal_path, make_pruner, make_sampler
 
 __all__ = ["Daemon"]
@@ -80,8 +82,22 @@ class Daemon:
             persist=self.storages.flush,
             off_loop=off_loop,
         )
+        # Bulk commands, applied a slice a turn (`backlog`): the inbox moves them there.
+        self.enqueue_sets = EnqueueSets(self.dispatcher.runs)
+        self.backlog = Backlog(
+            connection,
+            self.keys,
+            signer=self.signer,
+            persist=self.storages.flush,
+            kinds={Enqueue: self.enqueue_sets},
+        )
         self.inbox = CommandInbox(
-            connection, self.keys, signer=self.signer, handler=self, persist=self.storages.flush
+            connection,
+            self.keys,
+            signer=self.signer,
+            handler=self,
+            persist=self.storages.flush,
+            backlog=self.backlog,
         )
         self.fair_share = FairShare(
             connection,
@@ -203,12 +219,14 @@ class Daemon:
         waiting = self.fair_share.share(self.dispatcher.runs, self.specs, now)
         if waiting:
             self.status.mark(*waiting)  # a study started or stopped waiting for workers
+        self.backlog.drain(self.dispatcher.runs)  # bulk commands, for up to its turn budget
         if self.dispatcher.refill():
             self.status.mark(*self.dispatcher.runs)  # `running` changed, before any result
         self._update_metrics(now)  # after refilling: the steady state, not a drained moment
         # Slots the refill left unfilled (its sampling budget spent): read what arrived, then
         # refill again at once.
-        told = self.dispatcher.poll(None if self.dispatcher.behind else self.settings.poll_s)
+        behind = self.dispatcher.behind or self.backlog.pending
+        told = self.dispatcher.poll(None if behind else self.settings.poll_s)
         if told:
             self.status.mark(*self.dispatcher.runs)
         wind_down = self.dispatcher.wind_down
