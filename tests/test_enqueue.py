@@ -272,3 +272,32 @@ def test_large_lists_travel_as_commands_within_the_message_cap() -> None:
     decoded = [decode_command(c.encode(), max_bytes=64 * 1024) for c in commands]
     assert all(isinstance(c, Enqueue) for c in decoded)
     assert [p for c in decoded for p in c.params] == sets  # type: ignore[union-attr]
+
+
+def test_an_ask_reads_no_more_trials_with_100000_waiting_than_with_10(tmp_path: Path) -> None:
+    """Enqueued sets run one ask at a time: an ask that read every WAITING trial again (the
+    broker's journal storage did) would cost O(sets) each, quadratic over the sets."""
+    from optuna_rq.daemon.storages import Storages
+
+    storages = Storages()
+    storage = storages.open(f"journal:///{tmp_path}/studies.journal")
+    study = optuna.create_study(study_name="s", storage=storage)
+    reads = collections.Counter[str]()
+    inner_get_trial = storage.inner.get_trial
+
+    def get_trial(trial_id: int) -> Any:
+        reads["get_trial"] += 1
+        return inner_get_trial(trial_id)
+
+    storage.inner.get_trial = get_trial  # type: ignore[method-assign]
+    per_ask = []
+    for n in (10, 100_000):
+        for i in range(n):
+            study.enqueue_trial({"x": float(i)})
+        study.ask()  # reads the trials stored since the last ask, once
+        reads.clear()
+        for _ in range(5):
+            study.ask()
+        per_ask.append(reads["get_trial"] / 5)
+    assert per_ask[1] <= per_ask[0] + 1, per_ask
+    storages.close()
