@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from optuna.trial import TrialState
+
 from optuna_rq.daemon.param_sets import ParamSetIndex
 from optuna_rq.dispatch import StudyRun
 from optuna_rq.errors import ConfigError
@@ -84,6 +86,10 @@ class EnqueueSets:
                     index.catch_up()  # the trial just stored: a repeat later in the slice
             if time.perf_counter() >= deadline:
                 break
+        if storing.run.journal is not None:
+            # The journal storage's index of WAITING trials reads the trials created since its
+            # last look: now, a slice at a time, not all at once in the study's next ask.
+            storing.run.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         return position
 
     def hold(self, study: str) -> None:
