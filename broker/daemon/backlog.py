@@ -51,6 +51,8 @@ PROGRESS_EVERY_S = 5.0
 class BulkKind(Protocol):
     """How one kind of bulk command is applied a slice at a time."""
 
+    what: str  # its items, as the log names them: "parameter sets"
+
     def items(self, command: Command) -> Sequence[Any]:
         """The command's items, in the order they are applied."""
         ...
@@ -145,13 +147,16 @@ class Backlog:
         """Forget the study's pending work, here and in Redis."""
         self._load()
         left = self.left(study)
+        what = self._studies[study][0].kind.what if left else ""
         pipe = self.connection.pipeline(transaction=True)
         pipe.delete(self.keys.backlog_of(study))
         pipe.hdel(self.keys.backlog, study)
         pipe.execute()
         self._end(study)
         if left:
-            log.warning("study %r: %d pending items dropped%s", study, left, why and f": {why}")
+            log.warning(
+                "study %r: %d %s not applied, dropped%s", study, left, what, why and f": {why}"
+            )
 
     # -- the loop's side -----------------------------------------------------------------------
 
@@ -201,7 +206,8 @@ class Backlog:
         now = time.monotonic()
         if study in self._studies and now - progress.logged_at >= PROGRESS_EVERY_S:
             progress.logged_at = now
-            log.info("study %r: %d of %d items applied", study, progress.applied, progress.total)
+            what = self._studies[study][0].kind.what
+            log.info("study %r: %d of %d %s applied", study, progress.applied, progress.total, what)
         if not self._studies[study]:
             self._end(study)
         return True
@@ -246,6 +252,7 @@ class Backlog:
                 progress.total += len(items)
                 progress.applied += done
             if study in self._studies:
-                log.info("study %r: %d pending items to apply", study, self.left(study))
+                what = self._studies[study][0].kind.what
+                log.info("study %r: %d %s pending, to apply", study, self.left(study), what)
             else:
                 self.connection.hdel(self.keys.backlog, study)

@@ -48,6 +48,8 @@ class _Storing:
 class EnqueueSets:
     """The `Enqueue` command's kind of pending work, over the daemon's running studies."""
 
+    what = "parameter sets"
+
     def __init__(self, runs: Mapping[str, StudyRun]) -> None:
         self.runs = runs
         self._storing: dict[str, _Storing] = {}
