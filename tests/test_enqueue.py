@@ -7,6 +7,7 @@ processes, are in tests/faults/test_enqueue_restart.py)."""
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import random
 from collections.abc import Iterator
@@ -165,7 +166,7 @@ def _enqueued(study: optuna.Study) -> list[dict[str, Any]]:
 
 
 def test_the_broker_skips_the_sets_optuna_would_skip(
-    daemon: Daemon, conn: redis.Redis, prefix: str, tmp_path: Path
+    daemon: Daemon, conn: redis.Redis, prefix: str, tmp_path: Path, caplog: Any
 ) -> None:
     # The study exists before the broker takes it: a trial run, and one enqueued.
     existing = optuna.create_study(
@@ -187,6 +188,7 @@ def test_the_broker_skips_the_sets_optuna_would_skip(
         else:
             sets.append({"x": rng.uniform(-10, 10)})
     daemon.backlog.budget_s = 0.001  # many slices, each checked against those before it
+    caplog.set_level(logging.INFO, logger="optuna_rq.broker")
 
     spec = _spec("s", n_trials=10_000, concurrency=1)
     BrokerClient(conn, prefix).submit(spec, storage="x", enqueue=sets)
@@ -197,6 +199,9 @@ def test_the_broker_skips_the_sets_optuna_would_skip(
     study = daemon.dispatcher.runs["s"].study
     assert _enqueued(study) == _enqueued(reference)
     assert turns > 10  # applied across turns, not in one
+    stored = len(_enqueued(reference)) - 1  # one was enqueued before
+    done = f"study 's': enqueued {stored} parameter sets ({len(sets) - stored} already there)"
+    assert done in caplog.messages
     # Only enqueued sets were taken while they were being stored: none sampled.
     assert all("fixed_params" in t.system_attrs for t in study.get_trials(deepcopy=False)[1:])
 

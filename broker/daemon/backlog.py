@@ -85,6 +85,13 @@ class _Progress:
     total: int = 0  # items taken since the backlog was last empty (or since this broker began)
     applied: int = 0
     logged_at: float = field(default_factory=time.monotonic)
+    kinds: list[BulkKind] = field(default_factory=list)  # to `end` when the backlog is
+
+    def took(self, kind: BulkKind, items: int, done: int = 0) -> None:
+        self.total += items
+        self.applied += done
+        if kind not in self.kinds:
+            self.kinds.append(kind)
 
 
 class Backlog:
@@ -140,7 +147,7 @@ class Backlog:
         pipe.execute()
         items = kind.items(command)
         self._studies.setdefault(study, deque()).append(_Pending(raw, kind, items))
-        self._progress.setdefault(study, _Progress()).total += len(items)
+        self._progress.setdefault(study, _Progress()).took(kind, len(items))
         failpoints.hit("after_take")
 
     def drop(self, study: str, why: str = "") -> None:
@@ -213,10 +220,10 @@ class Backlog:
         return True
 
     def _end(self, study: str) -> None:
-        pending = self._studies.pop(study, None)
-        self._progress.pop(study, None)
-        if pending:
-            pending[0].kind.end(study)
+        self._studies.pop(study, None)
+        progress = self._progress.pop(study, None)
+        for kind in progress.kinds if progress is not None else ():
+            kind.end(study)
 
     def _load(self) -> None:
         """Read the backlogs a broker before this one left (once)."""
@@ -248,9 +255,7 @@ class Backlog:
                 items = kind.items(command)
                 done = min(done, len(items)) if study not in self._studies else 0
                 self._studies.setdefault(study, deque()).append(_Pending(raw, kind, items, done))
-                progress = self._progress.setdefault(study, _Progress())
-                progress.total += len(items)
-                progress.applied += done
+                self._progress.setdefault(study, _Progress()).took(kind, len(items), done)
             if study in self._studies:
                 what = self._studies[study][0].kind.what
                 log.info("study %r: %d %s pending, to apply", study, self.left(study), what)
