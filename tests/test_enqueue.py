@@ -302,3 +302,53 @@ def test_an_ask_reads_no_more_trials_with_100000_waiting_than_with_10(tmp_path: 
         per_ask.append(reads["get_trial"] / 5)
     assert per_ask[1] <= per_ask[0] + 1, per_ask
     storages.close()
+
+
+class _LosesReplies:
+    """The connection, but every third transaction's reply is lost after Redis applied it."""
+
+    def __init__(self, connection: redis.Redis) -> None:
+        self._connection = connection
+        self.lost = 0
+        self._count = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        pipe = self._connection.pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        def lose_the_reply() -> Any:
+            replies = execute()
+            self._count += 1
+            if self._count % 3 == 0:
+                self.lost += 1
+                raise redis.ConnectionError("the reply was lost")
+            return replies
+
+        pipe.execute = lose_the_reply  # type: ignore[method-assign]
+        return pipe
+
+
+def test_a_reply_lost_with_the_connection_loses_no_set_and_stores_none_twice(
+    daemon: Daemon, conn: redis.Redis, prefix: str
+) -> None:
+    sets = [{"x": 1 + i * 1e-3} for i in range(5_000)]
+    client = BrokerClient(conn, prefix)
+    client.submit(_spec("s", n_trials=100_000, concurrency=1), storage="x", enqueue=sets)
+    daemon.step()  # the study starts: its one trial, an enqueued set, waits in its queue
+    flaky = _LosesReplies(conn)
+    daemon.backlog.connection = flaky  # type: ignore[assignment]
+    daemon.backlog.budget_s = 0.002
+    for _ in range(100_000):
+        try:
+            daemon.step()
+        except redis.ConnectionError:
+            continue  # as the daemon's run loop does: Redis is back at once here
+        if not daemon.backlog.pending and not conn.llen(Keys(prefix).commands):
+            break
+    assert flaky.lost >= 5
+    stored = collections.Counter(p["x"] for p in _enqueued(daemon.dispatcher.runs["s"].study))
+    assert stored.keys() == {s["x"] for s in sets} and set(stored.values()) == {1}
+    assert not conn.exists(Keys(prefix).backlog) and not conn.exists(Keys(prefix).backlog_of("s"))

@@ -144,7 +144,7 @@ class Backlog:
         pipe.rpush(self.keys.backlog_of(study), raw)
         pipe.hsetnx(self.keys.backlog, study, 0)
         pipe.ltrim(self.keys.commands, inbox_done, -1)
-        pipe.execute()
+        self._execute(pipe)
         items = kind.items(command)
         self._studies.setdefault(study, deque()).append(_Pending(raw, kind, items))
         self._progress.setdefault(study, _Progress()).took(kind, len(items))
@@ -158,7 +158,7 @@ class Backlog:
         pipe = self.connection.pipeline(transaction=True)
         pipe.delete(self.keys.backlog_of(study))
         pipe.hdel(self.keys.backlog, study)
-        pipe.execute()
+        self._execute(pipe)
         self._end(study)
         if left:
             log.warning(
@@ -204,7 +204,7 @@ class Backlog:
                 pipe.hdel(self.keys.backlog, study)
         else:
             pipe.hset(self.keys.backlog, study, reached)
-        pipe.execute()
+        self._execute(pipe)
         progress = self._progress.setdefault(study, _Progress())
         progress.applied += reached - pending.done
         pending.done = reached
@@ -218,6 +218,17 @@ class Backlog:
         if not self._studies[study]:
             self._end(study)
         return True
+
+    def _execute(self, pipe: redis.client.Pipeline) -> None:
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            # Whether it was applied is unknown (a reply lost with the connection): read the
+            # backlogs again from Redis, which holds the truth, before the next use.
+            self._studies.clear()
+            self._progress.clear()
+            self._loaded = False
+            raise
 
     def _end(self, study: str) -> None:
         self._studies.pop(study, None)
