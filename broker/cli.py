@@ -1,7 +1,8 @@
 """The `optuna-rq` command. Thin: it parses, validates, and hands over to the library.
 
 Exit codes: 0 done, 1 a runtime error (Redis unreachable, a module that does not import),
-2 a usage error (a bad option value). Errors print one line, no traceback (`--debug` shows it).
+2 a usage error (a bad option value), 3 (`wait`, `submit --wait`) no broker serves the prefix.
+Errors print one line, no traceback (`--debug` shows it).
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from optuna_rq.cli_options import (
     GlobalOptions,
+    WaitForBroker,
     global_options,
     make_client,
     read_client,
@@ -26,6 +28,10 @@ from optuna_rq.cli_studies import best, delete, enqueue, load_enqueue_file, tria
 from optuna_rq.errors import ConfigError, OptunaRQError
 from optuna_rq.progress import make_console
 from optuna_rq.protocol import DEFAULT_QUEUE
+
+if TYPE_CHECKING:
+    from optuna_rq.protocol import StudyStatus
+    from optuna_rq.protocol.liveness import BrokerLiveness
 
 app = typer.Typer(
     name="optuna-rq",
@@ -157,13 +163,19 @@ def submit(
         ),
     ] = DEFAULT_QUEUE,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the study until it ends.")] = False,
+    wait_for_broker: WaitForBroker = False,
 ) -> None:
     """Submit a study to the broker and print its name.
 
     Everything is checked before anything is sent: the objective path, the space file, every
     suggestion, every number. Resubmitting a study's definition runs it on to the new
     --n-trials (an ended one too); another definition under its name is refused.
+
+    With --wait, exit as `optuna-rq wait` does: 0 finished with a complete trial, 1 not, 3 no
+    broker serves the prefix (unless --wait-for-broker).
     """
+    from rich.markup import escape
+
     from optuna_rq.cli_checks import check_storage_url, check_trial_timeout
     from optuna_rq.protocol import StudySpec
     from optuna_rq.spacefile import load_space_file, merge_param, parse_param, space_to_data
@@ -202,13 +214,15 @@ def submit(
     client = make_client(options)
     client.submit(spec, storage=storage or default_storage_url(options.state()), enqueue=to_enqueue)
     typer.echo(spec.name)
-    if client.broker_holder() is None:
-        _err.print(
-            f"[yellow]no broker is running on prefix {options.prefix!r} yet:[/] the study waits "
-            "until you start one with `optuna-rq broker`"
-        )
+    broker = client.liveness()
+    if not broker.serves:
+        _err.print(f"[yellow]{escape(broker.note() or '')}:[/] the study waits until one runs")
     if wait:
-        raise typer.Exit(client.follow(spec.name, timeout_s=None, submitted=spec))
+        raise typer.Exit(
+            client.follow(
+                spec.name, timeout_s=None, submitted=spec, wait_for_broker=wait_for_broker
+            )
+        )
 
 
 @app.command()
@@ -231,7 +245,10 @@ def status(
     """Show studies, one line each: state, done/budget, running, failed, best, age.
 
     With a study's exact name, its detail: objective, outcomes, failures by reason, best
-    parameters, storage. Reads only: never starts a redis-server.
+    parameters, storage. A queued or running study that no broker serves says so: `running (no
+    broker: the broker on host:pid stopped 40s ago)`; with --json, it carries `broker`, the
+    prefix's broker as read (`state`: serving, starting, stopped or none). Reads only: never
+    starts a redis-server.
     """
     import fnmatch
 
@@ -247,13 +264,14 @@ def status(
             f"{', '.join(s.value for s in StudyState)}"
         )
     client = read_client(options)
+    broker = client.liveness()
     pattern = name is not None and any(c in name for c in "*?[")
     if name is not None and not pattern:
         one = client.require_status(name)
         if as_json:
-            typer.echo(json.dumps(one.to_dict(), indent=2))
+            typer.echo(json.dumps(_as_json(one, broker), indent=2))
         else:
-            typer.echo("\n".join(status_detail(one, client)))
+            typer.echo("\n".join(status_detail(one, client, broker)))
         return
     snapshots = [
         s
@@ -262,12 +280,21 @@ def status(
         and (name is None or fnmatch.fnmatchcase(s.name, name))
     ]
     if as_json:
-        typer.echo(json.dumps([s.to_dict() for s in snapshots], indent=2))
+        typer.echo(json.dumps([_as_json(s, broker) for s in snapshots], indent=2))
         return
     if not snapshots:
         typer.echo(f"no studies on prefix {options.prefix!r}", err=True)
         return
-    typer.echo("\n".join(status_lines(snapshots)))
+    typer.echo("\n".join(status_lines(snapshots, broker=broker)))
+    note = broker.note()
+    if note is not None and any(not s.state.ended for s in snapshots):
+        typer.echo(note, err=True)  # the `(no broker)` of the lines above, in full
+
+
+def _as_json(s: StudyStatus, broker: BrokerLiveness) -> dict[str, Any]:
+    """A study's status for `status --json`; a queued or running one with `broker` (what moves
+    it: an ended study's snapshot stays the same whatever the broker does)."""
+    return s.to_dict() if s.state.ended else {**s.to_dict(), "broker": broker.to_dict()}
 
 
 @app.command("wait")
@@ -278,14 +305,17 @@ def wait_command(
         float | None,
         typer.Option("--timeout", min=0, help="Give up after this many seconds (exit 1)."),
     ] = None,
+    wait_for_broker: WaitForBroker = False,
 ) -> None:
     """Follow a study with a progress bar until it ends.
 
     Exit 0 when it finished with a complete trial; 1 when it was cancelled, failed, finished
-    without one complete trial, or the timeout passed.
+    without one complete trial, or the timeout passed; 3 when no broker serves the prefix (it
+    died or stopped, or none started: see --wait-for-broker).
     """
     options: GlobalOptions = ctx.obj
-    raise typer.Exit(read_client(options).follow(name, timeout_s=timeout))
+    client = read_client(options)
+    raise typer.Exit(client.follow(name, timeout_s=timeout, wait_for_broker=wait_for_broker))
 
 
 @app.command()

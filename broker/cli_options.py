@@ -28,6 +28,7 @@ from optuna_rq.connection import (
 )
 from optuna_rq.errors import ConfigError
 from optuna_rq.protocol import DEFAULT_MAX_MESSAGE_BYTES, ENV_SECRET, Signer
+from optuna_rq.protocol.liveness import BROKER_GRACE_S, BROKER_START_GRACE_S
 from optuna_rq.protocol.signing import ENV_MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GlobalOptions",
+    "WaitForBroker",
     "configure_logging",
     "connect_existing_redis",
     "connect_redis",
@@ -42,6 +44,17 @@ __all__ = [
     "make_client",
     "read_client",
 ]
+
+WaitForBroker = Annotated[
+    bool,
+    typer.Option(
+        "--wait-for-broker",
+        help="While no broker serves the prefix, say so and wait for one. Default: exit 3 once "
+        f"the broker has not turned its loop for {BROKER_GRACE_S:g} s (it died, stopped or "
+        f"froze), or none has started within {BROKER_START_GRACE_S:g} s.",
+    ),
+]
+"""`wait` and `submit`'s option (`protocol.liveness`, `progress.BrokerWatch`)."""
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

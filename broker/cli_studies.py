@@ -194,8 +194,12 @@ def delete(
             "or delete --force"
         )
     client.send(Delete(study=name, force=force, purge=purge))
-    if client.broker_holder() is None:
-        typer.echo(f"study {name!r} will be deleted when a broker starts on {client.prefix!r}")
+    broker = client.liveness()
+    if not broker.serves:  # none would confirm it: a dead broker's lock can outlive it 10 s
+        typer.echo(
+            f"study {name!r} will be deleted when a broker runs on {client.prefix!r} "
+            f"({broker.note()})"
+        )
         return
     deadline = time.monotonic() + timeout
     while client.status(name) is not None:

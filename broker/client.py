@@ -27,6 +27,7 @@ from optuna_rq.protocol import (
     enqueue_commands,
     live_pools,
 )
+from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerLiveness, read_liveness
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -149,15 +150,25 @@ class BrokerClient:
         timeout_s: float | None = None,
         console: Console | None = None,
         submitted: StudySpec | None = None,
+        wait_for_broker: bool = False,
     ) -> int:
         """Show the study's progress on `console` (default: stderr) until it ends, or until
         `timeout_s` passes; with `submitted`, until the broker took that submission and the
         study ended after it. Returns 0 if it finished with a COMPLETE trial, 1 if not
-        (cancelled, failed, no trial completed, timed out)."""
+        (cancelled, failed, no trial completed, timed out), 3 (`EXIT_NO_BROKER`) as soon as no
+        broker has served the prefix for `BROKER_GRACE_S`, unless `wait_for_broker`: then it
+        says so and waits on for one."""
         from optuna_rq.progress import follow_study  # rich is for terminals only: imported late
 
         since = None if submitted is None else submitted.submitted_at
-        return follow_study(self, study, timeout_s=timeout_s, console=console, since=since)
+        return follow_study(
+            self,
+            study,
+            timeout_s=timeout_s,
+            console=console,
+            since=since,
+            wait_for_broker=wait_for_broker,
+        )
 
     def statuses(self) -> list[StudyStatus]:
         """Every study's status, by name; one that cannot be read is skipped, with a warning."""
@@ -180,6 +191,11 @@ class BrokerClient:
                 if parts is not None and parts[0] == queue:
                     served.add(parts[1])
         return sorted(served)
+
+    def liveness(self, *, grace_s: float = BROKER_GRACE_S) -> BrokerLiveness:
+        """Whether a broker serves the prefix: its lock and its loop's last turn (see
+        `protocol.liveness.BrokerState`)."""
+        return read_liveness(self.connection, self.keys, grace_s=grace_s)
 
     def broker_holder(self) -> str | None:
         """Who holds the prefix's broker lock ("host:pid since ..."), None if no broker runs."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
     BusyLoadingError,
+    OutOfMemoryError,
     RedisError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -39,13 +41,17 @@ __all__ = [
     "ENV_REDIS_PASSWORD_FILE",
     "ENV_REDIS_URL",
     "ENV_STATE_DIR",
+    "check_memory_policy",
     "connect",
+    "describe_full",
+    "is_full",
     "key",
     "ping_or_raise",
     "redact_url",
     "resolve_redis_password",
     "resolve_redis_url",
     "state_dir",
+    "wait_for_memory",
     "wait_for_redis",
 ]
 
@@ -231,7 +237,12 @@ def wait_for_redis(
     answers; returns how long it took (seconds), or None if `stop` (a threading.Event) was set.
     Raises RedisUnavailableError after `give_up_s`, if given. Logs once at the start, then at
     each retry, so a person watching sees what is going on without a flood. `beat` is called at
-    least every second while it waits: waiting is being alive (the broker's liveness probe)."""
+    least every second while it waits: waiting is being alive (the broker's liveness probe).
+    A full Redis (`error` an OutOfMemoryError) is waited out the same way (`wait_for_memory`)."""
+    if isinstance(error, OutOfMemoryError):
+        return wait_for_memory(
+            conn, error, stop=stop, max_backoff_s=max_backoff_s, beat=beat, give_up_s=give_up_s
+        )
     stop = stop or threading.Event()
     started = time.monotonic()
     _logger.error("Redis is unreachable (%s); waiting for it, trials keep running", error)
@@ -252,6 +263,114 @@ def wait_for_redis(
                 ) from exc
             _logger.warning("Redis still unreachable after %.0fs: %s", waited, exc)
             delay_s = min(delay_s * 2, max_backoff_s)
+
+
+# -- a full Redis ---------------------------------------------------------------------------
+# With `maxmemory-policy noeviction` (the policy the design requires: README, deploy/), a Redis
+# at its `maxmemory` refuses every command that may grow its data (SET, XADD, HSET, LMOVE, EVAL
+# of a script that writes: OutOfMemoryError) and still serves reads, deletions, XACK, PEXPIRE.
+# A refused command did nothing (a MULTI/EXEC is refused whole), so the writer keeps what it
+# meant to write, waits until Redis has room, and writes it again.
+
+
+MEMORY_POLL_CAP_S = 2.0
+
+
+def is_full(error: BaseException) -> bool:
+    """True if `error` is Redis refusing a write for want of memory."""
+    return isinstance(error, OutOfMemoryError)
+
+
+def _memory(conn: redis.Redis) -> tuple[int, int] | None:
+    """(used_memory, maxmemory) from INFO, or None if INFO is not allowed (an ACL user without
+    it) or does not say."""
+    try:
+        info: dict[str, Any] = conn.info("memory")
+        return int(info["used_memory"]), int(info["maxmemory"])
+    except (RedisError, KeyError, TypeError, ValueError):
+        return None
+
+
+def describe_full(conn: redis.Redis) -> str:
+    """`Redis is out of memory (maxmemory N)`, N in bytes as INFO gives it, if allowed."""
+    memory = _memory(conn)
+    return f"Redis is out of memory (maxmemory {'?' if memory is None else memory[1]})"
+
+
+def check_memory_policy(conn: redis.Redis) -> str | None:
+    """Warn, and return the policy, if Redis would evict keys when full (its `maxmemory-policy`
+    is not `noeviction`): an evicted lease, job or result is lost without a word, and the broker
+    can only notice after the fact, if the epoch key goes too. None if it would not, or INFO
+    cannot say (an ACL user without it)."""
+    try:
+        info: dict[str, Any] = conn.info("memory")
+    except RedisError:
+        return None
+    policy = info.get("maxmemory_policy")
+    if isinstance(policy, bytes):
+        policy = policy.decode()
+    if policy is None or policy == "noeviction":
+        return None
+    _logger.warning(
+        "Redis's maxmemory-policy is %s: full, it evicts keys (a trial's lease, job or result, "
+        "lost without a word). optuna-rq needs noeviction (it waits out a full Redis): "
+        "CONFIG SET maxmemory-policy noeviction, and in redis.conf",
+        policy,
+    )
+    return str(policy)
+
+
+def _has_room(conn: redis.Redis) -> bool | None:
+    """True if Redis would take a write now (used memory within maxmemory: the rule noeviction
+    applies, less the buffers it does not count), False if not, None if INFO cannot say."""
+    memory = _memory(conn)
+    if memory is None:
+        return None
+    used, limit = memory
+    return limit == 0 or used <= limit
+
+
+def wait_for_memory(
+    conn: redis.Redis,
+    error: Exception,
+    *,
+    stop: Any | None = None,
+    max_backoff_s: float = 5.0,
+    beat: Callable[[], None] | None = None,
+    what: str = "waiting",
+    quiet: bool = False,
+    give_up_s: float | None = None,
+) -> float | None:
+    """Wait out a Redis too full to take a write (`error`, an OutOfMemoryError): poll its memory
+    with a doubling, jittered backoff (writers that met the limit together do not come back
+    together) until it has room; returns how long it took (seconds), or None if `stop` was set.
+    The caller then writes again, and calls this again if Redis is full again. Where INFO is not
+    allowed, it waits one backoff step and returns: the caller's own write is the probe.
+
+    Logs `Redis is out of memory (maxmemory N): <what>` once (nothing if `quiet`: a caller that
+    said so already), and once when it has room. `beat` is called at least every second.
+    Raises RedisUnavailableError after `give_up_s`, if given."""
+    stop = stop or threading.Event()
+    started = time.monotonic()
+    if not quiet:
+        _logger.error("%s: %s (%s)", describe_full(conn), what, error)
+    delay_s = 0.1
+    while True:
+        if _pause(stop, delay_s * random.uniform(0.5, 1.0), beat):
+            return None
+        # INFO is cheap: polled at least every MEMORY_POLL_CAP_S, to go on soon after room frees
+        delay_s = min(delay_s * 2, max_backoff_s, MEMORY_POLL_CAP_S)
+        room = _has_room(conn)  # None if unreachable too: the caller's write says what to wait for
+        waited = time.monotonic() - started
+        if room is False:
+            if give_up_s is not None and waited >= give_up_s:
+                raise RedisUnavailableError(
+                    f"{describe_full(conn)} for {waited:.0f}s, giving up: {error}"
+                ) from error
+            continue
+        if room and not quiet:
+            _logger.info("Redis has room again after %.1fs; carrying on", waited)
+        return waited
 
 
 def _pause(stop: Any, seconds: float, beat: Callable[[], None] | None) -> bool:

@@ -3,7 +3,8 @@
 `OPTUNA_RQ_FAILPOINTS="after_ask=3"` makes the broker SIGKILL itself the 3rd time it passes
 `hit("after_ask")`; `"before_tell=1:stall"` makes the thread that passes it the first time hang
 there (as a storage call that never returns would), while the process and its other threads
-live on. Unset (always, outside the fault tests), `hit` is one dict lookup. Points:
+live on; `"tell@mystudy=1:raise"` raises FailpointError there, as a bug would. Unset (always,
+outside the fault tests), `hit` is one dict lookup. Points:
 
     after_ask     a trial was asked (RUNNING in the storage) and not yet enqueued
     before_tell   a result was read from the stream and not yet told
@@ -14,6 +15,8 @@ live on. Unset (always, outside the fault tests), `hit` is one dict lookup. Poin
     after_slice   a slice of a bulk command was applied and flushed, its cursor not yet moved
     worker_stopped  a pool's worker process left RQ's work loop (told to stop) and has not
                   yet exited
+    <site>@<study>  the broker does something for one study at a site of its fault boundary
+                  (`optuna_rq.dispatch.boundary.Site`: ask, tell, status, ...)
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ import os
 import signal
 import time
 
-__all__ = ["ENV_FAILPOINTS", "hit"]
+__all__ = ["ENV_FAILPOINTS", "FailpointError", "armed", "hit"]
 
 ENV_FAILPOINTS = "OPTUNA_RQ_FAILPOINTS"
 
-_ACTIONS = ("kill", "stall")
+_ACTIONS = ("kill", "stall", "raise")
 _STALL_S = 3600.0  # long enough for any test to see it; bounded, should its process be missed
 
 
@@ -45,6 +48,15 @@ def _parse(text: str) -> dict[str, tuple[int, str]]:
 _armed = _parse(os.environ.get(ENV_FAILPOINTS, ""))
 
 
+class FailpointError(RuntimeError):
+    """Raised at an armed failpoint whose action is `raise`: a bug, as far as the code knows."""
+
+
+def armed() -> bool:
+    """Whether any failpoint is armed: callers that build a point's name skip it if not."""
+    return bool(_armed)
+
+
 def hit(name: str) -> None:
     """Count a pass through failpoint `name`; on the armed pass, die as SIGKILL would, or hang."""
     if name not in _armed:
@@ -56,5 +68,8 @@ def hit(name: str) -> None:
     if action == "stall":
         del _armed[name]  # hang once: a test that lets it go finds it passable again
         time.sleep(_STALL_S)
+    elif action == "raise":
+        del _armed[name]
+        raise FailpointError(f"failpoint {name}")
     else:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -9,7 +9,8 @@ whose pool's heartbeat is current.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -127,19 +128,26 @@ class BrokerMetrics(DispatchObserver):
     # gauges, set by the daemon each turn
 
     def update(
-        self, runs: Iterable[StudyRun], *, queue_depth: int, live_workers: Mapping[str, int]
+        self,
+        runs: Iterable[StudyRun],
+        *,
+        queue_depth: int,
+        live_workers: Mapping[str, int],
+        guard: Callable[[str], AbstractContextManager[None]] = lambda _name: nullcontext(),
     ) -> None:
         """Set the gauges. `live_workers` maps a resource class to its live workers; a class
-        with studies or workers is reported, at 0 once it has neither."""
+        with studies or workers is reported, at 0 once it has neither. Each study's gauges are
+        set under `guard` (its fault guard, in the daemon)."""
         desired: dict[str, int] = {}
         waiting: dict[str, int] = {}
         seen = set()
         for run in runs:
-            seen.add(run.name)
-            self.outstanding.labels(study=run.name).set(len(run.outstanding))
-            self.cap.labels(study=run.name).set(run.concurrency)
-            desired[run.queue] = desired.get(run.queue, 0) + max(0, run.demand)
-            waiting[run.queue] = waiting.get(run.queue, 0) + run.waiting_for_workers
+            with guard(run.name):
+                seen.add(run.name)
+                self.outstanding.labels(study=run.name).set(len(run.outstanding))
+                self.cap.labels(study=run.name).set(run.concurrency)
+                desired[run.queue] = desired.get(run.queue, 0) + max(0, run.demand)
+                waiting[run.queue] = waiting.get(run.queue, 0) + run.waiting_for_workers
         for name in self._reported - seen:  # a study that ended stops being reported
             self.outstanding.remove(name)
             self.cap.remove(name)

@@ -21,9 +21,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from optuna_rq.client import BrokerClient
 from optuna_rq.errors import ConfigError
-from optuna_rq.protocol import StudyStatus
+from optuna_rq.protocol import StudyStatus, liveness
+from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerLiveness, BrokerState, ago
 
-__all__ = ["best_summary", "follow_study", "make_console", "status_detail", "status_lines"]
+__all__ = [
+    "EXIT_NO_BROKER",
+    "BrokerWatch",
+    "best_summary",
+    "follow_study",
+    "make_console",
+    "status_detail",
+    "status_lines",
+]
+
+EXIT_NO_BROKER = 3
+"""What `wait` and `submit --wait` exit with when no broker serves the prefix (`BrokerWatch`:
+the broker died or stopped, or none started), unless `--wait-for-broker`."""
 
 
 _UNBOUNDED_WIDTH = 1 << 16
@@ -49,12 +62,16 @@ def follow_study(
     timeout_s: float | None,
     console: Console | None = None,
     since: float | None = None,
+    wait_for_broker: bool = False,
 ) -> int:
     """Show a progress bar until the study ends (with `since`, a submission's `submitted_at`:
     ends after the broker took that submission). Exit code 0 if it finished with a COMPLETE
-    trial; else 1, and a line saying why."""
+    trial; `EXIT_NO_BROKER` once no broker serves the prefix (`BrokerWatch`; with
+    `wait_for_broker`: it says so, and waits on for one); else 1. A line says why."""
     console = console or make_console(stderr=True)
     client.require_status(name)
+    watch = BrokerWatch(client)
+    waiting_for_broker = False
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -67,7 +84,9 @@ def follow_study(
         bar = progress.add_task(name, total=None, best="", failures="")
         while True:
             snap = _current(client, name)
-            waiting_note = _waiting_note(snap, client)
+            taken = since is None or (snap.submitted_at is not None and snap.submitted_at >= since)
+            gone = None if snap.state.ended and taken else watch.gone()
+            waiting_note = "waiting for a broker" if gone else _waiting_note(snap, client)
             progress.update(
                 bar,
                 total=snap.n_trials,
@@ -75,9 +94,14 @@ def follow_study(
                 best=escape(best_summary(snap)),
                 failures=escape("  ".join(filter(None, (_beside(snap), waiting_note)))),
             )
-            taken = since is None or (snap.submitted_at is not None and snap.submitted_at >= since)
             if snap.state.ended and taken:
                 break
+            if gone is not None and not wait_for_broker:
+                console.print(f"[red]{escape(_no_broker(gone, snap))}[/]")
+                return EXIT_NO_BROKER
+            if (gone is not None) != waiting_for_broker:  # say when it starts and ends
+                waiting_for_broker = gone is not None
+                console.print(_broker_change(gone, watch), markup=False, highlight=False)
             if deadline is not None and time.monotonic() >= deadline:
                 console.print(f"[red]timeout:[/] study {name!r} is still {snap.state.value}")
                 return 1
@@ -91,6 +115,72 @@ def follow_study(
         return 0
     console.print(f"[red]study {name!r} {escape(why)}[/]")
     return 1
+
+
+class BrokerWatch:
+    """Whether a follower should give up on the prefix's broker. `gone()` reads the broker's
+    liveness, and returns what was read once the follower should give up, else None.
+
+    Once it has seen a broker serve the prefix, it gives up when none has turned for `grace_s`
+    (by the Redis server's clock): a brief freeze, a slow turn or a quick restart rides it out.
+    Until then, no broker may have started yet (it was launched with the submission, or just
+    before it, while the previous broker's last turn is long past): it gives up after
+    `start_grace_s` by its own clock since `since` (default: its first look)."""
+
+    def __init__(
+        self,
+        client: BrokerClient,
+        *,
+        grace_s: float = BROKER_GRACE_S,
+        start_grace_s: float | None = None,
+        since: float | None = None,
+    ) -> None:
+        self.client = client
+        self.grace_s = grace_s
+        self.start_grace_s = (
+            liveness.BROKER_START_GRACE_S if start_grace_s is None else start_grace_s
+        )
+        self.since = since
+        self.seen_serving = False
+        self.last: BrokerLiveness | None = None
+
+    def gone(self) -> BrokerLiveness | None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        live = self.last = self.client.liveness(grace_s=self.grace_s)
+        if live.serves:
+            self.seen_serving = True
+            return None
+        if live.state is not BrokerState.NONE and (live.last_turn_age_s or 0.0) < self.grace_s:
+            return None  # it stopped within the grace: a restart may take its place
+        if self.seen_serving or now - self.since >= self.start_grace_s:
+            return live
+        return None
+
+
+def _no_broker(gone: BrokerLiveness, snap: StudyStatus) -> str:
+    """Why a follower gives up: no broker, and what to do."""
+    if gone.state is BrokerState.NONE:
+        return (
+            f"{gone.describe()} (study {snap.name!r} is {snap.state.value}; "
+            "--wait-for-broker waits for one)"
+        )
+    return (
+        f"no broker: {gone.describe()}; study {snap.name!r} is still {snap.state.value}, and "
+        f"nothing moves it until a broker runs on prefix {gone.prefix!r}: start one with "
+        "`optuna-rq broker` (--wait-for-broker waits for one)"
+    )
+
+
+def _broker_change(gone: BrokerLiveness | None, watch: BrokerWatch) -> str:
+    """The line `--wait-for-broker` prints when it starts waiting for a broker, or stops."""
+    if gone is None:
+        back = "" if watch.last is None else f": {watch.last.describe()}"
+        return f"a broker serves prefix {watch.client.prefix!r} again{back}"
+    if gone.state is BrokerState.NONE:
+        return f"waiting for a broker: {gone.describe()}"
+    return f"waiting for a broker on prefix {gone.prefix!r}: {gone.describe()}"
 
 
 def _beside(snap: StudyStatus) -> str:
@@ -198,24 +288,26 @@ def _age(s: StudyStatus, now_s: float | None = None) -> str:
             then = datetime.fromisoformat(s.updated_at).timestamp()
         except ValueError:
             return "?"
-    seconds = max(0, int((time.time() if now_s is None else now_s) - then))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+    return ago((time.time() if now_s is None else now_s) - then)
 
 
 _HEADER = ("STUDY", "STATE", "DONE", "RUNNING", "FAILED", "BEST", "AGE")
 
 
-def status_lines(snapshots: list[StudyStatus], *, now_s: float | None = None) -> list[str]:
+def status_lines(
+    snapshots: list[StudyStatus],
+    *,
+    now_s: float | None = None,
+    broker: BrokerLiveness | None = None,
+) -> list[str]:
     """A header and one aligned line per study: name, state, done/budget, running, failed, best
     (a multi-objective study's Pareto size and per-objective bests), and its age: the time
-    since it was submitted (`submitted_at`), not since its status last changed."""
+    since it was submitted (`submitted_at`), not since its status last changed. With `broker`
+    and none serving, a queued or running study's state reads `running (no broker)`."""
     rows = [_HEADER] + [
         (
             s.name,
-            s.state.value,
+            _state(s, broker, short=True),
             f"{s.done}/{s.n_trials}",
             str(s.running),
             str(s.failed),
@@ -230,13 +322,26 @@ def status_lines(snapshots: list[StudyStatus], *, now_s: float | None = None) ->
     ]
 
 
-def status_detail(s: StudyStatus, client: BrokerClient | None = None) -> list[str]:
+def _state(s: StudyStatus, broker: BrokerLiveness | None, *, short: bool = False) -> str:
+    """The study's state, with `(no broker: ...)` if it is queued or running and no broker
+    serves the prefix (`short`: `(no broker)`)."""
+    note = None if broker is None or s.state.ended else broker.note()
+    if note is None:
+        return s.state.value
+    return f"{s.state.value} ({'no broker' if short else note})"
+
+
+def status_detail(
+    s: StudyStatus, client: BrokerClient | None = None, broker: BrokerLiveness | None = None
+) -> list[str]:
     """One study in full: `label: value` lines (with `client`, a study waiting for a worker
-    also says what the live workers serve)."""
+    also says what the live workers serve; with `broker`, a queued or running study's state
+    says if no broker serves the prefix: `running (no broker: the broker on h:12 stopped 40s
+    ago)`)."""
     reasons = ", ".join(f"{k}: {v}" for k, v in s.fail_reasons.items()) or "-"
     lines = [
         f"study        {s.name}",
-        f"state        {s.state.value}" + (f" ({s.error})" if s.error else ""),
+        f"state        {_state(s, broker)}" + (f" ({s.error})" if s.error else ""),
         f"objective    {s.objective}",
         f"queue        {s.queue}",
         f"directions   {', '.join(s.directions)}",

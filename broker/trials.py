@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 __all__ = [
     "create_running_trial",
+    "fail_running_trial",
     "frozen_trial",
     "live_trial",
     "only_waiting",
@@ -62,6 +63,12 @@ def create_running_trial(
     )
     trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
     return optuna.Trial(study, trial_id)
+
+
+def fail_running_trial(study: optuna.Study, frozen: FrozenTrial) -> None:
+    """End a RUNNING trial FAIL through the storage alone: no `Trial` is built and no sampler
+    runs (a tell would run its `after_trial`), for a trial whose sampler is what broke."""
+    study._storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)
 
 
 def only_waiting(states: Container[TrialState] | None) -> bool:

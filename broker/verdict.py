@@ -13,12 +13,13 @@ from optuna.trial import TrialState
 
 from optuna_rq.protocol.messages import FailReason
 from optuna_rq.protocol.objectives import MAX_ERROR_CHARS, judge_return
-from optuna_rq.trials import frozen_trial, live_trial, set_trial_user_attr
+from optuna_rq.trials import fail_running_trial, frozen_trial, live_trial, set_trial_user_attr
 
 __all__ = [
     "FAIL_ERROR_ATTR",
     "FAIL_REASON_ATTR",
     "Verdict",
+    "fail_orphans",
     "judge_result",
     "tell",
     "worker_lost",
@@ -70,6 +71,21 @@ def tell(study: optuna.Study, trial: optuna.Trial | int, verdict: Verdict) -> No
         study.tell(trial, verdict.values, skip_if_finished=True)
     else:
         study.tell(trial, state=verdict.state, skip_if_finished=True)
+
+
+def fail_orphans(study: optuna.Study, verdict: Verdict) -> int:
+    """End FAIL, with `verdict`'s reason, every trial of `study` still RUNNING in its storage,
+    through the storage alone (its sampler may be what broke); how many. For a study that
+    faulted, once its trials in flight are told: an ask that raised after creating its trial
+    left one that nobody holds."""
+    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for frozen in orphans:
+        reason = verdict.fail_reason or FailReason.CANCELLED
+        set_trial_user_attr(study, frozen.number, FAIL_REASON_ATTR, reason.value)
+        if verdict.error:
+            set_trial_user_attr(study, frozen.number, FAIL_ERROR_ATTR, verdict.error)
+        fail_running_trial(study, frozen)
+    return len(orphans)
 
 
 def _record_failure(

@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import redis
 
@@ -22,6 +23,8 @@ from optuna_rq.connection import connect
 from optuna_rq.processes import exited, stopped
 
 _connections: dict[str, redis.Redis] = {}
+
+T = TypeVar("T")
 
 
 def _conn(url: str) -> redis.Redis:
@@ -35,18 +38,34 @@ def running_pid(pid: int) -> bool:
     return not exited(pid) and not stopped(pid)
 
 
+def _recorded(write: Callable[[], T]) -> T:
+    """What the objectives record is the tests' instrument, not what they test: it waits out a
+    full Redis (tests/faults/test_full_redis.py) rather than fail the trial. A refused MULTI/EXEC
+    did nothing, so it is sent again whole."""
+    while True:
+        try:
+            return write()
+        except redis.exceptions.OutOfMemoryError:
+            time.sleep(0.05)
+
+
 @contextmanager
 def _running(url: str, key: str, x: float) -> Iterator[redis.Redis]:
     conn = _conn(url)
     pid = os.getpid()
-    pipe = conn.pipeline(transaction=False)
-    pipe.hincrby(f"{key}:calls", repr(x), 1)
-    pipe.rpush(f"{key}:started", f"{pid} {os.getppid()}")
-    pipe.sadd(f"{key}:pids", pid)
-    pipe.smembers(f"{key}:pids")
-    members = pipe.execute()[-1]
+
+    def record() -> Any:
+        pipe = conn.pipeline(transaction=True)
+        pipe.hincrby(f"{key}:calls", repr(x), 1)
+        pipe.rpush(f"{key}:started", f"{pid} {os.getppid()}")
+        pipe.sadd(f"{key}:pids", pid)
+        pipe.smembers(f"{key}:pids")
+        return pipe.execute()[-1]
+
+    members = _recorded(record)
     # Killed or frozen objectives stay in the set: count only the processes that still run.
-    conn.rpush(f"{key}:samples", sum(1 for m in members if running_pid(int(m))))
+    running = sum(1 for m in members if running_pid(int(m)))
+    _recorded(lambda: conn.rpush(f"{key}:samples", running))
     try:
         yield conn
     finally:
@@ -56,6 +75,23 @@ def _running(url: str, key: str, x: float) -> Iterator[redis.Redis]:
 def steady(x: float, redis_url: str, key: str, hold_s: float = 0.2) -> float:
     """A well-behaved objective that takes `hold_s`."""
     with _running(redis_url, key, x):
+        time.sleep(hold_s)
+    return x * x
+
+
+def with_trial(trial: Any, x: float, redis_url: str, key: str, hold_s: float = 0.05) -> float:
+    """A define-by-run objective: one remote-trial call (`set_user_attr`), then `hold_s`."""
+    with _running(redis_url, key, x):
+        trial.set_user_attr("x", x)
+        time.sleep(hold_s)
+    return x * x
+
+
+def infeasible(trial: Any, x: float, redis_url: str, key: str, hold_s: float = 0.05) -> float:
+    """A constrained objective whose every trial is infeasible (constraint > 0), as constrained
+    studies often start: the study has completed trials and no best one."""
+    with _running(redis_url, key, x):
+        trial.set_constraint("c", 1.0)
         time.sleep(hold_s)
     return x * x
 

@@ -115,6 +115,19 @@ def test_redis_runs_as_non_root_with_its_password_off_the_command_line() -> None
     assert compose_redis["user"] != "0"
 
 
+def test_redis_refuses_writes_when_full_rather_than_evicting() -> None:
+    # Eviction loses leases, jobs and results without a word; full, optuna-rq waits (README).
+    redis_set = next(d for _, d in manifests() if d["kind"] == "StatefulSet")
+    [container] = redis_set["spec"]["template"]["spec"]["containers"]
+    compose_redis = _compose()["services"]["redis"]
+    for command in (container["command"][-1], compose_redis["command"][-1]):
+        assert re.search(r"--maxmemory-policy noeviction(\s|$)", command), command
+        # a limit Redis says it is full at, rather than be killed at the container's
+        assert re.search(r"--maxmemory \S+", command), command
+    limit = container["resources"]["limits"]["memory"]
+    assert limit == "1Gi" and "--maxmemory 768mb " in container["command"][-1], limit
+
+
 def test_the_service_monitor_selects_the_broker_metrics_service() -> None:
     [monitor] = yaml.safe_load_all((KUBERNETES / "servicemonitor.yaml").read_text())
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"

@@ -20,27 +20,46 @@ once: RQ's delete reads the job's status and executions first, seven more round 
 
 What RQ and its tools see is unchanged: job statuses, registries, the intermediate list, worker
 registration, `rq info`.
+
+A full Redis (at `maxmemory`, with `noeviction`) refuses RQ's writes with OutOfMemoryError, which
+RQ's work loop takes for a reason to quit. Here the writes a worker needs to take a trial's job,
+start it and end it (its registration, the dequeue, its execution record, its start, its success)
+wait until Redis has room and are sent again: each is one MULTI/EXEC or one command, refused
+whole, so sending it again is safe. The heartbeat, the state, the registry sweep and the
+unregistration of a worker leaving are skipped instead: the next ones (or a TTL) make up for
+them.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import redis
 from rq.job import Job
 from rq.queue import Queue
 from rq.utils import now
 from rq.worker import WorkerStatus
 
+from optuna_rq.connection import is_full, wait_for_memory
+
 __all__ = ["HEARTBEAT_EVERY_S", "LeanBookkeeping"]
 
 HEARTBEAT_EVERY_S = 1.0
+
+log = logging.getLogger("optuna_rq.pool")
+
+T = TypeVar("T")
 
 
 class LeanBookkeeping:
     """Mixed into an RQ worker class, before it: `class W(LeanBookkeeping, SimpleWorker)`."""
 
     _key_expires_at = 0.0  # monotonic time the worker key expires, per the last heartbeat sent
+
+    _full_told = False  # this process said Redis is full, and has not written since
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         ttl = timeout or self.worker_ttl + 60  # type: ignore[attr-defined]
@@ -51,22 +70,91 @@ class LeanBookkeeping:
             return
         if expires_at - self._key_expires_at < HEARTBEAT_EVERY_S:
             return  # a recent heartbeat keeps the key alive as long as this one would
-        with self.connection.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
-            super().heartbeat(timeout, pipeline=pipe)  # type: ignore[misc]
-            pipe.execute()
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
+                super().heartbeat(timeout, pipeline=pipe)  # type: ignore[misc]
+                pipe.execute()
+        except redis.ResponseError as exc:
+            if not is_full(exc):
+                raise
+            return  # skipped: its key lives on (RQ's TTL) until the next one
         self._key_expires_at = expires_at
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         if pipeline is None and state == self.get_state():  # type: ignore[attr-defined]
             return
-        super().set_state(state, pipeline=pipeline)  # type: ignore[misc]
+        try:
+            super().set_state(state, pipeline=pipeline)  # type: ignore[misc]
+        except redis.ResponseError as exc:
+            if not is_full(exc):
+                raise  # skipped when Redis is full: what `rq info` shows, nothing more
 
     def job_done(self) -> None:
         """After a job: IDLE, and a heartbeat, in one round trip."""
-        with self.connection.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
-            self.set_state(WorkerStatus.IDLE, pipeline=pipe)
-            self.heartbeat(pipeline=pipe)
-            pipe.execute()
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
+                self.set_state(WorkerStatus.IDLE, pipeline=pipe)
+                self.heartbeat(pipeline=pipe)
+                pipe.execute()
+        except redis.ResponseError as exc:
+            if not is_full(exc):
+                raise
+
+    def run_maintenance_tasks(self) -> None:
+        try:
+            super().run_maintenance_tasks()  # type: ignore[misc]
+        except redis.ResponseError as exc:
+            if not is_full(exc):
+                raise  # a sweep skipped when Redis is full: the next one does it
+
+    def register_death(self) -> None:
+        try:
+            super().register_death()  # type: ignore[misc]
+        except redis.ResponseError as exc:
+            if not is_full(exc):
+                raise  # a worker leaving while Redis is full: its key expires on its own
+
+    # The writes a trial's job needs: sent again once Redis has room.
+
+    def register_birth(self, *args: Any, **kwargs: Any) -> None:
+        method = super().register_birth  # type: ignore[misc]
+        self._when_room("register", lambda: method(*args, **kwargs))
+
+    def dequeue_job_and_maintain_ttl(self, *args: Any, **kwargs: Any) -> Any:
+        method = super().dequeue_job_and_maintain_ttl  # type: ignore[misc]
+        return self._when_room("take the next trial", lambda: method(*args, **kwargs))
+
+    def prepare_execution(self, job: Job, *args: Any, **kwargs: Any) -> Any:
+        method = super().prepare_execution  # type: ignore[misc]
+        return self._when_room(f"start job {job.id}", lambda: method(job, *args, **kwargs))
+
+    def prepare_job_execution(self, job: Job, *args: Any, **kwargs: Any) -> None:
+        method = super().prepare_job_execution  # type: ignore[misc]
+        self._when_room(f"start job {job.id}", lambda: method(job, *args, **kwargs))
+
+    def handle_job_success(self, job: Job, *args: Any, **kwargs: Any) -> None:
+        method = super().handle_job_success  # type: ignore[misc]
+        self._when_room(f"record job {job.id} finished", lambda: method(job, *args, **kwargs))
+
+    def _when_room(self, what: str, write: Callable[[], T]) -> T:
+        """`write()`, sent again each time a full Redis refused it, once Redis has room; Redis
+        being full is said once until this process writes again."""
+        while True:
+            try:
+                done = write()
+            except redis.ResponseError as exc:
+                if not is_full(exc):
+                    raise
+                wait_for_memory(
+                    self.connection,  # type: ignore[attr-defined]
+                    exc,
+                    what=f"worker {self.name} waits to {what}",  # type: ignore[attr-defined]
+                    quiet=self._full_told,
+                )
+                self._full_told = True
+                continue
+            self._full_told = False
+            return done
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         job.ended_at = now()

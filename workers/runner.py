@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 
+from optuna_rq.connection import is_full, wait_for_memory
 from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol import (
     FailReason,
@@ -29,9 +30,10 @@ from optuna_rq.protocol import (
     error_headline,
 )
 from optuna_rq.workers.context import WorkerContext, current
+from optuna_rq.workers.delivery import deliver
 from optuna_rq.workers.execute import execute, trial_result
 from optuna_rq.workers.remote_trial import RemoteTrial
-from optuna_rq.workers.supervision import Attempt, LeaseThread, deliver
+from optuna_rq.workers.supervision import Attempt, LeaseThread
 
 __all__ = ["refuse_trial", "run_trial", "worker_id"]
 
@@ -48,9 +50,10 @@ def run_trial(payload: bytes) -> None:
     """RQ job function: run the encoded `TrialRequest` and append its result to `reply_to`.
 
     The attempt's lease is taken before the objective starts and dropped once the result is in
-    the stream. A payload that does not decode raises `ProtocolError`: RQ records the job as
-    failed and no result is sent, since nothing in an invalid message can be trusted; the broker
-    finds the job failed without a lease and fails the attempt.
+    the stream; a result that Redis cannot take (unreachable, or full) is held, its lease kept,
+    until it can (`workers.delivery`). A payload that does not decode raises `ProtocolError`: RQ
+    records the job as failed and no result is sent, since nothing in an invalid message can be
+    trusted; the broker finds the job failed without a lease and fails the attempt.
     """
     from rq import get_current_job
 
@@ -81,7 +84,14 @@ def run_trial(payload: bytes) -> None:
         else:
             trial = RemoteTrial(connection, request, ctx.signer)
             outcome = execute(request, worker=holder, served=ctx.served, trial=trial)
-        deliver(connection, request.reply_to, ctx.signer.seal(outcome.encode()), attempt.lease)
+        deliver(
+            connection,
+            request.reply_to,
+            ctx.signer.seal(outcome.encode()),
+            attempt.lease,
+            lease_ttl_s=ctx.lease_ttl_s,  # renewed meanwhile by its renewer too: belt and braces
+            what=attempt.describe(),
+        )
     if ctx.metrics is not None:
         ctx.metrics.observe(outcome)
     log.info("%s", _describe(outcome))
@@ -108,7 +118,8 @@ def refuse_trial(job: Any, why: str) -> None:
         reason=FailReason.EXCEPTION,
         error=f"not run: {why}",
     )
-    deliver(connection, request.reply_to, ctx.signer.seal(result.encode()), None)
+    what = f"study {request.study!r} trial {request.trial_number} (attempt {request.attempt})"
+    deliver(connection, request.reply_to, ctx.signer.seal(result.encode()), None, what=what)
     log.error("%s", _describe(result))
 
 
@@ -117,10 +128,21 @@ def _leased(connection: redis.Redis, attempt: Attempt, ctx: WorkerContext) -> It
     """Hold the attempt's lease while the body runs: renewed by the supervising parent (which
     also stops it if the broker cancels it), or by a thread here when this process has none.
     Yields whether the attempt was cancelled before it started."""
-    pipe = connection.pipeline(transaction=False)
-    pipe.set(attempt.lease, attempt.holder, px=int(ctx.lease_ttl_s * 1000))
-    pipe.exists(attempt.cancel_mark)
-    cancelled = bool(pipe.execute()[1])
+    told = False
+    while True:  # a full Redis refuses the lease: the trial waits to start, it does not fail
+        pipe = connection.pipeline(transaction=True)
+        pipe.set(attempt.lease, attempt.holder, px=int(ctx.lease_ttl_s * 1000))
+        pipe.exists(attempt.cancel_mark)
+        try:
+            cancelled = bool(pipe.execute()[1])
+            break
+        except redis.ResponseError as exc:
+            if not is_full(exc):
+                raise
+            wait_for_memory(
+                connection, exc, what=f"{attempt.describe()} waits to start", quiet=told
+            )
+            told = True
     if ctx.channel is None:
         with LeaseThread(connection, attempt, ctx.lease_ttl_s):
             yield cancelled

@@ -28,10 +28,8 @@ from dataclasses import dataclass
 
 import redis
 
-from optuna_rq.connection import wait_for_redis
 from optuna_rq.processes import exited, stopped
 from optuna_rq.protocol import (
-    RESULT_FIELD,
     FailReason,
     Keys,
     Outcome,
@@ -39,6 +37,7 @@ from optuna_rq.protocol import (
     TrialRequest,
     TrialResult,
 )
+from optuna_rq.workers.delivery import deliver
 from optuna_rq.workers.execute import trial_result
 
 __all__ = [
@@ -51,7 +50,6 @@ __all__ = [
     "LeaseThread",
     "Started",
     "Supervisor",
-    "deliver",
     "describe_exit",
     "die_with_parent",
 ]
@@ -185,7 +183,9 @@ class LeaseThread:
     def _run(self) -> None:
         while not self._stop.wait(self._ttl_ms / 4000):
             try:
-                self._connection.set(self._attempt.lease, self._attempt.holder, px=self._ttl_ms)
+                pipe = self._connection.pipeline(transaction=False)
+                _renew_on(pipe, self._attempt, self._ttl_ms)
+                _renewed(pipe.execute(raise_on_error=False))
             except redis.RedisError as exc:
                 log.warning("cannot renew the lease of %s: %s", self._attempt.describe(), exc)
 
@@ -261,12 +261,15 @@ class Supervisor:
         for index, attempt in self.running.items():
             if stopped(attempt.pid):  # a frozen worker must not hold on to its trial
                 continue
-            # SET, not PEXPIRE: a lease that lapsed during a Redis outage comes back.
-            pipe.set(attempt.lease, attempt.holder, px=self.ttl_ms)
+            _renew_on(pipe, attempt, self.ttl_ms)
             pipe.exists(attempt.cancel_mark)
             renewed.append(index)
         try:
-            replies = pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
+            for i in range(len(renewed)):
+                _renewed(replies[3 * i : 3 * i + 2])
+                if isinstance(marked := replies[3 * i + 2], Exception):
+                    raise marked
         except redis.RedisError as exc:
             if not self._renew_failing:
                 log.warning("cannot renew trial leases (will keep trying): %s", exc)
@@ -275,7 +278,7 @@ class Supervisor:
         if self._renew_failing:
             log.info("renewing trial leases again")
         self._renew_failing = False
-        for index, marked in zip(renewed, replies[1::2], strict=True):
+        for index, marked in zip(renewed, replies[2::3], strict=True):
             if marked and index not in self.cancelled and index not in self.timed_out:
                 attempt = self.running[index]
                 log.warning(
@@ -318,29 +321,32 @@ class Supervisor:
                 f"the worker process {attempt.pid} running the trial {how}",
             )
         log.warning("%s: %s", attempt.describe(), result.error)
-        deliver(self.connection, attempt.reply_to, self.signer.seal(result.encode()), attempt.lease)
+        deliver(
+            self.connection,
+            attempt.reply_to,
+            self.signer.seal(result.encode()),
+            attempt.lease,
+            lease_ttl_s=self.ttl_ms / 1000,
+            what=attempt.describe(),
+            beat=self._renew,  # the other children's leases, while this result waits for room
+        )
 
 
-def deliver(
-    connection: redis.Redis, reply_to: str, sealed_result: bytes, lease: str | None
-) -> None:
-    """Append a sealed `TrialResult` to the broker's stream and drop the lease, riding out a
-    Redis outage: a result may have cost hours of compute. The lease is dropped after the result
-    is in, so a broker that sees it gone finds the result when it reads the stream.
+def _renew_on(pipe: redis.client.Pipeline, attempt: Attempt, ttl_ms: int) -> None:
+    """Queue the renewal of `attempt`'s lease: SET, so that a lease that lapsed during an outage
+    comes back, and PEXPIRE, which a full Redis still serves when it refuses the SET."""
+    pipe.set(attempt.lease, attempt.holder, px=ttl_ms)
+    pipe.pexpire(attempt.lease, ttl_ms)
 
-    A retry after a reply lost in transit may append the result twice; the broker tells the first
-    and drops the second as stale.
-    """
-    while True:
-        try:
-            pipe = connection.pipeline(transaction=False)
-            pipe.xadd(reply_to, {RESULT_FIELD: sealed_result})
-            if lease is not None:
-                pipe.delete(lease)
-            pipe.execute()
-            return
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            wait_for_redis(connection, exc, max_backoff_s=10.0)
+
+def _renewed(replies: list[object]) -> None:
+    """Raise what made a renewal fail (the replies of `_renew_on`, as `execute` gives them with
+    `raise_on_error=False`), unless one of its two commands kept the lease."""
+    set_reply, pexpire_reply = replies
+    if isinstance(pexpire_reply, Exception):
+        raise pexpire_reply
+    if isinstance(set_reply, Exception) and not pexpire_reply:
+        raise set_reply  # refused, and the lease is gone: it cannot come back until Redis can
 
 
 def describe_exit(exitcode: int | None) -> str:

@@ -28,6 +28,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Container, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -52,6 +53,10 @@ class BulkKind(Protocol):
     """How one kind of bulk command is applied a slice at a time."""
 
     what: str  # its items, as the log names them: "parameter sets"
+
+    def accepts(self, study: str) -> bool:
+        """Whether the study can take the command's items now (it runs); else it was refused."""
+        ...
 
     def items(self, command: Command) -> Sequence[Any]:
         """The command's items, in the order they are applied."""
@@ -130,7 +135,9 @@ class Backlog:
         return sum(len(p.items) - p.done for p in self._studies.get(study, ()))
 
     def takes(self, command: Command) -> bool:
-        return type(command) in self.kinds
+        """Whether `command` is a bulk command its study accepted: `take` it."""
+        kind = self.kinds.get(type(command))
+        return kind is not None and kind.accepts(command.study)
 
     # -- the inbox's side ----------------------------------------------------------------------
 
@@ -167,8 +174,13 @@ class Backlog:
 
     # -- the loop's side -----------------------------------------------------------------------
 
-    def drain(self, running: Container[str]) -> None:
-        """Apply pending work for at most `budget_s`; drop that of studies not `running`."""
+    def drain(
+        self,
+        running: Container[str],
+        guard: Callable[[str], AbstractContextManager[None]] = lambda study: nullcontext(),
+    ) -> None:
+        """Apply pending work for at most `budget_s`, each study's under its `guard` (its fault
+        boundary); drop that of studies not `running`."""
         self._load()
         if not self._studies:
             return
@@ -180,11 +192,12 @@ class Backlog:
             if study not in running:
                 self.drop(study, "the study is not running")
                 continue
-            while study in self._studies and time.perf_counter() < deadline:
-                if not self._slice(study, deadline):
-                    break  # preparing (an index to read first): more on the next turn
-            if study in self._studies:
-                self._studies[study][0].kind.hold(study)
+            with guard(study):
+                while study in self._studies and time.perf_counter() < deadline:
+                    if not self._slice(study, deadline):
+                        break  # preparing (an index to read first): more on the next turn
+                if study in self._studies:
+                    self._studies[study][0].kind.hold(study)
 
     def _slice(self, study: str, deadline: float) -> bool:
         """Apply a slice of the study's first pending command; False if it made no progress."""

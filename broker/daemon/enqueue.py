@@ -25,7 +25,6 @@ from optuna.trial import TrialState
 
 from optuna_rq.daemon.param_sets import ParamSetIndex
 from optuna_rq.dispatch import StudyRun
-from optuna_rq.errors import ConfigError
 from optuna_rq.protocol import Command, Enqueue
 
 __all__ = ["EnqueueSets"]
@@ -54,12 +53,10 @@ class EnqueueSets:
         self.runs = runs
         self._storing: dict[str, _Storing] = {}
 
-    def accept(self, name: str) -> None:
-        """Refuse (ConfigError) sets for a study that is not running: nothing would run them."""
-        if name not in self.runs:
-            raise ConfigError(f"cannot enqueue trials for study {name!r}: it is not running")
-
     # -- BulkKind ------------------------------------------------------------------------------
+
+    def accepts(self, study: str) -> bool:
+        return study in self.runs
 
     def items(self, command: Command) -> Sequence[dict[str, Any]]:
         assert isinstance(command, Enqueue)

@@ -2,8 +2,8 @@
 
 Each step the broker reads up to `BATCH` of them (in the pipeline that checks the epoch), opens
 each one's seal, decodes it, and hands it to its `CommandHandler`. A command that fails its seal
-or does not decode is refused and counted; one the handler rejects (an unknown study, a bad
-change) is refused and logged. Then the batch is trimmed off the list.
+or does not decode is refused and counted; the others go to the handler, which applies each or
+refuses it. Then the batch is trimmed off the list.
 
 A bulk command (an `Enqueue`), once the handler accepts it, is not applied here: it moves onto
 its study's backlog (`daemon.backlog`), in one transaction with the trim of the commands up to
@@ -15,23 +15,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis
 
 from optuna_rq.daemon.backlog import Backlog
 from optuna_rq.dispatch import count_refusal
-from optuna_rq.errors import ConfigError, ProtocolError, StudyConflictError
+from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol import (
     Cancel,
-    Change,
     Command,
     Delete,
-    Enqueue,
     Keys,
     Signer,
-    StudySpec,
-    Submit,
     decode_command,
 )
 
@@ -45,20 +41,10 @@ TAKE_BUDGET_S = 0.005
 
 
 class CommandHandler(Protocol):
-    """What the commands do; it may raise ConfigError, StudyConflictError, KeyError, TypeError or
-    ValueError to refuse one."""
+    """What the commands do (`daemon.commands.Commands`): it applies one, or refuses it and says
+    why, and keeps whatever else goes wrong to the command's study."""
 
-    def on_submit(self, spec: StudySpec) -> None: ...
-
-    def on_cancel(self, name: str) -> None: ...
-
-    def on_change(self, name: str, changes: dict[str, Any]) -> None: ...
-
-    def on_enqueue(self, name: str, param_sets: list[dict[str, Any]]) -> None:
-        """Accept the sets (or refuse them); the backlog stores them."""
-        ...
-
-    def on_delete(self, name: str, *, force: bool, purge: bool) -> None: ...
+    def apply(self, command: Command) -> None: ...
 
 
 class CommandInbox:
@@ -99,16 +85,21 @@ class CommandInbox:
             try:
                 body = self.signer.open(raw, what="command")
                 command = decode_command(body, max_bytes=self.signer.max_message_bytes)
-                self._dispatch(command)
-                if self.backlog is not None and self.backlog.takes(command):
-                    self._persist()  # the commands trimmed with it are applied durably
-                    self.backlog.take(raw, command, inbox_done=read - trimmed)
-                    trimmed = read
             except ProtocolError as exc:
                 log.error("refused a command: %s", exc)
                 count_refusal(self.connection, self.keys.prefix, "command")
-            except (ConfigError, StudyConflictError, KeyError, TypeError, ValueError) as exc:
-                log.error("refused a command: %s", exc)
+                continue
+            self.handler.apply(command)
+            backlog = self.backlog
+            if backlog is None:
+                continue
+            if backlog.takes(command):  # accepted: its study runs
+                self._persist()  # the commands trimmed with it are applied durably
+                backlog.take(raw, command, inbox_done=read - trimmed)
+                trimmed = read
+            elif isinstance(command, (Cancel, Delete)):
+                why = "cancelled" if isinstance(command, Cancel) else "deleted"
+                backlog.drop(command.study, f"the study was {why}")
         # Commands are idempotent, so trimming after applying loses none if we die in between;
         # what they stored (a purge) is durable before they are trimmed.
         if trimmed < read:
@@ -118,22 +109,3 @@ class CommandInbox:
     def _persist(self) -> None:
         if self.persist is not None:
             self.persist()
-
-    def _dispatch(self, command: Command) -> None:
-        match command:
-            case Submit(spec=spec):
-                self.handler.on_submit(spec)
-            case Cancel(study=name):
-                self.handler.on_cancel(name)
-                self._drop_backlog(name, "the study was cancelled")
-            case Change(study=name):
-                self.handler.on_change(name, command.changes())
-            case Enqueue(study=name, params=param_sets):
-                self.handler.on_enqueue(name, param_sets)
-            case Delete(study=name, force=force, purge=purge):
-                self.handler.on_delete(name, force=force, purge=purge)
-                self._drop_backlog(name, "the study was deleted")
-
-    def _drop_backlog(self, study: str, why: str) -> None:
-        if self.backlog is not None:
-            self.backlog.drop(study, why)

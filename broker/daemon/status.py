@@ -11,6 +11,9 @@ it runs, the interval grows so that publishing takes at most `MAX_SHARE` of the 
 Every state it writes is a move its `Lifecycle` allows; it refuses the others, so an ended study
 is never rewritten. Counts are of the budget: a lost trial and its retries are one unit. What a
 status says is durable first (`persist`): a restarted broker never shows less than its status did.
+
+Summarising a running study is a site of its fault boundary: a study whose summary raises fails
+alone. Its failed status then carries the figures last read of it, never zeros.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from optuna.trial import TrialState
 
 from optuna_rq.daemon.lifecycle import Lifecycle
 from optuna_rq.dispatch import RETRY_OF_ATTR, StudyRun
+from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
+from optuna_rq.errors import StudyStorageError
 from optuna_rq.protocol import Keys, StudySpec, StudyState, StudyStatus, error_headline
 from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 
@@ -45,9 +50,11 @@ class StatusPublisher:
         *,
         interval_s: float,
         storage_url: Callable[[StudySpec], str],
+        boundary: FaultBoundary,
         persist: Callable[[], None] | None = None,
     ) -> None:
         self.connection = connection
+        self.boundary = boundary
         self.persist = persist
         self.keys = keys
         self.interval_s = interval_s
@@ -56,6 +63,7 @@ class StatusPublisher:
         self._dirty: set[str] = set()
         self._last_publish = 0.0
         self._interval_s = interval_s  # grown by what the last publishing took
+        self._summaries: dict[str, dict[str, Any]] = {}  # the last read of each running study
 
     def mark(self, *names: str) -> None:
         """Note that these running studies changed: the next due `publish_running` writes them."""
@@ -77,8 +85,9 @@ class StatusPublisher:
         self._last_publish = now
         for name in list(self._dirty):
             run = runs.get(name)
-            if run is not None:
-                self.publish(specs[name], run, state=StudyState.RUNNING)
+            if run is not None and not self.boundary.faulted(name):
+                with self.boundary.guard(name, Site.STATUS):
+                    self.publish(specs[name], run, state=StudyState.RUNNING)
         self._dirty.clear()
         took = time.monotonic() - now
         self._interval_s = max(self.interval_s, took / MAX_SHARE)
@@ -96,12 +105,63 @@ class StatusPublisher:
         the storages' changes are durable (unless not `flush`: a status that acknowledges
         nothing, as a failed storage's). StudyConflictError, writing nothing, if the study may
         not move to `state`."""
+        self.lifecycle.check(spec.name, state)
+        summary = self._summary(spec.name, None if run is None else run.study, run, state=state)
+        self._write(spec, run, state=state, error=error, flush=flush, summary=summary)
+
+    def publish_failed(
+        self,
+        spec: StudySpec,
+        run: StudyRun | None,
+        *,
+        error: str,
+        flush: bool = True,
+        held: optuna.Study | None = None,
+    ) -> None:
+        """Write the study's status FAILED, with `error`. Its figures are read from `held` (the
+        study as its storage holds it, read back after the storage failed) or its `run`, if they
+        can be; else they are the last ones read: the failure may be in reading them."""
+        self.lifecycle.check(spec.name, StudyState.FAILED)
+        study = held if held is not None else None if run is None else run.study
+        try:
+            summary = self._summary(spec.name, study, run, state=StudyState.FAILED)
+        except Exception as exc:
+            if passes_through(exc) and not isinstance(exc, StudyStorageError):
+                raise
+            summary = {**self._summaries.pop(spec.name, {}), "running": 0}
+        self._write(spec, run, state=StudyState.FAILED, error=error, flush=flush, summary=summary)
+
+    def _summary(
+        self,
+        name: str,
+        study: optuna.Study | None,
+        run: StudyRun | None,
+        *,
+        state: StudyState,
+    ) -> dict[str, Any]:
+        if study is None:
+            return self._summaries.pop(name, {}) if state.ended else {}
+        running = 0 if run is None else len(run.outstanding)
+        summary = {**_study_summary(study), "running": running}
+        if state.ended:
+            self._summaries.pop(name, None)
+        else:
+            self._summaries[name] = summary
+        return summary
+
+    def _write(
+        self,
+        spec: StudySpec,
+        run: StudyRun | None,
+        *,
+        state: StudyState,
+        error: str | None,
+        flush: bool,
+        summary: dict[str, Any],
+    ) -> None:
         self.lifecycle.move(spec.name, state)
         if flush and self.persist is not None:
             self.persist()
-        summary = (
-            {} if run is None else {**_study_summary(run.study), "running": len(run.outstanding)}
-        )
         status = StudyStatus(
             name=spec.name,
             state=state,
@@ -162,7 +222,10 @@ def _study_summary(study: optuna.Study) -> dict[str, Any]:
     if not by_state[TrialState.COMPLETE]:
         return summary
     if len(study.directions) == 1:
-        best = study.best_trial
+        try:
+            best = study.best_trial
+        except ValueError:  # a constrained study with no feasible trial yet has no best
+            return summary
         summary.update(best_value=best.value, best_params=best.params)
     else:  # the Pareto front
         summary["best_values"] = [t.values for t in study.best_trials]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 
 import optuna
 from optuna.study import StudyDirection
@@ -72,24 +73,38 @@ class StopConditions:
         *,
         told: bool,
         wind_down: Callable[[StudyRun, str], None],
+        guard: Callable[[str], AbstractContextManager[None]],
     ) -> None:
         """Wind down each run whose condition holds. Best value and patience change only when
-        a trial is told; the clock is read every turn."""
+        a trial is told; the clock is read every turn. Each study's check runs under `guard`
+        (its fault guard)."""
         for name, run in runs.items():
-            spec = specs.get(name)
-            if spec is None or (spec.timeout_s, spec.target, spec.patience) == (None,) * 3:
-                continue
-            reason = self._reasons.get(name)
-            if reason is None and (told or name in self._due or spec.timeout_s is not None):
-                reason = stop_reason(spec, run.study)
-            self._due.discard(name)
-            if reason is None:
-                continue
-            if name not in self._reasons:
-                log.info("study %r %s", name, reason)
-                self._reasons[name] = reason
-            if run.n_trials > run.asked or run.count(Phase.ASKED_AHEAD):  # a later --n-trials too
-                wind_down(run, reason)
+            with guard(name):
+                self._check(name, run, specs, told=told, wind_down=wind_down)
+
+    def _check(
+        self,
+        name: str,
+        run: StudyRun,
+        specs: Mapping[str, StudySpec],
+        *,
+        told: bool,
+        wind_down: Callable[[StudyRun, str], None],
+    ) -> None:
+        spec = specs.get(name)
+        if spec is None or (spec.timeout_s, spec.target, spec.patience) == (None,) * 3:
+            return
+        reason = self._reasons.get(name)
+        if reason is None and (told or name in self._due or spec.timeout_s is not None):
+            reason = stop_reason(spec, run.study)
+        self._due.discard(name)
+        if reason is None:
+            return
+        if name not in self._reasons:
+            log.info("study %r %s", name, reason)
+            self._reasons[name] = reason
+        if run.n_trials > run.asked or run.count(Phase.ASKED_AHEAD):  # a later --n-trials too
+            wind_down(run, reason)
 
     def reason(self, name: str) -> str | None:
         """Why the study stopped before its budget (forgotten once read: it has ended)."""

@@ -38,7 +38,7 @@ from optuna_rq.journal import BatchedJournal
 from optuna_rq.studies import journal_path, open_storage
 from optuna_rq.trials import only_waiting
 
-__all__ = ["GuardedStorage", "Storages", "storage_failure"]
+__all__ = ["GuardedStorage", "Storages", "read_back", "storage_failure"]
 
 log = logging.getLogger("optuna_rq.broker")
 
@@ -292,6 +292,18 @@ class Storages:
             except StudyStorageError as exc:
                 log.error("%s", exc)
             self.forget(url)
+
+
+def read_back(url: str, name: str) -> optuna.Study | None:
+    """Study `name` as the storage at `url` holds it now, read afresh: the figures a study that
+    failed with its storage (a full disk, say) ends with are what it kept, not what the broker
+    told it and it never wrote (a journal's buffer that would not flush). None, logged, if it
+    cannot be read either (a server that is down)."""
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(url))
+    except Exception as exc:
+        log.warning("study %r: cannot read back what its storage holds: %s", name, exc)
+        return None
 
 
 def _identity(url: str) -> str:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 import redis
 
+from optuna_rq.dispatch.boundary import FaultBoundary, Site
 from optuna_rq.dispatch.observer import DispatchObserver, count_refusal
 from optuna_rq.dispatch.runs import StudyRun
 from optuna_rq.dispatch.views import report_values, study_trials_view, study_view, trial_view
@@ -44,16 +45,19 @@ class CallServer:
         reply_to: str,
         signer: Signer,
         observer: DispatchObserver,
+        boundary: FaultBoundary,
     ) -> None:
         self.connection = connection
+        self.boundary = boundary
         self.prefix = prefix
         self.reply_to = reply_to
         self.signer = signer
         self.observer = observer
         self.replies: list[tuple[str, bytes]] = []  # (reply list, sealed reply), not yet sent
 
-    def serve(self, raw: bytes, runs: Mapping[str, StudyRun]) -> None:
-        """Run a remote trial's call on the real trial; its answer waits in `replies`."""
+    def serve(self, raw: bytes, live: Callable[[str], StudyRun | None]) -> None:
+        """Run a remote trial's call on the real trial of its study's run (`live`: the run of a
+        study, if it is dispatched and has not faulted); its answer waits in `replies`."""
         try:
             body = self.signer.open(raw, what="TrialCall")
             call = TrialCall.decode(body, max_bytes=self.signer.max_message_bytes)
@@ -62,16 +66,18 @@ class CallServer:
             self.observer.refused("call")
             count_refusal(self.connection, self.prefix, "call")
             return
-        run = runs.get(call.study)
+        run = live(call.study)
         record = None if run is None else run.owned(call.trial_number, call.attempt)
-        if run is None or record is None:
+        answer = None
+        if run is not None and record is not None:
+            with self.boundary.guard(run.name, Site.CALL):
+                answer = _answer(run.study, record.trial, call)
+        if answer is None or self.boundary.faulted(call.study):
             error = (
                 f"trial {call.trial_number} (attempt {call.attempt}) of study {call.study!r} "
-                "is not running on this broker: it ended, or another broker owns it"
+                "is not running on this broker: it ended, failed, or another broker owns it"
             )
             answer = _failed(call, CallError.REFUSED, error, [])
-        else:
-            answer = _answer(run.study, record.trial, call)
         try:
             encoded = answer.encode()
         except (TypeError, ValueError) as exc:  # an attribute set in-process msgpack cannot carry

@@ -12,6 +12,10 @@ trials more than the cap running. Lost attempts are failed and retried (`retries
 Nothing told to a study storage is acknowledged before it is durable: `persist` (the daemon's
 `Storages.flush`; nothing for storages that write through) runs before the trials are sent and
 the results acknowledged, and before remote-trial calls are answered.
+
+Whatever it does for one study it does under that study's fault guard (`boundary`): a study that
+faults takes no further part (no trial sampled or sent, its results dropped, its calls refused)
+until its owner (the daemon's registry, or the Optimizer) ends it.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ from typing import Any
 import optuna
 import redis
 from optuna.trial import TrialState
+from redis.exceptions import OutOfMemoryError
 
 from optuna_rq import failpoints
 from optuna_rq.connection import wait_for_redis
+from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
 from optuna_rq.dispatch.calls import CallServer
 from optuna_rq.dispatch.observer import DispatchObserver
 from optuna_rq.dispatch.offloop import OffLoopSampling
@@ -49,7 +55,7 @@ from optuna_rq.protocol import (
 )
 from optuna_rq.sampling.messages import Sampled, SampleFailed
 from optuna_rq.trials import create_running_trial
-from optuna_rq.verdict import Verdict, tell, worker_lost
+from optuna_rq.verdict import Verdict, fail_orphans, tell, worker_lost
 
 __all__ = ["ASK_BUDGET_S", "Dispatcher"]
 
@@ -101,6 +107,8 @@ class Dispatcher:
         self.prefix = prefix
         self.keys = Keys(prefix)
         self.runs: dict[str, StudyRun] = {}
+        self.boundary = FaultBoundary()
+        """The studies that faulted: they take no further part, until their owner ends them."""
         self.sender = TrialSender(connection, keys=self.keys, reply_to=reply_to, signer=self.signer)
         self.results = ResultStream(
             connection,
@@ -112,7 +120,12 @@ class Dispatcher:
             before_ack=self.persist,
         )
         self.calls = CallServer(
-            connection, prefix=prefix, reply_to=reply_to, signer=self.signer, observer=self.observer
+            connection,
+            prefix=prefix,
+            reply_to=reply_to,
+            signer=self.signer,
+            observer=self.observer,
+            boundary=self.boundary,
         )
         self.off_loop = off_loop or OffLoopSampling(None)
         """Studies whose sampling is slow sample in its process, if it has one (`offloop`)."""
@@ -126,6 +139,7 @@ class Dispatcher:
             grace_s=lease_grace_s,
             check_s=lease_check_s,
             observer=self.observer,
+            boundary=self.boundary,
             finish=self._finish,
             send=self._send,
         )
@@ -182,24 +196,18 @@ class Dispatcher:
         wanting = [run for run in self.runs.values() if self._can_refill(run)]
         while wanting:  # one trial per study per pass: a slow sampler holds up no other study
             for run in wanting:
-                if self.off_loop.takes(run):
-                    self.off_loop.request(run, run.free_slots)  # sent after the flush below
+                off_loop = False
+                with self.boundary.guard(run.name, Site.ASK):
+                    off_loop = self.off_loop.takes(run)
+                    if off_loop:
+                        self.off_loop.request(run, run.free_slots)  # sent after the flush below
+                if off_loop or self.boundary.faulted(run.name):
                     continue
-                record = run.next_asked_ahead()  # the oldest: asked first, sent first
-                if record is None:
-                    if sending and time.perf_counter() - started > ASK_BUDGET_S:
+                if sending and time.perf_counter() - started > ASK_BUDGET_S:
+                    if run.next_asked_ahead() is None:
                         wanting = []  # the rest after the stream is read: `behind`
                         break
-                    # CPU time, not wall: on a busy machine a preempted ask is not a slow one
-                    sampling_started = time.thread_time()
-                    record = run.track(self._ask(run), attempt=1, phase=Phase.UNSENT)
-                    payload = self._seal(run, record)
-                    self.off_loop.note(run, time.thread_time() - sampling_started)
-                else:
-                    payload = run.occupy(record) or self._seal(run, record)
-                if payload is not None:
-                    self.sender.enqueue(run, record, payload, pipe)
-                    sending.append((run, record))
+                self._refill_one(run, pipe, sending)
             wanting = [run for run in wanting if self._can_refill(run)]
         self.results.ack_into(pipe)
         if len(pipe) or self.off_loop.has_outbox:
@@ -214,44 +222,82 @@ class Dispatcher:
         self._ask_ahead()
         return len(sending)
 
+    def _refill_one(
+        self, run: StudyRun, pipe: Any, sending: list[tuple[StudyRun, InFlight]]
+    ) -> None:
+        """Fill one slot of `run`: with its oldest trial asked ahead, or one asked now."""
+        payload: bytes | None = None
+        with self.boundary.guard(run.name, Site.ASK):
+            record = run.next_asked_ahead()  # the oldest: asked first, sent first
+            if record is None:
+                # CPU time, not wall: on a busy machine a preempted ask is not a slow one
+                sampling_started = time.thread_time()
+                record = run.track(self._ask(run), attempt=1, phase=Phase.UNSENT)
+                payload = self._seal(run, record)
+                self.off_loop.note(run, time.thread_time() - sampling_started)
+            else:
+                payload = run.occupy(record) or self._seal(run, record)
+        if payload is not None:
+            self._enqueue(run, record, payload, pipe, sending)
+
+    def _enqueue(
+        self,
+        run: StudyRun,
+        record: InFlight,
+        payload: bytes,
+        pipe: Any,
+        sending: list[tuple[StudyRun, InFlight]],
+    ) -> None:
+        """Put `record`'s job in the turn's batch `pipe`."""
+        if self.boundary.faulted(run.name):
+            return  # its trial ends with it (`cancel`)
+        with self.boundary.guard(run.name, Site.SEND):
+            self.sender.enqueue(run, record, payload, pipe)
+            sending.append((run, record))
+
     def _can_refill(self, run: StudyRun) -> bool:
-        return run.wants_trial and not self.off_loop.busy(run)
+        return (
+            run.wants_trial and not self.off_loop.busy(run) and not self.boundary.faulted(run.name)
+        )
 
     def _take_sampled(self, pipe: Any, sending: list[tuple[StudyRun, InFlight]]) -> None:
         """Create the trials the sampler process sampled, and enqueue them in `pipe`; ask on
         the loop those it could not sample."""
         for run, answer in self.off_loop.take():
-            if run.name not in self.runs or self.runs[run.name] is not run:
+            if self.runs.get(run.name) is not run or self.boundary.faulted(run.name):
                 continue
-            if isinstance(answer, SampleFailed):
-                trial = self._ask(run)
-            else:
-                assert isinstance(answer, Sampled)
-                trial = create_running_trial(
-                    run.study,
-                    params=answer.params,
-                    distributions=answer.distributions,
-                    user_attrs=answer.user_attrs,
-                    system_attrs=answer.system_attrs,
-                )
-                self.observer.asked(run.name, answer.sample_s)
-            record = run.track(trial, attempt=1, phase=Phase.UNSENT)
-            payload = self._seal(run, record)  # the params are set: `process()` reads them
+            payload: bytes | None = None
+            with self.boundary.guard(run.name, Site.ASK):
+                if isinstance(answer, SampleFailed):
+                    trial = self._ask(run)
+                else:
+                    assert isinstance(answer, Sampled)
+                    trial = create_running_trial(
+                        run.study,
+                        params=answer.params,
+                        distributions=answer.distributions,
+                        user_attrs=answer.user_attrs,
+                        system_attrs=answer.system_attrs,
+                    )
+                    self.observer.asked(run.name, answer.sample_s)
+                record = run.track(trial, attempt=1, phase=Phase.UNSENT)
+                payload = self._seal(run, record)  # the params are set: `process()` reads them
             if payload is not None:
-                self.sender.enqueue(run, record, payload, pipe)
-                sending.append((run, record))
+                self._enqueue(run, record, payload, pipe, sending)
 
     def _ask_ahead(self) -> None:
         """Sample the next trials of the studies at their cap that ask ahead, while their
         workers run."""
         for run in self.runs.values():
-            while (
-                0 < run.limit <= run.n_outstanding
-                and run.count(Phase.ASKED_AHEAD) < run.ask_ahead
-                and run.asked < run.n_trials
-            ):
-                record = run.track(self._ask(run), attempt=1, phase=Phase.ASKED_AHEAD)
-                record.payload = self._seal(run, record)
+            with self.boundary.guard(run.name, Site.ASK):
+                while (
+                    0 < run.limit <= run.n_outstanding
+                    and run.count(Phase.ASKED_AHEAD) < run.ask_ahead
+                    and run.asked < run.n_trials
+                    and not self.boundary.faulted(run.name)
+                ):
+                    record = run.track(self._ask(run), attempt=1, phase=Phase.ASKED_AHEAD)
+                    record.payload = self._seal(run, record)
 
     def _ask(self, run: StudyRun) -> optuna.Trial:
         started = time.perf_counter()
@@ -263,11 +309,12 @@ class Dispatcher:
 
     def _send(self, run: StudyRun, record: InFlight) -> None:
         """Enqueue the unsent trial `record` on its own."""
-        payload = self._seal(run, record)
-        if payload is not None:
-            self.persist()
-            self.sender.enqueue(run, record, payload, None)
-            run.mark_sent(record, time.time())
+        with self.boundary.guard(run.name, Site.SEND):
+            payload = self._seal(run, record)
+            if payload is not None:
+                self.persist()
+                self.sender.enqueue(run, record, payload, None)
+                run.mark_sent(record, time.time())
 
     def _seal(self, run: StudyRun, record: InFlight) -> bytes | None:
         """The trial's sealed request; None if Optuna rejects the space: the trial is then told
@@ -289,16 +336,19 @@ class Dispatcher:
         the cap (a trial asked ahead before a restart) they wait, asked ahead, for a slot."""
         self._drain()
         for run in self.runs.values():
-            unsent = sorted(run.in_phase(Phase.UNSENT), key=lambda r: r.number)
-            exist = self.sender.jobs_exist(run, unsent)
-            for record in [r for r, e in zip(unsent, exist, strict=True) if e]:
-                run.mark_sent(record, None)  # enqueued before the restart or the outage
-            for record in [r for r, e in zip(unsent, exist, strict=True) if not e]:
-                if run.n_outstanding > run.limit:
-                    run.set_aside(record)
-                else:
-                    log.info("study %r: enqueueing trial %d again", run.name, record.number)
-                    self._send(run, record)
+            if self.boundary.faulted(run.name):
+                continue
+            with self.boundary.guard(run.name, Site.SEND):
+                unsent = sorted(run.in_phase(Phase.UNSENT), key=lambda r: r.number)
+                exist = self.sender.jobs_exist(run, unsent)
+                for record in [r for r, e in zip(unsent, exist, strict=True) if e]:
+                    run.mark_sent(record, None)  # enqueued before the restart or the outage
+                for record in [r for r, e in zip(unsent, exist, strict=True) if not e]:
+                    if run.n_outstanding > run.limit:
+                        run.set_aside(record)
+                    elif not self.boundary.faulted(run.name):
+                        log.info("study %r: enqueueing trial %d again", run.name, record.number)
+                        self._send(run, record)
 
     # -- results -> tell -> acknowledge --------------------------------------------------------
 
@@ -325,7 +375,7 @@ class Dispatcher:
         handled = 0
         for entry_id, fields in entries:
             if CALL_FIELD in fields:
-                self.calls.serve(fields[CALL_FIELD], self.runs)
+                self.calls.serve(fields[CALL_FIELD], self.live)
             elif WAKE_FIELD in fields:
                 pass  # it only woke the loop (a command arrived): acknowledged with the rest
             else:
@@ -351,11 +401,21 @@ class Dispatcher:
         result = self.results.open(raw)
         if result is None:
             return 0
-        run = self.runs.get(result.study)
+        run = self.live(result.study)
         record = None if run is None else run.owned(result.trial_number, result.attempt)
         if run is None or record is None:
             self.results.drop(result)
             return 0
+        with self.boundary.guard(run.name, Site.TELL):
+            return self._tell(run, record, result, entry_id)
+        return 0  # the study faulted: it ends, its trials with it
+
+    def live(self, name: str) -> StudyRun | None:
+        """The run of study `name`, if it is dispatched and has not faulted."""
+        run = self.runs.get(name)
+        return None if run is None or self.boundary.faulted(name) else run
+
+    def _tell(self, run: StudyRun, record: InFlight, result: Any, entry_id: bytes) -> int:
         if result.fail_reason is FailReason.WORKER_LOST:  # its supervisor saw the worker die
             self.retries.lost(run, record, result.error or "the worker was lost")
             return 1
@@ -414,10 +474,31 @@ class Dispatcher:
             try:
                 self.refill()
                 self.poll(None if self.behind else poll_s)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError, OutOfMemoryError) as exc:
                 if wait_for_redis(self.connection, exc, stop=stop, give_up_s=give_up_after_s):
                     self.after_outage()
+            if self.boundary.faults:
+                self._raise_fault()
         self.flush()
+
+    def _raise_fault(self) -> None:
+        """End the runs that faulted (their trials in flight FAIL `cancelled`), and raise the
+        first fault's exception: the caller of `run_until_done` runs one study of its own, and
+        learns what broke it as `study.optimize` would tell it."""
+        faults = dict(self.boundary.faults)
+        self.boundary.faults.clear()
+        for name, fault in faults.items():
+            run = self.remove(name)
+            if run is None:
+                continue
+            try:
+                self.cancel(run, why=f"the study failed: {fault}", orphans=True)
+            except Exception:
+                self.abandon(run)
+            self.boundary.faults.clear()  # what the cancel met is the same study's
+        self.flush()
+        first = next(iter(faults.values()))
+        raise first.cause
 
     def flush(self) -> None:
         """Acknowledge the results told and not yet acknowledged."""
@@ -428,14 +509,16 @@ class Dispatcher:
         for run in self.runs.values():
             self.cancel(run)
 
-    def cancel(self, run: StudyRun, why: str | None = None) -> None:
+    def cancel(self, run: StudyRun, why: str | None = None, *, orphans: bool = False) -> None:
         """No new trials for `run`; its queued jobs are withdrawn, its running objectives are
         stopped on their workers (`Keys.cancel`), and its trials in flight end FAIL
         (`cancelled`, with `why`). A result that still arrives from a running one is dropped as
-        stale."""
+        stale. With `orphans` (a study that faulted), every trial still RUNNING in its storage
+        ends the same way: an ask that raised after creating its trial left one nobody holds."""
         self.off_loop.forget(run)
         run.n_trials = run.asked
-        self.sender.withdraw(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
+        with self.boundary.guard(run.name, Site.WITHDRAW):
+            self.sender.withdraw(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
         verdict = (
             _CANCELLED
             if why is None
@@ -443,6 +526,8 @@ class Dispatcher:
         )
         for record in run.in_flight():
             self._finish(run, record, verdict)
+        if orphans:
+            fail_orphans(run.study, verdict)
 
     def abandon(self, run: StudyRun) -> None:
         """Stop dispatching `run` without a word to its storage (which failed): its queued jobs
@@ -451,7 +536,13 @@ class Dispatcher:
         studies' are told even if the failure cut a batch short."""
         self.runs.pop(run.name, None)
         self.off_loop.forget(run)
-        self.sender.withdraw(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
+        try:
+            self.sender.withdraw(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
+        except Exception as exc:
+            if passes_through(exc):
+                raise
+            # Their jobs then run and report, and the results are dropped as stale.
+            log.error("study %r: its queued trials were not withdrawn: %s", run.name, exc)
         for record in run.in_flight():
             if record.holds_slot:
                 self.retries.forget(run, record)

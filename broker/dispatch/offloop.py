@@ -106,6 +106,14 @@ class OffLoopSampling:
         """Ask the process for `n` trials of `run` (sent by `send`, after the loop's flush)."""
         assert run.journal is not None and n > 0 and not run.sampling
         first = not run.sampler_moved
+        sampler = None
+        if first:
+            try:
+                sampler = pickle.dumps(run.study.sampler)
+            except Exception as exc:  # a sampler holding a lock, a socket, a lambda: stays here
+                run.sampler_moved = True  # never asked to move again
+                self._keep_on_loop(run, f"its sampler cannot be pickled ({exc})")
+                return
         self._next_id += 1
         self._outbox.append(
             SampleRequest(
@@ -114,7 +122,7 @@ class OffLoopSampling:
                 journal=run.journal,
                 inputs=run.inputs,
                 n=n,
-                sampler=pickle.dumps(run.study.sampler) if first else None,
+                sampler=sampler,
             )
         )
         run.sampler_moved = True

@@ -17,6 +17,7 @@ import optuna
 import redis
 from optuna.trial import TrialState
 
+from optuna_rq.dispatch.boundary import FaultBoundary, Site
 from optuna_rq.dispatch.leases import LeaseWatch, Watched
 from optuna_rq.dispatch.observer import DispatchObserver
 from optuna_rq.dispatch.runs import ATTEMPT_ATTR, RETRY_OF_ATTR, InFlight, Phase, StudyRun
@@ -72,6 +73,7 @@ class Retries:
         grace_s: float,
         check_s: float,
         observer: DispatchObserver,
+        boundary: FaultBoundary,
         finish: Callable[[StudyRun, InFlight, Verdict], None],
         send: Callable[[StudyRun, InFlight], None],
     ) -> None:
@@ -81,6 +83,7 @@ class Retries:
         self._intermediate_key = intermediate_key  # a run's queue's list of dequeued jobs
         self.check_s = check_s
         self.observer = observer
+        self.boundary = boundary
         self._finish = finish
         self._send = send
         self._next_check = 0.0
@@ -94,24 +97,34 @@ class Retries:
         if now < self._next_check:
             return 0
         self._next_check = now + self.check_s
-        watched = {
-            self.keys.job_id(run.name, r.number, r.attempt): (run, r)
-            for run in runs.values()
-            for r in run.in_phase(Phase.SENT)
-        }
+        watched: dict[str, tuple[StudyRun, InFlight, str]] = {}
+        for run in runs.values():
+            if self.boundary.faulted(run.name):
+                continue
+            with self.boundary.guard(run.name, Site.LEASES):
+                intermediate = self._intermediate_key(run)
+                for r in run.in_phase(Phase.SENT):
+                    watched[self.keys.job_id(run.name, r.number, r.attempt)] = (
+                        run,
+                        r,
+                        intermediate,
+                    )
         lost = self.watch.check(
-            Watched(j, Keys.lease(self.reply_to, j), self._intermediate_key(run))
-            for j, (run, _record) in watched.items()
+            Watched(j, Keys.lease(self.reply_to, j), intermediate)
+            for j, (_run, _record, intermediate) in watched.items()
         )
         if not lost:
             return 0
         drain()
         count = 0
         for item, why in lost:
-            run, record = watched[item.job_id]
-            if runs.get(run.name) is run and run.owned(record.number, record.attempt):
-                self.lost(run, record, why)
-                count += 1
+            run, record, _intermediate = watched[item.job_id]
+            if runs.get(run.name) is not run or self.boundary.faulted(run.name):
+                continue
+            if run.owned(record.number, record.attempt):
+                with self.boundary.guard(run.name, Site.TELL):
+                    self.lost(run, record, why)
+                    count += 1
         return count
 
     def lost(self, run: StudyRun, record: InFlight, why: str) -> None:

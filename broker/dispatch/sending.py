@@ -114,11 +114,15 @@ class TrialSender:
         it."""
         if not records:
             return
+        queue_key = self.queue(run).key
+        job_ids = [self.job_id(run, record) for record in records]
         pipe = self.connection.pipeline(transaction=False)
-        for record in records:
-            pipe.set(Keys.cancel(self.reply_to, self.job_id(run, record)), 1, ex=CANCEL_TTL_S)
-        pipe.execute()
-        for record in records:
-            job = self.queue(run).fetch_job(self.job_id(run, record))
-            if job is not None and job.get_status(refresh=False) == "queued":
-                job.cancel()
+        for job_id in job_ids:
+            pipe.set(Keys.cancel(self.reply_to, job_id), 1, ex=CANCEL_TTL_S)
+            # Taken off the queue atomically: a worker dequeues a job or we take it back, never
+            # both, so no status read can go stale between looking and cancelling.
+            pipe.lrem(queue_key, 1, job_id)
+        removed = pipe.execute()[1::2]
+        taken_back = [j for j, count in zip(job_ids, removed, strict=True) if count]
+        if taken_back:  # jobs no worker will see: nothing but their hashes refers to them
+            self.connection.delete(*(Job.key_for(j) for j in taken_back))

@@ -8,6 +8,7 @@ One broker serves one prefix; several brokers can share a Redis with different p
                         class `queue` (`default`, or `--queue gpu`): only workers serving the
                         module listen to it, so no worker ever takes a trial it cannot run
     broker              the lock naming the running broker (one per prefix)
+    broker:turn         hash: the broker of the loop's last turn, and when (Redis's clock)
     epoch               a random token set once: if it vanishes, Redis lost its data, and the
                         broker stops rather than write into an empty Redis as if nothing happened
     commands            a list of signed commands from the front doors: submit, cancel, set
@@ -94,6 +95,7 @@ class Keys:
             raise ConfigError(f"key prefix {prefix!r} must be non-empty and contain no whitespace")
         self.prefix = prefix
         self.broker = f"{prefix}:broker"
+        self.broker_turn = f"{prefix}:broker:turn"  # protocol/liveness.py
         self.epoch = f"{prefix}:epoch"
         self.commands = f"{prefix}:commands"
         self.studies = f"{prefix}:studies"

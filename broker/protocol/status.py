@@ -1,7 +1,8 @@
 """A study's status: the snapshot the broker publishes for `status`, `wait` and scripts.
 
 Stored as JSON in `<prefix>:status` (readable with `redis-cli` too), and printed as the same JSON
-by `optuna-rq status --json`. Only the broker moves a study from state to state; the front doors
+by `optuna-rq status --json` (which adds `broker`, the prefix's broker as read: `liveness`;
+`from_json` ignores it). Only the broker moves a study from state to state; the front doors
 write a `queued` snapshot at submit when the study has none yet.
 """
 
@@ -140,6 +141,7 @@ class StudyStatus(Message):
         data.setdefault("best_values", None)
         data.setdefault("queue", "default")  # written before studies had queues
         data.setdefault("waiting_for_workers", False)
+        data.pop("broker", None)  # `status --json` adds the prefix's broker: not the study's
         return cls.from_wire(data)
 
 

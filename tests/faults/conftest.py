@@ -154,12 +154,17 @@ class Cluster:
         assert process.poll() is None, f"the broker exited with {process.returncode}"
         return process
 
-    def start_workers(self, count: int, isolation: str = "process") -> subprocess.Popen[bytes]:
+    def start_workers(
+        self, count: int, isolation: str = "process", *, log: Path | None = None
+    ) -> subprocess.Popen[bytes]:
         before = self._registered()
-        process = self._popen(
-            ["workers", "--count", str(count), "--import", "tests.fault_objectives"]
-            + ["--lease-ttl", str(LEASE_TTL_S), "--isolation", isolation]
-        )
+        args = ["workers", "--count", str(count), "--import", "tests.fault_objectives"]
+        args += ["--lease-ttl", str(LEASE_TTL_S), "--isolation", isolation]
+        if log is None:
+            process = self._popen(args)
+        else:
+            with open(log, "wb") as out:
+                process = self._popen(args, stderr=out)
         self.pools.append(process)
         wait_until(
             lambda: self._registered() >= before + count,
@@ -196,8 +201,9 @@ class Cluster:
         concurrency: int,
         hold_s: float | None = None,
         extra: tuple[str, ...] = (),
+        name: str | None = None,
     ) -> str:
-        name = f"{objective}-{uuid.uuid4().hex[:6]}"
+        name = name or f"{objective}-{uuid.uuid4().hex[:6]}"
         params = [
             "--param",
             "x={type: float, low: 0, high: 1}",

@@ -1,0 +1,173 @@
+"""What each command does to the studies: one handler per command (the inbox's
+`CommandHandler`), acting on the registry.
+
+A handler refuses a command by raising ConfigError or StudyConflictError (or KeyError, TypeError
+or ValueError: a change that does not apply); it is logged and the broker moves on. Each command
+runs under its study's fault guard (`Site.COMMAND`): whatever else a handler raises fails that
+study alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import optuna
+
+from optuna_rq.daemon.registry import Registry
+from optuna_rq.dispatch.boundary import Site
+from optuna_rq.errors import ConfigError, StudyConflictError
+from optuna_rq.protocol import (
+    Cancel,
+    Change,
+    Command,
+    Delete,
+    Enqueue,
+    StudySpec,
+    StudyState,
+    Submit,
+)
+
+__all__ = ["Commands"]
+
+log = logging.getLogger("optuna_rq.broker")
+
+RESUBMITTED = ("n_trials", "concurrency", "priority", "trial_timeout_s", "max_retries", "ask_ahead")
+"""What a resubmission of a running study changes: everything but its definition."""
+
+
+class Commands:
+    """The broker's side of submit, cancel, set, enqueue and delete."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def apply(self, command: Command) -> None:
+        """Apply `command`, under its study's fault guard; log it if it is refused."""
+        name = command.spec.name if isinstance(command, Submit) else command.study
+        boundary = self.registry.boundary
+        with boundary.guard(name, Site.COMMAND):
+            try:
+                self._dispatch(command)
+            except (ConfigError, StudyConflictError, KeyError, TypeError, ValueError) as exc:
+                log.error("refused a command: %s", exc)
+        if boundary.faulted(name) and isinstance(command, Submit):
+            # A submission that faulted before its study was known: its spec says what failed.
+            self.registry.specs.setdefault(name, command.spec)
+
+    def _dispatch(self, command: Command) -> None:
+        match command:
+            case Submit(spec=spec):
+                self.on_submit(spec)
+            case Cancel(study=name):
+                self.on_cancel(name)
+            case Change(study=name):
+                self.on_change(name, command.changes())
+            case Enqueue(study=name, params=param_sets):
+                self.on_enqueue(name, param_sets)
+            case Delete(study=name, force=force, purge=purge):
+                self.on_delete(name, force=force, purge=purge)
+
+    def on_submit(self, spec: StudySpec) -> None:
+        """Start the study; or, if it exists with the same definition, take the new budget, cap,
+        priority, timeout and retries, and run it on (an ended one too) to its new budget. A
+        different definition under its name is refused (StudyConflictError), changing nothing."""
+        registry = self.registry
+        known = registry.stored_spec(spec.name)
+        differences = [] if known is None else known.differences(spec)
+        if differences:
+            raise StudyConflictError(
+                f"study {spec.name!r} exists with another definition: "
+                f"{'; '.join(differences)} (submit it under another --study-name)"
+            )
+        if spec.name in registry.runs:
+            changes = {name: getattr(spec, name) for name in RESUBMITTED}
+            self.on_change(spec.name, {**changes, "submitted_at": spec.submitted_at})
+            return
+        registry.state(spec.name)
+        registry.store(spec)
+        registry.start(spec)
+
+    def on_cancel(self, name: str) -> None:
+        """End the study CANCELLED: its queued trials are withdrawn and its running ones stopped
+        on their workers; all end FAIL (cancelled). An ended study is left as it is
+        (StudyConflictError)."""
+        registry = self.registry
+        run = registry.runs.get(name)
+        if run is not None:
+            registry.dispatcher.cancel(run)
+            if registry.boundary.faulted(name):
+                return  # it ends FAILED with its fault, at the end of the turn
+            registry.dispatcher.remove(name)
+            registry.status.publish(registry.specs[name], run, state=StudyState.CANCELLED)
+            log.info("cancelled study %r", name)
+            return
+        spec = registry.stored_spec(name)
+        if spec is None:
+            raise ConfigError(f"no study {name!r} to cancel")
+        state = registry.state(name)
+        if state is not None and state.ended:
+            raise StudyConflictError(f"study {name!r} is {state.value} already: not cancelled")
+        registry.status.publish(spec, None, state=StudyState.CANCELLED)
+
+    def on_change(self, name: str, changes: dict[str, Any]) -> None:
+        """Apply `changes` to a running study's spec (stored too) and to its run. An ended study
+        is left as it is (StudyConflictError): resubmitting it runs it on."""
+        registry = self.registry
+        spec = registry.specs.get(name)
+        if spec is None:
+            raise ConfigError(f"no study {name!r} to change")
+        run = registry.runs.get(name)
+        if run is None:
+            state = registry.state(name)
+            raise StudyConflictError(
+                f"study {name!r} is {state.value if state else 'not running'}: not changed "
+                "(resubmit it to run it on)"
+            )
+        spec = spec.with_changes(**changes)
+        registry.store(spec)
+        run.concurrency = spec.concurrency
+        run.n_trials = max(spec.n_trials, run.asked)
+        run.trial_timeout_s = spec.trial_timeout_s
+        run.max_retries = spec.max_retries
+        run.ask_ahead = spec.ask_ahead
+        log.info("study %r changed: %s", name, changes)
+        registry.status.mark(name)
+
+    def on_enqueue(self, name: str, param_sets: list[dict[str, Any]]) -> None:
+        """Accept `param_sets` for the running study `name` (ConfigError if it is not running:
+        nothing would run them). The inbox then moves the command onto the study's backlog, in
+        the transaction that trims it, and the loop stores the sets a slice a turn, each unless
+        the study has it already (`daemon.backlog`, `daemon.enqueue`)."""
+        if name not in self.registry.runs:
+            raise ConfigError(f"cannot enqueue trials for study {name!r}: it is not running")
+
+    def on_delete(self, name: str, *, force: bool, purge: bool) -> None:
+        """Forget study `name`: its spec and its status. A running study is refused
+        (ConfigError) unless `force`, which cancels it first. Its trials stay in its storage
+        unless `purge`, which deletes the Optuna study there too."""
+        registry = self.registry
+        connection, keys = registry.connection, registry.keys
+        known = name in registry.specs or bool(connection.hexists(keys.studies, name))
+        if not known and not connection.hexists(keys.status, name):
+            raise ConfigError(f"no study {name!r} to delete")
+        if name in registry.runs:
+            if not force:
+                raise ConfigError(f"study {name!r} is running: cancel it first, or delete --force")
+            self.on_cancel(name)
+            if registry.boundary.faulted(name):
+                return  # not deleted: it ends FAILED with its fault, and can be deleted then
+        spec = registry.specs.pop(name, None) or registry.stored_spec(name)
+        if purge and spec is not None:
+            try:
+                storage = registry.storages.open(registry.storage_url(spec))
+                optuna.delete_study(study_name=name, storage=storage)
+            except KeyError:
+                pass  # it never reached its storage (it failed to start)
+        registry.storages.flush()  # the purge is durable before the study is gone from the status
+        pipe = connection.pipeline(transaction=True)
+        pipe.hdel(keys.studies, name)
+        pipe.hdel(keys.status, name)
+        pipe.execute()
+        registry.status.lifecycle.learn(name, None)
+        log.info("deleted study %r%s", name, " and its trials" if purge else "")

@@ -1,0 +1,254 @@
+"""The registry of studies: every study the broker knows, its spec, its state, its storage, and
+how it starts and ends.
+
+A study starts (`start`: its storage opened, its trials in flight taken over, its run handed to
+the dispatcher) and ends (`end_ended`: finished, failed or faulted) here and nowhere else. A study
+that faulted (`dispatch.boundary`) ends FAILED with its fault in its status; since an ended study
+is never re-attached, a broker restarted after a fault starts and reads its commands.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import optuna
+import redis
+
+from optuna_rq.client import BrokerClient
+from optuna_rq.daemon.settings import BrokerSettings
+from optuna_rq.daemon.status import StatusPublisher
+from optuna_rq.daemon.stopping import StopConditions
+from optuna_rq.daemon.storages import Storages, read_back
+from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
+from optuna_rq.errors import ConfigError, ProtocolError, StudyStorageError
+from optuna_rq.protocol import Keys, StudySpec, StudyState
+from optuna_rq.studies import journal_path, make_pruner, make_sampler
+
+__all__ = ["Registry"]
+
+log = logging.getLogger("optuna_rq.broker")
+
+
+class Registry:
+    """The studies of one broker. `specs` holds the spec of every study it started (running or
+    ended since); `dispatcher.runs` the running ones."""
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        settings: BrokerSettings,
+        *,
+        client: BrokerClient,
+        dispatcher: Dispatcher,
+        status: StatusPublisher,
+        storages: Storages,
+        stopping: StopConditions,
+    ) -> None:
+        self.connection = connection
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self.client = client
+        self.dispatcher = dispatcher
+        self.status = status
+        self.storages = storages
+        self.stopping = stopping
+        self.specs: dict[str, StudySpec] = {}
+
+    @property
+    def boundary(self) -> FaultBoundary:
+        return self.dispatcher.boundary
+
+    @property
+    def runs(self) -> dict[str, StudyRun]:
+        return self.dispatcher.runs
+
+    def storage_url(self, spec: StudySpec) -> str:
+        """The storage a study's trials are in: its own, or the broker's default."""
+        return spec.storage or self.settings.storage
+
+    # -- what is stored ------------------------------------------------------------------------
+
+    def stored_spec(self, name: str) -> StudySpec | None:
+        """The spec the study was last submitted with: held, or stored by an earlier broker."""
+        if name in self.specs:
+            return self.specs[name]
+        raw: Any = self.connection.hget(self.keys.studies, name)
+        if raw is None:
+            return None
+        try:
+            return StudySpec.decode(raw)
+        except ProtocolError as exc:
+            log.error("replacing the unreadable stored spec of study %r: %s", name, exc)
+            return None
+
+    def store(self, spec: StudySpec) -> None:
+        """Keep `spec` as the study's, here and in Redis (for the next broker)."""
+        self.specs[spec.name] = spec
+        self.connection.hset(self.keys.studies, spec.name, spec.encode())
+
+    def state(self, name: str) -> StudyState | None:
+        """The study's state, read from its published status if this broker does not run it."""
+        if name not in self.runs:
+            try:
+                status = self.client.status(name)
+            except ProtocolError as exc:  # a status nobody can read says nothing
+                log.error("study %r: ignoring its unreadable status: %s", name, exc)
+                status = None
+            self.status.lifecycle.learn(name, None if status is None else status.state)
+        return self.status.lifecycle.state(name)
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def reattach(self) -> None:
+        """Run on every stored study that has not ended (a broker restarted, or took over)."""
+        stored: dict[bytes, bytes] = self.connection.hgetall(self.keys.studies)  # type: ignore[assignment]
+        for name, raw in stored.items():
+            try:
+                spec = StudySpec.decode(raw)
+            except ProtocolError as exc:
+                log.error("ignoring stored study %r: %s", name, exc)
+                continue
+            state = self.state(spec.name)
+            if state is not None and state.ended:
+                continue
+            self.start(spec, resumed=True)
+
+    def start(self, spec: StudySpec, *, resumed: bool = False) -> None:
+        """Open the study's storage, take over its trials in flight, and dispatch it. A study
+        that cannot start fails (an ended one keeps its result: its status says why the
+        resubmission failed); its storage failing fails every study on that storage."""
+        self.specs[spec.name] = spec
+        self.boundary.forget(spec.name)  # a resubmission starts with a clean slate
+        run: StudyRun | None = None
+        try:
+            with self.boundary.guard(spec.name, Site.START):
+                run = self._open(spec)
+        except StudyStorageError as exc:
+            self.storage_failed(exc, starting=spec)
+            return
+        if run is None or self.boundary.faulted(spec.name):  # `end_ended` says so
+            return
+        self.dispatcher.add(run)
+        self.stopping.watch(spec.name)
+        log.info(
+            "%s study %r: %s, %d of %d trials done, cap %d",
+            "resumed" if resumed else "started",
+            spec.name,
+            spec.objective,
+            run.asked - len(run.outstanding),
+            spec.n_trials,
+            spec.concurrency,
+        )
+        with self.boundary.guard(spec.name, Site.STATUS):
+            self.status.publish(spec, run, state=StudyState.RUNNING)  # now: `wait` sees it
+
+    def _open(self, spec: StudySpec) -> StudyRun:
+        url = self.storage_url(spec)
+        study = optuna.create_study(
+            storage=self.storages.open(url),
+            study_name=spec.name,
+            directions=spec.directions,  # type: ignore[arg-type]  # checked by StudySpec
+            sampler=make_sampler(spec.sampler, spec.seed, constant_liar=spec.uses_constant_liar),
+            pruner=make_pruner(spec.pruner),
+            load_if_exists=True,
+        )
+        if [d.name.lower() for d in study.directions] != spec.directions:
+            raise ConfigError(
+                f"study {spec.name!r} exists with directions "
+                f"{[d.name.lower() for d in study.directions]}, not {spec.directions}"
+            )
+        run = StudyRun(
+            study=study,
+            objective=spec.objective,
+            inputs=spec.inputs,
+            concurrency=spec.concurrency,
+            n_trials=spec.n_trials,
+            trial_timeout_s=spec.trial_timeout_s,
+            max_retries=spec.max_retries,
+            queue=spec.queue,
+            ask_ahead=spec.ask_ahead,
+        )
+        journal = journal_path(url)
+        run.journal = None if journal is None else str(journal)
+        run.reattach()
+        return run
+
+    # -- end -----------------------------------------------------------------------------------
+
+    def end_ended(self) -> bool:
+        """End the studies that faulted, cannot run (failed), or told their whole budget
+        (finished); True if any ended."""
+        ended = False
+        for name in list(self.boundary.faults):
+            self._end_faulted(name)
+            ended = True
+        for run in [run for run in self.runs.values() if run.done or run.cannot_run]:
+            ended = True
+            name = run.name
+            with self.boundary.guard(name, Site.END):
+                state, error = self._end(run)
+            if not self.boundary.faulted(name):
+                with self.boundary.guard(name, Site.STATUS):
+                    self.status.publish(self.specs[name], run, state=state, error=error)
+            if self.boundary.faulted(name):
+                self._end_faulted(name)
+                continue
+            self.dispatcher.remove(name)
+            if state is StudyState.FAILED:
+                log.error("study %r failed: %s", name, error)
+            else:  # run.asked: every trial of its budget, a resumed study's earlier ones too
+                log.info("study %r finished: %d trials", name, run.asked)
+        return ended
+
+    def _end(self, run: StudyRun) -> tuple[StudyState, str | None]:
+        """How `run`, done or unable to run, ends: its state, and why (for its status)."""
+        if run.cannot_run and not run.done:
+            self.dispatcher.cancel(run, why=f"the study failed: {run.cannot_run}")
+            return StudyState.FAILED, run.cannot_run
+        return StudyState.FINISHED, self.stopping.reason(run.name)  # a stop condition held
+
+    def _end_faulted(self, name: str) -> None:
+        """End the study `name` FAILED with its fault: its trials in flight end FAIL (if its
+        storage still takes a tell; else they are only withdrawn), its status says why."""
+        fault = self.boundary.faults.pop(name)
+        run = self.runs.get(name)
+        if run is not None:
+            self.dispatcher.remove(name)
+            try:
+                self.dispatcher.cancel(run, why=f"the study failed: {fault}", orphans=True)
+            except Exception as exc:
+                if passes_through(exc) and not isinstance(exc, StudyStorageError):
+                    raise
+                log.error("study %r: its trials in flight were not told: %s", name, exc)
+                self.dispatcher.abandon(run)
+        spec = self.specs.get(name) or self.stored_spec(name)
+        if spec is None:
+            return
+        state = self.state(name) if run is None else StudyState.RUNNING
+        if state is not None and state.ended:  # a command on an ended study: it keeps its result
+            self.status.annotate(spec, f"the broker failed acting on it: {fault}")
+            return
+        self.status.publish_failed(spec, run, error=str(fault))
+
+    def storage_failed(self, error: StudyStorageError, starting: StudySpec | None = None) -> None:
+        """A study storage failed: every study on it (and `starting`, the one that found out)
+        ends FAILED with the cause in its status; the others go on. Its trials still running
+        cannot be told: they stay RUNNING in that storage, and their results are dropped."""
+        self.storages.forget(error.url)
+        failed: list[tuple[StudySpec, StudyRun | None]] = []
+        if starting is not None:
+            failed.append((starting, None))
+        for name, running in list(self.runs.items()):
+            spec = self.specs[name]
+            if self.storage_url(spec) == error.url:
+                self.dispatcher.abandon(running)
+                failed.append((spec, running))
+        for spec, run in failed:
+            log.error("study %r failed: %s", spec.name, error)
+            # Not flushed first: it says what failed, and acknowledges nothing on the others.
+            held = read_back(error.url, spec.name)  # its figures: what its storage kept
+            self.status.publish_failed(spec, run, error=str(error), flush=False, held=held)
+        if not failed:  # a storage no running study uses any more
+            log.error("%s", error)

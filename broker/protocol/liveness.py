@@ -1,0 +1,210 @@
+"""Is a broker serving the prefix? The turn record the broker keeps, and how the front doors
+judge it.
+
+The broker's loop writes `Keys.broker_turn` at most every `TURN_BEAT_S`: a hash naming the broker
+(its lock identity, "host:pid since ...") and the time of its turn, taken from the Redis server's
+clock (so a reader on another machine compares it with the same clock, whatever the skew between
+hosts). The write is conditional on the broker still holding the lock, in one script, so a broker
+that lost its lock never writes itself back alive. The record has no TTL: after the broker
+stopped it tells who ran last and when, and its absence means no broker ever ran on the prefix.
+
+A reader combines it with the lock (`Keys.broker`): see `BrokerState`. The lock alone would
+not do: a SIGKILLed broker leaves its lock for up to its TTL (10 s), and a frozen one keeps it.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from optuna_rq.protocol.keys import Keys
+
+__all__ = [
+    "BROKER_GRACE_S",
+    "BROKER_START_GRACE_S",
+    "TURN_BEAT_S",
+    "BrokerLiveness",
+    "BrokerState",
+    "TurnBeacon",
+    "ago",
+    "judge_liveness",
+    "read_liveness",
+]
+
+TURN_BEAT_S = 1.0
+"""How often, at most, the broker's loop writes its turn record."""
+
+BROKER_GRACE_S = 5.0
+"""How long a broker may go without a turn before the front doors count it stopped (a turn
+normally takes well under a second; this rides out a brief freeze, a slow turn, and a restart
+whose new broker takes the lock within it). `wait` and `submit --wait` give up after it."""
+
+BROKER_START_GRACE_S = 30.0
+"""How long `wait` and `submit --wait`, before they have seen a broker serve the prefix, wait for
+one to start before they give up (a broker launched with the submission takes its lock within
+it; a cold start took over 5 s on a loaded 2-core machine)."""
+
+_BEAT_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[2], 'broker', ARGV[1], 'at_s', now[1], 'at_us', now[2])
+return 1
+"""
+
+
+class TurnBeacon:
+    """The broker's side: `beat()` once per turn of its loop; it writes at most every
+    `TURN_BEAT_S`, and only while Redis holds `identity` as the lock's value."""
+
+    def __init__(self, connection: redis.Redis, keys: Keys, *, identity: str) -> None:
+        self.keys = keys
+        self.identity = identity
+        self._script = connection.register_script(_BEAT_SCRIPT)
+        self._last = -TURN_BEAT_S  # the first turn writes at once: `starting` ends with it
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if now - self._last < TURN_BEAT_S:
+            return
+        self._script(keys=[self.keys.broker, self.keys.broker_turn], args=[self.identity])
+        self._last = now
+
+
+class BrokerState(str, enum.Enum):
+    """What the lock and the turn record say, in `status --json`'s `broker.state`."""
+
+    SERVING = "serving"
+    """A broker holds the lock and turned its loop within `BROKER_GRACE_S`."""
+    STARTING = "starting"
+    """A broker holds the lock but has not turned yet (a new broker, a restart)."""
+    STOPPED = "stopped"
+    """A broker ran on the prefix, but none holds the lock (it stopped, or died and its lock
+    expired), or the one that holds it has not turned for `BROKER_GRACE_S` (killed before its
+    lock expired, frozen, or stuck)."""
+    NONE = "none"
+    """No broker ever ran on the prefix (or Redis lost what it wrote)."""
+
+
+def where(identity: str) -> str:
+    """`host:pid` of a broker identity ("host:pid since ...")."""
+    return identity.split(" ", 1)[0]
+
+
+def ago(seconds: float) -> str:
+    """`40s`, `3m`, `2h`, `1d`: how long ago, in its largest whole unit."""
+    whole = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if whole >= size:
+            return f"{whole // size}{unit}"
+    return f"{whole}s"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerLiveness:
+    """The prefix's broker as read at one moment. `holder`: who holds the lock now;
+    `last_broker` and `last_turn_age_s`: the broker of the last turn record, and how long ago
+    (by the Redis server's clock) it turned."""
+
+    prefix: str
+    state: BrokerState
+    holder: str | None = None
+    last_broker: str | None = None
+    last_turn_age_s: float | None = None
+
+    @property
+    def serves(self) -> bool:
+        return self.state in (BrokerState.SERVING, BrokerState.STARTING)
+
+    def describe(self) -> str:
+        """One line: `the broker on host:12 stopped 40s ago`, `no broker is running on prefix
+        'p': start one with ...`, `the broker on host:12 is serving`."""
+        match self.state:
+            case BrokerState.SERVING:
+                return f"the broker on {where(self.holder or '?')} is serving"
+            case BrokerState.STARTING:
+                return f"the broker on {where(self.holder or '?')} is starting"
+            case BrokerState.STOPPED:
+                return (
+                    f"the broker on {where(self.last_broker or '?')} stopped "
+                    f"{ago(self.last_turn_age_s or 0.0)} ago"
+                )
+            case BrokerState.NONE:
+                return (
+                    f"no broker is running on prefix {self.prefix!r}: "
+                    "start one with `optuna-rq broker`"
+                )
+
+    def note(self) -> str | None:
+        """What a queued or running study's state is shown with, None while a broker serves:
+        `no broker: the broker on host:12 stopped 40s ago`."""
+        if self.serves:
+            return None
+        if self.state is BrokerState.NONE:
+            return self.describe()
+        return f"no broker: {self.describe()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """`status --json`'s `broker` object."""
+        return {
+            "state": self.state.value,
+            "holder": self.holder,
+            "last_broker": self.last_broker,
+            "last_turn_age_s": (
+                None if self.last_turn_age_s is None else round(self.last_turn_age_s, 3)
+            ),
+        }
+
+
+def judge_liveness(
+    prefix: str,
+    *,
+    holder: str | None,
+    last_broker: str | None,
+    last_turn_age_s: float | None,
+    grace_s: float = BROKER_GRACE_S,
+) -> BrokerLiveness:
+    """The state the lock's `holder` and the last turn record give (see `BrokerState`)."""
+    if holder is None:
+        state = BrokerState.NONE if last_broker is None else BrokerState.STOPPED
+    elif last_broker != holder or last_turn_age_s is None:
+        state = BrokerState.STARTING
+    elif last_turn_age_s > grace_s:
+        state = BrokerState.STOPPED
+    else:
+        state = BrokerState.SERVING
+    return BrokerLiveness(
+        prefix=prefix,
+        state=state,
+        holder=holder,
+        last_broker=last_broker,
+        last_turn_age_s=last_turn_age_s,
+    )
+
+
+def read_liveness(
+    connection: redis.Redis, keys: Keys, *, grace_s: float = BROKER_GRACE_S
+) -> BrokerLiveness:
+    """The lock, the turn record and the server's clock, read in one round trip, judged."""
+    pipe = connection.pipeline(transaction=False)
+    pipe.get(keys.broker)
+    pipe.hmget(keys.broker_turn, ["broker", "at_s", "at_us"])
+    pipe.time()
+    raw_holder, (raw_broker, at_s, at_us), (now_s, now_us) = pipe.execute()
+    age_s = None
+    if raw_broker is not None and at_s is not None and at_us is not None:
+        age_s = max(0.0, (now_s - int(at_s)) + (now_us - int(at_us)) / 1e6)
+    return judge_liveness(
+        keys.prefix,
+        holder=_text(raw_holder),
+        last_broker=_text(raw_broker),
+        last_turn_age_s=age_s,
+        grace_s=grace_s,
+    )
+
+
+def _text(raw: Any) -> str | None:
+    return None if raw is None else bytes(raw).decode(errors="replace")
