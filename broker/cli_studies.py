@@ -225,17 +225,15 @@ def enqueue(
     """Run known parameter sets next, before any sampled trial, each exactly once.
 
     The broker stores them in the study's storage as WAITING trials (Optuna's enqueue_trial),
-    so they survive a broker restart; a set already enqueued or run is skipped. They count
-    against --n-trials like any trial.
+    a slice at a time between its other work, so they survive a broker restart; a set already
+    enqueued or run is skipped. They count against --n-trials like any trial.
     """
-    from optuna_rq.protocol import Enqueue
-
     param_sets = load_enqueue_file(file)
     client = make_client(ctx.obj)
     status = client.require_status(name)
     if status.state.ended:
         raise ConfigError(f"study {name!r} is {status.state.value}: nothing would run them")
-    client.send(Enqueue(study=name, params=param_sets))
+    client.send(*client.enqueue_commands(name, param_sets))
     typer.echo(f"enqueued {len(param_sets)} parameter sets for study {name!r}", err=True)
 
 

@@ -24,6 +24,7 @@ from optuna_rq.protocol import (
     StudyState,
     StudyStatus,
     Submit,
+    enqueue_commands,
     live_pools,
 )
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerLiveness, read_liveness
@@ -91,8 +92,11 @@ class BrokerClient:
             storage=storage,
         )
         self.connection.hsetnx(self.keys.status, spec.name, queued.to_json())
-        first = [Enqueue(study=spec.name, params=enqueue)] if enqueue else []
-        self.send(Submit(spec=spec), *first)
+        self.send(Submit(spec=spec), *self.enqueue_commands(spec.name, enqueue or []))
+
+    def enqueue_commands(self, study: str, param_sets: list[dict[str, Any]]) -> list[Enqueue]:
+        """`Enqueue` commands for `param_sets`, each within the message cap (`send` them)."""
+        return enqueue_commands(study, param_sets, max_bytes=self.signer.max_message_bytes)
 
     def cancel(self, study: str) -> None:
         """Cancel a queued or running study; StudyConflictError if it has ended (nothing is

@@ -73,6 +73,7 @@ class BatchedJournal(BaseJournalBackend):
         )
         self._lines: list[bytes] = []  # every log line, in file order: ours and others'
         self._size = 0  # the bytes of the file `_lines` stand for
+        self.others_read = 0  # lines other writers appended, read in since it was opened
         self._pending: list[bytes] = []
         try:
             self._load()
@@ -178,7 +179,9 @@ class BatchedJournal(BaseJournalBackend):
             )
         data = os.pread(fd, size - self._size, self._size)
         end = data.rfind(b"\n") + 1
-        self._lines += data[:end].split(b"\n")[:-1]
+        lines = data[:end].split(b"\n")[:-1]
+        self._lines += lines
+        self.others_read += len(lines)
         self._size += end
 
     def _load(self) -> None:

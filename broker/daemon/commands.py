@@ -136,21 +136,12 @@ class Commands:
         registry.status.mark(name)
 
     def on_enqueue(self, name: str, param_sets: list[dict[str, Any]]) -> None:
-        """Store `param_sets` as WAITING trials of the running study `name`.
-
-        The dispatcher's `study.ask()` takes WAITING trials before sampling, so they run next,
-        and count against the budget as any trial does. `skip_if_exists` makes the command
-        idempotent: a set already enqueued or run (the command applied twice by a broker that
-        died before trimming its inbox) is not stored again. ConfigError if the study is not
-        running."""
-        run = self.registry.runs.get(name)
-        if run is None:
+        """Accept `param_sets` for the running study `name` (ConfigError if it is not running:
+        nothing would run them). The inbox then moves the command onto the study's backlog, in
+        the transaction that trims it, and the loop stores the sets a slice a turn, each unless
+        the study has it already (`daemon.backlog`, `daemon.enqueue`)."""
+        if name not in self.registry.runs:
             raise ConfigError(f"cannot enqueue trials for study {name!r}: it is not running")
-        before = len(run.study.get_trials(deepcopy=False))
-        for params in param_sets:
-            run.study.enqueue_trial(params, skip_if_exists=True)
-        stored = len(run.study.get_trials(deepcopy=False)) - before
-        log.info("study %r: enqueued %d of %d parameter sets", name, stored, len(param_sets))
 
     def on_delete(self, name: str, *, force: bool, purge: bool) -> None:
         """Forget study `name`: its spec and its status. A running study is refused

@@ -1,10 +1,10 @@
 """The Daemon: one broker process, serving every study submitted on its prefix.
 
 It is the loop and nothing more: each turn it checks Redis kept its data, keeps the lock, applies
-the commands (`inbox` -> `commands`), shares the workers (`fair_share`), drives the dispatcher
-(refill, poll), checks the stop conditions (`stopping`), ends the studies that ended (`registry`)
-and publishes their status (`status`). The studies themselves (specs, states, storages, start and
-end) are the registry's.
+the commands (`inbox` -> `commands`; bulk ones a slice a turn, `backlog`), shares the workers
+(`fair_share`), drives the dispatcher (refill, poll), checks the stop conditions (`stopping`),
+ends the studies that ended (`registry`) and publishes their status (`status`). The studies
+themselves (specs, states, storages, start and end) are the registry's.
 
 What it does for one study runs under that study's fault guard (`dispatch.boundary`): a study's
 fault ends that study FAILED at the end of the turn, and the loop goes on. What reaches the loop
@@ -24,7 +24,9 @@ from redis.exceptions import OutOfMemoryError
 
 from optuna_rq.client import BrokerClient
 from optuna_rq.connection import check_memory_policy, wait_for_redis
+from optuna_rq.daemon.backlog import Backlog
 from optuna_rq.daemon.commands import Commands
+from optuna_rq.daemon.enqueue import EnqueueSets
 from optuna_rq.daemon.fair_share import FairShare
 from optuna_rq.daemon.inbox import CommandInbox
 from optuna_rq.daemon.lock import BrokerLock, EpochGuard
@@ -38,7 +40,7 @@ from optuna_rq.dispatch.boundary import Site
 from optuna_rq.errors import BrokerAlreadyRunningError, RedisDataLostError, StudyStorageError
 from optuna_rq.health import BrokerHealth
 from optuna_rq.metrics import BrokerMetrics
-from optuna_rq.protocol import Keys, Signer, StudySpec
+from optuna_rq.protocol import Enqueue, Keys, Signer, StudySpec
 from optuna_rq.protocol.liveness import TurnBeacon
 
 __all__ = ["Daemon"]
@@ -108,12 +110,21 @@ class Daemon:
             stopping=self.stopping,
         )
         self.status = self.registry.status
+        # Bulk commands, applied a slice a turn (`backlog`): the inbox moves them there.
+        self.backlog = Backlog(
+            connection,
+            self.keys,
+            signer=self.signer,
+            persist=self.storages.flush,
+            kinds={Enqueue: EnqueueSets(self.dispatcher.runs)},
+        )
         self.inbox = CommandInbox(
             connection,
             self.keys,
             signer=self.signer,
             handler=Commands(self.registry),
             persist=self.storages.flush,
+            backlog=self.backlog,
         )
 
     @property
@@ -241,12 +252,17 @@ class Daemon:
         waiting = self.fair_share.share(runs, self.specs, now)
         if waiting:
             self.status.mark(*waiting)  # a study started or stopped waiting for workers
+        self.backlog.drain(  # bulk commands, for up to its turn budget
+            [name for name in runs if not self.boundary.faulted(name)],
+            guard=lambda name: self.boundary.guard(name, Site.COMMAND),
+        )
         if self.dispatcher.refill():
             self.status.mark(*runs)  # `running` changed, before any result
         self._update_metrics(now)  # after refilling: the steady state, not a drained moment
         # Slots the refill left unfilled (its sampling budget spent): read what arrived, then
         # refill again at once.
-        told = self.dispatcher.poll(None if self.dispatcher.behind else self.settings.poll_s)
+        behind = self.dispatcher.behind or self.backlog.pending
+        told = self.dispatcher.poll(None if behind else self.settings.poll_s)
         if told:
             self.status.mark(*runs)
         self.stopping.check(

@@ -24,6 +24,7 @@ from optuna_rq.protocol.commands import (
     Enqueue,
     Submit,
     decode_command,
+    enqueue_commands,
 )
 from optuna_rq.protocol.heartbeat import PoolHeartbeat, live_pools, workers_on
 from optuna_rq.protocol.keys import (
@@ -84,6 +85,7 @@ __all__ = [
     "Change",
     "Delete",
     "Enqueue",
+    "enqueue_commands",
     "Command",
     "FailReason",
     "Keys",

@@ -3,6 +3,8 @@ signed, strict.
 
 They wait in `<prefix>:commands` until the broker applies them (it need not be running yet), and
 are idempotent, so one applied twice (a broker that died before trimming the list) does no harm.
+A bulk one (`Enqueue`) moves from the list onto its study's backlog in one step, and is applied
+from there a slice at a time (`daemon.backlog`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,12 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from optuna_rq.errors import ProtocolError
-from optuna_rq.protocol.codec import DEFAULT_MAX_MESSAGE_BYTES, decode_map
+from optuna_rq.protocol.codec import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_CONTAINER_LEN,
+    decode_map,
+    pack,
+)
 from optuna_rq.protocol.schema import (
     Bool,
     Float,
@@ -27,7 +34,16 @@ from optuna_rq.protocol.schema import (
 )
 from optuna_rq.protocol.spec import StudySpec
 
-__all__ = ["Cancel", "Change", "Command", "Delete", "Enqueue", "Submit", "decode_command"]
+__all__ = [
+    "Cancel",
+    "Change",
+    "Command",
+    "Delete",
+    "Enqueue",
+    "Submit",
+    "decode_command",
+    "enqueue_commands",
+]
 
 
 class _Op(Kind):
@@ -98,13 +114,42 @@ class _ParamSets(List):
 class Enqueue(Message):
     """`optuna-rq enqueue`: run these parameter sets (dotted names -> values) before any sampled
     trial, each once. Stored in the study's storage as WAITING trials (Optuna's
-    `enqueue_trial(skip_if_exists=True)`), so they survive a broker restart and a set applied
-    twice, or already run, is not run again."""
+    `enqueue_trial(skip_if_exists=True)`), a slice a turn, so they survive a broker restart and
+    a set applied twice, or already run, is not run again. Large lists travel as several
+    commands (`enqueue_commands`)."""
 
     op: str = wire(_Op("enqueue"), default="enqueue")
     study: str = wire(Text())
     params: list[dict[str, Any]] = wire(_ParamSets())
     v: int = version_field()
+
+
+ENQUEUE_CHUNK = MAX_CONTAINER_LEN // 5
+"""Parameter sets per `Enqueue` command at most: the broker decodes 2,000 in ~6 ms, so taking one
+is a small part of a turn."""
+
+
+def enqueue_commands(
+    study: str, param_sets: list[dict[str, Any]], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> list[Enqueue]:
+    """`param_sets` as `Enqueue` commands, in order, each small enough to pass the broker's
+    message cap (`max_bytes`, encoded), of `ENQUEUE_CHUNK` sets at most: 100,000 sets do not fit
+    in one. Sent in one push, the
+    broker takes them in one batch, and stores them in that order."""
+    room = max_bytes - 128 - len(study.encode())  # the command's own fields, and its list
+    commands: list[Enqueue] = []
+    chunk: list[dict[str, Any]] = []
+    size = 0
+    for params in param_sets:
+        length = len(pack(params))
+        if chunk and (size + length > room or len(chunk) >= ENQUEUE_CHUNK):
+            commands.append(Enqueue(study=study, params=chunk))
+            chunk, size = [], 0
+        chunk.append(params)
+        size += length
+    if chunk:
+        commands.append(Enqueue(study=study, params=chunk))
+    return commands
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,6 +21,8 @@ One broker serves one prefix; several brokers can share a Redis with different p
     pool:<id>           one pool's signed heartbeat (`PoolHeartbeat`), expiring unless renewed:
                         who is alive, on which queues, with how many workers
     demand              hash: RQ queue -> workers its studies could keep busy (the broker's)
+    backlog             hash: study -> items of its first pending bulk command applied
+    backlog:<study>     the study's pending bulk commands (an enqueue), applied a slice a turn
 
 and, per attempt, under the result stream it reports to (`reply_to`), each named by its job id:
 
@@ -148,6 +150,7 @@ class Keys:
         self.refused = f"{prefix}:refused"
         self.pools = f"{prefix}:pools"
         self.demand = f"{prefix}:demand"
+        self.backlog = f"{prefix}:backlog"
 
     def trial_queue(self, module: str, queue: str = DEFAULT_QUEUE) -> str:
         """The RQ queue of objectives defined in `module`, in resource class `queue`."""
@@ -176,6 +179,10 @@ class Keys:
     def pool(self, pool_id: str) -> str:
         """The heartbeat key of worker pool `pool_id`."""
         return f"{self.prefix}:pool:{pool_id}"
+
+    def backlog_of(self, study: str) -> str:
+        """The list of `study`'s pending bulk commands (`daemon.backlog`)."""
+        return f"{self.backlog}:{study}"
 
     def private_results(self, token: str) -> str:
         """A result stream of one's own under the prefix (a remote `Optimizer` run)."""
