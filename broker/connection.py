@@ -26,6 +26,7 @@ from redis.exceptions import (
     AuthenticationWrongNumberOfArgsError,
     BusyLoadingError,
     OutOfMemoryError,
+    ReadOnlyError,
     RedisError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -244,6 +245,8 @@ def wait_for_redis(
             conn, error, stop=stop, max_backoff_s=max_backoff_s, beat=beat, give_up_s=give_up_s
         )
     stop = stop or threading.Event()
+    if isinstance(error, ReadOnlyError):
+        return _wait_for_primary(conn, error, stop=stop, max_backoff_s=max_backoff_s, beat=beat)
     started = time.monotonic()
     _logger.error("Redis is unreachable (%s); waiting for it, trials keep running", error)
     delay_s = 0.25
@@ -371,6 +374,32 @@ def wait_for_memory(
         if room and not quiet:
             _logger.info("Redis has room again after %.1fs; carrying on", waited)
         return waited
+
+
+def _wait_for_primary(
+    conn: redis.Redis,
+    error: Exception,
+    *,
+    stop: Any,
+    max_backoff_s: float,
+    beat: Callable[[], None] | None,
+) -> float | None:
+    """Wait out a server that became a read-only replica (a failover moved the primary, and the
+    URL still names this server): it answers, and refuses every write, until it is a primary
+    again or the URL is pointed at one. Returns how long it took, or None if `stop` was set."""
+    started = time.monotonic()
+    _logger.error("Redis is read-only (%s): waiting for it to be a primary again", error)
+    delay_s = 0.25
+    while not _pause(stop, delay_s, beat):
+        try:
+            info: Any = conn.info("replication")
+            if info.get("role") == "master":
+                _logger.info("Redis takes writes again; carrying on")
+                return time.monotonic() - started
+        except (RedisConnectionError, RedisTimeoutError):
+            pass  # on its way back: the next look
+        delay_s = min(delay_s * 2, max_backoff_s)
+    return None
 
 
 def _pause(stop: Any, seconds: float, beat: Callable[[], None] | None) -> bool:

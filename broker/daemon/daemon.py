@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 import redis
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
 
 from optuna_rq.client import BrokerClient
 from optuna_rq.connection import check_memory_policy, wait_for_redis
@@ -211,7 +211,7 @@ class Daemon:
             work()
         except StudyStorageError as exc:  # a study storage's, not our Redis's
             self.registry.storage_failed(exc)
-        except (redis.ConnectionError, redis.TimeoutError, OutOfMemoryError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, OutOfMemoryError, ReadOnlyError) as exc:
             self._ride_out_outage(exc, stop)  # a full Redis: `wait_for_memory`
         except redis.ResponseError:  # NOGROUP, say: first ask if Redis lost its data
             self.epoch_guard.check_now()
