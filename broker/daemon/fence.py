@@ -213,13 +213,13 @@ class CommandTable:
 
     def kind(self, client: redis.Redis, args: Sequence[Any]) -> _Kind:
         words = _words(args)
-        name = _text(words[0]).lower()
-        if name in self._containers and len(words) > 1:
-            name = f"{name}|{_text(words[1]).lower()}"
-        kind = self._kinds.get(name)
-        if kind is None:
-            self._learn(client, name.partition("|")[0])
-            kind = self._kinds.get(name) or self._kinds[name.partition("|")[0]]
+        command = _text(words[0]).lower()
+        if command not in self._kinds:
+            self._learn(client, command)
+        name = command
+        if command in self._containers and len(words) > 1:
+            name = f"{command}|{_text(words[1]).lower()}"
+        kind = self._kinds.get(name) or self._kinds[command]
         if isinstance(kind, FenceError):
             raise kind
         return kind
