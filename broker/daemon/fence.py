@@ -14,8 +14,8 @@ nothing in between, so nothing slips between the check and the writes, and a tra
 its all-or-nothing meaning.
 
 What writes is Redis's to say: the `write` flag of COMMAND INFO, asked once per command name
-(`CommandTable`, shared by a client and its pipelines). Reads go straight through. Three cases
-need more:
+(`redis_commands.CommandTable`, shared by a client and its pipelines). Reads go straight
+through. Three cases need more:
 
 - XREADGROUP writes (it moves entries into the group's pending list) and may block, which a
   script cannot. A blocking one runs fenced without BLOCK; if it got nothing, the client waits
@@ -36,7 +36,6 @@ into parts in the same script if its items are independent (`_SPLITTABLE`), else
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -47,13 +46,13 @@ import redis
 from redis.client import EMPTY_RESPONSE, NEVER_DECODE, Pipeline
 from redis.exceptions import NoScriptError, ResponseError, WatchError
 
+from optuna_rq.daemon.redis_commands import CommandKind, CommandTable, text, words_of
 from optuna_rq.errors import FenceError, FenceLostError, RedisDataLostError
 
 __all__ = [
     "ACQUIRE_SCRIPT",
     "FENCE_SCRIPT",
     "FENCE_SHA",
-    "CommandTable",
     "Fence",
     "FencedPipeline",
     "FencedRedis",
@@ -152,7 +151,7 @@ class Fence:
         args += [self.token, self.epoch, self.generation, self.ttl_ms]
         shape = []
         for command in commands:
-            parts = _parts(_words(command))
+            parts = _parts(words_of(command))
             shape.append(len(parts))
             for part in parts:
                 args.append(len(part))
@@ -198,61 +197,6 @@ class Fence:
         )
 
 
-class _Kind(enum.Enum):
-    READ = "read"
-    WRITE = "write"
-    READ_GROUP = "read-group"  # XREADGROUP: a write that may block
-
-
-class CommandTable:
-    """Which commands write, as the server's COMMAND INFO says: asked once per command name."""
-
-    def __init__(self) -> None:
-        self._kinds: dict[str, _Kind | FenceError] = {}
-        self._containers: set[str] = set()  # commands with subcommands (XGROUP CREATE, ...)
-
-    def kind(self, client: redis.Redis, args: Sequence[Any]) -> _Kind:
-        words = _words(args)
-        command = _text(words[0]).lower()
-        if command not in self._kinds:
-            self._learn(client, command)
-        name = command
-        if command in self._containers and len(words) > 1:
-            name = f"{command}|{_text(words[1]).lower()}"
-        kind = self._kinds.get(name) or self._kinds[command]
-        if isinstance(kind, FenceError):
-            raise kind
-        return kind
-
-    def _learn(self, client: redis.Redis, name: str) -> None:
-        [entry] = _execute(client, "COMMAND INFO", name)
-        if entry is None:  # unknown here: sent fenced, the script returns the server's error
-            self._kinds[name] = _Kind.WRITE
-            return
-        self._kinds[name] = _classify(name, entry)
-        subcommands = entry[9] if len(entry) > 9 else []
-        for sub in subcommands:
-            self._kinds[_text(sub[0]).lower()] = _classify(_text(sub[0]).lower(), sub)
-        if subcommands:
-            self._containers.add(name)
-
-
-def _classify(name: str, entry: Sequence[Any]) -> _Kind | FenceError:
-    flags = {_text(flag) for flag in entry[2]}
-    categories = {_text(c) for c in entry[6]} if len(entry) > 6 else set()
-    if "readonly" in flags:
-        return _Kind.READ
-    if "@scripting" in categories and "movablekeys" in flags:  # EVAL, EVALSHA, FCALL
-        return FenceError(f"{name.upper()}: a script cannot run inside the fence script")
-    if "write" not in flags:
-        return _Kind.READ
-    if name == "xreadgroup":
-        return _Kind.READ_GROUP
-    if "noscript" in flags or "blocking" in flags:
-        return FenceError(f"{name.upper()}: a blocking write cannot be fenced")
-    return _Kind.WRITE
-
-
 class FencedRedis(redis.Redis):
     """A redis-py client whose every write is conditional on `fence` (see the module)."""
 
@@ -277,9 +221,9 @@ class FencedRedis(redis.Redis):
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
         kind = self.table.kind(self, args)
-        if kind is _Kind.READ:
+        if kind is CommandKind.READ:
             return _execute(self, *args, **options)
-        if kind is _Kind.READ_GROUP and _block_at(args) is not None:
+        if kind is CommandKind.READ_GROUP and _block_at(args) is not None:
             return self._read_group(args, options)
         return _raised(_parsed(self.response_callbacks, args, options, self.run_fenced([args])[0]))
 
@@ -328,10 +272,10 @@ class FencedRedis(redis.Redis):
         assert at is not None
         block_ms = args[at + 1]
         plain = [*args[:at], *args[at + 2 :]]
-        streams_at = [_text(word).upper() for word in plain].index("STREAMS")
+        streams_at = [text(word).upper() for word in plain].index("STREAMS")
         names = plain[streams_at + 1 :]
         keys, ids = names[: len(names) // 2], names[len(names) // 2 :]
-        waiting = [key for key, entry_id in zip(keys, ids, strict=True) if _text(entry_id) == ">"]
+        waiting = [key for key, entry_id in zip(keys, ids, strict=True) if text(entry_id) == ">"]
         last = [("XREVRANGE", key, "+", "-", "COUNT", 1) for key in waiting]
         replies = self.run_fenced([plain, *last])
         if waiting and replies[0] is None and not any(_is_error(r) for r in replies):
@@ -353,8 +297,8 @@ class FencedPipeline(Pipeline):
         self.fenced = client
 
     def immediate_execute_command(self, *args: Any, **options: Any) -> Any:
-        if self.fenced.table.kind(self.fenced, args) is not _Kind.READ:
-            raise FenceError(f"{_text(args[0])}: a write between WATCH and MULTI cannot be fenced")
+        if self.fenced.table.kind(self.fenced, args) is not CommandKind.READ:
+            raise FenceError(f"{text(args[0])}: a write between WATCH and MULTI cannot be fenced")
         return _immediate(self, *args, **options)
 
     def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: bool) -> Any:
@@ -369,7 +313,7 @@ class FencedPipeline(Pipeline):
 
     def _writes(self, commands: Sequence[tuple[Sequence[Any], Any]]) -> bool:
         table, client = self.fenced.table, self.fenced
-        return any(table.kind(client, args) is not _Kind.READ for args, _options in commands)
+        return any(table.kind(client, args) is not CommandKind.READ for args, _options in commands)
 
     def _execute_fenced(self, connection: Any, commands: Any, raise_on_error: bool) -> list[Any]:
         fence = self.fenced.fence
@@ -395,20 +339,10 @@ class FencedPipeline(Pipeline):
         ]
 
 
-def _words(args: Sequence[Any]) -> list[Any]:
-    """A command as sent: redis-py names some as two words in one ("XGROUP CREATE")."""
-    head = args[0]
-    return [*head.split(), *args[1:]] if isinstance(head, str) else list(args)
-
-
-def _text(word: Any) -> str:
-    return word.decode(errors="replace") if isinstance(word, bytes | bytearray) else str(word)
-
-
 def _parts(words: list[Any]) -> list[list[Any]]:
     if len(words) <= MAX_ARGS:
         return [words]
-    name = _text(words[0]).upper()
+    name = text(words[0]).upper()
     fixed = _SPLITTABLE.get(name)
     if fixed is None:
         raise FenceError(f"{name} with {len(words)} arguments is too long to run fenced")
@@ -419,7 +353,7 @@ def _parts(words: list[Any]) -> list[list[Any]]:
 def _block_at(args: Sequence[Any]) -> int | None:
     """Where BLOCK stands in an XREADGROUP (after GROUP group consumer, before STREAMS)."""
     for i in range(4, len(args)):
-        word = _text(args[i]).upper()
+        word = text(args[i]).upper()
         if word == "STREAMS":
             return None
         if word == "BLOCK":
