@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +86,7 @@ class Monitor:
     def __init__(self, url: str) -> None:
         self.url = url
         self.entries: list[tuple[str, list[str]]] = []
-        self._stop = threading.Event()
+        self._last = f"monitor-ends-{uuid.uuid4().hex}"  # echoed last: read up to it, no further
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._read, daemon=True)
 
@@ -95,17 +96,20 @@ class Monitor:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        with redis.Redis.from_url(self.url) as poke:  # a command, so that the reader wakes
-            poke.ping()
-        self._thread.join(timeout=10)
+        with redis.Redis.from_url(self.url) as poke:
+            poke.echo(self._last)
+        self._thread.join(timeout=120)
+        assert not self._thread.is_alive(), "MONITOR was not read to its end"
 
     def _read(self) -> None:
         with redis.Redis.from_url(self.url).monitor() as monitor:
             self._started.set()
-            while not self._stop.is_set():
+            while True:
                 entry = monitor.next_command()
-                self.entries.append((entry["client_type"], entry["command"].split(" ")))
+                words = entry["command"].split(" ")
+                if words == ["ECHO", self._last]:
+                    return
+                self.entries.append((entry["client_type"], words))
 
 
 @dataclass
