@@ -3,6 +3,7 @@ broker` (the daemon). Both run in the foreground until a signal stops them."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -213,6 +214,17 @@ def broker(
             "startup trials, GP and CMA-ES too; RandomSampler costs about 1).",
         ),
     ] = OFF_LOOP_AT_S * 1000,
+    lock_ttl: Annotated[
+        float | None,
+        typer.Option(
+            "--lock-ttl",
+            min=0.5,
+            help="Seconds the broker lock outlives its last renewal (renewed every third of "
+            "it): a broker frozen or cut off from Redis longer than this loses the prefix to a "
+            "standby, and writes nothing more.  [default: 10]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the broker daemon in the foreground: it serves every study submitted on this prefix.
 
@@ -231,6 +243,8 @@ def broker(
     open_storage(storage_url)  # a URL Optuna rejects stops us here, before any study
     url, connection = connect_redis(options)
     settings = BrokerSettings(prefix=options.prefix, storage=storage_url)
+    if lock_ttl is not None:
+        settings = dataclasses.replace(settings, lock_ttl_s=lock_ttl)
     # Slow samplers sample there (`optuna_rq.dispatch.offloop`); it wakes the loop on Redis.
     sampler_process = (
         SamplerProcess(url, options.password(), Keys(options.prefix).results)

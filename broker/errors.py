@@ -9,6 +9,8 @@ from __future__ import annotations
 __all__ = [
     "BrokerAlreadyRunningError",
     "ConfigError",
+    "FenceError",
+    "FenceLostError",
     "JournalConflictError",
     "ObjectiveLoadError",
     "ObjectiveRefusedError",
@@ -52,6 +54,16 @@ class RedisDataLostError(OptunaRQError):
 
 class BrokerAlreadyRunningError(OptunaRQError):
     """Another broker holds this prefix."""
+
+
+class FenceLostError(BrokerAlreadyRunningError):
+    """A write was refused: the broker's lock is another broker's now (this one was frozen or
+    cut off past the lock's TTL). Nothing of it was written; the broker stops."""
+
+
+class FenceError(OptunaRQError):
+    """A command the broker's fenced client cannot make conditional on its lock (a script, or a
+    blocking write): refused rather than sent unfenced."""
 
 
 class ObjectiveRefusedError(OptunaRQError):

@@ -23,6 +23,8 @@ import redis
 
 from optuna_rq.cli import main
 from optuna_rq.client import BrokerClient
+from optuna_rq.daemon.lock import BrokerLock
+from optuna_rq.errors import FenceLostError
 from optuna_rq.progress import EXIT_NO_BROKER, BrokerWatch
 from optuna_rq.protocol import Keys, StudyState, StudyStatus, liveness
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerState, TurnBeacon
@@ -123,16 +125,21 @@ def test_a_follower_that_saw_the_broker_serve_gives_up_once_it_stops_past_the_gr
 
 
 def test_only_the_lock_holder_writes_the_turn_record(conn: redis.Redis, prefix: str) -> None:
+    """The beacon writes through the broker's fenced client: once another broker holds the lock
+    (or none does, and another took it in between), a stale broker writes nothing."""
     keys = Keys(prefix)
-    for holder in (None, NEW):  # no lock, or another broker's: a stale broker writes nothing
-        plant(conn, prefix, holder=holder, turn=None)
-        TurnBeacon(conn, keys, identity=OLD).beat()
-        assert not conn.exists(keys.broker_turn), holder
-    plant(conn, prefix, holder=OLD, turn=None)
-    TurnBeacon(conn, keys, identity=OLD).beat()
-    assert conn.hget(keys.broker_turn, "broker") == OLD.encode()
+    lock = BrokerLock(conn, keys, ttl_s=60)
+    lock.acquire()
+    beacon = TurnBeacon(lock.connection, keys, identity=lock.identity)
+    beacon.beat()
+    assert conn.hget(keys.broker_turn, "broker") == lock.identity.encode()
     live = BrokerClient(conn, prefix).liveness()
     assert live.state is BrokerState.SERVING and live.last_turn_age_s is not None
+    conn.delete(keys.broker_turn)
+    conn.set(keys.broker, NEW, px=60_000)  # another broker took over
+    with pytest.raises(FenceLostError):
+        TurnBeacon(lock.connection, keys, identity=lock.identity).beat()
+    assert not conn.exists(keys.broker_turn)
 
 
 def running_status(name: str, state: StudyState = StudyState.RUNNING) -> StudyStatus:

@@ -60,20 +60,23 @@ class Daemon:
         health: BrokerHealth | None = None,
         off_loop: OffLoopSampling | None = None,
     ) -> None:
-        self.connection = connection
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        # Every write of this broker goes through the lock's fenced client (`daemon.fence`):
+        # conditional on the lock and the epoch, so a broker that lost either writes nothing.
+        self.lock = BrokerLock(connection, self.keys, ttl_s=settings.lock_ttl_s)
+        connection = self.connection = self.lock.connection
         self.signer = signer or Signer()
         self.metrics = metrics
         self.health = health or BrokerHealth()  # what /healthz and /readyz report
         self._last_metrics = 0.0
-        self.settings = settings
-        self.keys = Keys(settings.prefix)
         client = BrokerClient(connection, settings.prefix, signer=self.signer)
-        self.lock = BrokerLock(connection, self.keys, ttl_s=settings.lock_ttl_s, client=client)
-        self.epoch_guard = EpochGuard(connection, self.keys)
+        self.epoch_guard = EpochGuard(connection, self.keys, self.lock.fence)
         self.turns = TurnBeacon(connection, self.keys, identity=self.identity)  # for `wait`
         # Journal files are written by this daemon alone: their changes are buffered, and
-        # flushed before anything that acknowledges one leaves (`storages.flush`).
-        self.storages = Storages()
+        # flushed before anything that acknowledges one leaves (`storages.flush`), once the
+        # fence holds (`lock.check`).
+        self.storages = Storages(before_flush=self.lock.check)
         self.dispatcher = Dispatcher(
             connection,
             prefix=settings.prefix,
@@ -159,10 +162,11 @@ class Daemon:
             self.health.stopped(str(exc))
             raise
         log.info("broker %s serving prefix %r", self.identity, self.settings.prefix)
-        data_lost = False
+        data_lost = fenced_out = False
         try:
             self._serve(stop)
         except BrokerAlreadyRunningError as exc:  # another broker took the lock meanwhile
+            fenced_out = True  # nothing more is written, to Redis or to a storage
             self.health.stopped(str(exc))
             raise
         except RedisDataLostError:
@@ -176,15 +180,21 @@ class Daemon:
         finally:
             if self.health.is_serving:  # else its reason is said already
                 self.health.stopped("the broker stopped serving")
-            if not data_lost:
+            if not data_lost and not fenced_out:
                 try:
                     self.dispatcher.flush()
                     self.publish_status(force=True)
                 except StudyStorageError as exc:
                     log.error("%s", exc)
+                except (BrokerAlreadyRunningError, RedisDataLostError) as exc:  # while stopping
+                    log.error("%s", exc)
+                    fenced_out = True
             self.dispatcher.stop_sampling()
-            self.storages.close()  # what is told (the trials failed above too) is on disk
-            if not data_lost:
+            if fenced_out:
+                self.storages.discard()
+            else:
+                self.storages.close()  # what is told (the trials failed above too) is on disk
+            if not data_lost and not fenced_out:
                 self.release()
                 log.info("broker stopped; running trials go on and are told by the next broker")
 

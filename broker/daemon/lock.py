@@ -1,7 +1,11 @@
-"""One broker per prefix, and a broker that never writes to a Redis that lost its data.
+"""One broker per prefix, and a broker that never writes to a Redis that lost its data or to a
+prefix another broker took over.
 
 `BrokerLock` is the prefix's broker lock: taken at start (at once from a broker that died on this
-machine), renewed every third of its TTL, taken again after an outage longer than the TTL.
+machine), renewed every third of its TTL. It owns the broker's fenced client (`fence`): every
+write the broker makes is conditional, atomically, on the lock still naming it and on the epoch,
+so a broker frozen past the TTL while another took over writes nothing when it wakes. A lock that
+lapsed while nobody took it (an outage longer than the TTL) is taken again by the first write.
 `EpochGuard` is the random token the first broker sets in Redis: if it is gone or different, the
 server lost what the broker wrote (a restart without persistence, a flush, a failover to an empty
 replica), and the broker must stop rather than write on.
@@ -19,8 +23,8 @@ from typing import Any
 
 import redis
 
-from optuna_rq.client import BrokerClient
-from optuna_rq.errors import BrokerAlreadyRunningError, RedisDataLostError
+from optuna_rq.daemon.fence import Fence, FencedRedis, data_lost_error
+from optuna_rq.errors import BrokerAlreadyRunningError, FenceLostError, RedisDataLostError
 from optuna_rq.processes import exited
 from optuna_rq.protocol import Keys
 
@@ -45,82 +49,80 @@ def _now() -> str:
 
 
 class BrokerLock:
-    """The lock at `Keys.broker`, holding this process's identity ("host:pid since ...").
+    """The lock at `Keys.broker`, holding this process's identity ("host:pid since ..."), and the
+    fenced client (`connection`) every write of the broker goes through."""
 
-    `client` tells who holds it when we cannot take it.
-    """
-
-    def __init__(self, connection: redis.Redis, keys: Keys, *, ttl_s: float, client: BrokerClient):
-        self.connection = connection
+    def __init__(self, connection: redis.Redis, keys: Keys, *, ttl_s: float) -> None:
         self.keys = keys
         self.ttl_s = ttl_s
-        self.client = client
         self.identity = f"{socket.gethostname()}:{os.getpid()} since {_now()}"
-        self._lock = connection.lock(keys.broker, timeout=ttl_s, blocking=False, thread_local=False)
+        self.fence = Fence(
+            lock=keys.broker,
+            epoch_key=keys.epoch,
+            generation_key=f"{keys.broker}:generation",
+            token=self.identity.encode(),
+            ttl_ms=max(1, round(ttl_s * 1000)),
+        )
+        self.connection = FencedRedis.around(connection, self.fence)
         self._last_renewed = 0.0
 
     def acquire(self) -> None:
-        """Become the prefix's broker, or raise naming the one that is. A lock left by a broker
-        that died on this machine (its pid is gone, or is ours: a restarted container) is taken
-        over at once rather than after its TTL."""
-        if not self._lock.acquire(token=self.identity.encode()):
-            holder = self.client.broker_holder() or "another broker"
-            if not (_died_here(holder) and self._take_over(holder)):
+        """Become the prefix's broker (setting the epoch if Redis has none), or raise naming the
+        one that is. A lock left by a broker that died on this machine (its pid is gone, or is
+        ours: a restarted container) is taken over at once rather than after its TTL."""
+        epoch = secrets.token_hex(8)
+        holder = self.connection.acquire(epoch=epoch)
+        if holder is not None:
+            name = holder.decode(errors="replace")
+            if _died_here(name) and self.connection.acquire(epoch=epoch, take_over=name) is None:
+                log.warning("took over the lock of a broker that died here: %s", name)
+            else:
                 raise BrokerAlreadyRunningError(
-                    f"a broker is already running on prefix {self.keys.prefix!r}: {holder}; "
+                    f"a broker is already running on prefix {self.keys.prefix!r}: {name}; "
                     "stop it first, or use another --prefix"
                 )
         self._last_renewed = time.monotonic()
 
-    def _take_over(self, holder: str) -> bool:
-        """Delete the dead broker's lock (only if it still names that broker) and take it."""
-        deleted = self.connection.eval(
-            "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end "
-            "return 0",
-            1,
-            self.keys.broker,
-            holder,
-        )
-        if deleted and self._lock.acquire(token=self.identity.encode()):
-            log.warning("took over the lock of a broker that died here: %s", holder)
-            return True
-        return False
-
     def keep(self, *, force: bool = False) -> None:
-        """Renew the lock (at most every third of its TTL unless `force`); take it again if it
-        lapsed (an outage longer than its TTL). Raises if another broker took it meanwhile."""
+        """Renew the lock (at most every third of its TTL unless `force`), taking it again if it
+        lapsed and nobody took it meanwhile. Raises FenceLostError if another broker took it,
+        RedisDataLostError if the epoch is gone."""
         now = time.monotonic()
         if not force and now - self._last_renewed <= self.ttl_s / 3:
             return
-        try:
-            renewed = self._lock.reacquire()
-        except redis.exceptions.LockNotOwnedError:
-            renewed = bool(self._lock.acquire(token=self.identity.encode()))
-        if not renewed:
-            holder = self.client.broker_holder() or "another broker"
-            raise BrokerAlreadyRunningError(f"lost the broker lock: {holder} took over")
+        self.connection.pexpire(self.keys.broker, self.fence.ttl_ms)
         self._last_renewed = now
+
+    def check(self) -> None:
+        """Raise unless this broker still holds the lock and the epoch (one round trip): run
+        before anything is made durable in a study storage."""
+        self.connection.check_fence()
 
     def release(self) -> None:
         """Let the lock go; a no-op if it is no longer ours."""
         try:
-            self._lock.release()
-        except redis.exceptions.LockError:
+            self.connection.delete(self.keys.broker)
+        except (FenceLostError, RedisDataLostError):
             pass
 
 
 class EpochGuard:
-    """The token at `Keys.epoch`: set once by the first broker of a Redis, checked every step."""
+    """The token at `Keys.epoch`: set by the first broker of a Redis when it takes the lock
+    (`BrokerLock.acquire`), checked every step."""
 
-    def __init__(self, connection: redis.Redis, keys: Keys) -> None:
+    def __init__(self, connection: redis.Redis, keys: Keys, fence: Fence) -> None:
         self.connection = connection
         self.keys = keys
-        self.epoch: bytes | None = None
+        self.fence = fence
+
+    @property
+    def epoch(self) -> bytes | None:
+        return self.fence.epoch
 
     def establish(self) -> None:
-        """Set the epoch unless a predecessor did, and remember it. Call holding the lock."""
-        self.connection.set(self.keys.epoch, secrets.token_hex(8), nx=True)
-        self.epoch = self.connection.get(self.keys.epoch)  # type: ignore[assignment]
+        """Nothing more to do: the lock's acquisition set the epoch (unless a predecessor did)
+        and learnt it."""
+        assert self.fence.epoch is not None, "take the lock first"
 
     def fetch(self, pipe: redis.client.Pipeline) -> None:
         """Queue the read of the epoch on `pipe`; hand its reply to `check`."""
@@ -133,11 +135,4 @@ class EpochGuard:
     def check(self, current: Any) -> None:
         """Raise RedisDataLostError unless `current` (the epoch as read) is ours."""
         if current != self.epoch:
-            raise RedisDataLostError(
-                f"Redis lost its data: the key {self.keys.epoch!r} the broker set at start is "
-                f"{'gone' if current is None else 'different'}. The server restarted without "
-                "persistence, was flushed, or failed over to an empty replica. The broker stops "
-                "rather than write on: submitted studies, queued trials and unread results are "
-                "gone from Redis (trials told so far are safe in their storages). Turn on "
-                "persistence (appendonly yes), then start the broker again and resubmit."
-            )
+            raise data_lost_error(self.keys.epoch, current)

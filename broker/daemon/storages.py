@@ -259,8 +259,11 @@ class Storages:
     that failed is forgotten (and its file released), so the next study on its URL opens it
     afresh."""
 
-    def __init__(self) -> None:
+    def __init__(self, before_flush: Callable[[], None] | None = None) -> None:
         self._open: dict[str, GuardedStorage] = {}
+        self.before_flush = before_flush
+        """Run before anything is made durable (the broker's fence: a broker that lost its lock
+        or its epoch makes nothing durable); raises to stop it."""
 
     def open(self, url: str) -> GuardedStorage:
         """The storage at `url`; raises StudyStorageError if it cannot be opened, whatever the
@@ -275,7 +278,10 @@ class Storages:
         """Make every change told to any open storage durable: called before anything that
         acknowledges one leaves the daemon. Costs nothing when nothing changed. A storage that
         fails raises StudyStorageError (the daemon fails its studies and forgets it)."""
-        for storage in list(self._open.values()):
+        pending = [s for s in self._open.values() if s.journal is not None and s.journal.pending]
+        if pending and self.before_flush is not None:
+            self.before_flush()
+        for storage in pending:
             if storage.flush():
                 failpoints.hit("after_flush")
 
@@ -284,8 +290,15 @@ class Storages:
         if storage is not None:
             storage.close()
 
+    def discard(self) -> None:
+        """Release every storage, dropping what was not made durable: a broker that lost its
+        lock stops, and what it changed since its last fenced flush is not its to keep."""
+        for url in list(self._open):
+            self.forget(url)
+
     def close(self) -> None:
-        """Flush and release every storage (a daemon stopping); a failure is logged."""
+        """Flush and release every storage (a daemon stopping, or one whose Redis lost its data:
+        not fenced); a failure is logged."""
         for url in list(self._open):
             try:
                 self._open[url].flush()

@@ -4,9 +4,10 @@ judge it.
 The broker's loop writes `Keys.broker_turn` at most every `TURN_BEAT_S`: a hash naming the broker
 (its lock identity, "host:pid since ...") and the time of its turn, taken from the Redis server's
 clock (so a reader on another machine compares it with the same clock, whatever the skew between
-hosts). The write is conditional on the broker still holding the lock, in one script, so a broker
-that lost its lock never writes itself back alive. The record has no TTL: after the broker
-stopped it tells who ran last and when, and its absence means no broker ever ran on the prefix.
+hosts). The broker writes it through its fenced client (`optuna_rq.daemon.fence`), as every
+write of its: conditional on its lock and epoch, so a broker that lost its lock never writes
+itself back alive. The record has no TTL: after the broker stopped it tells who ran last and when,
+and its absence means no broker ever ran on the prefix.
 
 A reader combines it with the lock (`Keys.broker`): see `BrokerState`. The lock alone would
 not do: a SIGKILLed broker leaves its lock for up to its TTL (10 s), and a frozen one keeps it.
@@ -48,29 +49,25 @@ BROKER_START_GRACE_S = 30.0
 one to start before they give up (a broker launched with the submission takes its lock within
 it; a cold start took over 5 s on a loaded 2-core machine)."""
 
-_BEAT_SCRIPT = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local now = redis.call('TIME')
-redis.call('HSET', KEYS[2], 'broker', ARGV[1], 'at_s', now[1], 'at_us', now[2])
-return 1
-"""
-
 
 class TurnBeacon:
     """The broker's side: `beat()` once per turn of its loop; it writes at most every
-    `TURN_BEAT_S`, and only while Redis holds `identity` as the lock's value."""
+    `TURN_BEAT_S`. `connection` is the broker's fenced client: the write lands only while the
+    broker holds its lock."""
 
     def __init__(self, connection: redis.Redis, keys: Keys, *, identity: str) -> None:
+        self.connection = connection
         self.keys = keys
         self.identity = identity
-        self._script = connection.register_script(_BEAT_SCRIPT)
         self._last = -TURN_BEAT_S  # the first turn writes at once: `starting` ends with it
 
     def beat(self) -> None:
         now = time.monotonic()
         if now - self._last < TURN_BEAT_S:
             return
-        self._script(keys=[self.keys.broker, self.keys.broker_turn], args=[self.identity])
+        seconds, micros = self.connection.time()  # the server's clock, every reader's too
+        record = {"broker": self.identity, "at_s": seconds, "at_us": micros}
+        self.connection.hset(self.keys.broker_turn, mapping=record)  # type: ignore[arg-type]
         self._last = now
 
 
