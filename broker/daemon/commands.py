@@ -16,7 +16,7 @@ import optuna
 
 from optuna_rq.daemon.registry import Registry
 from optuna_rq.dispatch.boundary import Site
-from optuna_rq.errors import ConfigError, StudyConflictError
+from optuna_rq.errors import ConfigError, StudyConflictError, StudyStorageError
 from optuna_rq.protocol import (
     Cancel,
     Change,
@@ -158,13 +158,19 @@ class Commands:
             self.on_cancel(name)
             if registry.boundary.faulted(name):
                 return  # not deleted: it ends FAILED with its fault, and can be deleted then
-        spec = registry.specs.pop(name, None) or registry.stored_spec(name)
+        spec = registry.stored_spec(name)
         if purge and spec is not None:
             try:
                 storage = registry.storages.open(registry.storage_url(spec))
                 optuna.delete_study(study_name=name, storage=storage)
             except KeyError:
                 pass  # it never reached its storage (it failed to start)
+            except StudyStorageError as exc:  # refused, not retried every turn: say so
+                raise ConfigError(
+                    f"study {name!r} was not deleted: its storage cannot purge it ({exc}); "
+                    "delete it without --purge, or when its storage is back"
+                ) from exc
+        registry.specs.pop(name, None)
         registry.storages.flush()  # the purge is durable before the study is gone from the status
         pipe = connection.pipeline(transaction=True)
         pipe.hdel(keys.studies, name)

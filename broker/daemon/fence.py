@@ -63,7 +63,11 @@ log = logging.getLogger("optuna_rq.broker")
 
 # KEYS: the lock, the epoch, the generation. ARGV: the broker's token, its epoch, its generation,
 # the lock's TTL in ms, then each command as its length and its words.
-FENCE_SCRIPT = """
+# The shebang makes it a flagged script: Redis refuses it whole, before it runs, while it is out
+# of memory (no `allow-oom`), as it refuses a whole MULTI/EXEC; unflagged, it would run each
+# command that frees or keeps (LTRIM, XACK, PEXPIRE) and refuse only those that grow, so a take
+# off one list onto another could trim without pushing.
+FENCE_SCRIPT = """#!lua
 if redis.call('get', KEYS[2]) ~= ARGV[2] then
   return redis.error_reply('FENCED epoch')
 end

@@ -14,6 +14,7 @@ from typing import Any
 
 import optuna
 import redis
+from optuna.trial import TrialState
 
 from optuna_rq.client import BrokerClient
 from optuna_rq.daemon.settings import BrokerSettings
@@ -22,9 +23,10 @@ from optuna_rq.daemon.stopping import StopConditions
 from optuna_rq.daemon.storages import Storages, read_back
 from optuna_rq.dispatch import Dispatcher, StudyRun
 from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
-from optuna_rq.errors import ConfigError, ProtocolError, StudyStorageError
-from optuna_rq.protocol import Keys, StudySpec, StudyState, new_incarnation
+from optuna_rq.errors import ConfigError, ProtocolError, StudyConflictError, StudyStorageError
+from optuna_rq.protocol import FailReason, Keys, StudySpec, StudyState, new_incarnation
 from optuna_rq.studies import journal_path, make_pruner, make_sampler
+from optuna_rq.verdict import Verdict, fail_orphans
 
 __all__ = ["Registry"]
 
@@ -128,8 +130,13 @@ class Registry:
         except StudyStorageError as exc:
             self.storage_failed(exc, starting=spec)
             return
-        if run is None or self.boundary.faulted(spec.name):  # `end_ended` says so
+        if self.boundary.faulted(spec.name):  # `end_ended` ends it, and says so
+            if run is not None:
+                self.dispatcher.add(run)  # so that its trials end with it
+            else:
+                self._fail_orphans(spec)
             return
+        assert run is not None
         self.dispatcher.add(run)
         self.stopping.watch(spec.name)
         log.info(
@@ -143,6 +150,24 @@ class Registry:
         )
         with self.boundary.guard(spec.name, Site.STATUS):
             self.status.publish(spec, run, state=StudyState.RUNNING)  # now: `wait` sees it
+
+    def _fail_orphans(self, spec: StudySpec) -> None:
+        """A study that faulted before its run was built (its sampler could not be made, say)
+        may hold trials a previous broker left RUNNING: they end FAIL with it, if its storage
+        holds it at all."""
+        try:
+            study = optuna.load_study(
+                study_name=spec.name,
+                storage=self.storages.open(self.storage_url(spec)),
+                sampler=optuna.samplers.RandomSampler(),  # not the one that failed
+            )
+        except Exception as exc:  # never created, or its storage is down: nothing of it runs
+            log.info("study %r: no trials of it to end (%s)", spec.name, exc)
+            return
+        why = f"the study failed: {self.boundary.faults[spec.name]}"
+        fail_orphans(
+            study, Verdict(state=TrialState.FAIL, fail_reason=FailReason.CANCELLED, error=why)
+        )
 
     def _open(self, spec: StudySpec) -> StudyRun:
         url = self.storage_url(spec)
@@ -213,7 +238,7 @@ class Registry:
     def _end_faulted(self, name: str) -> None:
         """End the study `name` FAILED with its fault: its trials in flight end FAIL (if its
         storage still takes a tell; else they are only withdrawn), its status says why."""
-        fault = self.boundary.faults.pop(name)
+        fault = self.boundary.faults[name]
         run = self.runs.get(name)
         if run is not None:
             self.dispatcher.remove(name)
@@ -224,14 +249,18 @@ class Registry:
                     raise
                 log.error("study %r: its trials in flight were not told: %s", name, exc)
                 self.dispatcher.abandon(run)
+        self.boundary.forget(name)  # after the cancel: what it met is the same fault's
         spec = self.specs.get(name) or self.stored_spec(name)
         if spec is None:
             return
-        state = self.state(name) if run is None else StudyState.RUNNING
-        if state is not None and state.ended:  # a command on an ended study: it keeps its result
-            self.status.annotate(spec, f"the broker failed acting on it: {fault}")
-            return
-        self.status.publish_failed(spec, run, error=str(fault))
+        state = self.state(name) if run is None else self.status.lifecycle.state(name)
+        try:
+            if state is not None and state.ended:  # it ended already: it keeps its result
+                self.status.annotate(spec, f"the broker failed acting on it: {fault}")
+            else:
+                self.status.publish_failed(spec, run, error=str(fault))
+        except StudyConflictError as exc:  # a state nobody can move it from: said, not fatal
+            log.error("study %r: %s", name, exc)
 
     def storage_failed(self, error: StudyStorageError, starting: StudySpec | None = None) -> None:
         """A study storage failed: every study on it (and `starting`, the one that found out)

@@ -59,8 +59,11 @@ def _is_optunas_verdict(exc: Exception) -> bool:
     return isinstance(exc, (optuna.exceptions.OptunaError, KeyError, ValueError, TypeError))
 
 
-def _guarded(name: str) -> Callable[..., Any]:
+def _guarded(name: str, *, writes: bool = False) -> Callable[..., Any]:
     def call(self: GuardedStorage, *args: Any, **kwargs: Any) -> Any:
+        if writes and self.journal is None and self.before_write is not None:
+            # A storage that writes through (SQL) is durable at once: the fence first.
+            self.before_write()
         try:
             return getattr(self.inner, name)(*args, **kwargs)
         except Exception as exc:
@@ -152,10 +155,19 @@ class GuardedStorage(BaseStorage):
     `journal`, if `inner` writes through one, holds its changes until `flush`; a study's
     WAITING trials on it are then found without walking its history (`_WaitingTrials`)."""
 
-    def __init__(self, inner: BaseStorage, url: str, journal: BatchedJournal | None = None) -> None:
+    def __init__(
+        self,
+        inner: BaseStorage,
+        url: str,
+        journal: BatchedJournal | None = None,
+        before_write: Callable[[], None] | None = None,
+    ) -> None:
         self.inner = inner
         self.url = url
         self.journal = journal
+        self.before_write = before_write
+        """Run before each write of a storage that writes through (the broker's fence); a
+        journal's writes are fenced where they become durable (`Storages.flush`)."""
         self._waiting = _WaitingTrials(inner, journal) if journal is not None else None
 
     def get_all_trials(
@@ -223,16 +235,16 @@ class GuardedStorage(BaseStorage):
         if self.journal is not None:
             self.journal.close()
 
-    create_new_study = _guarded("create_new_study")
-    set_study_user_attr = _guarded("set_study_user_attr")
-    set_study_system_attr = _guarded("set_study_system_attr")
+    create_new_study = _guarded("create_new_study", writes=True)
+    set_study_user_attr = _guarded("set_study_user_attr", writes=True)
+    set_study_system_attr = _guarded("set_study_system_attr", writes=True)
     get_study_id_from_name = _guarded("get_study_id_from_name")
     get_study_name_from_id = _guarded("get_study_name_from_id")
     get_study_directions = _guarded("get_study_directions")
     get_study_user_attrs = _guarded("get_study_user_attrs")
     get_study_system_attrs = _guarded("get_study_system_attrs")
     get_all_studies = _guarded("get_all_studies")
-    create_new_trial = _guarded("create_new_trial")
+    create_new_trial = _guarded("create_new_trial", writes=True)
     get_trial_id_from_study_id_trial_number = _guarded("get_trial_id_from_study_id_trial_number")
     get_trial_number_from_id = _guarded("get_trial_number_from_id")
     get_trial_param = _guarded("get_trial_param")
@@ -246,12 +258,12 @@ class GuardedStorage(BaseStorage):
     check_trial_is_updatable = _guarded("check_trial_is_updatable")
 
 
-_set_trial_state_values = _guarded("set_trial_state_values")
-_set_trial_param = _guarded("set_trial_param")
-_set_trial_intermediate_value = _guarded("set_trial_intermediate_value")
-_set_trial_user_attr = _guarded("set_trial_user_attr")
-_set_trial_system_attr = _guarded("set_trial_system_attr")
-_delete_study = _guarded("delete_study")
+_set_trial_state_values = _guarded("set_trial_state_values", writes=True)
+_set_trial_param = _guarded("set_trial_param", writes=True)
+_set_trial_intermediate_value = _guarded("set_trial_intermediate_value", writes=True)
+_set_trial_user_attr = _guarded("set_trial_user_attr", writes=True)
+_set_trial_system_attr = _guarded("set_trial_system_attr", writes=True)
+_delete_study = _guarded("delete_study", writes=True)
 
 
 class Storages:
@@ -263,7 +275,8 @@ class Storages:
         self._open: dict[str, GuardedStorage] = {}
         self.before_flush = before_flush
         """Run before anything is made durable (the broker's fence: a broker that lost its lock
-        or its epoch makes nothing durable); raises to stop it."""
+        or its epoch makes nothing durable); raises to stop it. A journal's changes become
+        durable at `flush`, a storage that writes through (SQL) at each write."""
 
     def open(self, url: str) -> GuardedStorage:
         """The storage at `url`; raises StudyStorageError if it cannot be opened, whatever the
@@ -272,6 +285,7 @@ class Storages:
         storage = self._open.get(key)
         if storage is None:
             storage = self._open[key] = _open_guarded(url)
+            storage.before_write = self.before_flush
         return storage
 
     def flush(self) -> None:

@@ -525,7 +525,14 @@ class Dispatcher:
             else Verdict(state=TrialState.FAIL, fail_reason=FailReason.CANCELLED, error=why)
         )
         for record in run.in_flight():
-            self._finish(run, record, verdict)
+            try:
+                self._finish(run, record, verdict)
+            except Exception as exc:
+                if not orphans or passes_through(exc):
+                    raise
+                # The study's sampler may be what broke (a tell runs its after_trial): the
+                # trial ends below, through the storage alone.
+                log.error("study %r trial %d: %s", run.name, record.number, exc)
         if orphans:
             fail_orphans(run.study, verdict)
 

@@ -19,6 +19,7 @@ from rq.job import Job
 
 from optuna_rq import Optimizer, suggest
 from optuna_rq.connection import connect
+from optuna_rq.daemon.lock import BrokerLock
 from optuna_rq.protocol import RUN_TRIAL, Keys, trial_queue
 from optuna_rq.protocol.queue import MsgpackSerializer
 from optuna_rq.verdict import FAIL_REASON_ATTR
@@ -271,3 +272,37 @@ def test_the_python_api_waits_out_a_full_redis(cluster: Cluster, aof_redis: Redi
     states = [t.state for t in study.trials]
     assert states.count(TrialState.COMPLETE) == 10, states
     assert TrialState.RUNNING not in states
+
+
+def test_a_fenced_write_on_a_full_redis_does_all_or_nothing(aof_redis: RedisServer) -> None:
+    """A full Redis refuses commands that grow its data and runs those that shrink or keep it.
+    The broker's fenced writes are refused whole: a command taken off one list onto another
+    (as the inbox hands a bulk command to the backlog) is never trimmed without being pushed,
+    in either order."""
+    conn = connect(aof_redis.url)
+    keys = Keys("fullfence")
+    lock = BrokerLock(conn, keys, ttl_s=30)
+    lock.acquire()
+    fenced = lock.connection
+    conn.rpush("fullfence:inbox", "a", "b")
+    fill(conn)
+    try:
+        for trim_first in (True, False):
+            pipe = fenced.pipeline(transaction=True)
+            if trim_first:
+                pipe.ltrim("fullfence:inbox", 1, -1)
+            pipe.rpush("fullfence:backlog", "a")
+            if not trim_first:
+                pipe.ltrim("fullfence:inbox", 1, -1)
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                pipe.execute()
+            assert conn.lrange("fullfence:inbox", 0, -1) == [b"a", b"b"], trim_first
+            assert not conn.exists("fullfence:backlog"), trim_first
+    finally:
+        free(conn)
+    pipe = fenced.pipeline(transaction=True)
+    pipe.rpush("fullfence:backlog", "a")
+    pipe.ltrim("fullfence:inbox", 1, -1)
+    pipe.execute()
+    assert conn.lrange("fullfence:inbox", 0, -1) == [b"b"]
+    assert conn.lrange("fullfence:backlog", 0, -1) == [b"a"]
