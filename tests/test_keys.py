@@ -26,8 +26,10 @@ Name = Callable[[AttemptId], str]
 KEYS = Keys("optuna-rq")
 FIELDS = ("reply_to", "study", "incarnation", "trial_number", "attempt")
 # An attempt's parts: a method taking one of these by name makes a per-attempt name outside
-# the rule (it must take an AttemptId).
-_ATTEMPT_PARTS = {"study", "incarnation", "trial_number", "number", "attempt", "job_id"}
+# the rule (it must take an AttemptId). A name of a whole study (its backlog of bulk commands,
+# which goes when the study ends) may take the study alone.
+_ATTEMPT_PARTS = {"incarnation", "trial_number", "number", "attempt", "job_id"}
+_PER_STUDY = {"backlog_of"}
 
 
 def _methods() -> dict[str, Callable[..., object]]:
@@ -79,7 +81,8 @@ def test_the_per_attempt_names_are_found_by_enumerating_keys() -> None:
 
 def test_no_name_takes_an_attempts_parts_but_through_an_attempt_id() -> None:
     for name, function in _methods().items():
-        taken = set(inspect.signature(function).parameters) & _ATTEMPT_PARTS
+        parts = _ATTEMPT_PARTS if name in _PER_STUDY else _ATTEMPT_PARTS | {"study"}
+        taken = set(inspect.signature(function).parameters) & parts
         assert not taken, f"Keys.{name} takes {taken}: name an attempt from one AttemptId"
 
 
