@@ -99,3 +99,46 @@ def test_run_until_done_raises_what_broke_its_study(conn: redis.Redis, prefix: s
     assert not dispatcher.runs and not dispatcher.boundary.faults
     states = {t.state for t in study.get_trials(deepcopy=False)}
     assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+
+
+def test_a_purge_its_storage_cannot_do_is_refused_and_the_commands_after_it_apply(
+    conn: redis.Redis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`delete --purge` of a study whose storage is down is refused with the reason, not left
+    at the head of the inbox to hold up every command after it."""
+    from optuna_rq.client import BrokerClient
+    from optuna_rq.daemon import BrokerSettings, Daemon
+    from optuna_rq.protocol import Delete
+    from optuna_rq.protocol.spec import StudySpec
+
+    down = "journal:///dev/null/x.journal"  # a path that cannot be created
+    daemon = Daemon(conn, BrokerSettings(prefix=prefix, storage="memory"))
+    daemon.acquire()
+    client = BrokerClient(conn, prefix)
+    try:
+        spec = StudySpec(
+            name="down",
+            objective="tests.objectives:quadratic",
+            space={},
+            n_trials=1,
+            concurrency=1,
+            storage=down,
+        )
+        client.submit(spec, storage=down)
+        daemon.step()
+        assert client.status("down").state.value == "failed"  # type: ignore[union-attr]
+        later = StudySpec(
+            name="later",
+            objective="tests.objectives:quadratic",
+            space={},
+            n_trials=1,
+            concurrency=1,
+        )
+        client.send(Delete(study="down", force=False, purge=True))
+        client.submit(later, storage="memory")
+        daemon.step()
+        assert conn.llen(f"{prefix}:commands") == 0
+        assert "later" in daemon.specs and daemon.connection.hexists(f"{prefix}:studies", "down")
+        assert any("was not deleted" in r.getMessage() for r in caplog.records)
+    finally:
+        daemon.release()
