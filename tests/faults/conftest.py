@@ -10,12 +10,14 @@ in the broker's status, and the cap never exceeded as sampled by the running obj
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -354,3 +356,48 @@ def wait_calls(cluster: Cluster, count: int, *, timeout_s: float = 60) -> None:
         timeout_s=timeout_s,
         message=f"{count} objective calls did not start",
     )
+
+
+@dataclasses.dataclass
+class OptimizerRun:
+    """A remote `Optimizer` of 10 `steady` trials run in a thread of the test, on `cluster`'s
+    prefix: `study` is its study, `errors` what its run raised."""
+
+    study: optuna.Study
+    thread: threading.Thread
+    errors: list[BaseException]
+
+    def finished(self) -> list[TrialState]:
+        """Join the run; the states of its trials (AssertionError if it did not end cleanly)."""
+        self.thread.join(timeout=120)
+        assert not self.thread.is_alive() and not self.errors, self.errors
+        return [t.state for t in self.study.trials]
+
+
+def start_optimizer(cluster: Cluster, *, hold_s: float) -> OptimizerRun:
+    """Start a remote Optimizer run (`OptimizerRun`) once its third trial is running."""
+    from optuna_rq import Optimizer, suggest
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler())
+    optimizer = Optimizer(
+        "tests.fault_objectives:steady",
+        concurrency=2,
+        n_trials=10,
+        study=study,
+        redis_url=cluster.server.url,
+        prefix=cluster.prefix,
+    )
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            optimizer.run(
+                x=suggest.float(0, 1), redis_url=cluster.server.url, key=cluster.key, hold_s=hold_s
+            )
+        except BaseException as exc:  # the test thread reports it
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_calls(cluster, 3)
+    return OptimizerRun(study, thread, errors)

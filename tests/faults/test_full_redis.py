@@ -11,20 +11,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import optuna
 import pytest
 import redis
 from optuna.trial import TrialState
 from rq.job import Job
 
-from optuna_rq import Optimizer, suggest
 from optuna_rq.connection import connect
 from optuna_rq.daemon.lock import BrokerLock
 from optuna_rq.protocol import RUN_TRIAL, Keys, trial_queue
 from optuna_rq.protocol.queue import MsgpackSerializer
 from optuna_rq.verdict import FAIL_REASON_ATTR
 from optuna_rq.workers.rq_worker import TrialWorker
-from tests.faults.conftest import BOTH_ISOLATIONS, LEASE_TTL_S, Cluster, RedisServer, wait_calls
+from tests.faults.conftest import (
+    BOTH_ISOLATIONS,
+    LEASE_TTL_S,
+    Cluster,
+    RedisServer,
+    start_optimizer,
+    wait_calls,
+)
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -234,42 +239,19 @@ def test_a_pools_parent_holds_the_result_it_reports_and_keeps_the_other_leases(
     assert "Traceback" not in text, text[-3000:]
 
 
-def test_the_python_api_waits_out_a_full_redis(cluster: Cluster, aof_redis: RedisServer) -> None:
+def test_the_python_api_waits_out_a_full_redis(cluster: Cluster) -> None:
     cluster.start_workers(2)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler())
-    optimizer = Optimizer(
-        "tests.fault_objectives:steady",
-        concurrency=2,
-        n_trials=10,
-        study=study,
-        redis_url=aof_redis.url,
-        prefix=cluster.prefix,
-    )
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            optimizer.run(
-                x=suggest.float(0, 1), redis_url=aof_redis.url, key=cluster.key, hold_s=0.5
-            )
-        except BaseException as exc:  # the test thread reports it
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    wait_calls(cluster, 3)
+    run = start_optimizer(cluster, hold_s=0.5)
     fill(cluster.conn)
     # (The Optimizer says Redis is full when it writes during the spell: if a result was told
     # just before it and its slot refilled; with none, it only reads, and waits as it is.)
     held_until = time.monotonic() + 3 * LEASE_TTL_S
     while time.monotonic() < held_until:  # the full spell itself
-        assert thread.is_alive(), errors
+        assert run.thread.is_alive(), run.errors
         time.sleep(0.1)
     free(cluster.conn)
-    thread.join(timeout=120)
 
-    assert not thread.is_alive() and not errors, errors
-    states = [t.state for t in study.trials]
+    states = run.finished()
     assert states.count(TrialState.COMPLETE) == 10, states
     assert TrialState.RUNNING not in states
 

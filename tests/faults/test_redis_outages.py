@@ -7,7 +7,6 @@ import logging
 import random
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -18,11 +17,10 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from optuna_rq import Optimizer, suggest
 from optuna_rq.connection import connect
 from optuna_rq.dispatch import RETRY_OF_ATTR
 from optuna_rq.verdict import FAIL_REASON_ATTR
-from tests.faults.conftest import LEASE_TTL_S, Cluster, RedisServer, wait_calls
+from tests.faults.conftest import LEASE_TTL_S, Cluster, RedisServer, start_optimizer
 from tests.faults.fencing import DualRedis, Monitor, WriteFlags, broker_writes, lock_keys
 from tests.faults.fencing import dual_redis as dual_redis  # the fixture
 from tests.helpers import wait_until
@@ -157,35 +155,12 @@ def test_the_python_api_rides_out_a_redis_outage(
 ) -> None:
     caplog.set_level(logging.INFO, logger="optuna_rq.connection")
     cluster.start_workers(2)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler())
-    optimizer = Optimizer(
-        "tests.fault_objectives:steady",
-        concurrency=2,
-        n_trials=10,
-        study=study,
-        redis_url=aof_redis.url,
-        prefix=cluster.prefix,
-    )
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            optimizer.run(
-                x=suggest.float(0, 1), redis_url=aof_redis.url, key=cluster.key, hold_s=0.3
-            )
-        except BaseException as exc:  # the test thread reports it
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    wait_calls(cluster, 3)
+    run = start_optimizer(cluster, hold_s=0.3)
     aof_redis.kill()
     time.sleep(5.0)  # the outage itself
     aof_redis.start()
-    thread.join(timeout=120)
 
-    assert not thread.is_alive() and not errors, errors
+    states = run.finished()
     assert any("Redis is back" in r.getMessage() for r in caplog.records), "no outage seen"
-    states = [t.state for t in study.trials]
     assert states.count(TrialState.COMPLETE) == 10, states
     assert TrialState.RUNNING not in states
