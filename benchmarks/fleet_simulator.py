@@ -58,6 +58,7 @@ from optuna_rq.protocol import (
     Keys,
     MsgpackSerializer,
     Outcome,
+    Record,
     Signer,
     TrialRequest,
     TrialResult,
@@ -204,7 +205,7 @@ class SimulatedPool:
             if job.func_name != RUN_TRIAL:
                 raise ProtocolError(f"refused job function {job.func_name!r}")
             (payload,) = job.args
-            body = self.signer.open(payload, what="TrialRequest")
+            body = self.signer.open(Record.REQUEST, payload)
             return TrialRequest.decode(body, max_bytes=self.signer.max_message_bytes)
         except (ProtocolError, TypeError, ValueError) as exc:
             log.error("job %s refused: %s", job.id, exc)
@@ -277,7 +278,7 @@ class SimulatedPool:
         record.ended = True
         del self.running[record.job.id]
         self.free.append(record.slot)
-        self._ending.append((record, self.signer.seal(result.encode())))
+        self._ending.append((record, self.signer.seal(Record.RESULT, result.encode())))
 
     def _deliver(self) -> None:
         """This turn's results in one round trip: for each, what `supervision.deliver` writes

@@ -9,6 +9,7 @@ environment on its behalf.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -27,7 +28,15 @@ from optuna_rq.connection import (
     ENV_STATE_DIR,
 )
 from optuna_rq.errors import ConfigError
-from optuna_rq.protocol import DEFAULT_MAX_MESSAGE_BYTES, ENV_SECRET, Signer
+from optuna_rq.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ENV_KEY,
+    ENV_KEY_FILE,
+    ENV_SECRET,
+    ENV_SECRET_FILE,
+    Role,
+    Signer,
+)
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BROKER_START_GRACE_S
 from optuna_rq.protocol.signing import ENV_MAX_MESSAGE_BYTES
 
@@ -66,6 +75,8 @@ class GlobalOptions:
     debug: bool
     state_dir: Path | None = None
     secret: str | None = field(default=None, repr=False)
+    secret_file: Path | None = None
+    key_file: Path | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     redis_password: str | None = field(default=None, repr=False)
     redis_password_file: Path | None = None
@@ -76,10 +87,17 @@ class GlobalOptions:
 
         return resolve_redis_password(self.redis_password, self.redis_password_file)
 
-    def signer(self) -> Signer:
-        """The signer of every message this command sends or reads (a no-op without a secret)."""
-        secret = self.secret.encode() if self.secret else None
-        return Signer(secret, max_message_bytes=self.max_message_bytes)
+    def signer(self, role: Role = Role.CLIENT) -> Signer:
+        """The signer of every record this command writes or reads, as `role` (a no-op with
+        signing off): from --secret, --secret-file, --key-file or OPTUNA_RQ_KEY."""
+        return Signer.load(
+            role,
+            secret=self.secret or None,
+            secret_file=self.secret_file,
+            key=os.environ.get(ENV_KEY) or None,
+            key_file=self.key_file,
+            max_message_bytes=self.max_message_bytes,
+        )
 
     def state(self) -> Path:
         """The state directory (created if missing): `--state-dir`, else the default."""
@@ -158,6 +176,26 @@ def global_options(
             show_default=False,
         ),
     ] = None,
+    secret_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--secret-file",
+            envvar=ENV_SECRET_FILE,
+            help="A file holding the shared secret (a mounted secret); one trailing newline "
+            "is ignored.",
+            show_default=False,
+        ),
+    ] = None,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--key-file",
+            envvar=ENV_KEY_FILE,
+            help="A file holding this role's key from `optuna-rq keys` (a key per role: the "
+            "broker, workers and front doors each sign as themselves). Or OPTUNA_RQ_KEY.",
+            show_default=False,
+        ),
+    ] = None,
     max_message_bytes: Annotated[
         int,
         typer.Option(
@@ -185,6 +223,8 @@ def global_options(
         debug=debug,
         state_dir=state_dir,
         secret=secret,
+        secret_file=secret_file,
+        key_file=key_file,
         max_message_bytes=max_message_bytes,
         redis_password=redis_password,
         redis_password_file=redis_password_file,

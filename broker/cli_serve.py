@@ -15,7 +15,7 @@ import typer
 from optuna_rq.cli_options import GlobalOptions, configure_logging, connect_redis
 from optuna_rq.errors import ConfigError
 from optuna_rq.health import DEFAULT_STALL_LIMIT_S, BrokerHealth, serve_http
-from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, DEFAULT_QUEUE
+from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, DEFAULT_QUEUE, Role
 from optuna_rq.sampling import OFF_LOOP_AT_S, SAMPLES_TO_DECIDE
 
 __all__ = ["broker", "workers"]
@@ -129,7 +129,7 @@ def workers(
     from optuna_rq.workers.pool import WorkerPool, WorkerSettings
 
     options: GlobalOptions = ctx.obj
-    signer = options.signer()
+    signer = options.signer(Role.WORKER)
     level = configure_logging(log_level)
     devices = None if gpus is None else device_sets(gpus, gpus_per_trial)
     if gpus is None and gpus_per_trial != 1:
@@ -153,6 +153,7 @@ def workers(
         count=count or (len(devices) if devices else 1),
         log_level=level,
         secret=signer.secret,
+        key=signer.key_token,
         max_message_bytes=signer.max_message_bytes,
         metrics_port=metrics_port,
         lease_ttl_s=lease_ttl,
@@ -265,7 +266,7 @@ def broker(
                 f"--metrics-port {metrics_port}: cannot listen on it ({exc.strerror or exc}); "
                 "choose a free port"
             ) from exc
-    daemon = Daemon(connection, settings, options.signer(), metrics, health, off_loop)
+    daemon = Daemon(connection, settings, options.signer(Role.BROKER), metrics, health, off_loop)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -19,6 +19,8 @@ from optuna_rq.protocol import (
     Command,
     Enqueue,
     Keys,
+    Record,
+    Role,
     Signer,
     StudySpec,
     StudyState,
@@ -48,7 +50,7 @@ class BrokerClient:
     ) -> None:
         self.connection = connection
         self.keys = Keys(prefix)
-        self.signer = signer or Signer.from_env()
+        self.signer = signer or Signer.from_env(Role.CLIENT)
 
     @property
     def prefix(self) -> str:
@@ -61,7 +63,9 @@ class BrokerClient:
         batch, in order), and wake the broker's loop to take them now (else they would be taken
         when the loop next turns: up to its poll interval)."""
         pipe = self.connection.pipeline(transaction=False)
-        pipe.rpush(self.keys.commands, *(self.signer.seal(c.encode()) for c in commands))
+        pipe.rpush(
+            self.keys.commands, *(self.signer.seal(Record.COMMAND, c.encode()) for c in commands)
+        )
         pipe.xadd(self.keys.results, {WAKE_FIELD: b""})
         pipe.execute()
 

@@ -211,7 +211,7 @@ class Optimizer:
         ends the outstanding trials FAIL (`cancelled`), so none is left RUNNING."""
         from optuna_rq.connection import connect, resolve_redis_password
         from optuna_rq.dispatch import Dispatcher, StudyRun
-        from optuna_rq.protocol import Signer
+        from optuna_rq.protocol import Role, Signer
 
         connection = self.connection or connect(
             self.redis_url or "", password=resolve_redis_password()
@@ -229,7 +229,7 @@ class Optimizer:
             connection,
             prefix=prefix,
             reply_to=Keys(prefix).private_results(uuid.uuid4().hex),
-            signer=Signer.from_env(),
+            signer=Signer.from_env(Role.CLIENT),
         )
         dispatcher.add(run)
         stop = threading.Event()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from optuna_rq.protocol import ProtocolError, TrialCall, TrialCallReply, TrialRequest, TrialResult
 from optuna_rq.protocol.queue import MsgpackSerializer
-from optuna_rq.protocol.signing import Signer
+from optuna_rq.protocol.signing import Record, Signer
 from optuna_rq.protocol.spec import StudySpec
 
 # 400 examples each keep the whole suite near ten minutes on 2 cores (the fault tests need the
@@ -63,7 +63,7 @@ def _decoders() -> list:
         TrialCall.decode,
         TrialCallReply.decode,
         StudySpec.decode,
-        lambda raw: Signer(b"k" * 32).open(raw, what="m"),
+        lambda raw: Signer(b"k" * 32).open(Record.COMMAND, raw),
     ]
 
 

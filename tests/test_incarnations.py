@@ -23,6 +23,7 @@ from optuna_rq.protocol import (
     RESULT_FIELD,
     Keys,
     Outcome,
+    Record,
     Signer,
     TrialCall,
     TrialCallReply,
@@ -100,13 +101,13 @@ def test_a_result_of_another_incarnation_is_dropped_not_told(
         worker="earlier",
         duration_s=0.0,
     )
-    conn.xadd(f"{prefix}:results", {RESULT_FIELD: signer.seal(result.encode())})
+    conn.xadd(f"{prefix}:results", {RESULT_FIELD: signer.seal(Record.RESULT, result.encode())})
     assert dispatcher.poll(0.1) == 0
     assert run.study.trials[0].state is TrialState.RUNNING
     assert dispatcher.dropped_results == 1
 
     ours = dataclasses.replace(result, incarnation=run.incarnation, values=[0.5])
-    conn.xadd(f"{prefix}:results", {RESULT_FIELD: signer.seal(ours.encode())})
+    conn.xadd(f"{prefix}:results", {RESULT_FIELD: signer.seal(Record.RESULT, ours.encode())})
     assert dispatcher.poll(0.1) == 1
     assert run.study.trials[0].value == 0.5
 
@@ -152,7 +153,7 @@ def test_a_remote_trial_takes_only_the_answer_to_its_call(
     ]
     for stray in strays:
         reply = TrialCallReply.to(stray, ok=True, value=0.123, error=None)
-        conn.rpush(own, signer.seal(reply.encode()))
+        conn.rpush(own, signer.seal(Record.REPLY, reply.encode()))
     conn.rpush(own, b"not a reply")  # refused: it does not open
     trial = RemoteTrial(conn, request, signer, keys=Keys(prefix))
     with caplog.at_level("WARNING", logger="optuna_rq.worker"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from unittest.mock import patch
 
 import msgpack
 import optuna
@@ -23,38 +24,118 @@ from optuna_rq.protocol import (
     TrialResult,
     trial_queue,
 )
-from optuna_rq.protocol.signing import ENV_SECRET, Signer
+from optuna_rq.protocol.keyring import generate_keyrings
+from optuna_rq.protocol.signing import ENV_SECRET, Record, Role, Signer
 from tests.helpers import wait_until
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 signer = Signer(SECRET)
+RINGS = generate_keyrings()
+BROKER, WORKER, CLIENT = (Signer(keyring=RINGS[r]) for r in (Role.BROKER, Role.WORKER, Role.CLIENT))
 
 
-def test_seal_and_open_round_trip_and_no_secret_passes_through() -> None:
-    assert signer.open(signer.seal(b"body"), what="m") == b"body"
-    assert Signer().seal(b"body") == b"body" and Signer().open(b"body", what="m") == b"body"
+def test_seal_and_open_round_trip_and_signing_off_passes_through() -> None:
+    for record in Record:
+        assert signer.open(record, signer.seal(record, b"body")) == b"body"
+    assert Signer().seal(Record.COMMAND, b"body") == b"body"
+    assert Signer().open(Record.COMMAND, b"body") == b"body"
+
+
+def _envelope(**fields: object) -> bytes:
+    base = {"r": "command", "by": "shared", "ts": time.time(), "body": b"x", "sig": b"\0" * 32}
+    return msgpack.packb({**base, **fields})
 
 
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        (b"body", "signed m"),
+        (b"body", "signed command"),
         (msgpack.packb({"body": b"x"}), "is not signed"),
-        (Signer(b"another secret, 32 bytes long!!!").seal(b"body"), "bad signature"),
-        (msgpack.packb({"ts": time.time(), "body": b"x", "mac": b"\0" * 32}), "bad signature"),
-        (msgpack.packb({"ts": "now", "body": b"x", "mac": b"\0" * 32}), "malformed"),
+        (Signer(b"another secret, 32 bytes long!!!").seal(Record.COMMAND, b"x"), "bad signature"),
+        (_envelope(), "bad signature"),
+        (_envelope(ts="now"), "malformed"),
+        (signer.seal(Record.RESULT, b"x"), "not a command"),  # another kind of record
+        (CLIENT.seal(Record.COMMAND, b"x"), "bad signature"),  # a role key, not the secret
     ],
 )
-def test_unsigned_and_missigned_messages_are_refused(raw: bytes, message: str) -> None:
+def test_unsigned_and_missigned_records_are_refused(raw: bytes, message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
-        signer.open(raw, what="m")
+        signer.open(Record.COMMAND, raw)
 
 
-def test_stale_and_future_messages_are_refused() -> None:
+def test_a_record_is_bound_to_the_name_it_was_sealed_for() -> None:
+    sealed = BROKER.seal(Record.STATUS, b"finished", bound_to="a")
+    assert CLIENT.open(Record.STATUS, sealed, bound_to="a") == b"finished"
+    with pytest.raises(ProtocolError, match="bad signature"):
+        CLIENT.open(Record.STATUS, sealed, bound_to="b")  # copied under another study's name
+
+
+def test_stale_and_future_records_are_refused_where_they_age() -> None:
     for ts in (time.time() - 2 * 24 * 3600, time.time() + 3600):
-        raw = msgpack.packb({"ts": ts, "body": b"x", "mac": signer._mac(ts, b"x")})
+        with patch("time.time", return_value=ts):
+            command, status = signer.seal(Record.COMMAND, b"x"), signer.seal(Record.STATUS, b"x")
         with pytest.raises(ProtocolError, match="stale"):
-            signer.open(raw, what="m")
+            signer.open(Record.COMMAND, command)
+        if ts < time.time():  # a status is current until replaced, however old
+            assert signer.open(Record.STATUS, status) == b"x"
+        else:
+            with pytest.raises(ProtocolError, match="stale"):
+                signer.open(Record.STATUS, status)
+
+
+@pytest.mark.parametrize("record", list(Record))
+def test_each_record_is_signed_only_by_its_roles(record: Record) -> None:
+    """Every kind of record, every role: a role signs what it may, and what it may not sign is
+    refused both when it tries and when a forger relabels its signature as another role's."""
+    for role, own in ((Role.BROKER, BROKER), (Role.WORKER, WORKER), (Role.CLIENT, CLIENT)):
+        readers = [s for s in (BROKER, WORKER, CLIENT) if s is not own]
+        if role in record.signed_by:
+            sealed = own.seal(record, b"x", bound_to="s")
+            assert all(r.open(record, sealed, bound_to="s") == b"x" for r in readers)
+            continue
+        with pytest.raises(ConfigError, match=f"a {role.value} key cannot sign"):
+            own.seal(record, b"x")
+        ts = time.time()
+        for claimed in ("broker", "worker", "client", "shared"):
+            head = msgpack.packb([record.value, claimed, "", ts])
+            sig = RINGS[role].sign(b"optuna-rq/2\0" + head + b"x")
+            raw = msgpack.packb(
+                {"r": record.value, "by": claimed, "ts": ts, "body": b"x", "sig": sig}
+            )
+            for reader in readers:
+                with pytest.raises(ProtocolError):
+                    reader.open(record, raw)
+
+
+def test_role_keys_travel_as_one_line_and_are_checked(tmp_path) -> None:
+    token = RINGS[Role.WORKER].to_token()
+    assert token.startswith("optuna-rq-key-1:worker:") and "\n" not in token
+    path = tmp_path / "worker.key"
+    path.write_text(token + "\n")
+    loaded = Signer.load(Role.WORKER, key_file=path)
+    assert CLIENT.open(Record.RESULT, loaded.seal(Record.RESULT, b"x")) == b"x"
+    with pytest.raises(ConfigError, match="holds the worker key; this process signs as the broker"):
+        Signer.load(Role.BROKER, key=token)
+    with pytest.raises(ConfigError, match="not an optuna-rq key"):
+        Signer.load(Role.WORKER, key="hunter2")
+    with pytest.raises(ConfigError, match="damaged key"):
+        Signer.load(Role.WORKER, key=token[:-3] + "!!!")
+    mixed = ":".join(
+        token.split(":")[:3] + generate_keyrings()[Role.WORKER].to_token().split(":")[3:]
+    )
+    with pytest.raises(ConfigError, match="two different sets"):
+        Signer.load(Role.WORKER, key=mixed)
+    with pytest.raises(ConfigError, match="cannot read"):
+        Signer.load(Role.WORKER, key_file=tmp_path / "missing.key")
+    with pytest.raises(ConfigError, match="use one"):
+        Signer.load(Role.WORKER, secret=SECRET, key=token)
+
+
+def test_the_shared_secret_comes_from_a_file_too(tmp_path) -> None:
+    path = tmp_path / "secret"
+    path.write_bytes(SECRET + b"\n")
+    from_file = Signer.from_env(Role.WORKER, {"OPTUNA_RQ_SECRET_FILE": str(path)})
+    assert signer.open(Record.RESULT, from_file.seal(Record.RESULT, b"x")) == b"x"
 
 
 def test_a_short_secret_is_refused() -> None:
@@ -88,7 +169,9 @@ def test_signed_workers_run_signed_trials_and_refuse_forged_ones(
     reply_to = f"{prefix}:forged"
     forgeries = [
         _request(reply_to).encode(),  # unsigned
-        Signer(b"not the secret, but 32 bytes....").seal(_request(reply_to).encode()),
+        Signer(b"not the secret, but 32 bytes....").seal(
+            Record.REQUEST, _request(reply_to).encode()
+        ),
     ]
     for payload in forgeries:
         job = trial_queue(conn, Keys(queue).trial_queue("tests.objectives")).enqueue_call(
@@ -129,14 +212,14 @@ def test_a_forged_result_is_refused_and_never_told(conn: redis.Redis, prefix: st
     assert dispatcher.refused_results == 1
     assert int(conn.hget(f"{prefix}:refused", "result")) == 1
 
-    conn.xadd(f"{prefix}:results", {RESULT_FIELD: signer.seal(result.encode())})
+    conn.xadd(f"{prefix}:results", {RESULT_FIELD: signer.seal(Record.RESULT, result.encode())})
     assert dispatcher.poll(0.1) == 1
     assert study.trials[0].state is TrialState.COMPLETE
 
 
 def test_the_message_cap_is_configurable_and_checked(monkeypatch) -> None:
     monkeypatch.setenv("OPTUNA_RQ_MAX_MESSAGE_BYTES", "2048")
-    capped = Signer.from_env()
+    capped = Signer.from_env(Role.CLIENT)
     assert capped.max_message_bytes == 2048
     big = _request("r")
     big = TrialRequest(
@@ -146,7 +229,7 @@ def test_the_message_cap_is_configurable_and_checked(monkeypatch) -> None:
         TrialRequest.decode(big.encode(), max_bytes=capped.max_message_bytes)
     monkeypatch.setenv("OPTUNA_RQ_MAX_MESSAGE_BYTES", "lots")
     with pytest.raises(ConfigError, match="OPTUNA_RQ_MAX_MESSAGE_BYTES='lots'"):
-        Signer.from_env()
+        Signer.from_env(Role.CLIENT)
 
 
 def test_choosing_journal_redis_storage_warns_about_pickle(caplog) -> None:

@@ -15,7 +15,7 @@ import uuid
 
 import redis
 
-from optuna_rq.protocol import Keys, PoolHeartbeat, Signer
+from optuna_rq.protocol import Keys, PoolHeartbeat, Record, Signer
 
 __all__ = ["Heartbeat"]
 
@@ -64,7 +64,7 @@ class Heartbeat:
         )
         try:
             pipe = self.connection.pipeline(transaction=False)
-            pipe.set(self.key, self.signer.seal(beat.encode()), px=self.ttl_ms)
+            pipe.set(self.key, self.signer.seal(Record.HEARTBEAT, beat.encode()), px=self.ttl_ms)
             pipe.sadd(self.keys.pools, self.pool_id)
             pipe.execute()
         except redis.RedisError as exc:

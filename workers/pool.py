@@ -47,6 +47,7 @@ from optuna_rq.protocol import (
     DEFAULT_QUEUE,
     Keys,
     MsgpackSerializer,
+    Role,
     Signer,
     check_queue_name,
 )
@@ -88,13 +89,23 @@ class WorkerSettings:
     scale_down_after_s: float = 30.0  # an autoscaled pool retires workers idle this long
     log_level: str = "INFO"
     restart_backoff_s: float = 1.0
-    secret: bytes | None = field(default=None, repr=False)  # signs messages when set
+    secret: bytes | None = field(default=None, repr=False)  # a shared secret signs, when set
+    key: str | None = field(default=None, repr=False)  # or the worker role key (KeyRing token)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     metrics_port: int | None = None  # worker i serves Prometheus metrics on metrics_port + i
     lease_ttl_s: float = DEFAULT_LEASE_TTL_S
     max_restart_backoff_s: float = 10.0
     isolation: str = "process"  # or "fork": see ISOLATION
     stuck_after_s: float = STUCK_AFTER_S  # a child told to stop, running no trial: then killed
+
+    def signer(self) -> Signer:
+        """The signer of this pool and its children, as a worker."""
+        return Signer.load(
+            Role.WORKER,
+            secret=self.secret,
+            key=self.key,
+            max_message_bytes=self.max_message_bytes,
+        )
 
     def __post_init__(self) -> None:
         if self.isolation not in ISOLATION:
@@ -154,7 +165,7 @@ def _child_main(
     context.install(
         context.WorkerContext(
             served=served,
-            signer=Signer(settings.secret, max_message_bytes=settings.max_message_bytes),
+            signer=settings.signer(),
             channel=ChildChannel(channel),
             lease_ttl_s=settings.lease_ttl_s,
             metrics=metrics,
@@ -204,7 +215,7 @@ class WorkerPool:
         self._generation = 0
         self._stopping = False
         self._cold = False
-        self._signer = Signer(settings.secret, max_message_bytes=settings.max_message_bytes)
+        self._signer = settings.signer()
         self._connection = connect(settings.redis_url, password=settings.redis_password)
         self.supervisor = Supervisor(self._connection, self._signer, settings.lease_ttl_s)
         keys = Keys(settings.prefix)

@@ -45,6 +45,7 @@ from optuna_rq.protocol import (
     CALL_FIELD,
     CallError,
     Keys,
+    Record,
     Signer,
     TrialCall,
     TrialCallReply,
@@ -114,7 +115,9 @@ class RemoteTrial(optuna.Trial):
             raise TypeError(f"trial.{method}: {exc}") from None
         if method not in _READS:
             self._view = None
-        self._connection.xadd(self._request.reply_to, {CALL_FIELD: self._signer.seal(payload)})
+        self._connection.xadd(
+            self._request.reply_to, {CALL_FIELD: self._signer.seal(Record.CALL, payload)}
+        )
         deadline = time.monotonic() + CALL_TIMEOUT_S
         while True:
             left_s = deadline - time.monotonic()
@@ -139,7 +142,7 @@ class RemoteTrial(optuna.Trial):
     def _answer_to(self, call: TrialCall, raw: bytes) -> TrialCallReply | None:
         """The reply in `raw` if it answers `call`; else None, and it is dropped and counted."""
         try:
-            body = self._signer.open(raw, what="TrialCallReply")
+            body = self._signer.open(Record.REPLY, raw)
             reply = TrialCallReply.decode(body, max_bytes=self._signer.max_message_bytes)
         except ProtocolError as exc:
             self._drop(self._keys.refused, f"refused a reply: {exc}")

@@ -25,6 +25,7 @@ from optuna_rq.protocol import (
     FailReason,
     Keys,
     Outcome,
+    Record,
     TrialRequest,
     TrialResult,
     error_headline,
@@ -64,7 +65,7 @@ def run_trial(payload: bytes) -> None:
     connection: redis.Redis = job.connection
     keys = Keys(Keys.prefix_of(job.origin))  # a trial queue's name starts with its prefix
     try:
-        body = ctx.signer.open(payload, what="TrialRequest")
+        body = ctx.signer.open(Record.REQUEST, payload)
         request = TrialRequest.decode(body, max_bytes=ctx.signer.max_message_bytes)
     except ProtocolError:
         connection.hincrby(keys.refused, "request", 1)
@@ -87,7 +88,7 @@ def run_trial(payload: bytes) -> None:
         deliver(
             connection,
             request.reply_to,
-            ctx.signer.seal(outcome.encode()),
+            ctx.signer.seal(Record.RESULT, outcome.encode()),
             attempt.lease,
             lease_ttl_s=ctx.lease_ttl_s,  # renewed meanwhile by its renewer too: belt and braces
             what=attempt.describe(),
@@ -105,7 +106,7 @@ def refuse_trial(job: Any, why: str) -> None:
     connection: redis.Redis = job.connection
     try:
         (payload,) = job.args
-        body = ctx.signer.open(payload, what="TrialRequest")
+        body = ctx.signer.open(Record.REQUEST, payload)
         request = TrialRequest.decode(body, max_bytes=ctx.signer.max_message_bytes)
     except (ProtocolError, TypeError, ValueError):
         connection.hincrby(Keys(Keys.prefix_of(job.origin)).refused, "request", 1)
@@ -119,7 +120,13 @@ def refuse_trial(job: Any, why: str) -> None:
         error=f"not run: {why}",
     )
     what = f"study {request.study!r} trial {request.trial_number} (attempt {request.attempt})"
-    deliver(connection, request.reply_to, ctx.signer.seal(result.encode()), None, what=what)
+    deliver(
+        connection,
+        request.reply_to,
+        ctx.signer.seal(Record.RESULT, result.encode()),
+        None,
+        what=what,
+    )
     log.error("%s", _describe(result))
 
 

@@ -34,6 +34,7 @@ from optuna_rq.protocol import (
     FailReason,
     Keys,
     Outcome,
+    Record,
     Signer,
     TrialRequest,
     TrialResult,
@@ -335,7 +336,7 @@ class Supervisor:
         deliver(
             self.connection,
             attempt.reply_to,
-            self.signer.seal(result.encode()),
+            self.signer.seal(Record.RESULT, result.encode()),
             attempt.lease,
             lease_ttl_s=self.ttl_ms / 1000,
             what=attempt.describe(),

@@ -36,7 +36,7 @@ import redis
 
 from optuna_rq import failpoints
 from optuna_rq.errors import ProtocolError
-from optuna_rq.protocol import Command, Keys, Signer, decode_command
+from optuna_rq.protocol import Command, Keys, Record, Signer, decode_command
 
 __all__ = ["TURN_BUDGET_S", "Backlog", "BulkKind"]
 
@@ -263,7 +263,7 @@ class Backlog:
             for raw in raws:
                 try:
                     command = decode_command(
-                        self.signer.open(raw, what="command"),
+                        self.signer.open(Record.COMMAND, raw),
                         max_bytes=self.signer.max_message_bytes,
                     )
                     kind = self.kinds[type(command)]

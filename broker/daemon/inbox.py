@@ -27,6 +27,7 @@ from optuna_rq.protocol import (
     Command,
     Delete,
     Keys,
+    Record,
     Signer,
     decode_command,
 )
@@ -83,7 +84,7 @@ class CommandInbox:
                 break
             read += 1
             try:
-                body = self.signer.open(raw, what="command")
+                body = self.signer.open(Record.COMMAND, raw)
                 command = decode_command(body, max_bytes=self.signer.max_message_bytes)
             except ProtocolError as exc:
                 log.error("refused a command: %s", exc)

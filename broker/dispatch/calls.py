@@ -33,6 +33,7 @@ from optuna_rq.protocol import (
     AttemptId,
     CallError,
     Keys,
+    Record,
     Signer,
     TrialCall,
     TrialCallReply,
@@ -69,7 +70,7 @@ class CallServer:
         """Run a remote trial's call on the real trial of its study's run (`live`: the run of a
         study, if it is dispatched and has not faulted); its answer waits in `replies`."""
         try:
-            body = self.signer.open(raw, what="TrialCall")
+            body = self.signer.open(Record.CALL, raw)
             call = TrialCall.decode(body, max_bytes=self.signer.max_message_bytes)
         except ProtocolError as exc:
             log.error("refused a trial call: %s", exc)
@@ -111,7 +112,7 @@ class CallServer:
                     attempt=call.attempt,
                 )
             )
-            self.replies.append((key, self.signer.seal(encoded)))
+            self.replies.append((key, self.signer.seal(Record.REPLY, encoded)))
         elif not answer.ok:  # a proxy of an older kind that did not wait: at least say so
             log.warning("trial call %s failed: %s", call.method, answer.error)
 

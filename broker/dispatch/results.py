@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from optuna_rq.dispatch.observer import DispatchObserver, count_dropped, count_refusal
 from optuna_rq.errors import ProtocolError
-from optuna_rq.protocol import GROUP, FailReason, Outcome, Signer, TrialResult
+from optuna_rq.protocol import GROUP, FailReason, Outcome, Record, Signer, TrialResult
 from optuna_rq.verdict import Verdict
 
 __all__ = ["ResultStream", "arrival_s", "verdict_of"]
@@ -125,7 +125,7 @@ class ResultStream:
         """The result in an entry's field; None if it is refused (not valid, or not validly
         signed: an attack or a bug, counted)."""
         try:
-            body = self.signer.open(raw, what="TrialResult")
+            body = self.signer.open(Record.RESULT, raw)
             return TrialResult.decode(body, max_bytes=self.signer.max_message_bytes)
         except ProtocolError as exc:
             log.error("refused a result: %s", exc)

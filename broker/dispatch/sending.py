@@ -19,7 +19,15 @@ from rq import Queue
 from rq.job import Job
 
 from optuna_rq.dispatch.runs import InFlight, StudyRun
-from optuna_rq.protocol import CANCEL_TTL_S, RUN_TRIAL, Keys, Signer, TrialRequest, trial_queue
+from optuna_rq.protocol import (
+    CANCEL_TTL_S,
+    RUN_TRIAL,
+    Keys,
+    Record,
+    Signer,
+    TrialRequest,
+    trial_queue,
+)
 from optuna_rq.space import process
 
 __all__ = ["FINISHED_JOB_TTL_S", "FAILED_JOB_TTL_S", "TrialSender"]
@@ -85,7 +93,7 @@ class TrialSender:
             n_objectives=len(run.study.directions),
             reply_to=self.reply_to,
         )
-        return self.signer.seal(request.encode())
+        return self.signer.seal(Record.REQUEST, request.encode())
 
     def enqueue(self, run: StudyRun, record: InFlight, payload: bytes, pipeline: Any) -> None:
         """Enqueue `record`'s job, in `pipeline` (None: on its own, now)."""

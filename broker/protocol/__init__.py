@@ -3,7 +3,7 @@
 Both sides import it; it imports neither (`.ci/run` checks the contract with import-linter). It
 owns every message and its schema (`messages`, `commands`, `status`, `spec`), every Redis name
 and queue name (`keys`), who is alive (`heartbeat`), the RQ queue and its serializer (`queue`),
-signing (`signing`) and the objective contract (`objectives`).
+signing and the role keys (`signing`, `keyring`) and the objective contract (`objectives`).
 """
 
 from optuna_rq.errors import ProtocolError
@@ -27,6 +27,7 @@ from optuna_rq.protocol.commands import (
     enqueue_commands,
 )
 from optuna_rq.protocol.heartbeat import PoolHeartbeat, live_pools, workers_on
+from optuna_rq.protocol.keyring import KeyRing, Role, generate_keyrings
 from optuna_rq.protocol.keys import (
     CALL_FIELD,
     CANCEL_TTL_S,
@@ -60,7 +61,14 @@ from optuna_rq.protocol.objectives import (
 )
 from optuna_rq.protocol.queue import RUN_TRIAL, MsgpackSerializer, trial_queue
 from optuna_rq.protocol.schema import Message
-from optuna_rq.protocol.signing import ENV_SECRET, Signer
+from optuna_rq.protocol.signing import (
+    ENV_KEY,
+    ENV_KEY_FILE,
+    ENV_SECRET,
+    ENV_SECRET_FILE,
+    Record,
+    Signer,
+)
 from optuna_rq.protocol.spec import StudySpec
 from optuna_rq.protocol.status import StudyState, StudyStatus
 
@@ -71,7 +79,10 @@ __all__ = [
     "DEFAULT_LEASE_TTL_S",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_QUEUE",
+    "ENV_KEY",
+    "ENV_KEY_FILE",
     "ENV_SECRET",
+    "ENV_SECRET_FILE",
     "GROUP",
     "MAX_CONTAINER_LEN",
     "MAX_DEPTH",
@@ -86,14 +97,18 @@ __all__ = [
     "Delete",
     "Enqueue",
     "enqueue_commands",
+    "generate_keyrings",
     "Command",
     "FailReason",
+    "KeyRing",
     "Keys",
     "Message",
     "MsgpackSerializer",
     "Outcome",
     "Param",
     "PoolHeartbeat",
+    "Record",
+    "Role",
     "ProtocolError",
     "Signer",
     "StudySpec",

@@ -18,7 +18,7 @@ import redis
 from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol.keys import Keys
 from optuna_rq.protocol.schema import Int, Message, Text, Texts, version_field, wire
-from optuna_rq.protocol.signing import Signer
+from optuna_rq.protocol.signing import Record, Signer
 
 __all__ = ["PoolHeartbeat", "live_pools", "workers_on"]
 
@@ -53,7 +53,7 @@ def live_pools(connection: redis.Redis, keys: Keys, signer: Signer) -> list[Pool
         if raw is None:
             continue
         try:
-            pools.append(PoolHeartbeat.decode(signer.open(bytes(raw), what="PoolHeartbeat")))  # type: ignore[arg-type]
+            pools.append(PoolHeartbeat.decode(signer.open(Record.HEARTBEAT, bytes(raw))))  # type: ignore[arg-type]
         except ProtocolError:
             continue
     return pools

@@ -13,6 +13,7 @@ from optuna_rq.protocol import (
     FailReason,
     Keys,
     Outcome,
+    Record,
     Signer,
     TrialRequest,
     TrialResult,
@@ -48,7 +49,7 @@ def test_a_job_with_an_out_of_range_timeout_fails_its_trial_saying_why(
     # When a trial job comes with a timeout RQ cannot arm
     queue.enqueue_call(
         func=RUN_TRIAL,
-        args=(Signer().seal(request.encode()),),
+        args=(Signer().seal(Record.REQUEST, request.encode()),),
         job_id="orq-bad-timeout",
         timeout=timeout,
     )
@@ -56,7 +57,7 @@ def test_a_job_with_an_out_of_range_timeout_fails_its_trial_saying_why(
     # Then its trial fails, saying why, without running
     wait_until(lambda: cluster.conn.xlen(reply_to) >= 1, timeout_s=60, message="no result")
     [(_id, fields)] = cluster.conn.xrange(reply_to)
-    result = TrialResult.decode(Signer().open(fields[RESULT_FIELD], what="r"))
+    result = TrialResult.decode(Signer().open(Record.RESULT, fields[RESULT_FIELD]))
     assert result.outcome is Outcome.FAIL and result.fail_reason is FailReason.EXCEPTION
     assert "out of range" in (result.error or "") and "2592000" in (result.error or ""), result
     assert cluster.samples() == []

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from optuna_rq.protocol import RESULT_FIELD, Keys, Signer, TrialResult
+from optuna_rq.protocol import RESULT_FIELD, Keys, Record, Signer, TrialResult
 from tests.faults.conftest import Cluster
 from tests.helpers import wait_until
 
@@ -31,7 +31,7 @@ def _pending_results(cluster: Cluster, name: str) -> set[int]:
         raw = fields.get(RESULT_FIELD)
         if raw is not None:  # not a remote trial's call
             result = TrialResult.decode(
-                signer.open(raw, what="TrialResult"), max_bytes=signer.max_message_bytes
+                signer.open(Record.RESULT, raw), max_bytes=signer.max_message_bytes
             )
             if result.study == name:
                 numbers.add(result.trial_number)

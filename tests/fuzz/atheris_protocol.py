@@ -22,7 +22,7 @@ with atheris.instrument_imports():
         TrialResult,
     )
     from optuna_rq.protocol.queue import MsgpackSerializer
-    from optuna_rq.protocol.signing import Signer
+    from optuna_rq.protocol.signing import Record, Signer
     from optuna_rq.protocol.spec import StudySpec
 
 _SIGNER = Signer(b"k" * 32)
@@ -35,7 +35,7 @@ def one_input(data: bytes) -> None:
         TrialCall.decode,
         TrialCallReply.decode,
         StudySpec.decode,
-        lambda raw: _SIGNER.open(raw, what="m"),
+        lambda raw: _SIGNER.open(Record.COMMAND, raw),
     ):
         try:
             decode(data)
