@@ -67,9 +67,13 @@ class KeyRing:
             return False
         return True
 
+    def private_bytes(self) -> bytes:
+        """The private key's 32 bytes (secret material to derive other secrets from)."""
+        return self.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
     def to_token(self) -> str:
         """The one line this key is written as (it holds a private key: keep it secret)."""
-        seed = self.private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        seed = self.private_bytes()
         publics = (self.public[r].public_bytes(Encoding.Raw, PublicFormat.Raw) for r in _ROLES)
         return ":".join([KEY_HEADER, self.role.value, _b64(seed), *map(_b64, publics)])
 

@@ -54,6 +54,7 @@ ENV_KEY = "OPTUNA_RQ_KEY"
 ENV_KEY_FILE = "OPTUNA_RQ_KEY_FILE"
 ENV_MAX_MESSAGE_BYTES = "OPTUNA_RQ_MAX_MESSAGE_BYTES"
 _DOMAIN = b"optuna-rq/2\0"  # so a signature made for us means nothing elsewhere
+_TOKEN_DOMAIN = b"optuna-rq/attempt-token\0"
 _ENVELOPE = {"r", "by", "ts", "body", "sig"}
 _SHARED = "shared"  # the signer named in an envelope sealed with the shared secret
 _MIN_SECRET_BYTES = 16
@@ -67,6 +68,7 @@ class Record(str, enum.Enum):
     RESULT = "trial result"
     CALL = "trial call"
     REPLY = "trial call reply"
+    CANCEL = "cancel mark"
     HEARTBEAT = "pool heartbeat"
     STATUS = "study status"
     SPEC = "stored study spec"
@@ -87,6 +89,7 @@ _SIGNED_BY: dict[Record, frozenset[Role]] = {
     Record.COMMAND: frozenset({Role.CLIENT}),
     Record.REQUEST: frozenset({Role.BROKER, Role.CLIENT}),
     Record.REPLY: frozenset({Role.BROKER, Role.CLIENT}),
+    Record.CANCEL: frozenset({Role.BROKER, Role.CLIENT}),
     Record.RESULT: frozenset({Role.WORKER}),
     Record.CALL: frozenset({Role.WORKER}),
     Record.HEARTBEAT: frozenset({Role.WORKER}),
@@ -193,6 +196,20 @@ class Signer:
     def key_token(self) -> str | None:
         """The role key as one line, to hand to a process this one starts."""
         return None if self.keyring is None else self.keyring.to_token()
+
+    def attempt_token(self, job_id: str) -> str:
+        """The token a job carries and its result and calls give back: derived from this
+        process's signing key and the job's id, so only the dispatcher that issued the job
+        makes it (again after a restart, with nothing stored), and a worker key can answer only
+        a job it was given. Empty with signing off."""
+        if self.keyring is not None:
+            material = self.keyring.private_bytes()
+        elif self.secret is not None:
+            material = self.secret
+        else:
+            return ""
+        mac = hmac.new(material, _TOKEN_DOMAIN + job_id.encode(), hashlib.sha256)
+        return mac.hexdigest()[:32]
 
     # -- sealing and opening -------------------------------------------------------------------
 
