@@ -174,6 +174,20 @@ def broker(
             show_default=False,
         ),
     ] = None,
+    allow_storage: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-storage",
+            metavar="PATTERN",
+            help="Another storage a study may name (submit --storage), besides the default; "
+            "repeatable. A URL pattern ('postgresql://db.internal/*', 'sqlite:////data/*.db') "
+            "or a path pattern of journal files ('/data/studies/*.journal'): '*' matches "
+            "within one path segment, '**' anything; paths are resolved before they are "
+            "matched, and user names and passwords are not matched. Optuna's JournalRedis "
+            "(redis://, rediss://) unpickles what it loads: only a pattern that starts with "
+            "'redis://' or 'rediss://' allows it. Any other storage is refused.",
+        ),
+    ] = None,
     log_level: LogLevel = "INFO",
     metrics_port: Annotated[
         int | None,
@@ -236,14 +250,17 @@ def broker(
     from optuna_rq.dispatch import OffLoopSampling
     from optuna_rq.protocol import Keys
     from optuna_rq.sampling.process import SamplerProcess
+    from optuna_rq.storage_policy import StoragePolicy
     from optuna_rq.studies import default_storage_url, open_storage
 
     options: GlobalOptions = ctx.obj
     configure_logging(log_level)
     storage_url = storage or default_storage_url(options.state())
+    allowed = tuple(allow_storage or [])
+    StoragePolicy(storage_url, allowed)  # a pattern it refuses stops us here
     open_storage(storage_url)  # a URL Optuna rejects stops us here, before any study
     url, connection = connect_redis(options)
-    settings = BrokerSettings(prefix=options.prefix, storage=storage_url)
+    settings = BrokerSettings(prefix=options.prefix, storage=storage_url, allowed_storages=allowed)
     if lock_ttl is not None:
         settings = dataclasses.replace(settings, lock_ttl_s=lock_ttl)
     # Slow samplers sample there (`optuna_rq.dispatch.offloop`); it wakes the loop on Redis.

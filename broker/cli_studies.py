@@ -34,6 +34,15 @@ def trials(
         str | None,
         typer.Option("--state", help="Only trials in this state: complete, pruned, fail, running."),
     ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            help="Read the trials from this storage URL rather than the one the study's "
+            "status names (needed for a storage other than your default one when signing "
+            "is off, and for a redis:// storage).",
+        ),
+    ] = None,
 ) -> None:
     """List a study's trials: number, state, value(s), parameters, duration, fail reason.
 
@@ -41,25 +50,56 @@ def trials(
     """
     import optuna
 
+    from optuna_rq.connection import redact_url
     from optuna_rq.studies import open_storage
 
     if output not in _FORMATS:
         raise ConfigError(f"--format {output!r}: choose one of {', '.join(_FORMATS)}")
     options: GlobalOptions = ctx.obj
-    status = read_client(options).require_status(name)
-    if status.storage == "memory":
-        raise ConfigError(
-            f"study {name!r} is in the broker's in-memory storage: only the broker can read "
-            "its trials (`optuna-rq best` shows its best from the status)"
-        )
+    client = read_client(options)
+    status = client.require_status(name)
+    url = storage or _storage_to_read(name, status.storage, options, signed=client.signer.enabled)
     try:
-        study = optuna.load_study(study_name=name, storage=open_storage(status.storage))
+        study = optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError as exc:
-        raise ConfigError(f"study {name!r} has no trials in {status.storage} yet") from exc
+        raise ConfigError(f"study {name!r} has no trials in {redact_url(url)} yet") from exc
     rows = [_row(t) for t in study.get_trials(deepcopy=False)]
     if state is not None:
         rows = [r for r in rows if r["state"] == state.lower()]
     typer.echo(_render(rows, output), nl=False)
+
+
+def _storage_to_read(name: str, url: str, options: GlobalOptions, *, signed: bool) -> str:
+    """The storage `trials` opens for study `name` whose status names `url`; ConfigError if it
+    would open it on Redis's word alone. Whoever can write to Redis can write a status (unless
+    the broker signs it), and opening a storage runs what it names: a path is created, a
+    database server is connected to with options the URL sets (a MySQL `local_infile`), and
+    Optuna's JournalRedis unpickles its snapshot. So a JournalRedis is opened only when the
+    user names it (`--storage`); with signing off, so is any storage but the user's default."""
+    from optuna_rq.connection import redact_url
+    from optuna_rq.storage_policy import PICKLING_SCHEMES, StoragePolicy
+    from optuna_rq.studies import default_storage_url
+
+    shown = redact_url(url)
+    if url == "memory":
+        raise ConfigError(
+            f"study {name!r} is in the broker's in-memory storage: only the broker can read "
+            "its trials (`optuna-rq best` shows its best from the status)"
+        )
+    if url.partition("://")[0] in PICKLING_SCHEMES:
+        raise ConfigError(
+            f"study {name!r} is in {shown}, Optuna's JournalRedis, which unpickles what it "
+            "loads: `trials` opens one only if you name it yourself, if you trust whoever can "
+            f"write to that Redis (optuna-rq trials {name} --storage URL)"
+        )
+    if not signed and not StoragePolicy(default_storage_url(options.state())).allows(url):
+        raise ConfigError(
+            f"study {name!r}'s status says its trials are in {shown}; with signing off, a "
+            "status is the word of whoever can write to Redis, so `trials` opens from it only "
+            f"your default storage: if that storage is the study's, name it yourself "
+            f"(optuna-rq trials {name} --storage URL)"
+        )
+    return url
 
 
 def _row(trial: Any) -> dict[str, Any]:

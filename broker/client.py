@@ -28,6 +28,7 @@ from optuna_rq.protocol import (
     Submit,
     enqueue_commands,
     live_pools,
+    open_stored_spec,
 )
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerLiveness, read_liveness
 
@@ -122,14 +123,16 @@ class BrokerClient:
             raise StudyConflictError(f"study {study!r} is {status.state.value} already: {outcome}")
 
     def stored_spec(self, study: str) -> StudySpec | None:
-        """The definition the broker holds for `study` (None: it has none yet)."""
+        """The definition the broker holds for `study` (None: it has none yet, or the one
+        stored does not verify: the broker sealed it, with signing on, or it is not its own;
+        the broker refuses it too, and a submission replaces it)."""
         raw: Any = self.connection.hget(self.keys.studies, study)
         if raw is None:
             return None
         try:
-            return StudySpec.decode(raw)
+            return open_stored_spec(self.signer, study, raw)
         except ProtocolError as exc:
-            log.warning("the stored spec of study %r is unreadable: %s", study, exc)
+            log.warning("ignoring the stored spec of study %r: %s", study, exc)
             return None
 
     # -- what the broker publishes -----------------------------------------------------------

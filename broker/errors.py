@@ -19,6 +19,7 @@ __all__ = [
     "RedisDataLostError",
     "RedisUnavailableError",
     "RemoteTrialError",
+    "StorageNotAllowedError",
     "StudyConflictError",
     "StudyStorageError",
 ]
@@ -38,6 +39,11 @@ class ConfigError(OptunaRQError, ValueError):
     """
 
     exit_code = 2
+
+
+class StorageNotAllowedError(ConfigError):
+    """A study storage the broker's operator did not allow (`optuna_rq.storage_policy`):
+    nothing of it was opened."""
 
 
 class ProtocolError(OptunaRQError):

@@ -112,7 +112,8 @@ def test_a_purge_its_storage_cannot_do_is_refused_and_the_commands_after_it_appl
     from optuna_rq.protocol.spec import StudySpec
 
     down = "journal:///dev/null/x.journal"  # a path that cannot be created
-    daemon = Daemon(conn, BrokerSettings(prefix=prefix, storage="memory"))
+    settings = BrokerSettings(prefix=prefix, storage="memory", allowed_storages=(down,))
+    daemon = Daemon(conn, settings)
     daemon.acquire()
     client = BrokerClient(conn, prefix)
     try:

@@ -14,6 +14,7 @@ import pytest
 import redis
 from optuna.trial import TrialState
 
+from optuna_rq.storage_policy import canonical_storage
 from optuna_rq.studies import default_storage_url, open_storage
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env, start_broker, stop_process
@@ -505,7 +506,7 @@ def _postgres_url() -> str | None:
 
 
 def test_a_study_on_postgresql_storage(
-    run_cli, broker_process, workers_factory, prefix: str
+    run_cli, workers_factory, redis_url: str, prefix: str, cli_state: Path
 ) -> None:
     url = _postgres_url()
     if url is None:
@@ -513,6 +514,8 @@ def test_a_study_on_postgresql_storage(
             "PostgreSQL is not answering at 127.0.0.1:5432 (or psycopg2 is missing): "
             "the PostgreSQL storage test did not run"
         )
+    allowed = canonical_storage(url)  # its URL without the user name and password
+    broker = start_broker(redis_url, prefix, cli_state, "--allow-storage", allowed)
     workers_factory(count=2)
     name = f"pg-{prefix}"
     result = run_cli(
@@ -537,6 +540,7 @@ def test_a_study_on_postgresql_storage(
         assert status_of(run_cli, name)["storage"] == url
     finally:
         optuna.delete_study(study_name=name, storage=url)
+        assert stop_process(broker) == 0
 
 
 def test_the_demo_runs_end_to_end_and_leaves_nothing_running() -> None:

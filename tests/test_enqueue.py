@@ -279,9 +279,11 @@ def test_an_ask_reads_no_more_trials_with_100000_waiting_than_with_10(tmp_path: 
     """Enqueued sets run one ask at a time: an ask that read every WAITING trial again (the
     broker's journal storage did) would cost O(sets) each, quadratic over the sets."""
     from optuna_rq.daemon.storages import Storages
+    from optuna_rq.storage_policy import StoragePolicy
 
-    storages = Storages()
-    storage = storages.open(f"journal:///{tmp_path}/studies.journal")
+    url = f"journal:///{tmp_path}/studies.journal"
+    storages = Storages(policy=StoragePolicy(url))
+    storage = storages.open(url)
     study = optuna.create_study(study_name="s", storage=storage)
     reads = collections.Counter[str]()
     inner_get_trial = storage.inner.get_trial

@@ -173,7 +173,7 @@ def test_the_broker_keeps_a_studys_incarnation_until_it_ends_or_is_deleted(
 ) -> None:
     from optuna_rq.client import BrokerClient
     from optuna_rq.daemon import BrokerSettings, Daemon
-    from optuna_rq.protocol import Delete, StudySpec
+    from optuna_rq.protocol import Delete, StudySpec, open_stored_spec
 
     daemon = Daemon(conn, BrokerSettings(prefix=prefix, storage="memory"), signer)
     client = BrokerClient(conn, prefix, signer=signer)
@@ -183,7 +183,7 @@ def test_the_broker_keeps_a_studys_incarnation_until_it_ends_or_is_deleted(
 
     def stored() -> str | None:
         raw = conn.hget(Keys(prefix).studies, "s")
-        return None if raw is None else StudySpec.decode(raw).incarnation
+        return None if raw is None else open_stored_spec(signer, "s", raw).incarnation
 
     daemon.acquire()
     try:

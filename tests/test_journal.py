@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from optuna_rq.daemon.storages import Storages
 from optuna_rq.journal import BatchedJournal
+from optuna_rq.storage_policy import StoragePolicy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -191,7 +192,7 @@ def test_the_daemons_storages_flush_journals_and_release_them_when_forgotten(
     tmp_path: Path,
 ) -> None:
     url = f"journal:///{tmp_path / 'studies.journal'}"
-    storages = Storages()
+    storages = Storages(policy=StoragePolicy(url))
     study = optuna.create_study(study_name="s", storage=storages.open(url))
     _run(study, 2)
     assert (tmp_path / "studies.journal").stat().st_size == 0
@@ -201,7 +202,7 @@ def test_the_daemons_storages_flush_journals_and_release_them_when_forgotten(
     # Another spelling of the same file is the same storage (not a second journal on it).
     assert storages.open(f"journal:///{tmp_path}/./studies.journal") is storages.open(url)
     storages.forget(url)  # a failed storage: its file is released, and opens afresh
-    again = Storages()
+    again = Storages(policy=StoragePolicy(url))
     assert len(optuna.load_study(study_name="s", storage=again.open(url)).trials) == 2
     again.close()
 
@@ -247,7 +248,7 @@ def test_waiting_trials_are_found_as_a_walk_of_the_history_finds_them(tmp_path: 
     and a trial set WAITING again."""
     path = tmp_path / "studies.journal"
     url = f"journal:///{path}"
-    storages = Storages()
+    storages = Storages(policy=StoragePolicy(url))
     storage = storages.open(url)
     study = optuna.create_study(study_name="s", storage=storage)
     sid = study._study_id

@@ -11,6 +11,7 @@ import pytest
 
 from optuna_rq.daemon.storages import Storages
 from optuna_rq.errors import FenceLostError
+from optuna_rq.storage_policy import StoragePolicy
 
 
 def test_a_write_through_storage_writes_nothing_once_the_fence_is_lost(tmp_path: Path) -> None:
@@ -21,7 +22,7 @@ def test_a_write_through_storage_writes_nothing_once_the_fence_is_lost(tmp_path:
             raise FenceLostError("lost the broker lock: another broker took over")
 
     url = f"sqlite:///{tmp_path / 'studies.db'}"
-    storages = Storages(before_flush=fence)
+    storages = Storages(policy=StoragePolicy(url), before_flush=fence)
     study = optuna.create_study(storage=storages.open(url), study_name="s")
     study.tell(study.ask(), 1.0)
     holds[0] = False

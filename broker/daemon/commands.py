@@ -71,7 +71,8 @@ class Commands:
     def on_submit(self, spec: StudySpec) -> None:
         """Start the study; or, if it exists with the same definition, take the new budget, cap,
         priority, timeout and retries, and run it on (an ended one too) to its new budget. A
-        different definition under its name is refused (StudyConflictError), changing nothing."""
+        different definition under its name is refused (StudyConflictError), changing nothing.
+        A storage the broker's operator does not allow fails the study, storing nothing."""
         registry = self.registry
         known = registry.stored_spec(spec.name)
         differences = [] if known is None else known.differences(spec)
@@ -83,6 +84,10 @@ class Commands:
         if spec.name in registry.runs:
             changes = {name: getattr(spec, name) for name in RESUBMITTED}
             self.on_change(spec.name, {**changes, "submitted_at": spec.submitted_at})
+            return
+        why = registry.storage_refusal(spec)
+        if why is not None:  # nothing of it is kept: submitted again elsewhere, it is new
+            registry.refuse_storage(spec, why)
             return
         state = registry.state(spec.name)  # ended: it runs on as a new incarnation
         spec = spec.incarnated(None if state is not None and state.ended else known)

@@ -42,6 +42,7 @@ from optuna_rq.health import BrokerHealth
 from optuna_rq.metrics import BrokerMetrics
 from optuna_rq.protocol import Enqueue, Keys, Signer, StudySpec
 from optuna_rq.protocol.liveness import TurnBeacon
+from optuna_rq.storage_policy import StoragePolicy
 
 __all__ = ["Daemon"]
 
@@ -76,7 +77,11 @@ class Daemon:
         # Journal files are written by this daemon alone: their changes are buffered, and
         # flushed before anything that acknowledges one leaves (`storages.flush`), once the
         # fence holds (`lock.check`).
-        self.storages = Storages(before_flush=self.lock.check)
+        # Only the storages its operator allows: the default and `--allow-storage` patterns.
+        self.storages = Storages(
+            policy=StoragePolicy(settings.storage, settings.allowed_storages),
+            before_flush=self.lock.check,
+        )
         self.dispatcher = Dispatcher(
             connection,
             prefix=settings.prefix,
@@ -111,6 +116,7 @@ class Daemon:
             ),
             storages=self.storages,
             stopping=self.stopping,
+            signer=self.signer,
         )
         self.status = self.registry.status
         # Bulk commands, applied a slice a turn (`backlog`): the inbox moves them there.

@@ -5,6 +5,13 @@ A study starts (`start`: its storage opened, its trials in flight taken over, it
 the dispatcher) and ends (`end_ended`: finished, failed or faulted) here and nowhere else. A study
 that faulted (`dispatch.boundary`) ends FAILED with its fault in its status; since an ended study
 is never re-attached, a broker restarted after a fault starts and reads its commands.
+
+What the registry keeps in `<prefix>:studies` is its own: each spec sealed by the broker and bound
+to its study's name (`seal_stored_spec`). A stored spec that does not open (unsigned, forged,
+copied under another name) is refused wherever it is read back, counted in `<prefix>:refused`
+(`spec`) and logged: the broker never starts, cancels or purges a study on its word. A study whose
+storage the broker's operator does not allow (`optuna_rq.storage_policy`) is refused at submit
+and at re-attach: it ends FAILED with the reason, counted (`storage`), and nothing is opened.
 """
 
 from __future__ import annotations
@@ -20,11 +27,20 @@ from optuna_rq.client import BrokerClient
 from optuna_rq.daemon.settings import BrokerSettings
 from optuna_rq.daemon.status import StatusPublisher
 from optuna_rq.daemon.stopping import StopConditions
-from optuna_rq.daemon.storages import Storages, read_back
-from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.daemon.storages import Storages
+from optuna_rq.dispatch import Dispatcher, StudyRun, count_refusal
 from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
 from optuna_rq.errors import ConfigError, ProtocolError, StudyConflictError, StudyStorageError
-from optuna_rq.protocol import FailReason, Keys, StudySpec, StudyState, new_incarnation
+from optuna_rq.protocol import (
+    FailReason,
+    Keys,
+    Signer,
+    StudySpec,
+    StudyState,
+    new_incarnation,
+    open_stored_spec,
+    seal_stored_spec,
+)
 from optuna_rq.studies import journal_path, make_pruner, make_sampler
 from optuna_rq.verdict import Verdict, fail_orphans
 
@@ -47,9 +63,11 @@ class Registry:
         status: StatusPublisher,
         storages: Storages,
         stopping: StopConditions,
+        signer: Signer,
     ) -> None:
         self.connection = connection
         self.settings = settings
+        self.signer = signer
         self.keys = Keys(settings.prefix)
         self.client = client
         self.dispatcher = dispatcher
@@ -73,22 +91,57 @@ class Registry:
     # -- what is stored ------------------------------------------------------------------------
 
     def stored_spec(self, name: str) -> StudySpec | None:
-        """The spec the study was last submitted with: held, or stored by an earlier broker."""
+        """The spec the study was last submitted with: held, or stored by an earlier broker.
+        None if there is none, or if the one stored does not open (refused: `_open_stored`)."""
         if name in self.specs:
             return self.specs[name]
         raw: Any = self.connection.hget(self.keys.studies, name)
-        if raw is None:
-            return None
+        return None if raw is None else self._open_stored(name, raw)
+
+    def _open_stored(self, name: str, raw: bytes) -> StudySpec | None:
+        """The spec stored under `name`, if it opens; else None, refused: logged and counted."""
         try:
-            return StudySpec.decode(raw)
+            return open_stored_spec(self.signer, name, raw)
         except ProtocolError as exc:
-            log.error("replacing the unreadable stored spec of study %r: %s", name, exc)
+            hint = ""
+            if self.signer.enabled:
+                # A spec stored before signing was turned on is unsigned too: its owner can
+                # resubmit it (a new spec replaces the refused one) or delete it.
+                hint = (
+                    "; a study stored before signing was turned on is refused the same way: "
+                    f"if it is yours, submit it again (`optuna-rq submit ... --study-name "
+                    f"{name}`, the same definition runs on in its storage) or `optuna-rq "
+                    f"delete {name}`"
+                )
+            log.error(
+                "study %r: refused its stored spec, nothing of it is done: %s%s", name, exc, hint
+            )
+            count_refusal(self.connection, self.keys.prefix, "spec")
             return None
 
     def store(self, spec: StudySpec) -> None:
-        """Keep `spec` as the study's, here and in Redis (for the next broker)."""
+        """Keep `spec` as the study's, here and in Redis (for the next broker), sealed."""
         self.specs[spec.name] = spec
-        self.connection.hset(self.keys.studies, spec.name, spec.encode())
+        self.connection.hset(self.keys.studies, spec.name, seal_stored_spec(self.signer, spec))
+
+    def storage_refusal(self, spec: StudySpec) -> str | None:
+        """Why the broker may not open `spec`'s storage (None: it may)."""
+        return self.storages.policy.refusal(self.storage_url(spec))
+
+    def refuse_storage(self, spec: StudySpec, why: str) -> None:
+        """`spec` is not started: its storage is not one the broker's operator allows (`why`).
+        Logged, counted, and said in its status (FAILED; an ended study keeps its result, and
+        its status says why the resubmission failed)."""
+        log.error("study %r refused: %s", spec.name, why)
+        count_refusal(self.connection, self.keys.prefix, "storage")
+        state = self.state(spec.name)
+        try:
+            if state is not None and state.ended:
+                self.status.annotate(spec, why)
+            else:
+                self.status.publish_failed(spec, None, error=why)
+        except StudyConflictError as exc:  # a state nobody can move it from: said, not fatal
+            log.error("study %r: %s", spec.name, exc)
 
     def state(self, name: str) -> StudyState | None:
         """The study's state, read from its published status if this broker does not run it."""
@@ -106,14 +159,17 @@ class Registry:
     def reattach(self) -> None:
         """Run on every stored study that has not ended (a broker restarted, or took over)."""
         stored: dict[bytes, bytes] = self.connection.hgetall(self.keys.studies)  # type: ignore[assignment]
-        for name, raw in stored.items():
-            try:
-                spec = StudySpec.decode(raw)
-            except ProtocolError as exc:
-                log.error("ignoring stored study %r: %s", name, exc)
+        for key, raw in stored.items():
+            name = key.decode(errors="replace")
+            spec = self._open_stored(name, raw)
+            if spec is None:
                 continue
             state = self.state(spec.name)
             if state is not None and state.ended:
+                continue
+            why = self.storage_refusal(spec)
+            if why is not None:
+                self.refuse_storage(spec, why)
                 continue
             self.start(spec, resumed=True)
 
@@ -278,7 +334,9 @@ class Registry:
         for spec, run in failed:
             log.error("study %r failed: %s", spec.name, error)
             # Not flushed first: it says what failed, and acknowledges nothing on the others.
-            held = read_back(error.url, spec.name)  # its figures: what its storage kept
+            held = self.storages.read_back(
+                error.url, spec.name
+            )  # its figures: what its storage kept
             self.status.publish_failed(spec, run, error=str(error), flush=False, held=held)
         if not failed:  # a storage no running study uses any more
             log.error("%s", error)

@@ -11,6 +11,8 @@ __all__ = ["BrokerSettings"]
 class BrokerSettings:
     prefix: str
     storage: str  # the default storage URL for studies that name none
+    # What else a study's storage may be: `broker --allow-storage` patterns (storage_policy.py).
+    allowed_storages: tuple[str, ...] = ()
     poll_s: float = 0.2
     lock_ttl_s: float = 10.0
     status_interval_s: float = 0.25

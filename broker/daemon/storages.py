@@ -15,6 +15,9 @@ through `BatchedJournal`: replayed from memory (what other writers append is rea
 changes buffered until `Storages.flush`, which the daemon calls before anything that
 acknowledges a change leaves it (a trial sent, a result acknowledged, a call answered, a status
 or a command's trim written). Other storages write through at once; their flush is a no-op.
+
+Nothing is opened that the broker's operator did not allow (`optuna_rq.storage_policy`): a URL
+comes from the wire, and `Storages` checks its policy before it opens one.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from optuna_rq import failpoints
 from optuna_rq.connection import redact_url
 from optuna_rq.errors import StudyStorageError
 from optuna_rq.journal import BatchedJournal
+from optuna_rq.storage_policy import StoragePolicy
 from optuna_rq.studies import journal_path, open_storage
 from optuna_rq.trials import only_waiting
 
-__all__ = ["GuardedStorage", "Storages", "read_back", "storage_failure"]
+__all__ = ["GuardedStorage", "Storages", "storage_failure"]
 
 log = logging.getLogger("optuna_rq.broker")
 
@@ -267,11 +271,14 @@ _delete_study = _guarded("delete_study", writes=True)
 
 
 class Storages:
-    """The storages of the studies a daemon serves: one per URL, opened on first use. A storage
-    that failed is forgotten (and its file released), so the next study on its URL opens it
-    afresh."""
+    """The storages of the studies a daemon serves: one per URL, opened on first use, if
+    `policy` allows it. A storage that failed is forgotten (and its file released), so the next
+    study on its URL opens it afresh."""
 
-    def __init__(self, before_flush: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, *, policy: StoragePolicy, before_flush: Callable[[], None] | None = None
+    ) -> None:
+        self.policy = policy
         self._open: dict[str, GuardedStorage] = {}
         self.before_flush = before_flush
         """Run before anything is made durable (the broker's fence: a broker that lost its lock
@@ -279,14 +286,28 @@ class Storages:
         durable at `flush`, a storage that writes through (SQL) at each write."""
 
     def open(self, url: str) -> GuardedStorage:
-        """The storage at `url`; raises StudyStorageError if it cannot be opened, whatever the
-        reason (a path that cannot be created, a server that is down)."""
+        """The storage at `url`; raises StorageNotAllowedError (nothing opened) if the policy
+        does not allow it, StudyStorageError if it cannot be opened, whatever the reason (a
+        path that cannot be created, a server that is down)."""
         key = _identity(url)
         storage = self._open.get(key)
         if storage is None:
+            self.policy.check(url)
             storage = self._open[key] = _open_guarded(url)
             storage.before_write = self.before_flush
         return storage
+
+    def read_back(self, url: str, name: str) -> optuna.Study | None:
+        """Study `name` as the storage at `url` holds it now, read afresh: the figures a study
+        that failed with its storage (a full disk, say) ends with are what it kept, not what the
+        broker told it and it never wrote (a journal's buffer that would not flush). None,
+        logged, if it cannot be read either (a server that is down), or may not be opened."""
+        try:
+            self.policy.check(url)
+            return optuna.load_study(study_name=name, storage=open_storage(url))
+        except Exception as exc:
+            log.warning("study %r: cannot read back what its storage holds: %s", name, exc)
+            return None
 
     def flush(self) -> None:
         """Make every change told to any open storage durable: called before anything that
@@ -319,18 +340,6 @@ class Storages:
             except StudyStorageError as exc:
                 log.error("%s", exc)
             self.forget(url)
-
-
-def read_back(url: str, name: str) -> optuna.Study | None:
-    """Study `name` as the storage at `url` holds it now, read afresh: the figures a study that
-    failed with its storage (a full disk, say) ends with are what it kept, not what the broker
-    told it and it never wrote (a journal's buffer that would not flush). None, logged, if it
-    cannot be read either (a server that is down)."""
-    try:
-        return optuna.load_study(study_name=name, storage=open_storage(url))
-    except Exception as exc:
-        log.warning("study %r: cannot read back what its storage holds: %s", name, exc)
-        return None
 
 
 def _identity(url: str) -> str:

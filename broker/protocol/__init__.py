@@ -69,7 +69,7 @@ from optuna_rq.protocol.signing import (
     Record,
     Signer,
 )
-from optuna_rq.protocol.spec import StudySpec
+from optuna_rq.protocol.spec import StudySpec, open_stored_spec, seal_stored_spec
 from optuna_rq.protocol.status import StudyState, StudyStatus
 
 __all__ = [
@@ -129,8 +129,10 @@ __all__ = [
     "judge_return",
     "live_pools",
     "new_incarnation",
+    "open_stored_spec",
     "objective_path_of",
     "parse_objective_path",
+    "seal_stored_spec",
     "trial_queue",
     "workers_on",
 ]

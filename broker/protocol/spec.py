@@ -3,6 +3,11 @@ it (`<prefix>:studies`).
 
 A `StudySpec` is validated when it is built, so the CLI refuses a bad submission before sending
 it, and when it is decoded, so the daemon refuses a forged one the same way.
+
+The spec the broker keeps is its own record (`Record.SPEC`): with signing on it is sealed by the
+broker and bound to the study's name (`seal_stored_spec`), and whoever reads it back, the broker
+at its next start or a front door, opens it with `open_stored_spec`, which refuses one that is
+unsigned, signed by another role, or stored under another name than its own.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from optuna_rq.protocol.schema import (
     version_field,
     wire,
 )
+from optuna_rq.protocol.signing import Record, Signer
 from optuna_rq.spacefile import space_from_data
 
 __all__ = [
@@ -50,6 +56,8 @@ __all__ = [
     "PRUNERS",
     "SAMPLERS",
     "StudySpec",
+    "open_stored_spec",
+    "seal_stored_spec",
 ]
 
 SAMPLERS = ("random", "tpe", "cmaes", "nsgaii", "gp", "qmc")
@@ -252,6 +260,22 @@ class StudySpec(Message):
             else:
                 found.append(f"{name} {mine!r}, not {theirs!r}")
         return found
+
+
+def seal_stored_spec(signer: Signer, spec: StudySpec) -> bytes:
+    """`spec` as the broker keeps it under its name in `<prefix>:studies`: sealed, bound to it."""
+    return signer.seal(Record.SPEC, spec.encode(), bound_to=spec.name)
+
+
+def open_stored_spec(signer: Signer, name: str, raw: bytes) -> StudySpec:
+    """The spec stored under `name`; ProtocolError if it does not verify (with signing on: the
+    broker did not seal it, or sealed it for another name), does not decode, or is another
+    study's (a spec copied under another name)."""
+    body = signer.open(Record.SPEC, raw, bound_to=name)
+    spec = StudySpec.decode(body, max_bytes=signer.max_message_bytes)
+    if spec.name != name:
+        raise ProtocolError(f"the spec stored as study {name!r} is study {spec.name!r}'s")
+    return spec
 
 
 DEFINITION = (

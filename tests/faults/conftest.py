@@ -34,6 +34,7 @@ from rq import Worker
 from optuna_rq.client import BrokerClient
 from optuna_rq.connection import connect
 from optuna_rq.failpoints import ENV_FAILPOINTS
+from optuna_rq.protocol import Role, Signer
 from tests.conftest import redis_server
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env
@@ -50,10 +51,11 @@ _FINISHING_STATES = {TrialState.COMPLETE.value, TrialState.PRUNED.value, TrialSt
 class RedisServer:
     """A private redis-server with AOF (fsync on every write), on a unix socket."""
 
-    def __init__(self, executable: str, directory: Path) -> None:
+    def __init__(self, executable: str, directory: Path, *, tcp_port: int = 0) -> None:
         self.executable = executable
         self.directory = directory
         self.sock = directory / "redis.sock"
+        self.tcp_port = tcp_port  # 0: the unix socket alone
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,7 +64,8 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [self.executable, "--port", "0", "--unixsocket", str(self.sock)]
+            [self.executable, "--port", str(self.tcp_port), "--bind", "127.0.0.1"]
+            + ["--unixsocket", str(self.sock)]
             + ["--unixsocketperm", "700", "--dir", str(self.directory), "--save", ""]
             + ["--appendonly", "yes", "--appendfsync", "always"],
             stdin=subprocess.DEVNULL,
@@ -128,11 +131,15 @@ class Cluster:
         self.conn = connect(server.url)
         self.brokers: list[subprocess.Popen[bytes]] = []
         self.pools: list[subprocess.Popen[bytes]] = []
+        self.role_env: dict[Role, dict[str, str]] = {}
+        """The environment each role's processes get besides the rest (their signing keys)."""
 
-    def _popen(self, args: list[str], stderr: Any = None, **env: str) -> subprocess.Popen[bytes]:
+    def _popen(
+        self, args: list[str], role: Role, stderr: Any = None, **env: str
+    ) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             cli("--redis-url", self.server.url, "--prefix", self.prefix, *args),
-            env=cli_env(OPTUNA_RQ_STATE_DIR=str(self.state), **env),
+            env=cli_env(OPTUNA_RQ_STATE_DIR=str(self.state), **self.role_env.get(role, {}), **env),
             stderr=stderr,
         )
 
@@ -143,10 +150,10 @@ class Cluster:
     ) -> subprocess.Popen[bytes]:
         env = {ENV_FAILPOINTS: failpoints} if failpoints else {}
         if log is None:
-            process = self._popen(["broker", *args], **env)
+            process = self._popen(["broker", *args], Role.BROKER, **env)
         else:
             with open(log, "wb") as out:
-                process = self._popen(["broker", *args], stderr=out, **env)
+                process = self._popen(["broker", *args], Role.BROKER, stderr=out, **env)
         self.brokers.append(process)
         wait_until(
             lambda: process.poll() is not None or self.conn.exists(f"{self.prefix}:broker"),
@@ -163,10 +170,10 @@ class Cluster:
         args = ["workers", "--count", str(count), "--import", "tests.fault_objectives"]
         args += ["--lease-ttl", str(LEASE_TTL_S), "--isolation", isolation]
         if log is None:
-            process = self._popen(args)
+            process = self._popen(args, Role.WORKER)
         else:
             with open(log, "wb") as out:
-                process = self._popen(args, stderr=out)
+                process = self._popen(args, Role.WORKER, stderr=out)
         self.pools.append(process)
         wait_until(
             lambda: self._registered() >= before + count,
@@ -229,7 +236,7 @@ class Cluster:
             ]
             + params
             + list(extra),
-            env=cli_env(OPTUNA_RQ_STATE_DIR=str(self.state)),
+            env=cli_env(OPTUNA_RQ_STATE_DIR=str(self.state), **self.role_env.get(Role.CLIENT, {})),
             capture_output=True,
             text=True,
             timeout=60,
@@ -237,8 +244,13 @@ class Cluster:
         assert done.returncode == 0, done.stderr
         return name
 
+    def client(self) -> BrokerClient:
+        """A front door on the cluster's prefix, signing and verifying as its CLI processes do."""
+        signer = Signer.from_env(Role.CLIENT, self.role_env.get(Role.CLIENT, {}))
+        return BrokerClient(self.conn, self.prefix, signer=signer)
+
     def status(self, name: str) -> dict[str, Any]:
-        status = BrokerClient(self.conn, self.prefix).status(name)
+        status = self.client().status(name)
         return {} if status is None else status.to_dict()
 
     def wait_finished(self, name: str, *, timeout_s: float = 90) -> dict[str, Any]:

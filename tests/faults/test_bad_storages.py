@@ -49,7 +49,8 @@ def test_a_storage_that_cannot_be_opened_fails_its_study_alone(
     # Given a broker serving a study
     cluster.start_workers(2)
     log = tmp_path / "broker.log"
-    broker = cluster.start_broker(log=log)
+    allowed = ("--allow-storage", storage)  # its operator allows it: it fails when opened
+    broker = cluster.start_broker(log=log, args=allowed)
     good = cluster.submit("steady", n_trials=8, concurrency=2, hold_s=0.3)
 
     # When a study whose storage cannot be opened is submitted, past the CLI's own check of the
@@ -70,7 +71,7 @@ def test_a_storage_that_cannot_be_opened_fails_its_study_alone(
     broker.send_signal(signal.SIGTERM)
     assert broker.wait(timeout=30) == 0
     cluster.conn.hdel(f"{cluster.prefix}:status", bad)
-    restarted = cluster.start_broker()
+    restarted = cluster.start_broker(args=allowed)
     assert cause in str(_failed(cluster, bad)["error"])
     after = cluster.submit("steady", n_trials=3, concurrency=2, hold_s=0.1)
     cluster.wait_finished(after)
@@ -158,7 +159,7 @@ def test_a_storage_that_fails_mid_study_fails_its_study_alone(
     # Given two studies running side by side, one of them stored in a Redis of its own
     cluster.start_workers(3)
     log = tmp_path / "broker.log"
-    broker = cluster.start_broker(log=log)
+    broker = cluster.start_broker(log=log, args=("--allow-storage", storage_redis.url))
     doomed = cluster.submit(
         "steady", n_trials=200, concurrency=1, hold_s=0.2, extra=("--storage", storage_redis.url)
     )

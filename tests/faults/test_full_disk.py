@@ -59,9 +59,9 @@ def test_a_full_disk_fails_its_study_alone_with_its_figures_right(
     # Given two studies running side by side, one journaled on a small disk
     cluster.start_workers(4)
     log = tmp_path / "broker.log"
-    broker = cluster.start_broker(log=log)
-    good = cluster.submit("steady", n_trials=80, concurrency=2, hold_s=0.3)
     journal = small_disk / "doomed.journal"
+    broker = cluster.start_broker(log=log, args=("--allow-storage", str(journal)))
+    good = cluster.submit("steady", n_trials=80, concurrency=2, hold_s=0.3)
     doomed = cluster.submit(
         "steady",
         n_trials=100_000,

@@ -175,7 +175,8 @@ def test_a_study_deleted_and_submitted_again_runs_all_its_new_trials(cluster: Cl
 def test_a_study_whose_storage_lost_its_trials_runs_them_all_when_submitted_again(
     cluster: Cluster,
 ) -> None:
-    cluster.start_broker()
+    # Each round's storage is a redis-server on a port of its own (Optuna's JournalRedis).
+    cluster.start_broker(args=("--allow-storage", "redis://127.0.0.1:*/0"))
     cluster.start_workers(2)
     for round_ in range(REPEATS):
         # A study's storage dies while its first trials run: the study fails, and the broker
