@@ -29,6 +29,7 @@ from optuna_rq.daemon.commands import Commands
 from optuna_rq.daemon.enqueue import EnqueueSets
 from optuna_rq.daemon.fair_share import FairShare
 from optuna_rq.daemon.inbox import CommandInbox
+from optuna_rq.daemon.ledger import CommandLedger
 from optuna_rq.daemon.lock import BrokerLock, EpochGuard
 from optuna_rq.daemon.registry import Registry
 from optuna_rq.daemon.settings import BrokerSettings
@@ -127,6 +128,13 @@ class Daemon:
             persist=self.storages.flush,
             kinds={Enqueue: EnqueueSets(self.dispatcher.runs)},
         )
+        # The commands applied, kept off Redis (whoever writes to Redis could delete them there),
+        # so that each is applied once however often it is pushed.
+        self.ledger = CommandLedger(
+            settings.command_ledger,
+            window_s=self.signer.max_age_s,
+            skew_s=self.signer.max_skew_s,
+        )
         self.inbox = CommandInbox(
             connection,
             self.keys,
@@ -134,6 +142,7 @@ class Daemon:
             handler=Commands(self.registry),
             persist=self.storages.flush,
             backlog=self.backlog,
+            ledger=self.ledger,
         )
 
     @property
@@ -155,6 +164,7 @@ class Daemon:
     def acquire(self) -> None:
         """Become the prefix's broker (or raise naming the one that is), and learn the epoch."""
         self.lock.acquire()
+        self.ledger.load()  # compacted by the prefix's broker alone
         self.epoch_guard.establish()
         check_memory_policy(self.connection)  # warns if a full Redis would evict
 
