@@ -9,6 +9,7 @@ is not refused. The replays with real broker processes are tests/faults/test_rep
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -323,3 +324,29 @@ def test_a_command_applied_before_an_outage_is_trimmed_not_refused_nor_applied_a
     assert daemon.specs["s"].n_trials == 7
     assert [t.system_attrs.get("fixed_params") for t in broker.trials()] == [{"x": 0.5}]
     assert broker.refused() == {}
+
+
+def test_commands_wait_in_the_inbox_while_the_ledger_cannot_be_written(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = broker.daemon
+    assert daemon is not None
+    raws = broker.sent(Submit(spec=spec(n_trials=5)), Change(study="s", n_trials=7))
+
+    def full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched, caplog.at_level(logging.ERROR):
+        patched.setattr(daemon.ledger, "flush", full)
+        for _ in range(3):
+            daemon.step()  # applied once, not trimmed: their ids are not durable
+    assert broker.conn.llen(Keys(broker.prefix).commands) == 2
+    assert daemon.specs["s"].n_trials == 7
+    said = [r.getMessage() for r in caplog.records if "ledger" in r.getMessage()]
+    assert len(said) == 1 and "No space left" in said[0], said
+
+    broker.settle()  # written: trimmed
+    assert broker.refused() == {}
+    broker.start()
+    broker.replay(raws)
+    assert broker.refused() == {"replayed command": 2}

@@ -129,10 +129,7 @@ class CommandLedger:
         if not self._unwritten or self.path is None:
             self._unwritten.clear()
             return
-        data = "".join(self._unwritten).encode()
-        with self._open() as fd:
-            _write_all(fd, data)
-            _sync(fd)
+        self._append("".join(self._unwritten).encode(), sync=True)
         self._lines += len(self._unwritten)
         self._unwritten.clear()
 
@@ -143,8 +140,7 @@ class CommandLedger:
         self._untrimmed.clear()
         if self.path is not None:
             try:
-                with self._open() as fd:  # not synced: lost, it leaves a few ids in doubt
-                    _write_all(fd, b"-\n")
+                self._append(b"-\n", sync=False)  # lost, it leaves a few ids in doubt
                 self._lines += 1
             except OSError as exc:
                 log.warning("cannot write the command ledger %s: %s", self.path, exc)
@@ -228,6 +224,20 @@ class CommandLedger:
         os.replace(aside, self.path)
         _sync_directory(self.path.parent)
         self._lines = len(lines)
+
+    def _append(self, data: bytes, *, sync: bool) -> None:
+        """Append whole lines: a write that fails part way is cut off again, so that the next
+        line does not run on from half of one."""
+        with self._open() as fd:
+            size = os.fstat(fd).st_size
+            try:
+                _write_all(fd, data)
+                if sync:
+                    _sync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
 
     @contextlib.contextmanager
     def _open(self) -> Iterator[int]:
