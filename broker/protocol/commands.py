@@ -73,7 +73,7 @@ COMMAND_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 """A command's id: 16 random bytes in lowercase hex (no collision in any command's lifetime)."""
 
 
-def new_command_id() -> str:
+def _new_command_id() -> str:
     return secrets.token_hex(16)
 
 
@@ -84,7 +84,7 @@ class _Sent(Message):
 
     id: str = wire(
         Matching(COMMAND_ID_PATTERN, "a command id (32 lowercase hex digits)"),
-        default_factory=new_command_id,
+        default_factory=_new_command_id,
     )
     sent_at: float = wire(Float(minimum=0), default_factory=time.time)
 
