@@ -23,6 +23,7 @@ from optuna_rq.client import BrokerClient
 from optuna_rq.daemon import BrokerSettings, Daemon
 from optuna_rq.daemon.ledger import CommandLedger, ledger_file
 from optuna_rq.dispatch.observer import RefusalLog, count_refusal
+from optuna_rq.errors import ConfigError
 from optuna_rq.protocol import Cancel, Change, Delete, Enqueue, Keys, Signer, StudySpec, Submit
 from optuna_rq.studies import open_storage
 
@@ -350,3 +351,28 @@ def test_commands_wait_in_the_inbox_while_the_ledger_cannot_be_written(
     broker.start()
     broker.replay(raws)
     assert broker.refused() == {"replayed command": 2}
+
+
+def test_a_broker_whose_ledger_is_lost_says_so_and_one_that_cannot_keep_it_does_not_start(
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker.sent(Submit(spec=spec()))
+    broker.settle()
+    broker.stop()
+    path = broker.settings.command_ledger
+    assert path is not None and path.exists()
+    path.unlink()  # a state directory that did not survive the restart
+    with caplog.at_level(logging.WARNING, logger="optuna_rq.broker"):
+        broker.start()
+    assert any("could be replayed" in r.getMessage() for r in caplog.records)
+    broker.stop()
+
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    settings = BrokerSettings(
+        prefix=broker.prefix, storage="memory", command_ledger=blocked / "p.applied"
+    )
+    daemon = Daemon(broker.conn, settings, broker.signer)
+    with pytest.raises(ConfigError, match="cannot keep the ledger of applied commands"):
+        daemon.acquire()
+    assert not broker.conn.exists(Keys(broker.prefix).broker)  # the lock is not left behind

@@ -38,7 +38,12 @@ from optuna_rq.daemon.stopping import StopConditions
 from optuna_rq.daemon.storages import Storages
 from optuna_rq.dispatch import Dispatcher, OffLoopSampling
 from optuna_rq.dispatch.boundary import Site
-from optuna_rq.errors import BrokerAlreadyRunningError, RedisDataLostError, StudyStorageError
+from optuna_rq.errors import (
+    BrokerAlreadyRunningError,
+    ConfigError,
+    RedisDataLostError,
+    StudyStorageError,
+)
 from optuna_rq.health import BrokerHealth
 from optuna_rq.metrics import BrokerMetrics
 from optuna_rq.protocol import Enqueue, Keys, Signer, StudySpec
@@ -164,7 +169,20 @@ class Daemon:
     def acquire(self) -> None:
         """Become the prefix's broker (or raise naming the one that is), and learn the epoch."""
         self.lock.acquire()
-        self.ledger.load()  # compacted by the prefix's broker alone
+        try:
+            self.ledger.load()  # by the prefix's broker alone: what its predecessor applied
+        except ConfigError:
+            self.lock.release()
+            raise
+        if self.ledger.created and self.connection.hlen(self.keys.studies):
+            log.warning(
+                "the ledger of applied commands %s is new, yet prefix %r has studies: the "
+                "commands an earlier broker applied in the last %.0f h could be replayed through "
+                "Redis (keep the broker's state directory across restarts)",
+                self.ledger.path,
+                self.settings.prefix,
+                self.ledger.window_s / 3600,
+            )
         self.epoch_guard.establish()
         check_memory_policy(self.connection)  # warns if a full Redis would evict
 

@@ -86,6 +86,8 @@ class CommandLedger:
         self._unwritten: list[str] = []  # lines not yet in the file
         self._lines = 0  # lines in the file
         self._loaded = False
+        self.created = False
+        """Whether `load` found no file: a broker whose state directory is new (or was lost)."""
 
     # -- the inbox's side ----------------------------------------------------------------------
 
@@ -173,6 +175,7 @@ class CommandLedger:
     def _read(self) -> None:
         assert self.path is not None
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = not self.path.exists()
         with self._open() as fd:
             text = _read_all(fd).decode(errors="replace")
             cutoff = self.clock() - self.window_s
