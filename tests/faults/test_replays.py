@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from optuna_rq.protocol import ENV_SECRET, Keys
+from optuna_rq.protocol import ENV_SECRET, Keys, Role
 from tests.faults.conftest import Cluster
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env
@@ -33,11 +33,10 @@ SECRET = "replays-0123456789abcdef0123456"
 
 
 @pytest.fixture(params=["unsigned", "signed"])
-def signing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every process of the test (they inherit this environment) signs with one secret, or
-    none does."""
+def signing(request: pytest.FixtureRequest, cluster: Cluster) -> str:
+    """Every process of the cluster signs with one secret, or none does."""
     if request.param == "signed":
-        monkeypatch.setenv(ENV_SECRET, SECRET)
+        cluster.role_env = {role: {ENV_SECRET: SECRET} for role in Role}
     return str(request.param)
 
 
@@ -45,7 +44,9 @@ def front_door(cluster: Cluster, *args: str) -> str:
     """`optuna-rq ARGS...` as the operator runs it; its stdout."""
     done = subprocess.run(
         cli("--redis-url", cluster.server.url, "--prefix", cluster.prefix, *args),
-        env=cli_env(OPTUNA_RQ_STATE_DIR=str(cluster.state)),
+        env=cli_env(
+            OPTUNA_RQ_STATE_DIR=str(cluster.state), **cluster.role_env.get(Role.CLIENT, {})
+        ),
         capture_output=True,
         text=True,
         timeout=60,
