@@ -247,6 +247,7 @@ def broker(
     restarted broker tells their results.
     """
     from optuna_rq.daemon import BrokerSettings, Daemon
+    from optuna_rq.daemon.ledger import ledger_file
     from optuna_rq.dispatch import OffLoopSampling
     from optuna_rq.protocol import Keys
     from optuna_rq.sampling.process import SamplerProcess
@@ -260,7 +261,12 @@ def broker(
     StoragePolicy(storage_url, allowed)  # a pattern it refuses stops us here
     open_storage(storage_url)  # a URL Optuna rejects stops us here, before any study
     url, connection = connect_redis(options)
-    settings = BrokerSettings(prefix=options.prefix, storage=storage_url, allowed_storages=allowed)
+    settings = BrokerSettings(
+        prefix=options.prefix,
+        storage=storage_url,
+        allowed_storages=allowed,
+        command_ledger=ledger_file(options.state(), options.prefix),
+    )
     if lock_ttl is not None:
         settings = dataclasses.replace(settings, lock_ttl_s=lock_ttl)
     # Slow samplers sample there (`optuna_rq.dispatch.offloop`); it wakes the loop on Redis.

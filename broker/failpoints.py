@@ -11,6 +11,8 @@ outside the fault tests), `hit` is one dict lookup. Points:
     after_tell    a trial was told (in memory) and its journal not yet flushed
     after_flush   a journal was flushed and what it acknowledges not yet sent (the sends, the
                   acks, the replies or the status that follow)
+    after_ledger  the ids of the commands taken were made durable (`daemon.ledger`), the inbox
+                  not yet trimmed (nor a bulk command moved onto its backlog)
     after_take    a bulk command was moved onto its study's backlog, the inbox trimmed up to it
     after_slice   a slice of a bulk command was applied and flushed, its cursor not yet moved
     worker_stopped  a pool's worker process left RQ's work loop (told to stop) and has not

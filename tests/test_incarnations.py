@@ -21,6 +21,7 @@ from optuna_rq.dispatch import Dispatcher, StudyRun
 from optuna_rq.errors import RemoteTrialError
 from optuna_rq.protocol import (
     RESULT_FIELD,
+    AttemptId,
     Keys,
     Outcome,
     Record,
@@ -73,7 +74,7 @@ def serving(sent: tuple[Dispatcher, StudyRun]) -> Iterator[tuple[Dispatcher, Stu
 
 
 def request_for(run: StudyRun, prefix: str, incarnation: str) -> TrialRequest:
-    return TrialRequest(
+    request = TrialRequest(
         study=run.name,
         incarnation=incarnation,
         trial_number=0,
@@ -83,6 +84,24 @@ def request_for(run: StudyRun, prefix: str, incarnation: str) -> TrialRequest:
         n_objectives=1,
         reply_to=f"{prefix}:results",
     )
+    return dataclasses.replace(request, token=token_of(request.attempt_id))
+
+
+def token_of(attempt: AttemptId) -> str:
+    """The token the dispatcher gave (or, of an earlier incarnation, would have given) the job
+    of `attempt`: these messages are what its worker sends, not forgeries."""
+    return signer.attempt_token(Keys.job_id(attempt))
+
+
+def with_token(result: TrialResult, reply_to: str) -> TrialResult:
+    attempt = AttemptId(
+        reply_to=reply_to,
+        study=result.study,
+        incarnation=result.incarnation,
+        trial_number=result.trial_number,
+        attempt=result.attempt,
+    )
+    return dataclasses.replace(result, token=token_of(attempt))
 
 
 def test_a_result_of_another_incarnation_is_dropped_not_told(
@@ -101,12 +120,14 @@ def test_a_result_of_another_incarnation_is_dropped_not_told(
         worker="earlier",
         duration_s=0.0,
     )
+    result = with_token(result, f"{prefix}:results")
     conn.xadd(f"{prefix}:results", {RESULT_FIELD: signer.seal(Record.RESULT, result.encode())})
     assert dispatcher.poll(0.1) == 0
     assert run.study.trials[0].state is TrialState.RUNNING
     assert dispatcher.dropped_results == 1
 
     ours = dataclasses.replace(result, incarnation=run.incarnation, values=[0.5])
+    ours = with_token(ours, f"{prefix}:results")
     conn.xadd(f"{prefix}:results", {RESULT_FIELD: signer.seal(Record.RESULT, ours.encode())})
     assert dispatcher.poll(0.1) == 1
     assert run.study.trials[0].value == 0.5

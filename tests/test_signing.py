@@ -212,7 +212,10 @@ def test_a_forged_result_is_refused_and_never_told(conn: redis.Redis, prefix: st
     assert dispatcher.refused_results == 1
     assert int(conn.hget(f"{prefix}:refused", "result")) == 1
 
-    conn.xadd(f"{prefix}:results", {RESULT_FIELD: signer.seal(Record.RESULT, result.encode())})
+    [record] = run.in_flight()  # a signed result gives back its job's token
+    token = signer.attempt_token(dispatcher.sender.job_id(run, record))
+    signed = TrialResult(**{**result.to_wire(), "outcome": Outcome.COMPLETE, "token": token})
+    conn.xadd(f"{prefix}:results", {RESULT_FIELD: signer.seal(Record.RESULT, signed.encode())})
     assert dispatcher.poll(0.1) == 1
     assert study.trials[0].state is TrialState.COMPLETE
 

@@ -43,6 +43,8 @@ class TrialIdentity(Protocol):
     def trial_number(self) -> int: ...
     @property
     def attempt(self) -> int: ...
+    @property
+    def token(self) -> str: ...  # the request's: the broker accepts only a result with it
 
 
 def trial_result(
@@ -68,6 +70,7 @@ def trial_result(
         error=error,
         worker=worker,
         duration_s=max(0.0, time.monotonic() - started),
+        token=of.token,
     )
 
 

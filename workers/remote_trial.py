@@ -108,6 +108,7 @@ class RemoteTrial(optuna.Trial):
             args=list(args),
             kwargs=kwargs,
             reply=True,
+            token=self._request.token,
         )
         try:
             payload = call.encode()

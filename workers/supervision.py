@@ -78,6 +78,7 @@ class Attempt:
     trial_number: int
     attempt: int
     reply_to: str
+    token: str = ""  # the request's: the result the supervisor writes for it gives it back
 
     @classmethod
     def of(
@@ -95,6 +96,7 @@ class Attempt:
             trial_number=request.trial_number,
             attempt=request.attempt,
             reply_to=request.reply_to,
+            token=request.token,
         )
 
     @property

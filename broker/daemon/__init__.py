@@ -2,11 +2,13 @@
 
 Everything it knows lives in Redis and in the study storages, so a restarted broker picks up
 where the last one stopped: submitted studies are in `<prefix>:studies`, commands wait in
-`<prefix>:commands`, results wait in the `<prefix>:results` stream until acknowledged.
+`<prefix>:commands`, results wait in the `<prefix>:results` stream until acknowledged. The one
+thing it keeps on its own disk is what Redis must not be trusted with: the ids of the commands it
+applied (`ledger`, in its state directory), so that a command replayed through Redis is refused.
 
 The keys it uses are `optuna_rq.protocol.keys.Keys`. Its parts: `lock` (one broker per prefix,
-and the epoch guard), `inbox` (commands), `fair_share` (workers among studies), `status` (what
-the broker publishes), composed by `daemon.Daemon`.
+and the epoch guard), `inbox` (commands, each applied once: `ledger`), `fair_share` (workers
+among studies), `status` (what the broker publishes), composed by `daemon.Daemon`.
 """
 
 from optuna_rq.daemon.daemon import Daemon

@@ -134,6 +134,12 @@ class Backlog:
         """Items the study has pending."""
         return sum(len(p.items) - p.done for p in self._studies.get(study, ()))
 
+    def holds(self, raw: bytes, study: str) -> bool:
+        """Whether the command `raw` is pending on `study`'s backlog (as Redis holds it, after
+        a restart or an outage)."""
+        self._load()
+        return any(pending.raw == raw for pending in self._studies.get(study, ()))
+
     def takes(self, command: Command) -> bool:
         """Whether `command` is a bulk command its study accepted: `take` it."""
         kind = self.kinds.get(type(command))

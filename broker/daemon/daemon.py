@@ -29,6 +29,7 @@ from optuna_rq.daemon.commands import Commands
 from optuna_rq.daemon.enqueue import EnqueueSets
 from optuna_rq.daemon.fair_share import FairShare
 from optuna_rq.daemon.inbox import CommandInbox
+from optuna_rq.daemon.ledger import CommandLedger
 from optuna_rq.daemon.lock import BrokerLock, EpochGuard
 from optuna_rq.daemon.registry import Registry
 from optuna_rq.daemon.settings import BrokerSettings
@@ -37,7 +38,12 @@ from optuna_rq.daemon.stopping import StopConditions
 from optuna_rq.daemon.storages import Storages
 from optuna_rq.dispatch import Dispatcher, OffLoopSampling
 from optuna_rq.dispatch.boundary import Site
-from optuna_rq.errors import BrokerAlreadyRunningError, RedisDataLostError, StudyStorageError
+from optuna_rq.errors import (
+    BrokerAlreadyRunningError,
+    ConfigError,
+    RedisDataLostError,
+    StudyStorageError,
+)
 from optuna_rq.health import BrokerHealth
 from optuna_rq.metrics import BrokerMetrics
 from optuna_rq.protocol import Enqueue, Keys, Signer, StudySpec
@@ -127,6 +133,13 @@ class Daemon:
             persist=self.storages.flush,
             kinds={Enqueue: EnqueueSets(self.dispatcher.runs)},
         )
+        # The commands applied, kept off Redis (whoever writes to Redis could delete them there),
+        # so that each is applied once however often it is pushed.
+        self.ledger = CommandLedger(
+            settings.command_ledger,
+            window_s=self.signer.max_age_s,
+            skew_s=self.signer.max_skew_s,
+        )
         self.inbox = CommandInbox(
             connection,
             self.keys,
@@ -134,6 +147,7 @@ class Daemon:
             handler=Commands(self.registry),
             persist=self.storages.flush,
             backlog=self.backlog,
+            ledger=self.ledger,
         )
 
     @property
@@ -155,6 +169,20 @@ class Daemon:
     def acquire(self) -> None:
         """Become the prefix's broker (or raise naming the one that is), and learn the epoch."""
         self.lock.acquire()
+        try:
+            self.ledger.load()  # by the prefix's broker alone: what its predecessor applied
+        except ConfigError:
+            self.lock.release()
+            raise
+        if self.ledger.created and self.connection.hlen(self.keys.studies):
+            log.warning(
+                "the ledger of applied commands %s is new, yet prefix %r has studies: the "
+                "commands an earlier broker applied in the last %.0f h could be replayed through "
+                "Redis (keep the broker's state directory across restarts)",
+                self.ledger.path,
+                self.settings.prefix,
+                self.ledger.window_s / 3600,
+            )
         self.epoch_guard.establish()
         check_memory_policy(self.connection)  # warns if a full Redis would evict
 

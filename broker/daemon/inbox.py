@@ -8,6 +8,12 @@ refuses it. Then the batch is trimmed off the list.
 A bulk command (an `Enqueue`), once the handler accepts it, is not applied here: it moves onto
 its study's backlog (`daemon.backlog`), in one transaction with the trim of the commands up to
 it, and the loop applies it a slice a turn. Cancelling or deleting a study drops its backlog.
+
+Each command is applied once: the ledger (`daemon.ledger`) refuses one sent too long ago and one
+whose id it took already (a replay), and is made durable before the commands it took are trimmed
+off the inbox. A command the ledger holds in doubt (taken, then the broker stopped or lost Redis
+before the trim) is not applied again, unless it is a bulk command that never reached its
+backlog.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from typing import Protocol
 
 import redis
 
+from optuna_rq import failpoints
 from optuna_rq.daemon.backlog import Backlog
+from optuna_rq.daemon.ledger import CommandLedger
 from optuna_rq.dispatch import count_refusal
 from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol import (
@@ -58,6 +66,7 @@ class CommandInbox:
         handler: CommandHandler,
         persist: Callable[[], None] | None = None,
         backlog: Backlog | None = None,
+        ledger: CommandLedger | None = None,
     ) -> None:
         self.connection = connection
         self.backlog = backlog
@@ -65,6 +74,11 @@ class CommandInbox:
         self.keys = keys
         self.signer = signer
         self.handler = handler
+        # In memory only unless given one with a file (the daemon's is in its state directory).
+        self.ledger = ledger or CommandLedger(
+            None, window_s=signer.max_age_s, skew_s=signer.max_skew_s
+        )
+        self._ledger_failing = False
 
     def fetch(self, pipe: redis.client.Pipeline) -> None:
         """Queue the read of the next batch on `pipe`; hand its reply to `apply`."""
@@ -79,6 +93,7 @@ class CommandInbox:
         started = time.perf_counter()
         trimmed = 0  # commands trimmed off the inbox already: with a bulk command, up to it
         read = 0  # commands applied (or refused)
+        ledger = self.ledger
         for raw in raw_commands:
             if trimmed and trimmed == read and time.perf_counter() - started >= TAKE_BUDGET_S:
                 break
@@ -87,26 +102,59 @@ class CommandInbox:
                 body = self.signer.open(Record.COMMAND, raw)
                 command = decode_command(body, max_bytes=self.signer.max_message_bytes)
             except ProtocolError as exc:
-                log.error("refused a command: %s", exc)
-                count_refusal(self.connection, self.keys.prefix, "command")
+                count_refusal(self.connection, self.keys.prefix, "command", str(exc))
+                continue
+            admission = ledger.judge(command)
+            if admission.refused:
+                count_refusal(self.connection, self.keys.prefix, admission.refused, admission.why)
+                continue
+            if admission.in_doubt and not self._never_taken(raw, command):
+                log.info("%s command %s was applied already: trimmed now", command.op, command.id)
                 continue
             self.handler.apply(command)
             backlog = self.backlog
-            if backlog is None:
-                continue
-            if backlog.takes(command):  # accepted: its study runs
-                self._persist()  # the commands trimmed with it are applied durably
+            if backlog is not None and backlog.takes(command):  # accepted: its study runs
+                ledger.take(command, bulk=True)
+                if not self._persist():  # the commands trimmed with it are applied durably
+                    return
                 backlog.take(raw, command, inbox_done=read - trimmed)
+                ledger.trimmed()
                 trimmed = read
-            elif isinstance(command, (Cancel, Delete)):
+                continue
+            ledger.take(command)
+            if backlog is not None and isinstance(command, (Cancel, Delete)):
                 why = "cancelled" if isinstance(command, Cancel) else "deleted"
                 backlog.drop(command.study, f"the study was {why}")
         # Commands are idempotent, so trimming after applying loses none if we die in between;
-        # what they stored (a purge) is durable before they are trimmed.
-        if trimmed < read:
-            self._persist()
+        # what they stored (a purge), and their ids, are durable before they are trimmed.
+        if trimmed < read and self._persist():
             self.connection.ltrim(self.keys.commands, read - trimmed, -1)
+            ledger.trimmed()
 
-    def _persist(self) -> None:
+    def _never_taken(self, raw: bytes, command: Command) -> bool:
+        """Whether a bulk command in doubt never reached its backlog: it is applied now."""
+        if self.backlog is None or not self.ledger.bulk_in_doubt(command):
+            return False
+        return not self.backlog.holds(raw, command.study)
+
+    def _persist(self) -> bool:
+        """Make what the commands changed durable, then their ids; False (logged) if the ledger
+        cannot be written: the commands are not trimmed, and wait in doubt until it can."""
         if self.persist is not None:
             self.persist()
+        try:
+            self.ledger.flush()
+        except OSError as exc:
+            if not self._ledger_failing:
+                log.error(
+                    "cannot write the ledger of applied commands (%s): commands wait in the "
+                    "inbox until it can be written",
+                    exc,
+                )
+            self._ledger_failing = True
+            return False
+        if self._ledger_failing:
+            log.info("the ledger of applied commands is written again")
+        self._ledger_failing = False
+        failpoints.hit("after_ledger")
+        return True

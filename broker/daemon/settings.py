@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = ["BrokerSettings"]
 
@@ -18,3 +19,6 @@ class BrokerSettings:
     status_interval_s: float = 0.25
     workers_refresh_s: float = 1.0
     max_outage_backoff_s: float = 5.0
+    command_ledger: Path | None = None
+    """The file of the commands applied (`daemon.ledger`), in the broker's state directory, so
+    that a command replayed through Redis is refused after a restart too; None: in memory."""

@@ -25,6 +25,7 @@ import redis
 
 from optuna_rq.dispatch.boundary import FaultBoundary, Site
 from optuna_rq.dispatch.observer import DispatchObserver, count_refusal
+from optuna_rq.dispatch.results import issued, unissued
 from optuna_rq.dispatch.runs import StudyRun
 from optuna_rq.dispatch.views import report_values, study_trials_view, study_view, trial_view
 from optuna_rq.errors import ProtocolError
@@ -73,9 +74,14 @@ class CallServer:
             body = self.signer.open(Record.CALL, raw)
             call = TrialCall.decode(body, max_bytes=self.signer.max_message_bytes)
         except ProtocolError as exc:
-            log.error("refused a trial call: %s", exc)
             self.observer.refused("call")
-            count_refusal(self.connection, self.prefix, "call")
+            count_refusal(self.connection, self.prefix, "call", str(exc))
+            return
+        if not issued(call, reply_to=self.reply_to, signer=self.signer):
+            # Not answered: its reply list is the attempt's, and the worker given the job waits
+            # on it for its own answers.
+            self.observer.refused("call token")
+            count_refusal(self.connection, self.prefix, "call token", unissued(call, "call"))
             return
         run = live(call.study)
         record = None if run is None else run.answers(call)

@@ -10,6 +10,7 @@ pending (delivered, unacknowledged) entries, then new ones.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -19,10 +20,20 @@ from optuna.trial import TrialState
 
 from optuna_rq.dispatch.observer import DispatchObserver, count_dropped, count_refusal
 from optuna_rq.errors import ProtocolError
-from optuna_rq.protocol import GROUP, FailReason, Outcome, Record, Signer, TrialResult
+from optuna_rq.protocol import (
+    GROUP,
+    AttemptId,
+    FailReason,
+    Keys,
+    Outcome,
+    Record,
+    Signer,
+    TrialCall,
+    TrialResult,
+)
 from optuna_rq.verdict import Verdict
 
-__all__ = ["ResultStream", "arrival_s", "verdict_of"]
+__all__ = ["ResultStream", "arrival_s", "issued", "unissued", "verdict_of"]
 
 log = logging.getLogger("optuna_rq.dispatch")
 
@@ -122,17 +133,23 @@ class ResultStream:
             self._acks = []
 
     def open(self, raw: bytes) -> TrialResult | None:
-        """The result in an entry's field; None if it is refused (not valid, or not validly
-        signed: an attack or a bug, counted)."""
+        """The result in an entry's field; None if it is refused (not valid, not validly signed,
+        or without its attempt's token: an attack or a bug, counted)."""
         try:
             body = self.signer.open(Record.RESULT, raw)
-            return TrialResult.decode(body, max_bytes=self.signer.max_message_bytes)
+            result = TrialResult.decode(body, max_bytes=self.signer.max_message_bytes)
         except ProtocolError as exc:
-            log.error("refused a result: %s", exc)
-            self.refused += 1
-            self.observer.refused("result")
-            count_refusal(self.connection, self.prefix, "result")
+            self._refuse("result", str(exc))
             return None
+        if not issued(result, reply_to=self.reply_to, signer=self.signer):
+            self._refuse("result token", unissued(result, "result"))
+            return None
+        return result
+
+    def _refuse(self, kind: str, why: str) -> None:
+        self.refused += 1
+        self.observer.refused(kind)
+        count_refusal(self.connection, self.prefix, kind, why)
 
     def drop(self, result: TrialResult) -> None:
         """`result` is stale (its attempt ended, or another broker owns it) or repeated: it is
@@ -148,6 +165,29 @@ class ResultStream:
     def close(self) -> None:
         """Remove the stream (for a private, per-run stream)."""
         self.connection.delete(self.reply_to)
+
+
+def issued(message: TrialResult | TrialCall, *, reply_to: str, signer: Signer) -> bool:
+    """Whether `message` carries the token of the attempt it names, as the dispatcher reading
+    `reply_to` issued it (`TrialSender.seal`). A worker key signs results and calls for any
+    attempt; only the worker given the job holds its token. With signing off both are empty."""
+    attempt = AttemptId(
+        reply_to=reply_to,
+        study=message.study,
+        incarnation=message.incarnation,
+        trial_number=message.trial_number,
+        attempt=message.attempt,
+    )
+    return hmac.compare_digest(message.token, signer.attempt_token(Keys.job_id(attempt)))
+
+
+def unissued(message: TrialResult | TrialCall, what: str) -> str:
+    """Why `message` is refused, when it is not `issued`."""
+    return (
+        f"a {what} for study {message.study!r} trial {message.trial_number} (attempt "
+        f"{message.attempt}) without the token of that attempt's job: validly signed, but not "
+        "by the worker given the job (or for a job another key issued)"
+    )
 
 
 def arrival_s(entry_id: bytes) -> float:

@@ -80,7 +80,8 @@ class TrialSender:
         return Keys.job_id(run.attempt_id(record, self.reply_to))
 
     def seal(self, run: StudyRun, record: InFlight) -> bytes:
-        """The signed request for `record`, its params sampled now. Raises whatever Optuna
+        """The signed request for `record`, its params sampled now, with the attempt's token
+        (its results and calls give it back: `results.issued`). Raises whatever Optuna
         raises when it rejects the space, or ProtocolError for a request too big to send."""
         params = dict(process(record.trial, deepcopy(run.inputs)))
         request = TrialRequest(
@@ -92,6 +93,7 @@ class TrialSender:
             params=params,
             n_objectives=len(run.study.directions),
             reply_to=self.reply_to,
+            token=self.signer.attempt_token(self.job_id(run, record)),
         )
         return self.signer.seal(Record.REQUEST, request.encode())
 

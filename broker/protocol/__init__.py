@@ -17,6 +17,7 @@ from optuna_rq.protocol.codec import (
     decode_map,
 )
 from optuna_rq.protocol.commands import (
+    COMMAND_ID_PATTERN,
     Cancel,
     Change,
     Command,
@@ -73,6 +74,7 @@ from optuna_rq.protocol.spec import StudySpec, open_stored_spec, seal_stored_spe
 from optuna_rq.protocol.status import StudyState, StudyStatus
 
 __all__ = [
+    "COMMAND_ID_PATTERN",
     "AttemptId",
     "CALL_FIELD",
     "CANCEL_TTL_S",

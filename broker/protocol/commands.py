@@ -5,10 +5,19 @@ They wait in `<prefix>:commands` until the broker applies them (it need not be r
 are idempotent, so one applied twice (a broker that died before trimming the list) does no harm.
 A bulk one (`Enqueue`) moves from the list onto its study's backlog in one step, and is applied
 from there a slice at a time (`daemon.backlog`).
+
+Each command carries an `id` of its own (random) and the time it was sent (`sent_at`), made when
+the front door builds it. A signature proves who sent a command, not that it is the first time
+it arrives: someone who can write to Redis can copy a signed `delete --purge` and push it again
+after the study was resubmitted. So the broker applies each id once, and keeps the ids it applied
+for as long as a command can be accepted at all (`daemon.ledger`).
 """
 
 from __future__ import annotations
 
+import re
+import secrets
+import time
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -25,6 +34,7 @@ from optuna_rq.protocol.schema import (
     Int,
     Kind,
     List,
+    Matching,
     Message,
     Nested,
     Text,
@@ -35,6 +45,7 @@ from optuna_rq.protocol.schema import (
 from optuna_rq.protocol.spec import StudySpec
 
 __all__ = [
+    "COMMAND_ID_PATTERN",
     "Cancel",
     "Change",
     "Command",
@@ -58,8 +69,28 @@ class _Op(Kind):
         return self.op
 
 
+COMMAND_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+"""A command's id: 16 random bytes in lowercase hex (no collision in any command's lifetime)."""
+
+
+def _new_command_id() -> str:
+    return secrets.token_hex(16)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Submit(Message):
+class _Sent(Message):
+    """What every command carries besides its op: its id and when it was sent (epoch seconds),
+    made when it is built, so that the broker applies it once (`daemon.ledger`)."""
+
+    id: str = wire(
+        Matching(COMMAND_ID_PATTERN, "a command id (32 lowercase hex digits)"),
+        default_factory=_new_command_id,
+    )
+    sent_at: float = wire(Float(minimum=0), default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Submit(_Sent):
     """Run `spec`; resubmitting a study already running applies its budget, cap and priority."""
 
     op: str = wire(_Op("submit"), default="submit")
@@ -72,7 +103,7 @@ class Submit(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Cancel(Message):
+class Cancel(_Sent):
     """No new trials for `study`; its queued trials are withdrawn, its running ones end FAIL."""
 
     op: str = wire(_Op("cancel"), default="cancel")
@@ -81,7 +112,7 @@ class Cancel(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Change(Message):
+class Change(_Sent):
     """`optuna-rq set`: new budget, cap or priority for `study` (None leaves one as it is)."""
 
     op: str = wire(_Op("set"), default="set")
@@ -111,7 +142,7 @@ class _ParamSets(List):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Enqueue(Message):
+class Enqueue(_Sent):
     """`optuna-rq enqueue`: run these parameter sets (dotted names -> values) before any sampled
     trial, each once. Stored in the study's storage as WAITING trials (Optuna's
     `enqueue_trial(skip_if_exists=True)`), a slice a turn, so they survive a broker restart and
@@ -136,7 +167,8 @@ def enqueue_commands(
     message cap (`max_bytes`, encoded), of `ENQUEUE_CHUNK` sets at most: 100,000 sets do not fit
     in one. Sent in one push, the
     broker takes them in one batch, and stores them in that order."""
-    room = max_bytes - 128 - len(study.encode())  # the command's own fields, and its list
+    room = max_bytes - 128 - len(study.encode())  # the command's own fields (its id and time
+    # too), and its list
     commands: list[Enqueue] = []
     chunk: list[dict[str, Any]] = []
     size = 0
@@ -153,7 +185,7 @@ def enqueue_commands(
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Delete(Message):
+class Delete(_Sent):
     """`optuna-rq delete`: the broker forgets `study` (its spec and status); the study's trials
     stay in its storage unless `purge`. Refused while it runs unless `force`, which cancels it
     first."""

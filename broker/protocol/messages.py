@@ -45,6 +45,13 @@ def _incarnation() -> Any:
     return wire(Matching(INCARNATION_PATTERN, "an incarnation id (12 lowercase hex digits)"))
 
 
+def _token() -> Any:
+    """The attempt's token: made by the dispatcher that issued the job (`Signer.attempt_token`
+    of its job id; empty with signing off), given back by every result and call of the attempt.
+    A worker key signs results for any attempt; the token proves the worker was given this one."""
+    return wire(Text(nonempty=False), default="")
+
+
 class Outcome(str, enum.Enum):
     COMPLETE = "COMPLETE"
     PRUNED = "PRUNED"
@@ -92,6 +99,7 @@ class TrialRequest(Message):
     params: dict[str, Param] = wire(Map())
     n_objectives: int = wire(Int(minimum=1))  # the study's directions: the length of a return
     reply_to: str = wire(Text())  # the Redis stream the result goes to
+    token: str = _token()
     v: int = version_field()
 
     def encode(self) -> bytes:
@@ -117,7 +125,8 @@ class TrialResult(Message):
 
     COMPLETE carries `values` (one per objective; NaN is allowed on the wire, the broker
     decides); FAIL carries a `fail_reason`; `values` is nil unless COMPLETE. The broker tells
-    it only to the attempt it names, of the incarnation it names.
+    it only to the attempt it names, of the incarnation it names, and only with that attempt's
+    `token`.
     """
 
     study: str = wire(Text())
@@ -130,6 +139,7 @@ class TrialResult(Message):
     error: str | None = wire(Text(optional=True, nonempty=False))
     worker: str = wire(Text(nonempty=False))
     duration_s: float = wire(Float(minimum=0))
+    token: str = _token()  # the request's
     v: int = version_field()
 
     def __post_init__(self) -> None:
@@ -160,6 +170,7 @@ class TrialCall(Message):
     args: list[Param] = wire(List())
     kwargs: dict[str, Param] = wire(Map())
     reply: bool = wire(Bool())
+    token: str = _token()  # the request's
     v: int = version_field()
 
     def encode(self) -> bytes:
