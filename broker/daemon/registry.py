@@ -75,6 +75,7 @@ class Registry:
         self.storages = storages
         self.stopping = stopping
         self.specs: dict[str, StudySpec] = {}
+        self._refused_statuses: set[str] = set()  # the studies whose status was refused: logged
 
     @property
     def boundary(self) -> FaultBoundary:
@@ -144,13 +145,19 @@ class Registry:
             log.error("study %r: %s", spec.name, exc)
 
     def state(self, name: str) -> StudyState | None:
-        """The study's state, read from its published status if this broker does not run it."""
+        """The study's state, read from its published status if this broker does not run it.
+        A status that does not open (with signing on: one this broker's key did not sign, such
+        as a forged `finished` that would keep a study from being re-attached) says nothing: it
+        is counted in `<prefix>:refused` as `status`, and logged once per study."""
         if name not in self.runs:
             try:
                 status = self.client.status(name)
-            except ProtocolError as exc:  # a status nobody can read says nothing
-                log.error("study %r: ignoring its unreadable status: %s", name, exc)
+            except ProtocolError as exc:
                 status = None
+                self.connection.hincrby(self.keys.refused, "status", 1)
+                if name not in self._refused_statuses:
+                    self._refused_statuses.add(name)
+                    log.error("study %r: ignoring its status: %s", name, exc)
             self.status.lifecycle.learn(name, None if status is None else status.state)
         return self.status.lifecycle.state(name)
 
