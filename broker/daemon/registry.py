@@ -154,7 +154,7 @@ class Registry:
                 status = self.client.status(name)
             except ProtocolError as exc:
                 status = None
-                self.connection.hincrby(self.keys.refused, "status", 1)
+                count_refusal(self.connection, self.keys.prefix, "status")
                 if name not in self._refused_statuses:
                     self._refused_statuses.add(name)
                     log.error("study %r: ignoring its status: %s", name, exc)

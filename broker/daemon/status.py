@@ -31,7 +31,7 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq.daemon.lifecycle import Lifecycle
-from optuna_rq.dispatch import RETRY_OF_ATTR, StudyRun
+from optuna_rq.dispatch import RETRY_OF_ATTR, StudyRun, count_refusal
 from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
 from optuna_rq.errors import ProtocolError, StudyStorageError
 from optuna_rq.protocol import Keys, Signer, StudySpec, StudyState, StudyStatus, error_headline
@@ -198,7 +198,7 @@ class StatusPublisher:
         try:
             status = read_status(self.connection, self.keys, self.signer, spec.name)
         except ProtocolError as exc:
-            self.connection.hincrby(self.keys.refused, "status", 1)
+            count_refusal(self.connection, self.keys.prefix, "status")
             log.error("study %r: not annotating its status: %s", spec.name, exc)
             return
         if status is None:
