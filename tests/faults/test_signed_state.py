@@ -209,6 +209,13 @@ def test_wait_and_status_refuse_a_status_the_broker_did_not_sign(cluster: Cluste
     only_refused = run_cli(cluster, "status", "--state", "refused", "--json")
     assert {e["name"] for e in json.loads(only_refused.stdout)} == set(forgeries)
 
+    # A refused status says nothing, not even that its study ended: delete wants --force.
+    kept = run_cli(cluster, "delete", "ghost")
+    assert kept.returncode == 1 and "delete --force ghost" in kept.stderr, kept.stderr
+    gone = run_cli(cluster, "delete", "--force", "ghost")
+    assert gone.returncode == 0, gone.stderr
+    assert not cluster.conn.hexists(status_key(cluster), "ghost")
+
 
 def test_a_status_rewritten_while_wait_waits_does_not_release_it(
     cluster: Cluster, tmp_path: Path
