@@ -75,7 +75,6 @@ class Registry:
         self.storages = storages
         self.stopping = stopping
         self.specs: dict[str, StudySpec] = {}
-        self._refused_statuses: set[str] = set()  # the studies whose status was refused: logged
 
     @property
     def boundary(self) -> FaultBoundary:
@@ -148,16 +147,14 @@ class Registry:
         """The study's state, read from its published status if this broker does not run it.
         A status that does not open (with signing on: one this broker's key did not sign, such
         as a forged `finished` that would keep a study from being re-attached) says nothing: it
-        is counted in `<prefix>:refused` as `status`, and logged once per study."""
+        is counted in `<prefix>:refused` as `status`, and logged (`count_refusal`)."""
         if name not in self.runs:
             try:
                 status = self.client.status(name)
             except ProtocolError as exc:
                 status = None
-                count_refusal(self.connection, self.keys.prefix, "status")
-                if name not in self._refused_statuses:
-                    self._refused_statuses.add(name)
-                    log.error("study %r: ignoring its status: %s", name, exc)
+                why = f"ignoring it, for study {name!r}: {exc}"
+                count_refusal(self.connection, self.keys.prefix, "status", why)
             self.status.lifecycle.learn(name, None if status is None else status.state)
         return self.status.lifecycle.state(name)
 

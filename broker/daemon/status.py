@@ -21,7 +21,6 @@ front doors believe only what the broker wrote.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -39,8 +38,6 @@ from optuna_rq.protocol.status import read_status
 from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 
 __all__ = ["MAX_SHARE", "StatusPublisher"]
-
-log = logging.getLogger("optuna_rq.broker")
 
 MAX_SHARE = 0.05
 """At most this share of the broker's time goes to publishing running studies' statuses."""
@@ -198,8 +195,8 @@ class StatusPublisher:
         try:
             status = read_status(self.connection, self.keys, self.signer, spec.name)
         except ProtocolError as exc:
-            count_refusal(self.connection, self.keys.prefix, "status")
-            log.error("study %r: not annotating its status: %s", spec.name, exc)
+            why = f"not annotating it, for study {spec.name!r}: {exc}"
+            count_refusal(self.connection, self.keys.prefix, "status", why)
             return
         if status is None:
             return
