@@ -26,8 +26,9 @@ from optuna_rq.cli_redis import redis_app
 from optuna_rq.cli_serve import broker, workers
 from optuna_rq.cli_studies import best, delete, enqueue, load_enqueue_file, trials
 from optuna_rq.errors import ConfigError, OptunaRQError
-from optuna_rq.progress import make_console
+from optuna_rq.progress import REFUSED, make_console
 from optuna_rq.protocol import DEFAULT_QUEUE
+from optuna_rq.protocol.status import RefusedStatus
 
 if TYPE_CHECKING:
     from optuna_rq.protocol import StudyStatus
@@ -247,8 +248,10 @@ def status(
     With a study's exact name, its detail: objective, outcomes, failures by reason, best
     parameters, storage. A queued or running study that no broker serves says so: `running (no
     broker: the broker on host:pid stopped 40s ago)`; with --json, it carries `broker`, the
-    prefix's broker as read (`state`: serving, starting, stopped or none). Reads only: never
-    starts a redis-server.
+    prefix's broker as read (`state`: serving, starting, stopped or none). With signing on, a
+    study whose status the broker did not sign shows as `refused` (with --json: `"state":
+    "refused"` and why in `error`), and its detail is an error. Reads only: never starts a
+    redis-server.
     """
     import fnmatch
 
@@ -257,11 +260,11 @@ def status(
 
     options: GlobalOptions = ctx.obj
     states = {s.lower() for s in state or []}
-    unknown = states - {s.value for s in StudyState}
+    known_states = [s.value for s in StudyState] + [REFUSED]
+    unknown = states - set(known_states)
     if unknown:
         raise ConfigError(
-            f"--state {', '.join(sorted(unknown))}: choose from "
-            f"{', '.join(s.value for s in StudyState)}"
+            f"--state {', '.join(sorted(unknown))}: choose from {', '.join(known_states)}"
         )
     client = read_client(options)
     broker = client.liveness()
@@ -276,7 +279,7 @@ def status(
     snapshots = [
         s
         for s in client.statuses()
-        if (not states or s.state.value in states)
+        if (not states or _state_of(s) in states)
         and (name is None or fnmatch.fnmatchcase(s.name, name))
     ]
     if as_json:
@@ -286,14 +289,28 @@ def status(
         typer.echo(f"no studies on prefix {options.prefix!r}", err=True)
         return
     typer.echo("\n".join(status_lines(snapshots, broker=broker)))
+    for refused in (s for s in snapshots if isinstance(s, RefusedStatus)):
+        typer.echo(refused.why, err=True)  # the `refused` of the lines above, in full
     note = broker.note()
-    if note is not None and any(not s.state.ended for s in snapshots):
+    if note is not None and any(_state_of(s) in _MOVING for s in snapshots):
         typer.echo(note, err=True)  # the `(no broker)` of the lines above, in full
 
 
-def _as_json(s: StudyStatus, broker: BrokerLiveness) -> dict[str, Any]:
+_MOVING = ("queued", "running")
+"""The states a broker moves a study on from: without one, they stay as they are."""
+
+
+def _state_of(s: StudyStatus | RefusedStatus) -> str:
+    """The state `status` shows: the study's, or `refused`."""
+    return REFUSED if isinstance(s, RefusedStatus) else s.state.value
+
+
+def _as_json(s: StudyStatus | RefusedStatus, broker: BrokerLiveness) -> dict[str, Any]:
     """A study's status for `status --json`; a queued or running one with `broker` (what moves
-    it: an ended study's snapshot stays the same whatever the broker does)."""
+    it: an ended study's snapshot stays the same whatever the broker does); a refused one as
+    its name, `"state": "refused"`, and why in `error`."""
+    if isinstance(s, RefusedStatus):
+        return {"name": s.name, "state": _state_of(s), "error": s.why}
     return s.to_dict() if s.state.ended else {**s.to_dict(), "broker": broker.to_dict()}
 
 
@@ -310,8 +327,11 @@ def wait_command(
     """Follow a study with a progress bar until it ends.
 
     Exit 0 when it finished with a complete trial; 1 when it was cancelled, failed, finished
-    without one complete trial, or the timeout passed; 3 when no broker serves the prefix (it
-    died or stopped, or none started: see --wait-for-broker).
+    without one complete trial, or the timeout passed, or (with signing on) its status is not
+    signed by the broker and the broker holds no such study; 3 when no broker serves the prefix
+    (it died or stopped, or none started: see --wait-for-broker). With signing on, a status the
+    broker did not sign, or one of an earlier run of the study written back, is ignored: it
+    waits for the broker's own.
     """
     options: GlobalOptions = ctx.obj
     client = read_client(options)

@@ -11,12 +11,15 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from optuna_rq.cli_options import GlobalOptions, make_client, read_client
-from optuna_rq.errors import ConfigError
+from optuna_rq.errors import ConfigError, ProtocolError
+
+if TYPE_CHECKING:
+    from optuna_rq.protocol import StudyStatus
 
 __all__ = ["best", "delete", "enqueue", "load_enqueue_file", "trials"]
 
@@ -219,7 +222,8 @@ def delete(
     """Make the broker forget a study: its spec and its status.
 
     Its trials stay in its Optuna storage (optuna-dashboard still shows them; resubmitting the
-    name continues them) unless --purge. A running study is refused unless --force.
+    name continues them) unless --purge. A running study is refused unless --force, and so is
+    one whose status the broker did not sign (with signing on: it may be running).
     """
     import time
 
@@ -227,8 +231,13 @@ def delete(
 
     options: GlobalOptions = ctx.obj
     client = make_client(options)
-    status = client.require_status(name)
-    if not status.state.ended and not force:
+    try:
+        status: StudyStatus | None = client.require_status(name)
+    except ProtocolError as exc:  # not the broker's: what it says is unknown, running maybe
+        if not force:
+            raise ProtocolError(f"{exc} (`optuna-rq delete --force {name}` deletes it)") from None
+        status = None
+    if status is not None and not status.state.ended and not force:
         raise ConfigError(
             f"study {name!r} is {status.state.value}: `optuna-rq cancel {name}` first, "
             "or delete --force"
@@ -242,12 +251,12 @@ def delete(
         )
         return
     deadline = time.monotonic() + timeout
-    while client.status(name) is not None:
+    while client.has_status(name):
         if time.monotonic() >= deadline:
             typer.echo(f"the broker has not deleted study {name!r} yet (see its log)", err=True)
             raise typer.Exit(1)
         time.sleep(0.1)
-    kept = "" if purge else f"; its trials are kept in {status.storage}"
+    kept = "" if purge or status is None else f"; its trials are kept in {status.storage}"
     typer.echo(f"deleted study {name!r}{kept}")
 
 

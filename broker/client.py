@@ -1,7 +1,8 @@
 """BrokerClient: what the front doors (CLI, demo, scripts) say to a broker, and read back from it.
 
 It is the only writer of commands and the only reader of status. The broker need not be running:
-commands wait in Redis until one starts.
+commands wait in Redis until one starts. With signing on, a status is believed only if the broker
+signed it (`protocol.status.read_status`): one that does not open is refused, saying so.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from optuna_rq.protocol import (
     open_stored_spec,
 )
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerLiveness, read_liveness
+from optuna_rq.protocol.status import RefusedStatus, read_status, read_statuses
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["BrokerClient"]
+__all__ = ["BrokerClient", "queued_status"]
 
 log = logging.getLogger("optuna_rq.client")
 
@@ -73,8 +75,10 @@ class BrokerClient:
     def submit(
         self, spec: StudySpec, *, storage: str, enqueue: list[dict[str, Any]] | None = None
     ) -> None:
-        """Submit `spec`. A study with no status yet shows as queued (with `storage`, the URL its
-        trials will be stored at) until the broker takes it. Resubmitting a study's definition
+        """Submit `spec`. Without signing, a study with no status yet shows as queued (with
+        `storage`, the URL its trials will be stored at) until the broker takes it; with signing
+        on, only the broker writes a status (a front door cannot sign one), so it shows once the
+        broker took it. Resubmitting a study's definition
         runs it on to the new budget; StudyConflictError, sending nothing, if a study of that
         name exists with another definition (the broker refuses it too). `enqueue`: parameter
         sets to run first (`Enqueue`), sent with the submission, so they are stored before the
@@ -86,17 +90,9 @@ class BrokerClient:
                 f"study {spec.name!r} exists with another definition: {'; '.join(differences)}. "
                 "Nothing was changed; submit it under another --study-name"
             )
-        queued = StudyStatus(
-            name=spec.name,
-            state=StudyState.QUEUED,
-            objective=spec.objective,
-            directions=list(spec.directions),
-            n_trials=spec.n_trials,
-            concurrency=spec.concurrency,
-            priority=spec.priority,
-            storage=storage,
-        )
-        self.connection.hsetnx(self.keys.status, spec.name, queued.to_json())
+        if not self.signer.enabled:
+            queued = queued_status(spec, storage=storage)
+            self.connection.hsetnx(self.keys.status, spec.name, queued.to_json())
         self.send(Submit(spec=spec), *self.enqueue_commands(spec.name, enqueue or []))
 
     def enqueue_commands(self, study: str, param_sets: list[dict[str, Any]]) -> list[Enqueue]:
@@ -138,17 +134,35 @@ class BrokerClient:
     # -- what the broker publishes -----------------------------------------------------------
 
     def status(self, study: str) -> StudyStatus | None:
-        raw: Any = self.connection.hget(self.keys.status, study)
-        return None if raw is None else StudyStatus.from_json(raw)
+        """The study's status as the broker published it (None: it has none); ProtocolError
+        if what is stored does not open: with signing on, one the broker did not sign."""
+        return read_status(self.connection, self.keys, self.signer, study)
 
     def require_status(self, study: str) -> StudyStatus:
-        """The study's status; ConfigError naming the prefix if it has none (an unknown study)."""
+        """The study's status; ConfigError naming the prefix if it has none (an unknown study),
+        ProtocolError if it is refused (`status`)."""
         status = self.status(study)
         if status is None:
+            shows = "; with signing on, a study shows once a broker took it"
+            shows = shows if self.signer.enabled else ""
             raise ConfigError(
-                f"unknown study {study!r} on prefix {self.prefix!r} (see `optuna-rq status`)"
+                f"unknown study {study!r} on prefix {self.prefix!r} (see `optuna-rq status`{shows})"
             )
         return status
+
+    def has_status(self, study: str) -> bool:
+        """Whether anything is stored as the study's status, the broker's or not."""
+        return bool(self.connection.hexists(self.keys.status, study))
+
+    def is_current(self, status: StudyStatus) -> bool:
+        """Whether `status` is of the submission the broker holds for its study (its stored
+        spec's `submitted_at`), with signing on: a signed status of an earlier run of the study,
+        kept and written back after it was submitted again, is not. Always True without
+        signing, where anyone may write any status anyway."""
+        if not self.signer.enabled:
+            return True
+        held = self.stored_spec(status.name)
+        return held is not None and held.submitted_at == status.submitted_at
 
     def follow(
         self,
@@ -174,19 +188,14 @@ class BrokerClient:
             timeout_s=timeout_s,
             console=console,
             since=since,
+            queued=None if submitted is None else queued_status(submitted, storage=""),
             wait_for_broker=wait_for_broker,
         )
 
-    def statuses(self) -> list[StudyStatus]:
-        """Every study's status, by name; one that cannot be read is skipped, with a warning."""
-        found: list[StudyStatus] = []
-        stored: dict[bytes, bytes] = self.connection.hgetall(self.keys.status)  # type: ignore[assignment]
-        for _name, raw in sorted(stored.items()):
-            try:
-                found.append(StudyStatus.from_json(raw))
-            except ProtocolError as exc:
-                log.warning("skipping the unreadable status of study %r: %s", _name, exc)
-        return found
+    def statuses(self) -> list[StudyStatus | RefusedStatus]:
+        """Every study's status, by name; one that does not open (`status`) is a
+        `RefusedStatus`, saying why: shown as refused, never believed."""
+        return read_statuses(self.connection, self.keys, self.signer)
 
     def served_modules(self, queue: str) -> list[str]:
         """The objective modules the live workers of resource class `queue` serve here (from
@@ -208,3 +217,18 @@ class BrokerClient:
         """Who holds the prefix's broker lock ("host:pid since ..."), None if no broker runs."""
         raw: Any = self.connection.get(self.keys.broker)
         return None if raw is None else bytes(raw).decode()
+
+
+def queued_status(spec: StudySpec, *, storage: str) -> StudyStatus:
+    """The `queued` snapshot of a submission no broker took yet: written by `submit` without
+    signing, and shown by `submit --wait` until the broker's own status comes."""
+    return StudyStatus(
+        name=spec.name,
+        state=StudyState.QUEUED,
+        objective=spec.objective,
+        directions=list(spec.directions),
+        n_trials=spec.n_trials,
+        concurrency=spec.concurrency,
+        priority=spec.priority,
+        storage=storage,
+    )

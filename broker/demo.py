@@ -148,7 +148,7 @@ def run_demo(*, n_trials: int = 60, concurrency: int = 4, workers: int = 2) -> d
             f"a broker, {workers} workers, and {n_trials} trials of {DEMO_OBJECTIVE}, "
             f"at most {concurrency} at once"
         )
-        code = client.follow(spec.name, timeout_s=300, console=console)
+        code = client.follow(spec.name, timeout_s=300, console=console, submitted=spec)
         if pool.poll() is not None:
             raise OptunaRQError(
                 f"the demo's workers exited with code {pool.returncode} (their error is above)"

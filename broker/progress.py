@@ -19,13 +19,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from optuna_rq.client import BrokerClient
-from optuna_rq.errors import ConfigError
+from optuna_rq.client import BrokerClient, queued_status
+from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.protocol import StudyStatus, liveness
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerLiveness, BrokerState, ago
+from optuna_rq.protocol.status import RefusedStatus
 
 __all__ = [
     "EXIT_NO_BROKER",
+    "REFUSED",
     "BrokerWatch",
     "best_summary",
     "follow_study",
@@ -62,14 +64,22 @@ def follow_study(
     timeout_s: float | None,
     console: Console | None = None,
     since: float | None = None,
+    queued: StudyStatus | None = None,
     wait_for_broker: bool = False,
 ) -> int:
     """Show a progress bar until the study ends (with `since`, a submission's `submitted_at`:
     ends after the broker took that submission). Exit code 0 if it finished with a COMPLETE
     trial; `EXIT_NO_BROKER` once no broker serves the prefix (`BrokerWatch`; with
-    `wait_for_broker`: it says so, and waits on for one); else 1. A line says why."""
+    `wait_for_broker`: it says so, and waits on for one); else 1. A line says why.
+
+    Only a status the broker wrote counts (`BrokerClient.status`): one it did not sign is
+    ignored, said once, and the last status believed stays; if it is the first one read, and
+    the broker holds no study of that name, it is an error (ProtocolError, exit 1). An ended
+    one of another submission than the broker holds is not the end either
+    (`BrokerClient.is_current`). `queued` (the submission's `queued_status`) shows until the
+    broker's first status comes: with signing on, a front door writes none of its own."""
     console = console or make_console(stderr=True)
-    client.require_status(name)
+    believed = _first_believed(client, name, queued)
     watch = BrokerWatch(client)
     waiting_for_broker = False
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -83,9 +93,12 @@ def follow_study(
     with _logs_above(console), Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task(name, total=None, best="", failures="")
         while True:
-            snap = _current(client, name)
+            snap = believed.read()
+            for note in believed.notes():
+                console.print(f"[yellow]{escape(note)}[/]")
             taken = since is None or (snap.submitted_at is not None and snap.submitted_at >= since)
-            gone = None if snap.state.ended and taken else watch.gone()
+            ended = snap.state.ended and taken and believed.is_current(snap)
+            gone = None if ended else watch.gone()
             waiting_note = "waiting for a broker" if gone else _waiting_note(snap, client)
             progress.update(
                 bar,
@@ -94,7 +107,7 @@ def follow_study(
                 best=escape(best_summary(snap)),
                 failures=escape("  ".join(filter(None, (_beside(snap), waiting_note)))),
             )
-            if snap.state.ended and taken:
+            if ended:
                 break
             if gone is not None and not wait_for_broker:
                 console.print(f"[red]{escape(_no_broker(gone, snap))}[/]")
@@ -209,11 +222,71 @@ def _worker_command(snap: StudyStatus) -> str:
     return f"optuna-rq workers --import {module}{queue}"
 
 
-def _current(client: BrokerClient, name: str) -> StudyStatus:
-    status = client.status(name)
-    if status is None:
-        raise ConfigError(f"study {name!r} vanished from prefix {client.prefix!r}")
-    return status
+def _first_believed(client: BrokerClient, name: str, queued: StudyStatus | None) -> _Believed:
+    """What a follower starts from: the study's status; with signing on, the submission's
+    `queued` snapshot when it follows its own (the broker's status comes once it took it), or
+    the broker's spec of the study as queued when its status is refused (a running study's,
+    rewritten). A refused status of a study the broker does not hold is an error."""
+    if queued is not None and client.signer.enabled:
+        return _Believed(client, name, queued, seen=False)
+    try:
+        return _Believed(client, name, client.require_status(name), seen=True)
+    except ProtocolError:
+        held = client.stored_spec(name) if client.signer.enabled else None
+        if held is None:
+            raise  # nothing but the refused status says there is such a study
+        return _Believed(client, name, queued_status(held, storage=held.storage or ""), seen=True)
+
+
+class _Believed:
+    """What a follower believes of a study: the last status the broker wrote (`first` until it
+    reads one: the study's status, or the submission's `queued` snapshot), and what it ignored
+    since, said once each (`notes`)."""
+
+    def __init__(self, client: BrokerClient, name: str, first: StudyStatus, *, seen: bool) -> None:
+        self.client = client
+        self.name = name
+        self.last = first
+        self.seen = seen  # a status was read: if none is stored any more, the study vanished
+        self._pending: list[str] = []
+        self._said: set[str] = set()
+
+    def read(self) -> StudyStatus:
+        """The study's status now; the last one believed if what is stored is refused, or if
+        there is none yet (a submission the broker has not taken). ConfigError if it vanished."""
+        try:
+            status = self.client.status(self.name)
+        except ProtocolError as exc:
+            self._say("refused", f"ignoring the status of study {self.name!r}: {exc}")
+            return self.last
+        if status is None:
+            if self.seen:
+                prefix = self.client.prefix
+                raise ConfigError(f"study {self.name!r} vanished from prefix {prefix!r}")
+            return self.last
+        self.seen = True
+        self.last = status
+        return status
+
+    def is_current(self, snap: StudyStatus) -> bool:
+        """Whether ended `snap` is of the submission the broker holds (`is_current`)."""
+        if self.client.is_current(snap):
+            return True
+        self._say(
+            "earlier",
+            f"ignoring the status of study {self.name!r}: it says {snap.state.value}, but of "
+            "another submission than the one the broker holds (an earlier run's, written back?)",
+        )
+        return False
+
+    def notes(self) -> list[str]:
+        pending, self._pending = self._pending, []
+        return pending
+
+    def _say(self, kind: str, note: str) -> None:
+        if kind not in self._said:
+            self._said.add(kind)
+            self._pending.append(note + "; waiting for the broker's own")
 
 
 class _ConsoleHandler(logging.Handler):
@@ -293,9 +366,12 @@ def _age(s: StudyStatus, now_s: float | None = None) -> str:
 
 _HEADER = ("STUDY", "STATE", "DONE", "RUNNING", "FAILED", "BEST", "AGE")
 
+REFUSED = "refused"
+"""The state `status` shows for a study whose stored status is refused (`RefusedStatus`)."""
+
 
 def status_lines(
-    snapshots: list[StudyStatus],
+    snapshots: list[StudyStatus | RefusedStatus],
     *,
     now_s: float | None = None,
     broker: BrokerLiveness | None = None,
@@ -303,16 +379,21 @@ def status_lines(
     """A header and one aligned line per study: name, state, done/budget, running, failed, best
     (a multi-objective study's Pareto size and per-objective bests), and its age: the time
     since it was submitted (`submitted_at`), not since its status last changed. With `broker`
-    and none serving, a queued or running study's state reads `running (no broker)`."""
+    and none serving, a queued or running study's state reads `running (no broker)`. A refused
+    status (not the broker's) reads `refused`, and nothing of it is shown."""
     rows = [_HEADER] + [
         (
-            s.name,
-            _state(s, broker, short=True),
-            f"{s.done}/{s.n_trials}",
-            str(s.running),
-            str(s.failed),
-            best_summary(s).removeprefix("best "),
-            _age(s, now_s),
+            (s.name, REFUSED, "-", "-", "-", "-", "-")
+            if isinstance(s, RefusedStatus)
+            else (
+                s.name,
+                _state(s, broker, short=True),
+                f"{s.done}/{s.n_trials}",
+                str(s.running),
+                str(s.failed),
+                best_summary(s).removeprefix("best "),
+                _age(s, now_s),
+            )
         )
         for s in snapshots
     ]

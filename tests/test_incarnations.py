@@ -148,9 +148,10 @@ def test_a_call_of_another_incarnation_is_refused(
 
 
 def test_a_remote_trial_takes_only_the_answer_to_its_call(
-    conn: redis.Redis, prefix: str, serving: tuple[Dispatcher, StudyRun], caplog
+    conn: redis.Redis, prefix: str, serving: tuple[Dispatcher, StudyRun], caplog, monkeypatch
 ) -> None:
     _dispatcher, run = serving
+    monkeypatch.setattr(RemoteTrial, "_refused_logged", False)  # as in a fresh worker process
     request = request_for(run, prefix, run.incarnation)
     own = Keys.reply_list(request.attempt_id)
     call = TrialCall(
@@ -184,8 +185,9 @@ def test_a_remote_trial_takes_only_the_answer_to_its_call(
     assert trial.dropped_replies == len(strays) + 1
     assert int(conn.hget(Keys(prefix).dropped, "reply") or 0) == len(strays)
     assert int(conn.hget(Keys(prefix).refused, "reply") or 0) == 1
-    said = [r for r in caplog.records if "waiting for its answers" in r.getMessage()]
-    assert len(said) == 1, said  # logged once
+    said = [r.getMessage() for r in caplog.records if "waiting for its answers" in r.getMessage()]
+    # Logged once each: the stale answers (once per trial), the refused reply (once per process)
+    assert len(said) == 2 and "dropped a reply" in said[0] and "refused a reply" in said[1], said
     assert conn.llen(own) == 0
 
 

@@ -217,8 +217,10 @@ class WorkerPool:
         self._cold = False
         self._signer = settings.signer()
         self._connection = connect(settings.redis_url, password=settings.redis_password)
-        self.supervisor = Supervisor(self._connection, self._signer, settings.lease_ttl_s)
         keys = Keys(settings.prefix)
+        self.supervisor = Supervisor(
+            self._connection, self._signer, settings.lease_ttl_s, keys=keys
+        )
         self.heartbeat = Heartbeat(
             self._connection,
             keys,

@@ -14,9 +14,11 @@ broker, once after each change; `RemoteTrialError` means the broker refused or d
 
 Replies come on the attempt's own list (`Keys.reply_list`, named by study, incarnation, trial and
 attempt), and each names the call it answers: a trial takes only the answer to the call it waits
-for. Anything else on its list (an answer to a call that timed out, a reply that does not open)
-is dropped, counted in `<prefix>:dropped` (or `:refused`) as `reply`, logged once, and the trial
-waits on.
+for. Anything else on its list is dropped, and the trial waits on for its answer, within the same
+deadline: an answer to a call that timed out is counted in `<prefix>:dropped` as `reply` and
+logged once per trial; a reply that does not open (junk, unsigned, or with signing on not sealed
+by the broker: anyone can push to a list) in `<prefix>:refused` as `reply`, logged once per
+process. The list is read nowhere else (`RemoteTrial._answer_to` judges every reply).
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ _READS = frozenset({"trial", "study", "study_trials", "relative_params"})
 class RemoteTrial(optuna.Trial):
     """What an objective sees as `trial` on a worker."""
 
+    _refused_logged = False  # a refused reply was logged by this process
+
     def __init__(
         self, connection: redis.Redis, request: TrialRequest, signer: Signer, *, keys: Keys
     ) -> None:
@@ -89,6 +93,7 @@ class RemoteTrial(optuna.Trial):
         self._reply_key = Keys.reply_list(request.attempt_id)
         self._seq = 0
         self.dropped_replies = 0  # taken off its list, and not the answer to the call made
+        self._stale_replies = 0  # of them, the ones that opened: answers to other calls
         self._view: dict[str, Any] | None = None  # the trial as last read; None after a change
         self._relative: dict[str, Any] | None = None
         self._study_view = RemoteStudy(self._call)
@@ -146,7 +151,7 @@ class RemoteTrial(optuna.Trial):
             body = self._signer.open(Record.REPLY, raw)
             reply = TrialCallReply.decode(body, max_bytes=self._signer.max_message_bytes)
         except ProtocolError as exc:
-            self._drop(self._keys.refused, f"refused a reply: {exc}")
+            self._drop(self._keys.refused, f"refused a reply (logged once): {exc}", refused=True)
             return None
         if reply.answers(call):
             return reply
@@ -158,10 +163,15 @@ class RemoteTrial(optuna.Trial):
         )
         return None
 
-    def _drop(self, counter: str, why: str) -> None:
+    def _drop(self, counter: str, why: str, *, refused: bool = False) -> None:
         self.dropped_replies += 1
+        self._stale_replies += not refused
         self._connection.hincrby(counter, "reply", 1)
-        if self.dropped_replies == 1:  # once per trial: its list may hold many
+        if refused:  # once per process: a forger may fill every trial's list
+            if not RemoteTrial._refused_logged:
+                RemoteTrial._refused_logged = True
+                log.warning("%s waiting for its answers: %s", self._describe(), why)
+        elif self._stale_replies == 1:  # once per trial: its list may hold many
             log.warning("%s waiting for its answers: %s", self._describe(), why)
 
     def _describe(self) -> str:

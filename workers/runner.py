@@ -34,7 +34,7 @@ from optuna_rq.workers.context import WorkerContext, current
 from optuna_rq.workers.delivery import deliver
 from optuna_rq.workers.execute import execute, trial_result
 from optuna_rq.workers.remote_trial import RemoteTrial
-from optuna_rq.workers.supervision import Attempt, LeaseThread
+from optuna_rq.workers.supervision import Attempt, CancelMarks, LeaseThread
 
 __all__ = ["refuse_trial", "run_trial", "worker_id"]
 
@@ -79,7 +79,7 @@ def run_trial(payload: bytes) -> None:
         holder=holder,
         timeout_s=timeout_s,
     )
-    with _leased(connection, attempt, ctx) as cancelled:
+    with _leased(connection, attempt, ctx, keys) as cancelled:
         if cancelled:  # the broker cancelled it while it was queued: it does not start
             outcome = attempt.failed(FailReason.CANCELLED, "the study was cancelled")
         else:
@@ -131,7 +131,9 @@ def refuse_trial(job: Any, why: str) -> None:
 
 
 @contextmanager
-def _leased(connection: redis.Redis, attempt: Attempt, ctx: WorkerContext) -> Iterator[bool]:
+def _leased(
+    connection: redis.Redis, attempt: Attempt, ctx: WorkerContext, keys: Keys
+) -> Iterator[bool]:
     """Hold the attempt's lease while the body runs: renewed by the supervising parent (which
     also stops it if the broker cancels it), or by a thread here when this process has none.
     Yields whether the attempt was cancelled before it started."""
@@ -139,9 +141,9 @@ def _leased(connection: redis.Redis, attempt: Attempt, ctx: WorkerContext) -> It
     while True:  # a full Redis refuses the lease: the trial waits to start, it does not fail
         pipe = connection.pipeline(transaction=True)
         pipe.set(attempt.lease, attempt.holder, px=int(ctx.lease_ttl_s * 1000))
-        pipe.exists(attempt.cancel_mark)
+        pipe.get(attempt.cancel_mark)
         try:
-            cancelled = bool(pipe.execute()[1])
+            mark = pipe.execute()[1]
             break
         except redis.ResponseError as exc:
             if not is_full(exc):
@@ -150,6 +152,7 @@ def _leased(connection: redis.Redis, attempt: Attempt, ctx: WorkerContext) -> It
                 connection, exc, what=f"{attempt.describe()} waits to start", quiet=told
             )
             told = True
+    cancelled = CancelMarks(connection, ctx.signer, keys).holds(attempt, mark)
     if ctx.channel is None:
         with LeaseThread(connection, attempt, ctx.lease_ttl_s):
             yield cancelled

@@ -12,6 +12,10 @@ child whose attempt runs past its deadline (`timeout`) or that the broker cancel
 `Keys.cancel` mark, read with each renewal: `cancelled`), and reports the attempt of a child that
 died mid-trial (`worker_lost`) at once, without waiting for the lease to lapse. A killed child is
 restarted by its pool, and serves on.
+
+A cancel mark is acted on only if it is the broker's (`CancelMarks`): with signing on, its value
+is sealed by the dispatcher that issued the attempt (`Record.CANCEL`, bound to the attempt's job
+id), so a Redis writer without the key cannot kill a trial by setting the key.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 
 import redis
 
+from optuna_rq.errors import ProtocolError
 from optuna_rq.processes import exited, stopped
 from optuna_rq.protocol import (
     AttemptId,
@@ -45,6 +50,7 @@ from optuna_rq.workers.execute import trial_result
 __all__ = [
     "TIMEOUT_GRACE_S",
     "Attempt",
+    "CancelMarks",
     "ChildChannel",
     "ChildMessage",
     "Ended",
@@ -100,17 +106,19 @@ class Attempt:
         )
 
     @property
-    def cancel_mark(self) -> str:
-        """The key the broker sets to cancel this attempt."""
-        return Keys.cancel(
-            AttemptId(
-                reply_to=self.reply_to,
-                study=self.study,
-                incarnation=self.incarnation,
-                trial_number=self.trial_number,
-                attempt=self.attempt,
-            )
+    def attempt_id(self) -> AttemptId:
+        return AttemptId(
+            reply_to=self.reply_to,
+            study=self.study,
+            incarnation=self.incarnation,
+            trial_number=self.trial_number,
+            attempt=self.attempt,
         )
+
+    @property
+    def cancel_mark(self) -> str:
+        """The key the broker sets to cancel this attempt: read only through `CancelMarks`."""
+        return Keys.cancel(self.attempt_id)
 
     @property
     def deadline(self) -> float | None:
@@ -124,6 +132,50 @@ class Attempt:
 
     def describe(self) -> str:
         return f"study {self.study!r} trial {self.trial_number} (attempt {self.attempt})"
+
+
+class CancelMarks:
+    """How a worker reads the cancel marks of one prefix's attempts: the one place a mark's value
+    is judged. A mark holds if it is the broker's: with signing on, sealed as a cancel mark for
+    the attempt's job id (`Record.CANCEL`); without signing, any value, as anyone may write one
+    anyway. Any other value is not acted on: it is counted in `<prefix>:refused` as `cancel`
+    (once per attempt and value: it stays there, read again at every renewal), and logged once
+    per process."""
+
+    _logged = False  # a refused mark was logged by this process
+
+    def __init__(self, connection: redis.Redis, signer: Signer, keys: Keys) -> None:
+        self.connection = connection
+        self.signer = signer
+        self.keys = keys
+        self._counted: dict[str, bytes] = {}  # job id -> the refused value last counted
+
+    def holds(self, attempt: Attempt, value: bytes | None) -> bool:
+        """Whether `value`, read at `attempt.cancel_mark` (None: no mark), cancels it."""
+        if value is None:
+            return False
+        job_id = Keys.job_id(attempt.attempt_id)  # from the signed request, not from RQ
+        try:
+            self.signer.open(Record.CANCEL, value, bound_to=job_id)
+        except ProtocolError as exc:
+            if self._counted.get(job_id) != value:
+                self._counted[job_id] = value
+                self.connection.hincrby(self.keys.refused, "cancel", 1)
+            if not CancelMarks._logged:
+                CancelMarks._logged = True
+                log.warning(
+                    "%s: not acting on its cancel mark, which is not the broker's (logged once; "
+                    "counted in %s): %s",
+                    attempt.describe(),
+                    self.keys.refused,
+                    exc,
+                )
+            return False
+        return True
+
+    def forget(self, attempt: Attempt) -> None:
+        """`attempt` ended: nothing of its marks is kept."""
+        self._counted.pop(Keys.job_id(attempt.attempt_id), None)
 
 
 # What a child tells its supervising parent, over a multiprocessing Pipe (so: picklable values,
@@ -208,9 +260,12 @@ class Supervisor:
     """The parent's view of its children's running attempts: renews their leases, kills the ones
     past their deadline, and reports the attempts of children that died."""
 
-    def __init__(self, connection: redis.Redis, signer: Signer, lease_ttl_s: float) -> None:
+    def __init__(
+        self, connection: redis.Redis, signer: Signer, lease_ttl_s: float, *, keys: Keys
+    ) -> None:
         self.connection = connection
         self.signer = signer
+        self.cancel_marks = CancelMarks(connection, signer, keys)
         self.ttl_ms = int(lease_ttl_s * 1000)
         self.renew_every_s = lease_ttl_s / 4
         self.running: dict[int, Attempt] = {}  # child index -> its attempt
@@ -232,6 +287,7 @@ class Supervisor:
             case Ended(job_id):
                 if current is not None and current.job_id == job_id:
                     del self.running[index]
+                    self.cancel_marks.forget(current)
             case HorseExited(pid, exitcode):
                 if current is not None and current.pid == pid:
                     self._report(index, exitcode)
@@ -276,7 +332,7 @@ class Supervisor:
             if stopped(attempt.pid):  # a frozen worker must not hold on to its trial
                 continue
             _renew_on(pipe, attempt, self.ttl_ms)
-            pipe.exists(attempt.cancel_mark)
+            pipe.get(attempt.cancel_mark)
             renewed.append(index)
         try:
             replies = pipe.execute(raise_on_error=False)
@@ -292,9 +348,13 @@ class Supervisor:
         if self._renew_failing:
             log.info("renewing trial leases again")
         self._renew_failing = False
-        for index, marked in zip(renewed, replies[2::3], strict=True):
-            if marked and index not in self.cancelled and index not in self.timed_out:
-                attempt = self.running[index]
+        for index, mark in zip(renewed, replies[2::3], strict=True):
+            attempt = self.running[index]
+            if (
+                index not in self.cancelled
+                and index not in self.timed_out
+                and self.cancel_marks.holds(attempt, mark)
+            ):
                 log.warning(
                     "%s was cancelled: killing its process %d", attempt.describe(), attempt.pid
                 )
@@ -316,6 +376,7 @@ class Supervisor:
         self._gone_since.pop(index, None)
         if attempt is None:
             return
+        self.cancel_marks.forget(attempt)
         if cancelled:
             result = attempt.failed(
                 FailReason.CANCELLED,

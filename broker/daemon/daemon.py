@@ -118,6 +118,7 @@ class Daemon:
                 interval_s=settings.status_interval_s,
                 storage_url=lambda spec: spec.storage or settings.storage,
                 boundary=self.boundary,
+                signer=self.signer,
                 persist=self.storages.flush,
             ),
             storages=self.storages,

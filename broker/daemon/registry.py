@@ -144,13 +144,17 @@ class Registry:
             log.error("study %r: %s", spec.name, exc)
 
     def state(self, name: str) -> StudyState | None:
-        """The study's state, read from its published status if this broker does not run it."""
+        """The study's state, read from its published status if this broker does not run it.
+        A status that does not open (with signing on: one this broker's key did not sign, such
+        as a forged `finished` that would keep a study from being re-attached) says nothing: it
+        is counted in `<prefix>:refused` as `status`, and logged (`count_refusal`)."""
         if name not in self.runs:
             try:
                 status = self.client.status(name)
-            except ProtocolError as exc:  # a status nobody can read says nothing
-                log.error("study %r: ignoring its unreadable status: %s", name, exc)
+            except ProtocolError as exc:
                 status = None
+                why = f"ignoring it, for study {name!r}: {exc}"
+                count_refusal(self.connection, self.keys.prefix, "status", why)
             self.status.lifecycle.learn(name, None if status is None else status.state)
         return self.status.lifecycle.state(name)
 

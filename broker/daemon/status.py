@@ -14,6 +14,9 @@ status says is durable first (`persist`): a restarted broker never shows less th
 
 Summarising a running study is a site of its fault boundary: a study whose summary raises fails
 alone. Its failed status then carries the figures last read of it, never zeros.
+
+Each status is sealed by the broker's signer (`StudyStatus.sealed`), so that with signing on the
+front doors believe only what the broker wrote.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq.daemon.lifecycle import Lifecycle
-from optuna_rq.dispatch import RETRY_OF_ATTR, StudyRun
+from optuna_rq.dispatch import RETRY_OF_ATTR, StudyRun, count_refusal
 from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
-from optuna_rq.errors import StudyStorageError
-from optuna_rq.protocol import Keys, StudySpec, StudyState, StudyStatus, error_headline
+from optuna_rq.errors import ProtocolError, StudyStorageError
+from optuna_rq.protocol import Keys, Signer, StudySpec, StudyState, StudyStatus, error_headline
+from optuna_rq.protocol.status import read_status
 from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 
 __all__ = ["MAX_SHARE", "StatusPublisher"]
@@ -40,8 +44,8 @@ MAX_SHARE = 0.05
 
 
 class StatusPublisher:
-    """Writes StudyStatus for the broker. `storage_url` names the storage a spec's trials are in
-    (its own, or the broker's default)."""
+    """Writes StudyStatus for the broker, sealed by `signer`. `storage_url` names the storage a
+    spec's trials are in (its own, or the broker's default)."""
 
     def __init__(
         self,
@@ -51,9 +55,11 @@ class StatusPublisher:
         interval_s: float,
         storage_url: Callable[[StudySpec], str],
         boundary: FaultBoundary,
+        signer: Signer,
         persist: Callable[[], None] | None = None,
     ) -> None:
         self.connection = connection
+        self.signer = signer
         self.boundary = boundary
         self.persist = persist
         self.keys = keys
@@ -180,18 +186,22 @@ class StatusPublisher:
             waiting_for_workers=run is not None and run.waiting_for_workers and not state.ended,
             **summary,
         )
-        self.connection.hset(self.keys.status, spec.name, status.to_json())
+        self.connection.hset(self.keys.status, spec.name, status.sealed(self.signer))
 
     def annotate(self, spec: StudySpec, error: str) -> None:
         """Say on an ended study's status that its resubmission `spec` was refused, changing
-        nothing else: a `submit --wait` following it learns why, instead of waiting on."""
-        raw: Any = self.connection.hget(self.keys.status, spec.name)
-        if raw is None:
+        nothing else: a `submit --wait` following it learns why, instead of waiting on. A status
+        that is not the broker's (refused, counted) is left as it is: there is nothing to keep."""
+        try:
+            status = read_status(self.connection, self.keys, self.signer, spec.name)
+        except ProtocolError as exc:
+            why = f"not annotating it, for study {spec.name!r}: {exc}"
+            count_refusal(self.connection, self.keys.prefix, "status", why)
             return
-        status = StudyStatus.from_json(raw).with_changes(
-            error=error, submitted_at=spec.submitted_at
-        )
-        self.connection.hset(self.keys.status, spec.name, status.to_json())
+        if status is None:
+            return
+        status = status.with_changes(error=error, submitted_at=spec.submitted_at)
+        self.connection.hset(self.keys.status, spec.name, status.sealed(self.signer))
 
 
 def _study_summary(study: optuna.Study) -> dict[str, Any]:

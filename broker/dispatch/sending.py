@@ -123,14 +123,17 @@ class TrialSender:
     def withdraw(self, run: StudyRun, records: Sequence[InFlight]) -> None:
         """Cancel the jobs of `records` that no worker has taken yet, and mark every one
         cancelled (`Keys.cancel`): the worker running it, or taking it in the meantime, stops
-        it."""
+        it. The mark is sealed as this dispatcher's, for that job (`Record.CANCEL`): with
+        signing on, a worker acts on no other (`workers.supervision.CancelMarks`)."""
         if not records:
             return
         queue_key = self.queue(run).key
         job_ids = [self.job_id(run, record) for record in records]
         pipe = self.connection.pipeline(transaction=False)
         for record, job_id in zip(records, job_ids, strict=True):
-            pipe.set(Keys.cancel(run.attempt_id(record, self.reply_to)), 1, ex=CANCEL_TTL_S)
+            # Its value says nothing but who set it: `1` without signing, as it always was.
+            mark = self.signer.seal(Record.CANCEL, b"1", bound_to=job_id)
+            pipe.set(Keys.cancel(run.attempt_id(record, self.reply_to)), mark, ex=CANCEL_TTL_S)
             # Taken off the queue atomically: a worker dequeues a job or we take it back, never
             # both, so no status read can go stale between looking and cancelling.
             pipe.lrem(queue_key, 1, job_id)

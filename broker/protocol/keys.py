@@ -13,7 +13,8 @@ One broker serves one prefix; several brokers can share a Redis with different p
                         broker stops rather than write into an empty Redis as if nothing happened
     commands            a list of signed commands from the front doors: submit, cancel, set
     studies             hash: study name -> its StudySpec (with its incarnation, below)
-    status              hash: study name -> its StudyStatus (JSON, for `status` and `wait`)
+    status              hash: study name -> its StudyStatus (JSON, for `status` and `wait`;
+                        with signing on, sealed by the broker and bound to the study's name)
     results             the stream workers append results and trial calls to (group `broker`)
     results:<token>     a private result stream (one remote `Optimizer` run)
     dropped, refused    hashes counting stale results and refused messages, by kind
@@ -28,7 +29,8 @@ and, per attempt, under the result stream it reports to (`reply_to`), each named
 
     <reply_to>:lease:<job id>   held by the worker running the attempt (`--lease-ttl`)
     <reply_to>:cancel:<job id>  set by the broker when it cancels a running attempt: the worker's
-                                supervisor sees it and stops the objective
+                                supervisor sees it and stops the objective (with signing on,
+                                only if the value is sealed by the broker for that job id)
     <reply_to>:call:<job id>    the list a remote trial waits on for the broker's replies
 
 A job id (`orq-<hash(reply_to, study)>-<incarnation>-<trial>-<attempt>`) names one attempt of

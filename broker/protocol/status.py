@@ -2,8 +2,15 @@
 
 Stored as JSON in `<prefix>:status` (readable with `redis-cli` too), and printed as the same JSON
 by `optuna-rq status --json` (which adds `broker`, the prefix's broker as read: `liveness`;
-`from_json` ignores it). Only the broker moves a study from state to state; the front doors
-write a `queued` snapshot at submit when the study has none yet.
+`from_json` ignores it). Only the broker moves a study from state to state; without signing, the
+front doors write a `queued` snapshot at submit when the study has none yet.
+
+With signing on, the broker seals each status (`Record.STATUS`, bound to the study's name: one
+study's signed status copied under another name does not open), and every reader opens it here,
+through `read_status` or `read_statuses` and nowhere else: a status the broker did not sign is
+refused, never believed (a forged `finished` would release `wait`). A front door then writes no
+`queued` snapshot of its own (it cannot sign one as the broker): a study shows once the broker
+took it.
 """
 
 from __future__ import annotations
@@ -14,7 +21,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
+import redis
+
 from optuna_rq.errors import ProtocolError
+from optuna_rq.protocol.keys import Keys
 from optuna_rq.protocol.schema import (
     Bool,
     Choice,
@@ -28,8 +38,9 @@ from optuna_rq.protocol.schema import (
     version_field,
     wire,
 )
+from optuna_rq.protocol.signing import Record, Signer
 
-__all__ = ["StudyState", "StudyStatus"]
+__all__ = ["RefusedStatus", "StudyState", "StudyStatus", "read_status", "read_statuses"]
 
 
 class StudyState(str, enum.Enum):
@@ -72,7 +83,9 @@ class StudyStatus(Message):
     ended: int | None = wire(Int(minimum=0, optional=True), default=None)
     retries: int = wire(_COUNT, default=0)
     # The submission this snapshot reflects (its StudySpec's `submitted_at`): `submit --wait`
-    # waits past the snapshots of an earlier one.
+    # waits past the snapshots of an earlier one, and with signing on `wait` takes an ended one
+    # as the end only if it is of the submission the broker holds (a signed status kept from an
+    # earlier run of the study and written back is not the end of this one).
     submitted_at: float | None = wire(Float(optional=True), default=None)
     storage: str = wire(Text(nonempty=False))
     error: str | None = wire(Text(optional=True, nonempty=False), default=None)
@@ -143,6 +156,64 @@ class StudyStatus(Message):
         data.setdefault("waiting_for_workers", False)
         data.pop("broker", None)  # `status --json` adds the prefix's broker: not the study's
         return cls.from_wire(data)
+
+    def sealed(self, signer: Signer) -> bytes:
+        """What the broker stores under the study's name: its JSON, sealed as a status of this
+        study (the JSON itself with signing off)."""
+        return signer.seal(Record.STATUS, self.to_json().encode(), bound_to=self.name)
+
+    @classmethod
+    def opened(cls, raw: bytes, signer: Signer, *, name: str) -> StudyStatus:
+        """The status stored under `name`, if the broker signed it for that study (with signing
+        on); ProtocolError saying why not, naming the study."""
+        try:
+            body = signer.open(Record.STATUS, raw, bound_to=name)
+        except ProtocolError as exc:
+            raise ProtocolError(
+                f"the status of study {name!r} is not signed by the broker, refused: {exc}"
+            ) from None
+        try:
+            status = cls.from_json(body)
+        except ProtocolError as exc:
+            raise ProtocolError(f"the status of study {name!r} is unreadable: {exc}") from None
+        if status.name != name:  # only without signing: a sealed one is bound to its name
+            raise ProtocolError(
+                f"the status stored under study {name!r} is study {status.name!r}'s, refused"
+            )
+        return status
+
+
+@dataclass(frozen=True)
+class RefusedStatus:
+    """A study's entry in `<prefix>:status` that does not open (`StudyStatus.opened`): not
+    signed by the broker, or not a status at all. Shown as refused, never believed."""
+
+    name: str
+    why: str
+
+
+def read_status(
+    connection: redis.Redis, keys: Keys, signer: Signer, name: str
+) -> StudyStatus | None:
+    """The study's status as the broker published it (None: it has none); ProtocolError if
+    what is stored does not open (`StudyStatus.opened`)."""
+    raw: Any = connection.hget(keys.status, name)
+    return None if raw is None else StudyStatus.opened(bytes(raw), signer, name=name)
+
+
+def read_statuses(
+    connection: redis.Redis, keys: Keys, signer: Signer
+) -> list[StudyStatus | RefusedStatus]:
+    """Every study's status, by name; an entry that does not open is a `RefusedStatus`."""
+    stored: dict[bytes, bytes] = connection.hgetall(keys.status)  # type: ignore[assignment]
+    found: list[StudyStatus | RefusedStatus] = []
+    for raw_name, raw in sorted(stored.items()):
+        name = raw_name.decode(errors="replace")
+        try:
+            found.append(StudyStatus.opened(raw, signer, name=name))
+        except ProtocolError as exc:
+            found.append(RefusedStatus(name=name, why=str(exc)))
+    return found
 
 
 def _now() -> str:
