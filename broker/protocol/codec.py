@@ -27,7 +27,7 @@ __all__ = [
     "pack",
 ]
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 """2: the package is `optuna_rq` (the job function moved to `optuna_rq.workers.runner`); with
 it, unreleased in between: trial queues per module and resource class (`Keys.trial_queue`), the
 pools' `PoolHeartbeat`, the `Enqueue` and `Delete` commands.
@@ -38,7 +38,12 @@ broker gives it when it stores it, kept while the study runs); `TrialRequest`, `
 and `TrialCall` carry it too, and a `TrialCallReply` names the call it answers (study,
 incarnation, trial number, attempt, seq). Job ids, leases, cancel marks and reply lists are
 named from the attempt's `AttemptId` (`Keys`): reply lists are `<reply_to>:call:<job id>`, no
-longer `<reply_to>:call:<trial>:<attempt>`."""
+longer `<reply_to>:call:<trial>:<attempt>`.
+5: Redis is not trusted beyond what a key proves. A sealed record names its kind, the role that
+signed it and the name it is stored under (`signing.Record`; Ed25519 with a key per role, or
+HMAC with one shared secret); the broker seals the specs it keeps, the status it publishes and
+its cancel marks. Every command carries an `id` and `sent_at` (applied once); a `TrialRequest`
+carries its attempt's `token`, and the `TrialResult` and `TrialCall` answering it give it back."""
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_DEPTH = 32
 """Nesting depth of maps and arrays in a message (the message itself is depth 1)."""
