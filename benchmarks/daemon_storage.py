@@ -323,10 +323,11 @@ def _tree(pid: int) -> list[psutil.Process]:
     return [process, *process.children(recursive=True)]
 
 
-def seal_open_us(number: int = 2000, repeat: int = 5) -> dict[str, dict[str, float]]:
+def seal_open_us(number: int = 100, repeat: int = 50) -> dict[str, dict[str, float]]:
     """Microseconds to seal and to open one trial request in each of `SIGNING_MODES` (the best
-    of `repeat` rounds of `number`, on one core), and the bytes the envelope adds. With keys,
-    the broker seals and a worker opens, as a job goes."""
+    of `repeat` rounds of `number`, on one core: many short rounds, so that on a shared machine
+    some run undisturbed), and the bytes the envelope adds. With keys, the broker seals and a
+    worker opens, as a job goes."""
     body = os.urandom(_BODY_BYTES)
     secret = secrets.token_bytes(32)
     rings = generate_keyrings()
@@ -374,7 +375,8 @@ def signing_cost_lines(d: dict[str, Any]) -> list[str]:
         )
     lines += [
         "",
-        f"One message ({_BODY_BYTES} bytes, a no-op trial's request), one core, best of 5:",
+        f"One message ({_BODY_BYTES} bytes, a no-op trial's request), one core, the best of 50 "
+        "rounds of 100:",
         "",
         "| signing | seal µs | open µs | bytes added |",
         "|---|---|---|---|",
