@@ -284,6 +284,7 @@ def signing_cost(url: str, reps: int, n_trials: int) -> dict[str, Any]:
         "reps": reps,
         "load_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         **{f"signing_{mode}": medians[mode] for mode in SIGNING_MODES},
+        **{f"signing_{mode}_runs": runs[mode] for mode in SIGNING_MODES},
         **{
             f"signing_{mode}_ratio": medians[mode]["trials_per_s"] / off["trials_per_s"]
             for mode in SIGNING_MODES
@@ -362,16 +363,18 @@ def signing_cost_lines(d: dict[str, Any]) -> list[str]:
         f"## The cost of signing: the daemon on its default journal, no-op objective, "
         f"RandomSampler, 2 workers, {d['n_trials']} trials",
         "",
-        "| signing | trials/s | ratio | broker CPU ms/trial | workers CPU ms/trial |",
-        "|---|---|---|---|---|",
+        "| signing | trials/s | ratio | broker CPU ms/trial (range) | ratio "
+        "| workers CPU ms/trial (range) |",
+        "|---|---|---|---|---|---|",
     ]
     for mode, label in SIGNING_MODES.items():
-        row = d[f"signing_{mode}"]
+        row, runs = d[f"signing_{mode}"], d[f"signing_{mode}_runs"]
+        broker, workers = row["broker_cpu_ms_per_trial"], row["workers_cpu_ms_per_trial"]
         lines.append(
             f"| {label} | {row['trials_per_s']:.0f} | {d[f'signing_{mode}_ratio']:.2f}x "
-            f"| {row['broker_cpu_ms_per_trial']:.2f} "
-            f"({row['broker_cpu_ms_per_trial'] / off['broker_cpu_ms_per_trial']:.2f}x) "
-            f"| {row['workers_cpu_ms_per_trial']:.2f} |"
+            f"| {broker:.2f} ({_range(runs, 'broker_cpu_ms_per_trial')}) "
+            f"| {broker / off['broker_cpu_ms_per_trial']:.2f}x "
+            f"| {workers:.2f} ({_range(runs, 'workers_cpu_ms_per_trial')}) |"
         )
     lines += [
         "",
@@ -386,6 +389,13 @@ def signing_cost_lines(d: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {label} | {one['seal_us']:.1f} | {one['open_us']:.1f} | {one['bytes_added']:.0f} |"
         )
+    pair = {mode: one["seal_us"] + one["open_us"] for mode, one in d["seal_open_us"].items()}
+    lines += [
+        "",
+        "A trial costs the broker one seal (its job) and one open (its result), and its worker "
+        f"the reverse: {pair['keys'] / 1000:.2f} ms each with keys, "
+        f"{pair['secret'] / 1000:.3f} ms with the secret, by the figures above.",
+    ]
     lines += [
         "",
         f"Medians of {d['reps']} repetitions, the modes interleaved; load average (1 min) "
@@ -393,6 +403,11 @@ def signing_cost_lines(d: dict[str, Any]) -> list[str]:
         "and its worker processes.",
     ]
     return lines
+
+
+def _range(runs: list[dict[str, float]], key: str) -> str:
+    values = [run[key] for run in runs]
+    return f"{min(values):.2f}-{max(values):.2f}"
 
 
 def _cpu_s(processes: list[psutil.Process]) -> float:
