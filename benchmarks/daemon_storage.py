@@ -394,15 +394,12 @@ def signing_cost_lines(d: dict[str, Any]) -> list[str]:
     pair = {mode: one["seal_us"] + one["open_us"] for mode, one in d["seal_open_us"].items()}
     lines += [
         "",
-        "A trial costs the broker one seal (its job) and one open (its result), and its worker "
+        "A trial costs the broker one seal (its job) and one open (its result), and its worker",
         f"the reverse: {pair['keys'] / 1000:.2f} ms each with keys, "
         f"{pair['secret'] / 1000:.3f} ms with the secret, by the figures above.",
-    ]
-    lines += [
-        "",
-        f"Medians of {d['reps']} repetitions, the modes interleaved in turns; load average (1 min) "
-        f"{d['load_1m'][0]:.2f} before, {d['load_1m'][1]:.2f} after. Workers' CPU is the pool "
-        "and its worker processes.",
+        f"Medians of {d['reps']} repetitions, the modes interleaved in turns; load average",
+        f"(1 min) {d['load_1m'][0]:.2f} before, {d['load_1m'][1]:.2f} after. Workers' CPU is "
+        "the pool and its worker processes.",
     ]
     return lines
 
