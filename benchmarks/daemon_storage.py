@@ -2,11 +2,17 @@
 durable storage (the journal file under its state directory) and on `--storage memory`, next to
 Optuna native (2 processes on JournalRedis), in one run, as ratios to the anchor.
 
-    uv run python -m benchmarks.daemon_storage [--trials 400] [--reps 1] [--breakdown]
+    uv run python -m benchmarks.daemon_storage [--trials 400] [--reps 1] [--breakdown | --signing]
 
 With `--breakdown`, one study on the default storage is also taken apart: CPU per trial of the
 broker, the workers and redis-server (psutil), and Redis commands per trial by command (INFO
 commandstats): where a no-op trial's cost goes.
+
+With `--signing`, instead: the cost of signing. The same study on the default storage with
+signing off, with one shared secret and with a key per role (repetitions interleaved): trials/s,
+and CPU ms per trial of the broker and of the workers, as ratios to signing off; and the
+microseconds to seal and to open one message in each mode. `benchmarks.run --only signing` puts
+it into the report.
 
 `benchmarks.run` calls `daemon_overhead` and renders `daemon_overhead_lines` into its report.
 Each repetition runs every system once, in turn; figures are medians. The timed span is the
@@ -19,11 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import timeit
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +44,28 @@ from optuna_rq import suggest
 from optuna_rq.client import BrokerClient
 from optuna_rq.connection import connect
 from optuna_rq.embedded import ensure_embedded, stop_embedded
-from optuna_rq.protocol import StudySpec, StudyState
+from optuna_rq.protocol import (
+    ENV_KEY,
+    ENV_KEY_FILE,
+    ENV_SECRET,
+    ENV_SECRET_FILE,
+    Record,
+    Role,
+    Signer,
+    StudySpec,
+    StudyState,
+    generate_keyrings,
+)
 from optuna_rq.spacefile import space_to_data
 from optuna_rq.studies import default_storage_url
 
-__all__ = ["daemon_overhead", "daemon_overhead_lines"]
+__all__ = [
+    "daemon_overhead",
+    "daemon_overhead_lines",
+    "seal_open_us",
+    "signing_cost",
+    "signing_cost_lines",
+]
 
 STORAGES = {"journal": None, "memory": "memory"}
 """The daemon's storages measured: its default (no --storage: the journal file), and memory."""
@@ -51,16 +77,26 @@ sampler then sees a trial more than the cap running)."""
 class _Broker:
     """`optuna-rq broker` on the workers' prefix, with a state directory of its own."""
 
-    def __init__(self, url: str, prefix: str, storage: str | None) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        storage: str | None,
+        *,
+        env: dict[str, str] | None = None,
+        client_signer: Signer | None = None,
+    ) -> None:
         self.state = Path(tempfile.mkdtemp(prefix="orq-bench-daemon-", dir="/tmp"))
         command = [sys.executable, "-m", "optuna_rq.cli", "--redis-url", url, "--prefix", prefix]
         command += ["broker", "--log-level", "WARNING"]
         command += [] if storage is None else ["--storage", storage]
         self.process = subprocess.Popen(
             command,
-            env=dict(os.environ, PYTHONPATH=str(ROOT), OPTUNA_RQ_STATE_DIR=str(self.state)),
+            env=dict(
+                os.environ, PYTHONPATH=str(ROOT), OPTUNA_RQ_STATE_DIR=str(self.state), **(env or {})
+            ),
         )
-        self.client = BrokerClient(connect(url), prefix)
+        self.client = BrokerClient(connect(url), prefix, signer=client_signer)
         while self.client.broker_holder() is None:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the broker exited with {self.process.returncode}")
@@ -195,6 +231,184 @@ def breakdown(url: str, n_trials: int) -> dict[str, Any]:
     }
 
 
+SIGNING_MODES = {
+    "off": "off",
+    "secret": "one shared secret (HMAC-SHA256)",
+    "keys": "a key per role (Ed25519)",
+}
+"""`--signing`: the same study with signing off, with one shared secret and with a key per role."""
+_SIGNING_VARS = (ENV_SECRET, ENV_SECRET_FILE, ENV_KEY, ENV_KEY_FILE)
+_BODY_BYTES = 173
+"""The size of a no-op trial's request as the broker sends it (a result is 167 bytes)."""
+
+
+@dataclass(frozen=True)
+class _Signing:
+    """What each role is given in one signing mode: the broker's and the workers' environment,
+    and the front door's signer (it submits and reads the status)."""
+
+    broker: dict[str, str]
+    workers: dict[str, str]
+    client: Signer
+
+
+def _signing(mode: str) -> _Signing:
+    if mode == "off":
+        return _Signing({}, {}, Signer())
+    if mode == "secret":
+        secret = secrets.token_hex(32)
+        return _Signing({ENV_SECRET: secret}, {ENV_SECRET: secret}, Signer(secret.encode()))
+    rings = generate_keyrings()
+    return _Signing(
+        {ENV_KEY: rings[Role.BROKER].to_token()},
+        {ENV_KEY: rings[Role.WORKER].to_token()},
+        Signer(keyring=rings[Role.CLIENT]),
+    )
+
+
+def signing_cost(url: str, reps: int, n_trials: int) -> dict[str, Any]:
+    """The daemon as users run it (its default journal, 2 workers, a no-op objective) with each
+    of `SIGNING_MODES`, repetitions interleaved in turns: trials/s, and CPU ms per trial of the
+    broker and of the workers; and `seal_open_us`, the cost of one message."""
+    for var in _SIGNING_VARS:  # "off" is off, whatever the shell that runs this has set
+        os.environ.pop(var, None)
+    load_before = os.getloadavg()
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in SIGNING_MODES}
+    modes = list(SIGNING_MODES)
+    for rep in range(reps):
+        # Each repetition starts with the next mode: no mode always runs first (or last).
+        for mode in modes[rep % len(modes) :] + modes[: rep % len(modes)]:
+            runs[mode].append(_signed_study(url, n_trials, _signing(mode)))
+    medians = {mode: _median(rows) for mode, rows in runs.items()}
+    off = medians["off"]
+    return {
+        "n_trials": n_trials,
+        "reps": reps,
+        "load_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        **{f"signing_{mode}": medians[mode] for mode in SIGNING_MODES},
+        **{f"signing_{mode}_runs": runs[mode] for mode in SIGNING_MODES},
+        **{
+            f"signing_{mode}_ratio": medians[mode]["trials_per_s"] / off["trials_per_s"]
+            for mode in SIGNING_MODES
+        },
+        "seal_open_us": seal_open_us(),
+    }
+
+
+def _signed_study(url: str, n_trials: int, signing: _Signing) -> dict[str, float]:
+    workers = OurWorkers(url, 2, env=signing.workers)
+    try:
+        broker = _Broker(url, workers.queue, None, env=signing.broker, client_signer=signing.client)
+        try:
+            processes = {
+                "broker": _tree(broker.process.pid),
+                "workers": _tree(workers.process.pid),
+            }
+            before = {kind: _cpu_s(ps) for kind, ps in processes.items()}
+            figures = _daemon_study(broker, n_trials, None)
+            cpu = {
+                f"{kind}_cpu_ms_per_trial": (_cpu_s(ps) - before[kind]) * 1000 / n_trials
+                for kind, ps in processes.items()
+            }
+            # Nothing refused: a signed run that dropped messages would measure something else.
+            refused = connect(url).hgetall(f"{workers.queue}:refused")
+            if refused:
+                raise RuntimeError(f"messages were refused in a signed run: {refused}")
+        finally:
+            broker.stop()
+    finally:
+        workers.stop()
+    return {**figures, **cpu}
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    process = psutil.Process(pid)
+    return [process, *process.children(recursive=True)]
+
+
+def seal_open_us(number: int = 100, repeat: int = 50) -> dict[str, dict[str, float]]:
+    """Microseconds to seal and to open one trial request in each of `SIGNING_MODES` (the best
+    of `repeat` rounds of `number`, on one core: many short rounds, so that on a shared machine
+    some run undisturbed), and the bytes the envelope adds. With keys, the broker seals and a
+    worker opens, as a job goes."""
+    body = os.urandom(_BODY_BYTES)
+    secret = secrets.token_bytes(32)
+    rings = generate_keyrings()
+    pairs = {
+        "off": (Signer(), Signer()),
+        "secret": (Signer(secret), Signer(secret)),
+        "keys": (Signer(keyring=rings[Role.BROKER]), Signer(keyring=rings[Role.WORKER])),
+    }
+    figures = {}
+    for mode, (sealer, opener) in pairs.items():
+        sealed = sealer.seal(Record.REQUEST, body)
+        assert opener.open(Record.REQUEST, sealed) == body
+
+        def seal(sealer: Signer = sealer) -> bytes:
+            return sealer.seal(Record.REQUEST, body)
+
+        def open_(opener: Signer = opener, sealed: bytes = sealed) -> bytes:
+            return opener.open(Record.REQUEST, sealed)
+
+        figures[mode] = {
+            "seal_us": min(timeit.repeat(seal, number=number, repeat=repeat)) / number * 1e6,
+            "open_us": min(timeit.repeat(open_, number=number, repeat=repeat)) / number * 1e6,
+            "bytes_added": float(len(sealed) - len(body)),
+        }
+    return figures
+
+
+def signing_cost_lines(d: dict[str, Any]) -> list[str]:
+    """The report's section for `signing_cost`'s results."""
+    off = d["signing_off"]
+    lines = [
+        f"## The cost of signing: the daemon on its default journal, no-op objective, "
+        f"RandomSampler, 2 workers, {d['n_trials']} trials",
+        "",
+        "| signing | trials/s | ratio | broker CPU ms/trial (range) | ratio "
+        "| workers CPU ms/trial (range) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode, label in SIGNING_MODES.items():
+        row, runs = d[f"signing_{mode}"], d[f"signing_{mode}_runs"]
+        broker, workers = row["broker_cpu_ms_per_trial"], row["workers_cpu_ms_per_trial"]
+        lines.append(
+            f"| {label} | {row['trials_per_s']:.0f} | {d[f'signing_{mode}_ratio']:.2f}x "
+            f"| {broker:.2f} ({_range(runs, 'broker_cpu_ms_per_trial')}) "
+            f"| {broker / off['broker_cpu_ms_per_trial']:.2f}x "
+            f"| {workers:.2f} ({_range(runs, 'workers_cpu_ms_per_trial')}) |"
+        )
+    lines += [
+        "",
+        f"One message ({_BODY_BYTES} bytes, a no-op trial's request), one core, the best of 50 "
+        "rounds of 100:",
+        "",
+        "| signing | seal µs | open µs | bytes added |",
+        "|---|---|---|---|",
+    ]
+    for mode, label in SIGNING_MODES.items():
+        one = d["seal_open_us"][mode]
+        lines.append(
+            f"| {label} | {one['seal_us']:.1f} | {one['open_us']:.1f} | {one['bytes_added']:.0f} |"
+        )
+    pair = {mode: one["seal_us"] + one["open_us"] for mode, one in d["seal_open_us"].items()}
+    lines += [
+        "",
+        "A trial costs the broker one seal (its job) and one open (its result), and its worker",
+        f"the reverse: {pair['keys'] / 1000:.2f} ms each with keys, "
+        f"{pair['secret'] / 1000:.3f} ms with the secret, by the figures above.",
+        f"Medians of {d['reps']} repetitions, the modes interleaved in turns; load average",
+        f"(1 min) {d['load_1m'][0]:.2f} before, {d['load_1m'][1]:.2f} after. Workers' CPU is "
+        "the pool and its worker processes.",
+    ]
+    return lines
+
+
+def _range(runs: list[dict[str, float]], key: str) -> str:
+    values = [run[key] for run in runs]
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
 def _cpu_s(processes: list[psutil.Process]) -> float:
     total = 0.0
     for process in processes:
@@ -208,10 +422,25 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=400)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--breakdown", action="store_true", help="where a trial's cost goes")
+    parser.add_argument(
+        "--signing",
+        action="store_true",
+        help="instead: the cost of signing (off, a shared secret, a key per role), per trial "
+        "and per message",
+    )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     state = Path(tempfile.mkdtemp(prefix="orq-bench-", dir="/tmp"))
     url = ensure_embedded(state)
+    if args.signing:
+        try:
+            signing = signing_cost(url, args.reps, args.trials)
+        finally:
+            stop_embedded(state)
+            shutil.rmtree(state, ignore_errors=True)
+        print("\n".join(signing_cost_lines(signing)))
+        print(json.dumps(signing, indent=2))
+        return
     try:
         results = daemon_overhead(url, args.reps, args.trials)
         parts = breakdown(url, args.trials) if args.breakdown else None

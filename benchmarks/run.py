@@ -51,7 +51,9 @@ class OurWorkers:
     """`optuna-rq workers --count N` on a prefix of its own, ready when every worker
     registered."""
 
-    def __init__(self, url: str, count: int, isolation: str = "process") -> None:
+    def __init__(
+        self, url: str, count: int, isolation: str = "process", env: dict[str, str] | None = None
+    ) -> None:
         self.url, self.count, self.queue = url, count, f"bench{count}-{time.monotonic_ns()}"
         self.process = subprocess.Popen(
             [
@@ -72,7 +74,7 @@ class OurWorkers:
                 "--log-level",
                 "WARNING",
             ],
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})),
         )
         conn = connect(url)
         queue = trial_queue(conn, Keys(self.queue).trial_queue("benchmarks.objectives"))
@@ -489,6 +491,10 @@ def write_report(results: dict[str, Any]) -> None:
         from benchmarks.daemon_storage import daemon_overhead_lines
 
         lines += [*daemon_overhead_lines(results["daemon_overhead"]), ""]
+    if "signing" in results:  # benchmarks.daemon_storage --signing: off, a secret, keys
+        from benchmarks.daemon_storage import signing_cost_lines
+
+        lines += [*signing_cost_lines(results["signing"]), ""]
     lines += [
         "## The drop-in API, in-process: no-op objective, RandomSampler, concurrency 2",
         "",
@@ -590,6 +596,13 @@ def _daemon_overhead(url: str, reps: int, n_trials: int) -> dict[str, Any]:
     return daemon_overhead(url, reps, n_trials)
 
 
+def _signing_cost(url: str, reps: int, n_trials: int) -> dict[str, Any]:
+    """The cost of signing on the daemon's default journal (imported here, as above)."""
+    from benchmarks.daemon_storage import signing_cost
+
+    return signing_cost(url, reps, n_trials)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
@@ -623,6 +636,7 @@ def main() -> None:
             "fleet": fleet.section(url, quick=args.quick),
         }
         results["daemon_overhead"] = _daemon_overhead(url, reps, 100 if args.quick else 400)
+        results["signing"] = _signing_section(url, quick=args.quick)
     finally:
         stop_embedded(state)
         shutil.rmtree(state, ignore_errors=True)
@@ -636,7 +650,17 @@ def _daemon_overhead_section(url: str, *, quick: bool) -> dict[str, Any]:
     return _daemon_overhead(url, 1 if quick else 3, 100 if quick else 400)
 
 
-SECTIONS = {"fleet": fleet.section, "daemon_overhead": _daemon_overhead_section}
+def _signing_section(url: str, *, quick: bool) -> dict[str, Any]:
+    # More trials and repetitions than the other sections: signing's cost per trial is a few
+    # percent of the broker's CPU, well under what one run on a busy machine varies by.
+    return _signing_cost(url, 1 if quick else 5, 100 if quick else 1000)
+
+
+SECTIONS = {
+    "fleet": fleet.section,
+    "daemon_overhead": _daemon_overhead_section,
+    "signing": _signing_section,
+}
 """The sections `--only` runs alone: each takes the Redis URL and `quick`."""
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from optuna_rq.cli_keys import keys
 from optuna_rq.cli_options import (
     GlobalOptions,
     WaitForBroker,
@@ -401,6 +402,7 @@ app.command()(trials)
 app.command()(best)
 app.command()(delete)
 app.command()(enqueue)
+app.command()(keys)
 app.add_typer(redis_app)
 
 

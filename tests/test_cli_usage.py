@@ -47,6 +47,7 @@ CASES = [
             ("best", "s"),
             ("delete", "s"),
             ("enqueue", "s", "f.yaml"),
+            ("keys", "k"),
             ("redis", "stop"),
         )
     ),

@@ -17,6 +17,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from optuna_rq.cli_keys import key_file_name
+from optuna_rq.protocol import Role
+
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 KEDA_KINDS = {"ScaledObject", "TriggerAuthentication"}
@@ -69,7 +72,7 @@ def _secret_keys(node: object) -> set[str]:
 
 def test_no_secret_value_is_committed_and_the_generator_names_every_key() -> None:
     kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
-    [generated] = kustomization["secretGenerator"]
+    [generated] = [g for g in kustomization["secretGenerator"] if "envs" in g]
     assert generated["name"] == "optuna-rq" and generated["envs"] == ["secret.env"]
     assert "kubernetes/secret.env" in (DEPLOY / ".gitignore").read_text().split()
     example = (KUBERNETES / "secret.env.example").read_text()
@@ -182,8 +185,8 @@ def test_the_broker_is_a_single_replica_probed_on_its_health_endpoints() -> None
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = container[probe]["httpGet"]
         assert get["path"] == path and named[get["port"]] == port, (probe, get)
-    secrets = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]}
-    assert secrets == {"redis-url", "redis-password", "message-secret"}
+    secrets = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e}
+    assert secrets == {"redis-url", "redis-password"}
 
 
 def test_every_process_gets_the_redis_password_apart_from_the_url() -> None:
@@ -204,6 +207,53 @@ def test_every_process_gets_the_redis_password_apart_from_the_url() -> None:
     environment = _compose()["x-optuna-rq"]["environment"]
     assert "@" not in environment["OPTUNA_RQ_REDIS_URL"]
     assert environment["OPTUNA_RQ_REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+
+
+# Who runs with which key: a Deployment or a compose service, by name, and its role.
+ROLE_OF_DEPLOYMENT = {"broker": Role.BROKER, "workers": Role.WORKER, "workers-gpu": Role.WORKER}
+ROLE_OF_SERVICE = {"broker": Role.BROKER, "workers": Role.WORKER, "submit": Role.CLIENT}
+
+
+def test_each_kubernetes_role_mounts_its_own_key_and_no_shared_secret() -> None:
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    generated = {g["name"]: g for g in kustomization["secretGenerator"]}
+    # The files `optuna-rq keys deploy/kubernetes/keys` writes; never committed.
+    assert "kubernetes/keys/" in (DEPLOY / ".gitignore").read_text().split()
+    deployments = {d["metadata"]["name"]: d for _, d in manifests() if d["kind"] == "Deployment"}
+    assert set(deployments) == set(ROLE_OF_DEPLOYMENT)
+    for name, role in ROLE_OF_DEPLOYMENT.items():
+        pod = deployments[name]["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert "OPTUNA_RQ_SECRET" not in env and "OPTUNA_RQ_KEY" not in env, name
+        key_file = Path(env["OPTUNA_RQ_KEY_FILE"]["value"])
+        [mount] = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == key_file.parent]
+        assert mount.get("readOnly") is True
+        [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        secret = generated[volume["secret"]["secretName"]]
+        # The Secret holds this role's file alone, under the name the container reads.
+        assert secret["files"] == [f"keys/{key_file_name(role)}"] and key_file.name == (
+            key_file_name(role)
+        ), name
+        # Not world-readable; the pod's group (fsGroup) reads it as the non-root user.
+        assert volume["secret"]["defaultMode"] & 0o007 == 0
+        assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]
+
+
+def test_each_compose_service_mounts_its_own_key() -> None:
+    compose = _compose()
+    environment = compose["x-optuna-rq"]["environment"]
+    assert "OPTUNA_RQ_SECRET" not in environment
+    key_file = Path(environment["OPTUNA_RQ_KEY_FILE"])
+    assert key_file.parent == Path("/run/secrets")
+    assert "keys/" in (DEPLOY / ".gitignore").read_text().split()
+    for name, role in ROLE_OF_SERVICE.items():
+        [secret] = compose["services"][name]["secrets"]
+        assert secret["target"] == key_file.name, name
+        assert compose["secrets"][secret["source"]] == {"file": f"./keys/{key_file_name(role)}"}
+    for name, service in compose["services"].items():  # Redis and the dashboard get none
+        if name not in ROLE_OF_SERVICE:
+            assert "secrets" not in service and "OPTUNA_RQ_KEY_FILE" not in str(service), name
 
 
 def _compose() -> dict:

@@ -15,7 +15,7 @@ import redis
 from rq import Worker
 
 from optuna_rq.connection import connect
-from optuna_rq.protocol import ENV_SECRET, Keys, Signer, live_pools
+from optuna_rq.protocol import Keys, Role, Signer, live_pools
 from tests.helpers import wait_until
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -77,8 +77,8 @@ def workers_factory(redis_url: str, prefix: str) -> Iterator[WorkersFactory]:
         process = subprocess.Popen(cli(*argv, *args), env=cli_env(**(env or {})))
         started.append(process)
         expected = count * len(started)
-        secret = (env or {}).get(ENV_SECRET)
-        signer = Signer(secret.encode()) if secret else Signer()
+        # Reads their heartbeats as they sign them: with their secret or their key, if any.
+        signer = Signer.from_env(Role.WORKER, env or {})
         # A worker listens to all its queues: the first module's queue in any of its classes.
         queues = [q for i, q in enumerate(args) if i and args[i - 1] in ("--queue", "-q")]
         first = Keys(prefix).trial_queue(modules[0], (queues or ["default"])[0])
@@ -124,13 +124,19 @@ def run_cli(
 
 
 def start_broker(
-    redis_url: str, prefix: str, state: Path, *args: str, stderr: IO[bytes] | None = None
+    redis_url: str,
+    prefix: str,
+    state: Path,
+    *args: str,
+    stderr: IO[bytes] | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """`optuna-rq broker ARGS...` on `prefix`, returned once it holds the broker lock."""
+    """`optuna-rq broker ARGS...` on `prefix` (`env` added to its environment), returned once
+    it holds the broker lock."""
     connection = connect(redis_url)
     process = subprocess.Popen(
         cli("--redis-url", redis_url, "--prefix", prefix, "broker", *args),
-        env=cli_env(OPTUNA_RQ_STATE_DIR=str(state)),
+        env=cli_env(OPTUNA_RQ_STATE_DIR=str(state), **(env or {})),
         stderr=stderr,
     )
 
