@@ -87,7 +87,7 @@ class GlobalOptions:
 
         return resolve_redis_password(self.redis_password, self.redis_password_file)
 
-    def signer(self, role: Role = Role.CLIENT) -> Signer:
+    def signer(self, role: Role | None = Role.CLIENT) -> Signer:
         """The signer of every record this command writes or reads, as `role` (a no-op with
         signing off): from --secret, --secret-file, --key-file or OPTUNA_RQ_KEY."""
         return Signer.load(
@@ -295,7 +295,7 @@ def read_client(options: GlobalOptions) -> BrokerClient:
     from optuna_rq.client import BrokerClient
 
     _url, connection = connect_existing_redis(options)
-    return BrokerClient(connection, options.prefix, signer=options.signer())
+    return BrokerClient(connection, options.prefix, signer=options.signer(role=None))
 
 
 def configure_logging(log_level: str) -> str:

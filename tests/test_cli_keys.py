@@ -174,6 +174,17 @@ def test_the_installed_command_makes_a_set_that_runs_a_study(
         as_worker = submit("as-worker", "--key-file", key["worker"])
         assert as_worker.returncode == 2 and "holds the worker key" in as_worker.stderr
 
+        # A command that only reads verifies with any role's key: `status` on a worker machine.
+        read = subprocess.run(
+            [str(installed), "--redis-url", redis_url, "--prefix", prefix]
+            + ["--key-file", key["worker"], "status", "signed"],
+            env=cli_env(OPTUNA_RQ_STATE_DIR=str(cli_state)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert read.returncode == 0 and "finished" in read.stdout, read.stderr
+
         # Unsigned, a command reaches Redis; the broker refuses it and counts it.
         unsigned = subprocess.run(
             [str(installed), "--redis-url", redis_url, "--prefix", prefix, "submit"]

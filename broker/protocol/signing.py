@@ -130,7 +130,7 @@ class Signer:
     @classmethod
     def load(
         cls,
-        role: Role,
+        role: Role | None,
         *,
         secret: str | bytes | None = None,
         secret_file: str | Path | None = None,
@@ -139,7 +139,9 @@ class Signer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> Signer:
         """The signer of a process in `role`, from a shared secret or a role key, each given
-        as a value or as a file holding it (a mounted secret); ConfigError naming the input."""
+        as a value or as a file holding it (a mounted secret); ConfigError naming the input.
+        `role` None: a process that only reads, which any role's key lets verify (every key
+        holds every role's public key), so `status` works on the broker's machine too."""
         if secret is not None and secret_file is not None:
             raise ConfigError(f"{ENV_SECRET} and {ENV_SECRET_FILE} are both set: use one")
         if key is not None and key_file is not None:
@@ -152,7 +154,7 @@ class Signer:
             keyring = KeyRing.from_token(text, source=f"{ENV_KEY_FILE} ({key_file})")
         elif key:
             keyring = KeyRing.from_token(key, source=ENV_KEY)
-        if keyring is not None and keyring.role is not role:
+        if keyring is not None and role is not None and keyring.role is not role:
             source = ENV_KEY if key else f"{ENV_KEY_FILE} ({key_file})"
             raise ConfigError(
                 f"{source} holds the {keyring.role.value} key; this process signs as the "
