@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import redis
 
 from optuna_rq import failpoints
+from optuna_rq.dispatch import count_refusal
 from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol import Command, Keys, Record, Signer, decode_command
 
@@ -262,10 +263,31 @@ class Backlog:
         self._loaded = True
         cursors: dict[bytes, bytes] = self.connection.hgetall(self.keys.backlog)  # type: ignore[assignment]
         for name, cursor in cursors.items():
-            study = name.decode()
+            # Whoever can write to Redis can write here too: what is not a backlog this broker
+            # could have left is refused (counted, logged), never fatal, and the rest resumes.
+            try:
+                study = name.decode()
+            except UnicodeDecodeError:
+                why = f"a backlog entry named {name!r} dropped: not a study's name"
+                count_refusal(self.connection, self.keys.prefix, "backlog", why)
+                self.connection.hdel(self.keys.backlog, name)
+                continue
+            try:
+                done = int(cursor)
+                if done < 0:
+                    raise ValueError(cursor)
+            except ValueError:  # applied again from its start: its items are idempotent
+                why = f"study {study!r}: its backlog's cursor {cursor!r} is not a count"
+                count_refusal(self.connection, self.keys.prefix, "backlog", why)
+                done = 0
             key = self.keys.backlog_of(study)
-            raws: list[bytes] = self.connection.lrange(key, 0, -1)  # type: ignore[assignment]
-            done = int(cursor)
+            try:
+                raws: list[bytes] = self.connection.lrange(key, 0, -1)  # type: ignore[assignment]
+            except redis.ResponseError as exc:  # not a list (WRONGTYPE): nothing of ours
+                why = f"study {study!r}: its backlog {key!r} dropped: {exc}"
+                count_refusal(self.connection, self.keys.prefix, "backlog", why)
+                raws = []
+                self.connection.delete(key)
             for raw in raws:
                 try:
                     command = decode_command(
@@ -273,8 +295,11 @@ class Backlog:
                         max_bytes=self.signer.max_message_bytes,
                     )
                     kind = self.kinds[type(command)]
+                    if command.study != study:  # copied here: its sets are another study's
+                        raise ProtocolError(f"it is study {command.study!r}'s, not this one's")
                 except (ProtocolError, KeyError) as exc:
-                    log.error("study %r: a pending command dropped: %s", study, exc)
+                    why = f"study {study!r}: a pending command dropped: {exc}"
+                    count_refusal(self.connection, self.keys.prefix, "backlog", why)
                     pipe = self.connection.pipeline(transaction=True)
                     pipe.lrem(key, 1, raw)  # type: ignore[arg-type]  # bytes are fine
                     if study not in self._studies:  # the cursor was this command's
