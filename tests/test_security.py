@@ -133,7 +133,9 @@ def _plant_trial(conn: redis.Redis, queue: str, objective: str, reply_to: str) -
         n_objectives=1,
         reply_to=reply_to,
     )
-    return served_queue(conn, queue).enqueue_call(RUN_TRIAL, args=(request.encode(),)).id
+    queue_ = served_queue(conn, queue)
+    job_id = Keys.job_id(request.attempt_id)
+    return queue_.enqueue_call(RUN_TRIAL, args=(request.encode(),), job_id=job_id).id
 
 
 @pytest.mark.parametrize(

@@ -174,6 +174,9 @@ def test_signed_workers_run_signed_trials_and_refuse_forged_ones(
         Signer(b"not the secret, but 32 bytes....").seal(
             Record.REQUEST, _request(reply_to).encode()
         ),
+        # signed with the secret, but enqueued under another job id than the one its attempt
+        # names (a copy of a job a Redis writer read): it would run the objective twice
+        signer.seal(Record.REQUEST, _request(reply_to).encode()),
     ]
     for payload in forgeries:
         job = trial_queue(conn, Keys(queue).trial_queue("tests.objectives")).enqueue_call(

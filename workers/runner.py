@@ -67,6 +67,13 @@ def run_trial(payload: bytes) -> None:
     try:
         body = ctx.signer.open(Record.REQUEST, payload)
         request = TrialRequest.decode(body, max_bytes=ctx.signer.max_message_bytes)
+        if job.id != Keys.job_id(request.attempt_id):
+            # A signed request names its attempt, and so its job id: under another id it is a
+            # copy (a Redis writer re-enqueueing a job it read), and it would run twice.
+            raise ProtocolError(
+                f"job {job.id!r} carries the request of job {Keys.job_id(request.attempt_id)!r} "
+                "(a copy of another job?): refused"
+            )
     except ProtocolError:
         connection.hincrby(keys.refused, "request", 1)
         raise
@@ -143,7 +150,9 @@ def _leased(
         pipe.set(attempt.lease, attempt.holder, px=int(ctx.lease_ttl_s * 1000))
         pipe.get(attempt.cancel_mark)
         try:
-            mark = pipe.execute()[1]
+            taken, mark = pipe.execute(raise_on_error=False)  # a mark not a string: refused
+            if isinstance(taken, Exception):
+                raise taken
             break
         except redis.ResponseError as exc:
             if not is_full(exc):

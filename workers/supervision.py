@@ -150,16 +150,21 @@ class CancelMarks:
         self.keys = keys
         self._counted: dict[str, bytes] = {}  # job id -> the refused value last counted
 
-    def holds(self, attempt: Attempt, value: bytes | None) -> bool:
-        """Whether `value`, read at `attempt.cancel_mark` (None: no mark), cancels it."""
+    def holds(self, attempt: Attempt, value: object) -> bool:
+        """Whether `value`, read at `attempt.cancel_mark` (None: no mark), cancels it. A key
+        Redis could not GET (a Redis writer made it a list) is a mark that is not the broker's:
+        refused like a forged one, and the other attempts' renewals and marks go on."""
         if value is None:
             return False
         job_id = Keys.job_id(attempt.attempt_id)  # from the signed request, not from RQ
         try:
+            if not isinstance(value, bytes):
+                raise ProtocolError(f"the cancel mark of job {job_id!r} is not a string: {value}")
             self.signer.open(Record.CANCEL, value, bound_to=job_id)
         except ProtocolError as exc:
-            if self._counted.get(job_id) != value:
-                self._counted[job_id] = value
+            seen = value if isinstance(value, bytes) else b"(not a string)"
+            if self._counted.get(job_id) != seen:
+                self._counted[job_id] = seen
                 self.connection.hincrby(self.keys.refused, "cancel", 1)
             if not CancelMarks._logged:
                 CancelMarks._logged = True
@@ -338,8 +343,6 @@ class Supervisor:
             replies = pipe.execute(raise_on_error=False)
             for i in range(len(renewed)):
                 _renewed(replies[3 * i : 3 * i + 2])
-                if isinstance(marked := replies[3 * i + 2], Exception):
-                    raise marked
         except redis.RedisError as exc:
             if not self._renew_failing:
                 log.warning("cannot renew trial leases (will keep trying): %s", exc)

@@ -50,7 +50,7 @@ def test_a_job_with_an_out_of_range_timeout_fails_its_trial_saying_why(
     queue.enqueue_call(
         func=RUN_TRIAL,
         args=(Signer().seal(Record.REQUEST, request.encode()),),
-        job_id="orq-bad-timeout",
+        job_id=Keys.job_id(request.attempt_id),
         timeout=timeout,
     )
 

@@ -464,6 +464,14 @@ def test_a_forged_cancel_mark_leaves_the_trial_running_and_a_real_cancel_stops_i
             timeout_s=30,
             message="the worker's supervisor did not read the forged mark",
         )
+    # A mark Redis cannot GET (a list): refused like the others, and the renewals go on.
+    cluster.conn.delete(mark)
+    cluster.conn.rpush(mark, b"1")
+    wait_until(
+        lambda: refused(cluster, "cancel") >= len(forgeries) + 1,
+        timeout_s=30,
+        message="the worker's supervisor did not refuse a mark of another type",
+    )
     go(cluster)
     (trial,) = cluster.check(name, complete=1, cap=1, failed=0)
     assert trial.state is TrialState.COMPLETE
@@ -480,8 +488,9 @@ def test_a_forged_cancel_mark_leaves_the_trial_running_and_a_real_cancel_stops_i
     assert cancelled.user_attrs[FAIL_REASON_ATTR] == "cancelled"
 
 
+@pytest.mark.parametrize("kind", ["string", "list"])
 def test_a_forged_cancel_mark_on_a_queued_trial_does_not_stop_it_starting(
-    cluster: Cluster,
+    cluster: Cluster, kind: str
 ) -> None:
     sign(cluster, keys=generate_keyrings())
     cluster.start_broker()
@@ -489,7 +498,10 @@ def test_a_forged_cancel_mark_on_a_queued_trial_does_not_stop_it_starting(
     queue = f"rq:queue:{Keys(cluster.prefix).trial_queue('tests.fault_objectives')}"
     wait_until(lambda: cluster.conn.llen(queue) == 1, timeout_s=60, message="no job queued")
     (job_id,) = (bytes(j).decode() for j in cluster.conn.lrange(queue, 0, -1))
-    cluster.conn.set(_cancel_mark(cluster, job_id), b"1", ex=600)
+    if kind == "string":
+        cluster.conn.set(_cancel_mark(cluster, job_id), b"1", ex=600)
+    else:  # a key the trial's GET of its mark fails on (WRONGTYPE)
+        cluster.conn.rpush(_cancel_mark(cluster, job_id), b"1")
 
     cluster.start_workers(1)
     (trial,) = cluster.check(name, complete=1, cap=1, failed=0)
