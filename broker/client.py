@@ -2,6 +2,12 @@
 
 It is the only writer of commands and the only reader of status. The broker need not be running:
 commands wait in Redis until one starts.
+
+A front door writes two keys only: the command inbox (`Keys.commands`) and the wake stream
+(`Keys.wake`); everything else it reads (deploy/redis-acl.conf gives its Redis user exactly
+that). So a study the broker has not taken yet has no published status: it shows as `queued`,
+made here from its submission waiting in the inbox, or from its spec once the broker stored it
+and has not published it yet.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import redis
 from optuna_rq.errors import ConfigError, ProtocolError, StudyConflictError
 from optuna_rq.protocol import (
     WAKE_FIELD,
+    WAKE_MAXLEN,
     Cancel,
     Change,
     Command,
@@ -26,6 +33,7 @@ from optuna_rq.protocol import (
     StudyState,
     StudyStatus,
     Submit,
+    decode_command,
     enqueue_commands,
     live_pools,
     open_stored_spec,
@@ -67,18 +75,16 @@ class BrokerClient:
         pipe.rpush(
             self.keys.commands, *(self.signer.seal(Record.COMMAND, c.encode()) for c in commands)
         )
-        pipe.xadd(self.keys.results, {WAKE_FIELD: b""})
+        pipe.xadd(self.keys.wake, {WAKE_FIELD: b""}, maxlen=WAKE_MAXLEN, approximate=False)
         pipe.execute()
 
-    def submit(
-        self, spec: StudySpec, *, storage: str, enqueue: list[dict[str, Any]] | None = None
-    ) -> None:
-        """Submit `spec`. A study with no status yet shows as queued (with `storage`, the URL its
-        trials will be stored at) until the broker takes it. Resubmitting a study's definition
-        runs it on to the new budget; StudyConflictError, sending nothing, if a study of that
-        name exists with another definition (the broker refuses it too). `enqueue`: parameter
-        sets to run first (`Enqueue`), sent with the submission, so they are stored before the
-        study's first ask."""
+    def submit(self, spec: StudySpec, *, enqueue: list[dict[str, Any]] | None = None) -> None:
+        """Submit `spec`. A study with no status yet shows as queued until the broker takes it
+        (`status`). Resubmitting a study's definition runs it on to the new budget;
+        StudyConflictError, sending nothing, if a study of that name exists with another
+        definition (the broker refuses it too). `enqueue`: parameter sets to run first
+        (`Enqueue`), sent with the submission, so they are stored before the study's first
+        ask."""
         known = self.stored_spec(spec.name)
         differences = [] if known is None else known.differences(spec)
         if differences:
@@ -86,17 +92,6 @@ class BrokerClient:
                 f"study {spec.name!r} exists with another definition: {'; '.join(differences)}. "
                 "Nothing was changed; submit it under another --study-name"
             )
-        queued = StudyStatus(
-            name=spec.name,
-            state=StudyState.QUEUED,
-            objective=spec.objective,
-            directions=list(spec.directions),
-            n_trials=spec.n_trials,
-            concurrency=spec.concurrency,
-            priority=spec.priority,
-            storage=storage,
-        )
-        self.connection.hsetnx(self.keys.status, spec.name, queued.to_json())
         self.send(Submit(spec=spec), *self.enqueue_commands(spec.name, enqueue or []))
 
     def enqueue_commands(self, study: str, param_sets: list[dict[str, Any]]) -> list[Enqueue]:
@@ -138,8 +133,17 @@ class BrokerClient:
     # -- what the broker publishes -----------------------------------------------------------
 
     def status(self, study: str) -> StudyStatus | None:
-        raw: Any = self.connection.hget(self.keys.status, study)
-        return None if raw is None else StudyStatus.from_json(raw)
+        """The study's status as the broker published it; `queued` if the broker has not
+        taken it yet (its submission waits in the inbox) or not published it yet; None if
+        there is no such study."""
+        pipe = self.connection.pipeline(transaction=True)  # one snapshot of all three
+        pipe.hget(self.keys.status, study)
+        pipe.hget(self.keys.studies, study)
+        pipe.lrange(self.keys.commands, 0, -1)
+        raw, stored, inbox = pipe.execute()
+        if raw is not None:
+            return StudyStatus.from_json(raw)
+        return self._queued({study: stored} if stored is not None else {}, inbox).get(study)
 
     def require_status(self, study: str) -> StudyStatus:
         """The study's status; ConfigError naming the prefix if it has none (an unknown study)."""
@@ -179,14 +183,44 @@ class BrokerClient:
 
     def statuses(self) -> list[StudyStatus]:
         """Every study's status, by name; one that cannot be read is skipped, with a warning."""
-        found: list[StudyStatus] = []
-        stored: dict[bytes, bytes] = self.connection.hgetall(self.keys.status)  # type: ignore[assignment]
-        for _name, raw in sorted(stored.items()):
+        pipe = self.connection.pipeline(transaction=True)  # one snapshot of all three
+        pipe.hgetall(self.keys.status)
+        pipe.hgetall(self.keys.studies)
+        pipe.lrange(self.keys.commands, 0, -1)
+        published, stored, inbox = pipe.execute()
+        found: dict[str, StudyStatus] = {}
+        for _name, raw in published.items():
             try:
-                found.append(StudyStatus.from_json(raw))
+                status = StudyStatus.from_json(raw)
             except ProtocolError as exc:
                 log.warning("skipping the unreadable status of study %r: %s", _name, exc)
-        return found
+                continue
+            found[status.name] = status
+        specs = {bytes(name).decode(errors="replace"): raw for name, raw in stored.items()}
+        queued = self._queued(specs, inbox)
+        return [found.get(name) or queued[name] for name in sorted(set(found) | set(queued))]
+
+    def _queued(self, stored: dict[str, bytes], inbox: list[bytes]) -> dict[str, StudyStatus]:
+        """A `queued` status for each study submitted and not published yet: stored by the
+        broker (`stored`: name -> spec), else waiting in the inbox (the last submission of it
+        there). What cannot be read or verified is skipped."""
+        specs: dict[str, StudySpec] = {}
+        for raw in inbox:
+            try:
+                command = decode_command(
+                    self.signer.open(Record.COMMAND, raw),
+                    max_bytes=self.signer.max_message_bytes,
+                )
+            except ProtocolError:
+                continue  # the broker refuses it too
+            if isinstance(command, Submit):
+                specs[command.spec.name] = command.spec
+        for name, raw in stored.items():
+            try:
+                specs[name] = StudySpec.decode(raw)
+            except ProtocolError:
+                continue
+        return {name: _queued_status(spec) for name, spec in specs.items()}
 
     def served_modules(self, queue: str) -> list[str]:
         """The objective modules the live workers of resource class `queue` serve here (from
@@ -208,3 +242,19 @@ class BrokerClient:
         """Who holds the prefix's broker lock ("host:pid since ..."), None if no broker runs."""
         raw: Any = self.connection.get(self.keys.broker)
         return None if raw is None else bytes(raw).decode()
+
+
+def _queued_status(spec: StudySpec) -> StudyStatus:
+    """How a study the broker has not published yet shows: queued, as submitted."""
+    return StudyStatus(
+        name=spec.name,
+        state=StudyState.QUEUED,
+        objective=spec.objective,
+        directions=list(spec.directions),
+        n_trials=spec.n_trials,
+        concurrency=spec.concurrency,
+        priority=spec.priority,
+        storage=spec.storage or "",  # "": the broker's default
+        queue=spec.queue,
+        submitted_at=spec.submitted_at,
+    )

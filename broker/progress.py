@@ -358,7 +358,7 @@ def status_detail(
         lines.insert(2, waiting.replace("worker: ", "worker, start one: ", 1))
     if not s.multi_objective:
         lines.append(f"best params  {s.best_params!r}" if s.best_params else "best params  -")
-    lines.append(f"storage      {s.storage}")
+    lines.append(f"storage      {s.storage or 'the broker default (not taken yet)'}")
     if s.submitted_at is not None:
         submitted = datetime.fromtimestamp(s.submitted_at, timezone.utc).isoformat()
         lines.append(f"submitted    {submitted} ({_age(s)} ago)")

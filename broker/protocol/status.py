@@ -2,8 +2,8 @@
 
 Stored as JSON in `<prefix>:status` (readable with `redis-cli` too), and printed as the same JSON
 by `optuna-rq status --json` (which adds `broker`, the prefix's broker as read: `liveness`;
-`from_json` ignores it). Only the broker moves a study from state to state; the front doors
-write a `queued` snapshot at submit when the study has none yet.
+`from_json` ignores it). Only the broker moves a study from state to state and writes its
+status; the front doors show a study it has not taken yet as `queued` (`BrokerClient.status`).
 """
 
 from __future__ import annotations
