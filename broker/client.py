@@ -4,10 +4,10 @@ It is the only writer of commands and the only reader of status. The broker need
 commands wait in Redis until one starts.
 
 A front door writes two keys only: the command inbox (`Keys.commands`) and the wake stream
-(`Keys.wake`); everything else it reads (deploy/redis-acl.conf gives its Redis user exactly
-that). So a study the broker has not taken yet has no published status: it shows as `queued`,
-made here from its submission waiting in the inbox, or from its spec once the broker stored it
-and has not published it yet.
+(`Keys.wake`); everything else it reads (deploy/redis/redis-acl.conf gives its Redis user
+exactly that). So a study the broker has not taken yet has no published status: it shows as
+`queued`, made here from its submission waiting in the inbox, or from its spec once the broker
+stored it and has not published it yet.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""A redis-server whose users are deploy/redis-acl.conf's, as deploy/redis-acl.sh writes them:
-the one place the ACL rules live, read by the tests as by the deployments."""
+"""A redis-server whose users are deploy/redis/redis-acl.conf's, as deploy/redis/redis-acl.sh
+writes them: the one place the ACL rules live, read by the tests as by the deployments."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from optuna_rq.connection import connect
 from tests.helpers import wait_until
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-RULES = DEPLOY / "redis-acl.conf"
-SCRIPT = DEPLOY / "redis-acl.sh"
+RULES = DEPLOY / "redis" / "redis-acl.conf"
+SCRIPT = DEPLOY / "redis" / "redis-acl.sh"
 PREFIX = "optuna-rq"
-"""The prefix the rules are written for (deploy/redis-acl.conf)."""
+"""The prefix the rules are written for (deploy/redis/redis-acl.conf)."""
 ROLES = ("broker", "worker", "client", "optimizer")
 ADMIN = "admin"
 """A user of the tests' own (every key and command), for ACL LOG and for setting the scene."""
@@ -32,7 +32,7 @@ def password_of(user: str) -> str:
 
 
 def write_acl_file(out: Path, *, users: tuple[str, ...] = ROLES) -> str:
-    """Write the ACL file of `users` with deploy/redis-acl.sh (the others are off), and an
+    """Write the ACL file of `users` with deploy/redis/redis-acl.sh (the others are off), and an
     admin user; return what the script said on stderr."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_PASSWORD_")}
     env.update({f"REDIS_PASSWORD_{user.upper()}": password_of(user) for user in users})

@@ -20,6 +20,9 @@ import yaml
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 KEDA_KINDS = {"ScaledObject", "TriggerAuthentication"}
+ACL_DIR = "/etc/optuna-rq/redis-acl"
+"""Where Redis finds deploy/redis (its ACL rules and the script), in compose and Kubernetes."""
+ROLES = ("broker", "worker", "client", "optimizer")
 
 
 def manifests() -> list[tuple[str, dict]]:
@@ -27,6 +30,8 @@ def manifests() -> list[tuple[str, dict]]:
     kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
     docs = []
     for name in kustomization["resources"]:
+        if (KUBERNETES / name).is_dir():  # a kustomization of its own (../redis: a ConfigMap)
+            continue
         text = (KUBERNETES / name).read_text()
         docs += [(name, doc) for doc in yaml.safe_load_all(text) if doc]
     return docs
@@ -45,11 +50,11 @@ def test_kustomization_lists_existing_files_and_every_default_manifest() -> None
     kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
     assert kustomization["kind"] == "Kustomization"
     listed = kustomization["resources"]
-    assert all((KUBERNETES / name).is_file() for name in listed)
+    assert all((KUBERNETES / name).is_file() for name in listed if name != "../redis")
     # documented, not applied by default
     alternatives = {"servicemonitor.yaml"}
     present = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"} - alternatives
-    assert set(listed) == present
+    assert set(listed) == present | {"../redis"}
     [image] = kustomization["images"]
     assert image["name"] == "optuna-rq" and image["newTag"] not in ("", "latest")
 
@@ -78,7 +83,8 @@ def test_no_secret_value_is_committed_and_the_generator_names_every_key() -> Non
     assert referenced == set(keys) and all(value == "" for value in keys.values())
     assert all(not d.get("kind") == "Secret" for _, d in manifests())
     env_example = (DEPLOY / ".env.example").read_text()
-    assert re.search(r"^REDIS_PASSWORD=$", env_example, re.MULTILINE)
+    for role in ROLES:
+        assert re.search(rf"^REDIS_PASSWORD_{role.upper()}=$", env_example, re.MULTILINE)
 
 
 def test_workers_take_the_objective_module_from_the_configmap() -> None:
@@ -99,7 +105,7 @@ def test_workers_take_the_objective_module_from_the_configmap() -> None:
     }
 
 
-def test_redis_runs_as_non_root_with_its_password_off_the_command_line() -> None:
+def test_redis_runs_as_non_root_with_a_user_per_role_and_no_password_on_its_command_line() -> None:
     redis_set = next(d for _, d in manifests() if d["kind"] == "StatefulSet")
     pod = redis_set["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"]
@@ -110,9 +116,22 @@ def test_redis_runs_as_non_root_with_its_password_off_the_command_line() -> None
         (compose_redis["image"], compose_redis["command"][-1]),
     ):
         assert re.fullmatch(r"redis:\d+\.\d+\.\d+", image), image  # pinned
-        assert "--requirepass" not in command and 'requirepass "%s"' in command
-        assert "sed 's/[\\\\\"]/\\\\&/g'" in command  # its \\ and " escaped: any character goes
+        # The ACL file deploy/redis makes (each password as its SHA-256), no requirepass.
+        assert "requirepass" not in command and "PASSWORD" not in command
+        assert command.startswith(f"sh {ACL_DIR}/redis-acl.sh {ACL_DIR}/redis-acl.conf /tmp/")
+        assert "exec redis-server --aclfile /tmp/users.acl " in command
     assert compose_redis["user"] != "0"
+    assert f"./redis:{ACL_DIR}:ro" in compose_redis["volumes"]
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == ACL_DIR]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    generated = yaml.safe_load((DEPLOY / "redis" / "kustomization.yaml").read_text())
+    [acl] = generated["configMapGenerator"]
+    assert volume["configMap"]["name"] == acl["name"]
+    assert acl["files"] == ["redis-acl.conf", "redis-acl.sh"]
+    # Every role's password reaches Redis, from the Secret or deploy/.env.
+    passwords = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]}
+    assert passwords == {f"REDIS_PASSWORD_{r.upper()}": f"redis-password-{r}" for r in ROLES}
+    assert set(compose_redis["environment"]) == {f"REDIS_PASSWORD_{r.upper()}" for r in ROLES}
 
 
 def test_redis_refuses_writes_when_full_rather_than_evicting() -> None:
@@ -183,10 +202,11 @@ def test_the_broker_is_a_single_replica_probed_on_its_health_endpoints() -> None
         get = container[probe]["httpGet"]
         assert get["path"] == path and named[get["port"]] == port, (probe, get)
     secrets = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]}
-    assert secrets == {"redis-url", "redis-password", "message-secret"}
+    assert secrets == {"redis-url-broker", "redis-password-broker", "message-secret"}
 
 
-def test_every_process_gets_the_redis_password_apart_from_the_url() -> None:
+def test_every_process_gets_its_own_redis_user_with_its_password_apart_from_the_url() -> None:
+    roles = {"broker": "broker", "workers": "worker", "workers-gpu": "worker"}
     for _, doc in manifests():
         if doc["kind"] != "Deployment":
             continue
@@ -196,14 +216,22 @@ def test_every_process_gets_the_redis_password_apart_from_the_url() -> None:
             for e in container["env"]
             if "secretKeyRef" in e.get("valueFrom", {})
         }
-        assert env["OPTUNA_RQ_REDIS_PASSWORD"] == "redis-password", doc["metadata"]["name"]
-        assert env["OPTUNA_RQ_REDIS_URL"] == "redis-url"
+        role = roles.pop(doc["metadata"]["name"])
+        assert env["OPTUNA_RQ_REDIS_PASSWORD"] == f"redis-password-{role}", role
+        assert env["OPTUNA_RQ_REDIS_URL"] == f"redis-url-{role}"
+    assert not roles
     example = (KUBERNETES / "secret.env.example").read_text()
-    [generated_url] = re.findall(r"redis-url=(\S+?)\\n", example)
-    assert "@" not in generated_url, generated_url  # the password is not repeated in the URL
-    environment = _compose()["x-optuna-rq"]["environment"]
-    assert "@" not in environment["OPTUNA_RQ_REDIS_URL"]
-    assert environment["OPTUNA_RQ_REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+    generated = re.findall(r"redis://(\S+?)@redis", example)
+    assert generated == ["%s"], generated  # the user only: no password in the URL
+    assert "broker broker worker worker" in example
+    services = _compose()["services"]
+    assert "env_file" not in _compose()["x-optuna-rq"]  # no container gets the others' passwords
+    for service, role in (("broker", "broker"), ("workers", "worker"), ("submit", "client")):
+        environment = services[service]["environment"]
+        assert environment["OPTUNA_RQ_REDIS_URL"] == f"redis://{role}@redis:6379/0"
+        password = f"${{REDIS_PASSWORD_{role.upper()}:?"
+        assert environment["OPTUNA_RQ_REDIS_PASSWORD"].startswith(password), service
+        assert "env_file" not in services[service]
 
 
 def _compose() -> dict:
@@ -219,7 +247,7 @@ def test_compose_file_matches_the_compose_specification() -> None:
 def test_compose_runs_the_three_roles_as_documented() -> None:
     services = _compose()["services"]
     redis_command = " ".join(services["redis"]["command"])
-    assert "--appendonly yes" in redis_command and "requirepass" in redis_command
+    assert "--appendonly yes" in redis_command and "--aclfile" in redis_command
     assert services["broker"]["command"][0] == "broker"
     assert "broker-state:/var/lib/optuna-rq" in services["broker"]["volumes"]
     for published in services["broker"]["ports"] + services["dashboard"]["ports"]:
@@ -232,7 +260,7 @@ def test_compose_runs_the_three_roles_as_documented() -> None:
     assert "http://127.0.0.1:9100/readyz" in " ".join(services["broker"]["healthcheck"]["test"])
     assert "/var/lib/optuna-rq/studies.journal" in services["dashboard"]["command"]
     assert (DEPLOY / ".env.example").is_file()
-    assert "REDIS_PASSWORD" in (DEPLOY / ".env.example").read_text()
+    assert "REDIS_PASSWORD_BROKER" in (DEPLOY / ".env.example").read_text()
 
 
 def test_dockerfile_is_multi_stage_non_root_with_the_cli_as_entry_point() -> None:

@@ -1,6 +1,6 @@
 """Least privilege in Redis: each role (broker, workers, front doors, a remote Optimizer) runs as
-its own ACL user, with the rules of deploy/redis-acl.conf, on a real redis-server and on the
-embedded valkey-server. A whole study goes through every role without one command refused (ACL
+its own ACL user, with the rules of deploy/redis/redis-acl.conf, on a real redis-server and on
+the embedded valkey-server. A whole study goes through every role without one command refused (ACL
 LOG stays empty), and every write a role must not make is refused by Redis (NOPERM), key class
 by key class."""
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 import redis
+import yaml
 from optuna.trial import TrialState
 from rq import Worker
 
@@ -37,6 +38,7 @@ from optuna_rq.protocol import (
 from tests.helpers import wait_until
 from tests.redis_acl import (
     ADMIN,
+    DEPLOY,
     PREFIX,
     ROLES,
     RULES,
@@ -257,7 +259,7 @@ def key_classes() -> dict[str, str]:
 
 def test_the_key_classes_name_every_key_keys_makes() -> None:
     """A new key in `Keys` (an attribute or a method making one) fails here until it is placed
-    in the table below (`MAY_WRITE`) and in deploy/redis-acl.conf."""
+    in the table below (`MAY_WRITE`) and in deploy/redis/redis-acl.conf."""
     keys = Keys(PREFIX)
     attributes = {name for name in vars(keys) if name != "prefix"}
     assert attributes == {
@@ -462,3 +464,68 @@ def test_the_wake_stream_stays_short_while_no_broker_reads_it(server: AclServer)
     assert [s.name for s in statuses] == sorted(f"s{n}" for n in range(40))
     assert {s.state for s in statuses} == {StudyState.QUEUED} and not admin.exists(keys.status)
     assert server.denials() == []
+
+
+# -- the deployments start Redis with these users -----------------------------------------------
+
+
+def _deploy_commands() -> list[tuple[str, str]]:
+    """(where, shell command) starting Redis in deploy/compose.yaml and deploy/kubernetes."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["redis"]
+    statefulset = next(
+        doc
+        for doc in yaml.safe_load_all((DEPLOY / "kubernetes" / "redis.yaml").read_text())
+        if doc["kind"] == "StatefulSet"
+    )
+    [container] = statefulset["spec"]["template"]["spec"]["containers"]
+    compose_command = compose["command"][-1].replace("$$", "$")  # compose's escape
+    compose_command = compose_command.replace("${REDIS_MAXMEMORY:-1gb}", "1gb")
+    return [("compose", compose_command), ("kubernetes", container["command"][-1])]
+
+
+@pytest.mark.parametrize(("where", "command"), _deploy_commands(), ids=["compose", "kubernetes"])
+def test_the_deployments_start_redis_with_a_user_per_role(
+    where: str, command: str, tmp_path: Path
+) -> None:
+    """The command compose and the Kubernetes StatefulSet start Redis with, run here (the
+    mounted deploy/redis in its place, the embedded server for redis-server): each role logs in
+    with its password, a role given none is off, and nobody logs in without one."""
+    from optuna_rq.embedded import server_executable
+
+    sock = tmp_path / "redis.sock"
+    command = command.replace("/etc/optuna-rq/redis-acl", str(DEPLOY / "redis"))
+    command = command.replace("/tmp/users.acl", str(tmp_path / "users.acl"))
+    command = command.replace("exec redis-server ", f"exec {server_executable()} ")
+    command += f" --port 0 --unixsocket {sock} --dir {tmp_path} --save ''"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_PASSWORD_")}
+    env.update({f"REDIS_PASSWORD_{r.upper()}": password_of(r) for r in ROLES if r != "optimizer"})
+    with open(tmp_path / "redis.log", "wb") as log:
+        process = subprocess.Popen(["sh", "-c", command], env=env, stdout=log, stderr=log)
+    try:
+        as_client = redis.Redis(
+            unix_socket_path=str(sock), username="client", password=password_of("client")
+        )
+
+        def up() -> bool:
+            assert process.poll() is None, (tmp_path / "redis.log").read_text()
+            try:
+                return bool(sock.exists() and as_client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(up, timeout_s=15, message=f"{where}'s Redis did not start")
+        for role in ("broker", "worker"):
+            user = redis.Redis(
+                unix_socket_path=str(sock), username=role, password=password_of(role)
+            )
+            assert user.acl_whoami() == role
+        for user, password in (("optimizer", password_of("optimizer")), ("default", None)):
+            with pytest.raises(redis.exceptions.AuthenticationError):
+                redis.Redis(unix_socket_path=str(sock), username=user, password=password).ping()
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(unix_socket_path=str(sock)).ping()  # no default user
+        assert (tmp_path / "users.acl").stat().st_mode & 0o077 == 0
+        assert "REDIS_PASSWORD_OPTIMIZER is not set" in (tmp_path / "redis.log").read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

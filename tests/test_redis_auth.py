@@ -56,15 +56,15 @@ def _free_port() -> int:
 
 @pytest.fixture
 def acl() -> Iterator[AclServer]:
-    """A server whose users are deploy/redis-acl.conf's (tests/test_redis_acl.py goes further:
-    every role, every command, on each kind of server)."""
+    """A server whose users are deploy/redis/redis-acl.conf's (tests/test_redis_acl.py goes
+    further: every role, every command, on each kind of server)."""
     with acl_server(server_executable()) as server:
         yield server
 
 
 def test_broker_and_workers_run_a_study_as_least_privilege_users(acl: AclServer) -> None:
     """Workers on the worker user, a remote Optimizer on its own: the rules README.md and
-    deploy/ give, loaded from deploy/redis-acl.conf."""
+    deploy/ give, loaded from deploy/redis/redis-acl.conf."""
     workers = subprocess.Popen(
         cli("--redis-url", acl.url("worker"), "--prefix", ACL_PREFIX, "workers")
         + ["--import", "tests.objectives", "--count", "2"],

@@ -17,7 +17,7 @@ One broker serves one prefix; several brokers can share a Redis with different p
     results             the stream workers append results and trial calls to (group `broker`)
     results:<token>     a private result stream (one remote `Optimizer` run; the token is 32
                         lowercase hex digits, so an ACL pattern of 32 `?` names these streams
-                        and nothing under them: deploy/redis-acl.conf)
+                        and nothing under them: deploy/redis/redis-acl.conf)
     wake                the stream a front door appends an empty entry to with its commands (and
                         the broker's sampler process with a sampled trial): the broker's loop
                         waits reading it with the result stream, so it takes them at once; the

@@ -1,13 +1,13 @@
 #!/bin/sh
 # Write the ACL file Redis loads (`redis-server --aclfile OUT`) from the rules in RULES
-# (deploy/redis-acl.conf): each `user NAME on ...` line gets the password in the environment
-# variable REDIS_PASSWORD_<NAME> (upper case), as its SHA-256 (`#<hex>`), so the file holds no
-# password and any character goes in one. A user whose variable is unset or empty is written
-# `off` (it cannot log in), and said so on stderr. Comments and blank lines are dropped: Redis's
-# ACL file has none. Written 0600.
+# (deploy/redis/redis-acl.conf): each `user NAME on ...` line gets the password in the
+# environment variable REDIS_PASSWORD_<NAME> (upper case), as its SHA-256 (`#<hex>`), so the
+# file holds no password and any character goes in one. A user whose variable is unset or empty
+# is written `off` (it cannot log in), and said so on stderr. Comments and blank lines are
+# dropped: Redis's ACL file has none. Written 0600.
 #
 #   REDIS_PASSWORD_BROKER=... REDIS_PASSWORD_WORKER=... REDIS_PASSWORD_CLIENT=... \
-#       sh deploy/redis-acl.sh deploy/redis-acl.conf /tmp/users.acl
+#       sh deploy/redis/redis-acl.sh deploy/redis/redis-acl.conf /tmp/users.acl
 set -eu
 rules=$1
 out=$2
