@@ -136,14 +136,22 @@ class BrokerClient:
         """The study's status as the broker published it; `queued` if the broker has not
         taken it yet (its submission waits in the inbox) or not published it yet; None if
         there is no such study."""
+        published = self.published_status(study)
+        if published is not None:
+            return published
         pipe = self.connection.pipeline(transaction=True)  # one snapshot of all three
         pipe.hget(self.keys.status, study)
         pipe.hget(self.keys.studies, study)
         pipe.lrange(self.keys.commands, 0, -1)
         raw, stored, inbox = pipe.execute()
-        if raw is not None:
+        if raw is not None:  # published in between
             return StudyStatus.from_json(raw)
         return self._queued({study: stored} if stored is not None else {}, inbox).get(study)
+
+    def published_status(self, study: str) -> StudyStatus | None:
+        """The study's status as the broker last published it (None: it has published none)."""
+        raw: Any = self.connection.hget(self.keys.status, study)
+        return None if raw is None else StudyStatus.from_json(raw)
 
     def require_status(self, study: str) -> StudyStatus:
         """The study's status; ConfigError naming the prefix if it has none (an unknown study)."""

@@ -423,7 +423,6 @@ def test_a_command_wakes_the_broker_at_once_through_the_wake_stream(server: AclS
             concurrency=1,
         )
         client.submit(spec)
-        assert client.require_status("woken").state is StudyState.QUEUED  # not taken yet
         # Taken long before the poll interval ends (a minute): woken, not timed out.
         wait_until(
             lambda: client.require_status("woken").state is StudyState.RUNNING,
@@ -463,6 +462,13 @@ def test_the_wake_stream_stays_short_while_no_broker_reads_it(server: AclServer)
     statuses = client.statuses()
     assert [s.name for s in statuses] == sorted(f"s{n}" for n in range(40))
     assert {s.state for s in statuses} == {StudyState.QUEUED} and not admin.exists(keys.status)
+    # Taken and stored by a broker, its status not published yet: queued too.
+    stored = StudySpec(
+        name="stored", objective="tests.objectives:quadratic", space={}, n_trials=1, concurrency=1
+    )
+    admin.hset(keys.studies, "stored", stored.encode())
+    assert client.require_status("stored").state is StudyState.QUEUED
+    assert client.status("unknown") is None
     assert server.denials() == []
 
 

@@ -147,7 +147,7 @@ class Registry:
         """The study's state, read from its published status if this broker does not run it."""
         if name not in self.runs:
             try:
-                status = self.client.status(name)
+                status = self.client.published_status(name)
             except ProtocolError as exc:  # a status nobody can read says nothing
                 log.error("study %r: ignoring its unreadable status: %s", name, exc)
                 status = None
