@@ -225,7 +225,7 @@ class BrokerClient:
                 specs[command.spec.name] = command.spec
         for name, raw in stored.items():
             try:
-                specs[name] = StudySpec.decode(raw)
+                specs[name] = open_stored_spec(self.signer, name, raw)
             except ProtocolError:
                 continue
         return {name: _queued_status(spec) for name, spec in specs.items()}

@@ -30,6 +30,7 @@ from optuna_rq.protocol import (
     AttemptId,
     Delete,
     Keys,
+    Record,
     Signer,
     StudySpec,
     StudyState,
@@ -466,7 +467,8 @@ def test_the_wake_stream_stays_short_while_no_broker_reads_it(server: AclServer)
     stored = StudySpec(
         name="stored", objective="tests.objectives:quadratic", space={}, n_trials=1, concurrency=1
     )
-    admin.hset(keys.studies, "stored", stored.encode())
+    sealed = Signer(SECRET.encode()).seal(Record.SPEC, stored.encode(), bound_to="stored")
+    admin.hset(keys.studies, "stored", sealed)
     assert client.require_status("stored").state is StudyState.QUEUED
     assert client.status("unknown") is None
     assert server.denials() == []
