@@ -57,7 +57,6 @@ from optuna_rq.protocol import (
     generate_keyrings,
 )
 from optuna_rq.spacefile import space_to_data
-from optuna_rq.studies import default_storage_url
 
 __all__ = [
     "daemon_overhead",
@@ -108,9 +107,7 @@ class _Broker:
         shutil.rmtree(self.state, ignore_errors=True)
 
 
-def _daemon_study(
-    broker: _Broker, n_trials: int, storage: str | None, *, ask_ahead: int = 0
-) -> dict[str, float]:
+def _daemon_study(broker: _Broker, n_trials: int, *, ask_ahead: int = 0) -> dict[str, float]:
     """Trials per second of one no-op study of `n_trials` on 2 workers, cap 2."""
     spec = StudySpec(
         name=f"daemon-{time.monotonic_ns()}",
@@ -122,7 +119,7 @@ def _daemon_study(
         ask_ahead=ask_ahead,
     )
     started = time.perf_counter()
-    broker.client.submit(spec, storage=storage or default_storage_url(broker.state))
+    broker.client.submit(spec)
     while True:
         status = broker.client.status(spec.name)
         if status is not None and status.state.ended:
@@ -145,7 +142,7 @@ def daemon_overhead(url: str, reps: int, n_trials: int) -> dict[str, Any]:
             try:
                 broker = _Broker(url, workers.queue, storage)
                 try:
-                    study = _daemon_study(broker, n_trials, storage, ask_ahead=ask_ahead)
+                    study = _daemon_study(broker, n_trials, ask_ahead=ask_ahead)
                     runs[name].append(study)
                 finally:
                     broker.stop()
@@ -211,7 +208,7 @@ def breakdown(url: str, n_trials: int) -> dict[str, Any]:
             }
             cpu = {kind: _cpu_s(ps) for kind, ps in processes.items()}
             calls = _command_calls(conn)
-            figures = _daemon_study(broker, n_trials, None)
+            figures = _daemon_study(broker, n_trials)
             cpu = {k: (_cpu_s(ps) - cpu[k]) * 1000 / n_trials for k, ps in processes.items()}
             after = _command_calls(conn)
         finally:

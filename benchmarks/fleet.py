@@ -202,7 +202,7 @@ def run_fleet(
             )
             rss_start, fleet_cpu = broker.rss_mb(), _cpu_s(fleet.pids)
             cpu, started = broker.cpu_s(), time.perf_counter()
-            client.submit(spec, storage=broker.storage_url)
+            client.submit(spec)
             rss_peak, seen_live = rss_start, False
             deadline = time.monotonic() + timeout_s
             while True:
@@ -212,7 +212,7 @@ def run_fleet(
                 if status is not None and status.running and not status.waiting_for_workers:
                     seen_live = True
                 if probe and not probing and status and status.complete >= run.n_trials // 2:
-                    client.submit(probe.spec(PROBE_LOADED, 10**6), storage=broker.storage_url)
+                    client.submit(probe.spec(PROBE_LOADED, 10**6))
                     probing = True
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"study {spec.name} did not end in {timeout_s:g}s")
@@ -224,7 +224,7 @@ def run_fleet(
             fleet_cpu = _cpu_s(fleet.pids) - fleet_cpu
             rss_peak = max(rss_peak, broker.rss_mb())
             if probe is not None:
-                probe.idle(client, broker.storage_url)
+                probe.idle(client)
         broker.stop()  # its journal is flushed and closed before it is read
         storage = _read_only(broker.storage_url)
         trials = optuna.load_study(study_name=spec.name, storage=storage).get_trials()
@@ -307,10 +307,10 @@ class ProbeWorker:
             queue=PROBE_QUEUE,
         )
 
-    def idle(self, client: BrokerClient, storage: str) -> None:
+    def idle(self, client: BrokerClient) -> None:
         """Stop the loaded probe (the fleet's study has ended), then probe the idle broker."""
         client.cancel(PROBE_LOADED)
-        client.submit(self.spec(PROBE_IDLE, PROBE_IDLE_TRIALS), storage=storage)
+        client.submit(self.spec(PROBE_IDLE, PROBE_IDLE_TRIALS))
         deadline = time.monotonic() + 120
         while not ((status := client.status(PROBE_IDLE)) and status.state.ended):
             if time.monotonic() > deadline:

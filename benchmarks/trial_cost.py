@@ -79,7 +79,7 @@ def _through_the_daemon(
     try:
         conn = broker.client.connection
         before = command_calls(conn)
-        elapsed = n_trials / _daemon_study(broker, n_trials, STORAGES[storage])["trials_per_s"]
+        elapsed = n_trials / _daemon_study(broker, n_trials)["trials_per_s"]
         return before, elapsed, command_calls(conn)
     finally:
         broker.stop()

@@ -181,7 +181,6 @@ def submit(
     from optuna_rq.cli_checks import check_storage_url, check_trial_timeout
     from optuna_rq.protocol import StudySpec
     from optuna_rq.spacefile import load_space_file, merge_param, parse_param, space_to_data
-    from optuna_rq.studies import default_storage_url
 
     options: GlobalOptions = ctx.obj
     timeout_s = check_trial_timeout(trial_timeout)
@@ -214,7 +213,7 @@ def submit(
         queue=queue,
     )
     client = make_client(options)
-    client.submit(spec, storage=storage or default_storage_url(options.state()), enqueue=to_enqueue)
+    client.submit(spec, enqueue=to_enqueue)
     typer.echo(spec.name)
     broker = client.liveness()
     if not broker.serves:

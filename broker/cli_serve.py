@@ -271,7 +271,7 @@ def broker(
         settings = dataclasses.replace(settings, lock_ttl_s=lock_ttl)
     # Slow samplers sample there (`optuna_rq.dispatch.offloop`); it wakes the loop on Redis.
     sampler_process = (
-        SamplerProcess(url, options.password(), Keys(options.prefix).results)
+        SamplerProcess(url, options.password(), Keys(options.prefix).wake)
         if sample_off_loop
         else None
     )

@@ -17,6 +17,7 @@ import typer
 
 from optuna_rq.cli_options import GlobalOptions, make_client, read_client
 from optuna_rq.errors import ConfigError, ProtocolError
+from optuna_rq.protocol import StudyState
 
 if TYPE_CHECKING:
     from optuna_rq.protocol import StudyStatus
@@ -61,6 +62,8 @@ def trials(
     options: GlobalOptions = ctx.obj
     client = read_client(options)
     status = client.require_status(name)
+    if storage is None and status.state is StudyState.QUEUED:  # its storage is not known yet
+        raise ConfigError(f"study {name!r} is queued: the broker has not taken it yet")
     url = storage or _storage_to_read(name, status.storage, options, signed=client.signer.enabled)
     try:
         study = optuna.load_study(study_name=name, storage=open_storage(url))

@@ -3,6 +3,12 @@
 It is the only writer of commands and the only reader of status. The broker need not be running:
 commands wait in Redis until one starts. With signing on, a status is believed only if the broker
 signed it (`protocol.status.read_status`): one that does not open is refused, saying so.
+
+A front door writes two keys only: the command inbox (`Keys.commands`) and the wake stream
+(`Keys.wake`); everything else it reads (deploy/redis/redis-acl.conf gives its Redis user
+exactly that). So a study the broker has not taken yet has no published status: it shows as
+`queued`, made here from its submission waiting in the inbox, or from its spec once the broker
+stored it and has not published it yet.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import redis
 from optuna_rq.errors import ConfigError, ProtocolError, StudyConflictError
 from optuna_rq.protocol import (
     WAKE_FIELD,
+    WAKE_MAXLEN,
     Cancel,
     Change,
     Command,
@@ -27,6 +34,7 @@ from optuna_rq.protocol import (
     StudyState,
     StudyStatus,
     Submit,
+    decode_command,
     enqueue_commands,
     live_pools,
     open_stored_spec,
@@ -69,20 +77,16 @@ class BrokerClient:
         pipe.rpush(
             self.keys.commands, *(self.signer.seal(Record.COMMAND, c.encode()) for c in commands)
         )
-        pipe.xadd(self.keys.results, {WAKE_FIELD: b""})
+        pipe.xadd(self.keys.wake, {WAKE_FIELD: b""}, maxlen=WAKE_MAXLEN, approximate=False)
         pipe.execute()
 
-    def submit(
-        self, spec: StudySpec, *, storage: str, enqueue: list[dict[str, Any]] | None = None
-    ) -> None:
-        """Submit `spec`. Without signing, a study with no status yet shows as queued (with
-        `storage`, the URL its trials will be stored at) until the broker takes it; with signing
-        on, only the broker writes a status (a front door cannot sign one), so it shows once the
-        broker took it. Resubmitting a study's definition
-        runs it on to the new budget; StudyConflictError, sending nothing, if a study of that
-        name exists with another definition (the broker refuses it too). `enqueue`: parameter
-        sets to run first (`Enqueue`), sent with the submission, so they are stored before the
-        study's first ask."""
+    def submit(self, spec: StudySpec, *, enqueue: list[dict[str, Any]] | None = None) -> None:
+        """Submit `spec`. A study with no status yet shows as queued until the broker takes it
+        (`status`). Resubmitting a study's definition runs it on to the new budget;
+        StudyConflictError, sending nothing, if a study of that name exists with another
+        definition (the broker refuses it too). `enqueue`: parameter sets to run first
+        (`Enqueue`), sent with the submission, so they are stored before the study's first
+        ask."""
         known = self.stored_spec(spec.name)
         differences = [] if known is None else known.differences(spec)
         if differences:
@@ -90,9 +94,6 @@ class BrokerClient:
                 f"study {spec.name!r} exists with another definition: {'; '.join(differences)}. "
                 "Nothing was changed; submit it under another --study-name"
             )
-        if not self.signer.enabled:
-            queued = queued_status(spec, storage=storage)
-            self.connection.hsetnx(self.keys.status, spec.name, queued.to_json())
         self.send(Submit(spec=spec), *self.enqueue_commands(spec.name, enqueue or []))
 
     def enqueue_commands(self, study: str, param_sets: list[dict[str, Any]]) -> list[Enqueue]:
@@ -134,8 +135,25 @@ class BrokerClient:
     # -- what the broker publishes -----------------------------------------------------------
 
     def status(self, study: str) -> StudyStatus | None:
-        """The study's status as the broker published it (None: it has none); ProtocolError
-        if what is stored does not open: with signing on, one the broker did not sign."""
+        """The study's status as the broker published it, ProtocolError if that does not open
+        (with signing on: one the broker did not sign); `queued` if the broker has not taken it
+        yet (its submission waits in the inbox) or not published it yet; None if there is no
+        such study."""
+        published = self.published_status(study)
+        if published is not None:
+            return published
+        pipe = self.connection.pipeline(transaction=True)  # one snapshot of the three
+        pipe.hexists(self.keys.status, study)
+        pipe.hget(self.keys.studies, study)
+        pipe.lrange(self.keys.commands, 0, -1)
+        now_published, stored, inbox = pipe.execute()
+        if now_published:  # published in between
+            return self.published_status(study)
+        return self._queued({study: stored} if stored is not None else {}, inbox).get(study)
+
+    def published_status(self, study: str) -> StudyStatus | None:
+        """The study's status as the broker last published it (None: it has published none);
+        ProtocolError if it does not open."""
         return read_status(self.connection, self.keys, self.signer, study)
 
     def require_status(self, study: str) -> StudyStatus:
@@ -188,14 +206,45 @@ class BrokerClient:
             timeout_s=timeout_s,
             console=console,
             since=since,
-            queued=None if submitted is None else queued_status(submitted, storage=""),
+            queued=None if submitted is None else queued_status(submitted),
             wait_for_broker=wait_for_broker,
         )
 
     def statuses(self) -> list[StudyStatus | RefusedStatus]:
-        """Every study's status, by name; one that does not open (`status`) is a
-        `RefusedStatus`, saying why: shown as refused, never believed."""
-        return read_statuses(self.connection, self.keys, self.signer)
+        """Every study's status, by name: the published ones, where one that does not open
+        (`status`) is a `RefusedStatus`, saying why (shown as refused, never believed), and a
+        `queued` one for each study submitted and not published yet."""
+        pipe = self.connection.pipeline(transaction=True)  # one snapshot of the two
+        pipe.hgetall(self.keys.studies)
+        pipe.lrange(self.keys.commands, 0, -1)
+        stored, inbox = pipe.execute()
+        # Read after the submissions: a study published in between is found published.
+        found = {s.name: s for s in read_statuses(self.connection, self.keys, self.signer)}
+        specs = {bytes(name).decode(errors="replace"): raw for name, raw in stored.items()}
+        queued = self._queued(specs, inbox)
+        return [found.get(name) or queued[name] for name in sorted(set(found) | set(queued))]
+
+    def _queued(self, stored: dict[str, bytes], inbox: list[bytes]) -> dict[str, StudyStatus]:
+        """A `queued` status for each study submitted and not published yet: stored by the
+        broker (`stored`: name -> spec), else waiting in the inbox (the last submission of it
+        there). What cannot be read or verified is skipped."""
+        specs: dict[str, StudySpec] = {}
+        for raw in inbox:
+            try:
+                command = decode_command(
+                    self.signer.open(Record.COMMAND, raw),
+                    max_bytes=self.signer.max_message_bytes,
+                )
+            except ProtocolError:
+                continue  # the broker refuses it too
+            if isinstance(command, Submit):
+                specs[command.spec.name] = command.spec
+        for name, raw in stored.items():
+            try:
+                specs[name] = open_stored_spec(self.signer, name, raw)
+            except ProtocolError:
+                continue
+        return {name: queued_status(spec) for name, spec in specs.items()}
 
     def served_modules(self, queue: str) -> list[str]:
         """The objective modules the live workers of resource class `queue` serve here (from
@@ -219,9 +268,9 @@ class BrokerClient:
         return None if raw is None else bytes(raw).decode()
 
 
-def queued_status(spec: StudySpec, *, storage: str) -> StudyStatus:
-    """The `queued` snapshot of a submission no broker took yet: written by `submit` without
-    signing, and shown by `submit --wait` until the broker's own status comes."""
+def queued_status(spec: StudySpec) -> StudyStatus:
+    """How a study the broker has not published yet shows: queued, as submitted (`status`, and
+    `submit --wait` until the broker's own status comes)."""
     return StudyStatus(
         name=spec.name,
         state=StudyState.QUEUED,
@@ -230,5 +279,7 @@ def queued_status(spec: StudySpec, *, storage: str) -> StudyStatus:
         n_trials=spec.n_trials,
         concurrency=spec.concurrency,
         priority=spec.priority,
-        storage=storage,
+        storage=spec.storage or "",  # "": the broker's default
+        queue=spec.queue,
+        submitted_at=spec.submitted_at,
     )

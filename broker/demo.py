@@ -25,7 +25,6 @@ from optuna_rq.progress import make_console
 from optuna_rq.protocol import StudySpec
 from optuna_rq.space import suggest
 from optuna_rq.spacefile import space_to_data
-from optuna_rq.studies import default_storage_url
 
 DEMO_OBJECTIVE = "optuna_rq.examples.rosenbrock:objective"
 DEMO_PREFIX = "optuna-rq-demo"
@@ -142,7 +141,7 @@ def run_demo(*, n_trials: int = 60, concurrency: int = 4, workers: int = 2) -> d
             seed=0,
         )
         client = BrokerClient(connection, DEMO_PREFIX)
-        client.submit(spec, storage=default_storage_url(state))
+        client.submit(spec)
         _watch_workers(pool, client, spec.name, stopped)
         console.print(
             f"a broker, {workers} workers, and {n_trials} trials of {DEMO_OBJECTIVE}, "

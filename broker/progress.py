@@ -235,7 +235,7 @@ def _first_believed(client: BrokerClient, name: str, queued: StudyStatus | None)
         held = client.stored_spec(name) if client.signer.enabled else None
         if held is None:
             raise  # nothing but the refused status says there is such a study
-        return _Believed(client, name, queued_status(held, storage=held.storage or ""), seen=True)
+        return _Believed(client, name, queued_status(held), seen=True)
 
 
 class _Believed:
@@ -439,7 +439,7 @@ def status_detail(
         lines.insert(2, waiting.replace("worker: ", "worker, start one: ", 1))
     if not s.multi_objective:
         lines.append(f"best params  {s.best_params!r}" if s.best_params else "best params  -")
-    lines.append(f"storage      {s.storage}")
+    lines.append(f"storage      {s.storage or 'the broker default (not taken yet)'}")
     if s.submitted_at is not None:
         submitted = datetime.fromtimestamp(s.submitted_at, timezone.utc).isoformat()
         lines.append(f"submitted    {submitted} ({_age(s)} ago)")

@@ -125,7 +125,7 @@ def test_a_purge_its_storage_cannot_do_is_refused_and_the_commands_after_it_appl
             concurrency=1,
             storage=down,
         )
-        client.submit(spec, storage=down)
+        client.submit(spec)
         daemon.step()
         assert client.status("down").state.value == "failed"  # type: ignore[union-attr]
         later = StudySpec(
@@ -136,7 +136,7 @@ def test_a_purge_its_storage_cannot_do_is_refused_and_the_commands_after_it_appl
             concurrency=1,
         )
         client.send(Delete(study="down", force=False, purge=True))
-        client.submit(later, storage="memory")
+        client.submit(later)
         daemon.step()
         assert conn.llen(f"{prefix}:commands") == 0
         assert "later" in daemon.specs and daemon.connection.hexists(f"{prefix}:studies", "down")

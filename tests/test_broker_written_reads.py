@@ -28,7 +28,7 @@ STATUS_SITES = {
     ("broker/protocol/status.py", "read_statuses"): "reads: StudyStatus.opened",
     ("broker/daemon/status.py", "StatusPublisher._write"): "writes: StudyStatus.sealed",
     ("broker/daemon/status.py", "StatusPublisher.annotate"): "writes: StudyStatus.sealed",
-    ("broker/client.py", "BrokerClient.submit"): "writes: a queued snapshot, without signing",
+    ("broker/client.py", "BrokerClient.status"): "exists: published in between? then read",
     ("broker/client.py", "BrokerClient.has_status"): "exists: nothing of it is believed",
     ("broker/daemon/commands.py", "Commands.on_delete"): "exists, deletes",
 }
@@ -200,18 +200,19 @@ def test_status_lists_a_refused_status_as_refused(conn: redis.Redis, prefix: str
     assert found[0].name == "ghost" and "not signed by the broker" in found[0].why  # type: ignore[union-attr]
 
 
-def test_a_signed_front_door_writes_no_status_of_its_own(conn: redis.Redis, prefix: str) -> None:
+def test_a_front_door_writes_no_status_of_its_own(conn: redis.Redis, prefix: str) -> None:
     from optuna_rq.protocol import StudySpec
 
     spec = StudySpec(
         name="s", objective="tests.objectives:quadratic", space={}, n_trials=1, concurrency=1
     )
-    BrokerClient(conn, prefix, signer=Signer(SECRET)).submit(spec, storage="memory")
+    BrokerClient(conn, prefix, signer=Signer(SECRET)).submit(spec)
     assert not conn.hexists(Keys(prefix).status, "s")  # it could not sign it as the broker
-    BrokerClient(conn, prefix, signer=Signer()).submit(
-        spec.with_changes(name="t"), storage="memory"
-    )
-    assert StudyStatus.from_json(conn.hget(Keys(prefix).status, "t")).state is StudyState.QUEUED  # type: ignore[arg-type]
+    unsigned = BrokerClient(conn, prefix, signer=Signer())
+    unsigned.submit(spec.with_changes(name="t"))
+    assert not conn.hexists(Keys(prefix).status, "t")  # unsigned too: the broker writes them all
+    queued = unsigned.status("t")  # shown from its submission, waiting in the inbox
+    assert queued is not None and queued.state is StudyState.QUEUED
 
 
 def test_a_cancel_mark_holds_only_if_the_broker_sealed_it_for_the_attempt(

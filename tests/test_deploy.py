@@ -23,6 +23,9 @@ from optuna_rq.protocol import Role
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 KEDA_KINDS = {"ScaledObject", "TriggerAuthentication"}
+ACL_DIR = "/etc/optuna-rq/redis-acl"
+"""Where Redis finds deploy/redis (its ACL rules and the script), in compose and Kubernetes."""
+ROLES = ("broker", "worker", "client", "optimizer")
 
 
 def manifests() -> list[tuple[str, dict]]:
@@ -30,6 +33,8 @@ def manifests() -> list[tuple[str, dict]]:
     kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
     docs = []
     for name in kustomization["resources"]:
+        if (KUBERNETES / name).is_dir():  # a kustomization of its own (../redis: a ConfigMap)
+            continue
         text = (KUBERNETES / name).read_text()
         docs += [(name, doc) for doc in yaml.safe_load_all(text) if doc]
     return docs
@@ -48,11 +53,11 @@ def test_kustomization_lists_existing_files_and_every_default_manifest() -> None
     kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
     assert kustomization["kind"] == "Kustomization"
     listed = kustomization["resources"]
-    assert all((KUBERNETES / name).is_file() for name in listed)
+    assert all((KUBERNETES / name).is_file() for name in listed if name != "../redis")
     # documented, not applied by default
     alternatives = {"servicemonitor.yaml"}
     present = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"} - alternatives
-    assert set(listed) == present
+    assert set(listed) == present | {"../redis"}
     [image] = kustomization["images"]
     assert image["name"] == "optuna-rq" and image["newTag"] not in ("", "latest")
 
@@ -81,7 +86,8 @@ def test_no_secret_value_is_committed_and_the_generator_names_every_key() -> Non
     assert referenced == set(keys) and all(value == "" for value in keys.values())
     assert all(not d.get("kind") == "Secret" for _, d in manifests())
     env_example = (DEPLOY / ".env.example").read_text()
-    assert re.search(r"^REDIS_PASSWORD=$", env_example, re.MULTILINE)
+    for role in ROLES:
+        assert re.search(rf"^REDIS_PASSWORD_{role.upper()}=$", env_example, re.MULTILINE)
 
 
 def test_workers_take_the_objective_module_from_the_configmap() -> None:
@@ -102,7 +108,7 @@ def test_workers_take_the_objective_module_from_the_configmap() -> None:
     }
 
 
-def test_redis_runs_as_non_root_with_its_password_off_the_command_line() -> None:
+def test_redis_runs_as_non_root_with_a_user_per_role_and_no_password_on_its_command_line() -> None:
     redis_set = next(d for _, d in manifests() if d["kind"] == "StatefulSet")
     pod = redis_set["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"]
@@ -113,9 +119,22 @@ def test_redis_runs_as_non_root_with_its_password_off_the_command_line() -> None
         (compose_redis["image"], compose_redis["command"][-1]),
     ):
         assert re.fullmatch(r"redis:\d+\.\d+\.\d+", image), image  # pinned
-        assert "--requirepass" not in command and 'requirepass "%s"' in command
-        assert "sed 's/[\\\\\"]/\\\\&/g'" in command  # its \\ and " escaped: any character goes
+        # The ACL file deploy/redis makes (each password as its SHA-256), no requirepass.
+        assert "requirepass" not in command and "PASSWORD" not in command
+        assert command.startswith(f"sh {ACL_DIR}/redis-acl.sh {ACL_DIR}/redis-acl.conf /tmp/")
+        assert "exec redis-server --aclfile /tmp/users.acl " in command
     assert compose_redis["user"] != "0"
+    assert f"./redis:{ACL_DIR}:ro" in compose_redis["volumes"]
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == ACL_DIR]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    generated = yaml.safe_load((DEPLOY / "redis" / "kustomization.yaml").read_text())
+    [acl] = generated["configMapGenerator"]
+    assert volume["configMap"]["name"] == acl["name"]
+    assert acl["files"] == ["redis-acl.conf", "redis-acl.sh"]
+    # Every role's password reaches Redis, from the Secret or deploy/.env.
+    passwords = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]}
+    assert passwords == {f"REDIS_PASSWORD_{r.upper()}": f"redis-password-{r}" for r in ROLES}
+    assert set(compose_redis["environment"]) == {f"REDIS_PASSWORD_{r.upper()}" for r in ROLES}
 
 
 def test_redis_refuses_writes_when_full_rather_than_evicting() -> None:
@@ -186,10 +205,11 @@ def test_the_broker_is_a_single_replica_probed_on_its_health_endpoints() -> None
         get = container[probe]["httpGet"]
         assert get["path"] == path and named[get["port"]] == port, (probe, get)
     secrets = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e}
-    assert secrets == {"redis-url", "redis-password"}
+    assert secrets == {"redis-url-broker", "redis-password-broker"}
 
 
-def test_every_process_gets_the_redis_password_apart_from_the_url() -> None:
+def test_every_process_gets_its_own_redis_user_with_its_password_apart_from_the_url() -> None:
+    roles = {"broker": "broker", "workers": "worker", "workers-gpu": "worker"}
     for _, doc in manifests():
         if doc["kind"] != "Deployment":
             continue
@@ -199,14 +219,22 @@ def test_every_process_gets_the_redis_password_apart_from_the_url() -> None:
             for e in container["env"]
             if "secretKeyRef" in e.get("valueFrom", {})
         }
-        assert env["OPTUNA_RQ_REDIS_PASSWORD"] == "redis-password", doc["metadata"]["name"]
-        assert env["OPTUNA_RQ_REDIS_URL"] == "redis-url"
+        role = roles.pop(doc["metadata"]["name"])
+        assert env["OPTUNA_RQ_REDIS_PASSWORD"] == f"redis-password-{role}", role
+        assert env["OPTUNA_RQ_REDIS_URL"] == f"redis-url-{role}"
+    assert not roles
     example = (KUBERNETES / "secret.env.example").read_text()
-    [generated_url] = re.findall(r"redis-url=(\S+?)\\n", example)
-    assert "@" not in generated_url, generated_url  # the password is not repeated in the URL
-    environment = _compose()["x-optuna-rq"]["environment"]
-    assert "@" not in environment["OPTUNA_RQ_REDIS_URL"]
-    assert environment["OPTUNA_RQ_REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+    generated = re.findall(r"redis://(\S+?)@redis", example)
+    assert generated == ["%s"], generated  # the user only: no password in the URL
+    assert "broker broker worker worker" in example
+    services = _compose()["services"]
+    assert "env_file" not in _compose()["x-optuna-rq"]  # no container gets the others' passwords
+    for service, role in (("broker", "broker"), ("workers", "worker"), ("submit", "client")):
+        environment = services[service]["environment"]
+        assert environment["OPTUNA_RQ_REDIS_URL"] == f"redis://{role}@redis:6379/0"
+        password = f"${{REDIS_PASSWORD_{role.upper()}:?"
+        assert environment["OPTUNA_RQ_REDIS_PASSWORD"].startswith(password), service
+        assert "env_file" not in services[service]
 
 
 # Who runs with which key: a Deployment or a compose service, by name, and its role.
@@ -242,12 +270,12 @@ def test_each_kubernetes_role_mounts_its_own_key_and_no_shared_secret() -> None:
 
 def test_each_compose_service_mounts_its_own_key() -> None:
     compose = _compose()
-    environment = compose["x-optuna-rq"]["environment"]
-    assert "OPTUNA_RQ_SECRET" not in environment
-    key_file = Path(environment["OPTUNA_RQ_KEY_FILE"])
-    assert key_file.parent == Path("/run/secrets")
     assert "keys/" in (DEPLOY / ".gitignore").read_text().split()
     for name, role in ROLE_OF_SERVICE.items():
+        environment = compose["services"][name]["environment"]
+        assert "OPTUNA_RQ_SECRET" not in environment, name
+        key_file = Path(environment["OPTUNA_RQ_KEY_FILE"])
+        assert key_file.parent == Path("/run/secrets"), name
         [secret] = compose["services"][name]["secrets"]
         assert secret["target"] == key_file.name, name
         assert compose["secrets"][secret["source"]] == {"file": f"./keys/{key_file_name(role)}"}
@@ -269,7 +297,7 @@ def test_compose_file_matches_the_compose_specification() -> None:
 def test_compose_runs_the_three_roles_as_documented() -> None:
     services = _compose()["services"]
     redis_command = " ".join(services["redis"]["command"])
-    assert "--appendonly yes" in redis_command and "requirepass" in redis_command
+    assert "--appendonly yes" in redis_command and "--aclfile" in redis_command
     assert services["broker"]["command"][0] == "broker"
     assert "broker-state:/var/lib/optuna-rq" in services["broker"]["volumes"]
     for published in services["broker"]["ports"] + services["dashboard"]["ports"]:
@@ -282,7 +310,7 @@ def test_compose_runs_the_three_roles_as_documented() -> None:
     assert "http://127.0.0.1:9100/readyz" in " ".join(services["broker"]["healthcheck"]["test"])
     assert "/var/lib/optuna-rq/studies.journal" in services["dashboard"]["command"]
     assert (DEPLOY / ".env.example").is_file()
-    assert "REDIS_PASSWORD" in (DEPLOY / ".env.example").read_text()
+    assert "REDIS_PASSWORD_BROKER" in (DEPLOY / ".env.example").read_text()
 
 
 def test_dockerfile_is_multi_stage_non_root_with_the_cli_as_entry_point() -> None:

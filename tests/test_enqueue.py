@@ -191,7 +191,7 @@ def test_the_broker_skips_the_sets_optuna_would_skip(
     caplog.set_level(logging.INFO, logger="optuna_rq.broker")
 
     spec = _spec("s", n_trials=10_000, concurrency=1)
-    BrokerClient(conn, prefix).submit(spec, storage="x", enqueue=sets)
+    BrokerClient(conn, prefix).submit(spec, enqueue=sets)
     turns = _settle(daemon, conn, prefix)
 
     for params in sets:
@@ -211,14 +211,14 @@ def test_a_study_is_told_its_trials_while_100000_sets_are_stored_into_another(
 ) -> None:
     workers_factory(count=2)
     client = BrokerClient(conn, prefix)
-    client.submit(_spec("busy", n_trials=1_000_000, concurrency=2, queue="default"), storage="x")
+    client.submit(_spec("busy", n_trials=1_000_000, concurrency=2, queue="default"))
     daemon.step()
     busy = daemon.dispatcher.runs["busy"]
     # 1e-2 apart in each: none repeats another. Sent with the submission, so that no trial of
     # `big` is sampled before them (one might repeat a set).
     sets = [{"x": i // 1000 * 1e-2, "y": i % 1000 * 1e-2} for i in range(100_000)]
     xy = {"x": SPACE["x"], "y": SPACE["x"]}
-    client.submit(_spec("big", space=xy, n_trials=1_000_000, concurrency=4), storage="x",
+    client.submit(_spec("big", space=xy, n_trials=1_000_000, concurrency=4),
                   enqueue=sets)  # fmt: skip
 
     observations: list[tuple[int, int]] = []  # (sets left to store, trials told to `busy`)
@@ -245,7 +245,7 @@ def test_cancelling_or_deleting_a_study_drops_its_pending_sets(
     daemon: Daemon, conn: redis.Redis, prefix: str, command: str
 ) -> None:
     client = BrokerClient(conn, prefix)
-    client.submit(_spec("s", n_trials=100_000, concurrency=1), storage="x")
+    client.submit(_spec("s", n_trials=100_000, concurrency=1))
     daemon.step()
     daemon.backlog.budget_s = 0.001
     client.send(*client.enqueue_commands("s", [{"x": i * 1e-3} for i in range(6_000)]))
@@ -338,7 +338,7 @@ def test_a_reply_lost_with_the_connection_loses_no_set_and_stores_none_twice(
 ) -> None:
     sets = [{"x": 1 + i * 1e-3} for i in range(5_000)]
     client = BrokerClient(conn, prefix)
-    client.submit(_spec("s", n_trials=100_000, concurrency=1), storage="x", enqueue=sets)
+    client.submit(_spec("s", n_trials=100_000, concurrency=1), enqueue=sets)
     daemon.step()  # the study starts: its one trial, an enqueued set, waits in its queue
     flaky = _LosesReplies(conn)
     daemon.backlog.connection = flaky  # type: ignore[assignment]

@@ -12,7 +12,6 @@ from benchmarks.fleet_simulator import FleetSettings, SimulatedFleet
 from optuna_rq.client import BrokerClient
 from optuna_rq.connection import connect
 from optuna_rq.protocol import Keys, StudySpec, StudyState
-from optuna_rq.studies import default_storage_url
 from tests.helpers import wait_until
 from tests.worker_processes import live_workers
 
@@ -63,7 +62,7 @@ def test_a_simulated_fleet_runs_a_study_on_a_real_broker_to_its_budget(
         demand = Keys(prefix).demand
         connection.hset(demand, "mark", 1)
         wait_until(lambda: not connection.exists(demand), timeout_s=30, message="no refresh")
-        client.submit(spec, storage=default_storage_url(cli_state))
+        client.submit(spec)
 
         def ended() -> bool:
             status = client.status(spec.name)

@@ -210,18 +210,18 @@ def test_the_broker_keeps_a_studys_incarnation_until_it_ends_or_is_deleted(
 
     daemon.acquire()
     try:
-        client.submit(spec, storage="memory")
+        client.submit(spec)
         daemon.step()
         first = stored()
         assert first is not None and daemon.dispatcher.runs["s"].incarnation == first
-        client.submit(spec.with_changes(n_trials=3), storage="memory")  # the same study, on
+        client.submit(spec.with_changes(n_trials=3))  # the same study, on
         daemon.step()
         assert stored() == first and daemon.dispatcher.runs["s"].incarnation == first
 
         client.cancel("s")  # it ends: submitted again, it runs on as a new incarnation
         daemon.step()
         assert stored() == first and "s" not in daemon.dispatcher.runs
-        client.submit(spec.with_changes(n_trials=4), storage="memory")
+        client.submit(spec.with_changes(n_trials=4))
         daemon.step()
         again = stored()
         assert again not in (None, first) and daemon.dispatcher.runs["s"].incarnation == again
@@ -229,7 +229,7 @@ def test_the_broker_keeps_a_studys_incarnation_until_it_ends_or_is_deleted(
         client.send(Delete(study="s", force=True, purge=True))
         daemon.step()
         assert stored() is None
-        client.submit(spec, storage="memory")  # the same name, a new study
+        client.submit(spec)  # the same name, a new study
         daemon.step()
         second = stored()
         assert second not in (None, first, again)

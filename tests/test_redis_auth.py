@@ -19,18 +19,11 @@ from optuna_rq.connection import connect, ping_or_raise
 from optuna_rq.embedded import server_executable
 from optuna_rq.errors import RedisUnavailableError
 from tests.helpers import wait_until
+from tests.redis_acl import ADMIN, AclServer, acl_server
+from tests.redis_acl import PREFIX as ACL_PREFIX
 from tests.worker_processes import cli, cli_env, stop_process
 
 pytestmark = pytest.mark.timeout(120)
-
-ACL_PREFIX = "aclq"
-
-# The least-privilege rules README.md documents, for the prefix "aclq".
-_RULES = (
-    "on ~aclq ~aclq:* ~rq:* resetchannels &rq:* "
-    "+@all -@dangerous +info +client|setname +client|getname +client|list"
-)
-ACL_FILE = f"user default off\nuser broker >broker-pw {_RULES}\nuser worker >worker-pw {_RULES}\n"
 
 
 def _start(argv: list[str], ready: redis.Redis, log: Path) -> subprocess.Popen[bytes]:
@@ -62,84 +55,55 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def acl_socket() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="orqacl", dir="/tmp"))
-    (directory / "users.acl").write_text(ACL_FILE)
-    sock = directory / "redis.sock"
-    process = _start(
-        [
-            server_executable(),
-            "--port",
-            "0",
-            "--unixsocket",
-            str(sock),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--aclfile",
-            str(directory / "users.acl"),
-            "--dir",
-            str(directory),
-        ],
-        redis.Redis(unix_socket_path=str(sock), socket_timeout=1),
-        directory / "redis.log",
-    )
-    yield sock
-    _stop(process)
-    shutil.rmtree(directory, ignore_errors=True)
+def acl() -> Iterator[AclServer]:
+    """A server whose users are deploy/redis/redis-acl.conf's (tests/test_redis_acl.py goes
+    further: every role, every command, on each kind of server)."""
+    with acl_server(server_executable()) as server:
+        yield server
 
 
-def test_broker_and_workers_run_a_study_as_least_privilege_users(acl_socket: Path) -> None:
-    broker_url = f"unix://broker:broker-pw@{acl_socket}"
-    worker_url = f"unix://worker:worker-pw@{acl_socket}"
+def test_broker_and_workers_run_a_study_as_least_privilege_users(acl: AclServer) -> None:
+    """Workers on the worker user, a remote Optimizer on its own: the rules README.md and
+    deploy/ give, loaded from deploy/redis/redis-acl.conf."""
     workers = subprocess.Popen(
-        cli(
-            "--redis-url",
-            worker_url,
-            "--prefix",
-            ACL_PREFIX,
-            "workers",
-            "--import",
-            "tests.objectives",
-            "--count",
-            "2",
-        ),
-        env=cli_env(),
+        cli("--redis-url", acl.url("worker"), "--prefix", ACL_PREFIX, "workers")
+        + ["--import", "tests.objectives", "--count", "2"],
+        env=cli_env(**acl.env("worker")),
     )
     try:
         from rq import Worker
 
-        admin = connect(broker_url)
         from optuna_rq.protocol import Keys, trial_queue
 
-        wait_until(
-            lambda: (
-                Worker.count(
-                    connection=admin,
-                    queue=trial_queue(admin, Keys(ACL_PREFIX).trial_queue("tests.objectives")),
-                )
-                == 2
-            ),
-            timeout_s=60,
+        admin = acl.connect(ADMIN)
+        queue = trial_queue(admin, Keys(ACL_PREFIX).trial_queue("tests.objectives"))
+        wait_until(lambda: Worker.count(connection=admin, queue=queue) == 2, timeout_s=60)
+        opt = Optimizer(
+            "tests.objectives:quadratic",
+            2,
+            6,
+            connection=acl.connect("optimizer"),
+            prefix=ACL_PREFIX,
         )
-        opt = Optimizer("tests.objectives:quadratic", 2, 6, redis_url=broker_url, prefix=ACL_PREFIX)
         opt.run(x=suggest.float(0, 1))
         assert [t.state for t in opt.study.trials] == [TrialState.COMPLETE] * 6
     finally:
         assert stop_process(workers) == 0
+    assert acl.denials() == []
 
-    worker = connect(worker_url)
+    worker = acl.connect("worker")
     with pytest.raises(redis.exceptions.NoPermissionError):
         worker.set("someone-else:key", "x")  # outside its key patterns
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        worker.hset(Keys(ACL_PREFIX).studies, "s", "x")  # the broker's
     with pytest.raises(redis.exceptions.NoPermissionError):
         worker.flushall()  # @dangerous
     with pytest.raises(redis.exceptions.NoPermissionError):
         worker.config_set("dir", "/tmp")
 
 
-def test_wrong_password_is_a_clear_error_without_the_password(acl_socket: Path) -> None:
-    url = f"unix://worker:not-the-password@{acl_socket}"
+def test_wrong_password_is_a_clear_error_without_the_password(acl: AclServer) -> None:
+    url = f"unix://worker:not-the-password@{acl.socket}"
     with pytest.raises(RedisUnavailableError, match="user and password") as info:
         ping_or_raise(connect(url), url)
     assert "not-the-password" not in str(info.value)

@@ -264,12 +264,12 @@ def test_an_unsigned_command_is_refused_by_a_signed_broker(
     )
     daemon = Daemon(conn, BrokerSettings(prefix=prefix, storage="memory"), signer)
     daemon.acquire()
-    BrokerClient(conn, prefix, signer=Signer()).submit(spec, storage="memory")
+    BrokerClient(conn, prefix, signer=Signer()).submit(spec)
     daemon.step()
     assert "forged" not in daemon.specs and conn.llen(f"{prefix}:commands") == 0
     assert int(conn.hget(f"{prefix}:refused", "command")) == 1
 
-    BrokerClient(conn, prefix, signer=signer).submit(spec, storage="memory")
+    BrokerClient(conn, prefix, signer=signer).submit(spec)
     daemon.step()
     assert "forged" in daemon.specs
     daemon.release()

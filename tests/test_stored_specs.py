@@ -101,7 +101,7 @@ def test_a_stored_spec_the_broker_did_not_seal_for_its_name_is_refused_at_restar
     client = BrokerClient(conn, prefix, signer=client_signer)
 
     # Given a study the broker stored, sealed and bound to its name
-    client.submit(_spec("mine"), storage="memory")
+    client.submit(_spec("mine"))
     daemon.step()
     raw: bytes = conn.hget(keys.studies, "mine")  # type: ignore[assignment]
     assert open_stored_spec(client_signer, "mine", raw).name == "mine"
@@ -129,7 +129,7 @@ def test_a_stored_spec_the_broker_did_not_seal_for_its_name_is_refused_at_restar
     assert client.stored_spec("copied") is None and client.stored_spec("planted") is None
 
     # And the owner of a study stored before signing resubmits it: its new spec replaces it
-    client.submit(_spec("planted").with_changes(n_trials=3), storage="memory")
+    client.submit(_spec("planted").with_changes(n_trials=3))
     daemon.step()
     assert "planted" in daemon.dispatcher.runs
     stored: bytes = conn.hget(keys.studies, "planted")  # type: ignore[assignment]
@@ -160,7 +160,7 @@ def test_a_storage_the_operator_did_not_allow_fails_its_study_at_submit_and_at_r
     # A submission naming a storage the broker's operator did not allow fails, saying why;
     # nothing of it is opened, created or kept.
     evil = f"journal:///{tmp_path}/evil/x.journal"
-    client.submit(_spec("evil", storage=evil), storage=evil)
+    client.submit(_spec("evil", storage=evil))
     daemon.step()
     status = client.status("evil")
     assert status is not None and status.state.value == "failed"
@@ -174,14 +174,14 @@ def test_a_storage_the_operator_did_not_allow_fails_its_study_at_submit_and_at_r
 
     # One through `..` is the same storage, refused the same way.
     escape = f"journal:///{allowed}/../evil/x.journal"
-    client.submit(_spec("escape", storage=escape), storage=escape)
+    client.submit(_spec("escape", storage=escape))
     daemon.step()
     assert client.status("escape").state.value == "failed"  # type: ignore[union-attr]
     assert not (tmp_path / "evil").exists()
 
     # An allowed one runs.
     ok = f"journal:///{allowed}/ok.journal"
-    client.submit(_spec("ok", storage=ok), storage=ok)
+    client.submit(_spec("ok", storage=ok))
     daemon.step()
     assert "ok" in daemon.dispatcher.runs and (allowed / "ok.journal").exists()
 

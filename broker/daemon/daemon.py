@@ -97,6 +97,7 @@ class Daemon:
             observer=metrics,
             persist=self.storages.flush,
             off_loop=off_loop,
+            wake=self.keys.wake,  # commands wake the loop there (`BrokerClient.send`)
         )
         self.boundary = self.dispatcher.boundary
         self.fair_share = FairShare(

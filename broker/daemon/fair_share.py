@@ -80,7 +80,7 @@ class FairShare:
         """Give every run in `runs` its slots, weighted by its spec's priority; the names of the
         runs that started or stopped waiting for a worker."""
         if now - self._last_refresh >= self.refresh_s:
-            self.pools = live_pools(self.connection, self.keys, self.signer)
+            self.pools = live_pools(self.connection, self.keys, self.signer, prune=True)
             self._publish_demand(runs)
             self._last_refresh = now
         queues = {name: self.queue_of(run) for name, run in runs.items()}

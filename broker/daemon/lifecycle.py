@@ -6,10 +6,11 @@
                        '--> cancelled / failed
     finished, cancelled, failed --(resubmitted: the same definition)--> running
 
-Only the broker moves a study (the front doors write `queued` for a study that has no status
-yet). An ended study is never rewritten by a later command: a cancel or `set` is refused, and
-only a resubmission of the same definition runs it on, to its new budget. `Lifecycle` keeps
-each study's state as the broker last published it, and refuses every other move.
+Only the broker moves a study, and only it publishes statuses (a study it has not taken yet
+shows as `queued` to the front doors: `BrokerClient.status`). An ended study is never
+rewritten by a later command: a cancel or `set` is refused, and only a resubmission of the
+same definition runs it on, to its new budget. `Lifecycle` keeps each study's state as the
+broker last published it, and refuses every other move.
 """
 
 from __future__ import annotations

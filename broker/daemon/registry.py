@@ -150,7 +150,7 @@ class Registry:
         is counted in `<prefix>:refused` as `status`, and logged (`count_refusal`)."""
         if name not in self.runs:
             try:
-                status = self.client.status(name)
+                status = self.client.published_status(name)
             except ProtocolError as exc:
                 status = None
                 why = f"ignoring it, for study {name!r}: {exc}"

@@ -48,7 +48,6 @@ from optuna_rq.protocol import (
     CALL_FIELD,
     DEFAULT_LEASE_TTL_S,
     RESULT_FIELD,
-    WAKE_FIELD,
     FailReason,
     Keys,
     Signer,
@@ -97,6 +96,7 @@ class Dispatcher:
         lease_check_s: float = 0.25,
         persist: Callable[[], None] | None = None,
         off_loop: OffLoopSampling | None = None,
+        wake: str | None = None,
     ) -> None:
         self.connection = connection
         self.persist = persist or _nothing_to_persist
@@ -118,6 +118,7 @@ class Dispatcher:
             signer=self.signer,
             observer=self.observer,
             before_ack=self.persist,
+            wake=wake,
         )
         self.calls = CallServer(
             connection,
@@ -376,8 +377,6 @@ class Dispatcher:
         for entry_id, fields in entries:
             if CALL_FIELD in fields:
                 self.calls.serve(fields[CALL_FIELD], self.live)
-            elif WAKE_FIELD in fields:
-                pass  # it only woke the loop (a command arrived): acknowledged with the rest
             else:
                 handled += self._handle(fields.get(RESULT_FIELD, b""), entry_id)
         if self.calls.replies:

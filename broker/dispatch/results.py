@@ -6,6 +6,10 @@ in the same round trip as the sends that refill its slot (`ack_into`), or on its
 when nothing will be sent. A broker that dies in between reads it again, and telling is
 idempotent. A consumer first reads its own
 pending (delivered, unacknowledged) entries, then new ones.
+
+The broker's loop also waits on its wake stream (`Keys.wake`), in the same XREADGROUP: an entry
+there carries nothing but a front door's (or the sampler process's) wish that the loop turn now.
+Its entries are acknowledged and deleted as soon as they are read, so the stream stays empty.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 
 
 class ResultStream:
-    """The dispatcher's end of the stream `reply_to`, as consumer `consumer` of its group."""
+    """The dispatcher's end of the stream `reply_to`, as consumer `consumer` of its group; and
+    of the wake stream `wake`, if it has one (the broker's), read with it."""
 
     def __init__(
         self,
@@ -56,8 +61,10 @@ class ResultStream:
         signer: Signer,
         observer: DispatchObserver,
         before_ack: Callable[[], None],
+        wake: str | None = None,
     ) -> None:
         self.connection = connection
+        self.wake = wake
         self.before_ack = before_ack  # makes the tells durable that the acks stand on
         self.prefix = prefix
         self.reply_to = reply_to
@@ -73,12 +80,17 @@ class ResultStream:
     def ensure_group(self) -> None:
         if self._group_ready:
             return
-        try:
-            self.connection.xgroup_create(self.reply_to, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for stream in self._streams("0"):
+            try:
+                self.connection.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
         self._group_ready = True
+
+    def _streams(self, entry_id: str) -> dict[Any, Any]:
+        """The streams one read reads, each from `entry_id`."""
+        return {self.reply_to: entry_id, **({self.wake: entry_id} if self.wake else {})}
 
     def after_outage(self) -> None:
         """Redis was unreachable: create the group again if need be, and read pending entries."""
@@ -94,20 +106,35 @@ class ResultStream:
             self.flush()  # told before an outage: not to be read (and dropped as stale) again
             # Results delivered to a broker that died before acknowledging them: tell them now.
             response = self.connection.xreadgroup(
-                GROUP, self.consumer, {self.reply_to: "0"}, count=_READ_COUNT
+                GROUP, self.consumer, self._streams("0"), count=_READ_COUNT
             )
-            if not response or not response[0][1]:
+            if not any(entries for _stream, entries in response or ()):
                 self._read_pending = False
                 response = None
         if response is None:
             response = self.connection.xreadgroup(
                 GROUP,
                 self.consumer,
-                {self.reply_to: ">"},
+                self._streams(">"),
                 count=_READ_COUNT,
                 block=None if block_s is None else max(1, int(block_s * 1000)),
             )
-        return [entry for _stream, entries in response or () for entry in entries]
+        found: list[Entry] = []
+        for stream, entries in response or ():
+            if self.wake is not None and _name(stream) == self.wake:
+                self._woken([entry_id for entry_id, _fields in entries])
+            else:
+                found += entries
+        return found
+
+    def _woken(self, entry_ids: list[bytes]) -> None:
+        """The loop was woken: acknowledge and delete the wake entries at once (they carry
+        nothing, so nothing is lost if the broker dies before it acts on them)."""
+        if entry_ids and self.wake is not None:
+            pipe = self.connection.pipeline(transaction=False)
+            pipe.xack(self.wake, GROUP, *entry_ids)
+            pipe.xdel(self.wake, *entry_ids)
+            pipe.execute()
 
     def handled(self, entry_ids: list[bytes]) -> None:
         """These entries were told (or dropped): acknowledge them with the next sends."""
@@ -188,6 +215,10 @@ def unissued(message: TrialResult | TrialCall, what: str) -> str:
         f"{message.attempt}) without the token of that attempt's job: validly signed, but not "
         "by the worker given the job (or for a job another key issued)"
     )
+
+
+def _name(stream: bytes | str) -> str:
+    return stream.decode() if isinstance(stream, bytes) else stream
 
 
 def arrival_s(entry_id: bytes) -> float:

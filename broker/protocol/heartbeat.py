@@ -37,16 +37,20 @@ class PoolHeartbeat(Message):
     v: int = version_field()
 
 
-def live_pools(connection: redis.Redis, keys: Keys, signer: Signer) -> list[PoolHeartbeat]:
-    """The pools whose heartbeat has not expired. Ids whose key expired are dropped from
-    `Keys.pools`; a heartbeat that is not validly signed is ignored (and so is its pool)."""
+def live_pools(
+    connection: redis.Redis, keys: Keys, signer: Signer, *, prune: bool = False
+) -> list[PoolHeartbeat]:
+    """The pools whose heartbeat has not expired; a heartbeat that is not validly signed is
+    ignored (and so is its pool). With `prune` (the broker's), ids whose key expired are
+    dropped from `Keys.pools`: the others only read (a front door's Redis user may not write
+    there)."""
     members: Any = connection.smembers(keys.pools)
     ids = sorted(bytes(i).decode() for i in members)
     if not ids:
         return []
     raws = connection.mget([keys.pool(i) for i in ids])
     gone = [i for i, raw in zip(ids, raws, strict=True) if raw is None]
-    if gone:
+    if gone and prune:
         connection.srem(keys.pools, *gone)
     pools = []
     for raw in raws:

@@ -16,7 +16,13 @@ One broker serves one prefix; several brokers can share a Redis with different p
     status              hash: study name -> its StudyStatus (JSON, for `status` and `wait`;
                         with signing on, sealed by the broker and bound to the study's name)
     results             the stream workers append results and trial calls to (group `broker`)
-    results:<token>     a private result stream (one remote `Optimizer` run)
+    results:<token>     a private result stream (one remote `Optimizer` run; the token is 32
+                        lowercase hex digits, so an ACL pattern of 32 `?` names these streams
+                        and nothing under them: deploy/redis/redis-acl.conf)
+    wake                the stream a front door appends an empty entry to with its commands (and
+                        the broker's sampler process with a sampled trial): the broker's loop
+                        waits reading it with the result stream, so it takes them at once; the
+                        broker acknowledges and deletes what it reads there (group `broker`)
     dropped, refused    hashes counting stale results and refused messages, by kind
     pools               the set of worker pools that sent a heartbeat
     pool:<id>           one pool's signed heartbeat (`PoolHeartbeat`), expiring unless renewed:
@@ -63,6 +69,8 @@ __all__ = [
     "REPLY_TTL_S",
     "RESULT_FIELD",
     "WAKE_FIELD",
+    "WAKE_MAXLEN",
+    "PRIVATE_TOKEN_PATTERN",
     "Keys",
     "check_incarnation",
     "check_queue_name",
@@ -74,8 +82,14 @@ RESULT_FIELD = b"m"
 CALL_FIELD = b"c"
 """The result-stream entry field that holds an encoded `TrialCall`."""
 WAKE_FIELD = b"w"
-"""A result-stream entry with only this field (empty) carries nothing: sent with a command, it
-wakes the broker's loop, which waits reading the stream, so the command is taken at once."""
+"""The field of an entry on the wake stream (`Keys.wake`), empty: it carries nothing. Sent with a
+command, it wakes the broker's loop, which waits reading that stream with the result stream, so
+the command is taken at once. On its own stream, so that whoever sends commands need not be
+allowed to write the result stream."""
+WAKE_MAXLEN = 16
+"""The most entries the wake stream keeps (a front door trims it as it appends): entries carry
+nothing, and a few unread ones wake the broker as well as many would, so it never grows while no
+broker reads it."""
 GROUP = "broker"
 """The consumer group the broker reads a result stream with."""
 DEFAULT_LEASE_TTL_S = 10.0
@@ -91,6 +105,11 @@ DEFAULT_QUEUE = "default"
 
 INCARNATION_PATTERN = re.compile(r"[0-9a-f]{12}")
 """An incarnation id: 12 lowercase hex digits (48 random bits)."""
+
+PRIVATE_TOKEN_PATTERN = re.compile(r"[0-9a-f]{32}")
+"""The token of a private result stream (`Keys.private_results`): 32 lowercase hex digits, as
+`uuid.uuid4().hex` makes. Its fixed length is what lets an ACL pattern (32 `?`) match the streams
+and not the per-attempt keys under them."""
 
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
@@ -153,6 +172,7 @@ class Keys:
         self.pools = f"{prefix}:pools"
         self.demand = f"{prefix}:demand"
         self.backlog = f"{prefix}:backlog"
+        self.wake = f"{prefix}:wake"
 
     def trial_queue(self, module: str, queue: str = DEFAULT_QUEUE) -> str:
         """The RQ queue of objectives defined in `module`, in resource class `queue`."""
@@ -187,7 +207,10 @@ class Keys:
         return f"{self.backlog}:{study}"
 
     def private_results(self, token: str) -> str:
-        """A result stream of one's own under the prefix (a remote `Optimizer` run)."""
+        """A result stream of one's own under the prefix (a remote `Optimizer` run); `token` is
+        32 lowercase hex digits (`PRIVATE_TOKEN_PATTERN`), else ConfigError."""
+        if not isinstance(token, str) or not PRIVATE_TOKEN_PATTERN.fullmatch(token):
+            raise ConfigError(f"result stream token {token!r} must be 32 lowercase hex digits")
         return f"{self.results}:{token}"
 
     # -- per attempt: every name below is made from one AttemptId, so it carries the study and

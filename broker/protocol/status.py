@@ -2,15 +2,13 @@
 
 Stored as JSON in `<prefix>:status` (readable with `redis-cli` too), and printed as the same JSON
 by `optuna-rq status --json` (which adds `broker`, the prefix's broker as read: `liveness`;
-`from_json` ignores it). Only the broker moves a study from state to state; without signing, the
-front doors write a `queued` snapshot at submit when the study has none yet.
+`from_json` ignores it). Only the broker moves a study from state to state and writes its
+status; the front doors show a study it has not taken yet as `queued` (`BrokerClient.status`).
 
 With signing on, the broker seals each status (`Record.STATUS`, bound to the study's name: one
 study's signed status copied under another name does not open), and every reader opens it here,
 through `read_status` or `read_statuses` and nowhere else: a status the broker did not sign is
-refused, never believed (a forged `finished` would release `wait`). A front door then writes no
-`queued` snapshot of its own (it cannot sign one as the broker): a study shows once the broker
-took it.
+refused, never believed (a forged `finished` would release `wait`).
 """
 
 from __future__ import annotations

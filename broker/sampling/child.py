@@ -2,8 +2,8 @@
 
 One study object per study, on a `ScratchStorage` over the broker's journal file (read only), with
 the sampler the study's spec names: the only one of that study that samples, so a seeded sampler
-draws the sequence it would in `study.optimize`. Each answer is followed by a wake entry on the
-broker's result stream, so that its loop, waiting on the stream, takes the trial at once.
+draws the sequence it would in `study.optimize`. Each answer is followed by an entry on the
+broker's wake stream (`Keys.wake`), so that its loop, waiting on it, takes the trial at once.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import redis
 from optuna.storages import JournalStorage
 
 from optuna_rq.connection import connect
-from optuna_rq.protocol import WAKE_FIELD
+from optuna_rq.protocol import WAKE_FIELD, WAKE_MAXLEN
 from optuna_rq.sampling.messages import READY, Sampled, SampleFailed, SampleRequest
 from optuna_rq.sampling.replica import JournalReader, ScratchStorage
 from optuna_rq.space import process
@@ -60,7 +60,7 @@ def _answer(pipe: Connection, wake: redis.Redis, wake_stream: str) -> None:
             for _ in range(request.n):
                 pipe.send(_sample(study, storage, request))
                 try:
-                    wake.xadd(wake_stream, {WAKE_FIELD: b""})
+                    wake.xadd(wake_stream, {WAKE_FIELD: b""}, maxlen=WAKE_MAXLEN, approximate=False)
                 except redis.RedisError:  # an outage: the loop reads the pipe at its next turn
                     pass
         finally:

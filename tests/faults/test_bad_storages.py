@@ -92,7 +92,7 @@ def _submit_on_the_wire(cluster: Cluster, storage: str) -> str:
         concurrency=2,
         storage=storage,
     )
-    BrokerClient(cluster.conn, cluster.prefix, signer=Signer()).submit(spec, storage=storage)
+    BrokerClient(cluster.conn, cluster.prefix, signer=Signer()).submit(spec)
     return name
 
 
