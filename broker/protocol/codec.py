@@ -43,7 +43,9 @@ longer `<reply_to>:call:<trial>:<attempt>`.
 signed it and the name it is stored under (`signing.Record`; Ed25519 with a key per role, or
 HMAC with one shared secret); the broker seals the specs it keeps, the status it publishes and
 its cancel marks. Every command carries an `id` and `sent_at` (applied once); a `TrialRequest`
-carries its attempt's `token`, and the `TrialResult` and `TrialCall` answering it give it back."""
+carries its attempt's `token`, and the `TrialResult` and `TrialCall` answering it give it back.
+A command wakes the broker on `<prefix>:wake`, no longer on the result stream, and a front door
+writes no status (a study not taken yet shows `queued` from its submission)."""
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_DEPTH = 32
 """Nesting depth of maps and arrays in a message (the message itself is depth 1)."""
