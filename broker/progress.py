@@ -108,6 +108,9 @@ def follow_study(
                 failures=escape("  ".join(filter(None, (_beside(snap), waiting_note)))),
             )
             if ended:
+                # A broker came back and ended the study between two reads: say it came back.
+                if waiting_for_broker and watch.gone() is None:
+                    console.print(_broker_change(None, watch), markup=False, highlight=False)
                 break
             if gone is not None and not wait_for_broker:
                 console.print(f"[red]{escape(_no_broker(gone, snap))}[/]")
