@@ -27,13 +27,10 @@ def test_a_broker_killed_and_restarted_re_attaches(cluster: Cluster, failpoint: 
     first = cluster.start_broker(failpoints=failpoint or "")
     name = cluster.submit("steady", n_trials=10, concurrency=3, hold_s=0.3)
     if failpoint is None:
-        wait_until(
-            lambda: (
-                cluster.status(name).get("complete", 0) >= 3
-                and cluster.status(name).get("running", 0) > 0
-            ),
-            timeout_s=60,
-        )
+        # Killed once the fifth objective call has started: with two workers at least three
+        # trials have ended and two are running. The objectives' own record says so at once,
+        # where the broker's status (published between polls) can miss the moment.
+        wait_calls(cluster, 5)
         first.send_signal(signal.SIGKILL)
     assert first.wait(timeout=60) == -signal.SIGKILL
     cluster.start_broker()  # takes over the dead broker's lock at once
