@@ -9,6 +9,11 @@ A front door writes two keys only: the command inbox (`Keys.commands`) and the w
 exactly that). So a study the broker has not taken yet has no published status: it shows as
 `queued`, made here from its submission waiting in the inbox, or from its spec once the broker
 stored it and has not published it yet.
+
+A study a remote Optimizer runs is shown from the status that Optimizer's process publishes
+(`Keys.driven`, `StudyStatus.driver`), under a name the broker does not hold: a name is the
+broker's first. No command reaches the broker for it (`send` refuses, naming the process that
+runs it), and a submission may not take the name of one whose process still runs.
 """
 
 from __future__ import annotations
@@ -39,8 +44,20 @@ from optuna_rq.protocol import (
     live_pools,
     open_stored_spec,
 )
-from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerLiveness, read_liveness
-from optuna_rq.protocol.status import RefusedStatus, read_status, read_statuses
+from optuna_rq.protocol.liveness import (
+    BROKER_GRACE_S,
+    BrokerLiveness,
+    judge_driver,
+    read_liveness,
+    server_clock_s,
+)
+from optuna_rq.protocol.status import (
+    RefusedStatus,
+    read_driven_status,
+    read_driven_statuses,
+    read_status,
+    read_statuses,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -72,13 +89,43 @@ class BrokerClient:
     def send(self, *commands: Command) -> None:
         """Queue `commands` for the broker, sealed, in one push (the broker takes them in one
         batch, in order), and wake the broker's loop to take them now (else they would be taken
-        when the loop next turns: up to its poll interval)."""
+        when the loop next turns: up to its poll interval). StudyConflictError, sending nothing,
+        for a command about a study a remote Optimizer runs (`refuse_driven`)."""
+        for command in commands:
+            self.refuse_driven(command)
         pipe = self.connection.pipeline(transaction=False)
         pipe.rpush(
             self.keys.commands, *(self.signer.seal(Record.COMMAND, c.encode()) for c in commands)
         )
         pipe.xadd(self.keys.wake, {WAKE_FIELD: b""}, maxlen=WAKE_MAXLEN, approximate=False)
         pipe.execute()
+
+    def refuse_driven(self, command: Command) -> None:
+        """StudyConflictError if `command` is about a study a remote Optimizer runs (what
+        `status` shows under its name is that Optimizer's): the broker holds no such study, and
+        only that process can stop or change it. A submission is refused only while that process
+        runs: once it ended (or died), the name is free for the broker, which then shows."""
+        name = command.spec.name if isinstance(command, Submit) else command.study
+        try:
+            shown = self.status(name)
+        except ProtocolError:
+            return  # a refused status: whose it is, the broker decides
+        if shown is None or shown.driver is None:
+            return
+        runs = f"study {name!r} is run by the Optimizer on {shown.driver} (a Python process)"
+        if isinstance(command, Submit):
+            live = judge_driver(shown, now_s=server_clock_s(self.connection))
+            if shown.state.ended or live is None or not live.alive:
+                return
+            raise StudyConflictError(
+                f"{runs}, which is running: nothing was sent; submit it under another "
+                "--study-name, or when that run has ended"
+            )
+        what = type(command).__name__.lower()
+        raise StudyConflictError(
+            f"{runs}, not by the broker: nothing was sent ({what} is a broker command); stop or "
+            "change that run in its process (cancelling its `await` ends it cancelled)"
+        )
 
     def submit(self, spec: StudySpec, *, enqueue: list[dict[str, Any]] | None = None) -> None:
         """Submit `spec`. A study with no status yet shows as queued until the broker takes it
@@ -137,19 +184,24 @@ class BrokerClient:
     def status(self, study: str) -> StudyStatus | None:
         """The study's status as the broker published it, ProtocolError if that does not open
         (with signing on: one the broker did not sign); `queued` if the broker has not taken it
-        yet (its submission waits in the inbox) or not published it yet; None if there is no
-        such study."""
+        yet (its submission waits in the inbox) or not published it yet; else the status of
+        the remote Optimizer that runs a study of that name (ProtocolError if it does not open:
+        with signing on, one no front-door key signed); None if there is no such study."""
         published = self.published_status(study)
         if published is not None:
             return published
-        pipe = self.connection.pipeline(transaction=True)  # one snapshot of the three
+        pipe = self.connection.pipeline(transaction=True)  # one snapshot of the four
         pipe.hexists(self.keys.status, study)
         pipe.hget(self.keys.studies, study)
         pipe.lrange(self.keys.commands, 0, -1)
-        now_published, stored, inbox = pipe.execute()
+        pipe.hexists(self.keys.driven, study)
+        now_published, stored, inbox, driven = pipe.execute()
         if now_published:  # published in between
             return self.published_status(study)
-        return self._queued({study: stored} if stored is not None else {}, inbox).get(study)
+        queued = self._queued({study: stored} if stored is not None else {}, inbox).get(study)
+        if queued is None and stored is None and driven:  # a name the broker does not hold
+            return read_driven_status(self.connection, self.keys, self.signer, study)
+        return queued
 
     def published_status(self, study: str) -> StudyStatus | None:
         """The study's status as the broker last published it (None: it has published none);
@@ -169,7 +221,8 @@ class BrokerClient:
         return status
 
     def has_status(self, study: str) -> bool:
-        """Whether anything is stored as the study's status, the broker's or not."""
+        """Whether anything is stored as the study's status, the broker's or not (not counting
+        a remote Optimizer's: `Keys.driven`)."""
         return bool(self.connection.hexists(self.keys.status, study))
 
     def is_current(self, status: StudyStatus) -> bool:
@@ -212,8 +265,9 @@ class BrokerClient:
 
     def statuses(self) -> list[StudyStatus | RefusedStatus]:
         """Every study's status, by name: the published ones, where one that does not open
-        (`status`) is a `RefusedStatus`, saying why (shown as refused, never believed), and a
-        `queued` one for each study submitted and not published yet."""
+        (`status`) is a `RefusedStatus`, saying why (shown as refused, never believed), a
+        `queued` one for each study submitted and not published yet, and the status of each
+        study a remote Optimizer runs under a name the broker does not hold."""
         pipe = self.connection.pipeline(transaction=True)  # one snapshot of the two
         pipe.hgetall(self.keys.studies)
         pipe.lrange(self.keys.commands, 0, -1)
@@ -222,7 +276,14 @@ class BrokerClient:
         found = {s.name: s for s in read_statuses(self.connection, self.keys, self.signer)}
         specs = {bytes(name).decode(errors="replace"): raw for name, raw in stored.items()}
         queued = self._queued(specs, inbox)
-        return [found.get(name) or queued[name] for name in sorted(set(found) | set(queued))]
+        brokers = set(found) | set(queued) | set(specs)
+        driven = {
+            s.name: s
+            for s in read_driven_statuses(self.connection, self.keys, self.signer)
+            if s.name not in brokers
+        }
+        merged = {**driven, **queued, **found}
+        return [merged[name] for name in sorted(merged)]
 
     def _queued(self, stored: dict[str, bytes], inbox: list[bytes]) -> dict[str, StudyStatus]:
         """A `queued` status for each study submitted and not published yet: stored by the

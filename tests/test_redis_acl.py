@@ -270,6 +270,7 @@ def test_the_key_classes_name_every_key_keys_makes() -> None:
         "commands",
         "studies",
         "status",
+        "driven",
         "results",
         "dropped",
         "refused",
@@ -312,6 +313,7 @@ MAY_WRITE: dict[str, dict[str, set[str] | None]] = {
         **_RQ,
         **dict.fromkeys(("private_results", "private lease", "private cancel"), ALL),
         **dict.fromkeys(("private reply_list", "refused", "dropped"), ALL),
+        "driven": {"HSET"},  # the status of the study it runs
     },
 }
 """What each role may write (None: with any command; else with these only). Every other write

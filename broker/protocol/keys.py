@@ -15,6 +15,11 @@ One broker serves one prefix; several brokers can share a Redis with different p
     studies             hash: study name -> its StudySpec (with its incarnation, below)
     status              hash: study name -> its StudyStatus (JSON, for `status` and `wait`;
                         with signing on, sealed by the broker and bound to the study's name)
+    driven              hash: study name -> the StudyStatus of a study a remote `Optimizer` runs
+                        (`driver` names its process), published by that process while it runs
+                        and when it ends, sealed as a `driven study status`: the broker neither
+                        reads nor writes it, and the front doors show a name the broker holds
+                        as the broker's (`BrokerClient.status`)
     results             the stream workers append results and trial calls to (group `broker`)
     results:<token>     a private result stream (one remote `Optimizer` run; the token is 32
                         lowercase hex digits, so an ACL pattern of 32 `?` names these streams
@@ -166,6 +171,7 @@ class Keys:
         self.commands = f"{prefix}:commands"
         self.studies = f"{prefix}:studies"
         self.status = f"{prefix}:status"
+        self.driven = f"{prefix}:driven"
         self.results = f"{prefix}:results"
         self.dropped = f"{prefix}:dropped"
         self.refused = f"{prefix}:refused"

@@ -14,7 +14,9 @@ Two ways to sign, chosen by what each process is given:
   Each role signs with its own private key and verifies with the others' public keys, so only
   the broker signs jobs, replies, status and specs, only workers sign results, calls and
   heartbeats, and only front doors sign commands (a remote `Optimizer`, which dispatches its own
-  trials, may also sign jobs and replies: no more than its submit could make run).
+  trials, may also sign jobs and replies: no more than its submit could make run; and the
+  status of the study it runs, as a record of its own kind that no reader takes for the
+  broker's).
 - **One shared secret** (`OPTUNA_RQ_SECRET` or `OPTUNA_RQ_SECRET_FILE`): HMAC-SHA256. For small
   setups where every machine is trusted alike: whoever holds it can sign as any role.
 
@@ -71,6 +73,7 @@ class Record(str, enum.Enum):
     CANCEL = "cancel mark"
     HEARTBEAT = "pool heartbeat"
     STATUS = "study status"
+    DRIVEN_STATUS = "driven study status"
     SPEC = "stored study spec"
 
     @property
@@ -82,7 +85,7 @@ class Record(str, enum.Enum):
     def ages(self) -> bool:
         """Whether an old one is refused as a replay. A status or a kept spec is current until
         the broker replaces it, however old; the rest is acted on once, soon after it is sent."""
-        return self not in (Record.STATUS, Record.SPEC)
+        return self not in (Record.STATUS, Record.DRIVEN_STATUS, Record.SPEC)
 
 
 _SIGNED_BY: dict[Record, frozenset[Role]] = {
@@ -94,6 +97,9 @@ _SIGNED_BY: dict[Record, frozenset[Role]] = {
     Record.CALL: frozenset({Role.WORKER}),
     Record.HEARTBEAT: frozenset({Role.WORKER}),
     Record.STATUS: frozenset({Role.BROKER}),
+    # The status of a study a remote Optimizer runs (`Keys.driven`): its own, signed with the
+    # front-door key it holds, on a hash of its own; never taken for the broker's.
+    Record.DRIVEN_STATUS: frozenset({Role.CLIENT}),
     Record.SPEC: frozenset({Role.BROKER}),
 }
 
