@@ -226,7 +226,9 @@ def delete(
 
     Its trials stay in its Optuna storage (optuna-dashboard still shows them; resubmitting the
     name continues them) unless --purge. A running study is refused unless --force, and so is
-    one whose status the broker did not sign (with signing on: it may be running).
+    one whose status the broker did not sign (with signing on: it may be running). A study a
+    remote Optimizer ran is forgotten here, without a broker, once that run ended or its
+    process died; its trials stay in that Optimizer's study.
     """
     import time
 
@@ -240,6 +242,16 @@ def delete(
         if not force:
             raise ProtocolError(f"{exc} (`optuna-rq delete --force {name}` deletes it)") from None
         status = None
+    if status is not None and status.driven:
+        if purge:
+            raise ConfigError(
+                f"study {name!r} was run by the Optimizer on {status.driver}: its trials are in "
+                "that Optimizer's study, which only its process reaches (optuna.delete_study "
+                "there); `delete` without --purge forgets its status"
+            )
+        client.delete_driven(status)
+        typer.echo(f"deleted study {name!r} (run by the Optimizer on {status.driver})")
+        return
     if status is not None and not status.state.ended and not force:
         raise ConfigError(
             f"study {name!r} is {status.state.value}: `optuna-rq cancel {name}` first, "

@@ -166,6 +166,20 @@ class BrokerClient:
         if status is not None and status.state.ended:
             raise StudyConflictError(f"study {study!r} is {status.state.value} already: {outcome}")
 
+    def delete_driven(self, status: StudyStatus) -> None:
+        """Forget `status`, the status of a study a remote Optimizer ran (`Keys.driven`): it
+        leaves `status`. StudyConflictError while that Optimizer's process still runs it (it
+        would publish it again at its next turn: stop it there first). Its trials stay in that
+        Optimizer's study."""
+        live = judge_driver(status, now_s=server_clock_s(self.connection))
+        if not status.state.ended and live is not None and live.alive:
+            raise StudyConflictError(
+                f"study {status.name!r} is {status.state.value} in the Optimizer on "
+                f"{status.driver}: nothing was deleted; stop that run in its process first"
+            )
+        # A run of the study that starts meanwhile publishes it again at its next turn.
+        self.connection.hdel(self.keys.driven, status.name)
+
     def stored_spec(self, study: str) -> StudySpec | None:
         """The definition the broker holds for `study` (None: it has none yet, or the one
         stored does not verify: the broker sealed it, with signing on, or it is not its own;

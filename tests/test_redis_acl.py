@@ -308,7 +308,7 @@ MAY_WRITE: dict[str, dict[str, set[str] | None]] = {
         "results": {"XADD"},
         "private_results": {"XADD"},
     },
-    "client": {"commands": {"RPUSH"}, "wake": {"XADD"}},
+    "client": {"commands": {"RPUSH"}, "wake": {"XADD"}, "driven": {"HDEL"}},
     "optimizer": {
         **_RQ,
         **dict.fromkeys(("private_results", "private lease", "private cancel"), ALL),
@@ -323,6 +323,7 @@ WRITES = {
     "DEL": ("DEL", "{key}"),
     "SET": ("SET", "{key}", "x"),
     "HSET": ("HSET", "{key}", "f", "x"),
+    "HDEL": ("HDEL", "{key}", "f"),
     "HINCRBY": ("HINCRBY", "{key}", "f", "1"),
     "RPUSH": ("RPUSH", "{key}", "x"),
     "LTRIM": ("LTRIM", "{key}", "1", "0"),

@@ -283,6 +283,8 @@ def test_a_broker_on_the_prefix_keeps_its_names_apart_from_an_optimizers(keyed: 
         done = run_cli(keyed, *command, role=Role.CLIENT)
         assert done.returncode != 0, (command, done.stderr)
         assert f"run by the Optimizer on {HERE}" in done.stderr, (command, done.stderr)
+    deleting = run_cli(keyed, "delete", "shared", "--force", role=Role.CLIENT)
+    assert deleting.returncode != 0 and "stop that run in its process first" in deleting.stderr
     keyed.conn.set(f"{keyed.key}:open", 1)
     assert run.finished() == [TrialState.COMPLETE] * 6
 
@@ -377,7 +379,8 @@ def test_a_progress_bar_shows_on_a_terminal_only(
 
 def test_n_trials_counts_per_call_and_the_status_counts_the_study(keyed: Cluster) -> None:
     """Two runs of one Optimizer with n_trials=3 ask 3 trials each, as flytekitplugins.optuna's
-    `__call__` does (in-process too); the second run's status counts the study: 6/6."""
+    `__call__` does (in-process too); the second run's status counts the study: 6/6. Then
+    `delete` forgets it."""
     study = optuna.create_study(study_name=f"twice-{uuid.uuid4().hex[:6]}")
     url = keyed.server.url
     twice = Optimizer(
@@ -389,6 +392,14 @@ def test_n_trials_counts_per_call_and_the_status_counts_the_study(keyed: Cluster
     status = keyed.client().status(study.study_name)
     assert status is not None and status.driven
     assert (status.state.value, status.done, status.n_trials) == ("finished", 6, 6)
+
+    # Ended: `delete` forgets it, with no broker (its trials stay in the Optimizer's study).
+    purge = run_cli(keyed, "delete", study.study_name, "--purge", role=Role.CLIENT)
+    assert purge.returncode == 2 and "only its process reaches" in purge.stderr, purge.stderr
+    deleted = run_cli(keyed, "delete", study.study_name, role=Role.CLIENT)
+    assert deleted.returncode == 0 and "deleted study" in deleted.stdout, deleted.stderr
+    assert keyed.client().status(study.study_name) is None
+    assert len(study.trials) == 6
 
     local = Optimizer(lambda trial: trial.suggest_float("x", 0, 1), 1, 3)
     for _ in range(2):
