@@ -316,7 +316,10 @@ def check_trial_timeout(seconds: object, *, option: str = "--trial-timeout") -> 
             f"timeout is); use {max(1, int(seconds))} or {max(1, int(seconds)) + 1}"
         )
     if seconds > MAX_TRIAL_TIMEOUT_S:
-        raise ConfigError(f"{option} {seconds:g}: at most {MAX_TRIAL_TIMEOUT_S} seconds (30 days)")
+        shown = f"{seconds:.0f}" if seconds < 1e15 else f"{seconds:g}"
+        raise ConfigError(
+            f"{option} must be > 0 and at most {MAX_TRIAL_TIMEOUT_S} seconds (30 days), got {shown}"
+        )
     return int(seconds)
 
 

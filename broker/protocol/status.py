@@ -240,7 +240,14 @@ def read_statuses(
 ) -> list[StudyStatus | RefusedStatus]:
     """Every study's status, by name; an entry that does not open is a `RefusedStatus`."""
     stored: dict[bytes, bytes] = connection.hgetall(keys.status)  # type: ignore[assignment]
-    return _opened_all(stored, signer, driven=False)
+    found: list[StudyStatus | RefusedStatus] = []
+    for raw_name, raw in sorted(stored.items()):
+        name = raw_name.decode(errors="replace")
+        try:
+            found.append(StudyStatus.opened(raw, signer, name=name))
+        except ProtocolError as exc:
+            found.append(RefusedStatus(name=name, why=str(exc)))
+    return found
 
 
 def read_driven_status(
@@ -257,17 +264,11 @@ def read_driven_statuses(
 ) -> list[StudyStatus | RefusedStatus]:
     """Every driven study's status, by name; an entry that does not open is a `RefusedStatus`."""
     stored: dict[bytes, bytes] = connection.hgetall(keys.driven)  # type: ignore[assignment]
-    return _opened_all(stored, signer, driven=True)
-
-
-def _opened_all(
-    stored: dict[bytes, bytes], signer: Signer, *, driven: bool
-) -> list[StudyStatus | RefusedStatus]:
     found: list[StudyStatus | RefusedStatus] = []
     for raw_name, raw in sorted(stored.items()):
         name = raw_name.decode(errors="replace")
         try:
-            found.append(StudyStatus.opened(raw, signer, name=name, driven=driven))
+            found.append(StudyStatus.opened(raw, signer, name=name, driven=True))
         except ProtocolError as exc:
             found.append(RefusedStatus(name=name, why=str(exc)))
     return found
