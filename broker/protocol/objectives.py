@@ -132,8 +132,12 @@ def _shown(value: object) -> str:
 
 
 def describe_exception(exc: BaseException) -> str:
-    """The error text stored on a failed trial: the exception line, then the traceback."""
+    """The error text stored on a failed trial: the traceback, then the exception line. One
+    that is no `Exception` (`SystemExit` from argparse or `sys.exit`, `KeyboardInterrupt`) is
+    named once more, last, as `repr` shows it: "SystemExit(2) raised in the objective"."""
     text = "".join(traceback.format_exception(exc))
+    if not isinstance(exc, Exception):
+        text += f"{exc!r} raised in the objective\n"
     return text[-MAX_ERROR_CHARS:]
 
 
