@@ -151,3 +151,24 @@ def dies_once(trial: optuna.Trial, marker: str) -> float:
 
 def plain(trial: optuna.Trial) -> float:
     return trial.suggest_float("x", 0, 1)
+
+
+def over_the_limits(trial: optuna.Trial) -> float:
+    """Calls the broker would refuse for their size: each raises at once, and the trial goes
+    on. Records, for each, the exception's type and message."""
+    calls = {
+        "user_attr": lambda: trial.set_user_attr("blob", "x" * 2_000_000),
+        "system_attr": lambda: trial.set_system_attr("blob", b"x" * 2_000_000),  # type: ignore[attr-defined]
+        "categorical_bytes": lambda: trial.suggest_categorical("c", ["x" * 1000] * 2000),
+        "categorical_items": lambda: trial.suggest_categorical("n", list(range(20_000))),
+        "nested_list": lambda: trial.set_user_attr("rows", {"rows": [0] * 20_000}),
+    }
+    outcomes = {}
+    for name, call in calls.items():
+        try:
+            call()
+            outcomes[name] = ["ok", ""]
+        except Exception as exc:
+            outcomes[name] = [type(exc).__name__, str(exc)]
+    trial.set_user_attr("outcomes", outcomes)
+    return trial.suggest_float("x", 0, 1)  # the trial goes on

@@ -10,7 +10,9 @@ Every call takes one round trip and raises what in-process Optuna raises (`Value
 `TypeError`, `NotImplementedError`), checked here before the trip where the arguments alone
 decide, else by Optuna on the broker; Optuna's warnings there are warned here again. What the
 storage holds (`params`, `distributions`, `user_attrs`, `system_attrs`, ...) is read from the
-broker, once after each change; `RemoteTrialError` means the broker refused or did not answer.
+broker, once after each change. `RemoteTrialError` means the broker refused the call (with its
+reason), or would refuse it (over a message limit: `workers.call_limits`, checked before it is
+sent), or did not answer.
 
 Replies come on the attempt's own list (`Keys.reply_list`, named by study, incarnation, trial and
 attempt), and each names the call it answers: a trial takes only the answer to the call it waits
@@ -53,6 +55,7 @@ from optuna_rq.protocol import (
     TrialCallReply,
     TrialRequest,
 )
+from optuna_rq.workers.call_limits import check_call
 from optuna_rq.workers.remote_study import RemoteStudy
 
 __all__ = ["RemoteTrial", "RemoteTrialError"]
@@ -119,6 +122,7 @@ class RemoteTrial(optuna.Trial):
             payload = call.encode()
         except ProtocolError as exc:  # as a JSON storage refuses what it cannot store
             raise TypeError(f"trial.{method}: {exc}") from None
+        check_call(call, payload, max_bytes=self._signer.max_message_bytes)
         if method not in _READS:
             self._view = None
         self._connection.xadd(
