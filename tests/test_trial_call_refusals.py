@@ -28,6 +28,7 @@ from optuna_rq.protocol import (
     CALL_FIELD,
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_CONTAINER_LEN,
+    MAX_DEPTH,
     Keys,
     Record,
     Role,
@@ -69,20 +70,22 @@ def test_a_call_over_a_limit_raises_at_once_on_the_worker_naming_it(
     assert trial.state is TrialState.COMPLETE, trial.user_attrs.get(FAIL_ERROR_ATTR)
     outcomes = trial.user_attrs["outcomes"]
     size_limit = f"over the {DEFAULT_MAX_MESSAGE_BYTES:,}-byte message limit"
+    size_fix = "raise --max-message-bytes (OPTUNA_RQ_MAX_MESSAGE_BYTES) on the broker and"
     items_limit = f"over the {MAX_CONTAINER_LEN:,} a list or map in a message may hold"
+    depth_limit = f"nests deeper than the {MAX_DEPTH} levels a message may hold"
     expected = {
-        "user_attr": ("trial.set_user_attr", size_limit),
-        "system_attr": ("trial.set_system_attr", size_limit),
-        "categorical_bytes": ("trial.suggest_categorical", size_limit),
-        "categorical_items": ("trial.suggest_categorical", items_limit),
-        "nested_list": ("trial.set_user_attr", items_limit),
+        "user_attr": ("trial.set_user_attr", size_limit, size_fix),
+        "system_attr": ("trial.set_system_attr", size_limit, size_fix),
+        "categorical_bytes": ("trial.suggest_categorical", size_limit, size_fix),
+        "categorical_items": ("trial.suggest_categorical", items_limit, "pass fewer"),
+        "nested_list": ("trial.set_user_attr", items_limit, "args[1]['rows'] holds 20,000"),
+        "deep": ("trial.set_user_attr", depth_limit, "the broker enforces"),
     }
     assert set(outcomes) == set(expected)
-    for name, (method, limit) in expected.items():
+    for name, (method, limit, fix) in expected.items():
         kind, message = outcomes[name]
         assert kind == "RemoteTrialError", (name, kind, message)
-        assert message.startswith(method) and limit in message, (name, message)
-        assert "--max-message-bytes" in message or "pass fewer" in message, message
+        assert message.startswith(method) and limit in message and fix in message, (name, message)
     # Nothing of the refused calls reached the study.
     assert set(trial.params) == {"x"} and "blob" not in trial.user_attrs
 

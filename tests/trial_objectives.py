@@ -153,6 +153,13 @@ def plain(trial: optuna.Trial) -> float:
     return trial.suggest_float("x", 0, 1)
 
 
+def _nested(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
 def over_the_limits(trial: optuna.Trial) -> float:
     """Calls the broker would refuse for their size: each raises at once, and the trial goes
     on. Records, for each, the exception's type and message."""
@@ -162,6 +169,7 @@ def over_the_limits(trial: optuna.Trial) -> float:
         "categorical_bytes": lambda: trial.suggest_categorical("c", ["x" * 1000] * 2000),
         "categorical_items": lambda: trial.suggest_categorical("n", list(range(20_000))),
         "nested_list": lambda: trial.set_user_attr("rows", {"rows": [0] * 20_000}),
+        "deep": lambda: trial.set_user_attr("deep", _nested(40)),
     }
     outcomes = {}
     for name, call in calls.items():

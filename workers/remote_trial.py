@@ -55,7 +55,7 @@ from optuna_rq.protocol import (
     TrialCallReply,
     TrialRequest,
 )
-from optuna_rq.workers.call_limits import check_call
+from optuna_rq.workers.call_limits import encode_call
 from optuna_rq.workers.remote_study import RemoteStudy
 
 __all__ = ["RemoteTrial", "RemoteTrialError"]
@@ -118,11 +118,7 @@ class RemoteTrial(optuna.Trial):
             reply=True,
             token=self._request.token,
         )
-        try:
-            payload = call.encode()
-        except ProtocolError as exc:  # as a JSON storage refuses what it cannot store
-            raise TypeError(f"trial.{method}: {exc}") from None
-        check_call(call, payload, max_bytes=self._signer.max_message_bytes)
+        payload = encode_call(call, max_bytes=self._signer.max_message_bytes)
         if method not in _READS:
             self._view = None
         self._connection.xadd(
