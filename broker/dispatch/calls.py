@@ -32,7 +32,13 @@ from optuna_rq.dispatch.boundary import FaultBoundary, Site
 from optuna_rq.dispatch.observer import DispatchObserver, count_refusal
 from optuna_rq.dispatch.results import issued, unissued
 from optuna_rq.dispatch.runs import StudyRun
-from optuna_rq.dispatch.views import report_values, study_trials_view, study_view, trial_view
+from optuna_rq.dispatch.views import (
+    relative_search_space_view,
+    report_values,
+    study_trials_view,
+    study_view,
+    trial_view,
+)
 from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol import (
     PROTOCOL_VERSION,
@@ -275,6 +281,8 @@ def _perform(study: optuna.Study, trial: optuna.Trial, call: TrialCall) -> Any:
             return None
         case "relative_params":
             return dict(trial.relative_params)
+        case "relative_search_space":
+            return relative_search_space_view(trial)
         case "trial":
             return trial_view(study, trial)
         case "study":
