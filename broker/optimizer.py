@@ -112,9 +112,12 @@ class Optimizer:
     Raises:
         ValueError (`broker.errors.ConfigError`): for any invalid argument, naming it.
 
-    A trial ends COMPLETE with its value(s), PRUNED when the objective raises
-    `optuna.TrialPruned`, or FAIL with a `fail_reason` user attribute (`exception`,
-    `bad_return`) and the error text in `fail_error`; the run goes on either way.
+    A trial ends COMPLETE with its value(s) (whatever `study.tell` takes: numpy scalars and
+    0-d arrays too), PRUNED when the objective raises `optuna.TrialPruned`, or FAIL with a
+    `fail_reason` user attribute (`exception`, `bad_return`) and the error text in
+    `fail_error`; the run goes on, except after a `SystemExit` or `KeyboardInterrupt` from the
+    objective: then, as `study.optimize` does, no new trial starts, the trials running finish,
+    and the run raises it.
     """
 
     objective: CallbackType[...] | Any
