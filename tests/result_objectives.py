@@ -116,6 +116,11 @@ def exits(trial: optuna.Trial) -> float:
     raise SystemExit("cannot train: no data")
 
 
+async def exits_async(trial: optuna.Trial) -> float:
+    trial.set_user_attr("pid", os.getpid())
+    raise SystemExit(3)
+
+
 def interrupted(trial: optuna.Trial) -> float:
     trial.set_user_attr("pid", os.getpid())
     raise KeyboardInterrupt

@@ -64,7 +64,7 @@ def test_on_a_worker_the_trial_fails_naming_it_and_the_worker_serves_on(
         count=1, modules=MODULE, args=("--isolation", isolation, "--lease-ttl", "1")
     )
     pids: set[int] = set()
-    for objective, named in RAISED.items():
+    for objective, named in {**RAISED, "exits_async": "SystemExit(3)"}.items():
         study = optuna.create_study()
         remote(objective, redis_url, prefix, concurrency=1, n_trials=2, study=study).run()
         trials = study.trials
