@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import optuna
@@ -180,8 +179,17 @@ def test_a_workers_cold_shutdown_inside_an_objective_is_no_error_of_the_objectiv
         child = int(started.read_text())
         started.unlink()
         os.kill(child, signal.SIGTERM)  # warm: after the running trial
-        time.sleep(1.2)  # RQ ignores a second signal within 1 s of the first
-        os.kill(child, signal.SIGTERM)  # cold: SystemExit raised inside the objective
+
+        def cold_stopped() -> bool:
+            """SIGTERM again until it is RQ's cold shutdown (RQ ignores a second signal within
+            1 s of the first): SystemExit inside the objective, and the process ends."""
+            try:
+                os.kill(child, signal.SIGTERM)
+            except ProcessLookupError:
+                return True
+            return False
+
+        wait_until(cold_stopped, timeout_s=30, interval_s=0.25)
         wait_until(started.exists, timeout_s=60, message="the lost attempt was not retried")
         assert int(started.read_text()) != child  # on the worker process the pool restarted
         release.touch()
