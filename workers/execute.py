@@ -1,9 +1,11 @@
 """Run one trial's objective and turn whatever it does into one `TrialResult`.
 
 `execute` never raises for anything the objective does: a refused or unloadable objective, an
-exception, a prune, RQ's timeout alarm and a return value that is not the study's values each
-become a FAIL or PRUNED result with its `FailReason`. `trial_result` is the one place a
-`TrialResult` is built, here and by the supervisor for the attempts it reports lost.
+exception (`SystemExit` and `KeyboardInterrupt` included), a prune, RQ's timeout alarm and a
+return value that is not the study's values each become a FAIL or PRUNED result with its
+`FailReason`; only the worker's own cold shutdown (`WorkerShutdown`) goes through.
+`trial_result` is the one place a `TrialResult` is built, here and by the supervisor for the
+attempts it reports lost.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from optuna_rq.protocol import (
 )
 from optuna_rq.workers.loader import load_objective
 
-__all__ = ["TrialIdentity", "execute", "trial_result"]
+__all__ = ["TrialIdentity", "WorkerShutdown", "execute", "trial_result"]
+
+
+class WorkerShutdown(SystemExit):
+    """The worker process's own cold shutdown (a second SIGTERM or SIGINT to it), raised by its
+    signal handler wherever the process was, inside an objective too. It ends the process, never
+    the trial as the objective's error: a `SystemExit` or `KeyboardInterrupt` the objective
+    raises itself is its error, and the trial fails with it (`exception`)."""
 
 
 class TrialIdentity(Protocol):
@@ -117,7 +126,9 @@ def execute(
         return result(Outcome.PRUNED)
     except JobTimeoutException as exc:  # RQ's alarm stopped Python code at the trial timeout
         return result(Outcome.FAIL, reason=FailReason.TIMEOUT, error=f"{exc}")
-    except Exception as exc:
+    except WorkerShutdown:  # the process is going: the attempt is reported lost, and retried
+        raise
+    except (Exception, KeyboardInterrupt, SystemExit) as exc:  # sys.exit and argparse too
         return result(Outcome.FAIL, reason=FailReason.EXCEPTION, error=describe_exception(exc))
 
     values, why = judge_return(returned, request.n_objectives)

@@ -9,7 +9,7 @@ message's fields must hold is its schema's business (`schema`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, TypeAlias
 
 import msgpack
@@ -25,6 +25,7 @@ __all__ = [
     "check_params",
     "decode_map",
     "pack",
+    "peek_map",
 ]
 
 PROTOCOL_VERSION = 5
@@ -155,3 +156,47 @@ def _check_decoded(value: object, path: str, depth: int) -> None:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             _check_decoded(item, f"{path}[{index}]", depth + 1)
+
+
+_PEEKED_CHARS = 1024  # a name or a token, never a payload
+
+
+def peek_map(
+    raw: bytes, names: Collection[str], *, what: str, max_bin_len: int = _PEEKED_CHARS
+) -> dict[str, Any]:
+    """The top-level entries `names` of the msgpack map `raw`, each a scalar; every other entry
+    is skipped, never built. For a message refused whole (over the size cap, or with a field
+    its schema refuses): what it names, so that its sender can be told why. It is no decode:
+    nothing read here is a message, and a caller believes it only as far as a seal or a token
+    vouches. Bounded: only short scalars are built (bytes up to `max_bin_len`: a sealed body),
+    and skipping allocates nothing."""
+    if not isinstance(raw, (bytes, bytearray)) or not raw:
+        raise ProtocolError(f"{what}: nothing to read")
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=True,
+        ext_hook=_refuse_ext,
+        max_buffer_size=len(raw),
+        max_str_len=_PEEKED_CHARS,
+        max_bin_len=max_bin_len,
+        max_array_len=0,  # a wanted entry is a scalar: a container there is refused unread
+        max_map_len=MAX_CONTAINER_LEN,  # for the header; a map value is a container, skipped
+    )
+    unpacker.feed(raw)
+    found: dict[str, Any] = {}
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key in names and key not in found and isinstance(key, str):
+                found[key] = unpacker.unpack()
+                if isinstance(found[key], dict):
+                    raise ProtocolError(f"{what}: its {key!r} is a map")
+                if len(found) == len(names):
+                    break
+            else:
+                unpacker.skip()
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"{what}: cannot read its {sorted(names)}: {exc}") from exc
+    return found

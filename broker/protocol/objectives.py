@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 from optuna_rq.errors import ConfigError
@@ -72,26 +73,71 @@ MAX_ERROR_CHARS = 4000
 
 
 def judge_return(result: object, n_objectives: int) -> tuple[list[float] | None, str | None]:
-    """Check an objective's return: (values, None) when valid, (values or None, why) when not.
+    """Check an objective's return as `study.tell` takes it: (values, None) when valid, (values
+    or None, why) when not, `why` in Optuna's words (`optuna/study/_tell.py`).
 
-    Valid is a float (or int) for one objective, a tuple or list of them, one per direction, for
-    several. NaN values come back with a reason, so the caller can record why the trial failed.
+    A sequence (a tuple or list) holds one value per objective; anything else is the one value.
+    A value is whatever `float()` takes: a float or int (a bool too), a numpy scalar, a 0-d
+    array, a one-element tensor. Infinities are values. NaN values come back with a reason, so
+    the caller records why the trial failed. A string is no value: Optuna would take it for a
+    sequence of characters, and fail or raise on it.
     """
-    items = list(result) if isinstance(result, (tuple, list)) else [result]
-    if len(items) != n_objectives or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in items
-    ):
-        expected = "a float" if n_objectives == 1 else f"a tuple of {n_objectives} floats"
-        return None, f"objective returned {result!r} ({type(result).__name__}); expected {expected}"
-    values = [float(v) for v in items]  # type: ignore[arg-type]
-    if any(math.isnan(v) for v in values):
-        return values, f"objective returned NaN: {result!r}"
-    return values, None
+    if isinstance(result, Sequence) and not isinstance(result, (str, bytes, bytearray)):
+        items = list(result)
+    else:
+        items = [result]
+    floats = [_as_float(item) for item in items]
+    errors = [
+        f"The value {_shown(item)} could not be cast to float"
+        for item, value in zip(items, floats, strict=True)
+        if value is None
+    ]
+    nans = [v for v in floats if v is not None and math.isnan(v)]
+    errors += [f"The value {v} is not acceptable" for v in nans]
+    if not errors and len(floats) != n_objectives:
+        errors.append(
+            f"The number of the values {len(floats)} did not match the number of the "
+            f"objectives {n_objectives}"
+        )
+    values = [v for v in floats if v is not None]
+    if not errors:
+        return values, None
+    why = f"objective returned {_shown(result)} ({type(result).__name__}): {'; '.join(errors)}"
+    if len(values) == len(floats) == n_objectives:  # NaN alone: told, Optuna records the FAIL
+        return values, why
+    expected = "a float" if n_objectives == 1 else f"a tuple of {n_objectives} floats"
+    return None, f"{why}; expected {expected}, one per direction of the study"
+
+
+def _as_float(value: object) -> float | None:
+    """`float(value)`, or None if it takes none; a string never does here."""
+    if isinstance(value, (str, bytes, bytearray)):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]  # whatever has __float__ or __index__
+    except Exception:  # TypeError, ValueError, OverflowError (an int beyond a double), or
+        return None  # whatever a tensor's __float__ raises: a FAIL, never a crash
+
+
+_SHOWN_CHARS = 200
+
+
+def _shown(value: object) -> str:
+    """`repr(value)`, cut short: a returned array or model may print for pages."""
+    try:
+        text = repr(value)
+    except Exception:  # a repr that raises must not hide what the objective returned
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}..."
 
 
 def describe_exception(exc: BaseException) -> str:
-    """The error text stored on a failed trial: the exception line, then the traceback."""
+    """The error text stored on a failed trial: the traceback, then the exception line. One
+    that is no `Exception` (`SystemExit` from argparse or `sys.exit`, `KeyboardInterrupt`) is
+    named once more, last, as `repr` shows it: "SystemExit(2) raised in the objective"."""
     text = "".join(traceback.format_exception(exc))
+    if not isinstance(exc, Exception):
+        text += f"{exc!r} raised in the objective\n"
     return text[-MAX_ERROR_CHARS:]
 
 
