@@ -55,8 +55,10 @@ from optuna_rq.protocol.messages import (
     TrialResult,
 )
 from optuna_rq.protocol.objectives import (
+    TRIAL_PARAMETER,
     describe_exception,
     error_headline,
+    inputs_mismatch,
     judge_return,
     objective_path_of,
     parse_objective_path,
@@ -75,6 +77,7 @@ from optuna_rq.protocol.spec import StudySpec, open_stored_spec, seal_stored_spe
 from optuna_rq.protocol.status import StudyState, StudyStatus
 
 __all__ = [
+    "TRIAL_PARAMETER",
     "COMMAND_ID_PATTERN",
     "AttemptId",
     "CALL_FIELD",
@@ -130,6 +133,7 @@ __all__ = [
     "decode_map",
     "describe_exception",
     "error_headline",
+    "inputs_mismatch",
     "judge_return",
     "live_pools",
     "new_incarnation",
