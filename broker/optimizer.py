@@ -38,6 +38,7 @@ from optuna_rq.protocol import (
     Keys,
     check_queue_name,
     describe_exception,
+    inputs_mismatch,
 )
 from optuna_rq.space import Category, Float, Integer, Number, Suggestion, process, suggest
 from optuna_rq.trials import frozen_trial, optimize_loop, stop_requested
@@ -181,7 +182,11 @@ class Optimizer:
         return self.study
 
     async def __call__(self, **inputs: Any) -> None:
-        """Run all trials; return when every one of them has been told to the study."""
+        """Run all trials; return when every one of them has been told to the study.
+
+        ConfigError, before any trial, if the objective does not take `inputs` (a function;
+        the workers check a `module:function` path, which is not imported here)."""
+        self._check_inputs(inputs)
         if self.is_remote:
             await self._run_remote(inputs)
             return
@@ -205,6 +210,14 @@ class Optimizer:
         except (KeyboardInterrupt, SystemExit) as exc:
             raised.append(exc)
             self._study.stop()
+
+    def _check_inputs(self, inputs: dict[str, Any]) -> None:
+        """The objective takes `inputs` (and `trial`, if it has that parameter)."""
+        if isinstance(self.objective, str):
+            return
+        mismatch = inputs_mismatch(self.objective, inputs)
+        if mismatch is not None:
+            raise ConfigError(mismatch)
 
     def _after_tell(self, study: optuna.Study, number: int) -> None:
         """Call the callbacks with the trial just told."""

@@ -1,11 +1,11 @@
 """Run one trial's objective and turn whatever it does into one `TrialResult`.
 
-`execute` never raises for anything the objective does: a refused or unloadable objective, an
-exception (`SystemExit` and `KeyboardInterrupt` included), a prune, RQ's timeout alarm and a
-return value that is not the study's values each become a FAIL or PRUNED result with its
-`FailReason`; only the worker's own cold shutdown (`WorkerShutdown`) goes through.
-`trial_result` is the one place a `TrialResult` is built, here and by the supervisor for the
-attempts it reports lost.
+`execute` never raises for anything the objective does: a refused or unloadable objective, one
+whose parameters do not take the trial's inputs, an exception (`SystemExit` and
+`KeyboardInterrupt` included), a prune, RQ's timeout alarm and a return value that is not the
+study's values each become a FAIL or PRUNED result with its `FailReason`; only the worker's own
+cold shutdown (`WorkerShutdown`) goes through. `trial_result` is the one place a `TrialResult`
+is built, here and by the supervisor for the attempts it reports lost.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ from rq.timeouts import JobTimeoutException
 
 from optuna_rq.errors import ObjectiveLoadError, ObjectiveRefusedError
 from optuna_rq.protocol import (
+    TRIAL_PARAMETER,
     FailReason,
     Outcome,
     TrialRequest,
     TrialResult,
     describe_exception,
+    inputs_mismatch,
     judge_return,
 )
 from optuna_rq.workers.loader import load_objective
@@ -119,6 +121,10 @@ def execute(
         return result(Outcome.FAIL, reason=FailReason.NOT_ALLOWED, error=str(exc))
     except ObjectiveLoadError as exc:
         return result(Outcome.FAIL, reason=FailReason.IMPORT_ERROR, error=describe_exception(exc))
+    # Checked before the call, so that a TypeError the objective raises itself stays its own.
+    mismatch = inputs_mismatch(fn, request.params)
+    if mismatch is not None:
+        return result(Outcome.FAIL, reason=FailReason.BAD_SIGNATURE, error=mismatch)
 
     try:
         returned = _call(fn, dict(request.params), trial)
@@ -140,10 +146,10 @@ def execute(
 def _call(fn: Callable[..., Any], params: dict[str, Any], trial: Any | None) -> Any:
     """Call a sync or async function, or a flytekit task (run locally), with `params`, and a
     remote trial proxy when the function takes `trial` (define-by-run, or mixed)."""
-    if "trial" in _parameters(fn):
+    if TRIAL_PARAMETER in _parameters(fn):
         if trial is None:
             raise TypeError("this objective takes `trial`, but no remote trial is available here")
-        params = {**params, "trial": trial}
+        params = {**params, TRIAL_PARAMETER: trial}
     out = fn(**params)
     if inspect.isawaitable(out):
         return asyncio.run(_awaited(out))

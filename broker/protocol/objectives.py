@@ -6,15 +6,17 @@ function a plain public identifier after it, so no attribute path can reach thro
 module (`served:os.system` is refused).
 
 `judge_return` is shared by the in-process Optimizer and the workers, so a return value is judged
-the same way wherever the objective ran.
+the same way wherever the objective ran; `inputs_mismatch` by the front doors and the workers, so
+an objective is held to its space the same way wherever it imports.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from optuna_rq.errors import ConfigError
@@ -66,6 +68,71 @@ def objective_path_of(obj: Any) -> str:
     spec = f"{module}:{qualname}"
     parse_objective_path(spec)
     return spec
+
+
+TRIAL_PARAMETER = "trial"
+"""The parameter that makes an objective define-by-run: it is given the (remote) trial."""
+
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def inputs_mismatch(objective: Any, inputs: Iterable[str]) -> str | None:
+    """Why `objective` cannot be called as a trial calls it, `objective(**inputs)` (and
+    `trial=...` if it has a `trial` parameter), with `inputs` the space's top-level names: the
+    names it requires that the space lacks, and those the space gives that it does not take
+    (none with `**kwargs`). None if the call binds, or if its signature cannot be read (a
+    builtin): then the call itself says.
+
+    A definition error: the same for every trial, so it fails the study at once.
+    """
+    function = getattr(objective, "task_function", objective)  # a flytekit task's function
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+    parameters = signature.parameters
+    given = set(inputs)
+    if TRIAL_PARAMETER in parameters:
+        given.add(TRIAL_PARAMETER)
+    try:
+        signature.bind(**dict.fromkeys(given))
+        return None
+    except TypeError as exc:
+        bind_error = str(exc)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    named = {name for name, p in parameters.items() if p.kind in _NAMED}
+    missing = [
+        name
+        for name, p in parameters.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        and (name not in given or p.kind is inspect.Parameter.POSITIONAL_ONLY)
+    ]
+    unexpected = [] if takes_any else sorted(given - named)
+    name = getattr(function, "__qualname__", None) or repr(objective)
+    problems = []
+    if missing:
+        problems.append(
+            f"it requires {_names(missing)}, which the space does not give (add "
+            f"{'it' if len(missing) == 1 else 'them'} to the space, or give "
+            f"{'it' if len(missing) == 1 else 'them'} a default)"
+        )
+    if unexpected:
+        problems.append(
+            f"the space gives {_names(unexpected)}, which it does not take (remove "
+            f"{'it' if len(unexpected) == 1 else 'them'} from the space, or add "
+            f"{'the parameter' if len(unexpected) == 1 else 'the parameters'} or **kwargs)"
+        )
+    if not problems:  # e.g. a positional-only parameter given by name: Python's own words
+        problems.append(bind_error)
+    shown = ", ".join(
+        str(p.replace(annotation=inspect.Parameter.empty)) for p in parameters.values()
+    )
+    return f"{name}({shown}) cannot take the space's inputs: {'; '.join(problems)}"
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(repr(name) for name in names)
 
 
 MAX_ERROR_CHARS = 4000

@@ -73,6 +73,7 @@ class Record(str, enum.Enum):
     HEARTBEAT = "pool heartbeat"
     STATUS = "study status"
     SPEC = "stored study spec"
+    RECEIPT = "bulk command receipt"
 
     @property
     def signed_by(self) -> frozenset[Role]:
@@ -83,7 +84,7 @@ class Record(str, enum.Enum):
     def ages(self) -> bool:
         """Whether an old one is refused as a replay. A status or a kept spec is current until
         the broker replaces it, however old; the rest is acted on once, soon after it is sent."""
-        return self not in (Record.STATUS, Record.SPEC)
+        return self not in (Record.STATUS, Record.SPEC, Record.RECEIPT)
 
 
 _SIGNED_BY: dict[Record, frozenset[Role]] = {
@@ -96,6 +97,7 @@ _SIGNED_BY: dict[Record, frozenset[Role]] = {
     Record.HEARTBEAT: frozenset({Role.WORKER}),
     Record.STATUS: frozenset({Role.BROKER}),
     Record.SPEC: frozenset({Role.BROKER}),
+    Record.RECEIPT: frozenset({Role.BROKER}),
 }
 
 
