@@ -97,8 +97,12 @@ class BrokerClient:
         StudyConflictError, sending nothing, for a command about a study a remote Optimizer
         runs (`refuse_driven`)."""
         bodies = [sendable(c, max_bytes=self.signer.max_message_bytes) for c in commands]
-        for command in commands:
-            self.refuse_driven(command)
+        checked: set[str] = set()
+        for command in commands:  # the first command about a study decides (a Submit first)
+            name = command.spec.name if isinstance(command, Submit) else command.study
+            if name not in checked:
+                checked.add(name)
+                self.refuse_driven(command)
         pipe = self.connection.pipeline(transaction=False)
         pipe.rpush(self.keys.commands, *(self.signer.seal(Record.COMMAND, b) for b in bodies))
         pipe.xadd(self.keys.wake, {WAKE_FIELD: b""}, maxlen=WAKE_MAXLEN, approximate=False)

@@ -6,12 +6,25 @@ a name as the broker's first."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import redis
 
 from optuna_rq.client import BrokerClient
-from optuna_rq.errors import ConfigError, ProtocolError
-from optuna_rq.protocol import Keys, Role, Signer, StudyState, StudyStatus, generate_keyrings
+from optuna_rq.errors import ConfigError, ProtocolError, StudyConflictError
+from optuna_rq.protocol import (
+    Cancel,
+    Change,
+    Keys,
+    Role,
+    Signer,
+    StudySpec,
+    StudyState,
+    StudyStatus,
+    Submit,
+    generate_keyrings,
+)
 from optuna_rq.protocol.liveness import judge_driver
 from optuna_rq.protocol.status import RefusedStatus
 
@@ -85,3 +98,38 @@ def test_a_driver_is_judged_by_its_last_turn_on_the_redis_clock() -> None:
     assert gone is not None and not gone.alive
     assert gone.describe() == "the Optimizer on host:12 stopped 40s ago"
     assert judge_driver(status("b", driver=None), now_s=1040.0) is None
+
+
+def test_commands_about_a_driven_study_are_refused_and_a_submission_only_while_it_runs(
+    conn: redis.Redis, prefix: str
+) -> None:
+    """A study an Optimizer runs: broker commands about it are refused, sending nothing; a
+    submission of its name only while its process turns (with enqueued sets, the submission
+    decides for them); once it ended, the name is free for the broker."""
+    keys, signer = Keys(prefix), Signer()
+    client = BrokerClient(conn, prefix, signer=signer)
+    seconds, micros = conn.time()
+    now = float(seconds) + micros / 1e6
+    running = dataclasses.replace(status("x", driver="host:12"), turn_at_s=now)
+    conn.hset(keys.driven, "x", running.sealed(signer))
+    spec = StudySpec(
+        name="x", objective="tests.objectives:noop", space={}, n_trials=1, concurrency=1
+    )
+    batches = [
+        [Submit(spec=spec)],
+        [Submit(spec=spec), *client.enqueue_commands("x", [{"x": 0.5}])],
+        [Cancel(study="x")],
+        [Change(study="x", concurrency=2)],
+        client.enqueue_commands("x", [{"x": 0.5}]),
+    ]
+    for batch in batches:
+        with pytest.raises(StudyConflictError, match="run by the Optimizer on host:12"):
+            client.send(*batch)
+    assert conn.llen(keys.commands) == 0
+    ended = dataclasses.replace(running, state=StudyState.FINISHED)
+    conn.hset(keys.driven, "x", ended.sealed(signer))
+    for batch in batches[2:]:
+        with pytest.raises(StudyConflictError, match="not by the broker"):
+            client.send(*batch)
+    client.send(*batches[1])  # the name is free: the submission and its sets go
+    assert conn.llen(keys.commands) == 2
