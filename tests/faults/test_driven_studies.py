@@ -274,9 +274,10 @@ def test_a_broker_on_the_prefix_keeps_its_names_apart_from_an_optimizers(keyed: 
     broker = keyed.start_broker()
     run = optimizer_in_thread(keyed, "shared", n_trials=6, hold_s=0, objective="gated")
     wait_until(lambda: "running (optimizer" in listed(keyed, "shared"), timeout_s=60)
-    x = ("--param", "x={type: float, low: 0, high: 1}", "--n-trials", "1")
+    x = ("--param", "x={type: float, low: 0, high: 1}", "--n-trials", "1", "--concurrency", "1",
+         "--param", f"redis_url={keyed.server.url}", "--param", f"key={keyed.key}")  # fmt: skip
     refused = run_cli(keyed, "submit", "tests.fault_objectives:steady", "--study-name", "shared",
-                      *x, "--concurrency", "1", role=Role.CLIENT)  # fmt: skip
+                      *x, role=Role.CLIENT)  # fmt: skip
     assert refused.returncode != 0 and f"run by the Optimizer on {HERE}" in refused.stderr
     assert "which is running" in refused.stderr, refused.stderr
     for command in (("cancel", "shared"), ("set", "shared", "--concurrency", "1")):
@@ -302,8 +303,7 @@ def test_a_broker_on_the_prefix_keeps_its_names_apart_from_an_optimizers(keyed: 
 
     # Ended: the name is free for the broker, whose study then shows under it.
     taken = run_cli(keyed, "submit", "tests.fault_objectives:steady", "--study-name", "shared",
-                    *x, "--concurrency", "1", "--param", f"redis_url={keyed.server.url}",
-                    "--param", f"key={keyed.key}", "--wait", role=Role.CLIENT)  # fmt: skip
+                    *x, "--wait", role=Role.CLIENT)  # fmt: skip
     assert taken.returncode == 0, taken.stderr
     line = listed(keyed, "shared")
     assert "finished" in line and "optimizer" not in line, line
