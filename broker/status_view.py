@@ -180,7 +180,8 @@ def status_detail(
         lines.append(f"best params  {s.best_params!r}" if s.best_params else "best params  -")
     if s.driver is not None:
         lines.insert(2, f"driven by    the Optimizer on {s.driver} (a Python process, no broker)")
-        lines.append(f"storage      {s.storage or 'the Optimizer study (in its process)'}")
+        kept = s.storage or "the Optimizer's study (in its process)"
+        lines.append(f"storage      {kept}")
     else:
         lines.append(f"storage      {s.storage or 'the broker default (not taken yet)'}")
     if s.submitted_at is not None:
