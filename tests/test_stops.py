@@ -21,9 +21,13 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq import Optimizer
-from optuna_rq.client import BrokerClient
+from optuna_rq.client import BrokerClient, queued_status
 from optuna_rq.connection import connect
-from optuna_rq.protocol import Change
+from optuna_rq.daemon.commands import Commands
+from optuna_rq.daemon.daemon import Daemon
+from optuna_rq.daemon.settings import BrokerSettings
+from optuna_rq.errors import StudyEndedError
+from optuna_rq.protocol import Change, Keys, Signer, StudySpec, StudyState, refuse_if_closed
 from optuna_rq.studies import default_storage_url, open_storage
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env, start_broker, stop_process
@@ -229,6 +233,80 @@ def test_a_callbacks_study_stop_ends_an_in_process_run_cleanly() -> None:
         assert states == [TrialState.COMPLETE] * len(states) and 3 <= len(states) <= 4, states
         assert sorted(calls) == [t.number for t in opt.study.trials]
         calls.clear()
+
+
+# -- one rule for every ended study, on both sides ------------------------------------------------
+
+ENDED = [
+    (StudyState.FINISHED, None),  # by its budget
+    (StudyState.FINISHED, "stopped by --patience 2: no improvement in 2 completed trials"),
+    (StudyState.CANCELLED, None),
+    (StudyState.FAILED, None),
+]
+
+
+@pytest.fixture
+def daemon(conn: redis.Redis, prefix: str) -> Iterator[Daemon]:
+    """An in-process broker on the test's prefix (memory storage, no loop turning)."""
+    made = Daemon(conn, BrokerSettings(prefix=prefix, storage="memory"))
+    made.acquire()
+    yield made
+    made.dispatcher.stop_sampling()
+    made.release()
+
+
+@pytest.mark.parametrize(
+    ("state", "stopped"), ENDED, ids=["budget", "stopped", "cancelled", "failed"]
+)
+def test_every_ended_study_refuses_cancel_and_set_by_one_rule_on_both_sides(
+    daemon: Daemon, conn: redis.Redis, prefix: str, state: StudyState, stopped: str | None
+) -> None:
+    """The CLI's client refuses before sending, the broker's handlers refuse what was sent
+    before the study ended: the same error, in the same words, exit 2."""
+    spec = StudySpec(
+        name="over", objective="tests.objectives:noop", space={}, n_trials=3, concurrency=1
+    )
+    daemon.registry.store(spec)  # the broker holds its spec, and published it ended
+    ended = queued_status(spec).with_changes(state=state, stopped=stopped, complete=3)
+    conn.hset(Keys(prefix).status, "over", ended.sealed(Signer()))
+    client, handlers = BrokerClient(conn, prefix), Commands(daemon.registry)
+    sides: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {
+        "cancel": (lambda: client.cancel("over"), lambda: handlers.on_cancel("over")),
+        "set": (
+            lambda: client.change("over", n_trials=9, concurrency=2),
+            lambda: handlers.on_change("over", {"n_trials": 9, "concurrency": 2}),
+        ),
+    }
+    for command, (by_client, by_broker) in sides.items():
+        with pytest.raises(StudyEndedError) as at_client:
+            by_client()
+        with pytest.raises(StudyEndedError) as at_broker:
+            by_broker()
+        assert str(at_client.value) == str(at_broker.value)
+        assert at_client.value.exit_code == 2
+        why = f" ({stopped})" if stopped else ""
+        assert str(at_client.value) == (
+            f"study 'over' is {state.value}{why}: `{command}` does not change a study that "
+            "ended; resubmitting it (the same definition, --study-name over) reopens it"
+        )
+    assert conn.llen(Keys(prefix).commands) == 0  # nothing was sent
+    assert daemon.registry.stored_spec("over") == spec  # nor changed
+    assert client.status("over") == ended
+
+
+@pytest.mark.parametrize("state", list(StudyState))
+@pytest.mark.parametrize("stopped", [None, "stopped by --timeout 5: 5s since it was submitted"])
+def test_the_rule_refuses_exactly_ended_studies_and_set_of_stopping_ones(
+    state: StudyState, stopped: str | None
+) -> None:
+    for command in ("cancel", "set"):
+        refused = state.ended or (command == "set" and stopped is not None)
+        try:
+            refuse_if_closed("s", state, stopped=stopped, command=command)
+        except StudyEndedError as exc:
+            assert refused, (state, stopped, command, exc)
+        else:
+            assert not refused, (state, stopped, command)
 
 
 # -- set --n-trials below what the study started -------------------------------------------------
