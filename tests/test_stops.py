@@ -367,11 +367,11 @@ def test_a_deleted_studys_name_resubmitted_with_another_objective_is_refused_not
     refused = submit("noop", "reused", 2)
     assert refused.returncode == 1, refused.stderr
     assert last_line(refused.stderr) == (
-        "study 'reused' failed: study 'reused' is not run: its storage holds the trials of an "
-        "earlier study 'reused' of another definition (objective 'tests.objectives:quadratic', "
-        "not 'tests.objectives:noop'), which the broker no longer holds (deleted without "
-        "--purge, or another prefix's); nothing was added to it. Submit it under another "
-        "--study-name, or drop those trials first with `optuna-rq delete reused --purge`"
+        "study 'reused' failed: its storage holds the trials of an earlier study 'reused' of "
+        "another definition (objective 'tests.objectives:quadratic', not "
+        "'tests.objectives:noop'), which the broker no longer holds (deleted without --purge, "
+        "or another prefix's); nothing was added to it. Submit it under another --study-name, "
+        "or drop those trials first with `optuna-rq delete reused --purge`"
     )
     kept = trials("reused")
     assert len(kept) == 3 and all(t.value == (t.params["x"] - 2) ** 2 for t in kept)

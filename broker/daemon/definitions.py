@@ -56,20 +56,19 @@ def definition_conflict(storage: BaseStorage, spec: StudySpec) -> str | None:
     if not isinstance(recorded, dict):
         return None
     mine = recorded_definition(spec)
-    differences = [
+    differences = "; ".join(
         "another space" if name == "space" else f"{name} {recorded.get(name)!r}, not {mine[name]!r}"
         for name in _RECORDED
         if recorded.get(name) != mine[name]
-    ]
+    )
     if not differences:
         return None
     name = spec.name
     return (
-        f"study {name!r} is not run: its storage holds the trials of an earlier study "
-        f"{name!r} of another definition ({'; '.join(differences)}), which the broker "
-        "no longer holds (deleted without --purge, or another prefix's); nothing was added to "
-        f"it. Submit it under another --study-name, or drop those trials first with "
-        f"`optuna-rq delete {name} --purge`"
+        f"its storage holds the trials of an earlier study {name!r} of another definition "
+        f"({differences}), which the broker no longer holds (deleted without --purge, or "
+        "another prefix's); nothing was added to it. Submit it under another --study-name, "
+        f"or drop those trials first with `optuna-rq delete {name} --purge`"
     )
 
 

@@ -220,7 +220,7 @@ class Registry:
             self.storage_failed(exc, starting=spec)
             return
         if conflict is not None:  # its storage holds another definition's trials: untouched
-            log.error("%s", conflict)
+            log.error("study %r not started: %s", spec.name, conflict)
             self._publish_failed(spec, conflict)
             return
         if self.boundary.faulted(spec.name):  # `end_ended` ends it, and says so
