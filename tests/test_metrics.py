@@ -164,8 +164,10 @@ def test_every_way_a_trial_ends_is_counted_as_its_storage_says(
     conn = None
     try:
         wait_until(lambda: scrape(port), timeout_s=60, message="no metrics served")
+        # `elsewhere` only the workers import: `submit` cannot check it, the workers do.
         modules = ("tests.objectives", "tests.fault_objectives", "tests.held_objectives")
-        workers_factory(count=3, modules=modules)
+        workers_only = str(Path(__file__).parent / "workers_only")
+        workers_factory(count=3, modules=(*modules, "elsewhere"), args=("--path", workers_only))
         from optuna_rq.connection import connect
 
         conn = connect(redis_url)
@@ -178,7 +180,8 @@ def test_every_way_a_trial_ends_is_counted_as_its_storage_says(
             "exception": ("tests.objectives:raises", "--n-trials", "1"),
             "bad_return": ("tests.objectives:returns_str", "--n-trials", "1"),
             "timeout": ("tests.objectives:sleeps", "--param", "hold_s=60", "--trial-timeout", "1"),
-            "import_error": ("tests.objectives:nope", "--n-trials", "5"),
+            "import_error": ("elsewhere:nope", "--n-trials", "5"),
+            "bad_signature": ("elsewhere:takes_x", "--param", "booster=dart", "--n-trials", "5"),
             "worker_lost": ("tests.fault_objectives:exits", *recorded, "--max-retries", "0"),
             "cancelled": ("tests.held_objectives:held", *url, "--param", f"key={prefix}:c"),
             # Its first trial held past --timeout: the two asked ahead end FAIL cancelled.
