@@ -370,7 +370,12 @@ def set_command(
         typer.Option("--priority", min=0.001, help="New weight in sharing workers."),
     ] = None,
 ) -> None:
-    """Change a running study's cap, budget or priority."""
+    """Change a running study's cap, budget or priority.
+
+    An ended study (finished, cancelled, failed), or one a stop condition is winding down, is
+    refused (exit 2): resubmitting it reopens it. A budget below the trials the study has
+    started winds it down: it starts no more, and finishes once they end.
+    """
     changes = {
         k: v
         for k, v in {"concurrency": concurrency, "n_trials": n_trials, "priority": priority}.items()
@@ -380,8 +385,14 @@ def set_command(
         raise ConfigError("nothing to change: give --concurrency, --n-trials or --priority")
     client = make_client(ctx.obj)
     client.require_status(name)
-    client.change(name, **changes)
+    status = client.change(name, **changes)
     _err.print(f"study {name!r}: {changes}")
+    started = 0 if status is None else status.done + status.running
+    if n_trials is not None and n_trials < started:
+        _err.print(
+            f"study {name!r} has started {started} trials, more than --n-trials {n_trials}: "
+            f"it starts no more, and finishes once they end (its budget becomes what it started)"
+        )
 
 
 @app.command()

@@ -109,23 +109,25 @@ class BrokerClient:
         return read_receipts(self.connection, self.keys, self.signer, [c.id for c in commands])
 
     def cancel(self, study: str) -> None:
-        """Cancel a queued or running study; StudyConflictError if it has ended (nothing is
-        sent: an ended study is never rewritten)."""
-        self._refuse_if_ended(study, "nothing to cancel")
+        """Cancel a queued or running study; StudyEndedError if it has ended (nothing is sent:
+        an ended study is never rewritten, `protocol.status.refuse_if_closed`)."""
+        status = self.status(study)
+        if status is not None:
+            status.refuse("cancel")
         self.send(Cancel(study=study))
 
-    def change(self, study: str, **changes: Any) -> None:
+    def change(self, study: str, **changes: Any) -> StudyStatus | None:
         """`n_trials`, `concurrency` and/or `priority` for a queued or running `study`;
-        StudyConflictError if it has ended (resubmit it to run it on)."""
-        self._refuse_if_ended(
-            study, "not changed (resubmit it with a bigger --n-trials to run it on)"
-        )
-        self.send(Change(study=study, **changes))
-
-    def _refuse_if_ended(self, study: str, outcome: str) -> None:
+        StudyEndedError if it has ended or a stop condition is winding it down (nothing is
+        sent: resubmit it to run it on, `protocol.status.refuse_if_closed`). A budget below
+        the trials the study has started winds it down: it starts no more, and its budget
+        becomes what it started. Returns the status the change was checked against (None: the
+        study has none)."""
         status = self.status(study)
-        if status is not None and status.state.ended:
-            raise StudyConflictError(f"study {study!r} is {status.state.value} already: {outcome}")
+        if status is not None:
+            status.refuse("set")
+        self.send(Change(study=study, **changes))
+        return status
 
     def stored_spec(self, study: str) -> StudySpec | None:
         """The definition the broker holds for `study` (None: it has none yet, or the one

@@ -22,6 +22,7 @@ __all__ = [
     "RemoteTrialError",
     "StorageNotAllowedError",
     "StudyConflictError",
+    "StudyEndedError",
     "StudyStorageError",
 ]
 
@@ -109,3 +110,12 @@ class JournalConflictError(OptunaRQError, OSError):
 class StudyConflictError(OptunaRQError):
     """A command that conflicts with the study as it is: another definition under its name, or a
     cancel or change of a study that has ended. Nothing was changed."""
+
+
+class StudyEndedError(StudyConflictError):
+    """A `cancel` or `set` of a study that has ended (or, for `set`, that a stop condition is
+    winding down): refused, nothing changed; resubmitting the study reopens it
+    (`protocol.status.refuse_if_closed`). A usage error: the command, not the system, is at
+    fault."""
+
+    exit_code = 2

@@ -124,7 +124,13 @@ def follow_study(
             time.sleep(0.2)
     why = snap.outcome()
     if why is None:
-        console.print(f"study {name!r} finished: {snap.done} trials, {best_summary(snap)}")
+        # A stop condition that ended it is a success: said on the same line, not as an error.
+        stopped = f" ({snap.stopped})" if snap.stopped else ""
+        console.print(
+            f"study {name!r} finished: {snap.done} trials, {best_summary(snap)}{stopped}",
+            markup=False,
+            highlight=False,
+        )
         if snap.error:  # a resubmission the broker could not run
             console.print(f"[red]{escape(snap.error)}[/]")
             return 1
@@ -200,8 +206,11 @@ def _broker_change(gone: BrokerLiveness | None, watch: BrokerWatch) -> str:
 
 
 def _beside(snap: StudyStatus) -> str:
-    """What the bar shows beside the budget: retries, and failures by reason."""
+    """What the bar shows beside the budget: retries, failures by reason, and a stop condition
+    that holds while the last trials finish."""
     parts = [f"retries {snap.retries}"] if snap.retries else []
+    if snap.stopped and not snap.state.ended:
+        parts.append(f"stopping: {snap.stopped}")
     failures = ", ".join(f"{k} {v}" for k, v in sorted(snap.fail_reasons.items()))
     if failures:
         parts.append(f"failed: {failures}")
@@ -426,6 +435,7 @@ def status_detail(
     lines = [
         f"study        {s.name}",
         f"state        {_state(s, broker)}" + (f" ({s.error})" if s.error else ""),
+        *([f"stopped      {s.stopped}"] if s.stopped else []),
         f"objective    {s.objective}",
         f"queue        {s.queue}",
         f"directions   {', '.join(s.directions)}",

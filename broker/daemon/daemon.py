@@ -121,6 +121,7 @@ class Daemon:
                 boundary=self.boundary,
                 signer=self.signer,
                 persist=self.storages.flush,
+                stopped=self.stopping.reason,
             ),
             storages=self.storages,
             stopping=self.stopping,
@@ -295,6 +296,7 @@ class Daemon:
         self.inbox.apply(raw_commands)
         self.registry.end_ended()  # a command that faulted its study
         runs = self.dispatcher.runs
+        self._check_stop_conditions(told=False)  # a --timeout that passed: before any refill
         waiting = self.fair_share.share(runs, self.specs, now)
         if waiting:
             self.status.mark(*waiting)  # a study started or stopped waiting for workers
@@ -311,16 +313,21 @@ class Daemon:
         told = self.dispatcher.poll(None if behind else self.settings.poll_s)
         if told:
             self.status.mark(*runs)
-        self.stopping.check(
-            runs,
-            self.specs,
-            told=told > 0,
-            wind_down=self.dispatcher.wind_down,
-            guard=lambda name: self.boundary.guard(name, Site.STOP),
-        )
+        self._check_stop_conditions(told=told > 0)
         if self.registry.end_ended():
             self._update_metrics(now, force=True)  # an ended study leaves the gauges at once
         self.publish_status()
+
+    def _check_stop_conditions(self, *, told: bool) -> None:
+        """Wind down the studies a stop condition holds for; their status says so at once."""
+        stopped = self.stopping.check(
+            self.dispatcher.runs,
+            self.specs,
+            told=told,
+            wind_down=self.dispatcher.wind_down,
+            guard=lambda name: self.boundary.guard(name, Site.STOP),
+        )
+        self.status.mark(*stopped)
 
     def publish_status(self, *, force: bool = False) -> None:
         """Publish the running studies that changed, if the status interval passed (or `force`)."""

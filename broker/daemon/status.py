@@ -42,6 +42,10 @@ __all__ = ["MAX_SHARE", "StatusPublisher"]
 MAX_SHARE = 0.05
 """At most this share of the broker's time goes to publishing running studies' statuses."""
 
+_STOPPABLE = (StudyState.RUNNING, StudyState.FINISHED)
+"""The states whose status says why a stop condition stopped the study: a cancelled or failed
+one ended for another reason."""
+
 
 class StatusPublisher:
     """Writes StudyStatus for the broker, sealed by `signer`. `storage_url` names the storage a
@@ -57,8 +61,12 @@ class StatusPublisher:
         boundary: FaultBoundary,
         signer: Signer,
         persist: Callable[[], None] | None = None,
+        stopped: Callable[[str], str | None] | None = None,
     ) -> None:
         self.connection = connection
+        self.stopped = stopped or (lambda _name: None)
+        """Why a study stopped before its budget (`StopConditions.reason`): said in its status
+        while it runs on to its last trials and once it finished."""
         self.signer = signer
         self.boundary = boundary
         self.persist = persist
@@ -179,6 +187,7 @@ class StatusPublisher:
             priority=spec.priority,
             storage=self.storage_url(spec),
             error=error,
+            stopped=self.stopped(spec.name) if state in _STOPPABLE else None,
             submitted_at=spec.submitted_at,
             queue=spec.queue,
             # An ended study waits for nothing, even if its last trials ran before the fair

@@ -139,7 +139,6 @@ class Dispatcher:
             intermediate_key=self.sender.intermediate_key,
             grace_s=lease_grace_s,
             check_s=lease_check_s,
-            observer=self.observer,
             boundary=self.boundary,
             finish=self._finish,
             send=self._send,
@@ -420,27 +419,27 @@ class Dispatcher:
             return 1
         failpoints.hit("before_tell")
         arrived = arrival_s(entry_id)
-        verdict = verdict_of(result)
-        started = time.perf_counter()
-        self._finish(run, record, verdict)
+        self._finish(run, record, verdict_of(result))
         enqueued = record.enqueued_at
-        self.observer.told(
-            run.name,
-            verdict.state.name,
-            verdict.fail_reason,
-            tell_s=time.perf_counter() - started,
+        self.observer.delivered(
             start_delay_s=None if enqueued is None else arrived - result.duration_s - enqueued,
             result_age_s=time.time() - arrived if arrived else None,
         )
         return 1
 
     def _finish(self, run: StudyRun, record: InFlight, verdict: Verdict) -> None:
-        tell(run.study, record.trial, verdict)
+        """Tell the trial in flight `record` its verdict and take it out of `run`: the one way
+        a trial the dispatcher holds ends (a result, a lost worker, a cancel, a wind-down, a
+        trial that could not be sampled), so that each is counted here once (`observer`)."""
+        started = time.perf_counter()
+        state = tell(run.study, record.trial, verdict)
+        tell_s = time.perf_counter() - started
         failpoints.hit("after_tell")
         run.note(verdict)
         if record.holds_slot:
             self.retries.forget(run, record)
         run.finish(record.number)
+        self.observer.ended(run.name, state.name, verdict.fail_reason, tell_s=tell_s)
         if self.on_told is not None:
             self.on_told(run, record.number)
 
@@ -533,7 +532,14 @@ class Dispatcher:
                 # trial ends below, through the storage alone.
                 log.error("study %r trial %d: %s", run.name, record.number, exc)
         if orphans:
-            fail_orphans(run.study, verdict)
+            self.fail_orphans(run, verdict)
+
+    def fail_orphans(self, run: StudyRun, verdict: Verdict) -> None:
+        """End FAIL every trial of `run`'s study still RUNNING in its storage that nobody holds
+        (`verdict.fail_orphans`), counted as every trial that ends."""
+        ended = fail_orphans(run.study, verdict)
+        if ended:
+            self.observer.ended(run.name, TrialState.FAIL.name, verdict.fail_reason, count=ended)
 
     def abandon(self, run: StudyRun) -> None:
         """Stop dispatching `run` without a word to its storage (which failed): its queued jobs

@@ -76,7 +76,7 @@ from optuna_rq.protocol.signing import (
     Signer,
 )
 from optuna_rq.protocol.spec import StudySpec, open_stored_spec, seal_stored_spec
-from optuna_rq.protocol.status import StudyState, StudyStatus
+from optuna_rq.protocol.status import StudyState, StudyStatus, refuse_if_closed
 
 __all__ = [
     "RECEIPT_TTL_S",
@@ -145,6 +145,7 @@ __all__ = [
     "read_receipts",
     "objective_path_of",
     "parse_objective_path",
+    "refuse_if_closed",
     "seal_stored_spec",
     "sendable",
     "trial_queue",
