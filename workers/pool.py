@@ -174,11 +174,12 @@ class WorkerPool:
         self._restart_at.clear()
         busy = len(self.supervisor.running)
         count = len(self._children)
-        which = (
-            f"{_workers(count)} idle, stopping now"
-            if not busy
-            else f"{_workers(count)} stop once their running trials end ({busy} running)"
-        )
+        if not busy:
+            which = f"{_workers(count)} idle, stopping now"
+        elif busy == 1:
+            which = f"{_workers(count)} stopping, 1 once its running trial ends"
+        else:
+            which = f"{_workers(count)} stopping, {busy} once their running trials end"
         again = "press Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM or Ctrl-C"
         log.info(
             "%s: warm shutdown, %s; %s for a cold shutdown (kills them now; the broker retries "
