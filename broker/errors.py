@@ -17,6 +17,7 @@ __all__ = [
     "OptunaRQError",
     "ProtocolError",
     "RedisDataLostError",
+    "RedisInUseError",
     "RedisUnavailableError",
     "RemoteTrialError",
     "StorageNotAllowedError",
@@ -52,6 +53,10 @@ class ProtocolError(OptunaRQError):
 
 class RedisUnavailableError(OptunaRQError):
     """Redis cannot be reached or started."""
+
+
+class RedisInUseError(OptunaRQError):
+    """`redis stop` refused: a broker, workers or other clients use the embedded server."""
 
 
 class RedisDataLostError(OptunaRQError):
