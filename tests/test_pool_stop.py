@@ -79,3 +79,33 @@ def test_an_idle_pool_stops_at_once_with_no_stuck_child(
         assert len(pool.children()) == 2 and pool.all_gone(), text
         assert pool.registered(conn) == []  # RQ's registry: gone as they went
         assert live_workers(conn, prefix) == 0
+
+
+def test_a_pool_stopped_while_it_imports_starts_no_worker_and_exits(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """Ctrl-C while the pool imports what it serves (a slow import: torch, say): no worker
+    process starts afterwards, and the pool exits 0 (it used to start them, never tell them to
+    stop, and wait for them for good)."""
+    for round_ in range(ROUNDS):
+        gate = tmp_path / f"gate{round_}"
+        pool = TerminalPool(
+            redis_url,
+            prefix,
+            ["--count", "2"],
+            log=tmp_path / f"pool{round_}.log",
+            env=cli_env(OPTUNA_RQ_TEST_IMPORT_GATE=str(gate)),
+            module="tests.slow_import",
+        )
+        try:
+            wait_until(lambda gate=gate: Path(f"{gate}.importing").exists(), timeout_s=60)
+            pool.ctrl_c()
+            wait_until(lambda pool=pool: "warm shutdown" in pool.text(), timeout_s=30)
+            gate.touch()
+            assert pool.wait(timeout_s=60) == 0, pool.text()
+        finally:
+            if pool.process.poll() is None:
+                pool.kill()
+        text = pool.text()
+        assert "Ctrl-C: warm shutdown, no worker started yet" in text, text
+        assert pool.children() == {} and "all workers stopped" in text, text

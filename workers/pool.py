@@ -174,7 +174,9 @@ class WorkerPool:
         self._restart_at.clear()
         busy = len(self.supervisor.running)
         count = len(self._children)
-        if not busy:
+        if not count:
+            which = "no worker started yet"
+        elif not busy:
             which = f"{_workers(count)} idle, stopping now"
         elif busy == 1:
             which = f"{_workers(count)} stopping, 1 once its running trial ends"
