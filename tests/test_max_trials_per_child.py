@@ -16,9 +16,11 @@ import optuna
 import pytest
 import redis
 
+from optuna_rq.errors import ConfigError
 from optuna_rq.studies import default_storage_url, open_storage
+from optuna_rq.workers.pool import WorkerSettings
 from tests.terminal_pool import TerminalPool
-from tests.worker_processes import cli_env
+from tests.worker_processes import cli, cli_env
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -111,3 +113,21 @@ def test_each_worker_process_is_replaced_after_its_trials_and_an_edit_is_picked_
                 f"started in pid {trial.user_attrs['pid']}"
             )
             assert line in text, (line, text)
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 1.5])
+def test_a_limit_that_is_not_a_count_is_refused(limit: object) -> None:
+    with pytest.raises(ConfigError, match="--max-trials-per-child must be an integer >= 1"):
+        WorkerSettings(redis_url="unix:///nowhere", modules=("m",), max_trials_per_child=limit)  # type: ignore[arg-type]
+
+
+def test_the_command_refuses_a_limit_below_one() -> None:
+    result = subprocess.run(
+        cli("workers", "--import", "tests.objectives", "--max-trials-per-child", "0"),
+        env=cli_env(OPTUNA_RQ_REDIS_URL="redis://127.0.0.1:1/0"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Invalid value for '--max-trials-per-child'" in result.stderr, result.stderr

@@ -67,7 +67,7 @@ class _Child:
     started: float
     told_to_stop: float | None = None  # time.monotonic() of the SIGTERM that stops it
     dumped_at: float | None = None  # stuck: when it was asked for its stacks
-    retiring: int | None = None  # it took its --max-trials-per-child (this many) and exits
+    retired_after: int | None = None  # trials: it took its --max-trials-per-child, and exits
 
 
 class WorkerPool:
@@ -303,7 +303,7 @@ class WorkerPool:
             while child.channel.poll():
                 message: ChildMessage = child.channel.recv()
                 if isinstance(message, Retiring):
-                    child.retiring = message.trials
+                    child.retired_after = message.trials
                 else:
                     self.supervisor.receive(index, message)
         except (EOFError, OSError):
@@ -322,12 +322,12 @@ class WorkerPool:
             self._retiring.discard(index)
             log.info("worker %d (pid %s) stopped", index, child.process.pid)
             return
-        if child.retiring is not None and code == 0:
+        if child.retired_after is not None and code == 0:
             log.info(
                 "worker %d (pid %s) took its %d trials (--max-trials-per-child): replacing it",
                 index,
                 child.process.pid,
-                child.retiring,
+                child.retired_after,
             )
             self._start_child(index)
             return
