@@ -16,10 +16,11 @@ Neither subscribes to RQ's command channel (`rq:pubsub:<worker>`: RQ's shutdown,
 stop-job commands). A worker of ours takes its orders from elsewhere: its pool's signals stop it
 (`workers.pool`), the broker's cancel marks stop a trial (`workers.supervision`), and the Redis
 ACL users of deploy/ let nobody publish there. RQ's subscriber is a thread that blocks up to 60 s
-in a read, and RQ's teardown unsubscribes before it stops that thread: a thread that read the
-unsubscribe reply first waits 60 s for a subscription, and the teardown's join waits on it. So a
-stopping worker would hang in its teardown, for nothing it ever uses. Its registration (`rq
-info`, RQ's worker registry) is RQ's own, as before.
+in a read, and RQ's teardown unsubscribes before it stops that thread: a thread that reads the
+unsubscribe reply before it is stopped goes on to wait 60 s for a subscription, and the
+teardown's join waits for it (as long as its timeout allows). So a stopping worker hung in its
+teardown, for a channel it never uses. Its registration (`rq info`, RQ's worker registry) is
+RQ's own, as before.
 """
 
 from __future__ import annotations
