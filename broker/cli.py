@@ -170,8 +170,10 @@ def submit(
     """Submit a study to the broker and print its name.
 
     Everything is checked before anything is sent: the objective path, the space file, every
-    suggestion, every number. Resubmitting a study's definition runs it on to the new
-    --n-trials (an ended one too); another definition under its name is refused.
+    suggestion, every number, the limits of a message, and, if the objective imports here (from
+    the current directory, as workers import it), that it takes the space's inputs.
+    Resubmitting a study's definition runs it on to the new --n-trials (an ended one too);
+    another definition under its name is refused.
 
     With --wait, exit as `optuna-rq wait` does: 0 finished with a complete trial, 1 not, 3 no
     broker serves the prefix (unless --wait-for-broker).
@@ -179,6 +181,7 @@ def submit(
     from rich.markup import escape
 
     from optuna_rq.cli_checks import check_storage_url, check_trial_timeout
+    from optuna_rq.objective_checks import check_inputs_here
     from optuna_rq.protocol import StudySpec
     from optuna_rq.spacefile import load_space_file, merge_param, parse_param, space_to_data
 
@@ -212,6 +215,9 @@ def submit(
         patience=patience,
         queue=queue,
     )
+    unchecked = check_inputs_here(objective, spec.space)
+    if unchecked is not None:
+        _err.print(f"[yellow]note:[/] {escape(unchecked)}")
     client = make_client(options)
     client.submit(spec, enqueue=to_enqueue)
     typer.echo(spec.name)

@@ -1,7 +1,8 @@
 """`optuna-rq trials`, `best`, `delete` and `enqueue`: what users look for once a study runs.
 
 `trials` reads the study's own storage (the URL its status names); `best` reads its status;
-`delete` and `enqueue` are commands the broker applies, as every change to a study is.
+`delete` and `enqueue` are commands the broker applies, as every change to a study is, and
+`enqueue` says what the broker did with the sets, from its receipts.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.protocol import StudyState
 
 if TYPE_CHECKING:
-    from optuna_rq.protocol import StudyStatus
+    from optuna_rq.protocol import BulkReceipt, StudyStatus
 
 __all__ = ["best", "delete", "enqueue", "load_enqueue_file", "trials"]
 
@@ -270,38 +271,87 @@ def enqueue(
         Path,
         typer.Argument(
             help="YAML or JSON: a list of parameter sets, each a mapping of dotted parameter "
-            "names to values, e.g. [{x: 1.5, model.lr: 0.01}]."
+            "names to values, e.g. [{x: 1.5, model.lr: 0.01}].",
         ),
     ],
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            min=0,
+            help="Seconds to wait for the broker to say how many sets were new (it stores them "
+            "a slice at a time: 100,000 sets take about 30 s).",
+        ),
+    ] = 60.0,
 ) -> None:
     """Run known parameter sets next, before any sampled trial, each exactly once.
 
     The broker stores them in the study's storage as WAITING trials (Optuna's enqueue_trial),
     a slice at a time between its other work, so they survive a broker restart; a set already
-    enqueued or run is skipped. They count against --n-trials like any trial.
+    enqueued or run is skipped. They count against --n-trials like any trial. Prints how many
+    were new and how many already enqueued or run, as the broker reports them; exit 1 if some
+    were not stored (the study ended first, or its storage refused them).
     """
+    import time
+
     param_sets = load_enqueue_file(file)
     client = make_client(ctx.obj)
     status = client.require_status(name)
     if status.state.ended:
         raise ConfigError(f"study {name!r} is {status.state.value}: nothing would run them")
-    client.send(*client.enqueue_commands(name, param_sets))
-    typer.echo(f"enqueued {len(param_sets)} parameter sets for study {name!r}", err=True)
+    commands = client.enqueue_commands(name, param_sets)
+    client.send(*commands)
+    total = f"{len(param_sets)} parameter sets"
+    broker = client.liveness()
+    if not broker.serves:  # nobody to report back: say what was done, and what will be
+        typer.echo(
+            f"study {name!r}: {total} sent; a broker stores them when one runs on "
+            f"{client.prefix!r}, skipping those already enqueued or run ({broker.note()})"
+        )
+        return
+    deadline = time.monotonic() + timeout
+    receipts = client.receipts(commands)
+    while len(receipts) < len(commands) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        receipts = client.receipts(commands)
+    typer.echo(_enqueued(name, total, list(receipts.values()), done=len(receipts) == len(commands)))
+    if any(r.dropped or r.refused for r in receipts.values()):
+        raise typer.Exit(1)
+
+
+def _enqueued(name: str, total: str, receipts: list[BulkReceipt], *, done: bool) -> str:
+    """What `enqueue` says the broker did with the sets: from its receipts, all of them if
+    `done`, else those it is done with so far."""
+    new = sum(r.new for r in receipts)
+    existing = sum(r.existing for r in receipts)
+    counts = [f"{new} new", f"{existing} already enqueued or run"]
+    refused = sum(r.refused for r in receipts)
+    if refused:
+        counts.append(f"{refused} refused by its storage (see the broker's log)")
+    earlier = sum(r.earlier for r in receipts)
+    if earlier:
+        counts.append(f"{earlier} stored by the broker before it restarted")
+    dropped = sum(r.dropped for r in receipts)
+    if dropped:
+        whys = sorted({r.why for r in receipts if r.dropped and r.why})
+        counts.append(f"{dropped} not stored ({'; '.join(whys) or 'the study stopped'})")
+    if done:
+        return f"study {name!r}: {total}: {', '.join(counts)}"
+    applied = sum(r.items for r in receipts)
+    so_far = f" (done with {applied} so far: {', '.join(counts)})" if applied else ""
+    return (
+        f"study {name!r}: {total} sent; the broker stores them{so_far}, and its log says when "
+        "it is done"
+    )
 
 
 def load_enqueue_file(path: Path) -> list[dict[str, Any]]:
     """The parameter sets in `path`: a YAML/JSON list of mappings (one mapping alone is taken as
     a list of one); ConfigError naming the file otherwise."""
-    import yaml
-
     from optuna_rq.protocol.codec import check_params
+    from optuna_rq.spacefile import load_data_file
 
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read parameter-set file {str(path)!r}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"parameter-set file {str(path)!r} is not valid YAML: {exc}") from exc
+    data = load_data_file(path, what="parameter-set file")
     if isinstance(data, dict):
         data = [data]
     if (

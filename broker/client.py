@@ -22,6 +22,7 @@ from optuna_rq.errors import ConfigError, ProtocolError, StudyConflictError
 from optuna_rq.protocol import (
     WAKE_FIELD,
     WAKE_MAXLEN,
+    BulkReceipt,
     Cancel,
     Change,
     Command,
@@ -38,6 +39,8 @@ from optuna_rq.protocol import (
     enqueue_commands,
     live_pools,
     open_stored_spec,
+    read_receipts,
+    sendable,
 )
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerLiveness, read_liveness
 from optuna_rq.protocol.status import RefusedStatus, read_status, read_statuses
@@ -72,11 +75,11 @@ class BrokerClient:
     def send(self, *commands: Command) -> None:
         """Queue `commands` for the broker, sealed, in one push (the broker takes them in one
         batch, in order), and wake the broker's loop to take them now (else they would be taken
-        when the loop next turns: up to its poll interval)."""
+        when the loop next turns: up to its poll interval). ConfigError, sending none, if one is
+        over a limit the broker's decoder enforces (`sendable`): it would be dropped there."""
+        bodies = [sendable(c, max_bytes=self.signer.max_message_bytes) for c in commands]
         pipe = self.connection.pipeline(transaction=False)
-        pipe.rpush(
-            self.keys.commands, *(self.signer.seal(Record.COMMAND, c.encode()) for c in commands)
-        )
+        pipe.rpush(self.keys.commands, *(self.signer.seal(Record.COMMAND, b) for b in bodies))
         pipe.xadd(self.keys.wake, {WAKE_FIELD: b""}, maxlen=WAKE_MAXLEN, approximate=False)
         pipe.execute()
 
@@ -99,6 +102,11 @@ class BrokerClient:
     def enqueue_commands(self, study: str, param_sets: list[dict[str, Any]]) -> list[Enqueue]:
         """`Enqueue` commands for `param_sets`, each within the message cap (`send` them)."""
         return enqueue_commands(study, param_sets, max_bytes=self.signer.max_message_bytes)
+
+    def receipts(self, commands: list[Enqueue]) -> dict[str, BulkReceipt]:
+        """What the broker did with the parameter sets of these sent `commands`, by command id,
+        for those it is done with so far (`protocol.receipts`)."""
+        return read_receipts(self.connection, self.keys, self.signer, [c.id for c in commands])
 
     def cancel(self, study: str) -> None:
         """Cancel a queued or running study; StudyConflictError if it has ended (nothing is

@@ -12,6 +12,7 @@ __all__ = [
     "FenceError",
     "FenceLostError",
     "JournalConflictError",
+    "MessageLimitError",
     "ObjectiveLoadError",
     "ObjectiveRefusedError",
     "OptunaRQError",
@@ -49,6 +50,11 @@ class StorageNotAllowedError(ConfigError):
 
 class ProtocolError(OptunaRQError):
     """A message that is not a valid optuna-rq message."""
+
+
+class MessageLimitError(ProtocolError):
+    """A message over a limit of the wire (`protocol.codec`: the byte cap, the entries of a list
+    or map, the nesting depth). Whoever makes one refuses it, as the other side would."""
 
 
 class RedisUnavailableError(OptunaRQError):

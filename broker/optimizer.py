@@ -38,6 +38,7 @@ from optuna_rq.protocol import (
     Keys,
     check_queue_name,
     describe_exception,
+    inputs_mismatch,
 )
 from optuna_rq.space import Category, Float, Integer, Number, Suggestion, process, suggest
 from optuna_rq.trials import frozen_trial, optimize_loop, stop_requested
@@ -112,9 +113,12 @@ class Optimizer:
     Raises:
         ValueError (`broker.errors.ConfigError`): for any invalid argument, naming it.
 
-    A trial ends COMPLETE with its value(s), PRUNED when the objective raises
-    `optuna.TrialPruned`, or FAIL with a `fail_reason` user attribute (`exception`,
-    `bad_return`) and the error text in `fail_error`; the run goes on either way.
+    A trial ends COMPLETE with its value(s) (whatever `study.tell` takes: numpy scalars and
+    0-d arrays too), PRUNED when the objective raises `optuna.TrialPruned`, or FAIL with a
+    `fail_reason` user attribute (`exception`, `bad_return`) and the error text in
+    `fail_error`; the run goes on, except after a `SystemExit` or `KeyboardInterrupt` from the
+    objective: then, as `study.optimize` does, no new trial starts, the trials running finish,
+    and the run raises it.
     """
 
     objective: CallbackType[...] | Any
@@ -178,14 +182,42 @@ class Optimizer:
         return self.study
 
     async def __call__(self, **inputs: Any) -> None:
-        """Run all trials; return when every one of them has been told to the study."""
+        """Run all trials; return when every one of them has been told to the study.
+
+        ConfigError, before any trial, if the objective does not take `inputs` (a function;
+        the workers check a `module:function` path, which is not imported here)."""
+        self._check_inputs(inputs)
         if self.is_remote:
             await self._run_remote(inputs)
             return
         semaphore = asyncio.Semaphore(self.concurrency)
+        raised: list[BaseException] = []
         with optimize_loop(self._study):  # study.stop() from a callback ends the run
-            trials = [self.spawn(semaphore, deepcopy(inputs)) for _ in range(self.n_trials)]
+            trials = [
+                self._stops_the_run(self.spawn(semaphore, deepcopy(inputs)), raised)
+                for _ in range(self.n_trials)
+            ]
             await asyncio.gather(*trials)
+        if raised:
+            raise raised[0]
+
+    async def _stops_the_run(self, trial: Awaitable[None], raised: list[BaseException]) -> None:
+        """Run one trial; a SystemExit or KeyboardInterrupt from its objective (told FAIL by
+        `spawn`) stops the run as it stops `study.optimize(n_jobs=...)`: no new trial starts,
+        those running finish and are told, then the run raises it."""
+        try:
+            await trial
+        except (KeyboardInterrupt, SystemExit) as exc:
+            raised.append(exc)
+            self._study.stop()
+
+    def _check_inputs(self, inputs: dict[str, Any]) -> None:
+        """The objective takes `inputs` (and `trial`, if it has that parameter)."""
+        if isinstance(self.objective, str):
+            return
+        mismatch = inputs_mismatch(self.objective, inputs)
+        if mismatch is not None:
+            raise ConfigError(mismatch)
 
     def _after_tell(self, study: optuna.Study, number: int) -> None:
         """Call the callbacks with the trial just told."""
@@ -299,16 +331,13 @@ class Optimizer:
             except optuna.TrialPruned:
                 tell(study, trial, Verdict(state=TrialState.PRUNED))
             except Exception as exc:
-                tell(
-                    study,
-                    trial,
-                    Verdict(
-                        state=TrialState.FAIL,
-                        fail_reason=FailReason.EXCEPTION,
-                        error=describe_exception(exc),
-                    ),
-                )
-            except BaseException as exc:  # cancelled or interrupted: never leave it RUNNING
+                tell(study, trial, _raised(exc))
+            except (KeyboardInterrupt, SystemExit) as exc:
+                # The objective's error, as study.optimize records it; and it stops the run as
+                # it stops study.optimize: in-process, a Ctrl-C looks just the same.
+                tell(study, trial, _raised(exc))
+                raise
+            except BaseException as exc:  # cancelled: never leave it RUNNING
                 tell(
                     study,
                     trial,
@@ -322,6 +351,13 @@ class Optimizer:
             else:
                 tell(study, trial, judge_result(result, len(study.directions)))
             self._after_tell(study, trial.number)
+
+
+def _raised(exc: BaseException) -> Verdict:
+    """The verdict on an in-process trial whose objective raised `exc`."""
+    return Verdict(
+        state=TrialState.FAIL, fail_reason=FailReason.EXCEPTION, error=describe_exception(exc)
+    )
 
 
 _log = logging.getLogger("optuna_rq.optimizer")

@@ -22,7 +22,23 @@ import yaml
 from optuna_rq.errors import ConfigError
 from optuna_rq.space import Category, Float, Integer, Suggestion
 
-__all__ = ["load_space_file", "parse_param", "space_from_data", "space_to_data"]
+__all__ = [
+    "MAX_FILE_BYTES",
+    "MAX_FILE_VALUES",
+    "load_data_file",
+    "load_space_file",
+    "load_yaml",
+    "parse_param",
+    "space_from_data",
+    "space_to_data",
+]
+
+MAX_FILE_BYTES = 64 * 1024 * 1024
+"""The largest space or parameter-set file read (64 MiB): past it, the file is refused unread."""
+MAX_FILE_VALUES = 4_000_000
+"""The most values (mappings, lists and scalars) a YAML text may hold, each alias counted as what
+it expands to: ten lines of aliases of aliases can stand for billions of values (an alias bomb),
+which everything after the load would walk. 100,000 parameter sets of five names are ~1,100,000."""
 
 _KEYS: dict[str, tuple[type[Suggestion], set[str], set[str]]] = {
     # type: (class, required keys, optional keys)
@@ -109,20 +125,93 @@ def space_to_data(inputs: Mapping[str, Any]) -> dict[str, Any]:
 def load_space_file(path: str | Path) -> dict[str, Any]:
     """Read and validate a YAML or JSON space file; errors name the file and the fix."""
     file = Path(path)
-    try:
-        text = file.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read space file {str(file)!r}: {exc.strerror}") from exc
-    try:
-        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"space file {str(file)!r} is not valid YAML/JSON: {exc}") from exc
+    data = load_data_file(file, what="space file")
     if data is None:
         raise ConfigError(f"space file {str(file)!r} is empty")
     try:
         return space_from_data(data)
     except ConfigError as exc:
         raise ConfigError(f"space file {str(file)!r}: {exc}") from exc
+
+
+def load_data_file(file: Path, *, what: str) -> Any:
+    """The data in a YAML (or `.json`) file, read within `MAX_FILE_BYTES` and, for YAML,
+    `MAX_FILE_VALUES` (`load_yaml`); ConfigError naming the file (as `what`), and the fix."""
+    name = f"{what} {str(file)!r}"
+    try:
+        with file.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {name}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(
+            f"{name} is over {MAX_FILE_BYTES // 2**20} MiB, the most a file of inputs may be: "
+            "split it, or keep large data out of it (give a path to the data instead)"
+        )
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name} is not UTF-8 text: {exc}") from exc
+    if file.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{name} is not valid JSON: {exc}") from exc
+    return load_yaml(text, what=name)
+
+
+def load_yaml(text: str, *, what: str) -> Any:
+    """`yaml.safe_load(text)`, bounded: ConfigError, naming `what`, for text that is not YAML,
+    that nests deeper than Python can walk, or whose aliases expand past `MAX_FILE_VALUES`
+    values, found on the node graph before anything is built (aliases share nodes, so it is
+    walked once, whatever they expand to)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        values = 0 if node is None else _expanded_size(node, {}, set())
+        data = None if node is None or values > MAX_FILE_VALUES else loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} is not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{what} nests too deep to read") from None
+    except _AliasLoop:
+        raise ConfigError(
+            f"{what}: an alias refers to a mapping or list that contains it (a loop): write "
+            "the values out"
+        ) from None
+    finally:
+        loader.dispose()
+    if values > MAX_FILE_VALUES:
+        raise ConfigError(
+            f"{what}: its YAML aliases expand to more than {MAX_FILE_VALUES:,} values, the "
+            "most a file of inputs may hold (an alias bomb?): write the values out, or split it"
+        )
+    return data
+
+
+class _AliasLoop(Exception):
+    """A YAML node that contains itself, through an alias."""
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many values `node` stands for with every alias expanded (at most one past the
+    limit); `sizes` remembers each node (an alias is its anchor's node again), `open_` holds the
+    nodes being counted, to find one that contains itself."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise _AliasLoop
+    open_.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(item, sizes, open_) for item in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        for name, value in node.value:
+            total += _expanded_size(name, sizes, open_) + _expanded_size(value, sizes, open_)
+    open_.discard(key)
+    sizes[key] = total = min(total, MAX_FILE_VALUES + 1)  # no huge numbers past the limit
+    return total
 
 
 def parse_param(text: str) -> tuple[list[str], Any]:
@@ -137,10 +226,7 @@ def parse_param(text: str) -> tuple[list[str], Any]:
     path = name.strip().split(".")
     if not all(path):
         raise ConfigError(f"--param {text!r}: {name!r} is not a dotted name")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--param {text!r}: the value is not valid YAML: {exc}") from exc
+    value = load_yaml(raw, what=f"--param {text!r}: the value") if raw.strip() else ""
     glued = _glued_colon_key(value)
     if glued is not None:
         raise ConfigError(

@@ -47,7 +47,8 @@ def worker_lost(error: str) -> Verdict:
 
 
 def judge_result(result: object, n_objectives: int) -> Verdict:
-    """The verdict on what an in-process objective returned; anything but floats is FAIL.
+    """The verdict on what an in-process objective returned: COMPLETE with what `study.tell`
+    takes (`judge_return`), else FAIL `bad_return` with Optuna's reason.
 
     NaN values are kept so `tell` passes them with `state=None` and Optuna records FAIL itself.
     """

@@ -271,10 +271,12 @@ def test_cancel_ends_running_trials_as_cancelled(
 def test_a_missing_function_fails_its_trials_and_everything_keeps_serving(
     run_cli, broker_process, workers_factory
 ) -> None:
-    workers_factory(count=1)
+    # A module only the workers import: here, `submit` would refuse the missing function.
+    workers_only = str(Path(__file__).resolve().parent / "workers_only")
+    workers_factory(count=1, modules=("elsewhere",), args=("--path", workers_only))
     run_cli(
         "submit",
-        "tests.objectives:nope",
+        "elsewhere:nope",
         "--param",
         X,
         "--n-trials",
@@ -290,7 +292,7 @@ def test_a_missing_function_fails_its_trials_and_everything_keeps_serving(
     assert snapshot["state"] == "failed" and snapshot["fail_reasons"]["import_error"] == 3
     run_cli(
         "submit",
-        "tests.objectives:quadratic",
+        "elsewhere:takes_x",
         "--param",
         X,
         "--n-trials",

@@ -26,7 +26,16 @@ from optuna_rq.client import BrokerClient
 from optuna_rq.daemon.daemon import Daemon
 from optuna_rq.daemon.param_sets import ParamSetIndex, repeats
 from optuna_rq.daemon.settings import BrokerSettings
-from optuna_rq.protocol import Delete, Enqueue, Keys, decode_command, enqueue_commands
+from optuna_rq.errors import ProtocolError
+from optuna_rq.protocol import (
+    BulkReceipt,
+    Delete,
+    Enqueue,
+    Keys,
+    Signer,
+    decode_command,
+    enqueue_commands,
+)
 from optuna_rq.protocol.spec import StudySpec
 
 pytestmark = pytest.mark.timeout(600)
@@ -248,7 +257,8 @@ def test_cancelling_or_deleting_a_study_drops_its_pending_sets(
     client.submit(_spec("s", n_trials=100_000, concurrency=1))
     daemon.step()
     daemon.backlog.budget_s = 0.001
-    client.send(*client.enqueue_commands("s", [{"x": i * 1e-3} for i in range(6_000)]))
+    commands = client.enqueue_commands("s", [{"x": i * 1e-3} for i in range(6_000)])
+    client.send(*commands)
     while conn.llen(Keys(prefix).commands):  # every command taken (in order: before a cancel)
         daemon.step()
     study = daemon.dispatcher.runs["s"].study
@@ -263,6 +273,68 @@ def test_cancelling_or_deleting_a_study_drops_its_pending_sets(
     assert not conn.exists(Keys(prefix).backlog_of("s"))
     assert not conn.hexists(Keys(prefix).backlog, "s")
     assert len(_enqueued(study)) == stored  # nothing more stored after
+    # Each command's receipt says what became of its sets: stored, or dropped and why.
+    receipts = client.receipts(commands)
+    assert len(receipts) == len(commands)
+    assert sum(r.new for r in receipts.values()) == stored
+    assert sum(r.dropped for r in receipts.values()) == 6_000 - stored
+    why = f"the study was {'cancelled' if command == 'cancel' else 'deleted'}"
+    assert {r.why for r in receipts.values() if r.dropped} == {why}
+
+
+def test_each_enqueue_command_gets_a_receipt_of_new_and_existing_sets(
+    daemon: Daemon, conn: redis.Redis, prefix: str
+) -> None:
+    client = BrokerClient(conn, prefix)
+    client.submit(_spec("s", n_trials=100_000, concurrency=1))
+    daemon.step()
+    first = client.enqueue_commands("s", [{"x": 1.0}, {"x": 2.0}])
+    client.send(*first)
+    _settle(daemon, conn, prefix)
+    # Split into commands of one set each: every command has its own receipt.
+    again = [{"x": 1.0}, {"x": 3.0}, {"x": 2.0 * (1 + 0.5e-5)}, {"x": 3.0}]
+    commands = [c for params in again for c in client.enqueue_commands("s", [params])]
+    client.send(*commands)
+    _settle(daemon, conn, prefix)
+    assert [(r.new, r.existing) for r in client.receipts(first).values()] == [(2, 0)]
+    receipts = client.receipts(commands)
+    assert [(receipts[c.id].new, receipts[c.id].existing) for c in commands] == [
+        (0, 1),
+        (1, 0),
+        (0, 1),  # within Optuna's 1e-5 of a stored set
+        (0, 1),  # stored by the command before it
+    ]
+    assert all(r.study == "s" and not r.dropped and r.why is None for r in receipts.values())
+
+
+def test_an_enqueue_for_a_study_that_is_not_running_gets_a_receipt_saying_so(
+    daemon: Daemon, conn: redis.Redis, prefix: str
+) -> None:
+    client = BrokerClient(conn, prefix)
+    commands = client.enqueue_commands("ghost", [{"x": 1.0}, {"x": 2.0}])
+    client.send(*commands)
+    _settle(daemon, conn, prefix)
+    [receipt] = client.receipts(commands).values()
+    assert (receipt.new, receipt.dropped, receipt.why) == (0, 2, "study 'ghost' is not running")
+
+
+def test_a_receipt_opens_only_as_the_brokers_for_its_own_command(
+    conn: redis.Redis, prefix: str
+) -> None:
+    keys = Keys(prefix)
+    broker = Signer(b"a shared secret of 32 bytes, ok!")
+    client = BrokerClient(conn, prefix, signer=broker)
+    mine, other = (Enqueue(study="s", params=[{"x": 1.0}]) for _ in range(2))
+    receipt = BulkReceipt(study="s", command=mine.id, new=1)
+    conn.set(keys.receipt(mine.id), receipt.sealed(broker))
+    assert client.receipts([mine]) == {mine.id: receipt}
+    conn.set(keys.receipt(other.id), receipt.sealed(broker))  # copied under another command
+    with pytest.raises(ProtocolError, match="bad signature"):
+        client.receipts([other])
+    unsigned = BulkReceipt(study="s", command=other.id, new=1).encode()
+    conn.set(keys.receipt(other.id), unsigned)
+    with pytest.raises(ProtocolError, match="is not signed"):
+        client.receipts([other])
 
 
 def test_large_lists_travel_as_commands_within_the_message_cap() -> None:

@@ -64,6 +64,9 @@ def _decoders() -> list:
         TrialCallReply.decode,
         StudySpec.decode,
         lambda raw: Signer(b"k" * 32).open(Record.COMMAND, raw),
+        # What the broker reads of a call it refuses, to answer it (`dispatch.calls`).
+        lambda raw: TrialCall.peek(raw, ("study", "incarnation", "trial_number", "token")),
+        lambda raw: Signer(b"k" * 32).open_over_the_cap(Record.CALL, raw),
     ]
 
 

@@ -1,5 +1,5 @@
 """The study lifecycle through real processes: resubmission, refusals, cancel stopping running
-objectives, counts of the budget, and studies whose trials cannot run."""
+objectives, counts of the budget (studies whose trials cannot run: test_definition_errors.py)."""
 
 from __future__ import annotations
 
@@ -219,35 +219,3 @@ def test_counts_are_of_the_budget_and_a_study_without_a_complete_trial_exits_non
     assert snapshot["fail_reasons"] == {"worker_lost": 3}
     table = run_cli("status", "lost")
     assert "1/1 done" in table.stdout and "2 retries" in table.stdout
-
-
-@pytest.mark.parametrize(
-    ("objective", "reason"),
-    [
-        ("tests.objectives:nope", "import_error"),
-        # Not `not_allowed`: with routing, a trial only reaches workers that serve its module, so
-        # a study no worker may serve waits for one (tests/test_routing.py), it is not failed.
-    ],
-)
-def test_a_study_whose_trials_cannot_run_stops_failed_after_a_few(
-    run_cli, broker_process, workers_factory, objective: str, reason: str
-) -> None:
-    workers_factory(count=1)
-    waited = run_cli(
-        "submit",
-        objective,
-        "--param",
-        X,
-        "--n-trials",
-        "50",
-        "--concurrency",
-        "2",
-        "--study-name",
-        "broken",
-        "--wait",
-    )
-    assert waited.returncode == 1 and reason in waited.stderr
-    snapshot = status_of(run_cli, "broken")
-    assert snapshot["state"] == "failed" and reason in snapshot["error"]
-    # Three in a row stop it; the one beside them (concurrency 2) may have ended as well.
-    assert 3 <= snapshot["fail_reasons"].get(reason, 0) <= 4 and snapshot["ended"] <= 4

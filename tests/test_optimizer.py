@@ -160,7 +160,7 @@ def test_nan_and_bad_returns_become_fail_never_running() -> None:
     assert all(
         t.user_attrs[FAIL_REASON_ATTR] == "bad_return" for t in trials if t.state.name == "FAIL"
     )
-    assert "NaN" in trials[0].user_attrs[FAIL_ERROR_ATTR]
+    assert "The value nan is not acceptable" in trials[0].user_attrs[FAIL_ERROR_ATTR]
 
 
 def test_pruned_objective_ends_pruned() -> None:

@@ -169,7 +169,10 @@ def test_every_role_runs_a_study_as_its_own_user_and_nothing_is_refused(
         slow = f"--study-name slow {x} --param hold_s=600 --n-trials 50 --concurrency 2"
         _cli(server, state, f"submit tests.objectives:sleeps {slow}")
         front = BrokerClient(server.connect("client"), PREFIX, signer=Signer(SECRET.encode()))
-        front.send(*front.enqueue_commands("slow", [{"x": 0.5}]))
+        enqueued = front.enqueue_commands("slow", [{"x": 0.5}])
+        front.send(*enqueued)
+        wait_until(lambda: front.receipts(enqueued), timeout_s=60, message="no receipt")
+        assert [r.new for r in front.receipts(enqueued).values()] == [1]
         front.change("slow", concurrency=1)
         wait_until(
             lambda: front.require_status("slow").running >= 1,
@@ -240,6 +243,7 @@ def key_classes() -> dict[str, str]:
         "generation": f"{keys.broker}:generation",  # the lock's (daemon/lock.py)
         "pool": keys.pool("a-pool"),
         "backlog_of": keys.backlog_of("s"),
+        "receipt": keys.receipt("0" * 32),
         "private_results": private,
         "lease": Keys.lease(ours),
         "cancel": Keys.cancel(ours),
@@ -287,6 +291,7 @@ def test_the_key_classes_name_every_key_keys_makes() -> None:
     assert methods - helpers == {
         "pool",
         "backlog_of",
+        "receipt",
         "private_results",
         "lease",
         "cancel",

@@ -67,7 +67,7 @@ def test_multi_objective_on_workers(redis_url: str, workers_factory) -> None:
     [
         ("tests.objectives:raises", "exception", "ValueError: objective refuses x="),
         ("tests.objectives:returns_str", "bad_return", "expected a float"),
-        ("tests.objectives:returns_nan", "bad_return", "NaN"),
+        ("tests.objectives:returns_nan", "bad_return", "The value nan is not acceptable"),
         ("tests.objectives:not_there", "import_error", "has no function 'not_there'"),
     ],
 )

@@ -50,7 +50,7 @@ def test_a_complete_trial_carries_its_value_and_identity() -> None:
             FailReason.BAD_RETURN,
             "expected a float",
         ),
-        ("tests.objectives:returns_nan", 1, Outcome.FAIL, FailReason.BAD_RETURN, "NaN"),
+        ("tests.objectives:returns_nan", 1, Outcome.FAIL, FailReason.BAD_RETURN, "nan is not"),
         ("tests.objectives:quadratic", 2, Outcome.FAIL, FailReason.BAD_RETURN, "tuple of 2 floats"),
         ("tests.objectives:prunes", 1, Outcome.PRUNED, None, None),
         ("tests.objectives:missing", 1, Outcome.FAIL, FailReason.IMPORT_ERROR, "no function"),

@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 import os
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.distributions import BaseDistribution, FloatDistribution
 
 
 def _outcome(fn: Any) -> str:
@@ -151,3 +154,121 @@ def dies_once(trial: optuna.Trial, marker: str) -> float:
 
 def plain(trial: optuna.Trial) -> float:
     return trial.suggest_float("x", 0, 1)
+
+
+def _nested(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+def over_the_limits(trial: optuna.Trial) -> float:
+    """Calls the broker would refuse for their size: each raises at once, and the trial goes
+    on. Records, for each, the exception's type and message."""
+    calls = {
+        "user_attr": lambda: trial.set_user_attr("blob", "x" * 2_000_000),
+        "system_attr": lambda: trial.set_system_attr("blob", b"x" * 2_000_000),  # type: ignore[attr-defined]
+        "categorical_bytes": lambda: trial.suggest_categorical("c", ["x" * 1000] * 2000),
+        "categorical_items": lambda: trial.suggest_categorical("n", list(range(20_000))),
+        "nested_list": lambda: trial.set_user_attr("rows", {"rows": [0] * 20_000}),
+        "deep": lambda: trial.set_user_attr("deep", _nested(40)),
+    }
+    outcomes = {}
+    for name, call in calls.items():
+        try:
+            call()
+            outcomes[name] = ["ok", ""]
+        except Exception as exc:
+            outcomes[name] = [type(exc).__name__, str(exc)]
+    trial.set_user_attr("outcomes", outcomes)
+    return trial.suggest_float("x", 0, 1)  # the trial goes on
+
+
+def _warned(fn: Any) -> str:
+    """The outcome of `fn` with warnings raised as errors: a warning's type, as an error's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return _outcome(fn)
+
+
+def reports(trial: optuna.Trial) -> float:
+    """The values and steps Optuna's own tests/trial_tests report, each case's outcome: the
+    value is converted before the step is checked, and a repeated step warns."""
+    cases = {
+        "float": lambda: trial.report(1.23, 1),
+        "nan": lambda: trial.report(math.nan, 2),
+        "numeric str": lambda: trial.report("1.23", 3),  # type: ignore[arg-type]
+        "inf str": lambda: trial.report("inf", 4),  # type: ignore[arg-type]
+        "int": lambda: trial.report(1, 5),
+        "np.float32": lambda: trial.report(np.array([1], dtype=np.float32)[0], 6),  # type: ignore[arg-type]
+        "None": lambda: trial.report(None, 7),  # type: ignore[arg-type]
+        "str": lambda: trial.report("foo", 7),  # type: ignore[arg-type]
+        "list": lambda: trial.report([1, 2, 3], 7),  # type: ignore[arg-type]
+        "str at a negative step": lambda: trial.report("foo", -1),  # type: ignore[arg-type]
+        "float step": lambda: trial.report(1.0, 8.0),  # type: ignore[arg-type]
+        "np.int64 step": lambda: trial.report(1.0, np.int64(9)),  # type: ignore[arg-type]
+        "None step": lambda: trial.report(1.0, None),  # type: ignore[arg-type]
+        "str step": lambda: trial.report(1.0, "foo"),  # type: ignore[arg-type]
+        "list step": lambda: trial.report(1.0, [1, 2, 3]),  # type: ignore[arg-type]
+        "negative step": lambda: trial.report(1.0, -1),
+    }
+    outcomes = {name: _outcome(fn) for name, fn in cases.items()}
+    outcomes["a step again"] = _warned(lambda: trial.report(1.0, 1))
+    trial.set_user_attr("outcomes", outcomes)
+    return 0.0
+
+
+class RelativeSampler(optuna.samplers.BaseSampler):
+    """Samples x and y relatively, anything else independently at its low end (as the sampler
+    of Optuna's own test of relative parameters does)."""
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return {"x": FloatDistribution(5, 6), "y": FloatDistribution(5, 6)}
+
+    def sample_relative(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        search_space: dict[str, BaseDistribution],
+    ) -> dict[str, Any]:
+        return {"x": 5.5, "y": 5.5}
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        return param_distribution.low  # type: ignore[attr-defined]  # floats only, here
+
+
+def study_and_space(trial: optuna.Trial) -> float:
+    """What a trial reads of its study (metric names, sampler, pruner) and of its relative
+    search space, before and after its first suggestion."""
+    before = trial.relative_search_space
+    x = trial.suggest_float("x", 0, 100)  # in the relative space
+    w = trial.suggest_float("w", 0, 100)  # not in it: sampled independently
+    after = trial.relative_search_space
+    study = trial.study
+    samplers = (RelativeSampler, optuna.samplers.BaseSampler, optuna.samplers.TPESampler)
+    pruners = (optuna.pruners.MedianPruner, optuna.pruners.BasePruner, optuna.pruners.NopPruner)
+    trial.set_user_attr(
+        "seen",
+        {
+            "before": before,
+            "after": None if after is None else {k: str(d) for k, d in sorted(after.items())},
+            "relative_params": trial.relative_params,
+            "x": x,
+            "w": w,
+            "metric_names": study.metric_names,
+            "sampler": study.sampler.__class__.__name__,
+            "sampler_is": [isinstance(study.sampler, c) for c in samplers],
+            "pruner": study.pruner.__class__.__name__,
+            "pruner_is": [isinstance(study.pruner, c) for c in pruners],
+        },
+    )
+    return x + w

@@ -1,9 +1,11 @@
 """Run one trial's objective and turn whatever it does into one `TrialResult`.
 
-`execute` never raises for anything the objective does: a refused or unloadable objective, an
-exception, a prune, RQ's timeout alarm and a return value that is not the study's values each
-become a FAIL or PRUNED result with its `FailReason`. `trial_result` is the one place a
-`TrialResult` is built, here and by the supervisor for the attempts it reports lost.
+`execute` never raises for anything the objective does: a refused or unloadable objective, one
+whose parameters do not take the trial's inputs, an exception (`SystemExit` and
+`KeyboardInterrupt` included), a prune, RQ's timeout alarm and a return value that is not the
+study's values each become a FAIL or PRUNED result with its `FailReason`; only the worker's own
+cold shutdown (`WorkerShutdown`) goes through. `trial_result` is the one place a `TrialResult`
+is built, here and by the supervisor for the attempts it reports lost.
 """
 
 from __future__ import annotations
@@ -19,16 +21,25 @@ from rq.timeouts import JobTimeoutException
 
 from optuna_rq.errors import ObjectiveLoadError, ObjectiveRefusedError
 from optuna_rq.protocol import (
+    TRIAL_PARAMETER,
     FailReason,
     Outcome,
     TrialRequest,
     TrialResult,
     describe_exception,
+    inputs_mismatch,
     judge_return,
 )
 from optuna_rq.workers.loader import load_objective
 
-__all__ = ["TrialIdentity", "execute", "trial_result"]
+__all__ = ["TrialIdentity", "WorkerShutdown", "execute", "trial_result"]
+
+
+class WorkerShutdown(SystemExit):
+    """The worker process's own cold shutdown (a second SIGTERM or SIGINT to it), raised by its
+    signal handler wherever the process was, inside an objective too. It ends the process, never
+    the trial as the objective's error: a `SystemExit` or `KeyboardInterrupt` the objective
+    raises itself is its error, and the trial fails with it (`exception`)."""
 
 
 class TrialIdentity(Protocol):
@@ -110,6 +121,10 @@ def execute(
         return result(Outcome.FAIL, reason=FailReason.NOT_ALLOWED, error=str(exc))
     except ObjectiveLoadError as exc:
         return result(Outcome.FAIL, reason=FailReason.IMPORT_ERROR, error=describe_exception(exc))
+    # Checked before the call, so that a TypeError the objective raises itself stays its own.
+    mismatch = inputs_mismatch(fn, request.params)
+    if mismatch is not None:
+        return result(Outcome.FAIL, reason=FailReason.BAD_SIGNATURE, error=mismatch)
 
     try:
         returned = _call(fn, dict(request.params), trial)
@@ -117,7 +132,9 @@ def execute(
         return result(Outcome.PRUNED)
     except JobTimeoutException as exc:  # RQ's alarm stopped Python code at the trial timeout
         return result(Outcome.FAIL, reason=FailReason.TIMEOUT, error=f"{exc}")
-    except Exception as exc:
+    except WorkerShutdown:  # the process is going: the attempt is reported lost, and retried
+        raise
+    except (Exception, KeyboardInterrupt, SystemExit) as exc:  # sys.exit and argparse too
         return result(Outcome.FAIL, reason=FailReason.EXCEPTION, error=describe_exception(exc))
 
     values, why = judge_return(returned, request.n_objectives)
@@ -129,10 +146,10 @@ def execute(
 def _call(fn: Callable[..., Any], params: dict[str, Any], trial: Any | None) -> Any:
     """Call a sync or async function, or a flytekit task (run locally), with `params`, and a
     remote trial proxy when the function takes `trial` (define-by-run, or mixed)."""
-    if "trial" in _parameters(fn):
+    if TRIAL_PARAMETER in _parameters(fn):
         if trial is None:
             raise TypeError("this objective takes `trial`, but no remote trial is available here")
-        params = {**params, "trial": trial}
+        params = {**params, TRIAL_PARAMETER: trial}
     out = fn(**params)
     if inspect.isawaitable(out):
         return asyncio.run(_awaited(out))

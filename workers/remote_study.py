@@ -1,22 +1,26 @@
 """`trial.study` on a worker: a read-only view of the study the broker owns.
 
 Every read asks the broker afresh (one round trip; `trials` carries every finished trial, so it
-is the one to read sparingly). Writes (`tell`, `set_user_attr`, `stop`, ...) raise
-`NotImplementedError`: the broker is the study's single writer; set attributes on the trial, and
-stop a run from an `Optimizer` callback or with a stop condition.
+is the one to read sparingly). `sampler` and `pruner` are stand-ins that name the broker's
+(`ComponentView`): they sample and prune on the broker. Writes (`tell`, `set_user_attr`,
+`stop`, ...) raise `NotImplementedError`: the broker is the study's single writer; set
+attributes on the trial, and stop a run from an `Optimizer` callback or with a stop condition.
 """
 
 from __future__ import annotations
 
 import datetime
+import sys
 from collections.abc import Callable, Container
 from typing import Any
 
 from optuna.distributions import json_to_distribution
+from optuna.pruners import BasePruner
+from optuna.samplers import BaseSampler
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["RemoteStudy", "frozen_from_view"]
+__all__ = ["ComponentView", "RemoteStudy", "frozen_from_view"]
 
 Fetch = Callable[[str], Any]
 """Asks the broker for one view ("study", "study_trials") and returns it."""
@@ -86,6 +90,21 @@ class RemoteStudy:
         return directions[0]
 
     @property
+    def metric_names(self) -> list[str] | None:
+        names = self._view()["metric_names"]
+        return None if names is None else list(names)
+
+    @property
+    def sampler(self) -> ComponentView:
+        """A read-only stand-in for the broker's sampler (`ComponentView`)."""
+        return ComponentView("sampler", self._view()["sampler"], BaseSampler)
+
+    @property
+    def pruner(self) -> ComponentView:
+        """A read-only stand-in for the broker's pruner (`ComponentView`)."""
+        return ComponentView("pruner", self._view()["pruner"], BasePruner)
+
+    @property
     def user_attrs(self) -> dict[str, Any]:
         return dict(self._view()["user_attrs"])
 
@@ -138,9 +157,47 @@ class RemoteStudy:
             )
         raise AttributeError(
             f"trial.study on a worker is a read-only view and has no {name!r} (it has "
-            "study_name, directions, direction, user_attrs, system_attrs, best_trial, "
-            "best_value, best_params, best_trials, trials, get_trials)"
+            "study_name, directions, direction, metric_names, sampler, pruner, user_attrs, "
+            "system_attrs, best_trial, best_value, best_params, best_trials, trials, get_trials)"
         )
 
     def __repr__(self) -> str:
         return "RemoteStudy(<read-only view of the broker's study>)"
+
+
+class ComponentView:
+    """`trial.study.sampler` or `trial.study.pruner` on a worker: the broker's samples and
+    prunes there, so the worker gets a stand-in that names its class (`module`, `qualname`)
+    and that `isinstance` takes for it wherever this process has that class loaded (Optuna's
+    own, or one defined in a served module): `isinstance(trial.study.sampler, TPESampler)`
+    holds as in-process. Nothing is imported for it. Any attribute of the real one raises
+    AttributeError, saying so."""
+
+    def __init__(self, role: str, where: list[str], base: type) -> None:
+        self.role = role
+        self.module, self.qualname = str(where[0]), str(where[1])
+        self._cls = _loaded_class(self.module, self.qualname, base)
+
+    @property  # type: ignore[misc]  # isinstance() consults it, as it does for unittest.mock
+    def __class__(self) -> type:
+        return self._cls or ComponentView
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "role" not in self.__dict__:  # copy, pickle: not ours
+            raise AttributeError(name)
+        raise AttributeError(
+            f"trial.study.{self.role}.{name} on a worker: the {self.role} ({self.qualname}) "
+            "runs on the broker; a worker sees only which class it is (module, qualname, "
+            "isinstance)"
+        )
+
+    def __repr__(self) -> str:
+        return f"<read-only view of the broker's {self.role}: {self.module}.{self.qualname}>"
+
+
+def _loaded_class(module: str, qualname: str, base: type) -> type | None:
+    """The class `module.qualname` if this process has loaded its module and it is a `base`."""
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found if isinstance(found, type) and issubclass(found, base) else None

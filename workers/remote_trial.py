@@ -10,7 +10,9 @@ Every call takes one round trip and raises what in-process Optuna raises (`Value
 `TypeError`, `NotImplementedError`), checked here before the trip where the arguments alone
 decide, else by Optuna on the broker; Optuna's warnings there are warned here again. What the
 storage holds (`params`, `distributions`, `user_attrs`, `system_attrs`, ...) is read from the
-broker, once after each change; `RemoteTrialError` means the broker refused or did not answer.
+broker, once after each change. `RemoteTrialError` means the broker refused the call (with its
+reason), or would refuse it (over a message limit: `workers.call_limits`, checked before it is
+sent), or did not answer.
 
 Replies come on the attempt's own list (`Keys.reply_list`, named by study, incarnation, trial and
 attempt), and each names the call it answers: a trial takes only the answer to the call it waits
@@ -53,6 +55,7 @@ from optuna_rq.protocol import (
     TrialCallReply,
     TrialRequest,
 )
+from optuna_rq.workers.call_limits import encode_call
 from optuna_rq.workers.remote_study import RemoteStudy
 
 __all__ = ["RemoteTrial", "RemoteTrialError"]
@@ -74,7 +77,7 @@ _WARNS: dict[str, type[Warning]] = {
     "DeprecationWarning": DeprecationWarning,
     "ExperimentalWarning": optuna.exceptions.ExperimentalWarning,
 }
-_READS = frozenset({"trial", "study", "study_trials", "relative_params"})
+_READS = frozenset({"trial", "study", "study_trials", "relative_params", "relative_search_space"})
 
 
 class RemoteTrial(optuna.Trial):
@@ -96,6 +99,7 @@ class RemoteTrial(optuna.Trial):
         self._stale_replies = 0  # of them, the ones that opened: answers to other calls
         self._view: dict[str, Any] | None = None  # the trial as last read; None after a change
         self._relative: dict[str, Any] | None = None
+        self._relative_space: dict[str, BaseDistribution] | None = None
         self._study_view = RemoteStudy(self._call)
         self._trial_id = request.trial_number  # what optuna.artifacts hands back to `storage`
         self.storage = _TrialStorage(self)  # type: ignore[assignment]
@@ -115,10 +119,7 @@ class RemoteTrial(optuna.Trial):
             reply=True,
             token=self._request.token,
         )
-        try:
-            payload = call.encode()
-        except ProtocolError as exc:  # as a JSON storage refuses what it cannot store
-            raise TypeError(f"trial.{method}: {exc}") from None
+        payload = encode_call(call, max_bytes=self._signer.max_message_bytes)
         if method not in _READS:
             self._view = None
         self._connection.xadd(
@@ -225,6 +226,17 @@ class RemoteTrial(optuna.Trial):
             self._relative = dict(self._call("relative_params"))
         return dict(self._relative)
 
+    @property  # optuna.Trial's is an attribute the trial sets once; here it is read
+    def relative_search_space(self) -> dict[str, BaseDistribution] | None:  # type: ignore[override]
+        """What the sampler samples relatively: None until it inferred it (the trial's first
+        suggestion, or `relative_params`), then fixed for the trial, as in-process."""
+        if self._relative_space is None:
+            space = self._call("relative_search_space")
+            if space is None:
+                return None
+            self._relative_space = {k: json_to_distribution(d) for k, d in space.items()}
+        return dict(self._relative_space)
+
     # -- pruning, constraints and attributes -------------------------------------------------------
 
     def report(self, value: float | Sequence[float], step: int) -> None:
@@ -237,9 +249,11 @@ class RemoteTrial(optuna.Trial):
                 f"report one value per objective, trial.report([...{self._request.n_objectives} "
                 "values], step)"
             )
-        step = _step(step)
+        # The value first, then the step, as Optuna checks them: report("foo", -1) is the
+        # value's TypeError, not the step's ValueError.
         if many and self._multi:
             values = [_float(v) for v in value]  # type: ignore[union-attr]
+            step = _step(step)
             if len(values) != self._request.n_objectives:
                 raise ValueError(
                     "report(values, step) takes one value per objective: the study has "
@@ -247,7 +261,8 @@ class RemoteTrial(optuna.Trial):
                 )
             self._call("report_values", values, step)
         else:
-            self._call("report", _float(value), step)
+            number = _float(value)
+            self._call("report", number, _step(step))
 
     def should_prune(self) -> bool:
         if self._multi:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+from types import FrameType
 from typing import Any
 
 import redis
@@ -37,6 +38,7 @@ from optuna_rq.protocol import RUN_TRIAL, MsgpackSerializer, trial_queue
 from optuna_rq.protocol.spec import MAX_TRIAL_TIMEOUT_S
 from optuna_rq.workers import context
 from optuna_rq.workers.bookkeeping import LeanBookkeeping
+from optuna_rq.workers.execute import WorkerShutdown
 from optuna_rq.workers.runner import refuse_trial
 from optuna_rq.workers.supervision import die_with_parent
 
@@ -88,7 +90,21 @@ def _refused(worker: SimpleWorker | Worker, job: Job, queue: Queue) -> bool:
     return True
 
 
-class TrialWorker(_PoolMember, LeanBookkeeping, SimpleWorker):
+class ShutdownMarked:
+    """Mixed into an RQ worker class, before it: its cold shutdown (RQ's second SIGTERM or
+    SIGINT) raises `WorkerShutdown`, not a bare `SystemExit`, so where it lands inside an
+    objective it is told apart from a `SystemExit` the objective raised (`workers.execute`)."""
+
+    def request_force_stop(self, signum: int, frame: FrameType | None) -> None:
+        try:
+            super().request_force_stop(signum, frame)  # type: ignore[misc]
+        except WorkerShutdown:
+            raise
+        except SystemExit as exc:
+            raise WorkerShutdown(exc.code) from None
+
+
+class TrialWorker(_PoolMember, ShutdownMarked, LeanBookkeeping, SimpleWorker):
     """An RQ worker that runs our trial job function, and nothing else, in its own process."""
 
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -101,7 +117,7 @@ class TrialWorker(_PoolMember, LeanBookkeeping, SimpleWorker):
         self.job_done()
 
 
-class ForkingTrialWorker(_PoolMember, LeanBookkeeping, Worker):
+class ForkingTrialWorker(_PoolMember, ShutdownMarked, LeanBookkeeping, Worker):
     """An RQ worker that runs our trial job function, and nothing else, in a fresh fork."""
 
     _horse: int = 0  # the last work horse's pid, and how it ended (a wait status)

@@ -14,6 +14,11 @@ idempotent, as every command is (a set already enqueued is skipped).
 A study's backlog goes when the study does: `drop` (cancel, delete) or, at the next turn, when
 it is no longer running (finished, failed). The log says how many items were dropped.
 
+Each command done with, applied whole or dropped, leaves a receipt for its front door
+(`protocol.receipts`), written in the transaction that takes it off the backlog: how many of its
+items the kind found new, there already, or refused, and how many were dropped and why (the
+kind counts them in the tally `apply` is given).
+
 Keys (`Keys.backlog`, `Keys.backlog_of`):
 
     <prefix>:backlog            hash: study -> items of its first pending command applied
@@ -26,7 +31,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Container, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -37,7 +42,15 @@ import redis
 from optuna_rq import failpoints
 from optuna_rq.dispatch import count_refusal
 from optuna_rq.errors import ProtocolError
-from optuna_rq.protocol import Command, Keys, Record, Signer, decode_command
+from optuna_rq.protocol import (
+    RECEIPT_TTL_S,
+    BulkReceipt,
+    Command,
+    Keys,
+    Record,
+    Signer,
+    decode_command,
+)
 
 __all__ = ["TURN_BUDGET_S", "Backlog", "BulkKind"]
 
@@ -63,9 +76,12 @@ class BulkKind(Protocol):
         """The command's items, in the order they are applied."""
         ...
 
-    def apply(self, study: str, items: Sequence[Any], start: int, deadline: float) -> int:
+    def apply(
+        self, study: str, items: Sequence[Any], start: int, deadline: float, tally: Counter[str]
+    ) -> int:
         """Apply `items[start:]` in order, stopping once `perf_counter()` passes `deadline`
-        (after one item at least, unless it must first prepare); the position reached."""
+        (after one item at least, unless it must first prepare); the position reached. Counts
+        each item applied in `tally`, as `new`, `existing` or `refused` (its receipt's words)."""
         ...
 
     def hold(self, study: str) -> None:
@@ -83,7 +99,10 @@ class _Pending:
     raw: bytes
     kind: BulkKind
     items: Sequence[Any]
+    command: str  # its id: what its receipt is stored under
     done: int = 0
+    earlier: int = 0  # items applied by a broker before this one (read back at its start)
+    tally: Counter[str] = field(default_factory=Counter)  # how the items applied here went
 
 
 @dataclass(slots=True)
@@ -160,9 +179,21 @@ class Backlog:
         pipe.ltrim(self.keys.commands, inbox_done, -1)
         self._execute(pipe)
         items = kind.items(command)
-        self._studies.setdefault(study, deque()).append(_Pending(raw, kind, items))
+        pending = _Pending(raw, kind, items, command.id)
+        self._studies.setdefault(study, deque()).append(pending)
         self._progress.setdefault(study, _Progress()).took(kind, len(items))
         failpoints.hit("after_take")
+
+    def refuse(self, command: Command, why: str) -> None:
+        """A bulk command its study did not accept (`takes` was False): its receipt says that
+        none of its items was applied, and why."""
+        kind = self.kinds.get(type(command))
+        if kind is None:
+            return
+        pending = _Pending(b"", kind, kind.items(command), command.id)
+        pipe = self.connection.pipeline(transaction=True)
+        self._write_receipt(pipe, command.study, pending, done=0, why=why)
+        pipe.execute()
 
     def drop(self, study: str, why: str = "") -> None:
         """Forget the study's pending work, here and in Redis."""
@@ -172,6 +203,9 @@ class Backlog:
         pipe = self.connection.pipeline(transaction=True)
         pipe.delete(self.keys.backlog_of(study))
         pipe.hdel(self.keys.backlog, study)
+        for pending in self._studies.get(study, ()):
+            why_dropped = why or "the study stopped"
+            self._write_receipt(pipe, study, pending, done=pending.done, why=why_dropped)
         self._execute(pipe)
         self._end(study)
         if left:
@@ -209,7 +243,7 @@ class Backlog:
     def _slice(self, study: str, deadline: float) -> bool:
         """Apply a slice of the study's first pending command; False if it made no progress."""
         pending = self._studies[study][0]
-        reached = pending.kind.apply(study, pending.items, pending.done, deadline)
+        reached = pending.kind.apply(study, pending.items, pending.done, deadline, pending.tally)
         if reached == pending.done:
             return False
         self.persist()
@@ -218,6 +252,7 @@ class Backlog:
         pipe = self.connection.pipeline(transaction=True)
         if finished:
             pipe.lpop(self.keys.backlog_of(study))
+            self._write_receipt(pipe, study, pending, done=reached)
             if len(self._studies[study]) > 1:
                 pipe.hset(self.keys.backlog, study, 0)
             else:
@@ -238,6 +273,31 @@ class Backlog:
         if not self._studies[study]:
             self._end(study)
         return True
+
+    def _write_receipt(
+        self,
+        pipe: redis.client.Pipeline,
+        study: str,
+        pending: _Pending,
+        *,
+        done: int,
+        why: str | None = None,
+    ) -> None:
+        """Queue on `pipe` the receipt of `pending`, done with: its first `done` items applied,
+        the rest dropped (`why`)."""
+        tally = pending.tally
+        dropped = len(pending.items) - done
+        receipt = BulkReceipt(
+            study=study,
+            command=pending.command,
+            new=tally["new"],
+            existing=tally["existing"],
+            refused=tally["refused"],
+            dropped=dropped,
+            earlier=pending.earlier,
+            why=why if dropped else None,
+        )
+        pipe.set(self.keys.receipt(pending.command), receipt.sealed(self.signer), ex=RECEIPT_TTL_S)
 
     def _execute(self, pipe: redis.client.Pipeline) -> None:
         try:
@@ -309,7 +369,8 @@ class Backlog:
                     continue
                 items = kind.items(command)
                 done = min(done, len(items)) if study not in self._studies else 0
-                self._studies.setdefault(study, deque()).append(_Pending(raw, kind, items, done))
+                pending = _Pending(raw, kind, items, command.id, done=done, earlier=done)
+                self._studies.setdefault(study, deque()).append(pending)
                 self._progress.setdefault(study, _Progress()).took(kind, len(items), done)
             if study in self._studies:
                 what = self._studies[study][0].kind.what

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +63,9 @@ class EnqueueSets:
         assert isinstance(command, Enqueue)
         return command.params
 
-    def apply(self, study: str, items: Sequence[Any], start: int, deadline: float) -> int:
+    def apply(
+        self, study: str, items: Sequence[Any], start: int, deadline: float, tally: Counter[str]
+    ) -> int:
         storing = self._of(study)
         index = storing.index
         if not index.catch_up(deadline):
@@ -74,14 +77,17 @@ class EnqueueSets:
             position += 1
             if index.holds(params):
                 storing.skipped += 1
+                tally["existing"] += 1
             else:
                 try:
                     storing.run.study.enqueue_trial(params)
                 except (TypeError, ValueError) as exc:  # e.g. a value the storage cannot hold
                     log.error("study %r: parameter set %d refused: %s", study, position - 1, exc)
                     storing.refused += 1
+                    tally["refused"] += 1
                 else:
                     storing.stored += 1
+                    tally["new"] += 1
                     index.catch_up()  # the trial just stored: a repeat later in the slice
             if time.perf_counter() >= deadline:
                 break

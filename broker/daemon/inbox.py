@@ -34,6 +34,7 @@ from optuna_rq.protocol import (
     Cancel,
     Command,
     Delete,
+    Enqueue,
     Keys,
     Record,
     Signer,
@@ -122,6 +123,8 @@ class CommandInbox:
                 trimmed = read
                 continue
             ledger.take(command)
+            if backlog is not None and isinstance(command, Enqueue):  # refused: not running
+                backlog.refuse(command, f"study {command.study!r} is not running")
             if backlog is not None and isinstance(command, (Cancel, Delete)):
                 why = "cancelled" if isinstance(command, Cancel) else "deleted"
                 backlog.drop(command.study, f"the study was {why}")

@@ -6,7 +6,11 @@ incarnation, trial and attempt), with a reply that names the call: the value, or
 the kind of exception the objective raises for it (`CallError`), and the warnings Optuna gave.
 Only the trial's current attempt of the study's current incarnation is served: a call for a
 trial that ended, or whose attempt was retried, or that another broker owns, or of an earlier
-study of the same name, gets a REFUSED reply (the objective raises `RemoteTrialError`).
+study of the same name, or of a study that faulted, gets a REFUSED reply with the reason (the
+objective raises `RemoteTrialError` at once). So does a call this broker cannot read (over its
+message cap, another version): its attempt and token are read without decoding the rest. Only
+a call that proves no worker given the job sent it (a seal that does not open, a token not
+issued) is refused unanswered, and counted.
 
 Replies wait in `replies` until the dispatcher has made what the calls changed durable (a
 suggested parameter, a reported value: the objective goes on from the answer), then go out
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -27,9 +32,16 @@ from optuna_rq.dispatch.boundary import FaultBoundary, Site
 from optuna_rq.dispatch.observer import DispatchObserver, count_refusal
 from optuna_rq.dispatch.results import issued, unissued
 from optuna_rq.dispatch.runs import StudyRun
-from optuna_rq.dispatch.views import report_values, study_trials_view, study_view, trial_view
+from optuna_rq.dispatch.views import (
+    relative_search_space_view,
+    report_values,
+    study_trials_view,
+    study_view,
+    trial_view,
+)
 from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol import (
+    PROTOCOL_VERSION,
     REPLY_TTL_S,
     AttemptId,
     CallError,
@@ -69,19 +81,20 @@ class CallServer:
 
     def serve(self, raw: bytes, live: Callable[[str], StudyRun | None]) -> None:
         """Run a remote trial's call on the real trial of its study's run (`live`: the run of a
-        study, if it is dispatched and has not faulted); its answer waits in `replies`."""
+        study, if it is dispatched and has not faulted); its answer waits in `replies`.
+
+        Every call the worker given the job made is answered, a refusal with the broker's
+        reason. Only a call that proves no such worker sent it (a seal that does not open, a
+        token not issued) is refused unanswered: an answer goes to the attempt's reply list,
+        where that worker takes it for the answer to its own call of that number."""
         try:
             body = self.signer.open(Record.CALL, raw)
             call = TrialCall.decode(body, max_bytes=self.signer.max_message_bytes)
         except ProtocolError as exc:
-            self.observer.refused("call")
-            count_refusal(self.connection, self.prefix, "call", str(exc))
+            self._refuse_unreadable(raw, exc)
             return
         if not issued(call, reply_to=self.reply_to, signer=self.signer):
-            # Not answered: its reply list is the attempt's, and the worker given the job waits
-            # on it for its own answers.
-            self.observer.refused("call token")
-            count_refusal(self.connection, self.prefix, "call token", unissued(call, "call"))
+            self._refuse_unanswered("call token", unissued(call, "call"))
             return
         run = live(call.study)
         record = None if run is None else run.answers(call)
@@ -89,7 +102,11 @@ class CallServer:
         if run is not None and record is not None:
             with self.boundary.guard(run.name, Site.CALL):
                 answer = _answer(run.study, record.trial, call)
-        if answer is None or self.boundary.faulted(call.study):
+        fault = self.boundary.faults.get(call.study)
+        if fault is not None:
+            error = f"study {call.study!r} failed on the broker: {fault}"
+            answer = _failed(call, CallError.REFUSED, error, [])
+        elif answer is None:
             error = (
                 f"trial {call.trial_number} (attempt {call.attempt}) of study {call.study!r} "
                 "is not running on this broker: it ended, failed, or another broker owns it, or "
@@ -109,18 +126,57 @@ class CallServer:
             )
             encoded = _failed(call, CallError.REFUSED, error, []).encode()
         if call.reply:
-            key = Keys.reply_list(
-                AttemptId(
-                    reply_to=self.reply_to,
-                    study=call.study,
-                    incarnation=call.incarnation,
-                    trial_number=call.trial_number,
-                    attempt=call.attempt,
-                )
-            )
-            self.replies.append((key, self.signer.seal(Record.REPLY, encoded)))
+            self.replies.append((self._reply_list(call), self.signer.seal(Record.REPLY, encoded)))
         elif not answer.ok:  # a proxy of an older kind that did not wait: at least say so
             log.warning("trial call %s failed: %s", call.method, answer.error)
+
+    def _refuse_unanswered(self, kind: str, why: str) -> None:
+        self.observer.refused(kind)
+        count_refusal(self.connection, self.prefix, kind, why)
+
+    def _refuse_unreadable(self, raw: bytes, exc: ProtocolError) -> None:
+        """A call that does not open or decode is refused. It is answered with why only when
+        its seal is good (or signing is off) and it names an attempt with that attempt's token:
+        over this broker's size cap, or from another version, the worker given the job learns
+        it at once; anything else is counted, unanswered."""
+        self._refuse_unanswered("call", str(exc))
+        try:
+            body = self.signer.open_over_the_cap(Record.CALL, raw)
+            named = _Named(**TrialCall.peek(body, _NAMED))
+        except ProtocolError:
+            return  # a seal that does not open, or no attempt named: nobody to answer
+        if not issued(named, reply_to=self.reply_to, signer=self.signer):
+            return
+        error = (
+            f"the broker refused this call: {exc} (the broker takes messages of up to "
+            f"{self.signer.max_message_bytes} bytes, of protocol version {PROTOCOL_VERSION}: "
+            "give the workers the broker's --max-message-bytes and optuna-rq version)"
+        )
+        refusal = TrialCallReply(
+            study=named.study,
+            incarnation=named.incarnation,
+            trial_number=named.trial_number,
+            attempt=named.attempt,
+            seq=named.seq,
+            ok=False,
+            value=None,
+            error=error,
+            error_kind=CallError.REFUSED,
+        )
+        sealed = self.signer.seal(Record.REPLY, refusal.encode())
+        self.replies.append((self._reply_list(named), sealed))
+
+    def _reply_list(self, call: TrialCall | _Named) -> str:
+        """The attempt's reply list, where its worker waits for the answers to its calls."""
+        return Keys.reply_list(
+            AttemptId(
+                reply_to=self.reply_to,
+                study=call.study,
+                incarnation=call.incarnation,
+                trial_number=call.trial_number,
+                attempt=call.attempt,
+            )
+        )
 
     def send_replies(self) -> None:
         """Send the replies waiting, once what their calls changed is durable."""
@@ -136,6 +192,21 @@ class CallServer:
     def drop_replies(self) -> None:
         """Forget the replies waiting: their calls are read again, and answered anew."""
         self.replies = []
+
+
+_NAMED = ("study", "incarnation", "trial_number", "attempt", "seq", "token")
+
+
+@dataclass(frozen=True, slots=True)
+class _Named:
+    """What a call that does not decode names: its attempt, its number, its token."""
+
+    study: str
+    incarnation: str
+    trial_number: int
+    attempt: int
+    seq: int
+    token: str
 
 
 def _answer(study: optuna.Study, trial: optuna.Trial, call: TrialCall) -> TrialCallReply:
@@ -210,6 +281,8 @@ def _perform(study: optuna.Study, trial: optuna.Trial, call: TrialCall) -> Any:
             return None
         case "relative_params":
             return dict(trial.relative_params)
+        case "relative_search_space":
+            return relative_search_space_view(trial)
         case "trial":
             return trial_view(study, trial)
         case "study":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from optuna.trial import TrialState
@@ -32,12 +32,11 @@ from optuna_rq.protocol import (
     Outcome,
     Record,
     Signer,
-    TrialCall,
     TrialResult,
 )
 from optuna_rq.verdict import Verdict
 
-__all__ = ["ResultStream", "arrival_s", "issued", "unissued", "verdict_of"]
+__all__ = ["ResultStream", "Tokened", "arrival_s", "issued", "unissued", "verdict_of"]
 
 log = logging.getLogger("optuna_rq.dispatch")
 
@@ -194,7 +193,22 @@ class ResultStream:
         self.connection.delete(self.reply_to)
 
 
-def issued(message: TrialResult | TrialCall, *, reply_to: str, signer: Signer) -> bool:
+class Tokened(Protocol):
+    """What a worker's message names and proves: its attempt, and that attempt's token."""
+
+    @property
+    def study(self) -> str: ...
+    @property
+    def incarnation(self) -> str: ...
+    @property
+    def trial_number(self) -> int: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def token(self) -> str: ...
+
+
+def issued(message: Tokened, *, reply_to: str, signer: Signer) -> bool:
     """Whether `message` carries the token of the attempt it names, as the dispatcher reading
     `reply_to` issued it (`TrialSender.seal`). A worker key signs results and calls for any
     attempt; only the worker given the job holds its token. With signing off both are empty."""
@@ -208,7 +222,7 @@ def issued(message: TrialResult | TrialCall, *, reply_to: str, signer: Signer) -
     return hmac.compare_digest(message.token, signer.attempt_token(Keys.job_id(attempt)))
 
 
-def unissued(message: TrialResult | TrialCall, what: str) -> str:
+def unissued(message: Tokened, what: str) -> str:
     """Why `message` is refused, when it is not `issued`."""
     return (
         f"a {what} for study {message.study!r} trial {message.trial_number} (attempt "

@@ -34,8 +34,7 @@ from optuna_rq.verdict import Verdict, tell, worker_lost
 
 __all__ = [
     "ATTEMPT_ATTR",
-    "CANNOT_RUN",
-    "CANNOT_RUN_AFTER",
+    "DEFINITION_ERRORS",
     "RETRY_OF_ATTR",
     "FromWorker",
     "InFlight",
@@ -47,12 +46,18 @@ RETRY_OF_ATTR = "retry_of"
 """User attribute of a retry: the number of the trial whose lost attempt it runs again."""
 ATTEMPT_ATTR = "attempt"
 """User attribute of a retry: which attempt at those params it is (the first is 1, unmarked)."""
-CANNOT_RUN = frozenset({FailReason.IMPORT_ERROR, FailReason.NOT_ALLOWED})
-"""Fail reasons that say the objective never ran: no trial of the study can, until a worker is
-fixed."""
-CANNOT_RUN_AFTER = 3
-"""Trials in a row failing for a `CANNOT_RUN` reason after which a study stops (failed), rather
-than spend its budget on them."""
+DEFINITION_ERRORS: Mapping[FailReason, int] = {
+    # The objective does not import on the worker, or the worker may not serve it: three in a
+    # row, so that one worker's broken environment among good ones does not end the study.
+    FailReason.IMPORT_ERROR: 3,
+    FailReason.NOT_ALLOWED: 3,
+    # Its parameters do not take the space's inputs: the same for every trial, so the first.
+    FailReason.BAD_SIGNATURE: 1,
+}
+"""Definition errors: fail reasons that say the objective never ran because of how the study is
+defined, so no trial of it can run until the definition (or a worker) is fixed. Each with the
+trials in a row failing for it after which the study stops failed, rather than spend its budget
+on them."""
 
 
 class Phase(enum.Enum):
@@ -131,8 +136,8 @@ class StudyRun:
     asked: int = 0  # budget spent: trials asked that are not retries
     told: int = 0
     peak_outstanding: int = 0
-    cannot_run: str | None = None  # why no trial can run (see `note`): the study must stop
-    _cannot_run_streak: int = field(default=0, init=False, repr=False)
+    cannot_run: str | None = None  # a definition error (see `note`): the study must stop
+    _definition_streak: int = field(default=0, init=False, repr=False)
     _in_flight: dict[int, InFlight] = field(default_factory=dict, init=False, repr=False)
     _counts: Counter[Phase] = field(default_factory=Counter, init=False, repr=False)
 
@@ -281,17 +286,21 @@ class StudyRun:
         return record
 
     def note(self, verdict: Verdict) -> None:
-        """Count a told verdict: `CANNOT_RUN_AFTER` in a row that say the objective cannot run
-        (it does not import, no worker may serve it) set `cannot_run`; any other resets it."""
-        if verdict.fail_reason not in CANNOT_RUN:
-            self._cannot_run_streak = 0
+        """Count a told verdict: as many in a row as `DEFINITION_ERRORS` gives its reason that
+        say the study's definition cannot run (the objective does not import, no worker may
+        serve it, it does not take the space's inputs) set `cannot_run`; any other resets the
+        count."""
+        reason = verdict.fail_reason
+        if reason is None or reason not in DEFINITION_ERRORS:
+            self._definition_streak = 0
             return
-        self._cannot_run_streak += 1
-        if self._cannot_run_streak >= CANNOT_RUN_AFTER and self.cannot_run is None:
-            reason = verdict.fail_reason.value if verdict.fail_reason else "unknown"
+        self._definition_streak += 1
+        if self._definition_streak >= DEFINITION_ERRORS[reason] and self.cannot_run is None:
+            streak = self._definition_streak
+            trials = "a trial" if streak == 1 else f"{streak} trials in a row"
             self.cannot_run = (
-                f"{reason}: {self._cannot_run_streak} trials in a row could not run "
-                f"{self.objective}: {error_headline(verdict.error)}"
+                f"{reason.value}: {trials} could not run {self.objective}: "
+                f"{error_headline(verdict.error)}"
             )
 
     def _move(self, record: InFlight, phase: Phase) -> None:

@@ -20,6 +20,7 @@ from optuna_rq.trials import frozen_trial, set_trial_user_attr, study_system_att
 
 __all__ = [
     "INTERMEDIATE_VALUES_ATTR",
+    "relative_search_space_view",
     "report_values",
     "study_trials_view",
     "study_view",
@@ -95,11 +96,15 @@ def _iso(moment: Any) -> str | None:
 
 
 def study_view(study: optuna.Study) -> dict[str, Any]:
-    """The study's name, directions, attributes and best trial(s), as `study.best_*` has them
-    (or the error Optuna raises for them: no completed trial yet, or a multi-objective study)."""
+    """The study's name, directions, metric names, attributes, the classes of its sampler and
+    pruner, and its best trial(s), as `study.best_*` has them (or the error Optuna raises for
+    them: no completed trial yet, or a multi-objective study)."""
     view: dict[str, Any] = {
         "study_name": study.study_name,
         "directions": [d.name for d in study.directions],
+        "metric_names": study.metric_names,
+        "sampler": _class_of(study.sampler),
+        "pruner": _class_of(study.pruner),
         "user_attrs": dict(study.user_attrs),
         "system_attrs": study_system_attrs(study),
         "best_trial": None,
@@ -111,6 +116,19 @@ def study_view(study: optuna.Study) -> dict[str, Any]:
     except (ValueError, RuntimeError) as exc:
         view["best_trial_error"] = [type(exc).__name__, str(exc)]
     return view
+
+
+def _class_of(component: object) -> list[str]:
+    """Where the class of a sampler or pruner is defined: [module, qualified name]."""
+    cls = type(component)
+    return [cls.__module__, cls.__qualname__]
+
+
+def relative_search_space_view(trial: optuna.Trial) -> dict[str, Any] | None:
+    """`trial.relative_search_space` (Optuna's JSON per distribution): None until the sampler
+    inferred it, at the trial's first suggestion or `relative_params`, as in-process."""
+    space = trial.relative_search_space
+    return None if space is None else {k: distribution_to_json(d) for k, d in space.items()}
 
 
 def study_trials_view(study: optuna.Study) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ from optuna_rq.protocol.commands import (
     Submit,
     decode_command,
     enqueue_commands,
+    sendable,
 )
 from optuna_rq.protocol.heartbeat import PoolHeartbeat, live_pools, workers_on
 from optuna_rq.protocol.keyring import KeyRing, Role, generate_keyrings
@@ -55,13 +56,16 @@ from optuna_rq.protocol.messages import (
     TrialResult,
 )
 from optuna_rq.protocol.objectives import (
+    TRIAL_PARAMETER,
     describe_exception,
     error_headline,
+    inputs_mismatch,
     judge_return,
     objective_path_of,
     parse_objective_path,
 )
 from optuna_rq.protocol.queue import RUN_TRIAL, MsgpackSerializer, trial_queue
+from optuna_rq.protocol.receipts import RECEIPT_TTL_S, BulkReceipt, read_receipts
 from optuna_rq.protocol.schema import Message
 from optuna_rq.protocol.signing import (
     ENV_KEY,
@@ -75,6 +79,9 @@ from optuna_rq.protocol.spec import StudySpec, open_stored_spec, seal_stored_spe
 from optuna_rq.protocol.status import StudyState, StudyStatus
 
 __all__ = [
+    "RECEIPT_TTL_S",
+    "TRIAL_PARAMETER",
+    "BulkReceipt",
     "COMMAND_ID_PATTERN",
     "AttemptId",
     "CALL_FIELD",
@@ -130,13 +137,16 @@ __all__ = [
     "decode_map",
     "describe_exception",
     "error_headline",
+    "inputs_mismatch",
     "judge_return",
     "live_pools",
     "new_incarnation",
     "open_stored_spec",
+    "read_receipts",
     "objective_path_of",
     "parse_objective_path",
     "seal_stored_spec",
+    "sendable",
     "trial_queue",
     "workers_on",
 ]

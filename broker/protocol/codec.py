@@ -9,12 +9,12 @@ message's fields must hold is its schema's business (`schema`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeAlias
 
 import msgpack
 
-from optuna_rq.errors import ProtocolError
+from optuna_rq.errors import MessageLimitError, ProtocolError
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -23,8 +23,11 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Param",
     "check_params",
+    "check_size",
+    "check_structure",
     "decode_map",
     "pack",
+    "peek_map",
 ]
 
 PROTOCOL_VERSION = 5
@@ -46,7 +49,11 @@ its cancel marks. Every command carries an `id` and `sent_at` (applied once); a 
 carries its attempt's `token`, and the `TrialResult` and `TrialCall` answering it give it back.
 A command wakes the broker on `<prefix>:wake`, no longer on the result stream, and a front door
 writes no status (a study not taken yet shows `queued` from its submission)."""
+# The limits of a message, defined here once: the decoder enforces them (`decode_map`), and the
+# front doors check what they send against the same ones (`check_structure`, `check_size`), so
+# that a message over one is refused where it is made, naming the limit, not dropped later.
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+"""The message cap: bytes of one encoded message (every role's `--max-message-bytes`)."""
 MAX_DEPTH = 32
 """Nesting depth of maps and arrays in a message (the message itself is depth 1)."""
 MAX_CONTAINER_LEN = 10_000
@@ -62,35 +69,66 @@ _CARRIES = "use a list, str, int, float, bool, None or a dict of them"
 
 
 def check_params(params: Mapping[str, object], root: str = "") -> None:
-    """Refuse, naming its dotted path, any value msgpack cannot carry to a worker.
+    """Refuse, naming its dotted path, any value msgpack cannot carry to a worker, and any list or
+    map over the limits of a message (`MAX_CONTAINER_LEN` entries, `MAX_DEPTH` levels).
 
     Tuples pass (they arrive as lists); sets, objects, arrays and non-str keys do not.
     """
-    _check_value(params, root, depth=1)
+    _check_value(params, root, depth=1, where=_input)
 
 
-def _check_value(value: object, path: str, depth: int) -> None:
-    where = f"input {path!r}" if path else "the inputs"
+def check_structure(message: Mapping[str, object], *, what: str) -> None:
+    """Refuse, naming the part (`what.field.key[index]`), what the decoder on the other side
+    refuses in the shape of a message (`decode_map`): a list or map of more than
+    `MAX_CONTAINER_LEN` entries, nesting deeper than `MAX_DEPTH`, a key that is not str."""
+    _check_value(message, what, depth=1, where=_part)
+
+
+def check_size(raw: bytes, *, what: str, max_bytes: int) -> None:
+    """Refuse an encoded message the decoder on the other side refuses for its size."""
+    if len(raw) > max_bytes:
+        raise MessageLimitError(
+            f"{what} is {len(raw):,} bytes encoded, over the {max_bytes:,}-byte message cap"
+        )
+
+
+def _input(path: str) -> str:
+    return f"input {path!r}" if path else "the inputs"
+
+
+def _part(path: str) -> str:
+    return path
+
+
+def _check_value(value: object, path: str, depth: int, where: Callable[[str], str]) -> None:
     if depth > MAX_DEPTH:
-        raise ProtocolError(f"{where} nests deeper than {MAX_DEPTH} levels")
+        raise MessageLimitError(
+            f"{where(path)} nests deeper than {MAX_DEPTH} levels, the most a message may"
+        )
     if isinstance(value, _SCALARS):
         if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
-            raise ProtocolError(f"{where} is {value}, too large an integer for msgpack")
+            raise ProtocolError(f"{where(path)} is {value}, too large an integer for msgpack")
         return
+    if isinstance(value, (list, tuple, dict)) and len(value) > MAX_CONTAINER_LEN:
+        kind = "map" if isinstance(value, dict) else "list"
+        raise MessageLimitError(
+            f"{where(path)} is a {kind} of {len(value):,} entries, over the {MAX_CONTAINER_LEN:,} "
+            "a list or map in a message may hold"
+        )
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            _check_value(item, f"{path}[{index}]", depth + 1)
+            _check_value(item, f"{path}[{index}]", depth + 1, where)
         return
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise ProtocolError(
-                    f"{where} has the key {key!r} ({type(key).__name__}): keys must be str"
+                    f"{where(path)} has the key {key!r} ({type(key).__name__}): keys must be str"
                 )
-            _check_value(item, f"{path}.{key}" if path else key, depth + 1)
+            _check_value(item, f"{path}.{key}" if path else key, depth + 1, where)
         return
     raise ProtocolError(
-        f"{where} is a {type(value).__name__}, which cannot be sent to workers: {_CARRIES}"
+        f"{where(path)} is a {type(value).__name__}, which cannot be sent to workers: {_CARRIES}"
     )
 
 
@@ -138,20 +176,49 @@ def decode_map(
         raise ProtocolError(f"{what} is not valid msgpack ({size} bytes): {exc}") from exc
     if not isinstance(value, dict):
         raise ProtocolError(f"{what} must be a msgpack map, got {type(value).__name__}")
-    _check_decoded(value, what, depth=1)
+    _check_value(value, what, depth=1, where=_part)  # str keys and depth, as sent
     return value
 
 
-def _check_decoded(value: object, path: str, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise ProtocolError(f"{path} nests deeper than {MAX_DEPTH} levels")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):  # strict_map_key still lets bytes keys through
-                raise ProtocolError(
-                    f"{path} has a {type(key).__name__} key {key!r}: keys must be str"
-                )
-            _check_decoded(item, f"{path}.{key}", depth + 1)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _check_decoded(item, f"{path}[{index}]", depth + 1)
+_PEEKED_CHARS = 1024  # a name or a token, never a payload
+
+
+def peek_map(
+    raw: bytes, names: Collection[str], *, what: str, max_bin_len: int = _PEEKED_CHARS
+) -> dict[str, Any]:
+    """The top-level entries `names` of the msgpack map `raw`, each a scalar; every other entry
+    is skipped, never built. For a message refused whole (over the size cap, or with a field
+    its schema refuses): what it names, so that its sender can be told why. It is no decode:
+    nothing read here is a message, and a caller believes it only as far as a seal or a token
+    vouches. Bounded: only short scalars are built (bytes up to `max_bin_len`: a sealed body),
+    and skipping allocates nothing."""
+    if not isinstance(raw, (bytes, bytearray)) or not raw:
+        raise ProtocolError(f"{what}: nothing to read")
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=True,
+        ext_hook=_refuse_ext,
+        max_buffer_size=len(raw),
+        max_str_len=_PEEKED_CHARS,
+        max_bin_len=max_bin_len,
+        max_array_len=0,  # a wanted entry is a scalar: a container there is refused unread
+        max_map_len=MAX_CONTAINER_LEN,  # for the header; a map value is a container, skipped
+    )
+    unpacker.feed(raw)
+    found: dict[str, Any] = {}
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key in names and key not in found and isinstance(key, str):
+                found[key] = unpacker.unpack()
+                if isinstance(found[key], dict):
+                    raise ProtocolError(f"{what}: its {key!r} is a map")
+                if len(found) == len(names):
+                    break
+            else:
+                unpacker.skip()
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"{what}: cannot read its {sorted(names)}: {exc}") from exc
+    return found

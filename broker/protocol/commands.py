@@ -21,10 +21,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from optuna_rq.errors import ProtocolError
+from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.protocol.codec import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_CONTAINER_LEN,
+    check_size,
+    check_structure,
     decode_map,
     pack,
 )
@@ -42,7 +44,7 @@ from optuna_rq.protocol.schema import (
     version_field,
     wire,
 )
-from optuna_rq.protocol.spec import StudySpec
+from optuna_rq.protocol.spec import KEEP_OUT, StudySpec, check_settings
 
 __all__ = [
     "COMMAND_ID_PATTERN",
@@ -54,6 +56,7 @@ __all__ = [
     "Submit",
     "decode_command",
     "enqueue_commands",
+    "sendable",
 ]
 
 
@@ -122,6 +125,9 @@ class Change(_Sent):
     priority: float | None = wire(Float(minimum=0, optional=True), default=None)
     v: int = version_field()
 
+    def __post_init__(self) -> None:
+        check_settings(n_trials=self.n_trials, concurrency=self.concurrency, priority=self.priority)
+
     def changes(self) -> dict[str, Any]:
         """The settings this command changes, by StudySpec field name."""
         named: dict[str, Any] = {"n_trials": self.n_trials, "concurrency": self.concurrency}
@@ -165,15 +171,20 @@ def enqueue_commands(
 ) -> list[Enqueue]:
     """`param_sets` as `Enqueue` commands, in order, each small enough to pass the broker's
     message cap (`max_bytes`, encoded), of `ENQUEUE_CHUNK` sets at most: 100,000 sets do not fit
-    in one. Sent in one push, the
-    broker takes them in one batch, and stores them in that order."""
+    in one. Sent in one push, the broker takes them in one batch, and stores them in that order.
+    ConfigError, naming it, for a set that does not fit in a command on its own."""
     room = max_bytes - 128 - len(study.encode())  # the command's own fields (its id and time
     # too), and its list
     commands: list[Enqueue] = []
     chunk: list[dict[str, Any]] = []
     size = 0
-    for params in param_sets:
+    for index, params in enumerate(param_sets):
         length = len(pack(params))
+        if length > room:
+            raise ConfigError(
+                f"parameter set {index} is {length:,} bytes encoded: with its command it is over "
+                f"the {max_bytes:,}-byte message cap; {_RAISE_CAP}"
+            )
         if chunk and (size + length > room or len(chunk) >= ENQUEUE_CHUNK):
             commands.append(Enqueue(study=study, params=chunk))
             chunk, size = [], 0
@@ -205,6 +216,32 @@ _BY_OP: dict[str, type[Submit] | type[Cancel] | type[Change] | type[Enqueue] | t
     "enqueue": Enqueue,
     "delete": Delete,
 }
+
+
+_RAISE_CAP = (
+    "the cap can be raised, alike on the broker, the workers and here (--max-message-bytes, or "
+    "OPTUNA_RQ_MAX_MESSAGE_BYTES)"
+)
+
+
+def sendable(command: Command, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> bytes:
+    """`command` encoded, if the broker will take it: every limit of a message (`codec`) checked
+    as the broker's decoder checks it, with the same cap. ConfigError naming the part, the
+    limit it is over and the fix otherwise, so that a front door refuses what the broker would
+    drop after the command was sent."""
+    what = f"the {command.op} command"
+    message = command.to_wire()
+    keep_out = KEEP_OUT if isinstance(command, Submit) else "make it smaller"
+    try:
+        check_structure(message, what=what)
+    except ProtocolError as exc:
+        raise ConfigError(f"{exc}: {keep_out}") from None
+    raw = pack(message)
+    try:
+        check_size(raw, what=what, max_bytes=max_bytes)
+    except ProtocolError as exc:
+        raise ConfigError(f"{exc}: {keep_out}, or {_RAISE_CAP}") from None
+    return raw
 
 
 def decode_command(raw: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Command:

@@ -30,6 +30,9 @@ One broker serves one prefix; several brokers can share a Redis with different p
     demand              hash: RQ queue -> workers its studies could keep busy (the broker's)
     backlog             hash: study -> items of its first pending bulk command applied
     backlog:<study>     the study's pending bulk commands (an enqueue), applied a slice a turn
+    receipt:<command id>
+                        what the broker did with a bulk command's items (`BulkReceipt`), for
+                        the front door that sent it to read; it expires after an hour
 
 and, per attempt, under the result stream it reports to (`reply_to`), each named by its job id:
 
@@ -205,6 +208,10 @@ class Keys:
     def backlog_of(self, study: str) -> str:
         """The list of `study`'s pending bulk commands (`daemon.backlog`)."""
         return f"{self.backlog}:{study}"
+
+    def receipt(self, command_id: str) -> str:
+        """The receipt of bulk command `command_id` (`protocol.receipts`)."""
+        return f"{self.prefix}:receipt:{command_id}"
 
     def private_results(self, token: str) -> str:
         """A result stream of one's own under the prefix (a remote `Optimizer` run); `token` is

@@ -68,6 +68,7 @@ class FailReason(str, enum.Enum):
     BAD_RETURN = "bad_return"
     CANCELLED = "cancelled"
     NOT_ALLOWED = "not_allowed"
+    BAD_SIGNATURE = "bad_signature"  # the objective's parameters do not take the space's inputs
 
 
 class CallError(str, enum.Enum):

@@ -6,14 +6,17 @@ function a plain public identifier after it, so no attribute path can reach thro
 module (`served:os.system` is refused).
 
 `judge_return` is shared by the in-process Optimizer and the workers, so a return value is judged
-the same way wherever the objective ran.
+the same way wherever the objective ran; `inputs_mismatch` by the front doors and the workers, so
+an objective is held to its space the same way wherever it imports.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import traceback
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from optuna_rq.errors import ConfigError
@@ -67,31 +70,141 @@ def objective_path_of(obj: Any) -> str:
     return spec
 
 
+TRIAL_PARAMETER = "trial"
+"""The parameter that makes an objective define-by-run: it is given the (remote) trial."""
+
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def inputs_mismatch(objective: Any, inputs: Iterable[str]) -> str | None:
+    """Why `objective` cannot be called as a trial calls it, `objective(**inputs)` (and
+    `trial=...` if it has a `trial` parameter), with `inputs` the space's top-level names: the
+    names it requires that the space lacks, and those the space gives that it does not take
+    (none with `**kwargs`). None if the call binds, or if its signature cannot be read (a
+    builtin): then the call itself says.
+
+    A definition error: the same for every trial, so it fails the study at once.
+    """
+    function = getattr(objective, "task_function", objective)  # a flytekit task's function
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+    parameters = signature.parameters
+    given = set(inputs)
+    if TRIAL_PARAMETER in parameters:
+        given.add(TRIAL_PARAMETER)
+    try:
+        signature.bind(**dict.fromkeys(given))
+        return None
+    except TypeError as exc:
+        bind_error = str(exc)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    named = {name for name, p in parameters.items() if p.kind in _NAMED}
+    missing = [
+        name
+        for name, p in parameters.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        and (name not in given or p.kind is inspect.Parameter.POSITIONAL_ONLY)
+    ]
+    unexpected = [] if takes_any else sorted(given - named)
+    name = getattr(function, "__qualname__", None) or repr(objective)
+    problems = []
+    if missing:
+        problems.append(
+            f"it requires {_names(missing)}, which the space does not give (add "
+            f"{'it' if len(missing) == 1 else 'them'} to the space, or give "
+            f"{'it' if len(missing) == 1 else 'them'} a default)"
+        )
+    if unexpected:
+        problems.append(
+            f"the space gives {_names(unexpected)}, which it does not take (remove "
+            f"{'it' if len(unexpected) == 1 else 'them'} from the space, or add "
+            f"{'the parameter' if len(unexpected) == 1 else 'the parameters'} or **kwargs)"
+        )
+    if not problems:  # e.g. a positional-only parameter given by name: Python's own words
+        problems.append(bind_error)
+    shown = ", ".join(
+        str(p.replace(annotation=inspect.Parameter.empty)) for p in parameters.values()
+    )
+    return f"{name}({shown}) cannot take the space's inputs: {'; '.join(problems)}"
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(repr(name) for name in names)
+
+
 MAX_ERROR_CHARS = 4000
 """The error text a failed trial carries: its end, where the exception line is."""
 
 
 def judge_return(result: object, n_objectives: int) -> tuple[list[float] | None, str | None]:
-    """Check an objective's return: (values, None) when valid, (values or None, why) when not.
+    """Check an objective's return as `study.tell` takes it: (values, None) when valid, (values
+    or None, why) when not, `why` in Optuna's words (`optuna/study/_tell.py`).
 
-    Valid is a float (or int) for one objective, a tuple or list of them, one per direction, for
-    several. NaN values come back with a reason, so the caller can record why the trial failed.
+    A sequence (a tuple or list) holds one value per objective; anything else is the one value.
+    A value is whatever `float()` takes: a float or int (a bool too), a numpy scalar, a 0-d
+    array, a one-element tensor. Infinities are values. NaN values come back with a reason, so
+    the caller records why the trial failed. A string is no value: Optuna would take it for a
+    sequence of characters, and fail or raise on it.
     """
-    items = list(result) if isinstance(result, (tuple, list)) else [result]
-    if len(items) != n_objectives or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in items
-    ):
-        expected = "a float" if n_objectives == 1 else f"a tuple of {n_objectives} floats"
-        return None, f"objective returned {result!r} ({type(result).__name__}); expected {expected}"
-    values = [float(v) for v in items]  # type: ignore[arg-type]
-    if any(math.isnan(v) for v in values):
-        return values, f"objective returned NaN: {result!r}"
-    return values, None
+    if isinstance(result, Sequence) and not isinstance(result, (str, bytes, bytearray)):
+        items = list(result)
+    else:
+        items = [result]
+    floats = [_as_float(item) for item in items]
+    errors = [
+        f"The value {_shown(item)} could not be cast to float"
+        for item, value in zip(items, floats, strict=True)
+        if value is None
+    ]
+    nans = [v for v in floats if v is not None and math.isnan(v)]
+    errors += [f"The value {v} is not acceptable" for v in nans]
+    if not errors and len(floats) != n_objectives:
+        errors.append(
+            f"The number of the values {len(floats)} did not match the number of the "
+            f"objectives {n_objectives}"
+        )
+    values = [v for v in floats if v is not None]
+    if not errors:
+        return values, None
+    why = f"objective returned {_shown(result)} ({type(result).__name__}): {'; '.join(errors)}"
+    if len(values) == len(floats) == n_objectives:  # NaN alone: told, Optuna records the FAIL
+        return values, why
+    expected = "a float" if n_objectives == 1 else f"a tuple of {n_objectives} floats"
+    return None, f"{why}; expected {expected}, one per direction of the study"
+
+
+def _as_float(value: object) -> float | None:
+    """`float(value)`, or None if it takes none; a string never does here."""
+    if isinstance(value, (str, bytes, bytearray)):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]  # whatever has __float__ or __index__
+    except Exception:  # TypeError, ValueError, OverflowError (an int beyond a double), or
+        return None  # whatever a tensor's __float__ raises: a FAIL, never a crash
+
+
+_SHOWN_CHARS = 200
+
+
+def _shown(value: object) -> str:
+    """`repr(value)`, cut short: a returned array or model may print for pages."""
+    try:
+        text = repr(value)
+    except Exception:  # a repr that raises must not hide what the objective returned
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}..."
 
 
 def describe_exception(exc: BaseException) -> str:
-    """The error text stored on a failed trial: the exception line, then the traceback."""
+    """The error text stored on a failed trial: the traceback, then the exception line. One
+    that is no `Exception` (`SystemExit` from argparse or `sys.exit`, `KeyboardInterrupt`) is
+    named once more, last, as `repr` shows it: "SystemExit(2) raised in the objective"."""
     text = "".join(traceback.format_exception(exc))
+    if not isinstance(exc, Exception):
+        text += f"{exc!r} raised in the objective\n"
     return text[-MAX_ERROR_CHARS:]
 
 

@@ -12,11 +12,17 @@ import dataclasses
 import enum
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, ClassVar, TypeVar
 
 from optuna_rq.errors import ProtocolError
-from optuna_rq.protocol.codec import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode_map, pack
+from optuna_rq.protocol.codec import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    decode_map,
+    pack,
+    peek_map,
+)
 
 __all__ = [
     "Bool",
@@ -283,3 +289,22 @@ class Message:
     @classmethod
     def decode(cls: type[M], raw: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> M:
         return cls.from_wire(decode_map(raw, what=cls.__name__, max_bytes=max_bytes))
+
+    @classmethod
+    def peek(cls, raw: bytes, names: Collection[str]) -> dict[str, Any]:
+        """Fields `names` of an encoded message that does not decode whole (`codec.peek_map`),
+        each checked as its kind, the others unread: enough to tell its sender why it was
+        refused. ProtocolError if one is missing or refused too."""
+        kinds = cls._schema()
+        data = peek_map(raw, names, what=cls.__name__)
+        values: dict[str, Any] = {}
+        for name in names:
+            if name not in data:
+                raise ProtocolError(f"{cls.__name__} has no field {name!r} to read")
+            try:
+                values[name] = kinds[name].read(data[name])
+            except WrongValue as wrong:
+                raise ProtocolError(
+                    f"{cls.__name__} field {name!r} must be {wrong.expected}"
+                ) from None
+        return values

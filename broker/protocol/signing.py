@@ -31,11 +31,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
 from optuna_rq.errors import ConfigError, ProtocolError
-from optuna_rq.protocol.codec import DEFAULT_MAX_MESSAGE_BYTES, decode_map
+from optuna_rq.protocol.codec import DEFAULT_MAX_MESSAGE_BYTES, decode_map, peek_map
 from optuna_rq.protocol.keyring import KeyRing, Role
 
 __all__ = [
@@ -72,6 +73,7 @@ class Record(str, enum.Enum):
     HEARTBEAT = "pool heartbeat"
     STATUS = "study status"
     SPEC = "stored study spec"
+    RECEIPT = "bulk command receipt"
 
     @property
     def signed_by(self) -> frozenset[Role]:
@@ -82,7 +84,7 @@ class Record(str, enum.Enum):
     def ages(self) -> bool:
         """Whether an old one is refused as a replay. A status or a kept spec is current until
         the broker replaces it, however old; the rest is acted on once, soon after it is sent."""
-        return self not in (Record.STATUS, Record.SPEC)
+        return self not in (Record.STATUS, Record.SPEC, Record.RECEIPT)
 
 
 _SIGNED_BY: dict[Record, frozenset[Role]] = {
@@ -95,6 +97,7 @@ _SIGNED_BY: dict[Record, frozenset[Role]] = {
     Record.HEARTBEAT: frozenset({Role.WORKER}),
     Record.STATUS: frozenset({Role.BROKER}),
     Record.SPEC: frozenset({Role.BROKER}),
+    Record.RECEIPT: frozenset({Role.BROKER}),
 }
 
 
@@ -244,6 +247,20 @@ class Signer:
             return raw
         what = record.value if not bound_to else f"{record.value} of {bound_to!r}"
         data = decode_map(raw, what=f"signed {what}", max_bytes=self.max_message_bytes + 256)
+        return self._opened(record, what, bound_to, data)
+
+    def open_over_the_cap(self, record: Record, raw: bytes) -> bytes:
+        """`open` for a sealed `record` over the size cap, to answer it with why it is
+        refused: its envelope's fields are read one by one (`codec.peek_map`: the body as one
+        bytes object, nothing decoded) and its seal checked as `open` checks it. The body is
+        not to be decoded: only peeked at. `raw` itself with signing off."""
+        if not self.enabled:
+            return raw
+        what = record.value
+        data = peek_map(raw, _ENVELOPE, what=f"signed {what}", max_bin_len=len(raw))
+        return self._opened(record, what, "", data)
+
+    def _opened(self, record: Record, what: str, bound_to: str, data: dict[str, Any]) -> bytes:
         if set(data) != _ENVELOPE:
             raise ProtocolError(f"{what} is not signed (signing is on: every one must be)")
         kind, by, ts, body, sig = (data[k] for k in ("r", "by", "ts", "body", "sig"))

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from optuna_rq.errors import ConfigError, ProtocolError
+from optuna_rq.errors import ConfigError, MessageLimitError, ProtocolError
 from optuna_rq.protocol.codec import check_params
 from optuna_rq.protocol.keys import (
     DEFAULT_QUEUE,
@@ -46,6 +46,7 @@ from optuna_rq.spacefile import space_from_data
 __all__ = [
     "DEFINITION",
     "DIRECTIONS",
+    "KEEP_OUT",
     "MAX_CONCURRENCY",
     "MAX_N_TRIALS",
     "MAX_PRIORITY",
@@ -56,6 +57,7 @@ __all__ = [
     "PRUNERS",
     "SAMPLERS",
     "StudySpec",
+    "check_settings",
     "open_stored_spec",
     "seal_stored_spec",
 ]
@@ -80,6 +82,12 @@ MAX_PRIORITY = 1e6
 """--priority at most 1e6: a weight among studies, summed with the others' in fair share."""
 MAX_SEED = 2**32 - 1
 """--seed in [0, 2**32 - 1]: what numpy's RandomState, behind every Optuna sampler, takes."""
+
+KEEP_OUT = (
+    "keep large data out of the space: give a path or URL to it as a fixed input, and read it in "
+    "the objective"
+)
+"""The fix for a space over a limit of a message: every trial's request carries it."""
 
 # Samplers whose extra packages Optuna does not install for you.
 _SAMPLER_NEEDS = {"cmaes": ("cmaes",), "qmc": ("scipy",), "gp": ("scipy", "torch")}
@@ -135,10 +143,11 @@ class StudySpec(Message):
         space_from_data(self.space)  # every suggestion validated
         try:
             check_params(self.space)
+        except MessageLimitError as exc:
+            raise ConfigError(f"{exc}: {KEEP_OUT}") from exc
         except ProtocolError as exc:
             raise ConfigError(str(exc)) from exc
-        _positive_int("--n-trials", self.n_trials, MAX_N_TRIALS)
-        _positive_int("--concurrency", self.concurrency, MAX_CONCURRENCY)
+        check_settings(n_trials=self.n_trials, concurrency=self.concurrency)
         if not self.directions or any(d not in DIRECTIONS for d in self.directions):
             raise ConfigError(f"--direction must be minimize or maximize, got {self.directions}")
         if self.sampler not in SAMPLERS:
@@ -177,11 +186,7 @@ class StudySpec(Message):
                 f"--max-retries must be an integer from 0 to {MAX_RETRIES}, "
                 f"got {self.max_retries!r}"
             )
-        if not _positive_number(self.priority, MAX_PRIORITY):
-            raise ConfigError(
-                f"--priority must be a number > 0 and at most {MAX_PRIORITY:g}, "
-                f"got {self.priority!r}"
-            )
+        check_settings(priority=self.priority)
         self._check_stop_conditions()
         check_queue_name(self.queue)
         if self.storage is not None and not isinstance(self.storage, str):
@@ -295,6 +300,22 @@ _MISSING = object()
 
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+def check_settings(
+    *, n_trials: object = None, concurrency: object = None, priority: object = None
+) -> None:
+    """The budget, cap and priority a submission or a `set` gives (None: not given), each within
+    its bounds; ConfigError naming the option otherwise. One rule for both, so that `set` is
+    refused where `submit` would be, and before it is sent as the broker would refuse it."""
+    if n_trials is not None:
+        _positive_int("--n-trials", n_trials, MAX_N_TRIALS)
+    if concurrency is not None:
+        _positive_int("--concurrency", concurrency, MAX_CONCURRENCY)
+    if priority is not None and not _positive_number(priority, MAX_PRIORITY):
+        raise ConfigError(
+            f"--priority must be a number > 0 and at most {MAX_PRIORITY:g}, got {priority!r}"
+        )
 
 
 def _int_in(value: object, low: int, high: int) -> bool:

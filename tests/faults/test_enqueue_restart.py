@@ -41,7 +41,8 @@ def test_a_broker_killed_mid_enqueue_stores_every_set_once(cluster: Cluster) -> 
     broker = cluster.start_broker(failpoints="after_slice=5")  # stored, flushed, cursor not moved
     sets = [{"x": 2 * 1.0001**i} for i in range(N_SETS)]
     client = BrokerClient(cluster.conn, cluster.prefix)
-    client.send(*client.enqueue_commands(name, sets))
+    commands = client.enqueue_commands(name, sets)
+    client.send(*commands)
     _killed(broker)
     # Dies right after it moved a command onto the backlog (and trimmed the inbox up to it);
     # then after a later slice.
@@ -64,3 +65,10 @@ def test_a_broker_killed_mid_enqueue_stores_every_set_once(cluster: Cluster) -> 
     )
     assert set(stored.values()) == {1}, [x for x, n in stored.items() if n > 1][:10]
     assert stored.keys() == {s["x"] for s in sets}, len(stored)
+    # Every command has its receipt, its sets all accounted for: none dropped or refused (those
+    # a killed broker stored before its cursor moved count as there already, or as `earlier`).
+    receipts = client.receipts(commands)
+    assert receipts.keys() == {c.id for c in commands}
+    assert all(receipts[c.id].items == len(c.params) for c in commands)
+    assert not any(r.dropped or r.refused for r in receipts.values())
+    assert sum(r.new + r.earlier for r in receipts.values()) > 0
