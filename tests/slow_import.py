@@ -1,10 +1,17 @@
-"""A module whose import waits for a gate file (env OPTUNA_RQ_TEST_IMPORT_GATE), leaving
-`<gate>.importing` first: a pool stopped while it still imports what it serves."""
+"""A module whose import waits for a gate file, leaving `<gate>.importing` first: a pool stopped
+while it still imports what it serves. OPTUNA_RQ_TEST_IMPORT_GATE gates the pool's own import,
+OPTUNA_RQ_TEST_CHILD_IMPORT_GATE its worker processes' (spawned: they have a parent process)."""
 
+import multiprocessing
 import os
 import time
 
-_gate = os.environ.get("OPTUNA_RQ_TEST_IMPORT_GATE")
+_variable = (
+    "OPTUNA_RQ_TEST_IMPORT_GATE"
+    if multiprocessing.parent_process() is None
+    else "OPTUNA_RQ_TEST_CHILD_IMPORT_GATE"
+)
+_gate = os.environ.get(_variable)
 if _gate:
     open(f"{_gate}.importing", "w").close()
     _deadline = time.monotonic() + 60

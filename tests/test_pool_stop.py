@@ -109,3 +109,32 @@ def test_a_pool_stopped_while_it_imports_starts_no_worker_and_exits(
         text = pool.text()
         assert "Ctrl-C: warm shutdown, no worker started yet" in text, text
         assert pool.children() == {} and "all workers stopped" in text, text
+
+
+def test_a_pool_stopped_while_it_starts_its_workers_stops_every_one(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """Ctrl-C as the first worker process has started and the others are being spawned (each
+    still importing what it serves): every one is stopped, those spawned after the signal too,
+    and the pool exits 0."""
+    for round_ in range(ROUNDS):
+        gate = tmp_path / f"gate{round_}"
+        pool = TerminalPool(
+            redis_url,
+            prefix,
+            ["--count", "4"],
+            log=tmp_path / f"pool{round_}.log",
+            env=cli_env(OPTUNA_RQ_TEST_CHILD_IMPORT_GATE=str(gate)),
+            module="tests.slow_import",
+        )
+        try:
+            wait_until(lambda pool=pool: pool.children(), timeout_s=60, interval_s=0.001)
+            pool.ctrl_c()
+            assert pool.wait(timeout_s=60) == 0, pool.text()
+        finally:
+            gate.touch()
+            if pool.process.poll() is None:
+                pool.kill()
+        text = pool.text()
+        assert "Ctrl-C: warm shutdown" in text and "all workers stopped" in text, text
+        assert pool.all_gone() and "stuck" not in text, text

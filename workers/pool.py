@@ -149,10 +149,12 @@ class WorkerPool:
         )
         process.start()
         writer.close()  # the child holds the only writing end: EOF when it dies
-        self._children[index] = _Child(process, reader, name, time.monotonic())
+        child = self._children[index] = _Child(process, reader, name, time.monotonic())
         self._idle_since[index] = time.monotonic()
         gpus = "" if self.settings.gpus is None else f", GPUs {self.settings.gpus[index]}"
         log.info("worker %d started (pid %s%s)", index, process.pid, gpus)
+        if self._stopping:  # the stop came while it was being spawned, and missed it
+            self._tell_to_stop(child)
 
     def stop(self, signum: int | None = None) -> None:
         """First call: a warm shutdown, each child finishes its running trial, then exits.
