@@ -82,8 +82,9 @@ def workers(
             min=1,
             metavar="N",
             help="Replace a worker process by a fresh one after N trials (Celery's "
-            "--max-tasks-per-child): the new one imports the objectives again, so an edited "
-            "objective is picked up without a restart, and memory a trial leaked is given back.",
+            "--max-tasks-per-child): the new one imports the objectives again, so an edit to "
+            "an objective reaches every process within N of its trials, without a restart, and "
+            "memory a trial leaked is given back.",
         ),
     ] = None,
     autoscale: Annotated[
@@ -140,9 +141,9 @@ def workers(
     SIGTERM or Ctrl-C stops them gracefully: each finishes its running trial first. A second
     one stops them at once; the broker retries their trials elsewhere.
 
-    A worker process imports the objectives once: to run an edited objective, restart the
-    workers, or start them with --max-trials-per-child N to have each process replaced after
-    N trials.
+    A worker process imports the objectives once, when it starts: to run an edited objective,
+    restart the workers, or start them with --max-trials-per-child N to have each process
+    replaced by a fresh one after N trials.
     """
     from optuna_rq.workers.autoscale import parse_autoscale
     from optuna_rq.workers.gpus import allocation, device_sets
