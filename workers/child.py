@@ -59,7 +59,7 @@ def child_main(
         os.environ[VISIBLE_DEVICES] = settings.gpus[index]
     put_on_path(settings.paths)
     logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT, stream=sys.stderr)
-    logging.getLogger("rq").setLevel(logging.WARNING)  # one line per trial is ours to write
+    logging.getLogger("rq").setLevel(logging.WARNING)  # a trial's lines are ours to write
     served = loader.serve(settings.modules)
     parent = ChildChannel(channel)
     metrics = (
