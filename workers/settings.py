@@ -81,7 +81,7 @@ class WorkerSettings:
             raise ConfigError(
                 f"{self.max_workers} worker processes but {len(self.gpus)} GPU device sets "
                 f"({' '.join(self.gpus)}): each worker process gets its own; "
-                "give fewer --count (or a lower --autoscale MAX), or more --gpus"
+                "give fewer --count (or a lower --autoscale MAX), or more GPUs to --gpus"
             )
 
     @property
