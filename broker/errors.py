@@ -18,6 +18,7 @@ __all__ = [
     "OptunaRQError",
     "ProtocolError",
     "RedisDataLostError",
+    "RedisInUseError",
     "RedisUnavailableError",
     "RemoteTrialError",
     "StorageNotAllowedError",
@@ -59,6 +60,10 @@ class MessageLimitError(ProtocolError):
 
 class RedisUnavailableError(OptunaRQError):
     """Redis cannot be reached or started."""
+
+
+class RedisInUseError(OptunaRQError):
+    """`redis stop` refused: a broker, workers or other clients use the embedded server."""
 
 
 class RedisDataLostError(OptunaRQError):
