@@ -75,6 +75,9 @@ class Registry:
         self.storages = storages
         self.stopping = stopping
         self.specs: dict[str, StudySpec] = {}
+        self.ended_at_start: list[StudySpec] = []
+        """The stored studies `reattach` found ended: their trials may need publishing
+        (`daemon.catch_up`)."""
 
     @property
     def boundary(self) -> FaultBoundary:
@@ -170,6 +173,7 @@ class Registry:
                 continue
             state = self.state(spec.name)
             if state is not None and state.ended:
+                self.ended_at_start.append(spec)
                 continue
             why = self.storage_refusal(spec)
             if why is not None:
@@ -259,6 +263,10 @@ class Registry:
         journal = journal_path(url)
         run.journal = None if journal is None else str(journal)
         run.reattach()
+        # What a stopped broker told and did not publish, or a study from before trials were
+        # published: published now, once durable (reattach may have failed a trial).
+        self.storages.flush()
+        self.dispatcher.publication.reconcile(self.connection, study)
         return run
 
     # -- end -----------------------------------------------------------------------------------
