@@ -46,9 +46,9 @@ if TYPE_CHECKING:
 __all__ = [
     "GlobalOptions",
     "WaitForBroker",
+    "command_client",
     "configure_logging",
     "connect_existing_redis",
-    "command_client",
     "connect_redis",
     "global_options",
     "make_client",
@@ -265,9 +265,9 @@ def connect_redis(options: GlobalOptions) -> tuple[str, redis.Redis]:
 
 
 def connect_existing_redis(options: GlobalOptions) -> tuple[str, redis.Redis]:
-    """As `connect_redis`, but never starts a redis-server: for commands that only read. With
-    no URL and no embedded server running, RedisUnavailableError saying there is nothing to
-    read yet."""
+    """As `connect_redis`, but never starts a redis-server, nor creates the state directory:
+    for every command but `broker`, `workers`, `submit` and `demo`. With no URL and no embedded
+    server running, RedisUnavailableError saying so, naming the fix."""
     from optuna_rq.connection import connect, ping_or_raise, state_path
     from optuna_rq.embedded import EmbeddedRedis
     from optuna_rq.errors import RedisUnavailableError

@@ -232,6 +232,8 @@ class Registry:
         fail_orphans(
             study, Verdict(state=TrialState.FAIL, fail_reason=FailReason.CANCELLED, error=why)
         )
+        self.storages.flush()  # then published as failed, as they are now
+        self.dispatcher.publication.reconcile(self.connection, study)
 
     def _open(self, spec: StudySpec) -> StudyRun:
         url = self.storage_url(spec)

@@ -568,6 +568,7 @@ class Dispatcher:
         studies' are told even if the failure cut a batch short."""
         self.runs.pop(run.name, None)
         self.off_loop.forget(run)
+        self.publication.forget(run.name)  # told, maybe not durable: not to be published
         try:
             self.sender.withdraw(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
         except Exception as exc:
