@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,7 @@ from optuna_rq.protocol import (
 from optuna_rq.protocol.trial_summary import SUMMARY_MAX_BYTES
 from optuna_rq.studies import open_storage, open_storage_to_read
 from optuna_rq.workers.execute import trial_result
+from tests.worker_processes import cli, cli_env
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -164,6 +166,92 @@ def test_trials_shows_multi_objective_reports_and_user_attributes_in_every_forma
     assert "1: [2, 1.5]" in table[1] and table[2].split()[:2] == ["1", "refused"]
     csv_lines = render_trials(rows, "csv").splitlines()
     assert '"{""0"": [3.0, 1.0], ""1"": [2.0, 1.5]}"' in csv_lines[1], csv_lines
+
+
+def _cli(redis_url: str, prefix: str, *args: str, **env: str) -> Any:
+    return subprocess.run(
+        cli("--redis-url", redis_url, "--prefix", prefix, *args),
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _finished(name: str, **fields: Any) -> StudyStatus:
+    return StudyStatus(
+        name=name,
+        state=StudyState.FINISHED,
+        objective="tests.objectives:quadratic",
+        directions=fields.pop("directions", ["minimize"]),
+        n_trials=1,
+        concurrency=1,
+        priority=1.0,
+        complete=1,
+        storage="journal:////nowhere/studies.journal",
+        **fields,
+    )
+
+
+def test_status_best_and_trials_print_json_that_strict_parsers_read(
+    conn: redis.Redis, prefix: str, redis_url: str
+) -> None:
+    """An infinite best value (Optuna takes one) and an infinite trial value are the string
+    "Infinity" in every JSON output, not the bare word jq refuses."""
+    keys = Keys(prefix)
+    conn.hset(
+        keys.status, "inf", _finished("inf", best_value=-math.inf, best_params={"x": 1}).to_json()
+    )
+    front = [[1.0, math.inf]]
+    pair = _finished(
+        "pair", directions=["minimize", "minimize"], best_values=front, best_params=[{"x": 1}]
+    )
+    conn.hset(keys.status, "pair", pair.to_json())
+    conn.hset(keys.trials_of("inf"), "0", _summary(number=0, values=[-math.inf]).encode())
+    outputs = {
+        ("status", "--json"): lambda d: [s["best_value"] for s in d if "best_value" in s],
+        ("status", "inf", "--json"): lambda d: d["best_value"],
+        ("status", "pair", "--json"): lambda d: d["best_values"],
+        ("best", "inf", "--json"): lambda d: d["value"],
+        ("best", "pair", "--json"): lambda d: d["pareto_front"][0]["values"],
+        ("trials", "inf", "--format", "json"): lambda d: d[0]["values"],
+    }
+    expected = {
+        ("status", "--json"): ["-Infinity"],
+        ("status", "inf", "--json"): "-Infinity",
+        ("status", "pair", "--json"): [[1.0, "Infinity"]],
+        ("best", "inf", "--json"): "-Infinity",
+        ("best", "pair", "--json"): [1.0, "Infinity"],
+        ("trials", "inf", "--format", "json"): ["-Infinity"],
+    }
+    for args, pick in outputs.items():
+        done = _cli(redis_url, prefix, *args)
+        assert done.returncode == 0, (args, done.stderr)
+        assert pick(json.loads(done.stdout, parse_constant=_refuse)) == expected[args], args
+
+
+def test_trials_shows_an_entry_the_broker_did_not_sign_as_refused_and_says_why(
+    conn: redis.Redis, prefix: str, redis_url: str
+) -> None:
+    secret = "0123456789abcdef0123456789abcdef"
+    broker = Signer(secret.encode())
+    keys = Keys(prefix)
+    conn.hset(keys.status, "s", _finished("s").sealed(broker))
+    conn.hset(keys.trials_of("s"), "0", _summary(number=0, values=[0.5]).sealed(broker, study="s"))
+    conn.hset(keys.trials_of("s"), "1", _summary(number=1, values=[-99.0]).encode())  # forged
+    conn.hset(keys.trials_of("s"), "2", _summary(number=0, values=[0.5]).sealed(broker, study="s"))
+    done = _cli(redis_url, prefix, "trials", "s", "--format", "json", OPTUNA_RQ_SECRET=secret)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [(r["number"], r["state"]) for r in rows] == [
+        (0, "complete"),
+        (1, "refused"),  # not signed
+        (2, "refused"),  # trial 0's, copied under 2
+    ]
+    assert "trial 1 of study 's' is not signed by the broker" in done.stderr, done.stderr
+    assert "is trial 0's, refused" in done.stderr, done.stderr
+    table = _cli(redis_url, prefix, "trials", "s", "--state", "complete", OPTUNA_RQ_SECRET=secret)
+    assert len(table.stdout.splitlines()) == 2 and table.stderr == "", table
 
 
 # -- the dispatcher: published in the writes it makes anyway ----------------------------------
