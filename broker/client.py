@@ -1,8 +1,9 @@
 """BrokerClient: what the front doors (CLI, demo, scripts) say to a broker, and read back from it.
 
-It is the only writer of commands and the only reader of status. The broker need not be running:
-commands wait in Redis until one starts. With signing on, a status is believed only if the broker
-signed it (`protocol.status.read_status`): one that does not open is refused, saying so.
+It is the only writer of commands and the only reader of status and of published trials. The
+broker need not be running: commands wait in Redis until one starts. With signing on, a status
+(or a published trial) is believed only if the broker signed it (`protocol.status.read_status`,
+`protocol.trial_summary.read_trial_summaries`): one that does not open is refused, saying so.
 
 A front door writes two keys only: the command inbox (`Keys.commands`) and the wake stream
 (`Keys.wake`); everything else it reads (deploy/redis/redis-acl.conf gives its Redis user
@@ -44,6 +45,7 @@ from optuna_rq.protocol import (
 )
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerLiveness, read_liveness
 from optuna_rq.protocol.status import RefusedStatus, read_status, read_statuses
+from optuna_rq.protocol.trial_summary import RefusedTrial, TrialSummary, read_trial_summaries
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -177,6 +179,13 @@ class BrokerClient:
                 f"unknown study {study!r} on prefix {self.prefix!r} (see `optuna-rq status`{shows})"
             )
         return status
+
+    def trials(self, study: str) -> list[TrialSummary | RefusedTrial]:
+        """The study's trials as the broker published them, by number: each sent to a worker
+        or ended (not those enqueued and not yet asked). With signing on, an entry the broker
+        did not sign is a `RefusedTrial`, saying why, never believed. Its storage is not
+        opened: the broker publishes what `optuna-rq trials` shows (`protocol.trial_summary`)."""
+        return read_trial_summaries(self.connection, self.keys, self.signer, study)
 
     def has_status(self, study: str) -> bool:
         """Whether anything is stored as the study's status, the broker's or not."""

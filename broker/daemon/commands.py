@@ -168,9 +168,9 @@ class Commands:
             raise ConfigError(f"cannot enqueue trials for study {name!r}: it is not running")
 
     def on_delete(self, name: str, *, force: bool, purge: bool) -> None:
-        """Forget study `name`: its spec and its status. A running study is refused
-        (ConfigError) unless `force`, which cancels it first. Its trials stay in its storage
-        unless `purge`, which deletes the Optuna study there too."""
+        """Forget study `name`: its spec, its status and its published trials. A running study
+        is refused (ConfigError) unless `force`, which cancels it first. Its trials stay in its
+        storage unless `purge`, which deletes the Optuna study there too."""
         registry = self.registry
         connection, keys = registry.connection, registry.keys
         known = name in registry.specs or bool(connection.hexists(keys.studies, name))
@@ -196,9 +196,13 @@ class Commands:
                 ) from exc
         registry.specs.pop(name, None)
         registry.storages.flush()  # the purge is durable before the study is gone from the status
+        registry.dispatcher.publication.forget(name)
         pipe = connection.pipeline(transaction=True)
         pipe.hdel(keys.studies, name)
         pipe.hdel(keys.status, name)
+        # Its published trials go with it; resubmitted, it publishes again what its storage
+        # kept, when it is taken over.
+        pipe.delete(keys.trials_of(name))
         pipe.execute()
         registry.status.lifecycle.learn(name, None)
         log.info("deleted study %r%s", name, " and its trials" if purge else "")

@@ -78,6 +78,9 @@ class Registry:
         self.storages = storages
         self.stopping = stopping
         self.specs: dict[str, StudySpec] = {}
+        self.ended_at_start: list[StudySpec] = []
+        """The stored studies `reattach` found ended: their trials may need publishing
+        (`daemon.catch_up`)."""
 
     @property
     def boundary(self) -> FaultBoundary:
@@ -195,6 +198,7 @@ class Registry:
                 continue
             state = self.state(spec.name)
             if state is not None and state.ended:
+                self.ended_at_start.append(spec)
                 continue
             why = self.storage_refusal(spec)
             if why is not None:
@@ -265,6 +269,8 @@ class Registry:
             self.dispatcher.observer.ended(
                 spec.name, TrialState.FAIL.name, FailReason.CANCELLED, count=ended
             )
+        self.storages.flush()  # then published as failed, as they are now
+        self.dispatcher.publication.reconcile(self.connection, study)
 
     def _open(self, spec: StudySpec) -> StudyRun:
         url = self.storage_url(spec)
@@ -301,6 +307,10 @@ class Registry:
             self.dispatcher.observer.ended(
                 spec.name, TrialState.FAIL.name, FailReason.WORKER_LOST, count=lost
             )
+        # What a stopped broker told and did not publish, or a study from before trials were
+        # published: published now, once durable (reattach may have failed a trial).
+        self.storages.flush()
+        self.dispatcher.publication.reconcile(self.connection, study)
         return run
 
     # -- end -----------------------------------------------------------------------------------
