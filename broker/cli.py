@@ -7,7 +7,6 @@ Errors print one line, no traceback (`--debug` shows it).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,10 +18,12 @@ from optuna_rq.cli_keys import keys
 from optuna_rq.cli_options import (
     GlobalOptions,
     WaitForBroker,
+    command_client,
     global_options,
     make_client,
     read_client,
 )
+from optuna_rq.cli_output import json_text
 from optuna_rq.cli_redis import redis_app
 from optuna_rq.cli_serve import broker, workers
 from optuna_rq.cli_studies import best, delete, enqueue, load_enqueue_file, trials
@@ -256,8 +257,9 @@ def status(
     broker: the broker on host:pid stopped 40s ago)`; with --json, it carries `broker`, the
     prefix's broker as read (`state`: serving, starting, stopped or none). With signing on, a
     study whose status the broker did not sign shows as `refused` (with --json: `"state":
-    "refused"` and why in `error`), and its detail is an error. Reads only: never starts a
-    redis-server.
+    "refused"` and why in `error`), and its detail is an error. In JSON, a NaN or an infinity
+    (a best value of inf) is the string "NaN", "Infinity" or "-Infinity". Reads only, through
+    Redis: never starts a redis-server.
     """
     import fnmatch
 
@@ -278,7 +280,7 @@ def status(
     if name is not None and not pattern:
         one = client.require_status(name)
         if as_json:
-            typer.echo(json.dumps(_as_json(one, broker), indent=2))
+            typer.echo(json_text(_as_json(one, broker), indent=2))
         else:
             typer.echo("\n".join(status_detail(one, client, broker)))
         return
@@ -289,7 +291,7 @@ def status(
         and (name is None or fnmatch.fnmatchcase(s.name, name))
     ]
     if as_json:
-        typer.echo(json.dumps([_as_json(s, broker) for s in snapshots], indent=2))
+        typer.echo(json_text([_as_json(s, broker) for s in snapshots], indent=2))
         return
     if not snapshots:
         typer.echo(f"no studies on prefix {options.prefix!r}", err=True)
@@ -362,8 +364,11 @@ def wait_command(
 def cancel(
     ctx: typer.Context, name: Annotated[str, typer.Argument(help="The study to cancel.")]
 ) -> None:
-    """Cancel a study: no new trials; queued and running ones end FAIL (cancelled)."""
-    client = make_client(ctx.obj)
+    """Cancel a study: no new trials; queued and running ones end FAIL (cancelled).
+
+    A command the broker applies, sent through Redis: it never starts a redis-server.
+    """
+    client = command_client(ctx.obj)
     client.require_status(name)
     client.cancel(name)
     _err.print(f"cancelling study {name!r}")
@@ -384,7 +389,13 @@ def set_command(
         typer.Option("--priority", min=0.001, help="New weight in sharing workers."),
     ] = None,
 ) -> None:
-    """Change a running study's cap, budget or priority."""
+    """Change a running study's cap, budget or priority.
+
+    An ended study (finished, cancelled, failed), or one a stop condition is winding down, is
+    refused (exit 2): resubmitting it reopens it. A budget below the trials the study has
+    started winds it down: it starts no more, and finishes once they end. A command the broker
+    applies, sent through Redis: it never starts a redis-server.
+    """
     changes = {
         k: v
         for k, v in {"concurrency": concurrency, "n_trials": n_trials, "priority": priority}.items()
@@ -392,10 +403,16 @@ def set_command(
     }
     if not changes:
         raise ConfigError("nothing to change: give --concurrency, --n-trials or --priority")
-    client = make_client(ctx.obj)
+    client = command_client(ctx.obj)
     client.require_status(name)
-    client.change(name, **changes)
+    status = client.change(name, **changes)
     _err.print(f"study {name!r}: {changes}")
+    started = 0 if status is None else status.done + status.running
+    if n_trials is not None and n_trials < started:
+        _err.print(
+            f"study {name!r} has started {started} trials, more than --n-trials {n_trials}: "
+            f"it starts no more, and finishes once they end (its budget becomes what it started)"
+        )
 
 
 @app.command()

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GlobalOptions",
     "WaitForBroker",
+    "command_client",
     "configure_logging",
     "connect_existing_redis",
     "connect_redis",
@@ -100,7 +101,9 @@ class GlobalOptions:
         )
 
     def state(self) -> Path:
-        """The state directory (created if missing): `--state-dir`, else the default."""
+        """The state directory (created if missing): `--state-dir`, else the default. Only
+        what keeps state on this machine calls it (the broker, workers, the embedded Redis, the
+        keys it writes): a front door given a Redis URL creates nothing."""
         from optuna_rq.connection import state_dir
 
         return state_dir(self.state_dir)
@@ -247,33 +250,37 @@ def _password_for(options: GlobalOptions) -> str | None:
 
 
 def connect_redis(options: GlobalOptions) -> tuple[str, redis.Redis]:
-    """The Redis this command meets the others on (the embedded one is started if there is
-    no URL and it is not running); fails within seconds, naming the URL."""
+    """The Redis this command meets the others on (the embedded one is started, under the state
+    directory, if there is no URL and it is not running); fails within seconds, naming the URL.
+    Only `broker`, `workers`, `submit` and `demo` may start a server: the other commands use
+    `connect_existing_redis`."""
     from optuna_rq.connection import connect, ping_or_raise, resolve_redis_url
 
     password = _password_for(options)
-    url = resolve_redis_url(options.redis_url, state=options.state())
+    # The state directory is made only if the embedded server is wanted (no URL).
+    url = resolve_redis_url(options.redis_url, state=options.state_dir)
     connection = connect(url, password=password)
     ping_or_raise(connection, url)
     return url, connection
 
 
 def connect_existing_redis(options: GlobalOptions) -> tuple[str, redis.Redis]:
-    """As `connect_redis`, but never starts a redis-server: for commands that only read. With
-    no URL and no embedded server running, RedisUnavailableError saying there is nothing to
-    read yet."""
-    from optuna_rq.connection import connect, ping_or_raise
+    """As `connect_redis`, but never starts a redis-server, nor creates the state directory:
+    for every command but `broker`, `workers`, `submit` and `demo`. With no URL and no embedded
+    server running, RedisUnavailableError saying so, naming the fix."""
+    from optuna_rq.connection import connect, ping_or_raise, state_path
     from optuna_rq.embedded import EmbeddedRedis
     from optuna_rq.errors import RedisUnavailableError
 
     password = _password_for(options)
     url = options.redis_url
     if not url:  # typer read $OPTUNA_RQ_REDIS_URL into the option already
-        embedded = EmbeddedRedis(options.state())
-        if embedded.pid() is None and not embedded.socket.exists():
+        state = state_path(options.state_dir)  # not created: a missing one holds no server
+        embedded = EmbeddedRedis(state)
+        if not state.is_dir() or (embedded.pid() is None and not embedded.socket.exists()):
             raise RedisUnavailableError(
-                f"no Redis to read from: no --redis-url ({ENV_REDIS_URL}) and no embedded "
-                f"redis-server running under {embedded.state} (`optuna-rq broker` or "
+                f"no Redis to reach: no --redis-url ({ENV_REDIS_URL}) and no embedded "
+                f"redis-server running under {state} (`optuna-rq broker` or "
                 "`optuna-rq submit` starts one)"
             )
         url = embedded.url
@@ -283,10 +290,21 @@ def connect_existing_redis(options: GlobalOptions) -> tuple[str, redis.Redis]:
 
 
 def make_client(options: GlobalOptions) -> BrokerClient:
-    """A BrokerClient on the options' Redis and prefix (starting the embedded Redis if need be)."""
+    """A BrokerClient on the options' Redis and prefix (starting the embedded Redis if need be):
+    for `submit`, which may be the first command run on a machine."""
     from optuna_rq.client import BrokerClient
 
     _url, connection = connect_redis(options)
+    return BrokerClient(connection, options.prefix, signer=options.signer())
+
+
+def command_client(options: GlobalOptions) -> BrokerClient:
+    """A BrokerClient that sends commands about a study that exists (`cancel`, `set`,
+    `enqueue`, `delete`): it never starts a redis-server (there is no study to act on where
+    none runs), and says so naming the fix."""
+    from optuna_rq.client import BrokerClient
+
+    _url, connection = connect_existing_redis(options)
     return BrokerClient(connection, options.prefix, signer=options.signer())
 
 

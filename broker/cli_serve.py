@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -63,13 +64,29 @@ def workers(
         str | None,
         typer.Option(
             "--gpus",
-            help="GPUs to pin worker processes to: a count (4) or device ids (0,1,2,3). "
-            "Each worker process gets its own CUDA_VISIBLE_DEVICES, kept across restarts.",
+            metavar="N|all|device=ID,...",
+            help="GPUs to pin worker processes to, out of the pool's own: those of "
+            "CUDA_VISIBLE_DEVICES when it is set, else the machine's (nvidia-smi). A count "
+            "takes the first N (--gpus 2), all takes every one, device= names them by index "
+            "or UUID (--gpus device=2,3); a device outside them is refused. Each worker "
+            "process gets its own CUDA_VISIBLE_DEVICES, kept across restarts.",
         ),
     ] = None,
     gpus_per_trial: Annotated[
         int, typer.Option("--gpus-per-trial", min=1, help="GPUs each worker process gets.")
     ] = 1,
+    max_trials_per_child: Annotated[
+        int | None,
+        typer.Option(
+            "--max-trials-per-child",
+            min=1,
+            metavar="N",
+            help="Replace a worker process by a fresh one after N trials (Celery's "
+            "--max-tasks-per-child): the new one imports the objectives again, so an edit to "
+            "an objective reaches every process within N of its trials, without a restart, and "
+            "memory a trial leaked is given back.",
+        ),
+    ] = None,
     autoscale: Annotated[
         str | None,
         typer.Option(
@@ -123,15 +140,19 @@ def workers(
 
     SIGTERM or Ctrl-C stops them gracefully: each finishes its running trial first. A second
     one stops them at once; the broker retries their trials elsewhere.
+
+    A worker process imports the objectives once, when it starts: to run an edited objective,
+    restart the workers, or start them with --max-trials-per-child N to have each process
+    replaced by a fresh one after N trials.
     """
     from optuna_rq.workers.autoscale import parse_autoscale
-    from optuna_rq.workers.gpus import device_sets
+    from optuna_rq.workers.gpus import allocation, device_sets
     from optuna_rq.workers.pool import WorkerPool, WorkerSettings
 
     options: GlobalOptions = ctx.obj
     signer = options.signer(Role.WORKER)
     level = configure_logging(log_level)
-    devices = None if gpus is None else device_sets(gpus, gpus_per_trial)
+    devices = None if gpus is None else device_sets(gpus, allocation(os.environ), gpus_per_trial)
     if gpus is None and gpus_per_trial != 1:
         raise ConfigError("--gpus-per-trial needs --gpus (the devices to share out)")
     if autoscale is not None and count is not None:
@@ -158,6 +179,7 @@ def workers(
         metrics_port=metrics_port,
         lease_ttl_s=lease_ttl,
         isolation=isolation,
+        max_trials_per_child=max_trials_per_child,
     )
     raise typer.Exit(WorkerPool(settings).run())
 

@@ -1,24 +1,24 @@
 """`optuna-rq trials`, `best`, `delete` and `enqueue`: what users look for once a study runs.
 
-`trials` reads the study's own storage (the URL its status names); `best` reads its status;
-`delete` and `enqueue` are commands the broker applies, as every change to a study is, and
-`enqueue` says what the broker did with the sets, from its receipts.
+All of them work from any machine that reaches Redis, through Redis and the broker alone:
+`trials` reads the trials the broker publishes (never the study's storage, whose path or
+server is the broker's), `best` reads the study's status, and `delete` and `enqueue` are
+commands the broker applies, as every change to a study is; `enqueue` says what the broker did
+with the sets, from its receipts. None starts a redis-server or creates a file.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from optuna_rq.cli_options import GlobalOptions, make_client, read_client
+from optuna_rq.cli_options import GlobalOptions, command_client, read_client
+from optuna_rq.cli_output import json_text
 from optuna_rq.errors import ConfigError, ProtocolError
-from optuna_rq.protocol import StudyState
+from optuna_rq.progress import REFUSED
 
 if TYPE_CHECKING:
     from optuna_rq.protocol import BulkReceipt, StudyStatus
@@ -37,133 +37,99 @@ def trials(
     ] = "table",
     state: Annotated[
         str | None,
-        typer.Option("--state", help="Only trials in this state: complete, pruned, fail, running."),
+        typer.Option(
+            "--state",
+            help="Only trials in this state: complete, pruned, fail, running (or refused).",
+        ),
     ] = None,
     storage: Annotated[
         str | None,
         typer.Option(
             "--storage",
-            help="Read the trials from this storage URL rather than the one the study's "
-            "status names (needed for a storage other than your default one when signing "
-            "is off, and for a redis:// storage).",
+            help="Read the trials from this Optuna storage URL, one this machine reaches, rather "
+            "than from what the broker publishes (no Redis is read). Nothing is created: a "
+            "journal or SQLite file must exist.",
         ),
     ] = None,
 ) -> None:
-    """List a study's trials: number, state, value(s), parameters, duration, fail reason.
+    """List a study's trials: number, state, value(s), parameters, user attributes, the last
+    intermediate value(s) reported, duration, fail reason (json and csv: every intermediate
+    value, times, error, attempt).
 
-    Read from the study's storage, as optuna-dashboard reads it; never starts a redis-server.
+    Read from what the broker publishes in Redis as each trial is sent and ends, so it works on
+    any machine that reaches Redis; it never opens the study's storage (a path or a server of
+    the broker's), creates no file and never starts a redis-server. Parameter sets enqueued and
+    not yet run are not listed. With signing on, an entry the broker did not sign shows as
+    `refused`, and why on stderr. A multi-objective study's intermediate values are the lists
+    its objective reported (`trial.report(values, step)`). In JSON, a NaN or an infinity is
+    the string "NaN", "Infinity" or "-Infinity".
     """
-    import optuna
-
-    from optuna_rq.connection import redact_url
-    from optuna_rq.studies import open_storage
+    from optuna_rq.cli_output import render_trials, trial_row
+    from optuna_rq.protocol import RefusedTrial
 
     if output not in _FORMATS:
         raise ConfigError(f"--format {output!r}: choose one of {', '.join(_FORMATS)}")
-    options: GlobalOptions = ctx.obj
-    client = read_client(options)
-    status = client.require_status(name)
-    if storage is None and status.state is StudyState.QUEUED:  # its storage is not known yet
-        raise ConfigError(f"study {name!r} is queued: the broker has not taken it yet")
-    url = storage or _storage_to_read(name, status.storage, options, signed=client.signer.enabled)
-    try:
-        study = optuna.load_study(study_name=name, storage=open_storage(url))
-    except KeyError as exc:
-        raise ConfigError(f"study {name!r} has no trials in {redact_url(url)} yet") from exc
-    rows = [_row(t) for t in study.get_trials(deepcopy=False)]
-    if state is not None:
-        rows = [r for r in rows if r["state"] == state.lower()]
-    typer.echo(_render(rows, output), nl=False)
+    wanted = _trial_state(state)
+    if storage is not None:
+        entries: list[Any] = _stored_trials(name, storage)
+    else:
+        client = read_client(ctx.obj)
+        status = client.require_status(name)
+        entries = client.trials(name)
+        _say_unpublished(status, entries)
+    rows = [trial_row(entry) for entry in entries]
+    if wanted is not None:
+        rows = [row for row in rows if row["state"] == wanted]
+    typer.echo(render_trials(rows, output), nl=False)
+    for entry in entries:
+        if isinstance(entry, RefusedTrial) and wanted in (None, REFUSED):
+            typer.echo(entry.why, err=True)  # the `refused` rows above, in full
 
 
-def _storage_to_read(name: str, url: str, options: GlobalOptions, *, signed: bool) -> str:
-    """The storage `trials` opens for study `name` whose status names `url`; ConfigError if it
-    would open it on Redis's word alone. Whoever can write to Redis can write a status (unless
-    the broker signs it), and opening a storage runs what it names: a path is created, a
-    database server is connected to with options the URL sets (a MySQL `local_infile`), and
-    Optuna's JournalRedis unpickles its snapshot. So a JournalRedis is opened only when the
-    user names it (`--storage`); with signing off, so is any storage but the user's default."""
+def _trial_state(state: str | None) -> str | None:
+    """`--state`, checked: a published trial's state, or `refused`."""
+    from optuna_rq.protocol import TrialStateName
+
+    if state is None:
+        return None
+    known = [s.value for s in TrialStateName if s is not TrialStateName.WAITING] + [REFUSED]
+    if state.lower() not in known:
+        raise ConfigError(f"--state {state!r}: choose from {', '.join(known)}")
+    return state.lower()
+
+
+def _stored_trials(name: str, url: str) -> list[Any]:
+    """Study `name`'s trials read from the storage at `url` (`--storage`), as the broker would
+    publish them (unbounded: the storage holds it all)."""
+    import optuna
+
     from optuna_rq.connection import redact_url
-    from optuna_rq.storage_policy import PICKLING_SCHEMES, StoragePolicy
-    from optuna_rq.studies import default_storage_url
+    from optuna_rq.dispatch.publication import summary_of
+    from optuna_rq.studies import open_storage_to_read
 
-    shown = redact_url(url)
-    if url == "memory":
-        raise ConfigError(
-            f"study {name!r} is in the broker's in-memory storage: only the broker can read "
-            "its trials (`optuna-rq best` shows its best from the status)"
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage_to_read(url))
+    except KeyError as exc:
+        raise ConfigError(f"study {name!r} is not in {redact_url(url)}") from exc
+    multi = len(study.directions) > 1
+    return [summary_of(t, multi=multi) for t in study.get_trials(deepcopy=False)]
+
+
+def _say_unpublished(status: StudyStatus, entries: list[Any]) -> None:
+    """On stderr, if an ended study's status counts more ended trials than the broker published
+    (it ended before brokers published trials: the broker publishes them after its next start)."""
+    from optuna_rq.protocol import TrialSummary
+
+    counted = status.complete + status.pruned + status.failed
+    ended = sum(1 for e in entries if isinstance(e, TrialSummary) and e.state.ended)
+    if status.state.ended and ended < counted:
+        typer.echo(
+            f"study {status.name!r}: the broker published {ended} of its {counted} ended "
+            "trials (a study that ended before brokers published trials is published after "
+            f"the broker's next start); `optuna-rq trials {status.name} --storage URL` reads "
+            "its storage, if this machine reaches it",
+            err=True,
         )
-    if url.partition("://")[0] in PICKLING_SCHEMES:
-        raise ConfigError(
-            f"study {name!r} is in {shown}, Optuna's JournalRedis, which unpickles what it "
-            "loads: `trials` opens one only if you name it yourself, if you trust whoever can "
-            f"write to that Redis (optuna-rq trials {name} --storage URL)"
-        )
-    if not signed and not StoragePolicy(default_storage_url(options.state())).allows(url):
-        raise ConfigError(
-            f"study {name!r}'s status says its trials are in {shown}; with signing off, a "
-            "status is the word of whoever can write to Redis, so `trials` opens from it only "
-            f"your default storage: if that storage is the study's, name it yourself "
-            f"(optuna-rq trials {name} --storage URL)"
-        )
-    return url
-
-
-def _row(trial: Any) -> dict[str, Any]:
-    from optuna_rq.verdict import FAIL_REASON_ATTR
-
-    duration = trial.duration.total_seconds() if trial.duration is not None else None
-    row: dict[str, Any] = {
-        "number": trial.number,
-        "state": trial.state.name.lower(),
-        "values": trial.values,
-        "params": dict(trial.params),
-        "duration_s": duration,
-        "fail_reason": trial.user_attrs.get(FAIL_REASON_ATTR),
-    }
-    return row
-
-
-def _render(rows: list[dict[str, Any]], output: str) -> str:
-    if output == "json":
-        return json.dumps(rows, indent=2, default=str) + "\n"
-    params = sorted({p for row in rows for p in row["params"]})
-    width = max((len(r["values"] or []) for r in rows), default=1) or 1
-    value_cols = ["value"] if width == 1 else [f"value_{i}" for i in range(width)]
-    header = ["number", "state", *value_cols, *params, "duration_s", "fail_reason"]
-    table = []
-    for row in rows:
-        values = list(row["values"] or []) + [None] * (width - len(row["values"] or []))
-        table.append(
-            [
-                row["number"],
-                row["state"],
-                *values,
-                *(row["params"].get(p) for p in params),
-                row["duration_s"],
-                row["fail_reason"],
-            ]
-        )
-    if output == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows([["" if v is None else v for v in line] for line in table])
-        return out.getvalue()
-    cells = [header, *([_cell(v) for v in line] for line in table)]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
-    return "".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() + "\n"
-        for line in cells
-    )
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
 
 
 def best(
@@ -173,7 +139,9 @@ def best(
 ) -> None:
     """Print a study's best value and parameters (a multi-objective study: its Pareto front).
 
-    Exit 1 if no trial completed yet.
+    Read from the study's status in Redis (any machine that reaches it). Exit 1 if no trial
+    completed yet. In JSON, a NaN or an infinity is the string "NaN", "Infinity" or
+    "-Infinity".
     """
     options: GlobalOptions = ctx.obj
     status = read_client(options).require_status(name)
@@ -186,20 +154,26 @@ def best(
             for values, params in zip(status.best_values or [], status.best_params, strict=False)
         ]
         if as_json:
-            typer.echo(json.dumps({"directions": status.directions, "pareto_front": front}))
+            typer.echo(json_text({"directions": status.directions, "pareto_front": front}))
             return
         typer.echo(f"Pareto front of {len(front)} trials ({', '.join(status.directions)}):")
         for point in front:
-            values = ", ".join(_cell(v) for v in point["values"])
+            values = ", ".join(_number(v) for v in point["values"])
             typer.echo(f"  [{values}]  {_params(point['params'])}")
         return
     if as_json:
-        typer.echo(json.dumps({"value": status.best_value, "params": status.best_params}))
+        typer.echo(json_text({"value": status.best_value, "params": status.best_params}))
         return
-    typer.echo(f"best value {_cell(status.best_value)}")
+    typer.echo(f"best value {_number(status.best_value)}")
     assert isinstance(status.best_params, dict)
     for param, value in status.best_params.items():
         typer.echo(f"  {param} = {value!r}")
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "nan" if math.isnan(value) else f"{value:.6g}"
 
 
 def _params(params: dict[str, Any]) -> str:
@@ -223,20 +197,21 @@ def delete(
         typer.Option("--timeout", min=0, help="Seconds to wait for the broker to confirm."),
     ] = 30.0,
 ) -> None:
-    """Make the broker forget a study: its spec and its status.
+    """Make the broker forget a study: its spec, its status and the trials it published.
 
     Its trials stay in its Optuna storage (optuna-dashboard still shows them; resubmitting the
-    name continues them) unless --purge. A running study is refused unless --force, and so is
-    one whose status the broker did not sign (with signing on: it may be running). A study a
-    remote Optimizer ran is forgotten here, without a broker, once that run ended or its
-    process died; its trials stay in that Optimizer's study.
+    name continues them, and publishes them again) unless --purge. A running study is refused
+    unless --force, and so is one whose status the broker did not sign (with signing on: it
+    may be running). A command the broker applies, sent through Redis: it never starts a
+    redis-server. A study a remote Optimizer ran is forgotten here, without a broker, once that
+    run ended or its process died; its trials stay in that Optimizer's study.
     """
     import time
 
     from optuna_rq.protocol import Delete
 
     options: GlobalOptions = ctx.obj
-    client = make_client(options)
+    client = command_client(options)
     try:
         status: StudyStatus | None = client.require_status(name)
     except ProtocolError as exc:  # not the broker's: what it says is unknown, running maybe
@@ -302,12 +277,13 @@ def enqueue(
     a slice at a time between its other work, so they survive a broker restart; a set already
     enqueued or run is skipped. They count against --n-trials like any trial. Prints how many
     were new and how many already enqueued or run, as the broker reports them; exit 1 if some
-    were not stored (the study ended first, or its storage refused them).
+    were not stored (the study ended first, or its storage refused them). Sent through Redis: it
+    never starts a redis-server.
     """
     import time
 
     param_sets = load_enqueue_file(file)
-    client = make_client(ctx.obj)
+    client = command_client(ctx.obj)
     status = client.require_status(name)
     if status.state.ended:
         raise ConfigError(f"study {name!r} is {status.state.value}: nothing would run them")

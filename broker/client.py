@@ -1,8 +1,9 @@
 """BrokerClient: what the front doors (CLI, demo, scripts) say to a broker, and read back from it.
 
-It is the only writer of commands and the only reader of status. The broker need not be running:
-commands wait in Redis until one starts. With signing on, a status is believed only if the broker
-signed it (`protocol.status.read_status`): one that does not open is refused, saying so.
+It is the only writer of commands and the only reader of status and of published trials. The
+broker need not be running: commands wait in Redis until one starts. With signing on, a status
+(or a published trial) is believed only if the broker signed it (`protocol.status.read_status`,
+`protocol.trial_summary.read_trial_summaries`): one that does not open is refused, saying so.
 
 A front door writes two keys only: the command inbox (`Keys.commands`) and the wake stream
 (`Keys.wake`); everything else it reads (deploy/redis/redis-acl.conf gives its Redis user
@@ -61,6 +62,7 @@ from optuna_rq.protocol.status import (
     read_status,
     read_statuses,
 )
+from optuna_rq.protocol.trial_summary import RefusedTrial, TrialSummary, read_trial_summaries
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -161,23 +163,29 @@ class BrokerClient:
         return read_receipts(self.connection, self.keys, self.signer, [c.id for c in commands])
 
     def cancel(self, study: str) -> None:
-        """Cancel a queued or running study; StudyConflictError if it has ended (nothing is
-        sent: an ended study is never rewritten)."""
-        self._refuse_if_ended(study, "nothing to cancel")
-        self.send(Cancel(study=study))
-
-    def change(self, study: str, **changes: Any) -> None:
-        """`n_trials`, `concurrency` and/or `priority` for a queued or running `study`;
-        StudyConflictError if it has ended (resubmit it to run it on)."""
-        self._refuse_if_ended(
-            study, "not changed (resubmit it with a bigger --n-trials to run it on)"
-        )
-        self.send(Change(study=study, **changes))
-
-    def _refuse_if_ended(self, study: str, outcome: str) -> None:
+        """Cancel a queued or running study; StudyEndedError if it has ended (nothing is sent:
+        an ended study is never rewritten, `protocol.status.refuse_if_closed`)."""
+        command = Cancel(study=study)
+        self.refuse_driven(command)  # not the broker's to cancel, ended or not
         status = self.status(study)
-        if status is not None and status.state.ended:
-            raise StudyConflictError(f"study {study!r} is {status.state.value} already: {outcome}")
+        if status is not None:
+            status.refuse("cancel")
+        self.send(command)
+
+    def change(self, study: str, **changes: Any) -> StudyStatus | None:
+        """`n_trials`, `concurrency` and/or `priority` for a queued or running `study`;
+        StudyEndedError if it has ended or a stop condition is winding it down (nothing is
+        sent: resubmit it to run it on, `protocol.status.refuse_if_closed`). A budget below
+        the trials the study has started winds it down: it starts no more, and its budget
+        becomes what it started. Returns the status the change was checked against (None: the
+        study has none)."""
+        command = Change(study=study, **changes)
+        self.refuse_driven(command)  # not the broker's to change, ended or not
+        status = self.status(study)
+        if status is not None:
+            status.refuse("set")
+        self.send(command)
+        return status
 
     def delete_driven(self, status: StudyStatus) -> None:
         """Forget `status`, the status of a study a remote Optimizer ran (`Keys.driven`): it
@@ -246,6 +254,13 @@ class BrokerClient:
                 f"unknown study {study!r} on prefix {self.prefix!r} (see `optuna-rq status`{shows})"
             )
         return status
+
+    def trials(self, study: str) -> list[TrialSummary | RefusedTrial]:
+        """The study's trials as the broker published them, by number: each sent to a worker
+        or ended (not those enqueued and not yet asked). With signing on, an entry the broker
+        did not sign is a `RefusedTrial`, saying why, never believed. Its storage is not
+        opened: the broker publishes what `optuna-rq trials` shows (`protocol.trial_summary`)."""
+        return read_trial_summaries(self.connection, self.keys, self.signer, study)
 
     def has_status(self, study: str) -> bool:
         """Whether anything is stored as the study's status, the broker's or not (not counting

@@ -5,7 +5,7 @@ redis-server (`optuna_rq.embedded`) runs on a unix socket in a state directory t
 optuna-rq process on the machine finds. Its password may come apart from the URL
 (`$OPTUNA_RQ_REDIS_PASSWORD`, or a file named by `$OPTUNA_RQ_REDIS_PASSWORD_FILE`), so that any
 character goes and nothing needs URL-escaping; given both ways, the one apart from the URL wins.
-Only `resolve_redis_url`, `resolve_redis_password` and `state_dir` read the environment.
+Only `resolve_redis_url`, `resolve_redis_password` and `state_path` read the environment.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ __all__ = [
     "resolve_redis_password",
     "resolve_redis_url",
     "state_dir",
+    "state_path",
     "wait_for_memory",
     "wait_for_redis",
 ]
@@ -80,11 +81,16 @@ _logger = logging.getLogger(__name__)
 
 
 def state_dir(explicit: str | Path | None = None) -> Path:
-    """The directory holding the embedded Redis's socket, data and log; created 0o700 if missing.
+    """The directory holding the embedded Redis's socket, data and log; created 0o700 if missing
+    (`state_path` says where it is without creating it)."""
+    path = state_path(explicit)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
 
-    `explicit`, else `$OPTUNA_RQ_STATE_DIR`, else `$XDG_STATE_HOME/optuna-rq`, else
-    `~/.local/state/optuna-rq`.
-    """
+
+def state_path(explicit: str | Path | None = None) -> Path:
+    """Where the state directory is, created or not: `explicit`, else `$OPTUNA_RQ_STATE_DIR`,
+    else `$XDG_STATE_HOME/optuna-rq`, else `~/.local/state/optuna-rq`."""
     if explicit is not None and str(explicit):
         path = Path(explicit)
     elif os.environ.get(ENV_STATE_DIR):
@@ -93,9 +99,7 @@ def state_dir(explicit: str | Path | None = None) -> Path:
         path = Path(os.environ["XDG_STATE_HOME"]) / "optuna-rq"
     else:
         path = Path.home() / ".local" / "state" / "optuna-rq"
-    path = path.expanduser().absolute()
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+    return path.expanduser().absolute()
 
 
 def resolve_redis_url(url: str | None, *, state: Path | None = None) -> str:

@@ -118,7 +118,7 @@ class EmbeddedRedis:
         """
         self.state.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._locked(timeout_s=2 * timeout_s + 5):
-            if self._answers():
+            if self.answers():
                 _logger.info(f"found already running: {self.url}")
                 return self.url
             # A live server that does not answer yet (loading its AOF) must not be doubled.
@@ -152,7 +152,8 @@ class EmbeddedRedis:
                     leftover.unlink()
             return True
 
-    def _client(self, timeout_s: float = 1.0) -> redis.Redis:
+    def client(self, timeout_s: float = 1.0) -> redis.Redis:
+        """A client of this server that never retries (it may not run); the caller closes it."""
         return redis.Redis(
             unix_socket_path=str(self.socket),
             socket_timeout=timeout_s,
@@ -160,10 +161,11 @@ class EmbeddedRedis:
             retry=Retry(NoBackoff(), 0),
         )
 
-    def _answers(self) -> bool:
+    def answers(self) -> bool:
+        """Whether a server answers PING on the socket now."""
         if not self.socket.exists():
             return False
-        with contextlib.closing(self._client()) as client:
+        with contextlib.closing(self.client()) as client:
             try:
                 return bool(client.ping())
             except RedisError:
@@ -172,7 +174,7 @@ class EmbeddedRedis:
     def _running_pid(self) -> int | None:
         """The server's own pid when it answers (the pidfile may be gone), else the pidfile's."""
         if self.socket.exists():
-            with contextlib.closing(self._client()) as client:
+            with contextlib.closing(self.client()) as client:
                 try:
                     return int(client.info("server")["process_id"])
                 except (RedisError, KeyError, ValueError):
@@ -182,7 +184,7 @@ class EmbeddedRedis:
     def _shutdown(self) -> bool:
         if not self.socket.exists():
             return False
-        with contextlib.closing(self._client()) as client:
+        with contextlib.closing(self.client()) as client:
             try:
                 client.shutdown(nosave=True)
             except RedisError:
@@ -245,7 +247,7 @@ class EmbeddedRedis:
             pids = self._logged_pids(log_start) if log_start is not None else set()
             pids.discard(launcher or 0)
             died = bool(pids) and not any(_is_live_redis(pid) for pid in pids)
-            return died or self._answers()
+            return died or self.answers()
 
         if not _wait_for(ready, timeout_s) or died:
             what = "exited while starting" if died else f"did not answer within {timeout_s:g}s"

@@ -18,10 +18,12 @@ __all__ = [
     "OptunaRQError",
     "ProtocolError",
     "RedisDataLostError",
+    "RedisInUseError",
     "RedisUnavailableError",
     "RemoteTrialError",
     "StorageNotAllowedError",
     "StudyConflictError",
+    "StudyEndedError",
     "StudyStorageError",
 ]
 
@@ -58,6 +60,10 @@ class MessageLimitError(ProtocolError):
 
 class RedisUnavailableError(OptunaRQError):
     """Redis cannot be reached or started."""
+
+
+class RedisInUseError(OptunaRQError):
+    """`redis stop` refused: a broker, workers or other clients use the embedded server."""
 
 
 class RedisDataLostError(OptunaRQError):
@@ -109,3 +115,12 @@ class JournalConflictError(OptunaRQError, OSError):
 class StudyConflictError(OptunaRQError):
     """A command that conflicts with the study as it is: another definition under its name, or a
     cancel or change of a study that has ended. Nothing was changed."""
+
+
+class StudyEndedError(StudyConflictError):
+    """A `cancel` or `set` of a study that has ended (or, for `set`, that a stop condition is
+    winding down): refused, nothing changed; resubmitting the study reopens it
+    (`protocol.status.refuse_if_closed`). A usage error: the command, not the system, is at
+    fault."""
+
+    exit_code = 2

@@ -32,7 +32,8 @@ class BrokerMetrics(DispatchObserver):
         r = self.registry
         self.trials = Counter(
             "optuna_rq_trials",
-            "Trials told, by study, final state and failure reason.",
+            "Trials ended, by study, final state and failure reason: every way a trial ends "
+            "(a result, a lost worker, a cancel, a stop condition, a study's fault).",
             ["study", "state", "reason"],
             registry=r,
         )
@@ -100,20 +101,22 @@ class BrokerMetrics(DispatchObserver):
     def asked(self, study: str, ask_s: float) -> None:
         self.ask_seconds.observe(ask_s)
 
-    def told(
+    def ended(
         self,
         study: str,
         state: str,
         reason: FailReason | None,
         *,
-        tell_s: float,
-        start_delay_s: float | None,
-        result_age_s: float | None,
+        tell_s: float | None = None,
+        count: int = 1,
     ) -> None:
         self.trials.labels(
             study=study, state=state, reason="" if reason is None else reason.value
-        ).inc()
-        self.tell_seconds.observe(tell_s)
+        ).inc(count)
+        if tell_s is not None:
+            self.tell_seconds.observe(tell_s)
+
+    def delivered(self, *, start_delay_s: float | None, result_age_s: float | None) -> None:
         if start_delay_s is not None and start_delay_s >= 0:
             self.start_delay_seconds.observe(start_delay_s)
         if result_age_s is not None and result_age_s >= 0:

@@ -131,7 +131,13 @@ def follow_study(
             time.sleep(0.2)
     why = snap.outcome()
     if why is None:
-        console.print(f"study {name!r} finished: {snap.done} trials, {best_summary(snap)}")
+        # A stop condition that ended it is a success: said on the same line, not as an error.
+        stopped = f" ({snap.stopped})" if snap.stopped else ""
+        console.print(
+            f"study {name!r} finished: {snap.done} trials, {best_summary(snap)}{stopped}",
+            markup=False,
+            highlight=False,
+        )
         if snap.error:  # a resubmission the broker could not run
             console.print(f"[red]{escape(snap.error)}[/]")
             return 1

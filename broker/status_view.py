@@ -30,8 +30,11 @@ __all__ = [
 
 
 def beside(snap: StudyStatus) -> str:
-    """What the bar shows beside the budget: retries, and failures by reason."""
+    """What the bar shows beside the budget: retries, failures by reason, and a stop condition
+    that holds while the last trials finish."""
     parts = [f"retries {snap.retries}"] if snap.retries else []
+    if snap.stopped and not snap.state.ended:
+        parts.append(f"stopping: {snap.stopped}")
     failures = ", ".join(f"{k} {v}" for k, v in sorted(snap.fail_reasons.items()))
     if failures:
         parts.append(f"failed: {failures}")
@@ -162,6 +165,7 @@ def status_detail(
     lines = [
         f"study        {s.name}",
         f"state        {_state(s, broker)}" + (f" ({s.error})" if s.error else ""),
+        *([f"stopped      {s.stopped}"] if s.stopped else []),
         f"objective    {s.objective}",
         f"queue        {s.queue}",
         f"directions   {', '.join(s.directions)}",

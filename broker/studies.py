@@ -21,6 +21,7 @@ __all__ = [
     "make_pruner",
     "make_sampler",
     "open_storage",
+    "open_storage_to_read",
 ]
 
 log = logging.getLogger("optuna_rq.broker")
@@ -110,6 +111,29 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return optuna.storages.RDBStorage(url)
     except Exception as exc:
         raise ConfigError(f"storage URL {url!r} was rejected by Optuna: {exc}") from exc
+
+
+def open_storage_to_read(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for `url` that a reader (`optuna-rq trials --storage URL`) opens as
+    it is, creating nothing: ConfigError naming `url` for a journal or SQLite file that does not
+    exist, or for `memory` (a process's own: nothing to read in another); an SQL database's
+    tables are not created."""
+    path = journal_path(url)
+    if url == "memory":
+        raise ConfigError(
+            "--storage memory: an in-memory storage is the broker's own; only the broker reads "
+            "it (`optuna-rq trials NAME` without --storage shows what it publishes)"
+        )
+    if path is None and url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///").partition("?")[0])
+    if path is not None and not path.expanduser().is_file():
+        raise ConfigError(f"--storage {redact_url(url)!r}: no such file {str(path)!r}")
+    if path is not None or url.startswith(("redis://", "rediss://")):
+        return open_storage(url)
+    try:
+        return optuna.storages.RDBStorage(url, skip_table_creation=True)
+    except Exception as exc:
+        raise ConfigError(f"storage URL {redact_url(url)!r} was rejected by Optuna: {exc}") from exc
 
 
 def _with_timeouts(url: str) -> str:

@@ -23,6 +23,7 @@ __all__ = [
     "only_waiting",
     "optimize_loop",
     "set_trial_system_attr",
+    "set_study_system_attr",
     "set_trial_user_attr",
     "stop_requested",
     "study_system_attrs",
@@ -92,6 +93,11 @@ def set_trial_system_attr(
 ) -> None:
     """Optuna 5 dropped `Trial.set_system_attr`; the storages keep it."""
     study._storage.set_trial_system_attr(_trial_id(study, trial), key, value)
+
+
+def set_study_system_attr(study: optuna.Study, key: str, value: Any) -> None:
+    """Optuna 5 dropped `Study.set_system_attr`; the storages keep it."""
+    study._storage.set_study_system_attr(study._study_id, key, value)
 
 
 def study_system_attrs(study: optuna.Study) -> dict[str, Any]:

@@ -60,8 +60,9 @@ def judge_result(result: object, n_objectives: int) -> Verdict:
     )
 
 
-def tell(study: optuna.Study, trial: optuna.Trial | int, verdict: Verdict) -> None:
-    """Tell `study` how `trial` ended, exactly once, recording the reason of a failure.
+def tell(study: optuna.Study, trial: optuna.Trial | int, verdict: Verdict) -> TrialState:
+    """Tell `study` how `trial` ended, exactly once, recording the reason of a failure; the
+    state it ended in (FAIL for a NaN value, which Optuna records so).
 
     Idempotent: a trial already finished is left alone (results may arrive twice).
     """
@@ -69,9 +70,8 @@ def tell(study: optuna.Study, trial: optuna.Trial | int, verdict: Verdict) -> No
         _record_failure(study, trial, verdict.fail_reason, verdict.error)
     if verdict.state is TrialState.COMPLETE or verdict.values is not None:
         # state=None: Optuna records NaN as FAIL rather than raising and leaving it RUNNING.
-        study.tell(trial, verdict.values, skip_if_finished=True)
-    else:
-        study.tell(trial, state=verdict.state, skip_if_finished=True)
+        return study.tell(trial, verdict.values, skip_if_finished=True).state
+    return study.tell(trial, state=verdict.state, skip_if_finished=True).state
 
 
 def fail_orphans(study: optuna.Study, verdict: Verdict) -> int:

@@ -129,3 +129,12 @@ def bad_suggestion(trial: optuna.Trial) -> float:
 def sleeps(x: float, hold_s: float = 0.3) -> float:
     time.sleep(hold_s)
     return x
+
+
+def reports_pair(trial: optuna.Trial, x: float) -> tuple[float, float]:
+    """Two objectives, both reported at each of three steps (`report(values, step)`), a user
+    attribute set, and an infinite second value (Optuna takes it: the JSON outputs must too)."""
+    for step in range(3):
+        trial.report([x * step, float(step)], step)
+    trial.set_user_attr("note", f"x={x:.3f}")
+    return x, math.inf

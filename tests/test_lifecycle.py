@@ -142,9 +142,9 @@ def test_cancel_and_set_on_a_finished_study_say_so_and_change_nothing(
     )
     before = status_of(run_cli, "over")
     cancelled = run_cli("cancel", "over")
-    assert cancelled.returncode == 1 and "is finished already" in cancelled.stderr
+    assert cancelled.returncode == 2 and "'over' is finished: `cancel`" in cancelled.stderr
     changed = run_cli("set", "over", "--n-trials", "5")
-    assert changed.returncode == 1 and "resubmit it" in changed.stderr
+    assert changed.returncode == 2 and "resubmitting it" in changed.stderr
     waited = run_cli("wait", "over", "--timeout", "30")
     assert waited.returncode == 0, waited.stderr
     after = status_of(run_cli, "over")

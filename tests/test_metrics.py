@@ -136,3 +136,109 @@ def test_broker_and_worker_metrics_during_a_real_study(
     finally:
         assert stop_process(workers) == 0
         assert stop_process(broker) == 0
+
+
+@pytest.mark.timeout(180)
+def test_every_way_a_trial_ends_is_counted_as_its_storage_says(
+    redis_url: str, prefix: str, cli_state: Path, run_cli, workers_factory
+) -> None:
+    """`optuna_rq_trials_total` counts each trial once, by the state and reason it ended with,
+    whatever ended it: a worker's result (each outcome and fail reason), a lost worker, a
+    cancel, a stop condition's wind-down, a study that cannot run. Every fail reason a trial
+    can reach through the daemon is enumerated; `not_allowed` cannot (a trial only reaches
+    workers that serve its module: tests/test_routing.py)."""
+    import collections
+
+    import optuna
+
+    from optuna_rq.client import BrokerClient
+    from optuna_rq.protocol import FailReason
+    from optuna_rq.studies import default_storage_url, open_storage
+
+    port = free_port()
+    env = cli_env(OPTUNA_RQ_STATE_DIR=str(cli_state))
+    broker = subprocess.Popen(
+        cli("--redis-url", redis_url, "--prefix", prefix, "broker", "--metrics-port", str(port)),
+        env=env,
+    )
+    conn = None
+    try:
+        wait_until(lambda: scrape(port), timeout_s=60, message="no metrics served")
+        # `elsewhere` only the workers import: `submit` cannot check it, the workers do.
+        modules = ("tests.objectives", "tests.fault_objectives", "tests.held_objectives")
+        workers_only = str(Path(__file__).parent / "workers_only")
+        workers_factory(count=3, modules=(*modules, "elsewhere"), args=("--path", workers_only))
+        from optuna_rq.connection import connect
+
+        conn = connect(redis_url)
+        x = ("--param", "x={type: float, low: 0, high: 1}", "--sampler", "random")
+        url = ("--param", f"redis_url={redis_url}")
+        recorded = (*url, "--param", f"key={prefix}")
+        studies: dict[str, tuple[str, ...]] = {
+            "complete": ("tests.objectives:quadratic", "--n-trials", "2"),
+            "pruned": ("tests.objectives:prunes", "--n-trials", "1"),
+            "exception": ("tests.objectives:raises", "--n-trials", "1"),
+            "bad_return": ("tests.objectives:returns_str", "--n-trials", "1"),
+            "timeout": ("tests.objectives:sleeps", "--param", "hold_s=60", "--trial-timeout", "1"),
+            "import_error": ("elsewhere:nope", "--n-trials", "5"),
+            "bad_signature": ("elsewhere:takes_x", "--param", "booster=dart", "--n-trials", "5"),
+            "worker_lost": ("tests.fault_objectives:exits", *recorded, "--max-retries", "0"),
+            "cancelled": ("tests.held_objectives:held", *url, "--param", f"key={prefix}:c"),
+            # Its first trial held past --timeout: the two asked ahead end FAIL cancelled.
+            "stopped": (
+                "tests.held_objectives:held", *url, "--param", f"key={prefix}:s",
+                "--n-trials", "50", "--ask-ahead", "2", "--timeout", "1",
+            ),
+        }  # fmt: skip
+
+        client = BrokerClient(conn, prefix)
+
+        def status(name: str) -> dict:
+            found = client.status(name)
+            assert found is not None, name
+            return found.to_dict()
+
+        submits = [  # at once: the studies run side by side
+            subprocess.Popen(
+                cli("--redis-url", redis_url, "--prefix", prefix, "submit", *args, *x)
+                + (["--n-trials", "1"] if "--n-trials" not in args else [])
+                + ["--concurrency", "1", "--study-name", name],
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )
+            for name, args in studies.items()
+        ]
+        assert [p.wait(timeout=60) for p in submits] == [0] * len(submits)
+        wait_until(lambda: status("cancelled")["running"] == 1, timeout_s=60)
+        assert run_cli("cancel", "cancelled").returncode == 0
+        wait_until(lambda: status("stopped")["failed"] == 2, timeout_s=60)  # wound down
+        conn.rpush(f"{prefix}:s:go", "go")  # the held trial of `stopped` returns
+        for name in studies:
+            wait_until(lambda name=name: status(name)["state"] in ("finished", "cancelled",
+                       "failed"), timeout_s=90, message=f"study {name} did not end")  # fmt: skip
+
+        storage = open_storage(default_storage_url(cli_state))
+        metrics = scrape(port)
+        seen: set[tuple[str, str]] = set()
+        for name in studies:
+            trials = optuna.load_study(study_name=name, storage=storage).trials
+            ended = collections.Counter(
+                (t.state.name, str(t.user_attrs.get("fail_reason", ""))) for t in trials
+            )
+            counted = {
+                (labels["state"], labels["reason"]): count
+                for (metric, label_items), count in metrics.items()
+                if metric == "optuna_rq_trials_total"
+                for labels in [dict(label_items)]
+                if labels["study"] == name and count
+            }
+            assert counted == dict(ended), (name, counted, dict(ended))
+            seen |= set(ended)
+        reasons = {reason for state, reason in seen if state == "FAIL"}
+        assert reasons == {r.value for r in FailReason} - {FailReason.NOT_ALLOWED.value}, seen
+        assert {state for state, _reason in seen} == {"COMPLETE", "PRUNED", "FAIL"}
+    finally:
+        if conn is not None:
+            for held in ("c", "s"):  # nothing held keeps the workers
+                conn.rpush(f"{prefix}:{held}:go", *["go"] * 10)
+        assert stop_process(broker) == 0

@@ -149,7 +149,7 @@ def test_a_signal_to_the_pool_still_stops_it_after_the_running_trial(
         running = _run_in_thread(opt, release=str(release))
         wait_until(Path(f"{release}.started").exists, timeout_s=60)
         pool.send_signal(signum)
-        wait_until(lambda: b"after their running trials" in log.read_bytes(), timeout_s=30)
+        wait_until(lambda: b"warm shutdown" in log.read_bytes(), timeout_s=30)
         assert pool.poll() is None  # it waits for the running trial
         release.touch()
         running.join(timeout=60)

@@ -183,6 +183,7 @@ def test_every_role_runs_a_study_as_its_own_user_and_nothing_is_refused(
         assert _cli(server, state, "wait slow", check=False) == "1"  # cancelled
         listed = _cli(server, state, "status")
         assert all(name in listed for name in ("quad", "calls", "slow")), listed
+        assert len(_cli(server, state, "trials quad --format csv").splitlines()) == 5  # published
         front.send(Delete(study="slow", force=False, purge=True))
         wait_until(lambda: front.status("slow") is None, timeout_s=30, message="not deleted")
         assert front.served_modules("default") == ["tests.objectives", "tests.trial_objectives"]
@@ -244,6 +245,7 @@ def key_classes() -> dict[str, str]:
         "pool": keys.pool("a-pool"),
         "backlog_of": keys.backlog_of("s"),
         "receipt": keys.receipt("0" * 32),
+        "trials_of": keys.trials_of("s"),
         "private_results": private,
         "lease": Keys.lease(ours),
         "cancel": Keys.cancel(ours),
@@ -293,6 +295,7 @@ def test_the_key_classes_name_every_key_keys_makes() -> None:
         "pool",
         "backlog_of",
         "receipt",
+        "trials_of",
         "private_results",
         "lease",
         "cancel",
@@ -392,14 +395,16 @@ def test_no_role_runs_a_dangerous_command_or_publishes(server: AclServer, role: 
 
 def test_what_the_workers_and_a_front_door_may_not_read(server: AclServer) -> None:
     """Specs and status name storage URLs (with their credentials, for a database): a worker
-    and an Optimizer cannot read them, nor the command inbox; a front door reads nothing of
-    RQ's and no result stream."""
+    and an Optimizer cannot read them, nor the command inbox, nor the trials the broker
+    publishes for the front doors; a front door reads nothing of RQ's and no result stream."""
     keys, admin = Keys(PREFIX), server.connect(ADMIN)
     unreadable = {
         "worker": [keys.studies, keys.status, keys.commands, keys.backlog, keys.epoch],
         "optimizer": [keys.studies, keys.status, keys.commands, keys.results, keys.epoch],
         "client": [keys.results, keys.private_results(TOKEN), f"rq:job:{_JOB}", keys.epoch],
     }
+    for role in ("worker", "optimizer"):  # what the broker publishes for the front doors
+        unreadable[role].append(keys.trials_of("s"))
     for role, names in unreadable.items():
         for key in names:
             assert admin.acl_dryrun(role, "DUMP", key) != b"OK", (role, key)

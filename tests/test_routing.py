@@ -101,7 +101,8 @@ def test_each_worker_process_of_a_gpus_pool_sees_its_own_devices(
     workers_factory(
         count=2,
         modules=("tests.routing_objectives",),
-        args=("--gpus", "0,1,2,3", "--gpus-per-trial", "2"),
+        env={"CUDA_VISIBLE_DEVICES": "4,5,6,7"},  # the pool's allocation, shared out in pairs
+        args=("--gpus", "all", "--gpus-per-trial", "2"),
     )
     submit(
         run_cli,
@@ -119,7 +120,7 @@ def test_each_worker_process_of_a_gpus_pool_sees_its_own_devices(
     seen: dict[int, set[str]] = {}
     for trial in trials_of(cli_state, "gpus"):
         seen.setdefault(trial.user_attrs["pid"], set()).add(trial.user_attrs["gpus"])
-    assert sorted(d for devices in seen.values() for d in devices) == ["0,1", "2,3"]
+    assert sorted(d for devices in seen.values() for d in devices) == ["4,5", "6,7"]
     assert all(len(devices) == 1 for devices in seen.values())  # one process, one device set
 
 
@@ -222,8 +223,6 @@ def test_workers_import_from_the_current_directory_and_from_path(
 @pytest.mark.parametrize(
     ("args", "text"),
     [
-        (("--gpus", "0,1,2", "--gpus-per-trial", "2"), "not a multiple of --gpus-per-trial"),
-        (("--gpus", "0,1", "--count", "3"), "each worker process gets its own"),
         (
             (
                 "--gpus-per-trial",

@@ -160,8 +160,12 @@ SITES = {
     ("cli_serve.py", "broker"): "the broker's default storage: its operator's --storage",
     ("sampling/child.py", "_study"): "the journal of a run the broker opened (run.journal)",
     ("optimizer.py", "Optimizer.__post_init__"): "an in-memory study of the user's own",
-    # The front door: the status's storage only if the user's rule allows (_storage_to_read).
-    ("cli_studies.py", "trials"): "--storage, or the status's storage by _storage_to_read",
+    # The front door: only the storage its user names (`trials --storage URL`), never one a
+    # status names; a file that does not exist is refused, not created (open_storage_to_read).
+    ("cli_studies.py", "_stored_trials"): "the --storage URL its user names",
+    ("studies.py", "open_storage_to_read"): "a reader's opener: creates nothing",
+    # Ended studies whose trials no broker published: through its Storages (`storages.open`).
+    ("daemon/catch_up.py", "CatchUp._catch_up"): "an ended study's trials: storages.open",
 }
 """Every site that opens a study storage, and why the storage policy holds there. A new one
 fails `test_every_site_that_opens_a_storage_is_known` until it is listed (and checked)."""
@@ -253,36 +257,35 @@ def _forge_status(conn: redis.Redis, prefix: str, name: str, storage: str) -> No
     conn.hset(f"{prefix}:status", name, status.to_json())
 
 
-def test_trials_opens_no_storage_on_the_word_of_an_unsigned_status(
+def test_trials_opens_no_storage_a_status_names_and_creates_none_it_is_given(
     conn: redis.Redis, prefix: str, run_cli: RunCli, cli_state: Path, tmp_path: Path
 ) -> None:
     import optuna
 
-    from optuna_rq.studies import default_storage_url, open_storage
+    from optuna_rq.studies import open_storage
 
-    # A path or a server a forged status names is not opened: nothing is created or contacted
+    # A path or a server a status names (forged here) is never opened: `trials` reads what the
+    # broker published, nothing is created or contacted. None is published: no rows.
     evil = tmp_path / "evil" / "x.journal"
     _forge_status(conn, prefix, "ghost", f"journal:///{evil}")
-    done = run_cli("trials", "ghost")
-    assert done.returncode == 2 and "with signing off, a status is the word" in done.stderr
-    assert "--storage URL" in done.stderr and not evil.parent.exists()
+    done = run_cli("trials", "ghost", "--format", "json")
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    assert not evil.parent.exists()
     _forge_status(conn, prefix, "pickled", "redis://127.0.0.1:1/0")
-    done = run_cli("trials", "pickled")
-    assert done.returncode == 2 and "JournalRedis, which unpickles" in done.stderr
+    done = run_cli("trials", "pickled", "--format", "csv")
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 1, done.stderr
 
-    # The user's default storage is theirs: read as before; any other, when the user names it.
-    default = default_storage_url(cli_state)
-    optuna.create_study(study_name="mine", storage=open_storage(default)).optimize(
-        lambda t: t.suggest_float("x", 0, 1), n_trials=2
-    )
-    _forge_status(conn, prefix, "mine", default)
-    done = run_cli("trials", "mine", "--format", "csv")
-    assert done.returncode == 0 and len(done.stdout.splitlines()) == 3, done.stderr
+    # A storage the user names is read (no Redis needed), and only if it exists: a journal or
+    # SQLite file that does not is refused, not created.
     own = f"journal:///{tmp_path}/own.journal"
     optuna.create_study(study_name="own", storage=open_storage(own)).optimize(
         lambda t: t.suggest_float("x", 0, 1), n_trials=1
     )
-    _forge_status(conn, prefix, "own", own)
-    assert run_cli("trials", "own").returncode == 2
     done = run_cli("trials", "own", "--storage", own, "--format", "csv")
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 2, done.stderr
+    for missing in (f"journal:///{tmp_path}/none/x.journal", f"sqlite:///{tmp_path}/none.db"):
+        done = run_cli("trials", "own", "--storage", missing)
+        assert done.returncode == 2 and "no such file" in done.stderr, done.stderr
+    assert not (tmp_path / "none").exists() and not (tmp_path / "none.db").exists()
+    done = run_cli("trials", "other", "--storage", own)
+    assert done.returncode == 2 and "study 'other' is not in" in done.stderr, done.stderr

@@ -9,182 +9,54 @@ heartbeat (`workers.heartbeat`), and with `--autoscale` grows and shrinks the po
 (`workers.autoscale`).
 
 The parent imports the served modules first, so a typo stops the command at once, then keeps N
-children alive, and supervises their trials (`workers.supervision`): it renews their leases,
-kills a trial past its timeout, and reports the trial of a process that died. A child that dies
-is restarted, with a growing backoff if it keeps dying (Redis down, say), so nothing spins.
+children alive (`workers.child`, each spawned with the pool's `WorkerSettings`), and supervises
+their trials (`workers.supervision`): it renews their leases, kills a trial past its timeout, and
+reports the trial of a process that died. A child that dies is restarted, with a growing backoff
+if it keeps dying (Redis down, say), so nothing spins.
 
-The first SIGTERM/SIGINT is passed on once: each child finishes its running trial (its lease
-still renewed), then exits. A second one kills the children at once; their trials are reported
-lost, and the broker retries them. A child told to stop that runs no trial and is still there
-`STUCK_AFTER_S` later is stuck (an idle RQ worker leaves at once): its threads' stacks go to the
-log (`faulthandler`, on SIGUSR1), then it is killed, so a warm stop always ends.
+With `--max-trials-per-child N` (Celery's --max-tasks-per-child), a child leaves after its Nth
+trial and is replaced at once by a fresh process, which imports the objectives again: how an
+edited objective is picked up, and how memory an objective leaks is given back.
+
+The first SIGTERM or Ctrl-C (SIGINT) is a warm shutdown, passed on once: each child finishes its
+running trial (its lease still renewed), then exits; an idle child exits at once. The pool says
+what the next one does: a second SIGTERM or Ctrl-C is a cold shutdown, which kills the children
+at once; their trials are reported lost, naming the signal, and the broker retries them. A child
+told to stop that runs no trial and is still there `STUCK_AFTER_S` later is stuck (an idle RQ
+worker leaves at once): its threads' stacks go to the log (`faulthandler`, on SIGUSR1), then it
+is killed, so a warm stop always ends.
 """
 
 from __future__ import annotations
 
-import faulthandler
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import socket
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 import redis
 from rq import Worker
 
-from optuna_rq import failpoints
-from optuna_rq.connection import DEFAULT_PREFIX, connect, wait_for_redis
-from optuna_rq.errors import ConfigError
-from optuna_rq.protocol import (
-    DEFAULT_LEASE_TTL_S,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_QUEUE,
-    Keys,
-    MsgpackSerializer,
-    Role,
-    Signer,
-    check_queue_name,
-)
-from optuna_rq.workers import context, loader
+from optuna_rq.connection import connect
+from optuna_rq.protocol import Keys, MsgpackSerializer
+from optuna_rq.workers import loader
 from optuna_rq.workers.autoscale import Autoscaler
-from optuna_rq.workers.gpus import VISIBLE_DEVICES
+from optuna_rq.workers.child import DUMP_SIGNAL, child_main, put_on_path
 from optuna_rq.workers.heartbeat import Heartbeat
-from optuna_rq.workers.metrics import WorkerMetrics
-from optuna_rq.workers.rq_worker import ISOLATION, new_worker
-from optuna_rq.workers.supervision import ChildChannel, ChildMessage, Supervisor, die_with_parent
+from optuna_rq.workers.settings import STUCK_AFTER_S, WorkerSettings
+from optuna_rq.workers.supervision import ChildMessage, Retiring, Supervisor
 
-__all__ = ["WorkerPool", "WorkerSettings"]
+__all__ = ["STUCK_AFTER_S", "WorkerPool", "WorkerSettings"]
 
 log = logging.getLogger("optuna_rq.pool")
 
-STUCK_AFTER_S = 10.0
-"""How long a child told to stop may go on running no trial before it counts as stuck."""
 _DUMP_TIME_S = 0.5  # for a stuck child to write its stacks before it is killed
-DUMP_SIGNAL = signal.SIGUSR1
-"""Makes a child write every thread's stack to stderr (`faulthandler`): what a stuck one was
-doing."""
-
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
-
-
-@dataclass(frozen=True, kw_only=True)
-class WorkerSettings:
-    """What a pool of workers serves and where it listens."""
-
-    redis_url: str
-    modules: tuple[str, ...]
-    redis_password: str | None = field(default=None, repr=False)  # apart from the URL
-    prefix: str = DEFAULT_PREFIX
-    queues: tuple[str, ...] = (DEFAULT_QUEUE,)  # resource classes, in priority order
-    count: int = 1  # with `autoscale`, the pool starts at its MIN instead
-    paths: tuple[str, ...] = ()  # put first on sys.path (parent and children) before imports
-    gpus: tuple[str, ...] | None = None  # child i's CUDA_VISIBLE_DEVICES: gpus[i]
-    autoscale: tuple[int, int] | None = None  # (MIN, MAX) worker processes
-    scale_down_after_s: float = 30.0  # an autoscaled pool retires workers idle this long
-    log_level: str = "INFO"
-    restart_backoff_s: float = 1.0
-    secret: bytes | None = field(default=None, repr=False)  # a shared secret signs, when set
-    key: str | None = field(default=None, repr=False)  # or the worker role key (KeyRing token)
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    metrics_port: int | None = None  # worker i serves Prometheus metrics on metrics_port + i
-    lease_ttl_s: float = DEFAULT_LEASE_TTL_S
-    max_restart_backoff_s: float = 10.0
-    isolation: str = "process"  # or "fork": see ISOLATION
-    stuck_after_s: float = STUCK_AFTER_S  # a child told to stop, running no trial: then killed
-
-    def signer(self) -> Signer:
-        """The signer of this pool and its children, as a worker."""
-        return Signer.load(
-            Role.WORKER,
-            secret=self.secret,
-            key=self.key,
-            max_message_bytes=self.max_message_bytes,
-        )
-
-    def __post_init__(self) -> None:
-        if self.isolation not in ISOLATION:
-            raise ConfigError(f"--isolation {self.isolation!r}: choose {' or '.join(ISOLATION)}")
-        if not self.queues:
-            raise ConfigError("give at least one --queue")
-        for queue in self.queues:
-            check_queue_name(queue)
-        if len(set(self.queues)) != len(self.queues):
-            raise ConfigError(f"--queue names a queue twice: {list(self.queues)}")
-        if self.gpus is not None and self.max_workers > len(self.gpus):
-            raise ConfigError(
-                f"{self.max_workers} worker processes but {len(self.gpus)} GPU device sets "
-                f"({' '.join(self.gpus)}): each worker process gets its own; "
-                "give fewer --count (or a lower --autoscale MAX), or more --gpus"
-            )
-
-    @property
-    def max_workers(self) -> int:
-        return self.count if self.autoscale is None else self.autoscale[1]
-
-    @property
-    def rq_queues(self) -> list[str]:
-        """The RQ queues the workers listen to, first served first: every served module in the
-        first resource class, then in the next."""
-        keys = Keys(self.prefix)
-        return [keys.trial_queue(m, q) for q in self.queues for m in self.modules]
-
-
-def _put_on_path(paths: tuple[str, ...]) -> None:
-    for path in reversed(paths):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-
-
-def _child_main(
-    settings: WorkerSettings,
-    index: int,
-    name: str,
-    channel: multiprocessing.connection.Connection,
-) -> None:
-    """One worker process: its own process group, so a terminal's Ctrl-C reaches only the parent,
-    which then stops each child exactly once (a second signal would be RQ's cold shutdown), and
-    so a timeout kills whatever the objective started too."""
-    os.setpgid(0, 0)
-    die_with_parent()
-    faulthandler.register(DUMP_SIGNAL, all_threads=True)
-    if settings.gpus is not None:  # before anything imports CUDA
-        os.environ[VISIBLE_DEVICES] = settings.gpus[index]
-    _put_on_path(settings.paths)
-    logging.basicConfig(level=settings.log_level, format=_LOG_FORMAT, stream=sys.stderr)
-    logging.getLogger("rq").setLevel(logging.WARNING)  # one line per trial is ours to write
-    served = loader.serve(settings.modules)
-    metrics = (
-        None if settings.metrics_port is None else WorkerMetrics(settings.metrics_port + index)
-    )
-    context.install(
-        context.WorkerContext(
-            served=served,
-            signer=settings.signer(),
-            channel=ChildChannel(channel),
-            lease_ttl_s=settings.lease_ttl_s,
-            metrics=metrics,
-        )
-    )
-    connection = connect(settings.redis_url, password=settings.redis_password)
-    _wait_for_redis(connection)
-    worker = new_worker(settings.isolation, connection, settings.rq_queues, name=name)
-    worker.work(logging_level="WARNING")
-    failpoints.hit("worker_stopped")  # the fault tests' stuck child: out of RQ, not yet gone
-
-
-def _wait_for_redis(connection: redis.Redis) -> None:
-    """Block until Redis answers, backing off: a worker started during an outage waits for it
-    instead of dying and being restarted in a loop."""
-    try:
-        connection.ping()
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        wait_for_redis(connection, exc, max_backoff_s=10.0)
 
 
 @dataclass
@@ -195,6 +67,7 @@ class _Child:
     started: float
     told_to_stop: float | None = None  # time.monotonic() of the SIGTERM that stops it
     dumped_at: float | None = None  # stuck: when it was asked for its stacks
+    retired_after: int | None = None  # trials: it took its --max-trials-per-child, and exits
 
 
 class WorkerPool:
@@ -213,8 +86,8 @@ class WorkerPool:
         self._retiring: set[int] = set()  # told to stop by the autoscaler: not restarted
         self._idle_since: dict[int, float] = {}  # children not running a trial, since when
         self._generation = 0
-        self._stopping = False
-        self._cold = False
+        self._stopping: str | None = None  # what started the warm shutdown ("Ctrl-C")
+        self._cold: str | None = None  # why the cold shutdown ("a second Ctrl-C")
         self._signer = settings.signer()
         self._connection = connect(settings.redis_url, password=settings.redis_password)
         keys = Keys(settings.prefix)
@@ -254,42 +127,71 @@ class WorkerPool:
         return len((set(self._children) | set(self._restart_at)) - self._retiring)
 
     def start(self) -> None:
-        _put_on_path(self.settings.paths)
+        put_on_path(self.settings.paths)
         loader.serve(self.settings.modules)  # fail here, in the command, not in N children
+        if self._stopping:  # stopped while importing: nothing was started, nothing to stop
+            return
         first = self.settings.count if self.autoscaler is None else self.autoscaler.minimum
         for index in range(first):
             self._start_child(index)
         log.info("listening to %s", ", ".join(self.settings.rq_queues))
 
     def _start_child(self, index: int) -> None:
+        if self._stopping:  # a child started now would never be told to stop
+            return
         self._generation += 1
         name = f"{socket.gethostname()}.{os.getpid()}.{index}.{self._generation}"
         reader, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(
-            target=_child_main,
+            target=child_main,
             args=(self.settings, index, name, writer),
             name=f"optuna-rq-worker-{index}",
         )
         process.start()
         writer.close()  # the child holds the only writing end: EOF when it dies
-        self._children[index] = _Child(process, reader, name, time.monotonic())
+        child = self._children[index] = _Child(process, reader, name, time.monotonic())
         self._idle_since[index] = time.monotonic()
         gpus = "" if self.settings.gpus is None else f", GPUs {self.settings.gpus[index]}"
         log.info("worker %d started (pid %s%s)", index, process.pid, gpus)
+        if self._stopping:  # the stop came while it was being spawned, and missed it
+            self._tell_to_stop(child)
 
-    def stop(self, *_: object) -> None:
-        """First call: each child finishes its running trial, then exits. Second call: kill the
-        children now; their trials are reported lost."""
+    def stop(self, signum: int | None = None) -> None:
+        """First call: a warm shutdown, each child finishes its running trial, then exits.
+        Second call: a cold shutdown, the children are killed now and their trials reported
+        lost. `signum`: the signal that asked for it, named in what the pool logs."""
+        what = _signal_words(signum)
         if self._stopping:
             if not self._cold:
-                self._cold = True
-                log.warning("stopping now: killing %d workers", len(self._children))
+                self._cold = f"a second {what}" if what == self._stopping else what
+                log.warning(
+                    "%s: cold shutdown, killing %s now; the broker retries their trials",
+                    self._cold,
+                    _workers(len(self._children)),
+                )
                 for child in self._children.values():
                     _signal_group(child.process, signal.SIGKILL)
             return
-        self._stopping = True
+        self._stopping = what
         self._restart_at.clear()
-        log.info("stopping %d workers after their running trials", len(self._children))
+        busy = len(self.supervisor.running)
+        count = len(self._children)
+        if not count:
+            which = "no worker started yet"
+        elif not busy:
+            which = f"{_workers(count)} idle, stopping now"
+        elif busy == 1:
+            which = f"{_workers(count)} stopping, 1 once its running trial ends"
+        else:
+            which = f"{_workers(count)} stopping, {busy} once their running trials end"
+        again = "press Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM or Ctrl-C"
+        log.info(
+            "%s: warm shutdown, %s; %s for a cold shutdown (kills them now; the broker retries "
+            "their trials)",
+            what,
+            which,
+            again,
+        )
         for child in self._children.values():
             self._tell_to_stop(child)
 
@@ -323,7 +225,7 @@ class WorkerPool:
         warm stop, 1 after a cold one)."""
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            self.stop()
+            self.stop(signum)
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -402,7 +304,10 @@ class WorkerPool:
         try:
             while child.channel.poll():
                 message: ChildMessage = child.channel.recv()
-                self.supervisor.receive(index, message)
+                if isinstance(message, Retiring):
+                    child.retired_after = message.trials
+                else:
+                    self.supervisor.receive(index, message)
         except (EOFError, OSError):
             pass  # the child is gone; its sentinel says so
 
@@ -419,6 +324,15 @@ class WorkerPool:
             self._retiring.discard(index)
             log.info("worker %d (pid %s) stopped", index, child.process.pid)
             return
+        if child.retired_after is not None and code == 0:
+            log.info(
+                "worker %d (pid %s) took its %d trials (--max-trials-per-child): replacing it",
+                index,
+                child.process.pid,
+                child.retired_after,
+            )
+            self._start_child(index)
+            return
         lived = time.monotonic() - child.started
         backoff = 0.0 if lived >= self.HEALTHY_AFTER_S else self._backoff.get(index, 0.0)
         self._backoff[index] = min(
@@ -432,6 +346,23 @@ class WorkerPool:
             f" in {backoff:g}s" if backoff else "",
         )
         self._restart_at[index] = time.monotonic() + backoff
+
+
+def _workers(count: int) -> str:
+    return f"{count} worker{'' if count == 1 else 's'}"
+
+
+def _signal_words(signum: int | None) -> str:
+    """How the pool names what stopped it: `Ctrl-C` for SIGINT (a terminal's), the signal's name
+    otherwise, `stop()` when called."""
+    if signum is None:
+        return "stop()"
+    if signum == signal.SIGINT:
+        return "Ctrl-C"
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _signal_group(

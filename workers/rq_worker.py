@@ -11,6 +11,16 @@ Two isolation modes (`--isolation`, `ISOLATION`):
 
 A job whose function is not `optuna_rq.protocol.RUN_TRIAL`, or whose data does not decode, is
 failed without being run, and without its data being unpickled.
+
+Neither subscribes to RQ's command channel (`rq:pubsub:<worker>`: RQ's shutdown, kill-horse and
+stop-job commands). A worker of ours takes its orders from elsewhere: its pool's signals stop it
+(`workers.pool`), the broker's cancel marks stop a trial (`workers.supervision`), and the Redis
+ACL users of deploy/ let nobody publish there. RQ's subscriber is a thread that blocks up to 60 s
+in a read, and RQ's teardown unsubscribes before it stops that thread: a thread that reads the
+unsubscribe reply before it is stopped goes on to wait 60 s for a subscription, and the
+teardown's join waits for it (as long as its timeout allows). So a stopping worker hung in its
+teardown, for a channel it never uses. Its registration (`rq info`, RQ's worker registry) is
+RQ's own, as before.
 """
 
 from __future__ import annotations
@@ -41,6 +51,19 @@ __all__ = [
 ]
 
 log = logging.getLogger("optuna_rq.pool")
+
+
+class _PoolMember:
+    """What both worker classes share: no command channel (see the module's docstring), and a
+    count of the jobs taken, which `--max-trials-per-child` reads."""
+
+    jobs_taken = 0  # jobs this worker took (run or refused), as RQ's max_jobs counts them
+
+    def subscribe(self) -> None:
+        """RQ's command channel is not subscribed: nothing to unsubscribe at the teardown."""
+
+    def _took_job(self) -> None:
+        self.jobs_taken += 1
 
 
 def _refused(worker: SimpleWorker | Worker, job: Job, queue: Queue) -> bool:
@@ -81,10 +104,11 @@ class ShutdownMarked:
             raise WorkerShutdown(exc.code) from None
 
 
-class TrialWorker(ShutdownMarked, LeanBookkeeping, SimpleWorker):
+class TrialWorker(_PoolMember, ShutdownMarked, LeanBookkeeping, SimpleWorker):
     """An RQ worker that runs our trial job function, and nothing else, in its own process."""
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        self._took_job()
         if _refused(self, job, queue):
             return
         # SimpleWorker.execute_job, with the IDLE that follows a job sent with its heartbeat.
@@ -93,13 +117,14 @@ class TrialWorker(ShutdownMarked, LeanBookkeeping, SimpleWorker):
         self.job_done()
 
 
-class ForkingTrialWorker(ShutdownMarked, LeanBookkeeping, Worker):
+class ForkingTrialWorker(_PoolMember, ShutdownMarked, LeanBookkeeping, Worker):
     """An RQ worker that runs our trial job function, and nothing else, in a fresh fork."""
 
     _horse: int = 0  # the last work horse's pid, and how it ended (a wait status)
     _horse_status: int | None = None
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        self._took_job()
         if _refused(self, job, queue):
             return
         self._horse_status = None
@@ -131,7 +156,7 @@ MAINTENANCE_INTERVAL_S = 60
 trial's job stays in RQ's finished registry until a sweep; RQ's default, 10 minutes, would let a
 fast study pile up hundreds of thousands of entries."""
 
-ISOLATION: dict[str, type[SimpleWorker | Worker]] = {
+ISOLATION: dict[str, type[TrialWorker | ForkingTrialWorker]] = {
     "process": TrialWorker,
     "fork": ForkingTrialWorker,
 }
@@ -140,7 +165,7 @@ ISOLATION: dict[str, type[SimpleWorker | Worker]] = {
 
 def new_worker(
     isolation: str, connection: redis.Redis, queues: list[str], *, name: str
-) -> SimpleWorker | Worker:
+) -> TrialWorker | ForkingTrialWorker:
     """A worker of `ISOLATION[isolation]` on trial queues `queues` (the first served first, as
     `rq worker high low`), speaking msgpack only."""
     return ISOLATION[isolation](

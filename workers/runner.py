@@ -90,6 +90,7 @@ def run_trial(payload: bytes) -> None:
         if cancelled:  # the broker cancelled it while it was queued: it does not start
             outcome = attempt.failed(FailReason.CANCELLED, "the study was cancelled")
         else:
+            log.info("%s: started in pid %d", attempt.describe(), attempt.pid)
             trial = RemoteTrial(connection, request, ctx.signer, keys=keys)
             outcome = execute(request, worker=holder, served=ctx.served, trial=trial)
         deliver(
@@ -174,7 +175,7 @@ def _leased(
 
 
 def _describe(result: TrialResult) -> str:
-    """The one log line a trial gets."""
+    """The line a trial's end gets (its start got one too, from `run_trial`)."""
     head = (
         f"study {result.study!r} trial {result.trial_number} "
         f"(attempt {result.attempt}): {result.outcome.value}"

@@ -56,6 +56,7 @@ __all__ = [
     "Ended",
     "HorseExited",
     "LeaseThread",
+    "Retiring",
     "Started",
     "Supervisor",
     "describe_exit",
@@ -203,6 +204,13 @@ class Ended:
 
 
 @dataclass(frozen=True)
+class Retiring:
+    """The child took its `--max-trials-per-child` (`trials`) and exits: replace it."""
+
+    trials: int
+
+
+@dataclass(frozen=True)
 class HorseExited:
     """The child's forked work horse `pid` exited abnormally (`exitcode`, as multiprocessing
     gives it: negative for a signal); its worker reaped it and lives on."""
@@ -211,7 +219,7 @@ class HorseExited:
     exitcode: int
 
 
-ChildMessage = Started | Ended | HorseExited
+ChildMessage = Started | Ended | HorseExited | Retiring
 
 
 class ChildChannel:
@@ -229,6 +237,10 @@ class ChildChannel:
     def exited(self, pid: int, exitcode: int) -> None:
         """A forked work horse `pid` exited abnormally (its worker reaped it)."""
         self._writer.send(HorseExited(pid, exitcode))
+
+    def retiring(self, trials: int) -> None:
+        """This child took its last trial (`--max-trials-per-child`) and exits."""
+        self._writer.send(Retiring(trials))
 
 
 class LeaseThread:
@@ -364,11 +376,12 @@ class Supervisor:
                 self.cancelled.add(index)
                 _kill_group(attempt.pid)
 
-    def child_exited(self, index: int, exitcode: int | None, *, cold: bool = False) -> None:
-        """Report the attempt a dead child was running, if any."""
+    def child_exited(self, index: int, exitcode: int | None, *, cold: str | None = None) -> None:
+        """Report the attempt a dead child was running, if any. `cold`: the pool killed it in a
+        cold shutdown, for this reason ("a second Ctrl-C")."""
         self._report(index, exitcode, cold=cold)
 
-    def _report(self, index: int, exitcode: int | None, *, cold: bool = False) -> None:
+    def _report(self, index: int, exitcode: int | None, *, cold: str | None = None) -> None:
         """FAIL `timeout` if we killed it for its deadline, `cancelled` if for the broker, else
         `worker_lost` (the broker retries it). Once per attempt: it leaves `running` here."""
         attempt = self.running.pop(index, None)
@@ -393,7 +406,11 @@ class Supervisor:
                 f"its worker process {attempt.pid} was killed",
             )
         else:
-            how = "stopped by a second SIGTERM" if cold else describe_exit(exitcode)
+            how = (
+                describe_exit(exitcode)
+                if cold is None
+                else f"was killed by its pool's cold shutdown ({cold})"
+            )
             result = attempt.failed(
                 FailReason.WORKER_LOST,
                 f"the worker process {attempt.pid} running the trial {how}",

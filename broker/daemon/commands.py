@@ -15,6 +15,7 @@ from typing import Any
 import optuna
 
 from optuna_rq.daemon.registry import Registry
+from optuna_rq.dispatch import StudyRun
 from optuna_rq.dispatch.boundary import Site
 from optuna_rq.errors import ConfigError, StudyConflictError, StudyStorageError
 from optuna_rq.protocol import (
@@ -81,9 +82,13 @@ class Commands:
                 f"study {spec.name!r} exists with another definition: "
                 f"{'; '.join(differences)} (submit it under another --study-name)"
             )
-        if spec.name in registry.runs:
+        run = registry.runs.get(spec.name)
+        if run is not None:
             changes = {name: getattr(spec, name) for name in RESUBMITTED}
-            self.on_change(spec.name, {**changes, "submitted_at": spec.submitted_at})
+            # It reopens as an ended study would: a stop condition that was winding it down is
+            # checked afresh, its clock counting from this submission.
+            registry.stopping.watch(spec.name)
+            self._apply(run, {**changes, "submitted_at": spec.submitted_at})
             return
         why = registry.storage_refusal(spec)
         if why is not None:  # nothing of it is kept: submitted again elsewhere, it is new
@@ -97,7 +102,7 @@ class Commands:
     def on_cancel(self, name: str) -> None:
         """End the study CANCELLED: its queued trials are withdrawn and its running ones stopped
         on their workers; all end FAIL (cancelled). An ended study is left as it is
-        (StudyConflictError)."""
+        (StudyEndedError, `protocol.status.refuse_if_closed`)."""
         registry = self.registry
         run = registry.runs.get(name)
         if run is not None:
@@ -111,29 +116,43 @@ class Commands:
         spec = registry.stored_spec(name)
         if spec is None:
             raise ConfigError(f"no study {name!r} to cancel")
-        state = registry.state(name)
-        if state is not None and state.ended:
-            raise StudyConflictError(f"study {name!r} is {state.value} already: not cancelled")
+        registry.refuse_if_closed(name, "cancel")
         registry.status.publish(spec, None, state=StudyState.CANCELLED)
 
     def on_change(self, name: str, changes: dict[str, Any]) -> None:
-        """Apply `changes` to a running study's spec (stored too) and to its run. An ended study
-        is left as it is (StudyConflictError): resubmitting it runs it on."""
+        """Apply `changes` to a running study's spec (stored too) and to its run. An ended
+        study, or one a stop condition is winding down, is left as it is (StudyEndedError,
+        `protocol.status.refuse_if_closed`): resubmitting it runs it on."""
         registry = self.registry
-        spec = registry.specs.get(name)
-        if spec is None:
+        if registry.specs.get(name) is None:
             raise ConfigError(f"no study {name!r} to change")
+        registry.refuse_if_closed(name, "set")
         run = registry.runs.get(name)
         if run is None:
-            state = registry.state(name)
             raise StudyConflictError(
-                f"study {name!r} is {state.value if state else 'not running'}: not changed "
-                "(resubmit it to run it on)"
+                f"study {name!r} is not running: not changed (resubmit it to run it on)"
             )
-        spec = spec.with_changes(**changes)
+        self._apply(run, changes)
+
+    def _apply(self, run: StudyRun, changes: dict[str, Any]) -> None:
+        """Change the running study's spec (stored too) and its run. A budget below the trials
+        it has asked winds it down: it asks no more, its running trials finish, and its budget
+        becomes what it asked (its status never shows more done than its budget)."""
+        registry, name = self.registry, run.name
+        requested = changes.get("n_trials")
+        if requested is not None and requested < run.asked:
+            changes = {**changes, "n_trials": run.asked}
+            log.info(
+                "study %r: --n-trials %d is below the %d trials it has started: it starts no "
+                "more, and finishes once they end",
+                name,
+                requested,
+                run.asked,
+            )
+        spec = registry.specs[name].with_changes(**changes)
         registry.store(spec)
         run.concurrency = spec.concurrency
-        run.n_trials = max(spec.n_trials, run.asked)
+        run.n_trials = spec.n_trials
         run.trial_timeout_s = spec.trial_timeout_s
         run.max_retries = spec.max_retries
         run.ask_ahead = spec.ask_ahead
@@ -149,9 +168,9 @@ class Commands:
             raise ConfigError(f"cannot enqueue trials for study {name!r}: it is not running")
 
     def on_delete(self, name: str, *, force: bool, purge: bool) -> None:
-        """Forget study `name`: its spec and its status. A running study is refused
-        (ConfigError) unless `force`, which cancels it first. Its trials stay in its storage
-        unless `purge`, which deletes the Optuna study there too."""
+        """Forget study `name`: its spec, its status and its published trials. A running study
+        is refused (ConfigError) unless `force`, which cancels it first. Its trials stay in its
+        storage unless `purge`, which deletes the Optuna study there too."""
         registry = self.registry
         connection, keys = registry.connection, registry.keys
         known = name in registry.specs or bool(connection.hexists(keys.studies, name))
@@ -177,9 +196,13 @@ class Commands:
                 ) from exc
         registry.specs.pop(name, None)
         registry.storages.flush()  # the purge is durable before the study is gone from the status
+        registry.dispatcher.publication.forget(name)
         pipe = connection.pipeline(transaction=True)
         pipe.hdel(keys.studies, name)
         pipe.hdel(keys.status, name)
+        # Its published trials go with it; resubmitted, it publishes again what its storage
+        # kept, when it is taken over.
+        pipe.delete(keys.trials_of(name))
         pipe.execute()
         registry.status.lifecycle.learn(name, None)
         log.info("deleted study %r%s", name, " and its trials" if purge else "")

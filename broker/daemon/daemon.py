@@ -25,6 +25,7 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError
 from optuna_rq.client import BrokerClient
 from optuna_rq.connection import check_memory_policy, wait_for_redis
 from optuna_rq.daemon.backlog import Backlog
+from optuna_rq.daemon.catch_up import CatchUp
 from optuna_rq.daemon.commands import Commands
 from optuna_rq.daemon.enqueue import EnqueueSets
 from optuna_rq.daemon.fair_share import FairShare
@@ -38,6 +39,7 @@ from optuna_rq.daemon.stopping import StopConditions
 from optuna_rq.daemon.storages import Storages
 from optuna_rq.dispatch import Dispatcher, OffLoopSampling
 from optuna_rq.dispatch.boundary import Site
+from optuna_rq.dispatch.publication import TrialPublication
 from optuna_rq.errors import (
     BrokerAlreadyRunningError,
     ConfigError,
@@ -88,6 +90,8 @@ class Daemon:
             policy=StoragePolicy(settings.storage, settings.allowed_storages),
             before_flush=self.lock.check,
         )
+        # Every trial, as it is sent and told, for `optuna-rq trials` on any machine.
+        self.publication = TrialPublication(self.keys, self.signer)
         self.dispatcher = Dispatcher(
             connection,
             prefix=settings.prefix,
@@ -98,6 +102,7 @@ class Daemon:
             persist=self.storages.flush,
             off_loop=off_loop,
             wake=self.keys.wake,  # commands wake the loop there (`BrokerClient.send`)
+            publication=self.publication,
         )
         self.boundary = self.dispatcher.boundary
         self.fair_share = FairShare(
@@ -121,12 +126,23 @@ class Daemon:
                 boundary=self.boundary,
                 signer=self.signer,
                 persist=self.storages.flush,
+                stopped=self.stopping.reason,
+                trials=self.publication,
             ),
             storages=self.storages,
             stopping=self.stopping,
             signer=self.signer,
         )
         self.status = self.registry.status
+        # Ended studies whose trials no broker published (an older one ran them).
+        self.catch_up = CatchUp(
+            connection,
+            self.keys,
+            client=client,
+            storages=self.storages,
+            publication=self.publication,
+            storage_url=self.registry.storage_url,
+        )
         # Bulk commands, applied a slice a turn (`backlog`): the inbox moves them there.
         self.backlog = Backlog(
             connection,
@@ -238,6 +254,7 @@ class Daemon:
         """Take over the stored studies, then turn the loop until `stop`."""
         self.registry.reattach()
         self.registry.end_ended()  # those that faulted as they were taken over
+        self.catch_up.add(self.registry.ended_at_start)
         self.health.serving()
         while not stop.is_set():
             self._survive(self._turn, stop)
@@ -295,6 +312,7 @@ class Daemon:
         self.inbox.apply(raw_commands)
         self.registry.end_ended()  # a command that faulted its study
         runs = self.dispatcher.runs
+        self._check_stop_conditions(told=False)  # a --timeout that passed: before any refill
         waiting = self.fair_share.share(runs, self.specs, now)
         if waiting:
             self.status.mark(*waiting)  # a study started or stopped waiting for workers
@@ -311,16 +329,22 @@ class Daemon:
         told = self.dispatcher.poll(None if behind else self.settings.poll_s)
         if told:
             self.status.mark(*runs)
-        self.stopping.check(
-            runs,
-            self.specs,
-            told=told > 0,
-            wind_down=self.dispatcher.wind_down,
-            guard=lambda name: self.boundary.guard(name, Site.STOP),
-        )
+        self._check_stop_conditions(told=told > 0)
         if self.registry.end_ended():
             self._update_metrics(now, force=True)  # an ended study leaves the gauges at once
         self.publish_status()
+        self.catch_up.step()  # an older ended study's trials, one a turn, after a start
+
+    def _check_stop_conditions(self, *, told: bool) -> None:
+        """Wind down the studies a stop condition holds for; their status says so at once."""
+        stopped = self.stopping.check(
+            self.dispatcher.runs,
+            self.specs,
+            told=told,
+            wind_down=self.dispatcher.wind_down,
+            guard=lambda name: self.boundary.guard(name, Site.STOP),
+        )
+        self.status.mark(*stopped)
 
     def publish_status(self, *, force: bool = False) -> None:
         """Publish the running studies that changed, if the status interval passed (or `force`)."""

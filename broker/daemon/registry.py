@@ -24,6 +24,7 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq.client import BrokerClient
+from optuna_rq.daemon.definitions import definition_conflict, record_definition
 from optuna_rq.daemon.settings import BrokerSettings
 from optuna_rq.daemon.status import StatusPublisher
 from optuna_rq.daemon.stopping import StopConditions
@@ -37,8 +38,10 @@ from optuna_rq.protocol import (
     Signer,
     StudySpec,
     StudyState,
+    StudyStatus,
     new_incarnation,
     open_stored_spec,
+    refuse_if_closed,
     seal_stored_spec,
 )
 from optuna_rq.studies import journal_path, make_pruner, make_sampler
@@ -75,6 +78,9 @@ class Registry:
         self.storages = storages
         self.stopping = stopping
         self.specs: dict[str, StudySpec] = {}
+        self.ended_at_start: list[StudySpec] = []
+        """The stored studies `reattach` found ended: their trials may need publishing
+        (`daemon.catch_up`)."""
 
     @property
     def boundary(self) -> FaultBoundary:
@@ -134,6 +140,11 @@ class Registry:
         its status says why the resubmission failed)."""
         log.error("study %r refused: %s", spec.name, why)
         count_refusal(self.connection, self.keys.prefix, "storage")
+        self._publish_failed(spec, why)
+
+    def _publish_failed(self, spec: StudySpec, why: str) -> None:
+        """Say in the status of `spec`'s study, not started, why: FAILED (an ended study keeps
+        its result, and its status says why the resubmission failed)."""
         state = self.state(spec.name)
         try:
             if state is not None and state.ended:
@@ -149,14 +160,31 @@ class Registry:
         as a forged `finished` that would keep a study from being re-attached) says nothing: it
         is counted in `<prefix>:refused` as `status`, and logged (`count_refusal`)."""
         if name not in self.runs:
-            try:
-                status = self.client.published_status(name)
-            except ProtocolError as exc:
-                status = None
-                why = f"ignoring it, for study {name!r}: {exc}"
-                count_refusal(self.connection, self.keys.prefix, "status", why)
+            status = self._published(name)
             self.status.lifecycle.learn(name, None if status is None else status.state)
         return self.status.lifecycle.state(name)
+
+    def _published(self, name: str) -> StudyStatus | None:
+        """The study's published status, if it opens (else refused: counted and logged)."""
+        try:
+            return self.client.published_status(name)
+        except ProtocolError as exc:
+            why = f"ignoring it, for study {name!r}: {exc}"
+            count_refusal(self.connection, self.keys.prefix, "status", why)
+            return None
+
+    def refuse_if_closed(self, name: str, command: str) -> None:
+        """StudyEndedError if study `name` takes no `command` (`cancel`, `set`) as this broker
+        holds it: the front doors' rule (`protocol.status.refuse_if_closed`), applied to a
+        command sent before the study ended or a stop condition held."""
+        state: StudyState | None = StudyState.RUNNING
+        stopped = self.stopping.reason(name)
+        if name not in self.runs:
+            status = self._published(name)
+            self.status.lifecycle.learn(name, None if status is None else status.state)
+            state = self.status.lifecycle.state(name)
+            stopped = None if status is None else status.stopped
+        refuse_if_closed(name, state, stopped=stopped, command=command)
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -170,6 +198,7 @@ class Registry:
                 continue
             state = self.state(spec.name)
             if state is not None and state.ended:
+                self.ended_at_start.append(spec)
                 continue
             why = self.storage_refusal(spec)
             if why is not None:
@@ -184,11 +213,19 @@ class Registry:
         self.specs[spec.name] = spec
         self.boundary.forget(spec.name)  # a resubmission starts with a clean slate
         run: StudyRun | None = None
+        conflict: str | None = None
         try:
             with self.boundary.guard(spec.name, Site.START):
-                run = self._open(spec)
+                storage = self.storages.open(self.storage_url(spec))
+                conflict = definition_conflict(storage, spec)
+                if conflict is None:
+                    run = self._open(spec)
         except StudyStorageError as exc:
             self.storage_failed(exc, starting=spec)
+            return
+        if conflict is not None:  # its storage holds another definition's trials: untouched
+            log.error("study %r not started: %s", spec.name, conflict)
+            self._publish_failed(spec, conflict)
             return
         if self.boundary.faulted(spec.name):  # `end_ended` ends it, and says so
             if run is not None:
@@ -225,9 +262,15 @@ class Registry:
             log.info("study %r: no trials of it to end (%s)", spec.name, exc)
             return
         why = f"the study failed: {self.boundary.faults[spec.name]}"
-        fail_orphans(
+        ended = fail_orphans(
             study, Verdict(state=TrialState.FAIL, fail_reason=FailReason.CANCELLED, error=why)
         )
+        if ended:
+            self.dispatcher.observer.ended(
+                spec.name, TrialState.FAIL.name, FailReason.CANCELLED, count=ended
+            )
+        self.storages.flush()  # then published as failed, as they are now
+        self.dispatcher.publication.reconcile(self.connection, study)
 
     def _open(self, spec: StudySpec) -> StudyRun:
         url = self.storage_url(spec)
@@ -244,6 +287,7 @@ class Registry:
                 f"study {spec.name!r} exists with directions "
                 f"{[d.name.lower() for d in study.directions]}, not {spec.directions}"
             )
+        record_definition(study, spec)  # its trials are this definition's (`definitions`)
         run = StudyRun(
             study=study,
             objective=spec.objective,
@@ -258,7 +302,15 @@ class Registry:
         )
         journal = journal_path(url)
         run.journal = None if journal is None else str(journal)
-        run.reattach()
+        lost = run.reattach()
+        if lost:  # its retry had started before the last broker failed it
+            self.dispatcher.observer.ended(
+                spec.name, TrialState.FAIL.name, FailReason.WORKER_LOST, count=lost
+            )
+        # What a stopped broker told and did not publish, or a study from before trials were
+        # published: published now, once durable (reattach may have failed a trial).
+        self.storages.flush()
+        self.dispatcher.publication.reconcile(self.connection, study)
         return run
 
     # -- end -----------------------------------------------------------------------------------
@@ -285,7 +337,13 @@ class Registry:
             if state is StudyState.FAILED:
                 log.error("study %r failed: %s", name, error)
             else:  # run.asked: every trial of its budget, a resumed study's earlier ones too
-                log.info("study %r finished: %d trials", name, run.asked)
+                stopped = self.stopping.reason(name)
+                log.info(
+                    "study %r finished: %d trials%s",
+                    name,
+                    run.asked,
+                    f" ({stopped})" if stopped else "",
+                )
         return ended
 
     def _end(self, run: StudyRun) -> tuple[StudyState, str | None]:
@@ -293,7 +351,7 @@ class Registry:
         if run.cannot_run and not run.done:
             self.dispatcher.cancel(run, why=f"the study failed: {run.cannot_run}")
             return StudyState.FAILED, run.cannot_run
-        return StudyState.FINISHED, self.stopping.reason(run.name)  # a stop condition held
+        return StudyState.FINISHED, None  # its status says if a stop condition ended it
 
     def _end_faulted(self, name: str) -> None:
         """End the study `name` FAILED with its fault: its trials in flight end FAIL (if its

@@ -16,7 +16,8 @@ Summarising a running study is a site of its fault boundary: a study whose summa
 alone. Its failed status then carries the figures last read of it, never zeros.
 
 Each status is sealed by the broker's signer (`StudyStatus.sealed`), so that with signing on the
-front doors believe only what the broker wrote.
+front doors believe only what the broker wrote. The study's trials told since they were last
+published (`dispatch.publication`) are published in the same write.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import redis
 from optuna_rq.daemon.lifecycle import Lifecycle
 from optuna_rq.dispatch import StudyRun, count_refusal
 from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
+from optuna_rq.dispatch.publication import TrialPublication
 from optuna_rq.dispatch.summary import study_summary
 from optuna_rq.errors import ProtocolError, StudyStorageError
 from optuna_rq.protocol import Keys, Signer, StudySpec, StudyState, StudyStatus
@@ -40,6 +42,10 @@ __all__ = ["MAX_SHARE", "StatusPublisher"]
 
 MAX_SHARE = 0.05
 """At most this share of the broker's time goes to publishing running studies' statuses."""
+
+_STOPPABLE = (StudyState.RUNNING, StudyState.FINISHED)
+"""The states whose status says why a stop condition stopped the study: a cancelled or failed
+one ended for another reason."""
 
 
 class StatusPublisher:
@@ -56,9 +62,15 @@ class StatusPublisher:
         boundary: FaultBoundary,
         signer: Signer,
         persist: Callable[[], None] | None = None,
+        stopped: Callable[[str], str | None] | None = None,
+        trials: TrialPublication | None = None,
     ) -> None:
         self.connection = connection
+        self.stopped = stopped or (lambda _name: None)
+        """Why a study stopped before its budget (`StopConditions.reason`): said in its status
+        while it runs on to its last trials and once it finished."""
         self.signer = signer
+        self.trials = trials  # the study's trials noted and not yet published go with its status
         self.boundary = boundary
         self.persist = persist
         self.keys = keys
@@ -178,6 +190,7 @@ class StatusPublisher:
             priority=spec.priority,
             storage=self.storage_url(spec),
             error=error,
+            stopped=self.stopped(spec.name) if state in _STOPPABLE else None,
             submitted_at=spec.submitted_at,
             queue=spec.queue,
             # An ended study waits for nothing, even if its last trials ran before the fair
@@ -185,7 +198,14 @@ class StatusPublisher:
             waiting_for_workers=run is not None and run.waiting_for_workers and not state.ended,
             **summary,
         )
-        self.connection.hset(self.keys.status, spec.name, status.sealed(self.signer))
+        pipe = self.connection.pipeline(transaction=False)
+        # Its trials as told (a cancel's, the last ones of a study that ends) are published
+        # with the status that counts them; not a failed storage's: they may not be durable.
+        published = self.trials.into(pipe, [spec.name]) if self.trials is not None and flush else {}
+        pipe.hset(self.keys.status, spec.name, status.sealed(self.signer))
+        pipe.execute()
+        if self.trials is not None:
+            self.trials.written(published)
 
     def annotate(self, spec: StudySpec, error: str) -> None:
         """Say on an ended study's status that its resubmission `spec` was refused, changing

@@ -1,5 +1,6 @@
 """Stop conditions: a study submitted with `--timeout`, `--target` or `--patience` ends FINISHED
-before its budget when one holds, and its status names it (`StudyStatus.error`).
+before its budget when one holds, a success, and its status names it (`StudyStatus.stopped`,
+never `error`) from the moment it holds.
 
 When one holds, no new trial starts; trials already running on workers finish and are told, as
 `study.optimize(timeout=...)` lets its running trial finish; a trial sampled ahead and not yet
@@ -63,7 +64,10 @@ class StopConditions:
         self._due: set[str] = set()
 
     def watch(self, name: str) -> None:
-        """A study (re)started: check it at the next turn, before any result is told."""
+        """A study (re)started: check it at the next turn, before any result is told. A reason
+        held for an earlier run of it (resubmitted while its last trials finished) is dropped:
+        the resubmission reopens it, its clock counting from the new submission."""
+        self._reasons.pop(name, None)
         self._due.add(name)
 
     def check(
@@ -74,13 +78,18 @@ class StopConditions:
         told: bool,
         wind_down: Callable[[StudyRun, str], None],
         guard: Callable[[str], AbstractContextManager[None]],
-    ) -> None:
-        """Wind down each run whose condition holds. Best value and patience change only when
-        a trial is told; the clock is read every turn. Each study's check runs under `guard`
-        (its fault guard)."""
+    ) -> list[str]:
+        """Wind down each run whose condition holds; the studies whose condition held this time
+        (their status has news). Best value and patience change only when a trial is told; the
+        clock is read every turn. Each study's check runs under `guard` (its fault guard)."""
+        for name in [name for name in self._reasons if name not in runs]:
+            del self._reasons[name]  # it ended (its FINISHED status said why), or was cancelled
+        stopped = []
         for name, run in runs.items():
             with guard(name):
-                self._check(name, run, specs, told=told, wind_down=wind_down)
+                if self._check(name, run, specs, told=told, wind_down=wind_down):
+                    stopped.append(name)
+        return stopped
 
     def _check(
         self,
@@ -90,22 +99,27 @@ class StopConditions:
         *,
         told: bool,
         wind_down: Callable[[StudyRun, str], None],
-    ) -> None:
+    ) -> bool:
+        """Check one run; True if its condition held for the first time."""
         spec = specs.get(name)
         if spec is None or (spec.timeout_s, spec.target, spec.patience) == (None,) * 3:
-            return
+            return False
         reason = self._reasons.get(name)
         if reason is None and (told or name in self._due or spec.timeout_s is not None):
             reason = stop_reason(spec, run.study)
         self._due.discard(name)
         if reason is None:
-            return
-        if name not in self._reasons:
+            return False
+        first = name not in self._reasons
+        if first:
             log.info("study %r %s", name, reason)
             self._reasons[name] = reason
-        if run.n_trials > run.asked or run.count(Phase.ASKED_AHEAD):  # a later --n-trials too
+        if run.n_trials > run.asked or run.count(Phase.ASKED_AHEAD):  # budget or asks left
             wind_down(run, reason)
+        return first
 
     def reason(self, name: str) -> str | None:
-        """Why the study stopped before its budget (forgotten once read: it has ended)."""
-        return self._reasons.pop(name, None)
+        """Why the running study `name` stopped before its budget; None if nothing stopped it.
+        Its statuses say so while its last trials finish and once it is finished, and `set`
+        is refused meanwhile (`protocol.status.refuse_if_closed`)."""
+        return self._reasons.get(name)

@@ -39,6 +39,7 @@ from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
 from optuna_rq.dispatch.calls import CallServer
 from optuna_rq.dispatch.observer import DispatchObserver
 from optuna_rq.dispatch.offloop import OffLoopSampling
+from optuna_rq.dispatch.publication import TrialPublication
 from optuna_rq.dispatch.results import ResultStream, arrival_s, verdict_of
 from optuna_rq.dispatch.retries import Retries
 from optuna_rq.dispatch.runs import InFlight, Phase, StudyRun
@@ -97,8 +98,12 @@ class Dispatcher:
         persist: Callable[[], None] | None = None,
         off_loop: OffLoopSampling | None = None,
         wake: str | None = None,
+        publication: TrialPublication | None = None,
     ) -> None:
         self.connection = connection
+        self.publication = publication or TrialPublication(None, Signer())
+        """Publishes each trial as it is sent and told, for `optuna-rq trials` (by default,
+        nowhere)."""
         self.persist = persist or _nothing_to_persist
         """Makes every change told to the storages durable; run before anything that
         acknowledges one goes to Redis."""
@@ -142,7 +147,6 @@ class Dispatcher:
             intermediate_key=self.sender.intermediate_key,
             grace_s=lease_grace_s,
             check_s=lease_check_s,
-            observer=self.observer,
             boundary=self.boundary,
             finish=self._finish,
             send=self._send,
@@ -213,18 +217,27 @@ class Dispatcher:
                         break
                 self._refill_one(run, pipe, sending)
             wanting = [run for run in wanting if self._can_refill(run)]
+        self._note_sent(sending)
         self.results.ack_into(pipe)
+        published = self.publication.into(pipe)
         if len(pipe) or self.off_loop.has_outbox:
             self.persist()  # what the sends, the acknowledgements and the requests stand on
         if len(pipe):
             pipe.execute()  # on an outage, the sends stay unsent and the acks pending: redone
         self.off_loop.send()
         self.results.acked()
+        self.publication.written(published)
         now = time.time()
         for run, record in sending:
             run.mark_sent(record, now)
         self._ask_ahead()
         return len(sending)
+
+    def _note_sent(self, sending: list[tuple[StudyRun, InFlight]]) -> None:
+        """Publish the trials about to be sent, RUNNING, in the write that sends them."""
+        for run, record in sending:
+            with self.boundary.guard(run.name, Site.SEND):
+                self.publication.note(run.study, record.trial)
 
     def _refill_one(
         self, run: StudyRun, pipe: Any, sending: list[tuple[StudyRun, InFlight]]
@@ -319,6 +332,7 @@ class Dispatcher:
                 self.persist()
                 self.sender.enqueue(run, record, payload, None)
                 run.mark_sent(record, time.time())
+                self.publication.note(run.study, record.trial)  # published with the next write
 
     def _seal(self, run: StudyRun, record: InFlight) -> bytes | None:
         """The trial's sealed request; None if Optuna rejects the space: the trial is then told
@@ -395,7 +409,7 @@ class Dispatcher:
             # sends.
             self.results.handled([entry_id for entry_id, _fields in entries])
             if not self.behind:  # else they go with the sends that fill the told trials' slots
-                self.results.flush()
+                self.flush()
         return handled, len(entries)
 
     def _handle(self, raw: bytes, entry_id: bytes) -> int:
@@ -423,27 +437,28 @@ class Dispatcher:
             return 1
         failpoints.hit("before_tell")
         arrived = arrival_s(entry_id)
-        verdict = verdict_of(result)
-        started = time.perf_counter()
-        self._finish(run, record, verdict)
+        self._finish(run, record, verdict_of(result))
         enqueued = record.enqueued_at
-        self.observer.told(
-            run.name,
-            verdict.state.name,
-            verdict.fail_reason,
-            tell_s=time.perf_counter() - started,
+        self.observer.delivered(
             start_delay_s=None if enqueued is None else arrived - result.duration_s - enqueued,
             result_age_s=time.time() - arrived if arrived else None,
         )
         return 1
 
     def _finish(self, run: StudyRun, record: InFlight, verdict: Verdict) -> None:
-        tell(run.study, record.trial, verdict)
+        """Tell the trial in flight `record` its verdict and take it out of `run`: the one way
+        a trial the dispatcher holds ends (a result, a lost worker, a cancel, a wind-down, a
+        trial that could not be sampled), so that each is counted here once (`observer`)."""
+        started = time.perf_counter()
+        state = tell(run.study, record.trial, verdict)
+        tell_s = time.perf_counter() - started
         failpoints.hit("after_tell")
+        self.publication.note(run.study, record.trial)  # written with the ack, or the status
         run.note(verdict)
         if record.holds_slot:
             self.retries.forget(run, record)
         run.finish(record.number)
+        self.observer.ended(run.name, state.name, verdict.fail_reason, tell_s=tell_s)
         if self.on_told is not None:
             self.on_told(run, record.number)
 
@@ -505,8 +520,18 @@ class Dispatcher:
         raise first.cause
 
     def flush(self) -> None:
-        """Acknowledge the results told and not yet acknowledged."""
-        self.results.flush()
+        """Acknowledge the results told and not yet acknowledged, and publish the trials noted
+        and not yet published, in one write once what they stand on is durable."""
+        if not self.publication.pending:
+            self.results.flush()
+            return
+        self.persist()
+        pipe = self.connection.pipeline(transaction=False)
+        self.results.ack_into(pipe)
+        published = self.publication.into(pipe)
+        pipe.execute()
+        self.results.acked()
+        self.publication.written(published)
 
     def cancel_outstanding(self) -> None:
         """Withdraw queued jobs and end every outstanding trial FAIL with reason `cancelled`."""
@@ -538,7 +563,14 @@ class Dispatcher:
                 # trial ends below, through the storage alone.
                 log.error("study %r trial %d: %s", run.name, record.number, exc)
         if orphans:
-            fail_orphans(run.study, verdict)
+            self.fail_orphans(run, verdict)
+
+    def fail_orphans(self, run: StudyRun, verdict: Verdict) -> None:
+        """End FAIL every trial of `run`'s study still RUNNING in its storage that nobody holds
+        (`verdict.fail_orphans`), counted as every trial that ends."""
+        ended = fail_orphans(run.study, verdict)
+        if ended:
+            self.observer.ended(run.name, TrialState.FAIL.name, verdict.fail_reason, count=ended)
 
     def abandon(self, run: StudyRun) -> None:
         """Stop dispatching `run` without a word to its storage (which failed): its queued jobs
@@ -547,6 +579,7 @@ class Dispatcher:
         studies' are told even if the failure cut a batch short."""
         self.runs.pop(run.name, None)
         self.off_loop.forget(run)
+        self.publication.forget(run.name)  # told, maybe not durable: not to be published
         try:
             self.sender.withdraw(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
         except Exception as exc:

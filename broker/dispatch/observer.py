@@ -32,17 +32,23 @@ class DispatchObserver:
     def asked(self, study: str, ask_s: float) -> None:
         pass
 
-    def told(
+    def ended(
         self,
         study: str,
         state: str,
         reason: FailReason | None,
         *,
-        tell_s: float,
-        start_delay_s: float | None,
-        result_age_s: float | None,
+        tell_s: float | None = None,
+        count: int = 1,
     ) -> None:
-        pass
+        """`count` trials of `study` ended in `state` (a `TrialState` name; FAIL with `reason`),
+        told by the dispatcher: every way a trial ends comes here once (a worker's result, a
+        lost worker, a cancel, a wind-down, a trial left RUNNING by a fault). `tell_s`: how
+        long the tell took, if it was one tell."""
+
+    def delivered(self, *, start_delay_s: float | None, result_age_s: float | None) -> None:
+        """A worker's result was told: from its enqueue to its objective starting, and from
+        the result's arrival to its tell (None: not known)."""
 
     def dropped(self) -> None:
         pass

@@ -15,13 +15,11 @@ from collections.abc import Callable, Mapping
 
 import optuna
 import redis
-from optuna.trial import TrialState
 
 from optuna_rq.dispatch.boundary import FaultBoundary, Site
 from optuna_rq.dispatch.leases import LeaseWatch, Watched
-from optuna_rq.dispatch.observer import DispatchObserver
 from optuna_rq.dispatch.runs import ATTEMPT_ATTR, RETRY_OF_ATTR, InFlight, Phase, StudyRun
-from optuna_rq.protocol import FailReason, Keys
+from optuna_rq.protocol import Keys
 from optuna_rq.trials import create_running_trial, frozen_trial
 from optuna_rq.verdict import Verdict, worker_lost
 
@@ -72,7 +70,6 @@ class Retries:
         intermediate_key: Callable[[StudyRun], str],
         grace_s: float,
         check_s: float,
-        observer: DispatchObserver,
         boundary: FaultBoundary,
         finish: Callable[[StudyRun, InFlight, Verdict], None],
         send: Callable[[StudyRun, InFlight], None],
@@ -82,7 +79,6 @@ class Retries:
         self.watch = LeaseWatch(connection, intermediate_key="", grace_s=grace_s)
         self._intermediate_key = intermediate_key  # a run's queue's list of dequeued jobs
         self.check_s = check_s
-        self.observer = observer
         self.boundary = boundary
         self._finish = finish
         self._send = send
@@ -126,17 +122,8 @@ class Retries:
         """The attempt `record` will never report: fail it `worker_lost`, and start its retry
         while retries last (the budget unit passes to the retry; it takes the same slot)."""
         self.lost_attempts += 1
-        started = time.perf_counter()
         verdict, retry = plan_retry(run, record, why)
-        self._finish(run, record, verdict)
-        self.observer.told(
-            run.name,
-            TrialState.FAIL.name,
-            FailReason.WORKER_LOST,
-            tell_s=time.perf_counter() - started,
-            start_delay_s=None,
-            result_age_s=None,
-        )
+        self._finish(run, record, verdict)  # counted there, as every trial that ends
         if retry is not None:
             self._send(run, run.track(retry, attempt=record.attempt + 1, phase=Phase.UNSENT))
 

@@ -314,14 +314,15 @@ class StudyRun:
 
     # -- taking over a study -------------------------------------------------------------------
 
-    def reattach(self) -> None:
+    def reattach(self) -> int:
         """Take over a study that already has trials: the ones that are not retries count
         against the budget; RUNNING ones are outstanding, unsent (their results may still
         arrive, or already have; the dispatcher enqueues the ones a stopped broker never
         enqueued).
 
         A RUNNING trial that a retry already runs again (the last broker stopped between
-        starting the retry and failing it) is failed now, as that broker would have.
+        starting the retry and failing it) is failed now, as that broker would have; returns
+        how many were.
         """
         trials = self.study.get_trials(deepcopy=False)
         retried = {t.user_attrs[RETRY_OF_ATTR] for t in trials if RETRY_OF_ATTR in t.user_attrs}
@@ -329,12 +330,14 @@ class StudyRun:
         self.asked = sum(1 for t in asked if RETRY_OF_ATTR not in t.user_attrs)
         self._in_flight.clear()
         self._counts.clear()
+        lost = 0
         for frozen in trials:
             if frozen.state is not TrialState.RUNNING:
                 continue
             if frozen.number in retried:
                 error = "its worker was lost; the trial that retries it had already started"
                 tell(self.study, frozen.number, worker_lost(error))
+                lost += 1
                 continue
             attempt = int(frozen.user_attrs.get(ATTEMPT_ATTR, 1))
             record = InFlight(
@@ -345,3 +348,4 @@ class StudyRun:
             )
             self._in_flight[frozen.number] = record
             self._counts[Phase.UNSENT] += 1
+        return lost

@@ -1,9 +1,10 @@
 """The protocol between the broker and the workers, and between the front doors and the broker.
 
 Both sides import it; it imports neither (`.ci/run` checks the contract with import-linter). It
-owns every message and its schema (`messages`, `commands`, `status`, `spec`), every Redis name
-and queue name (`keys`), who is alive (`heartbeat`), the RQ queue and its serializer (`queue`),
-signing and the role keys (`signing`, `keyring`) and the objective contract (`objectives`).
+owns every message and its schema (`messages`, `commands`, `status`, `spec`, `trial_summary`),
+every Redis name and queue name (`keys`), who is alive (`heartbeat`), the RQ queue and its
+serializer (`queue`), signing and the role keys (`signing`, `keyring`) and the objective contract
+(`objectives`).
 """
 
 from optuna_rq.errors import ProtocolError
@@ -82,7 +83,13 @@ from optuna_rq.protocol.spec import (
     open_stored_spec,
     seal_stored_spec,
 )
-from optuna_rq.protocol.status import StudyState, StudyStatus
+from optuna_rq.protocol.status import StudyState, StudyStatus, refuse_if_closed
+from optuna_rq.protocol.trial_summary import (
+    RefusedTrial,
+    TrialStateName,
+    TrialSummary,
+    read_trial_summaries,
+)
 
 __all__ = [
     "RECEIPT_TTL_S",
@@ -132,6 +139,9 @@ __all__ = [
     "StudyState",
     "StudyStatus",
     "Submit",
+    "RefusedTrial",
+    "TrialStateName",
+    "TrialSummary",
     "TrialCall",
     "TrialCallReply",
     "TrialRequest",
@@ -153,6 +163,8 @@ __all__ = [
     "read_receipts",
     "objective_path_of",
     "parse_objective_path",
+    "refuse_if_closed",
+    "read_trial_summaries",
     "seal_stored_spec",
     "sendable",
     "trial_queue",

@@ -20,6 +20,8 @@ One broker serves one prefix; several brokers can share a Redis with different p
                         and when it ends, sealed as a `driven study status`: the broker neither
                         reads nor writes it, and the front doors show a name the broker holds
                         as the broker's (`BrokerClient.status`)
+    trials:<study>      hash: trial number -> the trial as the broker published it (`TrialSummary`,
+                        for `trials`; sealed like a status), written as trials are sent and end
     results             the stream workers append results and trial calls to (group `broker`)
     results:<token>     a private result stream (one remote `Optimizer` run; the token is 32
                         lowercase hex digits, so an ACL pattern of 32 `?` names these streams
@@ -210,6 +212,10 @@ class Keys:
     def pool(self, pool_id: str) -> str:
         """The heartbeat key of worker pool `pool_id`."""
         return f"{self.prefix}:pool:{pool_id}"
+
+    def trials_of(self, study: str) -> str:
+        """The hash of `study`'s published trials, by number (`protocol.trial_summary`)."""
+        return f"{self.prefix}:trials:{study}"
 
     def backlog_of(self, study: str) -> str:
         """The list of `study`'s pending bulk commands (`daemon.backlog`)."""

@@ -2,21 +2,21 @@
 
 Everything one side writes to Redis for another to act on is a `Record`: a command, a job (a
 trial request), a result, a trial call and its reply, a pool's heartbeat, a study's status, the
-spec the broker keeps. With signing on it travels sealed, in an envelope that names the kind of
-record, the role that signed it, the name it is stored under (a status is bound to its study),
-when it was signed, and a signature over all of that and the body. A record that is unsigned,
-signed for another kind or name, signed by a role that may not sign it, mis-signed or stale is
-refused with `ProtocolError`.
+spec the broker keeps, the trials it publishes. With signing on it travels sealed, in an
+envelope that names the kind of record, the role that signed it, the name it is stored under
+(a status is bound to its study), when it was signed, and a signature over all of that and the
+body. A record that is unsigned, signed for another kind or name, signed by a role that may not
+sign it, mis-signed or stale is refused with `ProtocolError`.
 
 Two ways to sign, chosen by what each process is given:
 
 - **A key per role** (`OPTUNA_RQ_KEY` or `OPTUNA_RQ_KEY_FILE`, from `optuna-rq keys`): Ed25519.
   Each role signs with its own private key and verifies with the others' public keys, so only
-  the broker signs jobs, replies, status and specs, only workers sign results, calls and
-  heartbeats, and only front doors sign commands (a remote `Optimizer`, which dispatches its own
-  trials, may also sign jobs and replies: no more than its submit could make run; and the
-  status of the study it runs, as a record of its own kind that no reader takes for the
-  broker's).
+  the broker signs jobs, replies, status, specs and published trials, only workers sign results,
+  calls and heartbeats, and only front doors sign commands (a remote `Optimizer`, which
+  dispatches its own trials, may also sign jobs and replies: no more than its submit could make
+  run; and the status of the study it runs, as a record of its own kind that no reader takes
+  for the broker's).
 - **One shared secret** (`OPTUNA_RQ_SECRET` or `OPTUNA_RQ_SECRET_FILE`): HMAC-SHA256. For small
   setups where every machine is trusted alike: whoever holds it can sign as any role.
 
@@ -77,6 +77,7 @@ class Record(str, enum.Enum):
     DRIVEN_STATUS = "driven study status"
     SPEC = "stored study spec"
     RECEIPT = "bulk command receipt"
+    TRIAL = "published trial"
 
     @property
     def signed_by(self) -> frozenset[Role]:
@@ -85,9 +86,16 @@ class Record(str, enum.Enum):
 
     @property
     def ages(self) -> bool:
-        """Whether an old one is refused as a replay. A status or a kept spec is current until
-        the broker replaces it, however old; the rest is acted on once, soon after it is sent."""
-        return self not in (Record.STATUS, Record.DRIVEN_STATUS, Record.SPEC, Record.RECEIPT)
+        """Whether an old one is refused as a replay. A status, a kept spec, a receipt or a
+        published trial is current until its writer replaces it, however old; the rest is acted
+        on once, soon after it is sent."""
+        return self not in (
+            Record.STATUS,
+            Record.DRIVEN_STATUS,
+            Record.SPEC,
+            Record.RECEIPT,
+            Record.TRIAL,
+        )
 
 
 _SIGNED_BY: dict[Record, frozenset[Role]] = {
@@ -104,6 +112,7 @@ _SIGNED_BY: dict[Record, frozenset[Role]] = {
     Record.DRIVEN_STATUS: frozenset({Role.CLIENT}),
     Record.SPEC: frozenset({Role.BROKER}),
     Record.RECEIPT: frozenset({Role.BROKER}),
+    Record.TRIAL: frozenset({Role.BROKER}),
 }
 
 

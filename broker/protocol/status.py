@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 
-from optuna_rq.errors import ProtocolError
+from optuna_rq.errors import ProtocolError, StudyEndedError
 from optuna_rq.protocol.keys import Keys
 from optuna_rq.protocol.schema import (
     Bool,
@@ -53,6 +53,7 @@ __all__ = [
     "read_driven_statuses",
     "read_status",
     "read_statuses",
+    "refuse_if_closed",
 ]
 
 
@@ -102,6 +103,11 @@ class StudyStatus(Message):
     submitted_at: float | None = wire(Float(optional=True), default=None)
     storage: str = wire(Text(nonempty=False))
     error: str | None = wire(Text(optional=True, nonempty=False), default=None)
+    # Why the study stopped before its budget: a stop condition held (`stopped by --timeout
+    # 60: ...`), or a callback called `study.stop()`. A success, not an error (`error` stays
+    # None): set from the moment the condition held, while its last trials finish (`running`),
+    # and kept once it is `finished`.
+    stopped: str | None = wire(Text(optional=True, nonempty=False), default=None)
     # The last line of the latest failed trial's error ("ValueError: ..."): what a study whose
     # trials fail says first, without a look at its trials.
     last_error: str | None = wire(Text(optional=True, nonempty=False), default=None)
@@ -136,7 +142,8 @@ class StudyStatus(Message):
 
     def outcome(self) -> str | None:
         """Why an ended study is not a success (None if it finished with a COMPLETE trial, or
-        has not ended): the line `wait` prints before exiting non-zero."""
+        has not ended): the line `wait` prints before exiting non-zero. A study a stop condition
+        ended finished, and is a success like any other with a COMPLETE trial."""
         if not self.state.ended:
             return None
         if self.state is not StudyState.FINISHED:
@@ -147,8 +154,14 @@ class StudyStatus(Message):
         return (
             f"finished without a complete trial: {self.pruned} pruned, {self.failed} failed"
             + (f" ({reasons})" if reasons else "")
+            + (f"; {self.stopped}" if self.stopped else "")
             + (f"; last error: {self.last_error}" if self.last_error else "")
         )
+
+    def refuse(self, command: str) -> None:
+        """StudyEndedError if the study takes no `command` (`cancel` or `set`) as it is now
+        (`refuse_if_closed`)."""
+        refuse_if_closed(self.name, self.state, stopped=self.stopped, command=command)
 
     @property
     def best(self) -> float | list[list[float]] | None:
@@ -178,6 +191,7 @@ class StudyStatus(Message):
         data.setdefault("best_values", None)
         data.setdefault("queue", "default")  # written before studies had queues
         data.setdefault("waiting_for_workers", False)
+        data.setdefault("stopped", None)  # written before a stop had a field of its own
         data.pop("broker", None)  # `status --json` adds the prefix's broker: not the study's
         data.pop("driver_liveness", None)  # and a driven study's process, as read
         return cls.from_wire(data)
@@ -214,6 +228,28 @@ class StudyStatus(Message):
             says = "a remote Optimizer's" if status.driven else "the broker's"
             raise ProtocolError(f"the status of study {name!r} says it is {says}, refused")
         return status
+
+
+def refuse_if_closed(
+    name: str, state: StudyState | None, *, stopped: str | None, command: str
+) -> None:
+    """The one rule on what an ended study takes, applied by the front doors before they send a
+    command and by the broker when it applies one (a command sent before the study ended).
+
+    A study that ended (finished, by its budget or a stop condition; cancelled; failed) takes no
+    `cancel` and no `set`: it is never rewritten. A running study a stop condition holds for
+    (`stopped`: its last trials are finishing) takes no `set` either, which would start trials
+    again. Either way StudyEndedError, naming the study: resubmitting it reopens it."""
+    ended = state is not None and state.ended
+    if not ended and (command != "set" or not stopped):
+        return
+    what = state.value if ended and state is not None else "stopping"
+    why = f" ({stopped})" if stopped else ""
+    raise StudyEndedError(
+        f"study {name!r} is {what}{why}: `{command}` does not change a study that "
+        f"{'ended' if ended else 'stopped'}; resubmitting it (the same definition, "
+        f"--study-name {name}) reopens it"
+    )
 
 
 @dataclass(frozen=True)

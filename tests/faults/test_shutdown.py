@@ -1,5 +1,6 @@
-"""SIGTERM to a busy worker pool: once lets its trial finish; twice stops it now; a worker
-process stuck on its way out is shown and killed."""
+"""SIGTERM or a terminal's Ctrl-C to a busy worker pool: once lets its trial finish and says
+what the next one does; twice stops it now, naming the signal; a worker process stuck on its way
+out is shown and killed."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from optuna_rq.dispatch import RETRY_OF_ATTR
 from optuna_rq.failpoints import ENV_FAILPOINTS
 from optuna_rq.protocol import Keys, trial_queue
 from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
-from tests.faults.conftest import BOTH_ISOLATIONS, Cluster, wait_calls
+from tests.faults.conftest import BOTH_ISOLATIONS, LEASE_TTL_S, Cluster, wait_calls
 from tests.helpers import wait_until
+from tests.terminal_pool import STACK_DUMP, TerminalPool
 from tests.worker_processes import cli_env
 
 pytestmark = pytest.mark.timeout(180)
@@ -111,3 +113,69 @@ def test_a_worker_stuck_after_a_warm_stop_has_its_stacks_logged_and_is_killed(
     assert "runs no trial and is still up 1s after it was told to stop: stuck" in text, text
     assert "failpoints.py" in text and "in hit" in text, text  # where it hung, from its stacks
     assert "all workers stopped" in text, text
+
+
+def _terminal_pool(cluster: Cluster, log: Path) -> TerminalPool:
+    """One worker process, run as from a terminal (a Ctrl-C reaches its process group)."""
+    pool = TerminalPool(
+        cluster.server.url,
+        cluster.prefix,
+        ["--count", "1", "--lease-ttl", str(LEASE_TTL_S)],
+        log=log,
+        env=cli_env(OPTUNA_RQ_STATE_DIR=str(cluster.state)),
+        module="tests.fault_objectives",
+    )
+    pool.wait_ready(cluster.conn, 1)
+    return pool
+
+
+def test_one_ctrl_c_lets_the_running_trial_finish_and_says_what_the_next_does(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.start_broker()
+    pool = _terminal_pool(cluster, tmp_path / "pool.log")
+    try:
+        name = cluster.submit("steady", n_trials=1, concurrency=1, hold_s=2.0)
+        wait_calls(cluster, 1)
+        wait_until(lambda: "started in pid" in pool.text(), timeout_s=10)
+        pool.ctrl_c()
+        assert pool.wait(timeout_s=30) == 0, pool.text()
+    finally:
+        if pool.process.poll() is None:
+            pool.kill()
+
+    (trial,) = cluster.check(name, complete=1, cap=1, failed=0)
+    assert trial.duration is not None and trial.duration.total_seconds() >= 2.0
+    text = pool.text()
+    assert (
+        "Ctrl-C: warm shutdown, 1 worker stopping, 1 once its running trial ends; "
+        "press Ctrl-C again for a cold shutdown (kills them now; the broker retries their trials)"
+    ) in text, text
+    assert "SIGTERM" not in text and "stuck" not in text and STACK_DUMP not in text, text
+    assert pool.all_gone()
+
+
+def test_a_second_ctrl_c_is_a_cold_shutdown_and_named_so(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_broker()
+    pool = _terminal_pool(cluster, tmp_path / "pool.log")
+    try:
+        name = cluster.submit("steady", n_trials=1, concurrency=1, hold_s=4.0)
+        wait_calls(cluster, 1)
+        wait_until(lambda: "started in pid" in pool.text(), timeout_s=10)
+        pool.ctrl_c()
+        wait_until(lambda: "Ctrl-C: warm shutdown" in pool.text(), timeout_s=10)  # it landed
+        pool.ctrl_c()
+        assert pool.wait(timeout_s=30) == 1, pool.text()
+    finally:
+        if pool.process.poll() is None:
+            pool.kill()
+    assert "a second Ctrl-C: cold shutdown, killing 1 worker now" in pool.text(), pool.text()
+    assert pool.all_gone()
+    cluster.start_workers(1)
+
+    trials = cluster.check(name, complete=1, cap=1, failed=1)
+    lost = next(t for t in trials if t.state is TrialState.FAIL)
+    assert lost.user_attrs[FAIL_REASON_ATTR] == "worker_lost"
+    error = lost.user_attrs[FAIL_ERROR_ATTR]
+    assert "killed by its pool's cold shutdown (a second Ctrl-C)" in error, error
+    assert "SIGTERM" not in error, error
