@@ -75,7 +75,7 @@ def trials(
     else:
         client = read_client(ctx.obj)
         status = client.require_status(name)
-        entries = client.trials(name)
+        entries = client.trials(name, driven=status.driven)
         _say_unpublished(status, entries)
     rows = [trial_row(entry) for entry in entries]
     if wanted is not None:

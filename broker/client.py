@@ -255,12 +255,14 @@ class BrokerClient:
             )
         return status
 
-    def trials(self, study: str) -> list[TrialSummary | RefusedTrial]:
+    def trials(self, study: str, *, driven: bool = False) -> list[TrialSummary | RefusedTrial]:
         """The study's trials as the broker published them, by number: each sent to a worker
         or ended (not those enqueued and not yet asked). With signing on, an entry the broker
         did not sign is a `RefusedTrial`, saying why, never believed. Its storage is not
-        opened: the broker publishes what `optuna-rq trials` shows (`protocol.trial_summary`)."""
-        return read_trial_summaries(self.connection, self.keys, self.signer, study)
+        opened: the broker publishes what `optuna-rq trials` shows (`protocol.trial_summary`).
+        With `driven` (its status is a driven one), as the remote Optimizer that runs it
+        published them."""
+        return read_trial_summaries(self.connection, self.keys, self.signer, study, driven=driven)
 
     def has_status(self, study: str) -> bool:
         """Whether anything is stored as the study's status, the broker's or not (not counting

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from optuna_rq.connection import DEFAULT_PREFIX, connect, resolve_redis_password
 from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.dispatch.publication import TrialPublication
 from optuna_rq.driven import DrivenStatus
 from optuna_rq.protocol import (
     DEFAULT_QUEUE,
@@ -67,8 +68,16 @@ async def run_on_workers(optimizer: Optimizer, inputs: dict[str, Any]) -> None:
     keys = Keys(prefix)
     published = DrivenStatus(connection, keys, signer, run=run)
     published.claim()  # before anything is sent: the name may be the broker's
+    # Its trials are published as the broker publishes its studies' (`optuna-rq trials`), under
+    # the study's name: those it has from earlier runs now, then each as it is sent and told.
+    trials = TrialPublication(keys, signer, driven=True)
+    trials.reconcile(connection, study)
     dispatcher = Dispatcher(
-        connection, prefix=prefix, reply_to=keys.private_results(uuid.uuid4().hex), signer=signer
+        connection,
+        prefix=prefix,
+        reply_to=keys.private_results(uuid.uuid4().hex),
+        signer=signer,
+        publication=trials,
     )
     dispatcher.add(run)
     stop = threading.Event()

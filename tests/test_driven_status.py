@@ -23,6 +23,8 @@ from optuna_rq.protocol import (
     StudyState,
     StudyStatus,
     Submit,
+    TrialStateName,
+    TrialSummary,
     generate_keyrings,
 )
 from optuna_rq.protocol.liveness import judge_driver
@@ -133,3 +135,22 @@ def test_commands_about_a_driven_study_are_refused_and_a_submission_only_while_i
             client.send(*batch)
     client.send(*batches[1])  # the name is free: the submission and its sets go
     assert conn.llen(keys.commands) == 2
+
+
+@pytest.mark.parametrize("signing", SIGNERS)
+def test_neither_kind_of_published_trial_opens_as_the_other(signing: str) -> None:
+    """A trial an Optimizer published (`driven`) and one the broker published, under one study's
+    name: each opens only as its own kind (with role keys, by who signed it)."""
+    signers = SIGNERS[signing]
+    summary = TrialSummary(number=0, state=TrialStateName.COMPLETE, values=[1.0], params={})
+    driven = summary.sealed(signers[Role.CLIENT], study="s", driven=True)
+    brokers = summary.sealed(signers[Role.BROKER], study="s")
+    reader = signers[Role.WORKER]
+    assert TrialSummary.opened(driven, reader, study="s", field="0", driven=True) == summary
+    assert TrialSummary.opened(brokers, reader, study="s", field="0") == summary
+    if signing == "unsigned":
+        return  # nothing tells them apart: without signing, Redis write access decides
+    with pytest.raises(ProtocolError, match="not signed by the broker"):
+        TrialSummary.opened(driven, reader, study="s", field="0")
+    with pytest.raises(ProtocolError, match="not signed by a front-door key"):
+        TrialSummary.opened(brokers, reader, study="s", field="0", driven=True)

@@ -102,11 +102,14 @@ def _epoch(moment: Any) -> float | None:
 
 class TrialPublication:
     """The trials one dispatcher publishes under `keys`, sealed by `signer` (`keys` None:
-    nothing is published, for a dispatcher whose studies nobody lists)."""
+    nothing is published, for a dispatcher whose studies nobody lists); with `driven`, as the
+    trials of a study a remote Optimizer runs (`Record.DRIVEN_TRIAL`, with its front-door
+    key)."""
 
-    def __init__(self, keys: Keys | None, signer: Signer) -> None:
+    def __init__(self, keys: Keys | None, signer: Signer, *, driven: bool = False) -> None:
         self.keys = keys
         self.signer = signer
+        self.driven = driven
         self.max_bytes = min(SUMMARY_MAX_BYTES, signer.max_message_bytes)
         self._pending: Pending = {}
 
@@ -122,7 +125,8 @@ class TrialPublication:
         self._pending.setdefault(study.study_name, {})[frozen.number] = self._sealed(study, frozen)
 
     def _sealed(self, study: optuna.Study, frozen: FrozenTrial) -> bytes:
-        return self._summary(study, frozen).sealed(self.signer, study=study.study_name)
+        name = study.study_name
+        return self._summary(study, frozen).sealed(self.signer, study=name, driven=self.driven)
 
     def _summary(self, study: optuna.Study, frozen: FrozenTrial) -> TrialSummary:
         return summary_of(frozen, multi=len(study.directions) > 1).bounded(self.max_bytes)
@@ -173,7 +177,7 @@ class TrialPublication:
                 continue
             summary = self._summary(study, frozen)
             if self._published(stored.get(str(frozen.number).encode()), name) != summary.encode():
-                stale[frozen.number] = summary.sealed(self.signer, study=name)
+                stale[frozen.number] = summary.sealed(self.signer, study=name, driven=self.driven)
         if stale:
             pipe = connection.pipeline(transaction=False)
             _hset(pipe, key, stale)
@@ -187,7 +191,8 @@ class TrialPublication:
         if stored is None:
             return None
         try:
-            return self.signer.open(Record.TRIAL, stored, bound_to=study)
+            record = Record.DRIVEN_TRIAL if self.driven else Record.TRIAL
+            return self.signer.open(record, stored, bound_to=study)
         except ProtocolError:
             return None
 

@@ -78,6 +78,7 @@ class Record(str, enum.Enum):
     SPEC = "stored study spec"
     RECEIPT = "bulk command receipt"
     TRIAL = "published trial"
+    DRIVEN_TRIAL = "driven published trial"
 
     @property
     def signed_by(self) -> frozenset[Role]:
@@ -95,6 +96,7 @@ class Record(str, enum.Enum):
             Record.SPEC,
             Record.RECEIPT,
             Record.TRIAL,
+            Record.DRIVEN_TRIAL,
         )
 
 
@@ -113,6 +115,9 @@ _SIGNED_BY: dict[Record, frozenset[Role]] = {
     Record.SPEC: frozenset({Role.BROKER}),
     Record.RECEIPT: frozenset({Role.BROKER}),
     Record.TRIAL: frozenset({Role.BROKER}),
+    # A trial of a study a remote Optimizer runs, published by it as the broker publishes its
+    # own (`Keys.trials_of`): signed with its front-door key, never taken for the broker's.
+    Record.DRIVEN_TRIAL: frozenset({Role.CLIENT}),
 }
 
 

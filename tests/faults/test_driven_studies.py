@@ -149,10 +149,13 @@ def listed(cluster: Cluster, name: str) -> str:
     return next((line for line in done.stdout.splitlines() if line.split()[:1] == [name]), "")
 
 
-def test_status_wait_and_best_follow_a_remote_optimizer_with_no_broker(keyed: Cluster) -> None:
+def test_status_wait_best_and_trials_follow_a_remote_optimizer_with_no_broker(
+    keyed: Cluster,
+) -> None:
     """No broker runs: the Optimizer drives its study itself. `status` lists it running, marked
     with this process; `status --json` names it and judges it alive; `wait` follows it to its
-    end and exits 0; `best` prints its best trial. The CLI holds the workers' key."""
+    end and exits 0; `best` prints its best trial and `trials` its trials. The CLI holds the
+    workers' key."""
     name = f"driven-{uuid.uuid4().hex[:6]}"
     run = optimizer_in_thread(keyed, name, n_trials=8, hold_s=0, objective="gated")
     wait_until(
@@ -178,6 +181,10 @@ def test_status_wait_and_best_follow_a_remote_optimizer_with_no_broker(keyed: Cl
     assert f"driven by    the Optimizer on {HERE}" in detail, detail
     best = json.loads(run_cli(keyed, "best", name, "--json").stdout)
     assert best == {"value": run.study.best_value, "params": run.study.best_params}
+    # Its trials, as the Optimizer published them: what its own study holds.
+    shown = json.loads(run_cli(keyed, "trials", name, "--format", "json").stdout)
+    expected = [(t.number, "complete", t.values, t.params) for t in run.study.trials]
+    assert [(t["number"], t["state"], t["values"], t["params"]) for t in shown] == expected
     again = start_cli(keyed, "wait", name)  # an ended study: at once
     assert again.wait(timeout=60) == 0
 
