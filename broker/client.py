@@ -188,10 +188,10 @@ class BrokerClient:
         return status
 
     def delete_driven(self, status: StudyStatus) -> None:
-        """Forget `status`, the status of a study a remote Optimizer ran (`Keys.driven`): it
-        leaves `status`. StudyConflictError while that Optimizer's process still runs it (it
-        would publish it again at its next turn: stop it there first). Its trials stay in that
-        Optimizer's study."""
+        """Forget `status`, the status of a study a remote Optimizer ran (`Keys.driven`), and
+        the trials it published: it leaves `status` and `trials`. StudyConflictError while that
+        Optimizer's process still runs it (it would publish it again at its next turn: stop it
+        there first). Its trials stay in that Optimizer's study."""
         live = judge_driver(status, now_s=server_clock_s(self.connection))
         if not status.state.ended and live is not None and live.alive:
             raise StudyConflictError(
@@ -199,7 +199,10 @@ class BrokerClient:
                 f"{status.driver}: nothing was deleted; stop that run in its process first"
             )
         # A run of the study that starts meanwhile publishes it again at its next turn.
-        self.connection.hdel(self.keys.driven, status.name)
+        pipe = self.connection.pipeline(transaction=False)
+        pipe.hdel(self.keys.driven, status.name)
+        pipe.delete(self.keys.driven_trials_of(status.name))
+        pipe.execute()
 
     def stored_spec(self, study: str) -> StudySpec | None:
         """The definition the broker holds for `study` (None: it has none yet, or the one

@@ -246,6 +246,7 @@ def key_classes() -> dict[str, str]:
         "backlog_of": keys.backlog_of("s"),
         "receipt": keys.receipt("0" * 32),
         "trials_of": keys.trials_of("s"),
+        "driven_trials_of": keys.driven_trials_of("s"),
         "private_results": private,
         "lease": Keys.lease(ours),
         "cancel": Keys.cancel(ours),
@@ -296,6 +297,7 @@ def test_the_key_classes_name_every_key_keys_makes() -> None:
         "backlog_of",
         "receipt",
         "trials_of",
+        "driven_trials_of",
         "private_results",
         "lease",
         "cancel",
@@ -316,13 +318,18 @@ MAY_WRITE: dict[str, dict[str, set[str] | None]] = {
         "results": {"XADD"},
         "private_results": {"XADD"},
     },
-    "client": {"commands": {"RPUSH"}, "wake": {"XADD"}, "driven": {"HDEL"}},
+    "client": {
+        "commands": {"RPUSH"},
+        "wake": {"XADD"},
+        "driven": {"HDEL"},  # `delete` of an Optimizer's ended study
+        "driven_trials_of": {"DEL"},
+    },
     "optimizer": {
         **_RQ,
         **dict.fromkeys(("private_results", "private lease", "private cancel"), ALL),
         **dict.fromkeys(("private reply_list", "refused", "dropped"), ALL),
         "driven": {"HSET"},  # the status of the study it runs
-        "trials_of": {"HSET"},  # and its trials, as the broker publishes its own
+        "driven_trials_of": {"HSET"},  # and its trials, as the broker publishes its own
     },
 }
 """What each role may write (None: with any command; else with these only). Every other write
@@ -396,16 +403,17 @@ def test_no_role_runs_a_dangerous_command_or_publishes(server: AclServer, role: 
 
 def test_what_the_workers_and_a_front_door_may_not_read(server: AclServer) -> None:
     """Specs and status name storage URLs (with their credentials, for a database): a worker
-    and an Optimizer cannot read them, nor the command inbox; a worker cannot read the trials
-    published for the front doors (an Optimizer, which publishes its own, reads them as a
-    front door does); a front door reads nothing of RQ's and no result stream."""
+    and an Optimizer cannot read them, nor the command inbox, nor the trials the broker
+    publishes for the front doors; a front door reads nothing of RQ's and no result stream."""
     keys, admin = Keys(PREFIX), server.connect(ADMIN)
     unreadable = {
         "worker": [keys.studies, keys.status, keys.commands, keys.backlog, keys.epoch],
         "optimizer": [keys.studies, keys.status, keys.commands, keys.results, keys.epoch],
         "client": [keys.results, keys.private_results(TOKEN), f"rq:job:{_JOB}", keys.epoch],
     }
-    unreadable["worker"].append(keys.trials_of("s"))  # published for the front doors
+    for role in ("worker", "optimizer"):  # what the broker publishes for the front doors
+        unreadable[role].append(keys.trials_of("s"))
+    unreadable["worker"].append(keys.driven_trials_of("s"))
     for role, names in unreadable.items():
         for key in names:
             assert admin.acl_dryrun(role, "DUMP", key) != b"OK", (role, key)

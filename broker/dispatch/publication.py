@@ -103,8 +103,8 @@ def _epoch(moment: Any) -> float | None:
 class TrialPublication:
     """The trials one dispatcher publishes under `keys`, sealed by `signer` (`keys` None:
     nothing is published, for a dispatcher whose studies nobody lists); with `driven`, as the
-    trials of a study a remote Optimizer runs (`Record.DRIVEN_TRIAL`, with its front-door
-    key)."""
+    trials of a study a remote Optimizer runs (`Keys.driven_trials_of`, `Record.DRIVEN_TRIAL`,
+    with its front-door key)."""
 
     def __init__(self, keys: Keys | None, signer: Signer, *, driven: bool = False) -> None:
         self.keys = keys
@@ -112,6 +112,10 @@ class TrialPublication:
         self.driven = driven
         self.max_bytes = min(SUMMARY_MAX_BYTES, signer.max_message_bytes)
         self._pending: Pending = {}
+
+    def _key(self, study: str) -> str:
+        assert self.keys is not None  # nothing is published without them
+        return self.keys.driven_trials_of(study) if self.driven else self.keys.trials_of(study)
 
     @property
     def pending(self) -> bool:
@@ -142,7 +146,7 @@ class TrialPublication:
         }
         for name, trials in queued.items():
             assert self.keys is not None  # nothing is noted without them
-            _hset(pipe, self.keys.trials_of(name), trials)
+            _hset(pipe, self._key(name), trials)
         return queued
 
     def written(self, queued: Pending) -> None:
@@ -169,7 +173,7 @@ class TrialPublication:
         self.forget(name)  # what waits is older than what the storage holds now
         if self.keys is None:
             return 0
-        key = self.keys.trials_of(name)
+        key = self._key(name)
         stored: dict[bytes, bytes] = connection.hgetall(key)  # type: ignore[assignment]
         stale: dict[int, bytes] = {}
         for frozen in study.get_trials(deepcopy=False):

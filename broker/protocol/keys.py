@@ -22,6 +22,8 @@ One broker serves one prefix; several brokers can share a Redis with different p
                         as the broker's (`BrokerClient.status`)
     trials:<study>      hash: trial number -> the trial as the broker published it (`TrialSummary`,
                         for `trials`; sealed like a status), written as trials are sent and end
+    driven:trials:<study>
+                        the same, of a study a remote `Optimizer` runs, published by it
     results             the stream workers append results and trial calls to (group `broker`)
     results:<token>     a private result stream (one remote `Optimizer` run; the token is 32
                         lowercase hex digits, so an ACL pattern of 32 `?` names these streams
@@ -216,6 +218,12 @@ class Keys:
     def trials_of(self, study: str) -> str:
         """The hash of `study`'s published trials, by number (`protocol.trial_summary`)."""
         return f"{self.prefix}:trials:{study}"
+
+    def driven_trials_of(self, study: str) -> str:
+        """The hash of the trials a remote Optimizer publishes of the study it runs (`driven`):
+        apart from the broker's (`trials_of`), so that a name the broker takes later never
+        shows an Optimizer's trials as its own."""
+        return f"{self.driven}:trials:{study}"
 
     def backlog_of(self, study: str) -> str:
         """The list of `study`'s pending bulk commands (`daemon.backlog`)."""

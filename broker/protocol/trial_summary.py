@@ -10,8 +10,9 @@ Each entry is sealed like a status (`Record.TRIAL`, bound to the study's name, s
 broker alone): with signing on, an entry the broker did not sign is refused, never believed. Its
 body names its trial's number, so an entry copied under another number is refused too. A study
 a remote Optimizer runs (its status is a driven one: `protocol.status`) has its trials published
-by that Optimizer's dispatcher, sealed as `Record.DRIVEN_TRIAL` with the front-door key it holds,
-and read as such (`driven`): neither kind opens as the other.
+by that Optimizer's dispatcher into `Keys.driven_trials_of(study)`, sealed as
+`Record.DRIVEN_TRIAL` with the front-door key it holds, and read as such (`driven`): neither kind
+opens as the other, and a name the broker takes later starts with no trials of the Optimizer's.
 
 An entry is at most `SUMMARY_MAX_BYTES`: a trial's earliest intermediate values, then its user
 attributes, its error text and its parameters are left out until it fits, and `truncated` names
@@ -222,7 +223,8 @@ def read_trial_summaries(
 ) -> list[TrialSummary | RefusedTrial]:
     """Every trial of `study` the broker published (with `driven`: the remote Optimizer that
     runs it), by number (a refused entry is a `RefusedTrial`, after the others)."""
-    stored: dict[bytes, bytes] = connection.hgetall(keys.trials_of(study))  # type: ignore[assignment]
+    key = keys.driven_trials_of(study) if driven else keys.trials_of(study)
+    stored: dict[bytes, bytes] = connection.hgetall(key)  # type: ignore[assignment]
     opened: list[TrialSummary] = []
     refused: list[RefusedTrial] = []
     for raw_field, raw in stored.items():

@@ -315,6 +315,9 @@ def test_a_broker_on_the_prefix_keeps_its_names_apart_from_an_optimizers(keyed: 
     line = listed(keyed, "shared")
     assert "finished" in line and "optimizer" not in line, line
     assert keyed.conn.hget(keys.driven, "shared") == left  # kept apart, not rewritten
+    trials = run_cli(keyed, "trials", "shared", "--format", "json")
+    assert [t["state"] for t in json.loads(trials.stdout)] == ["complete"], trials.stderr
+    assert keyed.conn.hlen(keys.driven_trials_of("shared")) == 6  # the Optimizer's, apart
 
     queue = trial_queue(keyed.conn, keys.trial_queue("tests.fault_objectives"))
     jobs = queue.count
@@ -406,6 +409,7 @@ def test_n_trials_counts_per_call_and_the_status_counts_the_study(keyed: Cluster
     deleted = run_cli(keyed, "delete", study.study_name, role=Role.CLIENT)
     assert deleted.returncode == 0 and "deleted study" in deleted.stdout, deleted.stderr
     assert keyed.client().status(study.study_name) is None
+    assert not keyed.conn.exists(Keys(keyed.prefix).driven_trials_of(study.study_name))
     assert len(study.trials) == 6
 
     local = Optimizer(lambda trial: trial.suggest_float("x", 0, 1), 1, 3)
