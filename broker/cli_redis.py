@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import typer
 
+from optuna_rq.cli_command import App
 from optuna_rq.cli_options import GlobalOptions
 
 __all__ = ["redis_app"]
 
-redis_app = typer.Typer(
+redis_app = App(
     name="redis",
     help="The embedded redis-server (used when no --redis-url is given): show it, or stop it.",
     no_args_is_help=True,

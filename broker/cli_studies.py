@@ -15,33 +15,60 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from optuna_rq.cli_options import GlobalOptions, make_client, read_client
+from optuna_rq.cli_options import GlobalOptions, StudyName, make_client, read_client
 from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.protocol import StudyState
+from optuna_rq.protocol.choices import StrChoice
 
 if TYPE_CHECKING:
     from optuna_rq.protocol import StudyStatus
 
-__all__ = ["best", "delete", "enqueue", "load_enqueue_file", "trials"]
+__all__ = [
+    "OutputFormat",
+    "TrialStateName",
+    "best",
+    "delete",
+    "enqueue",
+    "load_enqueue_file",
+    "trials",
+]
 
-_NAME = Annotated[str, typer.Argument(help="The study.")]
-_FORMATS = ("table", "json", "csv")
+_NAME = StudyName
+
+
+class OutputFormat(StrChoice):
+    """`trials --format`."""
+
+    TABLE = "table"
+    JSON = "json"  # a list of objects
+    CSV = "csv"
+
+
+class TrialStateName(StrChoice):
+    """`trials --state`: Optuna's trial states, as `trials` shows them."""
+
+    COMPLETE = "complete"
+    PRUNED = "pruned"
+    FAIL = "fail"
+    RUNNING = "running"
+    WAITING = "waiting"
 
 
 def trials(
     ctx: typer.Context,
     name: _NAME,
     output: Annotated[
-        str, typer.Option("--format", "-f", help="table, json (a list of objects) or csv.")
-    ] = "table",
+        OutputFormat, typer.Option("--format", "-f", help="json: a list of objects.")
+    ] = OutputFormat.TABLE,
     state: Annotated[
-        str | None,
-        typer.Option("--state", help="Only trials in this state: complete, pruned, fail, running."),
+        TrialStateName | None,
+        typer.Option("--state", case_sensitive=False, help="Only trials in this state."),
     ] = None,
     storage: Annotated[
         str | None,
         typer.Option(
             "--storage",
+            metavar="URL",
             help="Read the trials from this storage URL rather than the one the study's "
             "status names (needed for a storage other than your default one when signing "
             "is off, and for a redis:// storage).",
@@ -57,8 +84,6 @@ def trials(
     from optuna_rq.connection import redact_url
     from optuna_rq.studies import open_storage
 
-    if output not in _FORMATS:
-        raise ConfigError(f"--format {output!r}: choose one of {', '.join(_FORMATS)}")
     options: GlobalOptions = ctx.obj
     client = read_client(options)
     status = client.require_status(name)
@@ -71,7 +96,7 @@ def trials(
         raise ConfigError(f"study {name!r} has no trials in {redact_url(url)} yet") from exc
     rows = [_row(t) for t in study.get_trials(deepcopy=False)]
     if state is not None:
-        rows = [r for r in rows if r["state"] == state.lower()]
+        rows = [r for r in rows if r["state"] == str(state)]
     typer.echo(_render(rows, output), nl=False)
 
 
@@ -123,8 +148,8 @@ def _row(trial: Any) -> dict[str, Any]:
     return row
 
 
-def _render(rows: list[dict[str, Any]], output: str) -> str:
-    if output == "json":
+def _render(rows: list[dict[str, Any]], output: OutputFormat) -> str:
+    if output is OutputFormat.JSON:
         return json.dumps(rows, indent=2, default=str) + "\n"
     params = sorted({p for row in rows for p in row["params"]})
     width = max((len(r["values"] or []) for r in rows), default=1) or 1
@@ -143,7 +168,7 @@ def _render(rows: list[dict[str, Any]], output: str) -> str:
                 row["fail_reason"],
             ]
         )
-    if output == "csv":
+    if output is OutputFormat.CSV:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(header)
@@ -219,7 +244,12 @@ def delete(
     ] = False,
     timeout: Annotated[
         float,
-        typer.Option("--timeout", min=0, help="Seconds to wait for the broker to confirm."),
+        typer.Option(
+            "--timeout",
+            min=0,
+            metavar="SECONDS",
+            help="Seconds to wait for the broker to confirm.",
+        ),
     ] = 30.0,
 ) -> None:
     """Make the broker forget a study: its spec and its status.
