@@ -378,10 +378,13 @@ def _follow(client: BrokerClient, name: str, **how: Any) -> int:
     try:
         return client.follow(name, **how)
     except KeyboardInterrupt:
-        prefix = "" if client.prefix == DEFAULT_PREFIX else f" --prefix {client.prefix}"
+        import shlex
+
+        study, prefix = shlex.quote(name), shlex.quote(client.prefix)
+        prefix = "" if client.prefix == DEFAULT_PREFIX else f" --prefix {prefix}"
         _err.print(
-            f"stopped following study {name!r}; it runs on: `optuna-rq{prefix} wait {name}` "
-            f"follows it again, `optuna-rq{prefix} cancel {name}` stops it",
+            f"stopped following study {name!r}; it runs on: `optuna-rq{prefix} wait {study}` "
+            f"follows it again, `optuna-rq{prefix} cancel {study}` stops it",
             markup=False,
             highlight=False,
             soft_wrap=True,  # a command to copy: the terminal wraps it, not a newline
