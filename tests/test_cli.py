@@ -665,11 +665,14 @@ def test_global_options_after_the_command_as_rq_worker_u_is_typed(
 
 class Tmux:
     """A terminal: one tmux pane of `width` columns on a private tmux server, running one
-    command, kept once it exits (to read its screen and exit status)."""
+    command under bash, which prints `exited CODE` once it exits (tmux itself does not always
+    reap the pane's process here, so its own record of the exit is not relied on); the pane is
+    kept afterwards, to read the screen."""
 
     def __init__(self, socket: Path, command: list[str], *, width: int) -> None:
         self.socket = socket
-        self.run("new-session", "-d", "-x", str(width), "-y", "40", "-s", "t", shlex.join(command))
+        script = f'{shlex.join(command)}; echo "exited $?"'
+        self.run("new-session", "-d", "-x", str(width), "-y", "40", "-s", "t", "bash", "-c", script)
         self.run("set-option", "-t", "t", "remain-on-exit", "on")
 
     def run(self, *args: str) -> str:
@@ -685,25 +688,35 @@ class Tmux:
     def screen(self) -> str:
         return self.run("capture-pane", "-p", "-J", "-S", "-", "-t", "t")
 
-    def exit_status(self) -> int | str | None:
-        """The command's exit status once it exited (`signal N` if a signal killed it), else
-        None."""
-        shown = self.run(
-            "display-message",
-            "-p",
-            "-t",
-            "t",
-            "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}",
-        )
-        dead, status, signal = shown.strip().split(":")
-        if dead != "1":
-            return None
-        return int(status) if status else f"signal {signal}"
+    def exit_status(self) -> int | None:
+        """The command's exit status once it exited, else None."""
+        found = re.search(r"^exited (\d+)$", self.screen(), re.MULTILINE)
+        return None if found is None else int(found.group(1))
 
     def close(self) -> None:
         subprocess.run(
             ["tmux", "-S", str(self.socket), "kill-server"], capture_output=True, timeout=30
         )
+
+
+def interrupted(terminal: Tmux) -> str:
+    """Ctrl-C once the bar shows, in full width ("waiting for a worker: ..."); the screen after
+    the command exited, which must be with 130."""
+
+    def shows_the_full_bar() -> bool:
+        assert terminal.exit_status() is None, terminal.screen()
+        screen = terminal.screen()
+        return "0/3" in screen and "waiting" in screen
+
+    try:
+        wait_until(shows_the_full_bar, timeout_s=60)
+    except AssertionError as exc:
+        raise AssertionError(terminal.screen()) from exc
+    terminal.run("send-keys", "-t", "t", "C-c")
+    wait_until(lambda: terminal.exit_status() is not None, timeout_s=30, message="it exits")
+    screen = terminal.screen()
+    assert terminal.exit_status() == 130, screen
+    return screen
 
 
 @pytest.mark.parametrize("follower", ["submit --wait", "wait"])
@@ -720,47 +733,29 @@ def test_ctrl_c_on_a_follower_shows_the_bar_once_and_says_the_study_runs_on(
         if os.environ.get("CI"):
             pytest.fail("tmux is required in CI (a real terminal for Ctrl-C)")
         pytest.skip("tmux not installed")
-    # No worker serves the study: it waits for one, a long bar line ("waiting for a worker:
-    # optuna-rq workers --import tests.objectives") that fills the terminal's width.
-    submit = ["submit", "tests.objectives:quadratic", "--param", X, "--n-trials", "3"]
-    submit += ["--concurrency", "1", "--study-name", "s"]
-    if follower == "wait":
-        assert run_cli(*submit).returncode == 0
-        args = ["wait", "s"]
-    else:
-        args = [*submit, "--wait"]
     pythonpath = cli_env()["PYTHONPATH"]
-    env = [f"PYTHONPATH={pythonpath}", f"OPTUNA_RQ_STATE_DIR={cli_state}"]
     # As a user's terminal: its own width (the session's COLUMNS is not the pane's).
-    command = [
-        "env",
-        "-u",
-        "COLUMNS",
-        "-u",
-        "LINES",
-        *env,
-        *cli("--redis-url", redis_url, "--prefix", prefix, *args),
-    ]
-    terminal = Tmux(tmp_path / "tmux.sock", command, width=100)
-    try:
-
-        def shows_the_bar() -> bool:
-            assert terminal.exit_status() is None, terminal.screen()
-            screen = terminal.screen()
-            return "0/3" in screen and "waiting" in screen
-
+    env = ["env", "-u", "COLUMNS", "-u", "LINES", f"PYTHONPATH={pythonpath}"]
+    env.append(f"OPTUNA_RQ_STATE_DIR={cli_state}")
+    for name in ("s1", "s2"):  # twice: Ctrl-C lands wherever the follower happens to be
+        # No worker serves the study: it waits for one, a long bar line ("waiting for a
+        # worker: optuna-rq workers --import tests.objectives") that fills the width.
+        submit = ["submit", "tests.objectives:quadratic", "--param", X, "--n-trials", "3"]
+        submit += ["--concurrency", "1", "--study-name", name]
+        if follower == "wait":
+            assert run_cli(*submit).returncode == 0
+            args = ["wait", name]
+        else:
+            args = [*submit, "--wait"]
+        command = [*env, *cli("--redis-url", redis_url, "--prefix", prefix, *args)]
+        terminal = Tmux(tmp_path / f"{name}.sock", command, width=100)
         try:
-            wait_until(shows_the_bar, timeout_s=60)
-        except AssertionError as exc:
-            raise AssertionError(terminal.screen()) from exc
-        terminal.run("send-keys", "-t", "t", "C-c")
-        wait_until(lambda: terminal.exit_status() is not None, timeout_s=30, message="it exits")
-        screen = terminal.screen()
-        assert terminal.exit_status() == 130, screen
-    finally:
-        terminal.close()
-    bars = [line for line in screen.splitlines() if "0/3" in line]
-    assert len(bars) == 1, screen
-    follow = f"`optuna-rq --prefix {prefix} wait s` follows it again"
-    assert "stopped following study 's'; it runs on" in screen and follow in screen, screen
-    assert run_cli("status", "s", "--json").returncode == 0  # and it does run on
+            screen = interrupted(terminal)
+        finally:
+            terminal.close()
+        bars = [line for line in screen.splitlines() if "0/3" in line]
+        assert len(bars) == 1, screen
+        said = f"stopped following study {name!r}; it runs on: `optuna-rq --prefix {prefix} wait "
+        assert f"{said}{name}` follows it again" in screen, screen
+        shown = run_cli("status", name, "--json")  # and it does run on
+        assert shown.returncode == 0 and json.loads(shown.stdout)["state"] == "running"
