@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from optuna_rq.client import BrokerClient, queued_status
 from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.protocol import StudyStatus, liveness
-from optuna_rq.protocol.choices import StrChoice
+from optuna_rq.protocol.choices import Direction, StrChoice
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerLiveness, BrokerState, ago
 from optuna_rq.protocol.status import RefusedStatus
 
@@ -368,7 +368,7 @@ def best_summary(snap: StudyStatus) -> str:
     bests = []
     for i, direction in enumerate(snap.directions):
         column = [point[i] for point in front if i < len(point)]
-        pick = max if direction == "maximize" else min
+        pick = max if direction == Direction.MAXIMIZE else min
         bests.append(_number(pick(column)) if column else "-")
     return f"pareto {len(front)}, best {' / '.join(bests)}"
 
