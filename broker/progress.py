@@ -15,20 +15,24 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.constrain import Constrain
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from optuna_rq.client import BrokerClient, queued_status
 from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.protocol import StudyStatus, liveness
+from optuna_rq.protocol.choices import Direction, StrChoice
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerLiveness, BrokerState, ago
 from optuna_rq.protocol.status import RefusedStatus
 
 __all__ = [
+    "EXIT_INTERRUPTED",
     "EXIT_NO_BROKER",
     "REFUSED",
     "BrokerWatch",
+    "ShownState",
     "best_summary",
     "follow_study",
     "make_console",
@@ -39,6 +43,9 @@ __all__ = [
 EXIT_NO_BROKER = 3
 """What `wait` and `submit --wait` exit with when no broker serves the prefix (`BrokerWatch`:
 the broker died or stopped, or none started), unless `--wait-for-broker`."""
+
+EXIT_INTERRUPTED = 130
+"""What a command stopped by Ctrl-C exits with (128 + SIGINT, as a shell reports it)."""
 
 
 _UNBOUNDED_WIDTH = 1 << 16
@@ -90,7 +97,7 @@ def follow_study(
         TextColumn("{task.fields[best]}  {task.fields[failures]}"),
         TimeElapsedColumn(),
     )
-    with _logs_above(console), Progress(*columns, console=console, transient=False) as progress:
+    with _logs_above(console), _Bar(*columns, console=console, transient=False) as progress:
         bar = progress.add_task(name, total=None, best="", failures="")
         while True:
             snap = believed.read()
@@ -137,6 +144,18 @@ def follow_study(
         return 0
     console.print(f"[red]study {name!r} {escape(why)}[/]")
     return 1
+
+
+class _Bar(Progress):
+    """The progress bar, two columns short of a terminal's width: the terminal echoes Ctrl-C
+    as `^C` after the bar, and on a line that filled the width that wraps, so that the bar's
+    last redraw lands on the next line and the bar shows twice."""
+
+    def get_renderable(self) -> RenderableType:
+        live = getattr(self, "live", None)  # None while Progress.__init__ builds it
+        if live is None or not live.console.is_terminal:
+            return super().get_renderable()
+        return Constrain(super().get_renderable(), width=live.console.width - 2)
 
 
 class BrokerWatch:
@@ -358,7 +377,7 @@ def best_summary(snap: StudyStatus) -> str:
     bests = []
     for i, direction in enumerate(snap.directions):
         column = [point[i] for point in front if i < len(point)]
-        pick = max if direction == "maximize" else min
+        pick = max if direction == Direction.MAXIMIZE else min
         bests.append(_number(pick(column)) if column else "-")
     return f"pareto {len(front)}, best {' / '.join(bests)}"
 
@@ -378,7 +397,20 @@ def _age(s: StudyStatus, now_s: float | None = None) -> str:
 
 _HEADER = ("STUDY", "STATE", "DONE", "RUNNING", "FAILED", "BEST", "AGE")
 
-REFUSED = "refused"
+
+class ShownState(StrChoice):
+    """The states `status` shows (and `status --state` picks): a study's (`StudyState`), or
+    `refused` for one whose stored status is refused (`RefusedStatus`)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    REFUSED = "refused"
+
+
+REFUSED = str(ShownState.REFUSED)
 """The state `status` shows for a study whose stored status is refused (`RefusedStatus`)."""
 
 
