@@ -75,7 +75,7 @@ def workers(
         str | None,
         typer.Option(
             "--gpus",
-            metavar="N|all|device=ID,...",
+            metavar="GPUS",
             help="GPUs to pin worker processes to, out of the pool's own: those of "
             "CUDA_VISIBLE_DEVICES when it is set, else the machine's (nvidia-smi). A count "
             "takes the first N (--gpus 2), all takes every one, device= names them by index "
