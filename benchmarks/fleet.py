@@ -52,7 +52,7 @@ import psutil
 from benchmarks.fleet_simulator import FleetSettings, SimulatedFleet
 from optuna_rq.client import BrokerClient
 from optuna_rq.connection import connect
-from optuna_rq.protocol import ENV_SECRET, Keys, Signer, StudySpec, live_pools, workers_on
+from optuna_rq.protocol import ENV_SECRET, Keys, Sampler, Signer, StudySpec, live_pools, workers_on
 from optuna_rq.studies import default_storage_url, make_sampler
 
 __all__ = ["FleetRun", "report_lines", "run_fleet", "section"]
@@ -345,7 +345,7 @@ class ProbeWorker:
 def sampler_cpu_ms(sampler: str, n_trials: int) -> float:
     """CPU per trial of the sampler alone: ask, suggest and tell on an in-memory study, in this
     process, as the broker's sampler would do them (its `make_sampler`)."""
-    study = optuna.create_study(sampler=make_sampler(sampler, None))
+    study = optuna.create_study(sampler=make_sampler(Sampler(sampler), None))
     cpu = time.process_time()
     for _ in range(n_trials):
         trial = study.ask()

@@ -1,8 +1,12 @@
 """The `optuna-rq` command. Thin: it parses, validates, and hands over to the library.
 
 Exit codes: 0 done, 1 a runtime error (Redis unreachable, a module that does not import),
-2 a usage error (a bad option value), 3 (`wait`, `submit --wait`) no broker serves the prefix.
-Errors print one line, no traceback (`--debug` shows it).
+2 a usage error (a bad option value), 3 (`wait`, `submit --wait`) no broker serves the prefix,
+130 interrupted (Ctrl-C). Errors print one line, no traceback (`--debug` shows it, but for a
+usage error). Every input is checked before anything connects or starts a server.
+
+The app is made of `cli_command`'s classes: readable help, and the global options (`--redis-url`,
+`--prefix`...) accepted after the command as well as before it.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from optuna_rq.cli_command import App
 from optuna_rq.cli_keys import keys
 from optuna_rq.cli_options import (
     GlobalOptions,
+    StudyName,
     WaitForBroker,
     command_client,
     global_options,
@@ -27,18 +33,21 @@ from optuna_rq.cli_output import json_text
 from optuna_rq.cli_redis import redis_app
 from optuna_rq.cli_serve import broker, workers
 from optuna_rq.cli_studies import best, delete, enqueue, load_enqueue_file, trials
+from optuna_rq.connection import DEFAULT_PREFIX
 from optuna_rq.errors import ConfigError, OptunaRQError
-from optuna_rq.progress import REFUSED, make_console
-from optuna_rq.protocol import DEFAULT_QUEUE
+from optuna_rq.progress import EXIT_INTERRUPTED, REFUSED, ShownState, make_console
+from optuna_rq.protocol import DEFAULT_QUEUE, Direction, Pruner, Sampler
 from optuna_rq.protocol.status import RefusedStatus
 
 if TYPE_CHECKING:
+    from optuna_rq.client import BrokerClient
     from optuna_rq.protocol import StudyStatus
     from optuna_rq.protocol.liveness import BrokerLiveness
 
-app = typer.Typer(
+app = App(
     name="optuna-rq",
-    help="Run Optuna studies on RQ workers: a broker asks, workers run trials, results are told.",
+    help="Run Optuna studies on RQ workers: a broker asks, workers run trials, results are "
+    "told.\n\nThe options below go before the command or after it.",
     # Bare `optuna-rq` shows the help from the callback (exit 2), not click's NoArgsIsHelpError.
     invoke_without_command=True,
     no_args_is_help=False,
@@ -65,19 +74,23 @@ def submit(
     ctx: typer.Context,
     objective: Annotated[str, typer.Argument(help="The objective, as package.module:function.")],
     n_trials: Annotated[
-        int, typer.Option("--n-trials", min=1, help="Trials to run in all (the budget).")
+        int,
+        typer.Option("--n-trials", min=1, metavar="N", help="Trials to run in all (the budget)."),
     ],
     concurrency: Annotated[
-        int, typer.Option("--concurrency", min=1, help="At most this many trials at once.")
+        int,
+        typer.Option("--concurrency", min=1, metavar="N", help="At most this many trials at once."),
     ],
     space: Annotated[
-        Path | None, typer.Option("--space", help="A YAML or JSON search-space file.")
+        Path | None,
+        typer.Option("--space", metavar="FILE", help="A YAML or JSON search-space file."),
     ] = None,
     params: Annotated[
         list[str] | None,
         typer.Option(
             "--param",
-            help="NAME=VALUE: a fixed input, or a suggestion like "
+            metavar="NAME=VALUE",
+            help="A fixed input, or a suggestion like "
             "'x={type: float, low: 0, high: 1}'. Dotted names nest. Repeatable.",
         ),
     ] = None,
@@ -85,21 +98,25 @@ def submit(
         Path | None,
         typer.Option(
             "--enqueue",
+            metavar="FILE",
             help="A YAML or JSON file of parameter sets (a list of NAME: VALUE mappings) to run "
             "first, each exactly once: see `optuna-rq enqueue`.",
         ),
     ] = None,
     study_name: Annotated[
-        str | None, typer.Option("--study-name", help="Default: FUNCTION-DATE-TIME.")
+        str | None,
+        typer.Option("--study-name", metavar="NAME", help="Default: FUNCTION-DATE-TIME."),
     ] = None,
     directions: Annotated[
-        list[str] | None,
-        typer.Option("--direction", help="minimize or maximize; repeat for multi-objective."),
+        list[Direction] | None,
+        typer.Option(
+            "--direction",
+            help="Repeat it for a multi-objective study, once per value the objective returns. "
+            "Default: minimize.",
+        ),
     ] = None,
-    sampler: Annotated[
-        str, typer.Option("--sampler", help="random, tpe, cmaes, nsgaii, gp or qmc.")
-    ] = "tpe",
-    seed: Annotated[int | None, typer.Option("--seed", help="Sampler seed.")] = None,
+    sampler: Annotated[Sampler, typer.Option("--sampler", help="Optuna's sampler.")] = Sampler.TPE,
+    seed: Annotated[int | None, typer.Option("--seed", metavar="N", help="Sampler seed.")] = None,
     constant_liar: Annotated[
         bool | None,
         typer.Option(
@@ -114,18 +131,20 @@ def submit(
         typer.Option(
             "--ask-ahead",
             min=0,
+            metavar="N",
             help="Trials to sample before a slot frees, sent the moment one does: less idle "
             "time between trials, but the sampler sees that many more running (and at "
             "--concurrency 1 a seed no longer gives study.optimize's params).",
         ),
     ] = 0,
     pruner: Annotated[
-        str, typer.Option("--pruner", help="none, median, hyperband or successive-halving.")
-    ] = "none",
+        Pruner, typer.Option("--pruner", help="Optuna's pruner (none: never prune).")
+    ] = Pruner.NONE,
     storage: Annotated[
         str | None,
         typer.Option(
             "--storage",
+            metavar="URL",
             help="This study's Optuna storage URL (checked here before anything is sent). "
             "Default: the broker's.",
         ),
@@ -133,34 +152,54 @@ def submit(
     trial_timeout: Annotated[
         float | None,
         typer.Option(
-            "--trial-timeout", help="Whole seconds before a trial is stopped (FAIL timeout)."
+            "--trial-timeout",
+            metavar="SECONDS",
+            help="Whole seconds before a trial is stopped (FAIL timeout).",
         ),
     ] = None,
     max_retries: Annotated[
         int,
-        typer.Option("--max-retries", min=0, help="Re-runs of a trial whose worker was lost."),
+        typer.Option(
+            "--max-retries", min=0, metavar="N", help="Re-runs of a trial whose worker was lost."
+        ),
     ] = 2,
     priority: Annotated[
         float,
-        typer.Option("--priority", min=0.001, help="Weight in sharing workers with other studies."),
+        typer.Option(
+            "--priority",
+            min=0.001,
+            metavar="WEIGHT",
+            help="Weight in sharing workers with other studies.",
+        ),
     ] = 1.0,
     timeout: Annotated[
         float | None,
-        typer.Option("--timeout", help="Stop condition: seconds of wall clock from submission."),
+        typer.Option(
+            "--timeout",
+            metavar="SECONDS",
+            help="Stop condition: seconds of wall clock from submission.",
+        ),
     ] = None,
     target: Annotated[
         float | None,
-        typer.Option("--target", help="Stop condition: once the best value reaches VALUE."),
+        typer.Option(
+            "--target", metavar="VALUE", help="Stop condition: once the best value reaches VALUE."
+        ),
     ] = None,
     patience: Annotated[
         int | None,
-        typer.Option("--patience", help="Stop condition: N completed trials without improvement."),
+        typer.Option(
+            "--patience",
+            metavar="N",
+            help="Stop condition: N completed trials without improvement.",
+        ),
     ] = None,
     queue: Annotated[
         str,
         typer.Option(
             "--queue",
             "-q",
+            metavar="NAME",
             help="The resource class its trials run in: only workers started with "
             "--queue NAME (and --import of its module) take them.",
         ),
@@ -201,7 +240,7 @@ def submit(
         space=data,
         n_trials=n_trials,
         concurrency=concurrency,
-        directions=directions or ["minimize"],
+        directions=directions or [Direction.MINIMIZE],
         sampler=sampler,
         seed=seed,
         constant_liar=constant_liar,
@@ -227,8 +266,8 @@ def submit(
         _err.print(f"[yellow]{escape(broker.note() or '')}:[/] the study waits until one runs")
     if wait:
         raise typer.Exit(
-            client.follow(
-                spec.name, timeout_s=None, submitted=spec, wait_for_broker=wait_for_broker
+            _follow(
+                client, spec.name, timeout_s=None, submitted=spec, wait_for_broker=wait_for_broker
             )
         )
 
@@ -241,11 +280,9 @@ def status(
         typer.Argument(help="A study (its detail), or a pattern like 'sweep-*'; default: all."),
     ] = None,
     state: Annotated[
-        list[str] | None,
+        list[ShownState] | None,
         typer.Option(
-            "--state",
-            help="Only studies in this state (queued, running, finished, cancelled, "
-            "failed); repeatable.",
+            "--state", case_sensitive=False, help="Only studies in this state; repeatable."
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
@@ -264,16 +301,9 @@ def status(
     import fnmatch
 
     from optuna_rq.progress import status_detail, status_lines
-    from optuna_rq.protocol import StudyState
 
     options: GlobalOptions = ctx.obj
-    states = {s.lower() for s in state or []}
-    known_states = [s.value for s in StudyState] + [REFUSED]
-    unknown = states - set(known_states)
-    if unknown:
-        raise ConfigError(
-            f"--state {', '.join(sorted(unknown))}: choose from {', '.join(known_states)}"
-        )
+    states = {str(s) for s in state or []}
     client = read_client(options)
     broker = client.liveness()
     pattern = name is not None and any(c in name for c in "*?[")
@@ -338,10 +368,12 @@ def _as_json(s: StudyStatus | RefusedStatus, broker: BrokerLiveness) -> dict[str
 @app.command("wait")
 def wait_command(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="The study to follow.")],
+    name: StudyName,
     timeout: Annotated[
         float | None,
-        typer.Option("--timeout", min=0, help="Give up after this many seconds (exit 1)."),
+        typer.Option(
+            "--timeout", min=0, metavar="SECONDS", help="Give up after this many seconds (exit 1)."
+        ),
     ] = None,
     wait_for_broker: WaitForBroker = False,
 ) -> None:
@@ -354,16 +386,36 @@ def wait_command(
     Optimizer runs, when that Python process stopped (killed, or its machine lost). With
     signing on, a status the broker did not sign, or one of an earlier run of the study written
     back, is ignored: it waits for the broker's own.
+
+    Ctrl-C stops following (exit 130); the study runs on.
     """
     options: GlobalOptions = ctx.obj
     client = read_client(options)
-    raise typer.Exit(client.follow(name, timeout_s=timeout, wait_for_broker=wait_for_broker))
+    raise typer.Exit(_follow(client, name, timeout_s=timeout, wait_for_broker=wait_for_broker))
+
+
+def _follow(client: BrokerClient, name: str, **how: Any) -> int:
+    """`client.follow(name, **how)`'s exit code; on Ctrl-C, after the bar's last state, a line
+    saying that the study runs on and how to follow it again, and `EXIT_INTERRUPTED`."""
+    try:
+        return client.follow(name, **how)
+    except KeyboardInterrupt:
+        import shlex
+
+        study, prefix = shlex.quote(name), shlex.quote(client.prefix)
+        prefix = "" if client.prefix == DEFAULT_PREFIX else f" --prefix {prefix}"
+        _err.print(
+            f"stopped following study {name!r}; it runs on: `optuna-rq{prefix} wait {study}` "
+            f"follows it again, `optuna-rq{prefix} cancel {study}` stops it",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,  # a command to copy: the terminal wraps it, not a newline
+        )
+        return EXIT_INTERRUPTED
 
 
 @app.command()
-def cancel(
-    ctx: typer.Context, name: Annotated[str, typer.Argument(help="The study to cancel.")]
-) -> None:
+def cancel(ctx: typer.Context, name: StudyName) -> None:
     """Cancel a study: no new trials; queued and running ones end FAIL (cancelled).
 
     A command the broker applies, sent through Redis: it never starts a redis-server.
@@ -377,16 +429,20 @@ def cancel(
 @app.command("set")
 def set_command(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="The study to change.")],
+    name: StudyName,
     concurrency: Annotated[
-        int | None, typer.Option("--concurrency", min=1, help="New cap on trials at once.")
+        int | None,
+        typer.Option("--concurrency", min=1, metavar="N", help="New cap on trials at once."),
     ] = None,
     n_trials: Annotated[
-        int | None, typer.Option("--n-trials", min=1, help="New budget: trials in all.")
+        int | None,
+        typer.Option("--n-trials", min=1, metavar="N", help="New budget: trials in all."),
     ] = None,
     priority: Annotated[
         float | None,
-        typer.Option("--priority", min=0.001, help="New weight in sharing workers."),
+        typer.Option(
+            "--priority", min=0.001, metavar="WEIGHT", help="New weight in sharing workers."
+        ),
     ] = None,
 ) -> None:
     """Change a running study's cap, budget or priority.
@@ -417,9 +473,12 @@ def set_command(
 
 @app.command()
 def demo(
-    n_trials: Annotated[int, typer.Option("--n-trials", min=1, help="Trials to run.")] = 60,
+    n_trials: Annotated[
+        int, typer.Option("--n-trials", min=1, metavar="N", help="Trials to run.")
+    ] = 60,
     workers: Annotated[
-        int, typer.Option("--workers", min=1, max=64, help="Worker processes to start.")
+        int,
+        typer.Option("--workers", min=1, max=64, metavar="N", help="Worker processes to start."),
     ] = 2,
 ) -> None:
     """Run the bundled example study on a private embedded Redis, a broker and two workers.
@@ -444,7 +503,8 @@ app.add_typer(redis_app)
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app; every error becomes one line on stderr and an exit code
-    (2 for a usage error, 1 for a runtime error), with the traceback only under --debug."""
+    (2 for a usage error, 1 for any other). With --debug, an error that is not a usage error
+    shows its traceback: a usage error says all there is (the input and the fix)."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
@@ -458,15 +518,29 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("Aborted.", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except typer.TyperException as exc:  # click's usage errors: a bad option, a missing one...
         _fail(exc, _usage_message(exc), code=exc.exit_code, debug=debug)
+    except Exception as exc:  # a bug, or a library's error we did not expect: still one line
+        _fail(
+            exc,
+            f"unexpected {type(exc).__name__}: {exc}"
+            + ("" if debug else " (--debug shows where; please report it)"),
+            code=1,
+            debug=debug,
+        )
     sys.exit(code if isinstance(code, int) else 0)
+
+
+USAGE_ERROR = 2
+"""The exit code of a usage error (a ConfigError, click's errors): the input is wrong."""
 
 
 def _usage_message(exc: typer.TyperException) -> str:
     """The error on one line, with where to look: `... (see 'optuna-rq submit --help')`."""
     message = " ".join(exc.format_message().split()).rstrip(".")
+    # typer checks values with pydantic, whose messages start with the kind of error
+    message = message.replace(": Value error, ", ": ")
     ctx = getattr(exc, "ctx", None)
     if ctx is not None and ctx.command.get_help_option(ctx) is not None:
         message += f" (see '{ctx.command_path} --help')"
@@ -474,7 +548,7 @@ def _usage_message(exc: typer.TyperException) -> str:
 
 
 def _fail(exc: BaseException, message: str, *, code: int, debug: bool) -> None:
-    if debug:
+    if debug and code != USAGE_ERROR:
         import traceback
 
         traceback.print_exception(exc)

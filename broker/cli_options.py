@@ -37,6 +37,7 @@ from optuna_rq.protocol import (
     Role,
     Signer,
 )
+from optuna_rq.protocol.choices import StrChoice
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BROKER_START_GRACE_S
 from optuna_rq.protocol.signing import ENV_MAX_MESSAGE_BYTES
 
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GlobalOptions",
+    "LogLevel",
+    "StudyName",
     "WaitForBroker",
     "command_client",
     "configure_logging",
@@ -65,6 +68,26 @@ WaitForBroker = Annotated[
     ),
 ]
 """`wait` and `submit`'s option (`protocol.liveness`, `progress.BrokerWatch`)."""
+
+
+def _study_name(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise typer.BadParameter(f"{value!r}: a study's name is not blank")
+    return value
+
+
+StudyName = Annotated[str, typer.Argument(help="The study.", callback=_study_name)]
+"""The study a command acts on: a name that could be a study's (checked before connecting)."""
+
+
+class LogLevel(StrChoice):
+    """`--log-level` of the long-running roles (any case)."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -128,6 +151,7 @@ def global_options(
         str | None,
         typer.Option(
             "--redis-url",
+            metavar="URL",
             envvar=ENV_REDIS_URL,
             help="Redis to meet on (redis://, rediss://, unix://). "
             "Default: an embedded redis-server under the state directory.",
@@ -138,6 +162,7 @@ def global_options(
         str | None,
         typer.Option(
             "--redis-password",
+            metavar="PASSWORD",
             envvar=ENV_REDIS_PASSWORD,
             help="Redis password, apart from the URL: any character goes, nothing to escape; "
             "it wins over a password in the URL. Prefer the environment variable or "
@@ -149,6 +174,7 @@ def global_options(
         Path | None,
         typer.Option(
             "--redis-password-file",
+            metavar="FILE",
             envvar=ENV_REDIS_PASSWORD_FILE,
             help="A file holding the Redis password (a mounted secret); one trailing newline "
             "is ignored.",
@@ -157,12 +183,18 @@ def global_options(
     ] = None,
     prefix: Annotated[
         str,
-        typer.Option("--prefix", envvar=ENV_PREFIX, help="Key prefix and default queue name."),
+        typer.Option(
+            "--prefix",
+            envvar=ENV_PREFIX,
+            metavar="PREFIX",
+            help="Key prefix and default queue name.",
+        ),
     ] = DEFAULT_PREFIX,
     state_dir: Annotated[
         Path | None,
         typer.Option(
             "--state-dir",
+            metavar="DIR",
             envvar=ENV_STATE_DIR,
             help="Where the embedded Redis and the default study journal live. "
             "Default: $XDG_STATE_HOME/optuna-rq or ~/.local/state/optuna-rq.",
@@ -173,6 +205,7 @@ def global_options(
         str | None,
         typer.Option(
             "--secret",
+            metavar="SECRET",
             envvar=ENV_SECRET,
             help="Shared secret (16+ bytes) signing every message; set the same on the broker, "
             "the workers and here. Prefer the environment variable: a command line shows in ps.",
@@ -183,6 +216,7 @@ def global_options(
         Path | None,
         typer.Option(
             "--secret-file",
+            metavar="FILE",
             envvar=ENV_SECRET_FILE,
             help="A file holding the shared secret (a mounted secret); one trailing newline "
             "is ignored.",
@@ -193,6 +227,7 @@ def global_options(
         Path | None,
         typer.Option(
             "--key-file",
+            metavar="FILE",
             envvar=ENV_KEY_FILE,
             help="A file holding this role's key from `optuna-rq keys` (a key per role: the "
             "broker, workers and front doors each sign as themselves). Or OPTUNA_RQ_KEY.",
@@ -203,6 +238,7 @@ def global_options(
         int,
         typer.Option(
             "--max-message-bytes",
+            metavar="BYTES",
             envvar=ENV_MAX_MESSAGE_BYTES,
             min=1024,
             help="Largest message accepted, checked before decoding.",
@@ -291,11 +327,13 @@ def connect_existing_redis(options: GlobalOptions) -> tuple[str, redis.Redis]:
 
 def make_client(options: GlobalOptions) -> BrokerClient:
     """A BrokerClient on the options' Redis and prefix (starting the embedded Redis if need be):
-    for `submit`, which may be the first command run on a machine."""
+    for `submit`, which may be the first command run on a machine. The keys are read first: a
+    bad one is a usage error before anything is started."""
     from optuna_rq.client import BrokerClient
 
+    signer = options.signer()
     _url, connection = connect_redis(options)
-    return BrokerClient(connection, options.prefix, signer=options.signer())
+    return BrokerClient(connection, options.prefix, signer=signer)
 
 
 def command_client(options: GlobalOptions) -> BrokerClient:
@@ -304,25 +342,25 @@ def command_client(options: GlobalOptions) -> BrokerClient:
     none runs), and says so naming the fix."""
     from optuna_rq.client import BrokerClient
 
+    signer = options.signer()
     _url, connection = connect_existing_redis(options)
-    return BrokerClient(connection, options.prefix, signer=options.signer())
+    return BrokerClient(connection, options.prefix, signer=signer)
 
 
 def read_client(options: GlobalOptions) -> BrokerClient:
     """A BrokerClient for a command that only reads: it never starts a redis-server."""
     from optuna_rq.client import BrokerClient
 
+    signer = options.signer(role=None)
     _url, connection = connect_existing_redis(options)
-    return BrokerClient(connection, options.prefix, signer=options.signer(role=None))
+    return BrokerClient(connection, options.prefix, signer=signer)
 
 
-def configure_logging(log_level: str) -> str:
-    """Log to stderr at `log_level` (DEBUG, INFO, WARNING or ERROR, any case); the level's name.
-    ConfigError for any other level. Optuna's own logger follows the same level and handler, so
-    its INFO lines are governed by --log-level too and never print around a progress bar."""
-    level = log_level.upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"--log-level {log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+def configure_logging(log_level: LogLevel) -> str:
+    """Log to stderr at `log_level`; the level's name. Optuna's own logger follows the same level
+    and handler, so its INFO lines are governed by --log-level too and never print around a
+    progress bar."""
+    level = str(log_level)
     logging.basicConfig(level=level, format=_LOG_FORMAT, stream=sys.stderr)
     _route_optuna_logs(level)
     return level

@@ -15,12 +15,13 @@ from typing import Annotated, Any
 import redis
 import typer
 
+from optuna_rq.cli_command import App
 from optuna_rq.cli_options import GlobalOptions
 from optuna_rq.errors import RedisInUseError
 
 __all__ = ["redis_app", "users_of"]
 
-redis_app = typer.Typer(
+redis_app = App(
     name="redis",
     help="The embedded redis-server (used when no --redis-url is given): show it, or stop it.",
     no_args_is_help=True,

@@ -13,15 +13,19 @@ from typing import Annotated
 
 import typer
 
-from optuna_rq.cli_options import GlobalOptions, configure_logging, connect_redis
+from optuna_rq.cli_options import GlobalOptions, LogLevel, configure_logging, connect_redis
 from optuna_rq.errors import ConfigError
 from optuna_rq.health import DEFAULT_STALL_LIMIT_S, BrokerHealth, serve_http
 from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, DEFAULT_QUEUE, Role
 from optuna_rq.sampling import OFF_LOOP_AT_S, SAMPLES_TO_DECIDE
+from optuna_rq.workers.rq_worker import Isolation
 
 __all__ = ["broker", "workers"]
 
-LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
+LogLevelOption = Annotated[
+    LogLevel,
+    typer.Option("--log-level", case_sensitive=False, help="Log from this level up (any case)."),
+]
 """The --log-level of the two long-running roles (Optuna's own lines follow it too)."""
 
 
@@ -32,6 +36,7 @@ def workers(
         typer.Option(
             "--import",
             "-i",
+            metavar="MODULE",
             help="A module whose objectives these workers run (repeat for several). "
             "Only objectives defined in these modules are ever imported.",
         ),
@@ -39,7 +44,11 @@ def workers(
     count: Annotated[
         int | None,
         typer.Option(
-            "--count", "-n", min=1, help="Worker processes. Default: 1, or one per --gpus set."
+            "--count",
+            "-n",
+            min=1,
+            metavar="N",
+            help="Worker processes. Default: 1, or one per --gpus set.",
         ),
     ] = None,
     queues: Annotated[
@@ -47,6 +56,7 @@ def workers(
         typer.Option(
             "--queue",
             "-q",
+            metavar="NAME",
             help="A resource class to take trials of (studies submitted with --queue NAME); "
             "repeat for several, first served first. Default: default.",
         ),
@@ -56,6 +66,7 @@ def workers(
         typer.Option(
             "--path",
             "-P",
+            metavar="DIR",
             help="A directory to import the --import modules from (repeatable). "
             "The current directory always is one.",
         ),
@@ -64,7 +75,7 @@ def workers(
         str | None,
         typer.Option(
             "--gpus",
-            metavar="N|all|device=ID,...",
+            metavar="GPUS",
             help="GPUs to pin worker processes to, out of the pool's own: those of "
             "CUDA_VISIBLE_DEVICES when it is set, else the machine's (nvidia-smi). A count "
             "takes the first N (--gpus 2), all takes every one, device= names them by index "
@@ -91,9 +102,10 @@ def workers(
         str | None,
         typer.Option(
             "--autoscale",
-            metavar="MIN,MAX",
+            metavar="MAX,MIN",
             help="Grow to MAX worker processes while studies on these queues want them, "
-            "shrink to MIN when idle (only idle workers are stopped).",
+            "shrink to MIN when idle (only idle workers are stopped). Celery's spelling, MAX,MIN, "
+            "or MIN,MAX: the smaller number is the minimum. One number N means N,1.",
         ),
     ] = None,
     scale_down_after: Annotated[
@@ -101,16 +113,18 @@ def workers(
         typer.Option(
             "--scale-down-after",
             min=0,
+            metavar="SECONDS",
             help="With --autoscale: seconds a worker process stays idle before it is retired.",
         ),
     ] = 30.0,
-    log_level: LogLevel = "INFO",
+    log_level: LogLevelOption = LogLevel.INFO,
     metrics_port: Annotated[
         int | None,
         typer.Option(
             "--metrics-port",
             min=1,
             max=65535,
+            metavar="PORT",
             help="Serve Prometheus metrics: worker i listens on PORT + i.",
         ),
     ] = None,
@@ -120,18 +134,19 @@ def workers(
             "--lease-ttl",
             envvar="OPTUNA_RQ_LEASE_TTL",
             min=0.5,
+            metavar="SECONDS",
             help="Seconds a running trial's lease outlives the worker that stops renewing it: "
             "how soon the broker notices a killed or frozen worker and retries its trial.",
         ),
     ] = DEFAULT_LEASE_TTL_S,
     isolation: Annotated[
-        str,
+        Isolation,
         typer.Option(
             "--isolation",
             help="process: each worker process runs trials one after another (fastest). "
             "fork: a fresh fork per trial, as plain RQ does (nothing leaks between trials).",
         ),
-    ] = "process",
+    ] = Isolation.PROCESS,
 ) -> None:
     """Start COUNT worker processes that run trials of objectives from the --import modules.
 
@@ -156,13 +171,13 @@ def workers(
     if gpus is None and gpus_per_trial != 1:
         raise ConfigError("--gpus-per-trial needs --gpus (the devices to share out)")
     if autoscale is not None and count is not None:
-        raise ConfigError("give --count or --autoscale MIN,MAX, not both")
+        raise ConfigError("give --count or --autoscale MAX,MIN, not both")
     for path in paths or []:
         if not path.is_dir():
             raise ConfigError(f"--path {str(path)!r} is not a directory")
-    url, _connection = connect_redis(options)
+    # Every setting is checked before Redis is met (an embedded server started for nothing).
     settings = WorkerSettings(
-        redis_url=url,
+        redis_url=options.redis_url or "",  # the Redis met below
         redis_password=options.password(),  # to the children through spawn, not argv or env
         prefix=options.prefix,
         queues=tuple(queues or [DEFAULT_QUEUE]),
@@ -181,6 +196,8 @@ def workers(
         isolation=isolation,
         max_trials_per_child=max_trials_per_child,
     )
+    url, _connection = connect_redis(options)
+    settings = dataclasses.replace(settings, redis_url=url)
     raise typer.Exit(WorkerPool(settings).run())
 
 
@@ -190,6 +207,7 @@ def broker(
         str | None,
         typer.Option(
             "--storage",
+            metavar="URL",
             help="Default Optuna storage for studies that name none: sqlite:///..., "
             "postgresql://..., journal:///path, or memory. "
             "Default: a journal file under the state directory.",
@@ -210,13 +228,14 @@ def broker(
             "'redis://' or 'rediss://' allows it. Any other storage is refused.",
         ),
     ] = None,
-    log_level: LogLevel = "INFO",
+    log_level: LogLevelOption = LogLevel.INFO,
     metrics_port: Annotated[
         int | None,
         typer.Option(
             "--metrics-port",
             min=1,
             max=65535,
+            metavar="PORT",
             help="Serve Prometheus metrics (/metrics) and health probes on this port: /healthz "
             "(the dispatch loop turns) and /readyz (it holds the lock and its Redis answers).",
         ),
@@ -226,6 +245,7 @@ def broker(
         typer.Option(
             "--stall-limit",
             min=0.1,
+            metavar="SECONDS",
             help="Seconds one turn of the dispatch loop may take before /healthz reports the "
             "broker stuck (503) and an orchestrator restarts it.",
         ),
@@ -256,6 +276,7 @@ def broker(
         typer.Option(
             "--lock-ttl",
             min=0.5,
+            metavar="SECONDS",
             help="Seconds the broker lock outlives its last renewal (renewed every third of "
             "it): a broker frozen or cut off from Redis longer than this loses the prefix to a "
             "standby, and writes nothing more.  [default: 10]",
@@ -282,7 +303,6 @@ def broker(
     allowed = tuple(allow_storage or [])
     StoragePolicy(storage_url, allowed)  # a pattern it refuses stops us here
     open_storage(storage_url)  # a URL Optuna rejects stops us here, before any study
-    url, connection = connect_redis(options)
     settings = BrokerSettings(
         prefix=options.prefix,
         storage=storage_url,
@@ -291,16 +311,10 @@ def broker(
     )
     if lock_ttl is not None:
         settings = dataclasses.replace(settings, lock_ttl_s=lock_ttl)
-    # Slow samplers sample there (`optuna_rq.dispatch.offloop`); it wakes the loop on Redis.
-    sampler_process = (
-        SamplerProcess(url, options.password(), Keys(options.prefix).wake)
-        if sample_off_loop
-        else None
-    )
-    off_loop = OffLoopSampling(sampler_process, above_s=off_loop_above / 1000)
+    signer = options.signer(Role.BROKER)
     health = BrokerHealth(stall_limit)
     metrics = None
-    if metrics_port is not None:
+    if metrics_port is not None:  # a port taken is a usage error: found before Redis is met
         from optuna_rq.metrics import BrokerMetrics
 
         metrics = BrokerMetrics()
@@ -311,7 +325,15 @@ def broker(
                 f"--metrics-port {metrics_port}: cannot listen on it ({exc.strerror or exc}); "
                 "choose a free port"
             ) from exc
-    daemon = Daemon(connection, settings, options.signer(Role.BROKER), metrics, health, off_loop)
+    url, connection = connect_redis(options)
+    # Slow samplers sample there (`optuna_rq.dispatch.offloop`); it wakes the loop on Redis.
+    sampler_process = (
+        SamplerProcess(url, options.password(), Keys(options.prefix).wake)
+        if sample_off_loop
+        else None
+    )
+    off_loop = OffLoopSampling(sampler_process, above_s=off_loop_above / 1000)
+    daemon = Daemon(connection, settings, signer, metrics, health, off_loop)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -15,37 +15,65 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from optuna_rq.cli_options import GlobalOptions, command_client, read_client
+from optuna_rq.cli_options import GlobalOptions, StudyName, command_client, read_client
 from optuna_rq.cli_output import json_text
 from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.progress import REFUSED
+from optuna_rq.protocol.choices import StrChoice
 
 if TYPE_CHECKING:
     from optuna_rq.protocol import BulkReceipt, StudyStatus
 
-__all__ = ["best", "delete", "enqueue", "load_enqueue_file", "trials"]
+__all__ = [
+    "OutputFormat",
+    "ShownTrialState",
+    "best",
+    "delete",
+    "enqueue",
+    "load_enqueue_file",
+    "trials",
+]
 
-_NAME = Annotated[str, typer.Argument(help="The study.")]
-_FORMATS = ("table", "json", "csv")
+_NAME = StudyName
+
+
+class OutputFormat(StrChoice):
+    """`trials --format`."""
+
+    TABLE = "table"
+    JSON = "json"  # a list of objects
+    CSV = "csv"
+
+
+class ShownTrialState(StrChoice):
+    """`trials --state`: a published trial's state (Optuna's, lower-case), or `refused`."""
+
+    COMPLETE = "complete"
+    PRUNED = "pruned"
+    FAIL = "fail"
+    RUNNING = "running"
+    REFUSED = "refused"
 
 
 def trials(
     ctx: typer.Context,
     name: _NAME,
     output: Annotated[
-        str, typer.Option("--format", "-f", help="table, json (a list of objects) or csv.")
-    ] = "table",
+        OutputFormat, typer.Option("--format", "-f", help="json: a list of objects.")
+    ] = OutputFormat.TABLE,
     state: Annotated[
-        str | None,
+        ShownTrialState | None,
         typer.Option(
             "--state",
-            help="Only trials in this state: complete, pruned, fail, running (or refused).",
+            case_sensitive=False,
+            help="Only trials in this state (refused: entries the broker did not sign).",
         ),
     ] = None,
     storage: Annotated[
         str | None,
         typer.Option(
             "--storage",
+            metavar="URL",
             help="Read the trials from this Optuna storage URL, one this machine reaches, rather "
             "than from what the broker publishes (no Redis is read). Nothing is created: a "
             "journal or SQLite file must exist.",
@@ -67,9 +95,7 @@ def trials(
     from optuna_rq.cli_output import render_trials, trial_row
     from optuna_rq.protocol import RefusedTrial
 
-    if output not in _FORMATS:
-        raise ConfigError(f"--format {output!r}: choose one of {', '.join(_FORMATS)}")
-    wanted = _trial_state(state)
+    wanted = None if state is None else str(state)
     if storage is not None:
         entries: list[Any] = _stored_trials(name, storage)
     else:
@@ -80,22 +106,10 @@ def trials(
     rows = [trial_row(entry) for entry in entries]
     if wanted is not None:
         rows = [row for row in rows if row["state"] == wanted]
-    typer.echo(render_trials(rows, output), nl=False)
+    typer.echo(render_trials(rows, str(output)), nl=False)
     for entry in entries:
         if isinstance(entry, RefusedTrial) and wanted in (None, REFUSED):
             typer.echo(entry.why, err=True)  # the `refused` rows above, in full
-
-
-def _trial_state(state: str | None) -> str | None:
-    """`--state`, checked: a published trial's state, or `refused`."""
-    from optuna_rq.protocol import TrialStateName
-
-    if state is None:
-        return None
-    known = [s.value for s in TrialStateName if s is not TrialStateName.WAITING] + [REFUSED]
-    if state.lower() not in known:
-        raise ConfigError(f"--state {state!r}: choose from {', '.join(known)}")
-    return state.lower()
 
 
 def _stored_trials(name: str, url: str) -> list[Any]:
@@ -194,7 +208,12 @@ def delete(
     ] = False,
     timeout: Annotated[
         float,
-        typer.Option("--timeout", min=0, help="Seconds to wait for the broker to confirm."),
+        typer.Option(
+            "--timeout",
+            min=0,
+            metavar="SECONDS",
+            help="Seconds to wait for the broker to confirm.",
+        ),
     ] = 30.0,
 ) -> None:
     """Make the broker forget a study: its spec, its status and the trials it published.

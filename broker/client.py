@@ -383,7 +383,7 @@ def queued_status(spec: StudySpec) -> StudyStatus:
         name=spec.name,
         state=StudyState.QUEUED,
         objective=spec.objective,
-        directions=list(spec.directions),
+        directions=spec.direction_names,
         n_trials=spec.n_trials,
         concurrency=spec.concurrency,
         priority=spec.priority,

@@ -15,7 +15,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.constrain import Constrain
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -32,6 +33,7 @@ from optuna_rq.protocol.liveness import (
 )
 from optuna_rq.status_view import (
     REFUSED,
+    ShownState,
     beside,
     best_summary,
     status_detail,
@@ -40,10 +42,12 @@ from optuna_rq.status_view import (
 )
 
 __all__ = [
+    "EXIT_INTERRUPTED",
     "EXIT_NO_BROKER",
     "REFUSED",
     "BrokerWatch",
     "DriverWatch",
+    "ShownState",
     "StudyBar",
     "best_summary",
     "follow_study",
@@ -57,6 +61,9 @@ EXIT_NO_BROKER = 3
 """What `wait` and `submit --wait` exit with when no broker serves the prefix (`BrokerWatch`:
 the broker died or stopped, or none started), or, for a study a remote Optimizer runs, when its
 process stopped turning (`DriverWatch`), unless `--wait-for-broker`."""
+
+EXIT_INTERRUPTED = 130
+"""What a command stopped by Ctrl-C exits with (128 + SIGINT, as a shell reports it)."""
 
 
 _UNBOUNDED_WIDTH = 1 << 16
@@ -144,6 +151,18 @@ def follow_study(
         return 0
     console.print(f"[red]study {name!r} {escape(why)}[/]")
     return 1
+
+
+class _Bar(Progress):
+    """The progress bar, two columns short of a terminal's width: the terminal echoes Ctrl-C
+    as `^C` after the bar, and on a line that filled the width that wraps, so that the bar's
+    last redraw lands on the next line and the bar shows twice."""
+
+    def get_renderable(self) -> RenderableType:
+        live = getattr(self, "live", None)  # None while Progress.__init__ builds it
+        if live is None or not live.console.is_terminal:
+            return super().get_renderable()
+        return Constrain(super().get_renderable(), width=live.console.width - 2)
 
 
 class BrokerWatch:
@@ -266,7 +285,7 @@ class StudyBar:
         )
         with contextlib.ExitStack() as stack:
             stack.enter_context(_logs_above(self.console))
-            progress = Progress(*columns, console=self.console, transient=False)
+            progress = _Bar(*columns, console=self.console, transient=False)
             self._progress = stack.enter_context(progress)
             self._task = progress.add_task(escape(self.name), total=None, best="", failures="")
             self._stack = stack.pop_all()

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from optuna_rq.protocol import StudyStatus
+from optuna_rq.protocol.choices import Direction, StrChoice
 from optuna_rq.protocol.liveness import BrokerLiveness, ago, judge_driver
 from optuna_rq.protocol.status import RefusedStatus
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REFUSED",
+    "ShownState",
     "beside",
     "best_summary",
     "status_detail",
@@ -75,7 +77,7 @@ def best_summary(snap: StudyStatus) -> str:
     bests = []
     for i, direction in enumerate(snap.directions):
         column = [point[i] for point in front if i < len(point)]
-        pick = max if direction == "maximize" else min
+        pick = max if direction == Direction.MAXIMIZE else min
         bests.append(_number(pick(column)) if column else "-")
     return f"pareto {len(front)}, best {' / '.join(bests)}"
 
@@ -95,7 +97,20 @@ def _age(s: StudyStatus, now_s: float | None = None) -> str:
 
 _HEADER = ("STUDY", "STATE", "DONE", "RUNNING", "FAILED", "BEST", "AGE")
 
-REFUSED = "refused"
+
+class ShownState(StrChoice):
+    """The states `status` shows (and `status --state` picks): a study's (`StudyState`), or
+    `refused` for one whose stored status is refused (`RefusedStatus`)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    REFUSED = "refused"
+
+
+REFUSED = str(ShownState.REFUSED)
 """The state `status` shows for a study whose stored status is refused (`RefusedStatus`)."""
 
 

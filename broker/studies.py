@@ -13,6 +13,7 @@ import optuna
 
 from optuna_rq.connection import redact_url
 from optuna_rq.errors import ConfigError
+from optuna_rq.protocol.choices import Pruner, Sampler
 
 __all__ = [
     "STORAGE_SOCKET_TIMEOUT_S",
@@ -28,36 +29,37 @@ log = logging.getLogger("optuna_rq.broker")
 
 
 def make_sampler(
-    name: str, seed: int | None, *, constant_liar: bool = False
+    sampler: Sampler, seed: int | None, *, constant_liar: bool = False
 ) -> optuna.samplers.BaseSampler:
-    """The sampler `--sampler name` names; `constant_liar` is TPE's (`StudySpec`)."""
-    match name:
-        case "random":
+    """The sampler `--sampler` names; `constant_liar` is TPE's (`StudySpec`)."""
+    match sampler:
+        case Sampler.RANDOM:
             return optuna.samplers.RandomSampler(seed=seed)
-        case "tpe":
+        case Sampler.TPE:
             return optuna.samplers.TPESampler(seed=seed, constant_liar=constant_liar)
-        case "cmaes":
+        case Sampler.CMAES:
             return optuna.samplers.CmaEsSampler(seed=seed)
-        case "nsgaii":
+        case Sampler.NSGAII:
             return optuna.samplers.NSGAIISampler(seed=seed)
-        case "gp":
+        case Sampler.GP:
             return optuna.samplers.GPSampler(seed=seed)
-        case "qmc":
+        case Sampler.QMC:
             return optuna.samplers.QMCSampler(seed=seed)
-    raise ConfigError(f"unknown sampler {name!r}")
+    raise ConfigError(f"unknown sampler {sampler!r}")  # a member added without a case
 
 
-def make_pruner(name: str) -> optuna.pruners.BasePruner:
-    match name:
-        case "none":
+def make_pruner(pruner: Pruner) -> optuna.pruners.BasePruner:
+    """The pruner `--pruner` names."""
+    match pruner:
+        case Pruner.NONE:
             return optuna.pruners.NopPruner()
-        case "median":
+        case Pruner.MEDIAN:
             return optuna.pruners.MedianPruner()
-        case "hyperband":
+        case Pruner.HYPERBAND:
             return optuna.pruners.HyperbandPruner()
-        case "successive-halving":
+        case Pruner.SUCCESSIVE_HALVING:
             return optuna.pruners.SuccessiveHalvingPruner()
-    raise ConfigError(f"unknown pruner {name!r}")
+    raise ConfigError(f"unknown pruner {pruner!r}")  # a member added without a case
 
 
 _memory = optuna.storages.InMemoryStorage()

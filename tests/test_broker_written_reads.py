@@ -43,7 +43,10 @@ DRIVEN_SITES = {
     ("broker/client.py", "BrokerClient.delete_driven"): "deletes",
 }
 REPLY_SITES = {
-    ("broker/dispatch/calls.py", "CallServer._reply_list"): "names it, for a sealed Record.REPLY",
+    (
+        "broker/dispatch/calls.py",
+        "CallServer._reply_list",
+    ): "names it for the sealed Record.REPLY sent",
     ("workers/remote_trial.py", "RemoteTrial.__init__"): "names it: _reply_key",
 }
 REPLY_KEY_SITES = {  # the list's name as the remote trial keeps it

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ from optuna.trial import TrialState
 from optuna_rq.storage_policy import canonical_storage
 from optuna_rq.studies import default_storage_url, open_storage
 from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env, start_broker, stop_process
+from tests.worker_processes import cli, cli_env, live_workers, start_broker, stop_process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -410,11 +412,11 @@ def test_the_broker_and_optunas_own_lines_follow_log_level(
         ),
         (
             ("submit", "a:b", "--n-trials", "1", "--concurrency", "1", "--sampler", "magic"),
-            "choose one of random, tpe",
+            "'magic' is not one of 'random', 'tpe'",
         ),
         (
             ("submit", "a:b", "--n-trials", "1", "--concurrency", "1", "--direction", "up"),
-            "minimize or maximize",
+            "'up' is not one of 'minimize', 'maximize'",
         ),
         *(
             (("submit", "a:b", "--n-trials", "1", "--concurrency", "1", option, value), message)
@@ -631,3 +633,131 @@ def test_a_define_by_run_objective_with_a_pruner_from_the_daemon(
     snapshot = status_of(run_cli, "dbr")
     assert snapshot["complete"] + snapshot["pruned"] == 20 and snapshot["pruned"] > 0
     assert set(snapshot["best_params"]) == {"x"}
+
+
+def test_global_options_after_the_command_as_rq_worker_u_is_typed(
+    redis_url: str, prefix: str, conn: redis.Redis, broker_process, cli_state: Path
+) -> None:
+    where = ("--redis-url", redis_url, "--prefix", prefix)
+    pool = subprocess.Popen(cli("workers", "--import", "tests.objectives", *where), env=cli_env())
+    try:
+        wait_until(lambda: live_workers(conn, prefix) == 1, timeout_s=60, message="it serves")
+        env = cli_env(OPTUNA_RQ_STATE_DIR=str(cli_state))
+        submit = ("submit", "tests.objectives:quadratic", "--param", X, "--n-trials", "2")
+        done = subprocess.run(
+            cli(*submit, "--concurrency", "1", "--study-name", "after", "--wait", *where),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        shown = subprocess.run(
+            cli("status", "after", "--json", *where),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["complete"] == 2
+    finally:
+        assert stop_process(pool) == 0
+
+
+class Tmux:
+    """A terminal: one tmux pane of `width` columns on a private tmux server, running one
+    command under bash, which prints `exited CODE` once it exits (tmux itself does not always
+    reap the pane's process here, so its own record of the exit is not relied on); the pane is
+    kept afterwards, to read the screen."""
+
+    def __init__(self, socket: Path, command: list[str], *, width: int) -> None:
+        self.socket = socket
+        script = f'{shlex.join(command)}; echo "exited $?"'
+        self.run("new-session", "-d", "-x", str(width), "-y", "40", "-s", "t", "bash", "-c", script)
+        self.run("set-option", "-t", "t", "remain-on-exit", "on")
+
+    def run(self, *args: str) -> str:
+        done = subprocess.run(
+            ["tmux", "-S", str(self.socket), "-f", "/dev/null", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def screen(self) -> str:
+        return self.run("capture-pane", "-p", "-J", "-S", "-", "-t", "t")
+
+    def exit_status(self) -> int | None:
+        """The command's exit status once it exited, else None."""
+        found = re.search(r"^exited (\d+)$", self.screen(), re.MULTILINE)
+        return None if found is None else int(found.group(1))
+
+    def close(self) -> None:
+        subprocess.run(
+            ["tmux", "-S", str(self.socket), "kill-server"], capture_output=True, timeout=30
+        )
+
+
+def interrupted(terminal: Tmux) -> str:
+    """Ctrl-C once the bar shows, in full width ("waiting for a worker: ..."); the screen after
+    the command exited, which must be with 130."""
+
+    def shows_the_full_bar() -> bool:
+        assert terminal.exit_status() is None, terminal.screen()
+        screen = terminal.screen()
+        return "0/3" in screen and "waiting" in screen
+
+    try:
+        wait_until(shows_the_full_bar, timeout_s=60)
+    except AssertionError as exc:
+        raise AssertionError(terminal.screen()) from exc
+    terminal.run("send-keys", "-t", "t", "C-c")
+    wait_until(lambda: terminal.exit_status() is not None, timeout_s=30, message="it exits")
+    screen = terminal.screen()
+    assert terminal.exit_status() == 130, screen
+    return screen
+
+
+@pytest.mark.parametrize("follower", ["submit --wait", "wait"])
+def test_ctrl_c_on_a_follower_shows_the_bar_once_and_says_the_study_runs_on(
+    follower: str,
+    run_cli,
+    broker_process,
+    redis_url: str,
+    prefix: str,
+    cli_state: Path,
+    tmp_path: Path,
+) -> None:
+    if shutil.which("tmux") is None:
+        if os.environ.get("CI"):
+            pytest.fail("tmux is required in CI (a real terminal for Ctrl-C)")
+        pytest.skip("tmux not installed")
+    pythonpath = cli_env()["PYTHONPATH"]
+    # As a user's terminal: its own width (the session's COLUMNS is not the pane's).
+    env = ["env", "-u", "COLUMNS", "-u", "LINES", f"PYTHONPATH={pythonpath}"]
+    env.append(f"OPTUNA_RQ_STATE_DIR={cli_state}")
+    for name in ("s1", "s2"):  # twice: Ctrl-C lands wherever the follower happens to be
+        # No worker serves the study: it waits for one, a long bar line ("waiting for a
+        # worker: optuna-rq workers --import tests.objectives") that fills the width.
+        submit = ["submit", "tests.objectives:quadratic", "--param", X, "--n-trials", "3"]
+        submit += ["--concurrency", "1", "--study-name", name]
+        if follower == "wait":
+            assert run_cli(*submit).returncode == 0
+            args = ["wait", name]
+        else:
+            args = [*submit, "--wait"]
+        command = [*env, *cli("--redis-url", redis_url, "--prefix", prefix, *args)]
+        terminal = Tmux(tmp_path / f"{name}.sock", command, width=100)
+        try:
+            screen = interrupted(terminal)
+        finally:
+            terminal.close()
+        bars = [line for line in screen.splitlines() if "0/3" in line]
+        assert len(bars) == 1, screen
+        said = f"stopped following study {name!r}; it runs on: `optuna-rq --prefix {prefix} wait "
+        assert f"{said}{name}` follows it again" in screen, screen
+        shown = run_cli("status", name, "--json")  # and it does run on
+        assert shown.returncode == 0 and json.loads(shown.stdout)["state"] == "running"

@@ -113,6 +113,8 @@ MAKES_STATE = {
 SITES = {
     # A storage: only the one the user names, and nothing created for it.
     ("cli_studies.py", "_stored_trials"): "load_study, open_storage_to_read: `trials --storage`",
+    # Not a file: click's HelpFormatter.write_text, the help's global options paragraph.
+    ("cli_command.py", "Command.format_options"): "formatter.write_text: help text, no file",
     # The embedded server: started by `submit` alone among the front doors.
     ("cli.py", "submit"): "make_client: submit may be the first command run on a machine",
     ("cli_options.py", "make_client"): "connect_redis: for submit",

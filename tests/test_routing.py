@@ -169,7 +169,7 @@ def test_an_autoscaled_pool_grows_under_load_and_shrinks_when_idle(
             "--import",
             "tests.routing_objectives",
             "--autoscale",
-            "1,3",
+            "3,1",  # Celery's MAX,MIN
             "--scale-down-after",
             "1",
             "--lease-ttl",
@@ -231,7 +231,7 @@ def test_workers_import_from_the_current_directory_and_from_path(
             "--gpus-per-trial needs --gpus",
         ),
         (("--queue", "g p u"), "--queue 'g p u'"),
-        (("--autoscale", "3,1"), "--autoscale '3,1'"),
+        (("--autoscale", "3,1,2"), "--autoscale '3,1,2'"),
         (("--autoscale", "1,2", "--count", "2"), "not both"),
         (("--path", "/no/such/dir"), "--path '/no/such/dir' is not a directory"),
     ],

@@ -1,4 +1,4 @@
-"""Local autoscaling: `optuna-rq workers --autoscale MIN,MAX` (Celery's spelling).
+"""Local autoscaling: `optuna-rq workers --autoscale MAX,MIN` (Celery's spelling; either order).
 
 The broker writes each queue's demand to `Keys.demand`: the workers its studies could keep busy
 (the sum of min(cap, trials left)), not its queue length, which a capped broker keeps near empty.
@@ -20,18 +20,19 @@ __all__ = ["Autoscaler", "parse_autoscale"]
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
-    """(MIN, MAX) from `--autoscale MIN,MAX` (a single number N means 1,N)."""
+    """(MIN, MAX) from `--autoscale MAX,MIN`, Celery's spelling, or `MIN,MAX`: the smaller of
+    the two is the minimum, as min <= max says which is which. A single number N means N,1."""
     parts = [p.strip() for p in text.split(",")]
     try:
-        numbers = [int(p) for p in parts]
+        numbers = sorted(int(p) for p in parts)
     except ValueError:
         numbers = []
-    if len(numbers) == 1:
+    if len(numbers) == 1 and numbers[0] >= 1:
         numbers = [1, numbers[0]]
-    if len(numbers) != 2 or not 0 <= numbers[0] <= numbers[1] or numbers[1] < 1:
+    if len(numbers) != 2 or numbers[0] < 0 or numbers[1] < 1:
         raise ConfigError(
-            f"--autoscale {text!r}: give MIN,MAX worker processes, 0 <= MIN <= MAX and MAX >= 1 "
-            "(for example 1,8)"
+            f"--autoscale {text!r}: give MAX,MIN worker processes (or MIN,MAX), two whole "
+            "numbers with MIN >= 0 and MAX >= 1, for example 8,1"
         )
     return numbers[0], numbers[1]
 

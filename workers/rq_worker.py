@@ -25,6 +25,7 @@ RQ's own, as before.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 from types import FrameType
@@ -46,6 +47,7 @@ __all__ = [
     "ISOLATION",
     "MAINTENANCE_INTERVAL_S",
     "ForkingTrialWorker",
+    "Isolation",
     "TrialWorker",
     "new_worker",
 ]
@@ -156,11 +158,22 @@ MAINTENANCE_INTERVAL_S = 60
 trial's job stays in RQ's finished registry until a sweep; RQ's default, 10 minutes, would let a
 fast study pile up hundreds of thousands of entries."""
 
-ISOLATION: dict[str, type[TrialWorker | ForkingTrialWorker]] = {
-    "process": TrialWorker,
-    "fork": ForkingTrialWorker,
+
+class Isolation(str, enum.Enum):
+    """--isolation: how a worker process runs its trials (the CLI's choices)."""
+
+    PROCESS = "process"
+    FORK = "fork"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+ISOLATION: dict[Isolation, type[TrialWorker | ForkingTrialWorker]] = {
+    Isolation.PROCESS: TrialWorker,
+    Isolation.FORK: ForkingTrialWorker,
 }
-"""--isolation: how a worker process runs its trials."""
+"""The RQ worker class of each isolation mode."""
 
 
 def new_worker(
@@ -168,7 +181,7 @@ def new_worker(
 ) -> TrialWorker | ForkingTrialWorker:
     """A worker of `ISOLATION[isolation]` on trial queues `queues` (the first served first, as
     `rq worker high low`), speaking msgpack only."""
-    return ISOLATION[isolation](
+    return ISOLATION[Isolation(isolation)](
         [trial_queue(connection, queue) for queue in queues],
         connection=connection,
         serializer=MsgpackSerializer,

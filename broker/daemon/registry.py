@@ -277,15 +277,15 @@ class Registry:
         study = optuna.create_study(
             storage=self.storages.open(url),
             study_name=spec.name,
-            directions=spec.directions,  # type: ignore[arg-type]  # checked by StudySpec
+            directions=spec.direction_names,  # type: ignore[arg-type]  # checked by StudySpec
             sampler=make_sampler(spec.sampler, spec.seed, constant_liar=spec.uses_constant_liar),
             pruner=make_pruner(spec.pruner),
             load_if_exists=True,
         )
-        if [d.name.lower() for d in study.directions] != spec.directions:
+        if [d.name.lower() for d in study.directions] != spec.direction_names:
             raise ConfigError(
                 f"study {spec.name!r} exists with directions "
-                f"{[d.name.lower() for d in study.directions]}, not {spec.directions}"
+                f"{[d.name.lower() for d in study.directions]}, not {spec.direction_names}"
             )
         record_definition(study, spec)  # its trials are this definition's (`definitions`)
         run = StudyRun(

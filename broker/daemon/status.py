@@ -184,7 +184,7 @@ class StatusPublisher:
             name=spec.name,
             state=state,
             objective=spec.objective,
-            directions=list(spec.directions),
+            directions=spec.direction_names,
             n_trials=spec.n_trials,
             concurrency=spec.concurrency,
             priority=spec.priority,

@@ -3,11 +3,13 @@
 Both sides import it; it imports neither (`.ci/run` checks the contract with import-linter). It
 owns every message and its schema (`messages`, `commands`, `status`, `spec`, `trial_summary`),
 every Redis name and queue name (`keys`), who is alive (`heartbeat`), the RQ queue and its
-serializer (`queue`), signing and the role keys (`signing`, `keyring`) and the objective contract
-(`objectives`).
+serializer (`queue`), signing and the role keys (`signing`, `keyring`), the objective contract
+(`objectives`) and the fixed choices of a study's definition (`choices`: samplers, pruners,
+directions).
 """
 
 from optuna_rq.errors import ProtocolError
+from optuna_rq.protocol.choices import Direction, Pruner, Sampler
 from optuna_rq.protocol.codec import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_CONTAINER_LEN,
@@ -119,6 +121,7 @@ __all__ = [
     "Cancel",
     "Change",
     "Delete",
+    "Direction",
     "Enqueue",
     "enqueue_commands",
     "generate_keyrings",
@@ -134,6 +137,8 @@ __all__ = [
     "Record",
     "Role",
     "ProtocolError",
+    "Pruner",
+    "Sampler",
     "Signer",
     "StudySpec",
     "StudyState",

@@ -27,6 +27,7 @@ from optuna_rq.protocol.codec import (
 __all__ = [
     "Bool",
     "Choice",
+    "Choices",
     "Float",
     "Floats",
     "Int",
@@ -151,6 +152,25 @@ class Choice(Kind):
 
     def dump(self, value: Any) -> Any:
         return None if value is None else value.value
+
+
+class Choices(Kind):
+    """A non-empty list of members of a str-valued enum, by their values."""
+
+    def __init__(self, enum_type: type[enum.Enum]) -> None:
+        self.choice = Choice(enum_type)
+
+    def check(self, value: Any) -> list[enum.Enum]:
+        if not isinstance(value, list) or not value:
+            allowed = ", ".join(str(member.value) for member in self.choice.enum_type)
+            raise WrongValue(f"a non-empty list, each one of {allowed}")
+        try:
+            return [self.choice.check(item) for item in value]
+        except WrongValue as wrong:
+            raise WrongValue(f"a non-empty list, each {wrong.expected}") from None
+
+    def dump(self, value: Any) -> Any:
+        return [self.choice.dump(item) for item in value]
 
 
 class Floats(Kind):

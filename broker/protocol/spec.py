@@ -17,9 +17,10 @@ import importlib.util
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from optuna_rq.errors import ConfigError, MessageLimitError, ProtocolError
+from optuna_rq.protocol.choices import Direction, Pruner, Sampler, StrChoice
 from optuna_rq.protocol.codec import check_params
 from optuna_rq.protocol.keys import (
     DEFAULT_QUEUE,
@@ -30,13 +31,14 @@ from optuna_rq.protocol.keys import (
 from optuna_rq.protocol.objectives import parse_objective_path
 from optuna_rq.protocol.schema import (
     Bool,
+    Choice,
+    Choices,
     Float,
     Int,
     Map,
     Matching,
     Message,
     Text,
-    Texts,
     version_field,
     wire,
 )
@@ -45,7 +47,6 @@ from optuna_rq.spacefile import space_from_data
 
 __all__ = [
     "DEFINITION",
-    "DIRECTIONS",
     "KEEP_OUT",
     "MAX_CONCURRENCY",
     "MAX_N_TRIALS",
@@ -54,8 +55,6 @@ __all__ = [
     "MAX_RETRIES",
     "MAX_SEED",
     "MAX_TRIAL_TIMEOUT_S",
-    "PRUNERS",
-    "SAMPLERS",
     "StudySpec",
     "check_max_retries",
     "check_settings",
@@ -63,10 +62,6 @@ __all__ = [
     "open_stored_spec",
     "seal_stored_spec",
 ]
-
-SAMPLERS = ("random", "tpe", "cmaes", "nsgaii", "gp", "qmc")
-PRUNERS = ("none", "median", "hyperband", "successive-halving")
-DIRECTIONS = ("minimize", "maximize")
 
 MAX_TIMEOUT_S = 366 * 24 * 3600.0
 """The longest --timeout: a bound, so a typo in the unit is refused rather than run for ages."""
@@ -92,7 +87,11 @@ KEEP_OUT = (
 """The fix for a space over a limit of a message: every trial's request carries it."""
 
 # Samplers whose extra packages Optuna does not install for you.
-_SAMPLER_NEEDS = {"cmaes": ("cmaes",), "qmc": ("scipy",), "gp": ("scipy", "torch")}
+_SAMPLER_NEEDS = {
+    Sampler.CMAES: ("cmaes",),
+    Sampler.QMC: ("scipy",),
+    Sampler.GP: ("scipy", "torch"),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,10 +107,13 @@ class StudySpec(Message):
     space: dict[str, Any] = wire(Map())
     n_trials: int = wire(Int(minimum=1))
     concurrency: int = wire(Int(minimum=1))
-    directions: list[str] = wire(Texts(), default_factory=lambda: ["minimize"])
-    sampler: str = wire(Text(), default="tpe")
+    # Choices travel as their strings; a front door may build the spec with the strings too.
+    directions: list[Direction] = wire(
+        Choices(Direction), default_factory=lambda: [Direction.MINIMIZE]
+    )
+    sampler: Sampler = wire(Choice(Sampler), default=Sampler.TPE)
     seed: int | None = wire(Int(minimum=0, optional=True), default=None)
-    pruner: str = wire(Text(), default="none")
+    pruner: Pruner = wire(Choice(Pruner), default=Pruner.NONE)
     # TPE's constant liar (running trials count as bad ones, so parallel asks spread out);
     # None: on when the cap is above 1. At cap 1 nothing runs while it asks: it changes nothing.
     constant_liar: bool | None = wire(Bool(optional=True), default=None)
@@ -150,18 +152,13 @@ class StudySpec(Message):
         except ProtocolError as exc:
             raise ConfigError(str(exc)) from exc
         check_settings(n_trials=self.n_trials, concurrency=self.concurrency)
-        if not self.directions or any(d not in DIRECTIONS for d in self.directions):
-            raise ConfigError(f"--direction must be minimize or maximize, got {self.directions}")
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        self._take_choices()
         missing = [m for m in _SAMPLER_NEEDS.get(self.sampler, ()) if not _installed(m)]
         if missing:
             raise ConfigError(
                 f"--sampler {self.sampler} needs {', '.join(missing)}: "
                 f"pip install {' '.join(missing)} (on the broker's machine)"
             )
-        if self.pruner not in PRUNERS:
-            raise ConfigError(f"--pruner {self.pruner!r}: choose one of {', '.join(PRUNERS)}")
         if self.seed is not None and not _int_in(self.seed, 0, MAX_SEED):
             raise ConfigError(
                 f"--seed must be an integer from 0 to {MAX_SEED} (what Optuna's samplers take), "
@@ -178,7 +175,7 @@ class StudySpec(Message):
             raise ConfigError(
                 f"--ask-ahead must be an integer from 0 to {MAX_ASK_AHEAD}, got {self.ask_ahead!r}"
             )
-        if self.constant_liar is not None and self.sampler != "tpe":
+        if self.constant_liar is not None and self.sampler is not Sampler.TPE:
             raise ConfigError(
                 f"--constant-liar is a TPE option, not one of --sampler {self.sampler}: "
                 "drop it or use --sampler tpe"
@@ -189,6 +186,19 @@ class StudySpec(Message):
         check_queue_name(self.queue)
         if self.storage is not None and not isinstance(self.storage, str):
             raise ConfigError(f"--storage must be a URL, got {self.storage!r}")
+
+    def _take_choices(self) -> None:
+        """The sampler, pruner and directions as their enums (given as strings, or decoded);
+        ConfigError naming the option and its choices for one that is none of them."""
+        if not isinstance(self.directions, list) or not self.directions:
+            raise ConfigError(
+                f"--direction: give {' or '.join(Direction.values())} (repeat it for each "
+                f"objective), got {self.directions!r}"
+            )
+        directions = [_choice(Direction, "--direction", d) for d in self.directions]
+        object.__setattr__(self, "directions", directions)
+        object.__setattr__(self, "sampler", _choice(Sampler, "--sampler", self.sampler))
+        object.__setattr__(self, "pruner", _choice(Pruner, "--pruner", self.pruner))
 
     def _check_stop_conditions(self) -> None:
         if self.timeout_s is not None and not _positive_number(self.timeout_s, MAX_TIMEOUT_S):
@@ -229,6 +239,11 @@ class StudySpec(Message):
         return self.concurrency > 1 if self.constant_liar is None else self.constant_liar
 
     @property
+    def direction_names(self) -> list[str]:
+        """The directions as Optuna and a status name them: `["minimize"]`."""
+        return [str(d) for d in self.directions]
+
+    @property
     def inputs(self) -> dict[str, Any]:
         """The space as `Optimizer` inputs: suggestions and fixed values."""
         return space_from_data(self.space)
@@ -261,7 +276,7 @@ class StudySpec(Message):
                 )
                 found.append(f"space ({', '.join(keys)} differ)")
             else:
-                found.append(f"{name} {mine!r}, not {theirs!r}")
+                found.append(f"{name} {_plain(mine)!r}, not {_plain(theirs)!r}")
         return found
 
 
@@ -294,6 +309,28 @@ DEFINITION = (
 """The StudySpec fields that define a study: a submission that differs in one is another study,
 and is refused under the same name."""
 _MISSING = object()
+
+
+C = TypeVar("C", bound=StrChoice)
+
+
+def _choice(choices: type[C], option: str, value: object) -> C:
+    """`value` as a member of `choices`; ConfigError naming `option` and its choices if none."""
+    try:
+        return choices(value)
+    except ValueError:
+        raise ConfigError(
+            f"{option} {value!r}: choose one of {', '.join(choices.values())}"
+        ) from None
+
+
+def _plain(value: Any) -> Any:
+    """`value` with its choices as the strings they are typed as (for messages)."""
+    if isinstance(value, StrChoice):
+        return str(value)
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _installed(module: str) -> bool:

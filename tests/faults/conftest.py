@@ -211,7 +211,11 @@ class Cluster:
         hold_s: float | None = None,
         extra: tuple[str, ...] = (),
         name: str | None = None,
+        from_elsewhere: bool = False,
     ) -> str:
+        """Submit `tests.fault_objectives:<objective>`; `from_elsewhere`: from a machine where
+        that module does not import (a laptop submitting to a cluster), so that what `submit`
+        checks where the objective imports is left to the workers."""
         name = name or f"{objective}-{uuid.uuid4().hex[:6]}"
         params = [
             "--param",
@@ -223,6 +227,9 @@ class Cluster:
         ]
         if hold_s is not None:
             params += ["--param", f"hold_s={hold_s}"]
+        env = cli_env(OPTUNA_RQ_STATE_DIR=str(self.state), **self.role_env.get(Role.CLIENT, {}))
+        if from_elsewhere:  # optuna_rq still imports: it is installed, the tests are not
+            env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
         done = subprocess.run(
             cli("--redis-url", self.server.url, "--prefix", self.prefix, "submit")
             + [f"tests.fault_objectives:{objective}", "--study-name", name]
@@ -236,7 +243,8 @@ class Cluster:
             ]
             + params
             + list(extra),
-            env=cli_env(OPTUNA_RQ_STATE_DIR=str(self.state), **self.role_env.get(Role.CLIENT, {})),
+            env=env,
+            cwd=self.state if from_elsewhere else None,
             capture_output=True,
             text=True,
             timeout=60,

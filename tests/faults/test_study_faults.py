@@ -140,7 +140,8 @@ def test_a_misspelt_function_fails_its_study_and_nothing_else(
     cluster.start_workers(3)
     broker = cluster.start_broker(log=log)
     names = [
-        cluster.submit("nofunc", n_trials=40, concurrency=4, name=f"typo-{i}") for i in range(8)
+        cluster.submit("nofunc", n_trials=40, concurrency=4, name=f"typo-{i}", from_elsewhere=True)
+        for i in range(8)
     ]
     normal = cluster.submit("steady", n_trials=10, concurrency=2, hold_s=0.02)
     _wait(
