@@ -330,7 +330,7 @@ def status(
     for refused in (s for s in snapshots if isinstance(s, RefusedStatus)):
         typer.echo(refused.why, err=True)  # the `refused` of the lines above, in full
     note = broker.note()
-    if note is not None and any(_state_of(s) in _MOVING for s in snapshots):
+    if note is not None and any(_state_of(s) in _MOVING and not _driven(s) for s in snapshots):
         typer.echo(note, err=True)  # the `(no broker)` of the lines above, in full
 
 
@@ -343,13 +343,26 @@ def _state_of(s: StudyStatus | RefusedStatus) -> str:
     return REFUSED if isinstance(s, RefusedStatus) else s.state.value
 
 
+def _driven(s: StudyStatus | RefusedStatus) -> bool:
+    """Whether a remote Optimizer's process runs the study (no broker moves it)."""
+    return not isinstance(s, RefusedStatus) and s.driven
+
+
 def _as_json(s: StudyStatus | RefusedStatus, broker: BrokerLiveness) -> dict[str, Any]:
-    """A study's status for `status --json`; a queued or running one with `broker` (what moves
-    it: an ended study's snapshot stays the same whatever the broker does); a refused one as
-    its name, `"state": "refused"`, and why in `error`."""
+    """A study's status for `status --json`; a queued or running one with what moves it (an
+    ended study's snapshot stays the same whatever it does): `broker`, or for a study a remote
+    Optimizer runs `driver_liveness`, its process as judged by the Redis clock; a refused one
+    as its name, `"state": "refused"`, and why in `error`."""
     if isinstance(s, RefusedStatus):
         return {"name": s.name, "state": _state_of(s), "error": s.why}
-    return s.to_dict() if s.state.ended else {**s.to_dict(), "broker": broker.to_dict()}
+    if s.state.ended:
+        return s.to_dict()
+    if s.driven and broker.read_at_s is not None:
+        from optuna_rq.protocol.liveness import judge_driver
+
+        live = judge_driver(s, now_s=broker.read_at_s)
+        return {**s.to_dict(), "driver_liveness": None if live is None else live.to_dict()}
+    return {**s.to_dict(), "broker": broker.to_dict()}
 
 
 @app.command("wait")
@@ -369,9 +382,10 @@ def wait_command(
     Exit 0 when it finished with a complete trial; 1 when it was cancelled, failed, finished
     without one complete trial, or the timeout passed, or (with signing on) its status is not
     signed by the broker and the broker holds no such study; 3 when no broker serves the prefix
-    (it died or stopped, or none started: see --wait-for-broker). With signing on, a status the
-    broker did not sign, or one of an earlier run of the study written back, is ignored: it
-    waits for the broker's own.
+    (it died or stopped, or none started: see --wait-for-broker), or, for a study a remote
+    Optimizer runs, when that Python process stopped (killed, or its machine lost). With
+    signing on, a status the broker did not sign, or one of an earlier run of the study written
+    back, is ignored: it waits for the broker's own.
 
     Ctrl-C stops following (exit 130); the study runs on.
     """

@@ -13,18 +13,11 @@ __all__ = ["check_storage_url", "check_trial_timeout"]
 
 
 def check_trial_timeout(seconds: float | None) -> int | None:
-    """`--trial-timeout` as whole seconds; ConfigError for a fraction or a value below 1.
+    """`--trial-timeout` as whole seconds; ConfigError for a fraction or a value below 1
+    (the rule is the protocol's, which the remote Optimizer's `trial_timeout` follows too)."""
+    from optuna_rq.protocol import check_trial_timeout as whole_seconds
 
-    RQ's job timeout (the alarm a worker raises in the objective) is whole seconds: a fraction
-    would silently run rounded up, so it is refused instead."""
-    if seconds is None:
-        return None
-    if seconds < 1 or seconds != int(seconds):
-        raise ConfigError(
-            f"--trial-timeout {seconds:g}: trial timeouts are whole seconds >= 1 (RQ's job "
-            f"timeout is); use {max(1, int(seconds))} or {max(1, int(seconds)) + 1}"
-        )
-    return int(seconds)
+    return whole_seconds(seconds, option="--trial-timeout")
 
 
 def check_storage_url(url: str) -> None:

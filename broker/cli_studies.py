@@ -101,7 +101,7 @@ def trials(
     else:
         client = read_client(ctx.obj)
         status = client.require_status(name)
-        entries = client.trials(name)
+        entries = client.trials(name, driven=status.driven)
         _say_unpublished(status, entries)
     rows = [trial_row(entry) for entry in entries]
     if wanted is not None:
@@ -222,7 +222,8 @@ def delete(
     name continues them, and publishes them again) unless --purge. A running study is refused
     unless --force, and so is one whose status the broker did not sign (with signing on: it
     may be running). A command the broker applies, sent through Redis: it never starts a
-    redis-server.
+    redis-server. A study a remote Optimizer ran is forgotten here, without a broker, once that
+    run ended or its process died; its trials stay in that Optimizer's study.
     """
     import time
 
@@ -236,6 +237,16 @@ def delete(
         if not force:
             raise ProtocolError(f"{exc} (`optuna-rq delete --force {name}` deletes it)") from None
         status = None
+    if status is not None and status.driven:
+        if purge:
+            raise ConfigError(
+                f"study {name!r} was run by the Optimizer on {status.driver}: its trials are in "
+                "that Optimizer's study, which only its process reaches (optuna.delete_study "
+                "there); `delete` without --purge forgets its status"
+            )
+        client.delete_driven(status)
+        typer.echo(f"deleted study {name!r} (run by the Optimizer on {status.driver})")
+        return
     if status is not None and not status.state.ended and not force:
         raise ConfigError(
             f"study {name!r} is {status.state.value}: `optuna-rq cancel {name}` first, "

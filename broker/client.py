@@ -10,6 +10,11 @@ A front door writes two keys only: the command inbox (`Keys.commands`) and the w
 exactly that). So a study the broker has not taken yet has no published status: it shows as
 `queued`, made here from its submission waiting in the inbox, or from its spec once the broker
 stored it and has not published it yet.
+
+A study a remote Optimizer runs is shown from the status that Optimizer's process publishes
+(`Keys.driven`, `StudyStatus.driver`), under a name the broker does not hold: a name is the
+broker's first. No command reaches the broker for it (`send` refuses, naming the process that
+runs it), and a submission may not take the name of one whose process still runs.
 """
 
 from __future__ import annotations
@@ -43,8 +48,20 @@ from optuna_rq.protocol import (
     read_receipts,
     sendable,
 )
-from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerLiveness, read_liveness
-from optuna_rq.protocol.status import RefusedStatus, read_status, read_statuses
+from optuna_rq.protocol.liveness import (
+    BROKER_GRACE_S,
+    BrokerLiveness,
+    judge_driver,
+    read_liveness,
+    server_clock_s,
+)
+from optuna_rq.protocol.status import (
+    RefusedStatus,
+    read_driven_status,
+    read_driven_statuses,
+    read_status,
+    read_statuses,
+)
 from optuna_rq.protocol.trial_summary import RefusedTrial, TrialSummary, read_trial_summaries
 
 if TYPE_CHECKING:
@@ -78,12 +95,47 @@ class BrokerClient:
         """Queue `commands` for the broker, sealed, in one push (the broker takes them in one
         batch, in order), and wake the broker's loop to take them now (else they would be taken
         when the loop next turns: up to its poll interval). ConfigError, sending none, if one is
-        over a limit the broker's decoder enforces (`sendable`): it would be dropped there."""
+        over a limit the broker's decoder enforces (`sendable`): it would be dropped there.
+        StudyConflictError, sending nothing, for a command about a study a remote Optimizer
+        runs (`refuse_driven`)."""
         bodies = [sendable(c, max_bytes=self.signer.max_message_bytes) for c in commands]
+        checked: set[str] = set()
+        for command in commands:  # the first command about a study decides (a Submit first)
+            name = command.spec.name if isinstance(command, Submit) else command.study
+            if name not in checked:
+                checked.add(name)
+                self.refuse_driven(command)
         pipe = self.connection.pipeline(transaction=False)
         pipe.rpush(self.keys.commands, *(self.signer.seal(Record.COMMAND, b) for b in bodies))
         pipe.xadd(self.keys.wake, {WAKE_FIELD: b""}, maxlen=WAKE_MAXLEN, approximate=False)
         pipe.execute()
+
+    def refuse_driven(self, command: Command) -> None:
+        """StudyConflictError if `command` is about a study a remote Optimizer runs (what
+        `status` shows under its name is that Optimizer's): the broker holds no such study, and
+        only that process can stop or change it. A submission is refused only while that process
+        runs: once it ended (or died), the name is free for the broker, which then shows."""
+        name = command.spec.name if isinstance(command, Submit) else command.study
+        try:
+            shown = self.status(name)
+        except ProtocolError:
+            return  # a refused status: whose it is, the broker decides
+        if shown is None or shown.driver is None:
+            return
+        runs = f"study {name!r} is run by the Optimizer on {shown.driver} (a Python process)"
+        if isinstance(command, Submit):
+            live = judge_driver(shown, now_s=server_clock_s(self.connection))
+            if shown.state.ended or live is None or not live.alive:
+                return
+            raise StudyConflictError(
+                f"{runs}, which is running: nothing was sent; submit it under another "
+                "--study-name, or when that run has ended"
+            )
+        what = type(command).__name__.lower()
+        raise StudyConflictError(
+            f"{runs}, not by the broker: nothing was sent ({what} is a broker command); stop or "
+            "change that run in its process (cancelling its `await` ends it cancelled)"
+        )
 
     def submit(self, spec: StudySpec, *, enqueue: list[dict[str, Any]] | None = None) -> None:
         """Submit `spec`. A study with no status yet shows as queued until the broker takes it
@@ -113,10 +165,12 @@ class BrokerClient:
     def cancel(self, study: str) -> None:
         """Cancel a queued or running study; StudyEndedError if it has ended (nothing is sent:
         an ended study is never rewritten, `protocol.status.refuse_if_closed`)."""
+        command = Cancel(study=study)
+        self.refuse_driven(command)  # not the broker's to cancel, ended or not
         status = self.status(study)
         if status is not None:
             status.refuse("cancel")
-        self.send(Cancel(study=study))
+        self.send(command)
 
     def change(self, study: str, **changes: Any) -> StudyStatus | None:
         """`n_trials`, `concurrency` and/or `priority` for a queued or running `study`;
@@ -125,11 +179,30 @@ class BrokerClient:
         the trials the study has started winds it down: it starts no more, and its budget
         becomes what it started. Returns the status the change was checked against (None: the
         study has none)."""
+        command = Change(study=study, **changes)
+        self.refuse_driven(command)  # not the broker's to change, ended or not
         status = self.status(study)
         if status is not None:
             status.refuse("set")
-        self.send(Change(study=study, **changes))
+        self.send(command)
         return status
+
+    def delete_driven(self, status: StudyStatus) -> None:
+        """Forget `status`, the status of a study a remote Optimizer ran (`Keys.driven`), and
+        the trials it published: it leaves `status` and `trials`. StudyConflictError while that
+        Optimizer's process still runs it (it would publish it again at its next turn: stop it
+        there first). Its trials stay in that Optimizer's study."""
+        live = judge_driver(status, now_s=server_clock_s(self.connection))
+        if not status.state.ended and live is not None and live.alive:
+            raise StudyConflictError(
+                f"study {status.name!r} is {status.state.value} in the Optimizer on "
+                f"{status.driver}: nothing was deleted; stop that run in its process first"
+            )
+        # A run of the study that starts meanwhile publishes it again at its next turn.
+        pipe = self.connection.pipeline(transaction=False)
+        pipe.hdel(self.keys.driven, status.name)
+        pipe.delete(self.keys.driven_trials_of(status.name))
+        pipe.execute()
 
     def stored_spec(self, study: str) -> StudySpec | None:
         """The definition the broker holds for `study` (None: it has none yet, or the one
@@ -149,19 +222,24 @@ class BrokerClient:
     def status(self, study: str) -> StudyStatus | None:
         """The study's status as the broker published it, ProtocolError if that does not open
         (with signing on: one the broker did not sign); `queued` if the broker has not taken it
-        yet (its submission waits in the inbox) or not published it yet; None if there is no
-        such study."""
+        yet (its submission waits in the inbox) or not published it yet; else the status of
+        the remote Optimizer that runs a study of that name (ProtocolError if it does not open:
+        with signing on, one no front-door key signed); None if there is no such study."""
         published = self.published_status(study)
         if published is not None:
             return published
-        pipe = self.connection.pipeline(transaction=True)  # one snapshot of the three
+        pipe = self.connection.pipeline(transaction=True)  # one snapshot of the four
         pipe.hexists(self.keys.status, study)
         pipe.hget(self.keys.studies, study)
         pipe.lrange(self.keys.commands, 0, -1)
-        now_published, stored, inbox = pipe.execute()
+        pipe.hexists(self.keys.driven, study)
+        now_published, stored, inbox, driven = pipe.execute()
         if now_published:  # published in between
             return self.published_status(study)
-        return self._queued({study: stored} if stored is not None else {}, inbox).get(study)
+        queued = self._queued({study: stored} if stored is not None else {}, inbox).get(study)
+        if queued is None and stored is None and driven:  # a name the broker does not hold
+            return read_driven_status(self.connection, self.keys, self.signer, study)
+        return queued
 
     def published_status(self, study: str) -> StudyStatus | None:
         """The study's status as the broker last published it (None: it has published none);
@@ -180,15 +258,18 @@ class BrokerClient:
             )
         return status
 
-    def trials(self, study: str) -> list[TrialSummary | RefusedTrial]:
+    def trials(self, study: str, *, driven: bool = False) -> list[TrialSummary | RefusedTrial]:
         """The study's trials as the broker published them, by number: each sent to a worker
         or ended (not those enqueued and not yet asked). With signing on, an entry the broker
         did not sign is a `RefusedTrial`, saying why, never believed. Its storage is not
-        opened: the broker publishes what `optuna-rq trials` shows (`protocol.trial_summary`)."""
-        return read_trial_summaries(self.connection, self.keys, self.signer, study)
+        opened: the broker publishes what `optuna-rq trials` shows (`protocol.trial_summary`).
+        With `driven` (its status is a driven one), as the remote Optimizer that runs it
+        published them."""
+        return read_trial_summaries(self.connection, self.keys, self.signer, study, driven=driven)
 
     def has_status(self, study: str) -> bool:
-        """Whether anything is stored as the study's status, the broker's or not."""
+        """Whether anything is stored as the study's status, the broker's or not (not counting
+        a remote Optimizer's: `Keys.driven`)."""
         return bool(self.connection.hexists(self.keys.status, study))
 
     def is_current(self, status: StudyStatus) -> bool:
@@ -231,8 +312,9 @@ class BrokerClient:
 
     def statuses(self) -> list[StudyStatus | RefusedStatus]:
         """Every study's status, by name: the published ones, where one that does not open
-        (`status`) is a `RefusedStatus`, saying why (shown as refused, never believed), and a
-        `queued` one for each study submitted and not published yet."""
+        (`status`) is a `RefusedStatus`, saying why (shown as refused, never believed), a
+        `queued` one for each study submitted and not published yet, and the status of each
+        study a remote Optimizer runs under a name the broker does not hold."""
         pipe = self.connection.pipeline(transaction=True)  # one snapshot of the two
         pipe.hgetall(self.keys.studies)
         pipe.lrange(self.keys.commands, 0, -1)
@@ -241,7 +323,14 @@ class BrokerClient:
         found = {s.name: s for s in read_statuses(self.connection, self.keys, self.signer)}
         specs = {bytes(name).decode(errors="replace"): raw for name, raw in stored.items()}
         queued = self._queued(specs, inbox)
-        return [found.get(name) or queued[name] for name in sorted(set(found) | set(queued))]
+        brokers = set(found) | set(queued) | set(specs)
+        driven = {
+            s.name: s
+            for s in read_driven_statuses(self.connection, self.keys, self.signer)
+            if s.name not in brokers
+        }
+        merged = {**driven, **queued, **found}
+        return [merged[name] for name in sorted(merged)]
 
     def _queued(self, stored: dict[str, bytes], inbox: list[bytes]) -> dict[str, StudyStatus]:
         """A `queued` status for each study submitted and not published yet: stored by the

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
-import threading
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -36,7 +33,9 @@ from optuna_rq.protocol import (
     DEFAULT_QUEUE,
     FailReason,
     Keys,
+    check_max_retries,
     check_queue_name,
+    check_trial_timeout,
     describe_exception,
     inputs_mismatch,
 )
@@ -91,7 +90,12 @@ class Optimizer:
             `AsyncPythonFunctionTask` (called inside `@flytekit.eager` with the inputs after
             `process()` replaced every suggestion by a sampled value).
         concurrency: how many trials may run at once (an int > 0).
-        n_trials: how many trials to run in total (an int > 0).
+        n_trials: how many trials each run asks (an int > 0): every `await optimizer(...)` (or
+            `run(...)`) asks `n_trials` new trials of the study, whatever it holds already, so
+            a second call runs `n_trials` more. This is how flytekitplugins.optuna 1.16 counts
+            them (its `__call__` spawns `n_trials` trials each time; its docstring's "in
+            total" is per call). A study stopped early (`study.stop()`) asks fewer. On workers,
+            the retries of trials whose worker was lost do not count (`max_retries`).
         study: the Optuna study to optimise; `optuna.create_study()` if None. It holds the
             results afterwards (`optimizer.study.best_params`).
         delay: seconds to wait before starting each trial (an int >= 0).
@@ -109,6 +113,22 @@ class Optimizer:
         queue: the resource class trials run in, as `submit --queue`: workers started with
             `--queue NAME` take them. Default: `default`.
         prefix: the key prefix the workers were started with (`--prefix`). Default: optuna-rq.
+        trial_timeout: whole seconds a trial may run before its worker stops it: it ends FAIL
+            `timeout`, as with `submit --trial-timeout` (an int >= 1, at most 30 days; None,
+            the default: no limit).
+        max_retries: how many times a trial whose worker was lost (killed, its machine gone)
+            runs again as a new trial, as with `submit --max-retries` (an int from 0 to 100;
+            default 2): the last lost attempt ends FAIL `worker_lost`.
+        progress: show a progress bar (trials done of the study's budget, best value,
+            failures by reason) on stderr. None, the default: when stderr is a terminal.
+
+    While it runs on workers, the study is published on the prefix under its name, as a
+    broker's studies are, marked as run by this Python process (`host:pid`): `optuna-rq
+    status` lists it (`running (optimizer host:pid)`), and `optuna-rq wait NAME` follows it
+    and exits as for a broker's study (0 finished with a complete trial, 1 failed, cancelled
+    or without one, 3 if this process dies). A study name the broker holds is refused
+    (StudyConflictError, nothing sent), and so is a broker command for this study
+    (`optuna-rq cancel`: cancel the `await` instead, which ends it cancelled).
 
     Raises:
         ValueError (`broker.errors.ConfigError`): for any invalid argument, naming it.
@@ -131,6 +151,9 @@ class Optimizer:
     queue: str | None = field(default=None, kw_only=True)
     callbacks: Sequence[StudyCallback] | None = field(default=None, kw_only=True)
     prefix: str | None = field(default=None, kw_only=True)
+    trial_timeout: int | None = field(default=None, kw_only=True)
+    max_retries: int = field(default=2, kw_only=True)
+    progress: bool | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.study is None:
@@ -157,13 +180,30 @@ class Optimizer:
                         f"{type(callback).__name__}: {callback!r}"
                     )
 
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise ConfigError(
+                f"progress must be True, False or None (on a terminal), got {self.progress!r}"
+            )
         if self.is_remote:
             if self.redis_url is not None and self.connection is not None:
                 raise ConfigError("give redis_url or connection, not both")
             check_queue_name(self.queue or DEFAULT_QUEUE, option="queue")
             Keys(self.prefix or DEFAULT_PREFIX)  # checks it
+            self.trial_timeout = check_trial_timeout(self.trial_timeout, option="trial_timeout")
+            check_max_retries(self.max_retries, option="max_retries")
             self._objective_path = remote_objective_path(self.objective, len(self.study.directions))
         else:
+            for name, value, default in (
+                ("trial_timeout", self.trial_timeout, None),
+                ("max_retries", self.max_retries, 2),
+                ("progress", self.progress, None),
+            ):
+                if value != default:
+                    raise ConfigError(
+                        f"{name} is for trials run on workers (redis_url=... or connection=...); "
+                        "an in-process run has no worker to stop or lose, and no progress bar "
+                        "(as flytekitplugins.optuna's)"
+                    )
             check_objective(self.objective, len(self.study.directions))
 
     @property
@@ -239,70 +279,10 @@ class Optimizer:
         )
 
     async def _run_remote(self, inputs: dict[str, Any]) -> None:
-        """Dispatch the trials to workers from a thread; cancelling the await stops the run and
-        ends the outstanding trials FAIL (`cancelled`), so none is left RUNNING."""
-        from optuna_rq.connection import connect, resolve_redis_password
-        from optuna_rq.dispatch import Dispatcher, StudyRun
-        from optuna_rq.protocol import Role, Signer
+        """Dispatch the trials to workers (`optuna_rq.remote`)."""
+        from optuna_rq.remote import run_on_workers
 
-        connection = self.connection or connect(
-            self.redis_url or "", password=resolve_redis_password()
-        )
-        prefix = self.prefix or DEFAULT_PREFIX
-        run = StudyRun(
-            study=self._study,
-            objective=self._objective_path,
-            inputs=inputs,
-            concurrency=self.concurrency,
-            n_trials=self.n_trials,
-            queue=self.queue or DEFAULT_QUEUE,
-        )
-        dispatcher = Dispatcher(
-            connection,
-            prefix=prefix,
-            reply_to=Keys(prefix).private_results(uuid.uuid4().hex),
-            signer=Signer.from_env(Role.CLIENT),
-        )
-        dispatcher.add(run)
-        stop = threading.Event()
-        failures: list[BaseException] = []
-
-        def after_tell(run: StudyRun, number: int) -> None:
-            if failures:
-                return
-            try:
-                self._after_tell(run.study, number)
-            except Exception as exc:  # end the run cleanly, then raise it from the run
-                failures.append(exc)
-                stop.set()
-                return
-            if stop_requested(run.study):
-                dispatcher.wind_down(run, "study.stop() was called before this trial was sent")
-
-        def work_until_done() -> None:
-            with optimize_loop(self._study):  # in the dispatcher's thread: callbacks run there
-                dispatcher.run_until_done(stop)
-
-        dispatcher.on_told = after_tell
-        watch = threading.Thread(
-            target=_warn_while_unserved,
-            args=(dispatcher, run, stop),
-            name="optuna-rq-worker-watch",
-            daemon=True,
-        )
-        watch.start()
-        work = asyncio.get_running_loop().run_in_executor(None, work_until_done)
-        try:
-            await asyncio.shield(work)
-        except asyncio.CancelledError:
-            stop.set()
-            await work  # the loop ends the outstanding trials, then returns
-            raise
-        finally:
-            stop.set()
-            dispatcher.close()
-        if failures:
-            raise failures[0]
+        await run_on_workers(self, inputs)
 
     async def spawn(self, semaphore: asyncio.Semaphore, inputs: dict[str, Any]) -> None:
         """Run one trial in-process under `semaphore`: wait `delay`, ask, run the objective, tell.
@@ -358,43 +338,6 @@ def _raised(exc: BaseException) -> Verdict:
     return Verdict(
         state=TrialState.FAIL, fail_reason=FailReason.EXCEPTION, error=describe_exception(exc)
     )
-
-
-_log = logging.getLogger("optuna_rq.optimizer")
-
-UNSERVED_WARNING_S = 3.0
-"""How soon a remote Optimizer whose queue has no live worker says so (and then how often)."""
-
-
-def _warn_while_unserved(dispatcher: Any, run: Any, stop: threading.Event) -> None:
-    """Log, every `UNSERVED_WARNING_S` while the run goes on, that no live worker serves its
-    queue and what it waits for: otherwise a run without workers waits silently forever.
-    Live workers are the pools' own heartbeats, as the broker counts them."""
-    from optuna_rq.protocol import live_pools, workers_on
-
-    module = run.objective.partition(":")[0]
-    rq_queue = dispatcher.keys.trial_queue(module, run.queue)
-    while not stop.wait(UNSERVED_WARNING_S):
-        if run.done:
-            return
-        try:
-            live = workers_on(
-                live_pools(dispatcher.connection, dispatcher.keys, dispatcher.signer), rq_queue
-            )
-        except Exception:  # Redis away: the dispatcher rides it out and says so itself
-            continue
-        if live == 0:
-            _log.warning(
-                "study %r: waiting for a worker on queue %r (%d trials outstanding, %d of %d "
-                "asked); start one with `optuna-rq workers --import %s --queue %s`",
-                run.name,
-                rq_queue,
-                run.n_outstanding,
-                run.asked,
-                run.n_trials,
-                module,
-                run.queue,
-            )
 
 
 def optimize(

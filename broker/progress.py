@@ -1,5 +1,6 @@
-"""A study's published status on a terminal: the lines of `status`, its detail for one study,
-and the progress bar of `wait`, `submit --wait` and `demo`.
+"""A study's progress on a terminal: the bar of `wait`, `submit --wait`, `demo` and a remote
+Optimizer (`StudyBar`), and following a study until it ends (`follow_study`). How a status reads
+(the lines of `status`, its detail) is `status_view`'s, re-exported here.
 
 Output that is not a terminal is never wrapped nor cut (a command printed for copying stays one
 line), and log records emitted while a bar is live are printed above it instead of through it.
@@ -9,11 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from typing import Any
 
 from rich.console import Console, RenderableType
 from rich.constrain import Constrain
@@ -23,26 +23,44 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from optuna_rq.client import BrokerClient, queued_status
 from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.protocol import StudyStatus, liveness
-from optuna_rq.protocol.choices import Direction, StrChoice
-from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerLiveness, BrokerState, ago
-from optuna_rq.protocol.status import RefusedStatus
+from optuna_rq.protocol.liveness import (
+    BROKER_GRACE_S,
+    BrokerLiveness,
+    BrokerState,
+    DriverLiveness,
+    judge_driver,
+    server_clock_s,
+)
+from optuna_rq.status_view import (
+    REFUSED,
+    ShownState,
+    beside,
+    best_summary,
+    status_detail,
+    status_lines,
+    waiting_note,
+)
 
 __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_NO_BROKER",
     "REFUSED",
     "BrokerWatch",
+    "DriverWatch",
     "ShownState",
+    "StudyBar",
     "best_summary",
     "follow_study",
     "make_console",
     "status_detail",
     "status_lines",
+    "waiting_note",
 ]
 
 EXIT_NO_BROKER = 3
 """What `wait` and `submit --wait` exit with when no broker serves the prefix (`BrokerWatch`:
-the broker died or stopped, or none started), unless `--wait-for-broker`."""
+the broker died or stopped, or none started), or, for a study a remote Optimizer runs, when its
+process stopped turning (`DriverWatch`), unless `--wait-for-broker`."""
 
 EXIT_INTERRUPTED = 130
 """What a command stopped by Ctrl-C exits with (128 + SIGINT, as a shell reports it)."""
@@ -76,8 +94,9 @@ def follow_study(
 ) -> int:
     """Show a progress bar until the study ends (with `since`, a submission's `submitted_at`:
     ends after the broker took that submission). Exit code 0 if it finished with a COMPLETE
-    trial; `EXIT_NO_BROKER` once no broker serves the prefix (`BrokerWatch`; with
-    `wait_for_broker`: it says so, and waits on for one); else 1. A line says why.
+    trial; `EXIT_NO_BROKER` once no broker serves the prefix (`BrokerWatch`), or, for a study
+    a remote Optimizer runs, once its process stopped (`DriverWatch`) (with `wait_for_broker`:
+    it says so, and waits on for one); else 1. A line says why.
 
     Only a status the broker wrote counts (`BrokerClient.status`): one it did not sign is
     ignored, said once, and the last status believed stays; if it is the first one read, and
@@ -87,18 +106,13 @@ def follow_study(
     broker's first status comes: with signing on, a front door writes none of its own."""
     console = console or make_console(stderr=True)
     believed = _first_believed(client, name, queued)
-    watch = BrokerWatch(client)
+    # What moves the study: the prefix's broker, or the process of the Optimizer that runs it.
+    watch: BrokerWatch | DriverWatch = (
+        DriverWatch(client, believed) if believed.last.driven else BrokerWatch(client)
+    )
     waiting_for_broker = False
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[best]}  {task.fields[failures]}"),
-        TimeElapsedColumn(),
-    )
-    with _logs_above(console), _Bar(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task(name, total=None, best="", failures="")
+    with StudyBar(console, name) as bar:
         while True:
             snap = believed.read()
             for note in believed.notes():
@@ -106,25 +120,18 @@ def follow_study(
             taken = since is None or (snap.submitted_at is not None and snap.submitted_at >= since)
             ended = snap.state.ended and taken and believed.is_current(snap)
             gone = None if ended else watch.gone()
-            waiting_note = "waiting for a broker" if gone else _waiting_note(snap, client)
-            progress.update(
-                bar,
-                total=snap.n_trials,
-                completed=min(snap.done, snap.n_trials),
-                best=escape(best_summary(snap)),
-                failures=escape("  ".join(filter(None, (_beside(snap), waiting_note)))),
-            )
+            bar.show(snap, watch.waiting if gone else waiting_note(snap, client))
             if ended:
                 # A broker came back and ended the study between two reads: say it came back.
                 if waiting_for_broker and watch.gone() is None:
-                    console.print(_broker_change(None, watch), markup=False, highlight=False)
+                    console.print(watch.change(waiting=False), markup=False, highlight=False)
                 break
             if gone is not None and not wait_for_broker:
-                console.print(f"[red]{escape(_no_broker(gone, snap))}[/]")
+                console.print(f"[red]{escape(watch.no_more(snap))}[/]")
                 return EXIT_NO_BROKER
             if (gone is not None) != waiting_for_broker:  # say when it starts and ends
                 waiting_for_broker = gone is not None
-                console.print(_broker_change(gone, watch), markup=False, highlight=False)
+                console.print(watch.change(waiting=gone is not None), markup=False, highlight=False)
             if deadline is not None and time.monotonic() >= deadline:
                 console.print(f"[red]timeout:[/] study {name!r} is still {snap.state.value}")
                 return 1
@@ -199,6 +206,105 @@ class BrokerWatch:
             return live
         return None
 
+    waiting = "waiting for a broker"
+    """What the bar shows while no broker serves the prefix."""
+
+    def no_more(self, snap: StudyStatus) -> str:
+        """Why the follower gives up (what `gone` last read), and what to do."""
+        assert self.last is not None  # `gone` read it
+        return _no_broker(self.last, snap)
+
+    def change(self, *, waiting: bool) -> str:
+        """What `--wait-for-broker` prints when it starts `waiting` for a broker, or stops."""
+        return _broker_change(self.last if waiting else None, self)
+
+
+class DriverWatch:
+    """Whether a follower of a study a remote Optimizer runs should give up on that process:
+    `gone()` returns its liveness once it has not turned for `grace_s` (by the Redis server's
+    clock), else None. Nothing but an Optimizer's process moves such a study: once it is gone
+    (killed, or its machine lost), no broker will."""
+
+    waiting = "waiting for its Optimizer"
+
+    def __init__(
+        self, client: BrokerClient, believed: _Believed, *, grace_s: float = BROKER_GRACE_S
+    ) -> None:
+        self.client = client
+        self.believed = believed
+        self.grace_s = grace_s
+        self.last: DriverLiveness | None = None
+
+    def gone(self) -> DriverLiveness | None:
+        snap = self.believed.last
+        live = judge_driver(
+            snap, now_s=server_clock_s(self.client.connection), grace_s=self.grace_s
+        )
+        if live is None:  # no longer a driven study's status
+            return None
+        self.last = live
+        return None if live.alive else live
+
+    def no_more(self, snap: StudyStatus) -> str:
+        """Why the follower gives up (what `gone` last read), and what to do."""
+        gone = "its Optimizer stopped" if self.last is None else self.last.describe()
+        return (
+            f"{gone}; study {snap.name!r} is still {snap.state.value}, and nothing moves it "
+            "until an Optimizer runs it again (--wait-for-broker waits for one)"
+        )
+
+    def change(self, *, waiting: bool) -> str:
+        """What `--wait-for-broker` prints when it starts `waiting` for the study's Optimizer,
+        or stops."""
+        name = self.believed.name
+        now = "" if self.last is None else f": {self.last.describe()}"
+        if not waiting:
+            return f"an Optimizer runs study {name!r} again{now}"
+        return f"waiting for an Optimizer to run study {name!r}{now}"
+
+
+class StudyBar:
+    """One study's progress bar on `console`: trials done of its budget, its best, retries and
+    failures by reason, and a note (what it waits for). While it shows, log records print
+    above it (`_logs_above`). Updated with `show` from any thread."""
+
+    def __init__(self, console: Console, name: str) -> None:
+        self.console = console
+        self.name = name
+        self._stack = contextlib.ExitStack()
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    def __enter__(self) -> StudyBar:
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[best]}  {task.fields[failures]}"),
+            TimeElapsedColumn(),
+        )
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_logs_above(self.console))
+            progress = _Bar(*columns, console=self.console, transient=False)
+            self._progress = stack.enter_context(progress)
+            self._task = progress.add_task(escape(self.name), total=None, best="", failures="")
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stack.close()
+
+    def show(self, snap: StudyStatus, note: str = "") -> None:
+        """Show `snap` (done of `n_trials`, best, failures) and `note` beside it."""
+        assert self._progress is not None, "show() inside `with StudyBar(...)`"
+        self._progress.update(
+            self._task,
+            total=snap.n_trials,
+            completed=min(snap.done, snap.n_trials),
+            best=escape(best_summary(snap)),
+            failures=escape("  ".join(filter(None, (beside(snap), note)))),
+        )
+
 
 def _no_broker(gone: BrokerLiveness, snap: StudyStatus) -> str:
     """Why a follower gives up: no broker, and what to do."""
@@ -222,35 +328,6 @@ def _broker_change(gone: BrokerLiveness | None, watch: BrokerWatch) -> str:
     if gone.state is BrokerState.NONE:
         return f"waiting for a broker: {gone.describe()}"
     return f"waiting for a broker on prefix {gone.prefix!r}: {gone.describe()}"
-
-
-def _beside(snap: StudyStatus) -> str:
-    """What the bar shows beside the budget: retries, failures by reason, and a stop condition
-    that holds while the last trials finish."""
-    parts = [f"retries {snap.retries}"] if snap.retries else []
-    if snap.stopped and not snap.state.ended:
-        parts.append(f"stopping: {snap.stopped}")
-    failures = ", ".join(f"{k} {v}" for k, v in sorted(snap.fail_reasons.items()))
-    if failures:
-        parts.append(f"failed: {failures}")
-    return "  ".join(parts)
-
-
-def _waiting_note(snap: StudyStatus, client: BrokerClient | None) -> str:
-    """What a study with no live worker on its queue waits for, how to start one, and what the
-    live workers of its resource class serve instead (a misspelt module shows here)."""
-    if not snap.waiting_for_workers or snap.state.ended:
-        return ""
-    served = [] if client is None else client.served_modules(snap.queue)
-    elsewhere = f" (live workers on queue {snap.queue!r} serve {', '.join(served)})"
-    return f"waiting for a worker: {_worker_command(snap)}" + (elsewhere if served else "")
-
-
-def _worker_command(snap: StudyStatus) -> str:
-    """The command that starts a worker for the study's trials."""
-    module = snap.objective.partition(":")[0]
-    queue = "" if snap.queue == "default" else f" --queue {snap.queue}"
-    return f"optuna-rq workers --import {module}{queue}"
 
 
 def _first_believed(client: BrokerClient, name: str, queued: StudyStatus | None) -> _Believed:
@@ -279,6 +356,9 @@ class _Believed:
         self.name = name
         self.last = first
         self.seen = seen  # a status was read: if none is stored any more, the study vanished
+        # A driven study's run the follower started on: an ended status of an earlier run (its
+        # Optimizer's signed word, kept and written back) is not the end of this one.
+        self.driven_since = first.submitted_at if first.driven else None
         self._pending: list[str] = []
         self._said: set[str] = set()
 
@@ -300,8 +380,13 @@ class _Believed:
         return status
 
     def is_current(self, snap: StudyStatus) -> bool:
-        """Whether ended `snap` is of the submission the broker holds (`is_current`)."""
-        if self.client.is_current(snap):
+        """Whether ended `snap` is of the submission the broker holds (`is_current`); for a
+        study a remote Optimizer runs, of its run the follower started on, or a later one."""
+        if snap.driven:
+            since = self.driven_since
+            if since is None or (snap.submitted_at or 0.0) >= since:
+                return True
+        elif self.client.is_current(snap):
             return True
         self._say(
             "earlier",
@@ -358,135 +443,3 @@ def _logs_above(console: Console) -> Iterator[None]:
             root.removeHandler(replacement)
         for handler in swapped:
             root.addHandler(handler)
-
-
-def _number(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return "nan" if math.isnan(value) else f"{value:.6g}"
-
-
-def best_summary(snap: StudyStatus) -> str:
-    """`best 0.123`; a multi-objective study: `pareto 3, best 0.1 / 4.2` (each objective's
-    best over the front, by its direction)."""
-    if not snap.multi_objective:
-        return f"best {_number(snap.best_value)}"
-    front = snap.best_values or []
-    if not front:
-        return "pareto 0"
-    bests = []
-    for i, direction in enumerate(snap.directions):
-        column = [point[i] for point in front if i < len(point)]
-        pick = max if direction == Direction.MAXIMIZE else min
-        bests.append(_number(pick(column)) if column else "-")
-    return f"pareto {len(front)}, best {' / '.join(bests)}"
-
-
-def _age(s: StudyStatus, now_s: float | None = None) -> str:
-    """How long ago the study was submitted (its last submission: a resubmission starts it
-    again), `3m`; a snapshot without `submitted_at` (written before it was published) falls
-    back to its last update."""
-    then = s.submitted_at
-    if then is None:
-        try:
-            then = datetime.fromisoformat(s.updated_at).timestamp()
-        except ValueError:
-            return "?"
-    return ago((time.time() if now_s is None else now_s) - then)
-
-
-_HEADER = ("STUDY", "STATE", "DONE", "RUNNING", "FAILED", "BEST", "AGE")
-
-
-class ShownState(StrChoice):
-    """The states `status` shows (and `status --state` picks): a study's (`StudyState`), or
-    `refused` for one whose stored status is refused (`RefusedStatus`)."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    FINISHED = "finished"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-    REFUSED = "refused"
-
-
-REFUSED = str(ShownState.REFUSED)
-"""The state `status` shows for a study whose stored status is refused (`RefusedStatus`)."""
-
-
-def status_lines(
-    snapshots: list[StudyStatus | RefusedStatus],
-    *,
-    now_s: float | None = None,
-    broker: BrokerLiveness | None = None,
-) -> list[str]:
-    """A header and one aligned line per study: name, state, done/budget, running, failed, best
-    (a multi-objective study's Pareto size and per-objective bests), and its age: the time
-    since it was submitted (`submitted_at`), not since its status last changed. With `broker`
-    and none serving, a queued or running study's state reads `running (no broker)`. A refused
-    status (not the broker's) reads `refused`, and nothing of it is shown."""
-    rows = [_HEADER] + [
-        (
-            (s.name, REFUSED, "-", "-", "-", "-", "-")
-            if isinstance(s, RefusedStatus)
-            else (
-                s.name,
-                _state(s, broker, short=True),
-                f"{s.done}/{s.n_trials}",
-                str(s.running),
-                str(s.failed),
-                best_summary(s).removeprefix("best "),
-                _age(s, now_s),
-            )
-        )
-        for s in snapshots
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
-    return [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
-
-
-def _state(s: StudyStatus, broker: BrokerLiveness | None, *, short: bool = False) -> str:
-    """The study's state, with `(no broker: ...)` if it is queued or running and no broker
-    serves the prefix (`short`: `(no broker)`)."""
-    note = None if broker is None or s.state.ended else broker.note()
-    if note is None:
-        return s.state.value
-    return f"{s.state.value} ({'no broker' if short else note})"
-
-
-def status_detail(
-    s: StudyStatus, client: BrokerClient | None = None, broker: BrokerLiveness | None = None
-) -> list[str]:
-    """One study in full: `label: value` lines (with `client`, a study waiting for a worker
-    also says what the live workers serve; with `broker`, a queued or running study's state
-    says if no broker serves the prefix: `running (no broker: the broker on h:12 stopped 40s
-    ago)`)."""
-    reasons = ", ".join(f"{k}: {v}" for k, v in s.fail_reasons.items()) or "-"
-    lines = [
-        f"study        {s.name}",
-        f"state        {_state(s, broker)}" + (f" ({s.error})" if s.error else ""),
-        *([f"stopped      {s.stopped}"] if s.stopped else []),
-        f"objective    {s.objective}",
-        f"queue        {s.queue}",
-        f"directions   {', '.join(s.directions)}",
-        f"trials       {s.done}/{s.n_trials} done, {s.running} running"
-        + (f", {s.retries} retries" if s.retries else ""),
-        f"outcomes     {s.complete} complete, {s.pruned} pruned, {s.failed} failed",
-        f"fail reasons {reasons}",
-        *([f"last error   {s.last_error}"] if s.last_error else []),
-        f"concurrency  {s.concurrency}, priority {s.priority:g}",
-        f"best         {best_summary(s).removeprefix('best ')}",
-    ]
-    waiting = _waiting_note(s, client)
-    if waiting:
-        lines.insert(2, waiting.replace("worker: ", "worker, start one: ", 1))
-    if not s.multi_objective:
-        lines.append(f"best params  {s.best_params!r}" if s.best_params else "best params  -")
-    lines.append(f"storage      {s.storage or 'the broker default (not taken yet)'}")
-    if s.submitted_at is not None:
-        submitted = datetime.fromtimestamp(s.submitted_at, timezone.utc).isoformat()
-        lines.append(f"submitted    {submitted} ({_age(s)} ago)")
-    lines.append(f"updated      {s.updated_at}")
-    return lines

@@ -79,6 +79,16 @@ def steady(x: float, redis_url: str, key: str, hold_s: float = 0.2) -> float:
     return x * x
 
 
+def gated(x: float, redis_url: str, key: str) -> float:
+    """Holds until the test opens the gate (sets `KEY:open`), at most a minute: a run that lasts
+    as long as the test looks at it, however slow the machine."""
+    with _running(redis_url, key, x) as conn:
+        deadline = time.monotonic() + 60
+        while not conn.exists(f"{key}:open") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return x * x
+
+
 def with_trial(trial: Any, x: float, redis_url: str, key: str, hold_s: float = 0.05) -> float:
     """A define-by-run objective: one remote-trial call (`set_user_attr`), then `hold_s`."""
     with _running(redis_url, key, x):

@@ -1,10 +1,12 @@
 """Every place that touches what front doors and workers act on that the broker wrote: a study's
 status (`Keys.status`), a trial call's reply list (`Keys.reply_list`), an attempt's cancel mark
-(`Keys.cancel`). Listed here by the source itself, so a new reader cannot slip past the verifying
+(`Keys.cancel`); and the status a remote Optimizer publishes of the study it runs
+(`Keys.driven`). Listed here by the source itself, so a new reader cannot slip past the verifying
 read: each one that reads a value hands it to the one place that judges it (a status to
 `StudyStatus.opened`, a reply to `RemoteTrial._answer_to`, a mark to `CancelMarks.holds`), which
-refuses, with signing on, what the broker did not seal. What each refusal does is tested with
-real processes in tests/faults/test_signed_state.py, and below for the pieces alone.
+refuses, with signing on, what the broker (for a driven status, a front-door key) did not seal.
+What each refusal does is tested with real processes in tests/faults/test_signed_state.py, and
+below for the pieces alone.
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ STATUS_SITES = {
     ("broker/client.py", "BrokerClient.status"): "exists: published in between? then read",
     ("broker/client.py", "BrokerClient.has_status"): "exists: nothing of it is believed",
     ("broker/daemon/commands.py", "Commands.on_delete"): "exists, deletes",
+    ("broker/driven.py", "DrivenStatus.claim"): "exists: is the name the broker's?",
+}
+DRIVEN_SITES = {
+    ("broker/protocol/status.py", "read_driven_status"): "reads: StudyStatus.opened",
+    ("broker/protocol/status.py", "read_driven_statuses"): "reads: StudyStatus.opened",
+    ("broker/driven.py", "DrivenStatus._publish"): "writes: StudyStatus.sealed",
+    ("broker/client.py", "BrokerClient.status"): "exists: then read",
+    ("broker/client.py", "BrokerClient.delete_driven"): "deletes",
 }
 REPLY_SITES = {
     (
@@ -54,6 +64,8 @@ CANCEL_MARK_SITES = {
 VERIFIED_BY = {
     ("broker/protocol/status.py", "read_status"): "StudyStatus.opened(",
     ("broker/protocol/status.py", "read_statuses"): "StudyStatus.opened(",
+    ("broker/protocol/status.py", "read_driven_status"): "StudyStatus.opened(",
+    ("broker/protocol/status.py", "read_driven_statuses"): "StudyStatus.opened(",
     ("workers/remote_trial.py", "RemoteTrial._call"): "self._answer_to(",
     ("workers/remote_trial.py", "RemoteTrial._answer_to"): "self._signer.open(Record.REPLY,",
     ("workers/supervision.py", "Supervisor._renew"): "self.cancel_marks.holds(",
@@ -70,6 +82,7 @@ class _Sites(ast.NodeVisitor):
         self.scope: list[str] = []
         self.found: dict[str, set[tuple[str, str]]] = {
             "status": set(),
+            "driven": set(),
             "reply_list": set(),
             "_reply_key": set(),
             "cancel": set(),
@@ -90,8 +103,10 @@ class _Sites(ast.NodeVisitor):
     def visit_Attribute(self, node: ast.Attribute) -> None:
         where = (self.path, ".".join(self.scope))
         owner = ast.unparse(node.value)
-        if node.attr == "status" and (owner.endswith("keys") or owner.startswith("Keys(")):
-            self.found["status"].add(where)
+        if node.attr in ("status", "driven") and (
+            owner.endswith("keys") or owner.startswith("Keys(")
+        ):
+            self.found[node.attr].add(where)
         if node.attr in ("reply_list", "cancel") and owner == "Keys":
             self.found[node.attr].add(where)
         if node.attr in ("_reply_key", "cancel_mark") and not isinstance(node.ctx, ast.Store):
@@ -100,7 +115,8 @@ class _Sites(ast.NodeVisitor):
 
     def visit_Constant(self, node: ast.Constant) -> None:
         # A name spelt out by hand would escape the lists above.
-        if isinstance(node.value, str) and node.value.endswith((":status", ":cancel:", ":call:")):
+        spelt = (":status", ":driven", ":cancel:", ":call:")
+        if isinstance(node.value, str) and node.value.endswith(spelt):
             self.found["status"].add((self.path, "a literal " + node.value))
 
 
@@ -133,6 +149,7 @@ def _source_of(path: str, qualname: str) -> str:
 def test_every_use_of_a_status_reply_list_or_cancel_mark_is_listed() -> None:
     found = _all_sites()
     assert found["status"] == set(STATUS_SITES), "a new use of Keys.status: list it, verified"
+    assert found["driven"] == set(DRIVEN_SITES), "a new use of Keys.driven: list it, verified"
     assert found["reply_list"] == set(REPLY_SITES)
     assert found["_reply_key"] == set(REPLY_KEY_SITES)
     assert found["cancel"] == set(CANCEL_SITES)

@@ -28,9 +28,10 @@ FIELDS = ("reply_to", "study", "incarnation", "trial_number", "attempt")
 # An attempt's parts: a method taking one of these by name makes a per-attempt name outside
 # the rule (it must take an AttemptId). A name of a whole study (its backlog of bulk commands,
 # which goes when the study ends; its published trials, of every run of it in its storage, which
-# go when it is deleted) may take the study alone.
+# go when it is deleted; those a remote Optimizer publishes of the study it runs) may take the
+# study alone.
 _ATTEMPT_PARTS = {"incarnation", "trial_number", "number", "attempt", "job_id"}
-_PER_STUDY = {"backlog_of", "trials_of"}
+_PER_STUDY = {"backlog_of", "trials_of", "driven_trials_of"}
 
 
 def _methods() -> dict[str, Callable[..., object]]:

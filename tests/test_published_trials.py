@@ -450,18 +450,25 @@ def test_deleting_a_study_drops_its_published_trials_and_a_resubmission_publishe
 
 # -- every use of the key ----------------------------------------------------------------------
 
+# The broker's (`trials_of`) and those a remote Optimizer publishes (`driven_trials_of`).
 TRIALS_SITES = {
     ("broker/protocol/trial_summary.py", "read_trial_summaries"): "reads: TrialSummary.opened",
-    ("broker/dispatch/publication.py", "TrialPublication.into"): "writes: sealed, noted",
-    ("broker/dispatch/publication.py", "TrialPublication.reconcile"): "reads: _published",
+    # `into` writes through it (sealed, noted); `reconcile` reads through it (`_published`)
+    ("broker/dispatch/publication.py", "TrialPublication._key"): "names it",
     ("broker/daemon/commands.py", "Commands.on_delete"): "deletes",
     ("broker/daemon/catch_up.py", "CatchUp._catch_up"): "counts (HLEN): believes nothing",
+    ("broker/client.py", "BrokerClient.delete_driven"): "deletes (an Optimizer's)",
 }
 VERIFIED_BY = {
     ("broker/protocol/trial_summary.py", "read_trial_summaries"): "TrialSummary.opened(",
-    ("broker/dispatch/publication.py", "TrialPublication._published"): "open(Record.TRIAL,",
+    ("broker/dispatch/publication.py", "TrialPublication._published"): "self.signer.open(record,",
     ("broker/dispatch/publication.py", "TrialPublication.reconcile"): "self._published(",
-    ("broker/protocol/trial_summary.py", "TrialSummary.opened"): "open(Record.TRIAL,",
+    ("broker/dispatch/publication.py", "TrialPublication.into"): "self._key(",
+    ("broker/protocol/trial_summary.py", "TrialSummary.opened"): "signer.open(_record(driven),",
+    (
+        "broker/protocol/trial_summary.py",
+        "_record",
+    ): "Record.DRIVEN_TRIAL if driven else Record.TRIAL",
 }
 
 
@@ -478,7 +485,8 @@ def _uses_of_trials_of() -> set[tuple[str, str]]:
                     if isinstance(child, (ast.FunctionDef, ast.ClassDef)):
                         visit(child, [*scope, child.name])
                         continue
-                    if isinstance(child, ast.Attribute) and child.attr == "trials_of":
+                    named = ("trials_of", "driven_trials_of")
+                    if isinstance(child, ast.Attribute) and child.attr in named:
                         found.add((relative, ".".join(scope)))
                     if isinstance(child, ast.Constant) and str(child.value).endswith(":trials:"):
                         found.add((relative, "a literal " + str(child.value)))

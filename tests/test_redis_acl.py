@@ -246,6 +246,7 @@ def key_classes() -> dict[str, str]:
         "backlog_of": keys.backlog_of("s"),
         "receipt": keys.receipt("0" * 32),
         "trials_of": keys.trials_of("s"),
+        "driven_trials_of": keys.driven_trials_of("s"),
         "private_results": private,
         "lease": Keys.lease(ours),
         "cancel": Keys.cancel(ours),
@@ -276,6 +277,7 @@ def test_the_key_classes_name_every_key_keys_makes() -> None:
         "commands",
         "studies",
         "status",
+        "driven",
         "results",
         "dropped",
         "refused",
@@ -295,6 +297,7 @@ def test_the_key_classes_name_every_key_keys_makes() -> None:
         "backlog_of",
         "receipt",
         "trials_of",
+        "driven_trials_of",
         "private_results",
         "lease",
         "cancel",
@@ -315,11 +318,18 @@ MAY_WRITE: dict[str, dict[str, set[str] | None]] = {
         "results": {"XADD"},
         "private_results": {"XADD"},
     },
-    "client": {"commands": {"RPUSH"}, "wake": {"XADD"}},
+    "client": {
+        "commands": {"RPUSH"},
+        "wake": {"XADD"},
+        "driven": {"HDEL"},  # `delete` of an Optimizer's ended study
+        "driven_trials_of": {"DEL"},
+    },
     "optimizer": {
         **_RQ,
         **dict.fromkeys(("private_results", "private lease", "private cancel"), ALL),
         **dict.fromkeys(("private reply_list", "refused", "dropped"), ALL),
+        "driven": {"HSET"},  # the status of the study it runs
+        "driven_trials_of": {"HSET"},  # and its trials, as the broker publishes its own
     },
 }
 """What each role may write (None: with any command; else with these only). Every other write
@@ -329,6 +339,7 @@ WRITES = {
     "DEL": ("DEL", "{key}"),
     "SET": ("SET", "{key}", "x"),
     "HSET": ("HSET", "{key}", "f", "x"),
+    "HDEL": ("HDEL", "{key}", "f"),
     "HINCRBY": ("HINCRBY", "{key}", "f", "1"),
     "RPUSH": ("RPUSH", "{key}", "x"),
     "LTRIM": ("LTRIM", "{key}", "1", "0"),
@@ -401,6 +412,7 @@ def test_what_the_workers_and_a_front_door_may_not_read(server: AclServer) -> No
     }
     for role in ("worker", "optimizer"):  # what the broker publishes for the front doors
         unreadable[role].append(keys.trials_of("s"))
+    unreadable["worker"].append(keys.driven_trials_of("s"))
     for role, names in unreadable.items():
         for key in names:
             assert admin.acl_dryrun(role, "DUMP", key) != b"OK", (role, key)

@@ -137,6 +137,9 @@ class Dispatcher:
         """Studies whose sampling is slow sample in its process, if it has one (`offloop`)."""
         self.on_told: Callable[[StudyRun, int], None] | None = None
         """Called with the run and the trial number after every tell (Optimizer callbacks)."""
+        self.on_turn: Callable[[], None] | None = None
+        """Called once per turn of `run_until_done` (a remote Optimizer's status and liveness:
+        `optuna_rq.driven`); a turn waits on the result stream at most its `poll_s`."""
         self.retries = Retries(
             connection,
             keys=self.keys,
@@ -488,6 +491,8 @@ class Dispatcher:
             try:
                 self.refill()
                 self.poll(None if self.behind else poll_s)
+                if self.on_turn is not None:
+                    self.on_turn()
             except (redis.ConnectionError, redis.TimeoutError, OutOfMemoryError) as exc:
                 if wait_for_redis(self.connection, exc, stop=stop, give_up_s=give_up_after_s):
                     self.after_outage()

@@ -102,13 +102,20 @@ def _epoch(moment: Any) -> float | None:
 
 class TrialPublication:
     """The trials one dispatcher publishes under `keys`, sealed by `signer` (`keys` None:
-    nothing is published, for a dispatcher whose studies nobody lists)."""
+    nothing is published, for a dispatcher whose studies nobody lists); with `driven`, as the
+    trials of a study a remote Optimizer runs (`Keys.driven_trials_of`, `Record.DRIVEN_TRIAL`,
+    with its front-door key)."""
 
-    def __init__(self, keys: Keys | None, signer: Signer) -> None:
+    def __init__(self, keys: Keys | None, signer: Signer, *, driven: bool = False) -> None:
         self.keys = keys
         self.signer = signer
+        self.driven = driven
         self.max_bytes = min(SUMMARY_MAX_BYTES, signer.max_message_bytes)
         self._pending: Pending = {}
+
+    def _key(self, study: str) -> str:
+        assert self.keys is not None  # nothing is published without them
+        return self.keys.driven_trials_of(study) if self.driven else self.keys.trials_of(study)
 
     @property
     def pending(self) -> bool:
@@ -122,7 +129,8 @@ class TrialPublication:
         self._pending.setdefault(study.study_name, {})[frozen.number] = self._sealed(study, frozen)
 
     def _sealed(self, study: optuna.Study, frozen: FrozenTrial) -> bytes:
-        return self._summary(study, frozen).sealed(self.signer, study=study.study_name)
+        name = study.study_name
+        return self._summary(study, frozen).sealed(self.signer, study=name, driven=self.driven)
 
     def _summary(self, study: optuna.Study, frozen: FrozenTrial) -> TrialSummary:
         return summary_of(frozen, multi=len(study.directions) > 1).bounded(self.max_bytes)
@@ -138,7 +146,7 @@ class TrialPublication:
         }
         for name, trials in queued.items():
             assert self.keys is not None  # nothing is noted without them
-            _hset(pipe, self.keys.trials_of(name), trials)
+            _hset(pipe, self._key(name), trials)
         return queued
 
     def written(self, queued: Pending) -> None:
@@ -165,7 +173,7 @@ class TrialPublication:
         self.forget(name)  # what waits is older than what the storage holds now
         if self.keys is None:
             return 0
-        key = self.keys.trials_of(name)
+        key = self._key(name)
         stored: dict[bytes, bytes] = connection.hgetall(key)  # type: ignore[assignment]
         stale: dict[int, bytes] = {}
         for frozen in study.get_trials(deepcopy=False):
@@ -173,7 +181,7 @@ class TrialPublication:
                 continue
             summary = self._summary(study, frozen)
             if self._published(stored.get(str(frozen.number).encode()), name) != summary.encode():
-                stale[frozen.number] = summary.sealed(self.signer, study=name)
+                stale[frozen.number] = summary.sealed(self.signer, study=name, driven=self.driven)
         if stale:
             pipe = connection.pipeline(transaction=False)
             _hset(pipe, key, stale)
@@ -187,7 +195,8 @@ class TrialPublication:
         if stored is None:
             return None
         try:
-            return self.signer.open(Record.TRIAL, stored, bound_to=study)
+            record = Record.DRIVEN_TRIAL if self.driven else Record.TRIAL
+            return self.signer.open(record, stored, bound_to=study)
         except ProtocolError:
             return None
 

@@ -78,7 +78,13 @@ from optuna_rq.protocol.signing import (
     Record,
     Signer,
 )
-from optuna_rq.protocol.spec import StudySpec, open_stored_spec, seal_stored_spec
+from optuna_rq.protocol.spec import (
+    StudySpec,
+    check_max_retries,
+    check_trial_timeout,
+    open_stored_spec,
+    seal_stored_spec,
+)
 from optuna_rq.protocol.status import StudyState, StudyStatus, refuse_if_closed
 from optuna_rq.protocol.trial_summary import (
     RefusedTrial,
@@ -146,8 +152,10 @@ __all__ = [
     "TrialRequest",
     "TrialResult",
     "check_incarnation",
+    "check_max_retries",
     "check_params",
     "check_queue_name",
+    "check_trial_timeout",
     "decode_command",
     "decode_map",
     "describe_exception",

@@ -15,8 +15,15 @@ One broker serves one prefix; several brokers can share a Redis with different p
     studies             hash: study name -> its StudySpec (with its incarnation, below)
     status              hash: study name -> its StudyStatus (JSON, for `status` and `wait`;
                         with signing on, sealed by the broker and bound to the study's name)
+    driven              hash: study name -> the StudyStatus of a study a remote `Optimizer` runs
+                        (`driver` names its process), published by that process while it runs
+                        and when it ends, sealed as a `driven study status`: the broker neither
+                        reads nor writes it, and the front doors show a name the broker holds
+                        as the broker's (`BrokerClient.status`)
     trials:<study>      hash: trial number -> the trial as the broker published it (`TrialSummary`,
                         for `trials`; sealed like a status), written as trials are sent and end
+    driven:trials:<study>
+                        the same, of a study a remote `Optimizer` runs, published by it
     results             the stream workers append results and trial calls to (group `broker`)
     results:<token>     a private result stream (one remote `Optimizer` run; the token is 32
                         lowercase hex digits, so an ACL pattern of 32 `?` names these streams
@@ -171,6 +178,7 @@ class Keys:
         self.commands = f"{prefix}:commands"
         self.studies = f"{prefix}:studies"
         self.status = f"{prefix}:status"
+        self.driven = f"{prefix}:driven"
         self.results = f"{prefix}:results"
         self.dropped = f"{prefix}:dropped"
         self.refused = f"{prefix}:refused"
@@ -210,6 +218,12 @@ class Keys:
     def trials_of(self, study: str) -> str:
         """The hash of `study`'s published trials, by number (`protocol.trial_summary`)."""
         return f"{self.prefix}:trials:{study}"
+
+    def driven_trials_of(self, study: str) -> str:
+        """The hash of the trials a remote Optimizer publishes of the study it runs (`driven`):
+        apart from the broker's (`trials_of`), so that a name the broker takes later never
+        shows an Optimizer's trials as its own."""
+        return f"{self.driven}:trials:{study}"
 
     def backlog_of(self, study: str) -> str:
         """The list of `study`'s pending bulk commands (`daemon.backlog`)."""

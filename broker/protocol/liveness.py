@@ -11,6 +11,11 @@ and its absence means no broker ever ran on the prefix.
 
 A reader combines it with the lock (`Keys.broker`): see `BrokerState`. The lock alone would
 not do: a SIGKILLed broker leaves its lock for up to its TTL (10 s), and a frozen one keeps it.
+
+A study a remote Optimizer runs has no broker: the Optimizer's process drives it, and its turn
+is in the study's own signed status (`StudyStatus.turn_at_s`, the Redis server's clock, written
+at least every `TURN_BEAT_S` while it runs). `judge_driver` tells whether that process still
+turns, by the same grace as a broker's (`DriverLiveness`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import redis
 
 from optuna_rq.protocol.keys import Keys
+from optuna_rq.protocol.status import StudyStatus
 
 __all__ = [
     "BROKER_GRACE_S",
@@ -30,10 +36,13 @@ __all__ = [
     "TURN_BEAT_S",
     "BrokerLiveness",
     "BrokerState",
+    "DriverLiveness",
     "TurnBeacon",
     "ago",
+    "judge_driver",
     "judge_liveness",
     "read_liveness",
+    "server_clock_s",
 ]
 
 TURN_BEAT_S = 1.0
@@ -111,6 +120,9 @@ class BrokerLiveness:
     holder: str | None = None
     last_broker: str | None = None
     last_turn_age_s: float | None = None
+    read_at_s: float | None = None
+    """The Redis server's clock when this was read: what a driven study's turn is judged
+    against in the same listing (`judge_driver`)."""
 
     @property
     def serves(self) -> bool:
@@ -163,6 +175,7 @@ def judge_liveness(
     last_broker: str | None,
     last_turn_age_s: float | None,
     grace_s: float = BROKER_GRACE_S,
+    read_at_s: float | None = None,
 ) -> BrokerLiveness:
     """The state the lock's `holder` and the last turn record give (see `BrokerState`)."""
     if holder is None:
@@ -179,6 +192,7 @@ def judge_liveness(
         holder=holder,
         last_broker=last_broker,
         last_turn_age_s=last_turn_age_s,
+        read_at_s=read_at_s,
     )
 
 
@@ -200,7 +214,57 @@ def read_liveness(
         last_broker=_text(raw_broker),
         last_turn_age_s=age_s,
         grace_s=grace_s,
+        read_at_s=now_s + now_us / 1e6,
     )
+
+
+def server_clock_s(connection: redis.Redis) -> float:
+    """The Redis server's clock, in seconds: the one clock every machine reads alike."""
+    seconds, micros = connection.time()
+    return float(seconds) + micros / 1e6
+
+
+@dataclass(frozen=True, kw_only=True)
+class DriverLiveness:
+    """The process that runs a driven study (a remote Optimizer), as judged at one moment:
+    `driver` (`host:pid`), how long ago (by the Redis server's clock) it last turned, and
+    whether that is within `grace_s`."""
+
+    driver: str
+    turn_age_s: float | None
+    grace_s: float = BROKER_GRACE_S
+
+    @property
+    def alive(self) -> bool:
+        return self.turn_age_s is not None and self.turn_age_s <= self.grace_s
+
+    def describe(self) -> str:
+        """`the Optimizer on host:12 is running`, `the Optimizer on host:12 stopped 40s ago`."""
+        if self.alive:
+            return f"the Optimizer on {self.driver} is running"
+        if self.turn_age_s is None:
+            return f"the Optimizer on {self.driver} never turned"
+        return f"the Optimizer on {self.driver} stopped {ago(self.turn_age_s)} ago"
+
+    def to_dict(self) -> dict[str, Any]:
+        """`status --json`'s `driver_liveness` object."""
+        return {
+            "driver": self.driver,
+            "state": "running" if self.alive else "stopped",
+            "last_turn_age_s": None if self.turn_age_s is None else round(self.turn_age_s, 3),
+        }
+
+
+def judge_driver(
+    status: StudyStatus, *, now_s: float, grace_s: float = BROKER_GRACE_S
+) -> DriverLiveness | None:
+    """Whether the process driving `status`'s study turned within `grace_s` of `now_s` (the
+    Redis server's clock: `server_clock_s`, `BrokerLiveness.read_at_s`); None for a study the
+    broker runs."""
+    if status.driver is None:
+        return None
+    age = None if status.turn_at_s is None else max(0.0, now_s - status.turn_at_s)
+    return DriverLiveness(driver=status.driver, turn_age_s=age, grace_s=grace_s)
 
 
 def _text(raw: Any) -> str | None:

@@ -15,7 +15,8 @@ Two ways to sign, chosen by what each process is given:
   the broker signs jobs, replies, status, specs and published trials, only workers sign results,
   calls and heartbeats, and only front doors sign commands (a remote `Optimizer`, which
   dispatches its own trials, may also sign jobs and replies: no more than its submit could make
-  run).
+  run; and the status of the study it runs, as a record of its own kind that no reader takes
+  for the broker's).
 - **One shared secret** (`OPTUNA_RQ_SECRET` or `OPTUNA_RQ_SECRET_FILE`): HMAC-SHA256. For small
   setups where every machine is trusted alike: whoever holds it can sign as any role.
 
@@ -73,9 +74,11 @@ class Record(str, enum.Enum):
     CANCEL = "cancel mark"
     HEARTBEAT = "pool heartbeat"
     STATUS = "study status"
+    DRIVEN_STATUS = "driven study status"
     SPEC = "stored study spec"
     RECEIPT = "bulk command receipt"
     TRIAL = "published trial"
+    DRIVEN_TRIAL = "driven published trial"
 
     @property
     def signed_by(self) -> frozenset[Role]:
@@ -85,9 +88,16 @@ class Record(str, enum.Enum):
     @property
     def ages(self) -> bool:
         """Whether an old one is refused as a replay. A status, a kept spec, a receipt or a
-        published trial is current until the broker replaces it, however old; the rest is acted
+        published trial is current until its writer replaces it, however old; the rest is acted
         on once, soon after it is sent."""
-        return self not in (Record.STATUS, Record.SPEC, Record.RECEIPT, Record.TRIAL)
+        return self not in (
+            Record.STATUS,
+            Record.DRIVEN_STATUS,
+            Record.SPEC,
+            Record.RECEIPT,
+            Record.TRIAL,
+            Record.DRIVEN_TRIAL,
+        )
 
 
 _SIGNED_BY: dict[Record, frozenset[Role]] = {
@@ -99,9 +109,15 @@ _SIGNED_BY: dict[Record, frozenset[Role]] = {
     Record.CALL: frozenset({Role.WORKER}),
     Record.HEARTBEAT: frozenset({Role.WORKER}),
     Record.STATUS: frozenset({Role.BROKER}),
+    # The status of a study a remote Optimizer runs (`Keys.driven`): its own, signed with the
+    # front-door key it holds, on a hash of its own; never taken for the broker's.
+    Record.DRIVEN_STATUS: frozenset({Role.CLIENT}),
     Record.SPEC: frozenset({Role.BROKER}),
     Record.RECEIPT: frozenset({Role.BROKER}),
     Record.TRIAL: frozenset({Role.BROKER}),
+    # A trial of a study a remote Optimizer runs, published by it as the broker publishes its
+    # own (`Keys.trials_of`): signed with its front-door key, never taken for the broker's.
+    Record.DRIVEN_TRIAL: frozenset({Role.CLIENT}),
 }
 
 

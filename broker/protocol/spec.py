@@ -56,7 +56,9 @@ __all__ = [
     "MAX_SEED",
     "MAX_TRIAL_TIMEOUT_S",
     "StudySpec",
+    "check_max_retries",
     "check_settings",
+    "check_trial_timeout",
     "open_stored_spec",
     "seal_stored_spec",
 ]
@@ -178,11 +180,7 @@ class StudySpec(Message):
                 f"--constant-liar is a TPE option, not one of --sampler {self.sampler}: "
                 "drop it or use --sampler tpe"
             )
-        if not _int_in(self.max_retries, 0, MAX_RETRIES):
-            raise ConfigError(
-                f"--max-retries must be an integer from 0 to {MAX_RETRIES}, "
-                f"got {self.max_retries!r}"
-            )
+        check_max_retries(self.max_retries)
         check_settings(priority=self.priority)
         self._check_stop_conditions()
         check_queue_name(self.queue)
@@ -337,6 +335,44 @@ def _plain(value: Any) -> Any:
 
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+def check_trial_timeout(seconds: object, *, option: str = "--trial-timeout") -> int | None:
+    """A trial timeout (`submit --trial-timeout`, `Optimizer(trial_timeout=...)`) as the whole
+    seconds it runs for (None: none); ConfigError naming `option` for anything else.
+
+    RQ's job timeout (the alarm a worker raises in the objective) is whole seconds: a fraction
+    would silently run rounded up, so it is refused instead; so is more than 30 days
+    (`MAX_TRIAL_TIMEOUT_S`)."""
+    if seconds is None:
+        return None
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not math.isfinite(seconds)
+    ):
+        raise ConfigError(f"{option} must be whole seconds (a number), got {seconds!r}")
+    if seconds < 1 or seconds != int(seconds):
+        raise ConfigError(
+            f"{option} {seconds:g}: trial timeouts are whole seconds >= 1 (RQ's job "
+            f"timeout is); use {max(1, int(seconds))} or {max(1, int(seconds)) + 1}"
+        )
+    if seconds > MAX_TRIAL_TIMEOUT_S:
+        shown = f"{seconds:.0f}" if seconds < 1e15 else f"{seconds:g}"
+        raise ConfigError(
+            f"{option} must be > 0 and at most {MAX_TRIAL_TIMEOUT_S} seconds (30 days), got {shown}"
+        )
+    return int(seconds)
+
+
+def check_max_retries(value: object, *, option: str = "--max-retries") -> int:
+    """How many times a trial whose worker was lost runs again (`submit --max-retries`,
+    `Optimizer(max_retries=...)`); ConfigError naming `option` unless a whole number from 0 to
+    `MAX_RETRIES`."""
+    if not _int_in(value, 0, MAX_RETRIES):
+        raise ConfigError(f"{option} must be an integer from 0 to {MAX_RETRIES}, got {value!r}")
+    assert isinstance(value, int)
+    return value
 
 
 def check_settings(

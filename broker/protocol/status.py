@@ -1,14 +1,21 @@
 """A study's status: the snapshot the broker publishes for `status`, `wait` and scripts.
 
 Stored as JSON in `<prefix>:status` (readable with `redis-cli` too), and printed as the same JSON
-by `optuna-rq status --json` (which adds `broker`, the prefix's broker as read: `liveness`;
-`from_json` ignores it). Only the broker moves a study from state to state and writes its
-status; the front doors show a study it has not taken yet as `queued` (`BrokerClient.status`).
+by `optuna-rq status --json` (which adds `broker`, the prefix's broker as read, or for a study a
+remote Optimizer runs `driver_liveness`, its process as read: `liveness`; `from_json` ignores
+them). Only the broker moves its studies from state to state and writes their status; the front
+doors show a study it has not taken yet as `queued` (`BrokerClient.status`).
 
 With signing on, the broker seals each status (`Record.STATUS`, bound to the study's name: one
 study's signed status copied under another name does not open), and every reader opens it here,
 through `read_status` or `read_statuses` and nowhere else: a status the broker did not sign is
 refused, never believed (a forged `finished` would release `wait`).
+
+A study a remote `Optimizer` runs is driven by that Python process, not by the broker: its status
+(`driver` names the process, `turn_at_s` its last turn) is published by the process itself on a
+hash of its own (`Keys.driven`), sealed as a `Record.DRIVEN_STATUS` with the front-door key it
+holds, and read through `read_driven_status` and `read_driven_statuses`. Neither kind opens as
+the other: a driven status is never taken for the broker's, nor a broker's for a driven one.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ __all__ = [
     "RefusedStatus",
     "StudyState",
     "StudyStatus",
+    "read_driven_status",
+    "read_driven_statuses",
     "read_status",
     "read_statuses",
     "refuse_if_closed",
@@ -105,8 +114,19 @@ class StudyStatus(Message):
     queue: str = wire(Text(), default="default")  # its resource class
     # No live worker listens to the study's queue: its trials wait for one (nothing fails).
     waiting_for_workers: bool = wire(Bool(), default=False)
+    # A study a remote Optimizer runs: `host:pid` of that Python process (None: the broker's
+    # study), and the Redis server's clock (seconds) at its last turn, which it publishes at
+    # least every `protocol.liveness.TURN_BEAT_S` while it runs: how a reader on any machine
+    # tells that the process died (`protocol.liveness.judge_driver`).
+    driver: str | None = wire(Text(optional=True), default=None)
+    turn_at_s: float | None = wire(Float(minimum=0, optional=True), default=None)
     updated_at: str = wire(Text(), default_factory=lambda: _now())
     v: int = version_field()
+
+    @property
+    def driven(self) -> bool:
+        """Whether a remote Optimizer's process runs the study (not the broker)."""
+        return self.driver is not None
 
     @property
     def multi_objective(self) -> bool:
@@ -173,22 +193,28 @@ class StudyStatus(Message):
         data.setdefault("waiting_for_workers", False)
         data.setdefault("stopped", None)  # written before a stop had a field of its own
         data.pop("broker", None)  # `status --json` adds the prefix's broker: not the study's
+        data.pop("driver_liveness", None)  # and a driven study's process, as read
         return cls.from_wire(data)
 
     def sealed(self, signer: Signer) -> bytes:
-        """What the broker stores under the study's name: its JSON, sealed as a status of this
-        study (the JSON itself with signing off)."""
-        return signer.seal(Record.STATUS, self.to_json().encode(), bound_to=self.name)
+        """What its publisher stores under the study's name: its JSON, sealed as a status of this
+        study (the JSON itself with signing off): the broker's (`Record.STATUS`), or a driven
+        study's (`Record.DRIVEN_STATUS`) if `driver` is set."""
+        record = Record.DRIVEN_STATUS if self.driven else Record.STATUS
+        return signer.seal(record, self.to_json().encode(), bound_to=self.name)
 
     @classmethod
-    def opened(cls, raw: bytes, signer: Signer, *, name: str) -> StudyStatus:
+    def opened(cls, raw: bytes, signer: Signer, *, name: str, driven: bool = False) -> StudyStatus:
         """The status stored under `name`, if the broker signed it for that study (with signing
-        on); ProtocolError saying why not, naming the study."""
+        on); with `driven`, if it is a driven study's status, signed by a front-door key (a
+        remote Optimizer's). ProtocolError saying why not, naming the study."""
+        record = Record.DRIVEN_STATUS if driven else Record.STATUS
+        signed_by = "a front-door key (a remote Optimizer's)" if driven else "the broker"
         try:
-            body = signer.open(Record.STATUS, raw, bound_to=name)
+            body = signer.open(record, raw, bound_to=name)
         except ProtocolError as exc:
             raise ProtocolError(
-                f"the status of study {name!r} is not signed by the broker, refused: {exc}"
+                f"the status of study {name!r} is not signed by {signed_by}, refused: {exc}"
             ) from None
         try:
             status = cls.from_json(body)
@@ -198,6 +224,9 @@ class StudyStatus(Message):
             raise ProtocolError(
                 f"the status stored under study {name!r} is study {status.name!r}'s, refused"
             )
+        if status.driven is not driven:  # only without signing: a sealed one names its kind
+            says = "a remote Optimizer's" if status.driven else "the broker's"
+            raise ProtocolError(f"the status of study {name!r} says it is {says}, refused")
         return status
 
 
@@ -225,8 +254,9 @@ def refuse_if_closed(
 
 @dataclass(frozen=True)
 class RefusedStatus:
-    """A study's entry in `<prefix>:status` that does not open (`StudyStatus.opened`): not
-    signed by the broker, or not a status at all. Shown as refused, never believed."""
+    """A study's entry in `<prefix>:status` (or `<prefix>:driven`) that does not open
+    (`StudyStatus.opened`): not signed by the broker (a front-door key), or not a status at
+    all. Shown as refused, never believed."""
 
     name: str
     why: str
@@ -251,6 +281,30 @@ def read_statuses(
         name = raw_name.decode(errors="replace")
         try:
             found.append(StudyStatus.opened(raw, signer, name=name))
+        except ProtocolError as exc:
+            found.append(RefusedStatus(name=name, why=str(exc)))
+    return found
+
+
+def read_driven_status(
+    connection: redis.Redis, keys: Keys, signer: Signer, name: str
+) -> StudyStatus | None:
+    """The status of study `name` as the remote Optimizer running it published it (None: none
+    did); ProtocolError if what is stored does not open (`StudyStatus.opened`)."""
+    raw: Any = connection.hget(keys.driven, name)
+    return None if raw is None else StudyStatus.opened(bytes(raw), signer, name=name, driven=True)
+
+
+def read_driven_statuses(
+    connection: redis.Redis, keys: Keys, signer: Signer
+) -> list[StudyStatus | RefusedStatus]:
+    """Every driven study's status, by name; an entry that does not open is a `RefusedStatus`."""
+    stored: dict[bytes, bytes] = connection.hgetall(keys.driven)  # type: ignore[assignment]
+    found: list[StudyStatus | RefusedStatus] = []
+    for raw_name, raw in sorted(stored.items()):
+        name = raw_name.decode(errors="replace")
+        try:
+            found.append(StudyStatus.opened(raw, signer, name=name, driven=True))
         except ProtocolError as exc:
             found.append(RefusedStatus(name=name, why=str(exc)))
     return found

@@ -8,7 +8,11 @@ storage, whose path or server is the broker's, not its own.
 
 Each entry is sealed like a status (`Record.TRIAL`, bound to the study's name, signed by the
 broker alone): with signing on, an entry the broker did not sign is refused, never believed. Its
-body names its trial's number, so an entry copied under another number is refused too.
+body names its trial's number, so an entry copied under another number is refused too. A study
+a remote Optimizer runs (its status is a driven one: `protocol.status`) has its trials published
+by that Optimizer's dispatcher into `Keys.driven_trials_of(study)`, sealed as
+`Record.DRIVEN_TRIAL` with the front-door key it holds, and read as such (`driven`): neither kind
+opens as the other, and a name the broker takes later starts with no trials of the Optimizer's.
 
 An entry is at most `SUMMARY_MAX_BYTES`: a trial's earliest intermediate values, then its user
 attributes, its error text and its parameters are left out until it fits, and `truncated` names
@@ -152,19 +156,25 @@ class TrialSummary(Message):
             summary = _cut(summary, name, **{name: emptied})
         return summary
 
-    def sealed(self, signer: Signer, *, study: str) -> bytes:
-        """What the publisher stores under the trial's number in `Keys.trials_of(study)`."""
-        return signer.seal(Record.TRIAL, self.encode(), bound_to=study)
+    def sealed(self, signer: Signer, *, study: str, driven: bool = False) -> bytes:
+        """What the publisher stores under the trial's number in `Keys.trials_of(study)`: the
+        broker (`Record.TRIAL`), or with `driven` the remote Optimizer that runs the study
+        (`Record.DRIVEN_TRIAL`)."""
+        return signer.seal(_record(driven), self.encode(), bound_to=study)
 
     @classmethod
-    def opened(cls, raw: bytes, signer: Signer, *, study: str, field: str) -> TrialSummary:
-        """The summary stored under `field` of study `study`'s hash, if the broker sealed it for
-        that study and it is the trial that field names; ProtocolError saying why not."""
+    def opened(
+        cls, raw: bytes, signer: Signer, *, study: str, field: str, driven: bool = False
+    ) -> TrialSummary:
+        """The summary stored under `field` of study `study`'s hash, if the broker (with
+        `driven`: a front-door key, the remote Optimizer's) sealed it for that study and it is
+        the trial that field names; ProtocolError saying why not."""
         what = f"the published trial {field} of study {study!r}"
+        signed_by = "a front-door key (a remote Optimizer's)" if driven else "the broker"
         try:
-            body = signer.open(Record.TRIAL, raw, bound_to=study)
+            body = signer.open(_record(driven), raw, bound_to=study)
         except ProtocolError as exc:
-            raise ProtocolError(f"{what} is not signed by the broker, refused: {exc}") from None
+            raise ProtocolError(f"{what} is not signed by {signed_by}, refused: {exc}") from None
         try:
             summary = cls.decode(body, max_bytes=signer.max_message_bytes)
         except ProtocolError as exc:
@@ -172,6 +182,10 @@ class TrialSummary(Message):
         if str(summary.number) != field:
             raise ProtocolError(f"{what} is trial {summary.number}'s, refused")
         return summary
+
+
+def _record(driven: bool) -> Record:
+    return Record.DRIVEN_TRIAL if driven else Record.TRIAL
 
 
 def _cut(summary: TrialSummary, name: str, **changes: Any) -> TrialSummary:
@@ -205,17 +219,19 @@ class RefusedTrial:
 
 
 def read_trial_summaries(
-    connection: redis.Redis, keys: Keys, signer: Signer, study: str
+    connection: redis.Redis, keys: Keys, signer: Signer, study: str, *, driven: bool = False
 ) -> list[TrialSummary | RefusedTrial]:
-    """Every trial of `study` the broker published, by number (a refused entry is a
-    `RefusedTrial`, after the others)."""
-    stored: dict[bytes, bytes] = connection.hgetall(keys.trials_of(study))  # type: ignore[assignment]
+    """Every trial of `study` the broker published (with `driven`: the remote Optimizer that
+    runs it), by number (a refused entry is a `RefusedTrial`, after the others)."""
+    key = keys.driven_trials_of(study) if driven else keys.trials_of(study)
+    stored: dict[bytes, bytes] = connection.hgetall(key)  # type: ignore[assignment]
     opened: list[TrialSummary] = []
     refused: list[RefusedTrial] = []
     for raw_field, raw in stored.items():
         field = raw_field.decode(errors="replace")
         try:
-            opened.append(TrialSummary.opened(raw, signer, study=study, field=field))
+            summary = TrialSummary.opened(raw, signer, study=study, field=field, driven=driven)
+            opened.append(summary)
         except ProtocolError as exc:
             refused.append(RefusedTrial(field=field, why=str(exc)))
     opened.sort(key=lambda summary: summary.number)
