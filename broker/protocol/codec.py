@@ -30,7 +30,7 @@ __all__ = [
     "peek_map",
 ]
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 """2: the package is `optuna_rq` (the job function moved to `optuna_rq.workers.runner`); with
 it, unreleased in between: trial queues per module and resource class (`Keys.trial_queue`), the
 pools' `PoolHeartbeat`, the `Enqueue` and `Delete` commands.
@@ -48,7 +48,16 @@ HMAC with one shared secret); the broker seals the specs it keeps, the status it
 its cancel marks. Every command carries an `id` and `sent_at` (applied once); a `TrialRequest`
 carries its attempt's `token`, and the `TrialResult` and `TrialCall` answering it give it back.
 A command wakes the broker on `<prefix>:wake`, no longer on the result stream, and a front door
-writes no status (a study not taken yet shows `queued` from its submission)."""
+writes no status (a study not taken yet shows `queued` from its submission).
+6: what the front doors read comes through Redis from the broker. The broker publishes each
+trial's `TrialSummary` (`Record.TRIAL`, `<prefix>:trials:<study>`) and a `BulkReceipt` for each
+bulk command (`Record.RECEIPT`, `<prefix>:receipt:<command id>`); a remote Optimizer publishes
+its study's status and trials on keys of its own (`Record.DRIVEN_STATUS`, `Record.DRIVEN_TRIAL`,
+`Keys.driven`). `StudyStatus` carries `stopped` (why a stop condition ended the study) apart
+from `error`, and a driven study's `driver` and `turn_at_s`; a `StudySpec`'s sampler, pruner and directions are decoded strictly as their
+enums (the same strings); `TrialResult` has the fail reason `bad_signature`; the study view a
+remote trial reads carries `metric_names`, `sampler` and `pruner`, and `relative_search_space`
+is a trial call."""
 # The limits of a message, defined here once: the decoder enforces them (`decode_map`), and the
 # front doors check what they send against the same ones (`check_structure`, `check_size`), so
 # that a message over one is refused where it is made, naming the limit, not dropped later.
