@@ -54,10 +54,10 @@ trial's `TrialSummary` (`Record.TRIAL`, `<prefix>:trials:<study>`) and a `BulkRe
 bulk command (`Record.RECEIPT`, `<prefix>:receipt:<command id>`); a remote Optimizer publishes
 its study's status and trials on keys of its own (`Record.DRIVEN_STATUS`, `Record.DRIVEN_TRIAL`,
 `Keys.driven`). `StudyStatus` carries `stopped` (why a stop condition ended the study) apart
-from `error`, and a driven study's `driver` and `turn_at_s`; a `StudySpec`'s sampler, pruner and directions are decoded strictly as their
-enums (the same strings); `TrialResult` has the fail reason `bad_signature`; the study view a
-remote trial reads carries `metric_names`, `sampler` and `pruner`, and `relative_search_space`
-is a trial call."""
+from `error`, and a driven study's `driver` and `turn_at_s`; a `StudySpec`'s sampler, pruner
+and directions are decoded strictly as their enums (the same strings); `TrialResult` has the
+fail reason `bad_signature`; the study view a remote trial reads carries `metric_names`,
+`sampler` and `pruner`, and `relative_search_space` is a trial call."""
 # The limits of a message, defined here once: the decoder enforces them (`decode_map`), and the
 # front doors check what they send against the same ones (`check_structure`, `check_size`), so
 # that a message over one is refused where it is made, naming the limit, not dropped later.
