@@ -498,3 +498,18 @@ def test_the_readmes_pip_fallback_is_the_one_ci_runs() -> None:
         for line in (ROOT / ".ci" / "run").read_text().splitlines()
     ]
     assert readme_line.split() in ci_lines, readme_line
+
+
+def test_the_image_copies_every_file_the_build_reads() -> None:
+    """deploy/Dockerfile builds the wheel from the files it copies: pyproject.toml, the readme
+    and license files it names (setuptools fails, or drops the license, without them), and the
+    folders of its packages."""
+    project = _pyproject()
+    needed = {"pyproject.toml", project["project"]["readme"], *project["project"]["license-files"]}
+    needed |= set(project["tool"]["setuptools"]["package-dir"].values())
+    copied = set()
+    for line in (ROOT / "deploy" / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(w.startswith("--from") for w in words):
+            copied |= {w.rstrip("/") for w in words[1:-1] if not w.startswith("--")}
+    assert needed <= copied, f"deploy/Dockerfile copies none of {sorted(needed - copied)}"
