@@ -34,6 +34,7 @@ from optuna_rq.daemon.ledger import CommandLedger
 from optuna_rq.daemon.lock import BrokerLock, EpochGuard
 from optuna_rq.daemon.registry import Registry
 from optuna_rq.daemon.settings import BrokerSettings
+from optuna_rq.daemon.standby import Standby
 from optuna_rq.daemon.status import StatusPublisher
 from optuna_rq.daemon.stopping import StopConditions
 from optuna_rq.daemon.storages import Storages
@@ -184,9 +185,18 @@ class Daemon:
 
     # lifecycle
 
-    def acquire(self) -> None:
-        """Become the prefix's broker (or raise naming the one that is), and learn the epoch."""
-        self.lock.acquire()
+    def acquire(self, stop: threading.Event | None = None) -> bool:
+        """Become the prefix's broker, and learn the epoch. If another broker is: with
+        `settings.standby`, wait until it stops and take over (False if `stop` is set first);
+        else raise naming it."""
+        if self.settings.standby:
+            standby = Standby(
+                self.lock, self.health, max_outage_backoff_s=self.settings.max_outage_backoff_s
+            )
+            if not standby.wait(stop or threading.Event()):
+                return False
+        else:
+            self.lock.acquire()
         try:
             self.ledger.load()  # by the prefix's broker alone: what its predecessor applied
         except ConfigError:
@@ -203,13 +213,16 @@ class Daemon:
             )
         self.epoch_guard.establish()
         check_memory_policy(self.connection)  # warns if a full Redis would evict
+        return True
 
     def release(self) -> None:
         self.lock.release()
 
     def run(self, stop: threading.Event) -> None:
         try:
-            self.acquire()
+            if not self.acquire(stop):  # stopped while standing by: nothing was served
+                self.health.stopped("the broker stopped standing by")
+                return
         except BrokerAlreadyRunningError as exc:
             self.health.stopped(str(exc))
             raise
