@@ -55,8 +55,9 @@ class Broker:
         args += ["--state-dir", str(state), "broker", "--lock-ttl", str(LOCK_TTL_S), *extra]
         if storage is not None:
             args += ["--storage", storage]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(cli(*args), env=cli_env(), stderr=log)
+        state.mkdir(exist_ok=True)
+        with open(self.log_path, "wb") as log:  # in its state directory, as a pod in its volume
+            self.process = subprocess.Popen(cli(*args), env=cli_env(), stderr=log, cwd=state)
         cluster.brokers.append(self.process)  # stopped at the test's end
 
     @property
@@ -95,23 +96,35 @@ def each_called_once(cluster: Cluster) -> dict[str, int]:
     return calls
 
 
+def start_pair(cluster: Cluster, tmp_path: Path, storage: str) -> tuple[Broker, Broker]:
+    """Two brokers started together with --standby, each on its own state directory, and three
+    workers: (the one that took the lock, the one standing by)."""
+    first = Broker(cluster, tmp_path / "a", storage, "--standby")
+    second = Broker(cluster, tmp_path / "b", storage, "--standby")
+    cluster.start_workers(3)
+    wait_until(
+        lambda: holds(cluster, first) or holds(cluster, second),
+        timeout_s=30,
+        message="a broker serves",
+    )
+    active, standby = (first, second) if holds(cluster, first) else (second, first)
+    wait_until(standby.standing_by, timeout_s=30, message="the other one stands by")
+    return active, standby
+
+
 def run_takeovers(
     cluster: Cluster, tmp_path: Path, storage: str, signals: list[signal.Signals]
 ) -> str:
     """Run a study through `signals` takeovers (the active broker SIGKILLed or SIGSTOPped in
     turn, a new standby in its place), then let it finish; returns its name."""
-    active = Broker(cluster, tmp_path / "a", storage, "--standby")  # the lock is free: it serves
-    wait_until(lambda: holds(cluster, active), timeout_s=30, message="the first broker serves")
-    cluster.start_workers(3)
-    standby = Broker(cluster, tmp_path / "b", storage, "--standby")
-    wait_until(standby.standing_by, timeout_s=30, message="the second broker stands by")
+    active, standby = start_pair(cluster, tmp_path, storage)
     # A budget no round reaches: the study is cut short once the rounds are done.
     name = cluster.submit("steady", n_trials=1000, concurrency=3, hold_s=0.2)
-    for signum in signals:
+    for round_, signum in enumerate(signals):
+        if round_:  # a new standby on the old one's state directory (a pod restarted)
+            active, standby = standby, Broker(cluster, active.state, storage, "--standby")
+            wait_until(standby.standing_by, timeout_s=30, message="a new standby stands by")
         take_over(cluster, active, standby, signum)
-        # A new standby on the old one's state directory (a pod restarted with its volume).
-        active, standby = standby, Broker(cluster, active.state, storage, "--standby")
-        wait_until(standby.standing_by, timeout_s=30, message="a new standby stands by")
     done = subprocess.run(
         cli("--redis-url", cluster.server.url, "--prefix", cluster.prefix)
         + ["set", name, "--n-trials", "1"],  # below what it asked: it winds down and finishes
@@ -218,43 +231,64 @@ def test_a_standby_takes_over_on_postgresql(cluster: Cluster, tmp_path: Path) ->
         optuna.delete_study(study_name=name, storage=url)
 
 
-def test_a_study_on_the_active_brokers_own_journal_is_not_resumed_afresh(
+def test_a_study_is_not_resumed_afresh_in_a_storage_it_did_not_run_in(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    # Each broker on its default storage: the journal in its own state directory.
-    active = Broker(cluster, tmp_path / "a", None)
-    wait_until(lambda: holds(cluster, active), timeout_s=30, message="the first broker serves")
-    standby = Broker(cluster, tmp_path / "b", None, "--standby")
-    wait_until(standby.standing_by, timeout_s=30, message="the second broker stands by")
+    # Each broker on its default storage, the journal in its own state directory; and a study's
+    # own storage named by a path relative to the broker's directory: one URL, two files.
+    own = "journal://own.journal"
+    allowed = [("--allow-storage", str(tmp_path / side / "own.journal")) for side in "ab"]
+    first = Broker(cluster, tmp_path / "a", None, "--standby", *allowed[0])
+    second = Broker(cluster, tmp_path / "b", None, "--standby", *allowed[1])
     cluster.start_workers(2)
-    name = cluster.submit("steady", n_trials=200, concurrency=2, hold_s=0.2)
-    started = len(cluster.started())
-    wait_until(lambda: len(cluster.started()) >= started + 3, timeout_s=60)
+    wait_until(lambda: holds(cluster, first) or holds(cluster, second), timeout_s=30)
+    active, standby = (first, second) if holds(cluster, first) else (second, first)
+    wait_until(standby.standing_by, timeout_s=30)
+    on_default = cluster.submit("steady", n_trials=200, concurrency=1, hold_s=0.2)
+    on_own = cluster.submit(
+        "steady", n_trials=200, concurrency=1, hold_s=0.2, extra=("--storage", own)
+    )
+    for name in (on_default, on_own):  # trials of each told in its storage
+        wait_until(lambda name=name: cluster.status(name).get("complete", 0) >= 2, timeout_s=60)
     active.process.send_signal(signal.SIGKILL)
     wait_until(lambda: holds(cluster, standby), timeout_s=TAKEOVER_S)
 
-    wait_until(lambda: cluster.status(name).get("state") == "failed", timeout_s=30)
-    error = cluster.status(name)["error"]
-    assert "is not resumed" in error and "--storage" in error, error
-    assert str(tmp_path / "a" / "studies.journal") in error, error
-    assert "is not resumed" in standby.log()
-    # Nothing of it was started in the standby's own storage.
-    own = tmp_path / "b" / "studies.journal"
-    assert not own.exists() or name not in own.read_text()
+    errors = {}
+    for name in (on_default, on_own):
+        wait_until(lambda name=name: cluster.status(name).get("state") == "failed", timeout_s=30)
+        errors[name] = error = cluster.status(name)["error"]
+        assert "is not resumed" in error and "the same --storage" in error, error
+        assert f"--study-name {name}" in error, error
+        assert error in standby.log()
+    assert str(active.state / "studies.journal") in errors[on_default]
+    assert "holds no such study, yet it ran" in errors[on_own]
+    # Nothing of either was started in the standby's storages.
+    for path in (standby.state / "studies.journal", standby.state / "own.journal"):
+        assert not path.exists() or (
+            on_default not in (text := path.read_text()) and on_own not in text
+        )
 
 
 def test_a_standby_is_alive_unready_quiet_and_stops_on_sigterm(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    active = Broker(cluster, tmp_path / "a", None)
-    wait_until(lambda: holds(cluster, active), timeout_s=30, message="the first broker serves")
-    port = free_port()
-    standby = Broker(cluster, tmp_path / "b", None, "--standby", "--metrics-port", str(port))
-    wait_until(standby.standing_by, timeout_s=30, message="the second broker stands by")
+    ports = {"a": free_port(), "b": free_port()}
+    first = Broker(cluster, tmp_path / "a", None, "--standby", "--metrics-port", str(ports["a"]))
+    second = Broker(cluster, tmp_path / "b", None, "--standby", "--metrics-port", str(ports["b"]))
+    wait_until(
+        lambda: first.standing_by() or second.standing_by(),
+        timeout_s=30,
+        message="one broker serves, the other stands by",
+    )
+    active, standby = (second, first) if first.standing_by() else (first, second)
+    assert holds(cluster, active)
+    port = ports[standby.state.name]
     assert f"standing by: the active broker is {holder(cluster)}" in standby.log()
     wait_until(lambda: probe(port, "/healthz") == (200, "ok\n"), timeout_s=10)
     code, body = probe(port, "/readyz")
     assert code == 503 and body.startswith("standing by: the active broker is"), (code, body)
+    assert probe(ports[active.state.name], "/readyz") == (200, "ok\n")
+
     # Many polls later (one every quarter of the TTL, each an EVAL of the lock's script: nothing
     # else on this Redis sends EVAL once the brokers started), still one line about standing by.
     lines = len(standby.log().splitlines())
@@ -263,6 +297,11 @@ def test_a_standby_is_alive_unready_quiet_and_stops_on_sigterm(
     assert standby.standing_by()
     assert len(standby.log().splitlines()) == lines, standby.log()
     assert holds(cluster, active)  # standing by took nothing
+
+    # A broker started without --standby refuses, and says how to stand by.
+    third = Broker(cluster, tmp_path / "c", None)
+    assert third.process.wait(timeout=30) == 1
+    assert "a broker is already running" in third.log() and "--standby" in third.log()
 
     assert stop_process(standby.process) == 0, standby.log()
     assert "stopped standing by" in standby.log()
@@ -273,16 +312,6 @@ def test_a_standby_is_alive_unready_quiet_and_stops_on_sigterm(
 def _evals(cluster: Cluster) -> int:
     stats = cluster.conn.info("commandstats")
     return int(stats.get("cmdstat_eval", {}).get("calls", 0))
-
-
-def test_a_second_broker_without_standby_says_how_to_stand_by(
-    cluster: Cluster, tmp_path: Path
-) -> None:
-    active = Broker(cluster, tmp_path / "a", None)
-    wait_until(lambda: holds(cluster, active), timeout_s=30, message="the first broker serves")
-    second = Broker(cluster, tmp_path / "b", None)
-    assert second.process.wait(timeout=30) == 1
-    assert "a broker is already running" in second.log() and "--standby" in second.log()
 
 
 def test_standby_is_in_the_help_and_needs_a_redis_url(tmp_path: Path) -> None:
