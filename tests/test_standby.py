@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -25,7 +28,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from optuna_rq.processes import stopped
+from optuna_rq.journal import JournalLock
+from optuna_rq.processes import started_at, stopped
 from tests.conftest import redis_server
 from tests.faults.conftest import Cluster, RedisServer
 from tests.faults.test_broker_health import probe
@@ -328,3 +332,28 @@ def test_standby_is_in_the_help_and_needs_a_redis_url(tmp_path: Path) -> None:
     assert "--standby needs the Redis the active broker uses" in refused.stderr
     assert "--redis-url" in refused.stderr
     assert not (tmp_path / "redis.sock").exists()  # no embedded Redis started for nothing
+
+
+def test_the_journal_lock_of_the_broker_taken_over_from_is_released_at_once(
+    tmp_path: Path,
+) -> None:
+    # A broker frozen in a turn holds its journal's lock (it buffers until the turn's flush).
+    # The broker that took its prefix over takes that lock at once: the frozen one's flush is
+    # fenced, it writes nothing more. Any other live holder is waited out for the grace.
+    frozen = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        path = tmp_path / "studies.journal"
+        started = started_at(frozen.pid)
+        assert started is not None
+        target = f"{path}.lock.holder,{socket.gethostname()},{frozen.pid},{started!r}"
+        Path(target).touch()
+        os.symlink(target, f"{path}.lock")
+        successor = JournalLock(
+            path, grace_s=600, superseded={f"{socket.gethostname()}:{frozen.pid}"}
+        )
+        successor.acquire()  # at once: the grace would outlast the test's timeout
+        assert os.readlink(f"{path}.lock") == successor.holder
+        successor.release()
+    finally:
+        frozen.kill()
+        frozen.wait()

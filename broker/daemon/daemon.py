@@ -50,7 +50,7 @@ from optuna_rq.errors import (
 from optuna_rq.health import BrokerHealth
 from optuna_rq.metrics import BrokerMetrics
 from optuna_rq.protocol import Enqueue, Keys, Signer, StudySpec
-from optuna_rq.protocol.liveness import TurnBeacon
+from optuna_rq.protocol.liveness import TurnBeacon, read_liveness, where
 from optuna_rq.storage_policy import StoragePolicy
 
 __all__ = ["Daemon"]
@@ -197,6 +197,11 @@ class Daemon:
                 return False
         else:
             self.lock.acquire()
+        # The prefix's last broker, if not this one, lost its lock to it: a journal's lock it
+        # holds (frozen in a turn) is released at once rather than after the journal's grace.
+        previous = read_liveness(self.connection, self.keys).last_broker
+        if previous is not None and previous != self.identity:
+            self.storages.superseded.add(where(previous))
         try:
             self.ledger.load()  # by the prefix's broker alone: what its predecessor applied
         except ConfigError:
