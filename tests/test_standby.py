@@ -242,18 +242,19 @@ def test_a_study_is_not_resumed_afresh_in_a_storage_it_did_not_run_in(
     # own storage named by a path relative to the broker's directory: one URL, two files.
     own = "journal://own.journal"
     allowed = [("--allow-storage", str(tmp_path / side / "own.journal")) for side in "ab"]
-    first = Broker(cluster, tmp_path / "a", None, "--standby", *allowed[0])
-    second = Broker(cluster, tmp_path / "b", None, "--standby", *allowed[1])
+    active = Broker(cluster, tmp_path / "a", None, "--standby", *allowed[0])
     cluster.start_workers(2)
-    wait_until(lambda: holds(cluster, first) or holds(cluster, second), timeout_s=30)
-    active, standby = (first, second) if holds(cluster, first) else (second, first)
-    wait_until(standby.standing_by, timeout_s=30)
+    wait_until(lambda: holds(cluster, active), timeout_s=30, message="the first broker serves")
     on_default = cluster.submit("steady", n_trials=200, concurrency=1, hold_s=0.2)
     on_own = cluster.submit(
         "steady", n_trials=200, concurrency=1, hold_s=0.2, extra=("--storage", own)
     )
     for name in (on_default, on_own):  # trials of each told in its storage
         wait_until(lambda name=name: cluster.status(name).get("complete", 0) >= 2, timeout_s=60)
+    # The standby says at once what a takeover would not resume, where it can tell from Redis.
+    standby = Broker(cluster, tmp_path / "b", None, "--standby", *allowed[1])
+    wait_until(standby.standing_by, timeout_s=30, message="the second broker stands by")
+    assert f"if this broker takes over: study {on_default!r} is not resumed" in standby.log()
     active.process.send_signal(signal.SIGKILL)
     wait_until(lambda: holds(cluster, standby), timeout_s=TAKEOVER_S)
 

@@ -12,18 +12,25 @@ in would silently start it afresh, its trials elsewhere. Two ways that happens:
   status counts trials told there (`missing_study`; a status is published only once what it
   counts is durable in the storage).
 
-Either way the study is not resumed: it ends FAILED, saying why and what to do.
+Either way the study is not resumed: it ends FAILED, saying why and what to do. A standby says
+so while it stands by (`not_resumable`), so that a storage it would not share shows when it is
+deployed, not when it takes over.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import redis
 from optuna.storages import BaseStorage
 
+from optuna_rq.client import BrokerClient
 from optuna_rq.connection import redact_url
-from optuna_rq.protocol import StudySpec, StudyStatus
+from optuna_rq.errors import ProtocolError
+from optuna_rq.protocol import StudySpec, StudyStatus, open_stored_spec
 from optuna_rq.storage_policy import UncheckableURLError, canonical_storage
 
-__all__ = ["missing_study", "moved_default"]
+__all__ = ["missing_study", "moved_default", "not_resumable"]
 
 _SHARE = (
     "Brokers that take over from one another (a restart elsewhere, a --standby) must reach the "
@@ -72,3 +79,26 @@ def missing_study(
             + _SHARE.format(name=spec.name)
         )
     return None
+
+
+def not_resumable(client: BrokerClient, default: str) -> list[str]:
+    """Why each stored study that has not ended would not resume on a broker whose default
+    storage is `default` (`moved_default`), read without writing anything: what a standby says
+    while it stands by. A spec or status that does not open is left to the broker that takes
+    over (it refuses it, and counts it)."""
+    connection: redis.Redis = client.connection
+    stored: dict[Any, Any] = connection.hgetall(client.keys.studies)
+    reasons = []
+    for key, raw in sorted(stored.items()):
+        name = bytes(key).decode(errors="replace")
+        try:
+            spec = open_stored_spec(client.signer, name, raw)
+            ran = client.published_status(name)
+        except ProtocolError:
+            continue
+        if ran is None or ran.state.ended:
+            continue
+        why = moved_default(spec, ran, default)
+        if why is not None:
+            reasons.append(why)
+    return reasons

@@ -27,6 +27,7 @@ from optuna_rq.connection import check_memory_policy, wait_for_redis
 from optuna_rq.daemon.backlog import Backlog
 from optuna_rq.daemon.catch_up import CatchUp
 from optuna_rq.daemon.commands import Commands
+from optuna_rq.daemon.continuity import not_resumable
 from optuna_rq.daemon.enqueue import EnqueueSets
 from optuna_rq.daemon.fair_share import FairShare
 from optuna_rq.daemon.inbox import CommandInbox
@@ -191,7 +192,10 @@ class Daemon:
         else raise naming it."""
         if self.settings.standby:
             standby = Standby(
-                self.lock, self.health, max_outage_backoff_s=self.settings.max_outage_backoff_s
+                self.lock,
+                self.health,
+                max_outage_backoff_s=self.settings.max_outage_backoff_s,
+                not_resumable=lambda: not_resumable(self.registry.client, self.settings.storage),
             )
             if not standby.wait(stop or threading.Event()):
                 return False

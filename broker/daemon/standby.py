@@ -7,7 +7,9 @@ takes over within the TTL of the active broker's last renewal (at once if the ac
 on the same machine: `BrokerLock.try_acquire`). Standing by writes nothing to Redis (the
 acquisition script writes only when the lock is free), opens no study storage and reads no
 command. It logs one line when it starts standing by (and one when the active broker changes), not
-one per poll; its /healthz passes and its /readyz fails with "standing by" (`health`).
+one per poll, and one for each study it could not resume were it to take over (another broker's
+default storage: `continuity`); its /healthz passes and its /readyz fails with "standing by"
+(`health`).
 
 Once it holds the lock it is a broker like a restarted one: it re-attaches every stored study
 (`Registry.reattach`). The broker it took over from, if it was frozen and wakes, finds each of its
@@ -29,7 +31,7 @@ from optuna_rq.daemon.lock import BrokerLock
 from optuna_rq.health import BrokerHealth
 from optuna_rq.protocol.liveness import read_liveness
 
-__all__ = ["POLL_FRACTION", "Standby"]
+__all__ = ["POLL_FRACTION", "RECHECK_S", "Standby"]
 
 log = logging.getLogger("optuna_rq.broker")
 
@@ -37,6 +39,8 @@ POLL_FRACTION = 0.25
 """A standby asks for the lock every this fraction of its TTL (jittered by `JITTER`), and just
 after the lock would expire."""
 JITTER = 0.2
+RECHECK_S = 60.0
+"""How often a standby checks that it could resume every study (`continuity.not_resumable`)."""
 _PAST_EXPIRY_S = 0.02
 """How long after the lock's expiry a standby asks again: the holder's renewal, if it comes,
 reaches Redis first."""
@@ -52,11 +56,18 @@ class Standby:
         *,
         max_outage_backoff_s: float = 5.0,
         jitter: Callable[[], float] = random.random,
+        not_resumable: Callable[[], list[str]] | None = None,
     ) -> None:
         self.lock = lock
         self.health = health
         self.max_outage_backoff_s = max_outage_backoff_s
         self.jitter = jitter
+        self.not_resumable = not_resumable
+        """Why each study this broker would not resume if it took over now
+        (`continuity.not_resumable`): said when it starts standing by, then every
+        `RECHECK_S` for the studies not said yet."""
+        self._said: set[str] = set()
+        self._checked_at: float | None = None
 
     def wait(self, stop: threading.Event) -> bool:
         """Take the lock, waiting while another broker holds it; False if `stop` was set first
@@ -73,6 +84,7 @@ class Standby:
                 if holder != active:
                     log.info("standing by: the active broker is %s", holder)
                     active = holder
+                self._say_not_resumable()
                 self.health.standing_by(holder)
                 pause_s = self._pause_s()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -90,6 +102,25 @@ class Standby:
             stop.wait(pause_s)
         log.info("stopped standing by; the active broker %s serves on", active or "?")
         return False
+
+    def _say_not_resumable(self) -> None:
+        now = time.monotonic()
+        if self.not_resumable is None or (
+            self._checked_at is not None and now - self._checked_at < RECHECK_S
+        ):
+            return
+        self._checked_at = now
+        try:
+            reasons = self.not_resumable()
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise  # an outage: ridden out, then asked again
+        except Exception as exc:  # a check that fails must not stop the standby
+            log.warning("cannot check that this broker could resume the studies: %s", exc)
+            return
+        for why in reasons:
+            if why not in self._said:
+                log.error("if this broker takes over: %s", why)
+        self._said = set(reasons)
 
     def _pause_s(self) -> float:
         """Until the next ask: a jittered fraction of the TTL, or just past the lock's expiry if
