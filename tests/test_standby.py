@@ -40,7 +40,7 @@ from tests.worker_processes import cli, cli_env, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 
-LOCK_TTL_S = 2.0
+LOCK_TTL_S = 3.0
 """Short, so that a frozen broker loses the prefix quickly; long enough for a loaded machine's
 broker to renew its lock in time."""
 
@@ -124,11 +124,12 @@ def run_takeovers(
     active, standby = start_pair(cluster, tmp_path, storage)
     # A budget no round reaches: the study is cut short once the rounds are done.
     name = cluster.submit("steady", n_trials=1000, concurrency=3, hold_s=0.2)
+    taken_at = 0  # the journal's lines when the active broker took over
     for round_, signum in enumerate(signals):
         if round_:  # a new standby on the old one's state directory (a pod restarted)
             active, standby = standby, Broker(cluster, active.state, storage, "--standby")
             wait_until(standby.standing_by, timeout_s=30, message="a new standby stands by")
-        take_over(cluster, active, standby, signum)
+        taken_at = take_over(cluster, active, standby, signum, taken_at)
     done = subprocess.run(
         cli("--redis-url", cluster.server.url, "--prefix", cluster.prefix)
         + ["set", name, "--n-trials", "1"],  # below what it asked: it winds down and finishes
@@ -141,23 +142,28 @@ def run_takeovers(
     return name
 
 
-def take_over(cluster: Cluster, active: Broker, standby: Broker, signum: signal.Signals) -> None:
-    """Once the study has run on under `active`, SIGKILL or SIGSTOP it and see `standby` take
-    over; a frozen one is then woken, and must stop having written nothing."""
+def take_over(
+    cluster: Cluster, active: Broker, standby: Broker, signum: signal.Signals, taken_at: int
+) -> int:
+    """Once the study has run on under `active` (which took over when the journal had
+    `taken_at` lines), SIGKILL or SIGSTOP it and see `standby` take over; a frozen one is then
+    woken, and must stop having written nothing. Returns the journal's lines at the takeover."""
+    journal = cluster.journal()
     started = len(cluster.started())
     wait_until(
         lambda: len(cluster.started()) >= started + 4,
         timeout_s=60,
         message=f"the study runs on under {holder(cluster)}",
     )
+    if storage_is_journal := journal.exists():  # who the active broker writes as
+        wait_until(lambda: len(journal_writers(journal)) > taken_at, timeout_s=30)
+        theirs = set(journal_writers(journal)[taken_at:])
     old = holder(cluster)
     assert old is not None and holds(cluster, active)
-    journal = cluster.journal()
     active.process.send_signal(signum)
     if signum == signal.SIGSTOP:
         wait_until(lambda: stopped(active.pid), timeout_s=10)
-    # What the journal holds once the old broker is frozen (or dead), and who wrote it.
-    written = journal_writers(journal) if journal.exists() else []
+    frozen_at = len(journal_writers(journal)) if storage_is_journal else 0
     wait_until(
         lambda: holds(cluster, standby),
         timeout_s=TAKEOVER_S,
@@ -166,18 +172,18 @@ def take_over(cluster: Cluster, active: Broker, standby: Broker, signum: signal.
     wait_until(lambda: f"took over from {old} after " in standby.log(), timeout_s=10)
     if signum != signal.SIGSTOP:
         assert active.process.wait(timeout=10) == -signal.SIGKILL
-        return
+        return frozen_at
     # Woken, the old broker stops at its next write, with one clear line, and wrote nothing:
-    # every journal line after the freeze is the new broker's.
+    # none of the journal's lines after the freeze is its.
     active.process.send_signal(signal.SIGCONT)
     assert active.process.wait(timeout=30) == 1, active.log()
     assert "lost the broker lock" in active.log(), active.log()
     assert "Traceback" not in active.log(), active.log()
-    if journal.exists():
-        later = journal_writers(journal)[len(written) :]
-        assert later, "the new broker told nothing"
-        assert not set(later) & set(written), "a broker wrote after it lost the lock"
+    if storage_is_journal:
+        later = set(journal_writers(journal)[frozen_at:])
+        assert not later & theirs, "the frozen broker wrote after it lost the lock"
     assert holds(cluster, standby)
+    return frozen_at
 
 
 @pytest.fixture

@@ -203,7 +203,10 @@ class Daemon:
             self.lock.acquire()
         # The prefix's last broker, if not this one, lost its lock to it: a journal's lock it
         # holds (frozen in a turn) is released at once rather than after the journal's grace.
-        previous = read_liveness(self.connection, self.keys).last_broker
+        try:
+            previous = read_liveness(self.connection, self.keys).last_broker
+        except redis.RedisError:  # an outage: the journal's grace stands
+            previous = None
         if previous is not None and previous != self.identity:
             self.storages.superseded.add(where(previous))
         try:
