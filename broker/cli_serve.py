@@ -283,11 +283,22 @@ def broker(
             show_default=False,
         ),
     ] = None,
+    standby: Annotated[
+        bool,
+        typer.Option(
+            "--standby",
+            help="If another broker serves the prefix, stand by instead of exiting: take over "
+            "within --lock-ttl when it dies or freezes, and resume every study. It must reach "
+            "the same Redis (--redis-url) and the same study storages (--storage: PostgreSQL, "
+            "or a journal file path both brokers reach). Without it, a second broker exits.",
+        ),
+    ] = False,
 ) -> None:
     """Run the broker daemon in the foreground: it serves every study submitted on this prefix.
 
-    One broker per prefix. SIGTERM or Ctrl-C stops it gracefully; running trials go on, and a
-    restarted broker tells their results.
+    One broker per prefix: a second one exits, unless started with --standby, when it waits
+    and takes over if the first one dies or freezes. SIGTERM or Ctrl-C stops it gracefully
+    (a standby too); running trials go on, and a restarted broker tells their results.
     """
     from optuna_rq.daemon import BrokerSettings, Daemon
     from optuna_rq.daemon.ledger import ledger_file
@@ -299,6 +310,12 @@ def broker(
 
     options: GlobalOptions = ctx.obj
     configure_logging(log_level)
+    if standby and not options.redis_url:
+        raise ConfigError(
+            "--standby needs the Redis the active broker uses: give it with --redis-url "
+            "(OPTUNA_RQ_REDIS_URL). Without one a broker starts its own embedded Redis, which "
+            "no other broker serves."
+        )
     storage_url = storage or default_storage_url(options.state())
     allowed = tuple(allow_storage or [])
     StoragePolicy(storage_url, allowed)  # a pattern it refuses stops us here
@@ -308,6 +325,7 @@ def broker(
         storage=storage_url,
         allowed_storages=allowed,
         command_ledger=ledger_file(options.state(), options.prefix),
+        standby=standby,
     )
     if lock_ttl is not None:
         settings = dataclasses.replace(settings, lock_ttl_s=lock_ttl)

@@ -6,7 +6,8 @@
     /healthz  liveness: the loop completed a turn within the stall limit (or is riding out a
               Redis outage, which it beats through); a restart is what helps when it fails
     /readyz   readiness: the broker holds the prefix's lock, its Redis answers and the loop is
-              turning; fails before the broker serves, during an outage and once it stopped
+              turning; fails before the broker serves, while it stands by (`--standby`: /healthz
+              passes meanwhile), during an outage and once it stopped
 
 Both health paths answer 200 `ok` or 503 with a one-line reason. The HTTP thread only reads
 what the loop wrote: a stuck loop cannot hide behind a live thread (as it would if /metrics
@@ -66,6 +67,12 @@ class BrokerHealth:
 
     def recovered(self) -> None:
         self._outage = None
+        self.beat()
+
+    def standing_by(self, holder: str) -> None:
+        """The broker waits for the lock `holder` holds (`--standby`): alive, not ready, so that
+        an orchestrator neither restarts it nor routes to it."""
+        self._serving, self._not_ready = False, f"standing by: the active broker is {holder}"
         self.beat()
 
     def stopped(self, why: str) -> None:

@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +62,10 @@ class BatchedJournal(BaseJournalBackend):
     dropped: call `flush` first).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, superseded: Collection[str] = ()) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = JournalLock(self.path)  # what Optuna's writers take
+        self._lock = JournalLock(self.path, superseded=superseded)  # what Optuna's writers take
         self._locked = False  # whether this journal holds Optuna's lock (while it buffers)
         self._mutex = threading.Lock()  # appends (Optuna's thread) against a flush
         self._fd: int | None = os.open(
@@ -219,13 +219,19 @@ class JournalLock:
     Optuna's writers point the symlink at the journal; this lock points it at a file of its own,
     `<path>.lock.holder,<host>,<pid>,<start time>`, which exists while the journal is open (Optuna's
     waiters stat what the symlink points to). Waiting for the lock, a symlink naming a gone
-    process of this host is released at once; any other (an Optuna writer's) after `grace_s`
-    with no change to what it points to, as Optuna's own writers release it.
+    process of this host is released at once, and so is one naming a broker of `superseded`
+    ("host:pid", looked up as it is waited on): a broker that lost its prefix's lock to this
+    one, frozen with the journal's lock held, writes nothing more (its flush is fenced); any
+    other (an Optuna writer's) after `grace_s` with no change to what it points to, as
+    Optuna's own writers release it.
     """
 
-    def __init__(self, path: Path, *, grace_s: float = 30.0) -> None:
+    def __init__(
+        self, path: Path, *, grace_s: float = 30.0, superseded: Collection[str] = ()
+    ) -> None:
         self.lock_file = f"{path}.lock"
         self.grace_s = grace_s
+        self.superseded = superseded
         started = started_at(os.getpid()) or 0.0
         self.holder = f"{self.lock_file}{_HOLDER}{socket.gethostname()},{os.getpid()},{started!r}"
 
@@ -247,6 +253,13 @@ class JournalLock:
                 continue
             if _died_here(target, self.lock_file):
                 log.warning("%s: releasing the lock of a process that died", self.lock_file)
+                self._break(target)
+                continue
+            if _holder_of(target, self.lock_file) in self.superseded:
+                log.warning(
+                    "%s: releasing the lock of the broker this one took over from",
+                    self.lock_file,
+                )
                 self._break(target)
                 continue
             if (target, mtime) != seen:
@@ -287,6 +300,15 @@ class JournalLock:
                     os.unlink(target)  # a dead holder's file goes with its lock
         finally:
             os.unlink(renamed)
+
+
+def _holder_of(target: str, lock_file: str) -> str | None:
+    """ "host:pid" of the lock's `target`, if it names one (as `JournalLock.holder` does)."""
+    prefix = f"{lock_file}{_HOLDER}"
+    if not target.startswith(prefix):
+        return None
+    host, _, rest = target[len(prefix) :].partition(",")
+    return f"{host}:{rest.partition(',')[0]}"
 
 
 def _died_here(target: str, lock_file: str) -> bool:

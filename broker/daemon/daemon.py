@@ -27,6 +27,7 @@ from optuna_rq.connection import check_memory_policy, wait_for_redis
 from optuna_rq.daemon.backlog import Backlog
 from optuna_rq.daemon.catch_up import CatchUp
 from optuna_rq.daemon.commands import Commands
+from optuna_rq.daemon.continuity import not_resumable
 from optuna_rq.daemon.enqueue import EnqueueSets
 from optuna_rq.daemon.fair_share import FairShare
 from optuna_rq.daemon.inbox import CommandInbox
@@ -34,6 +35,7 @@ from optuna_rq.daemon.ledger import CommandLedger
 from optuna_rq.daemon.lock import BrokerLock, EpochGuard
 from optuna_rq.daemon.registry import Registry
 from optuna_rq.daemon.settings import BrokerSettings
+from optuna_rq.daemon.standby import Standby
 from optuna_rq.daemon.status import StatusPublisher
 from optuna_rq.daemon.stopping import StopConditions
 from optuna_rq.daemon.storages import Storages
@@ -49,7 +51,7 @@ from optuna_rq.errors import (
 from optuna_rq.health import BrokerHealth
 from optuna_rq.metrics import BrokerMetrics
 from optuna_rq.protocol import Enqueue, Keys, Signer, StudySpec
-from optuna_rq.protocol.liveness import TurnBeacon
+from optuna_rq.protocol.liveness import TurnBeacon, read_liveness, where
 from optuna_rq.storage_policy import StoragePolicy
 
 __all__ = ["Daemon"]
@@ -184,9 +186,29 @@ class Daemon:
 
     # lifecycle
 
-    def acquire(self) -> None:
-        """Become the prefix's broker (or raise naming the one that is), and learn the epoch."""
-        self.lock.acquire()
+    def acquire(self, stop: threading.Event | None = None) -> bool:
+        """Become the prefix's broker, and learn the epoch. If another broker is: with
+        `settings.standby`, wait until it stops and take over (False if `stop` is set first);
+        else raise naming it."""
+        if self.settings.standby:
+            standby = Standby(
+                self.lock,
+                self.health,
+                max_outage_backoff_s=self.settings.max_outage_backoff_s,
+                not_resumable=lambda: not_resumable(self.registry.client, self.settings.storage),
+            )
+            if not standby.wait(stop or threading.Event()):
+                return False
+        else:
+            self.lock.acquire()
+        # The prefix's last broker, if not this one, lost its lock to it: a journal's lock it
+        # holds (frozen in a turn) is released at once rather than after the journal's grace.
+        try:
+            previous = read_liveness(self.connection, self.keys).last_broker
+        except redis.RedisError:  # an outage: the journal's grace stands
+            previous = None
+        if previous is not None and previous != self.identity:
+            self.storages.superseded.add(where(previous))
         try:
             self.ledger.load()  # by the prefix's broker alone: what its predecessor applied
         except ConfigError:
@@ -203,13 +225,16 @@ class Daemon:
             )
         self.epoch_guard.establish()
         check_memory_policy(self.connection)  # warns if a full Redis would evict
+        return True
 
     def release(self) -> None:
         self.lock.release()
 
     def run(self, stop: threading.Event) -> None:
         try:
-            self.acquire()
+            if not self.acquire(stop):  # stopped while standing by: nothing was served
+                self.health.stopped("the broker stopped standing by")
+                return
         except BrokerAlreadyRunningError as exc:
             self.health.stopped(str(exc))
             raise

@@ -68,20 +68,37 @@ class BrokerLock:
 
     def acquire(self) -> None:
         """Become the prefix's broker (setting the epoch if Redis has none), or raise naming the
-        one that is. A lock left by a broker that died on this machine (its pid is gone, or is
-        ours: a restarted container) is taken over at once rather than after its TTL."""
+        one that is."""
+        holder = self.try_acquire()
+        if holder is not None:
+            raise BrokerAlreadyRunningError(
+                f"a broker is already running on prefix {self.keys.prefix!r}: {holder}; "
+                "stop it first, use another --prefix, or start this one with --standby to take "
+                "over when it stops"
+            )
+
+    def try_acquire(self) -> str | None:
+        """Take the lock if it is free, arming the fence (and setting the epoch if Redis has
+        none); else the identity of the broker that holds it. A lock left by a broker that died
+        on this machine (its pid is gone, or is ours: a restarted container) is taken over at
+        once rather than after its TTL. Writes nothing while another broker holds the lock."""
         epoch = secrets.token_hex(8)
         holder = self.connection.acquire(epoch=epoch)
         if holder is not None:
             name = holder.decode(errors="replace")
-            if _died_here(name) and self.connection.acquire(epoch=epoch, take_over=name) is None:
-                log.warning("took over the lock of a broker that died here: %s", name)
-            else:
-                raise BrokerAlreadyRunningError(
-                    f"a broker is already running on prefix {self.keys.prefix!r}: {name}; "
-                    "stop it first, or use another --prefix"
-                )
+            if not _died_here(name):
+                return name
+            holder = self.connection.acquire(epoch=epoch, take_over=name)
+            if holder is not None:  # another broker took it first
+                return holder.decode(errors="replace")
+            log.warning("took over the lock of a broker that died here: %s", name)
         self._last_renewed = time.monotonic()
+        return None
+
+    def remaining_s(self) -> float | None:
+        """Seconds until the lock expires unless its holder renews it; None if nobody holds it."""
+        left_ms: Any = self.connection.pttl(self.keys.broker)
+        return None if left_ms is None or left_ms < 0 else left_ms / 1000
 
     def keep(self, *, force: bool = False) -> None:
         """Renew the lock (at most every third of its TTL unless `force`), taking it again if it

@@ -24,6 +24,7 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq.client import BrokerClient
+from optuna_rq.daemon.continuity import missing_study, moved_default
 from optuna_rq.daemon.definitions import definition_conflict, record_definition
 from optuna_rq.daemon.settings import BrokerSettings
 from optuna_rq.daemon.status import StatusPublisher
@@ -204,12 +205,26 @@ class Registry:
             if why is not None:
                 self.refuse_storage(spec, why)
                 continue
-            self.start(spec, resumed=True)
+            ran = self._published(spec.name)
+            why = moved_default(spec, ran, self.settings.storage)
+            if why is not None:
+                self._not_resumed(spec, why)
+                continue
+            self.start(spec, resumed=True, ran=ran)
 
-    def start(self, spec: StudySpec, *, resumed: bool = False) -> None:
+    def _not_resumed(self, spec: StudySpec, why: str) -> None:
+        """`spec`'s study is not resumed: its storage is not the one it ran in (`continuity`)."""
+        log.error("%s", why)
+        self._publish_failed(spec, why)
+
+    def start(
+        self, spec: StudySpec, *, resumed: bool = False, ran: StudyStatus | None = None
+    ) -> None:
         """Open the study's storage, take over its trials in flight, and dispatch it. A study
         that cannot start fails (an ended one keeps its result: its status says why the
-        resubmission failed); its storage failing fails every study on that storage."""
+        resubmission failed); its storage failing fails every study on that storage. A study
+        `resumed` whose storage holds none of the trials its last status (`ran`) counts is not
+        resumed there (`continuity`)."""
         self.specs[spec.name] = spec
         self.boundary.forget(spec.name)  # a resubmission starts with a clean slate
         run: StudyRun | None = None
@@ -217,6 +232,9 @@ class Registry:
         try:
             with self.boundary.guard(spec.name, Site.START):
                 storage = self.storages.open(self.storage_url(spec))
+                if resumed and (why := missing_study(spec, ran, storage, storage.url)):
+                    self._not_resumed(spec, why)
+                    return
                 conflict = definition_conflict(storage, spec)
                 if conflict is None:
                     run = self._open(spec)

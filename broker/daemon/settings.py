@@ -19,6 +19,9 @@ class BrokerSettings:
     status_interval_s: float = 0.25
     workers_refresh_s: float = 1.0
     max_outage_backoff_s: float = 5.0
+    standby: bool = False
+    """While another broker holds the prefix's lock, wait to take over (`daemon.standby`)
+    instead of refusing to start."""
     command_ledger: Path | None = None
     """The file of the commands applied (`daemon.ledger`), in the broker's state directory, so
     that a command replayed through Redis is refused after a restart too; None: in memory."""

@@ -280,6 +280,9 @@ class Storages:
     ) -> None:
         self.policy = policy
         self._open: dict[str, GuardedStorage] = {}
+        self.superseded: set[str] = set()
+        """"host:pid" of the brokers this one took the prefix over from: a journal lock one of
+        them holds is released at once (`journal.JournalLock`)."""
         self.before_flush = before_flush
         """Run before anything is made durable (the broker's fence: a broker that lost its lock
         or its epoch makes nothing durable); raises to stop it. A journal's changes become
@@ -293,7 +296,7 @@ class Storages:
         storage = self._open.get(key)
         if storage is None:
             self.policy.check(url)
-            storage = self._open[key] = _open_guarded(url)
+            storage = self._open[key] = _open_guarded(url, self.superseded)
             storage.before_write = self.before_flush
         return storage
 
@@ -349,7 +352,7 @@ def _identity(url: str) -> str:
     return url if path is None else f"journal://{os.path.realpath(path)}"
 
 
-def _open_guarded(url: str) -> GuardedStorage:
+def _open_guarded(url: str, superseded: set[str]) -> GuardedStorage:
     path = journal_path(url)
     journal = None
     try:
@@ -359,7 +362,7 @@ def _open_guarded(url: str) -> GuardedStorage:
             return GuardedStorage(optuna.storages.get_storage(open_storage(url)), url)
         from optuna.storages.journal import JournalStorage
 
-        journal = BatchedJournal(path)
+        journal = BatchedJournal(path, superseded=superseded)
         return GuardedStorage(JournalStorage(journal), url, journal)
     except Exception as exc:
         if journal is not None:
