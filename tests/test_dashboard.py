@@ -1,0 +1,373 @@
+"""`optuna-rq dashboard`: optuna-dashboard on the broker's study storage, found from what the
+broker publishes, read-only unless --allow-writes, on 127.0.0.1 unless --host says otherwise.
+
+A real broker, real workers and a real study; the dashboard as a real process beside them; the
+page loaded by a real headless Chromium (Debian's package), whose screenshot is kept under
+tests/artifacts/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from html import unescape
+from pathlib import Path
+from typing import Any
+
+import optuna
+import psutil
+import pytest
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+from optuna_rq.client import BrokerClient
+from optuna_rq.connection import connect
+from optuna_rq.dashboard import INSTALL_LINE, READ_METHODS
+from tests.helpers import wait_until
+from tests.worker_processes import cli, cli_env, stop_process
+
+pytest.importorskip("optuna_dashboard", reason=f"optuna-dashboard is not installed: {INSTALL_LINE}")
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM_INSTALL = "apt-get install -y chromium"
+STARTED = re.compile(r"optuna-dashboard on (http://\S+/) \((read-only|read-write)")
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        reason = f"headless Chromium is needed to load the dashboard's page: {CHROMIUM_INSTALL}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (required in CI: .ci/run installs it)")
+        pytest.skip(reason)
+    return exe
+
+
+def _journal(path: Path) -> JournalStorage:
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+class Dashboard:
+    """A running `optuna-rq dashboard` process and the address it printed."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str]) -> None:
+        self.log = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(cli(*args), env=env, stderr=out)
+        wait_until(
+            lambda: self.process.poll() is not None or STARTED.search(self.output()),
+            timeout_s=60,
+            message="the dashboard did not start",
+        )
+        started = STARTED.search(self.output())
+        assert started, f"exit {self.process.returncode}: {self.output()}"
+        self.url = started.group(1)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def request(self, method: str, path: str, body: object = None) -> tuple[int, bytes]:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}  # as the page sends its writes
+        request = urllib.request.Request(
+            self.url + path.lstrip("/"), data=data, method=method, headers=headers
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def studies(self) -> dict[str, int]:
+        code, body = self.request("GET", "/api/studies")
+        assert code == 200, body
+        return {s["study_name"]: s["study_id"] for s in json.loads(body)["study_summaries"]}
+
+    def listening(self) -> set[str]:
+        """The addresses the process listens on."""
+        process = psutil.Process(self.process.pid)
+        connections = getattr(process, "net_connections", process.connections)(kind="inet")
+        return {c.laddr.ip for c in connections if c.status == psutil.CONN_LISTEN}
+
+    def stop(self) -> None:
+        assert stop_process(self.process) == 0, self.output()
+
+
+@pytest.fixture
+def start_dashboard(tmp_path: Path) -> Iterator[Any]:
+    started: list[Dashboard] = []
+
+    def start(*args: str, **env: str) -> Dashboard:
+        log = tmp_path / f"dashboard-{len(started)}.log"
+        dashboard = Dashboard([*args], log, cli_env(**env))
+        started.append(dashboard)
+        return dashboard
+
+    yield start
+    for dashboard in started:
+        if dashboard.process.poll() is None:
+            dashboard.process.kill()
+            dashboard.process.wait()
+
+
+def _page_text(url: str, shot: Path | None = None) -> str:
+    """The page at `url` as headless Chromium renders it (scripts run, the API read), as text;
+    with `shot`, a screenshot of it there too."""
+    exe = _chromium()
+    base = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000"]
+    base += ["--virtual-time-budget=15000"]
+    done = subprocess.run(
+        [*base, "--dump-dom", url], capture_output=True, text=True, timeout=90, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    if shot is not None:
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        taken = subprocess.run(
+            [*base, f"--screenshot={shot}", url], capture_output=True, timeout=90, check=False
+        )
+        assert taken.returncode == 0 and shot.stat().st_size > 0, taken.stderr[-2000:]
+    text = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", done.stdout, flags=re.S)
+    return " ".join(unescape(re.sub(r"<[^>]+>", " ", text)).split())
+
+
+def _wait_for_page(
+    dashboard: Dashboard, study_id: int, study: str, numbers: list[int], shot: Path
+) -> None:
+    """Load the study's trials page with `numbers` selected until it shows the study's name,
+    at least that many trials in its list, and each of them in detail (the list itself is
+    drawn only as far as the window reaches); the screenshot kept at `shot`."""
+    selected = ",".join(str(n) for n in numbers)
+    page = f"{dashboard.url}dashboard/studies/{study_id}/trials?numbers={selected}"
+    texts: list[str] = []
+
+    def shown() -> bool:
+        texts.append(_page_text(page, shot))
+        listed = re.search(r"(\d+) Trials", texts[-1])
+        details = {int(n) for n in re.findall(r"Trial (\d+) \(trial_id=\d+\)", texts[-1])}
+        return (
+            study in texts[-1]
+            and listed is not None
+            and int(listed.group(1)) >= len(numbers)
+            and details >= set(numbers)
+        )
+
+    try:
+        wait_until(shown, timeout_s=120, interval_s=0.5)
+    except AssertionError:
+        raise AssertionError(f"not on the page: {study!r}, trials {numbers}\n{texts[-1]}") from None
+    print(f"screenshot of the dashboard ({len(numbers)} trials selected): {shot}")
+
+
+# -- beside a running study ---------------------------------------------------------------------
+
+
+def test_the_page_shows_the_running_study_and_its_trials(
+    redis_url: str, prefix: str, tmp_path: Path, start_dashboard: Any
+) -> None:
+    """Given a broker, workers and a running study on its default storage (and a second study
+    on a storage of its own), `optuna-rq dashboard` with no storage named opens the broker's
+    journal, says where the other study is, listens on 127.0.0.1 only, and the page Chromium
+    loads shows the study and every trial told so far; loaded again later, the trials told
+    since, without a restart."""
+    _chromium()
+    state = tmp_path / "state"
+    other = tmp_path / "own.journal"
+    common = ["--redis-url", redis_url, "--prefix", prefix]
+    env = cli_env(OPTUNA_RQ_STATE_DIR=str(state))
+    broker = subprocess.Popen(
+        cli(*common, "broker", "--allow-storage", str(tmp_path / "*.journal")), env=env
+    )
+    workers = subprocess.Popen(
+        cli(*common, "workers", "--import", "tests.objectives", "--count", "2"), env=env
+    )
+    client = BrokerClient(connect(redis_url), prefix)
+    try:
+        running, own = "running-study", "own-storage-study"
+        for name, extra in ((running, []), (own, ["--storage", f"journal:///{other}"])):
+            n = "400" if name == running else "2"
+            submitted = subprocess.run(
+                cli(*common, "submit", "tests.objectives:sleeps", "--study-name", name)
+                + ["--n-trials", n, "--concurrency", "2", "--sampler", "random"]
+                + ["--param", "x={type: float, low: 0, high: 1}", "--param", "hold_s=0.5"]
+                + extra,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert submitted.returncode == 0, submitted.stderr
+
+        def complete(name: str) -> int:
+            status = client.status(name)
+            return 0 if status is None else status.complete
+
+        wait_until(lambda: complete(running) >= 3 and complete(own) >= 1, timeout_s=60)
+        dashboard = start_dashboard(
+            *common, "dashboard", "--port", "0", OPTUNA_RQ_STATE_DIR=str(state)
+        )
+        said = dashboard.output()
+        assert f"storage journal:///{state / 'studies.journal'}" in said, said
+        assert "(read-only)" in said, said
+        assert f"studies are in storage journal:///{other} ({own})" in said, said
+        assert f"optuna-rq dashboard --storage journal:///{other}" in said, said
+        assert dashboard.listening() == {"127.0.0.1"}
+        study_id = dashboard.studies()[running]
+        assert own not in dashboard.studies()  # in its own storage, not the broker's
+
+        journal = state / "studies.journal"
+        seen = 0
+        for look in range(2):  # twice: the second sees trials told after the first
+            stored = optuna.load_study(study_name=running, storage=_journal(journal))
+            numbers = [t.number for t in stored.get_trials(deepcopy=False)]
+            assert len(numbers) > seen
+            assert client.status(running).state.value == "running"  # type: ignore[union-attr]
+            _wait_for_page(
+                dashboard, study_id, running, numbers, ARTIFACTS / f"dashboard-{look}.png"
+            )
+            seen = len(numbers)
+            wait_until(lambda n=seen: complete(running) >= n + 2, timeout_s=60)
+        dashboard.stop()
+    finally:
+        for process in (workers, broker):
+            stop_process(process)
+        client.connection.close()
+
+
+# -- read-only by default -------------------------------------------------------------------
+
+
+def _write_routes() -> list[tuple[str, str]]:
+    """Every route of optuna-dashboard's app that is not a read, with its parameters filled in
+    (study 0, trial 0): the installed version's own list, whatever it adds."""
+    from optuna_dashboard import wsgi
+
+    app = wsgi(optuna.storages.InMemoryStorage())
+    routes = []
+    for route in app.routes:  # type: ignore[attr-defined]
+        if route.method in READ_METHODS:
+            continue
+        path = re.sub(r"<[^>]*:int>", "0", route.rule)
+        path = re.sub(r"<[^>]*>", "00000000-0000-0000-0000-000000000000", path)
+        routes.append((route.method, path))
+    assert len(routes) >= 10, routes  # studies, trials, notes, artifacts, preferences...
+    return routes
+
+
+def test_writes_are_refused_unless_allowed(tmp_path: Path, start_dashboard: Any) -> None:
+    """Read-only, every write route optuna-dashboard has answers 403 and the storage is left
+    byte for byte as it was, while reads still answer; with --allow-writes a study can be
+    created from the page's API, and lands in the storage."""
+    path = tmp_path / "studies.journal"
+    study = optuna.create_study(study_name="kept", storage=_journal(path))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    before = path.read_bytes()
+    url = f"journal:///{path}"
+    env = {"OPTUNA_RQ_STATE_DIR": str(tmp_path / "unused")}
+
+    dashboard = start_dashboard("dashboard", "--storage", url, "--port", "0", **env)
+    assert dashboard.studies() == {"kept": 0}
+    for method, route in _write_routes():
+        code, body = dashboard.request(method, route, {"study_name": "x", "directions": []})
+        assert code == 403, (method, route, body)
+        assert "read-only" in json.loads(body)["reason"]
+    assert dashboard.request("GET", "/api/studies/0")[0] == 200
+    assert path.read_bytes() == before
+    dashboard.stop()
+
+    writer = start_dashboard("dashboard", "--storage", url, "--port", "0", "--allow-writes", **env)
+    assert "(read-write" in writer.output()
+    created = {"study_name": "made-on-the-page", "directions": ["minimize"]}
+    code, body = writer.request("POST", "/api/studies", created)
+    assert code == 201, body
+    assert "made-on-the-page" in {
+        s.study_name for s in optuna.get_all_study_summaries(_journal(path))
+    }
+    writer.stop()
+
+
+def test_host_says_where_it_listens(tmp_path: Path, start_dashboard: Any) -> None:
+    path = tmp_path / "studies.journal"
+    optuna.create_study(study_name="s", storage=_journal(path))
+    dashboard = start_dashboard(
+        "dashboard", "--storage", f"journal:///{path}", "--port", "0", "--host", "0.0.0.0"
+    )
+    assert dashboard.listening() == {"0.0.0.0"}
+    dashboard.stop()
+
+
+# -- wrong input -------------------------------------------------------------------------------
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cli(*args), env=env or cli_env(), capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_help_answers() -> None:
+    done = _run("dashboard", "--help")
+    assert done.returncode == 0, done.stderr
+    for said in ("--storage URL", "--host ADDRESS", "--port PORT", "--allow-writes", "127.0.0.1"):
+        assert said in done.stdout
+
+
+def test_wrong_input_is_an_error_naming_it_and_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "studies.journal"
+    optuna.create_study(study_name="s", storage=_journal(path))
+    url = f"journal:///{path}"
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _run("dashboard", "--storage", url, "--port", str(port))
+    assert done.returncode == 2, done.stderr
+    assert f"--port {port}" in done.stderr and "taken" in done.stderr
+
+    done = _run("dashboard", "--storage", url, "--host", "203.0.113.7")  # not this machine's
+    assert done.returncode == 2 and "--host" in done.stderr, done.stderr
+
+    done = _run("dashboard", "--storage", f"journal:///{tmp_path / 'none.journal'}")
+    assert done.returncode == 2 and "none.journal" in done.stderr, done.stderr
+
+    done = _run("dashboard", "--port", "70000")
+    assert done.returncode == 2 and "--port" in done.stderr, done.stderr
+
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.modules['optuna_dashboard'] = None; "
+            "from optuna_rq.cli import main; main(sys.argv[1:])",
+            "dashboard",
+            "--storage",
+            url,
+        ],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 1, missing.stderr
+    assert INSTALL_LINE in missing.stderr
+
+
+def test_no_storage_found_and_no_redis_started(tmp_path: Path) -> None:
+    """With no Redis to reach and no journal in the state directory, an error naming where it
+    looked and the fix, and no redis-server started (the state directory is not even made)."""
+    state = tmp_path / "state"
+    env = cli_env(OPTUNA_RQ_STATE_DIR=str(state))
+    env.pop("OPTUNA_RQ_REDIS_URL", None)
+    done = _run("dashboard", env=env)
+    assert done.returncode == 2, done.stderr
+    assert "no study storage to show" in done.stderr
+    assert str(state / "studies.journal") in done.stderr and "--storage URL" in done.stderr
+    assert not state.exists()
