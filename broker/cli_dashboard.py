@@ -15,6 +15,7 @@ reach (no --redis-url and no embedded server running), it shows the default jour
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import threading
@@ -201,7 +202,8 @@ def _unopenable(url: str) -> str | None:
 
     path = journal_path(url)
     if path is not None and not path.is_file():
-        return f"no file {path} on this machine: run the dashboard where the broker runs"
+        shown = os.path.realpath(path)  # journal:////abs/path is the broker's own spelling
+        return f"no file {shown} on this machine: run the dashboard where the broker runs"
     if url == "memory":
         return "the broker keeps these studies in its memory: nothing to read from outside it"
     if url.partition("://")[0] in PICKLING_SCHEMES:

@@ -343,7 +343,8 @@ def test_help_answers() -> None:
 
 def test_wrong_input_is_an_error_naming_it_and_the_fix(tmp_path: Path) -> None:
     """A port taken, an address not this machine's, a storage that is not there, a port out of
-    range, optuna-dashboard not installed: each one line naming the input and the fix."""
+    range, a Redis named that does not answer, optuna-dashboard not installed: each one line
+    naming the input and the fix."""
     path = tmp_path / "studies.journal"
     optuna.create_study(study_name="s", storage=_journal(path))
     url = f"journal:///{path}"
@@ -362,6 +363,8 @@ def test_wrong_input_is_an_error_naming_it_and_the_fix(tmp_path: Path) -> None:
                 "no such file",
             ),
             (*cli("dashboard", "--port", "70000"),): (2, "--port", "65535"),
+            # The Redis the user named is down: said, not guessed around.
+            (*cli("--redis-url", "redis://127.0.0.1:1/0", "dashboard"),): (1, "127.0.0.1:1", ""),
             (sys.executable, "-c", f"{missing}; main(sys.argv[1:])", "dashboard"): (
                 1,
                 INSTALL_LINE,
@@ -392,3 +395,51 @@ def test_no_storage_found_and_no_redis_started(tmp_path: Path) -> None:
     assert "no study storage to show" in done.stderr
     assert str(state / "studies.journal") in done.stderr and "--storage URL" in done.stderr
     assert not state.exists()
+
+
+def test_storages_a_status_names_that_it_will_not_open(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """Statuses (anyone who can write to Redis writes them when signing is off) naming a
+    JournalRedis storage, the broker's memory, and a journal on another machine: the dashboard
+    opens none of them, connects to no JournalRedis, and says why for each, naming the fix."""
+    from optuna_rq.protocol import Keys, Signer
+    from optuna_rq.protocol.status import StudyState, StudyStatus
+
+    with socket.socket() as pickling:  # where a JournalRedis would be: nothing may connect
+        pickling.bind(("127.0.0.1", 0))
+        pickling.listen()
+        pickling.settimeout(0.1)
+        named = {
+            "pickled": f"redis://127.0.0.1:{pickling.getsockname()[1]}/0",
+            "in-memory": "memory",
+            "elsewhere": "journal:////nonexistent/elsewhere/studies.journal",
+        }
+        conn = connect(redis_url)
+        for name, storage in named.items():
+            status = StudyStatus(
+                name=name,
+                state=StudyState.RUNNING,
+                objective="m:f",
+                directions=["minimize"],
+                n_trials=1,
+                concurrency=1,
+                priority=1.0,
+                storage=storage,
+            )
+            conn.hset(Keys(prefix).status, name, status.sealed(Signer()))
+        conn.close()
+        state = tmp_path / "state"
+        done = _run(
+            "--redis-url", redis_url, "--prefix", prefix, "dashboard",
+            env=cli_env(OPTUNA_RQ_STATE_DIR=str(state)),
+        )  # fmt: skip
+        with pytest.raises(TimeoutError):
+            pickling.accept()
+    assert done.returncode == 2, done.stderr
+    said = done.stderr
+    assert said.startswith("Error: no study storage to show") and said.count("\n") == 1, said
+    assert "unpickles" in said and "--storage URL if you do" in said
+    assert "memory: the broker keeps these studies in its memory" in said
+    assert "no file /nonexistent/elsewhere/studies.journal on this machine" in said
+    assert f"no file {state / 'studies.journal'}" in said  # the state directory's default
