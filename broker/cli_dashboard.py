@@ -136,11 +136,12 @@ def _open(options: GlobalOptions, given: str | None) -> tuple[str, BaseStorage]:
             except (ConfigError, OSError) as exc:
                 why = str(exc)
         if chosen is not None:
-            others = [c for c in candidates if c is not candidate]
-            for line in notes + [_elsewhere(c) for c in others if c.studies]:
+            later = candidates[candidates.index(candidate) + 1 :]
+            for line in notes + refused + [_elsewhere(c) for c in later if c.studies]:
                 _err.print(line, markup=False, highlight=False, soft_wrap=True)
             return chosen
-        refused.append(f"{redact_url(candidate.url)}: {why}")
+        names = f" ({', '.join(candidate.studies)})" if candidate.studies else ""
+        refused.append(f"not shown, storage {redact_url(candidate.url)}{names}: {why}")
     raise ConfigError(
         "no study storage to show: "
         + "; ".join(refused + notes or ["no storage found"])
@@ -184,8 +185,8 @@ def _published(options: GlobalOptions) -> tuple[list[_Storage], list[str]]:
             notes.append(f"{unread} studies whose status does not verify are left out")
         if driven:
             notes.append(
-                f"{driven} studies run by a remote Optimizer are in its own storage (not "
-                "published): point optuna-dashboard at the storage its script gives"
+                f"{driven} studies run by a remote Optimizer are in the storage its script gives "
+                "it (not published): `optuna-rq dashboard --storage URL` shows them"
             )
     ordered = sorted(found.values(), key=lambda s: (not s.default, -len(s.studies)))
     if not any(s.default for s in ordered):

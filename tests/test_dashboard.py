@@ -440,6 +440,6 @@ def test_storages_a_status_names_that_it_will_not_open(
     said = done.stderr
     assert said.startswith("Error: no study storage to show") and said.count("\n") == 1, said
     assert "unpickles" in said and "--storage URL if you do" in said
-    assert "memory: the broker keeps these studies in its memory" in said
+    assert "storage memory (in-memory): the broker keeps these studies in its memory" in said
     assert "no file /nonexistent/elsewhere/studies.journal on this machine" in said
     assert f"no file {state / 'studies.journal'}" in said  # the state directory's default
