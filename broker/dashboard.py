@@ -37,6 +37,7 @@ __all__ = [
     "dashboard_app",
     "read_only",
     "require_dashboard",
+    "serve",
 ]
 
 log = logging.getLogger("optuna_rq.dashboard")
