@@ -138,7 +138,7 @@ def _page_text(url: str, shot: Path | None = None) -> str:
 
 
 def _wait_for_page(
-    dashboard: Dashboard, study_id: int, study: str, numbers: list[int], shot: Path | None
+    dashboard: Dashboard, study_id: int, study: str, numbers: list[int], shot: Path
 ) -> None:
     """Load the study's trials page until it shows the study's name, at least as many trials
     as `numbers` in its list, and the first and the newest of them in detail (selected: the
@@ -167,8 +167,7 @@ def _wait_for_page(
         raise AssertionError(
             f"not on the page: {study!r}, {count} trials, {detailed} in detail\n{texts[-1]}"
         ) from None
-    if shot is not None:
-        print(f"screenshot of the dashboard ({count} trials, {detailed} in detail): {shot}")
+    print(f"screenshot of the dashboard ({count} trials, {detailed} in detail): {shot}")
 
 
 # -- beside a running study ---------------------------------------------------------------------
