@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from optuna_rq.cli_command import App
+from optuna_rq.cli_dashboard import dashboard
 from optuna_rq.cli_keys import keys
 from optuna_rq.cli_options import (
     GlobalOptions,
@@ -498,6 +499,7 @@ app.command()(best)
 app.command()(delete)
 app.command()(enqueue)
 app.command()(keys)
+app.command()(dashboard)
 app.add_typer(redis_app)
 
 

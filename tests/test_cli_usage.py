@@ -73,6 +73,7 @@ CASES = [
             ("delete", "s"),
             ("enqueue", "s", "f.yaml"),
             ("keys", "k"),
+            ("dashboard",),
             ("redis", "stop"),
         )
     ),
@@ -503,6 +504,11 @@ def bad_arguments(busy_port: int) -> dict[tuple[str, ...], list[tuple[str, ...]]
         ("delete",): [("",), ("s", "--timeout", "-1"), ("s", *short)],
         ("enqueue",): [("s", "/no/such/sets.yaml"), ("", "sets.yaml")],
         ("keys",): [("--bogus",)],
+        ("dashboard",): [
+            ("--port", "70000"),
+            ("--storage", "journal:///no/such/studies.journal"),
+            (*short,),
+        ],
         ("redis", "stop"): [("--bogus",)],
         ("redis", "status"): [("--bogus",)],
     }

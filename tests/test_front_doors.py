@@ -1,6 +1,7 @@
 """The front doors act through Redis and the broker alone: they never start a redis-server
 unless they are the command that may (`broker`, `workers`, `submit`, `demo`), never open a
-storage but the one their user names (`trials --storage URL`), and create nothing on the machine
+storage but the one their user names (`trials --storage URL`; `dashboard`, whose purpose is to
+open the broker's), and create nothing on the machine
 they run on. Every command of the app, and every site in the command line's source that could
 start a server, open a storage or create a file, is enumerated here, so a new one is covered by
 its existence. The same with real processes on two "machines": tests/test_any_machine.py.
@@ -42,6 +43,8 @@ NEVER_START_A_SERVER: dict[str, tuple[tuple[str, ...], int, str]] = {
     "keys": (("keys", "{keys}"), 0, ""),
     "redis status": (("redis", "status"), 1, "no embedded redis-server is running"),
     "redis stop": (("redis", "stop"), 0, "no embedded redis-server was running"),
+    # With no Redis it looks at this machine's default journal alone: there is none here.
+    "dashboard": (("dashboard",), 2, "no study storage to show"),
 }
 
 
@@ -113,6 +116,9 @@ MAKES_STATE = {
 SITES = {
     # A storage: only the one the user names, and nothing created for it.
     ("cli_studies.py", "_stored_trials"): "load_study, open_storage_to_read: `trials --storage`",
+    # The one front door that opens a storage a status names (that is what it is for): as a
+    # reader that creates nothing, never JournalRedis (it unpickles), never an unverified one.
+    ("cli_dashboard.py", "_open"): "open_storage_to_read: `dashboard`, the broker's storage",
     # Not a file: click's HelpFormatter.write_text, the help's global options paragraph.
     ("cli_command.py", "Command.format_options"): "formatter.write_text: help text, no file",
     # The embedded server: started by `submit` alone among the front doors.
