@@ -18,7 +18,6 @@ import logging
 import os
 import threading
 import time
-import weakref
 
 import redis
 from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff
@@ -127,36 +126,38 @@ class Outage:
 
 # -- one per process and server --------------------------------------------------------------
 
-_names: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
-_outages: dict[str, Outage] = {}
+_names: dict[tuple[object, ...], str] = {}  # server -> how its lines name it
+_outages: dict[tuple[object, ...], Outage] = {}
 _outages_lock = threading.Lock()
+
+
+def _server(client: redis.Redis) -> tuple[object, ...]:
+    """The server `client` talks to, as its pool's settings give it (any client of it, the
+    broker's fenced one included, with a pool of its own or not)."""
+    kwargs = client.connection_pool.connection_kwargs
+    if kwargs.get("path"):
+        return ("unix", kwargs["path"])
+    return (kwargs.get("host", "localhost"), kwargs.get("port", 6379))
 
 
 def name_server(client: redis.Redis, redacted_url: str) -> None:
     """Name the server `client` talks to, as outage lines show it (a URL without its password:
     `connection.redact_url`)."""
-    _names[client.connection_pool] = redacted_url
-
-
-def _where(client: redis.Redis) -> str:
-    pool = client.connection_pool
-    named = _names.get(pool)
-    if named is not None:
-        return named
-    kwargs = pool.connection_kwargs
-    if kwargs.get("path"):
-        return f"unix://{kwargs['path']}"
-    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+    _names.setdefault(_server(client), redacted_url)
 
 
 def outage_of(client: redis.Redis) -> Outage:
     """This process's `Outage` of the server `client` talks to (one per server, however many
     clients reach it)."""
-    where = _where(client)
+    server = _server(client)
     with _outages_lock:
-        outage = _outages.get(where)
+        outage = _outages.get(server)
         if outage is None:
-            outage = _outages[where] = Outage(where)
+            if server[0] == "unix":
+                where = _names.get(server, f"unix://{server[1]}")
+            else:
+                where = _names.get(server, f"{server[0]}:{server[1]}")
+            outage = _outages[server] = Outage(where)
         return outage
 
 

@@ -28,6 +28,14 @@ wait until Redis has room and are sent again: each is one MULTI/EXEC or one comm
 whole, so sending it again is safe. The heartbeat, the state, the registry sweep and the
 unregistration of a worker leaving are skipped instead: the next ones (or a TTL) make up for
 them.
+
+A Redis that cannot be reached is ridden out the same way, in place of RQ's own retry loop (which
+logs an ERROR at every retry and waits without jitter) and its work loop (which quits on a
+timeout, with a traceback): the dequeue (`RidingQueue`), the suspension check and the writes
+above wait for Redis with the shared jittered backoff (`connection.wait_for_redis`), the skipped
+ones are only counted, and all of it is said through the process's `Outage`: one line when
+Redis goes away, one when it is back. A worker told to stop while it waits stops
+(`StopRequested`), and leaves its registration to expire.
 """
 
 from __future__ import annotations
@@ -38,14 +46,17 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.queue import Queue
 from rq.utils import now
 from rq.worker import WorkerStatus
 
-from optuna_rq.connection import is_full, wait_for_memory
+from optuna_rq.connection import is_full, wait_for_memory, wait_for_redis
+from optuna_rq.outages import UNREACHABLE, outage_of
+from optuna_rq.workers import context
 
-__all__ = ["HEARTBEAT_EVERY_S", "LeanBookkeeping"]
+__all__ = ["HEARTBEAT_EVERY_S", "LeanBookkeeping", "RidingQueue"]
 
 HEARTBEAT_EVERY_S = 1.0
 
@@ -54,8 +65,36 @@ log = logging.getLogger("optuna_rq.pool")
 T = TypeVar("T")
 
 
+class RidingQueue(Queue):
+    """RQ's queue, whose dequeue waits out an outage (see the module) instead of raising into
+    RQ's retry loop. A stop asked meanwhile ends the wait: RQ's signal handler raises
+    StopRequested out of it, as out of RQ's own blocking dequeue."""
+
+    @classmethod
+    def of(cls, queue: Queue) -> RidingQueue:
+        """`queue` (`protocol.trial_queue`'s), as one a worker of ours takes (RQ checks a
+        worker's queues are of its `queue_class`)."""
+        return cls(queue.name, connection=queue.connection, serializer=queue.serializer)
+
+    @classmethod
+    def dequeue_any(  # type: ignore[override]
+        cls, queues: Any, timeout: int | None, connection: redis.Redis, **kwargs: Any
+    ) -> Any:
+        while True:
+            try:
+                taken = super().dequeue_any(queues, timeout, connection, **kwargs)
+            except UNREACHABLE as exc:
+                if wait_for_redis(connection, exc, stop=context.current().stopping) is None:
+                    raise StopRequested() from None
+                continue
+            outage_of(connection).recovered()
+            return taken
+
+
 class LeanBookkeeping:
     """Mixed into an RQ worker class, before it: `class W(LeanBookkeeping, SimpleWorker)`."""
+
+    queue_class = RidingQueue
 
     _key_expires_at = 0.0  # monotonic time the worker key expires, per the last heartbeat sent
 
@@ -74,6 +113,9 @@ class LeanBookkeeping:
             with self.connection.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
                 super().heartbeat(timeout, pipeline=pipe)  # type: ignore[misc]
                 pipe.execute()
+        except UNREACHABLE as exc:
+            self._skipped(exc)
+            return
         except redis.ResponseError as exc:
             if not is_full(exc):
                 raise
@@ -85,6 +127,10 @@ class LeanBookkeeping:
             return
         try:
             super().set_state(state, pipeline=pipeline)  # type: ignore[misc]
+        except UNREACHABLE as exc:
+            if pipeline is not None:
+                raise  # not sent: the pipeline's owner meets it
+            self._skipped(exc)
         except redis.ResponseError as exc:
             if not is_full(exc):
                 raise  # skipped when Redis is full: what `rq info` shows, nothing more
@@ -96,6 +142,8 @@ class LeanBookkeeping:
                 self.set_state(WorkerStatus.IDLE, pipeline=pipe)
                 self.heartbeat(pipeline=pipe)
                 pipe.execute()
+        except UNREACHABLE as exc:
+            self._skipped(exc)
         except redis.ResponseError as exc:
             if not is_full(exc):
                 raise
@@ -103,18 +151,38 @@ class LeanBookkeeping:
     def run_maintenance_tasks(self) -> None:
         try:
             super().run_maintenance_tasks()  # type: ignore[misc]
+        except UNREACHABLE as exc:
+            self._skipped(exc)
         except redis.ResponseError as exc:
             if not is_full(exc):
                 raise  # a sweep skipped when Redis is full: the next one does it
 
     def register_death(self) -> None:
+        if outage_of(self.connection).down:  # type: ignore[attr-defined]
+            return  # a worker leaving while Redis is away: its key expires on its own
         try:
             super().register_death()  # type: ignore[misc]
+        except UNREACHABLE as exc:
+            self._skipped(exc)
         except redis.ResponseError as exc:
             if not is_full(exc):
                 raise  # a worker leaving while Redis is full: its key expires on its own
 
-    # The writes a trial's job needs: sent again once Redis has room.
+    def _skipped(self, error: Exception) -> None:
+        """A write skipped because Redis is away: counted in the process's outage."""
+        outage_of(self.connection).failed(error)  # type: ignore[attr-defined]
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        """RQ's warm shutdown, which also ends any wait for Redis this process is in (a result
+        it cannot deliver, a write it cannot send: given up on, and said)."""
+        context.current().stopping.set()
+        super().request_stop(signum, frame)  # type: ignore[misc]
+
+    # The writes a trial's job needs: sent again once Redis has room, or is back.
+
+    def check_for_suspension(self, burst: bool) -> None:
+        method = super().check_for_suspension  # type: ignore[misc]
+        self._when_room("check for `rq suspend`", lambda: method(burst))
 
     def register_birth(self, *args: Any, **kwargs: Any) -> None:
         method = super().register_birth  # type: ignore[misc]
@@ -137,11 +205,18 @@ class LeanBookkeeping:
         self._when_room(f"record job {job.id} finished", lambda: method(job, *args, **kwargs))
 
     def _when_room(self, what: str, write: Callable[[], T]) -> T:
-        """`write()`, sent again each time a full Redis refused it, once Redis has room; Redis
-        being full is said once until this process writes again."""
+        """`write()`, sent again each time a full Redis refused it, once Redis has room, or each
+        time Redis could not be reached, once it is back; Redis being full is said once until
+        this process writes again, an outage once by the process's `Outage`. Raises
+        StopRequested if the worker is told to stop while Redis is away."""
         while True:
             try:
                 done = write()
+            except UNREACHABLE as exc:
+                connection = self.connection  # type: ignore[attr-defined]
+                if wait_for_redis(connection, exc, stop=context.current().stopping) is None:
+                    raise StopRequested() from None
+                continue
             except redis.ResponseError as exc:
                 if not is_full(exc):
                     raise

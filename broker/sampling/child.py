@@ -20,6 +20,7 @@ import redis
 from optuna.storages import JournalStorage
 
 from optuna_rq.connection import connect
+from optuna_rq.outages import UNREACHABLE, outage_of
 from optuna_rq.protocol import WAKE_FIELD, WAKE_MAXLEN
 from optuna_rq.sampling.messages import READY, Sampled, SampleFailed, SampleRequest
 from optuna_rq.sampling.replica import JournalReader, ScratchStorage
@@ -61,8 +62,12 @@ def _answer(pipe: Connection, wake: redis.Redis, wake_stream: str) -> None:
                 pipe.send(_sample(study, storage, request))
                 try:
                     wake.xadd(wake_stream, {WAKE_FIELD: b""}, maxlen=WAKE_MAXLEN, approximate=False)
-                except redis.RedisError:  # an outage: the loop reads the pipe at its next turn
+                except UNREACHABLE as exc:  # the loop reads the pipe at its next turn anyway
+                    outage_of(wake).failed(exc)
+                except redis.RedisError:  # a full Redis, say: as above, the next turn reads it
                     pass
+                else:
+                    outage_of(wake).recovered()
         finally:
             storage.drop_scratch()  # the broker creates them before it asks this study again
 
