@@ -107,7 +107,7 @@ class LeanBookkeeping:
             super().heartbeat(timeout, pipeline=pipeline)  # type: ignore[misc]
             self._key_expires_at = expires_at
             return
-        if expires_at - self._key_expires_at < HEARTBEAT_EVERY_S:
+        if expires_at - self._key_expires_at < HEARTBEAT_EVERY_S or self._away():
             return  # a recent heartbeat keeps the key alive as long as this one would
         try:
             with self.connection.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
@@ -123,8 +123,12 @@ class LeanBookkeeping:
         self._key_expires_at = expires_at
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
-        if pipeline is None and state == self.get_state():  # type: ignore[attr-defined]
-            return
+        if pipeline is None:
+            if state == self.get_state():  # type: ignore[attr-defined]
+                return
+            if self._away():
+                self._state = state  # what RQ's own set_state keeps before it writes
+                return
         try:
             super().set_state(state, pipeline=pipeline)  # type: ignore[misc]
         except UNREACHABLE as exc:
@@ -137,6 +141,9 @@ class LeanBookkeeping:
 
     def job_done(self) -> None:
         """After a job: IDLE, and a heartbeat, in one round trip."""
+        if self._away():
+            self._state = WorkerStatus.IDLE
+            return
         try:
             with self.connection.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
                 self.set_state(WorkerStatus.IDLE, pipeline=pipe)
@@ -149,6 +156,8 @@ class LeanBookkeeping:
                 raise
 
     def run_maintenance_tasks(self) -> None:
+        if self._away():
+            return  # the next sweep does it
         try:
             super().run_maintenance_tasks()  # type: ignore[misc]
         except UNREACHABLE as exc:
@@ -158,7 +167,7 @@ class LeanBookkeeping:
                 raise  # a sweep skipped when Redis is full: the next one does it
 
     def register_death(self) -> None:
-        if outage_of(self.connection).down:  # type: ignore[attr-defined]
+        if self._away():
             return  # a worker leaving while Redis is away: its key expires on its own
         try:
             super().register_death()  # type: ignore[misc]
@@ -167,6 +176,25 @@ class LeanBookkeeping:
         except redis.ResponseError as exc:
             if not is_full(exc):
                 raise  # a worker leaving while Redis is full: its key expires on its own
+
+    def set_shutdown_requested_date(self) -> None:
+        """RQ writes it from its signal handler, in the middle of a trial: where Redis is away,
+        raised there it would end the trial as the objective's exception."""
+        if self._away():
+            return
+        try:
+            super().set_shutdown_requested_date()  # type: ignore[misc]
+        except UNREACHABLE as exc:
+            self._skipped(exc)
+        except redis.ResponseError as exc:
+            if not is_full(exc):
+                raise
+
+    def _away(self) -> bool:
+        """Whether this process knows Redis is away (its last try failed): the writes that can
+        be skipped are, without a try (and its client's retries) each, until one that waits for
+        Redis (a dequeue, a job's start or end) finds it back."""
+        return outage_of(self.connection).down  # type: ignore[attr-defined]
 
     def _skipped(self, error: Exception) -> None:
         """A write skipped because Redis is away: counted in the process's outage."""
@@ -202,19 +230,28 @@ class LeanBookkeeping:
 
     def handle_job_success(self, job: Job, *args: Any, **kwargs: Any) -> None:
         method = super().handle_job_success  # type: ignore[misc]
-        self._when_room(f"record job {job.id} finished", lambda: method(job, *args, **kwargs))
+        try:
+            self._when_room(f"record job {job.id} finished", lambda: method(job, *args, **kwargs))
+        except StopRequested:
+            # Told to stop while Redis is away, after the trial (its result delivered or said
+            # undelivered): RQ's record of the job is left to RQ's registry cleanup. Raised
+            # here, RQ would take it for the job's failure and log it with a traceback.
+            self._stop_requested = True
 
     def _when_room(self, what: str, write: Callable[[], T]) -> T:
         """`write()`, sent again each time a full Redis refused it, once Redis has room, or each
         time Redis could not be reached, once it is back; Redis being full is said once until
         this process writes again, an outage once by the process's `Outage`. Raises
         StopRequested if the worker is told to stop while Redis is away."""
+        connection = self.connection  # type: ignore[attr-defined]
+        stopping = context.current().stopping
         while True:
+            if stopping.is_set() and self._away():
+                raise StopRequested()  # told to stop: nothing more is sent to a Redis away
             try:
                 done = write()
             except UNREACHABLE as exc:
-                connection = self.connection  # type: ignore[attr-defined]
-                if wait_for_redis(connection, exc, stop=context.current().stopping) is None:
+                if wait_for_redis(connection, exc, stop=stopping) is None:
                     raise StopRequested() from None
                 continue
             except redis.ResponseError as exc:
@@ -229,6 +266,7 @@ class LeanBookkeeping:
                 self._full_told = True
                 continue
             self._full_told = False
+            outage_of(connection).recovered()
             return done
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import redis
 
 from optuna_rq.connection import is_full, wait_for_memory, wait_for_redis
-from optuna_rq.outages import UNREACHABLE
+from optuna_rq.outages import UNREACHABLE, outage_of
 from optuna_rq.protocol import RESULT_FIELD
 
 __all__ = ["deliver", "keep_lease"]
@@ -78,12 +78,15 @@ def deliver(
                 renewed = time.monotonic()
 
     while True:
+        if stop is not None and stop.is_set() and outage_of(connection).down:
+            return False  # stopping: nothing more is sent to a Redis known to be away
         try:
             pipe = connection.pipeline(transaction=True)
             pipe.xadd(reply_to, {RESULT_FIELD: sealed_result})
             if lease is not None:
                 pipe.delete(lease)
             pipe.execute()
+            outage_of(connection).recovered()
             break
         except UNREACHABLE as exc:
             waited = wait_for_redis(

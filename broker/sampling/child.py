@@ -12,6 +12,7 @@ import copy
 import logging
 import pickle
 import signal
+import sys
 import time
 from multiprocessing.connection import Connection
 
@@ -30,6 +31,8 @@ __all__ = ["serve"]
 
 log = logging.getLogger("optuna_rq.sampling")
 
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
+
 
 def serve(pipe: Connection, redis_url: str, password: str | None, wake_stream: str) -> None:
     """Answer requests from `pipe` until it closes (the broker stopped, or died). Ctrl-C and
@@ -37,6 +40,8 @@ def serve(pipe: Connection, redis_url: str, password: str | None, wake_stream: s
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Spawned, it logs nothing of the broker's set-up: its warnings (an outage) marked as its own.
+    logging.basicConfig(level=logging.WARNING, format=_LOG_FORMAT, stream=sys.stderr)
     try:
         _answer(pipe, connect(redis_url, password=password), wake_stream)
     except (EOFError, OSError):  # the pipe: the broker is gone, maybe before this process was up
