@@ -71,12 +71,6 @@ class RidingQueue(Queue):
     StopRequested out of it, as out of RQ's own blocking dequeue."""
 
     @classmethod
-    def of(cls, queue: Queue) -> RidingQueue:
-        """`queue` (`protocol.trial_queue`'s), as one a worker of ours takes (RQ checks a
-        worker's queues are of its `queue_class`)."""
-        return cls(queue.name, connection=queue.connection, serializer=queue.serializer)
-
-    @classmethod
     def dequeue_any(  # type: ignore[override]
         cls, queues: Any, timeout: int | None, connection: redis.Redis, **kwargs: Any
     ) -> Any:
@@ -94,7 +88,11 @@ class RidingQueue(Queue):
 class LeanBookkeeping:
     """Mixed into an RQ worker class, before it: `class W(LeanBookkeeping, SimpleWorker)`."""
 
-    queue_class = RidingQueue
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Set once RQ checked the queues it was given are of its `queue_class` (plain RQ queues,
+        # `protocol.trial_queue`'s): the dequeue is ours from here on.
+        self.queue_class = RidingQueue
 
     _key_expires_at = 0.0  # monotonic time the worker key expires, per the last heartbeat sent
 

@@ -40,7 +40,7 @@ from rq.worker import WorkerStatus
 from optuna_rq.protocol import RUN_TRIAL, MsgpackSerializer, trial_queue
 from optuna_rq.protocol.spec import MAX_TRIAL_TIMEOUT_S
 from optuna_rq.workers import context
-from optuna_rq.workers.bookkeeping import LeanBookkeeping, RidingQueue
+from optuna_rq.workers.bookkeeping import LeanBookkeeping
 from optuna_rq.workers.execute import WorkerShutdown
 from optuna_rq.workers.runner import refuse_trial
 from optuna_rq.workers.supervision import die_with_parent
@@ -201,7 +201,7 @@ def new_worker(
     """A worker of `ISOLATION[isolation]` on trial queues `queues` (the first served first, as
     `rq worker high low`), speaking msgpack only."""
     return ISOLATION[Isolation(isolation)](
-        [RidingQueue.of(trial_queue(connection, queue)) for queue in queues],
+        [trial_queue(connection, queue) for queue in queues],
         connection=connection,
         serializer=MsgpackSerializer,
         name=name,
