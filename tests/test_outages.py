@@ -7,6 +7,7 @@ undone. Real processes on a real redis-server with AOF, killed and restarted on 
 
 from __future__ import annotations
 
+import ast
 import collections
 import re
 import signal
@@ -238,3 +239,216 @@ def test_a_stop_ends_the_wait_and_the_duration_reads_as_a_person_writes_it() -> 
     assert describe_duration(3.4) == "3.4s"
     assert describe_duration(19 * 60 + 2.7) == "19m02s"
     assert describe_duration(2 * 3600 + 5 * 60 + 9) == "2h05m09s"
+
+
+# -- every site, from the source ------------------------------------------------------------------
+# Each `except` of broker/ and workers/ that a Redis outage can reach (it catches redis's
+# ConnectionError, TimeoutError or RedisError, and no handler before it in the same `try` took the
+# outage), by (file, function, what it catches), with what it does there:
+#   "outage":  hands it to the process's Outage (`.failed(`, `wait_for_redis(`, or a helper of
+#              its class that calls one of them: `_skipped(`, `_ride_out_outage(`);
+#   "raises":  passes it on, to a caller listed here;
+#   "quiet: why": neither logs nor sleeps: an answer that stands for "unknown".
+# A new handler is a new row, or this test fails: a retry loop that logs per retry, or sleeps
+# without the jittered backoff, cannot slip in unlisted.
+ROOT = Path(__file__).resolve().parent.parent
+OUTAGE_SITES = {
+    ("broker/connection.py", "wait_for_redis", "UNREACHABLE"): "outage",
+    ("broker/connection.py", "_wait_for_primary", "UNREACHABLE"): "outage",
+    ("broker/connection.py", "_memory", "RedisError, KeyError, TypeError, ValueError"): (
+        "quiet: INFO not allowed or unreachable: None, the caller's write is the probe"
+    ),
+    ("broker/connection.py", "check_memory_policy", "RedisError"): "quiet: cannot say",
+    ("broker/connection.py", "ping_or_raise", "RedisError"): (
+        "quiet: a start-up probe that gives up within its timeout, raising, naming the URL"
+    ),
+    ("broker/daemon/backlog.py", "Backlog._execute", "redis.RedisError"): "raises",
+    ("broker/daemon/daemon.py", "Daemon.run", "UNREACHABLE"): "outage",
+    (
+        "broker/daemon/daemon.py",
+        "Daemon._survive",
+        "redis.ConnectionError, redis.TimeoutError, OutOfMemoryError, ReadOnlyError",
+    ): "outage",
+    ("broker/daemon/fence.py", "Fence.refused", "redis.RedisError"): (
+        "quiet: the refusal names what it could read"
+    ),
+    (
+        "broker/dispatch/dispatcher.py",
+        "Dispatcher.run_until_done",
+        "redis.ConnectionError, redis.TimeoutError, OutOfMemoryError",
+    ): "outage",
+    ("broker/driven.py", "DrivenStatus._publish", "redis.ConnectionError, redis.TimeoutError"): (
+        "raises"
+    ),
+    ("broker/embedded.py", "EmbeddedRedis.answers", "RedisError"): "quiet: it does not answer",
+    ("broker/embedded.py", "EmbeddedRedis._running_pid", "RedisError, KeyError, ValueError"): (
+        "quiet: no pid to tell"
+    ),
+    ("broker/embedded.py", "EmbeddedRedis._shutdown", "RedisError"): "quiet: it went down",
+    ("broker/sampling/child.py", "_answer", "UNREACHABLE"): "outage",
+    ("workers/bookkeeping.py", "RidingQueue.dequeue_any", "UNREACHABLE"): "outage",
+    ("workers/bookkeeping.py", "LeanBookkeeping.heartbeat", "UNREACHABLE"): "outage",
+    ("workers/bookkeeping.py", "LeanBookkeeping.set_state", "UNREACHABLE"): "outage",
+    ("workers/bookkeeping.py", "LeanBookkeeping.job_done", "UNREACHABLE"): "outage",
+    ("workers/bookkeeping.py", "LeanBookkeeping.run_maintenance_tasks", "UNREACHABLE"): "outage",
+    ("workers/bookkeeping.py", "LeanBookkeeping.register_death", "UNREACHABLE"): "outage",
+    (
+        "workers/bookkeeping.py",
+        "LeanBookkeeping.set_shutdown_requested_date",
+        "UNREACHABLE",
+    ): "outage",
+    ("workers/bookkeeping.py", "LeanBookkeeping._when_room", "UNREACHABLE"): "outage",
+    ("workers/child.py", "child_main", "UNREACHABLE"): "outage",
+    ("workers/child.py", "_wait_for_redis", "UNREACHABLE"): "outage",
+    ("workers/delivery.py", "keep_lease", "redis.RedisError"): (
+        "quiet: False, and `deliver` meets the outage itself"
+    ),
+    ("workers/delivery.py", "deliver", "UNREACHABLE"): "outage",
+    ("workers/heartbeat.py", "Heartbeat.beat", "UNREACHABLE"): "outage",
+    ("workers/heartbeat.py", "Heartbeat.stop", "UNREACHABLE"): "outage",
+    ("workers/pool.py", "WorkerPool._scale", "UNREACHABLE"): "outage",
+    ("workers/pool.py", "_forget_rq_worker", "UNREACHABLE"): "outage",
+    ("workers/supervision.py", "LeaseThread._run", "UNREACHABLE"): "outage",
+    ("workers/supervision.py", "Supervisor._renew", "UNREACHABLE"): "outage",
+}
+# Every time.sleep (or asyncio.sleep) of broker/ and workers/, and why it is not a retry of Redis
+# that wants the jittered backoff (`connection._pause` with `outages.backoff` is that).
+SLEEPS = {
+    ("broker/connection.py", "ping_or_raise"): "a start-up probe, 2 s in all by default",
+    ("broker/embedded.py", "EmbeddedRedis._locked"): "a file lock between local processes",
+    ("broker/embedded.py", "_wait_for"): "polls a server it starts or stops, up to a timeout",
+    ("broker/failpoints.py", "hit"): "the fault tests' stall",
+    ("broker/examples/rosenbrock.py", "objective"): "the bundled objective's stand-in for work",
+    ("broker/cli_studies.py", "delete"): "a front door's poll of the broker's answer",
+    ("broker/cli_studies.py", "enqueue"): "a front door's poll of the broker's receipts",
+    ("broker/progress.py", "follow_study"): "`wait`'s poll of a study's status",
+    ("broker/journal.py", "JournalLock.acquire"): "a journal file's lock, held for a turn",
+    ("broker/optimizer.py", "Optimizer.spawn"): "flytekitplugins.optuna's `delay` option",
+}
+_REDIS_ERRORS = {"ConnectionError", "TimeoutError", "RedisError", "UNREACHABLE"}
+_REDIS_ERRORS |= {"RedisConnectionError", "RedisTimeoutError"}
+_OUTAGE_CALLS = (".failed(", "wait_for_redis(", "_skipped(", "_ride_out_outage(")
+_LOGGER_METHODS = {"debug", "info", "warning", "error", "exception", "critical"}
+
+
+def _sources() -> list[tuple[str, ast.Module]]:
+    paths = sorted([*ROOT.glob("broker/**/*.py"), *ROOT.glob("workers/**/*.py")])
+    return [(str(p.relative_to(ROOT)), ast.parse(p.read_text())) for p in paths]
+
+
+class _Handlers(ast.NodeVisitor):
+    """The `except` handlers an outage reaches, and the sleeps, by enclosing function."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.scope: list[str] = []
+        self.handlers: list[tuple[tuple[str, str, str], ast.ExceptHandler]] = []
+        self.sleeps: list[tuple[str, str]] = []
+
+    def _scoped(self, node: ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        self.scope.append(node.name)
+        self.generic_visit(node)
+        self.scope.pop()
+
+    visit_ClassDef = visit_FunctionDef = visit_AsyncFunctionDef = _scoped
+
+    def visit_Try(self, node: ast.Try) -> None:
+        taken = False  # an earlier handler of this `try` took the outage
+        for handler in node.handlers:
+            caught = _caught(handler.type)
+            if not taken and {name.rpartition(".")[2] for name in caught} & _REDIS_ERRORS:
+                key = (self.path, ".".join(self.scope), ", ".join(caught))
+                self.handlers.append((key, handler))
+            plain = {name.rpartition(".")[2] for name in caught}
+            taken = taken or "UNREACHABLE" in caught or {"ConnectionError", "TimeoutError"} <= plain
+        self.generic_visit(node)
+
+    def visit_Call(self, node: ast.Call) -> None:
+        if ast.unparse(node.func) in ("time.sleep", "asyncio.sleep"):
+            self.sleeps.append((self.path, ".".join(self.scope)))
+        self.generic_visit(node)
+
+
+def _caught(node: ast.expr | None) -> list[str]:
+    if node is None:
+        return ["BaseException"]
+    if isinstance(node, ast.Tuple):
+        return [ast.unparse(element) for element in node.elts]
+    return [ast.unparse(node)]
+
+
+def _walk() -> tuple[dict[tuple[str, str, str], list[ast.ExceptHandler]], set[tuple[str, str]]]:
+    handlers: dict[tuple[str, str, str], list[ast.ExceptHandler]] = collections.defaultdict(list)
+    sleeps: set[tuple[str, str]] = set()
+    for path, tree in _sources():
+        visitor = _Handlers(path)
+        visitor.visit(tree)
+        for key, handler in visitor.handlers:
+            handlers[key].append(handler)
+        sleeps |= set(visitor.sleeps)
+    return handlers, sleeps
+
+
+def _logs_or_sleeps(handler: ast.ExceptHandler) -> list[str]:
+    found = []
+    for node in ast.walk(handler):
+        if isinstance(node, ast.Call):
+            func = ast.unparse(node.func)
+            if func in ("time.sleep", "asyncio.sleep") or (
+                func.rpartition(".")[2] in _LOGGER_METHODS and func.count(".") >= 1
+            ):
+                found.append(func)
+    return found
+
+
+def test_every_place_a_redis_outage_reaches_is_listed_and_goes_through_the_outage() -> None:
+    handlers, _ = _walk()
+    assert set(handlers) == set(OUTAGE_SITES), (
+        f"unlisted: {sorted(set(handlers) - set(OUTAGE_SITES))}; "
+        f"gone: {sorted(set(OUTAGE_SITES) - set(handlers))}"
+    )
+    for key, found in handlers.items():
+        kind = OUTAGE_SITES[key]
+        for handler in found:
+            body = ast.unparse(handler)
+            said = _logs_or_sleeps(handler)
+            if kind == "outage":
+                assert any(call in body for call in _OUTAGE_CALLS), (key, body)
+                assert not said, (key, "logs or sleeps itself, not through the Outage", said)
+            elif kind == "raises":
+                assert any(isinstance(node, ast.Raise) for node in ast.walk(handler)), key
+            else:
+                assert kind.startswith("quiet: "), (key, kind)
+                assert not said, (key, said)
+
+
+def test_every_sleep_is_listed_and_no_retry_waits_without_jitter() -> None:
+    _, sleeps = _walk()
+    assert sleeps == set(SLEEPS), (
+        f"unlisted: {sorted(sleeps - set(SLEEPS))}; gone: {sorted(set(SLEEPS) - sleeps)}"
+    )
+    for path, tree in _sources():
+        source = ast.unparse(tree)
+        for banned in ("ExponentialBackoff(", "ConstantBackoff("):  # fixed delays: lockstep
+            assert banned not in source, (path, banned)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("Retry", "redis.Retry"):
+                given = ast.unparse(node.args[0])
+                assert given.startswith(("backoff(", "NoBackoff(")), (path, given)
+            if isinstance(node, ast.FunctionDef):
+                text = ast.unparse(node)
+                if "_pause(" in text and node.name != "_pause":  # a wait loop between tries
+                    assert ".compute(" in text, (path, node.name, "waits without the backoff")
+
+
+def test_rqs_own_retry_loop_is_never_reached(redis_url: str) -> None:
+    """RQ's dequeue loop logs an ERROR per retry and sleeps without jitter: both worker classes
+    dequeue through `RidingQueue`, which rides the outage out before RQ's handler sees it."""
+    from optuna_rq.workers.bookkeeping import RidingQueue
+    from optuna_rq.workers.rq_worker import ISOLATION, new_worker
+
+    conn = connect(redis_url)
+    for isolation in ISOLATION:
+        worker = new_worker(isolation, conn, ["q"], name=f"w-{isolation}")
+        assert worker.queue_class is RidingQueue, isolation
+    conn.close()
