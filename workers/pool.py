@@ -90,7 +90,14 @@ class WorkerPool:
         self._stopping: str | None = None  # what started the warm shutdown ("Ctrl-C")
         self._cold: str | None = None  # why the cold shutdown ("a second Ctrl-C")
         self._signer = settings.signer()
-        self._connection = connect(settings.redis_url, password=settings.redis_password)
+        # The parent sends nothing that blocks, so it waits for no reply longer than half a
+        # lease TTL: a Redis that stopped answering (frozen, a lost peer) is an outage it rides
+        # out and a stop it can act on, not a read that never returns.
+        self._connection = connect(
+            settings.redis_url,
+            password=settings.redis_password,
+            socket_timeout_s=max(1.0, settings.lease_ttl_s / 2),
+        )
         keys = Keys(settings.prefix)
         self.supervisor = Supervisor(
             self._connection, self._signer, settings.lease_ttl_s, keys=keys
