@@ -105,8 +105,10 @@ class LeanBookkeeping:
             super().heartbeat(timeout, pipeline=pipeline)  # type: ignore[misc]
             self._key_expires_at = expires_at
             return
-        if expires_at - self._key_expires_at < HEARTBEAT_EVERY_S or self._away():
+        if expires_at - self._key_expires_at < HEARTBEAT_EVERY_S:
             return  # a recent heartbeat keeps the key alive as long as this one would
+        if self._away():
+            return  # its key lives on (RQ's TTL) until Redis is back
         try:
             with self.connection.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
                 super().heartbeat(timeout, pipeline=pipe)  # type: ignore[misc]
