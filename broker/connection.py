@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
@@ -34,6 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from optuna_rq.errors import ConfigError, RedisUnavailableError
+from optuna_rq.outages import UNREACHABLE, backoff, name_server, outage_of
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -64,10 +64,13 @@ ENV_PREFIX = "OPTUNA_RQ_PREFIX"
 ENV_STATE_DIR = "OPTUNA_RQ_STATE_DIR"
 DEFAULT_PREFIX = "optuna-rq"
 
-# Backoff between retries: 0.1, 0.2, 0.4, 0.8, 1.6 s (base * 2**failure, capped), so the
-# default 5 retries ride out about 3 s of a Redis restart or failover.
-RETRY_BASE_S = 0.05
+# A client's own retries wait at random up to 0.2, 0.4, 0.8, 1.6, 2 s (`outages.backoff`: jittered,
+# so clients that failed together do not retry together): the default 5 ride out about 2.5 s of
+# a Redis restart or failover on average; a longer outage is its caller's (`wait_for_redis`).
+RETRY_BASE_S = 0.1
 RETRY_CAP_S = 2.0
+# `wait_for_redis` then PINGs after waits drawn below 0.5, 1, 2, 4 s, ... up to its cap.
+OUTAGE_BASE_S = 0.25
 # redis-py PINGs an idle connection before reusing it after this long, so a connection a
 # NAT or a Redis restart silently dropped is replaced instead of failing the next command.
 HEALTH_CHECK_INTERVAL_S = 30
@@ -193,7 +196,7 @@ def connect(
 
     `password` (from `resolve_redis_password`) is sent as is, never parsed out of a URL, and
     overrides a password in `url`. Commands that fail with a connection error or timeout are
-    retried `retries` times with exponential backoff. Responses are bytes
+    retried `retries` times with jittered exponential backoff. Responses are bytes
     (`decode_responses=False`), as RQ needs. Lazy: nothing is sent until the first command;
     call `ping_or_raise` to fail fast. `socket_timeout_s=None` blocks reads indefinitely, which
     RQ's blocking dequeue needs.
@@ -202,7 +205,7 @@ def connect(
         raise ConfigError(f"retries={retries}: must be >= 0")
     # Set explicitly: Redis.from_url() otherwise gets *no* retries (Retry(NoBackoff(), 0)),
     # unlike Redis(host=...), whose default is 10 retries with jitter.
-    retry = Retry(ExponentialBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S), retries)
+    retry = Retry(backoff(base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S), retries)
     try:
         client = redis.Redis.from_url(
             url,
@@ -226,6 +229,7 @@ def connect(
                 ENV_REDIS_PASSWORD,
             )
         kwargs["password"] = password
+    name_server(client, redact_url(url))  # what its outage lines call it (`outages`)
     return client
 
 
@@ -238,12 +242,14 @@ def wait_for_redis(
     give_up_s: float | None = None,
     beat: Callable[[], None] | None = None,
 ) -> float | None:
-    """Ride out an outage that surfaced as `error`: PING with a doubling backoff until Redis
-    answers; returns how long it took (seconds), or None if `stop` (a threading.Event) was set.
-    Raises RedisUnavailableError after `give_up_s`, if given. Logs once at the start, then at
-    each retry, so a person watching sees what is going on without a flood. `beat` is called at
+    """Ride out an outage that surfaced as `error`: PING with a jittered exponential backoff
+    (`outages.backoff`, up to `max_backoff_s`) until Redis answers; returns how long it took
+    (seconds), or None if `stop` (a threading.Event) was set first. Raises RedisUnavailableError
+    after `give_up_s`, if given. What it says goes through the process's `Outage`: one line when
+    Redis goes away, one when it is back, the retries counted in between. `beat` is called at
     least every second while it waits: waiting is being alive (the broker's liveness probe).
-    A full Redis (`error` an OutOfMemoryError) is waited out the same way (`wait_for_memory`)."""
+    A full Redis (`error` an OutOfMemoryError) is waited out the same way (`wait_for_memory`),
+    and a read-only one (a failover) until it is a primary again."""
     if isinstance(error, OutOfMemoryError):
         return wait_for_memory(
             conn, error, stop=stop, max_backoff_s=max_backoff_s, beat=beat, give_up_s=give_up_s
@@ -251,25 +257,27 @@ def wait_for_redis(
     stop = stop or threading.Event()
     if isinstance(error, ReadOnlyError):
         return _wait_for_primary(conn, error, stop=stop, max_backoff_s=max_backoff_s, beat=beat)
+    outage = outage_of(conn)
+    outage.failed(error)
+    delays = backoff(base_s=OUTAGE_BASE_S, cap_s=max_backoff_s)
     started = time.monotonic()
-    _logger.error("Redis is unreachable (%s); waiting for it, trials keep running", error)
-    delay_s = 0.25
+    failures = 0
     while True:
-        if _pause(stop, delay_s, beat):
+        failures += 1
+        if _pause(stop, delays.compute(failures), beat):
             return None
         try:
             conn.ping()
-            waited = time.monotonic() - started
-            _logger.info("Redis is back after %.1fs; carrying on", waited)
-            return waited
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except UNREACHABLE as exc:
+            outage.failed(exc)
             waited = time.monotonic() - started
             if give_up_s is not None and waited >= give_up_s:
                 raise RedisUnavailableError(
                     f"Redis has been unreachable for {waited:.0f}s, giving up: {exc}"
                 ) from exc
-            _logger.warning("Redis still unreachable after %.0fs: %s", waited, exc)
-            delay_s = min(delay_s * 2, max_backoff_s)
+            continue
+        outage.recovered()
+        return time.monotonic() - started
 
 
 # -- a full Redis ---------------------------------------------------------------------------
@@ -349,10 +357,11 @@ def wait_for_memory(
     give_up_s: float | None = None,
 ) -> float | None:
     """Wait out a Redis too full to take a write (`error`, an OutOfMemoryError): poll its memory
-    with a doubling, jittered backoff (writers that met the limit together do not come back
-    together) until it has room; returns how long it took (seconds), or None if `stop` was set.
-    The caller then writes again, and calls this again if Redis is full again. Where INFO is not
-    allowed, it waits one backoff step and returns: the caller's own write is the probe.
+    with a jittered exponential backoff (`outages.backoff`: writers that met the limit
+    together do not come back together) until it has room; returns how long it took (seconds),
+    or None if `stop` was set. The caller then writes again, and calls this again if Redis is
+    full again. Where INFO is not allowed, it waits one backoff step and returns: the caller's
+    own write is the probe.
 
     Logs `Redis is out of memory (maxmemory N): <what>` once (nothing if `quiet`: a caller that
     said so already), and once when it has room. `beat` is called at least every second.
@@ -361,12 +370,13 @@ def wait_for_memory(
     started = time.monotonic()
     if not quiet:
         _logger.error("%s: %s (%s)", describe_full(conn), what, error)
-    delay_s = 0.1
+    # INFO is cheap: polled at least every MEMORY_POLL_CAP_S, to go on soon after room frees
+    delays = backoff(base_s=0.05, cap_s=min(max_backoff_s, MEMORY_POLL_CAP_S))
+    failures = 0
     while True:
-        if _pause(stop, delay_s * random.uniform(0.5, 1.0), beat):
+        failures += 1
+        if _pause(stop, delays.compute(failures), beat):
             return None
-        # INFO is cheap: polled at least every MEMORY_POLL_CAP_S, to go on soon after room frees
-        delay_s = min(delay_s * 2, max_backoff_s, MEMORY_POLL_CAP_S)
         room = _has_room(conn)  # None if unreachable too: the caller's write says what to wait for
         waited = time.monotonic() - started
         if room is False:
@@ -393,17 +403,22 @@ def _wait_for_primary(
     again or the URL is pointed at one. Returns how long it took, or None if `stop` was set."""
     started = time.monotonic()
     _logger.error("Redis is read-only (%s): waiting for it to be a primary again", error)
-    delay_s = 0.25
-    while not _pause(stop, delay_s, beat):
+    outage = outage_of(conn)
+    delays = backoff(base_s=OUTAGE_BASE_S, cap_s=max_backoff_s)
+    failures = 0
+    while True:
+        failures += 1
+        if _pause(stop, delays.compute(failures), beat):
+            return None
         try:
             info: Any = conn.info("replication")
-            if info.get("role") == "master":
-                _logger.info("Redis takes writes again; carrying on")
-                return time.monotonic() - started
-        except (RedisConnectionError, RedisTimeoutError):
-            pass  # on its way back: the next look
-        delay_s = min(delay_s * 2, max_backoff_s)
-    return None
+        except UNREACHABLE as exc:
+            outage.failed(exc)  # on its way back: the next look
+            continue
+        outage.recovered()
+        if info.get("role") == "master":
+            _logger.info("Redis takes writes again; carrying on")
+            return time.monotonic() - started
 
 
 def _pause(stop: Any, seconds: float, beat: Callable[[], None] | None) -> bool:

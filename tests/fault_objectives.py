@@ -89,6 +89,18 @@ def gated(x: float, redis_url: str, key: str) -> float:
     return x * x
 
 
+def offline(x: float, redis_url: str, key: str, gate: str) -> float:
+    """Records its start in `KEY:started`, then holds until the file `gate` exists (at most a
+    minute) and returns without touching Redis again: a trial a test can end while Redis is
+    away, whose result only the worker itself then holds."""
+    conn = _conn(redis_url)
+    _recorded(lambda: conn.rpush(f"{key}:started", f"{os.getpid()} {os.getppid()}"))
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return x * x
+
+
 def with_trial(trial: Any, x: float, redis_url: str, key: str, hold_s: float = 0.05) -> float:
     """A define-by-run objective: one remote-trial call (`set_user_attr`), then `hold_s`."""
     with _running(redis_url, key, x):

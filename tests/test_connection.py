@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
 from optuna_rq.connection import (
@@ -196,12 +196,12 @@ def test_redact_url(url: str, redacted: str) -> None:
     assert redact_url(url) == redacted
 
 
-def test_connect_configures_retries_with_exponential_backoff(redis_url: str) -> None:
+def test_connect_configures_retries_with_jittered_exponential_backoff(redis_url: str) -> None:
     client = connect(redis_url, retries=7)
 
     retry = client.get_retry()
     assert retry is not None and retry.get_retries() == 7
-    assert isinstance(retry._backoff, ExponentialBackoff)
+    assert isinstance(retry._backoff, ExponentialWithJitterBackoff)
     kwargs = client.connection_pool.connection_kwargs
     assert set(kwargs["retry_on_error"]) == {ConnectionError, TimeoutError}
     assert kwargs["health_check_interval"] == HEALTH_CHECK_INTERVAL_S

@@ -28,6 +28,14 @@ wait until Redis has room and are sent again: each is one MULTI/EXEC or one comm
 whole, so sending it again is safe. The heartbeat, the state, the registry sweep and the
 unregistration of a worker leaving are skipped instead: the next ones (or a TTL) make up for
 them.
+
+A Redis that cannot be reached is ridden out the same way, in place of RQ's own retry loop (which
+logs an ERROR at every retry and waits without jitter) and its work loop (which quits on a
+timeout, with a traceback): the dequeue (`RidingQueue`), the suspension check and the writes
+above wait for Redis with the shared jittered backoff (`connection.wait_for_redis`), the skipped
+ones are only counted, and all of it is said through the process's `Outage`: one line when
+Redis goes away, one when it is back. A worker told to stop while it waits stops
+(`StopRequested`), and leaves its registration to expire.
 """
 
 from __future__ import annotations
@@ -38,14 +46,17 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import redis
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.queue import Queue
 from rq.utils import now
 from rq.worker import WorkerStatus
 
-from optuna_rq.connection import is_full, wait_for_memory
+from optuna_rq.connection import is_full, wait_for_memory, wait_for_redis
+from optuna_rq.outages import UNREACHABLE, outage_of
+from optuna_rq.workers import context
 
-__all__ = ["HEARTBEAT_EVERY_S", "LeanBookkeeping"]
+__all__ = ["HEARTBEAT_EVERY_S", "LeanBookkeeping", "RidingQueue"]
 
 HEARTBEAT_EVERY_S = 1.0
 
@@ -54,8 +65,34 @@ log = logging.getLogger("optuna_rq.pool")
 T = TypeVar("T")
 
 
+class RidingQueue(Queue):
+    """RQ's queue, whose dequeue waits out an outage (see the module) instead of raising into
+    RQ's retry loop. A stop asked meanwhile ends the wait: RQ's signal handler raises
+    StopRequested out of it, as out of RQ's own blocking dequeue."""
+
+    @classmethod
+    def dequeue_any(  # type: ignore[override]
+        cls, queues: Any, timeout: int | None, connection: redis.Redis, **kwargs: Any
+    ) -> Any:
+        while True:
+            try:
+                taken = super().dequeue_any(queues, timeout, connection, **kwargs)
+            except UNREACHABLE as exc:
+                if wait_for_redis(connection, exc, stop=context.current().stopping) is None:
+                    raise StopRequested() from None
+                continue
+            outage_of(connection).recovered()
+            return taken
+
+
 class LeanBookkeeping:
     """Mixed into an RQ worker class, before it: `class W(LeanBookkeeping, SimpleWorker)`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Set once RQ checked the queues it was given are of its `queue_class` (plain RQ queues,
+        # `protocol.trial_queue`'s): the dequeue is ours from here on.
+        self.queue_class = RidingQueue
 
     _key_expires_at = 0.0  # monotonic time the worker key expires, per the last heartbeat sent
 
@@ -70,10 +107,15 @@ class LeanBookkeeping:
             return
         if expires_at - self._key_expires_at < HEARTBEAT_EVERY_S:
             return  # a recent heartbeat keeps the key alive as long as this one would
+        if self._away():
+            return  # its key lives on (RQ's TTL) until Redis is back
         try:
             with self.connection.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
                 super().heartbeat(timeout, pipeline=pipe)  # type: ignore[misc]
                 pipe.execute()
+        except UNREACHABLE as exc:
+            self._skipped(exc)
+            return
         except redis.ResponseError as exc:
             if not is_full(exc):
                 raise
@@ -81,40 +123,94 @@ class LeanBookkeeping:
         self._key_expires_at = expires_at
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
-        if pipeline is None and state == self.get_state():  # type: ignore[attr-defined]
-            return
+        if pipeline is None:
+            if state == self.get_state():  # type: ignore[attr-defined]
+                return
+            if self._away():
+                self._state = state  # what RQ's own set_state keeps before it writes
+                return
         try:
             super().set_state(state, pipeline=pipeline)  # type: ignore[misc]
+        except UNREACHABLE as exc:
+            if pipeline is not None:
+                raise  # not sent: the pipeline's owner meets it
+            self._skipped(exc)
         except redis.ResponseError as exc:
             if not is_full(exc):
                 raise  # skipped when Redis is full: what `rq info` shows, nothing more
 
     def job_done(self) -> None:
         """After a job: IDLE, and a heartbeat, in one round trip."""
+        if self._away():
+            self._state = WorkerStatus.IDLE
+            return
         try:
             with self.connection.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
                 self.set_state(WorkerStatus.IDLE, pipeline=pipe)
                 self.heartbeat(pipeline=pipe)
                 pipe.execute()
+        except UNREACHABLE as exc:
+            self._skipped(exc)
         except redis.ResponseError as exc:
             if not is_full(exc):
                 raise
 
     def run_maintenance_tasks(self) -> None:
+        if self._away():
+            return  # the next sweep does it
         try:
             super().run_maintenance_tasks()  # type: ignore[misc]
+        except UNREACHABLE as exc:
+            self._skipped(exc)
         except redis.ResponseError as exc:
             if not is_full(exc):
                 raise  # a sweep skipped when Redis is full: the next one does it
 
     def register_death(self) -> None:
+        if self._away():
+            return  # a worker leaving while Redis is away: its key expires on its own
         try:
             super().register_death()  # type: ignore[misc]
+        except UNREACHABLE as exc:
+            self._skipped(exc)
         except redis.ResponseError as exc:
             if not is_full(exc):
                 raise  # a worker leaving while Redis is full: its key expires on its own
 
-    # The writes a trial's job needs: sent again once Redis has room.
+    def set_shutdown_requested_date(self) -> None:
+        """RQ writes it from its signal handler, in the middle of a trial: where Redis is away,
+        raised there it would end the trial as the objective's exception."""
+        if self._away():
+            return
+        try:
+            super().set_shutdown_requested_date()  # type: ignore[misc]
+        except UNREACHABLE as exc:
+            self._skipped(exc)
+        except redis.ResponseError as exc:
+            if not is_full(exc):
+                raise
+
+    def _away(self) -> bool:
+        """Whether this process knows Redis is away (its last try failed): the writes that can
+        be skipped are, without a try (and its client's retries) each, until one that waits for
+        Redis (a dequeue, a job's start or end) finds it back."""
+        return outage_of(self.connection).down  # type: ignore[attr-defined]
+
+    def _skipped(self, error: Exception) -> None:
+        """A write skipped because Redis is away: counted in the process's outage."""
+        outage_of(self.connection).failed(error)  # type: ignore[attr-defined]
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        """RQ's warm shutdown, which also ends any wait for Redis this process is in (a result
+        it cannot deliver, a write it cannot send: given up on, and said)."""
+        context.current().stopping.set()
+        super().request_stop(signum, frame)  # type: ignore[misc]
+
+    # The writes a trial's job needs: sent again once Redis has room, or is back.
+
+    def check_for_suspension(self, burst: bool) -> None:
+        method = super().check_for_suspension  # type: ignore[misc]
+        self._when_room("check for `rq suspend`", lambda: method(burst))
 
     def register_birth(self, *args: Any, **kwargs: Any) -> None:
         method = super().register_birth  # type: ignore[misc]
@@ -134,14 +230,30 @@ class LeanBookkeeping:
 
     def handle_job_success(self, job: Job, *args: Any, **kwargs: Any) -> None:
         method = super().handle_job_success  # type: ignore[misc]
-        self._when_room(f"record job {job.id} finished", lambda: method(job, *args, **kwargs))
+        try:
+            self._when_room(f"record job {job.id} finished", lambda: method(job, *args, **kwargs))
+        except StopRequested:
+            # Told to stop while Redis is away, after the trial (its result delivered or said
+            # undelivered): RQ's record of the job is left to RQ's registry cleanup. Raised
+            # here, RQ would take it for the job's failure and log it with a traceback.
+            self._stop_requested = True
 
     def _when_room(self, what: str, write: Callable[[], T]) -> T:
-        """`write()`, sent again each time a full Redis refused it, once Redis has room; Redis
-        being full is said once until this process writes again."""
+        """`write()`, sent again each time a full Redis refused it, once Redis has room, or each
+        time Redis could not be reached, once it is back; Redis being full is said once until
+        this process writes again, an outage once by the process's `Outage`. Raises
+        StopRequested if the worker is told to stop while Redis is away."""
+        connection = self.connection  # type: ignore[attr-defined]
+        stopping = context.current().stopping
         while True:
+            if stopping.is_set() and self._away():
+                raise StopRequested()  # told to stop: nothing more is sent to a Redis away
             try:
                 done = write()
+            except UNREACHABLE as exc:
+                if wait_for_redis(connection, exc, stop=stopping) is None:
+                    raise StopRequested() from None
+                continue
             except redis.ResponseError as exc:
                 if not is_full(exc):
                     raise
@@ -154,6 +266,7 @@ class LeanBookkeeping:
                 self._full_told = True
                 continue
             self._full_told = False
+            outage_of(connection).recovered()
             return done
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:

@@ -20,6 +20,7 @@ import redis
 
 from optuna_rq import failpoints
 from optuna_rq.connection import connect, wait_for_redis
+from optuna_rq.outages import UNREACHABLE, outage_of
 from optuna_rq.workers import context, loader
 from optuna_rq.workers.gpus import VISIBLE_DEVICES
 from optuna_rq.workers.metrics import WorkerMetrics
@@ -78,7 +79,14 @@ def child_main(
     _wait_for_redis(connection)
     worker = new_worker(settings.isolation, connection, settings.rq_queues, name=name)
     limit = settings.max_trials_per_child
-    worker.work(logging_level="WARNING", max_jobs=limit)
+    try:
+        worker.work(logging_level="WARNING", max_jobs=limit)
+    except UNREACHABLE as exc:  # RQ's own teardown, say, met the outage: said, not a traceback
+        outage_of(connection).failed(exc)
+    if outage_of(connection).down:
+        outage_of(connection).stopping(
+            f"worker {index} leaves its RQ registration to expire on its own"
+        )
     if limit is not None and worker.jobs_taken >= limit:
         parent.retiring(worker.jobs_taken)
     failpoints.hit("worker_stopped")  # the fault tests' stuck child: out of RQ, not yet gone
@@ -89,5 +97,5 @@ def _wait_for_redis(connection: redis.Redis) -> None:
     instead of dying and being restarted in a loop."""
     try:
         connection.ping()
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except UNREACHABLE as exc:
         wait_for_redis(connection, exc, max_backoff_s=10.0)

@@ -8,6 +8,7 @@ its supervising parent, its metrics) cannot be passed in: the process installs o
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, Signer
@@ -29,6 +30,9 @@ class WorkerContext:
     channel: ChildChannel | None = None
     lease_ttl_s: float = DEFAULT_LEASE_TTL_S
     metrics: WorkerMetrics | None = None
+    # Set once the process is told to stop (its worker's warm shutdown): a result Redis cannot
+    # take then is given up on, and said, rather than held until Redis is back.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
 
 _UNSET = WorkerContext()

@@ -4,18 +4,22 @@ A result may have cost hours of compute, so `deliver` keeps it until Redis takes
 outage (`wait_for_redis`) and through a full Redis (`wait_for_memory`: a Redis at `maxmemory`
 with `noeviction` refuses the XADD). While it holds an undelivered result it keeps the attempt's
 lease alive with PEXPIRE, which a full Redis still serves, so the broker does not count the
-attempt lost; it says once that Redis is full, not once per retry.
+attempt lost; it says once that Redis is full, not once per retry. Only a process that is
+stopping (`stop`) gives up on a Redis still away: the caller says which result it could not
+deliver, and the broker runs that trial again once its lease lapses.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
 import redis
 
 from optuna_rq.connection import is_full, wait_for_memory, wait_for_redis
+from optuna_rq.outages import UNREACHABLE, outage_of
 from optuna_rq.protocol import RESULT_FIELD
 
 __all__ = ["deliver", "keep_lease"]
@@ -44,7 +48,8 @@ def deliver(
     lease_ttl_s: float | None = None,
     what: str = "a trial",
     beat: Callable[[], None] | None = None,
-) -> None:
+    stop: threading.Event | None = None,
+) -> bool:
     """Append a sealed `TrialResult` to the broker's stream and drop the lease, waiting out a
     Redis outage or a full Redis for as long as it takes. The lease is dropped in the same
     MULTI/EXEC as the result goes in: never one without the other (a full Redis refuses the
@@ -55,6 +60,9 @@ def deliver(
     its other children's leases there). The wait between tries doubles, jittered, up to a
     quarter of the lease TTL. A retry after a reply lost in transit may append the result
     twice; the broker tells the first and drops the second as stale.
+
+    Returns True once delivered; False if `stop` was set while Redis could not take it (the
+    process is stopping: the caller says what was not delivered).
     """
     cap_s = MAX_BACKOFF_S if lease_ttl_s is None else min(MAX_BACKOFF_S, lease_ttl_s / 4)
     full_since: float | None = None
@@ -70,31 +78,42 @@ def deliver(
                 renewed = time.monotonic()
 
     while True:
+        if stop is not None and stop.is_set() and outage_of(connection).down:
+            return False  # stopping: nothing more is sent to a Redis known to be away
         try:
             pipe = connection.pipeline(transaction=True)
             pipe.xadd(reply_to, {RESULT_FIELD: sealed_result})
             if lease is not None:
                 pipe.delete(lease)
             pipe.execute()
+            outage_of(connection).recovered()
             break
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            wait_for_redis(connection, exc, max_backoff_s=cap_s, beat=keep_alive)
+        except UNREACHABLE as exc:
+            waited = wait_for_redis(
+                connection, exc, max_backoff_s=cap_s, beat=keep_alive, stop=stop
+            )
+            if waited is None:
+                return False
         except redis.ResponseError as exc:
             if not is_full(exc):
                 raise
             told = full_since is not None  # said once per result, not once per try
             full_since = full_since or time.monotonic()
-            wait_for_memory(
+            waited = wait_for_memory(
                 connection,
                 exc,
                 max_backoff_s=cap_s,
                 beat=keep_alive,
                 what=f"holding the result of {what} until it has room",
                 quiet=told,
+                stop=stop,
             )
+            if waited is None:
+                return False
     if full_since is not None:
         log.warning(
             "delivered the result of %s, held %.1fs while Redis was full",
             what,
             time.monotonic() - full_since,
         )
+    return True

@@ -15,6 +15,7 @@ import uuid
 
 import redis
 
+from optuna_rq.outages import UNREACHABLE, outage_of
 from optuna_rq.protocol import Keys, PoolHeartbeat, Record, Signer
 
 __all__ = ["Heartbeat"]
@@ -67,19 +68,33 @@ class Heartbeat:
             pipe.set(self.key, self.signer.seal(Record.HEARTBEAT, beat.encode()), px=self.ttl_ms)
             pipe.sadd(self.keys.pools, self.pool_id)
             pipe.execute()
+        except UNREACHABLE as exc:
+            outage_of(self.connection).failed(exc)  # said once per outage, not per beat
+            return
         except redis.RedisError as exc:
             if not self._failing:
                 log.warning("cannot write the pool's heartbeat (will keep trying): %s", exc)
             self._failing = True
             return
         self._failing = False
+        outage_of(self.connection).recovered()
 
-    def stop(self) -> None:
-        """Remove the heartbeat: this pool's workers stop counting now."""
+    def stop(self) -> bool:
+        """Remove the heartbeat: this pool's workers stop counting now. False if Redis would not
+        take it (the heartbeat then expires on its own, within a lease TTL); not even tried
+        while Redis is known to be away."""
+        outage = outage_of(self.connection)
+        if outage.down:
+            return False
         try:
             pipe = self.connection.pipeline(transaction=False)
             pipe.delete(self.key)
             pipe.srem(self.keys.pools, self.pool_id)
             pipe.execute()
+        except UNREACHABLE as exc:
+            outage.failed(exc)
+            return False
         except redis.RedisError as exc:
             log.debug("could not remove the pool's heartbeat: %s", exc)
+            return False
+        return True

@@ -44,6 +44,7 @@ import redis
 from rq import Worker
 
 from optuna_rq.connection import connect
+from optuna_rq.outages import UNREACHABLE, outage_of
 from optuna_rq.protocol import Keys, MsgpackSerializer
 from optuna_rq.workers import loader
 from optuna_rq.workers.autoscale import Autoscaler
@@ -89,7 +90,14 @@ class WorkerPool:
         self._stopping: str | None = None  # what started the warm shutdown ("Ctrl-C")
         self._cold: str | None = None  # why the cold shutdown ("a second Ctrl-C")
         self._signer = settings.signer()
-        self._connection = connect(settings.redis_url, password=settings.redis_password)
+        # The parent sends nothing that blocks, so it waits for no reply longer than half a
+        # lease TTL: a Redis that stopped answering (frozen, a lost peer) is an outage it rides
+        # out and a stop it can act on, not a read that never returns.
+        self._connection = connect(
+            settings.redis_url,
+            password=settings.redis_password,
+            socket_timeout_s=max(1.0, settings.lease_ttl_s / 2),
+        )
         keys = Keys(settings.prefix)
         self.supervisor = Supervisor(
             self._connection, self._signer, settings.lease_ttl_s, keys=keys
@@ -173,6 +181,7 @@ class WorkerPool:
                     _signal_group(child.process, signal.SIGKILL)
             return
         self._stopping = what
+        self.supervisor.stopping.set()
         self._restart_at.clear()
         busy = len(self.supervisor.running)
         count = len(self._children)
@@ -235,7 +244,11 @@ class WorkerPool:
             log.info("all workers stopped")
             return 1 if self._cold else 0
         finally:
-            self.heartbeat.stop()
+            if not self.heartbeat.stop() and outage_of(self._connection).down:
+                outage_of(self._connection).stopping(
+                    "the pool's heartbeat is left to expire on its own (within its lease TTL, "
+                    f"{self.settings.lease_ttl_s:g}s)"
+                )
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self._connection.close()
@@ -276,6 +289,9 @@ class WorkerPool:
             return
         try:
             target = self.autoscaler.target()
+        except UNREACHABLE as exc:
+            outage_of(self._connection).failed(exc)  # the pool stays as it is meanwhile
+            return
         except redis.RedisError as exc:
             log.debug("autoscale: cannot read the demand: %s", exc)
             return
@@ -382,7 +398,9 @@ def _signal_group(
 
 def _forget_rq_worker(connection: redis.Redis, name: str) -> None:
     """Remove a dead child's RQ registration, so worker counts (and fair shares) see it gone
-    now rather than when its heartbeat key expires."""
+    now rather than when its heartbeat key expires. Not while Redis is away: its key expires."""
+    if outage_of(connection).down:
+        return
     try:
         worker = Worker.find_by_key(
             Worker.redis_worker_namespace_prefix + name,
@@ -391,5 +409,7 @@ def _forget_rq_worker(connection: redis.Redis, name: str) -> None:
         )
         if worker is not None:
             worker.register_death()  # type: ignore[no-untyped-call]
+    except UNREACHABLE as exc:
+        outage_of(connection).failed(exc)
     except redis.RedisError as exc:
         log.debug("could not unregister RQ worker %s: %s", name, exc)

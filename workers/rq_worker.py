@@ -28,12 +28,14 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import signal
 from types import FrameType
 from typing import Any
 
 import redis
 from rq import Queue, SimpleWorker, Worker
 from rq.job import Job
+from rq.worker import WorkerStatus
 
 from optuna_rq.protocol import RUN_TRIAL, MsgpackSerializer, trial_queue
 from optuna_rq.protocol.spec import MAX_TRIAL_TIMEOUT_S
@@ -46,6 +48,7 @@ from optuna_rq.workers.supervision import die_with_parent
 __all__ = [
     "ISOLATION",
     "MAINTENANCE_INTERVAL_S",
+    "STOPPING_SIGNAL",
     "ForkingTrialWorker",
     "Isolation",
     "TrialWorker",
@@ -119,6 +122,11 @@ class TrialWorker(_PoolMember, ShutdownMarked, LeanBookkeeping, SimpleWorker):
         self.job_done()
 
 
+STOPPING_SIGNAL = signal.SIGUSR2
+"""Passed on to a work horse when its worker is told to stop: a result it cannot deliver while
+Redis is away is then given up on, and said (`context.WorkerContext.stopping`)."""
+
+
 class ForkingTrialWorker(_PoolMember, ShutdownMarked, LeanBookkeeping, Worker):
     """An RQ worker that runs our trial job function, and nothing else, in a fresh fork."""
 
@@ -151,6 +159,17 @@ class ForkingTrialWorker(_PoolMember, ShutdownMarked, LeanBookkeeping, Worker):
     def setup_work_horse_signals(self) -> None:
         super().setup_work_horse_signals()  # type: ignore[no-untyped-call]
         die_with_parent(check_parent=False)  # the fork does not inherit the death signal
+        signal.signal(STOPPING_SIGNAL, lambda signum, frame: context.current().stopping.set())
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        """The warm shutdown reaches the horse too, as `STOPPING_SIGNAL`: it finishes its trial,
+        and gives up a result Redis cannot take (the horse's own SIGTERM would kill it)."""
+        if self.get_state() == WorkerStatus.BUSY and self.horse_pid:
+            try:
+                os.kill(self.horse_pid, STOPPING_SIGNAL)
+            except ProcessLookupError:
+                pass
+        super().request_stop(signum, frame)
 
 
 MAINTENANCE_INTERVAL_S = 60

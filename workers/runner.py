@@ -93,16 +93,24 @@ def run_trial(payload: bytes) -> None:
             log.info("%s: started in pid %d", attempt.describe(), attempt.pid)
             trial = RemoteTrial(connection, request, ctx.signer, keys=keys)
             outcome = execute(request, worker=holder, served=ctx.served, trial=trial)
-        deliver(
+        delivered = deliver(
             connection,
             request.reply_to,
             ctx.signer.seal(Record.RESULT, outcome.encode()),
             attempt.lease,
             lease_ttl_s=ctx.lease_ttl_s,  # renewed meanwhile by its renewer too: belt and braces
             what=attempt.describe(),
+            stop=ctx.stopping,
         )
     if ctx.metrics is not None:
         ctx.metrics.observe(outcome)
+    if not delivered:
+        log.error(
+            "%s, NOT delivered: Redis is unreachable and this worker is stopping; the broker runs "
+            "the trial again once its lease lapses",
+            _describe(outcome),
+        )
+        return
     log.info("%s", _describe(outcome))
 
 
@@ -128,14 +136,15 @@ def refuse_trial(job: Any, why: str) -> None:
         error=f"not run: {why}",
     )
     what = f"study {request.study!r} trial {request.trial_number} (attempt {request.attempt})"
-    deliver(
+    delivered = deliver(
         connection,
         request.reply_to,
         ctx.signer.seal(Record.RESULT, result.encode()),
         None,
         what=what,
+        stop=ctx.stopping,
     )
-    log.error("%s", _describe(result))
+    log.error("%s%s", _describe(result), "" if delivered else ", NOT delivered (Redis unreachable)")
 
 
 @contextmanager

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import redis
 
 from optuna_rq.errors import ProtocolError
+from optuna_rq.outages import UNREACHABLE, outage_of
 from optuna_rq.processes import exited, stopped
 from optuna_rq.protocol import (
     AttemptId,
@@ -269,8 +270,13 @@ class LeaseThread:
                 pipe = self._connection.pipeline(transaction=False)
                 _renew_on(pipe, self._attempt, self._ttl_ms)
                 _renewed(pipe.execute(raise_on_error=False))
+            except UNREACHABLE as exc:
+                outage_of(self._connection).failed(exc)  # said once per outage, not per renewal
+                continue
             except redis.RedisError as exc:
                 log.warning("cannot renew the lease of %s: %s", self._attempt.describe(), exc)
+                continue
+            outage_of(self._connection).recovered()
 
 
 class Supervisor:
@@ -291,6 +297,9 @@ class Supervisor:
         self._gone_since: dict[int, float] = {}  # attempts whose process exited, unexplained
         self._next_renewal = 0.0
         self._renew_failing = False
+        # Set when the pool stops: a lost attempt it cannot report while Redis is away is then
+        # said and left to its lease, rather than holding the stop until Redis is back.
+        self.stopping = threading.Event()
 
     def receive(self, index: int, message: ChildMessage) -> None:
         """Take in what child `index` said. Stale news (the end of an attempt no longer running,
@@ -355,11 +364,15 @@ class Supervisor:
             replies = pipe.execute(raise_on_error=False)
             for i in range(len(renewed)):
                 _renewed(replies[3 * i : 3 * i + 2])
+        except UNREACHABLE as exc:
+            outage_of(self.connection).failed(exc)  # said once per outage, not per renewal
+            return
         except redis.RedisError as exc:
             if not self._renew_failing:
                 log.warning("cannot renew trial leases (will keep trying): %s", exc)
             self._renew_failing = True
             return
+        outage_of(self.connection).recovered()
         if self._renew_failing:
             log.info("renewing trial leases again")
         self._renew_failing = False
@@ -416,7 +429,7 @@ class Supervisor:
                 f"the worker process {attempt.pid} running the trial {how}",
             )
         log.warning("%s: %s", attempt.describe(), result.error)
-        deliver(
+        delivered = deliver(
             self.connection,
             attempt.reply_to,
             self.signer.seal(Record.RESULT, result.encode()),
@@ -424,7 +437,14 @@ class Supervisor:
             lease_ttl_s=self.ttl_ms / 1000,
             what=attempt.describe(),
             beat=self._renew,  # the other children's leases, while this result waits for room
+            stop=self.stopping,
         )
+        if not delivered:
+            log.warning(
+                "%s: NOT reported (Redis is unreachable and the pool is stopping); the broker "
+                "finds its lease lapsed and runs the trial again",
+                attempt.describe(),
+            )
 
 
 def _renew_on(pipe: redis.client.Pipeline, attempt: Attempt, ttl_ms: int) -> None:

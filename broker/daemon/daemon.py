@@ -50,6 +50,7 @@ from optuna_rq.errors import (
 )
 from optuna_rq.health import BrokerHealth
 from optuna_rq.metrics import BrokerMetrics
+from optuna_rq.outages import UNREACHABLE, outage_of
 from optuna_rq.protocol import Enqueue, Keys, Signer, StudySpec
 from optuna_rq.protocol.liveness import TurnBeacon, read_liveness, where
 from optuna_rq.storage_policy import StoragePolicy
@@ -257,7 +258,8 @@ class Daemon:
         finally:
             if self.health.is_serving:  # else its reason is said already
                 self.health.stopped("the broker stopped serving")
-            if not data_lost and not fenced_out:
+            outage = outage_of(self.connection)  # stopped while Redis is away: nothing is sent
+            if not data_lost and not fenced_out and not outage.down:
                 try:
                     self.dispatcher.flush()
                     self.publish_status(force=True)
@@ -266,13 +268,25 @@ class Daemon:
                 except (BrokerAlreadyRunningError, RedisDataLostError) as exc:  # while stopping
                     log.error("%s", exc)
                     fenced_out = True
+                except UNREACHABLE as exc:  # it went away as the broker stopped
+                    outage.failed(exc)
             self.dispatcher.stop_sampling()
             if fenced_out:
                 self.storages.discard()
             else:
                 self.storages.close()  # what is told (the trials failed above too) is on disk
-            if not data_lost and not fenced_out:
-                self.release()
+            if not data_lost and not fenced_out and outage.down:
+                outage.stopping(
+                    "the results it told stay unacknowledged in Redis (the next broker reads "
+                    "them again; telling is idempotent), the studies' status unpublished, and "
+                    f"the broker lock left to expire (within {self.settings.lock_ttl_s:g}s)"
+                )
+            elif not data_lost and not fenced_out:
+                try:
+                    self.release()
+                except UNREACHABLE as exc:  # it went away as the broker stopped
+                    outage.failed(exc)
+                    outage.stopping("the broker lock is left to expire")
                 log.info("broker stopped; running trials go on and are told by the next broker")
 
     def _serve(self, stop: threading.Event) -> None:

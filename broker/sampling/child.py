@@ -12,6 +12,7 @@ import copy
 import logging
 import pickle
 import signal
+import sys
 import time
 from multiprocessing.connection import Connection
 
@@ -20,6 +21,7 @@ import redis
 from optuna.storages import JournalStorage
 
 from optuna_rq.connection import connect
+from optuna_rq.outages import UNREACHABLE, outage_of
 from optuna_rq.protocol import WAKE_FIELD, WAKE_MAXLEN
 from optuna_rq.sampling.messages import READY, Sampled, SampleFailed, SampleRequest
 from optuna_rq.sampling.replica import JournalReader, ScratchStorage
@@ -29,6 +31,8 @@ __all__ = ["serve"]
 
 log = logging.getLogger("optuna_rq.sampling")
 
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
+
 
 def serve(pipe: Connection, redis_url: str, password: str | None, wake_stream: str) -> None:
     """Answer requests from `pipe` until it closes (the broker stopped, or died). Ctrl-C and
@@ -36,6 +40,8 @@ def serve(pipe: Connection, redis_url: str, password: str | None, wake_stream: s
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Spawned, it logs nothing of the broker's set-up: its warnings (an outage) marked as its own.
+    logging.basicConfig(level=logging.WARNING, format=_LOG_FORMAT, stream=sys.stderr)
     try:
         _answer(pipe, connect(redis_url, password=password), wake_stream)
     except (EOFError, OSError):  # the pipe: the broker is gone, maybe before this process was up
@@ -61,8 +67,12 @@ def _answer(pipe: Connection, wake: redis.Redis, wake_stream: str) -> None:
                 pipe.send(_sample(study, storage, request))
                 try:
                     wake.xadd(wake_stream, {WAKE_FIELD: b""}, maxlen=WAKE_MAXLEN, approximate=False)
-                except redis.RedisError:  # an outage: the loop reads the pipe at its next turn
+                except UNREACHABLE as exc:  # the loop reads the pipe at its next turn anyway
+                    outage_of(wake).failed(exc)
+                except redis.RedisError:  # a full Redis, say: as above, the next turn reads it
                     pass
+                else:
+                    outage_of(wake).recovered()
         finally:
             storage.drop_scratch()  # the broker creates them before it asks this study again
 
