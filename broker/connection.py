@@ -32,7 +32,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
-from redis.sentinel import SentinelConnectionPool
+from redis.sentinel import MasterNotFoundError, SentinelConnectionPool
 
 from optuna_rq.errors import ConfigError, RedisUnavailableError
 from optuna_rq.sentinel import (
@@ -466,6 +466,14 @@ def ping_or_raise(conn: redis.Redis, url: str, *, timeout_s: float = 2.0) -> Non
                 f"Redis at {redact_url(url)} refused the credentials: {exc}; "
                 f"check the user and password (in the URL, or {ENV_REDIS_PASSWORD})"
             ) from exc
+        except MasterNotFoundError as exc:
+            if "Authentication" in str(exc) or "NOAUTH" in str(exc):
+                raise RedisUnavailableError(
+                    f"the sentinels of {redact_url(url)} refused the credentials: {exc}; give "
+                    "them theirs in the URL (sentinel_auth=same: the servers' user and password; "
+                    "or sentinel_username and sentinel_password)"
+                ) from exc
+            last = exc
         except BusyLoadingError as exc:  # up, but still loading its data: worth waiting for
             last = exc
         except RedisError as exc:
@@ -494,15 +502,31 @@ def _probe_client(conn: redis.Redis, timeout_s: float) -> redis.Redis:
     return client
 
 
+_POOL_OWNED = {
+    "connection_pool",  # a Sentinel pool's own handle, given to each of its connections
+    "himport_registry",
+    "maint_notifications_config",
+    "maint_notifications_pool_handler",
+    "oss_cluster_maint_notifications_handler",
+    "orig_host_address",
+    "orig_socket_timeout",
+    "orig_socket_connect_timeout",
+}
+"""What redis-py's pool puts in its connections' settings for itself (redis-py 7 and later): a
+new pool makes its own, for its own protocol (maintenance notifications need RESP3, and are
+refused with RESP2) and timeouts."""
+
+
 def derived_pool(conn: redis.Redis, **overrides: Any) -> redis.ConnectionPool:
     """A new connection pool for the server `conn` talks to (behind Sentinel: for the primary its
     sentinels name), with `conn`'s settings (address, credentials, TLS, retries, timeouts) but
     `overrides`. For a client that must differ from one `connect` made: the broker's fenced
     client (RESP2), the fail-fast probe of `ping_or_raise`."""
     pool = conn.connection_pool
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _POOL_OWNED}
+    kwargs |= overrides
     if isinstance(pool, SentinelConnectionPool):
-        return derived_sentinel_pool(pool, overrides)
-    kwargs: dict[str, Any] = {**pool.connection_kwargs, **overrides}
+        return derived_sentinel_pool(pool, kwargs, overrides)
     return redis.ConnectionPool(
         connection_class=pool.connection_class, max_connections=pool.max_connections, **kwargs
     )

@@ -38,6 +38,8 @@ from optuna_rq.errors import ConfigError
 __all__ = [
     "DEFAULT_SENTINEL_PORT",
     "SENTINEL_SCHEMES",
+    "SentinelConnection",
+    "SentinelSSLConnection",
     "SentinelUrl",
     "derived_sentinel_pool",
     "is_sentinel_url",
@@ -66,6 +68,28 @@ _SENTINEL_SETTINGS = {"socket_connect_timeout", "socket_keepalive", "retry", "re
 _SENTINEL_SETTINGS |= _SSL_OPTIONS
 """The connection settings the sentinels share with the servers. Their reads are short answers,
 never a blocking read, so they always get a socket timeout (`sentinel_client`)."""
+
+
+class SentinelConnection(_sentinel.SentinelManagedConnection):
+    """redis-py's connection to the primary Sentinel names, but one whose read was cut short (an
+    exception raised by a signal handler in a blocking read: RQ's warm shutdown) is dropped, as a
+    plain connection is. redis-py's keeps it, and its pool hands it out again with the cut
+    command's reply still to come: the next command would wait behind a BLMOVE."""
+
+    def read_response(
+        self,
+        disable_decoding: Any = False,
+        *,
+        disconnect_on_error: bool | None = True,
+        **kwargs: Any,
+    ) -> Any:
+        return super().read_response(
+            disable_decoding, disconnect_on_error=disconnect_on_error, **kwargs
+        )
+
+
+class SentinelSSLConnection(SentinelConnection, SSLConnection):
+    """`SentinelConnection` over TLS."""
 
 
 def is_sentinel_url(url: str) -> bool:
@@ -236,9 +260,8 @@ def sentinel_client(
     node: dict[str, Any] = {**settings, **target.options}
     if password is not None:
         node["password"] = password
-    if target.tls:
-        node["ssl"] = True  # redis-py's Sentinel pool then makes TLS connections
-    to_sentinels = {name: node[name] for name in _SENTINEL_SETTINGS if name in node}
+    node["connection_class"] = SentinelSSLConnection if target.tls else SentinelConnection
+    to_sentinels: dict[str, Any] = {k: node[k] for k in _SENTINEL_SETTINGS if k in node}
     # A sentinel that stopped answering must not hold up the question: it is asked with the
     # connect timeout, once, and the next sentinel is asked (the servers' retries ask again).
     timeout_s = node.get("socket_connect_timeout")
@@ -254,13 +277,12 @@ def sentinel_client(
 
 
 def derived_sentinel_pool(
-    pool: SentinelConnectionPool, overrides: Mapping[str, Any]
+    pool: SentinelConnectionPool, settings: Mapping[str, Any], overrides: Mapping[str, Any]
 ) -> SentinelConnectionPool:
-    """A new pool for the primary `pool` serves, with its settings but `overrides` (those of them
-    the sentinels share, `socket_timeout` and `retry` included, apply to the sentinels too)."""
+    """A new pool for the primary `pool` serves, its connections made with `settings` (`pool`'s
+    own, with `overrides`). The overrides the sentinels share, `socket_timeout` included, apply
+    to the sentinels too."""
     manager = pool.sentinel_manager
-    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "connection_pool"}
-    kwargs |= overrides
     to_sentinels = dict(manager.sentinel_kwargs)
     to_sentinels |= {k: v for k, v in overrides.items() if k in _SENTINEL_SETTINGS}
     if "socket_timeout" in overrides:
@@ -279,5 +301,5 @@ def derived_sentinel_pool(
         is_master=pool.is_master,
         check_connection=pool.check_connection,
         max_connections=pool.max_connections,
-        **kwargs,
+        **settings,
     )
