@@ -9,7 +9,9 @@ The sentinels run the suite's server binary in sentinel mode (`redis-server sent
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import shutil
 import signal
 import socket
@@ -248,6 +250,100 @@ def _answers(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.RedisError:
         return False
+
+
+ROOT = Path(__file__).resolve().parent.parent
+_MAKES_A_CLIENT = re.compile(
+    r"(^|\.)(Redis|StrictRedis|\w*ConnectionPool|\w*Connection|_?Sentinel\w*|from_url|from_pool"
+    r"|master_for|slave_for|replica_for)$"
+)
+"""What a call (or an alias of a constructor) that makes a Redis client, pool or connection
+looks like: redis-py's constructors and factories."""
+CLIENT_SITES = {
+    ("broker/connection.py", "connect"): "redis.Redis.from_url: THE construction path",
+    ("broker/connection.py", "derived_pool"): "redis.ConnectionPool from a client connect made",
+    ("broker/connection.py", "_probe_client"): "redis.Redis on a derived_pool",
+    ("broker/sentinel.py", "<module>"): "typed aliases of Sentinel and its pool",
+    ("broker/sentinel.py", "sentinel_client"): "Sentinel.master_for, for connect",
+    ("broker/sentinel.py", "derived_sentinel_pool"): "a Sentinel pool, for derived_pool",
+    ("broker/daemon/fence.py", "FencedRedis.__init__"): "on the pool `around` passes",
+    ("broker/daemon/fence.py", "FencedRedis.around"): "cls(connection_pool=derived_pool(...))",
+}
+"""Every place in the package that makes a Redis client, a pool, or copies a pool's settings
+(`connection_kwargs`): each one `connect` or `derived_pool` (so a Sentinel URL, a password
+apart from the URL, TLS and the retries reach every role), or one of those two itself."""
+
+
+class _ClientSites(ast.NodeVisitor):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.scope: list[str] = []
+        self.found: set[tuple[str, str]] = set()
+        self.aliases: set[str] = set()
+
+    def _enter(self, node: ast.AST, name: str) -> None:
+        self.scope.append(name)
+        self.generic_visit(node)
+        self.scope.pop()
+
+    def _found(self) -> None:
+        self.found.add((self.path, ".".join(self.scope) or "<module>"))
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self._enter(node, node.name)
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+        self._enter(node, node.name)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        if (node.module or "").split(".")[0] == "redis":
+            for name in node.names:
+                if _MAKES_A_CLIENT.search(name.name) and name.asname:
+                    self.aliases.add(name.asname)  # `from redis import Redis as R`: R(...)
+
+    def visit_Call(self, node: ast.Call) -> None:
+        callee = ast.unparse(node.func)
+        keywords = {k.arg for k in node.keywords}
+        if (
+            _MAKES_A_CLIENT.search(callee)
+            or callee in self.aliases
+            or keywords & {"unix_socket_path", "connection_pool", "connection_class"}
+        ):
+            self._found()
+        self.generic_visit(node)
+
+    def visit_Attribute(self, node: ast.Attribute) -> None:
+        if node.attr == "connection_kwargs":  # a pool's settings, copied into another
+            self._found()
+        self.generic_visit(node)
+
+    def visit_Assign(self, node: ast.Assign) -> None:
+        self._alias(node.value)
+        self.generic_visit(node)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        if node.value is not None:
+            self._alias(node.value)
+        self.generic_visit(node)
+
+    def _alias(self, value: ast.expr) -> None:
+        if isinstance(value, (ast.Name, ast.Attribute)) and _MAKES_A_CLIENT.search(
+            ast.unparse(value)
+        ):
+            self._found()  # `make = redis.Redis`: a constructor under another name
+
+
+def test_every_redis_client_is_made_by_connect_or_derived_from_one() -> None:
+    found: set[tuple[str, str]] = set()
+    for folder in ("broker", "workers"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            visitor = _ClientSites(str(path.relative_to(ROOT)))
+            visitor.visit(ast.parse(path.read_text()))
+            found |= visitor.found
+    assert found == set(CLIENT_SITES), (
+        "a Redis client made elsewhere than connection.connect / derived_pool: it would not "
+        f"take a redis+sentinel:// URL; route it through them: {found ^ set(CLIENT_SITES)}"
+    )
 
 
 @pytest.fixture(scope="module")
