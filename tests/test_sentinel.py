@@ -36,6 +36,7 @@ from optuna_rq.sampling import SAMPLES_TO_DECIDE
 from tests.conftest import redis_server
 from tests.faults.conftest import Cluster
 from tests.helpers import wait_until
+from tests.test_redis_auth import certificates, tls_capable_server
 from tests.worker_processes import cli, cli_env
 
 pytestmark = pytest.mark.timeout(150)
@@ -71,16 +72,33 @@ class SentinelSet:
     replicated) and three sentinels watching them (quorum 2), on 127.0.0.1, all requiring
     `PASSWORD`. `url` names them as a client does."""
 
-    def __init__(self, executable: str, directory: Path) -> None:
+    def __init__(self, executable: str, directory: Path, *, tls: bool = False) -> None:
         self.executable = executable
         self.directory = directory
+        self.tls = tls
+        """Everything speaks TLS only, with the certificates `certificates` made in `directory`."""
         self.servers: dict[int, subprocess.Popen[bytes]] = {}
         self.sentinels: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinels)
+        if self.tls:
+            ca = self.directory / "ca.crt"
+            return f"rediss+sentinel://{hosts}/{SERVICE}?sentinel_auth=same&ssl_ca_certs={ca}"
         return f"redis+sentinel://{hosts}/{SERVICE}?sentinel_auth=same"
+
+    def _tls_settings(self) -> list[str]:
+        """The TLS directives (`--name value` pairs without the dashes), listening on no plain
+        port; replication and the sentinels' own links use TLS too."""
+        if not self.tls:
+            return []
+        return [
+            *("tls-cert-file", str(self.directory / "server.crt")),
+            *("tls-key-file", str(self.directory / "server.key")),
+            *("tls-ca-cert-file", str(self.directory / "ca.crt")),
+            *("tls-auth-clients", "no", "tls-replication", "yes"),
+        ]
 
     def start(self) -> None:
         primary, replica = _free_port(), _free_port()
@@ -103,7 +121,11 @@ class SentinelSet:
         data = self.directory / str(port)
         shutil.rmtree(data, ignore_errors=True)
         data.mkdir()
-        argv = [self.executable, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data)]
+        argv = [self.executable, "--bind", "127.0.0.1", "--dir", str(data)]
+        argv += ["--port", "0", "--tls-port", str(port)] if self.tls else ["--port", str(port)]
+        settings = self._tls_settings()
+        for name, value in zip(settings[::2], settings[1::2], strict=True):
+            argv += [f"--{name}", value]
         argv += ["--save", "", "--appendonly", "no", "--logfile", str(data / "redis.log")]
         argv += ["--requirepass", PASSWORD, "--masterauth", PASSWORD]
         argv += ["--repl-diskless-sync-delay", "0"]  # a replica syncs at once
@@ -116,8 +138,11 @@ class SentinelSet:
     def start_sentinel(self, port: int, primary: int) -> None:
         conf = self.directory / f"sentinel-{port}.conf"
         quoted = '"' + PASSWORD + '"'
+        settings = self._tls_settings()
+        tls = "".join(f"{n} {v}\n" for n, v in zip(settings[::2], settings[1::2], strict=True))
+        listen = f"port 0\ntls-port {port}\n{tls}" if self.tls else f"port {port}\n"
         conf.write_text(
-            f"port {port}\nbind 127.0.0.1\ndir {self.directory}\n"
+            f"{listen}bind 127.0.0.1\ndir {self.directory}\n"
             f"logfile {self.directory / f'sentinel-{port}.log'}\n"
             f"requirepass {quoted}\nsentinel sentinel-pass {quoted}\n"
             f"sentinel monitor {SERVICE} 127.0.0.1 {primary} 2\n"
@@ -144,11 +169,15 @@ class SentinelSet:
             pytest.fail(f"{reason} (required in CI)")
         pytest.skip(reason)
 
-    def _client(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, password=PASSWORD, socket_timeout=2)
+    def _client(self, port: int, **settings: Any) -> redis.Redis:
+        if self.tls:
+            settings |= {"ssl": True, "ssl_ca_certs": str(self.directory / "ca.crt")}
+        return redis.Redis(
+            host="127.0.0.1", port=port, password=PASSWORD, socket_timeout=2, **settings
+        )
 
     def _sentinel_client(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, password=PASSWORD, socket_timeout=2, decode_responses=True)
+        return self._client(port, decode_responses=True)
 
     def primary(self) -> int:
         """The primary's port, as the sentinels say (each asked until one answers)."""
@@ -604,3 +633,35 @@ def _finished(cluster: Cluster, name: str) -> bool:
         return cluster.status(name).get("state") == "finished"
     except redis.RedisError:  # between two primaries
         return False
+
+
+def test_a_study_over_tls_through_the_sentinels(
+    record: str, password_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`rediss+sentinel://`: TLS to the sentinels and to the servers, verified against the CA
+    the URL names (`ssl_ca_certs`), as a `rediss://` URL is; without it, refused."""
+    executable = tls_capable_server()
+    if executable is None or shutil.which("openssl") is None:
+        pytest.skip("no TLS-capable redis-server on PATH, or no openssl: the TLS test did not run")
+    directory = tmp_path_factory.mktemp("tls-sentinels")
+    certificates(directory)
+    group = SentinelSet(executable, directory, tls=True)
+    try:
+        group.start()
+        ping_or_raise(connect(group.url, password=PASSWORD), group.url)
+        cluster = Cluster(group, directory, record_url=record)  # type: ignore[arg-type]
+        cluster.conn = connect(group.url, password=PASSWORD)
+        try:
+            cluster.start_workers(1)
+            opt = Optimizer(
+                "tests.fault_objectives:steady", 1, 3, redis_url=group.url, prefix=cluster.prefix
+            )
+            opt.run(x=suggest.float(0, 1), redis_url=record, key=cluster.key, hold_s=0.01)
+            assert [t.state for t in opt.study.trials] == [TrialState.COMPLETE] * 3
+        finally:
+            cluster.stop_all()
+        untrusted = group.url.partition("&ssl_ca_certs")[0]
+        with pytest.raises(RedisUnavailableError):
+            ping_or_raise(connect(untrusted, password=PASSWORD), untrusted)
+    finally:
+        group.stop()
