@@ -29,7 +29,7 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq import Optimizer, suggest
-from optuna_rq.connection import connect, ping_or_raise, redact_url
+from optuna_rq.connection import connect, derived_pool, ping_or_raise, redact_url
 from optuna_rq.errors import ConfigError, RedisUnavailableError
 from optuna_rq.protocol import Keys
 from optuna_rq.sampling import SAMPLES_TO_DECIDE
@@ -373,6 +373,22 @@ def test_every_redis_client_is_made_by_connect_or_derived_from_one() -> None:
         "a Redis client made elsewhere than connection.connect / derived_pool: it would not "
         f"take a redis+sentinel:// URL; route it through them: {found ^ set(CLIENT_SITES)}"
     )
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:1/0", "unix:///nowhere/redis.sock", "redis+sentinel://h1,h2/s"]
+)
+def test_a_derived_pool_keeps_the_settings_and_takes_its_own_protocol(url: str) -> None:
+    """The broker's fenced client speaks RESP2 on a pool derived from the one `connect` made,
+    whatever the URL (redis-py's RESP3-only state is the new pool's to make), and the settings
+    that make it reach the same server go with it."""
+    conn = connect(url, password="pw", connect_timeout_s=3.0)
+    pool = derived_pool(conn, protocol=2, socket_timeout=7.0)
+    settings = pool.connection_kwargs
+    assert settings["protocol"] == 2 and settings["socket_timeout"] == 7.0
+    assert settings["password"] == "pw" and settings["socket_connect_timeout"] == 3.0
+    assert pool.connection_class is conn.connection_pool.connection_class
+    assert type(pool) is type(conn.connection_pool)
 
 
 @pytest.fixture(scope="module")
