@@ -153,7 +153,8 @@ def global_options(
             "--redis-url",
             metavar="URL",
             envvar=ENV_REDIS_URL,
-            help="Redis to meet on (redis://, rediss://, unix://). "
+            help="Redis to meet on (redis://, rediss://, unix://; behind Sentinel: "
+            "redis+sentinel://HOST:26379,HOST:26379/SERVICE, or rediss+sentinel://). "
             "Default: an embedded redis-server under the state directory.",
             show_default=False,
         ),

@@ -31,9 +31,17 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError, SentinelConnectionPool
 
 from optuna_rq.errors import ConfigError, RedisUnavailableError
 from optuna_rq.outages import UNREACHABLE, backoff, name_server, outage_of
+from optuna_rq.sentinel import (
+    SENTINEL_SCHEMES,
+    SentinelUrl,
+    derived_sentinel_pool,
+    is_sentinel_url,
+    sentinel_client,
+)
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -44,6 +52,7 @@ __all__ = [
     "ENV_STATE_DIR",
     "check_memory_policy",
     "connect",
+    "derived_pool",
     "describe_full",
     "is_full",
     "key",
@@ -63,6 +72,7 @@ ENV_REDIS_PASSWORD_FILE = "OPTUNA_RQ_REDIS_PASSWORD_FILE"
 ENV_PREFIX = "OPTUNA_RQ_PREFIX"
 ENV_STATE_DIR = "OPTUNA_RQ_STATE_DIR"
 DEFAULT_PREFIX = "optuna-rq"
+URL_SCHEMES = ("redis", "rediss", "unix", *SENTINEL_SCHEMES)
 
 # A client's own retries wait at random up to 0.2, 0.4, 0.8, 1.6, 2 s (`outages.backoff`: jittered,
 # so clients that failed together do not retry together): the default 5 ride out about 2.5 s of
@@ -175,7 +185,7 @@ def redact_url(url: str) -> str:
         items = query.split("&")
         for i, item in enumerate(items):
             name, eq, _ = item.partition("=")
-            if eq and name.lower() == "password":
+            if eq and name.lower().endswith("password"):  # sentinel_password, ssl_password
                 items[i] = f"{name}=***"
         rest = f"{base}?{'&'.join(items)}"
     return f"{scheme}{sep}{rest}"
@@ -192,7 +202,9 @@ def connect(
     socket_timeout_s: float | None = None,
     connect_timeout_s: float = 5.0,
 ) -> redis.Redis:
-    """A redis-py client for `url` (redis://, rediss://, unix://), retrying with backoff.
+    """A redis-py client for `url` (redis://, rediss://, unix://, and redis+sentinel:// or
+    rediss+sentinel:// for a Redis behind Sentinel: `optuna_rq.sentinel`), retrying with backoff.
+    Every client optuna-rq makes is made here, or derived from one made here (`derived_pool`).
 
     `password` (from `resolve_redis_password`) is sent as is, never parsed out of a URL, and
     overrides a password in `url`. Commands that fail with a connection error or timeout are
@@ -206,16 +218,35 @@ def connect(
     # Set explicitly: Redis.from_url() otherwise gets *no* retries (Retry(NoBackoff(), 0)),
     # unlike Redis(host=...), whose default is 10 retries with jitter.
     retry = Retry(backoff(base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S), retries)
-    try:
-        client = redis.Redis.from_url(
-            url,
-            retry=retry,
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=connect_timeout_s,
-            health_check_interval=HEALTH_CHECK_INTERVAL_S,
-            decode_responses=False,
+    settings: dict[str, Any] = dict(
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=connect_timeout_s,
+        health_check_interval=HEALTH_CHECK_INTERVAL_S,
+        decode_responses=False,
+    )
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in URL_SCHEMES:
+        given = f"the scheme {scheme + sep!r} is not Redis's" if sep else "no scheme"
+        raise ConfigError(
+            f"bad Redis URL {redact_url(url)!r}: {given}; start it with one of "
+            f"{', '.join(s + '://' for s in URL_SCHEMES)}"
         )
+    if is_sentinel_url(url):
+        target = SentinelUrl.parse(url)
+        if password is not None and target.options.get("password"):
+            _two_passwords(url)
+        client = sentinel_client(target, password=password, settings=settings)
+    else:
+        client = _plain_client(url, password=password, settings=settings)
+    name_server(client, redact_url(url))  # what its outage lines call it (`outages`)
+    return client
+
+
+def _plain_client(url: str, *, password: str | None, settings: dict[str, Any]) -> redis.Redis:
+    try:
+        client = redis.Redis.from_url(url, **settings)
     except ValueError as exc:
         raise ConfigError(f"bad Redis URL {redact_url(url)!r}: {exc}") from exc
     if password is not None:
@@ -223,14 +254,17 @@ def connect(
         # No connection exists yet: every one the pool opens authenticates with it.
         kwargs = client.connection_pool.connection_kwargs
         if kwargs.get("password"):
-            _logger.warning(
-                "the Redis URL %s has a password, and %s gives another: using the latter",
-                redact_url(url),
-                ENV_REDIS_PASSWORD,
-            )
+            _two_passwords(url)
         kwargs["password"] = password
-    name_server(client, redact_url(url))  # what its outage lines call it (`outages`)
     return client
+
+
+def _two_passwords(url: str) -> None:
+    _logger.warning(
+        "the Redis URL %s has a password, and %s gives another: using the latter",
+        redact_url(url),
+        ENV_REDIS_PASSWORD,
+    )
 
 
 def wait_for_redis(
@@ -440,12 +474,11 @@ def ping_or_raise(conn: redis.Redis, url: str, *, timeout_s: float = 2.0) -> Non
     connection with the same settings but no retries and short timeouts, because `conn`'s own
     retries and `socket_timeout_s=None` could otherwise hold the caller far longer.
     """
-    pool = conn.connection_pool
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while True:
         remaining = deadline - time.monotonic()
-        probe = _probe_client(pool, max(0.05, min(1.0, remaining)))
+        probe = _probe_client(conn, max(0.05, min(1.0, remaining)))
         try:
             probe.ping()
             return
@@ -454,6 +487,14 @@ def ping_or_raise(conn: redis.Redis, url: str, *, timeout_s: float = 2.0) -> Non
                 f"Redis at {redact_url(url)} refused the credentials: {exc}; "
                 f"check the user and password (in the URL, or {ENV_REDIS_PASSWORD})"
             ) from exc
+        except MasterNotFoundError as exc:
+            if "Authentication" in str(exc) or "NOAUTH" in str(exc):
+                raise RedisUnavailableError(
+                    f"the sentinels of {redact_url(url)} refused the credentials: {exc}; give "
+                    "them theirs in the URL (sentinel_auth=same: the servers' user and password; "
+                    "or sentinel_username and sentinel_password)"
+                ) from exc
+            last = exc
         except BusyLoadingError as exc:  # up, but still loading its data: worth waiting for
             last = exc
         except RedisError as exc:
@@ -468,16 +509,45 @@ def ping_or_raise(conn: redis.Redis, url: str, *, timeout_s: float = 2.0) -> Non
     ) from last
 
 
-def _probe_client(pool: redis.ConnectionPool, timeout_s: float) -> redis.Redis:
-    kwargs: dict[str, Any] = dict(pool.connection_kwargs)
-    kwargs.update(
+def _probe_client(conn: redis.Redis, timeout_s: float) -> redis.Redis:
+    probe_pool = derived_pool(
+        conn,
         retry=Retry(NoBackoff(), 0),
         retry_on_error=[],
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=0,
     )
-    probe_pool = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
     client = redis.Redis(connection_pool=probe_pool)
     client.auto_close_connection_pool = True
     return client
+
+
+_POOL_OWNED = {
+    "connection_pool",  # a Sentinel pool's own handle, given to each of its connections
+    "himport_registry",
+    "maint_notifications_config",
+    "maint_notifications_pool_handler",
+    "oss_cluster_maint_notifications_handler",
+    "orig_host_address",
+    "orig_socket_timeout",
+    "orig_socket_connect_timeout",
+}
+"""What redis-py's pool puts in its connections' settings for itself (redis-py 7 and later): a
+new pool makes its own, for its own protocol (maintenance notifications need RESP3, and are
+refused with RESP2) and timeouts."""
+
+
+def derived_pool(conn: redis.Redis, **overrides: Any) -> redis.ConnectionPool:
+    """A new connection pool for the server `conn` talks to (behind Sentinel: for the primary its
+    sentinels name), with `conn`'s settings (address, credentials, TLS, retries, timeouts) but
+    `overrides`. For a client that must differ from one `connect` made: the broker's fenced
+    client (RESP2), the fail-fast probe of `ping_or_raise`."""
+    pool = conn.connection_pool
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in _POOL_OWNED}
+    kwargs |= overrides
+    if isinstance(pool, SentinelConnectionPool):
+        return derived_sentinel_pool(pool, kwargs, overrides)
+    return redis.ConnectionPool(
+        connection_class=pool.connection_class, max_connections=pool.max_connections, **kwargs
+    )

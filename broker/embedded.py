@@ -25,11 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
-from optuna_rq.connection import _FIX, ENV_STATE_DIR
+from optuna_rq.connection import _FIX, ENV_STATE_DIR, connect
 from optuna_rq.errors import ConfigError, RedisUnavailableError
 from optuna_rq.processes import is_running_program
 
@@ -154,12 +152,7 @@ class EmbeddedRedis:
 
     def client(self, timeout_s: float = 1.0) -> redis.Redis:
         """A client of this server that never retries (it may not run); the caller closes it."""
-        return redis.Redis(
-            unix_socket_path=str(self.socket),
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        return connect(self.url, retries=0, socket_timeout_s=timeout_s, connect_timeout_s=timeout_s)
 
     def answers(self) -> bool:
         """Whether a server answers PING on the socket now."""

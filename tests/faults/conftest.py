@@ -123,12 +123,15 @@ def aof_redis() -> Iterator[RedisServer]:
 class Cluster:
     """One test's broker and worker pools, as real processes on `server`."""
 
-    def __init__(self, server: RedisServer, state: Path) -> None:
+    def __init__(self, server: RedisServer, state: Path, *, record_url: str | None = None) -> None:
         self.server = server
         self.state = state
         self.prefix = f"f{uuid.uuid4().hex[:8]}"
         self.key = f"{self.prefix}:obj"  # where the objectives record what they saw
         self.conn = connect(server.url)
+        self.record_url = record_url or server.url
+        """Where the objectives record (another Redis where the cluster's may lose writes)."""
+        self.record = connect(self.record_url)
         self.brokers: list[subprocess.Popen[bytes]] = []
         self.pools: list[subprocess.Popen[bytes]] = []
         self.role_env: dict[Role, dict[str, str]] = {}
@@ -164,11 +167,16 @@ class Cluster:
         return process
 
     def start_workers(
-        self, count: int, isolation: str = "process", *, log: Path | None = None
+        self,
+        count: int,
+        isolation: str = "process",
+        *,
+        log: Path | None = None,
+        lease_ttl_s: float = LEASE_TTL_S,
     ) -> subprocess.Popen[bytes]:
         before = self._registered()
         args = ["workers", "--count", str(count), "--import", "tests.fault_objectives"]
-        args += ["--lease-ttl", str(LEASE_TTL_S), "--isolation", isolation]
+        args += ["--lease-ttl", str(lease_ttl_s), "--isolation", isolation]
         if log is None:
             process = self._popen(args, Role.WORKER)
         else:
@@ -199,6 +207,7 @@ class Cluster:
                 process.kill()
                 process.wait()
         self.conn.close()
+        self.record.close()
 
     # studies
 
@@ -221,7 +230,7 @@ class Cluster:
             "--param",
             "x={type: float, low: 0, high: 1}",
             "--param",
-            f"redis_url={self.server.url}",
+            f"redis_url={self.record_url}",
             "--param",
             f"key={self.key}",
         ]
@@ -305,15 +314,15 @@ class Cluster:
         return counts
 
     def samples(self) -> list[int]:
-        return [int(v) for v in self.conn.lrange(f"{self.key}:samples", 0, -1)]
+        return [int(v) for v in self.record.lrange(f"{self.key}:samples", 0, -1)]
 
     def calls(self) -> dict[str, int]:
-        raw: dict[bytes, bytes] = self.conn.hgetall(f"{self.key}:calls")  # type: ignore[assignment]
+        raw: dict[bytes, bytes] = self.record.hgetall(f"{self.key}:calls")  # type: ignore[assignment]
         return {k.decode(): int(v) for k, v in raw.items()}
 
     def started(self) -> list[tuple[int, int]]:
         """(pid, parent pid) of each objective call, in order."""
-        rows = self.conn.lrange(f"{self.key}:started", 0, -1)
+        rows = self.record.lrange(f"{self.key}:started", 0, -1)
         return [(int(p), int(pp)) for p, pp in (row.split() for row in rows)]
 
     def dropped(self) -> int:
