@@ -1,0 +1,161 @@
+"""The pool's /healthz (`optuna-rq workers --health-port`) follows its supervising loop: 200 while
+the loop turns (a worker process killed and restarted included), 503 with the reason once the
+loop is stuck while its HTTP thread lives on, nothing at all from a frozen pool. The image's
+HEALTHCHECK command (deploy/Dockerfile) is run against the real pool and says the same."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis
+from rq import Worker
+
+from optuna_rq.connection import connect
+from optuna_rq.protocol import Keys, Signer, live_pools, trial_queue
+from tests.helpers import wait_until
+from tests.test_metrics import free_port
+from tests.worker_processes import WorkersFactory, cli, cli_env, stop_process
+
+pytestmark = pytest.mark.timeout(120)
+
+DOCKERFILE = Path(__file__).resolve().parent.parent / "deploy" / "Dockerfile"
+IMAGE_HEALTH_PORT = 9100  # where the image's HEALTHCHECK asks
+
+
+def probe(port: int, path: str = "/healthz", *, timeout_s: float = 5) -> tuple[int, str]:
+    """(status, body) of GET `path`; (0, "") while nothing listens or nothing answers."""
+    try:
+        url = f"http://127.0.0.1:{port}{path}"
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except (urllib.error.URLError, TimeoutError):
+        return 0, ""
+
+
+def image_healthcheck(port: int) -> int:
+    """Run the Dockerfile's HEALTHCHECK command against `port`: its exit code."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    [line] = re.findall(r"^HEALTHCHECK .*? CMD (\[.*\])$", text, re.MULTILINE)
+    argv = json.loads(line)
+    assert argv[0] == "bash", argv  # what the slim image has, no interpreter start
+    assert str(IMAGE_HEALTH_PORT) in argv[-1]
+    argv[-1] = argv[-1].replace(str(IMAGE_HEALTH_PORT), str(port))
+    return subprocess.run(argv, timeout=30, capture_output=True).returncode
+
+
+def test_a_turning_pool_is_alive_through_a_killed_worker_and_a_frozen_one_answers_nothing(
+    workers_factory: WorkersFactory, redis_url: str, prefix: str
+) -> None:
+    port = free_port()
+    workers_factory(1, args=("--health-port", str(port), "--stall-limit", "5"))
+    assert probe(port) == (200, "ok\n") and image_healthcheck(port) == 0
+    assert probe(port, "/metrics")[0] == 404  # the workers' metrics stay on their own ports
+
+    # Idle for longer than the stall limit, the loop still turns: alive throughout.
+    deadline = time.monotonic() + 7
+    while time.monotonic() < deadline:
+        assert probe(port) == (200, "ok\n")
+        time.sleep(0.2)
+
+    connection = connect(redis_url)
+    queue = trial_queue(connection, Keys(prefix).trial_queue("tests.objectives", "default"))
+    for _ in range(3):  # its worker process killed: the pool restarts it and stays alive
+        [worker] = Worker.all(connection=connection, queue=queue)
+        os.kill(worker.pid, signal.SIGKILL)
+        wait_until(lambda w=worker: _restarted(connection, queue, w.pid), timeout_s=60)
+        assert probe(port) == (200, "ok\n")
+
+    # Frozen (SIGSTOP), the whole pool answers nothing: a probe's timeout is a failure too.
+    [heartbeat] = live_pools(connection, Keys(prefix), Signer())
+    pool = heartbeat.pid
+    os.kill(pool, signal.SIGSTOP)
+    try:
+        assert probe(port, timeout_s=2) == (0, "")
+        assert image_healthcheck(port) != 0
+    finally:
+        os.kill(pool, signal.SIGCONT)
+    wait_until(lambda: probe(port) == (200, "ok\n"), timeout_s=30)
+    connection.close()
+
+
+def _restarted(connection: redis.Redis, queue: object, dead_pid: int) -> bool:
+    workers = Worker.all(connection=connection, queue=queue)  # type: ignore[arg-type]
+    return len(workers) == 1 and workers[0].pid != dead_pid
+
+
+def test_a_stuck_pool_loop_fails_healthz_while_its_http_thread_answers(
+    redis_url: str, prefix: str
+) -> None:
+    port = free_port()
+    for turns in (1, 3):  # stuck at its first turn, and after a few
+        pool = subprocess.Popen(
+            cli("--redis-url", redis_url, "--prefix", prefix, "workers", "--count", "1")
+            + ["--import", "tests.objectives", "--health-port", str(port), "--stall-limit", "2"],
+            env=cli_env(OPTUNA_RQ_FAILPOINTS=f"pool_turn={turns}:stall"),
+        )
+        try:
+            wait_until(lambda: probe(port)[0] == 503, timeout_s=60)
+            status, reason = probe(port)
+            assert "pool's loop has not completed a turn" in reason, reason
+            assert "(stall limit 2s)" in reason and reason.count("\n") == 1, reason
+            assert image_healthcheck(port) != 0
+            assert pool.poll() is None  # alive, and stuck: what a liveness probe is for
+        finally:
+            pool.kill()  # the stuck loop would never act on a SIGTERM; its children follow it
+            pool.wait(timeout=30)
+        wait_until(lambda: probe(port) == (0, ""), timeout_s=30)
+    assert image_healthcheck(port) != 0  # nothing listens
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--metrics-port", "{port}", "--count", "2", "--health-port", "{port1}"), "worker 1"),
+        (("--health-port", "{taken}"), "cannot listen on it"),
+        (("--health-port", "{port}", "--stall-limit", "0"), "--stall-limit"),
+    ],
+    ids=["a-worker's-metrics-port", "taken", "no-stall-limit"],
+)
+def test_a_health_port_that_cannot_serve_is_a_usage_error(
+    redis_url: str, prefix: str, args: tuple[str, ...], expected: str
+) -> None:
+    port = free_port(2)
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        values = {"port": port, "port1": port + 1, "taken": taken.getsockname()[1]}
+        result = subprocess.run(
+            cli("--redis-url", redis_url, "--prefix", prefix, "workers")
+            + ["--import", "tests.objectives"]
+            + [a.format(**values) for a in args],
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr, result.stderr
+
+
+def test_the_pool_stops_cleanly_with_its_health_port(redis_url: str, prefix: str) -> None:
+    port = free_port()
+    pool = subprocess.Popen(
+        cli("--redis-url", redis_url, "--prefix", prefix, "workers", "--import")
+        + ["tests.objectives", "--health-port", str(port)],
+        env=cli_env(),
+    )
+    wait_until(lambda: probe(port) == (200, "ok\n"), timeout_s=60)
+    assert stop_process(pool) == 0
+    assert probe(port) == (0, "")
