@@ -1,0 +1,430 @@
+"""deploy/ read as a restricted cluster and an SRE would: a policy over every pod of every
+manifest, and over the image they run.
+
+Every kustomization under deploy/ (the base, deploy/kubernetes, and each overlay beside it, such
+as deploy/kubernetes-ha) is rendered as `kubectl apply -k` would apply it (`kubectl kustomize`,
+on a copy with placeholder secrets), and each rule is checked on every pod template and every
+container of it: a workload added later is covered without being listed here. The rules are the
+restricted Pod Security Standard's (what the namespace enforces), probes, requests and limits,
+secrets as files, KEDA owning the replicas it scales, one Prometheus, and two brokers only where
+they share their state. Checkov's Kubernetes checks cover much of the first part, but it pins
+older pytest, packaging, fsspec and s3fs than this project's, so it stays out of the lock; these
+rules are our own, each listing every violation it finds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from optuna_rq.connection import ENV_REDIS_PASSWORD, ENV_REDIS_PASSWORD_FILE
+from optuna_rq.protocol import ENV_KEY, ENV_KEY_FILE, ENV_SECRET, ENV_SECRET_FILE
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+README = DEPLOY.parent / "README.md"
+RENDERINGS = sorted(p.parent.name for p in DEPLOY.glob("kubernetes*/kustomization.yaml"))
+"""deploy/kubernetes and every overlay beside it."""
+
+SECRET_FILE_VARIABLES = {ENV_REDIS_PASSWORD_FILE, ENV_SECRET_FILE, ENV_KEY_FILE}
+"""The environment variables naming a secret's file, as the code reads them."""
+SECRET_VALUE_VARIABLES = {ENV_REDIS_PASSWORD, ENV_SECRET, ENV_KEY}
+"""Their counterparts holding the secret itself: never set in a manifest."""
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+"""The volume types the restricted Pod Security Standard allows."""
+PROMETHEUS_CHART = "kube-prometheus-stack"
+PROMETHEUS_NAMESPACE = "monitoring"
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def _kubectl() -> str:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        reason = (
+            "kubectl (with its kustomize) is needed to render deploy/'s kustomizations: "
+            "install kubectl from your Kubernetes packages"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return kubectl
+
+
+@functools.cache
+def _rendered_text(name: str, scratch: Path) -> str:
+    """`kubectl kustomize deploy/NAME` on a copy of deploy/ given the files never committed:
+    secret.env from its example (each value a placeholder) and the signing keys' files."""
+    copy = scratch / name / "deploy"
+    shutil.copytree(DEPLOY, copy)
+    base = copy / "kubernetes"
+    example = (base / "secret.env.example").read_text()
+    (base / "secret.env").write_text(re.sub(r"=$", "=placeholder", example, flags=re.MULTILINE))
+    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
+    for generator in kustomization.get("secretGenerator", []):
+        for file in generator.get("files", []):
+            (base / file).parent.mkdir(parents=True, exist_ok=True)
+            (base / file).write_text("placeholder\n")
+    done = subprocess.run(
+        [_kubectl(), "kustomize", str(copy / name)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("deploy")
+
+
+def rendered(name: str, scratch: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(_rendered_text(name, scratch)) if d]
+
+
+def pods(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(kind/name, the workload, its pod spec) of every object that makes pods."""
+    for doc in docs:
+        kind = doc["kind"]
+        if kind == "Pod":
+            yield f"Pod/{doc['metadata']['name']}", doc, doc["spec"]
+        elif kind == "CronJob":
+            template = doc["spec"]["jobTemplate"]["spec"]["template"]
+            yield f"CronJob/{doc['metadata']['name']}", doc, template["spec"]
+        elif "template" in doc.get("spec", {}):
+            yield f"{kind}/{doc['metadata']['name']}", doc, doc["spec"]["template"]["spec"]
+
+
+def containers(pod: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for field in ("initContainers", "containers", "ephemeralContainers"):
+        yield from pod.get(field, [])
+
+
+def _where(rendering: str, workload: str, container: dict[str, Any] | None = None) -> str:
+    return f"{rendering}: {workload}" + (f" container {container['name']}" if container else "")
+
+
+@pytest.fixture(params=RENDERINGS)
+def rendering(request: pytest.FixtureRequest) -> str:
+    """The name of a kustomization under deploy/."""
+    return str(request.param)
+
+
+@pytest.fixture
+def docs(rendering: str, scratch: Path) -> list[dict[str, Any]]:
+    """What `kubectl apply -k deploy/<rendering>` applies."""
+    return rendered(rendering, scratch)
+
+
+# -- the pods ----------------------------------------------------------------------------------
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard(
+    docs: list[dict[str, Any]], rendering: str
+) -> None:
+    problems: list[str] = []
+    workloads = list(pods(docs))
+    assert workloads, f"{rendering}: no pods"
+    for workload, _, pod in workloads:
+        where = _where(rendering, workload)
+        security = pod.get("securityContext", {})
+        for host in ("hostNetwork", "hostPID", "hostIPC"):
+            if pod.get(host):
+                problems.append(f"{where}: {host}")
+        for volume in pod.get("volumes", []):
+            kinds = set(volume) - {"name"}
+            if not kinds <= RESTRICTED_VOLUMES:
+                problems.append(f"{where}: volume {volume['name']} is {sorted(kinds)}")
+        if pod.get("automountServiceAccountToken") is not False:
+            problems.append(f"{where}: automountServiceAccountToken is not false")
+        for container in containers(pod):
+            where = _where(rendering, workload, container)
+            own = container.get("securityContext", {})
+            merged = {**security, **own}
+            if merged.get("runAsNonRoot") is not True:
+                problems.append(f"{where}: runAsNonRoot is not true")
+            if merged.get("runAsUser", 1) == 0:
+                problems.append(f"{where}: runAsUser 0")
+            profile = merged.get("seccompProfile", {}).get("type")
+            if profile not in ("RuntimeDefault", "Localhost"):
+                problems.append(f"{where}: seccompProfile {profile!r}")
+            if own.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{where}: allowPrivilegeEscalation is not false")
+            if own.get("privileged"):
+                problems.append(f"{where}: privileged")
+            capabilities = own.get("capabilities", {})
+            if "ALL" not in capabilities.get("drop", []):
+                problems.append(f"{where}: capabilities do not drop ALL")
+            if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+                problems.append(f"{where}: capabilities add {capabilities['add']}")
+            if own.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{where}: readOnlyRootFilesystem is not true")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_container_has_requests_and_limits(
+    docs: list[dict[str, Any]], rendering: str
+) -> None:
+    problems = []
+    for workload, _, pod in pods(docs):
+        for container in containers(pod):
+            resources = container.get("resources", {})
+            for kind in ("requests", "limits"):
+                for resource in ("cpu", "memory"):
+                    if resource not in resources.get(kind, {}):
+                        where = _where(rendering, workload, container)
+                        problems.append(f"{where}: no {resource} in {kind}")
+    assert not problems, "\n".join(problems)
+
+
+def _served(docs: list[dict[str, Any]], labels: dict[str, str]) -> bool:
+    """Whether a Service selects pods with `labels`."""
+    return any(
+        d["kind"] == "Service"
+        and d["spec"].get("selector")
+        and d["spec"]["selector"].items() <= labels.items()
+        for d in docs
+    )
+
+
+def test_every_long_running_container_is_probed_without_starting_python(
+    docs: list[dict[str, Any]], rendering: str
+) -> None:
+    problems = []
+    for workload, doc, pod in pods(docs):
+        if doc["kind"] in ("Job", "CronJob", "Pod"):
+            continue  # they run to completion
+        labels = doc["spec"]["template"]["metadata"].get("labels", {})
+        for container in pod["containers"]:
+            where = _where(rendering, workload, container)
+            wanted = ["livenessProbe"] + (["readinessProbe"] if _served(docs, labels) else [])
+            for probe in wanted:
+                if probe not in container:
+                    problems.append(f"{where}: no {probe}")
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                command = " ".join(container.get(probe, {}).get("exec", {}).get("command", []))
+                # An interpreter started every period, in every pod, for a check an HTTP GET
+                # to the process itself answers.
+                if re.search(r"(^|[\s;&|(])(\S*/)?(python[\d.]*|optuna-rq)(\s|$)", command):
+                    problems.append(f"{where}: {probe} starts Python: {command}")
+    assert not problems, "\n".join(problems)
+
+
+def test_secrets_reach_containers_as_files_never_as_environment_variables(
+    docs: list[dict[str, Any]], rendering: str
+) -> None:
+    problems = []
+    file_variables_used = set()
+    for workload, _, pod in pods(docs):
+        secret_volumes = {v["name"] for v in pod.get("volumes", []) if "secret" in v}
+        for container in containers(pod):
+            where = _where(rendering, workload, container)
+            for source in container.get("envFrom", []):
+                if "secretRef" in source:
+                    problems.append(f"{where}: envFrom a Secret")
+            mounted = [
+                Path(m["mountPath"])
+                for m in container.get("volumeMounts", [])
+                if m["name"] in secret_volumes
+            ]
+            for env in container.get("env", []):
+                if "secretKeyRef" in env.get("valueFrom", {}):
+                    problems.append(f"{where}: {env['name']} from a Secret's value")
+                if env["name"] in SECRET_VALUE_VARIABLES:
+                    problems.append(f"{where}: {env['name']} holds a secret: use its _FILE")
+                if env["name"].endswith("_FILE") and env["name"].startswith("OPTUNA_RQ_"):
+                    assert env["name"] in SECRET_FILE_VARIABLES, f"{where}: the code reads no {env}"
+                    file_variables_used.add(env["name"])
+                    path = Path(env["value"])
+                    if not any(path.is_relative_to(m) for m in mounted):
+                        problems.append(f"{where}: {env['name']} {path} is in no Secret mounted")
+    assert not problems, "\n".join(problems)
+    # The Redis password and the role's key are files in every rendering.
+    assert {ENV_REDIS_PASSWORD_FILE, ENV_KEY_FILE} <= file_variables_used
+
+
+def test_pods_run_as_the_image_user(docs: list[dict[str, Any]]) -> None:
+    """The optuna-rq image's pods run as its USER, whose files (the state directory) they own."""
+    [user] = re.findall(r"^USER (\d+):\d+$", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE)
+    for workload, _, pod in pods(docs):
+        if all(c["image"].split(":")[0].endswith("optuna-rq") for c in pod["containers"]):
+            assert pod["securityContext"]["runAsUser"] == int(user), workload
+
+
+# -- KEDA, Prometheus, the namespace -----------------------------------------------------------
+
+
+def test_keda_alone_sets_the_replicas_of_what_it_scales(docs: list[dict[str, Any]]) -> None:
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    scaled = [d for d in docs if d["kind"] == "ScaledObject"]
+    assert scaled
+    for scaled_object in scaled:
+        target = deployments[scaled_object["spec"]["scaleTargetRef"]["name"]]
+        # A `replicas` here resets KEDA's count on every `kubectl apply`.
+        assert "replicas" not in target["spec"], target["metadata"]["name"]
+
+
+def test_keda_and_the_monitors_name_one_prometheus(docs: list[dict[str, Any]]) -> None:
+    monitors = [d for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor")]
+    releases = {m["metadata"]["labels"]["release"] for m in monitors}
+    # kube-prometheus-stack's Prometheus selects the monitors labelled with its release name.
+    [release] = releases
+    assert "ServiceMonitor" in {m["kind"] for m in monitors}  # applied, not only documented
+    # Its service: the release's name (when it holds the chart's, else release-chart, cut to
+    # 26 characters), then -prometheus.
+    base = release if PROMETHEUS_CHART in release else f"{release}-{PROMETHEUS_CHART}"[:26]
+    server = f"http://{base.rstrip('-')}-prometheus.{PROMETHEUS_NAMESPACE}.svc:9090"
+    addresses = {
+        t["metadata"]["serverAddress"]
+        for d in docs
+        if d["kind"] == "ScaledObject"
+        for t in d["spec"]["triggers"]
+        if t["type"] == "prometheus"
+    }
+    assert addresses == {server}
+    for workload, doc, _ in pods(docs):  # nor the other Prometheus's convention
+        annotations = doc["spec"].get("template", {}).get("metadata", {}).get("annotations", {})
+        assert not any(a.startswith("prometheus.io/") for a in annotations), workload
+    broker_service = next(d for d in docs if d["kind"] == "Service" and "broker" in str(d))
+    [service_monitor] = [m for m in monitors if m["kind"] == "ServiceMonitor"]
+    selector = service_monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= broker_service["metadata"]["labels"].items()
+
+
+def test_the_namespace_enforces_the_restricted_standard_on_everything(
+    docs: list[dict[str, Any]],
+) -> None:
+    [namespace] = [d for d in docs if d["kind"] == "Namespace"]
+    labels = namespace["metadata"].get("labels", {})
+    assert labels.get("pod-security.kubernetes.io/enforce") == "restricted", labels
+    name = namespace["metadata"]["name"]
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == name, doc["metadata"]["name"]
+
+
+# -- the brokers -------------------------------------------------------------------------------
+
+
+def _broker(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    [broker] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "broker"]
+    [container] = broker["spec"]["template"]["spec"]["containers"]
+    return broker, container
+
+
+def _state_access(docs: list[dict[str, Any]], broker: dict[str, Any]) -> set[str]:
+    """The access modes of the broker's state volume."""
+    pod = broker["spec"]["template"]["spec"]
+    [mount] = [
+        m
+        for c in pod["containers"]
+        for m in c["volumeMounts"]
+        if m["mountPath"] == "/var/lib/optuna-rq"
+    ]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    claim = volume["persistentVolumeClaim"]["claimName"]
+    [pvc] = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert pvc["metadata"]["name"] == claim
+    return set(pvc["spec"]["accessModes"])
+
+
+def test_two_brokers_run_only_on_state_both_mount_and_roll_out_without_deadlock(
+    docs: list[dict[str, Any]],
+) -> None:
+    broker, container = _broker(docs)
+    replicas = broker["spec"].get("replicas", 1)
+    strategy = broker["spec"]["strategy"]
+    access = _state_access(docs, broker)
+    if replicas == 1:
+        # One pod mounts a ReadWriteOnce volume at a time: the old one goes first.
+        assert strategy["type"] == "Recreate"
+        assert "--standby" not in container["args"]
+        return
+    assert replicas == 2 and "--standby" in container["args"]
+    # The journal and the command ledger in the state directory follow the lock: shared.
+    assert access == {"ReadWriteMany"}, access
+    # A standby is alive and not ready (/readyz: "standing by"): a rollout that waits for the
+    # new pod to be ready before it lets the old active broker go would wait for good.
+    assert container["readinessProbe"]["httpGet"]["path"] != "/readyz"
+    assert strategy["type"] == "RollingUpdate" and strategy["rollingUpdate"]["maxSurge"] == 0
+    assert any(d["kind"] == "PodDisruptionBudget" for d in docs)
+
+
+def test_the_two_broker_overlay_exists(scratch: Path) -> None:
+    replicas = {
+        name: _broker(rendered(name, scratch))[0]["spec"]["replicas"] for name in RENDERINGS
+    }
+    assert replicas == {"kubernetes": 1, "kubernetes-ha": 2}, replicas
+
+
+# -- the image ---------------------------------------------------------------------------------
+
+
+def _dockerfile() -> str:
+    return (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+
+
+def test_the_image_is_pinned_and_runs_under_an_init() -> None:
+    text = _dockerfile()
+    bases = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
+    assert len(bases) == 2
+    for base in bases:
+        # An exact Python and Debian release: python:3.11 or :latest moves under the build.
+        assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-[a-z]+", base), base
+    assert re.search(r"\buv==\d+\.\d+\.\d+\s", text), "uv is not pinned to one version"
+    assert re.search(r"apt-get install [^&]*\btini=\S+", text), "tini is not installed, pinned"
+    [entrypoint] = re.findall(r"^ENTRYPOINT (\[.*\])$", text, re.MULTILINE)
+    # tini is PID 1: it reaps orphans and passes signals on to optuna-rq, not to its group.
+    assert json.loads(entrypoint) == ["tini", "--", "optuna-rq"]
+
+
+def test_the_image_has_a_healthcheck_on_the_ports_the_roles_serve(scratch: Path) -> None:
+    text = _dockerfile()
+    [healthcheck] = re.findall(r"^HEALTHCHECK (.*)$", text, re.MULTILINE)
+    options, _, command = healthcheck.partition(" CMD ")
+    assert "--timeout=" in options and "--interval=" in options
+    argv = json.loads(command)
+    assert argv[0] == "bash" and "/healthz" in argv[-1]  # no interpreter started per check
+    [port] = re.findall(r"/dev/tcp/127\.0\.0\.1/(\d+)", argv[-1])
+    # The port each long-running role serves /healthz on, in compose and in every rendering.
+    for name in RENDERINGS:
+        for _, _, pod in pods(rendered(name, scratch)):
+            for container in pod["containers"]:
+                args = container.get("args", [])
+                if args[:1] == ["broker"]:
+                    assert args[args.index("--metrics-port") + 1] == port
+                elif args[:1] == ["workers"]:
+                    assert args[args.index("--health-port") + 1] == port
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    broker, workers = compose["services"]["broker"], compose["services"]["workers"]
+    assert broker["command"][broker["command"].index("--metrics-port") + 1] == port
+    assert workers["command"][workers["command"].index("--health-port") + 1] == port
+
+
+# -- the README --------------------------------------------------------------------------------
+
+
+def test_the_readme_forwards_redis_to_a_port_a_local_redis_does_not_hold() -> None:
+    text = README.read_text()
+    forwards = re.findall(r"port-forward svc/redis (\d+):6379", text)
+    assert forwards and all(port != "6379" for port in forwards), forwards
+    for port in set(forwards):  # and the URL that goes with it
+        assert f"redis://client@127.0.0.1:{port}/0" in text, port
