@@ -24,11 +24,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
 from optuna_rq.connection import ENV_REDIS_PASSWORD, ENV_REDIS_PASSWORD_FILE
 from optuna_rq.protocol import ENV_KEY, ENV_KEY_FILE, ENV_SECRET, ENV_SECRET_FILE
+from tests.conftest import redis_server
+from tests.helpers import wait_until
+from tests.test_metrics import free_port
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 README = DEPLOY.parent / "README.md"
@@ -428,3 +432,77 @@ def test_the_readme_forwards_redis_to_a_port_a_local_redis_does_not_hold() -> No
     assert forwards and all(port != "6379" for port in forwards), forwards
     for port in set(forwards):  # and the URL that goes with it
         assert f"redis://client@127.0.0.1:{port}/0" in text, port
+
+
+# -- what the policy's probes and files do, for real -------------------------------------------
+
+
+def test_every_rendering_matches_the_kubernetes_schemas(docs: list[dict[str, Any]]) -> None:
+    """The overlays' patched objects too, as applied (test_deploy validates the base's files)."""
+    custom = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PodMonitor"}
+    for doc in docs:
+        if doc["kind"] not in custom:
+            kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def _redis_cli() -> str:
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        reason = "redis-cli runs Redis's probes here: apt-get install -y redis-tools"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return cli
+
+
+def test_the_redis_probes_and_password_files_work_against_a_real_server(
+    tmp_path: Path, scratch: Path
+) -> None:
+    """Redis's liveness and readiness commands, as the StatefulSet runs them, against a
+    redis-server whose ACL file deploy/redis/redis-acl.sh wrote from the Secret's files."""
+    _redis_cli()
+    server = redis_server()
+    if server is None:
+        pytest.skip("no redis-server or valkey-server to run the probes against")
+    [statefulset] = [d for d in rendered("kubernetes", scratch) if d["kind"] == "StatefulSet"]
+    [container] = statefulset["spec"]["template"]["spec"]["containers"]
+    acl_dir = "/etc/optuna-rq/redis-acl"
+    passwords_dir = container["command"][-1].split()[4]
+    passwords = tmp_path / "passwords"
+    passwords.mkdir()
+    for role in ("broker", "worker", "client"):  # the optimizer's left out: that user is off
+        (passwords / f"redis-password-{role}").write_text(f'{role} pw, with " and $\n')
+    script = container["command"][-1].split(" && ")[0].replace(acl_dir, str(DEPLOY / "redis"))
+    script = script.replace("/tmp/users.acl", str(tmp_path / "users.acl"))
+    made = subprocess.run(
+        ["sh", "-c", script.replace(passwords_dir, str(passwords))],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert made.returncode == 0, made.stderr
+    assert "redis-password-optimizer is missing or empty: user optimizer is off" in made.stderr
+    port = free_port()
+    process = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        + ["--aclfile", str(tmp_path / "users.acl"), "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+
+    def probe(name: str) -> int:
+        command = container[name]["exec"]["command"]
+        assert command[:2] == ["sh", "-c"]
+        line = command[2].replace(passwords_dir, str(passwords))
+        line = line.replace("redis-cli ", f"redis-cli -p {port} ")
+        return subprocess.run(["sh", "-c", line], capture_output=True, timeout=30).returncode
+
+    try:
+        wait_until(lambda: probe("livenessProbe") == 0, timeout_s=30)
+        assert probe("readinessProbe") == 0  # the client logs in with its file's password
+        client = passwords / "redis-password-client"
+        client.write_text("not the password")
+        assert probe("readinessProbe") != 0 and probe("livenessProbe") == 0
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    assert probe("livenessProbe") != 0  # nothing answers
