@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from optuna_rq.protocol import ENV_KEY, ENV_KEY_FILE, ENV_SECRET, ENV_SECRET_FIL
 from tests.conftest import redis_server
 from tests.helpers import wait_until
 from tests.test_metrics import free_port
+from tests.worker_processes import cli_env
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 README = DEPLOY.parent / "README.md"
@@ -506,3 +508,81 @@ def test_the_redis_probes_and_password_files_work_against_a_real_server(
         process.kill()
         process.wait(timeout=30)
     assert probe("livenessProbe") != 0  # nothing answers
+
+
+READ_ONLY_ROOT = """
+set -e
+mount --make-rprivate /
+mount -t tmpfs tmpfs "$STATE"       # the broker's volume
+mount -o remount,bind,ro /
+mount -t tmpfs tmpfs /tmp            # the emptyDir
+if [ -w "$PROJECT" ] || [ -w "$(dirname "$PYTHON")" ]; then echo "the root is writable"; exit 1; fi
+"$REDIS" --port 0 --unixsocket /tmp/redis.sock --save "" --dir /tmp >/dev/null &
+tries=0
+until [ -S /tmp/redis.sock ]; do  # a deadline, not a sleep: up to 60 s on a loaded machine
+    tries=$((tries + 1)); [ "$tries" -lt 1200 ] || { echo "redis did not start"; exit 1; }
+    sleep 0.05
+done
+url=unix:///tmp/redis.sock
+"$PYTHON" -m optuna_rq.cli --redis-url "$url" broker --metrics-port "$BROKER_PORT" \
+    >/tmp/broker.log 2>&1 &
+broker=$!
+"$PYTHON" -m optuna_rq.cli --redis-url "$url" workers --import optuna_rq.examples.rosenbrock \
+    --count 2 --health-port "$POOL_PORT" >/tmp/workers.log 2>&1 &
+workers=$!
+"$PYTHON" -m optuna_rq.cli --redis-url "$url" submit optuna_rq.examples.rosenbrock:objective \
+    --param 'x={type: float, low: -2, high: 2}' --param 'y={type: float, low: -1, high: 3}' \
+    --param 'model={lr: 0.01, depth: 4, booster: gbtree}' --param noise=0 \
+    --n-trials 8 --concurrency 4 --wait >/tmp/submit.log 2>&1 || { cat /tmp/*.log; exit 1; }
+tail -n 1 /tmp/submit.log
+for port in "$BROKER_PORT" "$POOL_PORT"; do
+    "$PYTHON" -c "import sys, urllib.request as u; print(u.urlopen(sys.argv[1]).status)" \\
+        "http://127.0.0.1:$port/healthz"
+done
+kill -TERM "$broker" "$workers"
+code=0; wait "$broker" || code=$?; echo "broker exited $code"
+code=0; wait "$workers" || code=$?; echo "workers exited $code"
+ls "$STATE"
+"""
+
+
+def test_the_roles_run_on_a_read_only_root_with_tmp_and_their_state_writable(
+    tmp_path: Path,
+) -> None:
+    """readOnlyRootFilesystem, for real: in a mount namespace of its own, / read-only (the
+    project and its virtualenv too), /tmp and the state directory fresh writable file systems,
+    a broker and a pool serve a study to its end, answer their probes and stop cleanly."""
+    server, unshare = redis_server(), shutil.which("unshare")
+    if server is None or unshare is None:
+        pytest.skip("needs a redis-server and unshare (util-linux)")
+    # Its own PID namespace too: whatever the script leaves running dies with it.
+    argv = [unshare, "--mount", "--pid", "--fork", "--kill-child"]
+    trial = subprocess.run([*argv, "true"], capture_output=True, timeout=30)
+    if trial.returncode != 0:  # not root, or no CAP_SYS_ADMIN here
+        pytest.skip(f"cannot make a mount namespace here: {trial.stderr.decode().strip()}")
+    state = tmp_path / "state"
+    state.mkdir()
+    env = cli_env(
+        PYTHONDONTWRITEBYTECODE="1",  # as the image sets it: its bytecode is compiled at build
+        HOME="/tmp",
+        OPTUNA_RQ_STATE_DIR=str(state),
+        STATE=str(state),
+        PROJECT=str(DEPLOY.parent),
+        PYTHON=sys.executable,
+        REDIS=server,
+        BROKER_PORT=str(free_port()),
+        POOL_PORT=str(free_port()),
+    )
+    env.pop("OPTUNA_RQ_REDIS_URL", None)
+    done = subprocess.run(
+        [*argv, "sh", "-c", READ_ONLY_ROOT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.split("\n")
+    assert re.match(r"study '.*' finished: 8 trials, best ", lines[0]), done.stdout
+    assert lines[1:5] == ["200", "200", "broker exited 0", "workers exited 0"], done.stdout
+    assert "studies.journal" in lines[5:], done.stdout  # on the volume, the one place written
