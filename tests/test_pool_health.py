@@ -20,14 +20,17 @@ import pytest
 import redis
 from rq import Worker
 
-from optuna_rq.connection import connect
+from optuna_rq.connection import DEFAULT_PREFIX, connect
 from optuna_rq.protocol import Keys, Signer, live_pools, trial_queue
+from tests.conftest import redis_server
 from tests.helpers import wait_until
 from tests.test_metrics import free_port
 from tests.worker_processes import WorkersFactory, cli, cli_env, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 
+STALL_LIMIT_S = 15
+"""The stall limit of the outage test: above a turn of the loop that waits on Redis's retries."""
 DOCKERFILE = Path(__file__).resolve().parent.parent / "deploy" / "Dockerfile"
 IMAGE_HEALTH_PORT = 9100  # where the image's HEALTHCHECK asks
 
@@ -159,3 +162,61 @@ def test_the_pool_stops_cleanly_with_its_health_port(redis_url: str, prefix: str
     wait_until(lambda: probe(port) == (200, "ok\n"), timeout_s=60)
     assert stop_process(pool) == 0
     assert probe(port) == (0, "")
+
+
+def test_a_pool_waiting_out_a_redis_outage_stays_alive(tmp_path: Path) -> None:
+    """Redis gone (its process killed) for longer than the stall limit: the pool's loop turns on
+    (its Redis errors are caught and retried), so its liveness probe never restarts it for an
+    outage a restart would not cure; Redis back, it serves on. A turn then takes seconds (each
+    Redis call retries with backoff before it gives up): the limit leaves room for that, as the
+    default 60 s does."""
+    server = redis_server()
+    if server is None:
+        pytest.skip("no redis-server or valkey-server to cut")
+    redis_port, health_port = free_port(), free_port()
+
+    def start_redis() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
+            + ["--appendonly", "no", "--dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL,
+        )
+
+    redis_process = start_redis()
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    wait_until(lambda: _pings(url), timeout_s=30)
+    pool = subprocess.Popen(
+        cli("--redis-url", url, "workers", "--import", "tests.objectives")
+        + ["--health-port", str(health_port), "--stall-limit", str(STALL_LIMIT_S)],
+        env=cli_env(),
+    )
+    try:
+        # Serving: its heartbeat is written (its /healthz answers from before it meets Redis).
+        connection = connect(url)
+        wait_until(lambda: live_pools(connection, Keys(DEFAULT_PREFIX), Signer()), timeout_s=60)
+        connection.close()
+        assert probe(health_port) == (200, "ok\n")
+        redis_process.kill()
+        redis_process.wait(timeout=30)
+        deadline = time.monotonic() + STALL_LIMIT_S + 3  # an outage longer than the limit
+        while time.monotonic() < deadline:
+            assert probe(health_port) == (200, "ok\n")
+            time.sleep(0.2)
+        redis_process = start_redis()
+        wait_until(lambda: _pings(url), timeout_s=30)
+        assert probe(health_port) == (200, "ok\n") and pool.poll() is None
+    finally:
+        code = stop_process(pool, timeout_s=60)
+        redis_process.kill()
+        redis_process.wait(timeout=30)
+    assert code == 0
+
+
+def _pings(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
