@@ -159,9 +159,12 @@ def test_the_pool_stops_cleanly_with_its_health_port(redis_url: str, prefix: str
         + ["tests.objectives", "--health-port", str(port)],
         env=cli_env(),
     )
-    wait_until(lambda: probe(port) == (200, "ok\n"), timeout_s=60)
+    connection = connect(redis_url)
+    wait_until(lambda: live_pools(connection, Keys(prefix), Signer()), timeout_s=60)
+    connection.close()
+    assert probe(port) == (200, "ok\n")
     assert stop_process(pool) == 0
-    assert probe(port) == (0, "")
+    assert probe(port) == (0, "")  # its port closed with it
 
 
 def test_a_pool_waiting_out_a_redis_outage_stays_alive(tmp_path: Path) -> None:
