@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,8 +30,16 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from optuna_rq.connection import ENV_REDIS_PASSWORD, ENV_REDIS_PASSWORD_FILE
-from optuna_rq.protocol import ENV_KEY, ENV_KEY_FILE, ENV_SECRET, ENV_SECRET_FILE
+from optuna_rq.connection import ENV_REDIS_PASSWORD, ENV_REDIS_PASSWORD_FILE, connect
+from optuna_rq.protocol import (
+    ENV_KEY,
+    ENV_KEY_FILE,
+    ENV_SECRET,
+    ENV_SECRET_FILE,
+    Keys,
+    Signer,
+    live_pools,
+)
 from tests.conftest import redis_server
 from tests.helpers import wait_until
 from tests.test_metrics import free_port
@@ -586,3 +595,52 @@ def test_the_roles_run_on_a_read_only_root_with_tmp_and_their_state_writable(
     assert re.match(r"study '.*' finished: 8 trials, best ", lines[0]), done.stdout
     assert lines[1:5] == ["200", "200", "broker exited 0", "workers exited 0"], done.stdout
     assert "studies.journal" in lines[5:], done.stdout  # on the volume, the one place written
+
+
+def _tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        reason = f"{name} is needed here: apt-get install -y {package}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+def test_tini_as_pid_1_hands_the_pool_one_sigterm_and_it_stops_warm(
+    redis_url: str, prefix: str
+) -> None:
+    """The image's ENTRYPOINT as a container runs it: in a PID namespace of its own, tini is
+    PID 1 and the pool PID 2; `docker stop`'s SIGTERM to PID 1 reaches the pool once, which
+    stops warm and exits 0, and so does tini."""
+    [entrypoint] = re.findall(r"^ENTRYPOINT (\[.*\])$", _dockerfile(), re.MULTILINE)
+    init, *init_args, command = json.loads(entrypoint)
+    assert command == "optuna-rq"
+    argv = [_tool("unshare", "util-linux"), "--pid", "--fork", "--kill-child"]
+    if subprocess.run([*argv, "true"], capture_output=True, timeout=30).returncode != 0:
+        pytest.skip("cannot make a PID namespace here (root or CAP_SYS_ADMIN needed)")
+    argv += [_tool(init, init), *init_args, sys.executable, "-m", "optuna_rq.cli"]
+    argv += ["--redis-url", redis_url, "--prefix", prefix, "workers", "--count", "2"]
+    container = subprocess.Popen(
+        [*argv, "--import", "tests.objectives"],
+        env=cli_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    connection = connect(redis_url)
+    try:
+        wait_until(lambda: live_pools(connection, Keys(prefix), Signer()), timeout_s=60)
+        [heartbeat] = live_pools(connection, Keys(prefix), Signer())
+        assert heartbeat.pid == 2 and heartbeat.workers == 2  # under tini, PID 1
+        [pid_1] = Path(f"/proc/{container.pid}/task/{container.pid}/children").read_text().split()
+        assert Path(f"/proc/{pid_1}/comm").read_text().strip() == init
+        os.kill(int(pid_1), signal.SIGTERM)  # what `docker stop` and the kubelet send
+        _, err = container.communicate(timeout=60)
+    finally:
+        connection.close()
+        if container.poll() is None:
+            container.kill()
+            container.wait()
+    assert container.returncode == 0, err
+    assert err.count("SIGTERM: warm shutdown") == 1 and "cold shutdown," not in err, err
+    assert "all workers stopped" in err, err
