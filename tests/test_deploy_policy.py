@@ -644,3 +644,16 @@ def test_tini_as_pid_1_hands_the_pool_one_sigterm_and_it_stops_warm(
     assert container.returncode == 0, err
     assert err.count("SIGTERM: warm shutdown") == 1 and "cold shutdown," not in err, err
     assert "all workers stopped" in err, err
+
+
+def test_compose_runs_its_services_as_the_manifests_do() -> None:
+    """compose.yaml's Redis and optuna-rq services (the dashboard is optuna-dashboard's image):
+    a read-only root with /tmp writable, no capabilities, no privilege escalation, no root."""
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    ours = {n: s for n, s in services.items() if s["image"].split(":")[0] in ("optuna-rq", "redis")}
+    assert set(ours) == {"redis", "broker", "workers", "submit"}
+    for name, service in ours.items():
+        assert service["read_only"] is True and "/tmp" in service["tmpfs"], name
+        assert service["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in service["security_opt"], name
+        assert service.get("user", "10001") != "0" and not service.get("privileged"), name
