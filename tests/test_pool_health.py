@@ -74,7 +74,7 @@ def test_a_turning_pool_is_alive_through_a_killed_worker_and_a_frozen_one_answer
 
     connection = connect(redis_url)
     queue = trial_queue(connection, Keys(prefix).trial_queue("tests.objectives", "default"))
-    for _ in range(3):  # its worker process killed: the pool restarts it and stays alive
+    for _ in range(2):  # its worker process killed: the pool restarts it and stays alive
         [worker] = Worker.all(connection=connection, queue=queue)
         os.kill(worker.pid, signal.SIGKILL)
         wait_until(lambda w=worker: _restarted(connection, queue, w.pid), timeout_s=60)
