@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -18,7 +18,11 @@ from optuna_rq.errors import ConfigError
 from optuna_rq.health import DEFAULT_STALL_LIMIT_S, BrokerHealth, serve_http
 from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, DEFAULT_QUEUE, Role
 from optuna_rq.sampling import OFF_LOOP_AT_S, SAMPLES_TO_DECIDE
+from optuna_rq.workers.health import DEFAULT_POOL_STALL_LIMIT_S, PoolLiveness
 from optuna_rq.workers.rq_worker import Isolation
+
+if TYPE_CHECKING:
+    from optuna_rq.workers.settings import WorkerSettings
 
 __all__ = ["broker", "workers"]
 
@@ -128,6 +132,28 @@ def workers(
             help="Serve Prometheus metrics: worker i listens on PORT + i.",
         ),
     ] = None,
+    health_port: Annotated[
+        int | None,
+        typer.Option(
+            "--health-port",
+            min=1,
+            max=65535,
+            metavar="PORT",
+            help="Serve /healthz on this port from the pool's own process, for a liveness "
+            "probe: 200 while its supervising loop (leases, heartbeat) turns, 503 once it has "
+            "not for --stall-limit seconds. Apart from the workers' --metrics-port range.",
+        ),
+    ] = None,
+    stall_limit: Annotated[
+        float,
+        typer.Option(
+            "--stall-limit",
+            min=0.1,
+            metavar="SECONDS",
+            help="With --health-port: seconds the pool's loop may go without a turn before "
+            "/healthz reports the pool stuck (503).",
+        ),
+    ] = DEFAULT_POOL_STALL_LIMIT_S,
     lease_ttl: Annotated[
         float,
         typer.Option(
@@ -162,7 +188,8 @@ def workers(
     """
     from optuna_rq.workers.autoscale import parse_autoscale
     from optuna_rq.workers.gpus import allocation, device_sets
-    from optuna_rq.workers.pool import WorkerPool, WorkerSettings
+    from optuna_rq.workers.pool import WorkerPool
+    from optuna_rq.workers.settings import WorkerSettings
 
     options: GlobalOptions = ctx.obj
     signer = options.signer(Role.WORKER)
@@ -196,9 +223,31 @@ def workers(
         isolation=isolation,
         max_trials_per_child=max_trials_per_child,
     )
+    liveness = PoolLiveness(stall_limit)
+    if health_port is not None:  # a port taken is a usage error: found before Redis is met
+        _serve_pool_health(health_port, liveness, settings)
     url, _connection = connect_redis(options)
     settings = dataclasses.replace(settings, redis_url=url)
-    raise typer.Exit(WorkerPool(settings).run())
+    raise typer.Exit(WorkerPool(settings, liveness).run())
+
+
+def _serve_pool_health(port: int, liveness: PoolLiveness, settings: WorkerSettings) -> None:
+    """Serve the pool's /healthz on `port`, refusing a port of its workers' metrics."""
+    from optuna_rq.workers.health import serve_liveness
+
+    first = settings.metrics_port
+    if first is not None and first <= port < first + settings.max_workers:
+        raise ConfigError(
+            f"--health-port {port}: worker {port - first} serves its metrics there "
+            f"(--metrics-port {first} + its index); choose a port outside "
+            f"{first}-{first + settings.max_workers - 1}"
+        )
+    try:
+        serve_liveness(port, liveness)
+    except OSError as exc:
+        raise ConfigError(
+            f"--health-port {port}: cannot listen on it ({exc.strerror or exc}); choose a free port"
+        ) from exc
 
 
 def broker(

@@ -17,6 +17,8 @@ outside the fault tests), `hit` is one dict lookup. Points:
     after_slice   a slice of a bulk command was applied and flushed, its cursor not yet moved
     worker_stopped  a pool's worker process left RQ's work loop (told to stop) and has not
                   yet exited
+    pool_turn     a pool's supervising loop completed a turn and has not yet reported it to
+                  its liveness probe (`optuna_rq.workers.health`)
     <site>@<study>  the broker does something for one study at a site of its fault boundary
                   (`optuna_rq.dispatch.boundary.Site`: ask, tell, status, ...)
 """

@@ -491,6 +491,7 @@ def bad_arguments(busy_port: int) -> dict[tuple[str, ...], list[tuple[str, ...]]
             ("-i", "m", "--isolation", "thread"),
             ("-i", "m", "--path", "/no/such/dir"),
             ("-i", "m", "--queue", "a b"),
+            ("-i", "m", "--health-port", str(busy_port)),
             ("-i", "m", *short),
         ],
         ("broker",): [

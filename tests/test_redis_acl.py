@@ -518,7 +518,8 @@ def test_the_deployments_start_redis_with_a_user_per_role(
 ) -> None:
     """The command compose and the Kubernetes StatefulSet start Redis with, run here (the
     mounted deploy/redis in its place, the embedded server for redis-server): each role logs in
-    with its password, a role given none is off, and nobody logs in without one."""
+    with its password (compose's from the environment, Kubernetes' from the Secret's files), a
+    role given none is off, and nobody logs in without one."""
     from optuna_rq.embedded import server_executable
 
     sock = tmp_path / "redis.sock"
@@ -527,7 +528,17 @@ def test_the_deployments_start_redis_with_a_user_per_role(
     command = command.replace("exec redis-server ", f"exec {server_executable()} ")
     command += f" --port 0 --unixsocket {sock} --dir {tmp_path} --save ''"
     env = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_PASSWORD_")}
-    env.update({f"REDIS_PASSWORD_{r.upper()}": password_of(r) for r in ROLES if r != "optimizer"})
+    given = [r for r in ROLES if r != "optimizer"]
+    if where == "kubernetes":  # the Secret optuna-rq, mounted: a file per key
+        passwords = tmp_path / "passwords"
+        passwords.mkdir()
+        for role in given:
+            (passwords / f"redis-password-{role}").write_text(password_of(role))
+        command = command.replace("/etc/optuna-rq/redis-passwords", str(passwords))
+        missing = f"{passwords}/redis-password-optimizer is missing or empty"
+    else:
+        env.update({f"REDIS_PASSWORD_{r.upper()}": password_of(r) for r in given})
+        missing = "REDIS_PASSWORD_OPTIMIZER is not set"
     with open(tmp_path / "redis.log", "wb") as log:
         process = subprocess.Popen(["sh", "-c", command], env=env, stdout=log, stderr=log)
     try:
@@ -554,7 +565,7 @@ def test_the_deployments_start_redis_with_a_user_per_role(
         with pytest.raises(redis.exceptions.AuthenticationError):
             redis.Redis(unix_socket_path=str(sock)).ping()  # no default user
         assert (tmp_path / "users.acl").stat().st_mode & 0o077 == 0
-        assert "REDIS_PASSWORD_OPTIMIZER is not set" in (tmp_path / "redis.log").read_text()
+        assert missing in (tmp_path / "redis.log").read_text()
     finally:
         process.terminate()
         process.wait(timeout=10)

@@ -43,12 +43,14 @@ from typing import Any
 import redis
 from rq import Worker
 
+from optuna_rq import failpoints
 from optuna_rq.connection import connect
 from optuna_rq.outages import UNREACHABLE, outage_of
 from optuna_rq.protocol import Keys, MsgpackSerializer
 from optuna_rq.workers import loader
 from optuna_rq.workers.autoscale import Autoscaler
 from optuna_rq.workers.child import DUMP_SIGNAL, child_main, put_on_path
+from optuna_rq.workers.health import PoolLiveness
 from optuna_rq.workers.heartbeat import Heartbeat
 from optuna_rq.workers.settings import STUCK_AFTER_S, WorkerSettings
 from optuna_rq.workers.supervision import ChildMessage, Retiring, Supervisor
@@ -78,8 +80,10 @@ class WorkerPool:
     # restarted after a backoff that doubles each time (to max_restart_backoff_s).
     HEALTHY_AFTER_S = 30.0
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, liveness: PoolLiveness | None = None) -> None:
         self.settings = settings
+        # Beaten at every turn of the loop; `--health-port` serves it (`workers.health`).
+        self.liveness = liveness or PoolLiveness()
         self._context = multiprocessing.get_context("spawn")
         self._children: dict[int, _Child] = {}
         self._restart_at: dict[int, float] = {}
@@ -241,6 +245,8 @@ class WorkerPool:
             self.start()
             while self._children or self._restart_at or self._scaling:
                 self._supervise_once()
+                failpoints.hit("pool_turn")  # the fault tests' stuck loop
+                self.liveness.beat()
             log.info("all workers stopped")
             return 1 if self._cold else 0
         finally:

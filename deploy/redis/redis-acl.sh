@@ -1,16 +1,19 @@
 #!/bin/sh
 # Write the ACL file Redis loads (`redis-server --aclfile OUT`) from the rules in RULES
-# (deploy/redis/redis-acl.conf): each `user NAME on ...` line gets the password in the
-# environment variable REDIS_PASSWORD_<NAME> (upper case), as its SHA-256 (`#<hex>`), so the
-# file holds no password and any character goes in one. A user whose variable is unset or empty
-# is written `off` (it cannot log in), and said so on stderr. Comments and blank lines are
-# dropped: Redis's ACL file has none. Written 0600.
+# (deploy/redis/redis-acl.conf): each `user NAME on ...` line gets its password as its SHA-256
+# (`#<hex>`), so the file holds no password and any character goes in one. The password is the
+# file PASSWORDS/redis-password-<name> when PASSWORDS (a directory: Kubernetes mounts the Secret
+# there) is given, else the environment variable REDIS_PASSWORD_<NAME> (upper case: compose).
+# A user whose password is missing or empty is written `off` (it cannot log in), and said so on
+# stderr. Comments and blank lines are dropped: Redis's ACL file has none. Written 0600.
 #
 #   REDIS_PASSWORD_BROKER=... REDIS_PASSWORD_WORKER=... REDIS_PASSWORD_CLIENT=... \
 #       sh deploy/redis/redis-acl.sh deploy/redis/redis-acl.conf /tmp/users.acl
+#   sh deploy/redis/redis-acl.sh deploy/redis/redis-acl.conf /tmp/users.acl /etc/redis-passwords
 set -eu
 rules=$1
 out=$2
+passwords=${3:-}
 umask 077
 tmp="$out.tmp"
 : >"$tmp"
@@ -42,10 +45,17 @@ while IFS= read -r line || [ -n "$line" ]; do
         exit 1
         ;;
     esac
-    variable=REDIS_PASSWORD_$(printf '%s' "$name" | tr 'a-z' 'A-Z')
-    eval "password=\${$variable:-}"
+    if [ -n "$passwords" ]; then
+        source="$passwords/redis-password-$name"
+        password=$(cat "$source" 2>/dev/null || true) # a trailing newline is dropped
+        missing="$source is missing or empty"
+    else
+        source=REDIS_PASSWORD_$(printf '%s' "$name" | tr 'a-z' 'A-Z')
+        eval "password=\${$source:-}"
+        missing="$source is not set"
+    fi
     if [ -z "$password" ]; then
-        echo "redis-acl.sh: $variable is not set: user $name is off" >&2
+        echo "redis-acl.sh: $missing: user $name is off" >&2
         printf 'user %s off resetpass\n' "$name" >>"$tmp"
         continue
     fi
