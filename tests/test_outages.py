@@ -273,6 +273,20 @@ OUTAGE_SITES = {
         "Daemon._survive",
         "redis.ConnectionError, redis.TimeoutError, OutOfMemoryError, ReadOnlyError",
     ): "outage",
+    ("broker/daemon/daemon.py", "Daemon.acquire", "redis.RedisError"): (
+        "quiet: who held the lock before is unknown, so the journal's grace stands"
+    ),
+    ("broker/daemon/standby.py", "Standby.wait", "redis.ConnectionError, redis.TimeoutError"): (
+        "outage"
+    ),
+    (
+        "broker/daemon/standby.py",
+        "Standby._say_not_resumable",
+        "redis.ConnectionError, redis.TimeoutError",
+    ): "raises",
+    ("broker/daemon/standby.py", "Standby._took_over", "redis.RedisError"): (
+        "quiet: the takeover time falls back to how long this broker stood by"
+    ),
     ("broker/daemon/fence.py", "Fence.refused", "redis.RedisError"): (
         "quiet: the refusal names what it could read"
     ),
