@@ -100,11 +100,14 @@ def each_called_once(cluster: Cluster) -> dict[str, int]:
     return calls
 
 
-def start_pair(cluster: Cluster, tmp_path: Path, storage: str) -> tuple[Broker, Broker]:
-    """Two brokers started together with --standby, each on its own state directory, and three
-    workers: (the one that took the lock, the one standing by)."""
-    first = Broker(cluster, tmp_path / "a", storage, "--standby")
-    second = Broker(cluster, tmp_path / "b", storage, "--standby")
+def start_pair(
+    cluster: Cluster, tmp_path: Path, storage: str | None, shared_state: Path | None = None
+) -> tuple[Broker, Broker]:
+    """Two brokers started together with --standby, each on its own state directory unless
+    `shared_state` is theirs alike, and three workers: (the one that took the lock, the one
+    standing by)."""
+    first = Broker(cluster, shared_state or tmp_path / "a", storage, "--standby")
+    second = Broker(cluster, shared_state or tmp_path / "b", storage, "--standby")
     cluster.start_workers(3)
     wait_until(
         lambda: holds(cluster, first) or holds(cluster, second),
@@ -117,11 +120,15 @@ def start_pair(cluster: Cluster, tmp_path: Path, storage: str) -> tuple[Broker, 
 
 
 def run_takeovers(
-    cluster: Cluster, tmp_path: Path, storage: str, signals: list[signal.Signals]
+    cluster: Cluster,
+    tmp_path: Path,
+    storage: str | None,
+    signals: list[signal.Signals],
+    shared_state: Path | None = None,
 ) -> str:
     """Run a study through `signals` takeovers (the active broker SIGKILLed or SIGSTOPped in
     turn, a new standby in its place), then let it finish; returns its name."""
-    active, standby = start_pair(cluster, tmp_path, storage)
+    active, standby = start_pair(cluster, tmp_path, storage, shared_state)
     # A budget no round reaches: the study is cut short once the rounds are done.
     name = cluster.submit("steady", n_trials=1000, concurrency=3, hold_s=0.2)
     taken_at = 0  # the journal's lines when the active broker took over
@@ -218,6 +225,20 @@ def test_a_standby_takes_over_a_killed_or_frozen_broker_on_a_shared_journal(
     status = cluster.wait_finished(name)
     # Every trial it asked ended COMPLETE, told once (the journal's log), its objective called
     # once (the objectives' record), the cap kept: `Cluster.check`.
+    trials = cluster.check(name, complete=status["n_trials"], cap=3, failed=0)
+    assert len(each_called_once(cluster)) == len(trials)
+
+
+def test_brokers_sharing_one_state_directory_take_over_on_its_default_journal(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """What deploy/kubernetes-ha runs: both brokers on one state directory (a ReadWriteMany
+    volume), so the default journal and the ledger of applied commands are theirs alike."""
+    name = run_takeovers(
+        cluster, tmp_path, None, [signal.SIGSTOP, signal.SIGKILL], shared_state=cluster.state
+    )
+    status = cluster.wait_finished(name)
+    assert status["storage"].endswith(str(cluster.journal())), status["storage"]
     trials = cluster.check(name, complete=status["n_trials"], cap=3, failed=0)
     assert len(each_called_once(cluster)) == len(trials)
 
