@@ -522,9 +522,19 @@ def test_the_redis_probes_and_password_files_work_against_a_real_server(
 READ_ONLY_ROOT = """
 set -e
 mount --make-rprivate /
-mount -t tmpfs tmpfs "$STATE"       # the broker's volume
+mount --rbind /tmp /mnt              # the host's /tmp, kept in sight for what lives there
 mount -o remount,bind,ro /
 mount -t tmpfs tmpfs /tmp            # the emptyDir
+for kept in "$PROJECT" "$VENV"; do  # a clone or a virtualenv under /tmp: back, read-only
+    case "$kept" in /tmp/*)
+        [ -d "$kept" ] && continue   # inside one restored already
+        mkdir -p "$kept"
+        mount --bind "/mnt${kept#/tmp}" "$kept"
+        mount -o remount,bind,ro "$kept";;
+    esac
+done
+mkdir -p "$STATE"
+mount -t tmpfs tmpfs "$STATE"       # the broker's volume
 if [ -w "$PROJECT" ] || [ -w "$(dirname "$PYTHON")" ]; then echo "the root is writable"; exit 1; fi
 "$REDIS" --port 0 --unixsocket /tmp/redis.sock --save "" --dir /tmp >/dev/null &
 tries=0
@@ -578,6 +588,7 @@ def test_the_roles_run_on_a_read_only_root_with_tmp_and_their_state_writable(
         STATE=str(state),
         PROJECT=str(DEPLOY.parent),
         PYTHON=sys.executable,
+        VENV=sys.prefix,
         REDIS=server,
         BROKER_PORT=str(free_port()),
         POOL_PORT=str(free_port()),
