@@ -289,7 +289,7 @@ _MAKES_A_CLIENT = re.compile(
 """What a call (or an alias of a constructor) that makes a Redis client, pool or connection
 looks like: redis-py's constructors and factories."""
 CLIENT_SITES = {
-    ("broker/connection.py", "connect"): "redis.Redis.from_url: THE construction path",
+    ("broker/connection.py", "_plain_client"): "redis.Redis.from_url: THE path, for connect",
     ("broker/connection.py", "derived_pool"): "redis.ConnectionPool from a client connect made",
     ("broker/connection.py", "_probe_client"): "redis.Redis on a derived_pool",
     ("broker/sentinel.py", "<module>"): "typed aliases of Sentinel and its pool",
@@ -297,6 +297,7 @@ CLIENT_SITES = {
     ("broker/sentinel.py", "derived_sentinel_pool"): "a Sentinel pool, for derived_pool",
     ("broker/daemon/fence.py", "FencedRedis.__init__"): "on the pool `around` passes",
     ("broker/daemon/fence.py", "FencedRedis.around"): "cls(connection_pool=derived_pool(...))",
+    ("broker/outages.py", "_server"): "reads a pool's address to name its server: no client",
 }
 """Every place in the package that makes a Redis client, a pool, or copies a pool's settings
 (`connection_kwargs`): each one `connect` or `derived_pool` (so a Sentinel URL, a password
