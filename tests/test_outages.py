@@ -304,6 +304,7 @@ OUTAGE_SITES = {
     ),
     ("broker/embedded.py", "EmbeddedRedis._shutdown", "RedisError"): "quiet: it went down",
     ("broker/sampling/child.py", "_answer", "UNREACHABLE"): "outage",
+    ("workers/runner.py", "_take_lease", "UNREACHABLE"): "outage",
     ("workers/bookkeeping.py", "RidingQueue.dequeue_any", "UNREACHABLE"): "outage",
     ("workers/bookkeeping.py", "LeanBookkeeping.heartbeat", "UNREACHABLE"): "outage",
     ("workers/bookkeeping.py", "LeanBookkeeping.set_state", "UNREACHABLE"): "outage",

@@ -19,8 +19,9 @@ from typing import Any
 
 import redis
 
-from optuna_rq.connection import is_full, wait_for_memory
+from optuna_rq.connection import is_full, wait_for_memory, wait_for_redis
 from optuna_rq.errors import ProtocolError
+from optuna_rq.outages import UNREACHABLE, outage_of
 from optuna_rq.protocol import (
     FailReason,
     Keys,
@@ -86,7 +87,16 @@ def run_trial(payload: bytes) -> None:
         holder=holder,
         timeout_s=timeout_s,
     )
-    with _leased(connection, attempt, ctx, keys) as cancelled:
+    taken = _take_lease(connection, attempt, ctx)
+    if taken is None:
+        log.error(
+            "%s: NOT started: Redis is unreachable and this worker is stopping; the broker runs "
+            "the trial again once it finds no lease",
+            attempt.describe(),
+        )
+        return
+    (mark,) = taken
+    with _leased(connection, attempt, ctx, keys, mark) as cancelled:
         if cancelled:  # the broker cancelled it while it was queued: it does not start
             outcome = attempt.failed(FailReason.CANCELLED, "the study was cancelled")
         else:
@@ -147,15 +157,12 @@ def refuse_trial(job: Any, why: str) -> None:
     log.error("%s%s", _describe(result), "" if delivered else ", NOT delivered (Redis unreachable)")
 
 
-@contextmanager
-def _leased(
-    connection: redis.Redis, attempt: Attempt, ctx: WorkerContext, keys: Keys
-) -> Iterator[bool]:
-    """Hold the attempt's lease while the body runs: renewed by the supervising parent (which
-    also stops it if the broker cancels it), or by a thread here when this process has none.
-    Yields whether the attempt was cancelled before it started."""
+def _take_lease(connection: redis.Redis, attempt: Attempt, ctx: WorkerContext) -> tuple[Any] | None:
+    """Take the attempt's lease and read its cancel mark in one transaction: (the mark,), or
+    None if this worker stops while Redis is away. A full Redis or an outage is waited out: the
+    trial waits to start, it does not fail (and RQ is left nothing to log)."""
     told = False
-    while True:  # a full Redis refuses the lease: the trial waits to start, it does not fail
+    while True:
         pipe = connection.pipeline(transaction=True)
         pipe.set(attempt.lease, attempt.holder, px=int(ctx.lease_ttl_s * 1000))
         pipe.get(attempt.cancel_mark)
@@ -163,7 +170,14 @@ def _leased(
             taken, mark = pipe.execute(raise_on_error=False)  # a mark not a string: refused
             if isinstance(taken, Exception):
                 raise taken
-            break
+            outage_of(connection).recovered()
+            return (mark,)
+        except UNREACHABLE as exc:
+            waited = wait_for_redis(
+                connection, exc, max_backoff_s=ctx.lease_ttl_s / 4, stop=ctx.stopping
+            )
+            if waited is None:
+                return None
         except redis.ResponseError as exc:
             if not is_full(exc):
                 raise
@@ -171,6 +185,16 @@ def _leased(
                 connection, exc, what=f"{attempt.describe()} waits to start", quiet=told
             )
             told = True
+
+
+@contextmanager
+def _leased(
+    connection: redis.Redis, attempt: Attempt, ctx: WorkerContext, keys: Keys, mark: Any
+) -> Iterator[bool]:
+    """Hold the attempt's lease (taken, with the cancel `mark` read beside it: `_take_lease`)
+    while the body runs: renewed by the supervising parent (which also stops it if the broker
+    cancels it), or by a thread here when this process has none. Yields whether the attempt
+    was cancelled before it started."""
     cancelled = CancelMarks(connection, ctx.signer, keys).holds(attempt, mark)
     if ctx.channel is None:
         with LeaseThread(connection, attempt, ctx.lease_ttl_s):
