@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -490,7 +491,7 @@ def ping_or_raise(conn: redis.Redis, url: str, *, timeout_s: float = 2.0) -> Non
         except MasterNotFoundError as exc:
             if "Authentication" in str(exc) or "NOAUTH" in str(exc):
                 raise RedisUnavailableError(
-                    f"the sentinels of {redact_url(url)} refused the credentials: {exc}; give "
+                    f"the sentinels of {redact_url(url)} refused the credentials; give "
                     "them theirs in the URL (sentinel_auth=same: the servers' user and password; "
                     "or sentinel_username and sentinel_password)"
                 ) from exc
@@ -504,9 +505,33 @@ def ping_or_raise(conn: redis.Redis, url: str, *, timeout_s: float = 2.0) -> Non
         if time.monotonic() + 0.1 >= deadline:
             break
         time.sleep(0.1)
-    raise RedisUnavailableError(
-        f"cannot reach Redis at {redact_url(url)} within {timeout_s:g}s ({last}); {_FIX}"
-    ) from last
+    raise RedisUnavailableError(_unreachable(url, timeout_s, last)) from last
+
+
+def _no_primary(url: str, error: MasterNotFoundError) -> str:
+    """What went wrong asking the sentinels of `url` for its primary, in a line: redis-py's own
+    message holds the repr of every sentinel client it asked."""
+    target = SentinelUrl.parse(url)
+    # Its message ends with "<sentinel client> - <ErrorClass>" for each sentinel that failed.
+    failures = re.findall(r" - (?:\w+:)?(\w+Error)\b", str(error))
+    why = (
+        f"the sentinels failed with {', '.join(sorted(set(failures)))}"
+        if failures
+        else f"no sentinel monitors a primary named {target.service!r}"
+    )
+    where = ",".join(f"{host}:{port}" for host, port in target.sentinels)
+    return (
+        f"no primary for service {target.service!r} from the sentinels at {where} ({why}); "
+        "check the sentinels' addresses and the service name (the one `sentinel monitor` names)"
+    )
+
+
+def _unreachable(url: str, timeout_s: float, last: Exception | None) -> str:
+    if isinstance(last, MasterNotFoundError):
+        return f"cannot reach Redis at {redact_url(url)} within {timeout_s:g}s: " + _no_primary(
+            url, last
+        )
+    return f"cannot reach Redis at {redact_url(url)} within {timeout_s:g}s ({last}); {_FIX}"
 
 
 def _probe_client(conn: redis.Redis, timeout_s: float) -> redis.Redis:

@@ -522,10 +522,19 @@ def test_a_wrong_sentinel_url_is_refused_naming_the_part_and_the_fix(
         url = f"redis+sentinel://:{quote(PASSWORD, safe='')}@{hosts}/{SERVICE}"
         ping_or_raise(connect(url), url)
     assert PASSWORD not in str(refused.value)
-    # A service the sentinels do not watch.
-    with pytest.raises(RedisUnavailableError, match="No master found for 'nope'"):
+    # A service the sentinels do not watch, and sentinels that do not answer: one line each,
+    # naming the service and the sentinels asked (not redis-py's repr of every client it made).
+    with pytest.raises(
+        RedisUnavailableError, match="no sentinel monitors a primary named 'nope'"
+    ) as unknown:
         url = f"redis+sentinel://{hosts}/nope?sentinel_auth=same"
         ping_or_raise(connect(url, password=PASSWORD), url)
+    assert "<redis" not in str(refused.value) + str(unknown.value)
+    with pytest.raises(RedisUnavailableError, match="failed with ConnectionError") as down:
+        url = f"redis+sentinel://127.0.0.1:{_free_port()}/{SERVICE}"
+        ping_or_raise(connect(url), url, timeout_s=0.5)
+    assert f"no primary for service '{SERVICE}' from the sentinels at 127.0.0.1:" in str(down.value)
+    assert "<redis" not in str(down.value)
     assert "***" in redact_url(f"redis+sentinel://u:{PASSWORD}@{hosts}/s?sentinel_password=x")
 
 
