@@ -58,7 +58,7 @@ CANCEL_SITES = {
 }
 CANCEL_MARK_SITES = {
     ("workers/supervision.py", "Supervisor._renew"): "reads: GET -> CancelMarks.holds",
-    ("workers/runner.py", "_leased"): "reads: GET -> CancelMarks.holds",
+    ("workers/runner.py", "_take_lease"): "reads: GET -> CancelMarks.holds",
 }
 # Each reader's body calls its verifying read.
 VERIFIED_BY = {
@@ -69,7 +69,7 @@ VERIFIED_BY = {
     ("workers/remote_trial.py", "RemoteTrial._call"): "self._answer_to(",
     ("workers/remote_trial.py", "RemoteTrial._answer_to"): "self._signer.open(Record.REPLY,",
     ("workers/supervision.py", "Supervisor._renew"): "self.cancel_marks.holds(",
-    ("workers/runner.py", "_leased"): "CancelMarks(",
+    ("workers/runner.py", "_take_lease"): "CancelMarks(",
     ("workers/supervision.py", "CancelMarks.holds"): "self.signer.open(Record.CANCEL,",
 }
 

@@ -87,16 +87,15 @@ def run_trial(payload: bytes) -> None:
         holder=holder,
         timeout_s=timeout_s,
     )
-    taken = _take_lease(connection, attempt, ctx)
-    if taken is None:
+    cancelled = _take_lease(connection, attempt, ctx, keys)
+    if cancelled is None:
         log.error(
             "%s: NOT started: Redis is unreachable and this worker is stopping; the broker runs "
             "the trial again once it finds no lease",
             attempt.describe(),
         )
         return
-    (mark,) = taken
-    with _leased(connection, attempt, ctx, keys, mark) as cancelled:
+    with _leased(connection, attempt, ctx):
         if cancelled:  # the broker cancelled it while it was queued: it does not start
             outcome = attempt.failed(FailReason.CANCELLED, "the study was cancelled")
         else:
@@ -157,10 +156,13 @@ def refuse_trial(job: Any, why: str) -> None:
     log.error("%s%s", _describe(result), "" if delivered else ", NOT delivered (Redis unreachable)")
 
 
-def _take_lease(connection: redis.Redis, attempt: Attempt, ctx: WorkerContext) -> tuple[Any] | None:
-    """Take the attempt's lease and read its cancel mark in one transaction: (the mark,), or
-    None if this worker stops while Redis is away. A full Redis or an outage is waited out: the
-    trial waits to start, it does not fail (and RQ is left nothing to log)."""
+def _take_lease(
+    connection: redis.Redis, attempt: Attempt, ctx: WorkerContext, keys: Keys
+) -> bool | None:
+    """Take the attempt's lease and read its cancel mark in one transaction: whether the broker
+    cancelled the attempt before it started, or None if this worker stops while Redis is away.
+    A full Redis or an outage is waited out: the trial waits to start, it does not fail (and RQ
+    is left nothing to log)."""
     told = False
     while True:
         pipe = connection.pipeline(transaction=True)
@@ -171,7 +173,7 @@ def _take_lease(connection: redis.Redis, attempt: Attempt, ctx: WorkerContext) -
             if isinstance(taken, Exception):
                 raise taken
             outage_of(connection).recovered()
-            return (mark,)
+            return CancelMarks(connection, ctx.signer, keys).holds(attempt, mark)
         except UNREACHABLE as exc:
             waited = wait_for_redis(
                 connection, exc, max_backoff_s=ctx.lease_ttl_s / 4, stop=ctx.stopping
@@ -188,21 +190,17 @@ def _take_lease(connection: redis.Redis, attempt: Attempt, ctx: WorkerContext) -
 
 
 @contextmanager
-def _leased(
-    connection: redis.Redis, attempt: Attempt, ctx: WorkerContext, keys: Keys, mark: Any
-) -> Iterator[bool]:
-    """Hold the attempt's lease (taken, with the cancel `mark` read beside it: `_take_lease`)
-    while the body runs: renewed by the supervising parent (which also stops it if the broker
-    cancels it), or by a thread here when this process has none. Yields whether the attempt
-    was cancelled before it started."""
-    cancelled = CancelMarks(connection, ctx.signer, keys).holds(attempt, mark)
+def _leased(connection: redis.Redis, attempt: Attempt, ctx: WorkerContext) -> Iterator[None]:
+    """Hold the attempt's lease (taken by `_take_lease`) while the body runs: renewed by the
+    supervising parent (which also stops it if the broker cancels it), or by a thread here when
+    this process has none."""
     if ctx.channel is None:
         with LeaseThread(connection, attempt, ctx.lease_ttl_s):
-            yield cancelled
+            yield
         return
     ctx.channel.started(attempt)
     try:
-        yield cancelled
+        yield
     finally:
         ctx.channel.ended(attempt)
 
