@@ -42,8 +42,8 @@ import psutil
 from benchmarks.run import ROOT, OurWorkers, _command_calls, _median, native
 from optuna_rq import suggest
 from optuna_rq.client import BrokerClient
-from optuna_rq.connection import connect
-from optuna_rq.embedded import ensure_embedded, stop_embedded
+from optuna_rq.plumbing.connection import connect
+from optuna_rq.plumbing.embedded import ensure_embedded, stop_embedded
 from optuna_rq.protocol import (
     ENV_KEY,
     ENV_KEY_FILE,
@@ -56,7 +56,7 @@ from optuna_rq.protocol import (
     StudyState,
     generate_keyrings,
 )
-from optuna_rq.spacefile import space_to_data
+from optuna_rq.space.space_files import space_to_data
 
 __all__ = [
     "daemon_overhead",
@@ -86,7 +86,15 @@ class _Broker:
         client_signer: Signer | None = None,
     ) -> None:
         self.state = Path(tempfile.mkdtemp(prefix="orq-bench-daemon-", dir="/tmp"))
-        command = [sys.executable, "-m", "optuna_rq.cli", "--redis-url", url, "--prefix", prefix]
+        command = [
+            sys.executable,
+            "-m",
+            "optuna_rq.cli.app",
+            "--redis-url",
+            url,
+            "--prefix",
+            prefix,
+        ]
         command += ["broker", "--log-level", "WARNING"]
         command += [] if storage is None else ["--storage", storage]
         self.process = subprocess.Popen(

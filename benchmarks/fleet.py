@@ -51,9 +51,10 @@ import psutil
 
 from benchmarks.fleet_simulator import FleetSettings, SimulatedFleet
 from optuna_rq.client import BrokerClient
-from optuna_rq.connection import connect
+from optuna_rq.plumbing.connection import connect
 from optuna_rq.protocol import ENV_SECRET, Keys, Sampler, Signer, StudySpec, live_pools, workers_on
-from optuna_rq.studies import default_storage_url, make_sampler
+from optuna_rq.storage.storage_access import default_storage_url
+from optuna_rq.study.algorithms import make_sampler
 
 __all__ = ["FleetRun", "report_lines", "run_fleet", "section"]
 
@@ -122,7 +123,7 @@ class Broker:
         self.state = Path(tempfile.mkdtemp(prefix="orq-fleet-", dir=state_root or "/tmp"))
         self.storage_url = default_storage_url(self.state)
         runner = ["-m", "cProfile", "-o", str(profile)] if profile else []
-        argv = [sys.executable, *runner, "-m", "optuna_rq.cli", "--redis-url", url]
+        argv = [sys.executable, *runner, "-m", "optuna_rq.cli.app", "--redis-url", url]
         argv += ["--prefix", prefix, "broker", "--log-level", "WARNING"]
         argv += ["--sample-on-loop"] if on_loop else []
         env = dict(os.environ, OPTUNA_RQ_STATE_DIR=str(self.state), PYTHONPATH=str(ROOT))
@@ -280,7 +281,7 @@ class ProbeWorker:
     worker."""
 
     def __init__(self, url: str, prefix: str, secret: str) -> None:
-        argv = [sys.executable, "-m", "optuna_rq.cli", "--redis-url", url, "--prefix", prefix]
+        argv = [sys.executable, "-m", "optuna_rq.cli.app", "--redis-url", url, "--prefix", prefix]
         argv += ["workers", "--count", "1", "--queue", PROBE_QUEUE, "--import", MODULE]
         argv += ["--log-level", "WARNING"]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -484,7 +485,7 @@ def _percentile(ordered: list[float], q: float) -> float:
 
 
 def main() -> None:
-    from optuna_rq.embedded import ensure_embedded, stop_embedded
+    from optuna_rq.plumbing.embedded import ensure_embedded, stop_embedded
 
     parser = argparse.ArgumentParser(description="One fleet configuration (see the docstring).")
     parser.add_argument("--sampler", default="random")

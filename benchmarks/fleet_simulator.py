@@ -48,8 +48,8 @@ from rq.exceptions import DequeueTimeout
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
-from optuna_rq.connection import connect, wait_for_redis
 from optuna_rq.errors import ObjectiveLoadError, ObjectiveRefusedError, ProtocolError
+from optuna_rq.plumbing.connection import connect, wait_for_redis
 from optuna_rq.protocol import (
     DEFAULT_LEASE_TTL_S,
     RESULT_FIELD,
@@ -65,8 +65,8 @@ from optuna_rq.protocol import (
     trial_queue,
 )
 from optuna_rq.workers.execute import trial_result
-from optuna_rq.workers.heartbeat import Heartbeat
 from optuna_rq.workers.loader import load_objective, serve
+from optuna_rq.workers.pool_heartbeat import Heartbeat
 from optuna_rq.workers.supervision import Attempt
 
 __all__ = ["FleetSettings", "SimulatedFleet", "SimulatedPool"]

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import optuna
 
-from optuna_rq.connection import connect
 from optuna_rq.dispatch import Dispatcher, StudyRun
-from optuna_rq.embedded import ensure_embedded, stop_embedded
+from optuna_rq.plumbing.connection import connect
+from optuna_rq.plumbing.embedded import ensure_embedded, stop_embedded
 from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, Keys, trial_queue
 from optuna_rq.protocol.queue import MsgpackSerializer
-from optuna_rq.space import suggest
+from optuna_rq.space.declarations import suggest
 from optuna_rq.workers import context, loader
 from optuna_rq.workers.rq_worker import TrialWorker
 from optuna_rq.workers.supervision import ChildChannel

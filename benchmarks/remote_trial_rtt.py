@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 
 from benchmarks.run import remote_trial
-from optuna_rq.embedded import ensure_embedded, stop_embedded
+from optuna_rq.plumbing.embedded import ensure_embedded, stop_embedded
 
 
 def main() -> None:

@@ -35,8 +35,8 @@ from rq import Worker
 
 from benchmarks import fleet
 from optuna_rq import Optimizer, suggest
-from optuna_rq.connection import connect
-from optuna_rq.embedded import ensure_embedded, stop_embedded
+from optuna_rq.plumbing.connection import connect
+from optuna_rq.plumbing.embedded import ensure_embedded, stop_embedded
 from optuna_rq.protocol import Keys, trial_queue
 
 HERE = Path(__file__).resolve().parent
@@ -59,7 +59,7 @@ class OurWorkers:
             [
                 sys.executable,
                 "-m",
-                "optuna_rq.cli",
+                "optuna_rq.cli.app",
                 "--redis-url",
                 url,
                 "--prefix",

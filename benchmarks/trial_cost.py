@@ -21,8 +21,8 @@ import optuna
 
 from benchmarks.run import OurWorkers
 from optuna_rq import Optimizer, suggest
-from optuna_rq.connection import connect
-from optuna_rq.embedded import ensure_embedded, stop_embedded
+from optuna_rq.plumbing.connection import connect
+from optuna_rq.plumbing.embedded import ensure_embedded, stop_embedded
 
 
 def command_calls(conn) -> dict[str, int]:

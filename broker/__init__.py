@@ -8,7 +8,15 @@ studies on a broker daemon from a script.
 from optuna_rq.client import BrokerClient
 from optuna_rq.errors import ConfigError, OptunaRQError
 from optuna_rq.optimizer import Optimizer, optimize
-from optuna_rq.space import Category, Float, Integer, Number, Suggestion, process, suggest
+from optuna_rq.space.declarations import (
+    Category,
+    Float,
+    Integer,
+    Number,
+    Suggestion,
+    process,
+    suggest,
+)
 
 __all__ = [
     "BrokerClient",

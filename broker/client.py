@@ -20,7 +20,7 @@ runs it), and a submission may not take the name of one whose process still runs
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 
@@ -63,9 +63,6 @@ from optuna_rq.protocol.status import (
     read_statuses,
 )
 from optuna_rq.protocol.trial_summary import RefusedTrial, TrialSummary, read_trial_summaries
-
-if TYPE_CHECKING:
-    from rich.console import Console
 
 __all__ = ["BrokerClient", "queued_status"]
 
@@ -281,34 +278,6 @@ class BrokerClient:
             return True
         held = self.stored_spec(status.name)
         return held is not None and held.submitted_at == status.submitted_at
-
-    def follow(
-        self,
-        study: str,
-        *,
-        timeout_s: float | None = None,
-        console: Console | None = None,
-        submitted: StudySpec | None = None,
-        wait_for_broker: bool = False,
-    ) -> int:
-        """Show the study's progress on `console` (default: stderr) until it ends, or until
-        `timeout_s` passes; with `submitted`, until the broker took that submission and the
-        study ended after it. Returns 0 if it finished with a COMPLETE trial, 1 if not
-        (cancelled, failed, no trial completed, timed out), 3 (`EXIT_NO_BROKER`) as soon as no
-        broker has served the prefix for `BROKER_GRACE_S`, unless `wait_for_broker`: then it
-        says so and waits on for one."""
-        from optuna_rq.progress import follow_study  # rich is for terminals only: imported late
-
-        since = None if submitted is None else submitted.submitted_at
-        return follow_study(
-            self,
-            study,
-            timeout_s=timeout_s,
-            console=console,
-            since=since,
-            queued=None if submitted is None else queued_status(submitted),
-            wait_for_broker=wait_for_broker,
-        )
 
     def statuses(self) -> list[StudyStatus | RefusedStatus]:
         """Every study's status, by name: the published ones, where one that does not open

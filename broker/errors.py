@@ -45,7 +45,7 @@ class ConfigError(OptunaRQError, ValueError):
 
 
 class StorageNotAllowedError(ConfigError):
-    """A study storage the broker's operator did not allow (`optuna_rq.storage_policy`):
+    """A study storage the broker's operator did not allow (`optuna_rq.storage.storage_policy`):
     nothing of it was opened."""
 
 
@@ -109,7 +109,7 @@ class StudyStorageError(OptunaRQError):
 class JournalConflictError(OptunaRQError, OSError):
     """The broker's journal file changed under Optuna's lock while the broker held it (a writer
     that ignores the lock, or a truncation). Studies on it fail rather than mix two writers'
-    trial ids (`optuna_rq.journal`)."""
+    trial ids (`optuna_rq.storage.journal_file`)."""
 
 
 class StudyConflictError(OptunaRQError):

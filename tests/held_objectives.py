@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import redis
 
-from optuna_rq.connection import connect
+from optuna_rq.plumbing.connection import connect
 
 _connections: dict[str, redis.Redis] = {}
 

@@ -10,7 +10,7 @@ import time
 import optuna
 import redis
 
-from optuna_rq.connection import connect
+from optuna_rq.plumbing.connection import connect
 
 _connections: dict[str, redis.Redis] = {}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from optuna_rq.connection import connect
+from optuna_rq.plumbing.connection import connect
 from tests.helpers import wait_until
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -109,7 +109,7 @@ def acl_server(executable: str) -> Iterator[AclServer]:
 def acl_servers() -> list[tuple[str, str]]:
     """(id, executable) of every server here whose ACLs have key permissions (Redis 7+, Valkey):
     the embedded valkey-server, and a redis-server on PATH if it is 7 or later."""
-    from optuna_rq.embedded import server_executable
+    from optuna_rq.plumbing.embedded import server_executable
 
     found = [("valkey", server_executable())]
     system = shutil.which("redis-server")

@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 from rq import Worker
 
-from optuna_rq.processes import exited
+from optuna_rq.plumbing.processes import exited
 from optuna_rq.protocol import Keys, trial_queue
 from tests.helpers import wait_until
 from tests.worker_processes import cli, live_workers

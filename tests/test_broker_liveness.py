@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from optuna_rq.cli import main
+from optuna_rq.cli.app import main
 from optuna_rq.client import BrokerClient
 from optuna_rq.daemon.lock import BrokerLock
 from optuna_rq.errors import FenceLostError
-from optuna_rq.progress import EXIT_NO_BROKER, BrokerWatch
 from optuna_rq.protocol import Keys, StudyState, StudyStatus, liveness
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerState, TurnBeacon
+from optuna_rq.terminal.progress import EXIT_NO_BROKER, BrokerWatch
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env, start_broker, stop_process
 

@@ -28,17 +28,20 @@ SOURCES = ("broker", "workers")
 STATUS_SITES = {
     ("broker/protocol/status.py", "read_status"): "reads: StudyStatus.opened",
     ("broker/protocol/status.py", "read_statuses"): "reads: StudyStatus.opened",
-    ("broker/daemon/status.py", "StatusPublisher._write"): "writes: StudyStatus.sealed",
-    ("broker/daemon/status.py", "StatusPublisher.annotate"): "writes: StudyStatus.sealed",
+    ("broker/daemon/status_publisher.py", "StatusPublisher._write"): "writes: StudyStatus.sealed",
+    ("broker/daemon/status_publisher.py", "StatusPublisher.annotate"): "writes: StudyStatus.sealed",
     ("broker/client.py", "BrokerClient.status"): "exists: published in between? then read",
     ("broker/client.py", "BrokerClient.has_status"): "exists: nothing of it is believed",
-    ("broker/daemon/commands.py", "Commands.on_delete"): "exists, deletes",
-    ("broker/driven.py", "DrivenStatus.claim"): "exists: is the name the broker's?",
+    ("broker/daemon/command_handlers.py", "Commands.on_delete"): "exists, deletes",
+    (
+        "broker/optimizer_run/run_status.py",
+        "DrivenStatus.claim",
+    ): "exists: is the name the broker's?",
 }
 DRIVEN_SITES = {
     ("broker/protocol/status.py", "read_driven_status"): "reads: StudyStatus.opened",
     ("broker/protocol/status.py", "read_driven_statuses"): "reads: StudyStatus.opened",
-    ("broker/driven.py", "DrivenStatus._publish"): "writes: StudyStatus.sealed",
+    ("broker/optimizer_run/run_status.py", "DrivenStatus._publish"): "writes: StudyStatus.sealed",
     ("broker/client.py", "BrokerClient.status"): "exists: then read",
     ("broker/client.py", "BrokerClient.delete_driven"): "deletes",
 }

@@ -16,8 +16,8 @@ import pytest
 import redis
 from optuna.trial import TrialState
 
-from optuna_rq.storage_policy import canonical_storage
-from optuna_rq.studies import default_storage_url, open_storage
+from optuna_rq.storage.storage_access import default_storage_url, open_storage
+from optuna_rq.storage.storage_policy import canonical_storage
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env, live_workers, start_broker, stop_process
 

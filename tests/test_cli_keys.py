@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from optuna_rq import cli_keys
-from optuna_rq.cli import main
+from optuna_rq.cli import key_commands as cli_keys
+from optuna_rq.cli.app import main
 from optuna_rq.protocol import Record, Role, Signer
 from tests.helpers import wait_until
 from tests.worker_processes import cli_env, start_broker, stop_process

@@ -1,5 +1,5 @@
 """Every subcommand, given bad input, says so on one line and exits 2: through the real entry
-point (`python -m optuna_rq.cli`), with no Redis, so nothing is started and nothing is sent.
+point (`python -m optuna_rq.cli.app`), with no Redis, so nothing is started and nothing is sent.
 And the embedded redis-server: read-only commands never start it, `redis stop` ends it.
 
 Then the app's manners, in this process through its entry point (`main`), every command
@@ -26,14 +26,14 @@ from optuna.trial import TrialState
 from typer import _click as click
 from typer.core import TyperArgument, TyperGroup, TyperOption
 
-from optuna_rq.cli import app, main
-from optuna_rq.cli_command import App, choices_of, global_option_names
-from optuna_rq.cli_options import GlobalOptions
-from optuna_rq.embedded import EmbeddedRedis
+from optuna_rq.cli.app import app, main
+from optuna_rq.cli.options import GlobalOptions
+from optuna_rq.cli.parsing import App, choices_of, global_option_names
 from optuna_rq.errors import ConfigError, ProtocolError
-from optuna_rq.processes import exited
+from optuna_rq.plumbing.embedded import EmbeddedRedis
+from optuna_rq.plumbing.processes import exited
 from optuna_rq.protocol import Direction, Pruner, Sampler, StudySpec, StudyState
-from optuna_rq.studies import make_pruner, make_sampler
+from optuna_rq.study.algorithms import make_pruner, make_sampler
 from optuna_rq.workers.autoscale import parse_autoscale
 from optuna_rq.workers.rq_worker import Isolation
 from tests.conftest import redis_server

@@ -25,7 +25,7 @@ from optuna_rq.daemon.ledger import CommandLedger, ledger_file
 from optuna_rq.dispatch.observer import RefusalLog, count_refusal
 from optuna_rq.errors import ConfigError
 from optuna_rq.protocol import Cancel, Change, Delete, Enqueue, Keys, Signer, StudySpec, Submit
-from optuna_rq.studies import open_storage
+from optuna_rq.storage.storage_access import open_storage
 
 DAY = 24 * 3600.0
 SECRET = b"0123456789abcdef0123456789abcdef"

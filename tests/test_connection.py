@@ -1,4 +1,4 @@
-"""optuna_rq.connection against real redis-server processes."""
+"""optuna_rq.plumbing.connection against real redis-server processes."""
 
 from __future__ import annotations
 
@@ -14,20 +14,16 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
-from optuna_rq.connection import (
-    ENV_REDIS_URL,
-    ENV_STATE_DIR,
-    HEALTH_CHECK_INTERVAL_S,
-    connect,
-    key,
-    ping_or_raise,
-    redact_url,
-    resolve_redis_url,
-    state_dir,
-)
-from optuna_rq.embedded import EmbeddedRedis, ensure_embedded, stop_embedded
 from optuna_rq.errors import ConfigError, OptunaRQError, RedisUnavailableError
-from optuna_rq.processes import exited
+from optuna_rq.plumbing.connection import HEALTH_CHECK_INTERVAL_S, connect, key, ping_or_raise
+from optuna_rq.plumbing.embedded import (
+    EmbeddedRedis,
+    ensure_embedded,
+    resolve_redis_url,
+    stop_embedded,
+)
+from optuna_rq.plumbing.locations import ENV_REDIS_URL, ENV_STATE_DIR, redact_url, state_dir
+from optuna_rq.plumbing.processes import exited
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,8 +71,8 @@ def test_concurrent_starts_from_separate_processes_share_one_server(embedded_sta
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from optuna_rq.connection import connect\n"
-        "from optuna_rq.embedded import ensure_embedded\n"
+        "from optuna_rq.plumbing.connection import connect\n"
+        "from optuna_rq.plumbing.embedded import ensure_embedded\n"
         "url = ensure_embedded(Path(sys.argv[1]))\n"
         "print(url, connect(url).info('server')['process_id'])\n"
     )

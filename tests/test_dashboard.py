@@ -27,9 +27,9 @@ import psutil
 import pytest
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+from optuna_rq.cli.dashboard_app import INSTALL_LINE, READ_METHODS
 from optuna_rq.client import BrokerClient
-from optuna_rq.connection import connect
-from optuna_rq.dashboard import INSTALL_LINE, READ_METHODS
+from optuna_rq.plumbing.connection import connect
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env, stop_process
 
@@ -347,7 +347,7 @@ def test_wrong_input_is_an_error_naming_it_and_the_fix(
     range, a Redis named that does not answer, optuna-dashboard not installed: each one line
     naming the input and the fix, and nothing served (run in this process: each ends before
     the dashboard would serve)."""
-    from optuna_rq.cli import main
+    from optuna_rq.cli.app import main
 
     path = tmp_path / "studies.journal"
     optuna.create_study(study_name="s", storage=_journal(path))

@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from optuna_rq.cli_keys import key_file_name
+from optuna_rq.cli.key_commands import key_file_name
 from optuna_rq.protocol import Role
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

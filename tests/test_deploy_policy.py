@@ -30,7 +30,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from optuna_rq.connection import ENV_REDIS_PASSWORD, ENV_REDIS_PASSWORD_FILE, connect
+from optuna_rq.plumbing.connection import connect
+from optuna_rq.plumbing.locations import ENV_REDIS_PASSWORD, ENV_REDIS_PASSWORD_FILE
 from optuna_rq.protocol import (
     ENV_KEY,
     ENV_KEY_FILE,
@@ -543,13 +544,13 @@ until [ -S /tmp/redis.sock ]; do  # a deadline, not a sleep: up to 60 s on a loa
     sleep 0.05
 done
 url=unix:///tmp/redis.sock
-"$PYTHON" -m optuna_rq.cli --redis-url "$url" broker --metrics-port "$BROKER_PORT" \
+"$PYTHON" -m optuna_rq.cli.app --redis-url "$url" broker --metrics-port "$BROKER_PORT" \
     >/tmp/broker.log 2>&1 &
 broker=$!
-"$PYTHON" -m optuna_rq.cli --redis-url "$url" workers --import optuna_rq.examples.rosenbrock \
+"$PYTHON" -m optuna_rq.cli.app --redis-url "$url" workers --import optuna_rq.examples.rosenbrock \
     --count 2 --health-port "$POOL_PORT" >/tmp/workers.log 2>&1 &
 workers=$!
-"$PYTHON" -m optuna_rq.cli --redis-url "$url" submit optuna_rq.examples.rosenbrock:objective \
+"$PYTHON" -m optuna_rq.cli.app --redis-url "$url" submit optuna_rq.examples.rosenbrock:objective \
     --param 'x={type: float, low: -2, high: 2}' --param 'y={type: float, low: -1, high: 3}' \
     --param 'model={lr: 0.01, depth: 4, booster: gbtree}' --param noise=0 \
     --n-trials 8 --concurrency 4 --wait >/tmp/submit.log 2>&1 || { cat /tmp/*.log; exit 1; }
@@ -630,7 +631,7 @@ def test_tini_as_pid_1_hands_the_pool_one_sigterm_and_it_stops_warm(
     argv = [_tool("unshare", "util-linux"), "--pid", "--fork", "--kill-child"]
     if subprocess.run([*argv, "true"], capture_output=True, timeout=30).returncode != 0:
         pytest.skip("cannot make a PID namespace here (root or CAP_SYS_ADMIN needed)")
-    argv += [_tool(init, init), *init_args, sys.executable, "-m", "optuna_rq.cli"]
+    argv += [_tool(init, init), *init_args, sys.executable, "-m", "optuna_rq.cli.app"]
     argv += ["--redis-url", redis_url, "--prefix", prefix, "workers", "--count", "2"]
     container = subprocess.Popen(
         [*argv, "--import", "tests.objectives"],

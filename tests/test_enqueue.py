@@ -23,9 +23,9 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import create_trial
 
 from optuna_rq.client import BrokerClient
+from optuna_rq.daemon.broker_settings import BrokerSettings
 from optuna_rq.daemon.daemon import Daemon
 from optuna_rq.daemon.param_sets import ParamSetIndex, repeats
-from optuna_rq.daemon.settings import BrokerSettings
 from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol import (
     BulkReceipt,
@@ -350,8 +350,8 @@ def test_large_lists_travel_as_commands_within_the_message_cap() -> None:
 def test_an_ask_reads_no_more_trials_with_100000_waiting_than_with_10(tmp_path: Path) -> None:
     """Enqueued sets run one ask at a time: an ask that read every WAITING trial again (the
     broker's journal storage did) would cost O(sets) each, quadratic over the sets."""
-    from optuna_rq.daemon.storages import Storages
-    from optuna_rq.storage_policy import StoragePolicy
+    from optuna_rq.storage.guarded_storages import Storages
+    from optuna_rq.storage.storage_policy import StoragePolicy
 
     url = f"journal:///{tmp_path}/studies.journal"
     storages = Storages(policy=StoragePolicy(url))

@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from optuna_rq import Optimizer, suggest
-from optuna_rq.studies import default_storage_url, open_storage
+from optuna_rq.storage.storage_access import default_storage_url, open_storage
 from tests import objectives
 from tests.helpers import wait_until
 

@@ -10,7 +10,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from benchmarks.fleet_simulator import FleetSettings, SimulatedFleet
 from optuna_rq.client import BrokerClient
-from optuna_rq.connection import connect
+from optuna_rq.plumbing.connection import connect
 from optuna_rq.protocol import Keys, StudySpec, StudyState
 from tests.helpers import wait_until
 from tests.worker_processes import live_workers

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import redis
 
-from optuna_rq import spacefile
 from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -32,6 +31,7 @@ from optuna_rq.protocol import (
     sendable,
 )
 from optuna_rq.protocol.spec import MAX_CONCURRENCY, MAX_N_TRIALS, MAX_PRIORITY, StudySpec
+from optuna_rq.space import space_files as spacefile
 
 pytestmark = pytest.mark.timeout(180)
 

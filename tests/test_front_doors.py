@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import typer
 
-from optuna_rq.cli import app
-from optuna_rq.embedded import EmbeddedRedis
+from optuna_rq.cli.app import app
+from optuna_rq.plumbing.embedded import EmbeddedRedis
 from tests.test_storage_policy import OPENERS
 from tests.worker_processes import cli, cli_env
 
@@ -94,10 +94,12 @@ def test_a_command_that_never_starts_a_server_starts_none(command: str, tmp_path
 
 # -- the sites in the source -------------------------------------------------------------------
 
-FRONT_DOOR_MODULES = ["cli.py", "client.py", "progress.py"]
-FRONT_DOOR_MODULES += [p.name for p in sorted((ROOT / "broker").glob("cli_*.py"))]
+FRONT_DOOR_MODULES = ["client.py", "terminal/progress.py"]
+FRONT_DOOR_MODULES += [
+    str(p.relative_to(ROOT / "broker")) for p in sorted((ROOT / "broker" / "cli").glob("*.py"))
+]
 """Everything a command line process runs before it hands over to a broker or workers: the
-commands themselves (cli, cli_*), the client and the progress display."""
+commands themselves (cli/), the client and the progress display."""
 
 MAKES_STATE = {
     "state",  # GlobalOptions.state(): the state directory, created
@@ -115,23 +117,33 @@ MAKES_STATE = {
 
 SITES = {
     # A storage: only the one the user names, and nothing created for it.
-    ("cli_studies.py", "_stored_trials"): "load_study, open_storage_to_read: `trials --storage`",
+    (
+        "cli/study_commands.py",
+        "_stored_trials",
+    ): "load_study, open_storage_to_read: `trials --storage`",
     # The one front door that opens a storage a status names (that is what it is for): as a
     # reader that creates nothing, never JournalRedis (it unpickles), never an unverified one.
-    ("cli_dashboard.py", "_open"): "open_storage_to_read: `dashboard`, the broker's storage",
+    (
+        "cli/dashboard_command.py",
+        "_open",
+    ): "open_storage_to_read: `dashboard`, the broker's storage",
     # Not a file: click's HelpFormatter.write_text, the help's global options paragraph.
-    ("cli_command.py", "Command.format_options"): "formatter.write_text: help text, no file",
+    ("cli/parsing.py", "Command.format_options"): "formatter.write_text: help text, no file",
     # The embedded server: started by `submit` alone among the front doors.
-    ("cli.py", "submit"): "make_client: submit may be the first command run on a machine",
-    ("cli_options.py", "make_client"): "connect_redis: for submit",
-    ("cli_options.py", "connect_redis"): "resolve_redis_url: the embedded server, if no URL",
-    ("cli_options.py", "GlobalOptions.state"): "state_dir: for the commands below alone",
+    ("cli/app.py", "submit"): "make_client: submit may be the first command run on a machine",
+    ("cli/options.py", "make_client"): "connect_redis: for submit",
+    ("cli/options.py", "connect_redis"): "resolve_redis_url: the embedded server, if no URL",
+    ("cli/options.py", "GlobalOptions.state"): "state_dir: for the commands below alone",
     # What keeps state on this machine, as it is asked to.
-    ("cli_serve.py", "broker"): "state, connect_redis: the broker's ledger and default storage",
-    ("cli_serve.py", "workers"): "connect_redis: workers may start the embedded server",
-    ("cli_keys.py", "write_key_set"): "mkdir: the key directory its user names",
-    ("cli_redis.py", "stop"): "state: the embedded server's own directory",
-    ("cli_redis.py", "status"): "state: the embedded server's own directory",
+    (
+        "cli/serve_commands.py",
+        "broker",
+    ): "state, connect_redis: the broker's ledger and default storage",
+    ("cli/serve_commands.py", "workers"): "connect_redis: workers may start the embedded server",
+    ("cli/key_commands.py", "write_key_set"): "mkdir: the key directory its user names",
+    ("cli/redis_command.py", "stop"): "state: the embedded server's own directory",
+    ("cli/redis_command.py", "status"): "state: the embedded server's own directory",
+    ("cli/demo.py", "run_demo"): "ensure_embedded: the demo's private server, in a temporary dir",
 }
 """Every site in the front doors' source that opens a storage, starts a server or creates a
 file or a directory, and why it may."""
@@ -171,7 +183,9 @@ def test_every_front_door_site_that_opens_a_storage_starts_a_server_or_makes_a_f
     trials = ast.unparse(
         next(
             node
-            for node in ast.walk(ast.parse((ROOT / "broker" / "cli_studies.py").read_text()))
+            for node in ast.walk(
+                ast.parse((ROOT / "broker" / "cli" / "study_commands.py").read_text())
+            )
             if isinstance(node, ast.FunctionDef) and node.name == "trials"
         )
     )

@@ -16,7 +16,7 @@ import optuna
 import pytest
 
 from optuna_rq.errors import ConfigError
-from optuna_rq.studies import default_storage_url, open_storage
+from optuna_rq.storage.storage_access import default_storage_url, open_storage
 from optuna_rq.workers.gpus import (
     Allocation,
     allocation,

@@ -1,6 +1,6 @@
-"""The broker's journal file (`optuna_rq.journal`): Optuna's format, read back by Optuna's own
-`JournalFileBackend`, durable at `flush` and only then, safe beside other writers that follow
-Optuna's lock."""
+"""The broker's journal file (`optuna_rq.storage.journal_file`): Optuna's format, read back by
+Optuna's own `JournalFileBackend`, durable at `flush` and only then, safe beside other writers that
+follow Optuna's lock."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from optuna_rq.daemon.storages import Storages
-from optuna_rq.journal import BatchedJournal
-from optuna_rq.storage_policy import StoragePolicy
+from optuna_rq.storage.guarded_storages import Storages
+from optuna_rq.storage.journal_file import BatchedJournal
+from optuna_rq.storage.storage_policy import StoragePolicy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -216,7 +216,7 @@ def test_the_lock_of_a_broker_that_died_holding_it_is_released_at_once(tmp_path:
             "-c",
             "import os, sys, optuna\n"
             "from optuna.storages import JournalStorage\n"
-            "from optuna_rq.journal import BatchedJournal\n"
+            "from optuna_rq.storage.journal_file import BatchedJournal\n"
             "journal = BatchedJournal(sys.argv[1])\n"
             "optuna.create_study(study_name='s', storage=JournalStorage(journal))\n"
             "journal.flush()\n"

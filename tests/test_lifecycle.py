@@ -11,7 +11,7 @@ import pytest
 import redis
 from optuna.trial import TrialState
 
-from optuna_rq.studies import default_storage_url, open_storage
+from optuna_rq.storage.storage_access import default_storage_url, open_storage
 from tests.fault_objectives import running_pid
 from tests.helpers import wait_until
 

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from optuna_rq.errors import ConfigError
-from optuna_rq.studies import default_storage_url, open_storage
+from optuna_rq.storage.storage_access import default_storage_url, open_storage
 from optuna_rq.workers.pool import WorkerSettings
 from tests.terminal_pool import TerminalPool
 from tests.worker_processes import cli, cli_env

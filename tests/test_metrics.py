@@ -153,7 +153,7 @@ def test_every_way_a_trial_ends_is_counted_as_its_storage_says(
 
     from optuna_rq.client import BrokerClient
     from optuna_rq.protocol import FailReason
-    from optuna_rq.studies import default_storage_url, open_storage
+    from optuna_rq.storage.storage_access import default_storage_url, open_storage
 
     port = free_port()
     env = cli_env(OPTUNA_RQ_STATE_DIR=str(cli_state))
@@ -168,7 +168,7 @@ def test_every_way_a_trial_ends_is_counted_as_its_storage_says(
         modules = ("tests.objectives", "tests.fault_objectives", "tests.held_objectives")
         workers_only = str(Path(__file__).parent / "workers_only")
         workers_factory(count=3, modules=(*modules, "elsewhere"), args=("--path", workers_only))
-        from optuna_rq.connection import connect
+        from optuna_rq.plumbing.connection import connect
 
         conn = connect(redis_url)
         x = ("--param", "x={type: float, low: 0, high: 1}", "--sampler", "random")

@@ -18,10 +18,10 @@ import pytest
 from optuna.trial import TrialState
 
 from optuna_rq import Optimizer
-from optuna_rq.connection import connect
 from optuna_rq.dispatch import ATTEMPT_ATTR, RETRY_OF_ATTR
+from optuna_rq.plumbing.connection import connect
 from optuna_rq.protocol import error_headline
-from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
+from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from tests import result_objectives
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env, live_workers, stop_process

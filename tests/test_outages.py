@@ -1,7 +1,7 @@
 """Redis outages are quiet and unsynchronised: every process retries Redis with one jittered
-backoff, says once that Redis went away and once that it is back (`optuna_rq.outages`), and a
-pool or a broker stopped during an outage stops at once, without a traceback, saying what it left
-undone. Real processes on a real redis-server with AOF, killed and restarted on the same socket
+backoff, says once that Redis went away and once that it is back (`optuna_rq.plumbing.outages`),
+and a pool or a broker stopped during an outage stops at once, without a traceback, saying what it
+left undone. Real processes on a real redis-server with AOF, killed and restarted on the same socket
 (so its data and the broker's epoch survive); the jitter itself in-process.
 """
 
@@ -20,9 +20,9 @@ import pytest
 import redis
 from optuna.trial import TrialState
 
-from optuna_rq.connection import RETRY_BASE_S, RETRY_CAP_S, connect, wait_for_redis
-from optuna_rq.outages import Outage, backoff, describe_duration, outage_of
-from optuna_rq.verdict import FAIL_REASON_ATTR
+from optuna_rq.plumbing.connection import RETRY_BASE_S, RETRY_CAP_S, connect, wait_for_redis
+from optuna_rq.plumbing.outages import Outage, backoff, describe_duration, outage_of
+from optuna_rq.study.verdict import FAIL_REASON_ATTR
 from tests.faults.conftest import Cluster, RedisServer, wait_calls
 from tests.faults.conftest import aof_redis as aof_redis  # the fixtures
 from tests.faults.conftest import cluster as cluster
@@ -257,13 +257,13 @@ def test_a_stop_ends_the_wait_and_the_duration_reads_as_a_person_writes_it() -> 
 # without the jittered backoff, cannot slip in unlisted.
 ROOT = Path(__file__).resolve().parent.parent
 OUTAGE_SITES = {
-    ("broker/connection.py", "wait_for_redis", "UNREACHABLE"): "outage",
-    ("broker/connection.py", "_wait_for_primary", "UNREACHABLE"): "outage",
-    ("broker/connection.py", "_memory", "RedisError, KeyError, TypeError, ValueError"): (
+    ("broker/plumbing/connection.py", "wait_for_redis", "UNREACHABLE"): "outage",
+    ("broker/plumbing/connection.py", "_wait_for_primary", "UNREACHABLE"): "outage",
+    ("broker/plumbing/connection.py", "_memory", "RedisError, KeyError, TypeError, ValueError"): (
         "quiet: INFO not allowed or unreachable: None, the caller's write is the probe"
     ),
-    ("broker/connection.py", "check_memory_policy", "RedisError"): "quiet: cannot say",
-    ("broker/connection.py", "ping_or_raise", "RedisError"): (
+    ("broker/plumbing/connection.py", "check_memory_policy", "RedisError"): "quiet: cannot say",
+    ("broker/plumbing/connection.py", "ping_or_raise", "RedisError"): (
         "quiet: a start-up probe that gives up within its timeout, raising, naming the URL"
     ),
     ("broker/daemon/backlog.py", "Backlog._execute", "redis.RedisError"): "raises",
@@ -295,15 +295,23 @@ OUTAGE_SITES = {
         "Dispatcher.run_until_done",
         "redis.ConnectionError, redis.TimeoutError, OutOfMemoryError",
     ): "outage",
-    ("broker/driven.py", "DrivenStatus._publish", "redis.ConnectionError, redis.TimeoutError"): (
-        "raises"
-    ),
-    ("broker/embedded.py", "EmbeddedRedis.answers", "RedisError"): "quiet: it does not answer",
-    ("broker/embedded.py", "EmbeddedRedis._running_pid", "RedisError, KeyError, ValueError"): (
-        "quiet: no pid to tell"
-    ),
-    ("broker/embedded.py", "EmbeddedRedis._shutdown", "RedisError"): "quiet: it went down",
-    ("broker/sampling/child.py", "_answer", "UNREACHABLE"): "outage",
+    (
+        "broker/optimizer_run/run_status.py",
+        "DrivenStatus._publish",
+        "redis.ConnectionError, redis.TimeoutError",
+    ): ("raises"),
+    (
+        "broker/plumbing/embedded.py",
+        "EmbeddedRedis.answers",
+        "RedisError",
+    ): "quiet: it does not answer",
+    (
+        "broker/plumbing/embedded.py",
+        "EmbeddedRedis._running_pid",
+        "RedisError, KeyError, ValueError",
+    ): ("quiet: no pid to tell"),
+    ("broker/plumbing/embedded.py", "EmbeddedRedis._shutdown", "RedisError"): "quiet: it went down",
+    ("broker/sampling/sampler_main.py", "_answer", "UNREACHABLE"): "outage",
     ("workers/runner.py", "_take_lease", "UNREACHABLE"): "outage",
     ("workers/bookkeeping.py", "RidingQueue.dequeue_any", "UNREACHABLE"): "outage",
     ("workers/bookkeeping.py", "LeanBookkeeping.heartbeat", "UNREACHABLE"): "outage",
@@ -317,14 +325,14 @@ OUTAGE_SITES = {
         "UNREACHABLE",
     ): "outage",
     ("workers/bookkeeping.py", "LeanBookkeeping._when_room", "UNREACHABLE"): "outage",
-    ("workers/child.py", "child_main", "UNREACHABLE"): "outage",
-    ("workers/child.py", "_wait_for_redis", "UNREACHABLE"): "outage",
+    ("workers/worker_process.py", "child_main", "UNREACHABLE"): "outage",
+    ("workers/worker_process.py", "_wait_for_redis", "UNREACHABLE"): "outage",
     ("workers/delivery.py", "keep_lease", "redis.RedisError"): (
         "quiet: False, and `deliver` meets the outage itself"
     ),
     ("workers/delivery.py", "deliver", "UNREACHABLE"): "outage",
-    ("workers/heartbeat.py", "Heartbeat.beat", "UNREACHABLE"): "outage",
-    ("workers/heartbeat.py", "Heartbeat.stop", "UNREACHABLE"): "outage",
+    ("workers/pool_heartbeat.py", "Heartbeat.beat", "UNREACHABLE"): "outage",
+    ("workers/pool_heartbeat.py", "Heartbeat.stop", "UNREACHABLE"): "outage",
     ("workers/pool.py", "WorkerPool._scale", "UNREACHABLE"): "outage",
     ("workers/pool.py", "_forget_rq_worker", "UNREACHABLE"): "outage",
     ("workers/supervision.py", "LeaseThread._run", "UNREACHABLE"): "outage",
@@ -333,15 +341,21 @@ OUTAGE_SITES = {
 # Every time.sleep (or asyncio.sleep) of broker/ and workers/, and why it is not a retry of Redis
 # that wants the jittered backoff (`connection._pause` with `outages.backoff` is that).
 SLEEPS = {
-    ("broker/connection.py", "ping_or_raise"): "a start-up probe, 2 s in all by default",
-    ("broker/embedded.py", "EmbeddedRedis._locked"): "a file lock between local processes",
-    ("broker/embedded.py", "_wait_for"): "polls a server it starts or stops, up to a timeout",
-    ("broker/failpoints.py", "hit"): "the fault tests' stall",
+    ("broker/plumbing/connection.py", "ping_or_raise"): "a start-up probe, 2 s in all by default",
+    ("broker/plumbing/embedded.py", "EmbeddedRedis._locked"): "a file lock between local processes",
+    (
+        "broker/plumbing/embedded.py",
+        "_wait_for",
+    ): "polls a server it starts or stops, up to a timeout",
+    ("broker/plumbing/failpoints.py", "hit"): "the fault tests' stall",
     ("broker/examples/rosenbrock.py", "objective"): "the bundled objective's stand-in for work",
-    ("broker/cli_studies.py", "delete"): "a front door's poll of the broker's answer",
-    ("broker/cli_studies.py", "enqueue"): "a front door's poll of the broker's receipts",
-    ("broker/progress.py", "follow_study"): "`wait`'s poll of a study's status",
-    ("broker/journal.py", "JournalLock.acquire"): "a journal file's lock, held for a turn",
+    ("broker/cli/study_commands.py", "delete"): "a front door's poll of the broker's answer",
+    ("broker/cli/study_commands.py", "enqueue"): "a front door's poll of the broker's receipts",
+    ("broker/terminal/progress.py", "follow_study"): "`wait`'s poll of a study's status",
+    (
+        "broker/storage/journal_file.py",
+        "JournalLock.acquire",
+    ): "a journal file's lock, held for a turn",
     ("broker/optimizer.py", "Optimizer.spawn"): "flytekitplugins.optuna's `delay` option",
 }
 _REDIS_ERRORS = {"ConnectionError", "TimeoutError", "RedisError", "UNREACHABLE"}

@@ -233,7 +233,7 @@ def test_a_demo_whose_workers_die_stops_at_once(venv: Path, tmp_path: Path) -> N
                 int(line.split(":", 1)[0])
                 for line in _demo_processes(venv)
                 if " workers --import optuna_rq.examples.rosenbrock" in line
-                and "optuna_rq.cli" in line
+                and "optuna_rq.cli.app" in line
             ]
             return bool(pools)
 
@@ -393,7 +393,7 @@ def test_the_sdist_holds_every_file_of_the_clone_but_cis(build: Built) -> None:
 
 def test_the_console_script_points_into_the_package(wheel: zipfile.ZipFile) -> None:
     [entry_points] = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
-    assert "optuna-rq = optuna_rq.cli:main" in wheel.read(entry_points).decode()
+    assert "optuna-rq = optuna_rq.cli.app:main" in wheel.read(entry_points).decode()
 
 
 RELEASES_THE_README_NAMES = {("debian", "12"), ("ubuntu", "24.04")}

@@ -20,7 +20,8 @@ import pytest
 import redis
 from rq import Worker
 
-from optuna_rq.connection import DEFAULT_PREFIX, connect
+from optuna_rq.plumbing.connection import connect
+from optuna_rq.plumbing.locations import DEFAULT_PREFIX
 from optuna_rq.protocol import Keys, Signer, live_pools, trial_queue
 from tests.conftest import redis_server
 from tests.helpers import wait_until

@@ -23,7 +23,7 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq import suggest
-from optuna_rq.cli_output import json_text, render_trials, trial_row
+from optuna_rq.cli.output import json_text, render_trials, trial_row
 from optuna_rq.client import BrokerClient
 from optuna_rq.daemon import BrokerSettings, Daemon
 from optuna_rq.dispatch import Dispatcher, StudyRun
@@ -50,7 +50,7 @@ from optuna_rq.protocol import (
     seal_stored_spec,
 )
 from optuna_rq.protocol.trial_summary import SUMMARY_MAX_BYTES
-from optuna_rq.studies import open_storage, open_storage_to_read
+from optuna_rq.storage.storage_access import open_storage, open_storage_to_read
 from optuna_rq.workers.execute import trial_result
 from tests.worker_processes import cli, cli_env
 
@@ -455,7 +455,7 @@ TRIALS_SITES = {
     ("broker/protocol/trial_summary.py", "read_trial_summaries"): "reads: TrialSummary.opened",
     # `into` writes through it (sealed, noted); `reconcile` reads through it (`_published`)
     ("broker/dispatch/publication.py", "TrialPublication._key"): "names it",
-    ("broker/daemon/commands.py", "Commands.on_delete"): "deletes",
+    ("broker/daemon/command_handlers.py", "Commands.on_delete"): "deletes",
     ("broker/daemon/catch_up.py", "CatchUp._catch_up"): "counts (HLEN): believes nothing",
     ("broker/client.py", "BrokerClient.delete_driven"): "deletes (an Optimizer's)",
 }

@@ -520,7 +520,7 @@ def test_the_deployments_start_redis_with_a_user_per_role(
     mounted deploy/redis in its place, the embedded server for redis-server): each role logs in
     with its password (compose's from the environment, Kubernetes' from the Secret's files), a
     role given none is off, and nobody logs in without one."""
-    from optuna_rq.embedded import server_executable
+    from optuna_rq.plumbing.embedded import server_executable
 
     sock = tmp_path / "redis.sock"
     command = command.replace("/etc/optuna-rq/redis-acl", str(DEPLOY / "redis"))

@@ -15,9 +15,9 @@ from optuna.trial import TrialState
 
 from optuna_rq import Optimizer, suggest
 from optuna_rq.client import BrokerClient
-from optuna_rq.connection import connect, ping_or_raise
-from optuna_rq.embedded import server_executable
 from optuna_rq.errors import RedisUnavailableError
+from optuna_rq.plumbing.connection import connect, ping_or_raise
+from optuna_rq.plumbing.embedded import server_executable
 from tests.helpers import wait_until
 from tests.redis_acl import ADMIN, AclServer, acl_server
 from tests.redis_acl import PREFIX as ACL_PREFIX

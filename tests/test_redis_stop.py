@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from optuna_rq.embedded import EmbeddedRedis
-from optuna_rq.processes import exited
+from optuna_rq.plumbing.embedded import EmbeddedRedis
+from optuna_rq.plumbing.processes import exited
 from tests.conftest import redis_server
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env, stop_process

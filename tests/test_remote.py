@@ -12,7 +12,7 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq import ConfigError, Optimizer, suggest
-from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
+from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from tests import objectives
 from tests.helpers import wait_until
 

@@ -14,7 +14,7 @@ from optuna_rq.dispatch import Dispatcher, StudyRun
 from optuna_rq.errors import RemoteTrialError
 from optuna_rq.protocol import Keys, TrialRequest
 from optuna_rq.protocol.signing import Signer
-from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
+from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from optuna_rq.workers.remote_trial import RemoteTrial
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 
 from optuna_rq import Optimizer
-from optuna_rq.verdict import FAIL_ERROR_ATTR
+from optuna_rq.study.verdict import FAIL_ERROR_ATTR
 from tests import trial_objectives
 from tests.trial_objectives import RelativeSampler
 

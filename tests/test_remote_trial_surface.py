@@ -13,11 +13,11 @@ from optuna.trial import TrialState
 
 from optuna_rq import Optimizer
 from optuna_rq.client import BrokerClient
-from optuna_rq.connection import connect
 from optuna_rq.dispatch import ATTEMPT_ATTR, RETRY_OF_ATTR
 from optuna_rq.dispatch.views import INTERMEDIATE_VALUES_ATTR
+from optuna_rq.plumbing.connection import connect
 from optuna_rq.protocol import StudyState, StudyStatus
-from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
+from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)

@@ -17,7 +17,7 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from optuna_rq import Optimizer
-from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
+from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from tests import result_objectives
 from tests.result_objectives import MULTI, SINGLE, Returns
 

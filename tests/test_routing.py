@@ -13,8 +13,8 @@ import pytest
 import redis
 from optuna.trial import TrialState
 
-from optuna_rq.studies import default_storage_url, open_storage
-from optuna_rq.verdict import FAIL_REASON_ATTR
+from optuna_rq.storage.storage_access import default_storage_url, open_storage
+from optuna_rq.study.verdict import FAIL_REASON_ATTR
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env, live_workers, stop_process
 

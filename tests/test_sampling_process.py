@@ -17,8 +17,8 @@ from optuna.storages import JournalStorage
 from optuna.trial import TrialState
 
 from optuna_rq.sampling import SAMPLES_TO_DECIDE
-from optuna_rq.sampling.replica import JournalReader, ScratchStorage, ScratchWriteError
-from optuna_rq.studies import default_storage_url, open_storage
+from optuna_rq.sampling.journal_replica import JournalReader, ScratchStorage, ScratchWriteError
+from optuna_rq.storage.storage_access import default_storage_url, open_storage
 from tests import objectives
 from tests.helpers import wait_until
 from tests.worker_processes import start_broker, stop_process
@@ -162,7 +162,7 @@ def test_a_sampler_process_the_broker_stops_while_it_starts_ends_quietly(redis_u
     process finds the pipe closed when it says it is ready, and ends without a traceback."""
     script = (
         "import sys\n"
-        "from optuna_rq.sampling.process import SamplerProcess\n"
+        "from optuna_rq.sampling.sampler_process import SamplerProcess\n"
         "process = SamplerProcess(sys.argv[1], None, 'wake')\n"
         "process.start()\n"
         "process.stop()\n"  # at once: the child has not imported Optuna yet

@@ -29,8 +29,9 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq import Optimizer, suggest
-from optuna_rq.connection import connect, derived_pool, ping_or_raise, redact_url
 from optuna_rq.errors import ConfigError, RedisUnavailableError
+from optuna_rq.plumbing.connection import connect, derived_pool, ping_or_raise
+from optuna_rq.plumbing.locations import redact_url
 from optuna_rq.protocol import Keys
 from optuna_rq.sampling import SAMPLES_TO_DECIDE
 from tests.conftest import redis_server
@@ -289,15 +290,24 @@ _MAKES_A_CLIENT = re.compile(
 """What a call (or an alias of a constructor) that makes a Redis client, pool or connection
 looks like: redis-py's constructors and factories."""
 CLIENT_SITES = {
-    ("broker/connection.py", "_plain_client"): "redis.Redis.from_url: THE path, for connect",
-    ("broker/connection.py", "derived_pool"): "redis.ConnectionPool from a client connect made",
-    ("broker/connection.py", "_probe_client"): "redis.Redis on a derived_pool",
-    ("broker/sentinel.py", "<module>"): "typed aliases of Sentinel and its pool",
-    ("broker/sentinel.py", "sentinel_client"): "Sentinel.master_for, for connect",
-    ("broker/sentinel.py", "derived_sentinel_pool"): "a Sentinel pool, for derived_pool",
+    (
+        "broker/plumbing/connection.py",
+        "_plain_client",
+    ): "redis.Redis.from_url: THE path, for connect",
+    (
+        "broker/plumbing/connection.py",
+        "derived_pool",
+    ): "redis.ConnectionPool from a client connect made",
+    ("broker/plumbing/connection.py", "_probe_client"): "redis.Redis on a derived_pool",
+    ("broker/plumbing/sentinel.py", "<module>"): "typed aliases of Sentinel and its pool",
+    ("broker/plumbing/sentinel.py", "sentinel_client"): "Sentinel.master_for, for connect",
+    ("broker/plumbing/sentinel.py", "derived_sentinel_pool"): "a Sentinel pool, for derived_pool",
     ("broker/daemon/fence.py", "FencedRedis.__init__"): "on the pool `around` passes",
     ("broker/daemon/fence.py", "FencedRedis.around"): "cls(connection_pool=derived_pool(...))",
-    ("broker/outages.py", "_server"): "reads a pool's address to name its server: no client",
+    (
+        "broker/plumbing/outages.py",
+        "_server",
+    ): "reads a pool's address to name its server: no client",
 }
 """Every place in the package that makes a Redis client, a pool, or copies a pool's settings
 (`connection_kwargs`): each one `connect` or `derived_pool` (so a Sentinel URL, a password

@@ -241,7 +241,7 @@ def test_the_message_cap_is_configurable_and_checked(monkeypatch) -> None:
 
 
 def test_choosing_journal_redis_storage_warns_about_pickle(caplog) -> None:
-    from optuna_rq.studies import open_storage
+    from optuna_rq.storage.storage_access import open_storage
 
     with caplog.at_level("WARNING", logger="optuna_rq.broker"):
         try:

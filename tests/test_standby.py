@@ -28,8 +28,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from optuna_rq.journal import JournalLock
-from optuna_rq.processes import started_at, stopped
+from optuna_rq.plumbing.processes import started_at, stopped
+from optuna_rq.storage.journal_file import JournalLock
 from tests.conftest import redis_server
 from tests.faults.conftest import Cluster, RedisServer
 from tests.faults.test_broker_health import probe

@@ -22,13 +22,13 @@ from optuna.trial import TrialState
 
 from optuna_rq import Optimizer
 from optuna_rq.client import BrokerClient, queued_status
-from optuna_rq.connection import connect
-from optuna_rq.daemon.commands import Commands
+from optuna_rq.daemon.broker_settings import BrokerSettings
+from optuna_rq.daemon.command_handlers import Commands
 from optuna_rq.daemon.daemon import Daemon
-from optuna_rq.daemon.settings import BrokerSettings
 from optuna_rq.errors import StudyEndedError
+from optuna_rq.plumbing.connection import connect
 from optuna_rq.protocol import Change, Keys, Signer, StudySpec, StudyState, refuse_if_closed
-from optuna_rq.studies import default_storage_url, open_storage
+from optuna_rq.storage.storage_access import default_storage_url, open_storage
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env, start_broker, stop_process
 

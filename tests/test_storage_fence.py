@@ -9,9 +9,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from optuna_rq.daemon.storages import Storages
 from optuna_rq.errors import FenceLostError
-from optuna_rq.storage_policy import StoragePolicy
+from optuna_rq.storage.guarded_storages import Storages
+from optuna_rq.storage.storage_policy import StoragePolicy
 
 
 def test_a_write_through_storage_writes_nothing_once_the_fence_is_lost(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""The storages a broker opens are its operator's choice (`optuna_rq.storage_policy`): what each
-`--allow-storage` pattern matches, and what no pattern can make it open by accident."""
+"""The storages a broker opens are its operator's choice (`optuna_rq.storage.storage_policy`): what
+each `--allow-storage` pattern matches, and what no pattern can make it open by accident."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from optuna_rq.errors import ConfigError, StorageNotAllowedError
-from optuna_rq.storage_policy import StoragePolicy, canonical_storage
+from optuna_rq.storage.storage_policy import StoragePolicy, canonical_storage
 
 DEFAULT = "memory"
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
@@ -128,7 +128,7 @@ def test_patterns_that_would_not_mean_what_they_say_are_refused_at_start() -> No
 # -- every place the package opens a study storage ------------------------------------------
 
 OPENERS = {
-    "open_storage",  # optuna_rq.studies: the one that turns a URL into an Optuna storage
+    "open_storage",  # storage.storage_access: the one that turns a URL into an Optuna storage
     "_open_guarded",
     "read_back",
     "RDBStorage",
@@ -147,24 +147,24 @@ OPENERS = {
 
 SITES = {
     # The opener itself, and the broker's storages, which check the policy before it.
-    ("studies.py", "open_storage"): "the opener: its callers are listed here",
-    ("daemon/storages.py", "Storages.open"): "checks the policy, then opens (_open_guarded)",
-    ("daemon/storages.py", "_open_guarded"): "called by Storages.open alone, after the policy",
-    ("daemon/storages.py", "Storages.read_back"): "checks the policy, then opens",
+    ("storage/storage_access.py", "open_storage"): "the opener: its callers are listed here",
+    ("storage/guarded_storages.py", "Storages.open"): "checks the policy, then opens (_open_guarded)",
+    ("storage/guarded_storages.py", "_open_guarded"): "called by Storages.open alone, after the policy",
+    ("storage/guarded_storages.py", "Storages.read_back"): "checks the policy, then opens",
     # The daemon's sites: through its Storages (`storages.open`, `storages.read_back`) only.
     ("daemon/registry.py", "Registry._open"): "a study starting: storages.open",
     ("daemon/registry.py", "Registry.start"): "its definition checked first: storages.open",
     ("daemon/registry.py", "Registry._fail_orphans"): "a study that faulted: storages.open",
     ("daemon/registry.py", "Registry.storage_failed"): "its figures: storages.read_back",
-    ("daemon/commands.py", "Commands.on_delete"): "delete --purge: storages.open",
+    ("daemon/command_handlers.py", "Commands.on_delete"): "delete --purge: storages.open",
     # Not from the wire.
-    ("cli_serve.py", "broker"): "the broker's default storage: its operator's --storage",
-    ("sampling/child.py", "_study"): "the journal of a run the broker opened (run.journal)",
+    ("cli/serve_commands.py", "broker"): "the broker's default storage: its operator's --storage",
+    ("sampling/sampler_main.py", "_study"): "the journal of a run the broker opened (run.journal)",
     ("optimizer.py", "Optimizer.__post_init__"): "an in-memory study of the user's own",
     # The front door: only the storage its user names (`trials --storage URL`), never one a
     # status names; a file that does not exist is refused, not created (open_storage_to_read).
-    ("cli_studies.py", "_stored_trials"): "the --storage URL its user names",
-    ("studies.py", "open_storage_to_read"): "a reader's opener: creates nothing",
+    ("cli/study_commands.py", "_stored_trials"): "the --storage URL its user names",
+    ("storage/storage_access.py", "open_storage_to_read"): "a reader's opener: creates nothing",
     # Ended studies whose trials no broker published: through its Storages (`storages.open`).
     ("daemon/catch_up.py", "CatchUp._catch_up"): "an ended study's trials: storages.open",
 }
@@ -217,13 +217,13 @@ def test_every_site_that_opens_a_storage_is_known() -> None:
     )
     # The daemon opens storages through its Storages alone: never the opener directly.
     for (module, function), openers in sites.items():
-        if module.startswith("daemon/") and module != "daemon/storages.py":
+        if module.startswith("daemon/") and module != "storage/guarded_storages.py":
             assert openers & {"open_storage", "_open_guarded"} == set(), (module, function)
             assert openers & {"open", "read_back"}, (module, function)
 
 
 def test_the_daemons_storages_open_nothing_the_policy_refuses(tmp_path: Path) -> None:
-    from optuna_rq.daemon.storages import Storages
+    from optuna_rq.storage.guarded_storages import Storages
 
     default = f"journal:///{tmp_path}/studies.journal"
     storages = Storages(policy=StoragePolicy(default))
@@ -263,7 +263,7 @@ def test_trials_opens_no_storage_a_status_names_and_creates_none_it_is_given(
 ) -> None:
     import optuna
 
-    from optuna_rq.studies import open_storage
+    from optuna_rq.storage.storage_access import open_storage
 
     # A path or a server a status names (forged here) is never opened: `trials` reads what the
     # broker published, nothing is created or contacted. None is published: no rows.

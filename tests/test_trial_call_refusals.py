@@ -39,7 +39,7 @@ from optuna_rq.protocol import (
     generate_keyrings,
 )
 from optuna_rq.protocol.codec import pack
-from optuna_rq.verdict import FAIL_ERROR_ATTR
+from optuna_rq.study.verdict import FAIL_ERROR_ATTR
 from optuna_rq.workers.remote_trial import RemoteTrial
 from tests.helpers import wait_until
 

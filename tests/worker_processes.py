@@ -14,7 +14,7 @@ import pytest
 import redis
 from rq import Worker
 
-from optuna_rq.connection import connect
+from optuna_rq.plumbing.connection import connect
 from optuna_rq.protocol import Keys, Role, Signer, live_pools
 from tests.helpers import wait_until
 
@@ -33,7 +33,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def cli(*args: str) -> list[str]:
     """argv for `optuna-rq ARGS...` run by this interpreter."""
-    return [sys.executable, "-m", "optuna_rq.cli", *args]
+    return [sys.executable, "-m", "optuna_rq.cli.app", *args]
 
 
 def stop_process(process: subprocess.Popen[bytes], *, timeout_s: float = 30) -> int:

@@ -52,8 +52,8 @@ from rq.queue import Queue
 from rq.utils import now
 from rq.worker import WorkerStatus
 
-from optuna_rq.connection import is_full, wait_for_memory, wait_for_redis
-from optuna_rq.outages import UNREACHABLE, outage_of
+from optuna_rq.plumbing.connection import is_full, wait_for_memory, wait_for_redis
+from optuna_rq.plumbing.outages import UNREACHABLE, outage_of
 from optuna_rq.workers import context
 
 __all__ = ["HEARTBEAT_EVERY_S", "LeanBookkeeping", "RidingQueue"]

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import redis
 
 from optuna_rq.errors import ProtocolError
-from optuna_rq.outages import UNREACHABLE, outage_of
-from optuna_rq.processes import exited, stopped
+from optuna_rq.plumbing.outages import UNREACHABLE, outage_of
+from optuna_rq.plumbing.processes import exited, stopped
 from optuna_rq.protocol import (
     AttemptId,
     FailReason,

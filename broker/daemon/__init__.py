@@ -11,8 +11,8 @@ and the epoch guard), `inbox` (commands, each applied once: `ledger`), `fair_sha
 among studies), `status` (what the broker publishes), composed by `daemon.Daemon`.
 """
 
+from optuna_rq.daemon.broker_settings import BrokerSettings
 from optuna_rq.daemon.daemon import Daemon
 from optuna_rq.daemon.fair_share import fair_shares
-from optuna_rq.daemon.settings import BrokerSettings
 
 __all__ = ["BrokerSettings", "Daemon", "fair_shares"]

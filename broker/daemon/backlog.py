@@ -39,9 +39,9 @@ from typing import Any, Protocol
 
 import redis
 
-from optuna_rq import failpoints
 from optuna_rq.dispatch import count_refusal
 from optuna_rq.errors import ProtocolError
+from optuna_rq.plumbing import failpoints
 from optuna_rq.protocol import (
     RECEIPT_TTL_S,
     BulkReceipt,

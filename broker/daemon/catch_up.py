@@ -19,11 +19,11 @@ import optuna
 import redis
 
 from optuna_rq.client import BrokerClient
-from optuna_rq.daemon.storages import Storages
 from optuna_rq.dispatch.boundary import passes_through
 from optuna_rq.dispatch.publication import TrialPublication
 from optuna_rq.errors import ProtocolError, StudyStorageError
 from optuna_rq.protocol import Keys, StudySpec
+from optuna_rq.storage.guarded_storages import Storages
 
 __all__ = ["CatchUp"]
 

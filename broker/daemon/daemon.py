@@ -23,22 +23,21 @@ import redis
 from redis.exceptions import OutOfMemoryError, ReadOnlyError
 
 from optuna_rq.client import BrokerClient
-from optuna_rq.connection import check_memory_policy, wait_for_redis
 from optuna_rq.daemon.backlog import Backlog
+from optuna_rq.daemon.broker_health import BrokerHealth
+from optuna_rq.daemon.broker_metrics import BrokerMetrics
+from optuna_rq.daemon.broker_settings import BrokerSettings
 from optuna_rq.daemon.catch_up import CatchUp
-from optuna_rq.daemon.commands import Commands
-from optuna_rq.daemon.continuity import not_resumable
+from optuna_rq.daemon.command_handlers import Commands
 from optuna_rq.daemon.enqueue import EnqueueSets
 from optuna_rq.daemon.fair_share import FairShare
 from optuna_rq.daemon.inbox import CommandInbox
 from optuna_rq.daemon.ledger import CommandLedger
 from optuna_rq.daemon.lock import BrokerLock, EpochGuard
 from optuna_rq.daemon.registry import Registry
-from optuna_rq.daemon.settings import BrokerSettings
 from optuna_rq.daemon.standby import Standby
-from optuna_rq.daemon.status import StatusPublisher
+from optuna_rq.daemon.status_publisher import StatusPublisher
 from optuna_rq.daemon.stopping import StopConditions
-from optuna_rq.daemon.storages import Storages
 from optuna_rq.dispatch import Dispatcher, OffLoopSampling
 from optuna_rq.dispatch.boundary import Site
 from optuna_rq.dispatch.publication import TrialPublication
@@ -48,12 +47,13 @@ from optuna_rq.errors import (
     RedisDataLostError,
     StudyStorageError,
 )
-from optuna_rq.health import BrokerHealth
-from optuna_rq.metrics import BrokerMetrics
-from optuna_rq.outages import UNREACHABLE, outage_of
+from optuna_rq.plumbing.connection import check_memory_policy, wait_for_redis
+from optuna_rq.plumbing.outages import UNREACHABLE, outage_of
 from optuna_rq.protocol import Enqueue, Keys, Signer, StudySpec
 from optuna_rq.protocol.liveness import TurnBeacon, read_liveness, where
-from optuna_rq.storage_policy import StoragePolicy
+from optuna_rq.storage.continuity import not_resumable
+from optuna_rq.storage.guarded_storages import Storages
+from optuna_rq.storage.storage_policy import StoragePolicy
 
 __all__ = ["Daemon"]
 

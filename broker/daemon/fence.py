@@ -46,9 +46,9 @@ import redis
 from redis.client import EMPTY_RESPONSE, NEVER_DECODE, Pipeline
 from redis.exceptions import NoScriptError, ResponseError, WatchError
 
-from optuna_rq.connection import derived_pool
-from optuna_rq.daemon.redis_commands import CommandKind, CommandTable, text, words_of
+from optuna_rq.daemon.write_commands import CommandKind, CommandTable, text, words_of
 from optuna_rq.errors import FenceError, FenceLostError, RedisDataLostError
+from optuna_rq.plumbing.connection import derived_pool
 
 __all__ = [
     "ACQUIRE_SCRIPT",

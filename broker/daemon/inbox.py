@@ -25,11 +25,11 @@ from typing import Protocol
 
 import redis
 
-from optuna_rq import failpoints
 from optuna_rq.daemon.backlog import Backlog
 from optuna_rq.daemon.ledger import CommandLedger
 from optuna_rq.dispatch import count_refusal
 from optuna_rq.errors import ProtocolError
+from optuna_rq.plumbing import failpoints
 from optuna_rq.protocol import (
     Cancel,
     Command,

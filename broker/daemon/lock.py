@@ -25,7 +25,7 @@ import redis
 
 from optuna_rq.daemon.fence import Fence, FencedRedis, data_lost_error
 from optuna_rq.errors import BrokerAlreadyRunningError, FenceLostError, RedisDataLostError
-from optuna_rq.processes import exited
+from optuna_rq.plumbing.processes import exited
 from optuna_rq.protocol import Keys
 
 __all__ = ["BrokerLock", "EpochGuard"]

@@ -28,7 +28,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from optuna_rq.trials import frozen_trial
+from optuna_rq.study.optuna_trials import frozen_trial
 
 __all__ = ["RTOL", "ParamSetIndex", "repeats"]
 

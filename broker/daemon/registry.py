@@ -10,8 +10,8 @@ What the registry keeps in `<prefix>:studies` is its own: each spec sealed by th
 to its study's name (`seal_stored_spec`). A stored spec that does not open (unsigned, forged,
 copied under another name) is refused wherever it is read back, counted in `<prefix>:refused`
 (`spec`) and logged: the broker never starts, cancels or purges a study on its word. A study whose
-storage the broker's operator does not allow (`optuna_rq.storage_policy`) is refused at submit
-and at re-attach: it ends FAILED with the reason, counted (`storage`), and nothing is opened.
+storage the broker's operator does not allow (`optuna_rq.storage.storage_policy`) is refused at
+submit and at re-attach: it ends FAILED with the reason, counted (`storage`), and nothing is opened.
 """
 
 from __future__ import annotations
@@ -24,12 +24,9 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq.client import BrokerClient
-from optuna_rq.daemon.continuity import missing_study, moved_default
-from optuna_rq.daemon.definitions import definition_conflict, record_definition
-from optuna_rq.daemon.settings import BrokerSettings
-from optuna_rq.daemon.status import StatusPublisher
+from optuna_rq.daemon.broker_settings import BrokerSettings
+from optuna_rq.daemon.status_publisher import StatusPublisher
 from optuna_rq.daemon.stopping import StopConditions
-from optuna_rq.daemon.storages import Storages
 from optuna_rq.dispatch import Dispatcher, StudyRun, count_refusal
 from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
 from optuna_rq.errors import ConfigError, ProtocolError, StudyConflictError, StudyStorageError
@@ -45,8 +42,12 @@ from optuna_rq.protocol import (
     refuse_if_closed,
     seal_stored_spec,
 )
-from optuna_rq.studies import journal_path, make_pruner, make_sampler
-from optuna_rq.verdict import Verdict, fail_orphans
+from optuna_rq.storage.continuity import missing_study, moved_default
+from optuna_rq.storage.guarded_storages import Storages
+from optuna_rq.storage.storage_access import journal_path
+from optuna_rq.storage.stored_definitions import definition_conflict, record_definition
+from optuna_rq.study.algorithms import make_pruner, make_sampler
+from optuna_rq.study.verdict import Verdict, fail_orphans
 
 __all__ = ["Registry"]
 

@@ -17,8 +17,8 @@ Not a study's fault, and passed through to the loop (`passes_through`):
 Everything else, a bug in our code or in Optuna, a storage that rejects a value, a sampler that
 raises, fails the one study at once: retrying a deterministic error only spends the budget.
 
-Every site is a failpoint (`<site>@<study>`, `optuna_rq.failpoints`), so the fault tests raise at
-each of them, and a new site is one they cover by its existence.
+Every site is a failpoint (`<site>@<study>`, `optuna_rq.plumbing.failpoints`), so the fault tests
+raise at each of them, and a new site is one they cover by its existence.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import redis
 
-from optuna_rq import failpoints
 from optuna_rq.errors import BrokerAlreadyRunningError, RedisDataLostError, StudyStorageError
+from optuna_rq.plumbing import failpoints
 
 __all__ = ["FaultBoundary", "Site", "StudyFault", "passes_through"]
 

@@ -51,7 +51,7 @@ from optuna_rq.protocol import (
     TrialCall,
     TrialCallReply,
 )
-from optuna_rq.trials import set_trial_system_attr
+from optuna_rq.study.optuna_trials import set_trial_system_attr
 
 __all__ = ["CallServer"]
 

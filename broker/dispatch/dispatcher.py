@@ -33,8 +33,6 @@ import redis
 from optuna.trial import TrialState
 from redis.exceptions import OutOfMemoryError
 
-from optuna_rq import failpoints
-from optuna_rq.connection import wait_for_redis
 from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
 from optuna_rq.dispatch.calls import CallServer
 from optuna_rq.dispatch.observer import DispatchObserver
@@ -45,6 +43,8 @@ from optuna_rq.dispatch.retries import Retries
 from optuna_rq.dispatch.runs import InFlight, Phase, StudyRun
 from optuna_rq.dispatch.sending import TrialSender
 from optuna_rq.errors import ConfigError, StudyStorageError
+from optuna_rq.plumbing import failpoints
+from optuna_rq.plumbing.connection import wait_for_redis
 from optuna_rq.protocol import (
     CALL_FIELD,
     DEFAULT_LEASE_TTL_S,
@@ -53,9 +53,9 @@ from optuna_rq.protocol import (
     Keys,
     Signer,
 )
-from optuna_rq.sampling.messages import Sampled, SampleFailed
-from optuna_rq.trials import create_running_trial
-from optuna_rq.verdict import Verdict, fail_orphans, tell, worker_lost
+from optuna_rq.sampling.sampler_messages import Sampled, SampleFailed
+from optuna_rq.study.optuna_trials import create_running_trial
+from optuna_rq.study.verdict import Verdict, fail_orphans, tell, worker_lost
 
 __all__ = ["ASK_BUDGET_S", "Dispatcher"]
 
@@ -139,7 +139,8 @@ class Dispatcher:
         """Called with the run and the trial number after every tell (Optimizer callbacks)."""
         self.on_turn: Callable[[], None] | None = None
         """Called once per turn of `run_until_done` (a remote Optimizer's status and liveness:
-        `optuna_rq.driven`); a turn waits on the result stream at most its `poll_s`."""
+        `optuna_rq.optimizer_run.run_status`); a turn waits on the result stream at most its
+        `poll_s`."""
         self.retries = Retries(
             connection,
             keys=self.keys,

@@ -27,9 +27,9 @@ from optuna.trial import TrialState
 
 from optuna_rq.dispatch.runs import StudyRun
 from optuna_rq.sampling import OFF_LOOP_AT_S, SAMPLES_TO_DECIDE
-from optuna_rq.sampling.messages import Sampled, SampleFailed, SampleRequest
-from optuna_rq.sampling.process import SamplerProcess
-from optuna_rq.space import Suggestion
+from optuna_rq.sampling.sampler_messages import Sampled, SampleFailed, SampleRequest
+from optuna_rq.sampling.sampler_process import SamplerProcess
+from optuna_rq.space.declarations import Suggestion
 
 __all__ = ["OffLoopSampling"]
 

@@ -36,8 +36,8 @@ from optuna_rq.protocol import (
     error_headline,
 )
 from optuna_rq.protocol.trial_summary import SUMMARY_MAX_BYTES
-from optuna_rq.trials import frozen_trial
-from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
+from optuna_rq.study.optuna_trials import frozen_trial
+from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 
 __all__ = ["HSET_FIELDS", "TrialPublication", "summary_of"]
 

@@ -34,7 +34,7 @@ from optuna_rq.protocol import (
     Signer,
     TrialResult,
 )
-from optuna_rq.verdict import Verdict
+from optuna_rq.study.verdict import Verdict
 
 __all__ = ["ResultStream", "Tokened", "arrival_s", "issued", "unissued", "verdict_of"]
 

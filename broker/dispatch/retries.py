@@ -20,8 +20,8 @@ from optuna_rq.dispatch.boundary import FaultBoundary, Site
 from optuna_rq.dispatch.leases import LeaseWatch, Watched
 from optuna_rq.dispatch.runs import ATTEMPT_ATTR, RETRY_OF_ATTR, InFlight, Phase, StudyRun
 from optuna_rq.protocol import Keys
-from optuna_rq.trials import create_running_trial, frozen_trial
-from optuna_rq.verdict import Verdict, worker_lost
+from optuna_rq.study.optuna_trials import create_running_trial, frozen_trial
+from optuna_rq.study.verdict import Verdict, worker_lost
 
 __all__ = ["Retries", "plan_retry"]
 

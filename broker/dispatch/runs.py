@@ -28,9 +28,9 @@ from optuna_rq.protocol import (
     new_incarnation,
     parse_objective_path,
 )
-from optuna_rq.space import Suggestion
-from optuna_rq.trials import live_trial
-from optuna_rq.verdict import Verdict, tell, worker_lost
+from optuna_rq.space.declarations import Suggestion
+from optuna_rq.study.optuna_trials import live_trial
+from optuna_rq.study.verdict import Verdict, tell, worker_lost
 
 __all__ = [
     "ATTEMPT_ATTR",

@@ -28,7 +28,7 @@ from optuna_rq.protocol import (
     TrialRequest,
     trial_queue,
 )
-from optuna_rq.space import process
+from optuna_rq.space.declarations import process
 
 __all__ = ["FINISHED_JOB_TTL_S", "FAILED_JOB_TTL_S", "TrialSender"]
 

@@ -1,7 +1,7 @@
 """What a study's status says of its trials: counts by outcome and failures by reason, the
 budget's count, the last error, the best trial or Pareto front (the `StudyStatus` fields read
 from the study). One reading for every publisher: the broker's (`daemon.status`) and a remote
-Optimizer's (`optuna_rq.driven`).
+Optimizer's (`optuna_rq.optimizer_run.run_status`).
 
 Reading them walks the study's whole history (36 ms at 10,000 trials): publishers bound how
 often they do it.
@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from optuna_rq.dispatch.runs import RETRY_OF_ATTR
 from optuna_rq.protocol import error_headline
-from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
+from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 
 __all__ = ["LAST_ERROR_CHARS", "study_summary"]
 

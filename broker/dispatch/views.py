@@ -16,7 +16,7 @@ import optuna
 from optuna.distributions import distribution_to_json
 from optuna.trial import FrozenTrial, TrialState
 
-from optuna_rq.trials import frozen_trial, set_trial_user_attr, study_system_attrs
+from optuna_rq.study.optuna_trials import frozen_trial, set_trial_user_attr, study_system_attrs
 
 __all__ = [
     "INTERMEDIATE_VALUES_ATTR",

@@ -3,7 +3,7 @@
 Each set is declared once, here. The members are str-valued, so the wire carries the same strings
 the command line takes (`--sampler tpe`, `"sampler": "tpe"` in a `StudySpec`); the CLI offers them
 as its choices (its `--help` and shell completion list them), the spec decodes into them, and the
-broker builds its sampler and pruner from them (`optuna_rq.studies`).
+broker builds its sampler and pruner from them (`optuna_rq.storage.storage_access`).
 """
 
 from __future__ import annotations

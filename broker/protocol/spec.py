@@ -43,7 +43,7 @@ from optuna_rq.protocol.schema import (
     wire,
 )
 from optuna_rq.protocol.signing import Record, Signer
-from optuna_rq.spacefile import space_from_data
+from optuna_rq.space.space_files import space_from_data
 
 __all__ = [
     "DEFINITION",

@@ -32,8 +32,8 @@ from optuna.trial import FrozenTrial, TrialState
 from rq import Worker
 
 from optuna_rq.client import BrokerClient
-from optuna_rq.connection import connect
-from optuna_rq.failpoints import ENV_FAILPOINTS
+from optuna_rq.plumbing.connection import connect
+from optuna_rq.plumbing.failpoints import ENV_FAILPOINTS
 from optuna_rq.protocol import Role, Signer
 from tests.conftest import redis_server
 from tests.helpers import wait_until

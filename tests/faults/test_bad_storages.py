@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from optuna_rq.client import BrokerClient
-from optuna_rq.embedded import server_executable
+from optuna_rq.plumbing.embedded import server_executable
 from optuna_rq.protocol import Signer, StudySpec
 from tests.faults.conftest import Cluster
 from tests.helpers import wait_until

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from optuna_rq.health import BrokerHealth
+from optuna_rq.daemon.broker_health import BrokerHealth
 from tests.faults.conftest import Cluster, RedisServer
 from tests.helpers import wait_until
 from tests.test_metrics import free_port

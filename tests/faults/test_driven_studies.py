@@ -32,7 +32,7 @@ from optuna_rq import ConfigError, Optimizer, suggest
 from optuna_rq.dispatch import ATTEMPT_ATTR
 from optuna_rq.errors import StudyConflictError
 from optuna_rq.protocol import ENV_KEY, Keys, Role, generate_keyrings, trial_queue
-from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
+from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from tests.faults.conftest import Cluster, OptimizerRun, wait_calls
 from tests.helpers import wait_until
 from tests.worker_processes import PROJECT_ROOT, cli, cli_env

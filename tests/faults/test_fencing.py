@@ -13,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 from rq import Worker
 
-from optuna_rq.connection import connect
+from optuna_rq.plumbing.connection import connect
 from optuna_rq.protocol import Keys, trial_queue
 from tests.faults.conftest import LEASE_TTL_S, Cluster
 from tests.faults.fencing import DualRedis, Monitor, WriteFlags, broker_writes, lock_keys

@@ -16,11 +16,11 @@ import redis
 from optuna.trial import TrialState
 from rq.job import Job
 
-from optuna_rq.connection import connect
 from optuna_rq.daemon.lock import BrokerLock
+from optuna_rq.plumbing.connection import connect
 from optuna_rq.protocol import RUN_TRIAL, Keys, trial_queue
 from optuna_rq.protocol.queue import MsgpackSerializer
-from optuna_rq.verdict import FAIL_REASON_ATTR
+from optuna_rq.study.verdict import FAIL_REASON_ATTR
 from optuna_rq.workers.rq_worker import TrialWorker
 from tests.faults.conftest import (
     BOTH_ISOLATIONS,
@@ -155,7 +155,7 @@ NEEDED: dict[str, Callable[[TrialWorker, Job, Any], object]] = {
 def test_a_worker_waits_out_a_full_redis_for_the_writes_a_trial_needs(
     aof_redis: RedisServer, caplog: pytest.LogCaptureFixture, write: str
 ) -> None:
-    caplog.set_level(logging.INFO, logger="optuna_rq.connection")
+    caplog.set_level(logging.INFO, logger="optuna_rq.plumbing.connection")
     conn = connect(aof_redis.url)
     worker, leaving = _worker(conn, "w"), _worker(conn, "leaving")
     worker.register_birth()

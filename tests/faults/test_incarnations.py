@@ -18,10 +18,10 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq.client import BrokerClient
-from optuna_rq.embedded import server_executable
+from optuna_rq.plumbing.embedded import server_executable
 from optuna_rq.protocol import CALL_FIELD, AttemptId, Delete, Keys, StudySpec
-from optuna_rq.studies import open_storage
-from optuna_rq.verdict import FAIL_REASON_ATTR
+from optuna_rq.storage.storage_access import open_storage
+from optuna_rq.study.verdict import FAIL_REASON_ATTR
 from tests.faults.conftest import Cluster, kill_tree, wait_calls
 from tests.helpers import wait_until
 

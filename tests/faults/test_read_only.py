@@ -10,7 +10,7 @@ import threading
 import pytest
 import redis
 
-from optuna_rq.connection import connect, wait_for_redis
+from optuna_rq.plumbing.connection import connect, wait_for_redis
 from tests.faults.conftest import RedisServer
 from tests.helpers import wait_until
 

@@ -17,9 +17,9 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from optuna_rq.connection import connect
 from optuna_rq.dispatch import RETRY_OF_ATTR
-from optuna_rq.verdict import FAIL_REASON_ATTR
+from optuna_rq.plumbing.connection import connect
+from optuna_rq.study.verdict import FAIL_REASON_ATTR
 from tests.faults.conftest import LEASE_TTL_S, Cluster, RedisServer, start_optimizer
 from tests.faults.fencing import DualRedis, Monitor, WriteFlags, broker_writes, lock_keys
 from tests.faults.fencing import dual_redis as dual_redis  # the fixture

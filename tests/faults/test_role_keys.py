@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from optuna_rq import Optimizer, suggest
 from optuna_rq.protocol import ENV_KEY, Keys, Record, Role, StudySpec, Submit, generate_keyrings
 from optuna_rq.protocol.signing import _signed_bytes
-from optuna_rq.verdict import FAIL_REASON_ATTR
+from optuna_rq.study.verdict import FAIL_REASON_ATTR
 from tests.faults.conftest import Cluster
 from tests.helpers import wait_until
 

@@ -16,9 +16,9 @@ from optuna.trial import TrialState
 from rq import Worker
 
 from optuna_rq.dispatch import RETRY_OF_ATTR
-from optuna_rq.failpoints import ENV_FAILPOINTS
+from optuna_rq.plumbing.failpoints import ENV_FAILPOINTS
 from optuna_rq.protocol import Keys, trial_queue
-from optuna_rq.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
+from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from tests.faults.conftest import BOTH_ISOLATIONS, LEASE_TTL_S, Cluster, wait_calls
 from tests.helpers import wait_until
 from tests.terminal_pool import STACK_DUMP, TerminalPool
@@ -111,7 +111,7 @@ def test_a_worker_stuck_after_a_warm_stop_has_its_stacks_logged_and_is_killed(
     assert time.monotonic() - stopped >= 1.0
     text = log.read_text()
     assert "runs no trial and is still up 1s after it was told to stop: stuck" in text, text
-    assert "failpoints.py" in text and "in hit" in text, text  # where it hung, from its stacks
+    assert "plumbing/failpoints.py" in text and "in hit" in text, text  # where it hung, from its stacks
     assert "all workers stopped" in text, text
 
 

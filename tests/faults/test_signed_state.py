@@ -33,7 +33,7 @@ from optuna_rq.protocol import (
     generate_keyrings,
 )
 from optuna_rq.protocol.signing import _signed_bytes
-from optuna_rq.verdict import FAIL_REASON_ATTR
+from optuna_rq.study.verdict import FAIL_REASON_ATTR
 from tests.faults.conftest import Cluster, wait_calls
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env

@@ -1,0 +1,1 @@
+"""The `optuna-rq` command: its app, options, checks and the commands it serves."""

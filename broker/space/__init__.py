@@ -1,0 +1,1 @@
+"""Search spaces: the flytekitplugins.optuna declarations and `process()`, and space files."""

@@ -1,0 +1,1 @@
+"""How studies read on a terminal: progress bars and status lines, for the CLI and the Optimizer."""
