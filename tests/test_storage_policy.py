@@ -148,8 +148,8 @@ OPENERS = {
 SITES = {
     # The opener itself, and the broker's storages, which check the policy before it.
     ("storage/storage_access.py", "open_storage"): "the opener: its callers are listed here",
-    ("storage/guarded_storages.py", "Storages.open"): "checks the policy, then opens (_open_guarded)",
-    ("storage/guarded_storages.py", "_open_guarded"): "called by Storages.open alone, after the policy",
+    ("storage/guarded_storages.py", "Storages.open"): "checks the policy, opens (_open_guarded)",
+    ("storage/guarded_storages.py", "_open_guarded"): "only from Storages.open, past the policy",
     ("storage/guarded_storages.py", "Storages.read_back"): "checks the policy, then opens",
     # The daemon's sites: through its Storages (`storages.open`, `storages.read_back`) only.
     ("daemon/registry.py", "Registry._open"): "a study starting: storages.open",

@@ -111,7 +111,8 @@ def test_a_worker_stuck_after_a_warm_stop_has_its_stacks_logged_and_is_killed(
     assert time.monotonic() - stopped >= 1.0
     text = log.read_text()
     assert "runs no trial and is still up 1s after it was told to stop: stuck" in text, text
-    assert "plumbing/failpoints.py" in text and "in hit" in text, text  # where it hung, from its stacks
+    # Where it hung, from its stacks:
+    assert "plumbing/failpoints.py" in text and "in hit" in text, text
     assert "all workers stopped" in text, text
 
 
