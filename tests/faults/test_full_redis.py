@@ -207,9 +207,13 @@ def test_a_pools_parent_holds_the_result_it_reports_and_keeps_the_other_leases(
     workers_log = tmp_path / "workers.log"
     cluster.start_workers(3, log=workers_log)
     broker = cluster.start_broker()
-    steady = cluster.submit("steady", n_trials=4, concurrency=2, hold_s=4 * LEASE_TTL_S)
+    # Held long enough to be running still when the spell is checked, however late the stuck
+    # one starts on a loaded machine.
+    steady = cluster.submit("steady", n_trials=4, concurrency=2, hold_s=8 * LEASE_TTL_S)
     wait_calls(cluster, 2)
-    stuck = cluster.submit("stuck_in_c", n_trials=1, concurrency=1, extra=("--trial-timeout", "1"))
+    # Its timeout leaves the fill below time to end first, on a loaded machine too: filled after
+    # the kill, the parent's report would go through at once and nothing would be held.
+    stuck = cluster.submit("stuck_in_c", n_trials=1, concurrency=1, extra=("--trial-timeout", "4"))
     wait_calls(cluster, 3)
 
     # When Redis is full as the pool's parent kills the stuck one and reports it (its `timeout`
