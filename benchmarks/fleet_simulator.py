@@ -49,7 +49,8 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 
 from optuna_rq.errors import ObjectiveLoadError, ObjectiveRefusedError, ProtocolError
-from optuna_rq.plumbing.connection import connect, wait_for_redis
+from optuna_rq.plumbing.connection import connect
+from optuna_rq.plumbing.redis_waits import wait_for_redis
 from optuna_rq.protocol import (
     DEFAULT_LEASE_TTL_S,
     RESULT_FIELD,

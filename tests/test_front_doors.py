@@ -103,7 +103,7 @@ commands themselves (cli/), the client and the progress display."""
 
 MAKES_STATE = {
     "state",  # GlobalOptions.state(): the state directory, created
-    "state_dir",  # the same, by connection.state_dir
+    "state_dir",  # the same, by locations.state_dir
     "resolve_redis_url",  # starts the embedded redis-server when there is no URL
     "ensure_embedded",
     "connect_redis",  # resolve_redis_url's caller

@@ -32,7 +32,7 @@ them.
 A Redis that cannot be reached is ridden out the same way, in place of RQ's own retry loop (which
 logs an ERROR at every retry and waits without jitter) and its work loop (which quits on a
 timeout, with a traceback): the dequeue (`RidingQueue`), the suspension check and the writes
-above wait for Redis with the shared jittered backoff (`connection.wait_for_redis`), the skipped
+above wait for Redis with the shared jittered backoff (`redis_waits.wait_for_redis`), the skipped
 ones are only counted, and all of it is said through the process's `Outage`: one line when
 Redis goes away, one when it is back. A worker told to stop while it waits stops
 (`StopRequested`), and leaves its registration to expire.
@@ -52,8 +52,8 @@ from rq.queue import Queue
 from rq.utils import now
 from rq.worker import WorkerStatus
 
-from optuna_rq.plumbing.connection import is_full, wait_for_memory, wait_for_redis
 from optuna_rq.plumbing.outages import UNREACHABLE, outage_of
+from optuna_rq.plumbing.redis_waits import is_full, wait_for_memory, wait_for_redis
 from optuna_rq.workers import context
 
 __all__ = ["HEARTBEAT_EVERY_S", "LeanBookkeeping", "RidingQueue"]

@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import redis
 
-from optuna_rq.plumbing.connection import is_full, wait_for_memory, wait_for_redis
 from optuna_rq.plumbing.outages import UNREACHABLE, outage_of
+from optuna_rq.plumbing.redis_waits import is_full, wait_for_memory, wait_for_redis
 from optuna_rq.protocol import RESULT_FIELD
 
 __all__ = ["deliver", "keep_lease"]

@@ -20,8 +20,8 @@ from typing import Any
 import redis
 
 from optuna_rq.errors import ProtocolError
-from optuna_rq.plumbing.connection import is_full, wait_for_memory, wait_for_redis
 from optuna_rq.plumbing.outages import UNREACHABLE, outage_of
+from optuna_rq.plumbing.redis_waits import is_full, wait_for_memory, wait_for_redis
 from optuna_rq.protocol import (
     FailReason,
     Keys,

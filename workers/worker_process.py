@@ -19,8 +19,9 @@ import sys
 import redis
 
 from optuna_rq.plumbing import failpoints
-from optuna_rq.plumbing.connection import connect, wait_for_redis
+from optuna_rq.plumbing.connection import connect
 from optuna_rq.plumbing.outages import UNREACHABLE, outage_of
+from optuna_rq.plumbing.redis_waits import wait_for_redis
 from optuna_rq.workers import context, loader
 from optuna_rq.workers.gpus import VISIBLE_DEVICES
 from optuna_rq.workers.pool_settings import WorkerSettings
