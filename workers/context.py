@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass, field
 
 from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, Signer
-from optuna_rq.workers.supervision import ChildChannel
+from optuna_rq.workers.child_messages import ChildChannel
 from optuna_rq.workers.worker_metrics import WorkerMetrics
 
 __all__ = ["WorkerContext", "current", "install"]

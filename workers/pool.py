@@ -49,10 +49,11 @@ from optuna_rq.plumbing.outages import UNREACHABLE, outage_of
 from optuna_rq.protocol import Keys, MsgpackSerializer
 from optuna_rq.workers import loader
 from optuna_rq.workers.autoscale import Autoscaler
+from optuna_rq.workers.child_messages import ChildMessage, Retiring
 from optuna_rq.workers.pool_health import PoolLiveness
 from optuna_rq.workers.pool_heartbeat import Heartbeat
 from optuna_rq.workers.pool_settings import STUCK_AFTER_S, WorkerSettings
-from optuna_rq.workers.supervision import ChildMessage, Retiring, Supervisor
+from optuna_rq.workers.supervision import Supervisor
 from optuna_rq.workers.worker_process import DUMP_SIGNAL, child_main, put_on_path
 
 __all__ = ["STUCK_AFTER_S", "WorkerPool", "WorkerSettings"]

@@ -23,10 +23,11 @@ from optuna_rq.plumbing.connection import connect
 from optuna_rq.plumbing.outages import UNREACHABLE, outage_of
 from optuna_rq.plumbing.redis_waits import wait_for_redis
 from optuna_rq.workers import context, loader
+from optuna_rq.workers.child_messages import ChildChannel
 from optuna_rq.workers.gpus import VISIBLE_DEVICES
 from optuna_rq.workers.pool_settings import WorkerSettings
 from optuna_rq.workers.rq_worker import new_worker
-from optuna_rq.workers.supervision import ChildChannel, die_with_parent
+from optuna_rq.workers.supervision import die_with_parent
 from optuna_rq.workers.worker_metrics import WorkerMetrics
 
 __all__ = ["DUMP_SIGNAL", "child_main", "put_on_path"]
