@@ -335,7 +335,7 @@ OUTAGE_SITES = {
     ("workers/pool_heartbeat.py", "Heartbeat.beat", "UNREACHABLE"): "outage",
     ("workers/pool_heartbeat.py", "Heartbeat.stop", "UNREACHABLE"): "outage",
     ("workers/pool.py", "WorkerPool._scale", "UNREACHABLE"): "outage",
-    ("workers/pool.py", "_forget_rq_worker", "UNREACHABLE"): "outage",
+    ("workers/pool_children.py", "forget_rq_worker", "UNREACHABLE"): "outage",
     ("workers/supervision.py", "LeaseThread._run", "UNREACHABLE"): "outage",
     ("workers/supervision.py", "Supervisor._renew", "UNREACHABLE"): "outage",
 }
