@@ -9,10 +9,10 @@ heartbeat (`workers.pool_heartbeat`), and with `--autoscale` grows and shrinks t
 (`workers.autoscale`).
 
 The parent imports the served modules first, so a typo stops the command at once, then keeps N
-children alive (`workers.worker_process`, each spawned with the pool's `WorkerSettings`), and supervises
-their trials (`workers.supervision`): it renews their leases, kills a trial past its timeout, and
-reports the trial of a process that died. A child that dies is restarted, with a growing backoff
-if it keeps dying (Redis down, say), so nothing spins.
+children alive (`workers.worker_process`, each spawned with the pool's `WorkerSettings`), and
+supervises their trials (`workers.supervision`): it renews their leases, kills a trial past its
+timeout, and reports the trial of a process that died. A child that dies is restarted, with a
+growing backoff if it keeps dying (Redis down, say), so nothing spins.
 
 With `--max-trials-per-child N` (Celery's --max-tasks-per-child), a child leaves after its Nth
 trial and is replaced at once by a fresh process, which imports the objectives again: how an
