@@ -1,8 +1,8 @@
 """RQ's per-job bookkeeping, with the round trips a trial does not need taken out.
 
 A plain RQ worker makes about 20 Redis round trips per job; on a fast objective they are most
-of a trial's cost (benchmarks/profile_worker.py: redis-py and its sockets are 85% of a worker's
-time on a no-op trial). Most are bookkeeping that repeats itself between two jobs:
+of a trial's cost (benchmarks/profile_worker.py profiles a worker on a no-op trial). Most are
+bookkeeping that repeats itself between two jobs:
 
 - `heartbeat()` sends HSET + EXPIRE + EXPIRE as three round trips, and the work loop calls it
   three times per job (after the job, before and after dequeueing). Here it is one pipeline, and
@@ -33,7 +33,7 @@ A Redis that cannot be reached is ridden out the same way, in place of RQ's own 
 logs an ERROR at every retry and waits without jitter) and its work loop (which quits on a
 timeout, with a traceback): the dequeue (`RidingQueue`), the suspension check and the writes
 above wait for Redis with the shared jittered backoff (`redis_waits.wait_for_redis`), the skipped
-ones are only counted, and all of it is said through the process's `Outage`: one line when
+ones are only counted, and all of it is logged through the process's `Outage`: one line when
 Redis goes away, one when it is back. A worker told to stop while it waits stops
 (`StopRequested`), and leaves its registration to expire.
 """
@@ -96,7 +96,7 @@ class LeanBookkeeping:
 
     _key_expires_at = 0.0  # monotonic time the worker key expires, per the last heartbeat sent
 
-    _full_told = False  # this process said Redis is full, and has not written since
+    _full_told = False  # this process logged that Redis is full, and has not written since
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         ttl = timeout or self.worker_ttl + 60  # type: ignore[attr-defined]
@@ -202,7 +202,7 @@ class LeanBookkeeping:
 
     def request_stop(self, signum: int, frame: Any) -> None:
         """RQ's warm shutdown, which also ends any wait for Redis this process is in (a result
-        it cannot deliver, a write it cannot send: given up on, and said)."""
+        it cannot deliver, a write it cannot send: given up on, and logged)."""
         context.current().stopping.set()
         super().request_stop(signum, frame)  # type: ignore[misc]
 
@@ -240,7 +240,7 @@ class LeanBookkeeping:
 
     def _when_room(self, what: str, write: Callable[[], T]) -> T:
         """`write()`, sent again each time a full Redis refused it, once Redis has room, or each
-        time Redis could not be reached, once it is back; Redis being full is said once until
+        time Redis could not be reached, once it is back; Redis being full is logged once until
         this process writes again, an outage once by the process's `Outage`. Raises
         StopRequested if the worker is told to stop while Redis is away."""
         connection = self.connection  # type: ignore[attr-defined]

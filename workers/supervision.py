@@ -67,7 +67,7 @@ class LeaseThread:
                 _renew_on(pipe, self._attempt, self._ttl_ms)
                 _renewed(pipe.execute(raise_on_error=False))
             except UNREACHABLE as exc:
-                outage_of(self._connection).failed(exc)  # said once per outage, not per renewal
+                outage_of(self._connection).failed(exc)  # logged once per outage, not per renewal
                 continue
             except redis.RedisError as exc:
                 log.warning("cannot renew the lease of %s: %s", self._attempt.describe(), exc)
@@ -94,11 +94,11 @@ class Supervisor:
         self._next_renewal = 0.0
         self._renew_failing = False
         # Set when the pool stops: a lost attempt it cannot report while Redis is away is then
-        # said and left to its lease, rather than holding the stop until Redis is back.
+        # logged and left to its lease, rather than holding the stop until Redis is back.
         self.stopping = threading.Event()
 
     def receive(self, index: int, message: ChildMessage) -> None:
-        """Take in what child `index` said. Stale news (the end of an attempt no longer running,
+        """Take in what child `index` reported. Stale news (the end of an attempt no longer running,
         the exit of a process that is not running it) changes nothing."""
         current = self.running.get(index)
         match message:
@@ -127,7 +127,7 @@ class Supervisor:
         """
         for index, attempt in list(self.running.items()):
             if attempt.pid != children.get(index) and exited(attempt.pid):
-                # Its worker reaps it and says how it ended (HorseExited); if it does not say so
+                # Its worker reaps it and reports how it ended (HorseExited); if it does not do so
                 # within a second, report it without the exit code.
                 if now - self._gone_since.setdefault(index, now) >= 1.0:
                     self._report(index, None)
@@ -161,7 +161,7 @@ class Supervisor:
             for i in range(len(renewed)):
                 _renewed(replies[3 * i : 3 * i + 2])
         except UNREACHABLE as exc:
-            outage_of(self.connection).failed(exc)  # said once per outage, not per renewal
+            outage_of(self.connection).failed(exc)  # logged once per outage, not per renewal
             return
         except redis.RedisError as exc:
             if not self._renew_failing:

@@ -3,7 +3,7 @@
 It leads its own process group, dies with its parent, sets its GPUs before anything imports
 CUDA, imports the served modules, installs its `WorkerContext`, and runs an RQ worker of its
 isolation mode until it is told to stop, or, with `--max-trials-per-child N`, until it took N
-trials: then it tells its parent so (`Retiring`), and the parent replaces it with a fresh
+trials: then it reports that to its parent (`Retiring`), and the parent replaces it with a fresh
 process.
 """
 
@@ -83,7 +83,7 @@ def child_main(
     limit = settings.max_trials_per_child
     try:
         worker.work(logging_level="WARNING", max_jobs=limit)
-    except UNREACHABLE as exc:  # RQ's own teardown, say, met the outage: said, not a traceback
+    except UNREACHABLE as exc:  # RQ's own teardown, say, met the outage: one line, not a traceback
         outage_of(connection).failed(exc)
     if outage_of(connection).down:
         outage_of(connection).stopping(

@@ -47,7 +47,7 @@ def wait_for_redis(
     """Ride out an outage that surfaced as `error`: PING with a jittered exponential backoff
     (`outages.backoff`, up to `max_backoff_s`) until Redis answers; returns how long it took
     (seconds), or None if `stop` (a threading.Event) was set first. Raises RedisUnavailableError
-    after `give_up_s`, if given. What it says goes through the process's `Outage`: one line when
+    after `give_up_s`, if given. What it logs goes through the process's `Outage`: one line when
     Redis goes away, one when it is back, the retries counted in between. `beat` is called at
     least every second while it waits: waiting is being alive (the broker's liveness probe).
     A full Redis (`error` an OutOfMemoryError) is waited out the same way (`wait_for_memory`),
@@ -166,7 +166,7 @@ def wait_for_memory(
     own write is the probe.
 
     Logs `Redis is out of memory (maxmemory N): <what>` once (nothing if `quiet`: a caller that
-    said so already), and once when it has room. `beat` is called at least every second.
+    logged it already), and once when it has room. `beat` is called at least every second.
     Raises RedisUnavailableError after `give_up_s`, if given."""
     stop = stop or threading.Event()
     started = time.monotonic()

@@ -31,7 +31,7 @@ def first_believed(client: BrokerClient, name: str, queued: StudyStatus | None) 
 class Believed:
     """What a follower believes of a study: the last status the broker wrote (`first` until it
     reads one: the study's status, or the submission's `queued` snapshot), and what it ignored
-    since, said once each (`notes`)."""
+    since, reported once each (`notes`)."""
 
     def __init__(self, client: BrokerClient, name: str, first: StudyStatus, *, seen: bool) -> None:
         self.client = client

@@ -95,7 +95,7 @@ def follow_study(
     it says so, and waits on for one); else 1. A line says why.
 
     Only a status the broker wrote counts (`BrokerClient.status`): one it did not sign is
-    ignored, said once, and the last status believed stays; if it is the first one read, and
+    ignored, reported once, and the last status believed stays; if it is the first one read, and
     the broker holds no study of that name, it is an error (ProtocolError, exit 1). An ended
     one of another submission than the broker holds is not the end either
     (`BrokerClient.is_current`). `queued` (the submission's `queued_status`) shows until the
@@ -134,7 +134,7 @@ def follow_study(
             time.sleep(0.2)
     why = snap.outcome()
     if why is None:
-        # A stop condition that ended it is a success: said on the same line, not as an error.
+        # A stop condition that ended it is a success: reported on the same line, not as an error.
         stopped = f" ({snap.stopped})" if snap.stopped else ""
         console.print(
             f"study {name!r} finished: {snap.done} trials, {best_summary(snap)}{stopped}",
