@@ -96,7 +96,7 @@ class LeanBookkeeping:
 
     _key_expires_at = 0.0  # monotonic time the worker key expires, per the last heartbeat sent
 
-    _full_told = False  # this process logged that Redis is full, and has not written since
+    _full_logged = False  # this process logged that Redis is full, and has not written since
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         ttl = timeout or self.worker_ttl + 60  # type: ignore[attr-defined]
@@ -233,7 +233,7 @@ class LeanBookkeeping:
         try:
             self._when_room(f"record job {job.id} finished", lambda: method(job, *args, **kwargs))
         except StopRequested:
-            # Told to stop while Redis is away, after the trial (its result delivered or said
+            # Told to stop while Redis is away, after the trial (its result delivered or logged
             # undelivered): RQ's record of the job is left to RQ's registry cleanup. Raised
             # here, RQ would take it for the job's failure and log it with a traceback.
             self._stop_requested = True
@@ -261,11 +261,11 @@ class LeanBookkeeping:
                     self.connection,  # type: ignore[attr-defined]
                     exc,
                     what=f"worker {self.name} waits to {what}",  # type: ignore[attr-defined]
-                    quiet=self._full_told,
+                    quiet=self._full_logged,
                 )
-                self._full_told = True
+                self._full_logged = True
                 continue
-            self._full_told = False
+            self._full_logged = False
             outage_of(connection).recovered()
             return done
 

@@ -97,7 +97,7 @@ def deliver(
         except redis.ResponseError as exc:
             if not is_full(exc):
                 raise
-            told = full_since is not None  # said once per result, not once per try
+            logged = full_since is not None  # logged once per result, not once per try
             full_since = full_since or time.monotonic()
             waited = wait_for_memory(
                 connection,
@@ -105,7 +105,7 @@ def deliver(
                 max_backoff_s=cap_s,
                 beat=keep_alive,
                 what=f"holding the result of {what} until it has room",
-                quiet=told,
+                quiet=logged,
                 stop=stop,
             )
             if waited is None:

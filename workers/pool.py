@@ -324,7 +324,7 @@ class WorkerPool:
 
     def _child_died(self, index: int, child: Child) -> None:
         child.process.join()
-        self._read_messages(index, child)  # what it said before dying
+        self._read_messages(index, child)  # what it reported before dying
         child.channel.close()
         del self._children[index]
         code = child.process.exitcode
