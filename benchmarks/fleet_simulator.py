@@ -18,7 +18,7 @@ trial, what a real worker and its pool do to Redis, through the same functions w
   counts the simulated workers live;
 - "run" the trial by waiting its simulated duration (a timer: many trials in flight per process),
   then build the `TrialResult` (`execute.trial_result`) and append it, sealed, to the result
-  stream under `RESULT_FIELD`, dropping the lease (what `supervision.deliver` writes); then RQ's
+  stream under `RESULT_FIELD`, dropping the lease (what `delivery.deliver` writes); then RQ's
   end bookkeeping: status finished, the job's hash expiring after its `result_ttl`.
 
 What differs from a real worker: no process per worker and no fork (one loop serves them all);
@@ -49,7 +49,8 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 
 from optuna_rq.errors import ObjectiveLoadError, ObjectiveRefusedError, ProtocolError
-from optuna_rq.plumbing.connection import connect, wait_for_redis
+from optuna_rq.plumbing.connection import connect
+from optuna_rq.plumbing.redis_waits import wait_for_redis
 from optuna_rq.protocol import (
     DEFAULT_LEASE_TTL_S,
     RESULT_FIELD,
@@ -67,7 +68,7 @@ from optuna_rq.protocol import (
 from optuna_rq.workers.execute import trial_result
 from optuna_rq.workers.loader import load_objective, serve
 from optuna_rq.workers.pool_heartbeat import Heartbeat
-from optuna_rq.workers.supervision import Attempt
+from optuna_rq.workers.running_attempt import Attempt
 
 __all__ = ["FleetSettings", "SimulatedFleet", "SimulatedPool"]
 
@@ -281,7 +282,7 @@ class SimulatedPool:
         self._ending.append((record, self.signer.seal(Record.RESULT, result.encode())))
 
     def _deliver(self) -> None:
-        """This turn's results in one round trip: for each, what `supervision.deliver` writes
+        """This turn's results in one round trip: for each, what `delivery.deliver` writes
         (the sealed result onto the broker's stream under `RESULT_FIELD`, then the lease
         dropped), then RQ's end of a job whose function returned (`run_trial` returns once its
         result is delivered, whatever the outcome): status finished, the job kept its

@@ -31,8 +31,8 @@ from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, Keys, trial_queue
 from optuna_rq.protocol.queue import MsgpackSerializer
 from optuna_rq.space.declarations import suggest
 from optuna_rq.workers import context, loader
+from optuna_rq.workers.child_messages import ChildChannel
 from optuna_rq.workers.rq_worker import TrialWorker
-from optuna_rq.workers.supervision import ChildChannel
 
 
 def _package(filename: str) -> str:

@@ -80,7 +80,8 @@ Result: TypeAlias = float | tuple[float, ...]
 CallbackType: TypeAlias = Callable[Concatenate[optuna.Trial, P], Awaitable[Result] | Result]
 
 StudyCallback: TypeAlias = Callable[[optuna.Study, FrozenTrial], None]
-"""What `study.optimize(callbacks=...)` takes: called with the study and each trial it told."""
+"""What `study.optimize(callbacks=...)` takes: called with the study and each trial whose result
+it recorded."""
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -108,9 +109,9 @@ class Optimizer:
             results afterwards (`optimizer.study.best_params`).
         delay: seconds to wait before starting each trial (an int >= 0).
         callbacks: (keyword-only) each is called as `callback(study, frozen_trial)` after every
-            trial is told, as `study.optimize(callbacks=...)` calls them (so
+            trial's result is recorded, as `study.optimize(callbacks=...)` calls them (so
             `optuna.study.MaxTrialsCallback` works). `study.stop()` from one ends the run: no
-            new trial starts, trials already running finish and are told. A callback that
+            new trial starts, trials already running finish and are recorded. A callback that
             raises ends the run the same way, with the trials in flight FAIL `cancelled`, and
             the error is raised by the run.
 
@@ -139,7 +140,7 @@ class Optimizer:
     (`optuna-rq cancel`: cancel the `await` instead, which ends it cancelled).
 
     Raises:
-        ValueError (`broker.errors.ConfigError`): for any invalid argument, naming it.
+        ValueError (`optuna_rq.errors.ConfigError`): for any invalid argument, naming it.
 
     A trial ends COMPLETE with its value(s) (whatever `study.tell` takes: numpy scalars and
     0-d arrays too), PRUNED when the objective raises `optuna.TrialPruned`, or FAIL with a
@@ -230,7 +231,7 @@ class Optimizer:
         return self.study
 
     async def __call__(self, **inputs: Any) -> None:
-        """Run all trials; return when every one of them has been told to the study.
+        """Run all trials; return when the study has recorded every one of them.
 
         ConfigError, before any trial, if the objective does not take `inputs` (a function;
         the workers check a `module:function` path, which is not imported here)."""
@@ -250,9 +251,9 @@ class Optimizer:
             raise raised[0]
 
     async def _stops_the_run(self, trial: Awaitable[None], raised: list[BaseException]) -> None:
-        """Run one trial; a SystemExit or KeyboardInterrupt from its objective (told FAIL by
+        """Run one trial; a SystemExit or KeyboardInterrupt from its objective (recorded FAIL by
         `spawn`) stops the run as it stops `study.optimize(n_jobs=...)`: no new trial starts,
-        those running finish and are told, then the run raises it."""
+        those running finish and are recorded, then the run raises it."""
         try:
             await trial
         except (KeyboardInterrupt, SystemExit) as exc:
@@ -268,7 +269,7 @@ class Optimizer:
             raise ConfigError(mismatch)
 
     def _after_tell(self, study: optuna.Study, number: int) -> None:
-        """Call the callbacks with the trial just told."""
+        """Call the callbacks with the trial just recorded."""
         if self.callbacks:
             frozen = frozen_trial(study, number)
             for callback in self.callbacks:

@@ -37,7 +37,7 @@ from optuna_rq.protocol import (
 )
 from optuna_rq.workers.execute import trial_result
 from optuna_rq.workers.remote_trial import RemoteTrial
-from optuna_rq.workers.supervision import Attempt
+from optuna_rq.workers.running_attempt import Attempt
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -57,7 +57,7 @@ REPLY_KEY_SITES = {  # the list's name as the remote trial keeps it
 }
 CANCEL_SITES = {
     ("broker/dispatch/sending.py", "TrialSender.withdraw"): "writes: sealed Record.CANCEL",
-    ("workers/supervision.py", "Attempt.cancel_mark"): "names it",
+    ("workers/running_attempt.py", "Attempt.cancel_mark"): "names it",
 }
 CANCEL_MARK_SITES = {
     ("workers/supervision.py", "Supervisor._renew"): "reads: GET -> CancelMarks.holds",
@@ -73,7 +73,7 @@ VERIFIED_BY = {
     ("workers/remote_trial.py", "RemoteTrial._answer_to"): "self._signer.open(Record.REPLY,",
     ("workers/supervision.py", "Supervisor._renew"): "self.cancel_marks.holds(",
     ("workers/runner.py", "_take_lease"): "CancelMarks(",
-    ("workers/supervision.py", "CancelMarks.holds"): "self.signer.open(Record.CANCEL,",
+    ("workers/cancel_marks.py", "CancelMarks.holds"): "self.signer.open(Record.CANCEL,",
 }
 
 
@@ -241,7 +241,8 @@ def test_a_front_door_writes_no_status_of_its_own(conn: redis.Redis, prefix: str
 def test_a_cancel_mark_holds_only_if_the_broker_sealed_it_for_the_attempt(
     conn: redis.Redis, prefix: str
 ) -> None:
-    from optuna_rq.workers.supervision import Attempt, CancelMarks
+    from optuna_rq.workers.cancel_marks import CancelMarks
+    from optuna_rq.workers.running_attempt import Attempt
 
     rings = generate_keyrings()
     broker = Signer(keyring=rings[Role.BROKER])

@@ -94,16 +94,18 @@ def test_a_command_that_never_starts_a_server_starts_none(command: str, tmp_path
 
 # -- the sites in the source -------------------------------------------------------------------
 
-FRONT_DOOR_MODULES = ["client.py", "terminal/progress.py"]
+FRONT_DOOR_MODULES = ["client.py"]
 FRONT_DOOR_MODULES += [
-    str(p.relative_to(ROOT / "broker")) for p in sorted((ROOT / "broker" / "cli").glob("*.py"))
+    str(p.relative_to(ROOT / "broker"))
+    for room in ("cli", "terminal")
+    for p in sorted((ROOT / "broker" / room).glob("*.py"))
 ]
 """Everything a command line process runs before it hands over to a broker or workers: the
-commands themselves (cli/), the client and the progress display."""
+commands themselves (cli/), the client and the progress display (terminal/)."""
 
 MAKES_STATE = {
     "state",  # GlobalOptions.state(): the state directory, created
-    "state_dir",  # the same, by connection.state_dir
+    "state_dir",  # the same, by locations.state_dir
     "resolve_redis_url",  # starts the embedded redis-server when there is no URL
     "ensure_embedded",
     "connect_redis",  # resolve_redis_url's caller

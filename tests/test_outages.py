@@ -20,8 +20,9 @@ import pytest
 import redis
 from optuna.trial import TrialState
 
-from optuna_rq.plumbing.connection import RETRY_BASE_S, RETRY_CAP_S, connect, wait_for_redis
+from optuna_rq.plumbing.connection import RETRY_BASE_S, RETRY_CAP_S, connect
 from optuna_rq.plumbing.outages import Outage, backoff, describe_duration, outage_of
+from optuna_rq.plumbing.redis_waits import wait_for_redis
 from optuna_rq.study.verdict import FAIL_REASON_ATTR
 from tests.faults.conftest import Cluster, RedisServer, wait_calls
 from tests.faults.conftest import aof_redis as aof_redis  # the fixtures
@@ -257,12 +258,12 @@ def test_a_stop_ends_the_wait_and_the_duration_reads_as_a_person_writes_it() -> 
 # without the jittered backoff, cannot slip in unlisted.
 ROOT = Path(__file__).resolve().parent.parent
 OUTAGE_SITES = {
-    ("broker/plumbing/connection.py", "wait_for_redis", "UNREACHABLE"): "outage",
-    ("broker/plumbing/connection.py", "_wait_for_primary", "UNREACHABLE"): "outage",
-    ("broker/plumbing/connection.py", "_memory", "RedisError, KeyError, TypeError, ValueError"): (
+    ("broker/plumbing/redis_waits.py", "wait_for_redis", "UNREACHABLE"): "outage",
+    ("broker/plumbing/redis_waits.py", "_wait_for_primary", "UNREACHABLE"): "outage",
+    ("broker/plumbing/redis_waits.py", "_memory", "RedisError, KeyError, TypeError, ValueError"): (
         "quiet: INFO not allowed or unreachable: None, the caller's write is the probe"
     ),
-    ("broker/plumbing/connection.py", "check_memory_policy", "RedisError"): "quiet: cannot say",
+    ("broker/plumbing/redis_waits.py", "check_memory_policy", "RedisError"): "quiet: cannot say",
     ("broker/plumbing/connection.py", "ping_or_raise", "RedisError"): (
         "quiet: a start-up probe that gives up within its timeout, raising, naming the URL"
     ),
@@ -334,12 +335,12 @@ OUTAGE_SITES = {
     ("workers/pool_heartbeat.py", "Heartbeat.beat", "UNREACHABLE"): "outage",
     ("workers/pool_heartbeat.py", "Heartbeat.stop", "UNREACHABLE"): "outage",
     ("workers/pool.py", "WorkerPool._scale", "UNREACHABLE"): "outage",
-    ("workers/pool.py", "_forget_rq_worker", "UNREACHABLE"): "outage",
+    ("workers/pool_children.py", "forget_rq_worker", "UNREACHABLE"): "outage",
     ("workers/supervision.py", "LeaseThread._run", "UNREACHABLE"): "outage",
     ("workers/supervision.py", "Supervisor._renew", "UNREACHABLE"): "outage",
 }
 # Every time.sleep (or asyncio.sleep) of broker/ and workers/, and why it is not a retry of Redis
-# that wants the jittered backoff (`connection._pause` with `outages.backoff` is that).
+# that wants the jittered backoff (`redis_waits._pause` with `outages.backoff` is that).
 SLEEPS = {
     ("broker/plumbing/connection.py", "ping_or_raise"): "a start-up probe, 2 s in all by default",
     ("broker/plumbing/embedded.py", "EmbeddedRedis._locked"): "a file lock between local processes",

@@ -1,8 +1,8 @@
 """RQ's per-job bookkeeping, with the round trips a trial does not need taken out.
 
 A plain RQ worker makes about 20 Redis round trips per job; on a fast objective they are most
-of a trial's cost (benchmarks/profile_worker.py: redis-py and its sockets are 85% of a worker's
-time on a no-op trial). Most are bookkeeping that repeats itself between two jobs:
+of a trial's cost (benchmarks/profile_worker.py profiles a worker on a no-op trial). Most are
+bookkeeping that repeats itself between two jobs:
 
 - `heartbeat()` sends HSET + EXPIRE + EXPIRE as three round trips, and the work loop calls it
   three times per job (after the job, before and after dequeueing). Here it is one pipeline, and
@@ -32,8 +32,8 @@ them.
 A Redis that cannot be reached is ridden out the same way, in place of RQ's own retry loop (which
 logs an ERROR at every retry and waits without jitter) and its work loop (which quits on a
 timeout, with a traceback): the dequeue (`RidingQueue`), the suspension check and the writes
-above wait for Redis with the shared jittered backoff (`connection.wait_for_redis`), the skipped
-ones are only counted, and all of it is said through the process's `Outage`: one line when
+above wait for Redis with the shared jittered backoff (`redis_waits.wait_for_redis`), the skipped
+ones are only counted, and all of it is logged through the process's `Outage`: one line when
 Redis goes away, one when it is back. A worker told to stop while it waits stops
 (`StopRequested`), and leaves its registration to expire.
 """
@@ -52,8 +52,8 @@ from rq.queue import Queue
 from rq.utils import now
 from rq.worker import WorkerStatus
 
-from optuna_rq.plumbing.connection import is_full, wait_for_memory, wait_for_redis
 from optuna_rq.plumbing.outages import UNREACHABLE, outage_of
+from optuna_rq.plumbing.redis_waits import is_full, wait_for_memory, wait_for_redis
 from optuna_rq.workers import context
 
 __all__ = ["HEARTBEAT_EVERY_S", "LeanBookkeeping", "RidingQueue"]
@@ -96,7 +96,7 @@ class LeanBookkeeping:
 
     _key_expires_at = 0.0  # monotonic time the worker key expires, per the last heartbeat sent
 
-    _full_told = False  # this process said Redis is full, and has not written since
+    _full_logged = False  # this process logged that Redis is full, and has not written since
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         ttl = timeout or self.worker_ttl + 60  # type: ignore[attr-defined]
@@ -202,7 +202,7 @@ class LeanBookkeeping:
 
     def request_stop(self, signum: int, frame: Any) -> None:
         """RQ's warm shutdown, which also ends any wait for Redis this process is in (a result
-        it cannot deliver, a write it cannot send: given up on, and said)."""
+        it cannot deliver, a write it cannot send: given up on, and logged)."""
         context.current().stopping.set()
         super().request_stop(signum, frame)  # type: ignore[misc]
 
@@ -233,14 +233,14 @@ class LeanBookkeeping:
         try:
             self._when_room(f"record job {job.id} finished", lambda: method(job, *args, **kwargs))
         except StopRequested:
-            # Told to stop while Redis is away, after the trial (its result delivered or said
+            # Told to stop while Redis is away, after the trial (its result delivered or logged
             # undelivered): RQ's record of the job is left to RQ's registry cleanup. Raised
             # here, RQ would take it for the job's failure and log it with a traceback.
             self._stop_requested = True
 
     def _when_room(self, what: str, write: Callable[[], T]) -> T:
         """`write()`, sent again each time a full Redis refused it, once Redis has room, or each
-        time Redis could not be reached, once it is back; Redis being full is said once until
+        time Redis could not be reached, once it is back; Redis being full is logged once until
         this process writes again, an outage once by the process's `Outage`. Raises
         StopRequested if the worker is told to stop while Redis is away."""
         connection = self.connection  # type: ignore[attr-defined]
@@ -261,11 +261,11 @@ class LeanBookkeeping:
                     self.connection,  # type: ignore[attr-defined]
                     exc,
                     what=f"worker {self.name} waits to {what}",  # type: ignore[attr-defined]
-                    quiet=self._full_told,
+                    quiet=self._full_logged,
                 )
-                self._full_told = True
+                self._full_logged = True
                 continue
-            self._full_told = False
+            self._full_logged = False
             outage_of(connection).recovered()
             return done
 

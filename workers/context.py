@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass, field
 
 from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, Signer
-from optuna_rq.workers.supervision import ChildChannel
+from optuna_rq.workers.child_messages import ChildChannel
 from optuna_rq.workers.worker_metrics import WorkerMetrics
 
 __all__ = ["WorkerContext", "current", "install"]
@@ -25,13 +25,13 @@ class WorkerContext:
 
     served: frozenset[str] = frozenset()  # modules whose objectives may run (`loader.serve`)
     signer: Signer = field(default_factory=Signer)  # opens requests, seals results
-    # The supervising parent, told when attempts start and end; without one, a thread in this
-    # process renews the lease.
+    # The supervising parent, which this process informs when attempts start and end; without
+    # one, a thread in this process renews the lease.
     channel: ChildChannel | None = None
     lease_ttl_s: float = DEFAULT_LEASE_TTL_S
     metrics: WorkerMetrics | None = None
     # Set once the process is told to stop (its worker's warm shutdown): a result Redis cannot
-    # take then is given up on, and said, rather than held until Redis is back.
+    # take then is given up on, and logged, rather than held until Redis is back.
     stopping: threading.Event = field(default_factory=threading.Event)
 
 

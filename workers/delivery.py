@@ -4,8 +4,8 @@ A result may have cost hours of compute, so `deliver` keeps it until Redis takes
 outage (`wait_for_redis`) and through a full Redis (`wait_for_memory`: a Redis at `maxmemory`
 with `noeviction` refuses the XADD). While it holds an undelivered result it keeps the attempt's
 lease alive with PEXPIRE, which a full Redis still serves, so the broker does not count the
-attempt lost; it says once that Redis is full, not once per retry. Only a process that is
-stopping (`stop`) gives up on a Redis still away: the caller says which result it could not
+attempt lost; it logs once that Redis is full, not once per retry. Only a process that is
+stopping (`stop`) gives up on a Redis still away: the caller logs which result it could not
 deliver, and the broker runs that trial again once its lease lapses.
 """
 
@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import redis
 
-from optuna_rq.plumbing.connection import is_full, wait_for_memory, wait_for_redis
 from optuna_rq.plumbing.outages import UNREACHABLE, outage_of
+from optuna_rq.plumbing.redis_waits import is_full, wait_for_memory, wait_for_redis
 from optuna_rq.protocol import RESULT_FIELD
 
 __all__ = ["deliver", "keep_lease"]
@@ -62,7 +62,7 @@ def deliver(
     twice; the broker tells the first and drops the second as stale.
 
     Returns True once delivered; False if `stop` was set while Redis could not take it (the
-    process is stopping: the caller says what was not delivered).
+    process is stopping: the caller logs what was not delivered).
     """
     cap_s = MAX_BACKOFF_S if lease_ttl_s is None else min(MAX_BACKOFF_S, lease_ttl_s / 4)
     full_since: float | None = None
@@ -97,7 +97,7 @@ def deliver(
         except redis.ResponseError as exc:
             if not is_full(exc):
                 raise
-            told = full_since is not None  # said once per result, not once per try
+            logged = full_since is not None  # logged once per result, not once per try
             full_since = full_since or time.monotonic()
             waited = wait_for_memory(
                 connection,
@@ -105,7 +105,7 @@ def deliver(
                 max_backoff_s=cap_s,
                 beat=keep_alive,
                 what=f"holding the result of {what} until it has room",
-                quiet=told,
+                quiet=logged,
                 stop=stop,
             )
             if waited is None:

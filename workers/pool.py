@@ -5,14 +5,14 @@ isolation mode the settings choose: trials in the worker process itself, or a fo
 listens to one queue per resource class (`--queue`, in priority order) and served module
 (`Keys.trial_queue`), so it only ever takes trials it serves. With `--gpus`, child i gets device
 set i in CUDA_VISIBLE_DEVICES (`workers.gpus`), across restarts. The parent keeps the pool's
-heartbeat (`workers.heartbeat`), and with `--autoscale` grows and shrinks the pool
+heartbeat (`workers.pool_heartbeat`), and with `--autoscale` grows and shrinks the pool
 (`workers.autoscale`).
 
 The parent imports the served modules first, so a typo stops the command at once, then keeps N
-children alive (`workers.child`, each spawned with the pool's `WorkerSettings`), and supervises
-their trials (`workers.supervision`): it renews their leases, kills a trial past its timeout, and
-reports the trial of a process that died. A child that dies is restarted, with a growing backoff
-if it keeps dying (Redis down, say), so nothing spins.
+children alive (`workers.worker_process`, each spawned with the pool's `WorkerSettings`), and
+supervises their trials (`workers.supervision`): it renews their leases, kills a trial past its
+timeout, and reports the trial of a process that died. A child that dies is restarted, with a
+growing backoff if it keeps dying (Redis down, say), so nothing spins.
 
 With `--max-trials-per-child N` (Celery's --max-tasks-per-child), a child leaves after its Nth
 trial and is replaced at once by a fresh process, which imports the objectives again: how an
@@ -36,23 +36,23 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 import redis
-from rq import Worker
 
 from optuna_rq.plumbing import failpoints
 from optuna_rq.plumbing.connection import connect
 from optuna_rq.plumbing.outages import UNREACHABLE, outage_of
-from optuna_rq.protocol import Keys, MsgpackSerializer
+from optuna_rq.protocol import Keys
 from optuna_rq.workers import loader
 from optuna_rq.workers.autoscale import Autoscaler
+from optuna_rq.workers.child_messages import ChildMessage, Retiring
+from optuna_rq.workers.pool_children import Child, forget_rq_worker, signal_group
 from optuna_rq.workers.pool_health import PoolLiveness
 from optuna_rq.workers.pool_heartbeat import Heartbeat
 from optuna_rq.workers.pool_settings import STUCK_AFTER_S, WorkerSettings
-from optuna_rq.workers.supervision import ChildMessage, Retiring, Supervisor
+from optuna_rq.workers.supervision import Supervisor
 from optuna_rq.workers.worker_process import DUMP_SIGNAL, child_main, put_on_path
 
 __all__ = ["STUCK_AFTER_S", "WorkerPool", "WorkerSettings"]
@@ -60,17 +60,6 @@ __all__ = ["STUCK_AFTER_S", "WorkerPool", "WorkerSettings"]
 log = logging.getLogger("optuna_rq.pool")
 
 _DUMP_TIME_S = 0.5  # for a stuck child to write its stacks before it is killed
-
-
-@dataclass
-class _Child:
-    process: multiprocessing.process.BaseProcess
-    channel: multiprocessing.connection.Connection  # the parent's reading end
-    name: str
-    started: float
-    told_to_stop: float | None = None  # time.monotonic() of the SIGTERM that stops it
-    dumped_at: float | None = None  # stuck: when it was asked for its stacks
-    retired_after: int | None = None  # trials: it took its --max-trials-per-child, and exits
 
 
 class WorkerPool:
@@ -82,10 +71,10 @@ class WorkerPool:
 
     def __init__(self, settings: WorkerSettings, liveness: PoolLiveness | None = None) -> None:
         self.settings = settings
-        # Beaten at every turn of the loop; `--health-port` serves it (`workers.health`).
+        # Beaten at every turn of the loop; `--health-port` serves it (`workers.pool_health`).
         self.liveness = liveness or PoolLiveness()
         self._context = multiprocessing.get_context("spawn")
-        self._children: dict[int, _Child] = {}
+        self._children: dict[int, Child] = {}
         self._restart_at: dict[int, float] = {}
         self._backoff: dict[int, float] = {}
         self._retiring: set[int] = set()  # told to stop by the autoscaler: not restarted
@@ -161,7 +150,7 @@ class WorkerPool:
         )
         process.start()
         writer.close()  # the child holds the only writing end: EOF when it dies
-        child = self._children[index] = _Child(process, reader, name, time.monotonic())
+        child = self._children[index] = Child(process, reader, name, time.monotonic())
         self._idle_since[index] = time.monotonic()
         gpus = "" if self.settings.gpus is None else f", GPUs {self.settings.gpus[index]}"
         log.info("worker %d started (pid %s%s)", index, process.pid, gpus)
@@ -182,7 +171,7 @@ class WorkerPool:
                     _workers(len(self._children)),
                 )
                 for child in self._children.values():
-                    _signal_group(child.process, signal.SIGKILL)
+                    signal_group(child.process, signal.SIGKILL)
             return
         self._stopping = what
         self.supervisor.stopping.set()
@@ -208,10 +197,10 @@ class WorkerPool:
         for child in self._children.values():
             self._tell_to_stop(child)
 
-    def _tell_to_stop(self, child: _Child) -> None:
+    def _tell_to_stop(self, child: Child) -> None:
         """SIGTERM: the child finishes its running trial, then exits (RQ's warm shutdown)."""
         child.told_to_stop = time.monotonic()
-        _signal_group(child.process, signal.SIGTERM, group=False)
+        signal_group(child.process, signal.SIGTERM, group=False)
 
     def _kill_stuck(self, now: float) -> None:
         """Kill the children told to stop that run no trial and are still there after
@@ -221,7 +210,7 @@ class WorkerPool:
                 continue
             if child.dumped_at is not None:
                 if now - child.dumped_at >= _DUMP_TIME_S:
-                    _signal_group(child.process, signal.SIGKILL)
+                    signal_group(child.process, signal.SIGKILL)
             elif now - child.told_to_stop >= self.settings.stuck_after_s:
                 log.warning(
                     "worker %d (pid %s) runs no trial and is still up %gs after it was told to "
@@ -231,7 +220,7 @@ class WorkerPool:
                     self.settings.stuck_after_s,
                 )
                 child.dumped_at = now
-                _signal_group(child.process, DUMP_SIGNAL, group=False)
+                signal_group(child.process, DUMP_SIGNAL, group=False)
 
     def run(self) -> int:
         """Start the children and supervise them until stopped; returns an exit code (0 after a
@@ -322,7 +311,7 @@ class WorkerPool:
             if retire:
                 log.info("autoscale: %d -> %d workers (retiring idle ones)", size, self.size)
 
-    def _read_messages(self, index: int, child: _Child) -> None:
+    def _read_messages(self, index: int, child: Child) -> None:
         try:
             while child.channel.poll():
                 message: ChildMessage = child.channel.recv()
@@ -333,14 +322,14 @@ class WorkerPool:
         except (EOFError, OSError):
             pass  # the child is gone; its sentinel says so
 
-    def _child_died(self, index: int, child: _Child) -> None:
+    def _child_died(self, index: int, child: Child) -> None:
         child.process.join()
-        self._read_messages(index, child)  # what it said before dying
+        self._read_messages(index, child)  # what it reported before dying
         child.channel.close()
         del self._children[index]
         code = child.process.exitcode
         self.supervisor.child_exited(index, code, cold=self._cold)
-        _forget_rq_worker(self._connection, child.name)
+        forget_rq_worker(self._connection, child.name)
         self._idle_since.pop(index, None)
         if self._stopping or index in self._retiring:
             self._retiring.discard(index)
@@ -385,37 +374,3 @@ def _signal_words(signum: int | None) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
-
-
-def _signal_group(
-    process: multiprocessing.process.BaseProcess, signum: int, *, group: bool = True
-) -> None:
-    """Signal a child (and, with `group`, everything in its process group)."""
-    if process.pid is None or not process.is_alive():
-        return
-    try:
-        if group:
-            os.killpg(process.pid, signum)
-        else:
-            os.kill(process.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _forget_rq_worker(connection: redis.Redis, name: str) -> None:
-    """Remove a dead child's RQ registration, so worker counts (and fair shares) see it gone
-    now rather than when its heartbeat key expires. Not while Redis is away: its key expires."""
-    if outage_of(connection).down:
-        return
-    try:
-        worker = Worker.find_by_key(
-            Worker.redis_worker_namespace_prefix + name,
-            connection=connection,
-            serializer=MsgpackSerializer,
-        )
-        if worker is not None:
-            worker.register_death()  # type: ignore[no-untyped-call]
-    except UNREACHABLE as exc:
-        outage_of(connection).failed(exc)
-    except redis.RedisError as exc:
-        log.debug("could not unregister RQ worker %s: %s", name, exc)

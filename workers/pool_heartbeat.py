@@ -69,7 +69,7 @@ class Heartbeat:
             pipe.sadd(self.keys.pools, self.pool_id)
             pipe.execute()
         except UNREACHABLE as exc:
-            outage_of(self.connection).failed(exc)  # said once per outage, not per beat
+            outage_of(self.connection).failed(exc)  # logged once per outage, not per beat
             return
         except redis.RedisError as exc:
             if not self._failing:

@@ -18,9 +18,9 @@ stop-job commands). A worker of ours takes its orders from elsewhere: its pool's
 ACL users of deploy/ let nobody publish there. RQ's subscriber is a thread that blocks up to 60 s
 in a read, and RQ's teardown unsubscribes before it stops that thread: a thread that reads the
 unsubscribe reply before it is stopped goes on to wait 60 s for a subscription, and the
-teardown's join waits for it (as long as its timeout allows). So a stopping worker hung in its
-teardown, for a channel it never uses. Its registration (`rq info`, RQ's worker registry) is
-RQ's own, as before.
+teardown's join waits for it (as long as its timeout allows): a subscribing worker could hang
+in its teardown, for a channel it never uses. Its registration (`rq info`, RQ's worker
+registry) is RQ's own.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class TrialWorker(_PoolMember, ShutdownMarked, LeanBookkeeping, SimpleWorker):
 
 STOPPING_SIGNAL = signal.SIGUSR2
 """Passed on to a work horse when its worker is told to stop: a result it cannot deliver while
-Redis is away is then given up on, and said (`context.WorkerContext.stopping`)."""
+Redis is away is then given up on, and logged (`context.WorkerContext.stopping`)."""
 
 
 class ForkingTrialWorker(_PoolMember, ShutdownMarked, LeanBookkeeping, Worker):
@@ -142,7 +142,7 @@ class ForkingTrialWorker(_PoolMember, ShutdownMarked, LeanBookkeeping, Worker):
             super().execute_job(job, queue)
         finally:
             channel = context.current().channel
-            # It died mid-trial: its supervisor reports the attempt, once told how it ended.
+            # It died mid-trial: its supervisor reports the attempt, once it learns how it ended.
             if self._horse_status and channel is not None:
                 channel.exited(self._horse, os.waitstatus_to_exitcode(self._horse_status))
 

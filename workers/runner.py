@@ -20,8 +20,8 @@ from typing import Any
 import redis
 
 from optuna_rq.errors import ProtocolError
-from optuna_rq.plumbing.connection import is_full, wait_for_memory, wait_for_redis
 from optuna_rq.plumbing.outages import UNREACHABLE, outage_of
+from optuna_rq.plumbing.redis_waits import is_full, wait_for_memory, wait_for_redis
 from optuna_rq.protocol import (
     FailReason,
     Keys,
@@ -31,11 +31,13 @@ from optuna_rq.protocol import (
     TrialResult,
     error_headline,
 )
+from optuna_rq.workers.cancel_marks import CancelMarks
 from optuna_rq.workers.context import WorkerContext, current
 from optuna_rq.workers.delivery import deliver
 from optuna_rq.workers.execute import execute, trial_result
 from optuna_rq.workers.remote_trial import RemoteTrial
-from optuna_rq.workers.supervision import Attempt, CancelMarks, LeaseThread
+from optuna_rq.workers.running_attempt import Attempt
+from optuna_rq.workers.supervision import LeaseThread
 
 __all__ = ["refuse_trial", "run_trial", "worker_id"]
 

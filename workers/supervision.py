@@ -6,16 +6,13 @@ expires unless renewed. The broker fails an attempt whose lease lapses without a
 
 The lease is renewed by the pool's parent process, not by the process running the objective:
 an objective stuck in C code holds the GIL, and a renewing thread beside it would stall too.
-The child tells the parent, over a pipe, when an attempt starts and ends; the parent renews the
-leases of its running children, stops renewing for a child that is stopped (SIGSTOP), kills a
-child whose attempt runs past its deadline (`timeout`) or that the broker cancelled (its
-`Keys.cancel` mark, read with each renewal: `cancelled`), and reports the attempt of a child that
-died mid-trial (`worker_lost`) at once, without waiting for the lease to lapse. A killed child is
-restarted by its pool, and serves on.
-
-A cancel mark is acted on only if it is the broker's (`CancelMarks`): with signing on, its value
-is sealed by the dispatcher that issued the attempt (`Record.CANCEL`, bound to the attempt's job
-id), so a Redis writer without the key cannot kill a trial by setting the key.
+The child reports to the parent, over a pipe (`workers.child_messages`), when an attempt
+(`workers.running_attempt`) starts and ends; the parent renews the leases of its running
+children, stops renewing for a child that is stopped (SIGSTOP), kills a child whose attempt runs
+past its deadline (`timeout`) or that the broker cancelled (its `Keys.cancel` mark, read with
+each renewal and judged by `workers.cancel_marks`: `cancelled`), and reports the attempt of a
+child that died mid-trial (`worker_lost`) at once, without waiting for the lease to lapse. A
+killed child is restarted by its pool, and serves on.
 """
 
 from __future__ import annotations
@@ -27,221 +24,20 @@ import os
 import signal
 import sys
 import threading
-import time
-from dataclasses import dataclass
 
 import redis
 
-from optuna_rq.errors import ProtocolError
 from optuna_rq.plumbing.outages import UNREACHABLE, outage_of
 from optuna_rq.plumbing.processes import exited, stopped
-from optuna_rq.protocol import (
-    AttemptId,
-    FailReason,
-    Keys,
-    Outcome,
-    Record,
-    Signer,
-    TrialRequest,
-    TrialResult,
-)
+from optuna_rq.protocol import FailReason, Keys, Record, Signer
+from optuna_rq.workers.cancel_marks import CancelMarks
+from optuna_rq.workers.child_messages import ChildMessage, Ended, HorseExited, Started
 from optuna_rq.workers.delivery import deliver
-from optuna_rq.workers.execute import trial_result
+from optuna_rq.workers.running_attempt import Attempt
 
-__all__ = [
-    "TIMEOUT_GRACE_S",
-    "Attempt",
-    "CancelMarks",
-    "ChildChannel",
-    "ChildMessage",
-    "Ended",
-    "HorseExited",
-    "LeaseThread",
-    "Retiring",
-    "Started",
-    "Supervisor",
-    "describe_exit",
-    "die_with_parent",
-]
+__all__ = ["LeaseThread", "Supervisor", "describe_exit", "die_with_parent"]
 
 log = logging.getLogger("optuna_rq.pool")
-
-TIMEOUT_GRACE_S = 1.0
-"""How long past its timeout a trial may run before its process is killed: time for RQ's own
-alarm to stop Python code, which keeps the worker process alive."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Attempt:
-    """One attempt a worker process is running, as its supervisor knows it."""
-
-    job_id: str
-    lease: str  # the lease key
-    holder: str  # the lease's value: the worker that holds it
-    pid: int
-    started: float  # time.monotonic(): one clock for every process on the machine
-    timeout_s: float | None
-    study: str
-    incarnation: str
-    trial_number: int
-    attempt: int
-    reply_to: str
-    token: str = ""  # the request's: the result the supervisor writes for it gives it back
-
-    @classmethod
-    def of(
-        cls, request: TrialRequest, *, job_id: str, lease: str, holder: str, timeout_s: float | None
-    ) -> Attempt:
-        return cls(
-            job_id=job_id,
-            lease=lease,
-            holder=holder,
-            pid=os.getpid(),
-            started=time.monotonic(),
-            timeout_s=timeout_s,
-            study=request.study,
-            incarnation=request.incarnation,
-            trial_number=request.trial_number,
-            attempt=request.attempt,
-            reply_to=request.reply_to,
-            token=request.token,
-        )
-
-    @property
-    def attempt_id(self) -> AttemptId:
-        return AttemptId(
-            reply_to=self.reply_to,
-            study=self.study,
-            incarnation=self.incarnation,
-            trial_number=self.trial_number,
-            attempt=self.attempt,
-        )
-
-    @property
-    def cancel_mark(self) -> str:
-        """The key the broker sets to cancel this attempt: read only through `CancelMarks`."""
-        return Keys.cancel(self.attempt_id)
-
-    @property
-    def deadline(self) -> float | None:
-        return None if self.timeout_s is None else self.started + self.timeout_s + TIMEOUT_GRACE_S
-
-    def failed(self, reason: FailReason, error: str) -> TrialResult:
-        """The result of this attempt, lost or killed: its process cannot report it."""
-        return trial_result(
-            self, Outcome.FAIL, worker=self.holder, started=self.started, reason=reason, error=error
-        )
-
-    def describe(self) -> str:
-        return f"study {self.study!r} trial {self.trial_number} (attempt {self.attempt})"
-
-
-class CancelMarks:
-    """How a worker reads the cancel marks of one prefix's attempts: the one place a mark's value
-    is judged. A mark holds if it is the broker's: with signing on, sealed as a cancel mark for
-    the attempt's job id (`Record.CANCEL`); without signing, any value, as anyone may write one
-    anyway. Any other value is not acted on: it is counted in `<prefix>:refused` as `cancel`
-    (once per attempt and value: it stays there, read again at every renewal), and logged once
-    per process."""
-
-    _logged = False  # a refused mark was logged by this process
-
-    def __init__(self, connection: redis.Redis, signer: Signer, keys: Keys) -> None:
-        self.connection = connection
-        self.signer = signer
-        self.keys = keys
-        self._counted: dict[str, bytes] = {}  # job id -> the refused value last counted
-
-    def holds(self, attempt: Attempt, value: object) -> bool:
-        """Whether `value`, read at `attempt.cancel_mark` (None: no mark), cancels it. A key
-        Redis could not GET (a Redis writer made it a list) is a mark that is not the broker's:
-        refused like a forged one, and the other attempts' renewals and marks go on."""
-        if value is None:
-            return False
-        job_id = Keys.job_id(attempt.attempt_id)  # from the signed request, not from RQ
-        try:
-            if not isinstance(value, bytes):
-                raise ProtocolError(f"the cancel mark of job {job_id!r} is not a string: {value}")
-            self.signer.open(Record.CANCEL, value, bound_to=job_id)
-        except ProtocolError as exc:
-            seen = value if isinstance(value, bytes) else b"(not a string)"
-            if self._counted.get(job_id) != seen:
-                self._counted[job_id] = seen
-                self.connection.hincrby(self.keys.refused, "cancel", 1)
-            if not CancelMarks._logged:
-                CancelMarks._logged = True
-                log.warning(
-                    "%s: not acting on its cancel mark, which is not the broker's (logged once; "
-                    "counted in %s): %s",
-                    attempt.describe(),
-                    self.keys.refused,
-                    exc,
-                )
-            return False
-        return True
-
-    def forget(self, attempt: Attempt) -> None:
-        """`attempt` ended: nothing of its marks is kept."""
-        self._counted.pop(Keys.job_id(attempt.attempt_id), None)
-
-
-# What a child tells its supervising parent, over a multiprocessing Pipe (so: picklable values,
-# defined at module level).
-
-
-@dataclass(frozen=True)
-class Started:
-    """`attempt` started in the child, or in its work horse: renew its lease, watch its
-    deadline."""
-
-    attempt: Attempt
-
-
-@dataclass(frozen=True)
-class Ended:
-    """The attempt of RQ job `job_id` ended, its result delivered: stop renewing its lease."""
-
-    job_id: str
-
-
-@dataclass(frozen=True)
-class Retiring:
-    """The child took its `--max-trials-per-child` (`trials`) and exits: replace it."""
-
-    trials: int
-
-
-@dataclass(frozen=True)
-class HorseExited:
-    """The child's forked work horse `pid` exited abnormally (`exitcode`, as multiprocessing
-    gives it: negative for a signal); its worker reaped it and lives on."""
-
-    pid: int
-    exitcode: int
-
-
-ChildMessage = Started | Ended | HorseExited | Retiring
-
-
-class ChildChannel:
-    """The child's end of the pipe to its supervising parent."""
-
-    def __init__(self, writer: multiprocessing.connection.Connection) -> None:
-        self._writer = writer
-
-    def started(self, attempt: Attempt) -> None:
-        self._writer.send(Started(attempt))
-
-    def ended(self, attempt: Attempt) -> None:
-        self._writer.send(Ended(attempt.job_id))
-
-    def exited(self, pid: int, exitcode: int) -> None:
-        """A forked work horse `pid` exited abnormally (its worker reaped it)."""
-        self._writer.send(HorseExited(pid, exitcode))
-
-    def retiring(self, trials: int) -> None:
-        """This child took its last trial (`--max-trials-per-child`) and exits."""
-        self._writer.send(Retiring(trials))
 
 
 class LeaseThread:
@@ -271,7 +67,7 @@ class LeaseThread:
                 _renew_on(pipe, self._attempt, self._ttl_ms)
                 _renewed(pipe.execute(raise_on_error=False))
             except UNREACHABLE as exc:
-                outage_of(self._connection).failed(exc)  # said once per outage, not per renewal
+                outage_of(self._connection).failed(exc)  # logged once per outage, not per renewal
                 continue
             except redis.RedisError as exc:
                 log.warning("cannot renew the lease of %s: %s", self._attempt.describe(), exc)
@@ -298,11 +94,11 @@ class Supervisor:
         self._next_renewal = 0.0
         self._renew_failing = False
         # Set when the pool stops: a lost attempt it cannot report while Redis is away is then
-        # said and left to its lease, rather than holding the stop until Redis is back.
+        # logged and left to its lease, rather than holding the stop until Redis is back.
         self.stopping = threading.Event()
 
     def receive(self, index: int, message: ChildMessage) -> None:
-        """Take in what child `index` said. Stale news (the end of an attempt no longer running,
+        """Take in what child `index` reported. Stale news (the end of an attempt no longer running,
         the exit of a process that is not running it) changes nothing."""
         current = self.running.get(index)
         match message:
@@ -331,7 +127,7 @@ class Supervisor:
         """
         for index, attempt in list(self.running.items()):
             if attempt.pid != children.get(index) and exited(attempt.pid):
-                # Its worker reaps it and says how it ended (HorseExited); if it does not say so
+                # Its worker reaps it and reports how it ended (HorseExited); if it does not do so
                 # within a second, report it without the exit code.
                 if now - self._gone_since.setdefault(index, now) >= 1.0:
                     self._report(index, None)
@@ -365,7 +161,7 @@ class Supervisor:
             for i in range(len(renewed)):
                 _renewed(replies[3 * i : 3 * i + 2])
         except UNREACHABLE as exc:
-            outage_of(self.connection).failed(exc)  # said once per outage, not per renewal
+            outage_of(self.connection).failed(exc)  # logged once per outage, not per renewal
             return
         except redis.RedisError as exc:
             if not self._renew_failing:

@@ -3,7 +3,7 @@
 It leads its own process group, dies with its parent, sets its GPUs before anything imports
 CUDA, imports the served modules, installs its `WorkerContext`, and runs an RQ worker of its
 isolation mode until it is told to stop, or, with `--max-trials-per-child N`, until it took N
-trials: then it tells its parent so (`Retiring`), and the parent replaces it with a fresh
+trials: then it reports that to its parent (`Retiring`), and the parent replaces it with a fresh
 process.
 """
 
@@ -19,13 +19,15 @@ import sys
 import redis
 
 from optuna_rq.plumbing import failpoints
-from optuna_rq.plumbing.connection import connect, wait_for_redis
+from optuna_rq.plumbing.connection import connect
 from optuna_rq.plumbing.outages import UNREACHABLE, outage_of
+from optuna_rq.plumbing.redis_waits import wait_for_redis
 from optuna_rq.workers import context, loader
+from optuna_rq.workers.child_messages import ChildChannel
 from optuna_rq.workers.gpus import VISIBLE_DEVICES
 from optuna_rq.workers.pool_settings import WorkerSettings
 from optuna_rq.workers.rq_worker import new_worker
-from optuna_rq.workers.supervision import ChildChannel, die_with_parent
+from optuna_rq.workers.supervision import die_with_parent
 from optuna_rq.workers.worker_metrics import WorkerMetrics
 
 __all__ = ["DUMP_SIGNAL", "child_main", "put_on_path"]
@@ -81,7 +83,7 @@ def child_main(
     limit = settings.max_trials_per_child
     try:
         worker.work(logging_level="WARNING", max_jobs=limit)
-    except UNREACHABLE as exc:  # RQ's own teardown, say, met the outage: said, not a traceback
+    except UNREACHABLE as exc:  # RQ's own teardown, say, met the outage: one line, not a traceback
         outage_of(connection).failed(exc)
     if outage_of(connection).down:
         outage_of(connection).stopping(

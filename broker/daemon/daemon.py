@@ -47,8 +47,8 @@ from optuna_rq.errors import (
     RedisDataLostError,
     StudyStorageError,
 )
-from optuna_rq.plumbing.connection import check_memory_policy, wait_for_redis
 from optuna_rq.plumbing.outages import UNREACHABLE, outage_of
+from optuna_rq.plumbing.redis_waits import check_memory_policy, wait_for_redis
 from optuna_rq.protocol import Enqueue, Keys, Signer, StudySpec
 from optuna_rq.protocol.liveness import TurnBeacon, read_liveness, where
 from optuna_rq.storage.continuity import not_resumable

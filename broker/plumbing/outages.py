@@ -5,11 +5,11 @@ sampling process), waits `backoff()`'s delays: exponential and jittered (redis-p
 `ExponentialWithJitterBackoff`: the delay after the nth failure is drawn uniformly between 0 and
 `min(cap, base * 2**n)`), so a fleet that lost Redis together does not come back in lockstep.
 
-What a process says about it goes through its `Outage` (`outage_of(connection)`): one line when
+What a process logs about it goes through its `Outage` (`outage_of(connection)`): one line when
 Redis goes away, one when it is back (`Redis at <url> is back after 19m02s (571 retries)`), and
 a count of the failed tries in between, not a line per retry, whichever of the process's loops
 (heartbeat, leases, RQ's dequeue, a result's delivery) met the failure. A process that stops
-while Redis is away says so once (`stopping`), with what it could not do.
+while Redis is away logs that once (`stopping`), with what it could not do.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def _server(client: redis.Redis) -> tuple[object, ...]:
 
 def name_server(client: redis.Redis, redacted_url: str) -> None:
     """Name the server `client` talks to, as outage lines show it (a URL without its password:
-    `connection.redact_url`)."""
+    `locations.redact_url`)."""
     _names.setdefault(_server(client), redacted_url)
 
 

@@ -10,7 +10,7 @@ sentinels and to the servers alike; the `ssl_*` options are the ones a `rediss:/
 
 The user and password are the servers' (as in a `redis://` URL; `$OPTUNA_RQ_REDIS_PASSWORD` or
 `$OPTUNA_RQ_REDIS_PASSWORD_FILE` give the password apart from the URL, and win). Sentinels are
-sent no credentials unless told, because a sentinel without a password refuses AUTH:
+sent no credentials unless asked to, because a sentinel without a password refuses AUTH:
 `sentinel_auth=same` sends them the servers' user and password (one password everywhere, the
 common set-up), `sentinel_username` and `sentinel_password` give them their own. The other options
 are those of a plain URL (`socket_timeout`, `socket_keepalive`, `ssl_ca_certs`, ...); anything

@@ -1,13 +1,14 @@
 """Sampling off the broker's loop: a process of its own samples the studies whose sampler is
 slow (TPE past its startup trials, GP, CMA-ES), on the broker's journal file, and hands the
 params back; the loop creates the trials and goes on serving results, calls and leases
-meanwhile. A thread of the broker's own was measured and reverted (4d226fe): sharing the GIL
-with the loop, TPE ran about 1.8x slower a trial there and the loop's calls waited on it anyway.
+meanwhile. A process rather than a thread of the broker's own: a thread would share the GIL
+with the loop, so sampling would run slower and the loop's calls would wait on it anyway.
 
-    process   the broker's handle on the process: start, requests, answers, its end
-    child     the process itself
-    replica   what it samples on: the journal read as it grows, the sampled trials kept aside
-    messages  what the two say to each other
+    sampler_process   the broker's handle on the process: start, requests, answers, its end
+    sampler_main      the process itself
+    journal_replica   what it samples on: the journal read as it grows, the sampled trials kept
+                      aside
+    sampler_messages  what the two send each other
 
 Light on purpose (the CLI reads these for its defaults and help): import the modules.
 """

@@ -6,7 +6,7 @@ whole lines, from where it last read, no lock: Optuna's readers take none either
 samples lives in a scratch copy until the broker creates it for real, from the params handed
 back, and flushes it: then the file has it and the scratch copy is dropped (`drop_scratch`, at the
 end of each batch of asks; the broker asks for the next batch of a study only after it flushed
-this one's trials). So the sampler sees every trial the broker told before it asked (a seeded
+this one's trials). So the sampler sees every trial the broker recorded before it asked (a seeded
 sampler at cap 1 gives `study.optimize`'s params), the trials of its own batch RUNNING beside
 them, and nothing is written twice.
 """

@@ -1,4 +1,4 @@
-"""What the broker and its sampler process say to each other, over a pipe between the two (both
+"""What the broker and its sampler process send each other, over a pipe between the two (both
 are this package at one version: they are pickled, never seen by anyone else)."""
 
 from __future__ import annotations

@@ -84,15 +84,15 @@ class _WaitingTrials:
 
     `study.ask()` takes a WAITING trial (one enqueued) before it samples, and looks for them
     with `get_all_trials(states=(WAITING,))`: on Optuna's JournalStorage, a walk over every
-    trial of the study in Python, 2.3 ms an ask at 10,000 trials (a third of the broker's time
-    with 1,000 workers). A trial is WAITING from its creation until it is taken, never again
+    trial of the study in Python, on every ask: a cost that grows with the study, and a large share
+    of a busy broker's time. A trial is WAITING from its creation until it is taken, never again
     (Optuna's InMemoryStorage finds them on the same premise; one set so through this storage
     is listed anyway), so per study this keeps how many trials it has looked at and which of
     those were waiting, as read: a query looks only at the trials created since (by anyone: the
     storage reads others' appends). A listed trial is read again when this storage writes to it
     (`changed`: taken by an ask, say), and every one is when another writer appended to the
     journal since the last query; else reading them all again on every ask would cost as much
-    as the walk, and more (160 ms an ask with 20,000 sets enqueued).
+    as the walk, and more with many sets enqueued.
     """
 
     def __init__(self, storage: BaseStorage, journal: BatchedJournal) -> None:
@@ -282,7 +282,7 @@ class Storages:
         self._open: dict[str, GuardedStorage] = {}
         self.superseded: set[str] = set()
         """"host:pid" of the brokers this one took the prefix over from: a journal lock one of
-        them holds is released at once (`journal.JournalLock`)."""
+        them holds is released at once (`journal_file.JournalLock`)."""
         self.before_flush = before_flush
         """Run before anything is made durable (the broker's fence: a broker that lost its lock
         or its epoch makes nothing durable); raises to stop it. A journal's changes become
@@ -303,7 +303,7 @@ class Storages:
     def read_back(self, url: str, name: str) -> optuna.Study | None:
         """Study `name` as the storage at `url` holds it now, read afresh: the figures a study
         that failed with its storage (a full disk, say) ends with are what it kept, not what the
-        broker told it and it never wrote (a journal's buffer that would not flush). None,
+        broker gave it and it never wrote (a journal's buffer that would not flush). None,
         logged, if it cannot be read either (a server that is down), or may not be opened."""
         try:
             self.policy.check(url)
@@ -313,7 +313,7 @@ class Storages:
             return None
 
     def flush(self) -> None:
-        """Make every change told to any open storage durable: called before anything that
+        """Make every change made to any open storage durable: called before anything that
         acknowledges one leaves the daemon. Costs nothing when nothing changed. A storage that
         fails raises StudyStorageError (the daemon fails its studies and forgets it)."""
         pending = [s for s in self._open.values() if s.journal is not None and s.journal.pending]

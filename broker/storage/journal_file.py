@@ -2,11 +2,12 @@
 re-reading, made durable once per batch of changes.
 
 Optuna's `JournalFileBackend` takes the file lock, re-reads what others appended and fsyncs its
-own line on every operation: about 2 ms per trial here, against 0.1 ms in memory. The broker
-writes its studies far more than anyone else, so `BatchedJournal` loads the file once, serves
+own line on every operation, which costs far more than the operation itself. The broker writes
+its studies far more than anyone else, so `BatchedJournal` loads the file once, serves
 Optuna's replay from memory, and keeps what Optuna appends in a buffer until `flush()` writes it
 in one append and one fdatasync. The daemon flushes before anything that acknowledges a change
-leaves the broker (`daemon.storages.Storages.flush`): a crash loses only changes nobody was told.
+leaves the broker (`guarded_storages.Storages.flush`): a crash loses only changes that nothing
+has acknowledged yet.
 
 The file stays Optuna's, and so does its protocol for many writers: JSON lines exactly as
 `JournalFileBackend` writes them, under Optuna's own lock file (`JournalFileSymlinkLock`). So
@@ -20,9 +21,9 @@ two writers' trial ids.
 
 Because the broker holds the lock for a turn, not for one write, a broker killed in a turn
 leaves it behind far more often than an Optuna writer would. So it takes the lock itself
-(`JournalLock`: Optuna's symlink protocol, the same lock file) and says who holds it in a file
+(`JournalLock`: Optuna's symlink protocol, the same lock file) and records who holds it in a file
 beside it: a lock whose holder is a process of this host that is gone is released at once
-(Optuna's own writers wait out a grace period, and before Optuna 4.1 wait for ever).
+(Optuna's own writers wait out a grace period).
 
 Written against Optuna's public `BaseJournalBackend` (`read_logs`, `append_logs`) and the
 file protocol of its `JournalFileSymlinkLock` (`<journal>.lock`, a symlink to the journal).

@@ -48,7 +48,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
     A journal file opens as Optuna opens it (`JournalFileBackend`: locked and re-read on every
     operation), as a reader beside the broker must (`optuna-rq trials`, the tests); the broker
-    itself writes its journals through `optuna_rq.storage.journal_file` (see `daemon.storages`).
+    itself writes its journals through `optuna_rq.storage.journal_file` (see `guarded_storages`).
 
     `redis://` gives Optuna's JournalRedis, with a warning: it unpickles a snapshot key on load,
     so anyone who can write to that Redis could run code in the broker. Its socket timeouts

@@ -6,7 +6,7 @@ So the broker opens a study's storage only if its own configuration allows it: i
 storage (`broker --storage`, or the journal in its state directory), or a URL one of its
 `broker --allow-storage PATTERN` options matches. Anything else is refused, at submit and at
 re-attach, with the line `StoragePolicy.refusal` gives. `StoragePolicy` is the one owner of
-that rule; the broker's storages (`daemon.storages.Storages`) check it before they open one.
+that rule; the broker's storages (`guarded_storages.Storages`) check it before they open one.
 
 What is matched is the URL in a canonical form, the one its opener acts on:
 

@@ -5,12 +5,12 @@ While the broker holds a study, another definition under its name is refused at 
 (`StudySpec.differences`). Once it forgets it (`optuna-rq delete` without `--purge`, or a Redis
 that lost its keys; or another prefix's broker on the same storage), its trials stay in its
 storage, and a submission of the name continues them: what a user wants for the same definition,
-and never for another (a `delete` then a resubmission with another objective used to add its
-trials to the old ones). So the broker records each study's definition in its Optuna study (a
-study system attribute, `DEFINITION_ATTR`) when it starts it, and a submission whose definition
-differs from the one recorded fails at once, naming the difference and the way out; nothing is
-added to the old study. A study without a record (created by Optuna itself) is continued, as
-before, and recorded from then on.
+and never for another (a `delete` then a resubmission with another objective would otherwise
+add its trials to the old ones). So the broker records each study's definition in its Optuna
+study (a study system attribute, `DEFINITION_ATTR`) when it starts it, and a submission whose
+definition differs from the one recorded fails at once, naming the difference and the way out;
+nothing is added to the old study. A study without a record (created by Optuna itself) is
+continued, and recorded from then on.
 
 The space is recorded as a digest: a storage's attribute column may be small (MySQL's TEXT holds
 64 KiB), and a space may be bigger.

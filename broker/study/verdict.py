@@ -1,4 +1,4 @@
-"""How one trial ends in its study: the verdict, told exactly once, with the failure's reason.
+"""How one trial ends in its study: the verdict, recorded exactly once, with the failure's reason.
 
 Shared by the in-process Optimizer and the dispatcher (results from workers), so a trial ends the
 same way wherever it ran; the return value itself is judged by the protocol's `judge_return`.
@@ -82,7 +82,7 @@ def tell(study: optuna.Study, trial: optuna.Trial | int, verdict: Verdict) -> Tr
 def fail_orphans(study: optuna.Study, verdict: Verdict) -> int:
     """End FAIL, with `verdict`'s reason, every trial of `study` still RUNNING in its storage,
     through the storage alone (its sampler may be what broke); how many. For a study that
-    faulted, once its trials in flight are told: an ask that raised after creating its trial
+    faulted, once its trials in flight are recorded: an ask that raised after creating its trial
     left one that nobody holds."""
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for frozen in orphans:

@@ -1,5 +1,5 @@
 """How a study's status reads on a terminal: the lines of `optuna-rq status`, its detail for one
-study, and the words the progress bar shows beside the budget (`progress`).
+study, and the words the progress bar shows beside the budget (`study_bar`).
 
 A study a remote Optimizer runs is marked with its process (`running (optimizer host:pid)`) and
 judged by its turns, never by the prefix's broker, which does not run it.

@@ -155,7 +155,7 @@ NEEDED: dict[str, Callable[[TrialWorker, Job, Any], object]] = {
 def test_a_worker_waits_out_a_full_redis_for_the_writes_a_trial_needs(
     aof_redis: RedisServer, caplog: pytest.LogCaptureFixture, write: str
 ) -> None:
-    caplog.set_level(logging.INFO, logger="optuna_rq.plumbing.connection")
+    caplog.set_level(logging.INFO, logger="optuna_rq.plumbing.redis_waits")
     conn = connect(aof_redis.url)
     worker, leaving = _worker(conn, "w"), _worker(conn, "leaving")
     worker.register_birth()

@@ -10,7 +10,8 @@ import threading
 import pytest
 import redis
 
-from optuna_rq.plumbing.connection import connect, wait_for_redis
+from optuna_rq.plumbing.connection import connect
+from optuna_rq.plumbing.redis_waits import wait_for_redis
 from tests.faults.conftest import RedisServer
 from tests.helpers import wait_until
 
