@@ -29,7 +29,7 @@ from optuna_rq.cli.options import (
     make_client,
     read_client,
 )
-from optuna_rq.cli.output import json_text
+from optuna_rq.cli.output import err_console, json_text
 from optuna_rq.cli.parsing import App
 from optuna_rq.cli.redis_command import redis_app
 from optuna_rq.cli.serve_commands import broker, workers
@@ -38,7 +38,7 @@ from optuna_rq.errors import ConfigError, OptunaRQError
 from optuna_rq.plumbing.locations import DEFAULT_PREFIX
 from optuna_rq.protocol import DEFAULT_QUEUE, Direction, Pruner, Sampler
 from optuna_rq.protocol.status import RefusedStatus
-from optuna_rq.terminal.progress import EXIT_INTERRUPTED, REFUSED, ShownState, make_console
+from optuna_rq.terminal.status_view import REFUSED, ShownState
 
 if TYPE_CHECKING:
     from optuna_rq.client import BrokerClient
@@ -61,8 +61,6 @@ app = App(
 )
 
 app.callback()(global_options)
-
-_err = make_console(stderr=True)
 
 
 def _default_study_name(objective: str) -> str:
@@ -258,13 +256,15 @@ def submit(
     )
     unchecked = check_inputs_here(objective, spec.space)
     if unchecked is not None:
-        _err.print(f"[yellow]note:[/] {escape(unchecked)}")
+        err_console().print(f"[yellow]note:[/] {escape(unchecked)}")
     client = make_client(options)
     client.submit(spec, enqueue=to_enqueue)
     typer.echo(spec.name)
     broker = client.liveness()
     if not broker.serves:
-        _err.print(f"[yellow]{escape(broker.note() or '')}:[/] the study waits until one runs")
+        err_console().print(
+            f"[yellow]{escape(broker.note() or '')}:[/] the study waits until one runs"
+        )
     if wait:
         raise typer.Exit(
             _follow(
@@ -398,7 +398,7 @@ def wait_command(
 def _follow(client: BrokerClient, name: str, **how: Any) -> int:
     """`follow(client, name, **how)`'s exit code; on Ctrl-C, after the bar's last state, a line
     saying that the study runs on and how to follow it again, and `EXIT_INTERRUPTED`."""
-    from optuna_rq.terminal.progress import follow  # rich is for terminals only: imported late
+    from optuna_rq.terminal.progress import EXIT_INTERRUPTED, follow  # rich: for terminals
 
     try:
         return follow(client, name, **how)
@@ -407,7 +407,7 @@ def _follow(client: BrokerClient, name: str, **how: Any) -> int:
 
         study, prefix = shlex.quote(name), shlex.quote(client.prefix)
         prefix = "" if client.prefix == DEFAULT_PREFIX else f" --prefix {prefix}"
-        _err.print(
+        err_console().print(
             f"stopped following study {name!r}; it runs on: `optuna-rq{prefix} wait {study}` "
             f"follows it again, `optuna-rq{prefix} cancel {study}` stops it",
             markup=False,
@@ -426,7 +426,7 @@ def cancel(ctx: typer.Context, name: StudyName) -> None:
     client = command_client(ctx.obj)
     client.require_status(name)
     client.cancel(name)
-    _err.print(f"cancelling study {name!r}")
+    err_console().print(f"cancelling study {name!r}")
 
 
 @app.command("set")
@@ -465,10 +465,10 @@ def set_command(
     client = command_client(ctx.obj)
     client.require_status(name)
     status = client.change(name, **changes)
-    _err.print(f"study {name!r}: {changes}")
+    err_console().print(f"study {name!r}: {changes}")
     started = 0 if status is None else status.done + status.running
     if n_trials is not None and n_trials < started:
-        _err.print(
+        err_console().print(
             f"study {name!r} has started {started} trials, more than --n-trials {n_trials}: "
             f"it starts no more, and finishes once they end (its budget becomes what it started)"
         )
@@ -521,6 +521,8 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
+        from optuna_rq.terminal.progress import EXIT_INTERRUPTED
+
         typer.echo("Aborted.", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except typer.TyperException as exc:  # click's usage errors: a bad option, a missing one...
