@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from optuna_rq.cli.dashboard_command import dashboard
+from optuna_rq.cli.field_flags import shown
 from optuna_rq.cli.key_commands import keys
 from optuna_rq.cli.options import (
     GlobalOptions,
@@ -517,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
         # `click.ClickException`s: pyproject pins the typer that does so.
         code = app(args=args, prog_name="optuna-rq", standalone_mode=False)
     except OptunaRQError as exc:
-        _fail(exc, str(exc), code=exc.exit_code, debug=debug)
+        _fail(exc, shown(exc), code=exc.exit_code, debug=debug)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
