@@ -2,7 +2,9 @@
 it (`<prefix>:studies`).
 
 A `StudySpec` is validated when it is built, so the CLI refuses a bad submission before sending
-it, and when it is decoded, so the daemon refuses a forged one the same way.
+it, and when it is decoded, so the daemon refuses a forged one the same way. What it names is
+checked as the wire can: whether the packages a sampler needs are installed is the broker's to
+say, where the sampler is built (`optuna_rq.study.algorithms`), not the submitting machine's.
 
 The spec the broker keeps is its own record (`Record.SPEC`): with signing on it is sealed by the
 broker and bound to the study's name (`seal_stored_spec`), and whoever reads it back, the broker
@@ -13,7 +15,6 @@ unsigned, signed by another role, or stored under another name than its own.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import time
 from dataclasses import dataclass
@@ -87,13 +88,6 @@ KEEP_OUT = (
 )
 """The fix for a space over a limit of a message: every trial's request carries it."""
 
-# Samplers whose extra packages Optuna does not install for you.
-_SAMPLER_NEEDS = {
-    Sampler.CMAES: ("cmaes",),
-    Sampler.QMC: ("scipy",),
-    Sampler.GP: ("scipy", "torch"),
-}
-
 
 @dataclass(frozen=True, kw_only=True)
 class StudySpec(Message):
@@ -157,15 +151,6 @@ class StudySpec(Message):
             raise ConfigError(str(exc)) from exc
         check_settings(n_trials=self.n_trials, concurrency=self.concurrency)
         self._take_choices()
-        missing = [m for m in _SAMPLER_NEEDS.get(self.sampler, ()) if not _installed(m)]
-        if missing:
-            raise FieldError(
-                "sampler",
-                "{sampler} {value} needs {needs}: pip install {packages} (on the broker's machine)",
-                value=self.sampler,
-                needs=", ".join(missing),
-                packages=" ".join(missing),
-            )
         if self.seed is not None and not _int_in(self.seed, 0, MAX_SEED):
             raise FieldError(
                 "seed",
@@ -365,10 +350,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(item) for item in value]
     return value
-
-
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 def check_trial_timeout(seconds: object, *, option: str = "trial_timeout_s") -> int | None:
