@@ -56,6 +56,7 @@ from optuna_rq.protocol import (
     TrialMethod,
     TrialRequest,
 )
+from optuna_rq.protocol.counters import count_dropped, count_refused
 from optuna_rq.workers.call_limits import encode_call
 from optuna_rq.workers.remote_study import RemoteStudy
 
@@ -152,22 +153,24 @@ class RemoteTrial(optuna.Trial):
             body = self._signer.open(Record.REPLY, raw)
             reply = TrialCallReply.decode(body, max_bytes=self._signer.max_message_bytes)
         except ProtocolError as exc:
-            self._drop(self._keys.refused, f"refused a reply (logged once): {exc}", refused=True)
+            self._drop(f"refused a reply (logged once): {exc}", refused=True)
             return None
         if reply.answers(call):
             return reply
         self._drop(
-            self._keys.dropped,
             f"dropped a reply to study {reply.study!r} ({reply.incarnation}) trial "
             f"{reply.trial_number} attempt {reply.attempt} call {reply.seq}: not the answer to "
             f"call {call.seq}",
         )
         return None
 
-    def _drop(self, counter: str, why: str, *, refused: bool = False) -> None:
+    def _drop(self, why: str, *, refused: bool = False) -> None:
         self.dropped_replies += 1
         self._stale_replies += not refused
-        self._connection.hincrby(counter, "reply", 1)
+        if refused:
+            count_refused(self._connection, self._keys, "reply")
+        else:
+            count_dropped(self._connection, self._keys, "reply")
         if refused:  # once per process: a forger may fill every trial's list
             if not RemoteTrial._refused_logged:
                 RemoteTrial._refused_logged = True

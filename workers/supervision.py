@@ -45,6 +45,7 @@ from optuna_rq.protocol import (
     TrialRequest,
     TrialResult,
 )
+from optuna_rq.protocol.counters import count_refused
 from optuna_rq.workers.delivery import deliver
 from optuna_rq.workers.execute import trial_result
 
@@ -167,7 +168,7 @@ class CancelMarks:
             seen = value if isinstance(value, bytes) else b"(not a string)"
             if self._counted.get(job_id) != seen:
                 self._counted[job_id] = seen
-                self.connection.hincrby(self.keys.refused, "cancel", 1)
+                count_refused(self.connection, self.keys, "cancel")
             if not CancelMarks._logged:
                 CancelMarks._logged = True
                 log.warning(

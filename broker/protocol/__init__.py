@@ -4,8 +4,9 @@ Both sides import it; it imports neither (`.ci/run` checks the contract with imp
 owns every message and its schema (`messages`, `commands`, `status`, `spec`, `trial_summary`),
 every Redis name and queue name (`keys`), who is alive (`heartbeat`), the RQ queue and its
 serializer (`queue`), signing and the role keys (`signing`, `keyring`), the objective contract
-(`objectives`) and the fixed choices of a study's definition (`choices`: samplers, pruners,
-directions, trial-call methods).
+(`objectives`), the counters of refused and dropped messages (`counters`), the errors that name
+a field (`field_error`), and the fixed choices (`choices`: samplers, pruners, directions,
+trial-call methods).
 """
 
 from optuna_rq.errors import ProtocolError
