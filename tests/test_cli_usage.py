@@ -322,7 +322,7 @@ def test_a_spec_carries_its_choices_as_the_strings_typed() -> None:
         ["maximize", "minimize"],
     )
     assert StudySpec.decode(spec.encode()) == spec
-    with pytest.raises(ConfigError, match="--sampler 'magic': choose one of random, tpe"):
+    with pytest.raises(ConfigError, match="^sampler 'magic': choose one of random, tpe"):
         StudySpec(name="s", objective="m:f", space={}, n_trials=1, concurrency=1, sampler="magic")  # type: ignore[arg-type]
     forged = msgpack.packb({**wire, "pruner": "never"})
     with pytest.raises(ProtocolError, match="'pruner' must be one of none, median"):
@@ -564,3 +564,30 @@ def test_autoscale_takes_celerys_max_min_and_either_order(
 def test_autoscale_refuses_what_names_no_min_and_max(text: str) -> None:
     with pytest.raises(ConfigError, match="--autoscale"):
         parse_autoscale(text)
+
+
+def test_a_field_the_protocol_refuses_is_shown_as_the_flag_that_gave_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The spec names its fields (`patience`, `n_trials`); the command line shows its flags."""
+    with pytest.raises(ConfigError) as refused:
+        StudySpec(name="s", objective="m:f", space={}, n_trials=3, concurrency=1, patience=5)
+    assert str(refused.value) == "patience must be an integer from 1 to n_trials (3), got 5"
+    code, _out, err = run_main(*SUBMIT[:2], "--n-trials", "3", "--concurrency", "1",
+                               "--patience", "5", capsys=capsys)  # fmt: skip
+    assert code == 2
+    assert err.strip() == "Error: --patience must be an integer from 1 to --n-trials (3), got 5"
+
+
+def test_every_field_a_spec_error_may_name_is_a_flag_of_submit() -> None:
+    import dataclasses
+
+    from optuna_rq.cli.field_flags import flag_of
+
+    root = typer.main.get_command(app)
+    assert isinstance(root, TyperGroup)
+    flags = {o for p in root.commands["submit"].params for o in (*p.opts, *p.secondary_opts)}
+    not_given_by_a_flag = {"objective", "space", "submitted_at", "incarnation", "v"}
+    for field in dataclasses.fields(StudySpec):
+        if field.name not in not_given_by_a_flag:
+            assert flag_of(field.name) in flags, field.name

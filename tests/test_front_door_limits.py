@@ -104,9 +104,9 @@ def test_the_front_door_takes_exactly_what_the_brokers_decoder_takes(
 @pytest.mark.parametrize(
     ("changes", "said"),
     [
-        ({"concurrency": MAX_CONCURRENCY + 1}, f"--concurrency must be .* to {MAX_CONCURRENCY}"),
-        ({"n_trials": MAX_N_TRIALS + 1}, "--n-trials must be an integer"),
-        ({"priority": MAX_PRIORITY * 2}, "--priority must be a number > 0 and at most"),
+        ({"concurrency": MAX_CONCURRENCY + 1}, f"concurrency must be .* to {MAX_CONCURRENCY}"),
+        ({"n_trials": MAX_N_TRIALS + 1}, "n_trials must be an integer"),
+        ({"priority": MAX_PRIORITY * 2}, "priority must be a number > 0 and at most"),
     ],
 )  # fmt: skip
 def test_set_is_bound_as_submit_is_and_the_broker_refuses_past_the_bound(

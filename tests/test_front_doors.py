@@ -132,7 +132,10 @@ SITES = {
     # Not a file: click's HelpFormatter.write_text, the help's global options paragraph.
     ("cli/parsing.py", "Command.format_options"): "formatter.write_text: help text, no file",
     # The embedded server: started by `submit` alone among the front doors.
-    ("cli/app.py", "submit"): "make_client: submit may be the first command run on a machine",
+    (
+        "cli/submit_command.py",
+        "submit",
+    ): "make_client: submit may be the first command run on a machine",
     ("cli/options.py", "make_client"): "connect_redis: for submit",
     ("cli/options.py", "connect_redis"): "resolve_redis_url: the embedded server, if no URL",
     ("cli/options.py", "GlobalOptions.state"): "state_dir: for the commands below alone",

@@ -372,3 +372,37 @@ def test_tpe_lies_constantly_above_cap_1_unless_told() -> None:
     assert spec(concurrency=2).differences(spec(concurrency=2, constant_liar=False)) == [
         "constant_liar None, not False"
     ]
+
+
+def _members_named(*modules: object) -> set[str]:
+    """The `TrialMethod.X` members the modules' source names."""
+    import ast
+    import inspect
+
+    found: set[str] = set()
+    for module in modules:
+        tree = ast.parse(inspect.getsource(module))  # type: ignore[arg-type]
+        found.update(
+            node.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "TrialMethod"
+            and node.attr.isupper()
+        )
+    return found
+
+
+def test_both_ends_of_a_trial_call_name_every_method_by_its_member() -> None:
+    """The worker calls each `TrialMethod` and the broker has a case for each: a method added
+    to the enum without both is caught here, not by an objective on a worker."""
+    from optuna_rq.dispatch import calls
+    from optuna_rq.protocol import TrialMethod
+    from optuna_rq.workers import remote_study, remote_trial
+
+    members = {m.name for m in TrialMethod}
+    assert _members_named(calls) == members
+    assert _members_named(remote_trial, remote_study) == members
+    assert TrialMethod.named("report") is TrialMethod.REPORT
+    with pytest.raises(LookupError, match="unknown trial method 'no_such_method'"):
+        TrialMethod.named("no_such_method")

@@ -15,6 +15,7 @@ import redis
 
 from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol import Keys, Record, Signer
+from optuna_rq.protocol.counters import count_refused
 from optuna_rq.workers.running_attempt import Attempt
 
 __all__ = ["CancelMarks"]
@@ -53,7 +54,7 @@ class CancelMarks:
             seen = value if isinstance(value, bytes) else b"(not a string)"
             if self._counted.get(job_id) != seen:
                 self._counted[job_id] = seen
-                self.connection.hincrby(self.keys.refused, "cancel", 1)
+                count_refused(self.connection, self.keys, "cancel")
             if not CancelMarks._logged:
                 CancelMarks._logged = True
                 log.warning(

@@ -20,9 +20,11 @@ from optuna.samplers import BaseSampler
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from optuna_rq.protocol import TrialMethod
+
 __all__ = ["ComponentView", "RemoteStudy", "frozen_from_view"]
 
-Fetch = Callable[[str], Any]
+Fetch = Callable[[TrialMethod], Any]
 """Asks the broker for one view ("study", "study_trials") and returns it."""
 
 _WRITES = (
@@ -68,7 +70,7 @@ class RemoteStudy:
         self._fetch = fetch
 
     def _view(self) -> dict[str, Any]:
-        view: dict[str, Any] = self._fetch("study")
+        view: dict[str, Any] = self._fetch(TrialMethod.STUDY)
         return view
 
     @property
@@ -145,7 +147,7 @@ class RemoteStudy:
     def get_trials(
         self, deepcopy: bool = True, states: Container[TrialState] | None = None
     ) -> list[FrozenTrial]:
-        trials = [frozen_from_view(v) for v in self._fetch("study_trials")]
+        trials = [frozen_from_view(v) for v in self._fetch(TrialMethod.STUDY_TRIALS)]
         return trials if states is None else [t for t in trials if t.state in states]
 
     def __getattr__(self, name: str) -> Any:

@@ -53,8 +53,10 @@ from optuna_rq.protocol import (
     Signer,
     TrialCall,
     TrialCallReply,
+    TrialMethod,
     TrialRequest,
 )
+from optuna_rq.protocol.counters import count_dropped, count_refused
 from optuna_rq.workers.call_limits import encode_call
 from optuna_rq.workers.remote_study import RemoteStudy
 
@@ -77,7 +79,6 @@ _WARNS: dict[str, type[Warning]] = {
     "DeprecationWarning": DeprecationWarning,
     "ExperimentalWarning": optuna.exceptions.ExperimentalWarning,
 }
-_READS = frozenset({"trial", "study", "study_trials", "relative_params", "relative_search_space"})
 
 
 class RemoteTrial(optuna.Trial):
@@ -104,7 +105,7 @@ class RemoteTrial(optuna.Trial):
         self._trial_id = request.trial_number  # what optuna.artifacts hands back to `storage`
         self.storage = _TrialStorage(self)  # type: ignore[assignment]
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, method: TrialMethod, *args: Any, **kwargs: Any) -> Any:
         """Run `method` on the broker's trial; raise what it raised there."""
         self._seq += 1
         call = TrialCall(
@@ -120,8 +121,8 @@ class RemoteTrial(optuna.Trial):
             token=self._request.token,
         )
         payload = encode_call(call, max_bytes=self._signer.max_message_bytes)
-        if method not in _READS:
-            self._view = None
+        if not (isinstance(method, TrialMethod) and method.reads):
+            self._view = None  # the call may change the trial
         self._connection.xadd(
             self._request.reply_to, {CALL_FIELD: self._signer.seal(Record.CALL, payload)}
         )
@@ -152,22 +153,24 @@ class RemoteTrial(optuna.Trial):
             body = self._signer.open(Record.REPLY, raw)
             reply = TrialCallReply.decode(body, max_bytes=self._signer.max_message_bytes)
         except ProtocolError as exc:
-            self._drop(self._keys.refused, f"refused a reply (logged once): {exc}", refused=True)
+            self._drop(f"refused a reply (logged once): {exc}", refused=True)
             return None
         if reply.answers(call):
             return reply
         self._drop(
-            self._keys.dropped,
             f"dropped a reply to study {reply.study!r} ({reply.incarnation}) trial "
             f"{reply.trial_number} attempt {reply.attempt} call {reply.seq}: not the answer to "
             f"call {call.seq}",
         )
         return None
 
-    def _drop(self, counter: str, why: str, *, refused: bool = False) -> None:
+    def _drop(self, why: str, *, refused: bool = False) -> None:
         self.dropped_replies += 1
         self._stale_replies += not refused
-        self._connection.hincrby(counter, "reply", 1)
+        if refused:
+            count_refused(self._connection, self._keys, "reply")
+        else:
+            count_dropped(self._connection, self._keys, "reply")
         if refused:  # once per process: a forger may fill every trial's list
             if not RemoteTrial._refused_logged:
                 RemoteTrial._refused_logged = True
@@ -181,7 +184,7 @@ class RemoteTrial(optuna.Trial):
 
     def _trial_view(self) -> dict[str, Any]:
         if self._view is None:
-            self._view = self._call("trial")
+            self._view = self._call(TrialMethod.TRIAL)
         return self._view
 
     @property
@@ -194,19 +197,19 @@ class RemoteTrial(optuna.Trial):
         self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
     ) -> float:
         FloatDistribution(low, high, log=log, step=step)  # Optuna's ValueErrors, before the trip
-        return float(self._call("suggest_float", name, low, high, step=step, log=log))
+        return float(self._call(TrialMethod.SUGGEST_FLOAT, name, low, high, step=step, log=log))
 
     def suggest_int(  # step may be positional, as in MultiObjectiveTrial
         self, name: str, low: int, high: int, step: int = 1, log: bool = False
     ) -> int:
         IntDistribution(low, high, log=log, step=step)
-        return int(self._call("suggest_int", name, low, high, step=step, log=log))
+        return int(self._call(TrialMethod.SUGGEST_INT, name, low, high, step=step, log=log))
 
     def suggest_categorical(  # type: ignore[override]  # one signature for Optuna's overloads
         self, name: str, choices: Sequence[CategoricalChoiceType]
     ) -> CategoricalChoiceType:
         CategoricalDistribution(list(choices))
-        return self._call("suggest_categorical", name, list(choices))  # type: ignore[no-any-return]
+        return self._call(TrialMethod.SUGGEST_CATEGORICAL, name, list(choices))  # type: ignore[no-any-return]
 
     def suggest_uniform(self, name: str, low: float, high: float) -> float:
         _deprecated("suggest_uniform", "suggest_float(..., low, high)")
@@ -223,7 +226,7 @@ class RemoteTrial(optuna.Trial):
     @property
     def relative_params(self) -> dict[str, Any]:
         if self._relative is None:
-            self._relative = dict(self._call("relative_params"))
+            self._relative = dict(self._call(TrialMethod.RELATIVE_PARAMS))
         return dict(self._relative)
 
     @property  # optuna.Trial's is an attribute the trial sets once; here it is read
@@ -231,7 +234,7 @@ class RemoteTrial(optuna.Trial):
         """What the sampler samples relatively: None until it inferred it (the trial's first
         suggestion, or `relative_params`), then fixed for the trial, as in-process."""
         if self._relative_space is None:
-            space = self._call("relative_search_space")
+            space = self._call(TrialMethod.RELATIVE_SEARCH_SPACE)
             if space is None:
                 return None
             self._relative_space = {k: json_to_distribution(d) for k, d in space.items()}
@@ -259,30 +262,30 @@ class RemoteTrial(optuna.Trial):
                     "report(values, step) takes one value per objective: the study has "
                     f"{self._request.n_objectives} directions, got {len(values)} values"
                 )
-            self._call("report_values", values, step)
+            self._call(TrialMethod.REPORT_VALUES, values, step)
         else:
             number = _float(value)
-            self._call("report", number, _step(step))
+            self._call(TrialMethod.REPORT, number, _step(step))
 
     def should_prune(self) -> bool:
         if self._multi:
             raise NotImplementedError(
                 "Trial.should_prune is not supported for multi-objective optimization."
             )
-        return bool(self._call("should_prune"))
+        return bool(self._call(TrialMethod.SHOULD_PRUNE))
 
     def set_constraint(self, key: str, value: float) -> None:
         number = _float(value)
         if math.isnan(number):
             raise ValueError(f"Attempted to set a constraint for {key!r}, but NaN is not allowed.")
-        self._call("set_constraint", key, number)
+        self._call(TrialMethod.SET_CONSTRAINT, key, number)
 
     def set_user_attr(self, key: str, value: Any) -> None:
-        self._call("set_user_attr", key, value)
+        self._call(TrialMethod.SET_USER_ATTR, key, value)
 
     def set_system_attr(self, key: str, value: Any) -> None:
         """`MultiObjectiveTrial.set_system_attr` (Optuna 5's `Trial` no longer has one)."""
-        self._call("set_system_attr", key, value)
+        self._call(TrialMethod.SET_SYSTEM_ATTR, key, value)
 
     # -- what the storage holds --------------------------------------------------------------------
 

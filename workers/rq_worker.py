@@ -25,7 +25,6 @@ registry) is RQ's own.
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import signal
@@ -42,6 +41,7 @@ from optuna_rq.protocol.spec import MAX_TRIAL_TIMEOUT_S
 from optuna_rq.workers import context
 from optuna_rq.workers.bookkeeping import LeanBookkeeping
 from optuna_rq.workers.execute import WorkerShutdown
+from optuna_rq.workers.isolation import Isolation
 from optuna_rq.workers.runner import refuse_trial
 from optuna_rq.workers.supervision import die_with_parent
 
@@ -176,16 +176,6 @@ MAINTENANCE_INTERVAL_S = 60
 """How often RQ sweeps the queue's registries (one worker of all, under RQ's lock). A finished
 trial's job stays in RQ's finished registry until a sweep; RQ's default, 10 minutes, would let a
 fast study pile up hundreds of thousands of entries."""
-
-
-class Isolation(str, enum.Enum):
-    """--isolation: how a worker process runs its trials (the CLI's choices)."""
-
-    PROCESS = "process"
-    FORK = "fork"
-
-    def __str__(self) -> str:
-        return str(self.value)
 
 
 ISOLATION: dict[Isolation, type[TrialWorker | ForkingTrialWorker]] = {

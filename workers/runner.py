@@ -31,6 +31,7 @@ from optuna_rq.protocol import (
     TrialResult,
     error_headline,
 )
+from optuna_rq.protocol.counters import count_refused
 from optuna_rq.workers.cancel_marks import CancelMarks
 from optuna_rq.workers.context import WorkerContext, current
 from optuna_rq.workers.delivery import deliver
@@ -78,7 +79,7 @@ def run_trial(payload: bytes) -> None:
                 "(a copy of another job?): refused"
             )
     except ProtocolError:
-        connection.hincrby(keys.refused, "request", 1)
+        count_refused(connection, keys, "request")
         raise
     holder = worker_id()
     timeout_s = float(job.timeout) if job.timeout is not None and job.timeout > 0 else None
@@ -136,7 +137,7 @@ def refuse_trial(job: Any, why: str) -> None:
         body = ctx.signer.open(Record.REQUEST, payload)
         request = TrialRequest.decode(body, max_bytes=ctx.signer.max_message_bytes)
     except (ProtocolError, TypeError, ValueError):
-        connection.hincrby(Keys(Keys.prefix_of(job.origin)).refused, "request", 1)
+        count_refused(connection, Keys(Keys.prefix_of(job.origin)), "request")
         return
     result = trial_result(
         request,

@@ -25,16 +25,15 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from optuna_rq.cli.options import GlobalOptions, read_client
+from optuna_rq.cli.output import err_console
 from optuna_rq.errors import ConfigError, RedisUnavailableError
 from optuna_rq.plumbing.locations import redact_url, state_path
-from optuna_rq.terminal.progress import make_console
 
 if TYPE_CHECKING:
     from optuna.storages import BaseStorage
 
 __all__ = ["dashboard"]
 
-_err = make_console(stderr=True)
 
 DEFAULT_PORT = 8080
 DEFAULT_HOST = "127.0.0.1"
@@ -103,7 +102,7 @@ def dashboard(
     shown = f"[{host}]" if ":" in host else host
     address = f"http://{shown}:{server.server_port}/"
     mode = "read-write (--allow-writes)" if allow_writes else "read-only"
-    _err.print(
+    err_console().print(
         f"optuna-dashboard on {address} ({mode}), storage {redact_url(url)}; Ctrl-C stops it",
         markup=False,
         highlight=False,
@@ -138,7 +137,7 @@ def _open(options: GlobalOptions, given: str | None) -> tuple[str, BaseStorage]:
         if chosen is not None:
             later = candidates[candidates.index(candidate) + 1 :]
             for line in notes + refused + [_elsewhere(c) for c in later if c.studies]:
-                _err.print(line, markup=False, highlight=False, soft_wrap=True)
+                err_console().print(line, markup=False, highlight=False, soft_wrap=True)
             return chosen
         names = f" ({', '.join(candidate.studies)})" if candidate.studies else ""
         refused.append(f"not shown, storage {redact_url(candidate.url)}{names}: {why}")

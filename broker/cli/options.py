@@ -16,7 +16,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import redis
 import typer
 
 from optuna_rq.errors import ConfigError
@@ -42,6 +41,8 @@ from optuna_rq.protocol.liveness import BROKER_GRACE_S, BROKER_START_GRACE_S
 from optuna_rq.protocol.signing import ENV_MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
+    import redis
+
     from optuna_rq.client import BrokerClient
 
 __all__ = [

@@ -11,19 +11,32 @@ be), and `float()` in Python (or `Number()` in JavaScript) reads each back.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optuna_rq.protocol import RefusedTrial, TrialSummary
-from optuna_rq.terminal.progress import REFUSED
+from optuna_rq.terminal.status_view import REFUSED
 
-__all__ = ["json_text", "render_trials", "trial_row"]
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = ["err_console", "json_text", "render_trials", "trial_row"]
 
 _LAST_STEPS = 1
 """Intermediate values the table shows (the last reported); json and csv show them all."""
+
+
+@functools.cache
+def err_console() -> Console:
+    """The console notes and errors go to (stderr), made when a command first writes one: rich
+    is for the commands that print to a terminal, not for the command line's start."""
+    from optuna_rq.terminal.progress import make_console
+
+    return make_console(stderr=True)
 
 
 def json_text(data: Any, *, indent: int | None = None) -> str:

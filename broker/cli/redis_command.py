@@ -10,14 +10,16 @@ connection (a `wait`, a dashboard). Stopped under them, they would wait for a Re
 from __future__ import annotations
 
 import contextlib
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import redis
 import typer
 
 from optuna_rq.cli.options import GlobalOptions
 from optuna_rq.cli.parsing import App
 from optuna_rq.errors import RedisInUseError
+
+if TYPE_CHECKING:
+    import redis
 
 __all__ = ["redis_app", "users_of"]
 

@@ -18,8 +18,8 @@ from optuna_rq.daemon.broker_health import DEFAULT_STALL_LIMIT_S, BrokerHealth, 
 from optuna_rq.errors import ConfigError
 from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, DEFAULT_QUEUE, Role
 from optuna_rq.sampling import OFF_LOOP_AT_S, SAMPLES_TO_DECIDE
+from optuna_rq.workers.isolation import Isolation
 from optuna_rq.workers.pool_health import DEFAULT_POOL_STALL_LIMIT_S, PoolLiveness
-from optuna_rq.workers.rq_worker import Isolation
 
 if TYPE_CHECKING:
     from optuna_rq.workers.pool_settings import WorkerSettings

@@ -19,7 +19,7 @@ from optuna_rq.cli.options import GlobalOptions, StudyName, command_client, read
 from optuna_rq.cli.output import json_text
 from optuna_rq.errors import ConfigError, ProtocolError
 from optuna_rq.protocol.choices import StrChoice
-from optuna_rq.terminal.progress import REFUSED
+from optuna_rq.terminal.status_view import REFUSED
 
 if TYPE_CHECKING:
     from optuna_rq.protocol import BulkReceipt, StudyStatus

@@ -50,6 +50,7 @@ from optuna_rq.protocol import (
     Signer,
     TrialCall,
     TrialCallReply,
+    TrialMethod,
 )
 from optuna_rq.study.optuna_trials import set_trial_system_attr
 
@@ -250,43 +251,43 @@ def _perform(study: optuna.Study, trial: optuna.Trial, call: TrialCall) -> Any:
     """One remote trial call on the real trial: only these methods, nothing by name lookup."""
     args: Any = call.args  # checked by Optuna's own signatures: a mismatch is a TypeError reply
     kwargs: Any = call.kwargs
-    match call.method:
-        case "suggest_float":
+    match TrialMethod.named(call.method):
+        case TrialMethod.SUGGEST_FLOAT:
             return trial.suggest_float(*args, **kwargs)
-        case "suggest_int":
+        case TrialMethod.SUGGEST_INT:
             return trial.suggest_int(*args, **kwargs)
-        case "suggest_categorical":
+        case TrialMethod.SUGGEST_CATEGORICAL:
             return trial.suggest_categorical(*args, **kwargs)
-        case "report":
+        case TrialMethod.REPORT:
             trial.report(*args, **kwargs)
             return None
-        case "report_values":  # MultiObjectiveTrial.report(values, step)
+        case TrialMethod.REPORT_VALUES:  # MultiObjectiveTrial.report(values, step)
             warning = report_values(study, trial, *args, **kwargs)
             if warning:
                 warnings.warn(warning, UserWarning, stacklevel=1)
             return None
-        case "should_prune":
+        case TrialMethod.SHOULD_PRUNE:
             return bool(trial.should_prune())  # pruners may answer with a numpy bool
-        case "set_user_attr":
+        case TrialMethod.SET_USER_ATTR:
             trial.set_user_attr(*args, **kwargs)
             return None
-        case "set_system_attr":
+        case TrialMethod.SET_SYSTEM_ATTR:
             key, value = args
             if not isinstance(key, str):
                 raise TypeError(f"attribute key must be a str, got {key!r}")
             set_trial_system_attr(study, trial, key, value)
             return None
-        case "set_constraint":
+        case TrialMethod.SET_CONSTRAINT:
             trial.set_constraint(*args, **kwargs)
             return None
-        case "relative_params":
+        case TrialMethod.RELATIVE_PARAMS:
             return dict(trial.relative_params)
-        case "relative_search_space":
+        case TrialMethod.RELATIVE_SEARCH_SPACE:
             return relative_search_space_view(trial)
-        case "trial":
+        case TrialMethod.TRIAL:
             return trial_view(study, trial)
-        case "study":
+        case TrialMethod.STUDY:
             return study_view(study)
-        case "study_trials":
+        case TrialMethod.STUDY_TRIALS:
             return study_trials_view(study)
-    raise LookupError(f"unknown trial method {call.method!r}")
+    raise LookupError(f"unknown trial method {call.method!r}")  # a member without a case

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import redis
 
-from optuna_rq.protocol import FailReason, Keys
+from optuna_rq.protocol import FailReason, Keys, counters
 
 __all__ = ["DispatchObserver", "RefusalLog", "count_dropped", "count_refusal", "refusal_log"]
 
@@ -116,10 +116,10 @@ def count_refusal(connection: redis.Redis, prefix: str, kind: str, why: str = ""
     `why`, log it too, once per kind and then at most once a minute (`RefusalLog`)."""
     if why:
         refusal_log.refused(kind, why)
-    connection.hincrby(Keys(prefix).refused, kind, 1)
+    counters.count_refused(connection, Keys(prefix), kind)
 
 
 def count_dropped(connection: redis.Redis, prefix: str, kind: str) -> None:
     """Count a dropped (stale or repeated) message in `<prefix>:dropped`, by kind: rare, and
     worth seeing from outside (a worker that came back)."""
-    connection.hincrby(Keys(prefix).dropped, kind, 1)
+    counters.count_dropped(connection, Keys(prefix), kind)

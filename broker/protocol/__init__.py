@@ -4,12 +4,13 @@ Both sides import it; it imports neither (`.ci/run` checks the contract with imp
 owns every message and its schema (`messages`, `commands`, `status`, `spec`, `trial_summary`),
 every Redis name and queue name (`keys`), who is alive (`heartbeat`), the RQ queue and its
 serializer (`queue`), signing and the role keys (`signing`, `keyring`), the objective contract
-(`objectives`) and the fixed choices of a study's definition (`choices`: samplers, pruners,
-directions).
+(`objectives`), the counters of refused and dropped messages (`counters`), the errors that name
+a field (`field_error`), and the fixed choices (`choices`: samplers, pruners, directions,
+trial-call methods).
 """
 
 from optuna_rq.errors import ProtocolError
-from optuna_rq.protocol.choices import Direction, Pruner, Sampler
+from optuna_rq.protocol.choices import Direction, Pruner, Sampler, TrialMethod
 from optuna_rq.protocol.codec import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_CONTAINER_LEN,
@@ -149,6 +150,7 @@ __all__ = [
     "TrialSummary",
     "TrialCall",
     "TrialCallReply",
+    "TrialMethod",
     "TrialRequest",
     "TrialResult",
     "check_incarnation",

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
-
-import redis
+from typing import TYPE_CHECKING, Any
 
 from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol.keys import Keys
 from optuna_rq.protocol.schema import Int, Message, Text, Texts, version_field, wire
 from optuna_rq.protocol.signing import Record, Signer
+
+if TYPE_CHECKING:
+    import redis
 
 __all__ = ["PoolHeartbeat", "live_pools", "workers_on"]
 

@@ -69,6 +69,7 @@ import secrets
 from dataclasses import dataclass
 
 from optuna_rq.errors import ConfigError
+from optuna_rq.protocol.field_error import FieldError
 
 __all__ = [
     "INCARNATION_PATTERN",
@@ -126,13 +127,15 @@ and not the per-attempt keys under them."""
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
-def check_queue_name(name: object, *, option: str = "--queue") -> str:
+def check_queue_name(name: object, *, option: str = "queue") -> str:
     """`name` if it is a resource class name (letters, digits, `_`, `.`, `-`; at most 64), else
-    ConfigError naming `option`."""
+    FieldError naming `option` (the field, or the caller's name for it)."""
     if not isinstance(name, str) or not _QUEUE_NAME.fullmatch(name):
-        raise ConfigError(
-            f"{option} {name!r}: a queue is a name of letters, digits, '_', '.' and '-' "
-            "(at most 64), such as gpu or default"
+        raise FieldError(
+            option,
+            f"{{{option}}} {{value!r}}: a queue is a name of letters, digits, '_', '.' and '-' "
+            "(at most 64), such as gpu or default",
+            value=name,
         )
     return name
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
-from typing import Any
-
-import redis
+from typing import TYPE_CHECKING, Any
 
 from optuna_rq.protocol.keys import Keys
 from optuna_rq.protocol.status import StudyStatus
+
+if TYPE_CHECKING:
+    import redis
 
 __all__ = [
     "BROKER_GRACE_S",

@@ -167,7 +167,7 @@ class TrialCall(Message):
     trial_number: int = wire(Int(minimum=0))
     attempt: int = wire(Int(minimum=1))
     seq: int = wire(Int(minimum=1))
-    method: str = wire(Text())
+    method: str = wire(Text())  # a `TrialMethod`, as text: see `TrialMethod.named`
     args: list[Param] = wire(List())
     kwargs: dict[str, Param] = wire(Map())
     reply: bool = wire(Bool())

@@ -9,10 +9,12 @@ runs code.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-from rq import Queue
+
+if TYPE_CHECKING:
+    from rq import Queue
 
 __all__ = ["MAX_JOB_BYTES", "RUN_TRIAL", "MsgpackSerializer", "trial_queue"]
 
@@ -50,4 +52,6 @@ class MsgpackSerializer:
 
 def trial_queue(connection: Any, name: str) -> Queue:
     """The RQ queue trials travel on, with our serializer: the one way both sides make it."""
+    from rq import Queue  # RQ (and Redis with it) for the sides that enqueue or run trials
+
     return Queue(name, connection=connection, serializer=MsgpackSerializer)

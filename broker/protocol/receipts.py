@@ -11,15 +11,16 @@ to the command's id: a receipt copied under another command does not open.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import redis
+from typing import TYPE_CHECKING, Any
 
 from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol.commands import COMMAND_ID_PATTERN
 from optuna_rq.protocol.keys import Keys
 from optuna_rq.protocol.schema import Int, Matching, Message, Text, version_field, wire
 from optuna_rq.protocol.signing import Record, Signer
+
+if TYPE_CHECKING:
+    import redis
 
 __all__ = ["RECEIPT_TTL_S", "BulkReceipt", "read_receipts"]
 

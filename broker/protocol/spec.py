@@ -2,7 +2,9 @@
 it (`<prefix>:studies`).
 
 A `StudySpec` is validated when it is built, so the CLI refuses a bad submission before sending
-it, and when it is decoded, so the daemon refuses a forged one the same way.
+it, and when it is decoded, so the daemon refuses a forged one the same way. What it names is
+checked as the wire can: whether the packages a sampler needs are installed is the broker's to
+say, where the sampler is built (`optuna_rq.study.algorithms`), not the submitting machine's.
 
 The spec the broker keeps is its own record (`Record.SPEC`): with signing on it is sealed by the
 broker and bound to the study's name (`seal_stored_spec`), and whoever reads it back, the broker
@@ -13,7 +15,6 @@ unsigned, signed by another role, or stored under another name than its own.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 from optuna_rq.errors import ConfigError, MessageLimitError, ProtocolError
 from optuna_rq.protocol.choices import Direction, Pruner, Sampler, StrChoice
 from optuna_rq.protocol.codec import check_params
+from optuna_rq.protocol.field_error import FieldError
 from optuna_rq.protocol.keys import (
     DEFAULT_QUEUE,
     INCARNATION_PATTERN,
@@ -64,21 +66,21 @@ __all__ = [
 ]
 
 MAX_TIMEOUT_S = 366 * 24 * 3600.0
-"""The longest --timeout: a bound, so a typo in the unit is refused rather than run for ages."""
+"""The longest `timeout_s`: a bound, so a typo in the unit is refused rather than run for ages."""
 
 # The bounds of every number a submission carries: what RQ, Redis, the OS and Optuna accept,
 # with room to spare, so that a value refused downstream is refused here, naming the limit.
 MAX_TRIAL_TIMEOUT_S = 30 * 24 * 3600
-"""--trial-timeout at most 30 days: RQ's job timeout is whole seconds, armed with signal.alarm
+"""`trial_timeout_s` at most 30 days: RQ's job timeout is whole seconds, armed with signal.alarm
 (a C int: about 68 years) and stored with EXPIRE; a month is more than any trial should run."""
 MAX_N_TRIALS = 10**9
 MAX_CONCURRENCY = 100_000
 MAX_RETRIES = 100
 MAX_ASK_AHEAD = 1_000
 MAX_PRIORITY = 1e6
-"""--priority at most 1e6: a weight among studies, summed with the others' in fair share."""
+"""`priority` at most 1e6: a weight among studies, summed with the others' in fair share."""
 MAX_SEED = 2**32 - 1
-"""--seed in [0, 2**32 - 1]: what numpy's RandomState, behind every Optuna sampler, takes."""
+"""`seed` in [0, 2**32 - 1]: what numpy's RandomState, behind every Optuna sampler, takes."""
 
 KEEP_OUT = (
     "keep large data out of the space: give a path or URL to it as a fixed input, and read it in "
@@ -86,20 +88,14 @@ KEEP_OUT = (
 )
 """The fix for a space over a limit of a message: every trial's request carries it."""
 
-# Samplers whose extra packages Optuna does not install for you.
-_SAMPLER_NEEDS = {
-    Sampler.CMAES: ("cmaes",),
-    Sampler.QMC: ("scipy",),
-    Sampler.GP: ("scipy", "torch"),
-}
-
 
 @dataclass(frozen=True, kw_only=True)
 class StudySpec(Message):
     """Everything the broker needs to run one submitted study.
 
-    The wire kinds check what travels; `__post_init__` checks the rules, naming the CLI option
-    (a `ConfigError` when built, a `ProtocolError` when decoded).
+    The wire kinds check what travels; `__post_init__` checks the rules, naming the field (a
+    `FieldError` when built, which a front door shows with its own names for the fields; a
+    `ProtocolError` when decoded).
     """
 
     name: str = wire(Text())
@@ -142,7 +138,9 @@ class StudySpec(Message):
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
-            raise ConfigError(f"--study-name must be a non-empty name, got {self.name!r}")
+            raise FieldError(
+                "name", "{name} must be a non-empty name, got {value!r}", value=self.name
+            )
         parse_objective_path(self.objective)
         space_from_data(self.space)  # every suggestion validated
         try:
@@ -153,69 +151,84 @@ class StudySpec(Message):
             raise ConfigError(str(exc)) from exc
         check_settings(n_trials=self.n_trials, concurrency=self.concurrency)
         self._take_choices()
-        missing = [m for m in _SAMPLER_NEEDS.get(self.sampler, ()) if not _installed(m)]
-        if missing:
-            raise ConfigError(
-                f"--sampler {self.sampler} needs {', '.join(missing)}: "
-                f"pip install {' '.join(missing)} (on the broker's machine)"
-            )
         if self.seed is not None and not _int_in(self.seed, 0, MAX_SEED):
-            raise ConfigError(
-                f"--seed must be an integer from 0 to {MAX_SEED} (what Optuna's samplers take), "
-                f"got {self.seed!r}"
+            raise FieldError(
+                "seed",
+                "{seed} must be an integer from 0 to {high} (what Optuna's samplers take), "
+                "got {value!r}",
+                high=MAX_SEED,
+                value=self.seed,
             )
         if self.trial_timeout_s is not None and not _positive_number(
             self.trial_timeout_s, MAX_TRIAL_TIMEOUT_S
         ):
-            raise ConfigError(
-                f"--trial-timeout must be > 0 and at most {MAX_TRIAL_TIMEOUT_S} seconds "
-                f"(30 days), got {self.trial_timeout_s!r}"
+            raise FieldError(
+                "trial_timeout_s",
+                "{trial_timeout_s} must be > 0 and at most {high} seconds (30 days), got {value!r}",
+                high=MAX_TRIAL_TIMEOUT_S,
+                value=self.trial_timeout_s,
             )
         if not _int_in(self.ask_ahead, 0, MAX_ASK_AHEAD):
-            raise ConfigError(
-                f"--ask-ahead must be an integer from 0 to {MAX_ASK_AHEAD}, got {self.ask_ahead!r}"
+            raise FieldError(
+                "ask_ahead",
+                "{ask_ahead} must be an integer from 0 to {high}, got {value!r}",
+                high=MAX_ASK_AHEAD,
+                value=self.ask_ahead,
             )
         if self.constant_liar is not None and self.sampler is not Sampler.TPE:
-            raise ConfigError(
-                f"--constant-liar is a TPE option, not one of --sampler {self.sampler}: "
-                "drop it or use --sampler tpe"
+            raise FieldError(
+                "constant_liar",
+                "{constant_liar} is a TPE option, not one of {sampler} {value}: "
+                "drop it or use {sampler} tpe",
+                value=self.sampler,
             )
         check_max_retries(self.max_retries)
         check_settings(priority=self.priority)
         self._check_stop_conditions()
         check_queue_name(self.queue)
         if self.storage is not None and not isinstance(self.storage, str):
-            raise ConfigError(f"--storage must be a URL, got {self.storage!r}")
+            raise FieldError(
+                "storage", "{storage} must be a URL, got {value!r}", value=self.storage
+            )
 
     def _take_choices(self) -> None:
         """The sampler, pruner and directions as their enums (given as strings, or decoded);
-        ConfigError naming the option and its choices for one that is none of them."""
+        FieldError naming the field and its choices for one that is none of them."""
         if not isinstance(self.directions, list) or not self.directions:
-            raise ConfigError(
-                f"--direction: give {' or '.join(Direction.values())} (repeat it for each "
-                f"objective), got {self.directions!r}"
+            raise FieldError(
+                "directions",
+                "{directions}: give a list of {choices}, one for each objective, got {value!r}",
+                choices=" or ".join(Direction.values()),
+                value=self.directions,
             )
-        directions = [_choice(Direction, "--direction", d) for d in self.directions]
+        directions = [_choice(Direction, "directions", d) for d in self.directions]
         object.__setattr__(self, "directions", directions)
-        object.__setattr__(self, "sampler", _choice(Sampler, "--sampler", self.sampler))
-        object.__setattr__(self, "pruner", _choice(Pruner, "--pruner", self.pruner))
+        object.__setattr__(self, "sampler", _choice(Sampler, "sampler", self.sampler))
+        object.__setattr__(self, "pruner", _choice(Pruner, "pruner", self.pruner))
 
     def _check_stop_conditions(self) -> None:
         if self.timeout_s is not None and not _positive_number(self.timeout_s, MAX_TIMEOUT_S):
-            raise ConfigError(
-                f"--timeout must be > 0 and at most {MAX_TIMEOUT_S:g} seconds (a year), "
-                f"got {self.timeout_s!r}"
+            raise FieldError(
+                "timeout_s",
+                "{timeout_s} must be > 0 and at most {high:g} seconds (a year), got {value!r}",
+                high=MAX_TIMEOUT_S,
+                value=self.timeout_s,
             )
         single = len(self.directions) == 1
         if self.target is not None:
             if isinstance(self.target, bool) or not isinstance(self.target, (int, float)):
-                raise ConfigError(f"--target must be a number, got {self.target!r}")
+                raise FieldError(
+                    "target", "{target} must be a number, got {value!r}", value=self.target
+                )
             if not math.isfinite(self.target):
-                raise ConfigError(f"--target must be a finite number, got {self.target!r}")
+                raise FieldError(
+                    "target", "{target} must be a finite number, got {value!r}", value=self.target
+                )
             if not single:
-                raise ConfigError(
-                    "--target needs a single-objective study: a multi-objective study has no "
-                    "single best value to compare (use --timeout or --n-trials)"
+                raise FieldError(
+                    "target",
+                    "{target} needs a single-objective study: a multi-objective study has no "
+                    "single best value to compare (use {timeout_s} or {n_trials})",
                 )
         if self.patience is not None:
             if (
@@ -223,14 +236,17 @@ class StudySpec(Message):
                 or not isinstance(self.patience, int)
                 or not 1 <= self.patience <= self.n_trials
             ):
-                raise ConfigError(
-                    f"--patience must be an integer from 1 to --n-trials ({self.n_trials}), "
-                    f"got {self.patience!r}"
+                raise FieldError(
+                    "patience",
+                    "{patience} must be an integer from 1 to {n_trials} ({high}), got {value!r}",
+                    high=self.n_trials,
+                    value=self.patience,
                 )
             if not single:
-                raise ConfigError(
-                    "--patience needs a single-objective study: improvement of a Pareto front "
-                    "is not one number (use --timeout or --n-trials)"
+                raise FieldError(
+                    "patience",
+                    "{patience} needs a single-objective study: improvement of a Pareto front "
+                    "is not one number (use {timeout_s} or {n_trials})",
                 )
 
     @property
@@ -314,13 +330,16 @@ _MISSING = object()
 C = TypeVar("C", bound=StrChoice)
 
 
-def _choice(choices: type[C], option: str, value: object) -> C:
-    """`value` as a member of `choices`; ConfigError naming `option` and its choices if none."""
+def _choice(choices: type[C], field: str, value: object) -> C:
+    """`value` as a member of `choices`; FieldError naming `field` and its choices if none."""
     try:
         return choices(value)
     except ValueError:
-        raise ConfigError(
-            f"{option} {value!r}: choose one of {', '.join(choices.values())}"
+        raise FieldError(
+            field,
+            f"{{{field}}} {{value!r}}: choose one of {{choices}}",
+            value=value,
+            choices=", ".join(choices.values()),
         ) from None
 
 
@@ -333,13 +352,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-def check_trial_timeout(seconds: object, *, option: str = "--trial-timeout") -> int | None:
-    """A trial timeout (`submit --trial-timeout`, `Optimizer(trial_timeout=...)`) as the whole
-    seconds it runs for (None: none); ConfigError naming `option` for anything else.
+def check_trial_timeout(seconds: object, *, option: str = "trial_timeout_s") -> int | None:
+    """A trial timeout (`StudySpec.trial_timeout_s`, `Optimizer(trial_timeout=...)`) as the whole
+    seconds it runs for (None: none); FieldError naming `option` (the field, or the caller's
+    name for it) for anything else.
 
     RQ's job timeout (the alarm a worker raises in the objective) is whole seconds: a fraction
     would silently run rounded up, so it is refused instead; so is more than 30 days
@@ -351,26 +367,40 @@ def check_trial_timeout(seconds: object, *, option: str = "--trial-timeout") -> 
         or not isinstance(seconds, (int, float))
         or not math.isfinite(seconds)
     ):
-        raise ConfigError(f"{option} must be whole seconds (a number), got {seconds!r}")
+        raise FieldError(
+            option, f"{{{option}}} must be whole seconds (a number), got {{value!r}}", value=seconds
+        )
     if seconds < 1 or seconds != int(seconds):
-        raise ConfigError(
-            f"{option} {seconds:g}: trial timeouts are whole seconds >= 1 (RQ's job "
-            f"timeout is); use {max(1, int(seconds))} or {max(1, int(seconds)) + 1}"
+        raise FieldError(
+            option,
+            f"{{{option}}} {{value:g}}: trial timeouts are whole seconds >= 1 (RQ's job "
+            "timeout is); use {below} or {above}",
+            value=seconds,
+            below=max(1, int(seconds)),
+            above=max(1, int(seconds)) + 1,
         )
     if seconds > MAX_TRIAL_TIMEOUT_S:
         shown = f"{seconds:.0f}" if seconds < 1e15 else f"{seconds:g}"
-        raise ConfigError(
-            f"{option} must be > 0 and at most {MAX_TRIAL_TIMEOUT_S} seconds (30 days), got {shown}"
+        raise FieldError(
+            option,
+            f"{{{option}}} must be > 0 and at most {{high}} seconds (30 days), got {{value}}",
+            high=MAX_TRIAL_TIMEOUT_S,
+            value=shown,
         )
     return int(seconds)
 
 
-def check_max_retries(value: object, *, option: str = "--max-retries") -> int:
-    """How many times a trial whose worker was lost runs again (`submit --max-retries`,
-    `Optimizer(max_retries=...)`); ConfigError naming `option` unless a whole number from 0 to
-    `MAX_RETRIES`."""
+def check_max_retries(value: object, *, option: str = "max_retries") -> int:
+    """How many times a trial whose worker was lost runs again (`StudySpec.max_retries`,
+    `Optimizer(max_retries=...)`); FieldError naming `option` (the field, or the caller's name
+    for it) unless a whole number from 0 to `MAX_RETRIES`."""
     if not _int_in(value, 0, MAX_RETRIES):
-        raise ConfigError(f"{option} must be an integer from 0 to {MAX_RETRIES}, got {value!r}")
+        raise FieldError(
+            option,
+            f"{{{option}}} must be an integer from 0 to {{high}}, got {{value!r}}",
+            high=MAX_RETRIES,
+            value=value,
+        )
     assert isinstance(value, int)
     return value
 
@@ -379,15 +409,18 @@ def check_settings(
     *, n_trials: object = None, concurrency: object = None, priority: object = None
 ) -> None:
     """The budget, cap and priority a submission or a `set` gives (None: not given), each within
-    its bounds; ConfigError naming the option otherwise. One rule for both, so that `set` is
+    its bounds; FieldError naming the field otherwise. One rule for both, so that `set` is
     refused where `submit` would be, and before it is sent as the broker would refuse it."""
     if n_trials is not None:
-        _positive_int("--n-trials", n_trials, MAX_N_TRIALS)
+        _positive_int("n_trials", n_trials, MAX_N_TRIALS)
     if concurrency is not None:
-        _positive_int("--concurrency", concurrency, MAX_CONCURRENCY)
+        _positive_int("concurrency", concurrency, MAX_CONCURRENCY)
     if priority is not None and not _positive_number(priority, MAX_PRIORITY):
-        raise ConfigError(
-            f"--priority must be a number > 0 and at most {MAX_PRIORITY:g}, got {priority!r}"
+        raise FieldError(
+            "priority",
+            "{priority} must be a number > 0 and at most {high:g}, got {value!r}",
+            high=MAX_PRIORITY,
+            value=priority,
         )
 
 
@@ -395,9 +428,14 @@ def _int_in(value: object, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def _positive_int(option: str, value: object, high: int) -> None:
+def _positive_int(field: str, value: object, high: int) -> None:
     if not _int_in(value, 1, high):
-        raise ConfigError(f"{option} must be an integer from 1 to {high}, got {value!r}")
+        raise FieldError(
+            field,
+            f"{{{field}}} must be an integer from 1 to {{high}}, got {{value!r}}",
+            high=high,
+            value=value,
+        )
 
 
 def _positive_number(value: object, high: float) -> bool:

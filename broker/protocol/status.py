@@ -24,9 +24,7 @@ import enum
 import json
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any
-
-import redis
+from typing import TYPE_CHECKING, Any
 
 from optuna_rq.errors import ProtocolError, StudyEndedError
 from optuna_rq.protocol.keys import Keys
@@ -44,6 +42,9 @@ from optuna_rq.protocol.schema import (
     wire,
 )
 from optuna_rq.protocol.signing import Record, Signer
+
+if TYPE_CHECKING:
+    import redis
 
 __all__ = [
     "RefusedStatus",

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
-from typing import Any
-
-import redis
+from typing import TYPE_CHECKING, Any
 
 from optuna_rq.errors import ProtocolError
 from optuna_rq.protocol.codec import check_params
@@ -44,6 +42,9 @@ from optuna_rq.protocol.schema import (
     wire,
 )
 from optuna_rq.protocol.signing import Record, Signer
+
+if TYPE_CHECKING:
+    import redis
 
 __all__ = [
     "SUMMARY_MAX_BYTES",

@@ -15,11 +15,12 @@ from collections.abc import Callable, MutableMapping
 from copy import copy
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
-
-import optuna
+from typing import TYPE_CHECKING, Any
 
 from optuna_rq.errors import ConfigError
+
+if TYPE_CHECKING:
+    import optuna  # the trials that sample a space are Optuna's; declaring one needs none
 
 __all__ = ["Category", "Float", "Integer", "Number", "Suggestion", "process", "suggest"]
 

@@ -1,19 +1,46 @@
-"""The sampler and the pruner a study's definition names, built as Optuna objects on the broker."""
+"""The sampler and the pruner a study's definition names, built as Optuna objects on the broker.
+
+Some samplers need packages Optuna does not install (`SAMPLER_PACKAGES`): whether they are
+installed is checked here, where the sampler is built, since the broker's machine is the one
+that runs it. A study whose sampler cannot be built fails, saying what to install.
+"""
 
 from __future__ import annotations
+
+import importlib.util
 
 import optuna
 
 from optuna_rq.errors import ConfigError
 from optuna_rq.protocol.choices import Pruner, Sampler
 
-__all__ = ["make_pruner", "make_sampler"]
+__all__ = ["SAMPLER_PACKAGES", "SamplerPackageError", "make_pruner", "make_sampler"]
+
+SAMPLER_PACKAGES: dict[Sampler, tuple[str, ...]] = {
+    Sampler.CMAES: ("cmaes",),
+    Sampler.QMC: ("scipy",),
+    Sampler.GP: ("scipy", "torch"),
+}
+"""The samplers that need packages Optuna does not install for you, and those packages."""
+
+
+class SamplerPackageError(ConfigError, ImportError):
+    """A sampler whose packages are not installed on the broker: a `ConfigError` (the study
+    asks for what this broker lacks) and an `ImportError` (what Optuna raises for it)."""
 
 
 def make_sampler(
     sampler: Sampler, seed: int | None, *, constant_liar: bool = False
 ) -> optuna.samplers.BaseSampler:
-    """The sampler `--sampler` names; `constant_liar` is TPE's (`StudySpec`)."""
+    """The sampler a spec names (`StudySpec.sampler`); `constant_liar` is TPE's. Raises
+    `SamplerPackageError`, with the line that installs them, if it needs packages that are not
+    installed here."""
+    missing = [p for p in SAMPLER_PACKAGES.get(sampler, ()) if importlib.util.find_spec(p) is None]
+    if missing:
+        raise SamplerPackageError(
+            f"sampler {sampler} needs {', '.join(missing)}, not installed on the broker: "
+            f"pip install {' '.join(missing)} (where the broker runs), then submit it again"
+        )
     match sampler:
         case Sampler.RANDOM:
             return optuna.samplers.RandomSampler(seed=seed)
@@ -31,7 +58,7 @@ def make_sampler(
 
 
 def make_pruner(pruner: Pruner) -> optuna.pruners.BasePruner:
-    """The pruner `--pruner` names."""
+    """The pruner a spec names (`StudySpec.pruner`)."""
     match pruner:
         case Pruner.NONE:
             return optuna.pruners.NopPruner()
