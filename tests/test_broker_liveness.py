@@ -27,7 +27,8 @@ from optuna_rq.daemon.lock import BrokerLock
 from optuna_rq.errors import FenceLostError
 from optuna_rq.protocol import Keys, StudyState, StudyStatus, liveness
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerState, TurnBeacon
-from optuna_rq.terminal.progress import EXIT_NO_BROKER, BrokerWatch
+from optuna_rq.terminal.follow_watches import BrokerWatch
+from optuna_rq.terminal.progress import EXIT_NO_BROKER
 from tests.helpers import wait_until
 from tests.worker_processes import cli, cli_env, start_broker, stop_process
 

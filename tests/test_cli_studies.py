@@ -16,7 +16,7 @@ import redis
 from optuna_rq.client import BrokerClient
 from optuna_rq.protocol import StudyState, StudyStatus
 from optuna_rq.storage.storage_access import default_storage_url, open_storage
-from optuna_rq.terminal.progress import status_detail, status_lines
+from optuna_rq.terminal.status_view import status_detail, status_lines
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)

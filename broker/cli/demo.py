@@ -25,7 +25,8 @@ from optuna_rq.plumbing.locations import ENV_REDIS_PASSWORD, ENV_REDIS_PASSWORD_
 from optuna_rq.protocol import StudySpec
 from optuna_rq.space.declarations import suggest
 from optuna_rq.space.space_files import space_to_data
-from optuna_rq.terminal.progress import follow, make_console
+from optuna_rq.terminal.progress import follow
+from optuna_rq.terminal.study_bar import make_console
 
 DEMO_OBJECTIVE = "optuna_rq.examples.rosenbrock:objective"
 DEMO_PREFIX = "optuna-rq-demo"

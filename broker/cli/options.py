@@ -68,7 +68,7 @@ WaitForBroker = Annotated[
         f"froze), or none has started within {BROKER_START_GRACE_S:g} s.",
     ),
 ]
-"""`wait` and `submit`'s option (`protocol.liveness`, `progress.BrokerWatch`)."""
+"""`wait` and `submit`'s option (`protocol.liveness`, `follow_watches.BrokerWatch`)."""
 
 
 def _study_name(value: str | None) -> str | None:

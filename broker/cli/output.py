@@ -34,7 +34,7 @@ _LAST_STEPS = 1
 def err_console() -> Console:
     """The console notes and errors go to (stderr), made when a command first writes one: rich
     is for the commands that print to a terminal, not for the command line's start."""
-    from optuna_rq.terminal.progress import make_console
+    from optuna_rq.terminal.study_bar import make_console
 
     return make_console(stderr=True)
 

@@ -49,7 +49,7 @@ def status(
     """
     import fnmatch
 
-    from optuna_rq.terminal.progress import status_detail, status_lines
+    from optuna_rq.terminal.status_view import status_detail, status_lines
 
     options: GlobalOptions = ctx.obj
     states = {str(s) for s in state or []}

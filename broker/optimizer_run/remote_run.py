@@ -158,18 +158,15 @@ async def run_on_workers(remote: RemoteRun, inputs: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def _progress_bar(wanted: bool | None, name: str) -> Iterator[Any]:
-    """What shows a status on the caller's stderr as a progress bar (`progress.StudyBar`), or
+    """What shows a status on the caller's stderr as a progress bar (`study_bar.StudyBar`), or
     does nothing: on when stderr is a terminal (`wanted` None), or as `wanted` says."""
     if wanted is None:
         wanted = sys.stderr.isatty()
     if not wanted:
         yield _show_nothing
         return
-    from optuna_rq.terminal.progress import (  # rich: imported late
-        StudyBar,
-        make_console,
-        waiting_note,
-    )
+    from optuna_rq.terminal.status_view import waiting_note
+    from optuna_rq.terminal.study_bar import StudyBar, make_console
 
     with StudyBar(make_console(stderr=True), name) as bar:
 

@@ -1,7 +1,6 @@
 """Following a study on a terminal until it ends (`follow`, `follow_study`): the progress of
-`wait`, `submit --wait` and `demo`. The front doors import the terminal's other pieces from here
-too: the bar (`study_bar`), what a follower watches to know when to give up (`follow_watches`),
-and how a status reads (the lines of `status`, its detail: `status_view`).
+`wait`, `submit --wait` and `demo`, drawn with the bar of `study_bar`, watching what
+`follow_watches` watches to know when to give up, in the words of `status_view`.
 """
 
 from __future__ import annotations
@@ -16,31 +15,12 @@ from optuna_rq.protocol import StudySpec, StudyStatus
 from optuna_rq.terminal.believed_status import first_believed
 from optuna_rq.terminal.follow_watches import BrokerWatch, DriverWatch
 from optuna_rq.terminal.status_view import (
-    REFUSED,
-    ShownState,
     best_summary,
-    status_detail,
-    status_lines,
     waiting_note,
 )
 from optuna_rq.terminal.study_bar import StudyBar, make_console
 
-__all__ = [
-    "follow",
-    "EXIT_INTERRUPTED",
-    "EXIT_NO_BROKER",
-    "REFUSED",
-    "BrokerWatch",
-    "DriverWatch",
-    "ShownState",
-    "StudyBar",
-    "best_summary",
-    "follow_study",
-    "make_console",
-    "status_detail",
-    "status_lines",
-    "waiting_note",
-]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NO_BROKER", "follow", "follow_study"]
 
 EXIT_NO_BROKER = 3
 """What `wait` and `submit --wait` exit with when no broker serves the prefix (`BrokerWatch`:
