@@ -140,11 +140,8 @@ SITES = {
     ("cli/options.py", "connect_redis"): "resolve_redis_url: the embedded server, if no URL",
     ("cli/options.py", "GlobalOptions.state"): "state_dir: for the commands below alone",
     # What keeps state on this machine, as it is asked to.
-    (
-        "cli/serve_commands.py",
-        "broker",
-    ): "state, connect_redis: the broker's ledger and default storage",
-    ("cli/serve_commands.py", "workers"): "connect_redis: workers may start the embedded server",
+    ("cli/broker_command.py", "broker"): "state, connect_redis: the ledger and default storage",
+    ("cli/workers_command.py", "workers"): "connect_redis: workers may start the embedded server",
     ("cli/key_commands.py", "write_key_set"): "mkdir: the key directory its user names",
     ("cli/redis_command.py", "stop"): "state: the embedded server's own directory",
     ("cli/redis_command.py", "status"): "state: the embedded server's own directory",

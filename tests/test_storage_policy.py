@@ -158,7 +158,7 @@ SITES = {
     ("daemon/registry.py", "Registry.storage_failed"): "its figures: storages.read_back",
     ("daemon/command_handlers.py", "Commands.on_delete"): "delete --purge: storages.open",
     # Not from the wire.
-    ("cli/serve_commands.py", "broker"): "the broker's default storage: its operator's --storage",
+    ("cli/broker_command.py", "broker"): "the broker's default storage: its operator's --storage",
     ("sampling/sampler_main.py", "_study"): "the journal of a run the broker opened (run.journal)",
     ("optimizer.py", "Optimizer.__post_init__"): "an in-memory study of the user's own",
     # The front door: only the storage its user names (`trials --storage URL`), never one a

@@ -8,8 +8,9 @@ usage error). Every input is checked before anything connects or starts a server
 The app is made of `parsing`'s classes: readable help, and the global options (`--redis-url`,
 `--prefix`...) accepted after the command as well as before it. Each group of commands is a
 module of its own (`submit_command`, `status_commands`, `change_commands`, `study_commands`,
-`serve_commands`, `key_commands`, `dashboard_command`, `redis_command`); this one lists them
-and is the entry point (`main`), which turns every error into one line and an exit code.
+`broker_command`, `workers_command`, `key_commands`, `dashboard_command`, `redis_command`); this
+one lists them and is the entry point (`main`), which turns every error into one line and an exit
+code.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Annotated
 
 import typer
 
+from optuna_rq.cli.broker_command import broker
 from optuna_rq.cli.change_commands import cancel, set_command
 from optuna_rq.cli.dashboard_command import dashboard
 from optuna_rq.cli.field_flags import shown
@@ -26,10 +28,10 @@ from optuna_rq.cli.key_commands import keys
 from optuna_rq.cli.options import global_options
 from optuna_rq.cli.parsing import App
 from optuna_rq.cli.redis_command import redis_app
-from optuna_rq.cli.serve_commands import broker, workers
 from optuna_rq.cli.status_commands import status, wait_command
 from optuna_rq.cli.study_commands import best, delete, enqueue, trials
 from optuna_rq.cli.submit_command import submit
+from optuna_rq.cli.workers_command import workers
 from optuna_rq.errors import OptunaRQError
 
 app = App(

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GlobalOptions",
     "LogLevel",
+    "LogLevelOption",
     "StudyName",
     "WaitForBroker",
     "command_client",
@@ -377,3 +378,10 @@ def _route_optuna_logs(level: str) -> None:
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
     optuna.logging.set_verbosity(logging.getLevelName(level))
+
+
+LogLevelOption = Annotated[
+    LogLevel,
+    typer.Option("--log-level", case_sensitive=False, help="Log from this level up (any case)."),
+]
+"""The --log-level of the two long-running roles (Optuna's own lines follow it too)."""
