@@ -154,7 +154,7 @@ def embedded_state() -> Iterator[Path]:
         shutil.rmtree(state, ignore_errors=True)
 
 
-from tests.worker_processes import (  # noqa: E402,F401  (fixtures)
+from tests.support.worker_processes import (  # noqa: E402,F401  (fixtures)
     broker_process,
     cli_state,
     run_cli,

@@ -25,12 +25,12 @@ import redis
 
 from optuna_rq.client import BrokerClient
 from optuna_rq.protocol import ENV_KEY, Keys, Role, Signer, StudyState, generate_keyrings
-from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env, live_workers, stop_process
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env, live_workers, stop_process
 
 pytestmark = pytest.mark.timeout(300)
 
-PAIR = ("tests.objectives:reports_pair", "--param", "x={type: float, low: 0, high: 1}")
+PAIR = ("tests.support.objectives:reports_pair", "--param", "x={type: float, low: 0, high: 1}")
 _NOT_FROM_HERE = (  # what would point B's commands at A's state: B has none of it
     "OPTUNA_RQ_STATE_DIR",
     "XDG_STATE_HOME",
@@ -105,7 +105,7 @@ def machines(
     try:
         started.append(a.start("broker", *broker_args, env=env[Role.BROKER]))
         wait_until(lambda: conn.exists(f"{prefix}:broker"), timeout_s=30)
-        args = ("workers", "--count", "1", "--import", "tests.objectives")
+        args = ("workers", "--count", "1", "--import", "tests.support.objectives")
         started.append(a.start(*args, env=env[Role.WORKER]))
         wait_until(lambda: live_workers(conn, prefix, reader) >= 1, timeout_s=60)
         yield a, b, reader

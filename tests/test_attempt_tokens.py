@@ -51,7 +51,7 @@ def sent(conn: redis.Redis, prefix: str) -> Iterator[tuple[Dispatcher, StudyRun]
     dispatcher = Dispatcher(conn, prefix=prefix, reply_to=f"{prefix}:results", signer=BROKER)
     run = StudyRun(
         study=optuna.create_study(),
-        objective="tests.objectives:quadratic",
+        objective="tests.support.objectives:quadratic",
         inputs={"x": suggest.float(0, 1)},
         concurrency=2,
         n_trials=2,

@@ -84,7 +84,7 @@ def test_run_until_done_raises_what_broke_its_study(conn: redis.Redis, prefix: s
 
     run = StudyRun(
         study=study,
-        objective="tests.objectives:quadratic",
+        objective="tests.support.objectives:quadratic",
         inputs={"x": suggest.float(-1, 1)},
         concurrency=2,
         n_trials=4,
@@ -119,7 +119,7 @@ def test_a_purge_its_storage_cannot_do_is_refused_and_the_commands_after_it_appl
     try:
         spec = StudySpec(
             name="down",
-            objective="tests.objectives:quadratic",
+            objective="tests.support.objectives:quadratic",
             space={},
             n_trials=1,
             concurrency=1,
@@ -130,7 +130,7 @@ def test_a_purge_its_storage_cannot_do_is_refused_and_the_commands_after_it_appl
         assert client.status("down").state.value == "failed"  # type: ignore[union-attr]
         later = StudySpec(
             name="later",
-            objective="tests.objectives:quadratic",
+            objective="tests.support.objectives:quadratic",
             space={},
             n_trials=1,
             concurrency=1,

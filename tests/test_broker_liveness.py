@@ -28,8 +28,8 @@ from optuna_rq.errors import FenceLostError
 from optuna_rq.protocol import Keys, StudyState, StudyStatus, liveness
 from optuna_rq.protocol.liveness import BROKER_GRACE_S, BrokerState, TurnBeacon
 from optuna_rq.terminal.progress import EXIT_NO_BROKER, BrokerWatch
-from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env, start_broker, stop_process
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env, start_broker, stop_process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -146,7 +146,7 @@ def running_status(name: str, state: StudyState = StudyState.RUNNING) -> StudySt
     return StudyStatus(
         name=name,
         state=state,
-        objective="tests.objectives:quadratic",
+        objective="tests.support.objectives:quadratic",
         directions=["minimize"],
         n_trials=10,
         concurrency=1,
@@ -220,7 +220,7 @@ def test_submit_wait_on_a_prefix_no_broker_ever_ran_on_exits_3(
     code, out, err = run_main(
         capsys,
         "--redis-url", redis_url, "--prefix", prefix,
-        "submit", "tests.objectives:quadratic", "--param", X, "--n-trials", "2",
+        "submit", "tests.support.objectives:quadratic", "--param", X, "--n-trials", "2",
         "--concurrency", "1", "--study-name", "s", "--wait",
     )  # fmt: skip
     assert code == EXIT_NO_BROKER == 3, err
@@ -248,7 +248,7 @@ def follower(redis_url: str, prefix: str, state: Path, log: Path, *args: str):
 
 def submit_args(name: str, *extra: str) -> tuple[str, ...]:
     return (
-        "submit", "tests.objectives:quadratic", "--param", X, "--n-trials", "3",
+        "submit", "tests.support.objectives:quadratic", "--param", X, "--n-trials", "3",
         "--concurrency", "1", "--study-name", name, *extra,
     )  # fmt: skip
 

@@ -227,7 +227,11 @@ def test_a_front_door_writes_no_status_of_its_own(conn: redis.Redis, prefix: str
     from optuna_rq.protocol import StudySpec
 
     spec = StudySpec(
-        name="s", objective="tests.objectives:quadratic", space={}, n_trials=1, concurrency=1
+        name="s",
+        objective="tests.support.objectives:quadratic",
+        space={},
+        n_trials=1,
+        concurrency=1,
     )
     BrokerClient(conn, prefix, signer=Signer(SECRET)).submit(spec)
     assert not conn.hexists(Keys(prefix).status, "s")  # it could not sign it as the broker

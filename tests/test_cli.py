@@ -18,8 +18,8 @@ from optuna.trial import TrialState
 
 from optuna_rq.storage.storage_access import default_storage_url, open_storage
 from optuna_rq.storage.storage_policy import canonical_storage
-from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env, live_workers, start_broker, stop_process
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env, live_workers, start_broker, stop_process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -42,7 +42,7 @@ def test_two_studies_side_by_side_finish_with_exact_counts_and_no_mixing(
     workers_factory(count=3)
     first = run_cli(
         "submit",
-        "tests.objectives:quadratic",
+        "tests.support.objectives:quadratic",
         "--param",
         X,
         "--param",
@@ -60,7 +60,7 @@ def test_two_studies_side_by_side_finish_with_exact_counts_and_no_mixing(
     assert first.stdout.strip() == "first"
     second = run_cli(
         "submit",
-        "tests.objectives:pair",
+        "tests.support.objectives:pair",
         "--param",
         X,
         "--param",
@@ -95,7 +95,7 @@ def test_two_studies_side_by_side_finish_with_exact_counts_and_no_mixing(
     assert summary in lines[2] and "[" not in "".join(lines)
     assert (one["state"], one["complete"], one["failed"], one["running"]) == ("finished", 12, 0, 0)
     assert (two["state"], two["complete"]) == ("finished", 8)
-    assert one["objective"] == "tests.objectives:quadratic"
+    assert one["objective"] == "tests.support.objectives:quadratic"
     assert set(one["best_params"]) == {"x", "depth"}
     assert "best_values" in two and "best_value" not in two
 
@@ -111,7 +111,7 @@ def test_status_json_has_the_documented_fields(run_cli, broker_process, workers_
     workers_factory(count=1)
     waited = run_cli(
         "submit",
-        "tests.objectives:raises",
+        "tests.support.objectives:raises",
         "--param",
         X,
         "--n-trials",
@@ -158,7 +158,7 @@ def test_the_cap_and_set_concurrency_hold_as_measured_by_the_objective(
     workers_factory(count=5)
     result = run_cli(
         "submit",
-        "tests.objectives:capped",
+        "tests.support.objectives:capped",
         "--param",
         X,
         "--param",
@@ -193,7 +193,7 @@ def test_fair_share_follows_priorities(
     for name, priority in (("low", "1"), ("high", "3")):
         result = run_cli(
             "submit",
-            "tests.objectives:capped",
+            "tests.support.objectives:capped",
             "--param",
             X,
             "--param",
@@ -241,7 +241,7 @@ def test_cancel_ends_running_trials_as_cancelled(
     workers_factory(count=2)
     run_cli(
         "submit",
-        "tests.objectives:capped",
+        "tests.support.objectives:capped",
         "--param",
         X,
         "--param",
@@ -274,7 +274,7 @@ def test_a_missing_function_fails_its_trials_and_everything_keeps_serving(
     run_cli, broker_process, workers_factory
 ) -> None:
     # A module only the workers import: here, `submit` would refuse the missing function.
-    workers_only = str(Path(__file__).resolve().parent / "workers_only")
+    workers_only = str(Path(__file__).resolve().parent / "support" / "workers_only")
     workers_factory(count=1, modules=("elsewhere",), args=("--path", workers_only))
     run_cli(
         "submit",
@@ -312,7 +312,7 @@ def test_resubmitting_continues_the_study(run_cli, broker_process, workers_facto
     workers_factory(count=2)
     args = (
         "submit",
-        "tests.objectives:quadratic",
+        "tests.support.objectives:quadratic",
         "--param",
         X,
         "--concurrency",
@@ -344,7 +344,7 @@ def test_the_broker_and_optunas_own_lines_follow_log_level(
             broker = start_broker(redis_url, prefix, cli_state, "--log-level", level, stderr=log)
             try:
                 done = run_cli(
-                    "submit", "tests.objectives:quadratic", "--param", X, "--n-trials", "2",
+                    "submit", "tests.support.objectives:quadratic", "--param", X, "--n-trials", "2",
                     "--concurrency", "1", "--study-name", name, "--wait",
                 )  # fmt: skip
                 assert done.returncode == 0, done.stderr
@@ -365,7 +365,14 @@ def test_the_broker_and_optunas_own_lines_follow_log_level(
     ("args", "message"),
     [
         (
-            ("submit", "tests.objectives.quadratic", "--n-trials", "1", "--concurrency", "1"),
+            (
+                "submit",
+                "tests.support.objectives.quadratic",
+                "--n-trials",
+                "1",
+                "--concurrency",
+                "1",
+            ),
             "has no ':'",
         ),
         (
@@ -479,7 +486,7 @@ def test_a_space_file_submission(run_cli, broker_process, workers_factory, tmp_p
     )
     result = run_cli(
         "submit",
-        "tests.objectives:nested",
+        "tests.support.objectives:nested",
         "--space",
         str(space),
         "--n-trials",
@@ -524,7 +531,7 @@ def test_a_study_on_postgresql_storage(
     name = f"pg-{prefix}"
     result = run_cli(
         "submit",
-        "tests.objectives:quadratic",
+        "tests.support.objectives:quadratic",
         "--param",
         X,
         "--n-trials",
@@ -576,7 +583,7 @@ def test_a_storage_url_optuna_rejects_is_refused_at_submit_and_the_broker_serves
     workers_factory(count=1)
     bad = run_cli(
         "submit",
-        "tests.objectives:quadratic",
+        "tests.support.objectives:quadratic",
         "--param",
         X,
         "--n-trials",
@@ -594,7 +601,7 @@ def test_a_storage_url_optuna_rejects_is_refused_at_submit_and_the_broker_serves
     assert run_cli("status", "bad").returncode == 2
     good = run_cli(
         "submit",
-        "tests.objectives:quadratic",
+        "tests.support.objectives:quadratic",
         "--param",
         X,
         "--n-trials",
@@ -614,7 +621,7 @@ def test_a_define_by_run_objective_with_a_pruner_from_the_daemon(
     workers_factory(count=2)
     result = run_cli(
         "submit",
-        "tests.objectives:define_by_run",
+        "tests.support.objectives:define_by_run",
         "--pruner",
         "median",
         "--sampler",
@@ -639,11 +646,13 @@ def test_global_options_after_the_command_as_rq_worker_u_is_typed(
     redis_url: str, prefix: str, conn: redis.Redis, broker_process, cli_state: Path
 ) -> None:
     where = ("--redis-url", redis_url, "--prefix", prefix)
-    pool = subprocess.Popen(cli("workers", "--import", "tests.objectives", *where), env=cli_env())
+    pool = subprocess.Popen(
+        cli("workers", "--import", "tests.support.objectives", *where), env=cli_env()
+    )
     try:
         wait_until(lambda: live_workers(conn, prefix) == 1, timeout_s=60, message="it serves")
         env = cli_env(OPTUNA_RQ_STATE_DIR=str(cli_state))
-        submit = ("submit", "tests.objectives:quadratic", "--param", X, "--n-trials", "2")
+        submit = ("submit", "tests.support.objectives:quadratic", "--param", X, "--n-trials", "2")
         done = subprocess.run(
             cli(*submit, "--concurrency", "1", "--study-name", "after", "--wait", *where),
             env=env,
@@ -741,8 +750,8 @@ def test_ctrl_c_on_a_follower_shows_the_bar_once_and_says_the_study_runs_on(
     env.append(f"OPTUNA_RQ_STATE_DIR={cli_state}")
     for name in ("s1", "s2"):  # twice: Ctrl-C lands wherever the follower happens to be
         # No worker serves the study: it waits for one, a long bar line ("waiting for a
-        # worker: optuna-rq workers --import tests.objectives") that fills the width.
-        submit = ["submit", "tests.objectives:quadratic", "--param", X, "--n-trials", "3"]
+        # worker: optuna-rq workers --import tests.support.objectives") that fills the width.
+        submit = ["submit", "tests.support.objectives:quadratic", "--param", X, "--n-trials", "3"]
         submit += ["--concurrency", "1", "--study-name", name]
         if follower == "wait":
             assert run_cli(*submit).returncode == 0

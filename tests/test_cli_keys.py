@@ -15,8 +15,8 @@ import redis
 from optuna_rq.cli import key_commands as cli_keys
 from optuna_rq.cli.app import main
 from optuna_rq.protocol import Record, Role, Signer
-from tests.helpers import wait_until
-from tests.worker_processes import cli_env, start_broker, stop_process
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli_env, start_broker, stop_process
 
 ROLES = ("broker", "worker", "client")
 
@@ -148,7 +148,7 @@ def test_the_installed_command_makes_a_set_that_runs_a_study(
     def submit(name: str, *options: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(installed), "--redis-url", redis_url, "--prefix", prefix, *options, "submit"]
-            + ["tests.objectives:quadratic", "--param", "x={type: float, low: -1, high: 1}"]
+            + ["tests.support.objectives:quadratic", "--param", "x={type: float, low: -1, high: 1}"]
             + ["--n-trials", "4", "--concurrency", "2", "--study-name", name, "--wait"],
             env=cli_env(OPTUNA_RQ_STATE_DIR=str(cli_state)),
             capture_output=True,
@@ -188,7 +188,7 @@ def test_the_installed_command_makes_a_set_that_runs_a_study(
         # Unsigned, a command reaches Redis; the broker refuses it and counts it.
         unsigned = subprocess.run(
             [str(installed), "--redis-url", redis_url, "--prefix", prefix, "submit"]
-            + ["tests.objectives:quadratic", "--param", "x=0.5", "--n-trials", "1"]
+            + ["tests.support.objectives:quadratic", "--param", "x=0.5", "--n-trials", "1"]
             + ["--concurrency", "1", "--study-name", "unsigned"],
             env=cli_env(OPTUNA_RQ_STATE_DIR=str(cli_state)),
             capture_output=True,

@@ -17,7 +17,7 @@ from optuna_rq.client import BrokerClient
 from optuna_rq.protocol import StudyState, StudyStatus
 from optuna_rq.storage.storage_access import default_storage_url, open_storage
 from optuna_rq.terminal.progress import status_detail, status_lines
-from tests.helpers import wait_until
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -36,7 +36,7 @@ def test_enqueued_sets_run_first_once_and_trials_best_delete_work(
     workers_factory(count=1)
     sets = tmp_path / "sets.yaml"
     sets.write_text("- {x: 1.5}\n- {x: -2.0}\n")
-    args = ("submit", "tests.objectives:quadratic", "--param", X, "--param", "depth=0")
+    args = ("submit", "tests.support.objectives:quadratic", "--param", X, "--param", "depth=0")
     result = run_cli(
         *args, "--enqueue", str(sets), "--n-trials", "4", "--concurrency", "1",
         "--study-name", "s", "--seed", "0", "--wait",
@@ -75,7 +75,9 @@ def test_enqueued_sets_run_first_once_and_trials_best_delete_work(
     assert len(lines) == 2 and lines[1].startswith(f"{busy}  running  0/3"), lines
     waited = run_cli("wait", busy, "--timeout", "0").stderr.splitlines()
     assert f"timeout: study {busy!r} is still running" in waited, waited
-    note = "waiting for a worker: optuna-rq workers --import tests.objectives --queue nobody"
+    note = (
+        "waiting for a worker: optuna-rq workers --import tests.support.objectives --queue nobody"
+    )
     assert any(line.startswith(busy) and note in line for line in waited), waited  # the bar
 
     refused = run_cli("delete", busy)
@@ -102,7 +104,7 @@ def test_a_status_lines_age_is_since_the_submission_not_the_last_update() -> Non
     snapshot = StudyStatus(
         name="long-running",
         state=StudyState.RUNNING,
-        objective="tests.objectives:quadratic",
+        objective="tests.support.objectives:quadratic",
         directions=["minimize"],
         n_trials=100,
         concurrency=2,

@@ -37,7 +37,7 @@ from optuna_rq.study.algorithms import make_pruner, make_sampler
 from optuna_rq.workers.autoscale import parse_autoscale
 from optuna_rq.workers.rq_worker import Isolation
 from tests.conftest import redis_server
-from tests.worker_processes import cli, cli_env
+from tests.support.worker_processes import cli, cli_env
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -169,7 +169,7 @@ def spec(name: str = "s", **fields: Any) -> StudySpec:
     fields.setdefault("n_trials", 100)
     return StudySpec(
         name=name,
-        objective="tests.objectives:noop",
+        objective="tests.support.objectives:noop",
         space={"x": {"type": "float", "low": 0.0, "high": 1.0}},
         concurrency=1,
         queue="nobody",  # no worker: the study runs, its trial waits

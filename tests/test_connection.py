@@ -24,7 +24,7 @@ from optuna_rq.plumbing.embedded import (
 )
 from optuna_rq.plumbing.locations import ENV_REDIS_URL, ENV_STATE_DIR, redact_url, state_dir
 from optuna_rq.plumbing.processes import exited
-from tests.helpers import wait_until
+from tests.support.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 

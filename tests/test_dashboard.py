@@ -30,8 +30,8 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna_rq.cli.dashboard_app import INSTALL_LINE, READ_METHODS
 from optuna_rq.client import BrokerClient
 from optuna_rq.plumbing.connection import connect
-from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env, stop_process
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env, stop_process
 
 pytest.importorskip("optuna_dashboard", reason=f"optuna-dashboard is not installed: {INSTALL_LINE}")
 
@@ -190,7 +190,7 @@ def test_the_page_shows_the_running_study_and_its_trials(
         cli(*common, "broker", "--allow-storage", str(tmp_path / "*.journal")), env=env
     )
     workers = subprocess.Popen(
-        cli(*common, "workers", "--import", "tests.objectives", "--count", "2"), env=env
+        cli(*common, "workers", "--import", "tests.support.objectives", "--count", "2"), env=env
     )
     client = BrokerClient(connect(redis_url), prefix)
     try:
@@ -204,7 +204,9 @@ def test_the_page_shows_the_running_study_and_its_trials(
         }
         submits = [  # all at once: each takes a few seconds to start on a loaded machine
             subprocess.Popen(
-                cli(*common, "submit", f"tests.objectives:{objective}", "--study-name", name)
+                cli(
+                    *common, "submit", f"tests.support.objectives:{objective}", "--study-name", name
+                )
                 + ["--n-trials", n_trials, "--concurrency", "2", "--sampler", "random", *extra],
                 env=env,
                 stderr=subprocess.PIPE,

@@ -26,7 +26,7 @@ from optuna_rq.protocol import FailReason, Keys, inputs_mismatch
 pytestmark = pytest.mark.timeout(180)
 
 X = "x={type: float, low: -10, high: 10}"
-WORKERS_ONLY = Path(__file__).resolve().parent / "workers_only"
+WORKERS_ONLY = Path(__file__).resolve().parent / "support" / "workers_only"
 
 
 def status_of(run_cli, name: str) -> dict:
@@ -142,11 +142,19 @@ def test_the_in_process_optimizer_refuses_it_before_any_trial() -> None:
 @pytest.mark.parametrize(
     ("objective", "params", "said"),
     [
-        ("tests.objectives:quadratic", [X, "booster=dart", "seed=1"], ["'booster', 'seed'"]),
-        ("tests.objectives:quadratic", ["y={type: float, low: 0, high: 1}"], ["'x'", "'y'"]),
-        ("tests.objectives:nested", ["seed=42"], ["requires 'model'"]),
-        ("tests.objectives:define_by_run", [X], ["gives 'x'"]),
-        ("tests.objectives:nope", [X], ["has no function 'nope'"]),
+        (
+            "tests.support.objectives:quadratic",
+            [X, "booster=dart", "seed=1"],
+            ["'booster', 'seed'"],
+        ),
+        (
+            "tests.support.objectives:quadratic",
+            ["y={type: float, low: 0, high: 1}"],
+            ["'x'", "'y'"],
+        ),
+        ("tests.support.objectives:nested", ["seed=42"], ["requires 'model'"]),
+        ("tests.support.objectives:define_by_run", [X], ["gives 'x'"]),
+        ("tests.support.objectives:nope", [X], ["has no function 'nope'"]),
     ],
 )
 def test_submit_refuses_an_objective_that_cannot_run_where_it_imports(

@@ -42,9 +42,9 @@ from optuna_rq.protocol import (
     live_pools,
 )
 from tests.conftest import redis_server
-from tests.helpers import wait_until
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli_env
 from tests.test_metrics import free_port
-from tests.worker_processes import cli_env
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 README = DEPLOY.parent / "README.md"
@@ -634,7 +634,7 @@ def test_tini_as_pid_1_hands_the_pool_one_sigterm_and_it_stops_warm(
     argv += [_tool(init, init), *init_args, sys.executable, "-m", "optuna_rq.cli.app"]
     argv += ["--redis-url", redis_url, "--prefix", prefix, "workers", "--count", "2"]
     container = subprocess.Popen(
-        [*argv, "--import", "tests.objectives"],
+        [*argv, "--import", "tests.support.objectives"],
         env=cli_env(),
         stderr=subprocess.PIPE,
         text=True,

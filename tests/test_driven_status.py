@@ -115,7 +115,7 @@ def test_commands_about_a_driven_study_are_refused_and_a_submission_only_while_i
     running = dataclasses.replace(status("x", driver="host:12"), turn_at_s=now)
     conn.hset(keys.driven, "x", running.sealed(signer))
     spec = StudySpec(
-        name="x", objective="tests.objectives:noop", space={}, n_trials=1, concurrency=1
+        name="x", objective="tests.support.objectives:noop", space={}, n_trials=1, concurrency=1
     )
     batches = [
         [Submit(spec=spec)],

@@ -156,7 +156,7 @@ def daemon(conn: redis.Redis, prefix: str, tmp_path: Path) -> Iterator[Daemon]:
 
 def _spec(name: str, *, space: dict[str, Any] = SPACE, **fields: Any) -> StudySpec:
     fields.setdefault("queue", "nobody")  # no worker: its trials wait, and it keeps running
-    fields.setdefault("objective", "tests.objectives:noop")
+    fields.setdefault("objective", "tests.support.objectives:noop")
     return StudySpec(name=name, space=space, sampler="random", seed=0, **fields)
 
 

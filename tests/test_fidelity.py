@@ -10,8 +10,8 @@ from optuna.trial import TrialState
 
 from optuna_rq import Optimizer, suggest
 from optuna_rq.storage.storage_access import default_storage_url, open_storage
-from tests import objectives
-from tests.helpers import wait_until
+from tests.support import objectives
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -35,7 +35,7 @@ def test_a_seeded_cli_study_at_cap_1_samples_what_study_optimize_samples(
     workers_factory(count=2)  # more workers than the cap: nothing else may change the order
     result = run_cli(
         "submit",
-        "tests.objectives:quadratic",
+        "tests.support.objectives:quadratic",
         "--study-name",
         "seeded",
         "--param",
@@ -66,7 +66,7 @@ def test_a_seeded_remote_optimizer_at_cap_1_samples_what_study_optimize_samples(
     prefix = workers_factory(count=2)
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=SEED))
     opt = Optimizer(
-        "tests.objectives:quadratic",
+        "tests.support.objectives:quadratic",
         concurrency=1,
         n_trials=N_TRIALS,
         study=study,
@@ -82,7 +82,7 @@ def _max_running_while(run_cli, cli_state, name: str, *submit_args: str) -> int:
     as a dashboard would until the study ends: the most RUNNING trials it ever held at once."""
     result = run_cli(
         "submit",
-        "tests.objectives:sleeps",
+        "tests.support.objectives:sleeps",
         "--study-name",
         name,
         "--param",

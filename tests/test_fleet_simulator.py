@@ -12,8 +12,8 @@ from benchmarks.fleet_simulator import FleetSettings, SimulatedFleet
 from optuna_rq.client import BrokerClient
 from optuna_rq.plumbing.connection import connect
 from optuna_rq.protocol import Keys, StudySpec, StudyState
-from tests.helpers import wait_until
-from tests.worker_processes import live_workers
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import live_workers
 
 WORKERS = 20
 N_TRIALS = 40

@@ -36,8 +36,8 @@ from optuna_rq.space import space_files as spacefile
 pytestmark = pytest.mark.timeout(180)
 
 X = "x={type: float, low: -10, high: 10}"
-# An objective the command line cannot import (tests/workers_only): its inputs are not checked
-# here, so what a test gives it in its space is only the space's business.
+# An objective the command line cannot import (tests/support/workers_only): its inputs are not
+# checked here, so what a test gives it in its space is only the space's business.
 SUBMIT = ("submit", "elsewhere:takes_x", "--param", X, "--n-trials", "5", "--concurrency", "1")
 SUBMIT += ("--study-name", "s")
 

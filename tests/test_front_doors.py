@@ -18,8 +18,8 @@ import typer
 
 from optuna_rq.cli.app import app
 from optuna_rq.plumbing.embedded import EmbeddedRedis
+from tests.support.worker_processes import cli, cli_env
 from tests.test_storage_policy import OPENERS
-from tests.worker_processes import cli, cli_env
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -24,8 +24,8 @@ from optuna_rq.workers.gpus import (
     machine_gpus,
     parse_visible_devices,
 )
-from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -179,7 +179,7 @@ def _workers(
 ) -> subprocess.CompletedProcess[str]:
     environ = cli_env(OPTUNA_RQ_REDIS_URL=url, **env)
     return subprocess.run(
-        cli("workers", "--import", "tests.objectives", *args),
+        cli("workers", "--import", "tests.support.objectives", *args),
         env=environ,
         capture_output=True,
         text=True,
@@ -230,7 +230,7 @@ def test_worker_processes_see_the_devices_chosen_inside_the_allocation(
     workers_factory: Callable[..., str],
     cli_state: Path,
 ) -> None:
-    module = ("tests.routing_objectives",)
+    module = ("tests.support.routing_objectives",)
     inherited = {"CUDA_VISIBLE_DEVICES": "2,3"}  # a scheduler gave the pool devices 2 and 3
     workers_factory(count=2, modules=module, env=inherited, args=("--queue", "a", "--gpus", "2"))
     workers_factory(
@@ -239,7 +239,7 @@ def test_worker_processes_see_the_devices_chosen_inside_the_allocation(
     for name, queue, n_trials in (("by-count", "a", "8"), ("by-id", "b", "3")):
         submitted = run_cli(
             "submit",
-            "tests.routing_objectives:where",
+            "tests.support.routing_objectives:where",
             "--study-name",
             name,
             "--queue",

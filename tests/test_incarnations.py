@@ -45,7 +45,7 @@ def sent(conn: redis.Redis, prefix: str) -> Iterator[tuple[Dispatcher, StudyRun]
     dispatcher = Dispatcher(conn, prefix=prefix, reply_to=f"{prefix}:results", signer=signer)
     run = StudyRun(
         study=optuna.create_study(),
-        objective="tests.objectives:quadratic",
+        objective="tests.support.objectives:quadratic",
         inputs={"x": suggest.float(0, 1)},
         concurrency=1,
         n_trials=1,
@@ -201,7 +201,11 @@ def test_the_broker_keeps_a_studys_incarnation_until_it_ends_or_is_deleted(
     daemon = Daemon(conn, BrokerSettings(prefix=prefix, storage="memory"), signer)
     client = BrokerClient(conn, prefix, signer=signer)
     spec = StudySpec(
-        name="s", objective="tests.objectives:quadratic", space={}, n_trials=1, concurrency=1
+        name="s",
+        objective="tests.support.objectives:quadratic",
+        space={},
+        n_trials=1,
+        concurrency=1,
     )
 
     def stored() -> str | None:

@@ -6,7 +6,7 @@ import redis
 from rq.job import Job
 
 from optuna_rq.dispatch.leases import LeaseWatch, Watched
-from tests.helpers import wait_until
+from tests.support.helpers import wait_until
 
 
 def _job(conn: redis.Redis, job_id: str, status: str) -> None:

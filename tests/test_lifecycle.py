@@ -12,13 +12,13 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq.storage.storage_access import default_storage_url, open_storage
-from tests.fault_objectives import running_pid
-from tests.helpers import wait_until
+from tests.support.fault_objectives import running_pid
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
 X = "x={type: float, low: -10, high: 10}"
-BOTH = ("tests.objectives", "tests.fault_objectives")
+BOTH = ("tests.support.objectives", "tests.support.fault_objectives")
 
 
 def status_of(run_cli, name: str) -> dict:
@@ -28,14 +28,22 @@ def status_of(run_cli, name: str) -> dict:
 
 
 def quadratic(name: str, *extra: str) -> tuple[str, ...]:
-    return ("submit", "tests.objectives:quadratic", "--param", X, "--study-name", name, *extra)
+    return (
+        "submit",
+        "tests.support.objectives:quadratic",
+        "--param",
+        X,
+        "--study-name",
+        name,
+        *extra,
+    )
 
 
 def sleeper(name: str, redis_url: str, key: str, *extra: str) -> tuple[str, ...]:
     """A study whose trials sleep ten minutes: only a cancel that stops them lets it end."""
     return (
         "submit",
-        "tests.fault_objectives:steady",
+        "tests.support.fault_objectives:steady",
         "--param",
         X,
         "--param",
@@ -97,7 +105,7 @@ def test_another_definition_is_refused_naming_it_and_the_study_is_left_as_it_was
     wait_until(lambda: status_of(run_cli, "busy")["running"] == 1, timeout_s=60)
     other = run_cli(
         "submit",
-        "tests.fault_objectives:steady",
+        "tests.support.fault_objectives:steady",
         "--param",
         "x={type: float, low: 0, high: 1}",
         "--param",
@@ -195,7 +203,7 @@ def test_counts_are_of_the_budget_and_a_study_without_a_complete_trial_exits_non
     workers_factory(count=2, modules=BOTH)
     lost = run_cli(
         "submit",
-        "tests.fault_objectives:exits",
+        "tests.support.fault_objectives:exits",
         "--param",
         X,
         "--param",

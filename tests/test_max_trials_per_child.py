@@ -19,8 +19,8 @@ import redis
 from optuna_rq.errors import ConfigError
 from optuna_rq.storage.storage_access import default_storage_url, open_storage
 from optuna_rq.workers.pool import WorkerSettings
-from tests.terminal_pool import TerminalPool
-from tests.worker_processes import cli, cli_env
+from tests.support.terminal_pool import TerminalPool
+from tests.support.worker_processes import cli, cli_env
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -123,7 +123,7 @@ def test_a_limit_that_is_not_a_count_is_refused(limit: object) -> None:
 
 def test_the_command_refuses_a_limit_below_one() -> None:
     result = subprocess.run(
-        cli("workers", "--import", "tests.objectives", "--max-trials-per-child", "0"),
+        cli("workers", "--import", "tests.support.objectives", "--max-trials-per-child", "0"),
         env=cli_env(OPTUNA_RQ_REDIS_URL="redis://127.0.0.1:1/0"),
         capture_output=True,
         text=True,

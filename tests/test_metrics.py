@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env, stop_process
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,7 +62,7 @@ def test_broker_and_worker_metrics_during_a_real_study(
             *base,
             "workers",
             "--import",
-            "tests.objectives",
+            "tests.support.objectives",
             "--count",
             "2",
             "--metrics-port",
@@ -78,7 +78,7 @@ def test_broker_and_worker_metrics_during_a_real_study(
         )
         submitted = run_cli(
             "submit",
-            "tests.objectives:capped",
+            "tests.support.objectives:capped",
             "--param",
             "x={type: float, low: 0, high: 1}",
             "--param",
@@ -165,8 +165,12 @@ def test_every_way_a_trial_ends_is_counted_as_its_storage_says(
     try:
         wait_until(lambda: scrape(port), timeout_s=60, message="no metrics served")
         # `elsewhere` only the workers import: `submit` cannot check it, the workers do.
-        modules = ("tests.objectives", "tests.fault_objectives", "tests.held_objectives")
-        workers_only = str(Path(__file__).parent / "workers_only")
+        modules = (
+            "tests.support.objectives",
+            "tests.support.fault_objectives",
+            "tests.support.held_objectives",
+        )
+        workers_only = str(Path(__file__).parent / "support" / "workers_only")
         workers_factory(count=3, modules=(*modules, "elsewhere"), args=("--path", workers_only))
         from optuna_rq.plumbing.connection import connect
 
@@ -175,18 +179,24 @@ def test_every_way_a_trial_ends_is_counted_as_its_storage_says(
         url = ("--param", f"redis_url={redis_url}")
         recorded = (*url, "--param", f"key={prefix}")
         studies: dict[str, tuple[str, ...]] = {
-            "complete": ("tests.objectives:quadratic", "--n-trials", "2"),
-            "pruned": ("tests.objectives:prunes", "--n-trials", "1"),
-            "exception": ("tests.objectives:raises", "--n-trials", "1"),
-            "bad_return": ("tests.objectives:returns_str", "--n-trials", "1"),
-            "timeout": ("tests.objectives:sleeps", "--param", "hold_s=60", "--trial-timeout", "1"),
+            "complete": ("tests.support.objectives:quadratic", "--n-trials", "2"),
+            "pruned": ("tests.support.objectives:prunes", "--n-trials", "1"),
+            "exception": ("tests.support.objectives:raises", "--n-trials", "1"),
+            "bad_return": ("tests.support.objectives:returns_str", "--n-trials", "1"),
+            "timeout": (
+                "tests.support.objectives:sleeps", "--param", "hold_s=60", "--trial-timeout", "1",
+            ),
             "import_error": ("elsewhere:nope", "--n-trials", "5"),
             "bad_signature": ("elsewhere:takes_x", "--param", "booster=dart", "--n-trials", "5"),
-            "worker_lost": ("tests.fault_objectives:exits", *recorded, "--max-retries", "0"),
-            "cancelled": ("tests.held_objectives:held", *url, "--param", f"key={prefix}:c"),
+            "worker_lost": (
+                "tests.support.fault_objectives:exits", *recorded, "--max-retries", "0",
+            ),
+            "cancelled": (
+                "tests.support.held_objectives:held", *url, "--param", f"key={prefix}:c",
+            ),
             # Its first trial held past --timeout: the two asked ahead end FAIL cancelled.
             "stopped": (
-                "tests.held_objectives:held", *url, "--param", f"key={prefix}:s",
+                "tests.support.held_objectives:held", *url, "--param", f"key={prefix}:s",
                 "--n-trials", "50", "--ask-ahead", "2", "--timeout", "1",
             ),
         }  # fmt: skip

@@ -22,13 +22,13 @@ from optuna_rq.dispatch import ATTEMPT_ATTR, RETRY_OF_ATTR
 from optuna_rq.plumbing.connection import connect
 from optuna_rq.protocol import error_headline
 from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
-from tests import result_objectives
-from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env, live_workers, stop_process
+from tests.support import result_objectives
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env, live_workers, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 
-MODULE = ("tests.result_objectives",)
+MODULE = ("tests.support.result_objectives",)
 
 # What each objective raises, as its trial's error names it (its repr, as study.optimize logs).
 RAISED = {
@@ -40,7 +40,7 @@ RAISED = {
 
 def remote(objective: str, redis_url: str, prefix: str, **kwargs: object) -> Optimizer:
     return Optimizer(
-        f"tests.result_objectives:{objective}",  # type: ignore[arg-type]
+        f"tests.support.result_objectives:{objective}",  # type: ignore[arg-type]
         redis_url=redis_url,
         prefix=prefix,
         **kwargs,  # type: ignore[arg-type]

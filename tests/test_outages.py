@@ -23,10 +23,10 @@ from optuna.trial import TrialState
 from optuna_rq.plumbing.connection import RETRY_BASE_S, RETRY_CAP_S, connect, wait_for_redis
 from optuna_rq.plumbing.outages import Outage, backoff, describe_duration, outage_of
 from optuna_rq.study.verdict import FAIL_REASON_ATTR
-from tests.faults.conftest import Cluster, RedisServer, wait_calls
-from tests.faults.conftest import aof_redis as aof_redis  # the fixtures
-from tests.faults.conftest import cluster as cluster
-from tests.helpers import wait_until
+from tests.support.cluster import Cluster, RedisServer, wait_calls
+from tests.support.cluster import aof_redis as aof_redis  # the fixtures
+from tests.support.cluster import cluster as cluster
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -26,8 +26,8 @@ import trove_classifiers
 from packaging.metadata import Metadata
 from packaging.requirements import Requirement
 
-from tests.helpers import wait_until
-from tests.readme import Block, blocks, commands
+from tests.support.helpers import wait_until
+from tests.support.readme import Block, blocks, commands
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"broker": "optuna_rq", "workers": "optuna_rq/workers"}

@@ -24,9 +24,9 @@ from optuna_rq.plumbing.connection import connect
 from optuna_rq.plumbing.locations import DEFAULT_PREFIX
 from optuna_rq.protocol import Keys, Signer, live_pools, trial_queue
 from tests.conftest import redis_server
-from tests.helpers import wait_until
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import WorkersFactory, cli, cli_env, stop_process
 from tests.test_metrics import free_port
-from tests.worker_processes import WorkersFactory, cli, cli_env, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -74,7 +74,7 @@ def test_a_turning_pool_is_alive_through_a_killed_worker_and_a_frozen_one_answer
         time.sleep(0.2)
 
     connection = connect(redis_url)
-    queue = trial_queue(connection, Keys(prefix).trial_queue("tests.objectives", "default"))
+    queue = trial_queue(connection, Keys(prefix).trial_queue("tests.support.objectives", "default"))
     for _ in range(2):  # its worker process killed: the pool restarts it and stays alive
         [worker] = Worker.all(connection=connection, queue=queue)
         os.kill(worker.pid, signal.SIGKILL)
@@ -106,7 +106,14 @@ def test_a_stuck_pool_loop_fails_healthz_while_its_http_thread_answers(
     for turns in (1, 3):  # stuck at its first turn, and after a few
         pool = subprocess.Popen(
             cli("--redis-url", redis_url, "--prefix", prefix, "workers", "--count", "1")
-            + ["--import", "tests.objectives", "--health-port", str(port), "--stall-limit", "2"],
+            + [
+                "--import",
+                "tests.support.objectives",
+                "--health-port",
+                str(port),
+                "--stall-limit",
+                "2",
+            ],
             env=cli_env(OPTUNA_RQ_FAILPOINTS=f"pool_turn={turns}:stall"),
         )
         try:
@@ -142,7 +149,7 @@ def test_a_health_port_that_cannot_serve_is_a_usage_error(
         values = {"port": port, "port1": port + 1, "taken": taken.getsockname()[1]}
         result = subprocess.run(
             cli("--redis-url", redis_url, "--prefix", prefix, "workers")
-            + ["--import", "tests.objectives"]
+            + ["--import", "tests.support.objectives"]
             + [a.format(**values) for a in args],
             env=cli_env(),
             capture_output=True,
@@ -157,7 +164,7 @@ def test_the_pool_stops_cleanly_with_its_health_port(redis_url: str, prefix: str
     port = free_port()
     pool = subprocess.Popen(
         cli("--redis-url", redis_url, "--prefix", prefix, "workers", "--import")
-        + ["tests.objectives", "--health-port", str(port)],
+        + ["tests.support.objectives", "--health-port", str(port)],
         env=cli_env(),
     )
     connection = connect(redis_url)
@@ -190,7 +197,7 @@ def test_a_pool_waiting_out_a_redis_outage_stays_alive(tmp_path: Path) -> None:
     url = f"redis://127.0.0.1:{redis_port}/0"
     wait_until(lambda: _pings(url), timeout_s=30)
     pool = subprocess.Popen(
-        cli("--redis-url", url, "workers", "--import", "tests.objectives")
+        cli("--redis-url", url, "workers", "--import", "tests.support.objectives")
         + ["--health-port", str(health_port), "--stall-limit", str(STALL_LIMIT_S)],
         env=cli_env(),
     )

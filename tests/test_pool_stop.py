@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.helpers import wait_until
-from tests.terminal_pool import STACK_DUMP, TerminalPool
-from tests.worker_processes import cli_env, live_workers
+from tests.support.helpers import wait_until
+from tests.support.terminal_pool import STACK_DUMP, TerminalPool
+from tests.support.worker_processes import cli_env, live_workers
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -47,7 +47,7 @@ def test_an_idle_pool_stops_at_once_with_no_stuck_child(
             assert conn.pubsub_numsub(*channels) == [(c.encode(), 0) for c in channels]
             done = run_cli(
                 "submit",
-                "tests.objectives:quadratic",
+                "tests.support.objectives:quadratic",
                 "--study-name",
                 f"s{round_}",
                 "--param",
@@ -95,7 +95,7 @@ def test_a_pool_stopped_while_it_imports_starts_no_worker_and_exits(
             ["--count", "2"],
             log=tmp_path / f"pool{round_}.log",
             env=cli_env(OPTUNA_RQ_TEST_IMPORT_GATE=str(gate)),
-            module="tests.slow_import",
+            module="tests.support.slow_import",
         )
         try:
             wait_until(lambda gate=gate: Path(f"{gate}.importing").exists(), timeout_s=60)
@@ -125,7 +125,7 @@ def test_a_pool_stopped_while_it_starts_its_workers_stops_every_one(
             ["--count", "4"],
             log=tmp_path / f"pool{round_}.log",
             env=cli_env(OPTUNA_RQ_TEST_CHILD_IMPORT_GATE=str(gate)),
-            module="tests.slow_import",
+            module="tests.support.slow_import",
         )
         try:
             wait_until(lambda pool=pool: pool.children(), timeout_s=60, interval_s=0.001)

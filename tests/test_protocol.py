@@ -311,7 +311,11 @@ def test_the_broker_gives_a_spec_its_incarnation_and_keeps_it_until_a_delete() -
     from optuna_rq.protocol import StudySpec
 
     submitted = StudySpec(
-        name="s", objective="tests.objectives:quadratic", space={}, n_trials=1, concurrency=1
+        name="s",
+        objective="tests.support.objectives:quadratic",
+        space={},
+        n_trials=1,
+        concurrency=1,
     )
     assert submitted.incarnation is None  # a front door sends none
     stored = submitted.incarnated(None)  # first submitted (or again after a delete)
@@ -347,7 +351,11 @@ def test_a_spec_on_the_wire_with_a_number_out_of_range_is_refused(
     from optuna_rq.protocol import StudySpec
 
     spec = StudySpec(
-        name="s", objective="tests.objectives:quadratic", space={}, n_trials=1, concurrency=1
+        name="s",
+        objective="tests.support.objectives:quadratic",
+        space={},
+        n_trials=1,
+        concurrency=1,
     )
     fields = msgpack.unpackb(spec.encode())
     fields[field] = value
@@ -360,7 +368,7 @@ def test_tpe_lies_constantly_above_cap_1_unless_told() -> None:
 
     def spec(**fields: Any) -> StudySpec:
         return StudySpec(
-            name="s", objective="tests.objectives:quadratic", space={}, n_trials=1, **fields
+            name="s", objective="tests.support.objectives:quadratic", space={}, n_trials=1, **fields
         )
 
     assert not spec(concurrency=1).uses_constant_liar  # nothing runs while it asks

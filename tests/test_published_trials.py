@@ -52,7 +52,7 @@ from optuna_rq.protocol import (
 from optuna_rq.protocol.trial_summary import SUMMARY_MAX_BYTES
 from optuna_rq.storage.storage_access import open_storage, open_storage_to_read
 from optuna_rq.workers.execute import trial_result
-from tests.worker_processes import cli, cli_env
+from tests.support.worker_processes import cli, cli_env
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -182,7 +182,7 @@ def _finished(name: str, **fields: Any) -> StudyStatus:
     return StudyStatus(
         name=name,
         state=StudyState.FINISHED,
-        objective="tests.objectives:quadratic",
+        objective="tests.support.objectives:quadratic",
         directions=fields.pop("directions", ["minimize"]),
         n_trials=1,
         concurrency=1,
@@ -282,7 +282,7 @@ def test_the_dispatcher_publishes_each_trial_sent_and_told_in_the_writes_it_make
     )
     run = StudyRun(
         study=optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)),
-        objective="tests.objectives:quadratic",
+        objective="tests.support.objectives:quadratic",
         inputs={"x": suggest.float(0, 1)},
         concurrency=2,
         n_trials=6,
@@ -328,7 +328,7 @@ def _spec(name: str, **fields: Any) -> StudySpec:
     fields.setdefault("queue", "nobody")  # no worker: what is sent waits, and it keeps running
     return StudySpec(
         name=name,
-        objective="tests.objectives:noop",
+        objective="tests.support.objectives:noop",
         space={"x": {"type": "float", "low": 0, "high": 1}},
         sampler="random",
         seed=0,

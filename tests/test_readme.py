@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from optuna_rq.protocol import inputs_mismatch
-from tests.readme import blocks, commands, section
+from tests.support.readme import blocks, commands, section
 
 pytestmark = pytest.mark.timeout(300)
 

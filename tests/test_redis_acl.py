@@ -36,8 +36,8 @@ from optuna_rq.protocol import (
     StudyState,
     trial_queue,
 )
-from tests.helpers import wait_until
-from tests.redis_acl import (
+from tests.support.helpers import wait_until
+from tests.support.redis_acl import (
     ADMIN,
     DEPLOY,
     PREFIX,
@@ -49,7 +49,7 @@ from tests.redis_acl import (
     password_of,
     write_acl_file,
 )
-from tests.worker_processes import cli, cli_env, live_workers, stop_process
+from tests.support.worker_processes import cli, cli_env, live_workers, stop_process
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -133,7 +133,12 @@ def test_every_role_runs_a_study_as_its_own_user_and_nothing_is_refused(
     with open(worker_log, "wb") as out:
         workers = subprocess.Popen(
             cli("--redis-url", server.url("worker"), "--prefix", PREFIX, "workers", "--count", "3")
-            + ["--import", "tests.objectives", "--import", "tests.trial_objectives"],
+            + [
+                "--import",
+                "tests.support.objectives",
+                "--import",
+                "tests.support.trial_objectives",
+            ],
             env=cli_env(**server.env("worker", OPTUNA_RQ_SECRET=SECRET)),
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -149,7 +154,7 @@ def test_every_role_runs_a_study_as_its_own_user_and_nothing_is_refused(
             stderr=subprocess.STDOUT,
         )
     try:
-        queue = trial_queue(admin, Keys(PREFIX).trial_queue("tests.objectives"))
+        queue = trial_queue(admin, Keys(PREFIX).trial_queue("tests.support.objectives"))
         wait_until(
             lambda: (
                 live_workers(admin, PREFIX, Signer(SECRET.encode())) >= 3
@@ -163,11 +168,15 @@ def test_every_role_runs_a_study_as_its_own_user_and_nothing_is_refused(
         # The front doors: the CLI, and BrokerClient in a script (what the CLI's other
         # commands call), as the client user.
         x, few = "--param 'x={type: float, low: 0, high: 4}'", "--n-trials 4 --concurrency 2"
-        _cli(server, state, f"submit tests.objectives:quadratic --study-name quad {x} {few} --wait")
+        _cli(
+            server,
+            state,
+            f"submit tests.support.objectives:quadratic --study-name quad {x} {few} --wait",
+        )
         calls = f"--study-name calls {few} --wait"  # define-by-run: calls and replies
-        _cli(server, state, f"submit tests.trial_objectives:surface_single {calls}")
+        _cli(server, state, f"submit tests.support.trial_objectives:surface_single {calls}")
         slow = f"--study-name slow {x} --param hold_s=600 --n-trials 50 --concurrency 2"
-        _cli(server, state, f"submit tests.objectives:sleeps {slow}")
+        _cli(server, state, f"submit tests.support.objectives:sleeps {slow}")
         front = BrokerClient(server.connect("client"), PREFIX, signer=Signer(SECRET.encode()))
         enqueued = front.enqueue_commands("slow", [{"x": 0.5}])
         front.send(*enqueued)
@@ -186,14 +195,19 @@ def test_every_role_runs_a_study_as_its_own_user_and_nothing_is_refused(
         assert len(_cli(server, state, "trials quad --format csv").splitlines()) == 5  # published
         front.send(Delete(study="slow", force=False, purge=True))
         wait_until(lambda: front.status("slow") is None, timeout_s=30, message="not deleted")
-        assert front.served_modules("default") == ["tests.objectives", "tests.trial_objectives"]
+        assert front.served_modules("default") == [
+            "tests.support.objectives",
+            "tests.support.trial_objectives",
+        ]
 
         # A remote Optimizer, as its own user: define-by-run (calls and replies on its private
         # stream), then one whose callback stops it with trials running (cancel marks there).
         monkeypatch.setenv("OPTUNA_RQ_REDIS_PASSWORD", password_of("optimizer"))
         monkeypatch.setenv("OPTUNA_RQ_SECRET", SECRET)
         url = server.url("optimizer")
-        opt = Optimizer("tests.objectives:define_by_run", 2, 4, redis_url=url, prefix=PREFIX)
+        opt = Optimizer(
+            "tests.support.objectives:define_by_run", 2, 4, redis_url=url, prefix=PREFIX
+        )
         opt.run()
         assert [t.state for t in opt.study.trials] == [TrialState.COMPLETE] * 4
         assert all(t.user_attrs["pid"] != os.getpid() for t in opt.study.trials)  # on workers
@@ -205,7 +219,7 @@ def test_every_role_runs_a_study_as_its_own_user_and_nothing_is_refused(
         study.enqueue_trial({"x": 0.1, "hold_s": 0.05})  # told first: the callback stops the run
         study.enqueue_trial({"x": 0.2, "hold_s": 600})  # running then: cancelled
         stopped = Optimizer(
-            "tests.objectives:sleeps",
+            "tests.support.objectives:sleeps",
             2,
             6,
             study=study,
@@ -226,7 +240,7 @@ def test_every_role_runs_a_study_as_its_own_user_and_nothing_is_refused(
 # -- every forbidden write, key class by key class ----------------------------------------------
 
 _ATTEMPT = {"study": "s", "incarnation": "0123456789ab", "trial_number": 0, "attempt": 1}
-_QUEUE = f"{PREFIX}:default:tests.objectives"
+_QUEUE = f"{PREFIX}:default:tests.support.objectives"
 _JOB = Keys.job_id(AttemptId(reply_to=f"{PREFIX}:results", **_ATTEMPT))  # type: ignore[arg-type]
 
 
@@ -439,7 +453,7 @@ def test_a_command_wakes_the_broker_at_once_through_the_wake_stream(server: AclS
         wait_until(lambda: admin.exists(keys.broker_turn), timeout_s=30, message="no broker turn")
         spec = StudySpec(
             name="woken",
-            objective="tests.objectives:quadratic",
+            objective="tests.support.objectives:quadratic",
             space={"x": {"type": "float", "low": 0, "high": 1}},
             n_trials=1,
             concurrency=1,
@@ -472,7 +486,7 @@ def test_the_wake_stream_stays_short_while_no_broker_reads_it(server: AclServer)
         client.submit(
             StudySpec(
                 name=f"s{n}",
-                objective="tests.objectives:quadratic",
+                objective="tests.support.objectives:quadratic",
                 space={},
                 n_trials=1,
                 concurrency=1,
@@ -486,7 +500,11 @@ def test_the_wake_stream_stays_short_while_no_broker_reads_it(server: AclServer)
     assert {s.state for s in statuses} == {StudyState.QUEUED} and not admin.exists(keys.status)
     # Taken and stored by a broker, its status not published yet: queued too.
     stored = StudySpec(
-        name="stored", objective="tests.objectives:quadratic", space={}, n_trials=1, concurrency=1
+        name="stored",
+        objective="tests.support.objectives:quadratic",
+        space={},
+        n_trials=1,
+        concurrency=1,
     )
     sealed = Signer(SECRET.encode()).seal(Record.SPEC, stored.encode(), bound_to="stored")
     admin.hset(keys.studies, "stored", sealed)

@@ -18,10 +18,10 @@ from optuna_rq.client import BrokerClient
 from optuna_rq.errors import RedisUnavailableError
 from optuna_rq.plumbing.connection import connect, ping_or_raise
 from optuna_rq.plumbing.embedded import server_executable
-from tests.helpers import wait_until
-from tests.redis_acl import ADMIN, AclServer, acl_server
-from tests.redis_acl import PREFIX as ACL_PREFIX
-from tests.worker_processes import cli, cli_env, stop_process
+from tests.support.helpers import wait_until
+from tests.support.redis_acl import ADMIN, AclServer, acl_server
+from tests.support.redis_acl import PREFIX as ACL_PREFIX
+from tests.support.worker_processes import cli, cli_env, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,7 +67,7 @@ def test_broker_and_workers_run_a_study_as_least_privilege_users(acl: AclServer)
     deploy/ give, loaded from deploy/redis/redis-acl.conf."""
     workers = subprocess.Popen(
         cli("--redis-url", acl.url("worker"), "--prefix", ACL_PREFIX, "workers")
-        + ["--import", "tests.objectives", "--count", "2"],
+        + ["--import", "tests.support.objectives", "--count", "2"],
         env=cli_env(**acl.env("worker")),
     )
     try:
@@ -76,10 +76,10 @@ def test_broker_and_workers_run_a_study_as_least_privilege_users(acl: AclServer)
         from optuna_rq.protocol import Keys, trial_queue
 
         admin = acl.connect(ADMIN)
-        queue = trial_queue(admin, Keys(ACL_PREFIX).trial_queue("tests.objectives"))
+        queue = trial_queue(admin, Keys(ACL_PREFIX).trial_queue("tests.support.objectives"))
         wait_until(lambda: Worker.count(connection=admin, queue=queue) == 2, timeout_s=60)
         opt = Optimizer(
-            "tests.objectives:quadratic",
+            "tests.support.objectives:quadratic",
             2,
             6,
             connection=acl.connect("optimizer"),
@@ -142,11 +142,11 @@ def test_a_password_apart_from_the_url_reaches_every_process(
     with open(log, "wb") as out:
         broker = subprocess.Popen([*base, "broker"], env=by_variable, stderr=out)
     workers = subprocess.Popen(
-        [*base, "workers", "--import", "tests.objectives", "--count", "2"], env=by_file
+        [*base, "workers", "--import", "tests.support.objectives", "--count", "2"], env=by_file
     )
     try:
         submitted = subprocess.run(
-            [*base, "submit", "tests.objectives:quadratic", "--study-name", "pw"]
+            [*base, "submit", "tests.support.objectives:quadratic", "--study-name", "pw"]
             + ["--param", "x={type: float, low: 0, high: 4}"]
             + ["--n-trials", "6", "--concurrency", "2", "--wait"],
             env=by_variable,
@@ -159,7 +159,7 @@ def test_a_password_apart_from_the_url_reaches_every_process(
         assert status is not None and status.to_dict()["complete"] == 6, status
         # The Python API reads the same variable.
         monkeypatch.setenv("OPTUNA_RQ_REDIS_PASSWORD", HOSTILE_PASSWORD)
-        opt = Optimizer("tests.objectives:quadratic", 2, 4, redis_url=url, prefix="pwq")
+        opt = Optimizer("tests.support.objectives:quadratic", 2, 4, redis_url=url, prefix="pwq")
         opt.run(x=suggest.float(0, 4))
         assert [t.state for t in opt.study.trials] == [TrialState.COMPLETE] * 4
     finally:
@@ -286,7 +286,15 @@ def tls_url(tmp_path: Path) -> Iterator[str]:
 def test_a_study_over_tls(tls_url: str) -> None:
     ping_or_raise(connect(tls_url), tls_url)
     workers = subprocess.Popen(
-        cli("--redis-url", tls_url, "--prefix", "tlsq", "workers", "--import", "tests.objectives"),
+        cli(
+            "--redis-url",
+            tls_url,
+            "--prefix",
+            "tlsq",
+            "workers",
+            "--import",
+            "tests.support.objectives",
+        ),
         env=cli_env(),
     )
     try:
@@ -299,13 +307,15 @@ def test_a_study_over_tls(tls_url: str) -> None:
             lambda: (
                 Worker.count(
                     connection=conn,
-                    queue=trial_queue(conn, Keys("tlsq").trial_queue("tests.objectives")),
+                    queue=trial_queue(conn, Keys("tlsq").trial_queue("tests.support.objectives")),
                 )
                 == 1
             ),
             timeout_s=60,
         )
-        opt = Optimizer("tests.objectives:quadratic", 1, 3, redis_url=tls_url, prefix="tlsq")
+        opt = Optimizer(
+            "tests.support.objectives:quadratic", 1, 3, redis_url=tls_url, prefix="tlsq"
+        )
         opt.run(x=suggest.float(0, 1))
         assert [t.state for t in opt.study.trials] == [TrialState.COMPLETE] * 3
     finally:

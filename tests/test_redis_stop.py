@@ -17,8 +17,8 @@ import redis
 from optuna_rq.plumbing.embedded import EmbeddedRedis
 from optuna_rq.plumbing.processes import exited
 from tests.conftest import redis_server
-from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env, stop_process
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env, stop_process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -75,7 +75,7 @@ def test_redis_stop_refuses_while_a_broker_workers_or_a_client_use_it(
         assert f"the broker of prefix {PREFIX!r} ({host}:{broker.pid})" in line, line
 
         pool = subprocess.Popen(
-            cli("workers", "--import", "tests.objectives", "--count", "1"),
+            cli("workers", "--import", "tests.support.objectives", "--count", "1"),
             env=env,
             stderr=subprocess.DEVNULL,
         )

@@ -13,8 +13,8 @@ from optuna.trial import TrialState
 
 from optuna_rq import ConfigError, Optimizer, suggest
 from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
-from tests import objectives
-from tests.helpers import wait_until
+from tests.support import objectives
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -27,7 +27,7 @@ def test_a_remote_study_finishes_with_exactly_n_trials_complete(
     redis_url: str, workers_factory
 ) -> None:
     queue = workers_factory(count=2)
-    opt = remote("tests.objectives:quadratic", queue, redis_url, concurrency=3, n_trials=30)
+    opt = remote("tests.support.objectives:quadratic", queue, redis_url, concurrency=3, n_trials=30)
     opt.run(x=suggest.float(-10, 10), depth=suggest.integer(0, 3))
     trials = opt.study.trials
     assert len(trials) == 30
@@ -41,7 +41,7 @@ def test_the_cap_holds_as_measured_by_the_objectives(
     redis_url: str, conn: redis.Redis, prefix: str, workers_factory
 ) -> None:
     queue = workers_factory(count=5)
-    opt = remote("tests.objectives:capped", queue, redis_url, concurrency=3, n_trials=24)
+    opt = remote("tests.support.objectives:capped", queue, redis_url, concurrency=3, n_trials=24)
     opt.run(x=suggest.float(0, 1), redis_url=redis_url, key=prefix, hold_s=0.05)
     samples = [int(v) for v in conn.lrange(f"{prefix}:samples", 0, -1)]
     assert len(samples) == 24
@@ -65,10 +65,10 @@ def test_multi_objective_on_workers(redis_url: str, workers_factory) -> None:
 @pytest.mark.parametrize(
     ("objective", "reason", "text"),
     [
-        ("tests.objectives:raises", "exception", "ValueError: objective refuses x="),
-        ("tests.objectives:returns_str", "bad_return", "expected a float"),
-        ("tests.objectives:returns_nan", "bad_return", "The value nan is not acceptable"),
-        ("tests.objectives:not_there", "import_error", "has no function 'not_there'"),
+        ("tests.support.objectives:raises", "exception", "ValueError: objective refuses x="),
+        ("tests.support.objectives:returns_str", "bad_return", "expected a float"),
+        ("tests.support.objectives:returns_nan", "bad_return", "The value nan is not acceptable"),
+        ("tests.support.objectives:not_there", "import_error", "has no function 'not_there'"),
     ],
 )
 def test_failures_are_told_fail_with_their_reason(
@@ -85,7 +85,7 @@ def test_failures_are_told_fail_with_their_reason(
 
 def test_pruned_on_a_worker_is_told_pruned(redis_url: str, workers_factory) -> None:
     queue = workers_factory(count=1)
-    opt = remote("tests.objectives:prunes", queue, redis_url, concurrency=1, n_trials=2)
+    opt = remote("tests.support.objectives:prunes", queue, redis_url, concurrency=1, n_trials=2)
     opt.run(x=suggest.float(0, 1))
     assert [t.state for t in opt.study.trials] == [TrialState.PRUNED] * 2
 
@@ -94,7 +94,7 @@ def test_nested_inputs_arrive_nested_and_are_recorded_dotted(
     redis_url: str, workers_factory
 ) -> None:
     queue = workers_factory(count=2)
-    opt = remote("tests.objectives:nested", queue, redis_url, concurrency=2, n_trials=6)
+    opt = remote("tests.support.objectives:nested", queue, redis_url, concurrency=2, n_trials=6)
     opt.run(
         model={
             "name": "mlp",
@@ -116,9 +116,11 @@ def test_nested_inputs_arrive_nested_and_are_recorded_dotted(
 
 def test_async_objective_and_flytekit_task_run_on_workers(redis_url: str, workers_factory) -> None:
     pytest.importorskip("flytekit", reason="the `flyte` extra is not installed")
-    from tests import flyte_objectives
+    from tests.support import flyte_objectives
 
-    queue = workers_factory(count=2, modules=("tests.objectives", "tests.flyte_objectives"))
+    queue = workers_factory(
+        count=2, modules=("tests.support.objectives", "tests.support.flyte_objectives")
+    )
     opt = remote(objectives.async_quadratic, queue, redis_url, concurrency=2, n_trials=4)
     opt.run(x=suggest.float(-1, 1))
     assert (
@@ -141,7 +143,7 @@ def test_async_objective_and_flytekit_task_run_on_workers(redis_url: str, worker
 def test_a_fixed_input_msgpack_cannot_carry_is_refused_before_any_trial(
     redis_url: str, prefix: str
 ) -> None:
-    opt = remote("tests.objectives:quadratic", prefix, redis_url, concurrency=1, n_trials=1)
+    opt = remote("tests.support.objectives:quadratic", prefix, redis_url, concurrency=1, n_trials=1)
     with pytest.raises(ConfigError, match="model.layers"):
         opt.run(x=suggest.float(0, 1), model={"layers": {1, 2}})
     assert opt.study.trials == []
@@ -149,7 +151,7 @@ def test_a_fixed_input_msgpack_cannot_carry_is_refused_before_any_trial(
 
 def test_remote_objective_paths_are_checked_up_front(redis_url: str) -> None:
     with pytest.raises(ConfigError, match="has no ':'"):
-        Optimizer("tests.objectives.quadratic", 1, 1, redis_url=redis_url)
+        Optimizer("tests.support.objectives.quadratic", 1, 1, redis_url=redis_url)
     with pytest.raises(ConfigError, match="cannot be imported by workers"):
         Optimizer(lambda x: x, 1, 1, redis_url=redis_url)
 
@@ -158,7 +160,7 @@ def test_cancelling_a_remote_run_leaves_no_trial_running(
     redis_url: str, conn: redis.Redis, prefix: str
 ) -> None:
     # no workers serve this queue: the trials stay queued until the run is cancelled
-    opt = remote("tests.objectives:quadratic", prefix, redis_url, concurrency=2, n_trials=5)
+    opt = remote("tests.support.objectives:quadratic", prefix, redis_url, concurrency=2, n_trials=5)
 
     async def main() -> None:
         task = asyncio.create_task(opt(x=suggest.float(0, 1)))
@@ -174,17 +176,17 @@ def test_cancelling_a_remote_run_leaves_no_trial_running(
     assert {t.user_attrs[FAIL_REASON_ATTR] for t in trials} == {"cancelled"}
     from optuna_rq.protocol import Keys, trial_queue
 
-    assert trial_queue(conn, Keys(prefix).trial_queue("tests.objectives")).count == 0
+    assert trial_queue(conn, Keys(prefix).trial_queue("tests.support.objectives")).count == 0
 
 
 def test_a_remote_run_without_a_worker_says_what_it_waits_for_then_runs_on_one(
     redis_url: str, prefix: str, workers_factory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="optuna_rq.optimizer")
-    opt = remote("tests.objectives:quadratic", prefix, redis_url, concurrency=2, n_trials=4)
+    opt = remote("tests.support.objectives:quadratic", prefix, redis_url, concurrency=2, n_trials=4)
     run = threading.Thread(target=opt.run, kwargs={"x": suggest.float(0, 1)}, daemon=True)
     run.start()
-    queue = f"{prefix}:default:tests.objectives"
+    queue = f"{prefix}:default:tests.support.objectives"
 
     def said_so() -> list[str]:
         return [m for m in (r.getMessage() for r in caplog.records) if "waiting for a worker" in m]
@@ -192,7 +194,7 @@ def test_a_remote_run_without_a_worker_says_what_it_waits_for_then_runs_on_one(
     wait_until(said_so, timeout_s=30, message="no 'waiting for a worker' line")
     line = said_so()[0]
     assert f"on queue {queue!r}" in line and "of 4 asked" in line, line
-    assert "`optuna-rq workers --import tests.objectives --queue default`" in line, line
+    assert "`optuna-rq workers --import tests.support.objectives --queue default`" in line, line
     workers_factory(count=1)
     run.join(timeout=60)
     assert not run.is_alive(), "the run did not finish once a worker served its queue"
@@ -200,6 +202,6 @@ def test_a_remote_run_without_a_worker_says_what_it_waits_for_then_runs_on_one(
 
 
 def test_spawn_is_in_process_only(redis_url: str) -> None:
-    opt = Optimizer("tests.objectives:quadratic", 1, 1, redis_url=redis_url)
+    opt = Optimizer("tests.support.objectives:quadratic", 1, 1, redis_url=redis_url)
     with pytest.raises(ConfigError, match="use `await optimizer"):
         asyncio.run(opt.spawn(asyncio.Semaphore(1), {}))

@@ -31,7 +31,12 @@ def test_define_by_run_with_a_median_pruner(redis_url: str, workers_factory) -> 
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3),
     )
     opt = remote(
-        "tests.objectives:define_by_run", queue, redis_url, concurrency=2, n_trials=24, study=study
+        "tests.support.objectives:define_by_run",
+        queue,
+        redis_url,
+        concurrency=2,
+        n_trials=24,
+        study=study,
     )
     opt.run()
     trials = study.trials
@@ -53,7 +58,7 @@ def test_define_by_run_multi_objective(redis_url: str, workers_factory) -> None:
     queue = workers_factory(count=2)
     study = optuna.create_study(directions=["minimize", "minimize"])
     remote(
-        "tests.objectives:define_by_run_multi",
+        "tests.support.objectives:define_by_run_multi",
         queue,
         redis_url,
         concurrency=2,
@@ -66,7 +71,9 @@ def test_define_by_run_multi_objective(redis_url: str, workers_factory) -> None:
 
 def test_legacy_suggest_methods_and_attributes(redis_url: str, workers_factory) -> None:
     queue = workers_factory(count=1)
-    opt = remote("tests.objectives:legacy_suggest", queue, redis_url, concurrency=1, n_trials=3)
+    opt = remote(
+        "tests.support.objectives:legacy_suggest", queue, redis_url, concurrency=1, n_trials=3
+    )
     opt.run()
     trials = opt.study.trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3, [
@@ -80,7 +87,7 @@ def test_legacy_suggest_methods_and_attributes(redis_url: str, workers_factory) 
 
 def test_mixed_form_gets_the_proxy_and_the_sampled_params(redis_url: str, workers_factory) -> None:
     queue = workers_factory(count=1)
-    opt = remote("tests.objectives:mixed", queue, redis_url, concurrency=1, n_trials=3)
+    opt = remote("tests.support.objectives:mixed", queue, redis_url, concurrency=1, n_trials=3)
     opt.run(depth=suggest.integer(1, 4), name="net")
     for t in opt.study.trials:
         assert t.state is TrialState.COMPLETE
@@ -93,7 +100,9 @@ def test_a_bad_suggestion_fails_the_trial_with_optunas_error(
     redis_url: str, workers_factory
 ) -> None:
     queue = workers_factory(count=1)
-    opt = remote("tests.objectives:bad_suggestion", queue, redis_url, concurrency=1, n_trials=1)
+    opt = remote(
+        "tests.support.objectives:bad_suggestion", queue, redis_url, concurrency=1, n_trials=1
+    )
     opt.run()
     [trial] = opt.study.trials
     assert trial.state is TrialState.FAIL and trial.user_attrs[FAIL_REASON_ATTR] == "exception"
@@ -107,7 +116,7 @@ def test_a_call_for_a_trial_the_broker_does_not_own_gets_a_clear_error(
     dispatcher = Dispatcher(conn, prefix=prefix, reply_to=f"{prefix}:results")
     run = StudyRun(
         study=study,
-        objective="tests.objectives:quadratic",
+        objective="tests.support.objectives:quadratic",
         inputs={},
         concurrency=1,
         n_trials=1,
@@ -128,7 +137,7 @@ def test_a_call_for_a_trial_the_broker_does_not_own_gets_a_clear_error(
                 incarnation=run.incarnation,
                 trial_number=number,
                 attempt=1,
-                objective="tests.objectives:quadratic",
+                objective="tests.support.objectives:quadratic",
                 params={},
                 n_objectives=1,
                 reply_to=f"{prefix}:results",

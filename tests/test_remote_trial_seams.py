@@ -14,12 +14,12 @@ from optuna.trial import TrialState
 
 from optuna_rq import Optimizer
 from optuna_rq.study.verdict import FAIL_ERROR_ATTR
-from tests import trial_objectives
-from tests.trial_objectives import RelativeSampler
+from tests.support import trial_objectives
+from tests.support.trial_objectives import RelativeSampler
 
 pytestmark = pytest.mark.timeout(120)
 
-MODULE = ("tests.trial_objectives",)
+MODULE = ("tests.support.trial_objectives",)
 
 
 def remote_and_in_process(
@@ -29,7 +29,7 @@ def remote_and_in_process(
     `make_study()`."""
     remote: optuna.Study = make_study()  # type: ignore[operator]
     Optimizer(
-        f"tests.trial_objectives:{objective}",  # type: ignore[arg-type]
+        f"tests.support.trial_objectives:{objective}",  # type: ignore[arg-type]
         concurrency=1,
         n_trials=1,
         study=remote,

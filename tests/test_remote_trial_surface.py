@@ -18,21 +18,21 @@ from optuna_rq.dispatch.views import INTERMEDIATE_VALUES_ATTR
 from optuna_rq.plumbing.connection import connect
 from optuna_rq.protocol import StudyState, StudyStatus
 from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
-from tests.helpers import wait_until
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
-MODULE = ("tests.trial_objectives",)
+MODULE = ("tests.support.trial_objectives",)
 
 
 def remote(objective: str, prefix: str, redis_url: str, **kwargs: object) -> Optimizer:
     return Optimizer(
-        f"tests.trial_objectives:{objective}", redis_url=redis_url, prefix=prefix, **kwargs
+        f"tests.support.trial_objectives:{objective}", redis_url=redis_url, prefix=prefix, **kwargs
     )  # type: ignore[arg-type]
 
 
 def in_process(objective: str, n_trials: int, **kwargs: object) -> optuna.Study:
-    from tests import trial_objectives
+    from tests.support import trial_objectives
 
     study = optuna.create_study(**kwargs)  # type: ignore[arg-type]
     with warnings.catch_warnings():
@@ -239,11 +239,11 @@ def test_a_stop_condition_ends_the_study_finished_and_names_itself(
     options: list[str],
     named: str,
 ) -> None:
-    workers_factory(count=2, modules=("tests.objectives",))
+    workers_factory(count=2, modules=("tests.support.objectives",))
     # with x fixed, quadratic never improves on trial 0
     submitted = run_cli(
         "submit",
-        "tests.objectives:quadratic",
+        "tests.support.objectives:quadratic",
         "--param",
         "x=2.0",
         "--n-trials",
@@ -283,7 +283,14 @@ def test_a_stop_condition_ends_the_study_finished_and_names_itself(
 def test_bad_stop_conditions_are_refused_at_submit(
     run_cli, options: list[str], message: str
 ) -> None:
-    args = ["submit", "tests.objectives:quadratic", "--param", "x=1.0", "--concurrency", "1"]
+    args = [
+        "submit",
+        "tests.support.objectives:quadratic",
+        "--param",
+        "x=1.0",
+        "--concurrency",
+        "1",
+    ]
     if "--n-trials" not in options:
         args += ["--n-trials", "10"]
     out = run_cli(*args, *options)

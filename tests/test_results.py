@@ -18,12 +18,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from optuna_rq import Optimizer
 from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
-from tests import result_objectives
-from tests.result_objectives import MULTI, SINGLE, Returns
+from tests.support import result_objectives
+from tests.support.result_objectives import MULTI, SINGLE, Returns
 
 pytestmark = pytest.mark.timeout(120)
 
-MODULE = ("tests.result_objectives",)
+MODULE = ("tests.support.result_objectives",)
 STRINGS = ("str", "numeric str")  # Optuna iterates them as characters: our reason names them
 
 
@@ -109,7 +109,9 @@ def test_on_a_worker_every_return_ends_as_study_tell_ends_it(
     kinds = kinds_of(n_objectives)
     study = optuna.create_study(directions=directions(n_objectives))
     objective = (
-        "tests.result_objectives:single" if n_objectives == 1 else ("tests.result_objectives:multi")
+        "tests.support.result_objectives:single"
+        if n_objectives == 1
+        else ("tests.support.result_objectives:multi")
     )
     Optimizer(
         objective,  # type: ignore[arg-type]

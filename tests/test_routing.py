@@ -15,8 +15,8 @@ from optuna.trial import TrialState
 
 from optuna_rq.storage.storage_access import default_storage_url, open_storage
 from optuna_rq.study.verdict import FAIL_REASON_ATTR
-from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env, live_workers, stop_process
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env, live_workers, stop_process
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -46,11 +46,11 @@ def trials_of(cli_state: Path, name: str) -> list[optuna.trial.FrozenTrial]:
 def test_pools_serving_different_modules_each_take_only_their_own_trials(
     run_cli, broker_process, workers_factory, cli_state: Path
 ) -> None:
-    workers_factory(count=1, modules=("tests.objectives",))
-    workers_factory(count=1, modules=("tests.routing_objectives",))
+    workers_factory(count=1, modules=("tests.support.objectives",))
+    workers_factory(count=1, modules=("tests.support.routing_objectives",))
     x = "x={type: float, low: -10, high: 10}"
-    submit(run_cli, "tests.objectives:quadratic", "a", "--param", x, "--n-trials", "12")
-    submit(run_cli, "tests.routing_objectives:where", "b", "--n-trials", "12")
+    submit(run_cli, "tests.support.objectives:quadratic", "a", "--param", x, "--n-trials", "12")
+    submit(run_cli, "tests.support.routing_objectives:where", "b", "--n-trials", "12")
     wait_until(lambda: finished(run_cli, "a") and finished(run_cli, "b"), timeout_s=120)
 
     for name in ("a", "b"):
@@ -64,11 +64,19 @@ def test_pools_serving_different_modules_each_take_only_their_own_trials(
 def test_a_gpu_class_study_runs_only_on_the_gpu_class_pool(
     run_cli, broker_process, workers_factory, cli_state: Path
 ) -> None:
-    module = ("tests.routing_objectives",)
+    module = ("tests.support.routing_objectives",)
     workers_factory(count=1, modules=module, env={"POOL": "cpu"})
     workers_factory(count=1, modules=module, env={"POOL": "gpu"}, args=("--queue", "gpu"))
-    submit(run_cli, "tests.routing_objectives:where", "on-gpu", "--queue", "gpu", "--n-trials", "6")
-    submit(run_cli, "tests.routing_objectives:where", "on-cpu", "--n-trials", "6")
+    submit(
+        run_cli,
+        "tests.support.routing_objectives:where",
+        "on-gpu",
+        "--queue",
+        "gpu",
+        "--n-trials",
+        "6",
+    )
+    submit(run_cli, "tests.support.routing_objectives:where", "on-cpu", "--n-trials", "6")
     wait_until(lambda: finished(run_cli, "on-gpu") and finished(run_cli, "on-cpu"), timeout_s=120)
 
     assert {t.user_attrs["pool"] for t in trials_of(cli_state, "on-gpu")} == {"gpu"}
@@ -79,17 +87,19 @@ def test_a_gpu_class_study_runs_only_on_the_gpu_class_pool(
 def test_a_study_no_worker_listens_to_waits_for_one_and_then_runs(
     run_cli, broker_process, workers_factory, cli_state: Path
 ) -> None:
-    workers_factory(count=1, modules=("tests.objectives",))  # the wrong module for this study
-    submit(run_cli, "tests.routing_objectives:where", "waits", "--n-trials", "3")
+    workers_factory(
+        count=1, modules=("tests.support.objectives",)
+    )  # the wrong module for this study
+    submit(run_cli, "tests.support.routing_objectives:where", "waits", "--n-trials", "3")
     wait_until(lambda: status_of(run_cli, "waits")["waiting_for_workers"], timeout_s=30)
     shown = run_cli("status", "waits").stdout
     assert "waiting for a worker" in shown, shown
-    assert "start one: optuna-rq workers --import tests.routing_objectives" in shown, shown
+    assert "start one: optuna-rq workers --import tests.support.routing_objectives" in shown, shown
     # What the live workers serve instead, where a misspelt module would show.
-    assert "(live workers on queue 'default' serve tests.objectives)" in shown, shown
+    assert "(live workers on queue 'default' serve tests.support.objectives)" in shown, shown
     assert status_of(run_cli, "waits")["failed"] == 0  # waiting, never failed for it
 
-    workers_factory(count=1, modules=("tests.routing_objectives",))
+    workers_factory(count=1, modules=("tests.support.routing_objectives",))
     wait_until(lambda: finished(run_cli, "waits"), timeout_s=60)
     assert [t.state for t in trials_of(cli_state, "waits")] == [TrialState.COMPLETE] * 3
     assert not status_of(run_cli, "waits")["waiting_for_workers"]
@@ -100,13 +110,13 @@ def test_each_worker_process_of_a_gpus_pool_sees_its_own_devices(
 ) -> None:
     workers_factory(
         count=2,
-        modules=("tests.routing_objectives",),
+        modules=("tests.support.routing_objectives",),
         env={"CUDA_VISIBLE_DEVICES": "4,5,6,7"},  # the pool's allocation, shared out in pairs
         args=("--gpus", "all", "--gpus-per-trial", "2"),
     )
     submit(
         run_cli,
-        "tests.routing_objectives:where",
+        "tests.support.routing_objectives:where",
         "gpus",
         "--n-trials",
         "8",
@@ -137,7 +147,7 @@ def test_a_sigkilled_pool_leaves_the_live_workers_within_the_lease_ttl(
             prefix,
             "workers",
             "--import",
-            "tests.objectives",
+            "tests.support.objectives",
             "--count",
             "2",
             "--lease-ttl",
@@ -167,7 +177,7 @@ def test_an_autoscaled_pool_grows_under_load_and_shrinks_when_idle(
             prefix,
             "workers",
             "--import",
-            "tests.routing_objectives",
+            "tests.support.routing_objectives",
             "--autoscale",
             "3,1",  # Celery's MAX,MIN
             "--scale-down-after",
@@ -181,7 +191,7 @@ def test_an_autoscaled_pool_grows_under_load_and_shrinks_when_idle(
         wait_until(lambda: live_workers(conn, prefix) == 1, timeout_s=60)
         submit(
             run_cli,
-            "tests.routing_objectives:where",
+            "tests.support.routing_objectives:where",
             "load",
             "--n-trials",
             "24",
@@ -239,7 +249,7 @@ def test_workers_import_from_the_current_directory_and_from_path(
 def test_workers_refuse_bad_routing_options_naming_them(
     run_cli, args: tuple[str, ...], text: str
 ) -> None:
-    result = run_cli("workers", "--import", "tests.objectives", *args, timeout_s=60)
+    result = run_cli("workers", "--import", "tests.support.objectives", *args, timeout_s=60)
     assert result.returncode == 2, result.stderr
     assert text in result.stderr
 

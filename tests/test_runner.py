@@ -13,7 +13,7 @@ from optuna_rq.protocol import FailReason, Outcome, TrialRequest
 from optuna_rq.workers.execute import execute
 from optuna_rq.workers.loader import load_objective
 
-SERVED = frozenset({"tests.objectives"})
+SERVED = frozenset({"tests.support.objectives"})
 
 
 def request(objective: str, n_objectives: int = 1, **params: object) -> TrialRequest:
@@ -31,7 +31,7 @@ def request(objective: str, n_objectives: int = 1, **params: object) -> TrialReq
 
 def test_a_complete_trial_carries_its_value_and_identity() -> None:
     result = execute(
-        request("tests.objectives:quadratic", x=3.0, depth=1), worker="w", served=SERVED
+        request("tests.support.objectives:quadratic", x=3.0, depth=1), worker="w", served=SERVED
     )
     assert result.outcome is Outcome.COMPLETE
     assert result.values == [2.0]
@@ -42,23 +42,65 @@ def test_a_complete_trial_carries_its_value_and_identity() -> None:
 @pytest.mark.parametrize(
     ("objective", "n_objectives", "outcome", "reason", "text"),
     [
-        ("tests.objectives:raises", 1, Outcome.FAIL, FailReason.EXCEPTION, "objective refuses x="),
         (
-            "tests.objectives:returns_str",
+            "tests.support.objectives:raises",
+            1,
+            Outcome.FAIL,
+            FailReason.EXCEPTION,
+            "objective refuses x=",
+        ),
+        (
+            "tests.support.objectives:returns_str",
             1,
             Outcome.FAIL,
             FailReason.BAD_RETURN,
             "expected a float",
         ),
-        ("tests.objectives:returns_nan", 1, Outcome.FAIL, FailReason.BAD_RETURN, "nan is not"),
-        ("tests.objectives:quadratic", 2, Outcome.FAIL, FailReason.BAD_RETURN, "tuple of 2 floats"),
-        ("tests.objectives:prunes", 1, Outcome.PRUNED, None, None),
-        ("tests.objectives:missing", 1, Outcome.FAIL, FailReason.IMPORT_ERROR, "no function"),
-        ("tests.objectives:_private", 1, Outcome.FAIL, FailReason.NOT_ALLOWED, "not a public"),
-        ("tests.objectives:imported_name", 1, Outcome.FAIL, FailReason.NOT_ALLOWED, "defined in"),
-        ("tests.objectives:os.system", 1, Outcome.FAIL, FailReason.NOT_ALLOWED, "public function"),
+        (
+            "tests.support.objectives:returns_nan",
+            1,
+            Outcome.FAIL,
+            FailReason.BAD_RETURN,
+            "nan is not",
+        ),
+        (
+            "tests.support.objectives:quadratic",
+            2,
+            Outcome.FAIL,
+            FailReason.BAD_RETURN,
+            "tuple of 2 floats",
+        ),
+        ("tests.support.objectives:prunes", 1, Outcome.PRUNED, None, None),
+        (
+            "tests.support.objectives:missing",
+            1,
+            Outcome.FAIL,
+            FailReason.IMPORT_ERROR,
+            "no function",
+        ),
+        (
+            "tests.support.objectives:_private",
+            1,
+            Outcome.FAIL,
+            FailReason.NOT_ALLOWED,
+            "not a public",
+        ),
+        (
+            "tests.support.objectives:imported_name",
+            1,
+            Outcome.FAIL,
+            FailReason.NOT_ALLOWED,
+            "defined in",
+        ),
+        (
+            "tests.support.objectives:os.system",
+            1,
+            Outcome.FAIL,
+            FailReason.NOT_ALLOWED,
+            "public function",
+        ),
         ("os:system", 1, Outcome.FAIL, FailReason.NOT_ALLOWED, "not served here"),
-        ("tests.objectives", 1, Outcome.FAIL, FailReason.NOT_ALLOWED, "has no ':'"),
+        ("tests.support.objectives", 1, Outcome.FAIL, FailReason.NOT_ALLOWED, "has no ':'"),
     ],
 )
 def test_each_outcome_and_failure_reason(
@@ -74,10 +116,10 @@ def test_each_outcome_and_failure_reason(
 
 def test_async_and_multi_objective_functions() -> None:
     assert execute(
-        request("tests.objectives:async_quadratic", x=3.0), worker="w", served=SERVED
+        request("tests.support.objectives:async_quadratic", x=3.0), worker="w", served=SERVED
     ).values == [4.0]
     assert execute(
-        request("tests.objectives:pair", 2, x=2.0, y=3.0), worker="w", served=SERVED
+        request("tests.support.objectives:pair", 2, x=2.0, y=3.0), worker="w", served=SERVED
     ).values == [4.0, 4.0]
 
 
@@ -87,15 +129,16 @@ def test_refusal_happens_before_any_import(tmp_path: Path) -> None:
     code = (
         "from optuna_rq.errors import ObjectiveRefusedError\n"
         "from optuna_rq.workers.loader import load_objective\n"
-        "for spec in ['tests.mark_on_import:objective', 'tests.mark_on_import:os.system']:\n"
+        "for spec in ['tests.support.mark_on_import:objective',\n"
+        "             'tests.support.mark_on_import:os.system']:\n"
         "    try:\n"
-        "        load_objective(spec, frozenset({'tests.objectives'}))\n"
+        "        load_objective(spec, frozenset({'tests.support.objectives'}))\n"
         "    except ObjectiveRefusedError:\n"
         "        pass\n"
         "    else:\n"
         "        raise SystemExit('not refused: ' + spec)\n"
         "import sys\n"
-        "assert 'tests.mark_on_import' not in sys.modules\n"
+        "assert 'tests.support.mark_on_import' not in sys.modules\n"
     )
     subprocess.run(
         [sys.executable, "-c", code],

@@ -32,7 +32,7 @@ def test_results_are_told_between_the_asks_of_one_batch(redis_url: str, workers_
     prefix = workers_factory(count=2)
     study = optuna.create_study(sampler=SlowSampler(seed=3))
     opt = Optimizer(
-        "tests.objectives:quadratic",
+        "tests.support.objectives:quadratic",
         concurrency=20,  # every slot free at the start: one batch of 20 asks
         n_trials=20,
         study=study,

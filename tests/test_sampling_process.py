@@ -19,9 +19,9 @@ from optuna.trial import TrialState
 from optuna_rq.sampling import SAMPLES_TO_DECIDE
 from optuna_rq.sampling.journal_replica import JournalReader, ScratchStorage, ScratchWriteError
 from optuna_rq.storage.storage_access import default_storage_url, open_storage
-from tests import objectives
-from tests.helpers import wait_until
-from tests.worker_processes import start_broker, stop_process
+from tests.support import objectives
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import start_broker, stop_process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -39,7 +39,7 @@ def _broker(redis_url: str, prefix: str, state: Path, log: Path) -> subprocess.P
 def _submit(run_cli, name: str, *args: str, sampler: str = "tpe") -> None:
     result = run_cli(
         "submit",
-        "tests.objectives:quadratic",
+        "tests.support.objectives:quadratic",
         "--study-name",
         name,
         "--param",

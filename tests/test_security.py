@@ -27,7 +27,7 @@ from optuna_rq.protocol import (
     TrialResult,
     trial_queue,
 )
-from tests.helpers import wait_until
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,8 +43,8 @@ class PlantsAMarker:
 
 
 def served_queue(conn: redis.Redis, prefix: str) -> Queue:
-    """The RQ queue the test's workers take trials of tests.objectives from."""
-    return trial_queue(conn, Keys(prefix).trial_queue("tests.objectives"))
+    """The RQ queue the test's workers take trials of tests.support.objectives from."""
+    return trial_queue(conn, Keys(prefix).trial_queue("tests.support.objectives"))
 
 
 def worker_names(conn: redis.Redis, queue: str) -> set[str]:
@@ -53,7 +53,7 @@ def worker_names(conn: redis.Redis, queue: str) -> set[str]:
 
 def assert_still_serving(conn: redis.Redis, queue: str, names: set[str], redis_url: str) -> None:
     assert worker_names(conn, queue) == names, "a worker died or was replaced"
-    opt = Optimizer("tests.objectives:quadratic", 1, 3, redis_url=redis_url, prefix=queue)
+    opt = Optimizer("tests.support.objectives:quadratic", 1, 3, redis_url=redis_url, prefix=queue)
     opt.run(x=suggest.float(0, 1))
     assert [t.state.name for t in opt.study.trials] == ["COMPLETE"] * 3
 
@@ -141,10 +141,10 @@ def _plant_trial(conn: redis.Redis, queue: str, objective: str, reply_to: str) -
 @pytest.mark.parametrize(
     "objective",
     [
-        "tests.mark_on_import:objective",  # a module this worker does not serve
-        "tests.objectives:os.system",  # an attribute path through a served module
-        "tests.objectives:_private",
-        "tests.objectives:imported_name",  # math.sqrt, imported into a served module
+        "tests.support.mark_on_import:objective",  # a module this worker does not serve
+        "tests.support.objectives:os.system",  # an attribute path through a served module
+        "tests.support.objectives:_private",
+        "tests.support.objectives:imported_name",  # math.sqrt, imported into a served module
         "os:system",
     ],
 )
@@ -164,22 +164,28 @@ def test_a_forged_trial_for_an_objective_not_served_fails_not_allowed(
 def test_the_unserved_module_is_never_imported(
     redis_url: str, conn: redis.Redis, prefix: str, tmp_path: Path
 ) -> None:
-    """Workers whose environment makes `tests.mark_on_import` leave a mark when imported."""
+    """Workers whose environment makes `tests.support.mark_on_import` leave a mark when imported."""
     import subprocess
 
-    from tests.worker_processes import cli, cli_env, stop_process
+    from tests.support.worker_processes import cli, cli_env, stop_process
 
     mark = tmp_path / "imported"
     process = subprocess.Popen(
         cli(
-            "--redis-url", redis_url, "--prefix", prefix, "workers", "--import", "tests.objectives"
+            "--redis-url",
+            redis_url,
+            "--prefix",
+            prefix,
+            "workers",
+            "--import",
+            "tests.support.objectives",
         ),
         env=cli_env(OPTUNA_RQ_TEST_IMPORT_MARK=str(mark)),
     )
     try:
         wait_until(lambda: worker_names(conn, prefix), timeout_s=60)
         reply_to = f"{prefix}:forged-results"
-        _plant_trial(conn, prefix, "tests.mark_on_import:objective", reply_to)
+        _plant_trial(conn, prefix, "tests.support.mark_on_import:objective", reply_to)
         wait_until(lambda: conn.xlen(reply_to) == 1, timeout_s=30)
         assert not mark.exists()
     finally:

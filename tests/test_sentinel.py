@@ -35,10 +35,10 @@ from optuna_rq.plumbing.locations import redact_url
 from optuna_rq.protocol import Keys
 from optuna_rq.sampling import SAMPLES_TO_DECIDE
 from tests.conftest import redis_server
-from tests.faults.conftest import Cluster
-from tests.helpers import wait_until
+from tests.support.cluster import Cluster
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env
 from tests.test_redis_auth import certificates, tls_capable_server
-from tests.worker_processes import cli, cli_env
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -510,7 +510,11 @@ def test_every_role_reaches_redis_through_the_sentinels(
         wait_until(lambda: _talks_to(sampler[0], asked), timeout_s=30, message="sampler")
 
         opt = Optimizer(
-            "tests.fault_objectives:steady", 2, 4, redis_url=sentinels.url, prefix=cluster.prefix
+            "tests.support.fault_objectives:steady",
+            2,
+            4,
+            redis_url=sentinels.url,
+            prefix=cluster.prefix,
         )
         opt.run(x=suggest.float(0, 1), redis_url=record, key=cluster.key, hold_s=0.05)
         assert [t.state for t in opt.study.trials] == [TrialState.COMPLETE] * 4
@@ -690,7 +694,11 @@ def test_a_study_over_tls_through_the_sentinels(
         try:
             cluster.start_workers(1)
             opt = Optimizer(
-                "tests.fault_objectives:steady", 1, 3, redis_url=group.url, prefix=cluster.prefix
+                "tests.support.fault_objectives:steady",
+                1,
+                3,
+                redis_url=group.url,
+                prefix=cluster.prefix,
             )
             opt.run(x=suggest.float(0, 1), redis_url=record, key=cluster.key, hold_s=0.01)
             assert [t.state for t in opt.study.trials] == [TrialState.COMPLETE] * 3

@@ -26,7 +26,7 @@ from optuna_rq.protocol import (
 )
 from optuna_rq.protocol.keyring import generate_keyrings
 from optuna_rq.protocol.signing import ENV_SECRET, Record, Role, Signer
-from tests.helpers import wait_until
+from tests.support.helpers import wait_until
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 signer = Signer(SECRET)
@@ -151,7 +151,7 @@ def _request(reply_to: str) -> TrialRequest:
         incarnation="0123456789ab",
         trial_number=0,
         attempt=1,
-        objective="tests.objectives:quadratic",
+        objective="tests.support.objectives:quadratic",
         params={"x": 1.0},
         n_objectives=1,
         reply_to=reply_to,
@@ -164,7 +164,7 @@ def test_signed_workers_run_signed_trials_and_refuse_forged_ones(
 ) -> None:
     queue = workers_factory(count=1, env={ENV_SECRET: SECRET.decode()})
     monkeypatch.setenv(ENV_SECRET, SECRET.decode())
-    opt = Optimizer("tests.objectives:quadratic", 2, 4, redis_url=redis_url, prefix=queue)
+    opt = Optimizer("tests.support.objectives:quadratic", 2, 4, redis_url=redis_url, prefix=queue)
     opt.run(x=suggest.float(0, 1))
     assert [t.state for t in opt.study.trials] == [TrialState.COMPLETE] * 4
 
@@ -179,7 +179,7 @@ def test_signed_workers_run_signed_trials_and_refuse_forged_ones(
         signer.seal(Record.REQUEST, _request(reply_to).encode()),
     ]
     for payload in forgeries:
-        job = trial_queue(conn, Keys(queue).trial_queue("tests.objectives")).enqueue_call(
+        job = trial_queue(conn, Keys(queue).trial_queue("tests.support.objectives")).enqueue_call(
             RUN_TRIAL, args=(payload,)
         )
         wait_until(lambda job=job: job.get_status(refresh=True) == JobStatus.FAILED, timeout_s=30)
@@ -192,7 +192,7 @@ def test_a_forged_result_is_refused_and_never_told(conn: redis.Redis, prefix: st
     dispatcher = Dispatcher(conn, prefix=prefix, reply_to=f"{prefix}:results", signer=signer)
     run = StudyRun(
         study=study,
-        objective="tests.objectives:quadratic",
+        objective="tests.support.objectives:quadratic",
         inputs={"x": suggest.float(0, 1)},
         concurrency=1,
         n_trials=1,
@@ -260,7 +260,11 @@ def test_an_unsigned_command_is_refused_by_a_signed_broker(
     from optuna_rq.protocol.spec import StudySpec
 
     spec = StudySpec(
-        name="forged", objective="tests.objectives:quadratic", space={}, n_trials=1, concurrency=1
+        name="forged",
+        objective="tests.support.objectives:quadratic",
+        space={},
+        n_trials=1,
+        concurrency=1,
     )
     daemon = Daemon(conn, BrokerSettings(prefix=prefix, storage="memory"), signer)
     daemon.acquire()

@@ -5,8 +5,8 @@ storage (a journal file path both reach, or PostgreSQL). Workers run a study; th
 SIGKILLed or frozen (SIGSTOP past the lock's TTL), the standby takes over and resumes the study,
 and a new standby takes the dead one's place, round after round. The study ends with every trial
 told exactly once (the journal's own log) and every objective called once (the objectives' own
-record, `tests.fault_objectives`). A frozen broker woken after the takeover stops with a clear
-line and writes nothing (the fence: `optuna_rq.daemon.fence`).
+record, `tests.support.fault_objectives`). A frozen broker woken after the takeover stops with a
+clear line and writes nothing (the fence: `optuna_rq.daemon.fence`).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from optuna.trial import TrialState
 from optuna_rq.plumbing.processes import started_at, stopped
 from optuna_rq.storage.journal_file import JournalLock
 from tests.conftest import redis_server
-from tests.faults.conftest import Cluster, RedisServer
 from tests.faults.test_broker_health import probe
-from tests.helpers import wait_until
+from tests.support.cluster import Cluster, RedisServer
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env, stop_process
 from tests.test_cli import _postgres_url
 from tests.test_metrics import free_port
-from tests.worker_processes import cli, cli_env, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 

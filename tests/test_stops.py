@@ -29,12 +29,12 @@ from optuna_rq.errors import StudyEndedError
 from optuna_rq.plumbing.connection import connect
 from optuna_rq.protocol import Change, Keys, Signer, StudySpec, StudyState, refuse_if_closed
 from optuna_rq.storage.storage_access import default_storage_url, open_storage
-from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env, start_broker, stop_process
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env, start_broker, stop_process
 
 pytestmark = pytest.mark.timeout(180)
 
-HELD = ("tests.held_objectives",)
+HELD = ("tests.support.held_objectives",)
 RED = re.compile(r"\x1b\[(?:\d+;)*31m")
 """rich's `[red]`, as a terminal gets it."""
 
@@ -70,7 +70,7 @@ def logged_broker(redis_url: str, prefix: str, cli_state: Path, tmp_path: Path) 
 
 @pytest.fixture
 def gate(workers_factory, redis_url: str, prefix: str) -> Iterator[redis.Redis]:
-    """Workers serving `tests.held_objectives`, and the connection that lets their calls go
+    """Workers serving `tests.support.held_objectives`, and the connection that lets their calls go
     (`KEY:go`, KEY being the prefix); whatever is still held goes at the end, so the workers
     stop at once even after a test failed."""
     workers_factory(count=2, modules=HELD)
@@ -89,7 +89,7 @@ def status_of(run_cli: Run, name: str) -> dict:
 def held(name: str, redis_url: str, key: str, *extra: str) -> tuple[str, ...]:
     return (
         "submit",
-        "tests.held_objectives:held",
+        "tests.support.held_objectives:held",
         "--param",
         "x={type: float, low: 0, high: 1}",
         "--param",
@@ -132,7 +132,14 @@ def test_a_stop_condition_ends_the_study_a_success_and_a_later_set_is_refused(
     workers_factory(count=2)
     # x fixed: every trial has the same value, so trial 0 stays the best (--patience holds),
     # 0 reaches --target at once, and 5000 trials outlast --timeout 1.
-    submit = ("submit", "tests.objectives:quadratic", "--param", "x=2.0", "--study-name", "s")
+    submit = (
+        "submit",
+        "tests.support.objectives:quadratic",
+        "--param",
+        "x=2.0",
+        "--study-name",
+        "s",
+    )
     waited = run_coloured(*submit, "--n-trials", "5000", "--concurrency", "2", *options, "--wait")
     assert waited.returncode == 0, waited.stderr
     said = last_line(waited.stderr)
@@ -264,7 +271,7 @@ def test_every_ended_study_refuses_cancel_and_set_by_one_rule_on_both_sides(
     """The CLI's client refuses before sending, the broker's handlers refuse what was sent
     before the study ended: the same error, in the same words, exit 2."""
     spec = StudySpec(
-        name="over", objective="tests.objectives:noop", space={}, n_trials=3, concurrency=1
+        name="over", objective="tests.support.objectives:noop", space={}, n_trials=3, concurrency=1
     )
     daemon.registry.store(spec)  # the broker holds its spec, and published it ended
     ended = queued_status(spec).with_changes(state=state, stopped=stopped, complete=3)
@@ -354,7 +361,7 @@ def test_a_deleted_studys_name_resubmitted_with_another_objective_is_refused_not
 
     def submit(objective: str, name: str, n_trials: int) -> subprocess.CompletedProcess[str]:
         return run_cli(
-            "submit", f"tests.objectives:{objective}", *x, "--study-name", name,
+            "submit", f"tests.support.objectives:{objective}", *x, "--study-name", name,
             "--n-trials", str(n_trials), "--wait",
         )  # fmt: skip
 
@@ -368,10 +375,10 @@ def test_a_deleted_studys_name_resubmitted_with_another_objective_is_refused_not
     assert refused.returncode == 1, refused.stderr
     assert last_line(refused.stderr) == (
         "study 'reused' failed: its storage holds the trials of an earlier study 'reused' of "
-        "another definition (objective 'tests.objectives:quadratic', not "
-        "'tests.objectives:noop'), which the broker no longer holds (deleted without --purge, "
-        "or another prefix's); nothing was added to it. Submit it under another --study-name, "
-        "or drop those trials first with `optuna-rq delete reused --purge`"
+        "another definition (objective 'tests.support.objectives:quadratic', not "
+        "'tests.support.objectives:noop'), which the broker no longer holds (deleted without "
+        "--purge, or another prefix's); nothing was added to it. Submit it under another "
+        "--study-name, or drop those trials first with `optuna-rq delete reused --purge`"
     )
     kept = trials("reused")
     assert len(kept) == 3 and all(t.value == (t.params["x"] - 2) ** 2 for t in kept)

@@ -248,7 +248,7 @@ def _forge_status(conn: redis.Redis, prefix: str, name: str, storage: str) -> No
     status = StudyStatus(
         name=name,
         state=StudyState.FINISHED,
-        objective="tests.objectives:quadratic",
+        objective="tests.support.objectives:quadratic",
         directions=["minimize"],
         n_trials=1,
         concurrency=1,

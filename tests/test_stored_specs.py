@@ -33,7 +33,7 @@ pytestmark = pytest.mark.timeout(60)
 def _spec(name: str, storage: str | None = None) -> StudySpec:
     return StudySpec(
         name=name,
-        objective="tests.objectives:quadratic",
+        objective="tests.support.objectives:quadratic",
         space={"x": {"type": "float", "low": 0, "high": 1}},
         n_trials=2,
         concurrency=1,

@@ -41,7 +41,7 @@ from optuna_rq.protocol import (
 from optuna_rq.protocol.codec import pack
 from optuna_rq.study.verdict import FAIL_ERROR_ATTR
 from optuna_rq.workers.remote_trial import RemoteTrial
-from tests.helpers import wait_until
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,10 +56,10 @@ OTHER_WORKER = Signer(keyring=generate_keyrings()[Role.WORKER])  # another key s
 def test_a_call_over_a_limit_raises_at_once_on_the_worker_naming_it(
     redis_url: str, workers_factory
 ) -> None:
-    prefix = workers_factory(count=1, modules=("tests.trial_objectives",))
+    prefix = workers_factory(count=1, modules=("tests.support.trial_objectives",))
     study = optuna.create_study()
     Optimizer(
-        "tests.trial_objectives:over_the_limits",  # type: ignore[arg-type]
+        "tests.support.trial_objectives:over_the_limits",  # type: ignore[arg-type]
         concurrency=1,
         n_trials=1,
         study=study,
@@ -132,7 +132,7 @@ def served(conn: redis.Redis, prefix: str) -> Iterator[Served]:
     dispatcher = Dispatcher(conn, prefix=prefix, reply_to=f"{prefix}:results", signer=BROKER)
     run = StudyRun(
         study=study,
-        objective="tests.trial_objectives:plain",
+        objective="tests.support.trial_objectives:plain",
         inputs={},
         concurrency=1,
         n_trials=1,

@@ -19,8 +19,8 @@ from optuna_rq.protocol import (
     TrialResult,
     trial_queue,
 )
-from tests.faults.conftest import BOTH_ISOLATIONS, Cluster
-from tests.helpers import wait_until
+from tests.support.cluster import BOTH_ISOLATIONS, Cluster
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,7 +32,9 @@ def test_a_job_with_an_out_of_range_timeout_fails_its_trial_saying_why(
 ) -> None:
     # Given a worker pool
     cluster.start_workers(1, isolation)
-    queue = trial_queue(cluster.conn, Keys(cluster.prefix).trial_queue("tests.fault_objectives"))
+    queue = trial_queue(
+        cluster.conn, Keys(cluster.prefix).trial_queue("tests.support.fault_objectives")
+    )
     workers = {w.name: w.pid for w in Worker.all(connection=cluster.conn, queue=queue)}
     reply_to = f"{cluster.prefix}:results"
     request = TrialRequest(
@@ -40,7 +42,7 @@ def test_a_job_with_an_out_of_range_timeout_fails_its_trial_saying_why(
         incarnation="0123456789ab",
         trial_number=0,
         attempt=1,
-        objective="tests.fault_objectives:steady",
+        objective="tests.support.fault_objectives:steady",
         params={"x": 0.5, "redis_url": cluster.server.url, "key": cluster.key, "hold_s": 0.0},
         n_objectives=1,
         reply_to=reply_to,

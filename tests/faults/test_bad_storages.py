@@ -19,9 +19,9 @@ import redis
 from optuna_rq.client import BrokerClient
 from optuna_rq.plumbing.embedded import server_executable
 from optuna_rq.protocol import Signer, StudySpec
-from tests.faults.conftest import Cluster
-from tests.helpers import wait_until
-from tests.worker_processes import cli
+from tests.support.cluster import Cluster
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -82,7 +82,7 @@ def _submit_on_the_wire(cluster: Cluster, storage: str) -> str:
     name = f"bad-{uuid.uuid4().hex[:6]}"
     spec = StudySpec(
         name=name,
-        objective="tests.fault_objectives:steady",
+        objective="tests.support.fault_objectives:steady",
         space={
             "x": {"type": "float", "low": 0, "high": 1},
             "redis_url": cluster.server.url,
@@ -99,7 +99,7 @@ def _submit_on_the_wire(cluster: Cluster, storage: str) -> str:
 def test_the_cli_refuses_a_storage_path_that_cannot_be_created(cluster: Cluster) -> None:
     done = subprocess.run(
         cli("--redis-url", cluster.server.url, "--prefix", cluster.prefix, "submit")
-        + ["tests.fault_objectives:steady", "--n-trials", "1", "--concurrency", "1"]
+        + ["tests.support.fault_objectives:steady", "--n-trials", "1", "--concurrency", "1"]
         + ["--storage", "journal:///dev/null/studies.journal"],
         capture_output=True,
         text=True,

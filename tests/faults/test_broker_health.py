@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 
 from optuna_rq.daemon.broker_health import BrokerHealth
-from tests.faults.conftest import Cluster, RedisServer
-from tests.helpers import wait_until
+from tests.support.cluster import Cluster, RedisServer
+from tests.support.helpers import wait_until
 from tests.test_metrics import free_port
 
 pytestmark = pytest.mark.timeout(120)

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
-from tests.faults.conftest import Cluster, wait_calls
-from tests.helpers import wait_until
+from tests.support.cluster import Cluster, wait_calls
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

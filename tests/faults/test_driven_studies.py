@@ -6,7 +6,7 @@ broker's and an Optimizer's; `trial_timeout` and `max_retries` mean what `submit
 mean; a progress bar shows on a terminal and nowhere else.
 
 Real processes throughout: workers started by the CLI, the CLI as a subprocess, the Optimizer in
-a thread of the test or in a process of its own (`tests.driven_optimizer`).
+a thread of the test or in a process of its own (`tests.support.driven_optimizer`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from optuna_rq.dispatch import ATTEMPT_ATTR
 from optuna_rq.errors import StudyConflictError
 from optuna_rq.protocol import ENV_KEY, Keys, Role, generate_keyrings, trial_queue
 from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
-from tests.faults.conftest import Cluster, OptimizerRun, wait_calls
-from tests.helpers import wait_until
-from tests.worker_processes import PROJECT_ROOT, cli, cli_env
+from tests.support.cluster import Cluster, OptimizerRun, wait_calls
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import PROJECT_ROOT, cli, cli_env
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -95,11 +95,11 @@ def optimizer_in_thread(
     objective: str = "steady",
     **options: Any,
 ) -> OptimizerRun:
-    """A remote Optimizer of `objective` (tests.fault_objectives) running in a thread, with
+    """A remote Optimizer of `objective` (tests.support.fault_objectives) running in a thread, with
     its study named `name`."""
     study = optuna.create_study(study_name=name, sampler=optuna.samplers.RandomSampler())
     optimizer = Optimizer(
-        f"tests.fault_objectives:{objective}",
+        f"tests.support.fault_objectives:{objective}",
         concurrency=2,
         n_trials=n_trials,
         study=study,
@@ -194,7 +194,7 @@ def start_driven_process(
 ) -> subprocess.Popen[bytes]:
     args = [cluster.server.url, cluster.prefix, name, str(n_trials), str(hold_s), cluster.key]
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.driven_optimizer", *args, progress],
+        [sys.executable, "-m", "tests.support.driven_optimizer", *args, progress],
         env=cli_env(**cluster.role_env.get(Role.CLIENT, {}), **kw.pop("env", {})),
         cwd=PROJECT_ROOT,
         **kw,
@@ -283,8 +283,8 @@ def test_a_broker_on_the_prefix_keeps_its_names_apart_from_an_optimizers(keyed: 
     wait_until(lambda: "running (optimizer" in listed(keyed, "shared"), timeout_s=60)
     x = ("--param", "x={type: float, low: 0, high: 1}", "--n-trials", "1", "--concurrency", "1",
          "--param", f"redis_url={keyed.server.url}", "--param", f"key={keyed.key}")  # fmt: skip
-    refused = run_cli(keyed, "submit", "tests.fault_objectives:steady", "--study-name", "shared",
-                      *x, role=Role.CLIENT)  # fmt: skip
+    refused = run_cli(keyed, "submit", "tests.support.fault_objectives:steady",
+                      "--study-name", "shared", *x, role=Role.CLIENT)  # fmt: skip
     assert refused.returncode != 0 and f"run by the Optimizer on {HERE}" in refused.stderr
     assert "which is running" in refused.stderr, refused.stderr
     for command in (("cancel", "shared"), ("set", "shared", "--concurrency", "1")):
@@ -309,8 +309,8 @@ def test_a_broker_on_the_prefix_keeps_its_names_apart_from_an_optimizers(keyed: 
     assert not keyed.conn.hexists(keys.refused, "status")  # nothing of it read as the broker's
 
     # Ended: the name is free for the broker, whose study then shows under it.
-    taken = run_cli(keyed, "submit", "tests.fault_objectives:steady", "--study-name", "shared",
-                    *x, "--wait", role=Role.CLIENT)  # fmt: skip
+    taken = run_cli(keyed, "submit", "tests.support.fault_objectives:steady",
+                    "--study-name", "shared", *x, "--wait", role=Role.CLIENT)  # fmt: skip
     assert taken.returncode == 0, taken.stderr
     line = listed(keyed, "shared")
     assert "finished" in line and "optimizer" not in line, line
@@ -319,11 +319,11 @@ def test_a_broker_on_the_prefix_keeps_its_names_apart_from_an_optimizers(keyed: 
     assert [t["state"] for t in json.loads(trials.stdout)] == ["complete"], trials.stderr
     assert keyed.conn.hlen(keys.driven_trials_of("shared")) == 6  # the Optimizer's, apart
 
-    queue = trial_queue(keyed.conn, keys.trial_queue("tests.fault_objectives"))
+    queue = trial_queue(keyed.conn, keys.trial_queue("tests.support.fault_objectives"))
     jobs = queue.count
     study = optuna.create_study(study_name="shared")
     clash = Optimizer(
-        "tests.fault_objectives:steady", 1, 3, study=study, redis_url=keyed.server.url,
+        "tests.support.fault_objectives:steady", 1, 3, study=study, redis_url=keyed.server.url,
         prefix=keyed.prefix,
     )  # fmt: skip
     with pytest.raises(StudyConflictError, match="'shared' is a broker study"):
@@ -394,7 +394,12 @@ def test_n_trials_counts_per_call_and_the_status_counts_the_study(keyed: Cluster
     study = optuna.create_study(study_name=f"twice-{uuid.uuid4().hex[:6]}")
     url = keyed.server.url
     twice = Optimizer(
-        "tests.fault_objectives:steady", 2, 3, study=study, redis_url=url, prefix=keyed.prefix
+        "tests.support.fault_objectives:steady",
+        2,
+        3,
+        study=study,
+        redis_url=url,
+        prefix=keyed.prefix,
     )
     for _ in range(2):
         twice.run(x=suggest.float(0, 1), redis_url=url, key=keyed.key, hold_s=0.05)
@@ -432,7 +437,7 @@ def test_n_trials_counts_per_call_and_the_status_counts_the_study(keyed: Cluster
 )
 def test_remote_options_are_checked_naming_them(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
-        Optimizer("tests.objectives:noop", 1, 1, redis_url="redis://localhost:1", **options)
+        Optimizer("tests.support.objectives:noop", 1, 1, redis_url="redis://localhost:1", **options)
 
 
 @pytest.mark.parametrize("option", ["trial_timeout", "max_retries", "progress"])

@@ -11,8 +11,8 @@ import pytest
 
 from optuna_rq.client import BrokerClient
 from optuna_rq.protocol import Keys
-from tests.faults.conftest import Cluster
-from tests.helpers import wait_until
+from tests.support.cluster import Cluster
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -15,11 +15,11 @@ from rq import Worker
 
 from optuna_rq.plumbing.connection import connect
 from optuna_rq.protocol import Keys, trial_queue
-from tests.faults.conftest import LEASE_TTL_S, Cluster
-from tests.faults.fencing import DualRedis, Monitor, WriteFlags, broker_writes, lock_keys
-from tests.faults.fencing import dual_redis as dual_redis  # the fixture
-from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env, start_broker, stop_process
+from tests.support.cluster import LEASE_TTL_S, Cluster
+from tests.support.fencing import DualRedis, Monitor, WriteFlags, broker_writes, lock_keys
+from tests.support.fencing import dual_redis as dual_redis  # the fixture
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env, start_broker, stop_process
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -56,11 +56,16 @@ def test_every_write_of_the_broker_runs_inside_its_fence(
     with Monitor(url) as monitor:
         workers = subprocess.Popen(
             cli("--redis-url", url, "--prefix", prefix, "workers", "--count", "3")
-            + ["--import", "tests.fault_objectives", "--import", "tests.trial_objectives"]
+            + [
+                "--import",
+                "tests.support.fault_objectives",
+                "--import",
+                "tests.support.trial_objectives",
+            ]
             + ["--lease-ttl", str(LEASE_TTL_S)],
             env=cli_env(OPTUNA_RQ_STATE_DIR=str(state)),
         )
-        queue = trial_queue(conn, Keys(prefix).trial_queue("tests.trial_objectives"))
+        queue = trial_queue(conn, Keys(prefix).trial_queue("tests.support.trial_objectives"))
         wait_until(lambda: len(Worker.all(connection=conn, queue=queue)) >= 3, timeout_s=60)
         log = tmp_path / "broker.log"
         with open(log, "wb") as err:
@@ -75,11 +80,11 @@ def test_every_write_of_the_broker_runs_inside_its_fence(
                 _run(url, prefix, state, "submit", objective, *args)
 
             marker = f"marker={tmp_path / 'died'}"
-            submit("tests.trial_objectives:dies_once", "dies", 4, "--param", marker)
-            submit("tests.trial_objectives:surface_single", "calls", 3)
+            submit("tests.support.trial_objectives:dies_once", "dies", 4, "--param", marker)
+            submit("tests.support.trial_objectives:surface_single", "calls", 3)
             steady = ("--param", "x={type: float, low: 0, high: 1}", "--param", f"key={key}")
             steady += ("--param", f"redis_url={url}", "--param", "hold_s=0.5")
-            submit("tests.fault_objectives:steady", "slow", 1000, *steady)
+            submit("tests.support.fault_objectives:steady", "slow", 1000, *steady)
             sets = tmp_path / "sets.yaml"
             sets.write_text("[{x: 0.25}]\n")
             _run(url, prefix, state, "enqueue", "slow", str(sets))

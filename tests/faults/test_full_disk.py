@@ -17,8 +17,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from tests.faults.conftest import Cluster
-from tests.helpers import wait_until
+from tests.support.cluster import Cluster
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -22,7 +22,7 @@ from optuna_rq.protocol import RUN_TRIAL, Keys, trial_queue
 from optuna_rq.protocol.queue import MsgpackSerializer
 from optuna_rq.study.verdict import FAIL_REASON_ATTR
 from optuna_rq.workers.rq_worker import TrialWorker
-from tests.faults.conftest import (
+from tests.support.cluster import (
     BOTH_ISOLATIONS,
     LEASE_TTL_S,
     Cluster,
@@ -30,7 +30,7 @@ from tests.faults.conftest import (
     start_optimizer,
     wait_calls,
 )
-from tests.helpers import wait_until
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -22,8 +22,8 @@ from optuna_rq.plumbing.embedded import server_executable
 from optuna_rq.protocol import CALL_FIELD, AttemptId, Delete, Keys, StudySpec
 from optuna_rq.storage.storage_access import open_storage
 from optuna_rq.study.verdict import FAIL_REASON_ATTR
-from tests.faults.conftest import Cluster, kill_tree, wait_calls
-from tests.helpers import wait_until
+from tests.support.cluster import Cluster, kill_tree, wait_calls
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -16,8 +16,8 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from optuna_rq.protocol import RESULT_FIELD, Keys, Record, Signer, TrialResult
-from tests.faults.conftest import Cluster
-from tests.helpers import wait_until
+from tests.support.cluster import Cluster
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 

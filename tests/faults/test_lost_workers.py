@@ -10,9 +10,9 @@ from optuna.trial import TrialState
 
 from optuna_rq.dispatch import ATTEMPT_ATTR, RETRY_OF_ATTR
 from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
-from tests.fault_objectives import running_pid
-from tests.faults.conftest import BOTH_ISOLATIONS, LEASE_TTL_S, Cluster, kill_tree, wait_calls
-from tests.helpers import wait_until
+from tests.support.cluster import BOTH_ISOLATIONS, LEASE_TTL_S, Cluster, kill_tree, wait_calls
+from tests.support.fault_objectives import running_pid
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

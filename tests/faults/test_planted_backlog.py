@@ -16,8 +16,8 @@ import subprocess
 import pytest
 
 from optuna_rq.protocol import ENV_KEY, Enqueue, Keys, Record, Role, Signer, generate_keyrings
-from tests.faults.conftest import Cluster
-from tests.helpers import wait_until
+from tests.support.cluster import Cluster
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -26,9 +26,9 @@ import redis
 
 from optuna_rq.protocol import ENV_KEY, ENV_SECRET, Keys, Role, StudySpec, generate_keyrings
 from tests.conftest import redis_server
-from tests.faults.conftest import Cluster, RedisServer
-from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env
+from tests.support.cluster import Cluster, RedisServer
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -82,7 +82,7 @@ def _planted(cluster: Cluster, name: str, storage: str) -> bytes:
     """A study spec as the attacker writes it: a valid definition, unsigned."""
     spec = StudySpec(
         name=name,
-        objective="tests.fault_objectives:steady",
+        objective="tests.support.fault_objectives:steady",
         space={
             "x": {"type": "float", "low": 0, "high": 1},
             "redis_url": cluster.server.url,
@@ -176,7 +176,7 @@ def test_planted_specs_run_nothing_and_open_nothing_when_the_broker_restarts(
     other = tmp_path / "other"
     done = subprocess.run(
         cli("--redis-url", cluster.server.url, "--prefix", cluster.prefix, "submit")
-        + ["tests.fault_objectives:steady", "--study-name", "elsewhere", "--n-trials", "2"]
+        + ["tests.support.fault_objectives:steady", "--study-name", "elsewhere", "--n-trials", "2"]
         + ["--concurrency", "1"]
         + [
             "--param",

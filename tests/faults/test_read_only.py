@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from optuna_rq.plumbing.connection import connect, wait_for_redis
-from tests.faults.conftest import RedisServer
-from tests.helpers import wait_until
+from tests.support.cluster import RedisServer
+from tests.support.helpers import wait_until
 
 
 def _dead_port() -> int:

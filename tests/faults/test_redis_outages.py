@@ -20,11 +20,11 @@ from optuna.trial import TrialState
 from optuna_rq.dispatch import RETRY_OF_ATTR
 from optuna_rq.plumbing.connection import connect
 from optuna_rq.study.verdict import FAIL_REASON_ATTR
-from tests.faults.conftest import LEASE_TTL_S, Cluster, RedisServer, start_optimizer
-from tests.faults.fencing import DualRedis, Monitor, WriteFlags, broker_writes, lock_keys
-from tests.faults.fencing import dual_redis as dual_redis  # the fixture
-from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env, start_broker, stop_process
+from tests.support.cluster import LEASE_TTL_S, Cluster, RedisServer, start_optimizer
+from tests.support.fencing import DualRedis, Monitor, WriteFlags, broker_writes, lock_keys
+from tests.support.fencing import dual_redis as dual_redis  # the fixture
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env, start_broker, stop_process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -82,7 +82,7 @@ def test_a_redis_restarted_empty_under_a_frozen_broker_gets_no_write_from_it(
     key = f"{prefix}:obj"
     workers = subprocess.Popen(
         cli("--redis-url", url, "--prefix", prefix, "workers", "--count", "3")
-        + ["--import", "tests.fault_objectives", "--lease-ttl", str(LEASE_TTL_S)],
+        + ["--import", "tests.support.fault_objectives", "--lease-ttl", str(LEASE_TTL_S)],
         env=cli_env(OPTUNA_RQ_STATE_DIR=str(tmp_path)),
     )
     conn = connect(url, retries=40)
@@ -125,7 +125,14 @@ def _submit(url: str, prefix: str, state: Path, key: str, *, n_trials: int) -> s
     params = ["--param", "x={type: float, low: 0, high: 1}", "--param", f"redis_url={url}"]
     params += ["--param", f"key={key}", "--param", "hold_s=0.5"]
     done = subprocess.run(
-        cli("--redis-url", url, "--prefix", prefix, "submit", "tests.fault_objectives:steady")
+        cli(
+            "--redis-url",
+            url,
+            "--prefix",
+            prefix,
+            "submit",
+            "tests.support.fault_objectives:steady",
+        )
         + ["--study-name", name, "--n-trials", str(n_trials), "--concurrency", "3"]
         + ["--sampler", "random", *params],
         env=cli_env(OPTUNA_RQ_STATE_DIR=str(state)),

@@ -23,9 +23,9 @@ import pytest
 from optuna.trial import TrialState
 
 from optuna_rq.protocol import ENV_SECRET, Keys, Role
-from tests.faults.conftest import Cluster
-from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env
+from tests.support.cluster import Cluster
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -22,8 +22,8 @@ from optuna_rq import Optimizer, suggest
 from optuna_rq.protocol import ENV_KEY, Keys, Record, Role, StudySpec, Submit, generate_keyrings
 from optuna_rq.protocol.signing import _signed_bytes
 from optuna_rq.study.verdict import FAIL_REASON_ATTR
-from tests.faults.conftest import Cluster
-from tests.helpers import wait_until
+from tests.support.cluster import Cluster
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -62,7 +62,7 @@ def test_a_command_signed_with_a_worker_key_is_refused_and_the_client_keys_appli
     cluster = keyed
     spec = StudySpec(
         name="forged",
-        objective="tests.fault_objectives:steady",
+        objective="tests.support.fault_objectives:steady",
         space={"x": {"type": "float", "low": 0.0, "high": 1.0}},
         n_trials=1,
         concurrency=1,
@@ -96,7 +96,7 @@ def test_a_study_runs_end_to_end_on_role_keys(keyed: Cluster) -> None:
     # A remote Optimizer dispatches its own trials, signed with the client key.
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     optimizer = Optimizer(
-        "tests.fault_objectives:with_trial",
+        "tests.support.fault_objectives:with_trial",
         concurrency=2,
         n_trials=4,
         study=study,

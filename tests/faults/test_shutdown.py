@@ -19,21 +19,25 @@ from optuna_rq.dispatch import RETRY_OF_ATTR
 from optuna_rq.plumbing.failpoints import ENV_FAILPOINTS
 from optuna_rq.protocol import Keys, trial_queue
 from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
-from tests.faults.conftest import BOTH_ISOLATIONS, LEASE_TTL_S, Cluster, wait_calls
-from tests.helpers import wait_until
-from tests.terminal_pool import STACK_DUMP, TerminalPool
-from tests.worker_processes import cli_env
+from tests.support.cluster import BOTH_ISOLATIONS, LEASE_TTL_S, Cluster, wait_calls
+from tests.support.helpers import wait_until
+from tests.support.terminal_pool import STACK_DUMP, TerminalPool
+from tests.support.worker_processes import cli_env
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def _idle(cluster: Cluster) -> int:
-    queue = trial_queue(cluster.conn, Keys(cluster.prefix).trial_queue("tests.fault_objectives"))
+    queue = trial_queue(
+        cluster.conn, Keys(cluster.prefix).trial_queue("tests.support.fault_objectives")
+    )
     return sum(w.get_state() == "idle" for w in Worker.all(connection=cluster.conn, queue=queue))
 
 
 def _shutdown_requested(cluster: Cluster) -> bool:
-    queue = trial_queue(cluster.conn, Keys(cluster.prefix).trial_queue("tests.fault_objectives"))
+    queue = trial_queue(
+        cluster.conn, Keys(cluster.prefix).trial_queue("tests.support.fault_objectives")
+    )
     workers = Worker.all(connection=cluster.conn, queue=queue)
     return any(w.shutdown_requested_date is not None for w in workers)
 
@@ -85,7 +89,7 @@ def test_a_worker_stuck_after_a_warm_stop_has_its_stacks_logged_and_is_killed(
         settings = WorkerSettings(
             redis_url={cluster.server.url!r},
             prefix={cluster.prefix!r},
-            modules=("tests.fault_objectives",),
+            modules=("tests.support.fault_objectives",),
             stuck_after_s=1.0,
         )
         sys.exit(WorkerPool(settings).run())
@@ -124,7 +128,7 @@ def _terminal_pool(cluster: Cluster, log: Path) -> TerminalPool:
         ["--count", "1", "--lease-ttl", str(LEASE_TTL_S)],
         log=log,
         env=cli_env(OPTUNA_RQ_STATE_DIR=str(cluster.state)),
-        module="tests.fault_objectives",
+        module="tests.support.fault_objectives",
     )
     pool.wait_ready(cluster.conn, 1)
     return pool

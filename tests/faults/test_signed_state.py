@@ -34,9 +34,9 @@ from optuna_rq.protocol import (
 )
 from optuna_rq.protocol.signing import _signed_bytes
 from optuna_rq.study.verdict import FAIL_REASON_ATTR
-from tests.faults.conftest import Cluster, wait_calls
-from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env
+from tests.support.cluster import Cluster, wait_calls
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -79,7 +79,7 @@ def finished_json(name: str, *, best: float = -1.0, n_trials: int = 30) -> bytes
         StudyStatus(
             name=name,
             state=StudyState.FINISHED,
-            objective="tests.fault_objectives:asks",
+            objective="tests.support.fault_objectives:asks",
             directions=["minimize"],
             n_trials=n_trials,
             concurrency=1,
@@ -264,7 +264,7 @@ def test_a_signed_status_of_an_earlier_run_does_not_end_wait(
     resubmitted = Following(
         cluster,
         tmp_path / "submit.log",
-        *("submit", "tests.fault_objectives:asks", "--study-name", name, "--n-trials", "2"),
+        *("submit", "tests.support.fault_objectives:asks", "--study-name", name, "--n-trials", "2"),
         *("--concurrency", "1", "--sampler", "random", "--wait"),
         *("--param", "x={type: float, low: 0, high: 1}", "--param", "gate=true"),
         *("--param", f"redis_url={cluster.server.url}", "--param", f"key={cluster.key}"),
@@ -495,7 +495,7 @@ def test_a_forged_cancel_mark_on_a_queued_trial_does_not_stop_it_starting(
     sign(cluster, keys=generate_keyrings())
     cluster.start_broker()
     name = cluster.submit("steady", n_trials=1, concurrency=1, hold_s=0.05)
-    queue = f"rq:queue:{Keys(cluster.prefix).trial_queue('tests.fault_objectives')}"
+    queue = f"rq:queue:{Keys(cluster.prefix).trial_queue('tests.support.fault_objectives')}"
     wait_until(lambda: cluster.conn.llen(queue) == 1, timeout_s=60, message="no job queued")
     (job_id,) = (bytes(j).decode() for j in cluster.conn.lrange(queue, 0, -1))
     if kind == "string":

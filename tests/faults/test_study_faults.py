@@ -20,9 +20,9 @@ import pytest
 from optuna.trial import TrialState
 
 from optuna_rq.dispatch.boundary import Site
-from tests.faults.conftest import Cluster
-from tests.helpers import wait_until
-from tests.worker_processes import cli, cli_env
+from tests.support.cluster import Cluster
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, cli_env
 
 FAULTED = {site: f"faulty-{site.value}" for site in Site}
 """The study that faults at each site."""

@@ -19,8 +19,8 @@ import redis
 
 from optuna_rq.daemon.fence import FENCE_SHA
 from tests.conftest import redis_server
-from tests.faults.conftest import RedisServer
-from tests.helpers import wait_until
+from tests.support.cluster import RedisServer
+from tests.support.helpers import wait_until
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""A flytekit task the test workers serve (`--import tests.flyte_objectives`)."""
+"""A flytekit task the test workers serve (`--import tests.support.flyte_objectives`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Helpers tests import: `from tests.helpers import wait_until`."""
+"""Helpers tests import: `from tests.support.helpers import wait_until`."""
 
 from __future__ import annotations
 

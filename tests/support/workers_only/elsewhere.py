@@ -1,4 +1,4 @@
-"""Objectives only the workers import (`optuna-rq workers --path tests/workers_only --import
+"""Objectives only the workers import (`optuna-rq workers --path tests/support/workers_only --import
 elsewhere`): the command line cannot import this module, as when a laptop submits to a cluster,
 so what `submit` would check here is checked on the workers."""
 

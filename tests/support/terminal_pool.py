@@ -15,8 +15,8 @@ from rq import Worker
 
 from optuna_rq.plumbing.processes import exited
 from optuna_rq.protocol import Keys, trial_queue
-from tests.helpers import wait_until
-from tests.worker_processes import cli, live_workers
+from tests.support.helpers import wait_until
+from tests.support.worker_processes import cli, live_workers
 
 _STARTED = re.compile(r"worker (\d+) started \(pid (\d+)")
 
@@ -35,7 +35,7 @@ class TerminalPool:
         *,
         log: Path,
         env: dict[str, str],
-        module: str = "tests.objectives",
+        module: str = "tests.support.objectives",
     ) -> None:
         self.prefix = prefix
         self.module = module

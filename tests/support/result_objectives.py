@@ -1,6 +1,6 @@
 """Objectives that return what Optuna's `study.tell` takes (numpy scalars, 0-d arrays, sequences
 of them) and what it refuses, and that raise what would end a process (`--import
-tests.result_objectives`).
+tests.support.result_objectives`).
 
 Which value a trial returns is picked by its number, so one study runs every kind, in order, on
 a worker or in-process alike; tests compare each trial with what Optuna itself makes of it.

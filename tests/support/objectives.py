@@ -1,4 +1,4 @@
-"""Objectives the test workers serve (`--import tests.objectives`)."""
+"""Objectives the test workers serve (`--import tests.support.objectives`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Objectives a test holds until it lets them go (`--import tests.held_objectives`): the trials of
-a study stopping, or changed, while some of them still run.
+"""Objectives a test holds until it lets them go (`--import tests.support.held_objectives`): the
+trials of a study stopping, or changed, while some of them still run.
 
     KEY:started   list: the x of each call, in the order they started
     KEY:go        list: the test pushes one item per call it lets return

@@ -16,9 +16,9 @@ from rq import Worker
 
 from optuna_rq.plumbing.connection import connect
 from optuna_rq.protocol import Keys, Role, Signer, live_pools
-from tests.helpers import wait_until
+from tests.support.helpers import wait_until
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 WorkersFactory = Callable[..., str]
 
@@ -67,7 +67,7 @@ def workers_factory(redis_url: str, prefix: str) -> Iterator[WorkersFactory]:
 
     def start(
         count: int = 2,
-        modules: tuple[str, ...] = ("tests.objectives",),
+        modules: tuple[str, ...] = ("tests.support.objectives",),
         env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
     ) -> str:

@@ -1,9 +1,10 @@
 """A remote Optimizer as a user's script runs it, in a process of its own (killed, or given a
-terminal, by the tests): `python -m tests.driven_optimizer URL PREFIX STUDY N_TRIALS HOLD_S KEY
-[PROGRESS]`, where PROGRESS is `on`, `off` or `auto` (the default: on a terminal).
+terminal, by the tests):
+`python -m tests.support.driven_optimizer URL PREFIX STUDY N_TRIALS HOLD_S KEY [PROGRESS]`,
+where PROGRESS is `on`, `off` or `auto` (the default: on a terminal).
 
-It runs `tests.fault_objectives:steady` (each trial holds HOLD_S seconds, recording under KEY) at
-concurrency 1, and prints `finished N` on stdout when the run returns."""
+It runs `tests.support.fault_objectives:steady` (each trial holds HOLD_S seconds, recording under
+KEY) at concurrency 1, and prints `finished N` on stdout when the run returns."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def main(argv: list[str]) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # stderr: the progress bar alone
     study = optuna.create_study(study_name=study_name, sampler=optuna.samplers.RandomSampler())
     optimizer = Optimizer(
-        "tests.fault_objectives:steady",
+        "tests.support.fault_objectives:steady",
         concurrency=1,
         n_trials=int(n_trials),
         study=study,

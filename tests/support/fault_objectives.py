@@ -1,4 +1,4 @@
-"""Objectives for the fault tests (`--import tests.fault_objectives`).
+"""Objectives for the fault tests (`--import tests.support.fault_objectives`).
 
 Each records in Redis, under `key`, what the tests check afterwards:
 

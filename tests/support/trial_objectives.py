@@ -1,4 +1,5 @@
-"""Define-by-run objectives that use the whole trial surface (`--import tests.trial_objectives`).
+"""Define-by-run objectives that use the whole trial surface
+(`--import tests.support.trial_objectives`).
 
 Each records what it saw in user attributes, so a test compares it with the storage, and runs
 the same way in-process, so a test compares a remote trial with a real one.

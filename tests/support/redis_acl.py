@@ -15,9 +15,9 @@ from pathlib import Path
 import redis
 
 from optuna_rq.plumbing.connection import connect
-from tests.helpers import wait_until
+from tests.support.helpers import wait_until
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULES = DEPLOY / "redis" / "redis-acl.conf"
 SCRIPT = DEPLOY / "redis" / "redis-acl.sh"
 PREFIX = "optuna-rq"
