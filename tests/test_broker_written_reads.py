@@ -5,8 +5,8 @@ status (`Keys.status`), a trial call's reply list (`Keys.reply_list`), an attemp
 read: each one that reads a value hands it to the one place that judges it (a status to
 `StudyStatus.opened`, a reply to `RemoteTrial._answer_to`, a mark to `CancelMarks.holds`), which
 refuses, with signing on, what the broker (for a driven status, a front-door key) did not seal.
-What each refusal does is tested with real processes in tests/faults/test_signed_state.py, and
-below for the pieces alone.
+What each refusal does is tested with real processes in
+tests/processes/faults/test_signed_state.py, and below for the pieces alone.
 """
 
 from __future__ import annotations

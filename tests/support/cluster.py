@@ -354,7 +354,7 @@ class Cluster:
         reasons = collections.Counter(
             str(t.user_attrs.get("fail_reason")) for t in trials if t.state is TrialState.FAIL
         )
-        print(  # the figures behind each case, for `pytest tests/faults -v -s`
+        print(  # the figures behind each case, for `pytest tests/processes/faults -v -s`
             f"\n  {len(trials)} trials: {states[TrialState.COMPLETE]} COMPLETE, "
             f"{states[TrialState.FAIL]} FAIL {dict(reasons)}, "
             f"{sum(1 for t in trials if 'retry_of' in t.user_attrs)} retries, "

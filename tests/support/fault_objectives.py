@@ -40,8 +40,8 @@ def running_pid(pid: int) -> bool:
 
 def _recorded(write: Callable[[], T]) -> T:
     """What the objectives record is the tests' instrument, not what they test: it waits out a
-    full Redis (tests/faults/test_full_redis.py) rather than fail the trial. A refused MULTI/EXEC
-    did nothing, so it is sent again whole."""
+    full Redis (tests/processes/faults/test_full_redis.py) rather than fail the trial. A refused
+    MULTI/EXEC did nothing, so it is sent again whole."""
     while True:
         try:
             return write()
