@@ -1,5 +1,6 @@
-"""Every subcommand, given bad input, says so on one line and exits 2: through the real entry
-point (`python -m optuna_rq.cli.app`), with no Redis, so nothing is started and nothing is sent.
+"""Every subcommand, given bad input, says so on one line and exits 2, with no Redis, so nothing
+is started and nothing is sent: every case through the console entry point (`main`) in this
+process, and a case of each kind through the real entry point (`python -m optuna_rq.cli.app`).
 And the embedded redis-server: read-only commands never start it, `redis stop` ends it.
 
 Then the app's manners, in this process through its entry point (`main`), every command
@@ -14,7 +15,7 @@ import re
 import socket
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -119,16 +120,68 @@ CASES = [
 ]
 
 
+PROCESS_CASES = [
+    case
+    for case in CASES
+    if case[1]
+    in (
+        "Missing option '--import'",
+        "Invalid value for '--count'",
+        "less than or equal to 65535",
+        "'type: float'",
+        "No such command 'nope'",
+    )
+    or case[0] == ("broker", "--bogus")
+]
+"""A case of each kind, through a real interpreter: its exit code and its stderr."""
+
+# An unreachable Redis: a usage error must be found before any connection is tried.
+UNREACHABLE = "redis://127.0.0.1:1/0"
+
+
 def run(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
-    # An unreachable Redis: a usage error must be found before any connection is tried.
-    env = cli_env(OPTUNA_RQ_STATE_DIR=str(state), OPTUNA_RQ_REDIS_URL="redis://127.0.0.1:1/0")
+    """`optuna-rq ARGS` as a process of its own."""
+    env = cli_env(OPTUNA_RQ_STATE_DIR=str(state), OPTUNA_RQ_REDIS_URL=UNREACHABLE)
     return subprocess.run(cli(*args), env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def run_here(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    restore_logging: None,
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`run` in this process, through the console entry point, in the same environment."""
+    monkeypatch.setenv("OPTUNA_RQ_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("OPTUNA_RQ_REDIS_URL", UNREACHABLE)
+
+    def run_main_as_process(*args: str) -> subprocess.CompletedProcess[str]:
+        code, out, err = run_main(*args, capsys=capsys)
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return run_main_as_process
 
 
 @pytest.mark.parametrize(
     ("args", "message"), CASES, ids=lambda v: " ".join(v) if isinstance(v, tuple) else None
 )
 def test_bad_input_is_one_line_and_exit_2(
+    args: tuple[str, ...], message: str, run_here: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    result = run_here(*args)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ") and message in lines[0], lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize(
+    ("args", "message"), PROCESS_CASES, ids=lambda v: " ".join(v) if isinstance(v, tuple) else None
+)
+def test_bad_input_is_one_line_and_exit_2_from_a_real_interpreter(
     args: tuple[str, ...], message: str, tmp_path: Path
 ) -> None:
     result = run(*args, state=tmp_path)
@@ -139,12 +192,15 @@ def test_bad_input_is_one_line_and_exit_2(
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-def test_debug_adds_the_traceback_of_a_runtime_error(tmp_path: Path) -> None:
-    result = run("--debug", "status", state=tmp_path)  # its Redis is unreachable
+def test_debug_adds_the_traceback_of_a_runtime_error(
+    run_here: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    result = run_here("--debug", "status")  # its Redis is unreachable
     assert result.returncode == 1 and "Traceback" in result.stderr, result.stderr
     assert result.stderr.rstrip().splitlines()[-1].startswith("Error: cannot reach Redis")
 
 
+@pytest.mark.processes
 def test_bare_command_shows_the_help_and_exits_2(tmp_path: Path) -> None:
     result = run(state=tmp_path)
     assert result.returncode == 2
@@ -152,14 +208,16 @@ def test_bare_command_shows_the_help_and_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_version(tmp_path: Path) -> None:
-    result = run("--version", state=tmp_path)
+def test_version(run_here: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    result = run_here("--version")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("optuna-rq ")
 
 
-def test_help_lists_every_environment_variable_and_flags_as_flags(tmp_path: Path) -> None:
-    top = run("--help", state=tmp_path).stdout
+def test_help_lists_every_environment_variable_and_flags_as_flags(
+    run_here: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    top = run_here("--help").stdout
     for var in (
         "OPTUNA_RQ_REDIS_URL",
         "OPTUNA_RQ_PREFIX",
@@ -171,11 +229,12 @@ def test_help_lists_every_environment_variable_and_flags_as_flags(tmp_path: Path
     ):
         assert var in top, var
     assert "--install-completion" in top
-    assert "OPTUNA_RQ_LEASE_TTL" in run("workers", "--help", state=tmp_path).stdout
-    submit = run("submit", "--help", state=tmp_path).stdout
+    assert "OPTUNA_RQ_LEASE_TTL" in run_here("workers", "--help").stdout
+    submit = run_here("submit", "--help").stdout
     assert "<bool>" not in submit and "--wait " in submit
 
 
+@pytest.mark.processes
 def test_read_only_commands_never_start_a_redis_server(tmp_path: Path) -> None:
     env = cli_env(OPTUNA_RQ_STATE_DIR=str(tmp_path))
     env.pop("OPTUNA_RQ_REDIS_URL", None)
@@ -186,6 +245,7 @@ def test_read_only_commands_never_start_a_redis_server(tmp_path: Path) -> None:
         assert not (tmp_path / "redis.sock").exists() and not (tmp_path / "redis.pid").exists()
 
 
+@pytest.mark.processes
 def test_redis_stop_ends_the_embedded_server_a_command_started(embedded_state: Path) -> None:
     if redis_server() is None:
         pytest.skip("no redis-server binary for an embedded server")
@@ -529,6 +589,21 @@ def test_every_command_checks_its_arguments_before_it_starts_a_redis_server(
     monkeypatch.setenv("OPTUNA_RQ_STATE_DIR", str(embedded_state))
     cases = bad_arguments(busy_port)
     assert set(cases) == set(leaves()), "give every command a bad argument here"
+    for path, bad in cases.items():
+        if path in SERVING:  # as processes: the test below
+            continue
+        for args in bad:
+            code, _out, err = run_main(*path, *args, capsys=capsys)
+            assert_refused_before_a_server(code, err, path, args, embedded_state)
+
+
+@pytest.mark.processes
+def test_the_serving_commands_check_their_arguments_before_they_start_a_redis_server(
+    embedded_state: Path, busy_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPTUNA_RQ_REDIS_URL", raising=False)
+    monkeypatch.setenv("OPTUNA_RQ_STATE_DIR", str(embedded_state))
+    cases = bad_arguments(busy_port)
     serving = {  # all at once: each takes a second or two to start
         (path, args): subprocess.Popen(
             cli(*path, *args), env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -536,18 +611,19 @@ def test_every_command_checks_its_arguments_before_it_starts_a_redis_server(
         for path in SERVING
         for args in cases[path]
     }
-    for path, bad in cases.items():
-        for args in bad:
-            if path in SERVING:
-                process = serving[path, args]
-                _out, raw = process.communicate(timeout=60)
-                code, err = process.returncode, raw.decode()
-            else:
-                code, _out, err = run_main(*path, *args, capsys=capsys)
-            assert code == 2, (path, args, err)
-            assert err.startswith("Error: ") and err.count("\n") == 1, err
-            assert EmbeddedRedis(embedded_state).pid() is None, (path, args, "started one")
-            assert not (embedded_state / "redis.sock").exists(), (path, args)
+    for (path, args), process in serving.items():
+        _out, raw = process.communicate(timeout=60)
+        code, err = process.returncode, raw.decode()
+        assert_refused_before_a_server(code, err, path, args, embedded_state)
+
+
+def assert_refused_before_a_server(
+    code: int, err: str, path: tuple[str, ...], args: tuple[str, ...], embedded_state: Path
+) -> None:
+    assert code == 2, (path, args, err)
+    assert err.startswith("Error: ") and err.count("\n") == 1, err
+    assert EmbeddedRedis(embedded_state).pid() is None, (path, args, "started one")
+    assert not (embedded_state / "redis.sock").exists(), (path, args)
 
 
 @pytest.mark.parametrize(
