@@ -69,6 +69,7 @@ def test_every_command_is_listed_as_one_that_may_start_a_server_or_one_that_neve
     )
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("command", sorted(NEVER_START_A_SERVER))
 def test_a_command_that_never_starts_a_server_starts_none(command: str, tmp_path: Path) -> None:
     """With no Redis URL and no embedded server, each says there is none, naming the fix, and

@@ -193,6 +193,7 @@ def _finished(name: str, **fields: Any) -> StudyStatus:
     )
 
 
+@pytest.mark.processes
 def test_status_best_and_trials_print_json_that_strict_parsers_read(
     conn: redis.Redis, prefix: str, redis_url: str
 ) -> None:
@@ -230,6 +231,7 @@ def test_status_best_and_trials_print_json_that_strict_parsers_read(
         assert pick(json.loads(done.stdout, parse_constant=_refuse)) == expected[args], args
 
 
+@pytest.mark.processes
 def test_trials_shows_an_entry_the_broker_did_not_sign_as_refused_and_says_why(
     conn: redis.Redis, prefix: str, redis_url: str
 ) -> None:

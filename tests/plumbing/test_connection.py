@@ -40,6 +40,7 @@ def server_pid(url: str) -> int:
 # -- the embedded server ------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_embedded_server_listens_only_on_a_private_socket_in_the_state_dir(
     embedded_state: Path,
 ) -> None:
@@ -58,6 +59,7 @@ def test_embedded_server_listens_only_on_a_private_socket_in_the_state_dir(
     client.close()
 
 
+@pytest.mark.processes
 def test_a_running_server_is_reused(embedded_state: Path) -> None:
     url = ensure_embedded(embedded_state)
     pid = server_pid(url)
@@ -67,6 +69,7 @@ def test_a_running_server_is_reused(embedded_state: Path) -> None:
     assert EmbeddedRedis(embedded_state).pid() == pid
 
 
+@pytest.mark.processes
 def test_concurrent_starts_from_separate_processes_share_one_server(embedded_state: Path) -> None:
     script = (
         "import sys\n"
@@ -98,6 +101,7 @@ def test_concurrent_starts_from_separate_processes_share_one_server(embedded_sta
     assert EmbeddedRedis(embedded_state).pid() == int(pid)
 
 
+@pytest.mark.processes
 def test_stop_leaves_nothing_running(embedded_state: Path) -> None:
     pid = server_pid(ensure_embedded(embedded_state))
 
@@ -109,6 +113,7 @@ def test_stop_leaves_nothing_running(embedded_state: Path) -> None:
     assert stop_embedded(embedded_state) is False
 
 
+@pytest.mark.processes
 def test_stop_kills_a_server_that_does_not_answer(embedded_state: Path) -> None:
     pid = server_pid(ensure_embedded(embedded_state))
     (embedded_state / "redis.sock").unlink()  # unreachable, but still running
@@ -117,6 +122,7 @@ def test_stop_kills_a_server_that_does_not_answer(embedded_state: Path) -> None:
     assert exited(pid)
 
 
+@pytest.mark.processes
 def test_data_survives_a_restart(embedded_state: Path) -> None:
     url = ensure_embedded(embedded_state)
     client = connect(url)
@@ -129,6 +135,7 @@ def test_data_survives_a_restart(embedded_state: Path) -> None:
     client.close()
 
 
+@pytest.mark.processes
 def test_a_server_that_cannot_start_is_reported_with_its_log(embedded_state: Path) -> None:
     # The server cannot open its AOF: Redis 6 keeps it in appendonly.aof, Redis 7 and Valkey in
     # appendonlydir/.
@@ -145,6 +152,7 @@ def test_a_server_that_cannot_start_is_reported_with_its_log(embedded_state: Pat
     )
 
 
+@pytest.mark.processes
 def test_a_socket_path_over_the_limit_names_the_fix() -> None:
     state = Path("/tmp") / ("x" * 120)
 

@@ -23,7 +23,7 @@ from tests.support import objectives
 from tests.support.helpers import wait_until
 from tests.support.worker_processes import start_broker, stop_process
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.processes]
 
 SEED = 42
 N_TRIALS = SAMPLES_TO_DECIDE + 11  # some startup trials sampled there, then TPE's own asks

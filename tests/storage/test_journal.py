@@ -207,6 +207,7 @@ def test_the_daemons_storages_flush_journals_and_release_them_when_forgotten(
     again.close()
 
 
+@pytest.mark.processes
 def test_the_lock_of_a_broker_that_died_holding_it_is_released_at_once(tmp_path: Path) -> None:
     path = tmp_path / "studies.journal"
     # A broker SIGKILLed in a turn, with changes buffered: it dies holding Optuna's lock.

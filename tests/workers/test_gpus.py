@@ -187,6 +187,7 @@ def _workers(
     )
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -206,12 +207,14 @@ def test_workers_refuse_gpus_outside_their_allocation(args: tuple[str, ...], mes
     assert line.startswith("Error: ") and message in line, line
 
 
+@pytest.mark.processes
 def test_more_worker_processes_than_device_sets_is_refused(redis_url: str) -> None:
     result = _workers("--gpus", "2", "--count", "3", CUDA_VISIBLE_DEVICES="2,3", url=redis_url)
     assert result.returncode == 2, result.stderr
     assert "3 worker processes but 2 GPU device sets (2 3)" in result.stderr, result.stderr
 
 
+@pytest.mark.processes
 def test_workers_help_shows_both_spellings() -> None:
     result = subprocess.run(
         cli("workers", "--help"), env=cli_env(), capture_output=True, text=True, timeout=60

@@ -123,6 +123,7 @@ def test_async_and_multi_objective_functions() -> None:
     ).values == [4.0, 4.0]
 
 
+@pytest.mark.processes
 def test_refusal_happens_before_any_import(tmp_path: Path) -> None:
     """Run in a fresh interpreter so that nothing has imported the module yet."""
     mark = tmp_path / "mark"

@@ -161,6 +161,7 @@ def test_a_forged_trial_for_an_objective_not_served_fails_not_allowed(
     assert_still_serving(conn, queue, names, redis_url)
 
 
+@pytest.mark.processes
 def test_the_unserved_module_is_never_imported(
     redis_url: str, conn: redis.Redis, prefix: str, tmp_path: Path
 ) -> None:
