@@ -155,6 +155,7 @@ def embedded_state() -> Iterator[Path]:
         shutil.rmtree(state, ignore_errors=True)
 
 
+from tests.support.inline_workers import inline_workers  # noqa: E402,F401  (a fixture)
 from tests.support.worker_processes import (  # noqa: E402,F401  (fixtures)
     broker_process,
     cli_state,

@@ -37,6 +37,7 @@ from optuna_rq.protocol import (
     enqueue_commands,
 )
 from optuna_rq.protocol.spec import StudySpec
+from tests.support.inline_workers import InlineWorkers
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -216,9 +217,9 @@ def test_the_broker_skips_the_sets_optuna_would_skip(
 
 
 def test_a_study_is_told_its_trials_while_100000_sets_are_stored_into_another(
-    daemon: Daemon, conn: redis.Redis, prefix: str, workers_factory: Any
+    daemon: Daemon, conn: redis.Redis, prefix: str, inline_workers: InlineWorkers
 ) -> None:
-    workers_factory(count=2)
+    inline_workers.start(count=2)
     client = BrokerClient(conn, prefix)
     client.submit(_spec("busy", n_trials=1_000_000, concurrency=2, queue="default"))
     daemon.step()

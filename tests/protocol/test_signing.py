@@ -27,6 +27,7 @@ from optuna_rq.protocol import (
 from optuna_rq.protocol.keyring import generate_keyrings
 from optuna_rq.protocol.signing import ENV_SECRET, Record, Role, Signer
 from tests.support.helpers import wait_until
+from tests.support.inline_workers import InlineWorkers
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 signer = Signer(SECRET)
@@ -160,9 +161,9 @@ def _request(reply_to: str) -> TrialRequest:
 
 @pytest.mark.timeout(120)
 def test_signed_workers_run_signed_trials_and_refuse_forged_ones(
-    workers_factory, conn: redis.Redis, redis_url: str, prefix: str, monkeypatch
+    inline_workers: InlineWorkers, conn: redis.Redis, redis_url: str, prefix: str, monkeypatch
 ) -> None:
-    queue = workers_factory(count=1, env={ENV_SECRET: SECRET.decode()})
+    queue = inline_workers.start(count=1, env={ENV_SECRET: SECRET.decode()})
     monkeypatch.setenv(ENV_SECRET, SECRET.decode())
     opt = Optimizer("tests.support.objectives:quadratic", 2, 4, redis_url=redis_url, prefix=queue)
     opt.run(x=suggest.float(0, 1))

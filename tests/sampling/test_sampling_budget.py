@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from optuna_rq import Optimizer, suggest
 from optuna_rq.dispatch import ASK_BUDGET_S
+from tests.support.inline_workers import InlineWorkers
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,9 +28,11 @@ class SlowSampler(optuna.samplers.RandomSampler):
         return super().sample_independent(*args, **kwargs)
 
 
-def test_results_are_told_between_the_asks_of_one_batch(redis_url: str, workers_factory) -> None:
+def test_results_are_told_between_the_asks_of_one_batch(
+    redis_url: str, inline_workers: InlineWorkers
+) -> None:
     assert SAMPLE_S > ASK_BUDGET_S
-    prefix = workers_factory(count=2)
+    prefix = inline_workers.start(count=2)
     study = optuna.create_study(sampler=SlowSampler(seed=3))
     opt = Optimizer(
         "tests.support.objectives:quadratic",

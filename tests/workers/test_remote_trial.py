@@ -16,6 +16,7 @@ from optuna_rq.protocol import Keys, TrialRequest
 from optuna_rq.protocol.signing import Signer
 from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from optuna_rq.workers.remote_trial import RemoteTrial
+from tests.support.inline_workers import InlineWorkers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,8 +25,8 @@ def remote(objective: str, queue: str, redis_url: str, **kwargs: object) -> Opti
     return Optimizer(objective, redis_url=redis_url, prefix=queue, **kwargs)  # type: ignore[arg-type]
 
 
-def test_define_by_run_with_a_median_pruner(redis_url: str, workers_factory) -> None:
-    queue = workers_factory(count=2)
+def test_define_by_run_with_a_median_pruner(redis_url: str, inline_workers: InlineWorkers) -> None:
+    queue = inline_workers.start(count=2)
     study = optuna.create_study(
         sampler=optuna.samplers.RandomSampler(seed=0),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3),
@@ -54,8 +55,8 @@ def test_define_by_run_with_a_median_pruner(redis_url: str, workers_factory) -> 
             assert sorted(trial.intermediate_values) == [0, 1, 2, 3, 4]
 
 
-def test_define_by_run_multi_objective(redis_url: str, workers_factory) -> None:
-    queue = workers_factory(count=2)
+def test_define_by_run_multi_objective(redis_url: str, inline_workers: InlineWorkers) -> None:
+    queue = inline_workers.start(count=2)
     study = optuna.create_study(directions=["minimize", "minimize"])
     remote(
         "tests.support.objectives:define_by_run_multi",
@@ -69,8 +70,10 @@ def test_define_by_run_multi_objective(redis_url: str, workers_factory) -> None:
     assert all(set(t.params) == {"x", "k", "c"} for t in study.trials)
 
 
-def test_legacy_suggest_methods_and_attributes(redis_url: str, workers_factory) -> None:
-    queue = workers_factory(count=1)
+def test_legacy_suggest_methods_and_attributes(
+    redis_url: str, inline_workers: InlineWorkers
+) -> None:
+    queue = inline_workers.start(count=1)
     opt = remote(
         "tests.support.objectives:legacy_suggest", queue, redis_url, concurrency=1, n_trials=3
     )
@@ -85,8 +88,10 @@ def test_legacy_suggest_methods_and_attributes(redis_url: str, workers_factory) 
         assert t.system_attrs["legacy"] is True
 
 
-def test_mixed_form_gets_the_proxy_and_the_sampled_params(redis_url: str, workers_factory) -> None:
-    queue = workers_factory(count=1)
+def test_mixed_form_gets_the_proxy_and_the_sampled_params(
+    redis_url: str, inline_workers: InlineWorkers
+) -> None:
+    queue = inline_workers.start(count=1)
     opt = remote("tests.support.objectives:mixed", queue, redis_url, concurrency=1, n_trials=3)
     opt.run(depth=suggest.integer(1, 4), name="net")
     for t in opt.study.trials:
@@ -97,9 +102,9 @@ def test_mixed_form_gets_the_proxy_and_the_sampled_params(redis_url: str, worker
 
 
 def test_a_bad_suggestion_fails_the_trial_with_optunas_error(
-    redis_url: str, workers_factory
+    redis_url: str, inline_workers: InlineWorkers
 ) -> None:
-    queue = workers_factory(count=1)
+    queue = inline_workers.start(count=1)
     opt = remote(
         "tests.support.objectives:bad_suggestion", queue, redis_url, concurrency=1, n_trials=1
     )

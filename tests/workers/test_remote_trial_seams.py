@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from optuna_rq import Optimizer
 from optuna_rq.study.verdict import FAIL_ERROR_ATTR
 from tests.support import trial_objectives
+from tests.support.inline_workers import InlineWorkers
 from tests.support.trial_objectives import RelativeSampler
 
 pytestmark = pytest.mark.timeout(120)
@@ -47,8 +48,10 @@ def remote_and_in_process(
     return mine, theirs
 
 
-def test_report_checks_value_and_step_as_optuna_does(redis_url: str, workers_factory) -> None:
-    prefix = workers_factory(count=1, modules=MODULE)
+def test_report_checks_value_and_step_as_optuna_does(
+    redis_url: str, inline_workers: InlineWorkers
+) -> None:
+    prefix = inline_workers.start(count=1, modules=MODULE)
     mine, theirs = remote_and_in_process(redis_url, prefix, "reports", optuna.create_study)
     outcomes = mine.user_attrs["outcomes"]
     assert outcomes == theirs.user_attrs["outcomes"]
@@ -69,9 +72,9 @@ def _a_study_with_names_sampler_and_pruner() -> optuna.Study:
 
 
 def test_study_reads_and_relative_search_space_as_in_process(
-    redis_url: str, workers_factory
+    redis_url: str, inline_workers: InlineWorkers
 ) -> None:
-    prefix = workers_factory(count=1, modules=MODULE)
+    prefix = inline_workers.start(count=1, modules=MODULE)
     mine, theirs = remote_and_in_process(
         redis_url, prefix, "study_and_space", _a_study_with_names_sampler_and_pruner
     )

@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_rq import Optimizer
 from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from tests.support import result_objectives
+from tests.support.inline_workers import InlineWorkers
 from tests.support.result_objectives import MULTI, SINGLE, Returns
 
 pytestmark = pytest.mark.timeout(120)
@@ -103,9 +104,9 @@ def test_in_process_a_return_ends_as_study_tell_ends_it(kind: str, n_objectives:
 
 @pytest.mark.parametrize("n_objectives", [1, 2])
 def test_on_a_worker_every_return_ends_as_study_tell_ends_it(
-    redis_url: str, workers_factory, n_objectives: int
+    redis_url: str, inline_workers: InlineWorkers, n_objectives: int
 ) -> None:
-    prefix = workers_factory(count=2, modules=MODULE)
+    prefix = inline_workers.start(count=2, modules=MODULE)
     kinds = kinds_of(n_objectives)
     study = optuna.create_study(directions=directions(n_objectives))
     objective = (

@@ -42,6 +42,7 @@ from optuna_rq.protocol.codec import pack
 from optuna_rq.study.verdict import FAIL_ERROR_ATTR
 from optuna_rq.workers.remote_trial import RemoteTrial
 from tests.support.helpers import wait_until
+from tests.support.inline_workers import InlineWorkers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,9 +55,9 @@ OTHER_WORKER = Signer(keyring=generate_keyrings()[Role.WORKER])  # another key s
 
 
 def test_a_call_over_a_limit_raises_at_once_on_the_worker_naming_it(
-    redis_url: str, workers_factory
+    redis_url: str, inline_workers: InlineWorkers
 ) -> None:
-    prefix = workers_factory(count=1, modules=("tests.support.trial_objectives",))
+    prefix = inline_workers.start(count=1, modules=("tests.support.trial_objectives",))
     study = optuna.create_study()
     Optimizer(
         "tests.support.trial_objectives:over_the_limits",  # type: ignore[arg-type]
