@@ -262,6 +262,7 @@ def test_state_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         assert stat.S_IMODE(created.stat().st_mode) & 0o077 == 0
 
 
+@pytest.mark.processes
 def test_resolve_redis_url_precedence(
     embedded_state: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -140,6 +140,7 @@ def test_gpus_outside_the_allocation_or_misspelt_is_refused(
     assert message in str(raised.value)
 
 
+@pytest.mark.processes
 def test_nvidia_smi_lists_the_machine_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_nvidia_smi(
         tmp_path,
@@ -153,6 +154,7 @@ def test_nvidia_smi_lists_the_machine_gpus(tmp_path: Path, monkeypatch: pytest.M
     assert device_sets("all", found) == ("0", "1")
 
 
+@pytest.mark.processes
 def test_without_nvidia_smi_or_devices_nothing_is_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
