@@ -31,6 +31,16 @@ FIXTURES = frozenset(
 real-process tier."""
 
 
+MACHINE_WIDE = frozenset(
+    {"test_deploy_policy.py", "test_full_disk.py", "test_packaging.py", "test_dashboard.py"}
+)
+"""Files whose tests use what the whole machine shares (the image's init script's fixed names
+under /tmp, a tmpfs mounted for a full disk, uv's builds of the wheel, a browser): under
+pytest-xdist (`-n 2 --dist loadgroup`) they run on one worker, one after another."""
+
+MACHINE_GROUP = "machine"
+
+
 def in_process_tier(item: pytest.Item) -> bool:
     """Whether `item` is a test of the real-process tier."""
     return (
@@ -41,10 +51,13 @@ def in_process_tier(item: pytest.Item) -> bool:
 
 
 def mark(items: list[pytest.Item]) -> None:
-    """Mark every test of the real-process tier `processes`, so `-m` selects either tier."""
+    """Mark every test of the real-process tier `processes`, so `-m` selects either tier, and
+    group the tests that use what the machine shares."""
     for item in items:
         if in_process_tier(item) and item.get_closest_marker(MARK) is None:
             item.add_marker(MARK)
+        if Path(item.path).name in MACHINE_WIDE and item.config.pluginmanager.hasplugin("xdist"):
+            item.add_marker(pytest.mark.xdist_group(MACHINE_GROUP))
 
 
 @contextmanager
