@@ -58,6 +58,15 @@ def _envelope(**fields: object) -> bytes:
         (signer.seal(Record.RESULT, b"x"), "not a command"),  # another kind of record
         (CLIENT.seal(Record.COMMAND, b"x"), "bad signature"),  # a role key, not the secret
     ],
+    ids=[  # the records carry the time they were sealed: ids of their own, the same everywhere
+        "bare body",
+        "no signature",
+        "another secret",
+        "zero signature",
+        "malformed time",
+        "another kind of record",
+        "a role key",
+    ],
 )
 def test_unsigned_and_missigned_records_are_refused(raw: bytes, message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
