@@ -26,6 +26,7 @@ from optuna_rq.errors import RedisUnavailableError
 from optuna_rq.plumbing.connection import connect
 from optuna_rq.plumbing.embedded import EmbeddedRedis, server_executable
 from optuna_rq.plumbing.locations import redact_url
+from tests.support import tiers
 
 ENV_TEST_REDIS_URL = "OPTUNA_RQ_TEST_REDIS_URL"
 _START_TIMEOUT_S = 10.0
@@ -154,9 +155,22 @@ def embedded_state() -> Iterator[Path]:
         shutil.rmtree(state, ignore_errors=True)
 
 
-from tests.worker_processes import (  # noqa: E402,F401  (fixtures)
+from tests.support.inline_workers import inline_workers  # noqa: E402,F401  (a fixture)
+from tests.support.worker_processes import (  # noqa: E402,F401  (fixtures)
     broker_process,
     cli_state,
     run_cli,
     workers_factory,
 )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tiers.mark(items)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    if item.get_closest_marker(tiers.MARK) is not None:
+        return (yield)
+    with tiers.no_processes(item):
+        return (yield)

@@ -5,8 +5,8 @@ status (`Keys.status`), a trial call's reply list (`Keys.reply_list`), an attemp
 read: each one that reads a value hands it to the one place that judges it (a status to
 `StudyStatus.opened`, a reply to `RemoteTrial._answer_to`, a mark to `CancelMarks.holds`), which
 refuses, with signing on, what the broker (for a driven status, a front-door key) did not seal.
-What each refusal does is tested with real processes in tests/faults/test_signed_state.py, and
-below for the pieces alone.
+What each refusal does is tested with real processes in
+tests/processes/faults/test_signed_state.py, and below for the pieces alone.
 """
 
 from __future__ import annotations
@@ -227,7 +227,11 @@ def test_a_front_door_writes_no_status_of_its_own(conn: redis.Redis, prefix: str
     from optuna_rq.protocol import StudySpec
 
     spec = StudySpec(
-        name="s", objective="tests.objectives:quadratic", space={}, n_trials=1, concurrency=1
+        name="s",
+        objective="tests.support.objectives:quadratic",
+        space={},
+        n_trials=1,
+        concurrency=1,
     )
     BrokerClient(conn, prefix, signer=Signer(SECRET)).submit(spec)
     assert not conn.hexists(Keys(prefix).status, "s")  # it could not sign it as the broker

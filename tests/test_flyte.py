@@ -12,6 +12,9 @@ from optuna.trial import TrialState
 
 fl = pytest.importorskip("flytekit", reason="the `flyte` extra is not installed")
 
+# flytekit's eager runner asks pip for the installed packages (a `pip list` subprocess).
+pytestmark = pytest.mark.processes
+
 from optuna_rq import Optimizer, optimize, suggest  # noqa: E402
 from optuna_rq.optimizer import FAIL_REASON_ATTR  # noqa: E402
 

@@ -244,7 +244,7 @@ class Keys:
         return f"{self.results}:{token}"
 
     # -- per attempt: every name below is made from one AttemptId, so it carries the study and
-    # its incarnation (tests/test_keys.py enumerates these methods and checks it)
+    # its incarnation (tests/protocol/test_keys.py enumerates these methods and checks it)
 
     @staticmethod
     def job_id(of: AttemptId) -> str:

@@ -7,7 +7,7 @@
 `objective`, a stand-in for training a model, takes one argument per top-level name of
 `space.yaml` (the nested `model` arrives as a dict); `learning_curve` takes `trial` and samples
 its own parameters (define-by-run), reporting a curve a pruner can stop early. The README shows
-both as they are written here (tests/test_readme.py checks it).
+both as they are written here (tests/processes/test_readme.py checks it).
 """
 
 from __future__ import annotations

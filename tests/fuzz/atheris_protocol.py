@@ -4,7 +4,7 @@
 
 Any exception other than `ProtocolError` (or ValueError from the RQ serializer, which RQ wraps)
 is a bug: atheris stops and writes the input that caused it to ./crash-*. The quick version of
-this runs in CI as Hypothesis properties (tests/test_fuzz.py).
+this runs in CI as Hypothesis properties (tests/protocol/test_fuzz.py).
 """
 
 from __future__ import annotations
