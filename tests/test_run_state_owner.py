@@ -1,0 +1,153 @@
+"""A study's run state has one owner: no module but `dispatch/runs.py` assigns a field of a
+`StudyRun`, or of the objects that hold its state for it (its spec view and its budget). Every
+other module changes a run through the run's named operations.
+
+How a write is recognized: the source of broker/ and workers/ is walked with `ast`, and every
+assignment target (`=`, `+=`, annotated, inside tuples) that is an attribute whose name is a
+field of one of those classes is a write to run state, whatever object it is made on: a walk
+cannot know what type `x` has in `x.asked = 0`, so any object counts. The one exception is
+`self.<name> = ...` inside a class body: it sets that class's own attribute, and the class cannot
+be a `StudyRun` (none outside runs.py derives from one: checked below). `setattr` with a
+literal field name counts too.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+from optuna_rq.dispatch import runs
+
+ROOT = Path(__file__).resolve().parent.parent
+OWNER = ROOT / "broker" / "dispatch" / "runs.py"
+OWNED_CLASSES = ("StudyRun",)
+"""The classes in runs.py whose fields only runs.py assigns."""
+
+PENDING: set[tuple[str, str, str]] = {
+    ("broker/daemon/command_handlers.py", "Commands._apply", "ask_ahead"),
+    ("broker/daemon/command_handlers.py", "Commands._apply", "concurrency"),
+    ("broker/daemon/command_handlers.py", "Commands._apply", "max_retries"),
+    ("broker/daemon/command_handlers.py", "Commands._apply", "n_trials"),
+    ("broker/daemon/command_handlers.py", "Commands._apply", "trial_timeout_s"),
+    ("broker/daemon/enqueue.py", "EnqueueSets.hold", "slots"),
+    ("broker/daemon/fair_share.py", "FairShare.share", "slots"),
+    ("broker/daemon/fair_share.py", "FairShare.share", "waiting_for_workers"),
+    ("broker/daemon/registry.py", "Registry._open", "journal"),
+    ("broker/dispatch/dispatcher.py", "Dispatcher._ask", "asked"),
+    ("broker/dispatch/dispatcher.py", "Dispatcher.cancel", "n_trials"),
+    ("broker/dispatch/dispatcher.py", "Dispatcher.wind_down", "n_trials"),
+    ("broker/dispatch/offloop.py", "OffLoopSampling._back_to_loop", "asked"),
+    ("broker/dispatch/offloop.py", "OffLoopSampling._back_to_loop", "off_loop"),
+    ("broker/dispatch/offloop.py", "OffLoopSampling._back_to_loop", "sampling"),
+    ("broker/dispatch/offloop.py", "OffLoopSampling._keep_on_loop", "off_loop"),
+    ("broker/dispatch/offloop.py", "OffLoopSampling.forget", "asked"),
+    ("broker/dispatch/offloop.py", "OffLoopSampling.forget", "sampling"),
+    ("broker/dispatch/offloop.py", "OffLoopSampling.request", "asked"),
+    ("broker/dispatch/offloop.py", "OffLoopSampling.request", "sampler_moved"),
+    ("broker/dispatch/offloop.py", "OffLoopSampling.request", "sampling"),
+    ("broker/dispatch/offloop.py", "OffLoopSampling.take", "asked"),
+    ("broker/dispatch/offloop.py", "OffLoopSampling.take", "sampling"),
+    ("broker/dispatch/offloop.py", "OffLoopSampling.takes", "off_loop"),
+    ("broker/optimizer_run/remote_run.py", "_warn_while_unserved", "waiting_for_workers"),
+}
+"""Writers still to be replaced by the run's own operations (issue 28): this set only shrinks."""
+
+
+def _owned_fields() -> set[str]:
+    """The public fields of the owned classes, read from the classes themselves."""
+    names: set[str] = set()
+    for class_name in OWNED_CLASSES:
+        cls = getattr(runs, class_name)
+        names |= {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+    return names
+
+
+def _sources() -> Iterator[Path]:
+    for folder in ("broker", "workers"):
+        yield from sorted((ROOT / folder).rglob("*.py"))
+
+
+def _targets(node: ast.AST) -> list[ast.expr]:
+    if isinstance(node, ast.Assign):
+        return list(node.targets)
+    if isinstance(node, ast.AugAssign | ast.AnnAssign):
+        return [node.target]
+    return []
+
+
+def _writes(tree: ast.Module, fields: set[str]) -> Iterator[tuple[str, str]]:
+    """(function's qualified name, field) for every write to an owned field in `tree`."""
+
+    def visit(node: ast.AST, scope: list[str], in_class: bool) -> Iterator[tuple[str, str]]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                yield from visit(child, [*scope, child.name], True)
+                continue
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                yield from visit(child, [*scope, child.name], in_class)
+                continue
+            where = ".".join(scope) or "<module>"
+            for target in _targets(child):
+                for sub in ast.walk(target):
+                    if not isinstance(sub, ast.Attribute) or not isinstance(sub.ctx, ast.Store):
+                        continue  # `d[run.queue] = ...` reads the attribute
+                    if sub.attr not in fields:
+                        continue
+                    own = isinstance(sub.value, ast.Name) and sub.value.id == "self"
+                    if own and in_class:
+                        continue  # the enclosing class's own attribute
+                    yield where, sub.attr
+            if (
+                isinstance(child, ast.Call)
+                and isinstance(child.func, ast.Name)
+                and child.func.id == "setattr"
+                and len(child.args) >= 2
+                and isinstance(child.args[1], ast.Constant)
+                and child.args[1].value in fields
+            ):
+                yield where, str(child.args[1].value)
+            yield from visit(child, scope, in_class)
+
+    yield from visit(tree, [], False)
+
+
+def _found() -> set[tuple[str, str, str]]:
+    fields = _owned_fields()
+    found = set()
+    for path in _sources():
+        if path == OWNER:
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for where, attr in _writes(tree, fields):
+            found.add((str(path.relative_to(ROOT)), where, attr))
+    return found
+
+
+def test_the_walk_sees_the_fields() -> None:
+    """The walk reads real field names (a rename would otherwise let every write through)."""
+    assert {"asked", "n_trials", "slots"} <= _owned_fields()
+
+
+def test_only_runs_py_writes_run_state() -> None:
+    found = _found()
+    new = sorted(found - PENDING)
+    assert not new, "run state written outside dispatch/runs.py (use the run's operations):\n" + (
+        "\n".join(f"  {path} {where}: .{attr}" for path, where, attr in new)
+    )
+    gone = sorted(PENDING - found)
+    assert not gone, "no longer written, take them out of PENDING:\n" + "\n".join(
+        f"  {path} {where}: .{attr}" for path, where, attr in gone
+    )
+
+
+def test_no_class_outside_runs_py_derives_from_a_run() -> None:
+    """What lets `self.<field> = ...` outside runs.py through: `self` is never a run there."""
+    for path in _sources():
+        if path == OWNER:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ClassDef):
+                bases = {ast.unparse(base).rpartition(".")[2] for base in node.bases}
+                assert not bases & set(OWNED_CLASSES), f"{path}: {node.name} derives from a run"
