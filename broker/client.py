@@ -348,15 +348,8 @@ class BrokerClient:
 def queued_status(spec: StudySpec) -> StudyStatus:
     """How a study the broker has not published yet shows: queued, as submitted (`status`, and
     `submit --wait` until the broker's own status comes)."""
-    return StudyStatus(
-        name=spec.name,
+    return StudyStatus.of(
+        spec,
         state=StudyState.QUEUED,
-        objective=spec.objective,
-        directions=spec.direction_names,
-        n_trials=spec.n_trials,
-        concurrency=spec.concurrency,
-        priority=spec.priority,
         storage=spec.storage or "",  # "": the broker's default
-        queue=spec.queue,
-        submitted_at=spec.submitted_at,
     )

@@ -22,37 +22,9 @@ from optuna_rq.dispatch import runs
 
 ROOT = Path(__file__).resolve().parent.parent
 OWNER = ROOT / "broker" / "dispatch" / "runs.py"
-OWNED_CLASSES = ("StudyRun",)
-"""The classes in runs.py whose fields only runs.py assigns."""
-
-PENDING: set[tuple[str, str, str]] = {
-    ("broker/daemon/command_handlers.py", "Commands._apply", "ask_ahead"),
-    ("broker/daemon/command_handlers.py", "Commands._apply", "concurrency"),
-    ("broker/daemon/command_handlers.py", "Commands._apply", "max_retries"),
-    ("broker/daemon/command_handlers.py", "Commands._apply", "n_trials"),
-    ("broker/daemon/command_handlers.py", "Commands._apply", "trial_timeout_s"),
-    ("broker/daemon/enqueue.py", "EnqueueSets.hold", "slots"),
-    ("broker/daemon/fair_share.py", "FairShare.share", "slots"),
-    ("broker/daemon/fair_share.py", "FairShare.share", "waiting_for_workers"),
-    ("broker/daemon/registry.py", "Registry._open", "journal"),
-    ("broker/dispatch/dispatcher.py", "Dispatcher._ask", "asked"),
-    ("broker/dispatch/dispatcher.py", "Dispatcher.cancel", "n_trials"),
-    ("broker/dispatch/dispatcher.py", "Dispatcher.wind_down", "n_trials"),
-    ("broker/dispatch/offloop.py", "OffLoopSampling._back_to_loop", "asked"),
-    ("broker/dispatch/offloop.py", "OffLoopSampling._back_to_loop", "off_loop"),
-    ("broker/dispatch/offloop.py", "OffLoopSampling._back_to_loop", "sampling"),
-    ("broker/dispatch/offloop.py", "OffLoopSampling._keep_on_loop", "off_loop"),
-    ("broker/dispatch/offloop.py", "OffLoopSampling.forget", "asked"),
-    ("broker/dispatch/offloop.py", "OffLoopSampling.forget", "sampling"),
-    ("broker/dispatch/offloop.py", "OffLoopSampling.request", "asked"),
-    ("broker/dispatch/offloop.py", "OffLoopSampling.request", "sampler_moved"),
-    ("broker/dispatch/offloop.py", "OffLoopSampling.request", "sampling"),
-    ("broker/dispatch/offloop.py", "OffLoopSampling.take", "asked"),
-    ("broker/dispatch/offloop.py", "OffLoopSampling.take", "sampling"),
-    ("broker/dispatch/offloop.py", "OffLoopSampling.takes", "off_loop"),
-    ("broker/optimizer_run/remote_run.py", "_warn_while_unserved", "waiting_for_workers"),
-}
-"""Writers still to be replaced by the run's own operations (issue 28): this set only shrinks."""
+OWNED_CLASSES = ("StudyRun", "RunSpec", "Budget")
+"""The classes in runs.py whose fields only runs.py assigns: a run, its spec view (frozen: a
+change replaces it whole) and its budget."""
 
 
 def _owned_fields() -> set[str]:
@@ -127,18 +99,13 @@ def _found() -> set[tuple[str, str, str]]:
 
 def test_the_walk_sees_the_fields() -> None:
     """The walk reads real field names (a rename would otherwise let every write through)."""
-    assert {"asked", "n_trials", "slots"} <= _owned_fields()
+    assert {"asked", "n_trials", "slots", "spec", "budget", "concurrency"} <= _owned_fields()
 
 
 def test_only_runs_py_writes_run_state() -> None:
-    found = _found()
-    new = sorted(found - PENDING)
-    assert not new, "run state written outside dispatch/runs.py (use the run's operations):\n" + (
-        "\n".join(f"  {path} {where}: .{attr}" for path, where, attr in new)
-    )
-    gone = sorted(PENDING - found)
-    assert not gone, "no longer written, take them out of PENDING:\n" + "\n".join(
-        f"  {path} {where}: .{attr}" for path, where, attr in gone
+    found = sorted(_found())
+    assert not found, "run state written outside dispatch/runs.py (use the run's operations):\n" + (
+        "\n".join(f"  {path} {where}: .{attr}" for path, where, attr in found)
     )
 
 

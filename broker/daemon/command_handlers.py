@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 
 from optuna_rq.daemon.registry import Registry
-from optuna_rq.dispatch import StudyRun
+from optuna_rq.dispatch import RunSpec, StudyRun
 from optuna_rq.dispatch.boundary import Site
 from optuna_rq.errors import ConfigError, StudyConflictError, StudyStorageError
 from optuna_rq.protocol import (
@@ -140,22 +140,18 @@ class Commands:
         becomes what it asked (its status never shows more done than its budget)."""
         registry, name = self.registry, run.name
         requested = changes.get("n_trials")
-        if requested is not None and requested < run.asked:
-            changes = {**changes, "n_trials": run.asked}
+        if requested is not None and requested < run.budget.asked:
+            changes = {**changes, "n_trials": run.budget.asked}
             log.info(
                 "study %r: --n-trials %d is below the %d trials it has started: it starts no "
                 "more, and finishes once they end",
                 name,
                 requested,
-                run.asked,
+                run.budget.asked,
             )
         spec = registry.specs[name].with_changes(**changes)
         registry.store(spec)
-        run.concurrency = spec.concurrency
-        run.n_trials = spec.n_trials
-        run.trial_timeout_s = spec.trial_timeout_s
-        run.max_retries = spec.max_retries
-        run.ask_ahead = spec.ask_ahead
+        run.change(RunSpec.of(spec), spec.n_trials)
         log.info("study %r changed: %s", name, changes)
         registry.status.mark(name)
 

@@ -352,7 +352,11 @@ class Daemon:
         self.registry.end_ended()  # a command that faulted its study
         runs = self.dispatcher.runs
         self._check_stop_conditions(told=False)  # a --timeout that passed: before any refill
-        waiting = self.fair_share.share(runs, self.specs, now)
+        waiting = set()
+        for name, share in self.fair_share.share(runs, self.specs, now).items():
+            runs[name].grant(share.slots)
+            if runs[name].note_workers(share.waiting_for_workers):
+                waiting.add(name)
         if waiting:
             self.status.mark(*waiting)  # a study started or stopped waiting for workers
         self.backlog.drain(  # bulk commands, for up to its turn budget

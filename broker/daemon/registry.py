@@ -27,7 +27,7 @@ from optuna_rq.client import BrokerClient
 from optuna_rq.daemon.broker_settings import BrokerSettings
 from optuna_rq.daemon.status_publisher import StatusPublisher
 from optuna_rq.daemon.stopping import StopConditions
-from optuna_rq.dispatch import Dispatcher, StudyRun, count_refusal
+from optuna_rq.dispatch import Budget, Dispatcher, RunSpec, StudyRun, count_refusal
 from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
 from optuna_rq.errors import ConfigError, ProtocolError, StudyConflictError, StudyStorageError
 from optuna_rq.protocol import (
@@ -37,7 +37,6 @@ from optuna_rq.protocol import (
     StudySpec,
     StudyState,
     StudyStatus,
-    new_incarnation,
     open_stored_spec,
     refuse_if_closed,
     seal_stored_spec,
@@ -260,7 +259,7 @@ class Registry:
             "resumed" if resumed else "started",
             spec.name,
             spec.objective,
-            run.asked - len(run.outstanding),
+            run.budget.asked - len(run.outstanding),
             spec.n_trials,
             spec.concurrency,
         )
@@ -307,20 +306,13 @@ class Registry:
                 f"{[d.name.lower() for d in study.directions]}, not {spec.direction_names}"
             )
         record_definition(study, spec)  # its trials are this definition's (`definitions`)
+        journal = journal_path(url)
         run = StudyRun(
             study=study,
-            objective=spec.objective,
-            inputs=spec.inputs,
-            concurrency=spec.concurrency,
-            n_trials=spec.n_trials,
-            trial_timeout_s=spec.trial_timeout_s,
-            max_retries=spec.max_retries,
-            queue=spec.queue,
-            ask_ahead=spec.ask_ahead,
-            incarnation=spec.incarnation or new_incarnation(),  # stored: on_submit gave one
+            spec=RunSpec.of(spec),  # stored: on_submit gave it its incarnation
+            budget=Budget(spec.n_trials),
+            journal=None if journal is None else str(journal),
         )
-        journal = journal_path(url)
-        run.journal = None if journal is None else str(journal)
         lost = run.reattach()
         if lost:  # its retry had started before the last broker failed it
             self.dispatcher.observer.ended(
@@ -355,12 +347,12 @@ class Registry:
             self.dispatcher.remove(name)
             if state is StudyState.FAILED:
                 log.error("study %r failed: %s", name, error)
-            else:  # run.asked: every trial of its budget, a resumed study's earlier ones too
+            else:  # run.budget.asked: every trial of its budget, a resumed study's earlier ones too
                 stopped = self.stopping.reason(name)
                 log.info(
                     "study %r finished: %d trials%s",
                     name,
-                    run.asked,
+                    run.budget.asked,
                     f" ({stopped})" if stopped else "",
                 )
         return ended

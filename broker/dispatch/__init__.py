@@ -4,7 +4,8 @@
 `StudyRun` is one study it runs. The modules behind them, one concept each:
 
     dispatcher  the loop
-    runs        StudyRun, and one record per trial in flight (asked ahead, unsent, sent)
+    runs        StudyRun (its spec view, its budget), and one record per trial in flight
+                (asked ahead, unsent, sent)
     sending     the trial queue: sealed requests and their RQ jobs
     results     the result stream: reading it, acknowledging what was told
     calls       remote-trial calls, served on the real trial
@@ -18,7 +19,7 @@
 from optuna_rq.dispatch.dispatcher import ASK_BUDGET_S, Dispatcher
 from optuna_rq.dispatch.observer import DispatchObserver, count_refusal
 from optuna_rq.dispatch.offloop import OffLoopSampling
-from optuna_rq.dispatch.runs import ATTEMPT_ATTR, RETRY_OF_ATTR, StudyRun
+from optuna_rq.dispatch.runs import ATTEMPT_ATTR, RETRY_OF_ATTR, Budget, RunSpec, StudyRun
 from optuna_rq.dispatch.sending import FINISHED_JOB_TTL_S
 
 __all__ = [
@@ -26,9 +27,11 @@ __all__ = [
     "ATTEMPT_ATTR",
     "FINISHED_JOB_TTL_S",
     "RETRY_OF_ATTR",
+    "Budget",
     "DispatchObserver",
     "Dispatcher",
     "OffLoopSampling",
+    "RunSpec",
     "StudyRun",
     "count_refusal",
 ]

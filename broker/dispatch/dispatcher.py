@@ -178,7 +178,7 @@ class Dispatcher:
         """Take study `name` out of dispatch (it ended, or is ending): nothing of it stays."""
         run = self.runs.pop(name, None)
         if run is not None:
-            self.off_loop.forget(run)
+            self.off_loop.drop(run)
         return run
 
     def after_outage(self) -> None:
@@ -310,8 +310,8 @@ class Dispatcher:
             with self.boundary.guard(run.name, Site.ASK):
                 while (
                     0 < run.limit <= run.n_outstanding
-                    and run.count(Phase.ASKED_AHEAD) < run.ask_ahead
-                    and run.asked < run.n_trials
+                    and run.count(Phase.ASKED_AHEAD) < run.spec.ask_ahead
+                    and run.budget.left > 0
                     and not self.boundary.faulted(run.name)
                 ):
                     record = run.track(self._ask(run), attempt=1, phase=Phase.ASKED_AHEAD)
@@ -321,7 +321,7 @@ class Dispatcher:
         started = time.perf_counter()
         trial = run.study.ask()
         self.observer.asked(run.name, time.perf_counter() - started)
-        run.asked += 1
+        run.budget.spend()
         failpoints.hit("after_ask")
         return trial
 
@@ -468,7 +468,7 @@ class Dispatcher:
         `study.optimize` lets them after `study.stop()`; those asked ahead, never sent, end
         FAIL (`cancelled`, with `why`)."""
         self.off_loop.forget(run)
-        run.n_trials = run.asked
+        run.budget.wind_down()
         for record in list(run.in_phase(Phase.ASKED_AHEAD)):
             verdict = Verdict(state=TrialState.FAIL, fail_reason=FailReason.CANCELLED, error=why)
             self._finish(run, record, verdict)
@@ -546,7 +546,7 @@ class Dispatcher:
         stale. With `orphans` (a study that faulted), every trial still RUNNING in its storage
         ends the same way: an ask that raised after creating its trial left one nobody holds."""
         self.off_loop.forget(run)
-        run.n_trials = run.asked
+        run.budget.wind_down()
         with self.boundary.guard(run.name, Site.WITHDRAW):
             self.sender.withdraw(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
         verdict = (
@@ -579,7 +579,7 @@ class Dispatcher:
         stale. Results read and not yet acknowledged are read again, so that the other
         studies' are told even if the failure cut a batch short."""
         self.runs.pop(run.name, None)
-        self.off_loop.forget(run)
+        self.off_loop.drop(run)
         self.publication.forget(run.name)  # told, maybe not durable: not to be published
         try:
             self.sender.withdraw(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))

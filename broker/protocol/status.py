@@ -24,7 +24,7 @@ import enum
 import json
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -44,6 +44,9 @@ from optuna_rq.protocol.schema import (
     wire,
 )
 from optuna_rq.protocol.signing import Record, Signer
+
+if TYPE_CHECKING:
+    from optuna_rq.protocol.spec import StudySpec
 
 __all__ = [
     "RefusedStatus",
@@ -156,6 +159,25 @@ class StudyStatus(Message):
             + (f" ({reasons})" if reasons else "")
             + (f"; {self.stopped}" if self.stopped else "")
             + (f"; last error: {self.last_error}" if self.last_error else "")
+        )
+
+    @classmethod
+    def of(cls, spec: StudySpec, *, state: StudyState, storage: str, **rest: Any) -> StudyStatus:
+        """The status of the submitted study `spec`: what the spec says of it (its name,
+        objective, directions, budget, cap, priority, queue, when it was submitted), with its
+        `state`, its `storage` URL and the `rest` (its figures, an error)."""
+        return cls(
+            name=spec.name,
+            state=state,
+            objective=spec.objective,
+            directions=spec.direction_names,
+            n_trials=spec.n_trials,
+            concurrency=spec.concurrency,
+            priority=spec.priority,
+            submitted_at=spec.submitted_at,
+            queue=spec.queue,
+            storage=storage,
+            **rest,
         )
 
     def refuse(self, command: str) -> None:
