@@ -118,3 +118,26 @@ def test_no_class_outside_runs_py_derives_from_a_run() -> None:
             if isinstance(node, ast.ClassDef):
                 bases = {ast.unparse(base).rpartition(".")[2] for base in node.bases}
                 assert not bases & set(OWNED_CLASSES), f"{path}: {node.name} derives from a run"
+
+
+BROKER_SIDE = ("broker/daemon", "broker/dispatch", "broker/storage/continuity.py")
+"""The broker's own modules: it reads what it published through the protocol's readers, never
+through the front door (`optuna_rq.client`)."""
+
+
+def test_the_broker_does_not_use_the_front_door() -> None:
+    found = []
+    for where in BROKER_SIDE:
+        path = ROOT / where
+        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            for node in ast.walk(ast.parse(source.read_text(), filename=str(source))):
+                names = (
+                    [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else [alias.name for alias in node.names]
+                    if isinstance(node, ast.Import)
+                    else []
+                )
+                if any(n == "optuna_rq.client" or n.startswith("optuna_rq.client.") for n in names):
+                    found.append(f"{source.relative_to(ROOT)}:{node.lineno}")
+    assert not found, f"the broker imports the front door: {found}"

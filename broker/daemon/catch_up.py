@@ -18,11 +18,11 @@ from collections.abc import Callable
 import optuna
 import redis
 
-from optuna_rq.client import BrokerClient
 from optuna_rq.dispatch.boundary import passes_through
 from optuna_rq.dispatch.publication import TrialPublication
 from optuna_rq.errors import ProtocolError, StudyStorageError
-from optuna_rq.protocol import Keys, StudySpec
+from optuna_rq.protocol import Keys, Signer, StudySpec
+from optuna_rq.protocol.status import read_status
 from optuna_rq.storage.guarded_storages import Storages
 
 __all__ = ["CatchUp"]
@@ -37,15 +37,15 @@ class CatchUp:
         self,
         connection: redis.Redis,
         keys: Keys,
+        signer: Signer,
         *,
-        client: BrokerClient,
         storages: Storages,
         publication: TrialPublication,
         storage_url: Callable[[StudySpec], str],
     ) -> None:
         self.connection = connection
         self.keys = keys
-        self.client = client
+        self.signer = signer
         self.storages = storages
         self.publication = publication
         self.storage_url = storage_url
@@ -73,7 +73,7 @@ class CatchUp:
 
     def _catch_up(self, spec: StudySpec) -> None:
         try:
-            status = self.client.published_status(spec.name)
+            status = read_status(self.connection, self.keys, self.signer, spec.name)
         except ProtocolError:
             return  # not the broker's: nothing says how many it has (counted where it is read)
         if status is None or not status.state.ended:

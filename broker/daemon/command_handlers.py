@@ -76,12 +76,8 @@ class Commands:
         A storage the broker's operator does not allow fails the study, storing nothing."""
         registry = self.registry
         known = registry.stored_spec(spec.name)
-        differences = [] if known is None else known.differences(spec)
-        if differences:
-            raise StudyConflictError(
-                f"study {spec.name!r} exists with another definition: "
-                f"{'; '.join(differences)} (submit it under another --study-name)"
-            )
+        if known is not None:
+            known.refuse_redefinition(spec)
         run = registry.runs.get(spec.name)
         if run is not None:
             changes = {name: getattr(spec, name) for name in RESUBMITTED}

@@ -17,13 +17,11 @@ submit and at re-attach: it ends FAILED with the reason, counted (`storage`), an
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import optuna
 import redis
 from optuna.trial import TrialState
 
-from optuna_rq.client import BrokerClient
 from optuna_rq.daemon.broker_settings import BrokerSettings
 from optuna_rq.daemon.status_publisher import StatusPublisher
 from optuna_rq.daemon.stopping import StopConditions
@@ -41,6 +39,7 @@ from optuna_rq.protocol import (
     refuse_if_closed,
     seal_stored_spec,
 )
+from optuna_rq.protocol.status import read_status
 from optuna_rq.storage.continuity import missing_study, moved_default
 from optuna_rq.storage.guarded_storages import Storages
 from optuna_rq.storage.storage_access import journal_path
@@ -62,7 +61,6 @@ class Registry:
         connection: redis.Redis,
         settings: BrokerSettings,
         *,
-        client: BrokerClient,
         dispatcher: Dispatcher,
         status: StatusPublisher,
         storages: Storages,
@@ -73,7 +71,6 @@ class Registry:
         self.settings = settings
         self.signer = signer
         self.keys = Keys(settings.prefix)
-        self.client = client
         self.dispatcher = dispatcher
         self.status = status
         self.storages = storages
@@ -93,7 +90,7 @@ class Registry:
 
     def storage_url(self, spec: StudySpec) -> str:
         """The storage a study's trials are in: its own, or the broker's default."""
-        return spec.storage or self.settings.storage
+        return spec.storage_url(self.settings.storage)
 
     # -- what is stored ------------------------------------------------------------------------
 
@@ -102,29 +99,34 @@ class Registry:
         None if there is none, or if the one stored does not open (refused: `_open_stored`)."""
         if name in self.specs:
             return self.specs[name]
-        raw: Any = self.connection.hget(self.keys.studies, name)
-        return None if raw is None else self._open_stored(name, raw)
+        try:
+            return StudySpec.read_stored(self.connection, self.keys, self.signer, name)
+        except ProtocolError as exc:
+            self._refuse_stored(name, exc)
+            return None
 
     def _open_stored(self, name: str, raw: bytes) -> StudySpec | None:
         """The spec stored under `name`, if it opens; else None, refused: logged and counted."""
         try:
             return open_stored_spec(self.signer, name, raw)
         except ProtocolError as exc:
-            hint = ""
-            if self.signer.enabled:
-                # A spec stored before signing was turned on is unsigned too: its owner can
-                # resubmit it (a new spec replaces the refused one) or delete it.
-                hint = (
-                    "; a study stored before signing was turned on is refused the same way: "
-                    f"if it is yours, submit it again (`optuna-rq submit ... --study-name "
-                    f"{name}`, the same definition runs on in its storage) or `optuna-rq "
-                    f"delete {name}`"
-                )
-            log.error(
-                "study %r: refused its stored spec, nothing of it is done: %s%s", name, exc, hint
-            )
-            count_refusal(self.connection, self.keys.prefix, "spec")
+            self._refuse_stored(name, exc)
             return None
+
+    def _refuse_stored(self, name: str, exc: ProtocolError) -> None:
+        """Log and count the refusal of the stored spec of study `name` (`exc` says why)."""
+        hint = ""
+        if self.signer.enabled:
+            # A spec stored before signing was turned on is unsigned too: its owner can
+            # resubmit it (a new spec replaces the refused one) or delete it.
+            hint = (
+                "; a study stored before signing was turned on is refused the same way: "
+                f"if it is yours, submit it again (`optuna-rq submit ... --study-name "
+                f"{name}`, the same definition runs on in its storage) or `optuna-rq "
+                f"delete {name}`"
+            )
+        log.error("study %r: refused its stored spec, nothing of it is done: %s%s", name, exc, hint)
+        count_refusal(self.connection, self.keys.prefix, "spec")
 
     def store(self, spec: StudySpec) -> None:
         """Keep `spec` as the study's, here and in Redis (for the next broker), sealed."""
@@ -168,7 +170,7 @@ class Registry:
     def _published(self, name: str) -> StudyStatus | None:
         """The study's published status, if it opens (else refused: counted and logged)."""
         try:
-            return self.client.published_status(name)
+            return read_status(self.connection, self.keys, self.signer, name)
         except ProtocolError as exc:
             why = f"ignoring it, for study {name!r}: {exc}"
             count_refusal(self.connection, self.keys.prefix, "status", why)
