@@ -246,9 +246,8 @@ def test_a_study_is_told_its_trials_while_100000_sets_are_stored_into_another(
     assert len(stored) == len(sets) and set(stored.values()) == {1}
     assert stored.keys() == {(s["x"], s["y"]) for s in sets}
     assert len(big.get_trials(deepcopy=False)) == len(sets)  # and nothing sampled
-    print(
-        f"\n  {len(observations)} turns, {busy.budget.told} trials told to the other study meanwhile"
-    )
+    told = busy.budget.told
+    print(f"\n  {len(observations)} turns, {told} trials told to the other study meanwhile")
 
 
 @pytest.mark.parametrize("command", ["cancel", "delete"])
