@@ -23,11 +23,12 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq.daemon.broker_settings import BrokerSettings
+from optuna_rq.daemon.run_opening import open_run
 from optuna_rq.daemon.status_publisher import StatusPublisher
 from optuna_rq.daemon.stopping import StopConditions
-from optuna_rq.dispatch import Budget, Dispatcher, RunSpec, StudyRun, count_refusal
+from optuna_rq.dispatch import Dispatcher, StudyRun, count_refusal
 from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
-from optuna_rq.errors import ConfigError, ProtocolError, StudyConflictError, StudyStorageError
+from optuna_rq.errors import ProtocolError, StudyConflictError, StudyStorageError
 from optuna_rq.protocol import (
     FailReason,
     Keys,
@@ -42,9 +43,7 @@ from optuna_rq.protocol import (
 from optuna_rq.protocol.status import read_status
 from optuna_rq.storage.continuity import missing_study, moved_default
 from optuna_rq.storage.guarded_storages import Storages
-from optuna_rq.storage.storage_access import journal_path
-from optuna_rq.storage.stored_definitions import definition_conflict, record_definition
-from optuna_rq.study.algorithms import make_pruner, make_sampler
+from optuna_rq.storage.stored_definitions import definition_conflict
 from optuna_rq.study.verdict import Verdict, fail_orphans
 
 __all__ = ["Registry"]
@@ -239,7 +238,13 @@ class Registry:
                     return
                 conflict = definition_conflict(storage, spec)
                 if conflict is None:
-                    run = self._open(spec)
+                    run = open_run(
+                        spec,
+                        self.storages,
+                        self.storage_url(spec),
+                        self.dispatcher,
+                        self.connection,
+                    )
         except StudyStorageError as exc:
             self.storage_failed(exc, starting=spec)
             return
@@ -291,40 +296,6 @@ class Registry:
             )
         self.storages.flush()  # then published as failed, as they are now
         self.dispatcher.publication.reconcile(self.connection, study)
-
-    def _open(self, spec: StudySpec) -> StudyRun:
-        url = self.storage_url(spec)
-        study = optuna.create_study(
-            storage=self.storages.open(url),
-            study_name=spec.name,
-            directions=spec.direction_names,  # type: ignore[arg-type]  # checked by StudySpec
-            sampler=make_sampler(spec.sampler, spec.seed, constant_liar=spec.uses_constant_liar),
-            pruner=make_pruner(spec.pruner),
-            load_if_exists=True,
-        )
-        if [d.name.lower() for d in study.directions] != spec.direction_names:
-            raise ConfigError(
-                f"study {spec.name!r} exists with directions "
-                f"{[d.name.lower() for d in study.directions]}, not {spec.direction_names}"
-            )
-        record_definition(study, spec)  # its trials are this definition's (`definitions`)
-        journal = journal_path(url)
-        run = StudyRun(
-            study=study,
-            spec=RunSpec.of(spec),  # stored: on_submit gave it its incarnation
-            budget=Budget(spec.n_trials),
-            journal=None if journal is None else str(journal),
-        )
-        lost = run.reattach()
-        if lost:  # its retry had started before the last broker failed it
-            self.dispatcher.observer.ended(
-                spec.name, TrialState.FAIL.name, FailReason.WORKER_LOST, count=lost
-            )
-        # What a stopped broker told and did not publish, or a study from before trials were
-        # published: published now, once durable (reattach may have failed a trial).
-        self.storages.flush()
-        self.dispatcher.publication.reconcile(self.connection, study)
-        return run
 
     # -- end -----------------------------------------------------------------------------------
 
