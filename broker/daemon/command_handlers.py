@@ -102,7 +102,7 @@ class Commands:
         registry = self.registry
         run = registry.runs.get(name)
         if run is not None:
-            registry.dispatcher.cancel(run)
+            registry.dispatcher.endings.cancel(run)
             if registry.boundary.faulted(name):
                 return  # it ends FAILED with its fault, at the end of the turn
             registry.dispatcher.remove(name)

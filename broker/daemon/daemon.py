@@ -250,7 +250,7 @@ class Daemon:
             # Nothing more goes to this Redis; the storages learn that the trials it held are
             # lost, so none stays RUNNING with no broker left that knows of it.
             data_lost = True
-            self.dispatcher.fail_outstanding(
+            self.dispatcher.endings.fail_outstanding(
                 "Redis lost its data while this trial ran (see the broker log); not retried"
             )
             raise
@@ -383,7 +383,7 @@ class Daemon:
             self.dispatcher.runs,
             self.specs,
             told=told,
-            wind_down=self.dispatcher.wind_down,
+            wind_down=self.dispatcher.endings.wind_down,
             guard=lambda name: self.boundary.guard(name, Site.STOP),
         )
         self.status.mark(*stopped)

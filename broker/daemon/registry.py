@@ -333,7 +333,7 @@ class Registry:
     def _end(self, run: StudyRun) -> tuple[StudyState, str | None]:
         """How `run`, done or unable to run, ends: its state, and why (for its status)."""
         if run.cannot_run and not run.done:
-            self.dispatcher.cancel(run, why=f"the study failed: {run.cannot_run}")
+            self.dispatcher.endings.cancel(run, why=f"the study failed: {run.cannot_run}")
             return StudyState.FAILED, run.cannot_run
         return StudyState.FINISHED, None  # its status says if a stop condition ended it
 
@@ -345,12 +345,12 @@ class Registry:
         if run is not None:
             self.dispatcher.remove(name)
             try:
-                self.dispatcher.cancel(run, why=f"the study failed: {fault}", orphans=True)
+                self.dispatcher.endings.cancel(run, why=f"the study failed: {fault}", orphans=True)
             except Exception as exc:
                 if passes_through(exc) and not isinstance(exc, StudyStorageError):
                     raise
                 log.error("study %r: its trials in flight were not told: %s", name, exc)
-                self.dispatcher.abandon(run)
+                self.dispatcher.endings.abandon(run)
         self.boundary.forget(name)  # after the cancel: what it met is the same fault's
         spec = self.specs.get(name) or self.stored_spec(name)
         if spec is None:
@@ -375,7 +375,7 @@ class Registry:
         for name, running in list(self.runs.items()):
             spec = self.specs[name]
             if self.storage_url(spec) == error.url:
-                self.dispatcher.abandon(running)
+                self.dispatcher.endings.abandon(running)
                 failed.append((spec, running))
         for spec, run in failed:
             log.error("study %r failed: %s", spec.name, error)

@@ -4,6 +4,8 @@
 `StudyRun` is one study it runs. The modules behind them, one concept each:
 
     dispatcher  the loop
+    refill      filling free slots: ask -> process -> enqueue, asking ahead
+    endings     a study's trials in flight ended at once: wound down, cancelled, abandoned
     runs        StudyRun (its spec view, its budget), and one record per trial in flight
                 (asked ahead, unsent, sent)
     sending     the trial queue: sealed requests and their RQ jobs
@@ -16,9 +18,10 @@
                 the loop has asked of it
 """
 
-from optuna_rq.dispatch.dispatcher import ASK_BUDGET_S, Dispatcher
+from optuna_rq.dispatch.dispatcher import Dispatcher
 from optuna_rq.dispatch.observer import DispatchObserver, count_refusal
 from optuna_rq.dispatch.offloop import OffLoopSampling
+from optuna_rq.dispatch.refill import ASK_BUDGET_S
 from optuna_rq.dispatch.runs import ATTEMPT_ATTR, RETRY_OF_ATTR, Budget, RunSpec, StudyRun
 from optuna_rq.dispatch.sending import FINISHED_JOB_TTL_S
 

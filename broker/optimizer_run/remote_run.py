@@ -117,7 +117,7 @@ async def run_on_workers(remote: RemoteRun, inputs: dict[str, Any]) -> None:
             stop.set()
             return
         if stop_requested(run.study):
-            dispatcher.wind_down(run, "study.stop() was called before this trial was sent")
+            dispatcher.endings.wind_down(run, "study.stop() was called before this trial was sent")
 
     def work_until_done() -> None:
         with optimize_loop(study):  # in the dispatcher's thread: callbacks run there
