@@ -18,6 +18,8 @@ import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from optuna_rq.dispatch import runs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +102,13 @@ def _found() -> set[tuple[str, str, str]]:
 def test_the_walk_sees_the_fields() -> None:
     """The walk reads real field names (a rename would otherwise let every write through)."""
     assert {"asked", "n_trials", "slots", "spec", "budget", "concurrency"} <= _owned_fields()
+
+
+def test_a_runs_spec_view_is_frozen() -> None:
+    """A change replaces the view whole (`StudyRun.change`): nothing can set one field of it."""
+    view = runs.RunSpec(objective="tests.objectives:quadratic", inputs={}, concurrency=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        view.concurrency = 2  # type: ignore[misc]
 
 
 def test_only_runs_py_writes_run_state() -> None:
