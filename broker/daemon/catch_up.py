@@ -2,9 +2,9 @@
 
 A study that runs is published as it goes (`dispatch.publication`), and caught up whenever it is
 taken over (`run_opening.open_run`). A study that ended under a broker that did not publish
-trials (an older optuna-rq), or that ended while its last trials' entries were lost with Redis, is never
-taken over again: the broker catches each of those up once, after it starts, a study a turn,
-from its storage, when it finds fewer trials published than its status counts.
+trials (an older optuna-rq), or that ended while its last trials' entries were lost with Redis,
+is never taken over again: the broker catches each of those up once, after it starts, a study a
+turn, from its storage, when it finds fewer trials published than its status counts.
 
 Nothing here fails a study or stops the broker: a storage it may not open or cannot read is
 logged, and `optuna-rq trials NAME --storage URL` reads it wherever it can be reached.
