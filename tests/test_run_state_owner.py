@@ -20,20 +20,21 @@ from pathlib import Path
 
 import pytest
 
-from optuna_rq.dispatch import runs
+from optuna_rq.dispatch import budget, run_spec, runs
 
 ROOT = Path(__file__).resolve().parent.parent
 OWNER = ROOT / "broker" / "dispatch" / "runs.py"
-OWNED_CLASSES = ("StudyRun", "RunSpec", "Budget")
-"""The classes in runs.py whose fields only runs.py assigns: a run, its spec view (frozen: a
-change replaces it whole) and its budget."""
+OWNED_CLASSES = {"StudyRun": runs, "RunSpec": run_spec, "Budget": budget}
+"""The classes whose fields only runs.py assigns, each with its module: a run, its spec view
+(frozen: a change replaces it whole) and its budget (whose own operations assign its fields,
+through `self`)."""
 
 
 def _owned_fields() -> set[str]:
     """The public fields of the owned classes, read from the classes themselves."""
     names: set[str] = set()
-    for class_name in OWNED_CLASSES:
-        cls = getattr(runs, class_name)
+    for class_name, module in OWNED_CLASSES.items():
+        cls = getattr(module, class_name)
         names |= {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
     return names
 
@@ -106,7 +107,7 @@ def test_the_walk_sees_the_fields() -> None:
 
 def test_a_runs_spec_view_is_frozen() -> None:
     """A change replaces the view whole (`StudyRun.change`): nothing can set one field of it."""
-    view = runs.RunSpec(objective="tests.objectives:quadratic", inputs={}, concurrency=1)
+    view = run_spec.RunSpec(objective="tests.objectives:quadratic", inputs={}, concurrency=1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         view.concurrency = 2  # type: ignore[misc]
 

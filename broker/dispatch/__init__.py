@@ -6,8 +6,9 @@
     dispatcher  the loop
     refill      filling free slots: ask -> process -> enqueue, asking ahead
     endings     a study's trials in flight ended at once: wound down, cancelled, abandoned
-    runs        StudyRun (its spec view, its budget), and one record per trial in flight
-                (asked ahead, unsent, sent)
+    runs        StudyRun, and one record per trial in flight (asked ahead, unsent, sent)
+    run_spec    RunSpec: what a run takes from its study's spec, frozen
+    budget      Budget: the trials a run may ask, has asked, has had reported
     sending     the trial queue: sealed requests and their RQ jobs
     results     the result stream: reading it, acknowledging what was told
     calls       remote-trial calls, served on the real trial
@@ -18,11 +19,13 @@
                 the loop has asked of it
 """
 
+from optuna_rq.dispatch.budget import Budget
 from optuna_rq.dispatch.dispatcher import Dispatcher
 from optuna_rq.dispatch.observer import DispatchObserver, count_refusal
 from optuna_rq.dispatch.offloop import OffLoopSampling
 from optuna_rq.dispatch.refill import ASK_BUDGET_S
-from optuna_rq.dispatch.runs import ATTEMPT_ATTR, RETRY_OF_ATTR, Budget, RunSpec, StudyRun
+from optuna_rq.dispatch.run_spec import RunSpec
+from optuna_rq.dispatch.runs import ATTEMPT_ATTR, RETRY_OF_ATTR, StudyRun
 from optuna_rq.dispatch.sending import FINISHED_JOB_TTL_S
 
 __all__ = [

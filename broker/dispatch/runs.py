@@ -11,25 +11,19 @@ import enum
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import optuna
 from optuna.trial import TrialState
 
-from optuna_rq.errors import ConfigError, ProtocolError
+from optuna_rq.dispatch.budget import Budget
+from optuna_rq.dispatch.run_spec import RunSpec
 from optuna_rq.protocol import (
-    DEFAULT_QUEUE,
     AttemptId,
     FailReason,
-    StudySpec,
-    check_incarnation,
-    check_params,
-    check_queue_name,
     error_headline,
-    new_incarnation,
     parse_objective_path,
 )
-from optuna_rq.space.declarations import Suggestion
 from optuna_rq.study.optuna_trials import live_trial
 from optuna_rq.study.verdict import Verdict, tell, worker_lost
 
@@ -40,8 +34,6 @@ __all__ = [
     "FromWorker",
     "InFlight",
     "Phase",
-    "Budget",
-    "RunSpec",
     "StudyRun",
 ]
 
@@ -94,100 +86,6 @@ class FromWorker(Protocol):
     def trial_number(self) -> int: ...
     @property
     def attempt(self) -> int: ...
-
-
-def _fixed_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
-    """`inputs` with every suggestion replaced by None: what must survive msgpack as given."""
-    return {
-        key: (
-            None
-            if isinstance(value, Suggestion)
-            else _fixed_inputs(value)
-            if isinstance(value, dict)
-            else value
-        )
-        for key, value in inputs.items()
-    }
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunSpec:
-    """What a run takes from its study's definition, frozen: a change replaces it whole
-    (`StudyRun.change`). The budget is not here: the run's `Budget` owns it."""
-
-    objective: str
-    inputs: dict[str, Any]
-    concurrency: int
-    trial_timeout_s: float | None = None
-    max_retries: int = 2  # re-runs of a trial whose worker was lost
-    queue: str = DEFAULT_QUEUE  # the resource class its trials go to
-    # Which incarnation of the study this is (`StudySpec.incarnation`); a run of its own (the
-    # remote `Optimizer`) is a new one. Every per-attempt name carries it (`Keys`).
-    incarnation: str = field(default_factory=new_incarnation)
-    ask_ahead: int = 0  # trials it keeps asked at its cap, ready to send (`StudySpec.ask_ahead`)
-
-    def __post_init__(self) -> None:
-        parse_objective_path(self.objective)
-        check_queue_name(self.queue, option="queue")
-        check_incarnation(self.incarnation)
-        try:
-            check_params(_fixed_inputs(self.inputs))
-        except ProtocolError as exc:
-            raise ConfigError(str(exc)) from exc
-
-    @classmethod
-    def of(cls, spec: StudySpec) -> RunSpec:
-        """The view of a submitted study's spec (a stored spec has its incarnation; one that
-        has none is a new incarnation)."""
-        return cls(
-            objective=spec.objective,
-            inputs=spec.inputs,
-            concurrency=spec.concurrency,
-            trial_timeout_s=spec.trial_timeout_s,
-            max_retries=spec.max_retries,
-            queue=spec.queue,
-            ask_ahead=spec.ask_ahead,
-            incarnation=spec.incarnation or new_incarnation(),
-        )
-
-
-@dataclass(slots=True)
-class Budget:
-    """How many trials a run may ask (`n_trials`), has asked (`asked`: retries do not count)
-    and has had reported (`told`). Changed only through its operations."""
-
-    n_trials: int
-    asked: int = 0
-    told: int = 0
-
-    @property
-    def left(self) -> int:
-        """Trials it may still ask (below zero when a study taken over asked more than its
-        budget now allows)."""
-        return self.n_trials - self.asked
-
-    def spend(self, n: int = 1) -> None:
-        """`n` trials were asked (or requested of the sampler process)."""
-        self.asked += n
-
-    def refund(self, n: int = 1) -> None:
-        """`n` trials requested were never created: they are unspent."""
-        self.asked -= n
-
-    def count_reported(self) -> None:
-        self.told += 1
-
-    def wind_down(self) -> None:
-        """Ask no more: the budget becomes what was asked."""
-        self.n_trials = self.asked
-
-    def resize(self, n_trials: int) -> None:
-        """The budget becomes `n_trials` (a change of the study: more, or fewer)."""
-        self.n_trials = n_trials
-
-    def restore(self, asked: int) -> None:
-        """A study taken over has asked `asked` trials already."""
-        self.asked = asked
 
 
 @dataclass(kw_only=True)
