@@ -24,7 +24,7 @@ from pathlib import Path
 
 import optuna
 
-from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.dispatch import Budget, Dispatcher, RunSpec, StudyRun
 from optuna_rq.plumbing.connection import connect
 from optuna_rq.plumbing.embedded import ensure_embedded, stop_embedded
 from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, Keys, trial_queue
@@ -66,10 +66,12 @@ def main() -> None:
         dispatcher = Dispatcher(conn, prefix=queue, reply_to=f"{queue}:results")
         run = StudyRun(
             study=study,
-            objective="benchmarks.objectives:noop",
-            inputs={"x": suggest.float(0, 1)},
-            concurrency=args.trials,
-            n_trials=args.trials,
+            spec=RunSpec(
+                objective="benchmarks.objectives:noop",
+                inputs={"x": suggest.float(0, 1)},
+                concurrency=args.trials,
+            ),
+            budget=Budget(args.trials),
         )
         dispatcher.add(run)
         dispatcher.refill()  # every trial enqueued before the worker starts

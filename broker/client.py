@@ -142,12 +142,8 @@ class BrokerClient:
         (`Enqueue`), sent with the submission, so they are stored before the study's first
         ask."""
         known = self.stored_spec(spec.name)
-        differences = [] if known is None else known.differences(spec)
-        if differences:
-            raise StudyConflictError(
-                f"study {spec.name!r} exists with another definition: {'; '.join(differences)}. "
-                "Nothing was changed; submit it under another --study-name"
-            )
+        if known is not None:
+            known.refuse_redefinition(spec)
         self.send(Submit(spec=spec), *self.enqueue_commands(spec.name, enqueue or []))
 
     def enqueue_commands(self, study: str, param_sets: list[dict[str, Any]]) -> list[Enqueue]:
@@ -205,11 +201,8 @@ class BrokerClient:
         """The definition the broker holds for `study` (None: it has none yet, or the one
         stored does not verify: the broker sealed it, with signing on, or it is not its own;
         the broker refuses it too, and a submission replaces it)."""
-        raw: Any = self.connection.hget(self.keys.studies, study)
-        if raw is None:
-            return None
         try:
-            return open_stored_spec(self.signer, study, raw)
+            return StudySpec.read_stored(self.connection, self.keys, self.signer, study)
         except ProtocolError as exc:
             log.warning("ignoring the stored spec of study %r: %s", study, exc)
             return None
@@ -348,15 +341,8 @@ class BrokerClient:
 def queued_status(spec: StudySpec) -> StudyStatus:
     """How a study the broker has not published yet shows: queued, as submitted (`status`, and
     `submit --wait` until the broker's own status comes)."""
-    return StudyStatus(
-        name=spec.name,
+    return StudyStatus.of(
+        spec,
         state=StudyState.QUEUED,
-        objective=spec.objective,
-        directions=spec.direction_names,
-        n_trials=spec.n_trials,
-        concurrency=spec.concurrency,
-        priority=spec.priority,
-        storage=spec.storage or "",  # "": the broker's default
-        queue=spec.queue,
-        submitted_at=spec.submitted_at,
+        storage=spec.storage_url(""),  # "": the broker's default
     )

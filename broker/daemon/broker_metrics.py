@@ -148,9 +148,9 @@ class BrokerMetrics(DispatchObserver):
             with guard(run.name):
                 seen.add(run.name)
                 self.outstanding.labels(study=run.name).set(len(run.outstanding))
-                self.cap.labels(study=run.name).set(run.concurrency)
-                desired[run.queue] = desired.get(run.queue, 0) + max(0, run.demand)
-                waiting[run.queue] = waiting.get(run.queue, 0) + run.waiting_for_workers
+                self.cap.labels(study=run.name).set(run.spec.concurrency)
+                desired[run.spec.queue] = desired.get(run.spec.queue, 0) + max(0, run.demand)
+                waiting[run.spec.queue] = waiting.get(run.spec.queue, 0) + run.waiting_for_workers
         for name in self._reported - seen:  # a study that ended stops being reported
             self.outstanding.remove(name)
             self.cap.remove(name)

@@ -1,10 +1,10 @@
 """Publishing the trials of studies that ended before a broker published trials.
 
 A study that runs is published as it goes (`dispatch.publication`), and caught up whenever it is
-taken over (`Registry._open`). A study that ended under a broker that did not publish trials (an
-older optuna-rq), or that ended while its last trials' entries were lost with Redis, is never
-taken over again: the broker catches each of those up once, after it starts, a study a turn,
-from its storage, when it finds fewer trials published than its status counts.
+taken over (`run_opening.open_run`). A study that ended under a broker that did not publish
+trials (an older optuna-rq), or that ended while its last trials' entries were lost with Redis,
+is never taken over again: the broker catches each of those up once, after it starts, a study a
+turn, from its storage, when it finds fewer trials published than its status counts.
 
 Nothing here fails a study or stops the broker: a storage it may not open or cannot read is
 logged, and `optuna-rq trials NAME --storage URL` reads it wherever it can be reached.
@@ -18,11 +18,11 @@ from collections.abc import Callable
 import optuna
 import redis
 
-from optuna_rq.client import BrokerClient
 from optuna_rq.dispatch.boundary import passes_through
 from optuna_rq.dispatch.publication import TrialPublication
 from optuna_rq.errors import ProtocolError, StudyStorageError
-from optuna_rq.protocol import Keys, StudySpec
+from optuna_rq.protocol import Keys, Signer, StudySpec
+from optuna_rq.protocol.status import read_status
 from optuna_rq.storage.guarded_storages import Storages
 
 __all__ = ["CatchUp"]
@@ -37,15 +37,15 @@ class CatchUp:
         self,
         connection: redis.Redis,
         keys: Keys,
+        signer: Signer,
         *,
-        client: BrokerClient,
         storages: Storages,
         publication: TrialPublication,
         storage_url: Callable[[StudySpec], str],
     ) -> None:
         self.connection = connection
         self.keys = keys
-        self.client = client
+        self.signer = signer
         self.storages = storages
         self.publication = publication
         self.storage_url = storage_url
@@ -73,7 +73,7 @@ class CatchUp:
 
     def _catch_up(self, spec: StudySpec) -> None:
         try:
-            status = self.client.published_status(spec.name)
+            status = read_status(self.connection, self.keys, self.signer, spec.name)
         except ProtocolError:
             return  # not the broker's: nothing says how many it has (counted where it is read)
         if status is None or not status.state.ended:

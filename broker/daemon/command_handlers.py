@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 
 from optuna_rq.daemon.registry import Registry
-from optuna_rq.dispatch import StudyRun
+from optuna_rq.dispatch import RunSpec, StudyRun
 from optuna_rq.dispatch.boundary import Site
 from optuna_rq.errors import ConfigError, StudyConflictError, StudyStorageError
 from optuna_rq.protocol import (
@@ -76,12 +76,8 @@ class Commands:
         A storage the broker's operator does not allow fails the study, storing nothing."""
         registry = self.registry
         known = registry.stored_spec(spec.name)
-        differences = [] if known is None else known.differences(spec)
-        if differences:
-            raise StudyConflictError(
-                f"study {spec.name!r} exists with another definition: "
-                f"{'; '.join(differences)} (submit it under another --study-name)"
-            )
+        if known is not None:
+            known.refuse_redefinition(spec)
         run = registry.runs.get(spec.name)
         if run is not None:
             changes = {name: getattr(spec, name) for name in RESUBMITTED}
@@ -106,7 +102,7 @@ class Commands:
         registry = self.registry
         run = registry.runs.get(name)
         if run is not None:
-            registry.dispatcher.cancel(run)
+            registry.dispatcher.endings.cancel(run)
             if registry.boundary.faulted(name):
                 return  # it ends FAILED with its fault, at the end of the turn
             registry.dispatcher.remove(name)
@@ -140,22 +136,18 @@ class Commands:
         becomes what it asked (its status never shows more done than its budget)."""
         registry, name = self.registry, run.name
         requested = changes.get("n_trials")
-        if requested is not None and requested < run.asked:
-            changes = {**changes, "n_trials": run.asked}
+        if requested is not None and requested < run.budget.asked:
+            changes = {**changes, "n_trials": run.budget.asked}
             log.info(
                 "study %r: --n-trials %d is below the %d trials it has started: it starts no "
                 "more, and finishes once they end",
                 name,
                 requested,
-                run.asked,
+                run.budget.asked,
             )
         spec = registry.specs[name].with_changes(**changes)
         registry.store(spec)
-        run.concurrency = spec.concurrency
-        run.n_trials = spec.n_trials
-        run.trial_timeout_s = spec.trial_timeout_s
-        run.max_retries = spec.max_retries
-        run.ask_ahead = spec.ask_ahead
+        run.change(RunSpec.of(spec), spec.n_trials)
         log.info("study %r changed: %s", name, changes)
         registry.status.mark(name)
 

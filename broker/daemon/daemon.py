@@ -22,7 +22,6 @@ from collections.abc import Callable
 import redis
 from redis.exceptions import OutOfMemoryError, ReadOnlyError
 
-from optuna_rq.client import BrokerClient
 from optuna_rq.daemon.backlog import Backlog
 from optuna_rq.daemon.broker_health import BrokerHealth
 from optuna_rq.daemon.broker_metrics import BrokerMetrics
@@ -82,7 +81,6 @@ class Daemon:
         self.metrics = metrics
         self.health = health or BrokerHealth()  # what /healthz and /readyz report
         self._last_metrics = 0.0
-        client = BrokerClient(connection, settings.prefix, signer=self.signer)
         self.epoch_guard = EpochGuard(connection, self.keys, self.lock.fence)
         self.turns = TurnBeacon(connection, self.keys, identity=self.identity)  # for `wait`
         # Journal files are written by this daemon alone: their changes are buffered, and
@@ -119,13 +117,12 @@ class Daemon:
         self.registry = Registry(
             connection,
             settings,
-            client=client,
             dispatcher=self.dispatcher,
             status=StatusPublisher(
                 connection,
                 self.keys,
                 interval_s=settings.status_interval_s,
-                storage_url=lambda spec: spec.storage or settings.storage,
+                storage_url=lambda spec: spec.storage_url(settings.storage),
                 boundary=self.boundary,
                 signer=self.signer,
                 persist=self.storages.flush,
@@ -141,7 +138,7 @@ class Daemon:
         self.catch_up = CatchUp(
             connection,
             self.keys,
-            client=client,
+            self.signer,
             storages=self.storages,
             publication=self.publication,
             storage_url=self.registry.storage_url,
@@ -196,7 +193,9 @@ class Daemon:
                 self.lock,
                 self.health,
                 max_outage_backoff_s=self.settings.max_outage_backoff_s,
-                not_resumable=lambda: not_resumable(self.registry.client, self.settings.storage),
+                not_resumable=lambda: not_resumable(
+                    self.connection, self.keys, self.signer, self.settings.storage
+                ),
             )
             if not standby.wait(stop or threading.Event()):
                 return False
@@ -251,7 +250,7 @@ class Daemon:
             # Nothing more goes to this Redis; the storages learn that the trials it held are
             # lost, so none stays RUNNING with no broker left that knows of it.
             data_lost = True
-            self.dispatcher.fail_outstanding(
+            self.dispatcher.endings.fail_outstanding(
                 "Redis lost its data while this trial ran (see the broker log); not retried"
             )
             raise
@@ -352,7 +351,11 @@ class Daemon:
         self.registry.end_ended()  # a command that faulted its study
         runs = self.dispatcher.runs
         self._check_stop_conditions(told=False)  # a --timeout that passed: before any refill
-        waiting = self.fair_share.share(runs, self.specs, now)
+        waiting = set()
+        for name, share in self.fair_share.share(runs, self.specs, now).items():
+            runs[name].grant(share.slots)
+            if runs[name].note_workers(share.waiting_for_workers):
+                waiting.add(name)
         if waiting:
             self.status.mark(*waiting)  # a study started or stopped waiting for workers
         self.backlog.drain(  # bulk commands, for up to its turn budget
@@ -380,7 +383,7 @@ class Daemon:
             self.dispatcher.runs,
             self.specs,
             told=told,
-            wind_down=self.dispatcher.wind_down,
+            wind_down=self.dispatcher.endings.wind_down,
             guard=lambda name: self.boundary.guard(name, Site.STOP),
         )
         self.status.mark(*stopped)

@@ -102,10 +102,10 @@ class EnqueueSets:
         if run is None:
             return
         storing = self._of(study)
-        stored_not_taken = storing.stored - (run.asked - storing.asked_before)
+        stored_not_taken = storing.stored - (run.budget.asked - storing.asked_before)
         held = run.n_outstanding + run.sampling
         # No slot at all while none is stored: not even one asked ahead, which would sample.
-        run.slots = min(run.limit, held + stored_not_taken) if stored_not_taken > 0 else 0
+        run.grant(min(run.limit, held + stored_not_taken) if stored_not_taken > 0 else 0)
 
     def end(self, study: str) -> None:
         storing = self._storing.pop(study, None)
@@ -124,6 +124,8 @@ class EnqueueSets:
         run = self.runs[study]
         storing = self._storing.get(study)
         if storing is None or storing.run is not run:  # a study started afresh: read it again
-            storing = _Storing(run=run, index=ParamSetIndex(run.study), asked_before=run.asked)
+            storing = _Storing(
+                run=run, index=ParamSetIndex(run.study), asked_before=run.budget.asked
+            )
             self._storing[study] = storing
         return storing

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -11,7 +12,7 @@ import redis
 from optuna_rq.dispatch import StudyRun
 from optuna_rq.protocol import Keys, PoolHeartbeat, Signer, StudySpec, live_pools, workers_on
 
-__all__ = ["FairShare", "fair_shares"]
+__all__ = ["FairShare", "Share", "fair_shares"]
 
 
 def fair_shares(demands: dict[str, tuple[int, float]], capacity: int) -> dict[str, int]:
@@ -36,9 +37,18 @@ def fair_shares(demands: dict[str, tuple[int, float]], capacity: int) -> dict[st
     return shares
 
 
+@dataclass(frozen=True, slots=True)
+class Share:
+    """What fair share gives one run: its slots (`StudyRun.grant`; None: its cap alone), and
+    whether no live worker listens to its queue (`StudyRun.note_workers`)."""
+
+    slots: int | None
+    waiting_for_workers: bool
+
+
 class FairShare:
-    """Sets each run's `slots` to its fair share of the live workers that listen to its queue,
-    and marks the runs no live worker listens to as waiting for one.
+    """Works out each run's fair share of the live workers that listen to its queue, and which
+    runs no live worker listens to; the daemon hands each run its `Share`.
 
     Live means a pool's heartbeat has not expired (`protocol.heartbeat`), read at most every
     `refresh_s` seconds; then the demand of each queue (the workers its studies could keep
@@ -76,23 +86,16 @@ class FairShare:
 
     def share(
         self, runs: Mapping[str, StudyRun], specs: Mapping[str, StudySpec], now: float
-    ) -> set[str]:
-        """Give every run in `runs` its slots, weighted by its spec's priority; the names of the
-        runs that started or stopped waiting for a worker."""
+    ) -> dict[str, Share]:
+        """Every run's share of `runs`, weighted by its spec's priority."""
         if now - self._last_refresh >= self.refresh_s:
             self.pools = live_pools(self.connection, self.keys, self.signer, prune=True)
             self._publish_demand(runs)
             self._last_refresh = now
         queues = {name: self.queue_of(run) for name, run in runs.items()}
         capacity = {q: workers_on(self.pools, q) for q in set(queues.values())}
-        changed = set()
-        for name, run in runs.items():
-            waiting = capacity[queues[name]] == 0
-            if waiting != run.waiting_for_workers:
-                run.waiting_for_workers = waiting
-                changed.add(name)
-            # Without a live worker, queue up to the cap: the first workers find work waiting.
-            run.slots = None
+        # Without a live worker, queue up to the cap: the first workers find work waiting.
+        slots: dict[str, int | None] = dict.fromkeys(runs)
         for group in _sharing_groups(self.pools, set(q for q, n in capacity.items() if n)):
             members = {n: r for n, r in runs.items() if queues[n] in group}
             demands = {
@@ -100,9 +103,11 @@ class FairShare:
                 for n, r in members.items()
             }
             workers = sum(p.workers for p in self.pools if group.intersection(p.queues))
-            for name, slots in fair_shares(demands, workers).items():
-                members[name].slots = slots
-        return changed
+            slots.update(fair_shares(demands, workers))
+        return {
+            name: Share(slots=slots[name], waiting_for_workers=capacity[queues[name]] == 0)
+            for name in runs
+        }
 
     def _publish_demand(self, runs: Mapping[str, StudyRun]) -> None:
         demand: dict[Any, int] = {}  # redis-py types its mapping keys narrowly

@@ -17,19 +17,18 @@ submit and at re-attach: it ends FAILED with the reason, counted (`storage`), an
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import optuna
 import redis
 from optuna.trial import TrialState
 
-from optuna_rq.client import BrokerClient
 from optuna_rq.daemon.broker_settings import BrokerSettings
+from optuna_rq.daemon.run_opening import open_run
 from optuna_rq.daemon.status_publisher import StatusPublisher
 from optuna_rq.daemon.stopping import StopConditions
 from optuna_rq.dispatch import Dispatcher, StudyRun, count_refusal
 from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
-from optuna_rq.errors import ConfigError, ProtocolError, StudyConflictError, StudyStorageError
+from optuna_rq.errors import ProtocolError, StudyConflictError, StudyStorageError
 from optuna_rq.protocol import (
     FailReason,
     Keys,
@@ -37,16 +36,14 @@ from optuna_rq.protocol import (
     StudySpec,
     StudyState,
     StudyStatus,
-    new_incarnation,
     open_stored_spec,
     refuse_if_closed,
     seal_stored_spec,
 )
+from optuna_rq.protocol.status import read_status
 from optuna_rq.storage.continuity import missing_study, moved_default
 from optuna_rq.storage.guarded_storages import Storages
-from optuna_rq.storage.storage_access import journal_path
-from optuna_rq.storage.stored_definitions import definition_conflict, record_definition
-from optuna_rq.study.algorithms import make_pruner, make_sampler
+from optuna_rq.storage.stored_definitions import definition_conflict
 from optuna_rq.study.verdict import Verdict, fail_orphans
 
 __all__ = ["Registry"]
@@ -63,7 +60,6 @@ class Registry:
         connection: redis.Redis,
         settings: BrokerSettings,
         *,
-        client: BrokerClient,
         dispatcher: Dispatcher,
         status: StatusPublisher,
         storages: Storages,
@@ -74,7 +70,6 @@ class Registry:
         self.settings = settings
         self.signer = signer
         self.keys = Keys(settings.prefix)
-        self.client = client
         self.dispatcher = dispatcher
         self.status = status
         self.storages = storages
@@ -94,7 +89,7 @@ class Registry:
 
     def storage_url(self, spec: StudySpec) -> str:
         """The storage a study's trials are in: its own, or the broker's default."""
-        return spec.storage or self.settings.storage
+        return spec.storage_url(self.settings.storage)
 
     # -- what is stored ------------------------------------------------------------------------
 
@@ -103,29 +98,34 @@ class Registry:
         None if there is none, or if the one stored does not open (refused: `_open_stored`)."""
         if name in self.specs:
             return self.specs[name]
-        raw: Any = self.connection.hget(self.keys.studies, name)
-        return None if raw is None else self._open_stored(name, raw)
+        try:
+            return StudySpec.read_stored(self.connection, self.keys, self.signer, name)
+        except ProtocolError as exc:
+            self._refuse_stored(name, exc)
+            return None
 
     def _open_stored(self, name: str, raw: bytes) -> StudySpec | None:
         """The spec stored under `name`, if it opens; else None, refused: logged and counted."""
         try:
             return open_stored_spec(self.signer, name, raw)
         except ProtocolError as exc:
-            hint = ""
-            if self.signer.enabled:
-                # A spec stored before signing was turned on is unsigned too: its owner can
-                # resubmit it (a new spec replaces the refused one) or delete it.
-                hint = (
-                    "; a study stored before signing was turned on is refused the same way: "
-                    f"if it is yours, submit it again (`optuna-rq submit ... --study-name "
-                    f"{name}`, the same definition runs on in its storage) or `optuna-rq "
-                    f"delete {name}`"
-                )
-            log.error(
-                "study %r: refused its stored spec, nothing of it is done: %s%s", name, exc, hint
-            )
-            count_refusal(self.connection, self.keys.prefix, "spec")
+            self._refuse_stored(name, exc)
             return None
+
+    def _refuse_stored(self, name: str, exc: ProtocolError) -> None:
+        """Log and count the refusal of the stored spec of study `name` (`exc` says why)."""
+        hint = ""
+        if self.signer.enabled:
+            # A spec stored before signing was turned on is unsigned too: its owner can
+            # resubmit it (a new spec replaces the refused one) or delete it.
+            hint = (
+                "; a study stored before signing was turned on is refused the same way: "
+                f"if it is yours, submit it again (`optuna-rq submit ... --study-name "
+                f"{name}`, the same definition runs on in its storage) or `optuna-rq "
+                f"delete {name}`"
+            )
+        log.error("study %r: refused its stored spec, nothing of it is done: %s%s", name, exc, hint)
+        count_refusal(self.connection, self.keys.prefix, "spec")
 
     def store(self, spec: StudySpec) -> None:
         """Keep `spec` as the study's, here and in Redis (for the next broker), sealed."""
@@ -169,7 +169,7 @@ class Registry:
     def _published(self, name: str) -> StudyStatus | None:
         """The study's published status, if it opens (else refused: counted and logged)."""
         try:
-            return self.client.published_status(name)
+            return read_status(self.connection, self.keys, self.signer, name)
         except ProtocolError as exc:
             why = f"ignoring it, for study {name!r}: {exc}"
             count_refusal(self.connection, self.keys.prefix, "status", why)
@@ -238,7 +238,13 @@ class Registry:
                     return
                 conflict = definition_conflict(storage, spec)
                 if conflict is None:
-                    run = self._open(spec)
+                    run = open_run(
+                        spec,
+                        self.storages,
+                        self.storage_url(spec),
+                        self.dispatcher,
+                        self.connection,
+                    )
         except StudyStorageError as exc:
             self.storage_failed(exc, starting=spec)
             return
@@ -260,7 +266,7 @@ class Registry:
             "resumed" if resumed else "started",
             spec.name,
             spec.objective,
-            run.asked - len(run.outstanding),
+            run.budget.asked - len(run.outstanding),
             spec.n_trials,
             spec.concurrency,
         )
@@ -291,47 +297,6 @@ class Registry:
         self.storages.flush()  # then published as failed, as they are now
         self.dispatcher.publication.reconcile(self.connection, study)
 
-    def _open(self, spec: StudySpec) -> StudyRun:
-        url = self.storage_url(spec)
-        study = optuna.create_study(
-            storage=self.storages.open(url),
-            study_name=spec.name,
-            directions=spec.direction_names,  # type: ignore[arg-type]  # checked by StudySpec
-            sampler=make_sampler(spec.sampler, spec.seed, constant_liar=spec.uses_constant_liar),
-            pruner=make_pruner(spec.pruner),
-            load_if_exists=True,
-        )
-        if [d.name.lower() for d in study.directions] != spec.direction_names:
-            raise ConfigError(
-                f"study {spec.name!r} exists with directions "
-                f"{[d.name.lower() for d in study.directions]}, not {spec.direction_names}"
-            )
-        record_definition(study, spec)  # its trials are this definition's (`definitions`)
-        run = StudyRun(
-            study=study,
-            objective=spec.objective,
-            inputs=spec.inputs,
-            concurrency=spec.concurrency,
-            n_trials=spec.n_trials,
-            trial_timeout_s=spec.trial_timeout_s,
-            max_retries=spec.max_retries,
-            queue=spec.queue,
-            ask_ahead=spec.ask_ahead,
-            incarnation=spec.incarnation or new_incarnation(),  # stored: on_submit gave one
-        )
-        journal = journal_path(url)
-        run.journal = None if journal is None else str(journal)
-        lost = run.reattach()
-        if lost:  # its retry had started before the last broker failed it
-            self.dispatcher.observer.ended(
-                spec.name, TrialState.FAIL.name, FailReason.WORKER_LOST, count=lost
-            )
-        # What a stopped broker told and did not publish, or a study from before trials were
-        # published: published now, once durable (reattach may have failed a trial).
-        self.storages.flush()
-        self.dispatcher.publication.reconcile(self.connection, study)
-        return run
-
     # -- end -----------------------------------------------------------------------------------
 
     def end_ended(self) -> bool:
@@ -355,12 +320,12 @@ class Registry:
             self.dispatcher.remove(name)
             if state is StudyState.FAILED:
                 log.error("study %r failed: %s", name, error)
-            else:  # run.asked: every trial of its budget, a resumed study's earlier ones too
+            else:  # run.budget.asked: every trial of its budget, a resumed study's earlier ones too
                 stopped = self.stopping.reason(name)
                 log.info(
                     "study %r finished: %d trials%s",
                     name,
-                    run.asked,
+                    run.budget.asked,
                     f" ({stopped})" if stopped else "",
                 )
         return ended
@@ -368,7 +333,7 @@ class Registry:
     def _end(self, run: StudyRun) -> tuple[StudyState, str | None]:
         """How `run`, done or unable to run, ends: its state, and why (for its status)."""
         if run.cannot_run and not run.done:
-            self.dispatcher.cancel(run, why=f"the study failed: {run.cannot_run}")
+            self.dispatcher.endings.cancel(run, why=f"the study failed: {run.cannot_run}")
             return StudyState.FAILED, run.cannot_run
         return StudyState.FINISHED, None  # its status says if a stop condition ended it
 
@@ -380,12 +345,12 @@ class Registry:
         if run is not None:
             self.dispatcher.remove(name)
             try:
-                self.dispatcher.cancel(run, why=f"the study failed: {fault}", orphans=True)
+                self.dispatcher.endings.cancel(run, why=f"the study failed: {fault}", orphans=True)
             except Exception as exc:
                 if passes_through(exc) and not isinstance(exc, StudyStorageError):
                     raise
                 log.error("study %r: its trials in flight were not told: %s", name, exc)
-                self.dispatcher.abandon(run)
+                self.dispatcher.endings.abandon(run)
         self.boundary.forget(name)  # after the cancel: what it met is the same fault's
         spec = self.specs.get(name) or self.stored_spec(name)
         if spec is None:
@@ -410,7 +375,7 @@ class Registry:
         for name, running in list(self.runs.items()):
             spec = self.specs[name]
             if self.storage_url(spec) == error.url:
-                self.dispatcher.abandon(running)
+                self.dispatcher.endings.abandon(running)
                 failed.append((spec, running))
         for spec, run in failed:
             log.error("study %r failed: %s", spec.name, error)

@@ -180,19 +180,12 @@ class StatusPublisher:
         self.lifecycle.move(spec.name, state)
         if flush and self.persist is not None:
             self.persist()
-        status = StudyStatus(
-            name=spec.name,
+        status = StudyStatus.of(
+            spec,
             state=state,
-            objective=spec.objective,
-            directions=spec.direction_names,
-            n_trials=spec.n_trials,
-            concurrency=spec.concurrency,
-            priority=spec.priority,
             storage=self.storage_url(spec),
             error=error,
             stopped=self.stopped(spec.name) if state in _STOPPABLE else None,
-            submitted_at=spec.submitted_at,
-            queue=spec.queue,
             # An ended study waits for nothing, even if its last trials ran before the fair
             # share's next look at the pools noticed the worker that ran them.
             waiting_for_workers=run is not None and run.waiting_for_workers and not state.ended,

@@ -114,7 +114,7 @@ class StopConditions:
         if first:
             log.info("study %r %s", name, reason)
             self._reasons[name] = reason
-        if run.n_trials > run.asked or run.count(Phase.ASKED_AHEAD):  # budget or asks left
+        if run.budget.left > 0 or run.count(Phase.ASKED_AHEAD):  # budget or asks left
             wind_down(run, reason)
         return first
 

@@ -4,7 +4,11 @@
 `StudyRun` is one study it runs. The modules behind them, one concept each:
 
     dispatcher  the loop
+    refill      filling free slots: ask -> process -> enqueue, asking ahead
+    endings     a study's trials in flight ended at once: wound down, cancelled, abandoned
     runs        StudyRun, and one record per trial in flight (asked ahead, unsent, sent)
+    run_spec    RunSpec: what a run takes from its study's spec, frozen
+    budget      Budget: the trials a run may ask, has asked, has had reported
     sending     the trial queue: sealed requests and their RQ jobs
     results     the result stream: reading it, acknowledging what was told
     calls       remote-trial calls, served on the real trial
@@ -15,9 +19,12 @@
                 the loop has asked of it
 """
 
-from optuna_rq.dispatch.dispatcher import ASK_BUDGET_S, Dispatcher
+from optuna_rq.dispatch.budget import Budget
+from optuna_rq.dispatch.dispatcher import Dispatcher
 from optuna_rq.dispatch.observer import DispatchObserver, count_refusal
 from optuna_rq.dispatch.offloop import OffLoopSampling
+from optuna_rq.dispatch.refill import ASK_BUDGET_S
+from optuna_rq.dispatch.run_spec import RunSpec
 from optuna_rq.dispatch.runs import ATTEMPT_ATTR, RETRY_OF_ATTR, StudyRun
 from optuna_rq.dispatch.sending import FINISHED_JOB_TTL_S
 
@@ -26,9 +33,11 @@ __all__ = [
     "ATTEMPT_ATTR",
     "FINISHED_JOB_TTL_S",
     "RETRY_OF_ATTR",
+    "Budget",
     "DispatchObserver",
     "Dispatcher",
     "OffLoopSampling",
+    "RunSpec",
     "StudyRun",
     "count_refusal",
 ]

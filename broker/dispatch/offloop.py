@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import pickle
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from optuna.trial import TrialState
@@ -47,6 +47,17 @@ class _Request:
     left: int  # trials still to come back
 
 
+@dataclass(slots=True)
+class _Placement:
+    """Where one run samples, as far as the sampler process is concerned."""
+
+    run: StudyRun  # held, so that its id names no other run while this lives
+    off_loop: bool = False  # it samples in the sampler process
+    sampler_moved: bool = False  # its sampler went to that process (and is stale here)
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLES_TO_DECIDE))
+    """Its last trials' loop CPU, while the loop samples it."""
+
+
 def _samples_at_ask(inputs: dict[str, Any]) -> bool:
     return any(
         isinstance(v, Suggestion) or (isinstance(v, dict) and _samples_at_ask(v))
@@ -66,14 +77,24 @@ class OffLoopSampling:
         self._requests: dict[int, _Request] = {}
         self._outbox: list[SampleRequest] = []
         self._next_id = 0
-        self._recent: dict[int, deque[float]] = {}  # id(run) -> its last trials' loop CPU
+        self._placements: dict[int, _Placement] = {}  # id(run) -> where it samples
+
+    def _of(self, run: StudyRun) -> _Placement:
+        placement = self._placements.get(id(run))
+        if placement is None or placement.run is not run:
+            placement = self._placements[id(run)] = _Placement(run)
+        return placement
+
+    def samples_off_loop(self, run: StudyRun) -> bool:
+        """Whether `run` samples in the sampler process."""
+        placement = self._placements.get(id(run))
+        return placement is not None and placement.run is run and placement.off_loop
 
     def note(self, run: StudyRun, seconds: float) -> None:
         """The loop sampled one trial of `run` in `seconds` of its CPU time."""
-        if run.journal is None or run.ask_ahead or self.process is None:
+        if run.journal is None or run.spec.ask_ahead or self.process is None:
             return
-        recent = self._recent.setdefault(id(run), deque(maxlen=SAMPLES_TO_DECIDE))
-        recent.append(seconds)
+        self._of(run).recent.append(seconds)
         if not self.process.started and self._median(run) >= self.above_s * START_AT:
             self.process.start()
 
@@ -82,36 +103,37 @@ class OffLoopSampling:
         has enqueued trials: the loop takes those, in order, as `study.ask()` does."""
         if self.process is None or not self.process.ready:
             return False
-        if run.sampler_moved and not run.off_loop:
+        placement = self._of(run)
+        if placement.sampler_moved and not placement.off_loop:
             return False  # moved back: its sampler in the process has moved on
-        if not run.off_loop and (
+        if not placement.off_loop and (
             run.journal is None
-            or run.ask_ahead
+            or run.spec.ask_ahead
             or self._median(run) < self.above_s
-            or not _samples_at_ask(run.inputs)
+            or not _samples_at_ask(run.spec.inputs)
         ):
             return False
         if run.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             return False
-        if not run.off_loop:
-            run.off_loop = True
+        if not placement.off_loop:
+            placement.off_loop = True
             log.info("study %r samples in the sampler process from now on", run.name)
         return True
 
     def busy(self, run: StudyRun) -> bool:
         """Whether `run` has a request out: it asks for no more until that one is back."""
-        return run.off_loop and run.sampling > 0
+        return self.samples_off_loop(run) and run.sampling > 0
 
     def request(self, run: StudyRun, n: int) -> None:
         """Ask the process for `n` trials of `run` (sent by `send`, after the loop's flush)."""
         assert run.journal is not None and n > 0 and not run.sampling
-        first = not run.sampler_moved
+        placement = self._of(run)
         sampler = None
-        if first:
+        if not placement.sampler_moved:
             try:
                 sampler = pickle.dumps(run.study.sampler)
             except Exception as exc:  # a sampler holding a lock, a socket, a lambda: stays here
-                run.sampler_moved = True  # never asked to move again
+                placement.sampler_moved = True  # never asked to move again
                 self._keep_on_loop(run, f"its sampler cannot be pickled ({exc})")
                 return
         self._next_id += 1
@@ -120,15 +142,14 @@ class OffLoopSampling:
                 request_id=self._next_id,
                 study=run.name,
                 journal=run.journal,
-                inputs=run.inputs,
+                inputs=run.spec.inputs,
                 n=n,
                 sampler=sampler,
             )
         )
-        run.sampler_moved = True
+        placement.sampler_moved = True
         self._requests[self._next_id] = _Request(run, n)
-        run.sampling += n
-        run.asked += n
+        run.request_samples(n)
 
     @property
     def has_outbox(self) -> bool:
@@ -153,11 +174,11 @@ class OffLoopSampling:
             if request is None:
                 continue
             request.left -= 1
-            request.run.sampling -= 1
+            failed = isinstance(answer, SampleFailed)
+            request.run.sample_returned(failed=failed)  # failed: the loop asks it
             if not request.left:
                 del self._requests[answer.request_id]
             if isinstance(answer, SampleFailed):
-                request.run.asked -= 1  # the loop asks it
                 self._keep_on_loop(request.run, answer.error)
             answers.append((request.run, answer))
         if self.process.failed:
@@ -165,13 +186,22 @@ class OffLoopSampling:
         return answers
 
     def forget(self, run: StudyRun) -> None:
-        """`run` wants nothing more from the process: what it has out is dropped, unspent."""
+        """`run` wants nothing more from the process: what it has out is dropped, unspent.
+        Where it samples is kept, for as long as it is dispatched (`drop`)."""
         for request_id, request in list(self._requests.items()):
             if request.run is run:
-                run.asked -= request.left
-                run.sampling -= request.left
+                run.drop_samples(request.left)
                 del self._requests[request_id]
-        self._recent.pop(id(run), None)
+        placement = self._placements.get(id(run))
+        if placement is not None and placement.run is run:
+            placement.recent.clear()
+
+    def drop(self, run: StudyRun) -> None:
+        """`run` is no longer dispatched: nothing of it stays."""
+        self.forget(run)
+        placement = self._placements.get(id(run))
+        if placement is not None and placement.run is run:
+            del self._placements[id(run)]
 
     def close(self) -> None:
         if self.process is not None:
@@ -179,22 +209,22 @@ class OffLoopSampling:
 
     def _median(self, run: StudyRun) -> float:
         """The median loop CPU of `run`'s last trials sampled; -1 until there are enough."""
-        recent = self._recent.get(id(run))
-        if recent is None or len(recent) < SAMPLES_TO_DECIDE:
+        recent = self._of(run).recent
+        if len(recent) < SAMPLES_TO_DECIDE:
             return -1.0
         return sorted(recent)[SAMPLES_TO_DECIDE // 2]
 
     def _keep_on_loop(self, run: StudyRun, why: str) -> None:
-        if run.off_loop:
+        placement = self._of(run)
+        if placement.off_loop:
             log.warning("study %r samples on the loop again: %s", run.name, why)
-        run.off_loop = False
+        placement.off_loop = False
 
     def _back_to_loop(self) -> None:
         """The process is gone: every study samples on the loop, what was out is unspent."""
         for request in self._requests.values():
-            request.run.asked -= request.left
-            request.run.sampling -= request.left
-            request.run.off_loop = False
+            request.run.drop_samples(request.left)
+            self._of(request.run).off_loop = False
         self._requests.clear()
         self._outbox.clear()
         self.process = None

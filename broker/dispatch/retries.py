@@ -33,8 +33,8 @@ def plan_retry(run: StudyRun, record: InFlight, why: str) -> tuple[Verdict, optu
     retries ran out). The retry exists before the lost trial is told: a broker that stops in
     between finds both, and `StudyRun.reattach` completes the step."""
     number, attempt = record.number, record.attempt
-    if attempt > run.max_retries:
-        error = f"{why}; not retried: {attempt} attempts, max retries {run.max_retries}"
+    if attempt > run.spec.max_retries:
+        error = f"{why}; not retried: {attempt} attempts, max retries {run.spec.max_retries}"
         log.warning("study %r trial %d failed: %s", run.name, number, error)
         return worker_lost(error), None
     retry = _create_retry(run, record, attempt + 1)

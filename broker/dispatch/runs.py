@@ -11,24 +11,19 @@ import enum
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import optuna
 from optuna.trial import TrialState
 
-from optuna_rq.errors import ConfigError, ProtocolError
+from optuna_rq.dispatch.budget import Budget
+from optuna_rq.dispatch.run_spec import RunSpec
 from optuna_rq.protocol import (
-    DEFAULT_QUEUE,
     AttemptId,
     FailReason,
-    check_incarnation,
-    check_params,
-    check_queue_name,
     error_headline,
-    new_incarnation,
     parse_objective_path,
 )
-from optuna_rq.space.declarations import Suggestion
 from optuna_rq.study.optuna_trials import live_trial
 from optuna_rq.study.verdict import Verdict, tell, worker_lost
 
@@ -93,62 +88,68 @@ class FromWorker(Protocol):
     def attempt(self) -> int: ...
 
 
-def _fixed_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
-    """`inputs` with every suggestion replaced by None: what must survive msgpack as given."""
-    return {
-        key: (
-            None
-            if isinstance(value, Suggestion)
-            else _fixed_inputs(value)
-            if isinstance(value, dict)
-            else value
-        )
-        for key, value in inputs.items()
-    }
-
-
 @dataclass(kw_only=True)
 class StudyRun:
     """One study being run on workers, and the trials it has in flight.
 
     Every phase change goes through `track`, `occupy`, `set_aside`, `mark_sent` and `finish`,
     which keep the per-phase counts. Trials asked ahead leave in the order they were set aside.
+    No module but this one assigns its fields (tests/test_run_state_owner.py): the others use
+    its operations, and those of its `budget`.
     """
 
     study: optuna.Study
-    objective: str
-    inputs: dict[str, Any]
-    concurrency: int
-    n_trials: int
-    trial_timeout_s: float | None = None
-    max_retries: int = 2  # re-runs of a trial whose worker was lost
-    queue: str = DEFAULT_QUEUE  # the resource class its trials go to
-    # Which incarnation of the study this is (`StudySpec.incarnation`); a run of its own (the
-    # remote `Optimizer`) is a new one. Every per-attempt name carries it (`Keys`).
-    incarnation: str = field(default_factory=new_incarnation)
-    ask_ahead: int = 0  # trials it keeps asked at its cap, ready to send (`StudySpec.ask_ahead`)
+    spec: RunSpec
+    budget: Budget
+    journal: str | None = None  # the journal file its storage writes, if one (`offloop`)
     slots: int | None = None  # the fair share the daemon grants; None: the cap alone
     waiting_for_workers: bool = False  # no live worker listens to its queue (the daemon's view)
-    journal: str | None = None  # the journal file its storage writes, if one (`offloop`)
-    off_loop: bool = False  # it samples in the sampler process (`offloop`)
-    sampler_moved: bool = False  # its sampler went to that process (and is stale here)
-    sampling: int = 0  # trials asked of that process and not back yet: each holds a slot
-    asked: int = 0  # budget spent: trials asked that are not retries
-    told: int = 0
     peak_outstanding: int = 0
     cannot_run: str | None = None  # a definition error (see `note`): the study must stop
+    _sampling: int = field(default=0, init=False, repr=False)
     _definition_streak: int = field(default=0, init=False, repr=False)
     _in_flight: dict[int, InFlight] = field(default_factory=dict, init=False, repr=False)
     _counts: Counter[Phase] = field(default_factory=Counter, init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        parse_objective_path(self.objective)
-        check_queue_name(self.queue, option="queue")
-        check_incarnation(self.incarnation)
-        try:
-            check_params(_fixed_inputs(self.inputs))
-        except ProtocolError as exc:
-            raise ConfigError(str(exc)) from exc
+    # -- what the daemon, fair share and the sampler process change -------------------------
+
+    def change(self, spec: RunSpec, n_trials: int) -> None:
+        """The study's spec changed: its view is replaced, and its budget is `n_trials`."""
+        self.spec = spec
+        self.budget.resize(n_trials)
+
+    def grant(self, slots: int | None) -> None:
+        """Its fair share of the workers (None: its cap alone)."""
+        self.slots = slots
+
+    def note_workers(self, waiting: bool) -> bool:
+        """Whether no live worker listens to its queue; returns whether that changed."""
+        changed = waiting != self.waiting_for_workers
+        self.waiting_for_workers = waiting
+        return changed
+
+    @property
+    def sampling(self) -> int:
+        """Trials requested of the sampler process and not back yet: each holds a slot and
+        counts against the budget."""
+        return self._sampling
+
+    def request_samples(self, n: int) -> None:
+        """`n` trials were requested of the sampler process."""
+        self._sampling += n
+        self.budget.spend(n)
+
+    def sample_returned(self, *, failed: bool) -> None:
+        """One trial requested came back: sampled (the loop creates it), or `failed` (the loop
+        asks it, spending the budget then)."""
+        self._sampling -= 1
+        if failed:
+            self.budget.refund()
+
+    def drop_samples(self, n: int) -> None:
+        """`n` trials requested will never come back: unspent."""
+        self._sampling -= n
+        self.budget.refund(n)
 
     @property
     def name(self) -> str:
@@ -157,7 +158,7 @@ class StudyRun:
     @property
     def module(self) -> str:
         """The module its objective is defined in: with `queue`, it names the RQ queue."""
-        return parse_objective_path(self.objective)[0]
+        return parse_objective_path(self.spec.objective)[0]
 
     # -- what the loop, the daemon and the metrics read ---------------------------------------
 
@@ -176,31 +177,32 @@ class StudyRun:
 
     @property
     def done(self) -> bool:
-        return self.asked >= self.n_trials and not self._in_flight and not self.sampling
+        return self.budget.left <= 0 and not self._in_flight and not self._sampling
 
     @property
     def free_slots(self) -> int:
         """Slots a new trial could take now (the budget allowing)."""
-        held = self.n_outstanding + self.sampling
-        return max(0, min(self.limit - held, self.n_trials - self.asked))
+        held = self.n_outstanding + self._sampling
+        return max(0, min(self.limit - held, self.budget.left))
 
     @property
     def wants_trial(self) -> bool:
         """Whether a slot is free and a trial can fill it (one asked ahead, or budget left)."""
-        return self.n_outstanding + self.sampling < self.limit and (
-            self._counts[Phase.ASKED_AHEAD] > 0 or self.asked < self.n_trials
+        return self.n_outstanding + self._sampling < self.limit and (
+            self._counts[Phase.ASKED_AHEAD] > 0 or self.budget.left > 0
         )
 
     @property
     def limit(self) -> int:
         """How many trials may be outstanding now: the cap, or less under fair share."""
-        return self.concurrency if self.slots is None else min(self.concurrency, self.slots)
+        cap = self.spec.concurrency
+        return cap if self.slots is None else min(cap, self.slots)
 
     @property
     def demand(self) -> int:
         """Slots this study could use now: its cap, or fewer near the end of its budget."""
-        left = self.n_trials - self.asked + len(self._in_flight) + self.sampling
-        return min(self.concurrency, left)
+        left = self.budget.left + len(self._in_flight) + self._sampling
+        return min(self.spec.concurrency, left)
 
     def get(self, number: int) -> InFlight | None:
         return self._in_flight.get(number)
@@ -216,7 +218,7 @@ class StudyRun:
     def answers(self, message: FromWorker) -> InFlight | None:
         """The record `message` is for, if it names this incarnation and an attempt that holds
         a slot here (else it is stale, or another study's of the same name)."""
-        if message.incarnation != self.incarnation:
+        if message.incarnation != self.spec.incarnation:
             return None
         return self.owned(message.trial_number, message.attempt)
 
@@ -225,7 +227,7 @@ class StudyRun:
         return AttemptId(
             reply_to=reply_to,
             study=self.name,
-            incarnation=self.incarnation,
+            incarnation=self.spec.incarnation,
             trial_number=record.number,
             attempt=record.attempt,
         )
@@ -282,7 +284,7 @@ class StudyRun:
         record = self._in_flight.pop(number, None)
         if record is not None:
             self._counts[record.phase] -= 1
-        self.told += 1
+        self.budget.count_reported()
         return record
 
     def note(self, verdict: Verdict) -> None:
@@ -299,7 +301,7 @@ class StudyRun:
             streak = self._definition_streak
             trials = "a trial" if streak == 1 else f"{streak} trials in a row"
             self.cannot_run = (
-                f"{reason.value}: {trials} could not run {self.objective}: "
+                f"{reason.value}: {trials} could not run {self.spec.objective}: "
                 f"{error_headline(verdict.error)}"
             )
 
@@ -327,7 +329,7 @@ class StudyRun:
         trials = self.study.get_trials(deepcopy=False)
         retried = {t.user_attrs[RETRY_OF_ATTR] for t in trials if RETRY_OF_ATTR in t.user_attrs}
         asked = [t for t in trials if t.state is not TrialState.WAITING]
-        self.asked = sum(1 for t in asked if RETRY_OF_ATTR not in t.user_attrs)
+        self.budget.restore(sum(1 for t in asked if RETRY_OF_ATTR not in t.user_attrs))
         self._in_flight.clear()
         self._counts.clear()
         lost = 0

@@ -40,7 +40,7 @@ FAILED_JOB_TTL_S = 24 * 3600
 
 class TrialSender:
     """Builds the requests of one dispatcher's trials and enqueues each run's jobs on its queue:
-    `Keys.trial_queue(run.module, run.queue)`, the one only workers serving the module (in the
+    `Keys.trial_queue(run.module, run.spec.queue)`, the one only workers serving the module (in the
     run's resource class) listen to."""
 
     def __init__(
@@ -53,7 +53,7 @@ class TrialSender:
         self._queues: dict[str, Queue] = {}
 
     def queue_name(self, run: StudyRun) -> str:
-        return self.keys.trial_queue(run.module, run.queue)
+        return self.keys.trial_queue(run.module, run.spec.queue)
 
     def queue(self, run: StudyRun) -> Queue:
         """The RQ queue `run`'s trials go to."""
@@ -83,13 +83,13 @@ class TrialSender:
         """The signed request for `record`, its params sampled now, with the attempt's token
         (its results and calls give it back: `results.issued`). Raises whatever Optuna
         raises when it rejects the space, or ProtocolError for a request too big to send."""
-        params = dict(process(record.trial, deepcopy(run.inputs)))
+        params = dict(process(record.trial, deepcopy(run.spec.inputs)))
         request = TrialRequest(
             study=run.name,
-            incarnation=run.incarnation,
+            incarnation=run.spec.incarnation,
             trial_number=record.number,
             attempt=record.attempt,
-            objective=run.objective,
+            objective=run.spec.objective,
             params=params,
             n_objectives=len(run.study.directions),
             reply_to=self.reply_to,
@@ -103,7 +103,7 @@ class TrialSender:
             func=RUN_TRIAL,
             args=(payload,),
             job_id=self.job_id(run, record),
-            timeout=math.ceil(run.trial_timeout_s) if run.trial_timeout_s else -1,
+            timeout=math.ceil(run.spec.trial_timeout_s) if run.spec.trial_timeout_s else -1,
             # Kept briefly once finished (`rq info` shows them): deleting a job at once costs
             # its worker seven more round trips (workers/bookkeeping.py).
             result_ttl=FINISHED_JOB_TTL_S,

@@ -20,7 +20,7 @@ from typing import Any
 import optuna
 import redis
 
-from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.dispatch import Budget, Dispatcher, RunSpec, StudyRun
 from optuna_rq.dispatch.publication import TrialPublication
 from optuna_rq.optimizer_run.run_status import DrivenStatus
 from optuna_rq.plumbing.connection import connect, resolve_redis_password
@@ -77,13 +77,15 @@ async def run_on_workers(remote: RemoteRun, inputs: dict[str, Any]) -> None:
     prefix = remote.prefix or DEFAULT_PREFIX
     run = StudyRun(
         study=study,
-        objective=remote.objective_path,
-        inputs=inputs,
-        concurrency=remote.concurrency,
-        n_trials=remote.n_trials,
-        trial_timeout_s=remote.trial_timeout,
-        max_retries=remote.max_retries,
-        queue=remote.queue or DEFAULT_QUEUE,
+        spec=RunSpec(
+            objective=remote.objective_path,
+            inputs=inputs,
+            concurrency=remote.concurrency,
+            trial_timeout_s=remote.trial_timeout,
+            max_retries=remote.max_retries,
+            queue=remote.queue or DEFAULT_QUEUE,
+        ),
+        budget=Budget(remote.n_trials),
     )
     signer = Signer.from_env(Role.CLIENT)
     keys = Keys(prefix)
@@ -115,7 +117,7 @@ async def run_on_workers(remote: RemoteRun, inputs: dict[str, Any]) -> None:
             stop.set()
             return
         if stop_requested(run.study):
-            dispatcher.wind_down(run, "study.stop() was called before this trial was sent")
+            dispatcher.endings.wind_down(run, "study.stop() was called before this trial was sent")
 
     def work_until_done() -> None:
         with optimize_loop(study):  # in the dispatcher's thread: callbacks run there
@@ -185,8 +187,8 @@ def _warn_while_unserved(dispatcher: Any, run: Any, stop: threading.Event) -> No
     queue and what it waits for: otherwise a run without workers waits silently forever. Live
     workers are the pools' own heartbeats, as the broker counts them; the study's status says
     it waits for one while none does (`StudyStatus.waiting_for_workers`)."""
-    module = run.objective.partition(":")[0]
-    rq_queue = dispatcher.keys.trial_queue(module, run.queue)
+    module = run.spec.objective.partition(":")[0]
+    rq_queue = dispatcher.keys.trial_queue(module, run.spec.queue)
     while not stop.wait(UNSERVED_WARNING_S):
         if run.done:
             return
@@ -196,7 +198,7 @@ def _warn_while_unserved(dispatcher: Any, run: Any, stop: threading.Event) -> No
             )
         except Exception:  # Redis away: the dispatcher rides it out and says so itself
             continue
-        run.waiting_for_workers = live == 0
+        run.note_workers(live == 0)
         if live == 0:
             log.warning(
                 "study %r: waiting for a worker on queue %r (%d trials outstanding, %d of %d "
@@ -204,8 +206,8 @@ def _warn_while_unserved(dispatcher: Any, run: Any, stop: threading.Event) -> No
                 run.name,
                 rq_queue,
                 run.n_outstanding,
-                run.asked,
-                run.n_trials,
+                run.budget.asked,
+                run.budget.n_trials,
                 module,
-                run.queue,
+                run.spec.queue,
             )

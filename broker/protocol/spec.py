@@ -18,9 +18,9 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from optuna_rq.errors import ConfigError, MessageLimitError, ProtocolError
+from optuna_rq.errors import ConfigError, MessageLimitError, ProtocolError, StudyConflictError
 from optuna_rq.protocol.choices import Direction, Pruner, Sampler, StrChoice
 from optuna_rq.protocol.codec import check_params
 from optuna_rq.protocol.field_error import FieldError
@@ -46,6 +46,11 @@ from optuna_rq.protocol.schema import (
 )
 from optuna_rq.protocol.signing import Record, Signer
 from optuna_rq.space.space_files import space_from_data
+
+if TYPE_CHECKING:
+    import redis
+
+    from optuna_rq.protocol.keys import Keys
 
 __all__ = [
     "DEFINITION",
@@ -294,6 +299,32 @@ class StudySpec(Message):
             else:
                 found.append(f"{name} {_plain(mine)!r}, not {_plain(theirs)!r}")
         return found
+
+    # -- rules on a submitted study that the front doors and the broker both apply -------------
+
+    def storage_url(self, default: str) -> str:
+        """The storage its trials are in: its own, or `default` (the broker's)."""
+        return self.storage or default
+
+    def refuse_redefinition(self, submitted: StudySpec) -> None:
+        """StudyConflictError if `submitted`, under this study's name, is another definition
+        (`differences`): its trials would mix with this study's. The front doors refuse it
+        before sending it, and the broker when it applies it."""
+        differences = self.differences(submitted)
+        if differences:
+            raise StudyConflictError(
+                f"study {self.name!r} exists with another definition: {'; '.join(differences)}. "
+                "Nothing was changed; submit it under another study name"
+            )
+
+    @classmethod
+    def read_stored(
+        cls, connection: redis.Redis, keys: Keys, signer: Signer, name: str
+    ) -> StudySpec | None:
+        """The spec the broker stored for study `name` (None: none is stored); ProtocolError if
+        it does not open (`open_stored_spec`)."""
+        raw: Any = connection.hget(keys.studies, name)
+        return None if raw is None else open_stored_spec(signer, name, raw)
 
 
 def seal_stored_spec(signer: Signer, spec: StudySpec) -> bytes:

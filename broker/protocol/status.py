@@ -46,6 +46,8 @@ from optuna_rq.protocol.signing import Record, Signer
 if TYPE_CHECKING:
     import redis
 
+    from optuna_rq.protocol.spec import StudySpec
+
 __all__ = [
     "RefusedStatus",
     "StudyState",
@@ -157,6 +159,25 @@ class StudyStatus(Message):
             + (f" ({reasons})" if reasons else "")
             + (f"; {self.stopped}" if self.stopped else "")
             + (f"; last error: {self.last_error}" if self.last_error else "")
+        )
+
+    @classmethod
+    def of(cls, spec: StudySpec, *, state: StudyState, storage: str, **rest: Any) -> StudyStatus:
+        """The status of the submitted study `spec`: what the spec says of it (its name,
+        objective, directions, budget, cap, priority, queue, when it was submitted), with its
+        `state`, its `storage` URL and the `rest` (its figures, an error)."""
+        return cls(
+            name=spec.name,
+            state=state,
+            objective=spec.objective,
+            directions=spec.direction_names,
+            n_trials=spec.n_trials,
+            concurrency=spec.concurrency,
+            priority=spec.priority,
+            submitted_at=spec.submitted_at,
+            queue=spec.queue,
+            storage=storage,
+            **rest,
         )
 
     def refuse(self, command: str) -> None:

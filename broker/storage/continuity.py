@@ -24,10 +24,10 @@ from typing import Any
 import redis
 from optuna.storages import BaseStorage
 
-from optuna_rq.client import BrokerClient
 from optuna_rq.errors import ProtocolError
 from optuna_rq.plumbing.locations import redact_url
-from optuna_rq.protocol import StudySpec, StudyStatus, open_stored_spec
+from optuna_rq.protocol import Keys, Signer, StudySpec, StudyStatus, open_stored_spec
+from optuna_rq.protocol.status import read_status
 from optuna_rq.storage.storage_policy import UncheckableURLError, canonical_storage
 
 __all__ = ["missing_study", "moved_default", "not_resumable"]
@@ -81,19 +81,18 @@ def missing_study(
     return None
 
 
-def not_resumable(client: BrokerClient, default: str) -> list[str]:
+def not_resumable(connection: redis.Redis, keys: Keys, signer: Signer, default: str) -> list[str]:
     """Why each stored study that has not ended would not resume on a broker whose default
     storage is `default` (`moved_default`), read without writing anything: what a standby says
     while it stands by. A spec or status that does not open is left to the broker that takes
     over (it refuses it, and counts it)."""
-    connection: redis.Redis = client.connection
-    stored: dict[Any, Any] = connection.hgetall(client.keys.studies)
+    stored: dict[Any, Any] = connection.hgetall(keys.studies)
     reasons = []
     for key, raw in sorted(stored.items()):
         name = bytes(key).decode(errors="replace")
         try:
-            spec = open_stored_spec(client.signer, name, raw)
-            ran = client.published_status(name)
+            spec = open_stored_spec(signer, name, raw)
+            ran = read_status(connection, keys, signer, name)
         except ProtocolError:
             continue
         if ran is None or ran.state.ended:

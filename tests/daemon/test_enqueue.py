@@ -235,7 +235,7 @@ def test_a_study_is_told_its_trials_while_100000_sets_are_stored_into_another(
     while daemon.backlog.pending or conn.llen(Keys(prefix).commands):
         daemon.step()
         left = daemon.backlog.left("big") + 2_000 * conn.llen(Keys(prefix).commands)
-        observations.append((left, busy.told))
+        observations.append((left, busy.budget.told))
     pending = [(left, told) for left, told in observations if left]
     growths = sum(1 for a, b in zip(pending, pending[1:], strict=False) if b[1] > a[1])
     # The other study was told trials all along, turn after turn: not once the sets were in.
@@ -247,7 +247,8 @@ def test_a_study_is_told_its_trials_while_100000_sets_are_stored_into_another(
     assert len(stored) == len(sets) and set(stored.values()) == {1}
     assert stored.keys() == {(s["x"], s["y"]) for s in sets}
     assert len(big.get_trials(deepcopy=False)) == len(sets)  # and nothing sampled
-    print(f"\n  {len(observations)} turns, {busy.told} trials told to the other study meanwhile")
+    told = busy.budget.told
+    print(f"\n  {len(observations)} turns, {told} trials told to the other study meanwhile")
 
 
 @pytest.mark.parametrize("command", ["cancel", "delete"])

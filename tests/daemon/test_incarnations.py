@@ -17,7 +17,7 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq import suggest
-from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.dispatch import Budget, Dispatcher, RunSpec, StudyRun
 from optuna_rq.errors import RemoteTrialError
 from optuna_rq.protocol import (
     RESULT_FIELD,
@@ -45,10 +45,12 @@ def sent(conn: redis.Redis, prefix: str) -> Iterator[tuple[Dispatcher, StudyRun]
     dispatcher = Dispatcher(conn, prefix=prefix, reply_to=f"{prefix}:results", signer=signer)
     run = StudyRun(
         study=optuna.create_study(),
-        objective="tests.support.objectives:quadratic",
-        inputs={"x": suggest.float(0, 1)},
-        concurrency=1,
-        n_trials=1,
+        spec=RunSpec(
+            objective="tests.support.objectives:quadratic",
+            inputs={"x": suggest.float(0, 1)},
+            concurrency=1,
+        ),
+        budget=Budget(1),
     )
     dispatcher.add(run)
     dispatcher.refill()
@@ -79,7 +81,7 @@ def request_for(run: StudyRun, prefix: str, incarnation: str) -> TrialRequest:
         incarnation=incarnation,
         trial_number=0,
         attempt=1,
-        objective=run.objective,
+        objective=run.spec.objective,
         params={},
         n_objectives=1,
         reply_to=f"{prefix}:results",
@@ -126,7 +128,7 @@ def test_a_result_of_another_incarnation_is_dropped_not_told(
     assert run.study.trials[0].state is TrialState.RUNNING
     assert dispatcher.dropped_results == 1
 
-    ours = dataclasses.replace(result, incarnation=run.incarnation, values=[0.5])
+    ours = dataclasses.replace(result, incarnation=run.spec.incarnation, values=[0.5])
     ours = with_token(ours, f"{prefix}:results")
     conn.xadd(f"{prefix}:results", {RESULT_FIELD: signer.seal(Record.RESULT, ours.encode())})
     assert dispatcher.poll(0.1) == 1
@@ -142,7 +144,7 @@ def test_a_call_of_another_incarnation_is_refused(
         RemoteTrial(conn, earlier, signer, keys=Keys(prefix)).suggest_float("y", 0, 1)
     assert "y" not in run.study.trials[0].params
 
-    ours = request_for(run, prefix, run.incarnation)
+    ours = request_for(run, prefix, run.spec.incarnation)
     y = RemoteTrial(conn, ours, signer, keys=Keys(prefix)).suggest_float("y", 0, 1)
     assert run.study.trials[0].params["y"] == y
 
@@ -152,11 +154,11 @@ def test_a_remote_trial_takes_only_the_answer_to_its_call(
 ) -> None:
     _dispatcher, run = serving
     monkeypatch.setattr(RemoteTrial, "_refused_logged", False)  # as in a fresh worker process
-    request = request_for(run, prefix, run.incarnation)
+    request = request_for(run, prefix, run.spec.incarnation)
     own = Keys.reply_list(request.attempt_id)
     call = TrialCall(
         study=run.name,
-        incarnation=run.incarnation,
+        incarnation=run.spec.incarnation,
         trial_number=0,
         attempt=1,
         seq=1,
@@ -217,10 +219,10 @@ def test_the_broker_keeps_a_studys_incarnation_until_it_ends_or_is_deleted(
         client.submit(spec)
         daemon.step()
         first = stored()
-        assert first is not None and daemon.dispatcher.runs["s"].incarnation == first
+        assert first is not None and daemon.dispatcher.runs["s"].spec.incarnation == first
         client.submit(spec.with_changes(n_trials=3))  # the same study, on
         daemon.step()
-        assert stored() == first and daemon.dispatcher.runs["s"].incarnation == first
+        assert stored() == first and daemon.dispatcher.runs["s"].spec.incarnation == first
 
         client.cancel("s")  # it ends: submitted again, it runs on as a new incarnation
         daemon.step()
@@ -228,7 +230,7 @@ def test_the_broker_keeps_a_studys_incarnation_until_it_ends_or_is_deleted(
         client.submit(spec.with_changes(n_trials=4))
         daemon.step()
         again = stored()
-        assert again not in (None, first) and daemon.dispatcher.runs["s"].incarnation == again
+        assert again not in (None, first) and daemon.dispatcher.runs["s"].spec.incarnation == again
 
         client.send(Delete(study="s", force=True, purge=True))
         daemon.step()
@@ -237,7 +239,7 @@ def test_the_broker_keeps_a_studys_incarnation_until_it_ends_or_is_deleted(
         daemon.step()
         second = stored()
         assert second not in (None, first, again)
-        assert daemon.dispatcher.runs["s"].incarnation == second
+        assert daemon.dispatcher.runs["s"].spec.incarnation == second
     finally:
         daemon.dispatcher.stop_sampling()
         daemon.release()

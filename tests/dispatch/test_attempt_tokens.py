@@ -21,7 +21,7 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq import suggest
-from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.dispatch import Budget, Dispatcher, RunSpec, StudyRun
 from optuna_rq.protocol import (
     CALL_FIELD,
     RESULT_FIELD,
@@ -51,10 +51,12 @@ def sent(conn: redis.Redis, prefix: str) -> Iterator[tuple[Dispatcher, StudyRun]
     dispatcher = Dispatcher(conn, prefix=prefix, reply_to=f"{prefix}:results", signer=BROKER)
     run = StudyRun(
         study=optuna.create_study(),
-        objective="tests.support.objectives:quadratic",
-        inputs={"x": suggest.float(0, 1)},
-        concurrency=2,
-        n_trials=2,
+        spec=RunSpec(
+            objective="tests.support.objectives:quadratic",
+            inputs={"x": suggest.float(0, 1)},
+            concurrency=2,
+        ),
+        budget=Budget(2),
     )
     dispatcher.add(run)
     for _ in range(10):

@@ -11,7 +11,7 @@ import pytest
 import redis
 from optuna.trial import TrialState
 
-from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.dispatch import Budget, Dispatcher, RunSpec, StudyRun
 from optuna_rq.dispatch.boundary import FaultBoundary, Site, passes_through
 from optuna_rq.errors import (
     BrokerAlreadyRunningError,
@@ -84,10 +84,12 @@ def test_run_until_done_raises_what_broke_its_study(conn: redis.Redis, prefix: s
 
     run = StudyRun(
         study=study,
-        objective="tests.support.objectives:quadratic",
-        inputs={"x": suggest.float(-1, 1)},
-        concurrency=2,
-        n_trials=4,
+        spec=RunSpec(
+            objective="tests.support.objectives:quadratic",
+            inputs={"x": suggest.float(-1, 1)},
+            concurrency=2,
+        ),
+        budget=Budget(4),
     )
     dispatcher = Dispatcher(conn, prefix=prefix, reply_to=f"{prefix}:results")
     dispatcher.add(run)

@@ -26,7 +26,7 @@ from optuna_rq import suggest
 from optuna_rq.cli.output import json_text, render_trials, trial_row
 from optuna_rq.client import BrokerClient
 from optuna_rq.daemon import BrokerSettings, Daemon
-from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.dispatch import Budget, Dispatcher, RunSpec, StudyRun
 from optuna_rq.dispatch.publication import TrialPublication, summary_of
 from optuna_rq.dispatch.views import INTERMEDIATE_VALUES_ATTR
 from optuna_rq.errors import ConfigError, ProtocolError
@@ -284,10 +284,12 @@ def test_the_dispatcher_publishes_each_trial_sent_and_told_in_the_writes_it_make
     )
     run = StudyRun(
         study=optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)),
-        objective="tests.support.objectives:quadratic",
-        inputs={"x": suggest.float(0, 1)},
-        concurrency=2,
-        n_trials=6,
+        spec=RunSpec(
+            objective="tests.support.objectives:quadratic",
+            inputs={"x": suggest.float(0, 1)},
+            concurrency=2,
+        ),
+        budget=Budget(6),
     )
     dispatcher.add(run)
     queue = dispatcher.sender.queue(run)

@@ -29,7 +29,7 @@ SITES = {
     ("broker/daemon/backlog.py", "Backlog._load", "count_refusal", "backlog"),
     ("broker/daemon/inbox.py", "CommandInbox.apply", "count_refusal", "command"),
     ("broker/daemon/inbox.py", "CommandInbox.apply", "count_refusal", "*"),
-    ("broker/daemon/registry.py", "Registry._open_stored", "count_refusal", "spec"),
+    ("broker/daemon/registry.py", "Registry._refuse_stored", "count_refusal", "spec"),
     ("broker/daemon/registry.py", "Registry.refuse_storage", "count_refusal", "storage"),
     ("broker/daemon/registry.py", "Registry._published", "count_refusal", "status"),
     ("broker/daemon/status_publisher.py", "StatusPublisher.annotate", "count_refusal", "status"),

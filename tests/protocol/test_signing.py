@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from rq.job import JobStatus
 
 from optuna_rq import ConfigError, Optimizer, suggest
-from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.dispatch import Budget, Dispatcher, RunSpec, StudyRun
 from optuna_rq.protocol import (
     RESULT_FIELD,
     RUN_TRIAL,
@@ -202,16 +202,18 @@ def test_a_forged_result_is_refused_and_never_told(conn: redis.Redis, prefix: st
     dispatcher = Dispatcher(conn, prefix=prefix, reply_to=f"{prefix}:results", signer=signer)
     run = StudyRun(
         study=study,
-        objective="tests.support.objectives:quadratic",
-        inputs={"x": suggest.float(0, 1)},
-        concurrency=1,
-        n_trials=1,
+        spec=RunSpec(
+            objective="tests.support.objectives:quadratic",
+            inputs={"x": suggest.float(0, 1)},
+            concurrency=1,
+        ),
+        budget=Budget(1),
     )
     dispatcher.add(run)
     dispatcher.refill()  # no workers: trial 0 waits in the queue
     result = TrialResult(
         study=study.study_name,
-        incarnation=run.incarnation,
+        incarnation=run.spec.incarnation,
         trial_number=0,
         attempt=1,
         outcome=Outcome.COMPLETE,

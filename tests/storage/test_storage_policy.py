@@ -152,7 +152,7 @@ SITES = {
     ("storage/guarded_storages.py", "_open_guarded"): "only from Storages.open, past the policy",
     ("storage/guarded_storages.py", "Storages.read_back"): "checks the policy, then opens",
     # The daemon's sites: through its Storages (`storages.open`, `storages.read_back`) only.
-    ("daemon/registry.py", "Registry._open"): "a study starting: storages.open",
+    ("daemon/run_opening.py", "open_run"): "a study starting: storages.open",
     ("daemon/registry.py", "Registry.start"): "its definition checked first: storages.open",
     ("daemon/registry.py", "Registry._fail_orphans"): "a study that faulted: storages.open",
     ("daemon/registry.py", "Registry.storage_failed"): "its figures: storages.read_back",

@@ -10,7 +10,7 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq import Optimizer, suggest
-from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.dispatch import Budget, Dispatcher, RunSpec, StudyRun
 from optuna_rq.errors import RemoteTrialError
 from optuna_rq.protocol import Keys, TrialRequest
 from optuna_rq.protocol.signing import Signer
@@ -121,10 +121,12 @@ def test_a_call_for_a_trial_the_broker_does_not_own_gets_a_clear_error(
     dispatcher = Dispatcher(conn, prefix=prefix, reply_to=f"{prefix}:results")
     run = StudyRun(
         study=study,
-        objective="tests.support.objectives:quadratic",
-        inputs={},
-        concurrency=1,
-        n_trials=1,
+        spec=RunSpec(
+            objective="tests.support.objectives:quadratic",
+            inputs={},
+            concurrency=1,
+        ),
+        budget=Budget(1),
     )
     dispatcher.add(run)
     stop = threading.Event()
@@ -139,7 +141,7 @@ def test_a_call_for_a_trial_the_broker_does_not_own_gets_a_clear_error(
         for number in (0, 99):  # 0 was never asked; 99 does not exist
             request = TrialRequest(
                 study=study.study_name,
-                incarnation=run.incarnation,
+                incarnation=run.spec.incarnation,
                 trial_number=number,
                 attempt=1,
                 objective="tests.support.objectives:quadratic",

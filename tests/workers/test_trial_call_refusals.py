@@ -21,7 +21,7 @@ import redis
 from optuna.trial import TrialState
 
 from optuna_rq import Optimizer
-from optuna_rq.dispatch import Dispatcher, StudyRun
+from optuna_rq.dispatch import Budget, Dispatcher, RunSpec, StudyRun
 from optuna_rq.dispatch.boundary import Site
 from optuna_rq.errors import RemoteTrialError
 from optuna_rq.protocol import (
@@ -133,10 +133,12 @@ def served(conn: redis.Redis, prefix: str) -> Iterator[Served]:
     dispatcher = Dispatcher(conn, prefix=prefix, reply_to=f"{prefix}:results", signer=BROKER)
     run = StudyRun(
         study=study,
-        objective="tests.support.trial_objectives:plain",
-        inputs={},
-        concurrency=1,
-        n_trials=1,
+        spec=RunSpec(
+            objective="tests.support.trial_objectives:plain",
+            inputs={},
+            concurrency=1,
+        ),
+        budget=Budget(1),
     )
     dispatcher.add(run)
     wait_until(lambda: dispatcher.refill() >= 0 and len(run.outstanding) == 1, timeout_s=10)
