@@ -1,4 +1,4 @@
-"""BrokerSettings: what one broker process is told at start (the CLI builds it from options)."""
+"""BrokerSettings: what one broker process is given at start (the CLI builds it from options)."""
 
 from __future__ import annotations
 

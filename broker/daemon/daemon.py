@@ -91,7 +91,7 @@ class Daemon:
             policy=StoragePolicy(settings.storage, settings.allowed_storages),
             before_flush=self.lock.check,
         )
-        # Every trial, as it is sent and told, for `optuna-rq trials` on any machine.
+        # Every trial, as it is sent and as it ends, for `optuna-rq trials` on any machine.
         self.publication = TrialPublication(self.keys, self.signer)
         self.dispatcher = Dispatcher(
             connection,
@@ -255,7 +255,7 @@ class Daemon:
             )
             raise
         finally:
-            if self.health.is_serving:  # else its reason is said already
+            if self.health.is_serving:  # else its reason is logged already
                 self.health.stopped("the broker stopped serving")
             outage = outage_of(self.connection)  # stopped while Redis is away: nothing is sent
             if not data_lost and not fenced_out and not outage.down:
@@ -273,7 +273,7 @@ class Daemon:
             if fenced_out:
                 self.storages.discard()
             else:
-                self.storages.close()  # what is told (the trials failed above too) is on disk
+                self.storages.close()  # what is recorded (the trials failed above too) is on disk
             if not data_lost and not fenced_out and outage.down:
                 outage.stopping(
                     "the results it told stay unacknowledged in Redis (the next broker reads "

@@ -14,7 +14,7 @@ nothing in between, so nothing slips between the check and the writes, and a tra
 its all-or-nothing meaning.
 
 What writes is Redis's to say: the `write` flag of COMMAND INFO, asked once per command name
-(`redis_commands.CommandTable`, shared by a client and its pipelines). Reads go straight
+(`write_commands.CommandTable`, shared by a client and its pipelines). Reads go straight
 through. Three cases need more:
 
 - XREADGROUP writes (it moves entries into the group's pending list) and may block, which a

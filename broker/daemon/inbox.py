@@ -51,8 +51,8 @@ TAKE_BUDGET_S = 0.005
 
 
 class CommandHandler(Protocol):
-    """What the commands do (`daemon.commands.Commands`): it applies one, or refuses it and says
-    why, and keeps whatever else goes wrong to the command's study."""
+    """What the commands do (`daemon.command_handlers.Commands`): it applies one, or refuses it
+    and says why, and keeps whatever else goes wrong to the command's study."""
 
     def apply(self, command: Command) -> None: ...
 
@@ -87,7 +87,7 @@ class CommandInbox:
 
     def apply(self, raw_commands: list[bytes]) -> None:
         """Apply the batch as read by `fetch`, in order, then trim it off the inbox. Once bulk
-        commands took `TAKE_BUDGET_S` (decoding 2,000 sets takes ~6 ms), the rest of the batch
+        commands took `TAKE_BUDGET_S` (decoding many sets is slow), the rest of the batch
         waits for the next turn."""
         if not raw_commands:
             return

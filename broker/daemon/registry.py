@@ -138,7 +138,7 @@ class Registry:
 
     def refuse_storage(self, spec: StudySpec, why: str) -> None:
         """`spec` is not started: its storage is not one the broker's operator allows (`why`).
-        Logged, counted, and said in its status (FAILED; an ended study keeps its result, and
+        Logged, counted, and stated in its status (FAILED; an ended study keeps its result, and
         its status says why the resubmission failed)."""
         log.error("study %r refused: %s", spec.name, why)
         count_refusal(self.connection, self.keys.prefix, "storage")
@@ -153,7 +153,7 @@ class Registry:
                 self.status.annotate(spec, why)
             else:
                 self.status.publish_failed(spec, None, error=why)
-        except StudyConflictError as exc:  # a state nobody can move it from: said, not fatal
+        except StudyConflictError as exc:  # a state nobody can move it from: logged, not fatal
             log.error("study %r: %s", spec.name, exc)
 
     def state(self, name: str) -> StudyState | None:
@@ -300,7 +300,7 @@ class Registry:
     # -- end -----------------------------------------------------------------------------------
 
     def end_ended(self) -> bool:
-        """End the studies that faulted, cannot run (failed), or told their whole budget
+        """End the studies that faulted, cannot run (failed), or recorded their whole budget
         (finished); True if any ended."""
         ended = False
         for name in list(self.boundary.faults):
@@ -361,13 +361,13 @@ class Registry:
                 self.status.annotate(spec, f"the broker failed acting on it: {fault}")
             else:
                 self.status.publish_failed(spec, run, error=str(fault))
-        except StudyConflictError as exc:  # a state nobody can move it from: said, not fatal
+        except StudyConflictError as exc:  # a state nobody can move it from: logged, not fatal
             log.error("study %r: %s", name, exc)
 
     def storage_failed(self, error: StudyStorageError, starting: StudySpec | None = None) -> None:
         """A study storage failed: every study on it (and `starting`, the one that found out)
         ends FAILED with the cause in its status; the others go on. Its trials still running
-        cannot be told: they stay RUNNING in that storage, and their results are dropped."""
+        cannot be recorded: they stay RUNNING in that storage, and their results are dropped."""
         self.storages.forget(error.url)
         failed: list[tuple[StudySpec, StudyRun | None]] = []
         if starting is not None:

@@ -51,7 +51,7 @@ def open_run(
         dispatcher.observer.ended(
             spec.name, TrialState.FAIL.name, FailReason.WORKER_LOST, count=lost
         )
-    # What a stopped broker told and did not publish, or a study from before trials were
+    # What a stopped broker recorded and did not publish, or a study from before trials were
     # published: published now, once durable (reattach may have failed a trial).
     storages.flush()
     dispatcher.publication.reconcile(connection, study)

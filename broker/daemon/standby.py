@@ -64,8 +64,8 @@ class Standby:
         self.jitter = jitter
         self.not_resumable = not_resumable
         """Why each study this broker would not resume if it took over now
-        (`continuity.not_resumable`): said when it starts standing by, then every
-        `RECHECK_S` for the studies not said yet."""
+        (`continuity.not_resumable`): logged when it starts standing by, then every
+        `RECHECK_S` for the studies not logged yet."""
         self._said: set[str] = set()
         self._checked_at: float | None = None
 

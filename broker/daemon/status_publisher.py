@@ -2,10 +2,10 @@
 
 A study's StudyStatus (its spec, its state, its trials by outcome and failures by reason, its best
 trial or Pareto front) is written to `Keys.status` when the study starts, ends or changes, and
-while it runs, at most every `interval_s` seconds and only once something was told about it.
+while it runs, at most every `interval_s` seconds and only once a trial of it was sent or reported.
 
-Reading a study's trials for its status walks its whole history (36 ms at 10,000 trials): while
-it runs, the interval grows so that publishing takes at most `MAX_SHARE` of the broker's time
+Reading a study's trials for its status walks every trial, which grows costly with the study:
+while it runs, the interval grows so that publishing takes at most `MAX_SHARE` of the broker's time
 (a study's start and end are written at once, whatever the interval).
 
 Every state it writes is a move its `Lifecycle` allows; it refuses the others, so an ended study
@@ -16,7 +16,7 @@ Summarising a running study is a site of its fault boundary: a study whose summa
 alone. Its failed status then carries the figures last read of it, never zeros.
 
 Each status is sealed by the broker's signer (`StudyStatus.sealed`), so that with signing on the
-front doors believe only what the broker wrote. The study's trials told since they were last
+front doors believe only what the broker wrote. The study's trials recorded since they were last
 published (`dispatch.publication`) are published in the same write.
 """
 
@@ -67,7 +67,7 @@ class StatusPublisher:
     ) -> None:
         self.connection = connection
         self.stopped = stopped or (lambda _name: None)
-        """Why a study stopped before its budget (`StopConditions.reason`): said in its status
+        """Why a study stopped before its budget (`StopConditions.reason`): stated in its status
         while it runs on to its last trials and once it finished."""
         self.signer = signer
         self.trials = trials  # the study's trials noted and not yet published go with its status
@@ -136,7 +136,7 @@ class StatusPublisher:
         held: optuna.Study | None = None,
     ) -> None:
         """Write the study's status FAILED, with `error`. Its figures are those of `held` (the
-        study as its storage holds it, read back after the storage failed: not what was told
+        study as its storage holds it, read back after the storage failed: not what was recorded
         and never written) if given, else read from its `run` if they can be, else they are the
         last ones read: the failure may be in reading them."""
         self.lifecycle.check(spec.name, StudyState.FAILED)
@@ -192,7 +192,7 @@ class StatusPublisher:
             **summary,
         )
         pipe = self.connection.pipeline(transaction=False)
-        # Its trials as told (a cancel's, the last ones of a study that ends) are published
+        # Its trials as recorded (a cancel's, the last ones of a study that ends) are published
         # with the status that counts them; not a failed storage's: they may not be durable.
         published = self.trials.into(pipe, [spec.name]) if self.trials is not None and flush else {}
         pipe.hset(self.keys.status, spec.name, status.sealed(self.signer))

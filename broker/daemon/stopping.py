@@ -2,7 +2,7 @@
 before its budget when one holds, a success, and its status names it (`StudyStatus.stopped`,
 never `error`) from the moment it holds.
 
-When one holds, no new trial starts; trials already running on workers finish and are told, as
+When one holds, no new trial starts; trials already running on workers finish and are recorded, as
 `study.optimize(timeout=...)` lets its running trial finish; a trial sampled ahead and not yet
 sent (`--ask-ahead`) ends FAIL (`cancelled`). The wall clock counts from the submission
 (`StudySpec.submitted_at`), so a broker restart does not reset it.
@@ -28,7 +28,7 @@ log = logging.getLogger("optuna_rq.broker")
 
 
 def stop_reason(spec: StudySpec, study: optuna.Study, *, now_s: float | None = None) -> str | None:
-    """Which stop condition of `spec` holds for `study` now, said for the study's status; None
+    """Which stop condition of `spec` holds for `study` now, stated for the study's status; None
     if none does (or it has none)."""
     if spec.timeout_s is not None:
         elapsed = (time.time() if now_s is None else now_s) - spec.submitted_at
@@ -64,7 +64,7 @@ class StopConditions:
         self._due: set[str] = set()
 
     def watch(self, name: str) -> None:
-        """A study (re)started: check it at the next turn, before any result is told. A reason
+        """A study (re)started: check it at the next turn, before any result is recorded. A reason
         held for an earlier run of it (resubmitted while its last trials finished) is dropped:
         the resubmission reopens it, its clock counting from the new submission."""
         self._reasons.pop(name, None)
@@ -80,10 +80,10 @@ class StopConditions:
         guard: Callable[[str], AbstractContextManager[None]],
     ) -> list[str]:
         """Wind down each run whose condition holds; the studies whose condition held this time
-        (their status has news). Best value and patience change only when a trial is told; the
+        (their status has news). Best value and patience change only when a trial is recorded; the
         clock is read every turn. Each study's check runs under `guard` (its fault guard)."""
         for name in [name for name in self._reasons if name not in runs]:
-            del self._reasons[name]  # it ended (its FINISHED status said why), or was cancelled
+            del self._reasons[name]  # it ended (its FINISHED status stated why), or was cancelled
         stopped = []
         for name, run in runs.items():
             with guard(name):
