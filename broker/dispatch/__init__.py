@@ -10,7 +10,7 @@
     run_spec    RunSpec: what a run takes from its study's spec, frozen
     budget      Budget: the trials a run may ask, has asked, has had reported
     sending     the trial queue: sealed requests and their RQ jobs
-    results     the result stream: reading it, acknowledging what was told
+    results     the result stream: reading it, acknowledging what was recorded
     calls       remote-trial calls, served on the real trial
     retries     lost attempts, and the trials that run them again
     leases      which attempts have lost their worker, judged by their leases

@@ -53,7 +53,7 @@ class Site(enum.Enum):
     STATUS = "status"  # summarise it for `status`, `wait` and the front doors
     METRICS = "metrics"  # its gauges
     COMMAND = "command"  # apply a command to it (submit, cancel, set, enqueue, delete)
-    END = "end"  # end it: finished when its budget is told, or cancelled
+    END = "end"  # end it: finished when its budget is recorded, or cancelled
 
 
 _REDIS_OUTAGES = (
@@ -117,5 +117,5 @@ class FaultBoundary:
         log.error("study %r failed at %s: %s", study, site.value, fault.error, exc_info=error)
 
     def forget(self, study: str) -> None:
-        """The study ended (or started anew): its fault is said."""
+        """The study ended (or started anew): its fault is reported."""
         self.faults.pop(study, None)

@@ -11,7 +11,7 @@ __all__ = ["Budget"]
 @dataclass(slots=True)
 class Budget:
     """How many trials a run may ask (`n_trials`), has asked (`asked`: retries do not count)
-    and has had reported (`told`). Changed only through its operations."""
+    and has had recorded (`told`). Changed only through its operations."""
 
     n_trials: int
     asked: int = 0

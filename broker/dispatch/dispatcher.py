@@ -1,11 +1,11 @@
 """The dispatch loop: ask -> process -> enqueue; results -> tell -> acknowledge -> refill.
 
 The cap is exact: a study never has more than `concurrency` trials sent to workers and not yet
-told. A result is told at most once (stale or repeated results are acknowledged, counted and
+recorded. A result is recorded at most once (stale or repeated results are acknowledged, counted and
 dropped), and only then is its slot refilled (`refill`: how trials are asked and sent). Lost
 attempts are failed and retried (`retries`).
 
-Nothing told to a study storage is acknowledged before it is durable: `persist` (the daemon's
+Nothing recorded in a study storage is acknowledged before it is durable: `persist` (the daemon's
 `Storages.flush`; nothing for storages that write through) runs before the trials are sent and
 the results acknowledged, and before remote-trial calls are answered.
 
@@ -85,10 +85,10 @@ class Dispatcher:
     ) -> None:
         self.connection = connection
         self.publication = publication or TrialPublication(None, Signer())
-        """Publishes each trial as it is sent and told, for `optuna-rq trials` (by default,
+        """Publishes each trial as it is sent and as it ends, for `optuna-rq trials` (by default,
         nowhere)."""
         self.persist = persist or _nothing_to_persist
-        """Makes every change told to the storages durable; run before anything that
+        """Makes every change recorded in the storages durable; run before anything that
         acknowledges one goes to Redis."""
         self.signer = signer or Signer()
         self.observer = observer or DispatchObserver()
@@ -168,7 +168,7 @@ class Dispatcher:
 
     @property
     def dropped_results(self) -> int:
-        """Results stale or repeated: acknowledged, counted, never told."""
+        """Results stale or repeated: acknowledged, counted, never recorded."""
         return self.results.dropped
 
     @property
@@ -210,7 +210,7 @@ class Dispatcher:
 
     def poll(self, block_s: float | None = 1.0) -> int:
         """Read the results that arrived (waiting up to `block_s`; None: not at all), tell
-        them, and fail the attempts whose workers are lost; return how many trials were told."""
+        them, and fail the attempts whose workers are lost; return how many trials were recorded."""
         handled, _entries = self._read(block_s)
         return handled + self.retries.check(self.runs, self._drain)
 
@@ -220,7 +220,7 @@ class Dispatcher:
             pass
 
     def _read(self, block_s: float | None) -> tuple[int, int]:
-        """One read of the result stream: (trials told, entries read)."""
+        """One read of the result stream: (trials recorded, entries read)."""
         entries = self.results.read(block_s)
         handled = 0
         for entry_id, fields in entries:
@@ -236,11 +236,11 @@ class Dispatcher:
                 raise
             self.calls.send_replies()
         if entries:
-            # Acknowledged only after telling: a broker that dies in between reads them again,
-            # and telling is idempotent. Where the told trials' slots are refilled, with those
+            # Acknowledged only after recording: a broker that dies in between reads them again,
+            # and recording is idempotent. Where the recorded trials' slots are refilled, with those
             # sends.
             self.results.handled([entry_id for entry_id, _fields in entries])
-            if not self.behind:  # else they go with the sends that fill the told trials' slots
+            if not self.behind:  # else they go with the sends that fill the recorded trials' slots
                 self.flush()
         return handled, len(entries)
 
@@ -302,7 +302,7 @@ class Dispatcher:
         poll_s: float = 0.5,
         give_up_after_s: float = 600.0,
     ) -> None:
-        """Refill and poll until every study has told its budget, or `stop` is set. A Redis
+        """Refill and poll until every study has recorded its budget, or `stop` is set. A Redis
         outage is ridden out (trials keep running on the workers, their results wait); one
         longer than `give_up_after_s` raises RedisUnavailableError."""
         stop = stop or threading.Event()
@@ -342,7 +342,7 @@ class Dispatcher:
         raise first.cause
 
     def flush(self) -> None:
-        """Acknowledge the results told and not yet acknowledged, and publish the trials noted
+        """Acknowledge the results recorded and not yet acknowledged, and publish the trials noted
         and not yet published, in one write once what they stand on is durable."""
         if not self.publication.pending:
             self.results.flush()

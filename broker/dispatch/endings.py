@@ -61,7 +61,7 @@ class RunEndings:
         self.forget_attempt = forget_attempt  # its lease is no longer watched (`retries`)
 
     def wind_down(self, run: StudyRun, why: str) -> None:
-        """No new trials for `run`: the trials running on workers finish and are told, as
+        """No new trials for `run`: the trials running on workers finish and are recorded, as
         `study.optimize` lets them after `study.stop()`; those asked ahead, never sent, end
         FAIL (`cancelled`, with `why`)."""
         self.off_loop.forget(run)
@@ -99,7 +99,7 @@ class RunEndings:
 
     def fail_orphans(self, run: StudyRun, verdict: Verdict) -> None:
         """End FAIL every trial of `run`'s study still RUNNING in its storage that nobody holds
-        (`verdict.fail_orphans`), counted as every trial that ends."""
+        (`study.verdict.fail_orphans`), counted as every trial that ends."""
         ended = fail_orphans(run.study, verdict)
         if ended:
             self.observer.ended(run.name, TrialState.FAIL.name, verdict.fail_reason, count=ended)
@@ -108,10 +108,10 @@ class RunEndings:
         """Stop dispatching `run` without a word to its storage (which failed): its queued jobs
         are withdrawn, and results that still arrive from its running trials are dropped as
         stale. Results read and not yet acknowledged are read again, so that the other
-        studies' are told even if the failure cut a batch short."""
+        studies' are recorded even if the failure cut a batch short."""
         self.runs.pop(run.name, None)
         self.off_loop.drop(run)
-        self.publication.forget(run.name)  # told, maybe not durable: not to be published
+        self.publication.forget(run.name)  # recorded, maybe not durable: not to be published
         try:
             self.sender.withdraw(run, list(run.in_phase(Phase.UNSENT, Phase.SENT)))
         except Exception as exc:

@@ -13,7 +13,7 @@ its result is in the stream. An attempt is lost when:
 
 A job still in the queue has no lease yet and is not lost, however long it waits. The caller
 reads the result stream after `check` and before failing anything it returned: a result that
-arrived just before its lease went is then told, not lost.
+arrived just before its lease went is then recorded, not lost.
 """
 
 from __future__ import annotations

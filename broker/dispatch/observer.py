@@ -47,7 +47,7 @@ class DispatchObserver:
         long the tell took, if it was one tell."""
 
     def delivered(self, *, start_delay_s: float | None, result_age_s: float | None) -> None:
-        """A worker's result was told: from its enqueue to its objective starting, and from
+        """A worker's result was recorded: from its enqueue to its objective starting, and from
         the result's arrival to its tell (None: not known)."""
 
     def dropped(self) -> None:
@@ -59,7 +59,7 @@ class DispatchObserver:
 
 @dataclass
 class _Kind:
-    logged_at: float  # monotonic: when the log last said something of this kind
+    logged_at: float  # monotonic: when the log last reported something of this kind
     held: int = 0  # refusals since then, not logged yet
     since: float = 0.0  # wall clock: the first of them
     last_why: str = ""

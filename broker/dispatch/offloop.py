@@ -156,7 +156,7 @@ class OffLoopSampling:
         return bool(self._outbox)
 
     def send(self) -> None:
-        """Hand the requests over: after what they stand on (the trials told) is durable."""
+        """Hand the requests over: after what they stand on (the trials recorded) is durable."""
         outbox, self._outbox = self._outbox, []
         for request in outbox:
             if self.process is None or not self.process.send(request):

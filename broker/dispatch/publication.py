@@ -2,8 +2,8 @@
 machine (`protocol.trial_summary`), never from the study's storage.
 
 A trial is published when it is sent to a worker (RUNNING, with its sampled parameters) and when
-it is told (its values, intermediate values, user attributes, times, fail reason). Each is
-noted as it happens (`note`: read back from the storage, as told) and waits here until the next
+it ends (its values, intermediate values, user attributes, times, fail reason). Each is
+noted as it happens (`note`: read back from the storage, as recorded) and waits here until the next
 write that acknowledges it: the pipeline that sends the turn's trials and acknowledges its
 results, or the one that writes a study's status. So a published trial costs no round trip of
 its own, at most one HSET a study per write (`into`), and nothing is published that the storage

@@ -222,7 +222,7 @@ class Refill:
                 self.publication.note(run.study, record.trial)  # published with the next write
 
     def _seal(self, run: StudyRun, record: InFlight) -> bytes | None:
-        """The trial's sealed request; None if Optuna rejects the space: the trial is then told
+        """The trial's sealed request; None if Optuna rejects the space: the trial is then recorded
         FAIL, never left RUNNING."""
         try:
             return self.sender.seal(run, record)

@@ -1,10 +1,10 @@
 """The result stream: what workers append (results, and remote trials' calls), read through one
-consumer group, and acknowledged only once told.
+consumer group, and acknowledged only once recorded.
 
-A result is acknowledged (XACK and XDEL) after it is told and the tell is durable (`before_ack`),
-in the same round trip as the sends that refill its slot (`ack_into`), or on its own (`flush`)
-when nothing will be sent. A broker that dies in between reads it again, and telling is
-idempotent. A consumer first reads its own
+A result is acknowledged (XACK and XDEL) after it is recorded and the record is durable
+(`before_ack`), in the same round trip as the sends that refill its slot (`ack_into`), or on its
+own (`flush`) when nothing will be sent. A broker that dies in between reads it again, and
+recording is idempotent. A consumer first reads its own
 pending (delivered, unacknowledged) entries, then new ones.
 
 The broker's loop also waits on its wake stream (`Keys.wake`), in the same XREADGROUP: an entry
@@ -64,14 +64,14 @@ class ResultStream:
     ) -> None:
         self.connection = connection
         self.wake = wake
-        self.before_ack = before_ack  # makes the tells durable that the acks stand on
+        self.before_ack = before_ack  # makes durable the records that the acks stand on
         self.prefix = prefix
         self.reply_to = reply_to
         self.consumer = consumer
         self.signer = signer
         self.observer = observer
         self.refused = 0  # results not valid (or not validly signed)
-        self.dropped = 0  # results stale or repeated: acknowledged, counted, never told
+        self.dropped = 0  # results stale or repeated: acknowledged, counted, never recorded
         self._group_ready = False
         self._read_pending = True  # first read this consumer's unacknowledged results
         self._acks: list[bytes] = []  # entries handled, acknowledged with the next sends
@@ -102,7 +102,7 @@ class ResultStream:
         self.ensure_group()
         response: Any = None
         if self._read_pending:
-            self.flush()  # told before an outage: not to be read (and dropped as stale) again
+            self.flush()  # recorded before an outage: not to be read (and dropped as stale) again
             # Results delivered to a broker that died before acknowledging them: tell them now.
             response = self.connection.xreadgroup(
                 GROUP, self.consumer, self._streams("0"), count=_READ_COUNT
@@ -136,7 +136,7 @@ class ResultStream:
             pipe.execute()
 
     def handled(self, entry_ids: list[bytes]) -> None:
-        """These entries were told (or dropped): acknowledge them with the next sends."""
+        """These entries were recorded (or dropped): acknowledge them with the next sends."""
         self._acks += entry_ids
 
     def ack_into(self, pipe: Any) -> None:
@@ -179,7 +179,7 @@ class ResultStream:
 
     def drop(self, result: TrialResult) -> None:
         """`result` is stale (its attempt ended, or another broker owns it) or repeated: it is
-        acknowledged with the rest, counted, and never told."""
+        acknowledged with the rest, counted, and never recorded."""
         log.warning(
             "dropped a stale result: study %r trial %d attempt %d",
             *(result.study, result.trial_number, result.attempt),

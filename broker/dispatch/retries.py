@@ -1,10 +1,10 @@
 """Lost attempts and their retries.
 
 An attempt whose worker is lost (its lease lapsed: see `leases`, or its worker's supervisor
-reported it `worker_lost`) is told FAIL and, under the study's retry policy, its params run again
-as a new trial that records which one it retries (`retry_of`) and which attempt it is. Retries do
-not eat the budget until they run out: `n_trials` counts trials that are not retries, so the
-budget is exact across broker restarts too.
+reported it `worker_lost`) is recorded as FAIL and, under the study's retry policy, its params
+run again as a new trial that records which one it retries (`retry_of`) and which attempt it is.
+Retries do not eat the budget until they run out: `n_trials` counts trials that are not retries,
+so the budget is exact across broker restarts too.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ log = logging.getLogger("optuna_rq.dispatch")
 
 def plan_retry(run: StudyRun, record: InFlight, why: str) -> tuple[Verdict, optuna.Trial | None]:
     """How the lost attempt `record` ends, and the retry that runs its params again (None: the
-    retries ran out). The retry exists before the lost trial is told: a broker that stops in
+    retries ran out). The retry exists before the lost trial is recorded: a broker that stops in
     between finds both, and `StudyRun.reattach` completes the step."""
     number, attempt = record.number, record.attempt
     if attempt > run.spec.max_retries:
@@ -57,7 +57,7 @@ class Retries:
     """Finds the sent attempts that lost their worker (by their leases, every `check_s` at
     most, or by a `worker_lost` report), fails them, and starts their retries.
 
-    `finish` tells a trial its verdict and takes it out of its run; `send` enqueues an unsent
+    `finish` records a trial's verdict and takes it out of its run; `send` enqueues an unsent
     trial on its own; both belong to the dispatcher, whose loop this runs in.
     """
 
@@ -88,7 +88,7 @@ class Retries:
     def check(self, runs: Mapping[str, StudyRun], drain: Callable[[], object]) -> int:
         """If a check is due: fail (and retry) the attempts whose leases say their worker is
         lost; how many. `drain` reads the result stream first: an attempt whose result came in
-        just before its lease went is told, not lost."""
+        just before its lease went is recorded, not lost."""
         now = time.monotonic()
         if now < self._next_check:
             return 0
@@ -128,7 +128,7 @@ class Retries:
             self._send(run, run.track(retry, attempt=record.attempt + 1, phase=Phase.UNSENT))
 
     def forget(self, run: StudyRun, record: InFlight) -> None:
-        """`record` was told: its lease is no longer watched."""
+        """The trial of `record` was recorded: its lease is no longer watched."""
         self.watch.forget(Keys.job_id(run.attempt_id(record, self.reply_to)))
 
     def reset(self) -> None:

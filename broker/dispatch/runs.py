@@ -2,7 +2,7 @@
 
 A trial in flight is in one phase: asked ahead (sampled and RUNNING in the storage, holding no
 slot), unsent (holding a slot, its job not known to be enqueued: just asked, or found after a
-restart or an outage), or sent (its job enqueued). It leaves the run when it is told.
+restart or an outage), or sent (its job enqueued). It leaves the run when it is recorded.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Phase(enum.Enum):
 
 @dataclass(slots=True, kw_only=True)
 class InFlight:
-    """One trial of a run, asked and not yet told."""
+    """One trial of a run, asked and not yet recorded."""
 
     number: int
     attempt: int  # 1, or which retry of lost attempts at the same params
@@ -164,7 +164,7 @@ class StudyRun:
 
     @property
     def n_outstanding(self) -> int:
-        """Trials holding a slot: sent to workers (or about to be) and not yet told."""
+        """Trials holding a slot: sent to workers (or about to be) and not yet recorded."""
         return self._counts[Phase.UNSENT] + self._counts[Phase.SENT]
 
     def count(self, phase: Phase) -> int:
@@ -280,7 +280,7 @@ class StudyRun:
             record.enqueued_at = at
 
     def finish(self, number: int) -> InFlight | None:
-        """Trial `number` was told: it leaves the run."""
+        """Trial `number` was recorded: it leaves the run."""
         record = self._in_flight.pop(number, None)
         if record is not None:
             self._counts[record.phase] -= 1
@@ -288,7 +288,7 @@ class StudyRun:
         return record
 
     def note(self, verdict: Verdict) -> None:
-        """Count a told verdict: as many in a row as `DEFINITION_ERRORS` gives its reason that
+        """Count a recorded verdict: as many in a row as `DEFINITION_ERRORS` gives its reason that
         say the study's definition cannot run (the objective does not import, no worker may
         serve it, it does not take the space's inputs) set `cannot_run`; any other resets the
         count."""

@@ -1,10 +1,10 @@
 """What a study's status says of its trials: counts by outcome and failures by reason, the
 budget's count, the last error, the best trial or Pareto front (the `StudyStatus` fields read
-from the study). One reading for every publisher: the broker's (`daemon.status`) and a remote
-Optimizer's (`optuna_rq.optimizer_run.run_status`).
+from the study). One reading for every publisher: the broker's (`daemon.status_publisher`) and a
+remote Optimizer's (`optuna_rq.optimizer_run.run_status`).
 
-Reading them walks the study's whole history (36 ms at 10,000 trials): publishers bound how
-often they do it.
+Reading them walks every trial of the study, which grows costly as the study grows:
+publishers bound how often they do it.
 """
 
 from __future__ import annotations
