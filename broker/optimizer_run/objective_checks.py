@@ -121,7 +121,7 @@ def remote_objective_path(objective: object, n_objectives: int) -> str:
 
 def check_inputs_here(objective: str, inputs: Iterable[str]) -> str | None:
     """Check, before a study is sent, that the objective `module:function` takes the space's
-    top-level `inputs` (`protocol.inputs_mismatch`), if it imports here: from the current
+    top-level `inputs` (`protocol.objectives.inputs_mismatch`), if it imports here: from the current
     directory, as workers import it. ConfigError naming the missing and unexpected names, or a
     function the module lacks: a definition error, found before any budget is spent.
 

@@ -49,7 +49,7 @@ UNSERVED_WARNING_S = 3.0
 @dataclass(frozen=True)
 class RemoteRun:
     """What a remote run takes from its `Optimizer`: the study, where its trials go, and the
-    Optimizer's own step after each trial is told (its callbacks, its stop conditions)."""
+    Optimizer's own step after each trial is recorded (its callbacks, its stop conditions)."""
 
     study: optuna.Study
     objective_path: str
@@ -92,7 +92,7 @@ async def run_on_workers(remote: RemoteRun, inputs: dict[str, Any]) -> None:
     published = DrivenStatus(connection, keys, signer, run=run)
     published.claim()  # before anything is sent: the name may be the broker's
     # Its trials are published as the broker publishes its studies' (`optuna-rq trials`), under
-    # the study's name: those it has from earlier runs now, then each as it is sent and told.
+    # the study's name: those it has from earlier runs now, then each as it is sent and as it ends.
     trials = TrialPublication(keys, signer, driven=True)
     trials.reconcile(connection, study)
     dispatcher = Dispatcher(

@@ -43,7 +43,7 @@ __all__ = ["PUBLISH_INTERVAL_S", "DrivenStatus"]
 log = logging.getLogger("optuna_rq.optimizer")
 
 PUBLISH_INTERVAL_S = 0.25
-"""How often, at most, a change (a trial told, sent) is published: the broker's default."""
+"""How often, at most, a change (a trial sent or recorded) is published: the broker's default."""
 
 MAX_SHARE = 0.05
 """At most this share of the run's time goes to reading the study for its status (it walks the
@@ -57,11 +57,11 @@ def driver_identity() -> str:
 
 class DrivenStatus:
     """Publishes the status of `run`'s study while a remote Optimizer runs it: `claim` once
-    before the run, `mark` after each trial told, `turn` once per turn of the dispatcher's loop,
+    before the run, `mark` after each trial recorded, `turn` once per turn of the dispatcher's loop,
     `end` when the run ends. `on_status` (the progress bar) sees every status it makes.
 
     Publishing never stops the run: a status Redis refuses (a Redis user without the right to
-    write `Keys.driven`) is said once and no more is published; a lost connection is the
+    write `Keys.driven`) is logged once and no more is published; a lost connection is the
     dispatcher's to ride out."""
 
     def __init__(
@@ -128,7 +128,7 @@ class DrivenStatus:
         self.turn(force=True)
 
     def mark(self) -> None:
-        """A trial was told: the next due turn reads the study again."""
+        """A trial was recorded: the next due turn reads the study again."""
         self._dirty = True
 
     def turn(self, *, force: bool = False) -> None:

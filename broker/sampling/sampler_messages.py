@@ -43,7 +43,7 @@ class Sampled:
 @dataclass(frozen=True, slots=True)
 class SampleFailed:
     """One trial of request `request_id` could not be sampled there: the broker asks it itself
-    (and meets the same error, if it is the space's, which it tells as the trial's)."""
+    (and meets the same error, if it is the space's, which it reports as the trial's)."""
 
     request_id: int
     error: str
