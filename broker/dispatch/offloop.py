@@ -6,9 +6,10 @@ A study moves off the loop when sampling one trial there (ask and `process()`) t
 GP, CMA-ES), its space is sampled at the ask (suggestions in its inputs: a define-by-run
 objective samples in its own calls), it keeps nothing asked ahead, and its storage is a journal
 file the sampler process can read. The process is started once a study samples `START_AT` of
-that slowly, so that it is ready when needed (it takes about a second); until it is, the loop
-samples. A study that moved stays moved (its sampler, random state and all, went with it),
-unless the process dies or cannot sample it: then the loop samples it again.
+that slowly, so that it is ready when needed (starting it is slow: a Python process that
+imports Optuna); until it is, the loop samples. A study that moved stays moved (its sampler,
+random state and all, went with it), unless the process dies or cannot sample it: then the loop
+samples it again.
 
 A study has one request out at a time: the next is sent after the loop created and flushed the
 trials of the last, so that the sampler sees them (and only then drops its scratch copies). Each
@@ -36,9 +37,9 @@ __all__ = ["OffLoopSampling"]
 log = logging.getLogger("optuna_rq.dispatch")
 
 START_AT = 0.75
-"""Of `above_s`, where the process starts. Not much lower: RandomSampler costs the loop about
-0.8 ms a trial (Optuna's suggest path on the journal), and a process started for a study that
-never moves costs a second of CPU and doubles the broker's memory."""
+"""Of `above_s`, where the process starts. Not much lower: even RandomSampler costs the loop a
+sizeable fraction of `above_s` a trial (Optuna's suggest path on the journal), and a process
+started for a study that never moves costs CPU to start and doubles the broker's memory."""
 
 
 @dataclass(slots=True)

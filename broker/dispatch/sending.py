@@ -131,7 +131,7 @@ class TrialSender:
         job_ids = [self.job_id(run, record) for record in records]
         pipe = self.connection.pipeline(transaction=False)
         for record, job_id in zip(records, job_ids, strict=True):
-            # Its value says nothing but who set it: `1` without signing, as it always was.
+            # Its value says nothing but who set it: `1` without signing.
             mark = self.signer.seal(Record.CANCEL, b"1", bound_to=job_id)
             pipe.set(Keys.cancel(run.attempt_id(record, self.reply_to)), mark, ex=CANCEL_TTL_S)
             # Taken off the queue atomically: a worker dequeues a job or we take it back, never

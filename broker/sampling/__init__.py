@@ -22,6 +22,6 @@ OFF_LOOP_AT_S = 0.002
 
 SAMPLES_TO_DECIDE = 9
 """The loop's last trials sampled of a study whose median CPU time decides: a median, since the
-first ask pays for what is done once (a sampler's set-up, first reads: tens of milliseconds
+first ask pays for what is done once (a sampler's set-up, first reads: many times a later ask,
 even for RandomSampler) and a garbage collection can land in any ask; neither makes a sampler
 slow, and a mean would move a fast one off the loop for them."""
