@@ -8,7 +8,7 @@ applied (`ledger`, in its state directory), so that a command replayed through R
 
 The keys it uses are `optuna_rq.protocol.keys.Keys`. Its parts: `lock` (one broker per prefix,
 and the epoch guard), `inbox` (commands, each applied once: `ledger`), `fair_share` (workers
-among studies), `status` (what the broker publishes), composed by `daemon.Daemon`.
+among studies), `status_publisher` (what the broker publishes), composed by `daemon.Daemon`.
 
 Its names are imported when first asked for (PEP 562): the command line reads the light modules
 beside them (`broker_health`) for its defaults and help, without the daemon's imports.

@@ -1,4 +1,5 @@
-"""Prometheus metrics for the broker (`optuna-rq broker --metrics-port P`, served by `health`).
+"""Prometheus metrics for the broker (`optuna-rq broker --metrics-port P`, served by
+`broker_health`).
 
 `optuna_rq_desired_workers{queue}` is the autoscaling signal, one per resource class (`--queue`):
 the workers that would keep every active study of that class at its cap (the sum over its studies

@@ -1,10 +1,11 @@
 """The Daemon: one broker process, serving every study submitted on its prefix.
 
-It is the loop and nothing more: each turn it checks Redis kept its data, keeps the lock, applies
-the commands (`inbox` -> `commands`; bulk ones a slice a turn, `backlog`), shares the workers
-(`fair_share`), drives the dispatcher (refill, poll), checks the stop conditions (`stopping`),
-ends the studies that ended (`registry`) and publishes their status (`status`). The studies
-themselves (specs, states, storages, start and end) are the registry's.
+It is the loop and nothing more: each turn it checks Redis kept its data, keeps the lock,
+applies the commands (`inbox` -> `command_handlers`; bulk ones a slice a turn, `backlog`), shares
+the workers (`fair_share`), drives the dispatcher (refill, poll), checks the stop conditions
+(`stopping`), ends the studies that ended (`registry`) and publishes their status
+(`status_publisher`). The studies themselves (specs, states, storages, start and end) are the
+registry's.
 
 What it does for one study runs under that study's fault guard (`dispatch.boundary`): a study's
 fault ends that study FAILED at the end of the turn, and the loop goes on. What reaches the loop

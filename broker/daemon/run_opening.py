@@ -38,7 +38,7 @@ def open_run(
             f"study {spec.name!r} exists with directions "
             f"{[d.name.lower() for d in study.directions]}, not {spec.direction_names}"
         )
-    record_definition(study, spec)  # its trials are this definition's (`definitions`)
+    record_definition(study, spec)  # its trials are this definition's (`stored_definitions`)
     journal = journal_path(url)
     run = StudyRun(
         study=study,

@@ -9,7 +9,7 @@ acquisition script writes only when the lock is free), opens no study storage an
 command. It logs one line when it starts standing by (and one when the active broker changes), not
 one per poll, and one for each study it could not resume were it to take over (another broker's
 default storage: `continuity`); its /healthz passes and its /readyz fails with "standing by"
-(`health`).
+(`broker_health`).
 
 Once it holds the lock it is a broker like a restarted one: it re-attaches every stored study
 (`Registry.reattach`). The broker it took over from, if it was frozen and wakes, finds each of its

@@ -52,7 +52,7 @@ Pending = dict[str, dict[int, bytes]]
 
 
 def summary_of(frozen: FrozenTrial, *, multi: bool) -> TrialSummary:
-    """What `trials` shows of `frozen` (`multi`: a multi-objective study's trial, whose
+    """What `optuna-rq trials` shows of `frozen` (`multi`: a multi-objective study's trial, whose
     intermediate values are the lists `report(values, step)` kept in a user attribute). The
     attributes optuna-rq sets (why it failed, which attempt) are fields of their own; the user
     attributes are the rest. Not bounded: see `TrialSummary.bounded`."""

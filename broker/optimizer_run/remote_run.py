@@ -1,5 +1,5 @@
 """A remote `Optimizer` run: its trials dispatched to workers from a thread of the caller's
-process, its study's status published on the prefix (`driven`), its progress on the caller's
+process, its study's status published on the prefix (`run_status`), its progress on the caller's
 terminal, and a word when no worker serves its queue.
 
 Imported when a remote run starts: `import optuna_rq` stays light.
