@@ -1,6 +1,6 @@
 """A remote `Optimizer` run: its trials dispatched to workers from a thread of the caller's
 process, its study's status published on the prefix (`run_status`), its progress on the caller's
-terminal, and a word when no worker serves its queue.
+terminal, and a warning when no worker serves its queue.
 
 Imported when a remote run starts: `import optuna_rq` stays light.
 """
