@@ -170,7 +170,7 @@ def judge_return(result: object, n_objectives: int) -> tuple[list[float] | None,
     if not errors:
         return values, None
     why = f"objective returned {_shown(result)} ({type(result).__name__}): {'; '.join(errors)}"
-    if len(values) == len(floats) == n_objectives:  # NaN alone: told, Optuna records the FAIL
+    if len(values) == len(floats) == n_objectives:  # NaN alone: reported, Optuna records the FAIL
         return values, why
     expected = "a float" if n_objectives == 1 else f"a tuple of {n_objectives} floats"
     return None, f"{why}; expected {expected}, one per direction of the study"
