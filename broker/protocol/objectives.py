@@ -81,7 +81,7 @@ def inputs_mismatch(objective: Any, inputs: Iterable[str]) -> str | None:
     `trial=...` if it has a `trial` parameter), with `inputs` the space's top-level names: the
     names it requires that the space lacks, and those the space gives that it does not take
     (none with `**kwargs`). None if the call binds, or if its signature cannot be read (a
-    builtin): then the call itself says.
+    builtin): then the call itself raises, naming the mismatch.
 
     A definition error: the same for every trial, so it fails the study at once.
     """
