@@ -1,11 +1,11 @@
-"""optuna-dashboard's web app on a study storage, served read-only unless told otherwise.
+"""optuna-dashboard's web app on a study storage, served read-only unless asked otherwise.
 
 optuna-dashboard has no read-only switch. Its app (a Bottle WSGI app) reads through GET routes
 and writes through POST, PUT and DELETE ones: a study created, renamed or deleted, a trial
-told, notes, user attributes, artifacts, preferences. `read_only` answers every request that is
-not a GET or a HEAD with 403 before the app sees it, so nothing a browser sends changes a
+ended by hand, notes, user attributes, artifacts, preferences. `read_only` answers every request
+that is not a GET or a HEAD with 403 before the app sees it, so nothing a browser sends changes a
 storage the broker writes. The storage itself is opened by the caller, as a reader that creates
-nothing (`studies.open_storage_to_read`).
+nothing (`storage.storage_access.open_storage_to_read`).
 
 optuna-dashboard is an extra (`optuna-rq[dashboard]`): it is imported here only, and
 `require_dashboard` says how to install it where it is missing.

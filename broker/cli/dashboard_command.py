@@ -2,12 +2,12 @@
 
 Which storage: `--storage URL` if given; else the ones the broker publishes. Every study's
 status names its storage: the broker's default (its `--storage`, or the journal in its state
-directory, `studies.default_storage_url`) for a study submitted without one, else the study's
-own. The dashboard opens the broker's default, or, where no study tells it yet, the default
-journal of this machine's state directory; the studies of any other storage are listed with the
-command that opens theirs. A storage is opened as a reader that creates nothing
-(`studies.open_storage_to_read`), and never one that unpickles what it loads (Optuna's
-JournalRedis) on the word of a status: anyone who can write to Redis writes statuses.
+directory, `storage.storage_access.default_storage_url`) for a study submitted without one, else
+the study's own. The dashboard opens the broker's default, or, where no study names it yet, the
+default journal of this machine's state directory; the studies of any other storage are listed
+with the command that opens theirs. A storage is opened as a reader that creates nothing
+(`storage.storage_access.open_storage_to_read`), and never one that unpickles what it loads
+(Optuna's JournalRedis) on the word of a status: anyone who can write to Redis writes statuses.
 
 Like the other front doors that only read, it never starts a redis-server: with no Redis to
 reach (no --redis-url and no embedded server running), it shows the default journal alone.

@@ -131,7 +131,8 @@ def _stored_trials(name: str, url: str) -> list[Any]:
 
 def _say_unpublished(status: StudyStatus, entries: list[Any]) -> None:
     """On stderr, if an ended study's status counts more ended trials than the broker published
-    (it ended before brokers published trials: the broker publishes them after its next start)."""
+    (it ended under an older broker, which published no trials: the broker publishes them after
+    its next start)."""
     from optuna_rq.protocol import TrialSummary
 
     counted = status.complete + status.pruned + status.failed

@@ -1,12 +1,13 @@
 """The protocol between the broker and the workers, and between the front doors and the broker.
 
-Both sides import it; it imports neither (`.ci/run` checks the contract with import-linter). It
-owns every message and its schema (`messages`, `commands`, `status`, `spec`, `trial_summary`),
-every Redis name and queue name (`keys`), who is alive (`heartbeat`), the RQ queue and its
-serializer (`queue`), signing and the role keys (`signing`, `keyring`), the objective contract
-(`objectives`), the counters of refused and dropped messages (`counters`), the errors that name
-a field (`field_error`), and the fixed choices (`choices`: samplers, pruners, directions,
-trial-call methods).
+Both sides import it; it imports neither (`.ci/check-package` checks the contract with
+import-linter). It owns every message and its schema (`messages`, `commands`, `status`, `spec`,
+`trial_summary`, `receipts`; the wire format in `codec` and `schema`), every Redis name and
+queue name (`keys`), who is alive (`heartbeat` for worker pools, `liveness` for the broker and a
+remote Optimizer), the RQ queue and its serializer (`queue`), signing and the role keys
+(`signing`, `keyring`), the objective contract (`objectives`), the counters of refused and
+dropped messages (`counters`), the errors that name a field (`field_error`), and the fixed
+choices (`choices`: samplers, pruners, directions, trial-call methods).
 """
 
 from optuna_rq.errors import ProtocolError

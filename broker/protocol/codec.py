@@ -47,7 +47,7 @@ signed it and the name it is stored under (`signing.Record`; Ed25519 with a key 
 HMAC with one shared secret); the broker seals the specs it keeps, the status it publishes and
 its cancel marks. Every command carries an `id` and `sent_at` (applied once); a `TrialRequest`
 carries its attempt's `token`, and the `TrialResult` and `TrialCall` answering it give it back.
-A command wakes the broker on `<prefix>:wake`, no longer on the result stream, and a front door
+A command wakes the broker on `<prefix>:wake`, not on the result stream, and a front door
 writes no status (a study not taken yet shows `queued` from its submission).
 6: what the front doors read comes through Redis from the broker. The broker publishes each
 trial's `TrialSummary` (`Record.TRIAL`, `<prefix>:trials:<study>`) and a `BulkReceipt` for each

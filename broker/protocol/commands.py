@@ -162,8 +162,8 @@ class Enqueue(_Sent):
 
 
 ENQUEUE_CHUNK = MAX_CONTAINER_LEN // 5
-"""Parameter sets per `Enqueue` command at most: the broker decodes 2,000 in ~6 ms, so taking one
-is a small part of a turn."""
+"""Parameter sets per `Enqueue` command at most: few enough that decoding one takes a small part
+of the broker's turn, so results and leases are not kept waiting."""
 
 
 def enqueue_commands(

@@ -26,7 +26,7 @@ __all__ = ["PoolHeartbeat", "live_pools", "workers_on"]
 
 @dataclass(frozen=True, kw_only=True)
 class PoolHeartbeat(Message):
-    """One pool, as it last said: the RQ queues its workers listen to (in priority order), how
+    """One pool, as it last reported: the RQ queues its workers listen to (in priority order), how
     many workers it runs now, how many run a trial."""
 
     pool: str = wire(Text())

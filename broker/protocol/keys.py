@@ -11,7 +11,8 @@ One broker serves one prefix; several brokers can share a Redis with different p
     broker:turn         hash: the broker of the loop's last turn, and when (Redis's clock)
     epoch               a random token set once: if it vanishes, Redis lost its data, and the
                         broker stops rather than write into an empty Redis as if nothing happened
-    commands            a list of signed commands from the front doors: submit, cancel, set
+    commands            a list of signed commands from the front doors: submit, cancel, set,
+                        enqueue, delete
     studies             hash: study name -> its StudySpec (with its incarnation, below)
     status              hash: study name -> its StudyStatus (JSON, for `status` and `wait`;
                         with signing on, sealed by the broker and bound to the study's name)

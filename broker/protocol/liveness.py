@@ -57,7 +57,7 @@ whose new broker takes the lock within it). `wait` and `submit --wait` give up a
 BROKER_START_GRACE_S = 30.0
 """How long `wait` and `submit --wait`, before they have seen a broker serve the prefix, wait for
 one to start before they give up (a broker launched with the submission takes its lock within
-it; a cold start took over 5 s on a loaded 2-core machine)."""
+it; a cold start on a loaded machine takes several seconds)."""
 
 
 class TurnBeacon:

@@ -125,8 +125,8 @@ class TrialResult(Message):
     """Worker -> broker: how one attempt of a trial ended.
 
     COMPLETE carries `values` (one per objective; NaN is allowed on the wire, the broker
-    decides); FAIL carries a `fail_reason`; `values` is nil unless COMPLETE. The broker tells
-    it only to the attempt it names, of the incarnation it names, and only with that attempt's
+    decides); FAIL carries a `fail_reason`; `values` is nil unless COMPLETE. The broker records
+    it only for the attempt it names, of the incarnation it names, and only with that attempt's
     `token`.
     """
 
@@ -157,8 +157,8 @@ class TrialResult(Message):
 class TrialCall(Message):
     """Worker -> broker: one call a remote trial makes on the broker's real `optuna.Trial`.
 
-    Calls travel on the result stream, so a `report` is told before the result that follows it;
-    when `reply` is true the broker answers with a `TrialCallReply` on the attempt's
+    Calls travel on the result stream, so a `report` reaches the trial before the result that
+    follows it; when `reply` is true the broker answers with a `TrialCallReply` on the attempt's
     `Keys.reply_list`. `seq` numbers the attempt's calls from 1.
     """
 

@@ -81,7 +81,7 @@ def inputs_mismatch(objective: Any, inputs: Iterable[str]) -> str | None:
     `trial=...` if it has a `trial` parameter), with `inputs` the space's top-level names: the
     names it requires that the space lacks, and those the space gives that it does not take
     (none with `**kwargs`). None if the call binds, or if its signature cannot be read (a
-    builtin): then the call itself says.
+    builtin): then the call itself raises, naming the mismatch.
 
     A definition error: the same for every trial, so it fails the study at once.
     """
@@ -170,7 +170,7 @@ def judge_return(result: object, n_objectives: int) -> tuple[list[float] | None,
     if not errors:
         return values, None
     why = f"objective returned {_shown(result)} ({type(result).__name__}): {'; '.join(errors)}"
-    if len(values) == len(floats) == n_objectives:  # NaN alone: told, Optuna records the FAIL
+    if len(values) == len(floats) == n_objectives:  # NaN alone: reported, Optuna records the FAIL
         return values, why
     expected = "a float" if n_objectives == 1 else f"a tuple of {n_objectives} floats"
     return None, f"{why}; expected {expected}, one per direction of the study"

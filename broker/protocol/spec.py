@@ -256,7 +256,7 @@ class StudySpec(Message):
 
     @property
     def uses_constant_liar(self) -> bool:
-        """Whether its TPE sampler runs with the constant liar: as told, else above cap 1."""
+        """Whether its TPE sampler runs with the constant liar: as set, else above cap 1."""
         return self.concurrency > 1 if self.constant_liar is None else self.constant_liar
 
     @property

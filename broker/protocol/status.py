@@ -96,7 +96,7 @@ class StudyStatus(Message):
     best_params: dict[str, Any] | list[dict[str, Any]] | None = wire(Kind(), default=None)
     fail_reasons: dict[str, int] = wire(Map(), default_factory=dict)
     # The budget's count: trials whose last attempt ended (a lost trial and the retries of it
-    # are one unit). None in a snapshot from before it was published: `done` falls back.
+    # are one unit). None in a snapshot from a broker that does not publish it: `done` falls back.
     ended: int | None = wire(Int(minimum=0, optional=True), default=None)
     retries: int = wire(_COUNT, default=0)
     # The submission this snapshot reflects (its StudySpec's `submitted_at`): `submit --wait`
@@ -112,7 +112,7 @@ class StudyStatus(Message):
     # and kept once it is `finished`.
     stopped: str | None = wire(Text(optional=True, nonempty=False), default=None)
     # The last line of the latest failed trial's error ("ValueError: ..."): what a study whose
-    # trials fail says first, without a look at its trials.
+    # trials fail shows first, without a look at its trials.
     last_error: str | None = wire(Text(optional=True, nonempty=False), default=None)
     queue: str = wire(Text(), default="default")  # its resource class
     # No live worker listens to the study's queue: its trials wait for one (nothing fails).
@@ -211,9 +211,9 @@ class StudyStatus(Message):
             raise ProtocolError(f"StudyStatus must be a JSON object, got {type(data).__name__}")
         data.setdefault("best_value", None)
         data.setdefault("best_values", None)
-        data.setdefault("queue", "default")  # written before studies had queues
+        data.setdefault("queue", "default")  # an older broker's status names no queue
         data.setdefault("waiting_for_workers", False)
-        data.setdefault("stopped", None)  # written before a stop had a field of its own
+        data.setdefault("stopped", None)  # an older broker's status has no stop field
         data.pop("broker", None)  # `status --json` adds the prefix's broker: not the study's
         data.pop("driver_liveness", None)  # and a driven study's process, as read
         return cls.from_wire(data)
