@@ -1,6 +1,7 @@
 """The package's rooms: the import contract (pyproject's [tool.importlinter], checked by
 import-linter in CI) layers every folder of the package, the root holds only the public face,
-no two modules share a name, and no import, however late, closes a circle."""
+no two modules share a name, none is longer than a newcomer reads at one sitting, and no import,
+however late, closes a circle."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_FACE = {"__init__", "optimizer", "client", "errors"}
+MAX_LINES = 410  # "under about 400 lines": one concept, read at one sitting
 # The demo's objective: imported by workers, by its path, at run time; nothing imports it.
 OUTSIDE_THE_LAYERS = {"examples"}
 
@@ -61,6 +63,11 @@ def test_no_two_modules_share_a_name() -> None:
         if path.stem not in {"__init__", "__main__"}:
             by_name.setdefault(path.stem, []).append(name)
     assert {last: names for last, names in by_name.items() if len(names) > 1} == {}
+
+
+def test_every_module_reads_at_one_sitting() -> None:
+    lengths = {name: len(path.read_text().splitlines()) for name, path in _files().items()}
+    assert {name: n for name, n in lengths.items() if n > MAX_LINES} == {}
 
 
 def _imports(name: str, path: Path, modules: set[str]) -> set[str]:

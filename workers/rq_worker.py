@@ -37,7 +37,7 @@ from rq.job import Job
 from rq.worker import WorkerStatus
 
 from optuna_rq.protocol import RUN_TRIAL, MsgpackSerializer, trial_queue
-from optuna_rq.protocol.spec import MAX_TRIAL_TIMEOUT_S
+from optuna_rq.protocol.spec_bounds import MAX_TRIAL_TIMEOUT_S
 from optuna_rq.workers import context
 from optuna_rq.workers.bookkeeping import LeanBookkeeping
 from optuna_rq.workers.execute import WorkerShutdown

@@ -80,13 +80,8 @@ from optuna_rq.protocol.signing import (
     Record,
     Signer,
 )
-from optuna_rq.protocol.spec import (
-    StudySpec,
-    check_max_retries,
-    check_trial_timeout,
-    open_stored_spec,
-    seal_stored_spec,
-)
+from optuna_rq.protocol.spec import StudySpec, open_stored_spec, seal_stored_spec
+from optuna_rq.protocol.spec_bounds import check_max_retries, check_trial_timeout
 from optuna_rq.protocol.status import StudyState, StudyStatus, refuse_if_closed
 from optuna_rq.protocol.trial_summary import (
     RefusedTrial,

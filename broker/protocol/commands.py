@@ -44,7 +44,8 @@ from optuna_rq.protocol.schema import (
     version_field,
     wire,
 )
-from optuna_rq.protocol.spec import KEEP_OUT, StudySpec, check_settings
+from optuna_rq.protocol.spec import KEEP_OUT, StudySpec
+from optuna_rq.protocol.spec_bounds import check_settings
 
 __all__ = [
     "COMMAND_ID_PATTERN",

@@ -18,7 +18,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from optuna_rq.errors import ConfigError, MessageLimitError, ProtocolError, StudyConflictError
 from optuna_rq.protocol.choices import Direction, Pruner, Sampler, StrChoice
@@ -45,6 +45,17 @@ from optuna_rq.protocol.schema import (
     wire,
 )
 from optuna_rq.protocol.signing import Record, Signer
+from optuna_rq.protocol.spec_bounds import (
+    MAX_ASK_AHEAD,
+    MAX_SEED,
+    MAX_TIMEOUT_S,
+    MAX_TRIAL_TIMEOUT_S,
+    check_max_retries,
+    check_settings,
+    choice_of,
+    int_in,
+    positive_number,
+)
 from optuna_rq.space.space_files import space_from_data
 
 if TYPE_CHECKING:
@@ -55,37 +66,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFINITION",
     "KEEP_OUT",
-    "MAX_CONCURRENCY",
-    "MAX_N_TRIALS",
-    "MAX_PRIORITY",
-    "MAX_ASK_AHEAD",
-    "MAX_RETRIES",
-    "MAX_SEED",
-    "MAX_TRIAL_TIMEOUT_S",
     "StudySpec",
-    "check_max_retries",
-    "check_settings",
-    "check_trial_timeout",
     "open_stored_spec",
     "seal_stored_spec",
 ]
-
-MAX_TIMEOUT_S = 366 * 24 * 3600.0
-"""The longest `timeout_s`: a bound, so a typo in the unit is refused rather than run for ages."""
-
-# The bounds of every number a submission carries: what RQ, Redis, the OS and Optuna accept,
-# with room to spare, so that a value refused downstream is refused here, naming the limit.
-MAX_TRIAL_TIMEOUT_S = 30 * 24 * 3600
-"""`trial_timeout_s` at most 30 days: RQ's job timeout is whole seconds, armed with signal.alarm
-(a C int: about 68 years) and stored with EXPIRE; a month is more than any trial should run."""
-MAX_N_TRIALS = 10**9
-MAX_CONCURRENCY = 100_000
-MAX_RETRIES = 100
-MAX_ASK_AHEAD = 1_000
-MAX_PRIORITY = 1e6
-"""`priority` at most 1e6: a weight among studies, summed with the others' in fair share."""
-MAX_SEED = 2**32 - 1
-"""`seed` in [0, 2**32 - 1]: what numpy's RandomState, behind every Optuna sampler, takes."""
 
 KEEP_OUT = (
     "keep large data out of the space: give a path or URL to it as a fixed input, and read it in "
@@ -156,7 +140,7 @@ class StudySpec(Message):
             raise ConfigError(str(exc)) from exc
         check_settings(n_trials=self.n_trials, concurrency=self.concurrency)
         self._take_choices()
-        if self.seed is not None and not _int_in(self.seed, 0, MAX_SEED):
+        if self.seed is not None and not int_in(self.seed, 0, MAX_SEED):
             raise FieldError(
                 "seed",
                 "{seed} must be an integer from 0 to {high} (what Optuna's samplers take), "
@@ -164,7 +148,7 @@ class StudySpec(Message):
                 high=MAX_SEED,
                 value=self.seed,
             )
-        if self.trial_timeout_s is not None and not _positive_number(
+        if self.trial_timeout_s is not None and not positive_number(
             self.trial_timeout_s, MAX_TRIAL_TIMEOUT_S
         ):
             raise FieldError(
@@ -173,7 +157,7 @@ class StudySpec(Message):
                 high=MAX_TRIAL_TIMEOUT_S,
                 value=self.trial_timeout_s,
             )
-        if not _int_in(self.ask_ahead, 0, MAX_ASK_AHEAD):
+        if not int_in(self.ask_ahead, 0, MAX_ASK_AHEAD):
             raise FieldError(
                 "ask_ahead",
                 "{ask_ahead} must be an integer from 0 to {high}, got {value!r}",
@@ -206,13 +190,13 @@ class StudySpec(Message):
                 choices=" or ".join(Direction.values()),
                 value=self.directions,
             )
-        directions = [_choice(Direction, "directions", d) for d in self.directions]
+        directions = [choice_of(Direction, "directions", d) for d in self.directions]
         object.__setattr__(self, "directions", directions)
-        object.__setattr__(self, "sampler", _choice(Sampler, "sampler", self.sampler))
-        object.__setattr__(self, "pruner", _choice(Pruner, "pruner", self.pruner))
+        object.__setattr__(self, "sampler", choice_of(Sampler, "sampler", self.sampler))
+        object.__setattr__(self, "pruner", choice_of(Pruner, "pruner", self.pruner))
 
     def _check_stop_conditions(self) -> None:
-        if self.timeout_s is not None and not _positive_number(self.timeout_s, MAX_TIMEOUT_S):
+        if self.timeout_s is not None and not positive_number(self.timeout_s, MAX_TIMEOUT_S):
             raise FieldError(
                 "timeout_s",
                 "{timeout_s} must be > 0 and at most {high:g} seconds (a year), got {value!r}",
@@ -358,22 +342,6 @@ and is refused under the same name."""
 _MISSING = object()
 
 
-C = TypeVar("C", bound=StrChoice)
-
-
-def _choice(choices: type[C], field: str, value: object) -> C:
-    """`value` as a member of `choices`; FieldError naming `field` and its choices if none."""
-    try:
-        return choices(value)
-    except ValueError:
-        raise FieldError(
-            field,
-            f"{{{field}}} {{value!r}}: choose one of {{choices}}",
-            value=value,
-            choices=", ".join(choices.values()),
-        ) from None
-
-
 def _plain(value: Any) -> Any:
     """`value` with its choices as the strings they are typed as (for messages)."""
     if isinstance(value, StrChoice):
@@ -381,98 +349,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(item) for item in value]
     return value
-
-
-def check_trial_timeout(seconds: object, *, option: str = "trial_timeout_s") -> int | None:
-    """A trial timeout (`StudySpec.trial_timeout_s`, `Optimizer(trial_timeout=...)`) as the whole
-    seconds it runs for (None: none); FieldError naming `option` (the field, or the caller's
-    name for it) for anything else.
-
-    RQ's job timeout (the alarm a worker raises in the objective) is whole seconds: a fraction
-    would silently run rounded up, so it is refused instead; so is more than 30 days
-    (`MAX_TRIAL_TIMEOUT_S`)."""
-    if seconds is None:
-        return None
-    if (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, (int, float))
-        or not math.isfinite(seconds)
-    ):
-        raise FieldError(
-            option, f"{{{option}}} must be whole seconds (a number), got {{value!r}}", value=seconds
-        )
-    if seconds < 1 or seconds != int(seconds):
-        raise FieldError(
-            option,
-            f"{{{option}}} {{value:g}}: trial timeouts are whole seconds >= 1 (RQ's job "
-            "timeout is); use {below} or {above}",
-            value=seconds,
-            below=max(1, int(seconds)),
-            above=max(1, int(seconds)) + 1,
-        )
-    if seconds > MAX_TRIAL_TIMEOUT_S:
-        shown = f"{seconds:.0f}" if seconds < 1e15 else f"{seconds:g}"
-        raise FieldError(
-            option,
-            f"{{{option}}} must be > 0 and at most {{high}} seconds (30 days), got {{value}}",
-            high=MAX_TRIAL_TIMEOUT_S,
-            value=shown,
-        )
-    return int(seconds)
-
-
-def check_max_retries(value: object, *, option: str = "max_retries") -> int:
-    """How many times a trial whose worker was lost runs again (`StudySpec.max_retries`,
-    `Optimizer(max_retries=...)`); FieldError naming `option` (the field, or the caller's name
-    for it) unless a whole number from 0 to `MAX_RETRIES`."""
-    if not _int_in(value, 0, MAX_RETRIES):
-        raise FieldError(
-            option,
-            f"{{{option}}} must be an integer from 0 to {{high}}, got {{value!r}}",
-            high=MAX_RETRIES,
-            value=value,
-        )
-    assert isinstance(value, int)
-    return value
-
-
-def check_settings(
-    *, n_trials: object = None, concurrency: object = None, priority: object = None
-) -> None:
-    """The budget, cap and priority a submission or a `set` gives (None: not given), each within
-    its bounds; FieldError naming the field otherwise. One rule for both, so that `set` is
-    refused where `submit` would be, and before it is sent as the broker would refuse it."""
-    if n_trials is not None:
-        _positive_int("n_trials", n_trials, MAX_N_TRIALS)
-    if concurrency is not None:
-        _positive_int("concurrency", concurrency, MAX_CONCURRENCY)
-    if priority is not None and not _positive_number(priority, MAX_PRIORITY):
-        raise FieldError(
-            "priority",
-            "{priority} must be a number > 0 and at most {high:g}, got {value!r}",
-            high=MAX_PRIORITY,
-            value=priority,
-        )
-
-
-def _int_in(value: object, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _positive_int(field: str, value: object, high: int) -> None:
-    if not _int_in(value, 1, high):
-        raise FieldError(
-            field,
-            f"{{{field}}} must be an integer from 1 to {{high}}, got {{value!r}}",
-            high=high,
-            value=value,
-        )
-
-
-def _positive_number(value: object, high: float) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and 0 < value <= high
-    )

@@ -30,7 +30,8 @@ from optuna_rq.protocol import (
     decode_command,
     sendable,
 )
-from optuna_rq.protocol.spec import MAX_CONCURRENCY, MAX_N_TRIALS, MAX_PRIORITY, StudySpec
+from optuna_rq.protocol.spec import StudySpec
+from optuna_rq.protocol.spec_bounds import MAX_CONCURRENCY, MAX_N_TRIALS, MAX_PRIORITY
 from optuna_rq.space import space_files as spacefile
 
 pytestmark = pytest.mark.timeout(180)
