@@ -81,6 +81,9 @@ def test_redis_stop_refuses_while_a_broker_workers_or_a_client_use_it(
         )
         heartbeat = f"{PREFIX}:pool:{host}.{pool.pid}.*"  # its id: host.pid.random
         wait_until(lambda: any(server.scan_iter(match=heartbeat)), timeout_s=60)
+        # The pool's parent beats before its worker process names its connection (RQ's worker
+        # does, as it is made): wait for that name too, or the line is read between the two.
+        wait_until(lambda: any(c.get("name") for c in server.client_list()), timeout_s=60)
         line = _refused(env, embedded_state)
         assert f"1 worker pool of prefix {PREFIX!r} ({host}.{pool.pid}." in line, line
         assert f"the broker of prefix {PREFIX!r}" in line, line
