@@ -3,12 +3,15 @@
 `OPTUNA_RQ_FAILPOINTS="after_ask=3"` makes the broker SIGKILL itself the 3rd time it passes
 `hit("after_ask")`; `"before_tell=1:stall"` makes the thread that passes it the first time hang
 there (as a storage call that never returns would), while the process and its other threads
-live on; `"tell@mystudy=1:raise"` raises FailpointError there, as a bug would. Unset (always,
-outside the fault tests), `hit` is one dict lookup. Points:
+live on; `"after_fence=2:stop"` makes the process SIGSTOP itself there (frozen whole, as a
+paused VM or a debugger would freeze it, until a test sends SIGCONT); `"tell@mystudy=1:raise"`
+raises FailpointError there, as a bug would. Unset (always, outside the fault tests), `hit` is
+one dict lookup. Points:
 
     after_ask     a trial was asked (RUNNING in the storage) and not yet enqueued
     before_tell   a result was read from the stream and not yet recorded (`tell`)
     after_tell    a trial's result was recorded (in memory) and its journal not yet flushed
+    after_fence   the broker's fence was checked before a flush and no journal written yet
     after_flush   a journal was flushed and what it acknowledges not yet sent (the sends, the
                   acks, the replies or the status that follow)
     after_ledger  the ids of the commands taken were made durable (`daemon.ledger`), the inbox
@@ -33,7 +36,7 @@ __all__ = ["ENV_FAILPOINTS", "FailpointError", "armed", "hit"]
 
 ENV_FAILPOINTS = "OPTUNA_RQ_FAILPOINTS"
 
-_ACTIONS = ("kill", "stall", "raise")
+_ACTIONS = ("kill", "stall", "stop", "raise")
 _STALL_S = 3600.0  # long enough for any test to see it; bounded, should its process be missed
 
 
@@ -62,7 +65,7 @@ def armed() -> bool:
 
 
 def hit(name: str) -> None:
-    """Count a pass through failpoint `name`; on the armed pass, die as SIGKILL would, or hang."""
+    """Count a pass through failpoint `name`; on the armed pass, act (see the module)."""
     if name not in _armed:
         return
     count, action = _armed[name]
@@ -72,6 +75,9 @@ def hit(name: str) -> None:
     if action == "stall":
         del _armed[name]  # hang once: a test that lets it go finds it passable again
         time.sleep(_STALL_S)
+    elif action == "stop":
+        del _armed[name]
+        os.kill(os.getpid(), signal.SIGSTOP)
     elif action == "raise":
         del _armed[name]
         raise FailpointError(f"failpoint {name}")

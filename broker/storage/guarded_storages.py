@@ -282,7 +282,7 @@ class Storages:
         self._open: dict[str, GuardedStorage] = {}
         self.superseded: set[str] = set()
         """"host:pid" of the brokers this one took the prefix over from: a journal lock one of
-        them holds is released at once (`journal_file.JournalLock`)."""
+        them holds is released at once (`journal_lock.JournalLock`)."""
         self.before_flush = before_flush
         """Run before anything is made durable (the broker's fence: a broker that lost its lock
         or its epoch makes nothing durable); raises to stop it. A journal's changes become
@@ -319,6 +319,7 @@ class Storages:
         pending = [s for s in self._open.values() if s.journal is not None and s.journal.pending]
         if pending and self.before_flush is not None:
             self.before_flush()
+            failpoints.hit("after_fence")
         for storage in pending:
             if storage.flush():
                 failpoints.hit("after_flush")

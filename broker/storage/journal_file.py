@@ -21,9 +21,17 @@ two writers' trial ids.
 
 Because the broker holds the lock for a turn, not for one write, a broker killed in a turn
 leaves it behind far more often than an Optuna writer would. So it takes the lock itself
-(`JournalLock`: Optuna's symlink protocol, the same lock file) and records who holds it in a file
-beside it: a lock whose holder is a process of this host that is gone is released at once
-(Optuna's own writers wait out a grace period).
+(`journal_lock.JournalLock`: Optuna's symlink protocol, the same lock file) and records who
+holds it in a file beside it: a lock whose holder is a process of this host that is gone is
+released at once (Optuna's own writers wait out a grace period).
+
+A lock taken from a holder that may still live (a broker this one took over from, frozen in
+its turn; any writer silent past the grace period) does not stop that holder: woken, it may be
+past every check it makes and about to append. So whoever takes such a lock first revokes the
+file (`_revoke`): it puts a copy of the file's whole lines in its place, under the lock, before
+anything else is read or written. The old holder's descriptor still names the file it opened,
+which is no longer the journal, so what it appends afterwards reaches no reader. Every
+`BatchedJournal` reopens the path when it finds another file there (`_follow_path`).
 
 Written against Optuna's public `BaseJournalBackend` (`read_logs`, `append_logs`) and the
 file protocol of its `JournalFileSymlinkLock` (`<journal>.lock`, a symlink to the journal).
@@ -35,9 +43,7 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import threading
-import time
 import uuid
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -46,9 +52,9 @@ from typing import Any
 from optuna.storages.journal import BaseJournalBackend
 
 from optuna_rq.errors import JournalConflictError
-from optuna_rq.plumbing.processes import is_process, started_at
+from optuna_rq.storage.journal_lock import JournalLock
 
-__all__ = ["BatchedJournal", "JournalLock"]
+__all__ = ["BatchedJournal"]
 
 log = logging.getLogger("optuna_rq.broker")
 
@@ -101,9 +107,11 @@ class BatchedJournal(BaseJournalBackend):
         with self._mutex:
             fd = self._check_open()
             if not self._locked:
-                self._lock.acquire()
+                revoke = self._lock.acquire()
                 self._locked = True
                 try:
+                    if revoke:
+                        self._revoke()
                     self._read_others(fd)  # before ours, as they stand in the file
                 except BaseException:
                     self._unlock()
@@ -171,6 +179,7 @@ class BatchedJournal(BaseJournalBackend):
     def _read_others(self, fd: int) -> None:
         """Take in the whole lines other writers appended since `_size` (one fstat when there
         are none). A line still being written (no newline yet) waits for the next read."""
+        fd = self._follow_path(fd)
         size = os.fstat(fd).st_size
         if size == self._size:
             return
@@ -185,14 +194,66 @@ class BatchedJournal(BaseJournalBackend):
         self.others_read += len(lines)
         self._size += end
 
+    def _follow_path(self, fd: int) -> int:
+        """The descriptor of the file at `path` now: `fd`, or, if the file was revoked (another
+        file stands at the path), the new file's, opened in its place. The new file begins
+        with every whole line of the old one, so what was read from `fd` stays valid."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return fd  # removed under the journal: nothing to follow
+        held = os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        log.warning(
+            "journal %s: another file took its place (revoked): reading that one", self.path
+        )
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        os.close(fd)
+        return self._fd
+
+    def _revoke(self) -> None:
+        """Put a copy of the journal's whole lines in the place of the file at `path` (see the
+        module): whoever held the lock before may still append to the file it opened, and
+        nobody reads that file any more. Called holding the lock, before anything is read."""
+        source = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            mode = os.fstat(source).st_mode & 0o7777
+            data = _read_all(source)
+        finally:
+            os.close(source)
+        data = data[: data.rfind(b"\n") + 1]  # a torn last line is the old holder's, unsent
+        fresh = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.revoked")
+        target = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            try:
+                _write_all(target, data, 0)
+                os.fsync(target)
+            finally:
+                os.close(target)
+            os.replace(fresh, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fresh)
+            raise
+        _sync_directory(self.path.parent)
+        log.warning(
+            "journal %s: took the lock from a holder that may still be running: the file was "
+            "replaced by a copy, so nothing it appends from now on reaches a reader",
+            self.path,
+        )
+
     def _load(self) -> None:
         """The file's lines and the size they end at. A last line without its newline, found
         under Optuna's lock, is an append a crash cut short (never flushed, so never
         acknowledged): Optuna's readers skip it, and it is cut off here, so that the next
         append starts on a line of its own."""
         fd = self._check_open()
-        self._lock.acquire()
+        revoke = self._lock.acquire()
         try:
+            if revoke:
+                self._revoke()
+            fd = self._follow_path(fd)
             size = os.fstat(fd).st_size
             data = os.pread(fd, size, 0)
             end = data.rfind(b"\n") + 1
@@ -210,121 +271,6 @@ class BatchedJournal(BaseJournalBackend):
             self._lock.release()
 
 
-_HOLDER = ".holder,"  # host names and float reprs hold no comma
-
-
-class JournalLock:
-    """Optuna's lock on the journal at `path` (`JournalFileSymlinkLock`'s protocol: whoever
-    creates the symlink `<path>.lock` holds it), taken so that a holder that died is known.
-
-    Optuna's writers point the symlink at the journal; this lock points it at a file of its own,
-    `<path>.lock.holder,<host>,<pid>,<start time>`, which exists while the journal is open (Optuna's
-    waiters stat what the symlink points to). Waiting for the lock, a symlink naming a gone
-    process of this host is released at once, and so is one naming a broker of `superseded`
-    ("host:pid", looked up as it is waited on): a broker that lost its prefix's lock to this
-    one, frozen with the journal's lock held, writes nothing more (its flush is fenced); any
-    other (an Optuna writer's) after `grace_s` with no change to what it points to, as
-    Optuna's own writers release it.
-    """
-
-    def __init__(
-        self, path: Path, *, grace_s: float = 30.0, superseded: Collection[str] = ()
-    ) -> None:
-        self.lock_file = f"{path}.lock"
-        self.grace_s = grace_s
-        self.superseded = superseded
-        started = started_at(os.getpid()) or 0.0
-        self.holder = f"{self.lock_file}{_HOLDER}{socket.gethostname()},{os.getpid()},{started!r}"
-
-    def acquire(self) -> None:
-        if not os.path.exists(self.holder):
-            open(self.holder, "w").close()  # what the symlink points to: it must exist
-        sleep_s = 0.0005
-        seen, unchanged_since = None, time.monotonic()
-        while True:
-            try:
-                os.symlink(self.holder, self.lock_file)
-                return
-            except FileExistsError:
-                pass
-            try:
-                target = os.readlink(self.lock_file)
-                mtime = os.stat(self.lock_file).st_mtime
-            except OSError:  # released meanwhile
-                continue
-            if _died_here(target, self.lock_file):
-                log.warning("%s: releasing the lock of a process that died", self.lock_file)
-                self._break(target)
-                continue
-            if _holder_of(target, self.lock_file) in self.superseded:
-                log.warning(
-                    "%s: releasing the lock of the broker this one took over from",
-                    self.lock_file,
-                )
-                self._break(target)
-                continue
-            if (target, mtime) != seen:
-                seen, unchanged_since = (target, mtime), time.monotonic()
-            elif time.monotonic() - unchanged_since > self.grace_s:
-                log.warning("%s: held %gs, no write: releasing it", self.lock_file, self.grace_s)
-                self._break(target)
-                continue
-            time.sleep(sleep_s)
-            sleep_s = min(sleep_s * 2, 0.05)  # held for a turn (milliseconds), not for long
-
-    def release(self) -> None:
-        self._break(self.holder)
-
-    def close(self) -> None:
-        """The journal closes: its holder file goes (after `release`)."""
-        try:
-            os.unlink(self.holder)
-        except FileNotFoundError:
-            pass
-
-    def _break(self, target: str) -> None:
-        """Remove the lock if it points to `target`, as Optuna's release removes it (renamed
-        first: atomic). Taken by someone else meanwhile, it is put back."""
-        renamed = f"{self.lock_file}{uuid.uuid4()}.rename"
-        try:
-            os.rename(self.lock_file, renamed)
-        except FileNotFoundError:
-            return
-        try:
-            if os.readlink(renamed) != target:
-                try:
-                    os.link(renamed, self.lock_file, follow_symlinks=False)
-                except FileExistsError:
-                    pass
-            elif target != self.holder and target.startswith(f"{self.lock_file}{_HOLDER}"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(target)  # a dead holder's file goes with its lock
-        finally:
-            os.unlink(renamed)
-
-
-def _holder_of(target: str, lock_file: str) -> str | None:
-    """ "host:pid" of the lock's `target`, if it names one (as `JournalLock.holder` does)."""
-    prefix = f"{lock_file}{_HOLDER}"
-    if not target.startswith(prefix):
-        return None
-    host, _, rest = target[len(prefix) :].partition(",")
-    return f"{host}:{rest.partition(',')[0]}"
-
-
-def _died_here(target: str, lock_file: str) -> bool:
-    """Whether the lock's `target` names (as `JournalLock.holder` does) a process of this host
-    that is gone."""
-    prefix = f"{lock_file}{_HOLDER}"
-    if not target.startswith(prefix):
-        return False  # an Optuna writer's: it points at the journal
-    try:
-        host, pid, started = target[len(prefix) :].split(",")
-        return host == socket.gethostname() and not is_process(int(pid), float(started))
-    except ValueError:
-        return False
-
-
 def _write_all(fd: int, data: bytes, size: int) -> None:
     """Append `data` to `fd` (opened O_APPEND, `size` bytes long), or leave it `size` bytes."""
     view = memoryview(data)
@@ -337,3 +283,25 @@ def _write_all(fd: int, data: bytes, size: int) -> None:
         except OSError:
             pass
         raise
+
+
+def _read_all(fd: int) -> bytes:
+    chunks, at = [], 0
+    while chunk := os.pread(fd, 1 << 20, at):
+        chunks.append(chunk)
+        at += len(chunk)
+    return b"".join(chunks)
+
+
+def _sync_directory(path: Path) -> None:
+    """Make a rename in `path` durable (where the platform allows a directory to be synced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

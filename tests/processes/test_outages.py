@@ -354,7 +354,7 @@ SLEEPS = {
     ("broker/cli/study_commands.py", "enqueue"): "a front door's poll of the broker's receipts",
     ("broker/terminal/progress.py", "follow_study"): "`wait`'s poll of a study's status",
     (
-        "broker/storage/journal_file.py",
+        "broker/storage/journal_lock.py",
         "JournalLock.acquire",
     ): "a journal file's lock, held for a turn",
     ("broker/optimizer.py", "Optimizer.spawn"): "flytekitplugins.optuna's `delay` option",

@@ -29,7 +29,7 @@ import pytest
 from optuna.trial import TrialState
 
 from optuna_rq.plumbing.processes import started_at, stopped
-from optuna_rq.storage.journal_file import JournalLock
+from optuna_rq.storage.journal_lock import JournalLock
 from tests.conftest import redis_server
 from tests.processes.faults.test_broker_health import probe
 from tests.processes.test_cli import _postgres_url
@@ -52,7 +52,14 @@ machine."""
 class Broker:
     """One `optuna-rq broker --standby` process on its own state directory, its stderr in a file."""
 
-    def __init__(self, cluster: Cluster, state: Path, storage: str | None, *extra: str) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        state: Path,
+        storage: str | None,
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.state = state
         self.log_path = state.with_suffix(f".{uuid.uuid4().hex[:6]}.log")
         args = ["--redis-url", cluster.server.url, "--prefix", cluster.prefix]
@@ -61,7 +68,9 @@ class Broker:
             args += ["--storage", storage]
         state.mkdir(exist_ok=True)
         with open(self.log_path, "wb") as log:  # in its state directory, as a pod in its volume
-            self.process = subprocess.Popen(cli(*args), env=cli_env(), stderr=log, cwd=state)
+            self.process = subprocess.Popen(
+                cli(*args), env=cli_env(**(env or {})), stderr=log, cwd=state
+            )
         cluster.brokers.append(self.process)  # stopped at the test's end
 
     @property
@@ -89,9 +98,11 @@ def holds(cluster: Cluster, broker: Broker) -> bool:
 
 
 def journal_writers(path: Path) -> list[str]:
-    """The writer of each line of a journal file: the JournalStorage that appended it (its
-    worker_id without the thread: one per storage a process opened)."""
-    return [json.loads(line)["worker_id"][:36] for line in path.read_text().splitlines()]
+    """The writer of each whole line of a journal file (a line still being written is not one):
+    the JournalStorage that appended it (its worker_id without the thread: one per storage a
+    process opened)."""
+    lines = path.read_bytes().split(b"\n")[:-1]
+    return [json.loads(line)["worker_id"][:36] for line in lines]
 
 
 def each_called_once(cluster: Cluster) -> dict[str, int]:
@@ -368,8 +379,9 @@ def test_the_journal_lock_of_the_broker_taken_over_from_is_released_at_once(
     tmp_path: Path,
 ) -> None:
     # A broker frozen in a turn holds its journal's lock (it buffers until the turn's flush).
-    # The broker that took its prefix over takes that lock at once: the frozen one's flush is
-    # fenced, it writes nothing more. Any other live holder is waited out for the grace.
+    # The broker that took its prefix over takes that lock at once, and says the file is to be
+    # revoked: the frozen one may be past its fence, about to append (see the test below). Any
+    # other live holder is waited out for the grace.
     frozen = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         path = tmp_path / "studies.journal"
@@ -381,9 +393,50 @@ def test_the_journal_lock_of_the_broker_taken_over_from_is_released_at_once(
         successor = JournalLock(
             path, grace_s=600, superseded={f"{socket.gethostname()}:{frozen.pid}"}
         )
-        successor.acquire()  # at once: the grace would outlast the test's timeout
+        assert successor.acquire()  # at once: the grace would outlast the test's timeout
         assert os.readlink(f"{path}.lock") == successor.holder
         successor.release()
     finally:
         frozen.kill()
         frozen.wait()
+
+
+def test_a_broker_frozen_between_its_fence_and_its_journal_write_appends_nothing_after_it(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The freeze no check can catch: past the fence, before the append (the failpoint
+    `after_fence` stops the broker there). The broker that takes over revokes the journal file,
+    so the woken broker's append reaches no reader; its next Redis write is refused."""
+    storage = f"journal://{cluster.journal()}"
+    stop_at = {"OPTUNA_RQ_FAILPOINTS": "after_fence=25:stop"}
+    active = Broker(cluster, tmp_path / "a", storage, "--standby", env=stop_at)
+    wait_until(lambda: holds(cluster, active), timeout_s=30, message="the first broker serves")
+    standby = Broker(cluster, tmp_path / "b", storage, "--standby")
+    wait_until(standby.standing_by, timeout_s=30, message="the other one stands by")
+    cluster.start_workers(3)
+    name = cluster.submit("steady", n_trials=1000, concurrency=3, hold_s=0.2)
+    wait_until(lambda: stopped(active.pid), timeout_s=60, message="frozen at its failpoint")
+    journal = cluster.journal()
+    theirs = set(journal_writers(journal))  # only the frozen broker has written so far
+    frozen_at = len(journal_writers(journal))
+    wait_until(lambda: holds(cluster, standby), timeout_s=TAKEOVER_S, message="taken over")
+    started = len(cluster.started())
+    wait_until(lambda: len(cluster.started()) >= started + 3, timeout_s=60)
+    active.process.send_signal(signal.SIGCONT)
+    assert active.process.wait(timeout=30) == 1, active.log()
+    assert "lost the broker lock" in active.log(), active.log()
+    assert "replaced by a copy" in standby.log(), standby.log()
+    later = journal_writers(journal)[frozen_at:]
+    assert later and not set(later) & theirs, "the frozen broker appended after the takeover"
+    done = subprocess.run(
+        cli("--redis-url", cluster.server.url, "--prefix", cluster.prefix)
+        + ["set", name, "--n-trials", "1"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    status = cluster.wait_finished(name)
+    trials = cluster.check(name, complete=status["n_trials"], cap=3, failed=0)
+    assert len(each_called_once(cluster)) == len(trials)
