@@ -72,10 +72,34 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             redact_url(url),
         )
         return JournalStorage(JournalRedisBackend(_with_timeouts(url)))
-    try:
-        return optuna.storages.RDBStorage(url)
-    except Exception as exc:
-        raise ConfigError(f"storage URL {url!r} was rejected by Optuna: {exc}") from exc
+    return _open_rdb(url)
+
+
+SCHEMA_ATTEMPTS = 5
+"""How many times an SQL storage is opened when its first open races another process's: Optuna
+creates the tables (and PostgreSQL's enum types) on open, checking first, so two brokers (an
+active and a standby) starting on an empty database may both try to create them, and one fails
+on what the other created. Opened again, it finds them."""
+
+
+def _open_rdb(url: str) -> optuna.storages.BaseStorage:
+    import sqlalchemy.exc
+
+    attempt = 1
+    while True:
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            if attempt == SCHEMA_ATTEMPTS:
+                raise _rejected(url, exc) from exc
+            attempt += 1
+            log.info("storage %s: another process was creating its tables", redact_url(url))
+        except Exception as exc:
+            raise _rejected(url, exc) from exc
+
+
+def _rejected(url: str, exc: Exception) -> ConfigError:
+    return ConfigError(f"storage URL {redact_url(url)!r} was rejected by Optuna: {exc}")
 
 
 def open_storage_to_read(url: str) -> optuna.storages.BaseStorage:
@@ -98,7 +122,7 @@ def open_storage_to_read(url: str) -> optuna.storages.BaseStorage:
     try:
         return optuna.storages.RDBStorage(url, skip_table_creation=True)
     except Exception as exc:
-        raise ConfigError(f"storage URL {redact_url(url)!r} was rejected by Optuna: {exc}") from exc
+        raise _rejected(url, exc) from exc
 
 
 def _with_timeouts(url: str) -> str:

@@ -1,0 +1,63 @@
+"""Opening a study storage (`optuna_rq.storage.storage_access.open_storage`) where another
+process opens it at the same moment: an active and a standby broker start together on an empty
+PostgreSQL database, and Optuna creates its tables (and enum types) on open in both."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from optuna_rq.storage.storage_access import open_storage
+from tests.processes.test_cli import _postgres_url
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def empty_database() -> Iterator[str]:
+    """The URL of a PostgreSQL database of the test's own, with no tables yet."""
+    url = _postgres_url()
+    if url is None:
+        pytest.skip(
+            "PostgreSQL is not answering at 127.0.0.1:5432 (or psycopg2 is missing): "
+            "the concurrent schema creation test did not run"
+        )
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    name = f"orq_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    try:
+        yield url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f"DROP DATABASE {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_brokers_opening_an_empty_database_at_once_all_open_it(
+    empty_database: str, round_: int
+) -> None:
+    opened: list[object] = []
+    failed: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def broker() -> None:
+        start.wait()
+        try:
+            opened.append(open_storage(empty_database))
+        except BaseException as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=broker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not failed, failed
+    assert len(opened) == 4
