@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from optuna_rq.errors import ConfigError
 from optuna_rq.storage.storage_access import open_storage
 from tests.processes.test_cli import _postgres_url
 
@@ -61,3 +62,10 @@ def test_brokers_opening_an_empty_database_at_once_all_open_it(
         thread.join(timeout=60)
     assert not failed, failed
     assert len(opened) == 4
+
+
+def test_a_rejected_sql_url_is_named_without_its_password() -> None:
+    with pytest.raises(ConfigError) as refused:
+        open_storage("postgresql://user:hunter2@127.0.0.1:1/studies?connect_timeout=2")
+    assert "was rejected by Optuna" in str(refused.value)
+    assert "hunter2" not in str(refused.value), refused.value
