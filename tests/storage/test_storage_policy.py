@@ -148,6 +148,7 @@ OPENERS = {
 SITES = {
     # The opener itself, and the broker's storages, which check the policy before it.
     ("storage/storage_access.py", "open_storage"): "the opener: its callers are listed here",
+    ("storage/storage_access.py", "_open_rdb"): "open_storage's SQL databases, called by it alone",
     ("storage/guarded_storages.py", "Storages.open"): "checks the policy, opens (_open_guarded)",
     ("storage/guarded_storages.py", "_open_guarded"): "only from Storages.open, past the policy",
     ("storage/guarded_storages.py", "Storages.read_back"): "checks the policy, then opens",
