@@ -27,6 +27,7 @@ from optuna_rq.plumbing.connection import connect
 from optuna_rq.plumbing.embedded import EmbeddedRedis, server_executable
 from optuna_rq.plumbing.locations import redact_url
 from tests.support import tiers
+from tests.support.postgres import empty_database  # noqa: F401  (a fixture for every test)
 
 ENV_TEST_REDIS_URL = "OPTUNA_RQ_TEST_REDIS_URL"
 _START_TIMEOUT_S = 10.0

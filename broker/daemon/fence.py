@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,7 +94,10 @@ return replies
 FENCE_SHA = hashlib.sha1(FENCE_SCRIPT.encode()).hexdigest()
 
 # KEYS: the lock, the epoch, the generation. ARGV: the token, the TTL in ms, a new epoch (kept
-# only if there is none), the identity of a dead broker whose lock to take over ('' for none).
+# only if there is none), the identity of a dead broker whose lock to take over ('' for none),
+# the time in ms. The generation counts acquisitions; where Redis has none (new, or its data
+# lost) it starts from the time, so that it still only grows: SQL storages keep the broker's
+# fence by it (`storage.sql_fence`).
 ACQUIRE_SCRIPT = """
 local holder = redis.call('get', KEYS[1])
 if holder and holder == ARGV[4] then
@@ -105,6 +109,7 @@ if holder then
 end
 redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('set', KEYS[2], ARGV[3], 'NX')
+redis.call('set', KEYS[3], ARGV[5], 'NX')
 return {1, redis.call('get', KEYS[2]), tostring(redis.call('incr', KEYS[3]))}
 """
 
@@ -255,7 +260,7 @@ class FencedRedis(redis.Redis):
             ACQUIRE_SCRIPT,
             3,
             *(fence.lock, fence.epoch_key, fence.generation_key),
-            *(fence.token, fence.ttl_ms, epoch, take_over or ""),
+            *(fence.token, fence.ttl_ms, epoch, take_over or "", time.time_ns() // 1_000_000),
         )
         if reply[0] != 1:
             return bytes(reply[1])

@@ -11,7 +11,8 @@ one dict lookup. Points:
     after_ask     a trial was asked (RUNNING in the storage) and not yet enqueued
     before_tell   a result was read from the stream and not yet recorded (`tell`)
     after_tell    a trial's result was recorded (in memory) and its journal not yet flushed
-    after_fence   the broker's fence was checked before a flush and no journal written yet
+    after_fence   the broker's fence was checked before a flush, or an SQL storage's write, and
+                  nothing written yet
     after_flush   a journal was flushed and what it acknowledges not yet sent (the sends, the
                   acks, the replies or the status that follow)
     after_ledger  the ids of the commands taken were made durable (`daemon.ledger`), the inbox

@@ -34,11 +34,11 @@ import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from optuna_rq.errors import StudyStorageError
+from optuna_rq.errors import FenceLostError, StudyStorageError
 from optuna_rq.plumbing import failpoints
 from optuna_rq.plumbing.locations import redact_url
 from optuna_rq.storage.journal_file import BatchedJournal
-from optuna_rq.storage.storage_access import journal_path, open_storage
+from optuna_rq.storage.storage_access import is_sql, journal_path, open_storage
 from optuna_rq.storage.storage_policy import StoragePolicy
 from optuna_rq.study.optuna_trials import only_waiting
 
@@ -66,12 +66,14 @@ def _is_optunas_verdict(exc: Exception) -> bool:
 def _guarded(name: str, *, writes: bool = False) -> Callable[..., Any]:
     def call(self: GuardedStorage, *args: Any, **kwargs: Any) -> Any:
         if writes and self.journal is None and self.before_write is not None:
-            # A storage that writes through (SQL) is durable at once: the fence first.
+            # A storage that writes through (SQL) is durable at once: the fence first (and an
+            # SQL storage checks it again in the database as it commits: `sql_fence`).
             self.before_write()
+            failpoints.hit("after_fence")
         try:
             return getattr(self.inner, name)(*args, **kwargs)
         except Exception as exc:
-            if _is_optunas_verdict(exc):
+            if _is_optunas_verdict(exc) or isinstance(exc, FenceLostError):
                 raise
             raise storage_failure(self.url, exc) from exc
 
@@ -287,6 +289,9 @@ class Storages:
         """Run before anything is made durable (the broker's fence: a broker that lost its lock
         or its epoch makes nothing durable); raises to stop it. A journal's changes become
         durable at `flush`, a storage that writes through (SQL) at each write."""
+        self.writer: tuple[str, int] | None = None
+        """The prefix and lock generation of the broker writing, once it holds its lock: what
+        SQL storages keep its fence by (`sql_fence`)."""
 
     def open(self, url: str) -> GuardedStorage:
         """The storage at `url`; raises StorageNotAllowedError (nothing opened) if the policy
@@ -296,7 +301,7 @@ class Storages:
         storage = self._open.get(key)
         if storage is None:
             self.policy.check(url)
-            storage = self._open[key] = _open_guarded(url, self.superseded)
+            storage = self._open[key] = _open_guarded(url, self.superseded, self.writer)
             storage.before_write = self.before_flush
         return storage
 
@@ -353,14 +358,24 @@ def _identity(url: str) -> str:
     return url if path is None else f"journal://{os.path.realpath(path)}"
 
 
-def _open_guarded(url: str, superseded: set[str]) -> GuardedStorage:
+def _open_guarded(url: str, superseded: set[str], writer: tuple[str, int] | None) -> GuardedStorage:
     path = journal_path(url)
     journal = None
     try:
         if path is None:
+            if writer is None or not is_sql(url):
+                inner = open_storage(url)
+            else:
+                # Loaded only where an SQL storage is opened, as Optuna loads SQLAlchemy.
+                from optuna_rq.storage.sql_fence import SqlFence
+
+                fence = SqlFence(*writer)
+                inner = open_storage(url, engine_kwargs=fence.engine_kwargs(url))
+                assert isinstance(inner, optuna.storages.RDBStorage)
+                fence.install(inner.engine, inner.scoped_session)
             # get_storage puts Optuna's trial cache in front of an RDBStorage, as create_study
             # would have done with the bare storage.
-            return GuardedStorage(optuna.storages.get_storage(open_storage(url)), url)
+            return GuardedStorage(optuna.storages.get_storage(inner), url)
         from optuna.storages.journal import JournalStorage
 
         journal = BatchedJournal(path, superseded=superseded)
@@ -368,4 +383,6 @@ def _open_guarded(url: str, superseded: set[str]) -> GuardedStorage:
     except Exception as exc:
         if journal is not None:
             journal.close()
+        if isinstance(exc, FenceLostError):
+            raise
         raise storage_failure(url, exc) from exc

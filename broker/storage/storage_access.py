@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import optuna
 
@@ -17,6 +18,7 @@ from optuna_rq.plumbing.locations import redact_url
 __all__ = [
     "STORAGE_SOCKET_TIMEOUT_S",
     "default_storage_url",
+    "is_sql",
     "journal_path",
     "open_storage",
     "open_storage_to_read",
@@ -43,8 +45,19 @@ def journal_path(url: str) -> Path | None:
     return Path(url.removeprefix("journal://"))
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for `url`: `memory`, `journal:///path`, or any RDB URL Optuna takes.
+def is_sql(url: str) -> bool:
+    """Whether `url` opens an SQL database (Optuna's RDBStorage): not `memory`, a journal file
+    or Redis."""
+    if url == "memory" or journal_path(url) is not None:
+        return False
+    return not url.startswith(("redis://", "rediss://"))
+
+
+def open_storage(
+    url: str, *, engine_kwargs: dict[str, Any] | None = None
+) -> optuna.storages.BaseStorage:
+    """An Optuna storage for `url`: `memory`, `journal:///path`, or any RDB URL Optuna takes
+    (its engine made with `engine_kwargs`).
 
     A journal file opens as Optuna opens it (`JournalFileBackend`: locked and re-read on every
     operation), as a reader beside the broker must (`optuna-rq trials`, the tests); the broker
@@ -72,7 +85,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             redact_url(url),
         )
         return JournalStorage(JournalRedisBackend(_with_timeouts(url)))
-    return _open_rdb(url)
+    return _open_rdb(url, engine_kwargs)
 
 
 SCHEMA_ATTEMPTS = 5
@@ -82,13 +95,13 @@ active and a standby) starting on an empty database may both try to create them,
 on what the other created. Opened again, it finds them."""
 
 
-def _open_rdb(url: str) -> optuna.storages.BaseStorage:
+def _open_rdb(url: str, engine_kwargs: dict[str, Any] | None) -> optuna.storages.BaseStorage:
     import sqlalchemy.exc
 
     attempt = 1
     while True:
         try:
-            return optuna.storages.RDBStorage(url)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
             if attempt == SCHEMA_ATTEMPTS:
                 raise _rejected(url, exc) from exc

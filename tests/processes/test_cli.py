@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from optuna_rq.storage.storage_access import default_storage_url, open_storage
 from optuna_rq.storage.storage_policy import canonical_storage
 from tests.support.helpers import wait_until
+from tests.support.postgres import postgres_url
 from tests.support.worker_processes import cli, cli_env, live_workers, start_broker, stop_process
 
 pytestmark = pytest.mark.timeout(180)
@@ -503,23 +504,10 @@ def test_a_space_file_submission(run_cli, broker_process, workers_factory, tmp_p
     assert set(snapshot["best_params"]) == {"model.lr", "model.layers.units"}
 
 
-def _postgres_url() -> str | None:
-    url = os.environ.get("OPTUNA_RQ_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-    try:
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 2})
-        with engine.connect():
-            return url
-    except Exception as exc:  # no server, no driver: say so loudly
-        print(f"\nPostgreSQL not available at {url}: {exc}")
-        return None
-
-
 def test_a_study_on_postgresql_storage(
     run_cli, workers_factory, redis_url: str, prefix: str, cli_state: Path
 ) -> None:
-    url = _postgres_url()
+    url = postgres_url()
     if url is None:
         pytest.skip(
             "PostgreSQL is not answering at 127.0.0.1:5432 (or psycopg2 is missing): "

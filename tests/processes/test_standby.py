@@ -32,10 +32,10 @@ from optuna_rq.plumbing.processes import started_at, stopped
 from optuna_rq.storage.journal_lock import JournalLock
 from tests.conftest import redis_server
 from tests.processes.faults.test_broker_health import probe
-from tests.processes.test_cli import _postgres_url
 from tests.processes.test_metrics import free_port
 from tests.support.cluster import Cluster, RedisServer
 from tests.support.helpers import wait_until
+from tests.support.postgres import postgres_url
 from tests.support.worker_processes import cli, cli_env, stop_process
 
 pytestmark = pytest.mark.timeout(120)
@@ -255,7 +255,7 @@ def test_brokers_sharing_one_state_directory_take_over_on_its_default_journal(
 
 
 def test_a_standby_takes_over_on_postgresql(cluster: Cluster, tmp_path: Path) -> None:
-    url = _postgres_url()
+    url = postgres_url()
     if url is None:
         pytest.skip(
             "PostgreSQL is not answering at 127.0.0.1:5432 (or psycopg2 is missing): "
@@ -439,4 +439,40 @@ def test_a_broker_frozen_between_its_fence_and_its_journal_write_appends_nothing
     assert done.returncode == 0, done.stderr
     status = cluster.wait_finished(name)
     trials = cluster.check(name, complete=status["n_trials"], cap=3, failed=0)
+    assert len(each_called_once(cluster)) == len(trials)
+
+
+def test_a_broker_frozen_between_its_fence_and_an_sql_write_commits_nothing_after_it(
+    cluster: Cluster, tmp_path: Path, empty_database: str
+) -> None:
+    """The same freeze on PostgreSQL: past the Redis fence, before the write. The database
+    keeps the fence too (`optuna_rq.storage.sql_fence`): the broker that takes over claims it,
+    and the woken broker's write rolls back."""
+    stop_at = {"OPTUNA_RQ_FAILPOINTS": "after_fence=40:stop"}
+    active = Broker(cluster, tmp_path / "a", empty_database, "--standby", env=stop_at)
+    wait_until(lambda: holds(cluster, active), timeout_s=30, message="the first broker serves")
+    standby = Broker(cluster, tmp_path / "b", empty_database, "--standby")
+    wait_until(standby.standing_by, timeout_s=30, message="the other one stands by")
+    cluster.start_workers(3)
+    name = cluster.submit("steady", n_trials=1000, concurrency=3, hold_s=0.2)
+    wait_until(lambda: stopped(active.pid), timeout_s=60, message="frozen at its failpoint")
+    wait_until(lambda: holds(cluster, standby), timeout_s=TAKEOVER_S, message="taken over")
+    started = len(cluster.started())
+    wait_until(lambda: len(cluster.started()) >= started + 3, timeout_s=60)
+    active.process.send_signal(signal.SIGCONT)
+    assert active.process.wait(timeout=30) == 1, active.log()
+    assert "lost the broker lock" in active.log(), active.log()
+    done = subprocess.run(
+        cli("--redis-url", cluster.server.url, "--prefix", cluster.prefix)
+        + ["set", name, "--n-trials", "1"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    status = cluster.wait_finished(name)
+    trials = optuna.load_study(study_name=name, storage=empty_database).get_trials(deepcopy=False)
+    states = collections.Counter(t.state for t in trials)
+    assert states == {TrialState.COMPLETE: status["n_trials"]}, states  # no trial left RUNNING
     assert len(each_called_once(cluster)) == len(trials)

@@ -5,39 +5,13 @@ PostgreSQL database, and Optuna creates its tables (and enum types) on open in b
 from __future__ import annotations
 
 import threading
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
 from optuna_rq.errors import ConfigError
 from optuna_rq.storage.storage_access import open_storage
-from tests.processes.test_cli import _postgres_url
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def empty_database() -> Iterator[str]:
-    """The URL of a PostgreSQL database of the test's own, with no tables yet."""
-    url = _postgres_url()
-    if url is None:
-        pytest.skip(
-            "PostgreSQL is not answering at 127.0.0.1:5432 (or psycopg2 is missing): "
-            "the concurrent schema creation test did not run"
-        )
-    import sqlalchemy
-
-    admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
-    name = f"orq_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    try:
-        yield url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(sqlalchemy.text(f"DROP DATABASE {name} WITH (FORCE)"))
-        admin.dispose()
 
 
 @pytest.mark.parametrize("round_", range(3))
