@@ -197,7 +197,10 @@ class BatchedJournal(BaseJournalBackend):
     def _follow_path(self, fd: int) -> int:
         """The descriptor of the file at `path` now: `fd`, or, if the file was revoked (another
         file stands at the path), the new file's, opened in its place. The new file begins
-        with every whole line of the old one, so what was read from `fd` stays valid."""
+        with every whole line of the old one, so what was read from `fd` stays valid; that its
+        last line read stands where it did is checked (one read), so that a line read from
+        the old file after it was copied (the old holder's, woken in between) fails loudly
+        instead of shifting every line after it."""
         try:
             now = os.stat(self.path)
         except FileNotFoundError:
@@ -208,9 +211,18 @@ class BatchedJournal(BaseJournalBackend):
         log.warning(
             "journal %s: another file took its place (revoked): reading that one", self.path
         )
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        fresh = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        if self._lines:
+            last = self._lines[-1] + b"\n"
+            if os.pread(fresh, len(last), self._size - len(last)) != last:
+                os.close(fresh)
+                raise JournalConflictError(
+                    f"journal {self.path} was replaced by a file that does not hold what this "
+                    "broker read from it: close the journal and open it again"
+                )
+        self._fd = fresh
         os.close(fd)
-        return self._fd
+        return fresh
 
     def _revoke(self) -> None:
         """Put a copy of the journal's whole lines in the place of the file at `path` (see the

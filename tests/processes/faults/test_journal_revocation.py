@@ -22,6 +22,7 @@ import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
+from optuna_rq.errors import JournalConflictError
 from optuna_rq.storage.journal_file import BatchedJournal
 
 pytestmark = pytest.mark.timeout(60)
@@ -143,4 +144,28 @@ def test_a_reader_holding_the_old_file_follows_the_journal_to_its_new_file(
         frozen.wait()
     names = sorted(s.study_name for s in JournalStorage(reader).get_all_studies())
     assert names == ["after", "frozen", "s"]
+    reader.close()
+
+
+def test_a_reader_that_read_past_what_the_new_file_holds_fails_loudly(tmp_path: Path) -> None:
+    """A line read from the old file after it was copied (its holder woke in between) is not in
+    the new one: the reader that read it stops with JournalConflictError rather than read the
+    new file from the wrong place."""
+    path = tmp_path / "studies.journal"
+    reader = BatchedJournal(path)
+    optuna.create_study(study_name="s", storage=JournalStorage(reader))
+    reader.flush()
+    copy = tmp_path / "copy.journal"
+    copy.write_bytes(path.read_bytes())  # the revoking broker's copy
+    with open(path, "ab") as old:  # the old holder's late line, read by the reader...
+        old.write(path.read_bytes().splitlines(keepends=True)[-1])
+    assert len(JournalStorage(reader).get_all_studies()) == 1
+    copy.replace(path)  # ...and then the copy takes the file's place, without it,
+    taker = BatchedJournal(path)  # and the broker that revoked it writes on
+    optuna.create_study(study_name="after", storage=JournalStorage(taker))
+    optuna.create_study(study_name="later", storage=JournalStorage(taker))
+    taker.flush()
+    taker.close()
+    with pytest.raises(JournalConflictError, match="does not hold what this broker read"):
+        JournalStorage(reader).get_all_studies()
     reader.close()
