@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,13 +27,16 @@ cut with an ellipsis) to 80 columns, and a command printed for copying must stay
 
 
 def make_console(*, stderr: bool = False) -> Console:
-    """A console that wraps lines to a terminal's width, and never wraps or cuts anything else
-    (unless COLUMNS asks for a width)."""
+    """A console that wraps lines to a terminal's width, and never wraps or cuts anything else.
+
+    COLUMNS is a terminal's width, and rich reads it for a terminal only here: in the
+    environment of a pipe it is not a width anyone asked for. GNU readline exports COLUMNS and
+    LINES from any Python process that imported it (pytest does, as it starts), 80 by 24 from
+    terminfo when it has no terminal, and every process started from there inherits them."""
     console = Console(stderr=stderr)
     if not console.is_terminal:
         console.soft_wrap = True
-        if not os.environ.get("COLUMNS"):
-            console.width = _UNBOUNDED_WIDTH
+        console.width = _UNBOUNDED_WIDTH
     return console
 
 

@@ -16,7 +16,8 @@ import redis
 from optuna_rq.client import BrokerClient
 from optuna_rq.protocol import StudyState, StudyStatus
 from optuna_rq.storage.storage_access import default_storage_url, open_storage
-from optuna_rq.terminal.status_view import status_detail, status_lines
+from optuna_rq.terminal.status_view import status_detail, status_lines, waiting_note
+from optuna_rq.terminal.study_bar import StudyBar, make_console
 from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -90,6 +91,38 @@ def test_enqueued_sets_run_first_once_and_trials_best_delete_work(
     assert client.status(busy) is None
     with pytest.raises(KeyError):
         stored_trials(busy, cli_state)
+
+
+def test_a_bar_on_a_pipe_is_one_line_whatever_columns_says(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """COLUMNS=80 as pytest-xdist's workers have it (GNU readline, imported by pytest as it
+    starts, exports it, and the workers inherit it): on a pipe the bar's last line still holds
+    the command to copy whole, as in the test above, whichever process ran it."""
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("LINES", "24")
+    for forcing in ("FORCE_COLOR", "TTY_COMPATIBLE"):  # what would make a pipe a terminal
+        monkeypatch.delenv(forcing, raising=False)
+    busy = "a-study-whose-name-alone-takes-most-of-an-eighty-column-terminal-" + "x" * 20
+    snapshot = StudyStatus(
+        name=busy,
+        state=StudyState.RUNNING,
+        objective="tests.support.objectives:quadratic",
+        directions=["minimize"],
+        n_trials=3,
+        concurrency=1,
+        priority=1.0,
+        storage="memory",
+        queue="nobody",
+        waiting_for_workers=True,
+    )
+    with StudyBar(make_console(stderr=True), busy) as bar:
+        bar.show(snapshot, waiting_note(snapshot, None))
+    lines = capsys.readouterr().err.splitlines()
+    note = (
+        "waiting for a worker: optuna-rq workers --import tests.support.objectives --queue nobody"
+    )
+    assert any(line.startswith(busy) and note in line for line in lines), lines
 
 
 def stored_trials(name: str, state: Path) -> list[optuna.trial.FrozenTrial]:

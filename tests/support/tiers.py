@@ -41,6 +41,26 @@ pytest-xdist (`-n 2 --dist loadgroup`) they run on one worker, one after another
 MACHINE_GROUP = "machine"
 
 
+def machine_wide_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under `--dist loadgroup`, xdist's scheduler that runs the `MACHINE_WIDE` files on one
+    worker, read from each test's file name; None (xdist's own) for any other --dist.
+
+    pytest-xdist 3.8 groups a test by appending `@group` to its nodeid in the worker, which
+    pytest 9.2's structured node ids no longer take (pytest-xdist#1386): the `xdist_group` mark
+    is then silently ignored and the group's tests run on both workers at once."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class MachineWideScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if Path(nodeid.partition("::")[0]).name in MACHINE_WIDE:
+                return MACHINE_GROUP
+            return super()._split_scope(nodeid)
+
+    return MachineWideScheduling(config, log)
+
+
 def in_process_tier(item: pytest.Item) -> bool:
     """Whether `item` is a test of the real-process tier."""
     return (
