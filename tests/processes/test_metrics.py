@@ -194,10 +194,13 @@ def test_every_way_a_trial_ends_is_counted_as_its_storage_says(
             "cancelled": (
                 "tests.support.held_objectives:held", *url, "--param", f"key={prefix}:c",
             ),
-            # Its first trial held past --timeout: the two asked ahead end FAIL cancelled.
+            # Its first trial held past --timeout: the two asked ahead end FAIL cancelled. The
+            # timeout counts from the submission: it is submitted first, alone, so that it
+            # starts well within it (the others' starts take the broker seconds on a slow
+            # machine).
             "stopped": (
                 "tests.support.held_objectives:held", *url, "--param", f"key={prefix}:s",
-                "--n-trials", "50", "--ask-ahead", "2", "--timeout", "1",
+                "--n-trials", "50", "--ask-ahead", "2", "--timeout", "3",
             ),
         }  # fmt: skip
 
@@ -208,16 +211,19 @@ def test_every_way_a_trial_ends_is_counted_as_its_storage_says(
             assert found is not None, name
             return found.to_dict()
 
-        submits = [  # at once: the studies run side by side
-            subprocess.Popen(
+        def submit(name: str) -> subprocess.Popen[bytes]:
+            args = studies[name]
+            return subprocess.Popen(
                 cli("--redis-url", redis_url, "--prefix", prefix, "submit", *args, *x)
                 + (["--n-trials", "1"] if "--n-trials" not in args else [])
                 + ["--concurrency", "1", "--study-name", name],
                 env=env,
                 stdout=subprocess.DEVNULL,
             )
-            for name, args in studies.items()
-        ]
+
+        assert submit("stopped").wait(timeout=60) == 0
+        wait_until(lambda: status("stopped")["running"] == 1, timeout_s=60)
+        submits = [submit(name) for name in studies if name != "stopped"]  # side by side
         assert [p.wait(timeout=60) for p in submits] == [0] * len(submits)
         wait_until(lambda: status("cancelled")["running"] == 1, timeout_s=60)
         assert run_cli("cancel", "cancelled").returncode == 0
