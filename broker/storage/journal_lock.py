@@ -32,9 +32,10 @@ class JournalLock:
     waiters stat what the symlink points to). Waiting for the lock, a symlink naming a gone
     process of this host is released at once, and so is one naming a broker of `superseded`
     ("host:pid", looked up as it is waited on): a broker that lost its prefix's lock to this
-    one, frozen with the journal's lock held, writes nothing more (its flush is fenced); any
-    other (an Optuna writer's) after `grace_s` with no change to what it points to, as
-    Optuna's own writers release it.
+    one, frozen with the journal's lock held. Any other (an Optuna writer's) is released after
+    `grace_s` with no change to what it points to, as Optuna's own writers release it. A lock
+    taken from a holder that may still run has `acquire` say so: the journal revokes its file
+    (`journal_file`), so that nothing the old holder appends reaches a reader.
     """
 
     def __init__(
