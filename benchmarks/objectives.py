@@ -55,3 +55,18 @@ def raw_rq_sleep_50ms(done_key: str) -> None:
     """A plain RQ job that sleeps 50 ms: raw RQ's own scaling, with no Optuna and no broker."""
     time.sleep(0.05)
     raw_rq_job(done_key)
+
+
+def pruning_example(trial) -> float:  # type: ignore[no-untyped-def]
+    """The shape of Optuna's pruning example: one suggestion, then 100 steps of a little work,
+    each reported and followed by `should_prune`."""
+    x = trial.suggest_float("x", -10, 10)
+    value = 0.0
+    for step in range(100):
+        value = sum((x - 2) ** 2 / (i + step + 1) for i in range(200))  # a step's work
+        trial.report(value, step)
+        if trial.should_prune():
+            import optuna
+
+            raise optuna.TrialPruned()
+    return value

@@ -6,13 +6,19 @@ with any storage. It is an `optuna.Trial` (so `isinstance` checks and `optuna.ar
 it) with `MultiObjectiveTrial`'s surface besides: `report(values, step)` in a multi-objective
 study, `suggest_int(name, low, high, step=1, log=False)`, `set_system_attr`.
 
-Every call takes one round trip and raises what in-process Optuna raises (`ValueError`,
-`TypeError`, `NotImplementedError`), checked here before the trip where the arguments alone
-decide, else by Optuna on the broker; Optuna's warnings there are warned here again. What the
-storage holds (`params`, `distributions`, `user_attrs`, `system_attrs`, ...) is read from the
-broker, once after each change. `RemoteTrialError` means the broker refused the call (with its
-reason), or would refuse it (over a message limit: `workers.call_limits`, checked before it is
-sent), or did not answer.
+A call that answers something (a suggestion, `should_prune`, a read) takes one round trip and
+raises what in-process Optuna raises (`ValueError`, `TypeError`, `NotImplementedError`), checked
+here before the trip where the arguments alone decide, else by Optuna on the broker; Optuna's
+warnings there are warned here again. What the storage holds (`params`, `distributions`,
+`user_attrs`, `system_attrs`, ...) is read from the broker, once after each change.
+`RemoteTrialError` means the broker refused the call (with its reason), or would refuse it (over
+a message limit: `workers.call_limits`, checked before it is sent), or did not answer.
+
+A call that only records (`report`, `set_user_attr`, `set_system_attr`, `set_constraint`) is
+sent without waiting (`_post`): everything Optuna would raise or warn for it is decided here, from
+its arguments and the steps this trial reported. Calls and the trial's result travel on one
+stream, which the broker reads in order, so a recorded value is in the study before the trial's
+next call (a `should_prune` after a `report` sees it) and before its result.
 
 Replies come on the attempt's own list (`Keys.reply_list`, named by study, incarnation, trial and
 attempt), and each names the call it answers: a trial takes only the answer to the call it waits
@@ -47,6 +53,7 @@ from optuna.distributions import (
 from optuna_rq.errors import ProtocolError, RemoteTrialError
 from optuna_rq.protocol import (
     CALL_FIELD,
+    DEFAULT_MAX_MESSAGE_BYTES,
     CallError,
     Keys,
     Record,
@@ -59,6 +66,7 @@ from optuna_rq.protocol import (
 from optuna_rq.protocol.counters import count_dropped, count_refused
 from optuna_rq.workers.call_limits import encode_call
 from optuna_rq.workers.remote_study import RemoteStudy
+from optuna_rq.workers.trial_arguments import as_float, as_step, deprecated, storable
 
 __all__ = ["RemoteTrial", "RemoteTrialError"]
 
@@ -99,16 +107,18 @@ class RemoteTrial(optuna.Trial):
         self.dropped_replies = 0  # taken off its list, and not the answer to the call made
         self._stale_replies = 0  # of them, the ones that opened: answers to other calls
         self._view: dict[str, Any] | None = None  # the trial as last read; None after a change
+        self._reported: set[int] = set()  # the steps reported, as Optuna's trial knows them
         self._relative: dict[str, Any] | None = None
         self._relative_space: dict[str, BaseDistribution] | None = None
         self._study_view = RemoteStudy(self._call)
         self._trial_id = request.trial_number  # what optuna.artifacts hands back to `storage`
         self.storage = _TrialStorage(self)  # type: ignore[assignment]
 
-    def _call(self, method: TrialMethod, *args: Any, **kwargs: Any) -> Any:
-        """Run `method` on the broker's trial; raise what it raised there."""
+    def _new_call(
+        self, method: TrialMethod, args: Sequence[Any], kwargs: dict[str, Any], *, reply: bool
+    ) -> TrialCall:
         self._seq += 1
-        call = TrialCall(
+        return TrialCall(
             study=self._request.study,
             incarnation=self._request.incarnation,
             trial_number=self._request.trial_number,
@@ -117,15 +127,36 @@ class RemoteTrial(optuna.Trial):
             method=method,
             args=list(args),
             kwargs=kwargs,
-            reply=True,
+            reply=reply,
             token=self._request.token,
         )
-        payload = encode_call(call, max_bytes=self._signer.max_message_bytes)
+
+    def _send(self, method: TrialMethod, payload: bytes) -> None:
         if not (isinstance(method, TrialMethod) and method.reads):
             self._view = None  # the call may change the trial
         self._connection.xadd(
             self._request.reply_to, {CALL_FIELD: self._signer.seal(Record.CALL, payload)}
         )
+
+    def _post(self, method: TrialMethod, *args: Any, stored: Any = None) -> None:
+        """Run `method` on the broker's trial without waiting for it (see the module), after
+        the checks that decide its failures here: the message limits, and that `stored` is what
+        the broker's storage keeps. A call over the default message limit waits for its answer
+        all the same: a broker may allow less than this worker, and its refusal must be heard."""
+        payload = encode_call(
+            self._new_call(method, args, {}, reply=False),
+            max_bytes=self._signer.max_message_bytes,
+        )
+        storable(stored)
+        if len(payload) > DEFAULT_MAX_MESSAGE_BYTES:
+            self._call(method, *args)
+        else:
+            self._send(method, payload)
+
+    def _call(self, method: TrialMethod, *args: Any, **kwargs: Any) -> Any:
+        """Run `method` on the broker's trial; raise what it raised there."""
+        call = self._new_call(method, args, kwargs, reply=True)
+        self._send(method, encode_call(call, max_bytes=self._signer.max_message_bytes))
         deadline = time.monotonic() + CALL_TIMEOUT_S
         while True:
             left_s = deadline - time.monotonic()
@@ -212,15 +243,15 @@ class RemoteTrial(optuna.Trial):
         return self._call(TrialMethod.SUGGEST_CATEGORICAL, name, list(choices))  # type: ignore[no-any-return]
 
     def suggest_uniform(self, name: str, low: float, high: float) -> float:
-        _deprecated("suggest_uniform", "suggest_float(..., low, high)")
+        deprecated("suggest_uniform", "suggest_float(..., low, high)")
         return self.suggest_float(name, low, high)
 
     def suggest_loguniform(self, name: str, low: float, high: float) -> float:
-        _deprecated("suggest_loguniform", "suggest_float(..., low, high, log=True)")
+        deprecated("suggest_loguniform", "suggest_float(..., low, high, log=True)")
         return self.suggest_float(name, low, high, log=True)
 
     def suggest_discrete_uniform(self, name: str, low: float, high: float, q: float) -> float:
-        _deprecated("suggest_discrete_uniform", "suggest_float(..., low, high, step=q)")
+        deprecated("suggest_discrete_uniform", "suggest_float(..., low, high, step=q)")
         return self.suggest_float(name, low, high, step=q)
 
     @property
@@ -255,17 +286,31 @@ class RemoteTrial(optuna.Trial):
         # The value first, then the step, as Optuna checks them: report("foo", -1) is the
         # value's TypeError, not the step's ValueError.
         if many and self._multi:
-            values = [_float(v) for v in value]  # type: ignore[union-attr]
-            step = _step(step)
+            values = [as_float(v) for v in value]  # type: ignore[union-attr]
+            step = as_step(step)
             if len(values) != self._request.n_objectives:
                 raise ValueError(
                     "report(values, step) takes one value per objective: the study has "
                     f"{self._request.n_objectives} directions, got {len(values)} values"
                 )
-            self._call(TrialMethod.REPORT_VALUES, values, step)
+            if self._reported_before(step, "values are", f"step={step}"):
+                return
+            self._post(TrialMethod.REPORT_VALUES, values, step)
         else:
-            number = _float(value)
-            self._call(TrialMethod.REPORT, number, _step(step))
+            number = as_float(value)
+            step = as_step(step)
+            if self._reported_before(step, "value is", f"`step={step}`"):
+                return
+            self._post(TrialMethod.REPORT, number, step)
+
+    def _reported_before(self, step: int, what: str, named: str) -> bool:
+        """Whether `step` was reported: then, as Optuna does, warn that the value is ignored."""
+        if step not in self._reported:
+            self._reported.add(step)
+            return False
+        message = f"The reported {what} ignored because this {named} is already reported."
+        warnings.warn(message, UserWarning, stacklevel=3)
+        return True
 
     def should_prune(self) -> bool:
         if self._multi:
@@ -275,17 +320,17 @@ class RemoteTrial(optuna.Trial):
         return bool(self._call(TrialMethod.SHOULD_PRUNE))
 
     def set_constraint(self, key: str, value: float) -> None:
-        number = _float(value)
+        number = as_float(value)
         if math.isnan(number):
             raise ValueError(f"Attempted to set a constraint for {key!r}, but NaN is not allowed.")
-        self._call(TrialMethod.SET_CONSTRAINT, key, number)
+        self._post(TrialMethod.SET_CONSTRAINT, key, number)
 
     def set_user_attr(self, key: str, value: Any) -> None:
-        self._call(TrialMethod.SET_USER_ATTR, key, value)
+        self._post(TrialMethod.SET_USER_ATTR, key, value, stored=value)
 
     def set_system_attr(self, key: str, value: Any) -> None:
         """`MultiObjectiveTrial.set_system_attr` (Optuna 5's `Trial` no longer has one)."""
-        self._call(TrialMethod.SET_SYSTEM_ATTR, key, value)
+        self._post(TrialMethod.SET_SYSTEM_ATTR, key, value, stored=value)
 
     # -- what the storage holds --------------------------------------------------------------------
 
@@ -362,33 +407,3 @@ def _raise(answer: TrialCallReply, method: str) -> NoReturn:
     message = answer.error or f"{method} failed on the broker"
     kind = answer.error_kind or CallError.REFUSED
     raise _RAISES.get(kind, RemoteTrialError)(message)
-
-
-def _float(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):  # Optuna's own message
-        raise TypeError(
-            f"The `value` argument is of type '{type(value)}' but supposed to be a float."
-        ) from None
-
-
-def _step(step: Any) -> int:
-    try:
-        number = int(step)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"The `step` argument is of type '{type(step)}' but supposed to be an int."
-        ) from None
-    if number < 0:
-        raise ValueError(f"`step={number}` must be non-negative.")
-    return number
-
-
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(
-        f"{old} has been deprecated in v3.0.0. This feature will be removed in v6.0.0. "
-        f"Use {new} instead.",
-        FutureWarning,
-        stacklevel=3,
-    )

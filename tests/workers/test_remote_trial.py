@@ -17,6 +17,7 @@ from optuna_rq.protocol.signing import Signer
 from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from optuna_rq.workers.remote_trial import RemoteTrial
 from tests.support.inline_workers import InlineWorkers
+from tests.support.objectives import define_by_run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -53,6 +54,35 @@ def test_define_by_run_with_a_median_pruner(redis_url: str, inline_workers: Inli
             assert trial.value == pytest.approx(last)
         else:
             assert sorted(trial.intermediate_values) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reports_sent_without_a_wait_prune_as_in_process_at_cap_1(
+    redis_url: str, inline_workers: InlineWorkers, seed: int
+) -> None:
+    """`report` does not wait for the broker; `should_prune` does, after it. A seeded study run
+    one trial at a time samples, reports and prunes exactly as it does in-process."""
+
+    def make() -> optuna.Study:
+        return optuna.create_study(
+            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+        )
+
+    queue = inline_workers.start(count=1)
+    mine = make()
+    remote(
+        "tests.support.objectives:define_by_run", queue, redis_url, concurrency=1, n_trials=14,
+        study=mine,
+    ).run()  # fmt: skip
+    theirs = make()
+    theirs.optimize(define_by_run, n_trials=14)
+
+    def seen(study: optuna.Study) -> list[tuple[object, ...]]:
+        return [(t.state, t.params, t.intermediate_values, t.value) for t in study.trials]
+
+    assert seen(mine) == seen(theirs)
+    assert TrialState.PRUNED in {t.state for t in mine.trials}
 
 
 def test_define_by_run_multi_objective(redis_url: str, inline_workers: InlineWorkers) -> None:

@@ -35,6 +35,7 @@ from optuna_rq.protocol import (
     Signer,
     TrialCall,
     TrialCallReply,
+    TrialMethod,
     TrialRequest,
     generate_keyrings,
 )
@@ -290,3 +291,42 @@ def test_a_call_no_worker_given_the_job_sent_is_refused_unanswered(
     # would be on the list first, and taken for this one's.
     assert trial.suggest_float("x", 0, 1) == trial.params["x"]
     assert trial.dropped_replies == 0 and served.replies() == []
+
+
+# -- calls that only record: sent without a wait -------------------------------------------------
+
+
+def test_a_call_that_only_records_is_not_answered_and_is_applied_before_the_next_call(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trial = served.trial()
+    sent: list[TrialCall] = []
+    xadd = served.conn.xadd
+
+    def spy(name: str, fields: dict[Any, Any], *args: Any, **kwargs: Any) -> Any:
+        if CALL_FIELD in fields:  # what the worker sends: its calls
+            sent.append(TrialCall.decode(WORKER.open(Record.CALL, fields[CALL_FIELD])))
+        return xadd(name, fields, *args, **kwargs)
+
+    monkeypatch.setattr(served.conn, "xadd", spy)
+    trial.report(0.5, 0)
+    trial.set_user_attr("note", {"k": [1, 2]})
+    trial.set_constraint("c", 0.25)
+    # The next call that answers sees them all: the broker read them first, in order.
+    assert trial.intermediate_values == {0: 0.5}
+    assert trial.user_attrs == {"note": {"k": [1, 2]}}
+    assert trial.constraints == {"c": 0.25}
+    # Only that read asked for an answer, and took it.
+    assert [(c.method, c.reply) for c in sent] == [
+        (TrialMethod.REPORT, False),
+        (TrialMethod.SET_USER_ATTR, False),
+        (TrialMethod.SET_CONSTRAINT, False),
+        (TrialMethod.TRIAL, True),
+    ]
+    assert served.replies() == [] and trial.dropped_replies == 0
+    # What Optuna raises or warns for them is decided on the worker, with Optuna's words.
+    with pytest.warns(UserWarning, match=r"The reported value is ignored because this `step=0`"):
+        trial.report(0.75, 0)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        trial.set_user_attr("raw", b"bytes")  # the wire carries them; the storage does not
+    assert trial.intermediate_values == {0: 0.5} and "raw" not in trial.user_attrs
