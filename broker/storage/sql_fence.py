@@ -22,7 +22,6 @@ broker that may write: the Redis lock's acquisition count, which only grows (`da
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,8 +120,7 @@ class SqlFence:
                     TABLE,
                     exc.orig,
                 )
-                self._end_stale_sessions(engine)
-                time.sleep(0.05)  # for the ended sessions' locks to go
+                self._end_stale_sessions(engine)  # the claim's next wait sees them go
         raise FenceLostError(f"{TABLE}: could not claim the row of prefix {self.prefix!r}")
 
     def _raise_row(self, connection: Connection) -> None:
