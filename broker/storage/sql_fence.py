@@ -152,11 +152,9 @@ class SqlFence:
             ).all()
             for pid, name in rows:
                 generation, _, prefix = name.removeprefix(_APPLICATION).partition(":")
-                if (
-                    generation.isdigit()
-                    and int(generation) < self.generation
-                    and self.prefix.startswith(prefix)  # a long prefix is cut short
-                ):
+                cut = len(name) >= _NAME_LENGTH  # a long prefix is cut short in the name
+                ours = self.prefix.startswith(prefix) if cut else prefix == self.prefix
+                if ours and generation.isdigit() and int(generation) < self.generation:
                     connection.execute(
                         sqlalchemy.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}
                     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from sqlalchemy import event
 
 from optuna_rq.errors import FenceLostError
@@ -109,3 +110,31 @@ def test_a_transaction_frozen_past_its_check_is_ended_by_the_claim(
     event.remove(old.scoped_session, "before_commit", freeze)
     old.engine.dispose()
     new.engine.dispose()
+
+
+def test_a_claim_ends_only_its_own_prefixs_stale_sessions(empty_database: str) -> None:
+    """PostgreSQL: the sessions a claim ends are those of its prefix's earlier brokers, never
+    another prefix's, even one whose name begins the same."""
+    others = {
+        "same prefix, earlier": SqlFence("p", 5),
+        "longer prefix": SqlFence("pq", 1),
+        "shorter prefix": SqlFence("", 1),
+    }
+    engines = {
+        what: sqlalchemy.create_engine(empty_database, **fence.engine_kwargs(empty_database))
+        for what, fence in others.items()
+    }
+    held = {what: engine.connect() for what, engine in engines.items()}
+    for connection in held.values():
+        connection.exec_driver_sql("SELECT 1")
+    SqlFence("p", 6)._end_stale_sessions(sqlalchemy.create_engine(empty_database))
+    alive = {}
+    for what, connection in held.items():
+        try:
+            connection.exec_driver_sql("SELECT 1")
+            alive[what] = True
+        except sqlalchemy.exc.DBAPIError:
+            alive[what] = False
+    assert alive == {"same prefix, earlier": False, "longer prefix": True, "shorter prefix": True}
+    for engine in engines.values():
+        engine.dispose()
