@@ -210,9 +210,9 @@ class Daemon:
             previous = None
         if previous is not None and previous != self.identity:
             self.storages.superseded.add(where(previous))
-        generation = self.lock.fence.generation
-        assert generation is not None  # armed by the acquisition
-        self.storages.writer = (self.settings.prefix, int(generation))
+        fence = self.lock.fence
+        assert fence.epoch is not None and fence.generation is not None  # armed by acquiring
+        self.storages.writer = (self.settings.prefix, fence.epoch.decode(), int(fence.generation))
         try:
             self.ledger.load()  # by the prefix's broker alone: what its predecessor applied
         except ConfigError:

@@ -289,9 +289,9 @@ class Storages:
         """Run before anything is made durable (the broker's fence: a broker that lost its lock
         or its epoch makes nothing durable); raises to stop it. A journal's changes become
         durable at `flush`, a storage that writes through (SQL) at each write."""
-        self.writer: tuple[str, int] | None = None
-        """The prefix and lock generation of the broker writing, once it holds its lock: what
-        SQL storages keep its fence by (`sql_fence`)."""
+        self.writer: tuple[str, str, int] | None = None
+        """The prefix, Redis epoch and lock generation of the broker writing, once it holds its
+        lock: what SQL storages keep its fence by (`sql_fence`)."""
 
     def open(self, url: str) -> GuardedStorage:
         """The storage at `url`; raises StorageNotAllowedError (nothing opened) if the policy
@@ -358,7 +358,9 @@ def _identity(url: str) -> str:
     return url if path is None else f"journal://{os.path.realpath(path)}"
 
 
-def _open_guarded(url: str, superseded: set[str], writer: tuple[str, int] | None) -> GuardedStorage:
+def _open_guarded(
+    url: str, superseded: set[str], writer: tuple[str, str, int] | None
+) -> GuardedStorage:
     path = journal_path(url)
     journal = None
     try:

@@ -5,8 +5,10 @@ The broker checks its Redis fence (`daemon.fence`) before each write to a study 
 broker frozen between that check and its commit (a paused VM, a long GC, SIGSTOP) would commit
 after another broker took the prefix over: a trial asked twice, a result recorded by a broker
 that no longer serves the study. No check the frozen broker makes can close that gap, so the
-database keeps the fence too. Table `optuna_rq_fence` holds, per prefix, the generation of the
-broker that may write: the Redis lock's acquisition count, which only grows (`daemon.fence`).
+database keeps the fence too. Table `optuna_rq_fence` holds, per prefix and Redis (its epoch,
+so that deployments on other Redis servers with the same prefix are never touched), the
+generation of the broker that may write: the Redis lock's acquisition count, which only grows
+(`daemon.fence`).
 
 - A broker claims the row when it opens the storage: it raises the row to its generation. A
   broker with a lower generation cannot take it back: it was taken over.
@@ -14,9 +16,10 @@ broker that may write: the Redis lock's acquisition count, which only grows (`da
   share lock held until the commit, and rolls back with `FenceLostError` if the row holds
   another generation.
 - A claim therefore waits for any transaction that read the row and has not committed. On
-  PostgreSQL it ends the sessions of the brokers it takes over from (each names its prefix and
-  generation in `application_name`) instead of waiting for a frozen process; elsewhere it waits
-  until that broker wakes, when its check fails and its transaction rolls back.
+  PostgreSQL it ends the sessions of the brokers it takes over from (each names its epoch,
+  generation and prefix in `application_name`) instead of waiting for a frozen process;
+  elsewhere it waits until that broker wakes, when its check fails and its transaction rolls
+  back.
 """
 
 from __future__ import annotations
@@ -51,21 +54,24 @@ _table = sqlalchemy.Table(
     TABLE,
     _metadata,
     sqlalchemy.Column("prefix", sqlalchemy.String(255), primary_key=True),
+    sqlalchemy.Column("epoch", sqlalchemy.String(64), primary_key=True),
     sqlalchemy.Column("generation", sqlalchemy.BigInteger, nullable=False),
 )
 
 
 @dataclass(frozen=True)
 class SqlFence:
-    """The fence of the broker of `prefix` that took its lock as acquisition `generation`."""
+    """The fence of the broker of `prefix` on the Redis whose epoch is `epoch`, that took its
+    lock as acquisition `generation`."""
 
     prefix: str
+    epoch: str
     generation: int
 
     @property
     def application_name(self) -> str:
         """How this broker's sessions name themselves on PostgreSQL (see the module)."""
-        return f"{_APPLICATION}{self.generation}:{self.prefix}"[:_NAME_LENGTH]
+        return f"{_APPLICATION}{self.epoch}:{self.generation}:{self.prefix}"[:_NAME_LENGTH]
 
     def engine_kwargs(self, url: str) -> dict[str, Any]:
         """What Optuna's engine is made with for `url`: on PostgreSQL, the sessions' name."""
@@ -89,7 +95,7 @@ class SqlFence:
         connection = session.connection()
         if not connection.info.get(_WROTE):
             return
-        held = _read(connection, self.prefix, lock=True)
+        held = self._read(connection, lock=True)
         if held != self.generation:
             raise FenceLostError(
                 f"lost the broker lock: the study storage's fence ({TABLE}) holds generation "
@@ -123,17 +129,27 @@ class SqlFence:
                 self._end_stale_sessions(engine)  # the claim's next wait sees them go
         raise FenceLostError(f"{TABLE}: could not claim the row of prefix {self.prefix!r}")
 
+    def _row(self) -> Any:
+        return sqlalchemy.and_(_table.c.prefix == self.prefix, _table.c.epoch == self.epoch)
+
+    def _read(self, connection: Connection, *, lock: bool) -> int | None:
+        query = sqlalchemy.select(_table.c.generation).where(self._row())
+        if lock and connection.dialect.name != "sqlite":  # SQLite's writer holds the database
+            query = query.with_for_update(read=True)
+        held = connection.execute(query).scalar()
+        return None if held is None else int(held)
+
     def _raise_row(self, connection: Connection) -> None:
         raised = connection.execute(
             _table.update()
-            .where(_table.c.prefix == self.prefix, _table.c.generation < self.generation)
+            .where(self._row(), _table.c.generation < self.generation)
             .values(generation=self.generation)
         )
         if raised.rowcount:
             return
-        held = _read(connection, self.prefix, lock=False)
+        held = self._read(connection, lock=False)
         if held is None:
-            row = {"prefix": self.prefix, "generation": self.generation}
+            row = {"prefix": self.prefix, "epoch": self.epoch, "generation": self.generation}
             connection.execute(_table.insert().values(**row))
         elif held > self.generation:
             raise FenceLostError(
@@ -143,7 +159,8 @@ class SqlFence:
             )
 
     def _end_stale_sessions(self, engine: Engine) -> None:
-        """End the PostgreSQL sessions of this prefix's brokers of earlier generations."""
+        """End the PostgreSQL sessions of this prefix's brokers of earlier generations, on the
+        same Redis."""
         with engine.begin() as connection:
             rows = connection.exec_driver_sql(
                 "SELECT pid, application_name FROM pg_stat_activity "
@@ -151,21 +168,15 @@ class SqlFence:
                 f"AND application_name LIKE '{_APPLICATION}%%'"
             ).all()
             for pid, name in rows:
-                generation, _, prefix = name.removeprefix(_APPLICATION).partition(":")
+                epoch, _, rest = name.removeprefix(_APPLICATION).partition(":")
+                generation, _, prefix = rest.partition(":")
                 cut = len(name) >= _NAME_LENGTH  # a long prefix is cut short in the name
                 ours = self.prefix.startswith(prefix) if cut else prefix == self.prefix
+                ours = ours and epoch == self.epoch
                 if ours and generation.isdigit() and int(generation) < self.generation:
                     connection.execute(
                         sqlalchemy.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}
                     )
-
-
-def _read(connection: Connection, prefix: str, *, lock: bool) -> int | None:
-    query = sqlalchemy.select(_table.c.generation).where(_table.c.prefix == prefix)
-    if lock and connection.dialect.name != "sqlite":  # SQLite's writer holds the database
-        query = query.with_for_update(read=True)
-    held = connection.execute(query).scalar()
-    return None if held is None else int(held)
 
 
 def _create_table(engine: Engine) -> None:

@@ -19,7 +19,6 @@ from optuna.trial import TrialState
 from optuna_rq.storage.storage_access import default_storage_url, open_storage
 from optuna_rq.storage.storage_policy import canonical_storage
 from tests.support.helpers import wait_until
-from tests.support.postgres import postgres_url
 from tests.support.worker_processes import cli, cli_env, live_workers, start_broker, stop_process
 
 pytestmark = pytest.mark.timeout(180)
@@ -505,14 +504,9 @@ def test_a_space_file_submission(run_cli, broker_process, workers_factory, tmp_p
 
 
 def test_a_study_on_postgresql_storage(
-    run_cli, workers_factory, redis_url: str, prefix: str, cli_state: Path
+    run_cli, workers_factory, redis_url: str, prefix: str, cli_state: Path, empty_database: str
 ) -> None:
-    url = postgres_url()
-    if url is None:
-        pytest.skip(
-            "PostgreSQL is not answering at 127.0.0.1:5432 (or psycopg2 is missing): "
-            "the PostgreSQL storage test did not run"
-        )
+    url = empty_database  # of its own: what other runs left in a shared one is not its
     allowed = canonical_storage(url)  # its URL without the user name and password
     broker = start_broker(redis_url, prefix, cli_state, "--allow-storage", allowed)
     workers_factory(count=2)
@@ -538,7 +532,6 @@ def test_a_study_on_postgresql_storage(
         assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 6
         assert status_of(run_cli, name)["storage"] == url
     finally:
-        optuna.delete_study(study_name=name, storage=url)
         assert stop_process(broker) == 0
 
 

@@ -35,7 +35,6 @@ from tests.processes.faults.test_broker_health import probe
 from tests.processes.test_metrics import free_port
 from tests.support.cluster import Cluster, RedisServer
 from tests.support.helpers import wait_until
-from tests.support.postgres import postgres_url
 from tests.support.worker_processes import cli, cli_env, stop_process
 
 pytestmark = pytest.mark.timeout(120)
@@ -254,23 +253,17 @@ def test_brokers_sharing_one_state_directory_take_over_on_its_default_journal(
     assert len(each_called_once(cluster)) == len(trials)
 
 
-def test_a_standby_takes_over_on_postgresql(cluster: Cluster, tmp_path: Path) -> None:
-    url = postgres_url()
-    if url is None:
-        pytest.skip(
-            "PostgreSQL is not answering at 127.0.0.1:5432 (or psycopg2 is missing): "
-            "the standby's PostgreSQL takeover did not run"
-        )
+def test_a_standby_takes_over_on_postgresql(
+    empty_database: str, cluster: Cluster, tmp_path: Path
+) -> None:
+    url = empty_database  # of its own: what other runs left in a shared one is not its
     name = run_takeovers(cluster, tmp_path, url, [signal.SIGSTOP, signal.SIGKILL])
-    try:
-        status = cluster.wait_finished(name)
-        trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
-        states = collections.Counter(t.state for t in trials)
-        assert states == {TrialState.COMPLETE: status["n_trials"]}, states
-        assert len(each_called_once(cluster)) == len(trials)
-        assert max(cluster.samples()) <= 3
-    finally:
-        optuna.delete_study(study_name=name, storage=url)
+    status = cluster.wait_finished(name)
+    trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    states = collections.Counter(t.state for t in trials)
+    assert states == {TrialState.COMPLETE: status["n_trials"]}, states
+    assert len(each_called_once(cluster)) == len(trials)
+    assert max(cluster.samples()) <= 3
 
 
 def test_a_study_is_not_resumed_afresh_in_a_storage_it_did_not_run_in(
@@ -443,7 +436,7 @@ def test_a_broker_frozen_between_its_fence_and_its_journal_write_appends_nothing
 
 
 def test_a_broker_frozen_between_its_fence_and_an_sql_write_commits_nothing_after_it(
-    cluster: Cluster, tmp_path: Path, empty_database: str
+    empty_database: str, cluster: Cluster, tmp_path: Path
 ) -> None:
     """The same freeze on PostgreSQL: past the Redis fence, before the write. The database
     keeps the fence too (`optuna_rq.storage.sql_fence`): the broker that takes over claims it,

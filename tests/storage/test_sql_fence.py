@@ -1,6 +1,7 @@
 """The broker's fence inside SQL study storages (`optuna_rq.storage.sql_fence`): once a broker of
 a later generation claimed the prefix, no write transaction of an earlier one commits, whatever
-point it was frozen at; reads go on; other prefixes are untouched. On PostgreSQL (skipped loudly
+point it was frozen at; reads go on; other prefixes, and the same prefix on another Redis, are
+untouched. On PostgreSQL (skipped loudly
 where none answers) and SQLite."""
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield request.getfixturevalue("empty_database")
 
 
-def broker_storage(url: str, prefix: str, generation: int) -> optuna.storages.RDBStorage:
-    """The storage at `url` as the broker of `prefix`, acquisition `generation`, opens it."""
-    fence = SqlFence(prefix, generation)
+def broker_storage(
+    url: str, prefix: str, generation: int, epoch: str = "e1"
+) -> optuna.storages.RDBStorage:
+    """The storage at `url` as the broker of `prefix` on the Redis of `epoch`, acquisition
+    `generation`, opens it."""
+    fence = SqlFence(prefix, epoch, generation)
     storage = open_storage(url, engine_kwargs=fence.engine_kwargs(url))
     assert isinstance(storage, optuna.storages.RDBStorage)
     fence.install(storage.engine, storage.scoped_session)
@@ -47,6 +51,7 @@ def test_a_broker_taken_over_commits_no_write_and_reads_on(database: str) -> Non
     study = optuna.create_study(study_name="s", storage=old)
     study.ask()  # the old broker's writes commit while it holds the fence
     other_prefix = broker_storage(database, "q", 1)
+    other_redis = broker_storage(database, "p", 1, epoch="e2")  # prefix p on another Redis
     new = broker_storage(database, "p", 6)  # took prefix p over
     study_id = old.get_study_id_from_name("s")  # a read: no fence
     with pytest.raises(FenceLostError, match="lost the broker lock"):
@@ -56,9 +61,10 @@ def test_a_broker_taken_over_commits_no_write_and_reads_on(database: str) -> Non
     assert trials(database, "s") == 1
     assert "k" not in optuna.load_study(study_name="s", storage=database).user_attrs
     new.create_new_trial(study_id)  # the new broker writes
-    other_prefix.create_new_trial(study_id)  # and another prefix's broker is untouched
-    assert trials(database, "s") == 3
-    for storage in (old, new, other_prefix):
+    other_prefix.create_new_trial(study_id)  # and another prefix's broker is untouched,
+    other_redis.create_new_trial(study_id)  # and that of the same prefix on another Redis
+    assert trials(database, "s") == 4
+    for storage in (old, new, other_prefix, other_redis):
         storage.engine.dispose()
 
 
@@ -116,9 +122,10 @@ def test_a_claim_ends_only_its_own_prefixs_stale_sessions(empty_database: str) -
     """PostgreSQL: the sessions a claim ends are those of its prefix's earlier brokers, never
     another prefix's, even one whose name begins the same."""
     others = {
-        "same prefix, earlier": SqlFence("p", 5),
-        "longer prefix": SqlFence("pq", 1),
-        "shorter prefix": SqlFence("", 1),
+        "same prefix, earlier": SqlFence("p", "e1", 5),
+        "longer prefix": SqlFence("pq", "e1", 1),
+        "shorter prefix": SqlFence("", "e1", 1),
+        "same prefix, another Redis": SqlFence("p", "e2", 1),
     }
     engines = {
         what: sqlalchemy.create_engine(empty_database, **fence.engine_kwargs(empty_database))
@@ -127,7 +134,7 @@ def test_a_claim_ends_only_its_own_prefixs_stale_sessions(empty_database: str) -
     held = {what: engine.connect() for what, engine in engines.items()}
     for connection in held.values():
         connection.exec_driver_sql("SELECT 1")
-    SqlFence("p", 6)._end_stale_sessions(sqlalchemy.create_engine(empty_database))
+    SqlFence("p", "e1", 6)._end_stale_sessions(sqlalchemy.create_engine(empty_database))
     alive = {}
     for what, connection in held.items():
         try:
@@ -135,6 +142,11 @@ def test_a_claim_ends_only_its_own_prefixs_stale_sessions(empty_database: str) -
             alive[what] = True
         except sqlalchemy.exc.DBAPIError:
             alive[what] = False
-    assert alive == {"same prefix, earlier": False, "longer prefix": True, "shorter prefix": True}
+    assert alive == {
+        "same prefix, earlier": False,
+        "longer prefix": True,
+        "shorter prefix": True,
+        "same prefix, another Redis": True,
+    }
     for engine in engines.values():
         engine.dispose()
