@@ -147,16 +147,22 @@ def run_takeovers(
             active, standby = standby, Broker(cluster, active.state, storage, "--standby")
             wait_until(standby.standing_by, timeout_s=30, message="a new standby stands by")
         taken_at = take_over(cluster, active, standby, signum, taken_at)
+    wind_down(cluster, name)
+    return name
+
+
+def wind_down(cluster: Cluster, name: str) -> None:
+    """`optuna-rq set NAME --n-trials 1`: below what the study asked, so it winds down and
+    finishes."""
     done = subprocess.run(
         cli("--redis-url", cluster.server.url, "--prefix", cluster.prefix)
-        + ["set", name, "--n-trials", "1"],  # below what it asked: it winds down and finishes
+        + ["set", name, "--n-trials", "1"],
         env=cli_env(),
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    return name
 
 
 def take_over(
@@ -394,14 +400,13 @@ def test_the_journal_lock_of_the_broker_taken_over_from_is_released_at_once(
         frozen.wait()
 
 
-def test_a_broker_frozen_between_its_fence_and_its_journal_write_appends_nothing_after_it(
-    cluster: Cluster, tmp_path: Path
-) -> None:
-    """The freeze no check can catch: past the fence, before the append (the failpoint
-    `after_fence` stops the broker there). The broker that takes over revokes the journal file,
-    so the woken broker's append reaches no reader; its next Redis write is refused."""
-    storage = f"journal://{cluster.journal()}"
-    stop_at = {"OPTUNA_RQ_FAILPOINTS": "after_fence=25:stop"}
+def frozen_at_its_fence(
+    cluster: Cluster, tmp_path: Path, storage: str, passes: int
+) -> tuple[Broker, Broker, str]:
+    """An active broker that SIGSTOPs itself between its fence and a write to `storage` (the
+    failpoint `after_fence`, on its `passes`th pass: some trials into a study), a standby and
+    three workers; returns (the frozen broker, the standby, the study) once it is frozen."""
+    stop_at = {"OPTUNA_RQ_FAILPOINTS": f"after_fence={passes}:stop"}
     active = Broker(cluster, tmp_path / "a", storage, "--standby", env=stop_at)
     wait_until(lambda: holds(cluster, active), timeout_s=30, message="the first broker serves")
     standby = Broker(cluster, tmp_path / "b", storage, "--standby")
@@ -409,27 +414,36 @@ def test_a_broker_frozen_between_its_fence_and_its_journal_write_appends_nothing
     cluster.start_workers(3)
     name = cluster.submit("steady", n_trials=1000, concurrency=3, hold_s=0.2)
     wait_until(lambda: stopped(active.pid), timeout_s=60, message="frozen at its failpoint")
-    journal = cluster.journal()
-    theirs = set(journal_writers(journal))  # only the frozen broker has written so far
-    frozen_at = len(journal_writers(journal))
+    return active, standby, name
+
+
+def wake_after_the_takeover(cluster: Cluster, active: Broker, standby: Broker) -> None:
+    """Once `standby` took over and runs trials, wake the frozen `active`: it stops (exit 1),
+    saying it lost the broker lock."""
     wait_until(lambda: holds(cluster, standby), timeout_s=TAKEOVER_S, message="taken over")
     started = len(cluster.started())
     wait_until(lambda: len(cluster.started()) >= started + 3, timeout_s=60)
     active.process.send_signal(signal.SIGCONT)
     assert active.process.wait(timeout=30) == 1, active.log()
     assert "lost the broker lock" in active.log(), active.log()
+
+
+def test_a_broker_frozen_between_its_fence_and_its_journal_write_appends_nothing_after_it(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The freeze no check can catch: past the fence, before the append (the failpoint
+    `after_fence` stops the broker there). The broker that takes over revokes the journal file,
+    so the woken broker's append reaches no reader; its next Redis write is refused."""
+    storage = f"journal://{cluster.journal()}"  # flushed once a turn
+    active, standby, name = frozen_at_its_fence(cluster, tmp_path, storage, passes=25)
+    journal = cluster.journal()
+    theirs = set(journal_writers(journal))  # only the frozen broker has written so far
+    frozen_at = len(journal_writers(journal))
+    wake_after_the_takeover(cluster, active, standby)
     assert "replaced by a copy" in standby.log(), standby.log()
     later = journal_writers(journal)[frozen_at:]
     assert later and not set(later) & theirs, "the frozen broker appended after the takeover"
-    done = subprocess.run(
-        cli("--redis-url", cluster.server.url, "--prefix", cluster.prefix)
-        + ["set", name, "--n-trials", "1"],
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+    wind_down(cluster, name)
     status = cluster.wait_finished(name)
     trials = cluster.check(name, complete=status["n_trials"], cap=3, failed=0)
     assert len(each_called_once(cluster)) == len(trials)
@@ -441,29 +455,10 @@ def test_a_broker_frozen_between_its_fence_and_an_sql_write_commits_nothing_afte
     """The same freeze on PostgreSQL: past the Redis fence, before the write. The database
     keeps the fence too (`optuna_rq.storage.sql_fence`): the broker that takes over claims it,
     and the woken broker's write rolls back."""
-    stop_at = {"OPTUNA_RQ_FAILPOINTS": "after_fence=40:stop"}
-    active = Broker(cluster, tmp_path / "a", empty_database, "--standby", env=stop_at)
-    wait_until(lambda: holds(cluster, active), timeout_s=30, message="the first broker serves")
-    standby = Broker(cluster, tmp_path / "b", empty_database, "--standby")
-    wait_until(standby.standing_by, timeout_s=30, message="the other one stands by")
-    cluster.start_workers(3)
-    name = cluster.submit("steady", n_trials=1000, concurrency=3, hold_s=0.2)
-    wait_until(lambda: stopped(active.pid), timeout_s=60, message="frozen at its failpoint")
-    wait_until(lambda: holds(cluster, standby), timeout_s=TAKEOVER_S, message="taken over")
-    started = len(cluster.started())
-    wait_until(lambda: len(cluster.started()) >= started + 3, timeout_s=60)
-    active.process.send_signal(signal.SIGCONT)
-    assert active.process.wait(timeout=30) == 1, active.log()
-    assert "lost the broker lock" in active.log(), active.log()
-    done = subprocess.run(
-        cli("--redis-url", cluster.server.url, "--prefix", cluster.prefix)
-        + ["set", name, "--n-trials", "1"],
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+    # Written through, several writes a trial.
+    active, standby, name = frozen_at_its_fence(cluster, tmp_path, empty_database, passes=40)
+    wake_after_the_takeover(cluster, active, standby)
+    wind_down(cluster, name)
     status = cluster.wait_finished(name)
     trials = optuna.load_study(study_name=name, storage=empty_database).get_trials(deepcopy=False)
     states = collections.Counter(t.state for t in trials)
