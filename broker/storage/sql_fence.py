@@ -34,6 +34,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from optuna_rq.errors import FenceLostError
+from optuna_rq.storage.storage_access import created_despite_races
 
 __all__ = ["TABLE", "SqlFence"]
 
@@ -83,7 +84,7 @@ class SqlFence:
         """Claim the row on `engine`'s database, then check it before every commit of a
         transaction that wrote, in `sessions` (Optuna's `scoped_session`). Raises
         FenceLostError if a broker of a later generation holds it."""
-        _create_table(engine)
+        created_despite_races(lambda: _metadata.create_all(engine), TABLE)
         self._claim(engine)
         event.listen(engine, "before_cursor_execute", _note_writes)
         event.listen(engine, "commit", _forget_writes)
@@ -177,17 +178,6 @@ class SqlFence:
                     connection.execute(
                         sqlalchemy.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}
                     )
-
-
-def _create_table(engine: Engine) -> None:
-    """The fence's table, created where missing (two brokers starting at once may both try)."""
-    for attempt in range(3):
-        try:
-            _metadata.create_all(engine, checkfirst=True)
-            return
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            if attempt == 2:
-                raise
 
 
 def _note_writes(

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 
@@ -17,6 +18,7 @@ from optuna_rq.plumbing.locations import redact_url
 
 __all__ = [
     "STORAGE_SOCKET_TIMEOUT_S",
+    "created_despite_races",
     "default_storage_url",
     "is_sql",
     "journal_path",
@@ -25,6 +27,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("optuna_rq.broker")
+
+T = TypeVar("T")
 
 
 _memory = optuna.storages.InMemoryStorage()
@@ -89,26 +93,37 @@ def open_storage(
 
 
 SCHEMA_ATTEMPTS = 5
-"""How many times an SQL storage is opened when its first open races another process's: Optuna
-creates the tables (and PostgreSQL's enum types) on open, checking first, so two brokers (an
-active and a standby) starting on an empty database may both try to create them, and one fails
-on what the other created. Opened again, it finds them."""
+"""How many times tables are created where the first try raced another process's: Optuna
+creates its tables (and PostgreSQL's enum types) as it opens a storage, checking first, so two
+brokers (an active and a standby) starting on an empty database may both try to create them,
+and one fails on what the other created. Tried again, it finds them."""
 
 
-def _open_rdb(url: str, engine_kwargs: dict[str, Any] | None) -> optuna.storages.BaseStorage:
+def created_despite_races(create: Callable[[], T], what: str) -> T:
+    """`create()`, which creates tables where missing, tried again (up to `SCHEMA_ATTEMPTS`)
+    where it failed on what another process was creating at the same time (`what`: for the
+    log)."""
     import sqlalchemy.exc
 
     attempt = 1
     while True:
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            return create()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             if attempt == SCHEMA_ATTEMPTS:
-                raise _rejected(url, exc) from exc
+                raise
             attempt += 1
-            log.info("storage %s: another process was creating its tables", redact_url(url))
-        except Exception as exc:
-            raise _rejected(url, exc) from exc
+            log.info("%s: another process was creating its tables", what)
+
+
+def _open_rdb(url: str, engine_kwargs: dict[str, Any] | None) -> optuna.storages.BaseStorage:
+    try:
+        return created_despite_races(
+            lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs),
+            f"storage {redact_url(url)}",
+        )
+    except Exception as exc:
+        raise _rejected(url, exc) from exc
 
 
 def _rejected(url: str, exc: Exception) -> ConfigError:
