@@ -20,6 +20,7 @@ from optuna_rq.client import BrokerClient
 from optuna_rq.protocol import Keys, Record, Signer, StudyState, StudyStatus
 from optuna_rq.protocol.keyring import Role, generate_keyrings
 from optuna_rq.protocol.status import RefusedStatus
+from tests.support import source_trees
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("broker", "workers")
@@ -131,14 +132,14 @@ def _all_sites() -> dict[str, set[tuple[str, str]]]:
             if relative == "broker/protocol/keys.py":  # where the names are made
                 continue
             visitor = _Sites(relative)
-            visitor.visit(ast.parse(path.read_text()))
+            visitor.visit(source_trees.parse(path.read_text()))
             for kind, sites in visitor.found.items():
                 found.setdefault(kind, set()).update(sites)
     return found
 
 
 def _source_of(path: str, qualname: str) -> str:
-    tree = ast.parse((ROOT / path).read_text())
+    tree = source_trees.parse((ROOT / path).read_text())
     node: ast.AST = tree
     for part in qualname.split("."):
         node = next(

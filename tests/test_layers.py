@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import source_trees
+
 tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +76,7 @@ def _imports(name: str, path: Path, modules: set[str]) -> set[str]:
     """The package's modules `name` imports anywhere in it (late imports and TYPE_CHECKING too)."""
     found = set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(source_trees.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):

@@ -19,6 +19,7 @@ import typer
 from optuna_rq.cli.app import app
 from optuna_rq.plumbing.embedded import EmbeddedRedis
 from tests.storage.test_storage_policy import OPENERS
+from tests.support import source_trees
 from tests.support.worker_processes import cli, cli_env
 
 pytestmark = pytest.mark.timeout(120)
@@ -169,7 +170,7 @@ def _sites() -> dict[tuple[str, str], set[str]]:
                         found.setdefault((module, ".".join(scope)), set()).add(name)
                 visit(child, scope)
 
-        visit(ast.parse((ROOT / "broker" / module).read_text()), [])
+        visit(source_trees.parse((ROOT / "broker" / module).read_text()), [])
     return found
 
 
@@ -187,7 +188,7 @@ def test_every_front_door_site_that_opens_a_storage_starts_a_server_or_makes_a_f
         next(
             node
             for node in ast.walk(
-                ast.parse((ROOT / "broker" / "cli" / "study_commands.py").read_text())
+                source_trees.parse((ROOT / "broker" / "cli" / "study_commands.py").read_text())
             )
             if isinstance(node, ast.FunctionDef) and node.name == "trials"
         )

@@ -52,6 +52,7 @@ from optuna_rq.protocol import (
 from optuna_rq.protocol.trial_summary import SUMMARY_MAX_BYTES
 from optuna_rq.storage.storage_access import open_storage, open_storage_to_read
 from optuna_rq.workers.execute import trial_result
+from tests.support import source_trees
 from tests.support.worker_processes import cli, cli_env
 
 pytestmark = pytest.mark.timeout(60)
@@ -496,12 +497,12 @@ def _uses_of_trials_of() -> set[tuple[str, str]]:
                         found.add((relative, "a literal " + str(child.value)))
                     visit(child, scope)
 
-            visit(ast.parse(path.read_text()), [])
+            visit(source_trees.parse(path.read_text()), [])
     return found
 
 
 def _source_of(path: str, qualname: str) -> str:
-    node: ast.AST = ast.parse((ROOT / path).read_text())
+    node: ast.AST = source_trees.parse((ROOT / path).read_text())
     for part in qualname.split("."):
         node = next(
             child

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from optuna_rq.dispatch import budget, run_spec, runs
+from tests.support import source_trees
 
 ROOT = Path(__file__).resolve().parents[2]
 OWNER = ROOT / "broker" / "dispatch" / "runs.py"
@@ -94,7 +95,7 @@ def _found() -> set[tuple[str, str, str]]:
     for path in _sources():
         if path == OWNER:
             continue
-        tree = ast.parse(path.read_text(), filename=str(path))
+        tree = source_trees.parse(path.read_text(), str(path))
         for where, attr in _writes(tree, fields):
             found.add((str(path.relative_to(ROOT)), where, attr))
     return found
@@ -126,7 +127,7 @@ def test_no_class_outside_runs_py_derives_from_a_run() -> None:
     for path in _sources():
         if path == OWNER:
             continue
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        for node in ast.walk(source_trees.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ClassDef):
                 bases = {ast.unparse(base).rpartition(".")[2] for base in node.bases}
                 assert not bases & set(OWNED_CLASSES), f"{path}: {node.name} derives from a run"
@@ -142,7 +143,7 @@ def test_the_broker_does_not_use_the_front_door() -> None:
     for where in BROKER_SIDE:
         path = ROOT / where
         for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            for node in ast.walk(ast.parse(source.read_text(), filename=str(source))):
+            for node in ast.walk(source_trees.parse(source.read_text(), str(source))):
                 names = (
                     [node.module or ""]
                     if isinstance(node, ast.ImportFrom)

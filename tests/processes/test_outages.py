@@ -24,6 +24,7 @@ from optuna_rq.plumbing.connection import RETRY_BASE_S, RETRY_CAP_S, connect
 from optuna_rq.plumbing.outages import Outage, backoff, describe_duration, outage_of
 from optuna_rq.plumbing.redis_waits import wait_for_redis
 from optuna_rq.study.verdict import FAIL_REASON_ATTR
+from tests.support import source_trees
 from tests.support.cluster import Cluster, RedisServer, wait_calls
 from tests.support.cluster import aof_redis as aof_redis  # the fixtures
 from tests.support.cluster import cluster as cluster
@@ -367,7 +368,7 @@ _LOGGER_METHODS = {"debug", "info", "warning", "error", "exception", "critical"}
 
 def _sources() -> list[tuple[str, ast.Module]]:
     paths = sorted([*ROOT.glob("broker/**/*.py"), *ROOT.glob("workers/**/*.py")])
-    return [(str(p.relative_to(ROOT)), ast.parse(p.read_text())) for p in paths]
+    return [(str(p.relative_to(ROOT)), source_trees.parse(p.read_text())) for p in paths]
 
 
 class _Handlers(ast.NodeVisitor):

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from optuna_rq.protocol import inputs_mismatch
+from tests.support import source_trees
 from tests.support.readme import blocks, commands, section
 
 pytestmark = pytest.mark.timeout(300)
@@ -32,7 +33,7 @@ block runs them after `submit --wait`, when its study has finished."""
 
 
 def _train_module() -> dict[str, ast.FunctionDef]:
-    tree = ast.parse((EXAMPLES / "mypkg" / "train.py").read_text())
+    tree = source_trees.parse((EXAMPLES / "mypkg" / "train.py").read_text())
     return {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
 
 
@@ -47,7 +48,7 @@ def test_every_mypkg_objective_the_readme_shows_is_the_one_examples_holds() -> N
     examples = _train_module()
     source = (EXAMPLES / "mypkg" / "train.py").read_text()
     for block in _readme_train_blocks():
-        for node in ast.parse(block).body:
+        for node in source_trees.parse(block).body:
             if isinstance(node, ast.FunctionDef):
                 assert node.name in examples, f"examples/mypkg/train.py has no {node.name}"
                 shown = ast.get_source_segment(block, node)

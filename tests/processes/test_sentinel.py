@@ -36,6 +36,7 @@ from optuna_rq.protocol import Keys
 from optuna_rq.sampling import SAMPLES_TO_DECIDE
 from tests.conftest import redis_server
 from tests.processes.test_redis_auth import certificates, tls_capable_server
+from tests.support import source_trees
 from tests.support.cluster import Cluster
 from tests.support.helpers import wait_until
 from tests.support.worker_processes import cli, cli_env
@@ -378,7 +379,7 @@ def test_every_redis_client_is_made_by_connect_or_derived_from_one() -> None:
     for folder in ("broker", "workers"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             visitor = _ClientSites(str(path.relative_to(ROOT)))
-            visitor.visit(ast.parse(path.read_text()))
+            visitor.visit(source_trees.parse(path.read_text()))
             found |= visitor.found
     assert found == set(CLIENT_SITES), (
         "a Redis client made elsewhere than connection.connect / derived_pool: it would not "

@@ -16,6 +16,7 @@ import redis
 
 from optuna_rq.protocol import Keys
 from optuna_rq.workers.runner import refuse_trial
+from tests.support import source_trees
 
 ROOT = Path(__file__).resolve().parents[2]
 HELPERS = {"count_refused", "count_dropped", "count_refusal"}
@@ -79,7 +80,7 @@ def _walk() -> _Sites:
         for path in sorted((ROOT / folder).rglob("*.py")):
             relative = str(path.relative_to(ROOT))
             sites = _Sites(relative)
-            sites.visit(ast.parse(path.read_text(), relative))
+            sites.visit(source_trees.parse(path.read_text(), relative))
             every.found |= sites.found
             every.hincrby += sites.hincrby
     return every

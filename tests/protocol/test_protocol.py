@@ -24,6 +24,7 @@ from optuna_rq.protocol import (
     TrialResult,
     check_params,
 )
+from tests.support import source_trees
 
 INCARNATION = "0123456789ab"
 
@@ -389,7 +390,7 @@ def _members_named(*modules: object) -> set[str]:
 
     found: set[str] = set()
     for module in modules:
-        tree = ast.parse(inspect.getsource(module))  # type: ignore[arg-type]
+        tree = source_trees.parse(inspect.getsource(module))  # type: ignore[arg-type]
         found.update(
             node.attr
             for node in ast.walk(tree)

@@ -13,6 +13,7 @@ import redis
 
 from optuna_rq.errors import ConfigError, StorageNotAllowedError
 from optuna_rq.storage.storage_policy import StoragePolicy, canonical_storage
+from tests.support import source_trees
 
 DEFAULT = "memory"
 RunCli = Callable[..., subprocess.CompletedProcess[str]]
@@ -205,7 +206,7 @@ def _opening_sites() -> dict[tuple[str, str], set[str]]:
                             found.setdefault((module, ".".join(scope)), set()).add(name)
                     visit(child, scope)
 
-            visit(ast.parse(path.read_text()), [])
+            visit(source_trees.parse(path.read_text()), [])
     return found
 
 
