@@ -51,14 +51,17 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run_trial(payload: bytes) -> None:
-    """RQ job function: run the encoded `TrialRequest` and append its result to `reply_to`.
+def run_trial(*payloads: bytes) -> None:
+    """RQ job function: run each encoded `TrialRequest` in turn, and append each one's result
+    to its `reply_to` as it ends. A job carries one trial, or several of one study (its
+    `batch`): its id names every attempt it carries (`Keys.batch_job_id`).
 
-    The attempt's lease is taken before the objective starts and dropped once the result is in
+    Each attempt's lease is taken before its objective starts and dropped once its result is in
     the stream; a result that Redis cannot take (unreachable, or full) is held, its lease kept,
-    until it can (`workers.delivery`). A payload that does not decode raises `ProtocolError`: RQ
-    records the job as failed and no result is sent, since nothing in an invalid message can be
-    trusted; the broker finds the job failed without a lease and fails the attempt.
+    until it can (`workers.delivery`). A payload that does not decode raises `ProtocolError`
+    before any trial starts: RQ records the job as failed and no result is sent, since nothing
+    in an invalid message can be trusted; the broker finds the job failed without a lease and
+    fails its attempts.
     """
     from rq import get_current_job
 
@@ -69,23 +72,52 @@ def run_trial(payload: bytes) -> None:
     connection: redis.Redis = job.connection
     keys = Keys(Keys.prefix_of(job.origin))  # a trial queue's name starts with its prefix
     try:
-        body = ctx.signer.open(Record.REQUEST, payload)
-        request = TrialRequest.decode(body, max_bytes=ctx.signer.max_message_bytes)
-        if job.id != Keys.job_id(request.attempt_id):
-            # A signed request names its attempt, and so its job id: under another id it is a
-            # copy (a Redis writer re-enqueueing a job it read), and it would run twice.
+        if not payloads:
+            raise ProtocolError(f"job {job.id!r} carries no trial: refused")
+        requests = [
+            TrialRequest.decode(
+                ctx.signer.open(Record.REQUEST, payload), max_bytes=ctx.signer.max_message_bytes
+            )
+            for payload in payloads
+        ]
+        try:
+            carried = Keys.batch_job_id([request.attempt_id for request in requests])
+        except ValueError as exc:
+            raise ProtocolError(f"job {job.id!r}: {exc}: refused") from None
+        if job.id != carried:
+            # Signed requests name their attempts, and so the job that carries them: under
+            # another id they are a copy (a Redis writer re-enqueueing a job it read), and
+            # would run twice.
             raise ProtocolError(
-                f"job {job.id!r} carries the request of job {Keys.job_id(request.attempt_id)!r} "
+                f"job {job.id!r} carries the requests of job {carried!r} "
                 "(a copy of another job?): refused"
             )
     except ProtocolError:
         count_refused(connection, keys, "request")
         raise
+    # The job's timeout is its trials' together (`dispatch.sending`): each is held to its share.
+    timeout_s = (
+        float(job.timeout) / len(requests) if job.timeout is not None and job.timeout > 0 else None
+    )
+    for request in requests:
+        # A worker told to stop runs what is left of its job all the same (RQ's warm shutdown
+        # waits for the job): a trial not started would be counted lost, and retried.
+        _run_one(connection, job.id, request, ctx, keys, timeout_s)
+
+
+def _run_one(
+    connection: redis.Redis,
+    job_id: str,
+    request: TrialRequest,
+    ctx: WorkerContext,
+    keys: Keys,
+    timeout_s: float | None,
+) -> None:
+    """Run one trial of a job: lease it, run its objective, deliver its result."""
     holder = worker_id()
-    timeout_s = float(job.timeout) if job.timeout is not None and job.timeout > 0 else None
     attempt = Attempt.of(
         request,
-        job_id=job.id,
+        job_id=job_id,
         lease=Keys.lease(request.attempt_id),  # named from the signed request, not the job
         holder=holder,
         timeout_s=timeout_s,
@@ -133,30 +165,36 @@ def refuse_trial(job: Any, why: str) -> None:
     ctx = current()
     connection: redis.Redis = job.connection
     try:
-        (payload,) = job.args
-        body = ctx.signer.open(Record.REQUEST, payload)
-        request = TrialRequest.decode(body, max_bytes=ctx.signer.max_message_bytes)
+        requests = [
+            TrialRequest.decode(
+                ctx.signer.open(Record.REQUEST, payload), max_bytes=ctx.signer.max_message_bytes
+            )
+            for payload in job.args
+        ]
     except (ProtocolError, TypeError, ValueError):
         count_refused(connection, Keys(Keys.prefix_of(job.origin)), "request")
         return
-    result = trial_result(
-        request,
-        Outcome.FAIL,
-        worker=worker_id(),
-        started=time.monotonic(),
-        reason=FailReason.EXCEPTION,
-        error=f"not run: {why}",
-    )
-    what = f"study {request.study!r} trial {request.trial_number} (attempt {request.attempt})"
-    delivered = deliver(
-        connection,
-        request.reply_to,
-        ctx.signer.seal(Record.RESULT, result.encode()),
-        None,
-        what=what,
-        stop=ctx.stopping,
-    )
-    log.error("%s%s", _describe(result), "" if delivered else ", NOT delivered (Redis unreachable)")
+    for request in requests:
+        result = trial_result(
+            request,
+            Outcome.FAIL,
+            worker=worker_id(),
+            started=time.monotonic(),
+            reason=FailReason.EXCEPTION,
+            error=f"not run: {why}",
+        )
+        what = f"study {request.study!r} trial {request.trial_number} (attempt {request.attempt})"
+        delivered = deliver(
+            connection,
+            request.reply_to,
+            ctx.signer.seal(Record.RESULT, result.encode()),
+            None,
+            what=what,
+            stop=ctx.stopping,
+        )
+        log.error(
+            "%s%s", _describe(result), "" if delivered else ", NOT delivered (Redis unreachable)"
+        )
 
 
 def _take_lease(

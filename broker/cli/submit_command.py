@@ -89,6 +89,18 @@ def submit(
             "--concurrency 1 a seed no longer gives study.optimize's params).",
         ),
     ] = 0,
+    batch: Annotated[
+        int,
+        typer.Option(
+            "--batch",
+            min=1,
+            metavar="N",
+            help="Trials sent to a worker in one RQ job, at most: each still runs, is leased "
+            "and reports on its own, one after another. For objectives of a few milliseconds, "
+            "where RQ's cost per job is most of a trial's; it needs --concurrency above the "
+            "workers serving the study (a batch fills as many slots).",
+        ),
+    ] = 1,
     pruner: Annotated[
         Pruner, typer.Option("--pruner", help="Optuna's pruner (none: never prune).")
     ] = Pruner.NONE,
@@ -197,6 +209,7 @@ def submit(
         seed=seed,
         constant_liar=constant_liar,
         ask_ahead=ask_ahead,
+        batch=batch,
         pruner=pruner,
         storage=storage,
         trial_timeout_s=timeout_s,

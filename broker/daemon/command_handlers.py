@@ -33,7 +33,15 @@ __all__ = ["Commands"]
 
 log = logging.getLogger("optuna_rq.broker")
 
-RESUBMITTED = ("n_trials", "concurrency", "priority", "trial_timeout_s", "max_retries", "ask_ahead")
+RESUBMITTED = (
+    "n_trials",
+    "concurrency",
+    "priority",
+    "trial_timeout_s",
+    "max_retries",
+    "ask_ahead",
+    "batch",
+)
 """What a resubmission of a running study changes: everything but its definition."""
 
 

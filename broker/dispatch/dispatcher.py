@@ -206,7 +206,7 @@ class Dispatcher:
     def behind(self) -> bool:
         """Whether a study has a free slot it could fill: the loop must not wait on the
         stream (`poll(None)`) but refill again."""
-        return any(self.filler.can_fill(run) for run in self.runs.values())
+        return any(self.filler.due(run) for run in self.runs.values())
 
     def poll(self, block_s: float | None = 1.0) -> int:
         """Read the results that arrived (waiting up to `block_s`; None: not at all), tell

@@ -11,7 +11,10 @@ its result is in the stream. An attempt is lost when:
   worker died between taking the job and taking the lease. RQ itself notices such a job only
   after a minute, and only when some worker's maintenance pass comes round.
 
-A job still in the queue has no lease yet and is not lost, however long it waits. The caller
+A job still in the queue has no lease yet and is not lost, however long it waits. Nor is a trial
+waiting in a batch (a job carrying several: `Keys.batch_job_id`) while a trial before it in the
+same job holds its lease: its worker leases each trial as it starts it, one after another. The
+caller
 reads the result stream after `check` and before failing anything it returned: a result that
 arrived just before its lease went is then recorded, not lost.
 """
@@ -34,8 +37,8 @@ _LAPSED = "its worker stopped renewing the lease (killed, frozen, or cut off fro
 
 @dataclass(frozen=True)
 class Watched:
-    """One outstanding attempt: its RQ job id, its lease key, and its queue's intermediate list
-    (None: the watch's own)."""
+    """One outstanding attempt: the id of the RQ job carrying it (a batch's may carry others), its
+    lease key, and its queue's intermediate list (None: the watch's own)."""
 
     job_id: str
     lease: str
@@ -57,8 +60,8 @@ class LeaseWatch:
         self.grace_s = grace_s
         self._seen: dict[str, _Seen] = {}
 
-    def forget(self, job_id: str) -> None:
-        self._seen.pop(job_id, None)
+    def forget(self, lease: str) -> None:
+        self._seen.pop(lease, None)
 
     def reset(self) -> None:
         """Forget every lease seen: after a Redis outage leases may have lapsed while their
@@ -71,11 +74,14 @@ class LeaseWatch:
         if not watched:
             return []
         leases = self.connection.mget([w.lease for w in watched])
+        running = {w.job_id for w, lease in zip(watched, leases, strict=True) if lease is not None}
         missing: list[Watched] = []
         for attempt, lease in zip(watched, leases, strict=True):
-            seen = self._seen.setdefault(attempt.job_id, _Seen())
+            seen = self._seen.setdefault(attempt.lease, _Seen())
             if lease is not None:
                 seen.lease_seen, seen.missing_since = True, None
+            elif not seen.lease_seen and attempt.job_id in running:
+                seen.missing_since = None  # waiting in its batch behind the trial running
             else:
                 missing.append(attempt)
         if not missing:
@@ -92,7 +98,7 @@ class LeaseWatch:
         now = time.monotonic()
         lost: list[tuple[Watched, str]] = []
         for attempt, status in zip(missing, statuses, strict=True):
-            seen = self._seen[attempt.job_id]
+            seen = self._seen[attempt.lease]
             if status in _WAITING and attempt.job_id in dequeued:
                 status = _STARTED  # taken from the queue by a worker: it should lease it now
             if status in _WAITING:

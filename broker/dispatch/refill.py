@@ -5,7 +5,9 @@ threads would: at cap 1, the same params for a seed. A study may ask ahead inste
 (`RunSpec.ask_ahead`, `submit --ask-ahead N`): at its cap it keeps N trials sampled while the
 workers run, RUNNING in the storage but not sent, that go out the moment a slot frees, in the same
 round trip as the acknowledgement; the sampler then sees N trials more than the cap running.
-Studies whose sampling is slow sample in the sampler process (`offloop`).
+Studies whose sampling is slow sample in the sampler process (`offloop`). A study may send its
+trials in batches (`RunSpec.batch`, `submit --batch N`): up to N of one turn's trials go in one
+RQ job, which a worker runs one after another (`batch_due` says when a study fills its slots).
 """
 
 from __future__ import annotations
@@ -41,6 +43,18 @@ ASK_BUDGET_S = 0.02
 """How long one refill may sample (ask and `process()`) before what it has is sent and the
 result stream is read again: results, acknowledgements and remote-trial calls wait no longer
 than this (and one ask) behind a batch of asks; the slots left are filled on the next turn."""
+
+
+def batch_due(run: StudyRun) -> bool:
+    """Whether `run` may start filling its free slots: at once, or, for a run that sends its
+    trials in batches, once a whole batch's worth of slots is free (or every trial it has left
+    fits). Slots free one at a time as trials end: filled as they free, each would send a job
+    of one trial."""
+    if run.spec.batch == 1:
+        return True
+    room = run.limit - run.n_outstanding - run.sampling
+    left = run.budget.left + run.count(Phase.ASKED_AHEAD)
+    return room >= min(run.spec.batch, run.limit, left)
 
 
 class Refill:
@@ -85,10 +99,10 @@ class Refill:
         # One MULTI/EXEC, as RQ's own enqueue is: a connection lost midway enqueues all or none,
         # never a job saved but not pushed onto the queue (it would look queued forever).
         pipe = self.connection.pipeline(transaction=True)
-        sending: list[tuple[StudyRun, InFlight]] = []
-        self._take_sampled(pipe, sending)
+        sending: list[tuple[StudyRun, InFlight, bytes]] = []
+        self._take_sampled(sending)
         started = time.perf_counter()
-        wanting = [run for run in self.runs.values() if self.can_fill(run)]
+        wanting = [run for run in self.runs.values() if self.due(run)]
         while wanting:  # one trial per study per pass: a slow sampler holds up no other study
             for run in wanting:
                 off_loop = False
@@ -102,9 +116,10 @@ class Refill:
                     if run.next_asked_ahead() is None:
                         wanting = []  # the rest after the stream is read: `behind`
                         break
-                self._refill_one(run, pipe, sending)
+                self._refill_one(run, sending)
             wanting = [run for run in wanting if self.can_fill(run)]
-        self._note_sent(sending)
+        jobs = self._enqueue_all(sending, pipe)
+        self._note_sent(jobs)
         self.results.ack_into(pipe)
         published = self.publication.into(pipe)
         if len(pipe) or self.off_loop.has_outbox:
@@ -115,20 +130,40 @@ class Refill:
         self.results.acked()
         self.publication.written(published)
         now = time.time()
-        for run, record in sending:
-            run.mark_sent(record, now)
+        for run, records, job in jobs:
+            for record in records:
+                run.mark_sent(record, now, job)
         self._ask_ahead()
-        return len(sending)
+        return sum(len(records) for _run, records, _job in jobs)
 
-    def _note_sent(self, sending: list[tuple[StudyRun, InFlight]]) -> None:
-        """Publish the trials about to be sent, RUNNING, in the write that sends them."""
-        for run, record in sending:
+    def _enqueue_all(
+        self, sending: list[tuple[StudyRun, InFlight, bytes]], pipe: Any
+    ) -> list[tuple[StudyRun, list[InFlight], str]]:
+        """Put the turn's trials in `pipe`, as jobs of up to each run's `batch` trials, in the
+        order they were asked; the jobs, each with the trials it carries."""
+        by_run: dict[str, tuple[StudyRun, list[tuple[InFlight, bytes]]]] = {}
+        for run, record, payload in sending:
+            by_run.setdefault(run.name, (run, []))[1].append((record, payload))
+        jobs: list[tuple[StudyRun, list[InFlight], str]] = []
+        for run, trials in by_run.values():
+            if self.boundary.faulted(run.name):
+                continue  # its trials end with it (`cancel`)
+            size = run.spec.batch
             with self.boundary.guard(run.name, Site.SEND):
-                self.publication.note(run.study, record.trial)
+                for start in range(0, len(trials), size):
+                    records = [record for record, _payload in trials[start : start + size]]
+                    payloads = [payload for _record, payload in trials[start : start + size]]
+                    jobs.append((run, records, self.sender.enqueue(run, records, payloads, pipe)))
+        return jobs
 
-    def _refill_one(
-        self, run: StudyRun, pipe: Any, sending: list[tuple[StudyRun, InFlight]]
-    ) -> None:
+    def _note_sent(self, jobs: list[tuple[StudyRun, list[InFlight], str]]) -> None:
+        """Publish the trials about to be sent, RUNNING, in the write that sends them."""
+        for run, records, _job in jobs:
+            with self.boundary.guard(run.name, Site.SEND):
+                for record in records:
+                    self.publication.note(run.study, record.trial)
+
+    def _refill_one(self, run: StudyRun, sending: list[tuple[StudyRun, InFlight, bytes]]) -> None:
         """Fill one slot of `run`: with its oldest trial asked ahead, or one asked now."""
         payload: bytes | None = None
         with self.boundary.guard(run.name, Site.ASK):
@@ -142,30 +177,19 @@ class Refill:
             else:
                 payload = run.occupy(record) or self._seal(run, record)
         if payload is not None:
-            self._enqueue(run, record, payload, pipe, sending)
+            sending.append((run, record, payload))
 
-    def _enqueue(
-        self,
-        run: StudyRun,
-        record: InFlight,
-        payload: bytes,
-        pipe: Any,
-        sending: list[tuple[StudyRun, InFlight]],
-    ) -> None:
-        """Put `record`'s job in the turn's batch `pipe`."""
-        if self.boundary.faulted(run.name):
-            return  # its trial ends with it (`cancel`)
-        with self.boundary.guard(run.name, Site.SEND):
-            self.sender.enqueue(run, record, payload, pipe)
-            sending.append((run, record))
+    def due(self, run: StudyRun) -> bool:
+        """Whether a turn fills `run`'s free slots now (`can_fill`, and a batch is due)."""
+        return self.can_fill(run) and batch_due(run)
 
     def can_fill(self, run: StudyRun) -> bool:
         return (
             run.wants_trial and not self.off_loop.busy(run) and not self.boundary.faulted(run.name)
         )
 
-    def _take_sampled(self, pipe: Any, sending: list[tuple[StudyRun, InFlight]]) -> None:
-        """Create the trials the sampler process sampled, and enqueue them in `pipe`; ask on
+    def _take_sampled(self, sending: list[tuple[StudyRun, InFlight, bytes]]) -> None:
+        """Create the trials the sampler process sampled, to be sent with the turn's; ask on
         the loop those it could not sample."""
         for run, answer in self.off_loop.take():
             if self.runs.get(run.name) is not run or self.boundary.faulted(run.name):
@@ -187,7 +211,7 @@ class Refill:
                 record = run.track(trial, attempt=1, phase=Phase.UNSENT)
                 payload = self._seal(run, record)  # the params are set: `process()` reads them
             if payload is not None:
-                self._enqueue(run, record, payload, pipe, sending)
+                sending.append((run, record, payload))
 
     def _ask_ahead(self) -> None:
         """Sample the next trials of the studies at their cap that ask ahead, while their
@@ -217,8 +241,8 @@ class Refill:
             payload = self._seal(run, record)
             if payload is not None:
                 self.persist()
-                self.sender.enqueue(run, record, payload, None)
-                run.mark_sent(record, time.time())
+                job = self.sender.enqueue(run, [record], [payload], None)
+                run.mark_sent(record, time.time(), job)
                 self.publication.note(run.study, record.trial)  # published with the next write
 
     def _seal(self, run: StudyRun, record: InFlight) -> bytes | None:
@@ -245,10 +269,11 @@ class Refill:
                 continue
             with self.boundary.guard(run.name, Site.SEND):
                 unsent = sorted(run.in_phase(Phase.UNSENT), key=lambda r: r.number)
-                exist = self.sender.jobs_exist(run, unsent)
-                for record in [r for r, e in zip(unsent, exist, strict=True) if e]:
-                    run.mark_sent(record, None)  # enqueued before the restart or the outage
-                for record in [r for r, e in zip(unsent, exist, strict=True) if not e]:
+                jobs = self.sender.jobs_of(run, unsent)
+                for record, job in zip(unsent, jobs, strict=True):
+                    if job is not None:  # enqueued before the restart or the outage
+                        run.mark_sent(record, None, job)
+                for record in [r for r, job in zip(unsent, jobs, strict=True) if job is None]:
                     if run.n_outstanding > run.limit:
                         run.set_aside(record)
                     elif not self.boundary.faulted(run.name):

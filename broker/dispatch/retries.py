@@ -101,15 +101,16 @@ class Retries:
                 intermediate = self._intermediate_key(run)
                 for r in run.in_phase(Phase.SENT):
                     of = run.attempt_id(r, self.reply_to)
-                    job_id = Keys.job_id(of)
-                    watched[job_id] = (run, r, Watched(job_id, Keys.lease(of), intermediate))
+                    lease = Keys.lease(of)
+                    job = r.job or Keys.job_id(of)
+                    watched[lease] = (run, r, Watched(job, lease, intermediate))
         lost = self.watch.check(attempt for _run, _record, attempt in watched.values())
         if not lost:
             return 0
         drain()
         count = 0
         for item, why in lost:
-            run, record, _attempt = watched[item.job_id]
+            run, record, _attempt = watched[item.lease]
             if runs.get(run.name) is not run or self.boundary.faulted(run.name):
                 continue
             if run.owned(record.number, record.attempt):
@@ -129,7 +130,7 @@ class Retries:
 
     def forget(self, run: StudyRun, record: InFlight) -> None:
         """The trial of `record` was recorded: its lease is no longer watched."""
-        self.watch.forget(Keys.job_id(run.attempt_id(record, self.reply_to)))
+        self.watch.forget(Keys.lease(run.attempt_id(record, self.reply_to)))
 
     def reset(self) -> None:
         """After a Redis outage: every lease gets its grace again before it counts as lost."""

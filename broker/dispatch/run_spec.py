@@ -51,6 +51,7 @@ class RunSpec:
     # remote `Optimizer`) is a new one. Every per-attempt name carries it (`Keys`).
     incarnation: str = field(default_factory=new_incarnation)
     ask_ahead: int = 0  # trials it keeps asked at its cap, ready to send (`StudySpec.ask_ahead`)
+    batch: int = 1  # trials sent in one job, at most (`StudySpec.batch`)
 
     def __post_init__(self) -> None:
         parse_objective_path(self.objective)
@@ -73,5 +74,6 @@ class RunSpec:
             max_retries=spec.max_retries,
             queue=spec.queue,
             ask_ahead=spec.ask_ahead,
+            batch=spec.batch,
             incarnation=spec.incarnation or new_incarnation(),
         )

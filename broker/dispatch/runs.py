@@ -70,6 +70,7 @@ class InFlight:
     trial: optuna.Trial = field(repr=False)
     phase: Phase
     enqueued_at: float | None = field(default=None, repr=False)  # epoch seconds, once sent
+    job: str | None = None  # the RQ job carrying it, once sent (a batch's may carry others)
     payload: bytes | None = field(default=None, repr=False)  # asked ahead: its sealed request
 
     @property
@@ -271,10 +272,11 @@ class StudyRun:
         """An unsent trial beyond the cap gives its slot back and waits, asked ahead."""
         self._move(record, Phase.ASKED_AHEAD)
 
-    def mark_sent(self, record: InFlight, at: float | None) -> None:
-        """The trial's job is enqueued (at `at`, epoch seconds; None: before a restart)."""
+    def mark_sent(self, record: InFlight, at: float | None, job: str) -> None:
+        """The trial's job `job` is enqueued (at `at`, epoch seconds; None: before a restart)."""
         self._counts[record.phase] -= 1
         record.phase = Phase.SENT
+        record.job = job
         self._counts[Phase.SENT] += 1
         if at is not None:
             record.enqueued_at = at

@@ -97,47 +97,81 @@ class TrialSender:
         )
         return self.signer.seal(Record.REQUEST, request.encode())
 
-    def enqueue(self, run: StudyRun, record: InFlight, payload: bytes, pipeline: Any) -> None:
-        """Enqueue `record`'s job, in `pipeline` (None: on its own, now)."""
+    def enqueue(
+        self, run: StudyRun, batch: Sequence[InFlight], payloads: Sequence[bytes], pipeline: Any
+    ) -> str:
+        """Enqueue one job carrying the trials of `batch` (their sealed requests `payloads`), run
+        in that order, in `pipeline` (None: on its own, now); returns its id."""
+        job_id = Keys.batch_job_id([run.attempt_id(record, self.reply_to) for record in batch])
+        trial_timeout_s = run.spec.trial_timeout_s
+        numbers = ", ".join(str(record.number) for record in batch)
         self.queue(run).enqueue_call(
             func=RUN_TRIAL,
-            args=(payload,),
-            job_id=self.job_id(run, record),
-            timeout=math.ceil(run.spec.trial_timeout_s) if run.spec.trial_timeout_s else -1,
+            args=tuple(payloads),
+            job_id=job_id,
+            # Each trial is held to its own timeout by its worker (`workers.runner`); the job's
+            # is what its trials take at most, together.
+            timeout=math.ceil(trial_timeout_s * len(batch)) if trial_timeout_s else -1,
             # Kept briefly once finished (`rq info` shows them): deleting a job at once costs
             # its worker seven more round trips (workers/bookkeeping.py).
             result_ttl=FINISHED_JOB_TTL_S,
             failure_ttl=FAILED_JOB_TTL_S,
-            description=f"{run.name} trial {record.number}",
+            description=f"{run.name} trial{'s' if len(batch) > 1 else ''} {numbers}",
             pipeline=pipeline,
         )
+        return job_id
 
-    def jobs_exist(self, run: StudyRun, records: Sequence[InFlight]) -> list[bool]:
-        """Whether each record's job exists (queued, running, or kept after it ended); one
-        round trip."""
-        pipe = self.connection.pipeline(transaction=False)
-        for record in records:
-            pipe.exists(Job.key_for(self.job_id(run, record)))
-        return [bool(exists) for exists in pipe.execute()]
+    def jobs_of(self, run: StudyRun, records: Sequence[InFlight]) -> list[str | None]:
+        """The id of the job that carries each record's attempt, if one is queued, running, or
+        kept after it ended; None where none is (one round trip).
+
+        A trial's own job is found by its id; a trial sent in a batch by the id of a batch job
+        waiting on the run's queue, or taken from it (`Keys.carried`). A batch that ended has
+        sent its results, or it failed and nothing runs its trials any more."""
+        queue = self.queue(run)
+        own = [self.job_id(run, record) for record in records]
+        pipe = self.connection.pipeline(transaction=True)  # one snapshot of where jobs are
+        pipe.lrange(queue.key, 0, -1)
+        pipe.lrange(queue.intermediate_queue_key, 0, -1)
+        pipe.zrange(queue.started_job_registry.key, 0, -1)
+        for job_id in own:
+            pipe.exists(Job.key_for(job_id))
+        queued, taken, started, *exists = pipe.execute()
+        carrier: dict[str, str] = {}
+        for entry in [*queued, *taken, *started]:
+            job = bytes(entry).decode().split(":", 1)[0]  # a started entry is `job:execution`
+            if "_" in job:  # a batch's (a single job's id names only its own attempt)
+                for carried in Keys.carried(job):
+                    carrier[carried] = job
+        return [
+            job_id if found else carrier.get(job_id)
+            for job_id, found in zip(own, exists, strict=True)
+        ]
 
     def withdraw(self, run: StudyRun, records: Sequence[InFlight]) -> None:
         """Cancel the jobs of `records` that no worker has taken yet, and mark every one
         cancelled (`Keys.cancel`): the worker running it, or taking it in the meantime, stops
-        it. The mark is sealed as this dispatcher's, for that job (`Record.CANCEL`): with
+        it. The mark is sealed as this dispatcher's, for that attempt (`Record.CANCEL`): with
         signing on, a worker acts on no other (`workers.cancel_marks.CancelMarks`)."""
         if not records:
             return
         queue_key = self.queue(run).key
-        job_ids = [self.job_id(run, record) for record in records]
+        withdrawn = {self.job_id(run, record) for record in records}
+        # A record not known to be sent may have its own job queued all the same.
+        jobs = sorted({record.job or self.job_id(run, record) for record in records})
         pipe = self.connection.pipeline(transaction=False)
-        for record, job_id in zip(records, job_ids, strict=True):
+        for record in records:
             # Its value says nothing but who set it: `1` without signing.
+            job_id = self.job_id(run, record)
             mark = self.signer.seal(Record.CANCEL, b"1", bound_to=job_id)
             pipe.set(Keys.cancel(run.attempt_id(record, self.reply_to)), mark, ex=CANCEL_TTL_S)
-            # Taken off the queue atomically: a worker dequeues a job or we take it back, never
-            # both, so no status read can go stale between looking and cancelling.
-            pipe.lrem(queue_key, 1, job_id)
-        removed = pipe.execute()[1::2]
-        taken_back = [j for j, count in zip(job_ids, removed, strict=True) if count]
+        # A job is taken off the queue atomically: a worker dequeues it or we take it back,
+        # never both, so no status read can go stale between looking and cancelling. A batch
+        # only with every trial it carries: a trial left in it would run on no worker.
+        whole = [job for job in jobs if withdrawn.issuperset(Keys.carried(job))]
+        for job in whole:
+            pipe.lrem(queue_key, 1, job)
+        removed = pipe.execute()[len(records) :]
+        taken_back = [job for job, count in zip(whole, removed, strict=True) if count]
         if taken_back:  # jobs no worker will see: nothing but their hashes refers to them
             self.connection.delete(*(Job.key_for(j) for j in taken_back))

@@ -30,7 +30,7 @@ __all__ = [
     "peek_map",
 ]
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 """2: the package is `optuna_rq` (the job function moved to `optuna_rq.workers.runner`); with
 it, unreleased in between: trial queues per module and resource class (`Keys.trial_queue`), the
 pools' `PoolHeartbeat`, the `Enqueue` and `Delete` commands.
@@ -57,7 +57,10 @@ its study's status and trials on keys of its own (`Record.DRIVEN_STATUS`, `Recor
 from `error`, and a driven study's `driver` and `turn_at_s`; a `StudySpec`'s sampler, pruner
 and directions are decoded strictly as their enums (the same strings); `TrialResult` has the
 fail reason `bad_signature`; the study view a remote trial reads carries `metric_names`,
-`sampler` and `pruner`, and `relative_search_space` is a trial call."""
+`sampler` and `pruner`, and `relative_search_space` is a trial call.
+7: a job may carry several trials (`StudySpec.batch`): its arguments are one sealed
+`TrialRequest` each, run in order, and its id names every attempt it carries
+(`Keys.batch_job_id`)."""
 # The limits of a message, defined here once: the decoder enforces them (`decode_map`), and the
 # front doors check what they send against the same ones (`check_structure`, `check_size`), so
 # that a message over one is refused where it is made, naming the limit, not dropped later.

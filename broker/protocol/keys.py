@@ -67,6 +67,7 @@ import functools
 import hashlib
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from optuna_rq.errors import ConfigError
@@ -254,6 +255,28 @@ class Keys:
         (the stream names the prefix: RQ's job keys are shared by every prefix)."""
         digest = _study_digest(of.reply_to, of.study)
         return f"orq-{digest}-{of.incarnation}-{of.trial_number}-{of.attempt}"
+
+    @staticmethod
+    def batch_job_id(attempts: Sequence[AttemptId]) -> str:
+        """The RQ job id of a job carrying `attempts` (of one incarnation of one study), run in
+        that order: the first one's `job_id`, then `_<trial>-<attempt>` for each other. One
+        attempt's is its own `job_id`. The id alone says which attempts a job carries
+        (`carried`), so a broker that restarts finds each attempt's job without a record of
+        its own."""
+        first, *others = attempts
+        if any(
+            (a.reply_to, a.study, a.incarnation) != (first.reply_to, first.study, first.incarnation)
+            for a in others
+        ):
+            raise ValueError("a batch carries attempts of one incarnation of one study")
+        return Keys.job_id(first) + "".join(f"_{a.trial_number}-{a.attempt}" for a in others)
+
+    @staticmethod
+    def carried(job: str) -> list[str]:
+        """The `job_id` of each attempt the RQ job `job` carries, in order (`batch_job_id`)."""
+        first, *others = job.split("_")
+        study = first.rsplit("-", 2)[0]  # orq-<digest>-<incarnation>
+        return [first, *(f"{study}-{other}" for other in others)]
 
     @staticmethod
     def lease(of: AttemptId) -> str:

@@ -47,6 +47,7 @@ from optuna_rq.protocol.schema import (
 from optuna_rq.protocol.signing import Record, Signer
 from optuna_rq.protocol.spec_bounds import (
     MAX_ASK_AHEAD,
+    MAX_BATCH,
     MAX_SEED,
     MAX_TIMEOUT_S,
     MAX_TRIAL_TIMEOUT_S,
@@ -105,6 +106,10 @@ class StudySpec(Message):
     # Trials asked (sampled, RUNNING in the storage) before a slot frees, to send at once when
     # one does. 0 by default: the sampler then sees exactly what `study.optimize` would.
     ask_ahead: int = wire(Int(minimum=0), default=0)
+    # Trials sent to a worker in one RQ job, run there one after another, each leased and
+    # reported as it ends: for objectives so short that RQ's cost per job is most of a trial's.
+    # 1 by default: a job per trial, as RQ users expect to see in `rq info`.
+    batch: int = wire(Int(minimum=1), default=1)
     storage: str | None = wire(Text(optional=True), default=None)
     trial_timeout_s: float | None = wire(Float(minimum=0, optional=True), default=None)
     max_retries: int = wire(Int(minimum=0), default=2)
@@ -164,6 +169,7 @@ class StudySpec(Message):
                 high=MAX_ASK_AHEAD,
                 value=self.ask_ahead,
             )
+        self._check_batch()
         if self.constant_liar is not None and self.sampler is not Sampler.TPE:
             raise FieldError(
                 "constant_liar",
@@ -178,6 +184,28 @@ class StudySpec(Message):
         if self.storage is not None and not isinstance(self.storage, str):
             raise FieldError(
                 "storage", "{storage} must be a URL, got {value!r}", value=self.storage
+            )
+
+    def _check_batch(self) -> None:
+        if not int_in(self.batch, 1, MAX_BATCH):
+            raise FieldError(
+                "batch",
+                "{batch} must be an integer from 1 to {high}, got {value!r}",
+                high=MAX_BATCH,
+                value=self.batch,
+            )
+        # A batch's job has its trials' timeouts summed (each trial is held to its own), and an
+        # RQ job's timeout has the same bound as a trial's.
+        if self.trial_timeout_s is not None and self.batch * self.trial_timeout_s > (
+            MAX_TRIAL_TIMEOUT_S
+        ):
+            raise FieldError(
+                "batch",
+                "{batch} times {trial_timeout_s} must be at most {high} seconds (a batch's job "
+                "runs that many trials), got {value!r} x {timeout}: lower either",
+                high=MAX_TRIAL_TIMEOUT_S,
+                value=self.batch,
+                timeout=self.trial_timeout_s,
             )
 
     def _take_choices(self) -> None:

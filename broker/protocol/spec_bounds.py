@@ -12,6 +12,7 @@ from optuna_rq.protocol.field_error import FieldError
 
 __all__ = [
     "MAX_ASK_AHEAD",
+    "MAX_BATCH",
     "MAX_CONCURRENCY",
     "MAX_N_TRIALS",
     "MAX_PRIORITY",
@@ -37,6 +38,9 @@ MAX_N_TRIALS = 10**9
 MAX_CONCURRENCY = 100_000
 MAX_RETRIES = 100
 MAX_ASK_AHEAD = 1_000
+MAX_BATCH = 32
+"""`batch` at most 32 trials in one RQ job: the job's id names each of them (`Keys.batch_job_id`),
+and a batch is for trials short enough that a few dozen take less than a second."""
 MAX_PRIORITY = 1e6
 """`priority` at most 1e6: a weight among studies, summed with the others' in fair share."""
 MAX_SEED = 2**32 - 1

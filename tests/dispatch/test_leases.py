@@ -80,3 +80,50 @@ def test_after_an_outage_a_missing_lease_gets_the_grace_again(
     watch.reset()
     conn.delete(attempt.lease)  # lapsed while Redis was away; its worker will renew it
     assert watch.check([attempt]) == []
+
+
+def test_trials_waiting_in_a_batch_behind_a_leased_one_are_not_lost(
+    conn: redis.Redis, prefix: str
+) -> None:
+    """A worker leases a batch's trials one after another: while one runs, the others of its
+    job wait unleased, however long it runs."""
+    watch = _watch(conn, prefix, grace_s=0)
+    job = f"{prefix}-batch"
+    running, *waiting = (Watched(job, f"{prefix}:lease:batch{i}") for i in range(3))
+    _job(conn, job, "started")
+    conn.set(running.lease, "worker", px=60_000)
+    for _ in range(3):
+        assert watch.check([running, *waiting]) == []
+
+
+def test_a_batch_whose_worker_is_lost_loses_the_running_trial_and_those_waiting(
+    conn: redis.Redis, prefix: str
+) -> None:
+    watch = _watch(conn, prefix, grace_s=0.2)
+    job = f"{prefix}-lostbatch"
+    running, *waiting = (Watched(job, f"{prefix}:lease:lost{i}") for i in range(3))
+    _job(conn, job, "started")
+    conn.set(running.lease, "worker", px=60_000)
+    assert watch.check([running, *waiting]) == []
+    conn.delete(running.lease)  # the worker stopped renewing it
+    [(lost, why)] = watch.check([running, *waiting])
+    assert lost == running and "stopped renewing the lease" in why
+    # No trial of the job holds a lease now, and its job stays started: the others are lost
+    # once the grace has passed, as a job taken and never leased is.
+    wait_until(lambda: {w for w, _ in watch.check(waiting)} == set(waiting), timeout_s=5)
+
+
+def test_the_next_trial_of_a_batch_leased_within_the_grace_is_not_lost(
+    conn: redis.Redis, prefix: str
+) -> None:
+    watch = _watch(conn, prefix, grace_s=3600)
+    job = f"{prefix}-nextbatch"
+    first, second = (Watched(job, f"{prefix}:lease:next{i}") for i in range(2))
+    _job(conn, job, "started")
+    conn.set(first.lease, "worker", px=60_000)
+    assert watch.check([first, second]) == []
+    conn.delete(first.lease)  # its result delivered: the dispatcher forgets it
+    watch.forget(first.lease)
+    assert watch.check([second]) == []  # between two trials: within the grace
+    conn.set(second.lease, "worker", px=60_000)
+    assert watch.check([second]) == []

@@ -136,3 +136,36 @@ def test_an_attempt_id_takes_only_an_incarnation_id(incarnation: object) -> None
             trial_number=0,
             attempt=1,
         )
+
+
+@given(
+    st.sampled_from(["p:results", "p:q:results"]),
+    st.text(min_size=1, max_size=12),
+    st.from_regex(INCARNATION_PATTERN, fullmatch=True),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 100)), min_size=1, max_size=32),
+)
+def test_a_batch_job_id_names_the_job_id_of_every_attempt_it_carries(
+    reply_to: str, study: str, incarnation: str, members: list[tuple[int, int]]
+) -> None:
+    attempts = [
+        AttemptId(
+            reply_to=reply_to, study=study, incarnation=incarnation, trial_number=t, attempt=a
+        )
+        for t, a in members
+    ]
+    batch = Keys.batch_job_id(attempts)
+    assert Keys.carried(batch) == [Keys.job_id(a) for a in attempts]
+    if len(attempts) == 1:
+        assert batch == Keys.job_id(attempts[0])  # a batch of one is the attempt's own job
+    else:
+        assert all(batch != Keys.job_id(a) for a in attempts)
+
+
+def test_a_batch_carries_attempts_of_one_incarnation_of_one_study() -> None:
+    first, other_study, other_incarnation = (
+        AttemptId(reply_to="p:results", study=s, incarnation=i, trial_number=n, attempt=1)
+        for s, i, n in (("s", "0" * 12, 0), ("t", "0" * 12, 1), ("s", "1" * 12, 1))
+    )
+    for other in (other_study, other_incarnation):
+        with pytest.raises(ValueError, match="one incarnation of one study"):
+            Keys.batch_job_id([first, other])
