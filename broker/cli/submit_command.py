@@ -97,8 +97,8 @@ def submit(
             metavar="N",
             help="Trials sent to a worker in one RQ job, at most: each still runs, is leased "
             "and reports on its own, one after another. For objectives of a few milliseconds, "
-            "where RQ's cost per job is most of a trial's; it needs --concurrency above the "
-            "workers serving the study (a batch fills as many slots).",
+            "where RQ's cost per job is most of a trial's. Each worker then keeps N trials "
+            "outstanding: give --concurrency N times the workers.",
         ),
     ] = 1,
     pruner: Annotated[

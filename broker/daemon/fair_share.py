@@ -1,4 +1,5 @@
-"""Fair share: how many of the live workers on its queue each study may keep busy."""
+"""Fair share: how many of the live workers on its queue each study may keep busy, and so how
+many trials it may have outstanding (a worker's worth is its batch: `StudySpec.batch`)."""
 
 from __future__ import annotations
 
@@ -98,12 +99,15 @@ class FairShare:
         slots: dict[str, int | None] = dict.fromkeys(runs)
         for group in _sharing_groups(self.pools, set(q for q, n in capacity.items() if n)):
             members = {n: r for n, r in runs.items() if queues[n] in group}
+            # Shared in workers: a worker keeps one job of a study busy, which carries up to
+            # its batch of trials (`StudySpec.batch`).
             demands = {
-                n: (min(r.demand, capacity[queues[n]]), specs[n].priority)
+                n: (min(-(-r.demand // r.spec.batch), capacity[queues[n]]), specs[n].priority)
                 for n, r in members.items()
             }
             workers = sum(p.workers for p in self.pools if group.intersection(p.queues))
-            slots.update(fair_shares(demands, workers))
+            for n, share in fair_shares(demands, workers).items():
+                slots[n] = min(share * members[n].spec.batch, members[n].demand)
         return {
             name: Share(slots=slots[name], waiting_for_workers=capacity[queues[name]] == 0)
             for name in runs

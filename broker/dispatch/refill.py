@@ -112,12 +112,12 @@ class Refill:
                         self.off_loop.request(run, run.free_slots)  # sent after the flush below
                 if off_loop or self.boundary.faulted(run.name):
                     continue
-                if sending and time.perf_counter() - started > ASK_BUDGET_S:
-                    if run.next_asked_ahead() is None:
-                        wanting = []  # the rest after the stream is read: `behind`
-                        break
-                self._refill_one(run, sending)
-            wanting = [run for run in wanting if self.can_fill(run)]
+                if self._may_go_on(run, sending, started):
+                    self._refill_one(run, sending)
+            # The rest after the stream is read: `behind`.
+            wanting = [
+                r for r in wanting if self.can_fill(r) and self._may_go_on(r, sending, started)
+            ]
         jobs = self._enqueue_all(sending, pipe)
         self._note_sent(jobs)
         self.results.ack_into(pipe)
@@ -135,6 +135,20 @@ class Refill:
                 run.mark_sent(record, now, job)
         self._ask_ahead()
         return sum(len(records) for _run, records, _job in jobs)
+
+    @staticmethod
+    def _may_go_on(
+        run: StudyRun, sending: list[tuple[StudyRun, InFlight, bytes]], started: float
+    ) -> bool:
+        """Whether the turn fills another slot of `run`: while its sampling is within
+        `ASK_BUDGET_S`, and past it for a trial asked ahead (sent without sampling), or to end
+        the batch begun (a trial left over would go in a job of its own)."""
+        if not sending or time.perf_counter() - started <= ASK_BUDGET_S:
+            return True
+        if run.next_asked_ahead() is not None:
+            return True
+        begun = sum(1 for each, _record, _payload in sending if each is run)
+        return begun % run.spec.batch != 0
 
     def _enqueue_all(
         self, sending: list[tuple[StudyRun, InFlight, bytes]], pipe: Any
