@@ -2,7 +2,8 @@
 durable storage (the journal file under its state directory) and on `--storage memory`, next to
 Optuna native (2 processes on JournalRedis), in one run, as ratios to the anchor.
 
-    uv run python -m benchmarks.daemon_storage [--trials 400] [--reps 1] [--breakdown | --signing]
+    uv run python -m benchmarks.daemon_storage [--trials 400] [--reps 1]
+        [--breakdown [--batch N] | --signing]
 
 With `--breakdown`, one study on the default storage is also taken apart: CPU per trial of the
 broker, the workers and redis-server (psutil), and Redis commands per trial by command (INFO
@@ -68,6 +69,10 @@ __all__ = [
 
 STORAGES = {"journal": None, "memory": "memory"}
 """The daemon's storages measured: its default (no --storage: the journal file), and memory."""
+CONCURRENCY = 8
+"""The cap of the daemon's studies (the issue's configuration: cap 8 on 2 workers)."""
+BATCH = 4
+"""The default storage again with `--batch 4`: a worker's job carries 4 trials."""
 ASK_AHEAD = 1
 """The default storage again with `--ask-ahead 1`: what sampling before a slot frees buys (the
 sampler then sees a trial more than the cap running)."""
@@ -115,16 +120,20 @@ class _Broker:
         shutil.rmtree(self.state, ignore_errors=True)
 
 
-def _daemon_study(broker: _Broker, n_trials: int, *, ask_ahead: int = 0) -> dict[str, float]:
-    """Trials per second of one no-op study of `n_trials` on 2 workers, cap 2."""
+def _daemon_study(
+    broker: _Broker, n_trials: int, *, ask_ahead: int = 0, batch: int = 1
+) -> dict[str, float]:
+    """Trials per second of one no-op study of `n_trials` on 2 workers, cap 8 (fair share
+    keeps a worker's worth outstanding: one trial each, or one batch)."""
     spec = StudySpec(
         name=f"daemon-{time.monotonic_ns()}",
         objective="benchmarks.objectives:noop",
         space=space_to_data({"x": suggest.float(0, 1)}),
         n_trials=n_trials,
-        concurrency=2,
+        concurrency=CONCURRENCY,
         sampler="random",
         ask_ahead=ask_ahead,
+        batch=batch,
     )
     started = time.perf_counter()
     broker.client.submit(spec)
@@ -141,16 +150,17 @@ def _daemon_study(broker: _Broker, n_trials: int, *, ask_ahead: int = 0) -> dict
 
 def daemon_overhead(url: str, reps: int, n_trials: int) -> dict[str, Any]:
     """The daemon on each of `STORAGES` and Optuna native with 2 processes on JournalRedis."""
-    systems = {name: (storage, 0) for name, storage in STORAGES.items()}
-    systems["journal_ask_ahead"] = (None, ASK_AHEAD)
+    systems = {name: (storage, 0, 1) for name, storage in STORAGES.items()}
+    systems["journal_ask_ahead"] = (None, ASK_AHEAD, 1)
+    systems["journal_batch"] = (None, 0, BATCH)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in [*systems, "native"]}
     for _ in range(reps):
-        for name, (storage, ask_ahead) in systems.items():
+        for name, (storage, ask_ahead, batch) in systems.items():
             workers = OurWorkers(url, 2)
             try:
                 broker = _Broker(url, workers.queue, storage)
                 try:
-                    study = _daemon_study(broker, n_trials, ask_ahead=ask_ahead)
+                    study = _daemon_study(broker, n_trials, ask_ahead=ask_ahead, batch=batch)
                     runs[name].append(study)
                 finally:
                     broker.stop()
@@ -170,8 +180,8 @@ def daemon_overhead(url: str, reps: int, n_trials: int) -> dict[str, Any]:
 def daemon_overhead_lines(d: dict[str, Any]) -> list[str]:
     """The report's section for `daemon_overhead`'s results."""
     return [
-        f"## Overhead, the broker daemon: no-op objective, RandomSampler, 2 workers, "
-        f"{d['n_trials']} trials",
+        f"## Overhead, the broker daemon: no-op objective, RandomSampler, 2 workers, cap "
+        f"{CONCURRENCY}, {d['n_trials']} trials",
         "",
         "| | trials/s | ratio |",
         "|---|---|---|",
@@ -188,6 +198,15 @@ def daemon_overhead_lines(d: dict[str, Any]) -> list[str]:
             if "daemon_journal_ask_ahead" in d
             else []
         ),
+        *(
+            [
+                f"| default storage, `submit --batch {BATCH}` "
+                f"| {d['daemon_journal_batch']['trials_per_s']:.0f} "
+                f"| {d['daemon_journal_batch_ratio']:.2f}x |"
+            ]
+            if "daemon_journal_batch" in d
+            else []
+        ),
         f"| Optuna native, 2 processes (JournalRedis) "
         f"| {d['native_2_processes']['trials_per_s']:.0f} | 1.00x |",
         "",
@@ -196,10 +215,12 @@ def daemon_overhead_lines(d: dict[str, Any]) -> list[str]:
         f"With `--ask-ahead {ASK_AHEAD}` the broker samples the next trial while the workers run",
         "(the sampler then sees one trial more than the cap running); by default it asks when a",
         "slot frees, so a seeded sampler at cap 1 gives `study.optimize`'s params.",
+        f"With `--batch {BATCH}` a worker takes {BATCH} trials in one RQ job (each still leased",
+        "and reported on its own); fair share then keeps that many outstanding per worker.",
     ]
 
 
-def breakdown(url: str, n_trials: int) -> dict[str, Any]:
+def breakdown(url: str, n_trials: int, batch: int = 1) -> dict[str, Any]:
     """One study on the daemon's default storage, 2 workers: CPU ms per trial of each process
     kind, and Redis commands per trial (all, and the most called)."""
     conn = connect(url)
@@ -216,7 +237,7 @@ def breakdown(url: str, n_trials: int) -> dict[str, Any]:
             }
             cpu = {kind: _cpu_s(ps) for kind, ps in processes.items()}
             calls = _command_calls(conn)
-            figures = _daemon_study(broker, n_trials)
+            figures = _daemon_study(broker, n_trials, batch=batch)
             cpu = {k: (_cpu_s(ps) - cpu[k]) * 1000 / n_trials for k, ps in processes.items()}
             after = _command_calls(conn)
         finally:
@@ -428,6 +449,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--breakdown", action="store_true", help="where a trial's cost goes")
     parser.add_argument(
+        "--batch", type=int, default=1, metavar="N", help="the breakdown's study: --batch N"
+    )
+    parser.add_argument(
         "--signing",
         action="store_true",
         help="instead: the cost of signing (off, a shared secret, a key per role), per trial "
@@ -448,7 +472,7 @@ def main() -> None:
         return
     try:
         results = daemon_overhead(url, args.reps, args.trials)
-        parts = breakdown(url, args.trials) if args.breakdown else None
+        parts = breakdown(url, args.trials, args.batch) if args.breakdown else None
     finally:
         stop_embedded(state)
         shutil.rmtree(state, ignore_errors=True)

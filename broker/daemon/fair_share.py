@@ -117,7 +117,8 @@ class FairShare:
         demand: dict[Any, int] = {}  # redis-py types its mapping keys narrowly
         for run in runs.values():
             queue = self.queue_of(run)
-            demand[queue] = demand.get(queue, 0) + max(0, run.demand)
+            workers = -(-max(0, run.demand) // run.spec.batch)  # a worker runs a whole batch
+            demand[queue] = demand.get(queue, 0) + workers
         pipe = self.connection.pipeline(transaction=True)
         pipe.delete(self.keys.demand)
         if demand:
