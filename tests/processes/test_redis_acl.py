@@ -305,7 +305,15 @@ def test_the_key_classes_name_every_key_keys_makes() -> None:
         for name, member in inspect.getmembers(Keys, inspect.isfunction)
         if not name.startswith("_")
     }
-    helpers = {"job_id", "prefix_of", "queue_class", "parse_trial_queue", "trial_queue"}
+    helpers = {
+        "job_id",
+        "batch_job_id",
+        "carried",
+        "prefix_of",
+        "queue_class",
+        "parse_trial_queue",
+        "trial_queue",
+    }
     assert methods - helpers == {
         "pool",
         "backlog_of",
