@@ -93,7 +93,8 @@ def workers(
             help="Replace a worker process by a fresh one after N trials (Celery's "
             "--max-tasks-per-child): the new one imports the objectives again, so an edit to "
             "an objective reaches every process within N of its trials, without a restart, and "
-            "memory a trial leaked is given back.",
+            "memory a trial leaked is given back. It counts RQ jobs: a study's batch "
+            "(submit --batch) is one.",
         ),
     ] = None,
     autoscale: Annotated[
