@@ -95,10 +95,8 @@ def run_trial(*payloads: bytes) -> None:
     except ProtocolError:
         count_refused(connection, keys, "request")
         raise
-    # The job's timeout is its trials' together (`dispatch.sending`): each is held to its share.
-    timeout_s = (
-        float(job.timeout) / len(requests) if job.timeout is not None and job.timeout > 0 else None
-    )
+    # A trial's timeout is its job's: a study that batches has none (`StudySpec.batch`).
+    timeout_s = float(job.timeout) if job.timeout is not None and job.timeout > 0 else None
     for request in requests:
         # A worker told to stop runs what is left of its job all the same (RQ's warm shutdown
         # waits for the job): a trial not started would be counted lost, and retried.

@@ -98,7 +98,8 @@ def submit(
             help="Trials sent to a worker in one RQ job, at most: each still runs, is leased "
             "and reports on its own, one after another. For objectives of a few milliseconds, "
             "where RQ's cost per job is most of a trial's. Each worker then keeps N trials "
-            "outstanding: give --concurrency N times the workers.",
+            "outstanding: give --concurrency N times the workers. Not with --trial-timeout "
+            "(RQ times a job, not each trial in it).",
         ),
     ] = 1,
     pruner: Annotated[

@@ -103,15 +103,13 @@ class TrialSender:
         """Enqueue one job carrying the trials of `batch` (their sealed requests `payloads`), run
         in that order, in `pipeline` (None: on its own, now); returns its id."""
         job_id = Keys.batch_job_id([run.attempt_id(record, self.reply_to) for record in batch])
-        trial_timeout_s = run.spec.trial_timeout_s
+        timeout_s = run.spec.trial_timeout_s  # none with a batch (`StudySpec.batch`)
         numbers = ", ".join(str(record.number) for record in batch)
         self.queue(run).enqueue_call(
             func=RUN_TRIAL,
             args=tuple(payloads),
             job_id=job_id,
-            # Each trial is held to its own timeout by its worker (`workers.runner`); the job's
-            # is what its trials take at most, together.
-            timeout=math.ceil(trial_timeout_s * len(batch)) if trial_timeout_s else -1,
+            timeout=math.ceil(timeout_s) if timeout_s else -1,
             # Kept briefly once finished (`rq info` shows them): deleting a job at once costs
             # its worker seven more round trips (workers/bookkeeping.py).
             result_ttl=FINISHED_JOB_TTL_S,

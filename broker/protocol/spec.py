@@ -194,18 +194,13 @@ class StudySpec(Message):
                 high=MAX_BATCH,
                 value=self.batch,
             )
-        # A batch's job has its trials' timeouts summed (each trial is held to its own), and an
-        # RQ job's timeout has the same bound as a trial's.
-        if self.trial_timeout_s is not None and self.batch * self.trial_timeout_s > (
-            MAX_TRIAL_TIMEOUT_S
-        ):
+        # RQ's timeout alarm is armed once a job: a batch's trials cannot each have their own.
+        if self.batch > 1 and self.trial_timeout_s is not None:
             raise FieldError(
                 "batch",
-                "{batch} times {trial_timeout_s} must be at most {high} seconds (a batch's job "
-                "runs that many trials), got {value!r} x {timeout}: lower either",
-                high=MAX_TRIAL_TIMEOUT_S,
+                "{batch} {value} cannot go with {trial_timeout_s}: RQ times a job, not each "
+                "trial of a batch; drop one of them",
                 value=self.batch,
-                timeout=self.trial_timeout_s,
             )
 
     def _take_choices(self) -> None:

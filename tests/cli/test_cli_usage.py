@@ -667,3 +667,20 @@ def test_every_field_a_spec_error_may_name_is_a_flag_of_submit() -> None:
     for field in dataclasses.fields(StudySpec):
         if field.name not in not_given_by_a_flag:
             assert flag_of(field.name) in flags, field.name
+
+
+def test_a_batch_with_a_trial_timeout_is_refused_naming_both_flags(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """RQ arms its timeout once a job: the trials of a batch cannot each have theirs."""
+    code, _out, err = run_main(*SUBMIT[:2], "--n-trials", "8", "--concurrency", "8",
+                               "--batch", "4", "--trial-timeout", "3", capsys=capsys)  # fmt: skip
+    assert code == 2
+    assert err.strip() == (
+        "Error: --batch 4 cannot go with --trial-timeout: RQ times a job, not each trial of a "
+        "batch; drop one of them"
+    )
+    code, _out, err = run_main(*SUBMIT[:2], "--n-trials", "8", "--concurrency", "8",
+                               "--batch", "33", capsys=capsys)  # fmt: skip
+    assert code == 2
+    assert err.strip() == "Error: --batch must be an integer from 1 to 32, got 33"
