@@ -47,6 +47,7 @@ from optuna.distributions import (
     CategoricalDistribution,
     FloatDistribution,
     IntDistribution,
+    distribution_to_json,
     json_to_distribution,
 )
 
@@ -65,8 +66,10 @@ from optuna_rq.protocol import (
 )
 from optuna_rq.protocol.counters import count_dropped, count_refused
 from optuna_rq.workers.call_limits import encode_call
+from optuna_rq.workers.relative_params import CarriedRelative
 from optuna_rq.workers.remote_study import RemoteStudy
 from optuna_rq.workers.trial_arguments import as_float, as_step, deprecated, storable
+from optuna_rq.workers.trial_storage import TrialStorage
 
 __all__ = ["RemoteTrial", "RemoteTrialError"]
 
@@ -110,9 +113,11 @@ class RemoteTrial(optuna.Trial):
         self._reported: set[int] = set()  # the steps reported, as Optuna's trial knows them
         self._relative: dict[str, Any] | None = None
         self._relative_space: dict[str, BaseDistribution] | None = None
+        view = request.relative_view  # the sampler's relative params, asked at the send
+        self._carried = None if view is None else CarriedRelative(view)
         self._study_view = RemoteStudy(self._call)
         self._trial_id = request.trial_number  # what optuna.artifacts hands back to `storage`
-        self.storage = _TrialStorage(self)  # type: ignore[assignment]
+        self.storage = TrialStorage(self)  # type: ignore[assignment]
 
     def _new_call(
         self, method: TrialMethod, args: Sequence[Any], kwargs: dict[str, Any], *, reply: bool
@@ -227,20 +232,34 @@ class RemoteTrial(optuna.Trial):
     def suggest_float(
         self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
     ) -> float:
-        FloatDistribution(low, high, log=log, step=step)  # Optuna's ValueErrors, before the trip
-        return float(self._call(TrialMethod.SUGGEST_FLOAT, name, low, high, step=step, log=log))
+        distribution = FloatDistribution(low, high, log=log, step=step)  # Optuna's ValueErrors
+        method = TrialMethod.SUGGEST_FLOAT
+        return float(self._suggestion(method, distribution, name, low, high, step=step, log=log))
 
     def suggest_int(  # step may be positional, as in MultiObjectiveTrial
         self, name: str, low: int, high: int, step: int = 1, log: bool = False
     ) -> int:
-        IntDistribution(low, high, log=log, step=step)
-        return int(self._call(TrialMethod.SUGGEST_INT, name, low, high, step=step, log=log))
+        distribution = IntDistribution(low, high, log=log, step=step)
+        method = TrialMethod.SUGGEST_INT
+        return int(self._suggestion(method, distribution, name, low, high, step=step, log=log))
 
     def suggest_categorical(  # type: ignore[override]  # one signature for Optuna's overloads
         self, name: str, choices: Sequence[CategoricalChoiceType]
     ) -> CategoricalChoiceType:
-        CategoricalDistribution(list(choices))
-        return self._call(TrialMethod.SUGGEST_CATEGORICAL, name, list(choices))  # type: ignore[no-any-return]
+        distribution = CategoricalDistribution(list(choices))
+        return self._suggestion(TrialMethod.SUGGEST_CATEGORICAL, distribution, name, list(choices))  # type: ignore[no-any-return]
+
+    def _suggestion(
+        self, method: TrialMethod, distribution: BaseDistribution, name: str, *args: Any, **kw: Any
+    ) -> Any:
+        """The relative param the request carries where the suggestion takes one
+        (`CarriedRelative.take`), recorded on the broker without a wait; else the broker's."""
+        if self._carried is not None:
+            taken, value = self._carried.take(name, distribution)
+            if taken:
+                self._post(TrialMethod.SUGGESTED, name, distribution_to_json(distribution), value)
+                return value
+        return self._call(method, name, *args, **kw)
 
     def suggest_uniform(self, name: str, low: float, high: float) -> float:
         deprecated("suggest_uniform", "suggest_float(..., low, high)")
@@ -256,6 +275,8 @@ class RemoteTrial(optuna.Trial):
 
     @property
     def relative_params(self) -> dict[str, Any]:
+        if self._carried is not None:
+            return self._carried.params()
         if self._relative is None:
             self._relative = dict(self._call(TrialMethod.RELATIVE_PARAMS))
         return dict(self._relative)
@@ -264,6 +285,8 @@ class RemoteTrial(optuna.Trial):
     def relative_search_space(self) -> dict[str, BaseDistribution] | None:  # type: ignore[override]
         """What the sampler samples relatively: None until it inferred it (the trial's first
         suggestion, or `relative_params`), then fixed for the trial, as in-process."""
+        if self._carried is not None:
+            return self._carried.search_space()
         if self._relative_space is None:
             space = self._call(TrialMethod.RELATIVE_SEARCH_SPACE)
             if space is None:
@@ -375,32 +398,6 @@ class RemoteTrial(optuna.Trial):
 
     def __repr__(self) -> str:
         return f"RemoteTrial(study={self._request.study!r}, number={self.number})"
-
-
-class _TrialStorage:
-    """`trial.storage` for `optuna.artifacts`: this trial's system attributes, through the
-    broker. The artifact itself goes from the worker straight to the artifact store."""
-
-    def __init__(self, trial: RemoteTrial) -> None:
-        self._trial = trial
-
-    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._own(trial_id)
-        self._trial.set_system_attr(key, value)
-
-    def get_trial_system_attrs(self, trial_id: int) -> dict[str, Any]:
-        self._own(trial_id)
-        return self._trial.system_attrs
-
-    def _own(self, trial_id: int) -> None:
-        if trial_id != self._trial.number:
-            raise RemoteTrialError(f"a worker reaches only its own trial, not trial {trial_id}")
-
-    def __getattr__(self, name: str) -> NoReturn:
-        raise NotImplementedError(
-            f"trial.storage.{name}: a worker has no storage of its own; the broker owns it "
-            "(a remote trial serves its own system attributes, for optuna.artifacts)"
-        )
 
 
 def _raise(answer: TrialCallReply, method: str) -> NoReturn:

@@ -27,6 +27,7 @@ from typing import Any
 
 import optuna
 import redis
+from optuna.distributions import json_to_distribution
 
 from optuna_rq.dispatch.boundary import FaultBoundary, Site
 from optuna_rq.dispatch.observer import DispatchObserver, count_refusal
@@ -52,7 +53,7 @@ from optuna_rq.protocol import (
     TrialCallReply,
     TrialMethod,
 )
-from optuna_rq.study.optuna_trials import set_trial_system_attr
+from optuna_rq.study.optuna_trials import record_relative_param, set_trial_system_attr
 
 __all__ = ["CallServer"]
 
@@ -279,6 +280,12 @@ def _perform(study: optuna.Study, trial: optuna.Trial, call: TrialCall) -> Any:
             return None
         case TrialMethod.SET_CONSTRAINT:
             trial.set_constraint(*args, **kwargs)
+            return None
+        case TrialMethod.SUGGESTED:  # a relative param the worker took from its request
+            name, distribution, value = args
+            if not isinstance(name, str) or not isinstance(distribution, str):
+                raise TypeError(f"a suggested param is named with its distribution, got {args!r}")
+            record_relative_param(trial, name, json_to_distribution(distribution), value)
             return None
         case TrialMethod.RELATIVE_PARAMS:
             return dict(trial.relative_params)

@@ -9,26 +9,32 @@ of the same name (a cancel mark) is taken for it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from copy import deepcopy
 from typing import Any
 
+import optuna
 import redis
+from optuna.distributions import distribution_to_json
 from rq import Queue
 from rq.job import Job
 
 from optuna_rq.dispatch.runs import InFlight, StudyRun
+from optuna_rq.errors import MessageLimitError
 from optuna_rq.protocol import (
     CANCEL_TTL_S,
     RUN_TRIAL,
     Keys,
     Record,
+    RelativeView,
     Signer,
     TrialRequest,
     trial_queue,
 )
 from optuna_rq.space.declarations import process
+from optuna_rq.study.optuna_trials import relative_view
 
 __all__ = ["FINISHED_JOB_TTL_S", "FAILED_JOB_TTL_S", "TrialSender"]
 
@@ -94,8 +100,17 @@ class TrialSender:
             n_objectives=len(run.study.directions),
             reply_to=self.reply_to,
             token=self.signer.attempt_token(self.job_id(run, record)),
+            relative=_relative(record.trial),
         )
-        return self.signer.seal(Record.REQUEST, request.encode())
+        try:
+            body = request.encode()
+        except MessageLimitError:
+            if request.relative is None:
+                raise
+            # Its suggestions ask the broker instead: a request too big only for what it
+            # carries to save round trips is not refused for it.
+            body = dataclasses.replace(request, relative=None).encode()
+        return self.signer.seal(Record.REQUEST, body)
 
     def enqueue(
         self, run: StudyRun, batch: Sequence[InFlight], payloads: Sequence[bytes], pipeline: Any
@@ -173,3 +188,20 @@ class TrialSender:
         taken_back = [job for job, count in zip(whole, removed, strict=True) if count]
         if taken_back:  # jobs no worker will see: nothing but their hashes refers to them
             self.connection.delete(*(Job.key_for(j) for j in taken_back))
+
+
+def _relative(trial: optuna.Trial) -> dict[str, Any] | None:
+    """What a request carries of its trial's relative sampling (`RelativeView`); None where its
+    sampler samples nothing relatively."""
+    asked, space, params, settled = relative_view(trial)
+    if not params and asked:
+        return None  # a relative search space with nothing in it changes nothing on a worker
+    return RelativeView(
+        space={name: distribution_to_json(d) for name, d in space.items()},
+        # As the worker gets it back, and the storage keeps it: plain Python values.
+        params={
+            n: space[n].to_external_repr(space[n].to_internal_repr(v)) for n, v in params.items()
+        },
+        asked=asked,
+        settled=frozenset(settled),
+    ).to_wire()

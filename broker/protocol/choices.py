@@ -67,6 +67,8 @@ class TrialMethod(StrChoice):
     SET_USER_ATTR = "set_user_attr"
     SET_SYSTEM_ATTR = "set_system_attr"
     SET_CONSTRAINT = "set_constraint"
+    # A relative param the worker took from its request: stored as the suggestion would store it.
+    SUGGESTED = "suggested"
     RELATIVE_PARAMS = "relative_params"
     RELATIVE_SEARCH_SPACE = "relative_search_space"
     TRIAL = "trial"

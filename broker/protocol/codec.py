@@ -60,7 +60,9 @@ fail reason `bad_signature`; the study view a remote trial reads carries `metric
 `sampler` and `pruner`, and `relative_search_space` is a trial call.
 7: a job may carry several trials (`StudySpec.batch`): its arguments are one sealed
 `TrialRequest` each, run in order, and its id names every attempt it carries
-(`Keys.batch_job_id`)."""
+(`Keys.batch_job_id`). A `TrialRequest` may carry its trial's `relative` search space and
+params, and a worker that answers a suggestion from them records it with the trial call
+`suggested`."""
 # The limits of a message, defined here once: the decoder enforces them (`decode_map`), and the
 # front doors check what they send against the same ones (`check_structure`, `check_size`), so
 # that a message over one is refused where it is made, naming the limit, not dropped later.

@@ -33,6 +33,7 @@ __all__ = [
     "CallError",
     "FailReason",
     "Outcome",
+    "RelativeView",
     "TrialCall",
     "TrialCallReply",
     "TrialRequest",
@@ -101,12 +102,26 @@ class TrialRequest(Message):
     n_objectives: int = wire(Int(minimum=1))  # the study's directions: the length of a return
     reply_to: str = wire(Text())  # the Redis stream the result goes to
     token: str = _token()
+    # The trial's relative search space and params, as its sampler gave them (`RelativeView`):
+    # a define-by-run objective's suggestion that takes one is answered on the worker. None:
+    # none carried, every suggestion asks the broker.
+    relative: dict[str, Any] | None = wire(Map(optional=True), default=None)
     v: int = version_field()
+
+    def __post_init__(self) -> None:
+        if self.relative is not None:
+            RelativeView.from_wire(self.relative)
 
     def encode(self) -> bytes:
         """msgpack bytes; ProtocolError, naming the input, for params msgpack cannot carry."""
         check_params(self.params)
+        if self.relative is not None:
+            check_params(self.relative["params"])
         return Message.encode(self)
+
+    @property
+    def relative_view(self) -> RelativeView | None:
+        return None if self.relative is None else RelativeView.from_wire(self.relative)
 
     @property
     def attempt_id(self) -> AttemptId:
@@ -118,6 +133,46 @@ class TrialRequest(Message):
             trial_number=self.trial_number,
             attempt=self.attempt,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RelativeView:
+    """What a `TrialRequest` carries of its trial's relative sampling (its `relative` field):
+    the relative search space (Optuna's JSON of each distribution) and params, whether the
+    sampler had been asked for them before the request was sealed (the study's space sampled
+    there), and the names `settled` then: fixed (an enqueued trial's) or suggested already.
+    The first suggestion of a name not settled takes its relative param, as in Optuna."""
+
+    space: dict[str, str]
+    params: dict[str, Param]
+    asked: bool
+    settled: frozenset[str]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "space": self.space,
+            "params": self.params,
+            "asked": self.asked,
+            "settled": sorted(self.settled),
+        }
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> RelativeView:
+        """ProtocolError for a map of another shape."""
+        space, params = data.get("space"), data.get("params")
+        asked, settled = data.get("asked"), data.get("settled")
+        if (
+            set(data) != {"space", "params", "asked", "settled"}
+            or not isinstance(space, dict)
+            or not all(isinstance(v, str) for v in space.values())
+            or not isinstance(params, dict)
+            or not set(params) <= set(space)
+            or not isinstance(asked, bool)
+            or not isinstance(settled, list)
+            or not all(isinstance(n, str) for n in settled)
+        ):
+            raise ProtocolError("TrialRequest.relative: not a relative search space and params")
+        return cls(space=space, params=params, asked=asked, settled=frozenset(settled))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

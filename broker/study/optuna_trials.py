@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution
+from optuna.distributions import BaseDistribution, check_distribution_compatibility
 from optuna.trial import FrozenTrial, TrialState
 
 __all__ = [
@@ -22,6 +22,8 @@ __all__ = [
     "live_trial",
     "only_waiting",
     "optimize_loop",
+    "record_relative_param",
+    "relative_view",
     "set_trial_system_attr",
     "set_study_system_attr",
     "set_trial_user_attr",
@@ -123,3 +125,44 @@ def optimize_loop(study: optuna.Study) -> Iterator[None]:
 def stop_requested(study: optuna.Study) -> bool:
     """Whether `study.stop()` was called."""
     return bool(study._stop_flag)
+
+
+def relative_view(
+    trial: optuna.Trial,
+) -> tuple[bool, dict[str, BaseDistribution], dict[str, Any], set[str]]:
+    """The trial's relative search space and params as its sampler gives them (asked now if they
+    were not yet), whether they had been asked before, and the names settled: fixed (an
+    enqueued trial's) or suggested already. Optuna asks its sampler at a trial's first
+    suggestion of a name not settled; asked here, a worker can answer that suggestion itself,
+    with what the sampler gave for the same study state (at cap 1)."""
+    asked = trial._relative_params is not None
+    params = trial.relative_params
+    space = dict(trial.relative_search_space or {})
+    settled = set(trial._fixed_params) | set(trial._cached_frozen_trial.params)
+    return asked, space, params, settled
+
+
+def record_relative_param(
+    trial: optuna.Trial, name: str, distribution: BaseDistribution, value: Any
+) -> None:
+    """Store param `name` as `trial.suggest_*` stores a relative param, with the value a worker
+    took from its request (`relative_view`); ValueError if it is not the one this trial's
+    sampler gave, or not in `distribution`. A name suggested already is left as it is, as a
+    suggestion repeated is."""
+    latest = trial._cached_frozen_trial
+    if name in latest.distributions:
+        check_distribution_compatibility(latest.distributions[name], distribution)
+        return
+    given = trial._relative_params  # None on a trial taken over after a restart: not asked
+    if given is not None and (name not in given or not _same(given[name], value, distribution)):
+        raise ValueError(f"{name}={value!r} is not the relative param the sampler gave")
+    internal = distribution.to_internal_repr(value)
+    if not distribution._contains(internal):
+        raise ValueError(f"{name}={value!r} is not in {distribution}")
+    trial.storage.set_trial_param(trial._trial_id, name, internal, distribution)
+    latest.distributions[name] = distribution
+    latest.params[name] = value
+
+
+def _same(given: Any, value: Any, distribution: BaseDistribution) -> bool:
+    return bool(distribution.to_internal_repr(given) == distribution.to_internal_repr(value))

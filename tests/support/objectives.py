@@ -138,3 +138,11 @@ def reports_pair(trial: optuna.Trial, x: float) -> tuple[float, float]:
         trial.report([x * step, float(step)], step)
     trial.set_user_attr("note", f"x={x:.3f}")
     return x, math.inf
+
+
+def three_kinds(trial: optuna.Trial) -> float:
+    """A float, an int on a log scale and a category: a relative sampler samples them jointly."""
+    x = trial.suggest_float("x", -5, 5)
+    k = trial.suggest_int("k", 1, 64, log=True)
+    c = trial.suggest_categorical("c", ["a", "b", "c"])
+    return (x - 1) ** 2 + abs(k - 8) / 8 + {"a": 0.5, "b": 0.0, "c": 1.0}[c]

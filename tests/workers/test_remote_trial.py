@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import optuna
 import pytest
@@ -12,12 +13,12 @@ from optuna.trial import TrialState
 from optuna_rq import Optimizer, suggest
 from optuna_rq.dispatch import Budget, Dispatcher, RunSpec, StudyRun
 from optuna_rq.errors import RemoteTrialError
-from optuna_rq.protocol import Keys, TrialRequest
+from optuna_rq.protocol import Keys, TrialMethod, TrialRequest
 from optuna_rq.protocol.signing import Signer
 from optuna_rq.study.verdict import FAIL_ERROR_ATTR, FAIL_REASON_ATTR
 from optuna_rq.workers.remote_trial import RemoteTrial
 from tests.support.inline_workers import InlineWorkers
-from tests.support.objectives import define_by_run
+from tests.support.objectives import define_by_run, three_kinds
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,6 +84,86 @@ def test_reports_sent_without_a_wait_prune_as_in_process_at_cap_1(
 
     assert seen(mine) == seen(theirs)
     assert TrialState.PRUNED in {t.state for t in mine.trials}
+
+
+@pytest.mark.parametrize(
+    ("sampler", "relative_at_least"),
+    [
+        # Every param of every trial after the 3 it samples independently.
+        (
+            lambda seed: optuna.samplers.TPESampler(
+                seed=seed, multivariate=True, n_startup_trials=3
+            ),
+            3 * 9,
+        ),
+        # From the second generation on, what crossover gives (mutation drops some params,
+        # which the sampler then samples independently: those ask the broker).
+        (lambda seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=4), 8),
+    ],
+    ids=["tpe-multivariate", "nsgaii"],
+)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_relative_params_sent_with_the_job_sample_as_in_process_at_cap_1(
+    redis_url: str,
+    inline_workers: InlineWorkers,
+    monkeypatch: pytest.MonkeyPatch,
+    sampler: Callable[[int], optuna.samplers.BaseSampler],
+    relative_at_least: int,
+    seed: int,
+) -> None:
+    """The params a relative sampler gives a trial travel with its job: a suggestion that takes
+    one is answered on the worker, and recorded on the broker without a wait. A seeded study run
+    one trial at a time samples exactly as in-process, and most suggestions make no round
+    trip once the sampler has a relative search space."""
+    sent: list[TrialMethod] = []
+    send = RemoteTrial._send
+
+    def spy(trial: RemoteTrial, method: TrialMethod, payload: bytes) -> None:
+        sent.append(method)
+        send(trial, method, payload)
+
+    monkeypatch.setattr(RemoteTrial, "_send", spy)
+    queue = inline_workers.start(count=1)
+    mine = optuna.create_study(sampler=sampler(seed))
+    remote(
+        "tests.support.objectives:three_kinds", queue, redis_url, concurrency=1, n_trials=12,
+        study=mine,
+    ).run()  # fmt: skip
+    theirs = optuna.create_study(sampler=sampler(seed))
+    theirs.optimize(three_kinds, n_trials=12)
+
+    def seen(study: optuna.Study) -> list[tuple[object, ...]]:
+        return [(t.state, t.params, t.distributions, t.value) for t in study.trials]
+
+    assert seen(mine) == seen(theirs)
+    waited = sum(m.value.startswith("suggest_") for m in sent)
+    answered_here = sent.count(TrialMethod.SUGGESTED)
+    assert waited + answered_here == 3 * 12
+    assert answered_here >= relative_at_least, (waited, answered_here)
+
+
+def test_a_fixed_param_is_not_taken_from_the_relative_params_sent_with_the_job(
+    redis_url: str, inline_workers: InlineWorkers
+) -> None:
+    """An enqueued trial's fixed params win over the sampler's relative ones, as in-process:
+    its other params are still taken from the job."""
+
+    def make() -> optuna.Study:
+        sampler = optuna.samplers.TPESampler(seed=0, multivariate=True, n_startup_trials=3)
+        return optuna.create_study(sampler=sampler)
+
+    queue = inline_workers.start(count=1)
+    mine, theirs = make(), make()
+    for n_trials in (5, 3):
+        remote(
+            "tests.support.objectives:three_kinds", queue, redis_url, concurrency=1,
+            n_trials=n_trials, study=mine,
+        ).run()  # fmt: skip
+        theirs.optimize(three_kinds, n_trials=n_trials)
+        for study in (mine, theirs):
+            study.enqueue_trial({"x": 0.25})
+    assert [t.params for t in mine.trials] == [t.params for t in theirs.trials]
+    assert mine.trials[5].params["x"] == 0.25
 
 
 def test_define_by_run_multi_objective(redis_url: str, inline_workers: InlineWorkers) -> None:
