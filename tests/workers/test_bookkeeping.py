@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
 import redis
+from rq.exceptions import StopRequested
+from rq.suspension import WORKERS_SUSPENDED
 
 from optuna_rq.protocol import trial_queue
 from optuna_rq.protocol.queue import MsgpackSerializer
 from optuna_rq.workers.rq_worker import TrialWorker
+from tests.support.helpers import wait_until
 
 
 @pytest.fixture
@@ -52,3 +56,30 @@ def test_the_idle_after_a_job_is_written_once(worker: TrialWorker, conn: redis.R
     conn.hset(worker.key, "state", "tampered")
     worker.set_state("idle")  # already idle, as far as the worker knows: not written again
     assert conn.hget(worker.key, "state") == b"tampered"
+
+
+def test_the_check_for_rq_suspend_after_a_job_sends_no_heartbeat(
+    worker: TrialWorker, conn: redis.Redis
+) -> None:
+    worker.job_done()
+    conn.expire(worker.key, 100)  # what the key would keep if a heartbeat were not sent
+    worker.check_for_suspension(burst=False)
+    assert 0 < conn.ttl(worker.key) <= 100
+
+
+def test_rq_suspend_stops_a_burst_worker_and_holds_another_suspended_as_rq_shows_it(
+    worker: TrialWorker, conn: redis.Redis
+) -> None:
+    conn.set(WORKERS_SUSPENDED, 1)
+    try:
+        with pytest.raises(StopRequested):
+            worker.check_for_suspension(burst=True)
+        worker.set_state("idle")
+        checking = threading.Thread(target=worker.check_for_suspension, args=(False,))
+        checking.start()
+        wait_until(lambda: conn.hget(worker.key, "state") == b"suspended", timeout_s=10)
+    finally:
+        conn.delete(WORKERS_SUSPENDED)  # `rq resume`
+    checking.join(timeout=10)
+    assert not checking.is_alive()
+    assert conn.hget(worker.key, "state") == b"idle"
