@@ -302,11 +302,13 @@ class Daemon:
             self._survive(self._turn, stop)
 
     def _turn(self) -> None:
-        self.step()
-        # Whatever the turn changed and did not acknowledge yet (a trial asked ahead): a
-        # journal holds Optuna's lock while it buffers, so other writers of the file wait one
-        # turn at most.
-        self.storages.flush()
+        # A fenced write or read in the turn proves the fence for the storages' checks after it.
+        with self.lock.connection.proving():
+            self.step()
+            # Whatever the turn changed and did not acknowledge yet (a trial asked ahead): a
+            # journal holds Optuna's lock while it buffers, so other writers of the file wait
+            # one turn at most.
+            self.storages.flush()
         self.health.beat()  # a float write: the loop turned
 
     def _survive(self, work: Callable[[], None], stop: threading.Event) -> None:

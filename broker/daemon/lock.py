@@ -111,8 +111,9 @@ class BrokerLock:
         self._last_renewed = now
 
     def check(self) -> None:
-        """Raise unless this broker still holds the lock and the epoch (one round trip): run
-        before anything is made durable in a study storage."""
+        """Raise unless this broker still holds the lock and the epoch (one round trip, unless
+        a fenced command proved both earlier in the loop's turn): run before anything is made
+        durable in a study storage."""
         self.connection.check_fence()
 
     def release(self) -> None:
