@@ -8,9 +8,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 from rq.exceptions import StopRequested
+from rq.job import JobStatus
 from rq.suspension import WORKERS_SUSPENDED
 
-from optuna_rq.protocol import trial_queue
+from optuna_rq.protocol import RUN_TRIAL, trial_queue
 from optuna_rq.protocol.queue import MsgpackSerializer
 from optuna_rq.workers.rq_worker import TrialWorker
 from tests.support.helpers import wait_until
@@ -83,3 +84,27 @@ def test_rq_suspend_stops_a_burst_worker_and_holds_another_suspended_as_rq_shows
     checking.join(timeout=10)
     assert not checking.is_alive()
     assert conn.hget(worker.key, "state") == b"idle"
+
+
+def test_a_job_starts_in_one_transaction_as_rq_shows_a_started_one(
+    worker: TrialWorker, conn: redis.Redis, prefix: str
+) -> None:
+    queue = trial_queue(conn, prefix)
+    queue.enqueue(RUN_TRIAL, b"payload")
+    taken = worker.dequeue_job_and_maintain_ttl(timeout=1)
+    assert taken is not None
+    job, _queue = taken
+    assert job.id.encode() in conn.lrange(queue.intermediate_queue_key, 0, -1)
+    worker.prepare_execution(job)
+    # What RQ's own two transactions leave, `rq info` and the dashboard read.
+    assert conn.hget(worker.key, "state") == b"busy"
+    assert 0 < conn.ttl(worker.key) <= worker.get_heartbeat_ttl(job)
+    job.refresh()
+    assert (job.get_status(), job.worker_name) == (JobStatus.STARTED, worker.name)
+    assert conn.ttl(job.key) == -1
+    assert job.id in queue.started_job_registry.get_job_ids()
+    assert [e.id for e in job.get_executions()] == list(worker.executions)
+    assert conn.lrange(queue.intermediate_queue_key, 0, -1) == []
+    conn.hset(job.key, "status", "tampered")
+    worker.prepare_job_execution(job, True)  # `perform_job` asks again: already sent
+    assert conn.hget(job.key, "status") == b"tampered"
