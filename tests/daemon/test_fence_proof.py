@@ -59,6 +59,24 @@ def test_a_proof_stands_for_the_rest_of_the_turn_but_never_for_a_write(
         lock.check()  # the turn is over
 
 
+def test_the_epoch_and_the_lock_read_as_this_brokers_prove_the_fence_for_the_turn(
+    conn: redis.Redis, lock: BrokerLock
+) -> None:
+    fenced = lock.connection
+    with fenced.proving():
+        lock.proved(fenced.fence.epoch, b"another broker")  # not its lock: nothing proven
+        _taken_over(conn, lock)
+        with pytest.raises(FenceLostError):
+            lock.check()
+        conn.set(lock.keys.broker, fenced.fence.token)
+        pipe = fenced.pipeline(transaction=False)
+        pipe.get(lock.keys.epoch)
+        lock.fetch(pipe)
+        lock.proved(*pipe.execute())
+        _taken_over(conn, lock)
+        lock.check()  # proven by the reads a moment ago in this turn
+
+
 def test_a_wait_on_redis_drops_the_proof(conn: redis.Redis, lock: BrokerLock) -> None:
     fenced = lock.connection
     stream = f"{lock.keys.prefix}:s"
