@@ -144,7 +144,12 @@ class LeanBookkeeping:
                 raise  # skipped when Redis is full: what `rq info` shows, nothing more
 
     def job_done(self) -> None:
-        """After a job: IDLE, and a heartbeat, in one round trip."""
+        """After a job: IDLE, and a heartbeat, in one round trip; nothing if the job's end sent
+        both (`TrialWorker.cleanup_execution`)."""
+        ttl_s = self.worker_ttl + 60  # type: ignore[attr-defined]
+        recent = time.monotonic() + ttl_s - self._key_expires_at < HEARTBEAT_EVERY_S
+        if recent and self.get_state() == WorkerStatus.IDLE:  # type: ignore[attr-defined]
+            return
         if self._away():
             self._state = WorkerStatus.IDLE
             return

@@ -148,6 +148,16 @@ class TrialWorker(_PoolMember, ShutdownMarked, LeanBookkeeping, SimpleWorker):
         self._started = job.id
         return execution
 
+    def cleanup_execution(
+        self, job: Job, pipeline: Any, execution: Execution | None = None
+    ) -> None:
+        """RQ's, with the worker's IDLE and heartbeat: every end of a job (a success, a failure,
+        a retry) cleans up its execution in the transaction that records the end, so the worker
+        is idle in the same instant, and `job_done` after it has nothing left to send."""
+        super().cleanup_execution(job, pipeline, execution)
+        self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
+        self.heartbeat(pipeline=pipeline)
+
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         if self._started == job.id:
             self._started = None

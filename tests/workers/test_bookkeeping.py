@@ -108,3 +108,22 @@ def test_a_job_starts_in_one_transaction_as_rq_shows_a_started_one(
     conn.hset(job.key, "status", "tampered")
     worker.prepare_job_execution(job, True)  # `perform_job` asks again: already sent
     assert conn.hget(job.key, "status") == b"tampered"
+
+
+def test_a_job_ends_with_its_worker_idle_in_the_same_transaction(
+    worker: TrialWorker, conn: redis.Redis, prefix: str
+) -> None:
+    queue = trial_queue(conn, prefix)
+    queue.enqueue(RUN_TRIAL, b"payload")
+    taken = worker.dequeue_job_and_maintain_ttl(timeout=1)
+    assert taken is not None
+    job, _queue = taken
+    execution = worker.prepare_execution(job)
+    job.started_at = job.ended_at = job.enqueued_at
+    worker.handle_job_success(job, queue, queue.started_job_registry, execution)
+    assert job.get_status(refresh=True) == JobStatus.FINISHED
+    assert conn.hget(worker.key, "state") == b"idle"
+    assert conn.ttl(worker.key) > worker.get_heartbeat_ttl(job)  # the worker's full TTL again
+    conn.hset(worker.key, "state", "tampered")
+    worker.job_done()  # sent with the job's end: nothing left to send
+    assert conn.hget(worker.key, "state") == b"tampered"
