@@ -7,7 +7,9 @@ Optuna native (2 processes on JournalRedis), in one run, as ratios to the anchor
 
 With `--breakdown`, one study on the default storage is also taken apart: CPU per trial of the
 broker, the workers and redis-server (psutil), and Redis commands per trial by command (INFO
-commandstats): where a no-op trial's cost goes.
+commandstats): where a no-op trial's cost goes. With `--by-process` too, the same study again
+on a redis-server of its own under MONITOR, each command counted by the process that sent it
+(`benchmarks.command_sources`).
 
 With `--signing`, instead: the cost of signing. The same study on the default storage with
 signing off, with one shared secret and with a key per role (repetitions interleaved): trials/s,
@@ -452,6 +454,11 @@ def main() -> None:
         "--batch", type=int, default=1, metavar="N", help="the breakdown's study: --batch N"
     )
     parser.add_argument(
+        "--by-process",
+        action="store_true",
+        help="with --breakdown: Redis commands per trial by the process that sent them (MONITOR)",
+    )
+    parser.add_argument(
         "--signing",
         action="store_true",
         help="instead: the cost of signing (off, a shared secret, a key per role), per trial "
@@ -479,6 +486,11 @@ def main() -> None:
     print("\n".join(daemon_overhead_lines(results)))
     if parts is not None:
         print(json.dumps(parts, indent=2))
+    if args.breakdown and args.by_process:
+        # Imported here: command_sources runs this module's study.
+        from benchmarks.command_sources import command_sources, command_sources_lines
+
+        print("\n".join(command_sources_lines(command_sources(args.trials, args.batch), top=40)))
 
 
 if __name__ == "__main__":

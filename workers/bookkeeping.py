@@ -12,6 +12,9 @@ bookkeeping that repeats itself between two jobs:
 - `set_state()` writes the worker's state even when it is already that state (IDLE is written
   after each job and again before dequeueing): a repeat is skipped, and `job_done()` sends the
   IDLE after a job together with the heartbeat.
+- `check_for_suspension()` (the work loop's check for `rq suspend`, before every dequeue) sends
+  a heartbeat and an EXISTS in a MULTI/EXEC: here the EXISTS alone, and the heartbeat by the rule
+  above, so never right after a job, whose `job_done()` sent one.
 - `handle_execution_ended()` writes the job's `last_heartbeat` right before the job is marked
   finished: it only guards RQ's success and failure callbacks, which trial jobs do not have.
 
@@ -49,6 +52,7 @@ import redis
 from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.queue import Queue
+from rq.suspension import WORKERS_SUSPENDED
 from rq.utils import now
 from rq.worker import WorkerStatus
 
@@ -140,7 +144,12 @@ class LeanBookkeeping:
                 raise  # skipped when Redis is full: what `rq info` shows, nothing more
 
     def job_done(self) -> None:
-        """After a job: IDLE, and a heartbeat, in one round trip."""
+        """After a job: IDLE, and a heartbeat, in one round trip; nothing if the job's end sent
+        both (`TrialWorker.cleanup_execution`)."""
+        ttl_s = self.worker_ttl + 60  # type: ignore[attr-defined]
+        recent = time.monotonic() + ttl_s - self._key_expires_at < HEARTBEAT_EVERY_S
+        if recent and self.get_state() == WorkerStatus.IDLE:  # type: ignore[attr-defined]
+            return
         if self._away():
             self._state = WorkerStatus.IDLE
             return
@@ -209,8 +218,26 @@ class LeanBookkeeping:
     # The writes a trial's job needs: sent again once Redis has room, or is back.
 
     def check_for_suspension(self, burst: bool) -> None:
-        method = super().check_for_suspension  # type: ignore[misc]
-        self._when_room("check for `rq suspend`", lambda: method(burst))
+        """RQ's own check, but for its round trip (see the module): while `rq suspend` holds, the
+        worker says it is suspended and waits (a burst worker stops), then takes its state back."""
+        before, name = None, self.name  # type: ignore[attr-defined]
+        while not self._stop_requested and self._suspended():
+            if burst:
+                log.info("worker %s: suspended in burst mode, stopping", name)
+                raise StopRequested()
+            if before is None:
+                log.info("worker %s: suspended, run `rq resume` to resume", name)
+                before = self.get_state()  # type: ignore[attr-defined]
+                self.set_state(WorkerStatus.SUSPENDED)
+            context.current().stopping.wait(1.0)
+        if before is not None:
+            self.set_state(before)
+
+    def _suspended(self) -> bool:
+        """Whether `rq suspend` holds; the heartbeat with it only when one is due."""
+        self.heartbeat()
+        exists = self.connection.exists  # type: ignore[attr-defined]
+        return bool(self._when_room("check for `rq suspend`", lambda: exists(WORKERS_SUSPENDED)))
 
     def register_birth(self, *args: Any, **kwargs: Any) -> None:
         method = super().register_birth  # type: ignore[misc]

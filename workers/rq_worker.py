@@ -33,6 +33,7 @@ from typing import Any
 
 import redis
 from rq import Queue, SimpleWorker, Worker
+from rq.executions import Execution
 from rq.job import Job
 from rq.worker import WorkerStatus
 
@@ -112,6 +113,8 @@ class ShutdownMarked:
 class TrialWorker(_PoolMember, ShutdownMarked, LeanBookkeeping, SimpleWorker):
     """An RQ worker that runs our trial job function, and nothing else, in its own process."""
 
+    _started: str | None = None  # the job whose start `prepare_execution` sent whole
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         self._took_job()
         if _refused(self, job, queue):
@@ -120,6 +123,46 @@ class TrialWorker(_PoolMember, ShutdownMarked, LeanBookkeeping, SimpleWorker):
         execution = self.prepare_execution(job)
         self.perform_job(job, queue, execution)
         self.job_done()
+
+    def prepare_execution(self, job: Job) -> Execution:
+        """RQ's two transactions that start a job, as one: its execution record and the worker's
+        BUSY (`prepare_execution`), then, at the top of `perform_job` in this same process, the
+        heartbeats with the job's TTL, the job's start and its removal from the intermediate
+        list (`prepare_job_execution`). The job's own heartbeat is left out: its start writes
+        the same `last_heartbeat`. Sent again whole if Redis refused it (`LeanBookkeeping`)."""
+        return self._when_room(f"start job {job.id}", lambda: self._start(job))
+
+    def _start(self, job: Job) -> Execution:
+        ttl = self.get_heartbeat_ttl(job)
+        with self.connection.pipeline() as pipe:
+            execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
+            self.executions[execution.id] = execution
+            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+            self.heartbeat(ttl, pipeline=pipe)
+            job.prepare_for_execution(self.name, pipeline=pipe)
+            pipe.persist(job.key)
+            if len(self.queues) == 1:  # as `perform_job` asks of `prepare_job_execution`
+                origin = Queue(job.origin, connection=self.connection)
+                pipe.lrem(origin.intermediate_queue_key, 1, job.id)
+            pipe.execute()
+        self._started = job.id
+        return execution
+
+    def cleanup_execution(
+        self, job: Job, pipeline: Any, execution: Execution | None = None
+    ) -> None:
+        """RQ's, with the worker's IDLE and heartbeat: every end of a job (a success, a failure,
+        a retry) cleans up its execution in the transaction that records the end, so the worker
+        is idle in the same instant, and `job_done` after it has nothing left to send."""
+        super().cleanup_execution(job, pipeline, execution)
+        self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
+        self.heartbeat(pipeline=pipeline)
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        if self._started == job.id:
+            self._started = None
+            return  # sent with the execution record
+        super().prepare_job_execution(job, remove_from_intermediate_queue)
 
 
 STOPPING_SIGNAL = signal.SIGUSR2

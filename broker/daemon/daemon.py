@@ -302,11 +302,11 @@ class Daemon:
             self._survive(self._turn, stop)
 
     def _turn(self) -> None:
-        self.step()
-        # Whatever the turn changed and did not acknowledge yet (a trial asked ahead): a
-        # journal holds Optuna's lock while it buffers, so other writers of the file wait one
-        # turn at most.
-        self.storages.flush()
+        with self.lock.connection.proving():  # the fence proven in a turn, its checks take
+            self.step()
+            # Whatever the turn changed and did not acknowledge yet (a trial asked ahead): a
+            # journal holds Optuna's lock while it buffers, so other writers wait a turn at most.
+            self.storages.flush()
         self.health.beat()  # a float write: the loop turned
 
     def _survive(self, work: Callable[[], None], stop: threading.Event) -> None:
@@ -345,9 +345,11 @@ class Daemon:
         refill, tell results, end the studies that ended."""
         pipe = self.connection.pipeline(transaction=False)
         self.epoch_guard.fetch(pipe)
+        self.lock.fetch(pipe)  # after the epoch: the two prove the fence for the turn
         self.inbox.fetch(pipe)
-        epoch, raw_commands = pipe.execute()
+        epoch, holder, raw_commands = pipe.execute()
         self.epoch_guard.check(epoch)
+        self.lock.proved(epoch, holder)
         now = time.monotonic()
         self.lock.keep()
         self.turns.beat()  # the front doors see a broker that stops turning (liveness.py)

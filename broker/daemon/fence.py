@@ -29,6 +29,11 @@ through. Three cases need more:
   and a blocking write would stop blocking there: these are refused (`FenceError`), never sent
   unfenced.
 
+A script that passes proves the lock and the epoch: in a turn of the broker's loop (`proving`),
+the check before something is made durable in a study storage (`check_fence`) takes a proof made
+earlier in the turn, unless the broker waited on Redis since (a blocking read), instead of a round
+trip of its own. Writes are fenced each time, whatever was proven.
+
 Lua hands replies back whole under RESP2 (a nil stays nil, an error stays its command's error),
 so the client speaks RESP2. Lua's `unpack` stops near 8,000 values: a longer command is split
 into parts in the same script if its items are independent (`_SPLITTABLE`), else refused.
@@ -39,7 +44,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,6 +220,8 @@ class FencedRedis(redis.Redis):
         super().__init__(connection_pool=connection_pool)
         self.fence = fence
         self.table = CommandTable()
+        self.in_turn = False  # within one turn of the broker's loop: proofs are kept (`proving`)
+        self.proven = False  # a fence script passed in this turn, with no wait on Redis since
 
     @classmethod
     def around(cls, connection: redis.Redis, fence: Fence) -> FencedRedis:
@@ -233,8 +241,20 @@ class FencedRedis(redis.Redis):
         return _raised(_parsed(self.response_callbacks, args, options, self.run_fenced([args])[0]))
 
     def check_fence(self) -> None:
-        """Raise unless this broker still holds its lock and its epoch (one round trip)."""
-        self.run_fenced([])
+        """Raise unless this broker still holds its lock and its epoch: one round trip, unless a
+        fence script proved both earlier in this turn (`proving`)."""
+        if not self.proven:
+            self.run_fenced([])
+
+    @contextmanager
+    def proving(self) -> Iterator[None]:
+        """One turn of the broker's loop: a proof of the fence made in it stands for the checks
+        after it, until a wait on Redis or the turn's end."""
+        self.in_turn, self.proven = True, False
+        try:
+            yield
+        finally:
+            self.in_turn = self.proven = False
 
     def run_fenced(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Run `commands` in the fence script; their raw replies (an error reply in its place)."""
@@ -246,7 +266,9 @@ class FencedRedis(redis.Redis):
                 _execute(self, "SCRIPT LOAD", FENCE_SCRIPT)
                 raw = _execute(self, "EVALSHA", FENCE_SHA, *args)
         except ResponseError as exc:
+            self.proven = False
             raise self.fence.refused(exc, self.read) from None
+        self.proven = self.in_turn
         return self.fence.replies(raw, shape)
 
     def acquire(self, *, epoch: str, take_over: str | None = None) -> bytes | None:
@@ -285,6 +307,7 @@ class FencedRedis(redis.Redis):
         replies = self.run_fenced([plain, *last])
         if waiting and replies[0] is None and not any(_is_error(r) for r in replies):
             after = [r[0][0] if r else b"0-0" for r in replies[1:]]
+            self.proven = False  # what holds after the wait is for the next script to prove
             woke = _execute(
                 self, "XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", *waiting, *after
             )
@@ -333,6 +356,7 @@ class FencedPipeline(Pipeline):
             if self.watching:
                 raise WatchError("the fence script was loaded again: run the transaction again")
             [raw] = run(self, connection, script, False)
+        self.fenced.proven = self.fenced.in_turn and not isinstance(raw, ResponseError)
         if isinstance(raw, ResponseError):
             raise fence.refused(raw, self.fenced.read)
         replies = fence.replies(raw, shape)

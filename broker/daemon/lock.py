@@ -111,9 +111,22 @@ class BrokerLock:
         self._last_renewed = now
 
     def check(self) -> None:
-        """Raise unless this broker still holds the lock and the epoch (one round trip): run
-        before anything is made durable in a study storage."""
+        """Raise unless this broker still holds the lock and the epoch (one round trip, unless
+        a fenced command proved both earlier in the loop's turn): run before anything is made
+        durable in a study storage."""
         self.connection.check_fence()
+
+    def fetch(self, pipe: redis.client.Pipeline) -> None:
+        """Queue the read of the lock's holder on `pipe`, after the epoch's (`EpochGuard.fetch`);
+        hand both replies to `proved`."""
+        pipe.get(self.keys.broker)
+
+    def proved(self, epoch: Any, holder: Any) -> None:
+        """The epoch, then the lock, as read in one round trip: if both are this broker's, the
+        fence held then, as a fence script would have proven (`FencedRedis.proving`). A flush
+        or a takeover between the two reads leaves the lock not ours: nothing is proven."""
+        if epoch == self.fence.epoch and holder == self.fence.token:
+            self.connection.proven = self.connection.in_turn
 
     def release(self) -> None:
         """Let the lock go; a no-op if it is no longer ours."""

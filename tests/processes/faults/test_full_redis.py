@@ -21,7 +21,7 @@ from optuna_rq.plumbing.connection import connect
 from optuna_rq.protocol import RUN_TRIAL, Keys, trial_queue
 from optuna_rq.protocol.queue import MsgpackSerializer
 from optuna_rq.study.verdict import FAIL_REASON_ATTR
-from optuna_rq.workers.rq_worker import TrialWorker
+from optuna_rq.workers.rq_worker import ForkingTrialWorker, TrialWorker
 from tests.support.cluster import (
     BOTH_ISOLATIONS,
     LEASE_TTL_S,
@@ -144,7 +144,10 @@ NEEDED: dict[str, Callable[[TrialWorker, Job, Any], object]] = {
     ).register_birth(),
     "dequeue": lambda worker, job, execution: worker.dequeue_job_and_maintain_ttl(1),
     "prepare_execution": lambda worker, job, execution: worker.prepare_execution(job),
-    "prepare_job_execution": lambda worker, job, execution: worker.prepare_job_execution(job),
+    # A forking worker's horse sends RQ's own (a TrialWorker sends it with `prepare_execution`).
+    "prepare_job_execution": lambda worker, job, execution: ForkingTrialWorker(
+        worker.queues, connection=worker.connection, serializer=MsgpackSerializer, name="horse"
+    ).prepare_job_execution(job),
     "handle_job_success": lambda worker, job, execution: worker.handle_job_success(
         job, worker.queues[0], worker.queues[0].started_job_registry, execution
     ),
