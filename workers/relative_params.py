@@ -10,7 +10,9 @@ without a wait). Every other suggestion asks the broker, which raises what Optun
 
 At one trial at a time the sampler is asked for the same study state either way, so a seeded
 study samples as in-process. What the trial shows of it is what in-process Optuna shows:
-`relative_search_space` is None until the sampler was asked.
+`relative_search_space` is None until the sampler was asked. Whether a value is in a
+distribution is Optuna's private `BaseDistribution._contains`, as in `Trial._suggest`: the one
+private name a worker reaches.
 """
 
 from __future__ import annotations

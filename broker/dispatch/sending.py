@@ -191,16 +191,20 @@ class TrialSender:
 
 
 def _relative(trial: optuna.Trial) -> dict[str, Any] | None:
-    """What a request carries of its trial's relative sampling (`RelativeView`); None where its
-    sampler samples nothing relatively."""
+    """What a request carries of its trial's relative sampling (`RelativeView`); None where it
+    would answer nothing on the worker: the sampler was asked already (the study's space was
+    sampled here) and gave nothing beyond what is settled."""
     asked, space, params, settled = relative_view(trial)
-    if not params and asked:
-        return None  # a relative search space with nothing in it changes nothing on a worker
+    if asked and not set(params) - settled:
+        return None
     return RelativeView(
         space={name: distribution_to_json(d) for name, d in space.items()},
-        # As the worker gets it back, and the storage keeps it: plain Python values.
+        # As the worker gets it back, and the storage keeps it: plain Python values. A param
+        # outside the space is Optuna's error to raise, on the broker, at its suggestion.
         params={
-            n: space[n].to_external_repr(space[n].to_internal_repr(v)) for n, v in params.items()
+            n: space[n].to_external_repr(space[n].to_internal_repr(v))
+            for n, v in params.items()
+            if n in space
         },
         asked=asked,
         settled=frozenset(settled),

@@ -1,8 +1,10 @@
 """Trials in an Optuna storage, reached the one way Optuna's public API does not offer.
 
-The only module that touches Optuna's private API (`study._storage`, `study._study_id`,
-`trial._trial_id`, `optuna.Trial(study, trial_id)`): a new Optuna release breaks this file and no
-other. Each function takes a study and either a live `optuna.Trial` or a trial number.
+The broker's only module that touches Optuna's private API (`study._storage`, `study._study_id`,
+`trial._trial_id`, `optuna.Trial(study, trial_id)`, a trial's relative and fixed params): a new
+Optuna release breaks this file and no other of the broker's (on workers, `relative_params`
+calls `BaseDistribution._contains`, as Optuna's `Trial._suggest` does). Each function takes a
+study and either a live `optuna.Trial` or a trial number.
 """
 
 from __future__ import annotations
