@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -74,12 +74,7 @@ def run_trial(*payloads: bytes) -> None:
     try:
         if not payloads:
             raise ProtocolError(f"job {job.id!r} carries no trial: refused")
-        requests = [
-            TrialRequest.decode(
-                ctx.signer.open(Record.REQUEST, payload), max_bytes=ctx.signer.max_message_bytes
-            )
-            for payload in payloads
-        ]
+        requests = _opened(payloads, ctx)
         try:
             carried = Keys.batch_job_id([request.attempt_id for request in requests])
         except ValueError as exc:
@@ -163,12 +158,7 @@ def refuse_trial(job: Any, why: str) -> None:
     ctx = current()
     connection: redis.Redis = job.connection
     try:
-        requests = [
-            TrialRequest.decode(
-                ctx.signer.open(Record.REQUEST, payload), max_bytes=ctx.signer.max_message_bytes
-            )
-            for payload in job.args
-        ]
+        requests = _opened(job.args, ctx)
     except (ProtocolError, TypeError, ValueError):
         count_refused(connection, Keys(Keys.prefix_of(job.origin)), "request")
         return
@@ -193,6 +183,17 @@ def refuse_trial(job: Any, why: str) -> None:
         log.error(
             "%s%s", _describe(result), "" if delivered else ", NOT delivered (Redis unreachable)"
         )
+
+
+def _opened(payloads: Sequence[bytes], ctx: WorkerContext) -> list[TrialRequest]:
+    """The requests a job carries, each opened and decoded; ProtocolError for any that is not
+    one (unsigned, or not sealed by the broker, with signing on)."""
+    return [
+        TrialRequest.decode(
+            ctx.signer.open(Record.REQUEST, payload), max_bytes=ctx.signer.max_message_bytes
+        )
+        for payload in payloads
+    ]
 
 
 def _take_lease(
