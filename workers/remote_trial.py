@@ -6,10 +6,12 @@ with any storage. It is an `optuna.Trial` (so `isinstance` checks and `optuna.ar
 it) with `MultiObjectiveTrial`'s surface besides: `report(values, step)` in a multi-objective
 study, `suggest_int(name, low, high, step=1, log=False)`, `set_system_attr`.
 
-A call that answers something (a suggestion, `should_prune`, a read) takes one round trip and
-raises what in-process Optuna raises (`ValueError`, `TypeError`, `NotImplementedError`), checked
-here before the trip where the arguments alone decide, else by Optuna on the broker; Optuna's
-warnings there are warned here again. What the storage holds (`params`, `distributions`,
+A suggestion that takes a relative param its job carries is answered here, and recorded on the
+broker without a wait (`workers.relative_params`). Any other call that answers something (a
+suggestion, `should_prune`, a read) takes one round trip and raises what in-process Optuna
+raises (`ValueError`, `TypeError`, `NotImplementedError`), checked here before the trip where
+the arguments alone decide, else by Optuna on the broker; Optuna's warnings there are warned
+here again. What the storage holds (`params`, `distributions`,
 `user_attrs`, `system_attrs`, ...) is read from the broker, once after each change.
 `RemoteTrialError` means the broker refused the call (with its reason), or would refuse it (over
 a message limit: `workers.call_limits`, checked before it is sent), or did not answer.
