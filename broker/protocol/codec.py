@@ -58,9 +58,9 @@ from `error`, and a driven study's `driver` and `turn_at_s`; a `StudySpec`'s sam
 and directions are decoded strictly as their enums (the same strings); `TrialResult` has the
 fail reason `bad_signature`; the study view a remote trial reads carries `metric_names`,
 `sampler` and `pruner`, and `relative_search_space` is a trial call.
-7: a job may carry several trials (`StudySpec.batch`): its arguments are one sealed
-`TrialRequest` each, run in order, and its id names every attempt it carries
-(`Keys.batch_job_id`). A `TrialRequest` may carry its trial's `relative` search space and
+7: a job may carry several trials (`StudySpec.batch`, shown in `StudyStatus.batch`): its
+arguments are one sealed `TrialRequest` each, run in order, and its id names every attempt it
+carries (`Keys.batch_job_id`). A `TrialRequest` may carry its trial's `relative` search space and
 params, and a worker that answers a suggestion from them records it with the trial call
 `suggested`."""
 # The limits of a message, defined here once: the decoder enforces them (`decode_map`), and the

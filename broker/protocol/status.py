@@ -87,6 +87,9 @@ class StudyStatus(Message):
     n_trials: int = wire(_COUNT)
     concurrency: int = wire(_COUNT)
     priority: float = wire(Float(minimum=0))
+    batch: int = wire(
+        Int(minimum=1), default=1
+    )  # trials a job carries, at most (`StudySpec.batch`)
     complete: int = wire(_COUNT, default=0)
     pruned: int = wire(_COUNT, default=0)
     failed: int = wire(_COUNT, default=0)
@@ -164,7 +167,7 @@ class StudyStatus(Message):
     @classmethod
     def of(cls, spec: StudySpec, *, state: StudyState, storage: str, **rest: Any) -> StudyStatus:
         """The status of the submitted study `spec`: what the spec says of it (its name,
-        objective, directions, budget, cap, priority, queue, when it was submitted), with its
+        objective, directions, budget, cap, priority, batch, queue, when it was submitted), with its
         `state`, its `storage` URL and the `rest` (its figures, an error)."""
         return cls(
             name=spec.name,
@@ -174,6 +177,7 @@ class StudyStatus(Message):
             n_trials=spec.n_trials,
             concurrency=spec.concurrency,
             priority=spec.priority,
+            batch=spec.batch,
             submitted_at=spec.submitted_at,
             queue=spec.queue,
             storage=storage,

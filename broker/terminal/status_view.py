@@ -189,7 +189,8 @@ def status_detail(
         f"outcomes     {s.complete} complete, {s.pruned} pruned, {s.failed} failed",
         f"fail reasons {reasons}",
         *([f"last error   {s.last_error}"] if s.last_error else []),
-        f"concurrency  {s.concurrency}, priority {s.priority:g}",
+        f"concurrency  {s.concurrency}, priority {s.priority:g}"
+        + (f", batches of {s.batch}" if s.batch > 1 else ""),
         f"best         {best_summary(s).removeprefix('best ')}",
     ]
     waiting = waiting_note(s, client)

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from optuna_rq.client import BrokerClient
-from optuna_rq.protocol import StudyState, StudyStatus
+from optuna_rq.protocol import StudySpec, StudyState, StudyStatus
 from optuna_rq.storage.storage_access import default_storage_url, open_storage
 from optuna_rq.terminal.status_view import status_detail, status_lines, waiting_note
 from optuna_rq.terminal.study_bar import StudyBar, make_console
@@ -149,3 +149,18 @@ def test_a_status_lines_age_is_since_the_submission_not_the_last_update() -> Non
     header, line = status_lines([snapshot], now_s=now_s)
     assert header.split()[-1] == "AGE" and line.split()[-1] == "2h", (header, line)
     assert any(d.startswith("submitted") and "(2h ago)" in d for d in status_detail(snapshot))
+
+
+def test_status_says_a_studys_batches_as_submitted() -> None:
+    def concurrency_line(batch: int) -> str:
+        spec = StudySpec(
+            name="short", objective="tests.support.objectives:quadratic", space={},
+            n_trials=8, concurrency=8, batch=batch,
+        )  # fmt: skip
+        status = StudyStatus.of(spec, state=StudyState.RUNNING, storage="memory")
+        assert StudyStatus.from_json(status.to_json()).batch == batch  # what `status` reads
+        [line] = [d for d in status_detail(status) if d.startswith("concurrency")]
+        return line
+
+    assert concurrency_line(4) == "concurrency  8, priority 1, batches of 4"
+    assert concurrency_line(1) == "concurrency  8, priority 1"
