@@ -45,11 +45,11 @@ from typing import Any
 import optuna
 import psutil
 
+from benchmarks.redis_server import embedded_redis
 from benchmarks.run import ROOT, OurWorkers, _command_calls, _median, native
 from optuna_rq import suggest
 from optuna_rq.client import BrokerClient
 from optuna_rq.plumbing.connection import connect
-from optuna_rq.plumbing.embedded import ensure_embedded, stop_embedded
 from optuna_rq.protocol import (
     ENV_KEY,
     ENV_KEY_FILE,
@@ -530,23 +530,15 @@ def main() -> None:
     )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    state = Path(tempfile.mkdtemp(prefix="orq-bench-", dir="/tmp"))
-    url = ensure_embedded(state)
     if args.signing:
-        try:
+        with embedded_redis("bench") as url:
             signing = signing_cost(url, args.reps, args.trials)
-        finally:
-            stop_embedded(state)
-            shutil.rmtree(state, ignore_errors=True)
         print("\n".join(signing_cost_lines(signing)))
         print(json.dumps(signing, indent=2))
         return
-    try:
+    with embedded_redis("bench") as url:
         results = daemon_overhead(url, args.reps, args.trials)
         parts = breakdown(url, args.trials, args.batch) if args.breakdown else None
-    finally:
-        stop_embedded(state)
-        shutil.rmtree(state, ignore_errors=True)
     print("\n".join(daemon_overhead_lines(results)))
     if parts is not None:
         print(json.dumps(parts, indent=2))

@@ -50,6 +50,7 @@ import optuna
 import psutil
 
 from benchmarks.fleet_simulator import FleetSettings, SimulatedFleet
+from benchmarks.redis_server import embedded_redis
 from optuna_rq.client import BrokerClient
 from optuna_rq.plumbing.connection import connect
 from optuna_rq.protocol import ENV_SECRET, Keys, Sampler, Signer, StudySpec, live_pools, workers_on
@@ -485,7 +486,6 @@ def _percentile(ordered: list[float], q: float) -> float:
 
 
 def main() -> None:
-    from optuna_rq.plumbing.embedded import ensure_embedded, stop_embedded
 
     parser = argparse.ArgumentParser(description="One fleet configuration (see the docstring).")
     parser.add_argument("--sampler", default="random")
@@ -501,9 +501,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    state = Path(tempfile.mkdtemp(prefix="orq-fleet-redis-", dir="/tmp"))
-    url = ensure_embedded(state)
-    try:
+    with embedded_redis("fleet-redis") as url:
         run = FleetRun(
             args.sampler,
             args.workers,
@@ -515,9 +513,6 @@ def main() -> None:
         row = run_fleet(
             url, run, processes=args.processes, profile=args.profile, state_root=args.state_root
         )
-    finally:
-        stop_embedded(state)
-        shutil.rmtree(state, ignore_errors=True)
     row["sampler_cpu_ms_per_trial"] = sampler_cpu_ms(args.sampler, args.n_trials)
     row["broker_cpu_ms_beyond_sampler"] = (
         row["broker_cpu_ms_per_trial"] - row["sampler_cpu_ms_per_trial"]

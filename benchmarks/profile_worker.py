@@ -15,8 +15,6 @@ import cProfile
 import multiprocessing
 import multiprocessing.connection
 import pstats
-import shutil
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -24,9 +22,9 @@ from pathlib import Path
 
 import optuna
 
+from benchmarks.redis_server import embedded_redis
 from optuna_rq.dispatch import Budget, Dispatcher, RunSpec, StudyRun
 from optuna_rq.plumbing.connection import connect
-from optuna_rq.plumbing.embedded import ensure_embedded, stop_embedded
 from optuna_rq.protocol import DEFAULT_LEASE_TTL_S, Keys, trial_queue
 from optuna_rq.protocol.queue import MsgpackSerializer
 from optuna_rq.space.declarations import suggest
@@ -57,9 +55,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=1000)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    state = Path(tempfile.mkdtemp(prefix="orq-prof-", dir="/tmp"))
-    url = ensure_embedded(state)
-    try:
+    with embedded_redis("prof") as url:
         conn = connect(url)
         queue = f"prof-{time.monotonic_ns()}"
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler())
@@ -100,9 +96,6 @@ def main() -> None:
         while not run.done:
             dispatcher.poll(0.1)
         assert sum(t.state.name == "COMPLETE" for t in study.trials) == args.trials
-    finally:
-        stop_embedded(state)
-        shutil.rmtree(state, ignore_errors=True)
 
     stats = pstats.Stats(profile)
     by_package: dict[str, float] = defaultdict(float)

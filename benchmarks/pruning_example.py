@@ -7,19 +7,16 @@ pruner; 100 steps a trial, each `report` then `should_prune`.
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import optuna
 
 from benchmarks.objectives import pruning_example
+from benchmarks.redis_server import embedded_redis
 from benchmarks.run import OurWorkers
 from optuna_rq import Optimizer
 from optuna_rq.plumbing.connection import connect
-from optuna_rq.plumbing.embedded import ensure_embedded, stop_embedded
 
 
 def study() -> optuna.Study:
@@ -32,9 +29,7 @@ def study() -> optuna.Study:
 def main() -> None:
     trials = int(sys.argv[1]) if len(sys.argv) > 1 else 30
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    state = Path(tempfile.mkdtemp(prefix="orq-prune-", dir="/tmp"))
-    url = ensure_embedded(state)
-    try:
+    with embedded_redis("prune") as url:
         workers = OurWorkers(url, 1)
         try:
             remote = study()
@@ -50,9 +45,6 @@ def main() -> None:
             remote_s = time.perf_counter() - started
         finally:
             workers.stop()
-    finally:
-        stop_embedded(state)
-        shutil.rmtree(state, ignore_errors=True)
     local = study()
     started = time.perf_counter()
     local.optimize(pruning_example, n_trials=trials)

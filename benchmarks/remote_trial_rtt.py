@@ -6,25 +6,16 @@ against the same calls in-process (the "Remote trial" table of `benchmarks.run`,
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import optuna
 
+from benchmarks.redis_server import embedded_redis
 from benchmarks.run import remote_trial
-from optuna_rq.plumbing.embedded import ensure_embedded, stop_embedded
 
 
 def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    state = Path(tempfile.mkdtemp(prefix="orq-rtt-", dir="/tmp"))
-    url = ensure_embedded(state)
-    try:
+    with embedded_redis("rtt") as url:
         figures = remote_trial(url, 3)
-    finally:
-        stop_embedded(state)
-        shutil.rmtree(state, ignore_errors=True)
     for name, ms in figures.items():
         print(f"{name}: {ms:.3f}")
 

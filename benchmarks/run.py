@@ -23,7 +23,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,9 +33,9 @@ import redis
 from rq import Worker
 
 from benchmarks import fleet
+from benchmarks.redis_server import embedded_redis
 from optuna_rq import Optimizer, suggest
 from optuna_rq.plumbing.connection import connect
-from optuna_rq.plumbing.embedded import ensure_embedded, stop_embedded
 from optuna_rq.protocol import Keys, trial_queue
 
 HERE = Path(__file__).resolve().parent
@@ -618,9 +617,7 @@ def main() -> None:
         return
     reps = 1 if args.quick else args.reps
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    state = Path(tempfile.mkdtemp(prefix="orq-bench-", dir="/tmp"))
-    url = ensure_embedded(state)
-    try:
+    with embedded_redis("bench") as url:
         results: dict[str, Any] = {
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
             f"{platform.python_version()}, optuna {optuna.__version__}",
@@ -637,9 +634,6 @@ def main() -> None:
         }
         results["daemon_overhead"] = _daemon_overhead(url, reps, 100 if args.quick else 400)
         results["signing"] = _signing_section(url, quick=args.quick)
-    finally:
-        stop_embedded(state)
-        shutil.rmtree(state, ignore_errors=True)
     counts = [row["workers"] for row in results["scaling"]["rows"]]
     results["flyte_plugin"] = flyte_plugin(reps, 200 if args.quick else 1000, counts)
     write_report(results)
@@ -671,13 +665,8 @@ def _run_section(name: str, quick: bool) -> None:
     if "overhead" not in results:
         sys.exit(f"{previous} holds no full run: run `python -m benchmarks.run` once first")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    state = Path(tempfile.mkdtemp(prefix="orq-bench-", dir="/tmp"))
-    url = ensure_embedded(state)
-    try:
+    with embedded_redis("bench") as url:
         results[name] = SECTIONS[name](url, quick=quick)
-    finally:
-        stop_embedded(state)
-        shutil.rmtree(state, ignore_errors=True)
     write_report(results)
     print((HERE / "report.md").read_text())
 

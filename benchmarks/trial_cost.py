@@ -12,17 +12,14 @@ default journal file or in memory, cap 2: `benchmarks.daemon_storage`), and read
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import optuna
 
+from benchmarks.redis_server import embedded_redis
 from benchmarks.run import OurWorkers
 from optuna_rq import Optimizer, suggest
 from optuna_rq.plumbing.connection import connect
-from optuna_rq.plumbing.embedded import ensure_embedded, stop_embedded
 
 
 def command_calls(conn) -> dict[str, int]:
@@ -39,33 +36,30 @@ def main() -> None:
     if args.daemon is not None:
         args.concurrency = 2  # what benchmarks.daemon_storage runs
 
-    state = Path(tempfile.mkdtemp(prefix="orq-bench-", dir="/tmp"))
-    url = ensure_embedded(state)
-    conn = connect(url)
-    workers = OurWorkers(url, args.workers)
-    try:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        if args.daemon is not None:
-            before, elapsed, after = _through_the_daemon(url, workers, args.daemon, args.trials)
-            return _print(args, before, elapsed, after)
-        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-        opt = Optimizer(
-            "benchmarks.objectives:noop",
-            concurrency=args.concurrency,
-            n_trials=args.trials,
-            study=study,
-            connection=conn,
-            queue=workers.queue,
-        )
-        before = command_calls(conn)
-        started = time.perf_counter()
-        opt.run(x=suggest.float(0, 1))
-        elapsed = time.perf_counter() - started
-        after = command_calls(conn)
-    finally:
-        workers.stop()
-        stop_embedded(state)
-        shutil.rmtree(state, ignore_errors=True)
+    with embedded_redis("bench") as url:
+        conn = connect(url)
+        workers = OurWorkers(url, args.workers)
+        try:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            if args.daemon is not None:
+                before, elapsed, after = _through_the_daemon(url, workers, args.daemon, args.trials)
+                return _print(args, before, elapsed, after)
+            study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+            opt = Optimizer(
+                "benchmarks.objectives:noop",
+                concurrency=args.concurrency,
+                n_trials=args.trials,
+                study=study,
+                connection=conn,
+                prefix=workers.queue,
+            )
+            before = command_calls(conn)
+            started = time.perf_counter()
+            opt.run(x=suggest.float(0, 1))
+            elapsed = time.perf_counter() - started
+            after = command_calls(conn)
+        finally:
+            workers.stop()
 
     _print(args, before, elapsed, after)
 
