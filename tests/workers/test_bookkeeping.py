@@ -7,8 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from rq import Queue
 from rq.exceptions import StopRequested
-from rq.job import JobStatus
+from rq.job import Job, JobStatus
 from rq.suspension import WORKERS_SUSPENDED
 
 from optuna_rq.protocol import RUN_TRIAL, trial_queue
@@ -86,14 +87,20 @@ def test_rq_suspend_stops_a_burst_worker_and_holds_another_suspended_as_rq_shows
     assert conn.hget(worker.key, "state") == b"idle"
 
 
-def test_a_job_starts_in_one_transaction_as_rq_shows_a_started_one(
-    worker: TrialWorker, conn: redis.Redis, prefix: str
-) -> None:
+def _taken(worker: TrialWorker, conn: redis.Redis, prefix: str) -> tuple[Queue, Job]:
+    """A job enqueued on the trial queue `prefix` and taken by `worker`, not started yet."""
     queue = trial_queue(conn, prefix)
     queue.enqueue(RUN_TRIAL, b"payload")
     taken = worker.dequeue_job_and_maintain_ttl(timeout=1)
     assert taken is not None
     job, _queue = taken
+    return queue, job
+
+
+def test_a_job_starts_in_one_transaction_as_rq_shows_a_started_one(
+    worker: TrialWorker, conn: redis.Redis, prefix: str
+) -> None:
+    queue, job = _taken(worker, conn, prefix)
     assert job.id.encode() in conn.lrange(queue.intermediate_queue_key, 0, -1)
     worker.prepare_execution(job)
     # What RQ's own two transactions leave, `rq info` and the dashboard read.
@@ -113,11 +120,7 @@ def test_a_job_starts_in_one_transaction_as_rq_shows_a_started_one(
 def test_a_job_ends_with_its_worker_idle_in_the_same_transaction(
     worker: TrialWorker, conn: redis.Redis, prefix: str
 ) -> None:
-    queue = trial_queue(conn, prefix)
-    queue.enqueue(RUN_TRIAL, b"payload")
-    taken = worker.dequeue_job_and_maintain_ttl(timeout=1)
-    assert taken is not None
-    job, _queue = taken
+    queue, job = _taken(worker, conn, prefix)
     execution = worker.prepare_execution(job)
     job.started_at = job.ended_at = job.enqueued_at
     worker.handle_job_success(job, queue, queue.started_job_registry, execution)
