@@ -7,7 +7,8 @@ workers run, RUNNING in the storage but not sent, that go out the moment a slot 
 round trip as the acknowledgement; the sampler then sees N trials more than the cap running.
 Studies whose sampling is slow sample in the sampler process (`offloop`). A study may send its
 trials in batches (`RunSpec.batch`, `submit --batch N`): up to N of one turn's trials go in one
-RQ job, which a worker runs one after another (`batch_due` says when a study fills its slots).
+RQ job, which a worker runs one after another (`StudyRun.batch_due`: when a study fills its
+slots).
 """
 
 from __future__ import annotations
@@ -43,18 +44,6 @@ ASK_BUDGET_S = 0.02
 """How long one refill may sample (ask and `process()`) before what it has is sent and the
 result stream is read again: results, acknowledgements and remote-trial calls wait no longer
 than this (and one ask) behind a batch of asks; the slots left are filled on the next turn."""
-
-
-def batch_due(run: StudyRun) -> bool:
-    """Whether `run` may start filling its free slots: at once, or, for a run that sends its
-    trials in batches, once a whole batch's worth of slots is free (or every trial it has left
-    fits). Slots free one at a time as trials end: filled as they free, each would send a job
-    of one trial."""
-    if run.spec.batch == 1:
-        return True
-    room = run.limit - run.n_outstanding - run.sampling
-    left = run.budget.left + run.count(Phase.ASKED_AHEAD)
-    return room >= min(run.spec.batch, run.limit, left)
 
 
 class Refill:
@@ -195,7 +184,7 @@ class Refill:
 
     def due(self, run: StudyRun) -> bool:
         """Whether a turn fills `run`'s free slots now (`can_fill`, and a batch is due)."""
-        return self.can_fill(run) and batch_due(run)
+        return self.can_fill(run) and run.batch_due
 
     def can_fill(self, run: StudyRun) -> bool:
         return (

@@ -194,6 +194,19 @@ class StudyRun:
         )
 
     @property
+    def batch_due(self) -> bool:
+        """Whether it may start filling its free slots: at once, or, sending its trials in
+        batches (`RunSpec.batch`), once a whole batch's worth of slots is free (or every trial
+        it has left fits). Slots free one at a time as trials end: filled as they free, each
+        would send a job of one trial."""
+        batch = self.spec.batch
+        if batch == 1:
+            return True
+        room = self.limit - self.n_outstanding - self._sampling
+        left = self.budget.left + self._counts[Phase.ASKED_AHEAD]
+        return room >= min(batch, self.limit, left)
+
+    @property
     def limit(self) -> int:
         """How many trials may be outstanding now: the cap, or less under fair share."""
         cap = self.spec.concurrency
