@@ -20,7 +20,7 @@ from optuna_rq.cli.options import (
 from optuna_rq.daemon.broker_health import DEFAULT_STALL_LIMIT_S, BrokerHealth, serve_http
 from optuna_rq.errors import ConfigError
 from optuna_rq.protocol import Role
-from optuna_rq.sampling import OFF_LOOP_AT_S, SAMPLES_TO_DECIDE
+from optuna_rq.sampling import OFF_LOOP_AT_S, PROCESSES_BY_DEFAULT, SAMPLES_TO_DECIDE
 
 if TYPE_CHECKING:
     pass
@@ -98,6 +98,22 @@ def broker(
             "startup trials, GP and CMA-ES too; RandomSampler costs about 1).",
         ),
     ] = OFF_LOOP_AT_S * 1000,
+    sampler_processes: Annotated[
+        int,
+        typer.Option(
+            "--sampler-processes",
+            min=1,
+            max=64,
+            metavar="N",
+            help="The most processes slow samplers sample in. The first starts when a study "
+            "first samples slowly; one more each time the studies wait on those running (a "
+            "study with many workers and a slow sampler), each with its own copy of the "
+            "study's sampler, seeing the others' trials as RUNNING. A study at --concurrency 1 "
+            "samples in one process, as study.optimize would. Default: the broker's cores, "
+            "up to 8.",
+            show_default=False,
+        ),
+    ] = PROCESSES_BY_DEFAULT,
     lock_ttl: Annotated[
         float | None,
         typer.Option(
@@ -131,7 +147,7 @@ def broker(
     from optuna_rq.daemon.ledger import ledger_file
     from optuna_rq.dispatch import OffLoopSampling
     from optuna_rq.protocol import Keys
-    from optuna_rq.sampling.sampler_process import SamplerProcess
+    from optuna_rq.sampling.sampler_pool import SamplerPool
     from optuna_rq.storage.storage_access import default_storage_url, open_storage
     from optuna_rq.storage.storage_policy import StoragePolicy
 
@@ -171,13 +187,13 @@ def broker(
                 "choose a free port"
             ) from exc
     url, connection = connect_redis(options)
-    # Slow samplers sample there (`optuna_rq.dispatch.offloop`); it wakes the loop on Redis.
-    sampler_process = (
-        SamplerProcess(url, options.password(), Keys(options.prefix).wake)
+    # Slow samplers sample there (`optuna_rq.dispatch.offloop`); they wake the loop on Redis.
+    pool = (
+        SamplerPool(url, options.password(), Keys(options.prefix).wake, most=sampler_processes)
         if sample_off_loop
         else None
     )
-    off_loop = OffLoopSampling(sampler_process, above_s=off_loop_above / 1000)
+    off_loop = OffLoopSampling(pool, above_s=off_loop_above / 1000)
     daemon = Daemon(connection, settings, signer, metrics, health, off_loop)
     stop = threading.Event()
 

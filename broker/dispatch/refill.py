@@ -116,6 +116,7 @@ class Refill:
         if len(pipe):
             pipe.execute()  # on an outage, the sends stay unsent and the acks pending: redone
         self.off_loop.send()
+        self.off_loop.keep_up(time.monotonic())
         self.results.acked()
         self.publication.written(published)
         now = time.time()

@@ -90,6 +90,8 @@ def _study(
             readers[request.journal] = JournalStorage(JournalReader(request.journal))
         storage = ScratchStorage(readers[request.journal])
         sampler = pickle.loads(request.sampler)
+        if request.reseed:
+            sampler.reseed_rng()
         study = optuna.load_study(study_name=request.study, storage=storage, sampler=sampler)
         studies[key] = (study, storage)
     return studies[key]

@@ -17,8 +17,9 @@ READY = "ready"
 @dataclass(frozen=True, slots=True)
 class SampleRequest:
     """Sample `n` trials of `study` (in the journal file `journal`), each through `process()` on
-    `inputs`. The first request of a study carries its sampler as the broker's loop left it (its
-    random state too): it samples on from there, there alone."""
+    `inputs`. A study's first request to a process carries its sampler: to the first process, as
+    the broker's loop left it (its random state too), so that it samples on from there; to any
+    other, a copy to `reseed` there, so that two processes never draw the same numbers."""
 
     request_id: int
     study: str
@@ -26,6 +27,7 @@ class SampleRequest:
     inputs: dict[str, Any]
     n: int
     sampler: bytes | None = None  # the study's sampler, pickled: in its first request only
+    reseed: bool = False  # `BaseSampler.reseed_rng` the sampler above, as Optuna's n_jobs does
 
 
 @dataclass(frozen=True, slots=True)

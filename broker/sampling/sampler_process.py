@@ -21,8 +21,12 @@ class SamplerProcess:
     """One child process (spawned: it shares nothing with the broker's threads) that samples
     on the broker's journal files. Not thread-safe: the dispatch loop drives it."""
 
-    def __init__(self, redis_url: str, password: str | None, wake_stream: str) -> None:
+    def __init__(
+        self, redis_url: str, password: str | None, wake_stream: str, *, index: int = 0
+    ) -> None:
         self._args = (redis_url, password, wake_stream)
+        self.index = index
+        """Its place in the broker's `SamplerPool`: names it in the logs and the process list."""
         self._process: BaseProcess | None = None
         self._pipe: Connection | None = None
         self.ready = False
@@ -34,6 +38,11 @@ class SamplerProcess:
     def started(self) -> bool:
         return self._process is not None
 
+    @property
+    def pid(self) -> int | None:
+        """Its process id, while it runs."""
+        return None if self._process is None else self._process.pid
+
     def start(self) -> None:
         """Start it (once); it is `ready` when `replies` has seen it say so."""
         if self._process is not None or self.failed:
@@ -43,12 +52,19 @@ class SamplerProcess:
         context = multiprocessing.get_context("spawn")
         ours, theirs = context.Pipe()
         process = context.Process(
-            target=serve, args=(theirs, *self._args), name="optuna-rq sampler", daemon=True
+            target=serve,
+            args=(theirs, *self._args),
+            name=f"optuna-rq sampler {self.index}",
+            daemon=True,
         )
         process.start()
         theirs.close()
         self._process, self._pipe = process, ours
-        log.info("sampler process %d started: slow samplers sample there", process.pid)
+        log.info(
+            "sampler process %d (pid %d) started: slow samplers sample there",
+            self.index,
+            process.pid,
+        )
 
     def send(self, request: SampleRequest) -> bool:
         """Hand `request` over; False if the process is gone (see `failed`)."""
@@ -72,7 +88,7 @@ class SamplerProcess:
                 answer = self._pipe.recv()
                 if answer == READY:
                     self.ready = True
-                    log.info("sampler process %d ready", self._process.pid if self._process else 0)
+                    log.info("sampler process %d ready", self.index)
                 else:
                     answers.append(answer)
         except (EOFError, OSError):
@@ -98,5 +114,9 @@ class SamplerProcess:
 
     def _gone(self, why: str) -> None:
         self.failed = why
-        log.error("the sampler process is gone (%s): studies sample on the loop again", why)
+        log.error(
+            "sampler process %d is gone (%s): studies sample on the loop again",
+            self.index,
+            why,
+        )
         self.stop()

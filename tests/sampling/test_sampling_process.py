@@ -130,7 +130,7 @@ def test_a_sampler_process_killed_mid_study_costs_no_trial(
             if "spawn_main" in " ".join(p.cmdline())
         ]
         sampler.send_signal(signal.SIGKILL)
-        wait_until(lambda: "the sampler process is gone" in log.read_text(), timeout_s=30)
+        wait_until(lambda: "sampler process 0 is gone" in log.read_text(), timeout_s=30)
         result = run_cli("wait", "survives", timeout_s=120)
         assert result.returncode == 0, result.stdout + result.stderr
     finally:
