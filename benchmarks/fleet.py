@@ -79,6 +79,7 @@ class FleetRun:
     trial_s: float
     probe: bool = False  # remote-trial calls timed under this load, and idle
     on_loop: bool = False  # the broker started with --sample-on-loop: no sampler process
+    sampler_processes: int = 1  # the broker's --sampler-processes
 
     @property
     def ideal_trials_per_s(self) -> float:
@@ -93,6 +94,8 @@ FULL = [
     # and the sampler measured alone beside it, within about three minutes.
     FleetRun("tpe", 100, 2000, 1.0),
     FleetRun("tpe", 1000, 3000, 1.0),
+    # ... and sampled in two processes (`--sampler-processes 2`): the one before is its anchor.
+    FleetRun("tpe", 1000, 3000, 1.0, sampler_processes=2),
     # The same TPE study again, with remote-trial calls timed through its second half (a row of
     # its own: the probe's calls cost the broker CPU the rows above do not spend).
     FleetRun("tpe", 100, 2000, 1.0, probe=True),
@@ -120,6 +123,7 @@ class Broker:
         profile: Path | None = None,
         state_root: Path | None = None,
         on_loop: bool = False,
+        sampler_processes: int = 1,
     ) -> None:
         self.state = Path(tempfile.mkdtemp(prefix="orq-fleet-", dir=state_root or "/tmp"))
         self.storage_url = default_storage_url(self.state)
@@ -127,6 +131,7 @@ class Broker:
         argv = [sys.executable, *runner, "-m", "optuna_rq.cli.app", "--redis-url", url]
         argv += ["--prefix", prefix, "broker", "--log-level", "WARNING"]
         argv += ["--sample-on-loop"] if on_loop else []
+        argv += ["--sampler-processes", str(sampler_processes)]
         env = dict(os.environ, OPTUNA_RQ_STATE_DIR=str(self.state), PYTHONPATH=str(ROOT))
         env[ENV_SECRET] = secret
         self.process = subprocess.Popen(argv, env=env)
@@ -144,12 +149,11 @@ class Broker:
         """The broker and its sampler process, once it has one."""
         return [self.ps, *self.ps.children(recursive=True)]
 
-    def cpu_s(self) -> float:
-        total = 0.0
-        for process in self._processes():
-            times = process.cpu_times()
-            total += times.user + times.system
-        return total
+    def loop_and_samplers_cpu_s(self) -> tuple[float, float]:
+        """User + system CPU of the broker's own process (its loop) and of its children (the
+        sampler processes)."""
+        own, *children = [p.cpu_times() for p in self._processes()]
+        return own.user + own.system, sum(t.user + t.system for t in children)
 
     def rss_mb(self) -> float:
         return sum(float(p.memory_info().rss) for p in self._processes()) / 2**20
@@ -177,7 +181,13 @@ def run_fleet(
     connection = connect(url)
     keys = Keys(prefix)
     broker = Broker(
-        url, prefix, secret, profile=profile, state_root=state_root, on_loop=run.on_loop
+        url,
+        prefix,
+        secret,
+        profile=profile,
+        state_root=state_root,
+        on_loop=run.on_loop,
+        sampler_processes=run.sampler_processes,
     )
     probe = ProbeWorker(url, prefix, secret) if run.probe else None
     probing = False
@@ -203,7 +213,8 @@ def run_fleet(
                 sampler=run.sampler,
             )
             rss_start, fleet_cpu = broker.rss_mb(), _cpu_s(fleet.pids)
-            cpu, started = broker.cpu_s(), time.perf_counter()
+            split = broker.loop_and_samplers_cpu_s()
+            cpu, started = sum(split), time.perf_counter()
             client.submit(spec)
             rss_peak, seen_live = rss_start, False
             deadline = time.monotonic() + timeout_s
@@ -221,7 +232,11 @@ def run_fleet(
                 rss_peak = max(rss_peak, broker.rss_mb())
                 time.sleep(0.05)
             wall = time.perf_counter() - started
-            cpu = broker.cpu_s() - cpu
+            loop_cpu, samplers_cpu = (
+                end - start
+                for end, start in zip(broker.loop_and_samplers_cpu_s(), split, strict=True)
+            )
+            cpu = loop_cpu + samplers_cpu
             load = os.getloadavg()[0]  # others' processes share these cores: say how busy
             fleet_cpu = _cpu_s(fleet.pids) - fleet_cpu
             rss_peak = max(rss_peak, broker.rss_mb())
@@ -260,6 +275,8 @@ def run_fleet(
         "dispatch_p50_ms": _percentile(dispatch, 0.5),
         "dispatch_p99_ms": _percentile(dispatch, 0.99),
         "broker_cpu_ms_per_trial": cpu * 1000 / run.n_trials,
+        "loop_cpu_ms_per_trial": loop_cpu * 1000 / run.n_trials,
+        "samplers_cpu_ms_per_trial": samplers_cpu * 1000 / run.n_trials,
         "broker_cpu_share": cpu / wall,
         "fleet_cpu_ms_per_trial": fleet_cpu * 1000 / run.n_trials,
         "broker_rss_start_mb": rss_start,
@@ -407,8 +424,9 @@ def report_lines(fleet: dict[str, Any]) -> list[str]:
         "Efficiency = trials/s (first ask to last tell) / (workers / trial duration); wall "
         "efficiency counts from submit to the status saying the study ended. Dispatch: a "
         "trial's ask to its simulated start. Broker CPU: user + system of the broker process "
-        "and its sampler process (a study whose sampler is slow samples there, unless the "
-        "broker runs with `--sample-on-loop`), submit to end, per trial; the sampler alone "
+        "and its sampler processes (a study whose sampler is slow samples there, unless the "
+        "broker runs with `--sample-on-loop`; one, unless the row says more), "
+        "submit to end, per trial; the sampler alone "
         "is ask + suggest + tell on an in-memory "
         "study with the same sampler and number of trials. Goal (10,000 one-second trials over "
         "1,000 workers, RandomSampler): efficiency >= 0.87 and <= 1 ms of broker CPU per trial "
@@ -423,7 +441,10 @@ def report_lines(fleet: dict[str, Any]) -> list[str]:
 
 
 def _sampling(row: dict[str, Any]) -> str:
-    return "on the loop (`--sample-on-loop`)" if row.get("on_loop") else "sampler process"
+    if row.get("on_loop"):
+        return "on the loop (`--sample-on-loop`)"
+    processes = row.get("sampler_processes", 1)
+    return "sampler process" if processes == 1 else f"{processes} sampler processes"
 
 
 def _probe_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -499,6 +520,9 @@ def main() -> None:
     parser.add_argument(
         "--sample-on-loop", action="store_true", help="the broker has no sampler process"
     )
+    parser.add_argument(
+        "--sampler-processes", type=int, default=1, help="the broker's most sampler processes"
+    )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with embedded_redis("fleet-redis") as url:
@@ -509,6 +533,7 @@ def main() -> None:
             args.trial_s,
             args.probe,
             args.sample_on_loop,
+            args.sampler_processes,
         )
         row = run_fleet(
             url, run, processes=args.processes, profile=args.profile, state_root=args.state_root

@@ -210,6 +210,7 @@ class Refill:
                         distributions=answer.distributions,
                         user_attrs=answer.user_attrs,
                         system_attrs=answer.system_attrs,
+                        relative=answer.relative,
                     )
                     self.observer.asked(run.name, answer.sample_s)
                 record = run.track(trial, attempt=1, phase=Phase.UNSENT)

@@ -26,6 +26,7 @@ from optuna_rq.protocol import WAKE_FIELD, WAKE_MAXLEN
 from optuna_rq.sampling.journal_replica import JournalReader, ScratchStorage
 from optuna_rq.sampling.sampler_messages import READY, Sampled, SampleFailed, SampleRequest
 from optuna_rq.space.declarations import process
+from optuna_rq.study.optuna_trials import given_relative
 
 __all__ = ["serve"]
 
@@ -105,6 +106,7 @@ def _sample(
         trial = study.ask()
         process(trial, copy.deepcopy(request.inputs))
         frozen = storage.scratch_trial(storage.last_created)
+        relative = given_relative(trial)
     except Exception as exc:  # the broker asks it itself, and meets it again if it is the space's
         return SampleFailed(request.request_id, f"{type(exc).__name__}: {exc}")
     return Sampled(
@@ -114,4 +116,5 @@ def _sample(
         user_attrs=frozen.user_attrs,
         system_attrs=frozen.system_attrs,
         sample_s=time.perf_counter() - started,
+        relative=relative,
     )

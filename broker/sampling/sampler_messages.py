@@ -40,6 +40,9 @@ class Sampled:
     user_attrs: dict[str, Any]
     system_attrs: dict[str, Any]
     sample_s: float  # the ask and `process()`, in the sampler process
+    relative: tuple[dict[str, BaseDistribution], dict[str, Any]] | None = None
+    """The relative search space and params its sampler gave (`relative_view`), None if it was
+    not asked: the broker's trial keeps them, and does not ask its own copy again."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ __all__ = [
     "create_running_trial",
     "fail_running_trial",
     "frozen_trial",
+    "given_relative",
     "live_trial",
     "only_waiting",
     "optimize_loop",
@@ -57,8 +58,12 @@ def create_running_trial(
     distributions: dict[str, BaseDistribution],
     user_attrs: dict[str, Any],
     system_attrs: dict[str, Any] | None = None,
+    relative: tuple[dict[str, BaseDistribution], dict[str, Any]] | None = None,
 ) -> optuna.Trial:
-    """A new RUNNING trial of `study` with these params already set (the sampler is not asked)."""
+    """A new RUNNING trial of `study` with these params already set (the sampler is not asked).
+    `relative`: the relative search space and params its sampler gave where it was sampled (the
+    sampler process), which it keeps, as a trial asked here would (`relative_view`): its
+    sampler is not asked for them again."""
     template = optuna.trial.create_trial(
         state=TrialState.RUNNING,
         params=params,
@@ -67,7 +72,10 @@ def create_running_trial(
         system_attrs=system_attrs,
     )
     trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
-    return optuna.Trial(study, trial_id)
+    trial = optuna.Trial(study, trial_id)
+    if relative is not None:
+        trial.relative_search_space, trial._relative_params = relative
+    return trial
 
 
 def fail_running_trial(study: optuna.Study, frozen: FrozenTrial) -> None:
@@ -142,6 +150,16 @@ def relative_view(
     space = dict(trial.relative_search_space or {})
     settled = set(trial._fixed_params) | set(trial._cached_frozen_trial.params)
     return asked, space, params, settled
+
+
+def given_relative(
+    trial: optuna.Trial,
+) -> tuple[dict[str, BaseDistribution], dict[str, Any]] | None:
+    """The relative search space and params `trial`'s sampler gave, if it was asked (never asks
+    it): what `create_running_trial` takes where the trial is made anew."""
+    if trial._relative_params is None:
+        return None
+    return dict(trial.relative_search_space or {}), dict(trial._relative_params)
 
 
 def record_relative_param(

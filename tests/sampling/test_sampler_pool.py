@@ -123,6 +123,9 @@ def test_a_study_its_process_cannot_keep_up_with_samples_in_a_second_one_with_a_
     # the same numbers again.
     xs = [t.params["x"] for t in study.trials]
     assert len(set(xs)) == n_trials
+    # The loop never asks its own (stale) copy of the sampler for a trial sampled there: its
+    # relative params came back with its params.
+    assert study.sampler.relative_asks == n_trials - sum(dispatcher.off_loop.sampled.values())
 
 
 def test_a_fast_enough_sampler_never_grows_the_pool(

@@ -18,6 +18,17 @@ class SlowRandomSampler(optuna.samplers.RandomSampler):
     def __init__(self, seed: int | None = None, delay_s: float = 0.02) -> None:
         super().__init__(seed=seed)
         self.delay_s = delay_s
+        self.relative_asks = 0
+        """How often this copy was asked for a trial's relative params."""
+
+    def sample_relative(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        search_space: dict[str, BaseDistribution],
+    ) -> dict[str, Any]:
+        self.relative_asks += 1
+        return super().sample_relative(study, trial, search_space)
 
     def sample_independent(
         self,
