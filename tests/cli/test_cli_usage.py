@@ -94,6 +94,7 @@ CASES = [
     (("workers", "-i", "m", "--count", "0"), "greater than or equal to 1"),
     (("workers", "-i", "m", "--lease-ttl", "0.1"), "greater than or equal to 0.5"),
     (("broker", "--metrics-port", "70000"), "less than or equal to 65535"),
+    (("broker", "--sampler-processes", "0"), "greater than or equal to 1"),
     (("submit", "a:b", "--n-trials", "0", "--concurrency", "1"), "greater than or equal to 1"),
     ((*SUBMIT, "--max-retries", "-1"), "greater than or equal to 0"),
     ((*SUBMIT, "--priority", "0"), "greater than or equal to 0.001"),
