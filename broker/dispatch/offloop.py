@@ -306,7 +306,8 @@ class OffLoopSampling:
         return min(free, key=lambda p: (load[p], p not in holders, p))
 
     def _median(self, run: StudyRun) -> float:
-        """The median loop CPU of `run`'s last trials sampled; -1 until there are enough."""
+        """The median sampling time of `run`'s last trials sampled (`_Placement.recent`); -1
+        until there are enough."""
         recent = self._of(run).recent
         if len(recent) < SAMPLES_TO_DECIDE:
             return -1.0

@@ -55,6 +55,11 @@ class SamplerPool:
             or not all(process.ready for process in self.processes)
         ):
             return False
+        log.info(
+            "studies wait on the sampler processes: starting one more (%d of at most %d)",
+            len(self.processes) + 1,
+            self.most,
+        )
         self._add()
         return True
 
