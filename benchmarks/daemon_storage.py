@@ -29,7 +29,6 @@ import argparse
 import functools
 import json
 import os
-import resource
 import secrets
 import shutil
 import subprocess
@@ -190,7 +189,6 @@ def daemon_overhead(url: str, reps: int, n_trials: int) -> dict[str, Any]:
                 [redis_server],
                 n_trials,
                 lambda: native(url, 2, "noop", n_trials, "random"),
-                children=True,
             )
         )
     medians = {name: _median(rows) for name, rows in runs.items()}
@@ -208,24 +206,17 @@ def _costed(
     processes: list[psutil.Process],
     n_trials: int,
     study: Callable[[], dict[str, float]],
-    *,
-    children: bool = False,
 ) -> dict[str, float]:
-    """`study()`'s figures, with the CPU ms a trial of `processes` (and of this process's
-    children that ended meanwhile, if `children`: native's) and Redis commands a trial."""
-    cpu = _cpu_s(processes) + (_children_cpu_s() if children else 0.0)
+    """`study()`'s figures, with the CPU ms a trial of `processes` (and the `cpu_s` `study()`
+    reports of processes that timed themselves: native's) and Redis commands a trial."""
+    cpu = _cpu_s(processes)
     calls = _command_calls(conn)
     figures = dict(study())
-    spent = _cpu_s(processes) + (_children_cpu_s() if children else 0.0) - cpu
+    spent = _cpu_s(processes) - cpu + figures.pop("cpu_s", 0.0)
     after = _command_calls(conn)
     figures["cpu_ms_per_trial"] = spent * 1000 / n_trials
     figures["commands_per_trial"] = (sum(after.values()) - sum(calls.values())) / n_trials
     return figures
-
-
-def _children_cpu_s() -> float:
-    used = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return used.ru_utime + used.ru_stime
 
 
 def _cost_cells(figures: dict[str, float]) -> str:
