@@ -149,7 +149,14 @@ def _call(fn: Callable[..., Any], params: dict[str, Any], trial: Any | None) -> 
     if TRIAL_PARAMETER in _parameters(fn):
         if trial is None:
             raise TypeError("this objective takes `trial`, but no remote trial is available here")
-        params = {**params, TRIAL_PARAMETER: trial}
+        try:
+            return _run(fn, {**params, TRIAL_PARAMETER: trial})
+        finally:  # its calls' replies read before its result goes (an error there is its own)
+            trial.settle()
+    return _run(fn, params)
+
+
+def _run(fn: Callable[..., Any], params: dict[str, Any]) -> Any:
     out = fn(**params)
     if inspect.isawaitable(out):
         return asyncio.run(_awaited(out))

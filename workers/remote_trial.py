@@ -11,16 +11,16 @@ broker without a wait (`workers.relative_params`). Any other call that answers s
 suggestion, `should_prune`, a read) takes one round trip and raises what in-process Optuna
 raises (`ValueError`, `TypeError`, `NotImplementedError`), checked here before the trip where
 the arguments alone decide, else by Optuna on the broker; Optuna's warnings there are warned
-here again. What the storage holds (`params`, `distributions`,
-`user_attrs`, `system_attrs`, ...) is read from the broker, once after each change.
-`RemoteTrialError` means the broker refused the call (with its reason), or would refuse it (over
-a message limit: `workers.call_limits`, checked before it is sent), or did not answer.
+here again. What the storage holds (`params`, `distributions`, `user_attrs`, `system_attrs`,
+...) is read from the broker, once after each change. `RemoteTrialError` means the broker refused
+the call (with its reason), or would refuse it (over a message limit: `workers.call_limits`,
+checked before it is sent), or did not answer.
 
 A call that only records (`report`, `set_user_attr`, `set_system_attr`, `set_constraint`) is
-sent without waiting (`_post`): everything Optuna would raise or warn for it is decided here, from
-its arguments and the steps this trial reported. Calls and the trial's result travel on one
-stream, which the broker reads in order, so a recorded value is in the study before the trial's
-next call (a `should_prune` after a `report` sees it) and before its result.
+sent without waiting (`_post`), not even for Redis (`workers.call_line`): everything Optuna would
+raise or warn for it is decided here, from its arguments and the steps this trial reported. Calls
+and the trial's result travel on one stream, in order, so a recorded value is in the study before
+the trial's next call (a `should_prune` after a `report` sees it) and before its result.
 
 Replies come on the attempt's own list (`Keys.reply_list`, named by study, incarnation, trial and
 attempt), and each names the call it answers: a trial takes only the answer to the call it waits
@@ -55,7 +55,6 @@ from optuna.distributions import (
 
 from optuna_rq.errors import ProtocolError, RemoteTrialError
 from optuna_rq.protocol import (
-    CALL_FIELD,
     DEFAULT_MAX_MESSAGE_BYTES,
     CallError,
     Keys,
@@ -68,6 +67,7 @@ from optuna_rq.protocol import (
 )
 from optuna_rq.protocol.counters import count_dropped, count_refused
 from optuna_rq.workers.call_limits import encode_call
+from optuna_rq.workers.call_line import CallLine
 from optuna_rq.workers.relative_params import CarriedRelative
 from optuna_rq.workers.remote_study import RemoteStudy
 from optuna_rq.workers.trial_arguments import as_float, as_step, deprecated, storable
@@ -108,6 +108,7 @@ class RemoteTrial(optuna.Trial):
         self._signer = signer
         self._keys = keys  # its prefix's: where a dropped reply is counted
         self._reply_key = Keys.reply_list(request.attempt_id)
+        self._line = CallLine(connection, request.reply_to)  # the calls, in order
         self._seq = 0
         self.dropped_replies = 0  # taken off its list, and not the answer to the call made
         self._stale_replies = 0  # of them, the ones that opened: answers to other calls
@@ -138,12 +139,14 @@ class RemoteTrial(optuna.Trial):
             token=self._request.token,
         )
 
-    def _send(self, method: TrialMethod, payload: bytes) -> None:
+    def _sealed(self, method: TrialMethod, payload: bytes) -> bytes:
         if not (isinstance(method, TrialMethod) and method.reads):
             self._view = None  # the call may change the trial
-        self._connection.xadd(
-            self._request.reply_to, {CALL_FIELD: self._signer.seal(Record.CALL, payload)}
-        )
+        return self._signer.seal(Record.CALL, payload)
+
+    def settle(self) -> None:
+        """The objective ended: its calls are in Redis before its result (`CallLine.settle`)."""
+        self._line.settle()
 
     def _post(self, method: TrialMethod, *args: Any, stored: Any = None) -> None:
         """Run `method` on the broker's trial without waiting for it (see the module), after
@@ -158,19 +161,16 @@ class RemoteTrial(optuna.Trial):
         if len(payload) > DEFAULT_MAX_MESSAGE_BYTES:
             self._call(method, *args)
         else:
-            self._send(method, payload)
+            self._line.post(self._sealed(method, payload))
 
     def _call(self, method: TrialMethod, *args: Any, **kwargs: Any) -> Any:
         """Run `method` on the broker's trial; raise what it raised there."""
         call = self._new_call(method, args, kwargs, reply=True)
-        self._send(method, encode_call(call, max_bytes=self._signer.max_message_bytes))
+        sealed = self._sealed(method, encode_call(call, max_bytes=self._signer.max_message_bytes))
         deadline = time.monotonic() + CALL_TIMEOUT_S
+        popped: Any = self._line.call(sealed, self._reply_key, CALL_TIMEOUT_S)
         while True:
-            left_s = deadline - time.monotonic()
-            popped: Any = None
-            if left_s > 0:
-                popped = self._connection.blpop([self._reply_key], timeout=left_s)
-            if popped is None:
+            if not popped:
                 raise RemoteTrialError(
                     f"trial {self._request.trial_number}: no answer to {method} from the broker "
                     f"within {CALL_TIMEOUT_S}s (is it running?)"
@@ -178,6 +178,8 @@ class RemoteTrial(optuna.Trial):
             answer = self._answer_to(call, popped[1])
             if answer is not None:
                 break
+            left_s = deadline - time.monotonic()  # not the answer: wait on, within the deadline
+            popped = left_s > 0 and self._connection.blpop([self._reply_key], timeout=left_s)
         for said in answer.warnings:
             category, message = said if isinstance(said, list) else ("UserWarning", said)
             warnings.warn(str(message), _WARNS.get(str(category), UserWarning), stacklevel=3)

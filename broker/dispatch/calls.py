@@ -14,7 +14,8 @@ issued) is refused unanswered, and counted.
 
 Replies wait in `replies` until the dispatcher has made what the calls changed durable (a
 suggested parameter, a reported value: the objective goes on from the answer), then go out
-together (`send_replies`), one round trip for a batch of calls.
+together (`replies_into`), in one round trip for a batch of calls with the acknowledgements of
+the entries read (`Dispatcher.flush`).
 """
 
 from __future__ import annotations
@@ -180,16 +181,18 @@ class CallServer:
             )
         )
 
-    def send_replies(self) -> None:
-        """Send the replies waiting, once what their calls changed is durable."""
-        replies, self.replies = self.replies, []  # lost with Redis: the calls are read again
-        pipe = self.connection.pipeline(transaction=False)
-        for key, sealed in replies:
+    def replies_into(self, pipe: Any) -> int:
+        """Queue the replies waiting on `pipe`, once what their calls changed is durable; how
+        many, for `sent` once it has run (lost with Redis: the calls are read again)."""
+        for key, sealed in self.replies:
             pipe.rpush(key, sealed)
             # The reply list expires by itself: nothing to clean up when the trial ends.
             pipe.expire(key, REPLY_TTL_S)
-        if replies:
-            pipe.execute()
+        return len(self.replies)
+
+    def sent(self, count: int) -> None:
+        """The first `count` replies waiting went out."""
+        del self.replies[:count]
 
     def drop_replies(self) -> None:
         """Forget the replies waiting: their calls are read again, and answered anew."""

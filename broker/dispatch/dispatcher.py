@@ -223,25 +223,23 @@ class Dispatcher:
         """One read of the result stream: (trials recorded, entries read)."""
         entries = self.results.read(block_s)
         handled = 0
+        read_results = False
         for entry_id, fields in entries:
             if CALL_FIELD in fields:
                 self.calls.serve(fields[CALL_FIELD], self.live)
             else:
+                read_results = True
                 handled += self._handle(fields.get(RESULT_FIELD, b""), entry_id)
+        # Acknowledged only after recording: a broker that dies in between reads them again, and
+        # recording is idempotent. Calls that answer nothing (a `report`) are acknowledged with
+        # the next read (`ResultStream.read`), before the loop waits: the trial's next call
+        # (its `should_prune`) follows at once, and is read in the same round trip.
+        quiet = not read_results and not self.calls.replies
+        self.results.handled([entry_id for entry_id, _fields in entries], with_read=quiet)
         if self.calls.replies:
-            try:
-                self.persist()  # what the calls changed (a suggested param, a report) is durable
-            except BaseException:
-                self.calls.drop_replies()  # unacknowledged, these calls are read again
-                raise
-            self.calls.send_replies()
-        if entries:
-            # Acknowledged only after recording: a broker that dies in between reads them again,
-            # and recording is idempotent. Where the recorded trials' slots are refilled, with those
-            # sends.
-            self.results.handled([entry_id for entry_id, _fields in entries])
-            if not self.behind:  # else they go with the sends that fill the recorded trials' slots
-                self.flush()
+            self.flush()  # the answers now, with the acknowledgements: the objectives wait
+        elif entries and not quiet and not self.behind:
+            self.flush()  # else with the sends that fill the recorded trials' slots
         return handled, len(entries)
 
     def _handle(self, raw: bytes, entry_id: bytes) -> int:
@@ -342,16 +340,23 @@ class Dispatcher:
         raise first.cause
 
     def flush(self) -> None:
-        """Acknowledge the results recorded and not yet acknowledged, and publish the trials noted
-        and not yet published, in one write once what they stand on is durable."""
-        if not self.publication.pending:
+        """Send the answers to the calls served, acknowledge the results recorded, and publish
+        the trials noted, not yet done, in one write once what they stand on is durable."""
+        if not self.publication.pending and not self.calls.replies:
             self.results.flush()
             return
-        self.persist()
+        self.results.with_next_write()
+        try:
+            self.persist()  # what the calls changed (a suggested param, a report) is durable
+        except BaseException:
+            self.calls.drop_replies()  # unacknowledged, these calls are read again
+            raise
         pipe = self.connection.pipeline(transaction=False)
+        sent = self.calls.replies_into(pipe)
         self.results.ack_into(pipe)
         published = self.publication.into(pipe)
         pipe.execute()
+        self.calls.sent(sent)
         self.results.acked()
         self.publication.written(published)
 

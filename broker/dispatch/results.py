@@ -75,6 +75,8 @@ class ResultStream:
         self._group_ready = False
         self._read_pending = True  # first read this consumer's unacknowledged results
         self._acks: list[bytes] = []  # entries handled, acknowledged with the next sends
+        # Entries that asked nothing back (a `report`), acknowledged with the next read.
+        self._read_acks: list[bytes] = []
 
     def ensure_group(self) -> None:
         if self._group_ready:
@@ -107,10 +109,14 @@ class ResultStream:
             response = self.connection.xreadgroup(
                 GROUP, self.consumer, self._streams("0"), count=_READ_COUNT
             )
-            if not any(entries for _stream, entries in response or ()):
+            if not _entries_in(response):
                 self._read_pending = False
                 response = None
-        if response is None:
+        read = response is not None
+        if not read and self._read_acks:
+            response = self._ack_and_read()
+            read = block_s is None or _entries_in(response)  # else wait for one, acknowledged
+        if not read:
             response = self.connection.xreadgroup(
                 GROUP,
                 self.consumer,
@@ -126,6 +132,19 @@ class ResultStream:
                 found += entries
         return found
 
+    def _ack_and_read(self) -> Any:
+        """Acknowledge the entries handled, and read the next ones without waiting, in one round
+        trip: the calls that answer nothing (a `report`) are acknowledged here, and the trial's
+        next call (its `should_prune`) is most often in the stream already."""
+        self.with_next_write()
+        self.before_ack()
+        pipe = self.connection.pipeline(transaction=False)
+        self.ack_into(pipe)
+        pipe.xreadgroup(GROUP, self.consumer, self._streams(">"), count=_READ_COUNT)
+        response = pipe.execute()[-1]
+        self._acks = []
+        return response
+
     def _woken(self, entry_ids: list[bytes]) -> None:
         """The loop was woken: acknowledge and delete the wake entries at once (they carry
         nothing, so nothing is lost if the broker dies before it acts on them)."""
@@ -135,9 +154,19 @@ class ResultStream:
             pipe.xdel(self.wake, *entry_ids)
             pipe.execute()
 
-    def handled(self, entry_ids: list[bytes]) -> None:
-        """These entries were recorded (or dropped): acknowledge them with the next sends."""
-        self._acks += entry_ids
+    def handled(self, entry_ids: list[bytes], *, with_read: bool = False) -> None:
+        """These entries were recorded (or dropped): acknowledge them with the next sends, or
+        (`with_read`: calls that answer nothing) with the next read of the stream, which goes
+        before the loop waits, or else with the next write (`with_next_write`)."""
+        if with_read:
+            self._read_acks += entry_ids
+        else:
+            self._acks += entry_ids
+
+    def with_next_write(self) -> None:
+        """The entries left for the next read are acknowledged with the next write instead."""
+        self._acks += self._read_acks
+        self._read_acks = []
 
     def ack_into(self, pipe: Any) -> None:
         """Queue the pending acknowledgements on `pipe`; `acked` once it has run. The caller
@@ -151,6 +180,7 @@ class ResultStream:
 
     def flush(self) -> None:
         """Acknowledge the entries handled and not yet acknowledged, now."""
+        self.with_next_write()
         if self._acks:
             self.before_ack()
             pipe = self.connection.pipeline(transaction=False)
@@ -229,6 +259,11 @@ def unissued(message: Tokened, what: str) -> str:
         f"{message.attempt}) without the token of that attempt's job: validly signed, but not "
         "by the worker given the job (or for a job another key issued)"
     )
+
+
+def _entries_in(response: Any) -> bool:
+    """Whether an XREADGROUP `response` holds an entry."""
+    return any(entries for _stream, entries in response or ())
 
 
 def _name(stream: bytes | str) -> str:

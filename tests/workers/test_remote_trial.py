@@ -116,13 +116,13 @@ def test_relative_params_sent_with_the_job_sample_as_in_process_at_cap_1(
     one trial at a time samples exactly as in-process, and most suggestions make no round
     trip once the sampler has a relative search space."""
     sent: list[TrialMethod] = []
-    send = RemoteTrial._send
+    sealed = RemoteTrial._sealed  # every call the worker sends is sealed there
 
-    def spy(trial: RemoteTrial, method: TrialMethod, payload: bytes) -> None:
+    def spy(trial: RemoteTrial, method: TrialMethod, payload: bytes) -> bytes:
         sent.append(method)
-        send(trial, method, payload)
+        return sealed(trial, method, payload)
 
-    monkeypatch.setattr(RemoteTrial, "_send", spy)
+    monkeypatch.setattr(RemoteTrial, "_sealed", spy)
     queue = inline_workers.start(count=1)
     mine = optuna.create_study(sampler=sampler(seed))
     remote(

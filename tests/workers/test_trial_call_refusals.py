@@ -301,14 +301,13 @@ def test_a_call_that_only_records_is_not_answered_and_is_applied_before_the_next
 ) -> None:
     trial = served.trial()
     sent: list[TrialCall] = []
-    xadd = served.conn.xadd
+    sealed = RemoteTrial._sealed  # every call the worker sends is sealed there
 
-    def spy(name: str, fields: dict[Any, Any], *args: Any, **kwargs: Any) -> Any:
-        if CALL_FIELD in fields:  # what the worker sends: its calls
-            sent.append(TrialCall.decode(WORKER.open(Record.CALL, fields[CALL_FIELD])))
-        return xadd(name, fields, *args, **kwargs)
+    def spy(trial: RemoteTrial, method: TrialMethod, payload: bytes) -> bytes:
+        sent.append(TrialCall.decode(payload))
+        return sealed(trial, method, payload)
 
-    monkeypatch.setattr(served.conn, "xadd", spy)
+    monkeypatch.setattr(RemoteTrial, "_sealed", spy)
     trial.report(0.5, 0)
     trial.set_user_attr("note", {"k": [1, 2]})
     trial.set_constraint("c", 0.25)
