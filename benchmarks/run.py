@@ -604,6 +604,10 @@ def write_report(results: dict[str, Any]) -> None:
         "study's real trial (one worker, an otherwise idle broker).",
         "",
     ]
+    if "pruning" in results:  # benchmarks.pruning_example
+        from benchmarks.pruning_example import report_lines
+
+        lines += report_lines(results["pruning"])
     if "fleet" in results:
         lines += fleet.report_lines(results["fleet"])
     (HERE / "report.md").write_text("\n".join(lines))
@@ -705,6 +709,7 @@ def main() -> None:
         }
         results["daemon_overhead"] = _daemon_overhead(url, reps, 100 if args.quick else 400)
         results["signing"] = _signing_section(url, quick=args.quick)
+        results["pruning"] = _pruning_section(url, quick=args.quick)
     counts = [row["workers"] for row in results["scaling"]["rows"]]
     results["flyte_plugin"] = flyte_plugin(reps, 200 if args.quick else 1000, counts)
     write_report(results)
@@ -721,8 +726,15 @@ def _signing_section(url: str, *, quick: bool) -> dict[str, Any]:
     return _signing_cost(url, 1 if quick else 5, 100 if quick else 1000)
 
 
+def _pruning_section(url: str, *, quick: bool) -> dict[str, Any]:
+    from benchmarks.pruning_example import section
+
+    return section(url, quick=quick)
+
+
 SECTIONS = {
     "fleet": fleet.section,
+    "pruning": _pruning_section,
     "daemon_overhead": _daemon_overhead_section,
     "signing": _signing_section,
 }
