@@ -388,7 +388,7 @@ def _signed_study(url: str, n_trials: int, signing: _Signing) -> dict[str, float
                 "workers": _tree(workers.process.pid),
             }
             before = {kind: _cpu_s(ps) for kind, ps in processes.items()}
-            figures = _daemon_study(broker, n_trials, None)
+            figures = _daemon_study(broker, n_trials)
             cpu = {
                 f"{kind}_cpu_ms_per_trial": (_cpu_s(ps) - before[kind]) * 1000 / n_trials
                 for kind, ps in processes.items()
