@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pstats
 import secrets
@@ -434,9 +435,39 @@ def report_lines(fleet: dict[str, Any]) -> list[str]:
         "the machine's 1-minute load average as the run ended (other processes share it).",
         "",
     ]
+    lines += _projection_lines(fleet["rows"])
     probed = [r for r in fleet["rows"] if "remote_trial_calls" in r]
     if probed:
         lines += _probe_lines(probed)
+    return lines
+
+
+PROJECTED_CORES = 16
+
+
+def _projection_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """What the rows sampled in more than one process project for `PROJECTED_CORES` cores,
+    from their CPU a trial: the loop is one process (one core at most), and each sampler
+    process another; the fleet and Redis are left to other machines."""
+    lines = []
+    for r in rows:
+        if r.get("sampler_processes", 1) < 2 or not r.get("samplers_cpu_ms_per_trial"):
+            continue
+        loop_cap = 1000 / r["loop_cpu_ms_per_trial"]
+        process_cap = 1000 / r["samplers_cpu_ms_per_trial"]
+        processes = min(PROJECTED_CORES - 1, math.ceil(loop_cap / process_cap))
+        projected = min(loop_cap, processes * process_cap, r["workers"] / r["trial_s"])
+        lines += [
+            f"Projection for {PROJECTED_CORES} cores ({r['sampler']}, {r['workers']} workers, "
+            f"{r['n_trials']} trials): the loop spends {r['loop_cpu_ms_per_trial']:.2f} ms of CPU "
+            f"a trial (at most {loop_cap:.0f} trials/s on its core) and sampling "
+            f"{r['samplers_cpu_ms_per_trial']:.2f} ms ({process_cap:.0f} trials/s a process): "
+            f"{processes} sampler processes reach {projected:.0f} trials/s (efficiency "
+            f"{projected * r['trial_s'] / r['workers']:.2f}), and the loop's own CPU is what "
+            "stops more. A sampler's ask grows with the study's history (TPE's), so a longer "
+            "study needs more processes for the same rate.",
+            "",
+        ]
     return lines
 
 
