@@ -189,7 +189,7 @@ def _monitored_study(url: str, n_trials: int, batch: int) -> dict[str, Any]:
 
 
 def _monitor(url: str, seen: list[dict[str, Any]], stopping: threading.Event) -> None:
-    with connect(url).monitor() as m:
+    with connect(url).monitor() as m:  # type: ignore[no-untyped-call]
         for line in m.listen():
             seen.append(line)
             if stopping.is_set():

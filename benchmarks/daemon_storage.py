@@ -56,6 +56,7 @@ from optuna_rq.protocol import (
     ENV_SECRET_FILE,
     Record,
     Role,
+    Sampler,
     Signer,
     StudySpec,
     StudyState,
@@ -135,7 +136,7 @@ def _daemon_study(
         space=space_to_data({"x": suggest.float(0, 1)}),
         n_trials=n_trials,
         concurrency=CONCURRENCY,
-        sampler="random",
+        sampler=Sampler.RANDOM,
         ask_ahead=ask_ahead,
         batch=batch,
     )
@@ -157,7 +158,7 @@ def daemon_overhead(url: str, reps: int, n_trials: int) -> dict[str, Any]:
     with its CPU a trial (every process of it, redis-server included) and Redis commands a
     trial (the status polls of the timing included: one a trial or so)."""
     conn = connect(url)
-    redis_server = psutil.Process(int(conn.info("server")["process_id"]))  # type: ignore[index]
+    redis_server = psutil.Process(int(conn.info("server")["process_id"]))
     systems = {name: (storage, 0, 1) for name, storage in STORAGES.items()}
     systems["journal_ask_ahead"] = (None, ASK_AHEAD, 1)
     systems["journal_batch"] = (None, 0, BATCH)
@@ -281,7 +282,7 @@ def breakdown(url: str, n_trials: int, batch: int = 1) -> dict[str, Any]:
     """One study on the daemon's default storage, 2 workers: CPU ms per trial of each process
     kind, and Redis commands per trial (all, and the most called)."""
     conn = connect(url)
-    redis_server = psutil.Process(int(conn.info("server")["process_id"]))  # type: ignore[index]
+    redis_server = psutil.Process(int(conn.info("server")["process_id"]))
     workers = OurWorkers(url, 2)
     try:
         broker = _Broker(url, workers.queue, None)

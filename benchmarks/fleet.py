@@ -211,7 +211,7 @@ def run_fleet(
                 space=SPACE,
                 n_trials=run.n_trials,
                 concurrency=run.workers,
-                sampler=run.sampler,
+                sampler=Sampler(run.sampler),
             )
             rss_start, fleet_cpu = broker.rss_mb(), _cpu_s(fleet.pids)
             split = broker.loop_and_samplers_cpu_s()
@@ -323,7 +323,7 @@ class ProbeWorker:
             space={},
             n_trials=n_trials,
             concurrency=1,
-            sampler="random",
+            sampler=Sampler.RANDOM,
             queue=PROBE_QUEUE,
         )
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import statistics
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 
 import optuna
@@ -36,8 +38,11 @@ def sleep_50ms(trial: optuna.Trial) -> float:
 
 
 def trials_per_s(
-    objective, sampler: optuna.samplers.BaseSampler, concurrency: int, n: int
-) -> float:  # type: ignore[no-untyped-def]
+    objective: Callable[[optuna.Trial], float],
+    sampler: optuna.samplers.BaseSampler,
+    concurrency: int,
+    n: int,
+) -> float:
     study = optuna.create_study(sampler=sampler)
     optimizer = Optimizer(objective, concurrency=concurrency, n_trials=n, study=study)
     started = time.perf_counter()
@@ -56,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    def median(once):  # type: ignore[no-untyped-def]
+    def median(once: Callable[[], float]) -> float:
         return statistics.median(once() for _ in range(args.reps))
 
     noop_rate = median(
@@ -65,8 +70,11 @@ def main() -> None:
     scaling = {}
     for count in (int(c) for c in args.workers.split(",")):
         rate = median(
-            lambda c=count: trials_per_s(
-                sleep_50ms, optuna.samplers.TPESampler(), c, args.sleep_trials
+            functools.partial(
+                lambda c: trials_per_s(
+                    sleep_50ms, optuna.samplers.TPESampler(), c, args.sleep_trials
+                ),
+                count,
             )
         )
         scaling[count] = {"trials_per_s": rate, "efficiency": rate / (count / SLEEP_S)}

@@ -102,7 +102,7 @@ class OurWorkers:
 def redis_cpu_s(conn: redis.Redis) -> float:
     """User + system CPU of the redis-server `conn` talks to."""
     info = conn.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])  # type: ignore[index]
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def ours(
@@ -198,8 +198,8 @@ def native(
     commands = sum(_command_calls(conn).values()) - sum(before.values())
     return {
         "trials_per_s": n_trials / wall,
-        "cpu_s": sum(cpu_s),
-        "cpu_ms_per_trial": (sum(cpu_s) + server) * 1000 / n_trials,
+        "cpu_s": sum(cpu_s[:]),
+        "cpu_ms_per_trial": (sum(cpu_s[:]) + server) * 1000 / n_trials,
         "commands_per_trial": commands / n_trials,
     }
 
@@ -274,8 +274,12 @@ def in_process(reps: int, n_trials: int) -> dict[str, float]:
 
     def once() -> dict[str, float]:
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler())
+
+        def objective(trial: optuna.Trial) -> float:
+            return trial.suggest_float("x", 0, 1)
+
         opt = Optimizer(
-            lambda trial: trial.suggest_float("x", 0, 1),
+            objective,
             concurrency=2,
             n_trials=n_trials,
             study=study,
@@ -292,7 +296,7 @@ def _sampler(name: str) -> optuna.samplers.BaseSampler:
 
 
 def _command_calls(conn: redis.Redis) -> dict[str, int]:
-    return {k: v["calls"] for k, v in conn.info("commandstats").items()}  # type: ignore[union-attr]
+    return {k: v["calls"] for k, v in conn.info("commandstats").items()}
 
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -457,6 +461,7 @@ def remote_trial(url: str, trials: int) -> dict[str, float]:
         workers.stop()
     local = optuna.create_study()
     local.optimize(round_trips, n_trials=trials)
+    assert remote.study is not None  # made by the run
     figures = {}
     for where, study in (("remote", remote.study), ("in_process", local)):
         for attr in ("should_prune_ms", "suggest_ms"):

@@ -15,6 +15,7 @@ import argparse
 import time
 
 import optuna
+import redis
 
 from benchmarks.redis_server import embedded_redis
 from benchmarks.run import OurWorkers
@@ -22,7 +23,7 @@ from optuna_rq import Optimizer, suggest
 from optuna_rq.plumbing.connection import connect
 
 
-def command_calls(conn) -> dict[str, int]:
+def command_calls(conn: redis.Redis) -> dict[str, int]:
     return {name: stats["calls"] for name, stats in conn.info("commandstats").items()}
 
 
