@@ -194,7 +194,10 @@ def _relative(trial: optuna.Trial) -> dict[str, Any] | None:
     """What a request carries of its trial's relative sampling (`RelativeView`); None where it
     would answer nothing on the worker: the sampler was asked already (the study's space was
     sampled here) and gave nothing beyond what is settled."""
-    asked, space, params, settled = relative_view(trial)
+    view = relative_view(trial)
+    if view is None:
+        return None
+    asked, space, params, settled = view
     if asked and not set(params) - settled:
         return None
     return RelativeView(

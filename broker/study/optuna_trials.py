@@ -139,13 +139,21 @@ def stop_requested(study: optuna.Study) -> bool:
 
 def relative_view(
     trial: optuna.Trial,
-) -> tuple[bool, dict[str, BaseDistribution], dict[str, Any], set[str]]:
+) -> tuple[bool, dict[str, BaseDistribution], dict[str, Any], set[str]] | None:
     """The trial's relative search space and params as its sampler gives them (asked now if they
     were not yet), whether they had been asked before, and the names settled: fixed (an
     enqueued trial's) or suggested already. Optuna asks its sampler at a trial's first
     suggestion of a name not settled; asked here, a worker can answer that suggestion itself,
-    with what the sampler gave for the same study state (at cap 1)."""
+    with what the sampler gave for the same study state (at cap 1).
+
+    None, and the sampler not asked, for a trial made with its params already decided and its
+    sampler never asked (a retry of a lost attempt, made from the lost one's params): Optuna
+    asks the sampler for such a trial only at a suggestion of a name not settled, which the
+    worker then sends to the broker, and asking now would spend the sampler's work, and its
+    random state, on a trial that may never need it."""
     asked = trial._relative_params is not None
+    if not asked and trial._cached_frozen_trial.params:
+        return None
     params = trial.relative_params
     space = dict(trial.relative_search_space or {})
     settled = set(trial._fixed_params) | set(trial._cached_frozen_trial.params)
